@@ -1,0 +1,31 @@
+"""kvflow: an LLM inference and serving engine (paged KV cache, continuous batching, prefix caching)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "__version__"]
+
+if TYPE_CHECKING:
+    from kvflow.config import EngineConfig
+    from kvflow.llm import LLM
+    from kvflow.outputs import CompletionOutput, RequestOutput
+    from kvflow.sampling import SamplingParams
+
+_LAZY = {
+    "LLM": "kvflow.llm",
+    "SamplingParams": "kvflow.sampling",
+    "EngineConfig": "kvflow.config",
+    "RequestOutput": "kvflow.outputs",
+    "CompletionOutput": "kvflow.outputs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import lazily so `kvflow --help` does not pay for torch and transformers."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kvflow' has no attribute {name!r}")

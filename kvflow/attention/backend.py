@@ -1,0 +1,86 @@
+"""The attention backend interface: the one place the engine touches KV-cache memory.
+
+The runner builds an `AttentionMetadata` once per step; every layer then calls
+`backend.forward(q, k, v, kv_cache, metadata, ...)`, which writes the new keys/values into their
+slots and attends over each sequence's paged context. The engine never knows which backend runs.
+
+Token layout of a step: the first `num_decodes` sequences are decodes (one query token each),
+the remaining sequences are prefill chunks (any number of query tokens, after a cached or
+earlier-computed prefix). Tokens are packed flat in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot (block * block_size + offset) per token
+    seq_lens: torch.Tensor  # [B] int64: context length after this step (prefix + new tokens)
+    query_lens: torch.Tensor  # [B] int64: new tokens this step
+    query_start_loc: torch.Tensor  # [B + 1] int64: offsets of each sequence in the flat tokens
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    # Python-side copies, so backends can plan without device syncs.
+    seq_lens_list: list[int] = field(default_factory=list)
+    query_lens_list: list[int] = field(default_factory=list)
+    # Backend-private, per-step derived tensors (masks, gather indices), built by `prepare`.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)
+
+    @property
+    def num_prefills(self) -> int:
+        return self.num_seqs - self.num_decodes
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def allocate_kv_cache(
+        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> list[torch.Tensor]:
+        """One tensor per layer, shaped [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        """Derive per-step helper tensors once, before the layers run."""
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """Store k/v for the step's tokens, then attend; returns [T, num_heads, head_dim]."""
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter the step's keys and values into their paged slots."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def get_backend(device: torch.device | str) -> AttentionBackend:
+    """The backend for a device: torch-native on CPU (Triton kernels arrive with the GPU issue)."""
+    from kvflow.attention.torch_native import TorchNativeBackend
+
+    return TorchNativeBackend()

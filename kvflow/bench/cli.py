@@ -1,0 +1,133 @@
+"""``kvflow bench ...``: make reference models, measure machine limits, run throughput benchmarks.
+
+``kvflow/cli.py`` calls ``register(subparsers)`` and dispatches with ``args.func(args)``.
+``python -m kvflow.bench.cli bench ...`` runs the same commands without the main CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from kvflow.bench.make_model import SHAPES
+
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _parse_value(text: str) -> Any:
+    """A KEY=VALUE value as JSON when it parses (ints, floats, true/false, null), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_backend_args(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["kvflow:max_num_seqs=64", ...]`` -> ``{"kvflow": {"max_num_seqs": 64}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        backend, sep, assignment = item.partition(":")
+        key, eq, value = assignment.partition("=")
+        if not sep or not eq or not backend or not key:
+            raise argparse.ArgumentTypeError(
+                f"--backend-arg expects BACKEND:KEY=VALUE (e.g. kvflow:max_num_seqs=64), got {item!r}"
+            )
+        out.setdefault(backend, {})[key] = _parse_value(value)
+    return out
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from kvflow.bench.make_model import main_make_model
+
+    main_make_model(args.shape, Path(args.out), seed=args.seed, dtype=args.dtype)
+    return 0
+
+
+def _cmd_limits(args: argparse.Namespace) -> int:
+    from kvflow.bench.limits import format_limits, measure_limits
+
+    limits = measure_limits(n=args.gemm_n, bw_mib=args.bw_mib, repeats=args.repeats)
+    print(format_limits(limits))
+    return 0
+
+
+def _cmd_throughput(args: argparse.Namespace) -> int:
+    from kvflow.bench.throughput import run_many
+
+    try:
+        backend_kwargs = parse_backend_args(args.backend_arg)
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"error: {e}") from None
+    run_many(
+        Path(args.model),
+        backends=args.backend,
+        workloads=args.workload,
+        output=args.output,
+        backend_kwargs=backend_kwargs,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        dtype=args.dtype,
+        seed=args.seed,
+        warmup=not args.no_warmup,
+        repeats=args.repeats,
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``bench`` command and its subcommands to the main CLI's subparsers."""
+    bench = subparsers.add_parser("bench", help="benchmarks: reference models, limits, throughput")
+    sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True)
+
+    mm = sub.add_parser("make-model", help="make a seeded random-weight reference model (HF format)")
+    mm.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    mm.add_argument("--out", required=True, help="output directory")
+    mm.add_argument("--seed", type=int, default=0)
+    mm.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    mm.set_defaults(func=_cmd_make_model)
+
+    lim = sub.add_parser("limits", help="measure GEMM rate and memory read bandwidth")
+    lim.add_argument("--gemm-n", type=int, default=2048)
+    lim.add_argument("--bw-mib", type=int, default=512)
+    lim.add_argument("--repeats", type=int, default=5)
+    lim.set_defaults(func=_cmd_limits)
+
+    tp = sub.add_parser("throughput", help="offline / single-stream throughput of backends")
+    tp.add_argument("--model", required=True, help="model directory (HF format)")
+    tp.add_argument("--backend", nargs="+", default=["kvflow"], help="kvflow, hf, ... (one or more)")
+    tp.add_argument(
+        "--workload", nargs="+", choices=["offline", "single"], default=["offline", "single"]
+    )
+    tp.add_argument("--num-prompts", type=int, default=64, help="offline batch (single uses 1)")
+    tp.add_argument("--input-len", type=int, default=128)
+    tp.add_argument("--output-len", type=int, default=128)
+    tp.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    tp.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
+    tp.add_argument("--repeats", type=int, default=1, help="timed runs; the median is reported")
+    tp.add_argument("--no-warmup", action="store_true", help="skip the short warm-up generate")
+    tp.add_argument(
+        "--backend-arg",
+        action="append",
+        default=[],
+        metavar="BACKEND:KEY=VALUE",
+        help="engine keyword for one backend, e.g. kvflow:max_num_seqs=64 (repeatable)",
+    )
+    tp.add_argument("--output", help="JSON path (default bench_results/throughput-MODEL-TIME.json)")
+    tp.set_defaults(func=_cmd_throughput)
+    return bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point mirroring ``kvflow``: ``python -m kvflow.bench.cli bench ...``."""
+    parser = argparse.ArgumentParser(prog="kvflow")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register(subparsers)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,444 @@
+"""Offline and single-stream throughput of kvflow and its peers on the same model and token ids.
+
+Every backend gets the same seeded random prompts, decodes greedily for exactly ``output_len``
+tokens (EOS ignored) and is timed by the same code here, so the numbers differ only by engine.
+Each result is also set against this machine's physical floor (see ``limits``).
+
+Backends live in a registry (``BACKENDS``: name -> loader) so peers (vLLM, llama.cpp) can be
+added without touching the timing code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from kvflow.bench.limits import MachineLimits, format_limits, measure_limits
+from kvflow.bench.make_model import llama_param_count, to_torch_dtype
+
+WORKLOADS: tuple[str, ...] = ("offline", "single")
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend is known but cannot run here (package missing or engine not importable)."""
+
+
+class Backend(Protocol):
+    """A loaded engine: greedy-decode token-id prompts for exactly ``max_tokens`` tokens."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+        """Return the generated token ids of each prompt, in input order."""
+        ...
+
+    def close(self) -> None:
+        """Release the model and its memory before the next backend loads."""
+        ...
+
+
+#: ``loader(model_dir, dtype, engine_kwargs) -> Backend``; it raises BackendUnavailable when the
+#: package it needs is missing.
+BackendLoader = Callable[[Path, str, Mapping[str, Any]], Backend]
+
+
+class _HFBackend:
+    """transformers ``generate``: the baseline every Python engine is compared with."""
+
+    def __init__(self, model_dir: Path, dtype: str, engine_kwargs: Mapping[str, Any]) -> None:
+        try:
+            import transformers
+            from transformers import AutoModelForCausalLM
+        except ImportError as e:  # pragma: no cover - transformers is a kvflow dependency
+            raise BackendUnavailable(f"backend 'hf' needs transformers: {e}") from e
+        transformers.utils.logging.disable_progress_bar()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=to_torch_dtype(dtype), **dict(engine_kwargs)
+        ).eval()
+        # ignore_eos semantics: no EOS at all, rather than min_new_tokens masking EOS out of the
+        # logits, so greedy choices are the plain argmax that the other backends make.
+        self.model.generation_config.eos_token_id = None
+        self.model.generation_config.pad_token_id = 0
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+        """One batched ``generate`` call; prompts of unequal length are left-padded."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        with torch.inference_mode():
+            out = self.model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+            )
+        return out[:, width:].tolist()
+
+    def close(self) -> None:
+        """Drop the model."""
+        del self.model
+
+
+class _KVFlowBackend:
+    """kvflow's offline API (``kvflow.LLM``)."""
+
+    def __init__(self, model_dir: Path, dtype: str, engine_kwargs: Mapping[str, Any]) -> None:
+        try:
+            from kvflow import LLM, SamplingParams
+        except ImportError as e:
+            raise BackendUnavailable(f"backend 'kvflow' cannot import kvflow.LLM: {e}") from e
+        self._sampling_params = SamplingParams
+        self.llm = LLM(model=str(model_dir), dtype=dtype, **dict(engine_kwargs))
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+        """One ``LLM.generate`` call over all prompts."""
+        params = self._sampling_params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        outs = self.llm.generate([list(p) for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def close(self) -> None:
+        """Drop the engine (model weights and KV cache)."""
+        del self.llm
+
+
+BACKENDS: dict[str, BackendLoader] = {
+    "kvflow": _KVFlowBackend,
+    "hf": _HFBackend,
+}
+
+
+def register_backend(name: str, loader: BackendLoader) -> None:
+    """Add (or replace) a backend, e.g. a peer engine, under ``name``."""
+    BACKENDS[name] = loader
+
+
+def get_backend(name: str) -> BackendLoader:
+    """The loader for ``name``, with the list of known backends when it is unknown."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {name!r}; known backends: {', '.join(sorted(BACKENDS))}"
+        ) from None
+
+
+def make_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """Seeded random token ids in [100, vocab_size - 100): the same for every backend.
+
+    The margins keep clear of special tokens at the start of a vocabulary and of any added
+    tokens at its end.
+    """
+    if vocab_size <= 200:
+        raise ValueError(f"vocab_size {vocab_size} too small for ids in [100, vocab_size - 100)")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(100, vocab_size - 100, size=(num_prompts, input_len), dtype=np.int64)
+    return ids.tolist()
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so a run's peak excludes earlier backends."""
+    gc.collect()
+    try:  # give freed heap back to the OS first, or it counts towards the next peak
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident set size in MiB: VmHWM where /proc has it, else getrusage (process-wide)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def _load_model_config(model_dir: Path) -> dict[str, Any]:
+    """config.json of a model directory, with a clear error when it is not one."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json; make one with `kvflow bench make-model`"
+        )
+    return json.loads(path.read_text())
+
+
+def _timed(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
+    """Wall time of one call and its result."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def run_throughput(
+    model_dir: Path | str,
+    backend: str = "kvflow",
+    workload: str = "offline",
+    num_prompts: int = 64,
+    input_len: int = 128,
+    output_len: int = 128,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    warmup: bool = True,
+    repeats: int = 1,
+    engine_kwargs: Mapping[str, Any] | None = None,
+    limits: MachineLimits | None = None,
+) -> dict[str, Any]:
+    """Load ``backend``, run ``workload`` and return its measurements as a dict.
+
+    offline: all ``num_prompts`` prompts in one generate call; single: one prompt (batch of 1),
+    plus a 1-token call to split time-to-first-token from per-token decode time. Only generate
+    calls are timed (not model load); with ``repeats`` > 1 the median wall time is reported.
+    ``limits`` defaults to a fresh measurement of this machine (cached per process).
+    Returned ``token_ids`` hold the generated ids, for agreement checks between backends.
+    """
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}; expected one of {WORKLOADS}")
+    if output_len < 1 or input_len < 1 or num_prompts < 1 or repeats < 1:
+        raise ValueError("num_prompts, input_len, output_len and repeats must be positive")
+    model_dir = Path(model_dir)
+    loader = get_backend(backend)
+    cfg = _load_model_config(model_dir)
+    limits = limits if limits is not None else measure_limits()
+    n = num_prompts if workload == "offline" else 1
+    prompts = make_prompts(n, input_len, int(cfg["vocab_size"]), seed)
+
+    rss_per_run = _reset_peak_rss()
+    start = time.perf_counter()
+    engine = loader(model_dir, dtype, dict(engine_kwargs or {}))
+    load_s = time.perf_counter() - start
+    try:
+        torch.manual_seed(seed)
+        if warmup:
+            engine.generate(prompts[: min(4, n)], min(4, output_len))
+        ttfts: list[float] = []
+        if workload == "single":
+            for _ in range(repeats):
+                ttfts.append(_timed(lambda: engine.generate(prompts, 1))[0])
+        walls: list[float] = []
+        outputs: list[list[int]] = []
+        for _ in range(repeats):
+            wall, outputs = _timed(lambda: engine.generate(prompts, output_len))
+            walls.append(wall)
+        peak_rss = _peak_rss_mib()
+    finally:
+        engine.close()
+        del engine
+        gc.collect()
+
+    lengths = sorted({len(o) for o in outputs})
+    if len(outputs) != n or lengths != [output_len]:
+        raise RuntimeError(
+            f"backend {backend!r} returned {len(outputs)} outputs of lengths {lengths}; "
+            f"expected {n} of exactly {output_len} tokens"
+        )
+
+    params = llama_param_count(cfg)
+    weight_bytes = params * to_torch_dtype(dtype).itemsize
+    wall_s = statistics.median(walls)
+    out_tokens, in_tokens = n * output_len, n * input_len
+    result: dict[str, Any] = {
+        "backend": backend,
+        "workload": workload,
+        "model": str(model_dir),
+        "params": params,
+        "num_prompts": n,
+        "input_len": input_len,
+        "output_len": output_len,
+        "dtype": dtype,
+        "seed": seed,
+        "repeats": repeats,
+        "engine_kwargs": dict(engine_kwargs or {}),
+        "load_s": load_s,
+        "wall_s": wall_s,
+        "wall_s_all": walls,
+        "output_tokens": out_tokens,
+        "prompt_tokens": in_tokens,
+        "output_tok_s": out_tokens / wall_s,
+        "total_tok_s": (out_tokens + in_tokens) / wall_s,
+        "peak_rss_mib": peak_rss,
+        "peak_rss_scope": "run" if rss_per_run else "process",
+        "token_ids": outputs,
+        "token_ids_sha256": hashlib.sha256(json.dumps(outputs).encode()).hexdigest(),
+    }
+    if workload == "offline":
+        # Prompt and output tokens each cost 2·params FLOPs; the output-token ceiling is the
+        # output share of the token ceiling.
+        ceiling = limits.tokens_per_s_ceiling(params, dtype) * out_tokens / (out_tokens + in_tokens)
+        result["limit"] = {"output_tok_s_ceiling": ceiling}
+        result["fraction_of_limit"] = result["output_tok_s"] / ceiling
+    else:
+        ttft_s = statistics.median(ttfts)
+        decode_s = (wall_s - ttft_s) / (output_len - 1) if output_len > 1 else ttft_s
+        floor_s = limits.decode_step_floor_s(weight_bytes)
+        result["ms_per_token"] = wall_s / output_len * 1e3
+        result["ttft_ms"] = ttft_s * 1e3
+        result["decode_ms_per_token"] = decode_s * 1e3
+        result["limit"] = {"decode_step_floor_ms": floor_s * 1e3, "weight_bytes": weight_bytes}
+        result["fraction_of_limit"] = floor_s / decode_s if decode_s > 0 else float("nan")
+    return result
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
+    """How far two backends' greedy outputs agree: identical prompts and mean common prefix."""
+    prefixes = []
+    for x, y in zip(a, b, strict=True):
+        k = 0
+        while k < min(len(x), len(y)) and x[k] == y[k]:
+            k += 1
+        prefixes.append(k / max(len(x), 1))
+    return {
+        "identical_fraction": sum(x == y for x, y in zip(a, b)) / len(a),
+        "mean_common_prefix_fraction": sum(prefixes) / len(prefixes),
+    }
+
+
+def compare_runs(runs: list[dict[str, Any]]) -> None:
+    """Add, per workload, each run's speed ratio and output agreement vs every other backend."""
+    for run in runs:
+        others = [
+            o for o in runs if o["workload"] == run["workload"] and o["backend"] != run["backend"]
+        ]
+        run["speedup_vs"] = {o["backend"]: run["output_tok_s"] / o["output_tok_s"] for o in others}
+        run["agreement_vs"] = {
+            o["backend"]: _agreement(run["token_ids"], o["token_ids"]) for o in others
+        }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(runs: list[dict[str, Any]]) -> str:
+    """Plain-text table of runs (no progress bars, fixed columns) for terminals and logs."""
+    header = [
+        "backend", "workload", "out tok/s", "total tok/s", "wall s", "ms/tok", "decode ms",
+        "ttft ms", "peak RSS MiB", "% of limit", "vs",
+    ]  # fmt: skip
+    rows = [header]
+    for r in runs:
+        vs = ", ".join(f"{v:.2f}x {k}" for k, v in r.get("speedup_vs", {}).items())
+        rows.append(
+            [
+                r["backend"],
+                r["workload"],
+                _fmt(r["output_tok_s"], ".1f"),
+                _fmt(r["total_tok_s"], ".1f"),
+                _fmt(r["wall_s"], ".2f"),
+                _fmt(r.get("ms_per_token"), ".2f"),
+                _fmt(r.get("decode_ms_per_token"), ".2f"),
+                _fmt(r.get("ttft_ms"), ".1f"),
+                _fmt(r["peak_rss_mib"], ".0f"),
+                _fmt(100 * r["fraction_of_limit"], ".1f"),
+                vs or "-",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _environment() -> dict[str, Any]:
+    """What the numbers depend on besides the engine: versions, CPU, threads."""
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+
+
+def run_many(
+    model_dir: Path | str,
+    backends: Sequence[str],
+    workloads: Sequence[str],
+    output: Path | str | None = None,
+    backend_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Run every backend × workload on the same prompts, print a table and save JSON.
+
+    Unknown backends fail before anything runs; an uninstalled one fails when it loads, with the
+    reason. Returns the saved report (``runs`` without their token ids, which only feed the
+    agreement). ``backend_kwargs[name]`` become that backend's ``engine_kwargs``; ``kwargs`` go
+    to ``run_throughput``.
+    """
+    for name in backends:
+        get_backend(name)
+    for w in workloads:
+        if w not in WORKLOADS:
+            raise ValueError(f"unknown workload {w!r}; expected one of {WORKLOADS}")
+    limits = kwargs.pop("limits", None) or measure_limits()
+    print(format_limits(limits), flush=True)
+    runs = []
+    for name in backends:
+        for w in workloads:
+            print(f"running {name} {w} ...", flush=True)
+            engine_kwargs = (backend_kwargs or {}).get(name)
+            runs.append(
+                run_throughput(
+                    model_dir, name, w, limits=limits, engine_kwargs=engine_kwargs, **kwargs
+                )
+            )
+    compare_runs(runs)
+    print(format_table(runs))
+    for r in runs:
+        del r["token_ids"]
+    model_dir = Path(model_dir)
+    meta_path = model_dir / "kvflow_model.json"
+    report = {
+        "kind": "throughput",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": str(model_dir),
+        "model_made_by": json.loads(meta_path.read_text()) if meta_path.is_file() else None,
+        "limits": limits.to_dict(),
+        "environment": _environment(),
+        "runs": runs,
+    }
+    if output is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        output = Path("bench_results") / f"throughput-{model_dir.name}-{stamp}.json"
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"saved {output}")
+    report["path"] = str(output)
+    return report

@@ -1,0 +1,183 @@
+"""The `kvflow` command: generate | chat | bench (serve, eval, train and the rest arrive with their issues).
+
+Engine flags are generated from the config dataclasses, so a new knob needs no CLI code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from kvflow.config import CacheConfig, SchedulerConfig
+
+_ENGINE_PARTS = (CacheConfig, SchedulerConfig)
+_HELP = {
+    "block_size": "tokens per KV block",
+    "kv_cache_memory": "GiB for the KV cache (default: 30%% of available memory, at most 4 GiB)",
+    "num_blocks": "exact number of KV blocks (overrides --kv-cache-memory)",
+    "enable_prefix_caching": "reuse KV blocks of earlier prompts with the same prefix",
+    "max_num_seqs": "most sequences in one step",
+    "max_num_batched_tokens": "token budget of one step",
+    "enable_chunked_prefill": "split long prompts over several steps",
+    "policy": "waiting-queue policy: fcfs or priority",
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Model and engine flags shared by every command that runs the engine."""
+    parser.add_argument("--model", help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+    group = parser.add_argument_group("engine")
+    for part in _ENGINE_PARTS:
+        hints = typing.get_type_hints(part)
+        for f in dataclasses.fields(part):
+            flag = "--" + f.name.replace("_", "-")
+            hint = hints[f.name]
+            if hint is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP.get(f.name))
+                continue
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            group.add_argument(flag, type=base, default=None, help=_HELP.get(f.name))
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for part in _ENGINE_PARTS:
+        for f in dataclasses.fields(part):
+            value = getattr(args, f.name, None)
+            if value is not None:
+                kwargs[f.name] = value
+    return kwargs
+
+
+def _make_llm(args: argparse.Namespace):
+    from kvflow.llm import LLM
+
+    if not args.model:
+        raise SystemExit("error: --model is required (no default model ships yet)")
+    return LLM(
+        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+        device=args.device, seed=args.seed, **engine_kwargs(args),
+    )
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=None, help="default: the model's generation config")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--min-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per output")
+
+
+def _sampling_params(llm, args: argparse.Namespace):
+    params = llm.default_sampling_params().model_dump()
+    for key in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "n", "stop"):
+        value = getattr(args, key)
+        if value is not None:
+            params[key] = value
+    params["seed"] = args.sample_seed
+    params["ignore_eos"] = args.ignore_eos
+    from kvflow.sampling import SamplingParams
+
+    return SamplingParams(**params)
+
+
+def _print_outputs(outputs, as_json: bool) -> None:
+    for out in outputs:
+        for completion in out.outputs:
+            if as_json:
+                print(json.dumps({
+                    "prompt": out.prompt, "index": completion.index, "text": completion.text,
+                    "token_ids": completion.token_ids, "finish_reason": completion.finish_reason,
+                }))
+            else:
+                tag = f" [{completion.index}]" if len(out.outputs) > 1 else ""
+                print(f"--- prompt{tag}: {out.prompt!r}\n{completion.text}\n({completion.finish_reason}, "
+                      f"{len(completion.token_ids)} tokens)")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    prompts: list[str] = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    llm = _make_llm(args)
+    outputs = llm.generate(prompts, _sampling_params(llm, args), use_tqdm=len(prompts) > 1)
+    _print_outputs(outputs, args.json)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _sampling_params(llm, args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    turns = args.message or []
+    interactive = not turns
+    while True:
+        if interactive:
+            try:
+                text = input("> ")
+            except EOFError:
+                return 0
+        elif turns:
+            text = turns.pop(0)
+        else:
+            return 0
+        messages.append({"role": "user", "content": text})
+        reply = llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
+        print(reply)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvflow", description="LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete prompts offline")
+    add_engine_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    gen.add_argument("--prompts-file", help="a file with one prompt per line")
+    gen.set_defaults(func=_cmd_generate)
+
+    chat = sub.add_parser("chat", help="chat with the model using its chat template")
+    add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", help="system message")
+    chat.add_argument("--message", action="append", help="user turn (repeatable); interactive if omitted")
+    chat.set_defaults(func=_cmd_chat)
+
+    from kvflow.bench.cli import register as register_bench
+
+    register_bench(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

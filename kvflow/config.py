@@ -1,0 +1,288 @@
+"""One validated engine configuration: a tree of frozen dataclasses, checked at construction.
+
+`ModelConfig` is parsed from a Hugging Face `config.json` (both the transformers-4 spelling,
+`rope_scaling` + `rope_theta`, and the transformers-5 one, `rope_parameters`). The other parts
+hold cache and scheduler knobs. Every check raises `ValueError` naming the field and its range.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map a user-facing dtype name to a torch dtype, with a clear error for anything else."""
+    if isinstance(name, torch.dtype):
+        if name not in _DTYPES.values():
+            raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {name}")
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', 'float16'; got {name!r}")
+    return _DTYPES[key]
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters as the checkpoint states them."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+    SUPPORTED = ("default", "linear", "llama3")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "RopeConfig":
+        params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        if rope_type not in cls.SUPPORTED:
+            raise ValueError(
+                f"rope_type {rope_type!r} is not supported; supported: {', '.join(cls.SUPPORTED)}"
+            )
+        return cls(
+            theta=float(theta),
+            rope_type=rope_type,
+            factor=float(params.get("factor", 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=params.get("original_max_position_embeddings"),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a decoder-only model, independent of where its weights live."""
+
+    path: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_model_len: int
+    tie_word_embeddings: bool
+    rope: RopeConfig
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    # Per-layer sliding window (None = full attention), e.g. Mistral or Qwen2 with use_sliding_window.
+    sliding_windows: tuple[int | None, ...] = ()
+    dtype: torch.dtype = torch.float32
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto", max_model_len: int | None = None
+    ) -> "ModelConfig":
+        config_path = Path(path) / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"model directory {path} has no config.json")
+        hf = json.loads(config_path.read_text())
+        return cls.from_hf_dict(hf, str(path), dtype=dtype, max_model_len=max_model_len)
+
+    @classmethod
+    def from_hf_dict(
+        cls,
+        hf: dict[str, Any],
+        path: str = "",
+        dtype: str | torch.dtype = "auto",
+        max_model_len: int | None = None,
+    ) -> "ModelConfig":
+        archs = hf.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"unsupported architecture {archs or hf.get('model_type')!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        num_heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        num_layers = int(hf["num_hidden_layers"])
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        is_qwen3 = arch == "Qwen3ForCausalLM"
+        attention_bias = bool(hf.get("attention_bias", False))
+
+        if dtype == "auto":
+            dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        torch_dtype = parse_dtype(dtype)
+
+        ctx = int(hf.get("max_position_embeddings", 2048))
+        if max_model_len is not None:
+            if not 1 <= max_model_len <= ctx:
+                raise ValueError(
+                    f"max_model_len must be in [1, {ctx}] (the model's max_position_embeddings), "
+                    f"got {max_model_len}"
+                )
+            ctx = max_model_len
+
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            path=path,
+            architecture=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_model_len=ctx,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope=RopeConfig.from_hf(hf),
+            qkv_bias=is_qwen2 or attention_bias,
+            o_bias=attention_bias and not (is_qwen2 or is_qwen3),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=is_qwen3,
+            sliding_windows=_sliding_windows(hf, arch, num_layers),
+            dtype=torch_dtype,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token occupies in the KV cache across all layers (keys and values)."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+def _sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, ...]:
+    """Per-layer window, following each architecture's own convention."""
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if window and layer_types:
+        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    if arch == "MistralForCausalLM":
+        return tuple(int(window) if window else None for _ in range(num_layers))
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and window and hf.get("use_sliding_window"):
+        first = int(hf.get("max_window_layers", num_layers))
+        return tuple(int(window) if i >= first else None for i in range(num_layers))
+    return tuple(None for _ in range(num_layers))
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: block size, memory budget and prefix caching."""
+
+    block_size: int = 16
+    # GiB for the KV cache; None = derived from free memory (see `kv_cache.default_kv_cache_bytes`).
+    kv_cache_memory: float | None = None
+    # Exact block count, overriding the memory budget (tests use it to force preemption).
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size > 1024:
+            raise ValueError(f"block_size must be in [1, 1024], got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits per engine step."""
+
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be one of fcfs, priority; got {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs, validated once."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.scheduler.enable_chunked_prefill and (
+            self.scheduler.max_num_batched_tokens < self.model.max_model_len
+        ):
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_model_len "
+                f"({self.model.max_model_len}) when chunked prefill is disabled, "
+                f"got {self.scheduler.max_num_batched_tokens}"
+            )
+
+    @classmethod
+    def create(
+        cls,
+        model: str | os.PathLike,
+        dtype: str | torch.dtype = "auto",
+        max_model_len: int | None = None,
+        device: str = "cpu",
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> "EngineConfig":
+        """Build from flat keyword arguments (the offline API and CLI use this)."""
+        parts: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}}
+        for key, value in kwargs.items():
+            for part in parts:
+                if key in {f.name for f in fields(part)}:
+                    parts[part][key] = value
+                    break
+            else:
+                allowed = sorted(
+                    {f.name for p in parts for f in fields(p)}
+                    | {"dtype", "max_model_len", "device", "seed"}
+                )
+                raise ValueError(f"unknown engine argument {key!r}; allowed: {', '.join(allowed)}")
+        return cls(
+            model=ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len),
+            cache=CacheConfig(**parts[CacheConfig]),
+            scheduler=SchedulerConfig(**parts[SchedulerConfig]),
+            device=device,
+            seed=seed,
+        )

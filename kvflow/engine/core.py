@@ -1,0 +1,121 @@
+"""EngineCore: the synchronous step loop over token ids (schedule -> execute -> update).
+
+It knows nothing of text: tokenisation, detokenisation and stop strings live in `LLMEngine`,
+so the core can later run in its own process and never stall on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvflow.config import EngineConfig
+from kvflow.engine.kv_cache import KVCacheManager
+from kvflow.engine.request import Request, RequestStatus, TokenLogprobs
+from kvflow.engine.scheduler import Scheduler
+from kvflow.model.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What changed for one request in one step."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    new_prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    num_free_blocks: int
+    num_blocks: int
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.runner = ModelRunner(config)
+        self.kv = KVCacheManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
+        self.num_steps = 0
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+                      stop_reason: int | str | None = None) -> bool:
+        request = self.scheduler.finish_request(request_id, status)
+        if request is not None and stop_reason is not None:
+            request.stop_reason = stop_reason
+        return request is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        self.scheduler.update(sched, result.sampled)
+        self.num_steps += 1
+        now = time.monotonic()
+
+        outputs: list[EngineCoreOutput] = []
+        for chunk in sched.chunks:
+            request = chunk.request
+            rid = request.request_id
+            token = result.sampled.get(rid)
+            prompt_lps = result.prompt_logprobs.get(rid)
+            if token is None and prompt_lps is None and not request.finished:
+                continue
+            out = EngineCoreOutput(rid, num_cached_tokens=request.num_cached_tokens)
+            if prompt_lps is not None:
+                if not request.prompt_logprobs:
+                    out.new_prompt_logprobs.append(None)
+                out.new_prompt_logprobs.extend(prompt_lps)
+                request.prompt_logprobs.extend(out.new_prompt_logprobs)
+            if token is not None:
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                out.new_token_ids.append(token)
+                if rid in result.logprobs:
+                    request.output_logprobs.append(result.logprobs[rid])
+                    out.new_logprobs.append(result.logprobs[rid])
+            if request.finished:
+                out.finish_reason = request.status.finish_reason
+                out.stop_reason = request.stop_reason
+            outputs.append(out)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage(),
+            prefix_cache_hit_rate=self.kv.stats.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_blocks=self.kv.num_blocks,
+        )

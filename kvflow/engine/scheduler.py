@@ -1,0 +1,192 @@
+"""Token-budget scheduler: continuous batching, chunked prefill, preemption by recompute.
+
+Each step hands every running request the tokens it still needs (one for a decode, a chunk for a
+prompt), oldest first, until the step's token budget is spent; then admits waiting requests in
+the order the queue policy gives. When the KV cache is full, the most recently admitted running
+request is preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed (prompt + output so far) later. Its output continues unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvflow.config import SchedulerConfig
+from kvflow.engine.kv_cache import KVCacheManager
+from kvflow.engine.policies import QueuePolicy, make_policy
+from kvflow.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """`num_tokens` tokens of `request` starting at position `start` are computed this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the known tokens, so its last logits give a new token."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.policy: QueuePolicy = make_policy(config.policy)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queue
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Finish (stop string, abort) a request wherever it is; frees its blocks at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        request.status = status
+        self.kv.free(request)
+        return request
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # --------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            remaining = request.num_tokens - request.num_computed_tokens
+            n = min(remaining, budget)
+            if n < remaining and not chunked:
+                i += 1
+                continue
+            while not self.kv.allocate(request, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                break
+            out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
+            budget -= n
+            i += 1
+
+        # A step that had to preempt admits nobody: the cache is already too small.
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        chunked = self.config.enable_chunked_prefill
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.policy.pop_next(self.waiting)
+            if not self._ready(request):
+                skipped.append(request)
+                continue
+            if request.num_computed_tokens == 0:
+                self._attach_cached_prefix(request)
+            remaining = request.num_tokens - request.num_computed_tokens
+            n = min(remaining, budget)
+            if (n < remaining and not chunked) or not self.kv.allocate(request, n):
+                # Keep the prefix blocks it matched? No: give them back so nothing leaks while waiting.
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                self.waiting.appendleft(request)
+                break
+            request.status = RequestStatus.RUNNING
+            if request.scheduled_time is None:
+                request.scheduled_time = time.monotonic()
+            self.running.append(request)
+            out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+
+    def _ready(self, request: Request) -> bool:
+        """An n > 1 sibling waits until its leader has computed the prompt it will share."""
+        leader = request.leader
+        if leader is None or leader.finished or leader.status != RequestStatus.RUNNING:
+            return True
+        return leader.num_computed_tokens >= leader.num_prompt_tokens
+
+    def _attach_cached_prefix(self, request: Request) -> None:
+        leader = request.leader
+        shareable = (request.num_tokens - 1) // self.kv.block_size
+        if (
+            leader is not None
+            and leader.status == RequestStatus.RUNNING
+            and leader.num_computed_tokens >= leader.num_prompt_tokens
+            and not request.skip_prefix_cache
+        ):
+            n_blocks = min(shareable, leader.num_prompt_tokens // self.kv.block_size)
+            if self.kv.share_prefix(request, leader, n_blocks):
+                return
+        self.kv.match_prefix(request)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ----------------------------------------------------------------- update
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish requests; returns the finished."""
+        finished: list[Request] = []
+        for chunk in out.chunks:
+            request = chunk.request
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += chunk.num_tokens
+            self.kv.cache_full_blocks(request)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.append_token(token)
+            status = request.check_stop()
+            if status is not None:
+                self.finish_request(request.request_id, status)
+                finished.append(request)
+        return finished

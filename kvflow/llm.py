@@ -1,0 +1,140 @@
+"""The offline API: `LLM(model=...).generate(prompts, params)` and `.chat(messages)`."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from tqdm.auto import tqdm
+
+from kvflow.config import EngineConfig
+from kvflow.engine.llm_engine import LLMEngine
+from kvflow.outputs import RequestOutput
+from kvflow.sampling import SamplingParams
+
+Prompt = str | list[int] | Mapping[str, Any]
+Params = SamplingParams | Mapping[str, Any]
+Message = Mapping[str, Any]
+
+
+class LLM:
+    """Runs batches of prompts to completion with continuous batching over a paged KV cache.
+
+    Engine keyword arguments: `max_num_seqs`, `max_num_batched_tokens`, `enable_chunked_prefill`,
+    `block_size`, `kv_cache_memory` (GiB), `num_blocks`, `enable_prefix_caching`, `policy`.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+        **engine_kwargs: Any,
+    ) -> None:
+        config = EngineConfig.create(
+            model, dtype=dtype, max_model_len=max_model_len, device=device, seed=seed, **engine_kwargs
+        )
+        self.engine = LLMEngine(config)
+        self._counter = 0
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def default_sampling_params(self) -> SamplingParams:
+        return self.engine.default_sampling_params()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: Params | Sequence[Params] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order.
+
+        A prompt is text, a list of token ids, or {"prompt_token_ids": [...]}. A single list of
+        ints is one prompt. Every prompt and parameter set is validated before any work starts.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        if isinstance(sampling_params, Sequence) and not isinstance(sampling_params, (str, Mapping)):
+            if len(sampling_params) != len(prompt_list):
+                raise ValueError(
+                    f"got {len(sampling_params)} sampling params for {len(prompt_list)} prompts"
+                )
+            params_list = [self.engine.to_sampling_params(p) for p in sampling_params]
+        else:
+            params_list = [self.engine.to_sampling_params(sampling_params)] * len(prompt_list)
+
+        tokenized = [self.engine.tokenize_prompt(p) for p in prompt_list]
+        for (_, ids), params in zip(tokenized, params_list):
+            self.engine.validate(ids, params)
+
+        request_ids = []
+        for (text, ids), params in zip(tokenized, params_list):
+            request_id = f"offline-{self._counter}"
+            self._counter += 1
+            prompt = {"prompt_token_ids": ids} if text is None else {"prompt": text, "prompt_token_ids": ids}
+            self.engine.add_request(request_id, prompt, params)
+            request_ids.append(request_id)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: Params | Sequence[Params] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer with a chat template; this model has none")
+        if not messages:
+            raise ValueError("messages must not be empty")
+        conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
+        prompts = []
+        for conversation in conversations:
+            if not conversation:
+                raise ValueError("messages must not be empty")
+            ids = tokenizer.apply_chat_template(
+                list(conversation), add_generation_prompt=add_generation_prompt, tokenize=True,
+                chat_template=chat_template,
+            )
+            if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+            text = tokenizer.decode(ids)
+            prompts.append({"prompt": text, "prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(request_ids)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm)
+        try:
+            while pending:
+                outputs = self.engine.step()
+                if not outputs and not self.engine.has_unfinished_requests():
+                    raise RuntimeError(f"engine stopped with {len(pending)} requests unfinished")
+                for output in outputs:
+                    if output.finished and output.request_id in pending:
+                        results[output.request_id] = output
+                        pending.discard(output.request_id)
+                        bar.update(1)
+        except BaseException:
+            for request_id in pending:
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [results[r] for r in request_ids]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, (str, Mapping)):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]  # one prompt given as token ids
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty string, list of token ids, or list of prompts")
+    return list(prompts)

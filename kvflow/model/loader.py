@@ -1,0 +1,100 @@
+"""Hugging Face model directory -> our model, tokenizer and generation defaults.
+
+Weights are read with safetensors only (memory-mapped, one tensor at a time). A directory that
+holds only pickle weights (`*.bin`, `*.pt`, `*.pth`) is refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from kvflow.config import ModelConfig
+from kvflow.model.layers import RotaryEmbedding
+from kvflow.model.registry import model_class
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The checkpoint's safetensors shards, from the index when there is one."""
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({root / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"{index} names shards that are not in {root}: {', '.join(missing)}")
+        return files
+    files = sorted(root.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{root} holds only pickle weights ({', '.join(pickles)}); kvflow reads safetensors only, "
+            "because unpickling a file can execute arbitrary code. Convert the checkpoint with "
+            "transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+        )
+    raise ValueError(f"{root} has no *.safetensors weights")
+
+
+def iter_weights(path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name).to(dtype)
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """Build the model without initialising weights (meta device), then fill it from safetensors."""
+    device = torch.device(device)
+    cls = model_class(cfg)
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device=device).to(cfg.dtype)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):  # non-persistent tables were lost on meta
+            fresh = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope).to(device)
+            module.cos, module.sin = fresh.cos, fresh.sin
+    with torch.no_grad():
+        model.load_weights(iter_weights(cfg.path, cfg.dtype))
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(path: str | Path) -> Any | None:
+    """The directory's tokenizer via transformers, or None when it ships none (token-id prompts only)."""
+    root = Path(path)
+    if not any((root / name).exists() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(root))
+
+
+def load_generation_config(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / "generation_config.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def eos_token_ids(cfg: ModelConfig, generation_config: dict[str, Any], tokenizer: Any | None) -> tuple[int, ...]:
+    """Every id that ends generation: config, generation_config and the tokenizer's EOS."""
+    ids = set(cfg.eos_token_ids)
+    gen_eos = generation_config.get("eos_token_id")
+    if isinstance(gen_eos, list):
+        ids.update(int(i) for i in gen_eos)
+    elif gen_eos is not None:
+        ids.add(int(gen_eos))
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))

@@ -1,0 +1,186 @@
+"""ModelRunner: one scheduler step -> flat tensors -> forward over the paged cache -> samples.
+
+The step's chunks are reordered so single-token chunks (decodes) come first, which lets the
+attention backend treat them as one batched decode. Logits are computed only where they are
+needed: the last token of each chunk that samples, and prompt positions whose logprobs were
+asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from kvflow.attention.backend import AttentionMetadata, get_backend
+from kvflow.config import EngineConfig
+from kvflow.engine.kv_cache import default_kv_cache_bytes
+from kvflow.engine.request import Request, TokenLogprobs
+from kvflow.engine.scheduler import ScheduledChunk, SchedulerOutput
+from kvflow.model.loader import load_model
+from kvflow.sampler import Sampler, SamplingBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = config.model
+        self.device = torch.device(config.device)
+        self.block_size = config.cache.block_size
+        self.model = load_model(config.model, self.device)
+        self.backend = get_backend(self.device)
+        self.num_blocks = self._num_blocks()
+        self.kv_caches = self.backend.allocate_kv_cache(
+            config.model.num_layers, self.num_blocks, self.block_size,
+            config.model.num_kv_heads, config.model.head_dim, config.model.dtype, self.device,
+        )
+        self.sampler = Sampler()
+
+    def _num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        bytes_per_block = self.block_size * self.model_config.kv_bytes_per_token
+        if cache.kv_cache_memory is not None:
+            budget = int(cache.kv_cache_memory * 2**30)
+        else:
+            budget = default_kv_cache_bytes(self.config.device)
+        blocks_per_seq = -(-self.model_config.max_model_len // self.block_size)
+        # More blocks than every running sequence at full length could use is wasted memory.
+        useful = blocks_per_seq * self.config.scheduler.max_num_seqs
+        num_blocks = min(budget // bytes_per_block, useful)
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory of {budget / 2**30:.3f} GiB holds no block of {bytes_per_block} bytes; "
+                "raise --kv-cache-memory"
+            )
+        if num_blocks < blocks_per_seq:
+            logger.warning(
+                "the KV cache holds %d tokens, less than max_model_len %d: long prompts will be refused",
+                num_blocks * self.block_size, self.model_config.max_model_len,
+            )
+        return num_blocks
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv_caches)
+
+    # ---------------------------------------------------------------- execute
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        chunks = sorted(sched.chunks, key=lambda c: c.num_tokens != 1)  # stable: decodes first
+        input_ids, positions, meta = self._prepare_inputs(chunks)
+        self.backend.prepare(meta)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        return self._sample(chunks, hidden, meta)
+
+    def _prepare_inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        token_ids: list[int] = []
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        for c in chunks:
+            token_ids.extend(c.request.all_token_ids[c.start : c.start + c.num_tokens])
+            seq_lens.append(c.start + c.num_tokens)
+            query_lens.append(c.num_tokens)
+        max_blocks = max(len(c.request.block_ids) for c in chunks)
+        tables = [c.request.block_ids + [0] * (max_blocks - len(c.request.block_ids)) for c in chunks]
+
+        dev = self.device
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.long, device=dev)
+        query_lens_t = torch.tensor(query_lens, dtype=torch.long, device=dev)
+        query_start_loc = torch.zeros(len(chunks) + 1, dtype=torch.long, device=dev)
+        torch.cumsum(query_lens_t, 0, out=query_start_loc[1:])
+        block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
+        num_tokens = len(token_ids)
+        seq_index = torch.repeat_interleave(torch.arange(len(chunks), device=dev), query_lens_t, output_size=num_tokens)
+        positions = (seq_lens_t - query_lens_t)[seq_index] + (
+            torch.arange(num_tokens, device=dev) - query_start_loc[:-1][seq_index]
+        )
+        slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
+        num_decodes = sum(1 for n in query_lens if n == 1)
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            seq_lens=seq_lens_t,
+            query_lens=query_lens_t,
+            query_start_loc=query_start_loc,
+            block_tables=block_tables,
+            num_decodes=num_decodes,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            block_size=bs,
+            seq_lens_list=seq_lens,
+            query_lens_list=query_lens,
+        )
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+        return input_ids, positions, meta
+
+    def _sample(self, chunks: list[ScheduledChunk], hidden: torch.Tensor, meta: AttentionMetadata) -> RunnerOutput:
+        out = RunnerOutput()
+        starts = meta.query_start_loc.tolist()
+        sample_rows: list[int] = []
+        sample_reqs: list[Request] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[tuple[Request, int]] = []  # (request, position of the predicted token)
+        for i, c in enumerate(chunks):
+            request = c.request
+            if c.samples:
+                sample_rows.append(starts[i + 1] - 1)
+                sample_reqs.append(request)
+            if request.params.prompt_logprobs is not None:
+                # Entries exist for prompt tokens [0, done); token 0 has none (None), so after a
+                # preemption the recomputed prefix is not scored twice.
+                done = max(len(request.prompt_logprobs), 1)
+                first = max(c.start, done - 1)
+                last = min(c.start + c.num_tokens, request.num_prompt_tokens - 1)
+                for pos in range(first, last):
+                    prompt_rows.append(starts[i] + pos - c.start)
+                    prompt_targets.append((request, pos + 1))
+
+        if sample_reqs:
+            logits = self.model.compute_logits(hidden[sample_rows])
+            batch = SamplingBatch.from_params(
+                [r.params for r in sample_reqs],
+                generators=[r.generator for r in sample_reqs],
+                output_token_ids=[r.output_token_ids for r in sample_reqs],
+                prompt_token_ids=[r.prompt_token_ids for r in sample_reqs],
+                blocked_token_ids=[r.blocked_token_ids() for r in sample_reqs],
+            )
+            result = self.sampler(logits, batch)
+            token_ids = result.token_ids.tolist()
+            logprobs = result.logprobs.tolist()
+            top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
+            top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+            for row, request in enumerate(sample_reqs):
+                out.sampled[request.request_id] = token_ids[row]
+                k = request.params.logprobs
+                if k is not None:
+                    out.logprobs[request.request_id] = TokenLogprobs(
+                        token_ids[row], logprobs[row],
+                        top_ids[row][:k] if k else [], top_lps[row][:k] if k else [],
+                    )
+
+        if prompt_rows:
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[prompt_rows]), dim=-1)
+            targets = torch.tensor([r.all_token_ids[p] for r, p in prompt_targets])
+            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            k_max = max(r.params.prompt_logprobs for r, _ in prompt_targets)
+            top = torch.topk(logprobs, k_max, dim=-1) if k_max else None
+            for row, (request, pos) in enumerate(prompt_targets):
+                k = request.params.prompt_logprobs
+                entry = TokenLogprobs(
+                    request.all_token_ids[pos], chosen[row],
+                    top.indices[row, :k].tolist() if k else [], top.values[row, :k].tolist() if k else [],
+                )
+                out.prompt_logprobs.setdefault(request.request_id, []).append(entry)
+        return out

@@ -1,0 +1,686 @@
+"""Tests for SamplingParams validation and the vectorised Sampler.
+
+The statistical tests compare empirical token frequencies against an
+independently computed (numpy, float64, per-token loops) reference
+distribution with a chi-square test.  The torch RNG is seeded in each test, so
+they are deterministic, yet any wrong truncation / temperature / mixing of rows
+shifts the frequencies far beyond the p > 1e-3 threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from kvflow.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k_top_p,
+    token_counts,
+)
+from kvflow.sampling import SamplingParams
+
+# --------------------------------------------------------------------------
+# SamplingParams validation
+# --------------------------------------------------------------------------
+
+# (field, invalid value, substring describing the allowed range)
+INVALID_VALUES: list[tuple[str, Any, str]] = [
+    ("n", 0, ">= 1"),
+    ("n", -3, ">= 1"),
+    ("n", 1.5, ">= 1"),
+    ("n", True, ">= 1"),
+    ("n", "many", ">= 1"),
+    ("temperature", -0.1, ">= 0"),
+    ("temperature", float("nan"), ">= 0"),
+    ("temperature", float("inf"), ">= 0"),
+    ("temperature", "hot", ">= 0"),
+    ("top_k", -2, ">= 1"),
+    ("top_k", 2.5, ">= 1"),
+    ("top_p", 0.0, "(0, 1]"),
+    ("top_p", -0.5, "(0, 1]"),
+    ("top_p", 1.5, "(0, 1]"),
+    ("top_p", float("nan"), "(0, 1]"),
+    ("min_p", -0.01, "[0, 1]"),
+    ("min_p", 1.01, "[0, 1]"),
+    ("min_p", float("nan"), "[0, 1]"),
+    ("seed", 1.5, "integer in"),
+    ("seed", 2**64, "integer in"),
+    ("seed", -(2**63) - 1, "integer in"),
+    ("presence_penalty", 2.01, "[-2, 2]"),
+    ("presence_penalty", -2.01, "[-2, 2]"),
+    ("presence_penalty", float("nan"), "[-2, 2]"),
+    ("frequency_penalty", 2.5, "[-2, 2]"),
+    ("frequency_penalty", -3.0, "[-2, 2]"),
+    ("repetition_penalty", 0.0, "> 0"),
+    ("repetition_penalty", -1.0, "> 0"),
+    ("repetition_penalty", float("inf"), "> 0"),
+    ("stop", [""], "non-empty strings"),
+    ("stop", "", "non-empty strings"),
+    ("stop", ["ok", ""], "non-empty strings"),
+    ("stop", [1], "non-empty strings"),
+    ("stop_token_ids", [-1], ">= 0"),
+    ("stop_token_ids", [1, -5], ">= 0"),
+    ("stop_token_ids", ["x"], ">= 0"),
+    ("max_tokens", 0, ">= 1"),
+    ("max_tokens", -1, ">= 1"),
+    ("min_tokens", -1, ">= 0"),
+    ("ignore_eos", "maybe", "bool"),
+    ("logprobs", -1, "[0, 20]"),
+    ("logprobs", 21, "[0, 20]"),
+    ("prompt_logprobs", -1, "[0, 20]"),
+    ("prompt_logprobs", 21, "[0, 20]"),
+    ("skip_special_tokens", "nope", "bool"),
+    ("include_stop_str_in_output", [], "bool"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "allowed"), INVALID_VALUES)
+def test_invalid_value_raises_with_field_and_range(field: str, value: Any, allowed: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        SamplingParams(**{field: value})
+    msg = str(exc.value)
+    assert f"{field} must be" in msg
+    assert allowed in msg
+
+
+@pytest.mark.parametrize(("field", "value", "allowed"), INVALID_VALUES)
+def test_invalid_assignment_raises_and_keeps_old_value(field: str, value: Any, allowed: str) -> None:
+    params = SamplingParams()
+    before = getattr(params, field)
+    with pytest.raises(ValueError) as exc:
+        setattr(params, field, value)
+    assert f"{field} must be" in str(exc.value)
+    assert allowed in str(exc.value)
+    assert getattr(params, field) == before
+
+
+def test_every_field_has_an_invalid_case() -> None:
+    assert {f for f, _, _ in INVALID_VALUES} == set(SamplingParams.model_fields)
+
+
+def test_unknown_key_raises_naming_the_key() -> None:
+    with pytest.raises(ValueError, match="best_of_typo"):
+        SamplingParams(best_of_typo=2)
+    params = SamplingParams()
+    with pytest.raises(ValueError, match="another_unknown"):
+        params.another_unknown = 1
+
+
+def test_min_tokens_must_not_exceed_max_tokens() -> None:
+    with pytest.raises(ValueError, match="min_tokens must be <= max_tokens") as exc:
+        SamplingParams(min_tokens=5, max_tokens=3)
+    assert "[0, 3]" in str(exc.value)
+    assert SamplingParams(min_tokens=5, max_tokens=5).min_tokens == 5
+    assert SamplingParams(min_tokens=500, max_tokens=None).min_tokens == 500
+
+    params = SamplingParams(min_tokens=3, max_tokens=10)
+    with pytest.raises(ValueError, match="min_tokens must be <= max_tokens"):
+        params.max_tokens = 2
+    assert params.max_tokens == 10
+    with pytest.raises(ValueError, match="min_tokens must be <= max_tokens"):
+        params.min_tokens = 11
+    assert params.min_tokens == 3
+    params.max_tokens = None
+    params.min_tokens = 1000
+    assert params.min_tokens == 1000
+
+
+def test_defaults() -> None:
+    p = SamplingParams()
+    assert (p.n, p.temperature, p.top_k, p.top_p, p.min_p, p.seed) == (1, 1.0, 0, 1.0, 0.0, None)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert p.stop == [] and p.stop_token_ids == []
+    assert (p.max_tokens, p.min_tokens, p.ignore_eos) == (16, 0, False)
+    assert (p.logprobs, p.prompt_logprobs) == (None, None)
+    assert p.skip_special_tokens is True and p.include_stop_str_in_output is False
+    # Mutable defaults are not shared between instances.
+    p.stop.append("x")
+    assert SamplingParams().stop == []
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"n": 1},
+        {"temperature": 0.0},
+        {"temperature": 1e-9},
+        {"temperature": 100.0},
+        {"top_k": 0},
+        {"top_k": 1},
+        {"top_k": 100000},
+        {"top_p": 1e-6},
+        {"top_p": 1.0},
+        {"min_p": 0.0},
+        {"min_p": 1.0},
+        {"seed": 0},
+        {"seed": -(2**63)},
+        {"seed": 2**64 - 1},
+        {"presence_penalty": -2.0, "frequency_penalty": 2.0},
+        {"presence_penalty": 2.0, "frequency_penalty": -2.0},
+        {"repetition_penalty": 1e-3},
+        {"stop_token_ids": [0, 7]},
+        {"max_tokens": 1},
+        {"max_tokens": None},
+        {"min_tokens": 0, "max_tokens": 1},
+        {"logprobs": 0, "prompt_logprobs": 0},
+        {"logprobs": 20, "prompt_logprobs": 20},
+        {"ignore_eos": True, "skip_special_tokens": False, "include_stop_str_in_output": True},
+    ],
+)
+def test_valid_edge_values_accepted(kwargs: dict[str, Any]) -> None:
+    params = SamplingParams(**kwargs)
+    for key, value in kwargs.items():
+        if key != "top_k":
+            assert getattr(params, key) == value
+
+
+def test_top_k_minus_one_normalised_to_zero() -> None:
+    assert SamplingParams(top_k=-1).top_k == 0
+    params = SamplingParams(top_k=5)
+    params.top_k = -1
+    assert params.top_k == 0
+
+
+def test_stop_accepts_str_and_none() -> None:
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(stop=None).stop == []
+    assert SamplingParams(stop=["a", "bc"]).stop == ["a", "bc"]
+    assert SamplingParams(stop_token_ids=None).stop_token_ids == []
+    params = SamplingParams()
+    params.stop = "END"
+    assert params.stop == ["END"]
+
+
+def test_greedy_property() -> None:
+    assert SamplingParams(temperature=0.0).greedy
+    assert SamplingParams(temperature=0.8, top_k=1).greedy
+    assert not SamplingParams(temperature=0.8).greedy
+    assert not SamplingParams(temperature=0.8, top_k=2).greedy
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def make_batch(params: list[SamplingParams], **kwargs: Any) -> SamplingBatch:
+    return SamplingBatch.from_params(params, **kwargs)
+
+
+def softmax64(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def reference_distribution(
+    logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float
+) -> np.ndarray:
+    """Naive float64 reference: softmax(l/T), top-k, top-p, min-p, renormalise.
+
+    Asserts that the configuration is not within rounding distance of a
+    truncation boundary, so float32 vs float64 cannot legitimately disagree.
+    """
+    v = logits.shape[0]
+    probs = softmax64(logits.astype(np.float64) / temperature)
+    order = sorted(range(v), key=lambda i: -probs[i])
+    keep = [True] * v
+    if top_k > 0:
+        for rank, tok in enumerate(order):
+            if rank >= top_k:
+                keep[tok] = False
+    probs = np.array([probs[i] if keep[i] else 0.0 for i in range(v)])
+    probs /= probs.sum()
+    if top_p < 1.0:
+        cumulative = 0.0
+        reached = False
+        for tok in order:
+            if not keep[tok]:
+                continue
+            if reached:
+                keep[tok] = False
+                continue
+            cumulative += probs[tok]
+            assert abs(cumulative - top_p) > 1e-4, "test logits too close to a top-p boundary"
+            if cumulative >= top_p:
+                reached = True
+        probs = np.array([probs[i] if keep[i] else 0.0 for i in range(v)])
+        probs /= probs.sum()
+    if min_p > 0.0:
+        threshold = min_p * probs.max()
+        for i in range(v):
+            if keep[i]:
+                assert abs(probs[i] - threshold) > 1e-6, "test logits too close to a min-p boundary"
+                if probs[i] < threshold:
+                    keep[i] = False
+        probs = np.array([probs[i] if keep[i] else 0.0 for i in range(v)])
+        probs /= probs.sum()
+    return probs
+
+
+def assert_matches_distribution(samples: torch.Tensor, expected: np.ndarray) -> None:
+    """Chi-square goodness of fit, pooling bins with expected count < 5; zero-prob bins must be empty."""
+    n = samples.numel()
+    counts = np.bincount(samples.numpy(), minlength=expected.shape[0]).astype(np.float64)
+    outside = expected == 0.0
+    assert counts[outside].sum() == 0, f"sampled tokens outside the support: {np.nonzero(counts * outside)[0]}"
+    support = ~outside
+    obs, exp = counts[support], expected[support] * n
+    small = exp < 5.0
+    if small.any():
+        obs = np.append(obs[~small], obs[small].sum())
+        exp = np.append(exp[~small], exp[small].sum())
+    if obs.shape[0] == 1:
+        assert obs[0] == n
+        return
+    pvalue = chisquare(obs, exp * (obs.sum() / exp.sum())).pvalue
+    assert pvalue > 1e-3, f"chi-square p={pvalue:.2e}\nobserved={obs}\nexpected={exp}"
+
+
+def fixed_logits(vocab: int, seed: int, scale: float = 2.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(vocab, generator=gen) * scale
+
+
+# --------------------------------------------------------------------------
+# Statistical tests
+# --------------------------------------------------------------------------
+
+NUM_SAMPLES = 20_000
+
+STAT_CONFIGS: list[dict[str, Any]] = [
+    {"temperature": 1.0},
+    {"temperature": 0.5},
+    {"temperature": 2.0},
+    {"temperature": 1.0, "top_k": 5},
+    {"temperature": 0.8, "top_k": 12},
+    {"temperature": 1.0, "top_p": 0.8},
+    {"temperature": 1.5, "top_p": 0.5},
+    {"temperature": 1.0, "min_p": 0.1},
+    {"temperature": 2.0, "min_p": 0.05},
+    {"temperature": 0.7, "top_k": 10, "top_p": 0.9},
+    {"temperature": 1.3, "top_p": 0.9, "min_p": 0.05},
+    {"temperature": 1.0, "top_k": 20, "min_p": 0.1},
+    {"temperature": 1.2, "top_k": 15, "top_p": 0.85, "min_p": 0.02},
+]
+
+
+@pytest.mark.parametrize("config", STAT_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_sampling_matches_reference_distribution(config: dict[str, Any]) -> None:
+    vocab = 40
+    logits = fixed_logits(vocab, seed=1234)
+    expected = reference_distribution(
+        logits.numpy(),
+        config["temperature"],
+        config.get("top_k", 0),
+        config.get("top_p", 1.0),
+        config.get("min_p", 0.0),
+    )
+    params = SamplingParams(**config)
+    batch = make_batch([params] * NUM_SAMPLES)
+    torch.manual_seed(0)
+    out = Sampler()(logits.expand(NUM_SAMPLES, vocab), batch)
+    assert out.token_ids.shape == (NUM_SAMPLES,)
+    assert out.token_ids.dtype == torch.int64
+    assert_matches_distribution(out.token_ids, expected)
+
+
+def test_heterogeneous_batch_each_row_uses_its_own_params_and_logits() -> None:
+    """Interleaved rows with different logits/params (and greedy rows) must not leak into each other."""
+    vocab = 30
+    configs = [
+        {"temperature": 1.0},
+        {"temperature": 0.6, "top_k": 4},
+        {"temperature": 1.4, "top_p": 0.7},
+        {"temperature": 1.0, "min_p": 0.2},
+        {"temperature": 0.0},
+        {"temperature": 0.9, "top_k": 1},
+    ]
+    rows_per_config = 8_000
+    logit_rows = [fixed_logits(vocab, seed=100 + i) for i in range(len(configs))]
+    order = [i % len(configs) for i in range(rows_per_config * len(configs))]
+    logits = torch.stack([logit_rows[c] for c in order])
+    params = [SamplingParams(**configs[c]) for c in order]
+    torch.manual_seed(1)
+    out = Sampler()(logits, make_batch(params))
+    config_of_row = torch.tensor(order)
+    for c, config in enumerate(configs):
+        samples = out.token_ids[config_of_row == c]
+        if SamplingParams(**config).greedy:
+            assert torch.all(samples == logit_rows[c].argmax())
+            continue
+        expected = reference_distribution(
+            logit_rows[c].numpy(),
+            config["temperature"],
+            config.get("top_k", 0),
+            config.get("top_p", 1.0),
+            config.get("min_p", 0.0),
+        )
+        assert_matches_distribution(samples, expected)
+
+
+def test_seeded_rows_follow_the_distribution() -> None:
+    """Per-row generator path: one draw from each of many seeds is a sample of the same law."""
+    vocab = 16
+    logits = fixed_logits(vocab, seed=7)
+    n = 5_000
+    params = [SamplingParams(temperature=0.9, top_p=0.9, seed=s) for s in range(n)]
+    generators: list[torch.Generator | None] = [torch.Generator().manual_seed(s) for s in range(n)]
+    out = Sampler()(logits.expand(n, vocab), make_batch(params, generators=generators))
+    expected = reference_distribution(logits.numpy(), 0.9, 0, 0.9, 0.0)
+    assert_matches_distribution(out.token_ids, expected)
+
+
+def test_bf16_logits_are_upcast() -> None:
+    vocab = 24
+    logits = fixed_logits(vocab, seed=5).bfloat16()
+    expected = reference_distribution(logits.float().numpy(), 1.0, 6, 1.0, 0.0)
+    torch.manual_seed(2)
+    out = Sampler()(logits.expand(NUM_SAMPLES, vocab), make_batch([SamplingParams(top_k=6)] * NUM_SAMPLES))
+    assert out.logprobs.dtype == torch.float32
+    assert_matches_distribution(out.token_ids, expected)
+
+
+# --------------------------------------------------------------------------
+# Truncation masks against the naive reference (support sets, per-row params)
+# --------------------------------------------------------------------------
+
+
+def test_truncation_support_matches_reference_per_row() -> None:
+    gen = torch.Generator().manual_seed(11)
+    rows, vocab = 64, 50
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    top_k = torch.randint(0, 60, (rows,), generator=gen)
+    top_p = torch.rand(rows, generator=gen) * 0.98 + 0.02
+    top_p[::5] = 1.0
+    min_p = torch.rand(rows, generator=gen) * 0.3
+    min_p[::4] = 0.0
+    masked = apply_min_p(apply_top_k_top_p(logits, top_k, top_p), min_p)
+    checked = 0
+    for i in range(rows):
+        try:
+            expected = reference_distribution(
+                logits[i].numpy(), 1.0, int(top_k[i]), float(top_p[i]), float(min_p[i])
+            )
+        except AssertionError:
+            continue  # too close to a boundary for a float32 vs float64 comparison
+        checked += 1
+        got = torch.isfinite(masked[i]).numpy()
+        assert np.array_equal(got, expected > 0), f"row {i}: k={int(top_k[i])} p={float(top_p[i])}"
+        # Surviving logits are untouched.
+        assert torch.equal(masked[i][torch.from_numpy(got)], logits[i][torch.from_numpy(got)])
+    assert checked >= rows - 4
+
+
+def test_top_p_one_keeps_every_token_and_top_token_always_kept() -> None:
+    logits = torch.tensor([[30.0] + [-30.0] * 99, [1.0] * 100])
+    out = apply_top_k_top_p(logits, None, torch.tensor([1.0, 1.0]))
+    assert torch.isfinite(out).all()
+    tiny_p = apply_top_k_top_p(logits, None, torch.tensor([1e-6, 1e-6]))
+    assert torch.isfinite(tiny_p).sum(dim=1).tolist() == [1, 1]
+    assert torch.isfinite(tiny_p[0, 0])
+
+
+def test_top_k_larger_than_vocab_is_a_no_op() -> None:
+    logits = torch.randn(3, 10)
+    out = apply_top_k_top_p(logits, torch.tensor([0, 10, 1000]), None)
+    assert torch.equal(out, logits)
+
+
+# --------------------------------------------------------------------------
+# Greedy, blocked ids, penalties
+# --------------------------------------------------------------------------
+
+
+def test_greedy_equals_argmax_and_does_not_mutate_input() -> None:
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(32, 1000, generator=gen)
+    before = logits.clone()
+    params = [SamplingParams(temperature=0.0) if i % 2 else SamplingParams(temperature=0.5, top_k=1) for i in range(32)]
+    out = Sampler()(logits, make_batch(params))
+    assert torch.equal(out.token_ids, logits.argmax(dim=-1))
+    assert torch.equal(logits, before)
+
+
+def test_mixed_greedy_and_random_rows_greedy_rows_are_argmax() -> None:
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(40, 300, generator=gen)
+    params = [SamplingParams(temperature=0.0) if i % 3 == 0 else SamplingParams(top_p=0.9, top_k=50) for i in range(40)]
+    before = logits.clone()
+    out = Sampler()(logits, make_batch(params))
+    greedy_rows = torch.arange(40) % 3 == 0
+    assert torch.equal(out.token_ids[greedy_rows], logits[greedy_rows].argmax(dim=-1))
+    assert torch.equal(logits, before)
+
+
+def test_blocked_ids_are_never_sampled() -> None:
+    vocab, n = 12, 4_000
+    logits = torch.zeros(n, vocab)
+    logits[:, 3] = 8.0  # the blocked tokens dominate the distribution
+    logits[:, 7] = 6.0
+    blocked = [[3, 7, 10_000] for _ in range(n)]  # out-of-vocab ids are ignored
+    params = [SamplingParams(temperature=0.0 if i % 4 == 0 else 1.5) for i in range(n)]
+    torch.manual_seed(5)
+    out = Sampler()(logits, make_batch(params, blocked_token_ids=blocked))
+    assert not torch.isin(out.token_ids, torch.tensor([3, 7])).any()
+    # Unblocked rows do sample them.
+    out2 = Sampler()(logits, make_batch(params))
+    assert (out2.token_ids == 3).sum() > n // 2
+    # Blocking is per row.
+    blocked_some = [[3] if i % 2 else [] for i in range(n)]
+    greedy = [SamplingParams(temperature=0.0)] * n
+    out3 = Sampler()(logits, make_batch(greedy, blocked_token_ids=blocked_some))
+    assert out3.token_ids.tolist() == [7 if i % 2 else 3 for i in range(n)]
+
+
+def reference_penalties(
+    logits: torch.Tensor,
+    outputs: list[list[int]],
+    prompts: list[list[int]],
+    presence: list[float],
+    frequency: list[float],
+    repetition: list[float],
+) -> torch.Tensor:
+    """Per-row, per-token Python reference of HF repetition + OpenAI frequency/presence penalties."""
+    result = logits.clone()
+    for i in range(logits.shape[0]):
+        seen = set(prompts[i]) | set(outputs[i])
+        for tok in seen:
+            value = float(result[i, tok])
+            result[i, tok] = value / repetition[i] if value > 0 else value * repetition[i]
+        for tok in set(outputs[i]):
+            count = outputs[i].count(tok)
+            result[i, tok] = float(result[i, tok]) - frequency[i] * count - presence[i]
+    return result
+
+
+def test_penalties_match_reference() -> None:
+    gen = torch.Generator().manual_seed(21)
+    rows, vocab = 12, 40
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    rng = np.random.default_rng(21)
+    outputs = [rng.integers(0, vocab, size=rng.integers(0, 30)).tolist() for _ in range(rows)]
+    prompts = [rng.integers(0, vocab, size=rng.integers(0, 20)).tolist() for _ in range(rows)]
+    presence = rng.uniform(-2, 2, rows).round(3).tolist()
+    frequency = rng.uniform(-2, 2, rows).round(3).tolist()
+    repetition = rng.uniform(0.5, 2.0, rows).round(3).tolist()
+    presence[0], frequency[0], repetition[0] = 0.0, 0.0, 1.0  # neutral row stays untouched
+    repetition[1] = 1.0  # additive only
+    presence[2], frequency[2] = 0.0, 0.0  # repetition only
+    expected = reference_penalties(logits, outputs, prompts, presence, frequency, repetition)
+    got = apply_penalties(
+        logits,
+        outputs,
+        prompts,
+        torch.tensor(presence),
+        torch.tensor(frequency),
+        torch.tensor(repetition),
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0], logits[0])
+
+    # End to end: greedy rows pick the argmax of the penalised logits.
+    params = [
+        SamplingParams(
+            temperature=0.0,
+            presence_penalty=presence[i],
+            frequency_penalty=frequency[i],
+            repetition_penalty=repetition[i],
+        )
+        for i in range(rows)
+    ]
+    batch = make_batch(params, output_token_ids=outputs, prompt_token_ids=prompts)
+    assert batch.any_penalty and batch.any_repetition_penalty and batch.any_additive_penalty
+    out = Sampler()(logits, batch)
+    assert torch.equal(out.token_ids, expected.argmax(dim=-1))
+    # Returned logprobs stay raw (unpenalised).
+    raw = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None]).squeeze(1))
+
+
+def test_repetition_penalty_counts_prompt_but_frequency_does_not() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    rep = apply_penalties(logits, [[]], [[0, 1]], torch.zeros(1), torch.zeros(1), torch.tensor([2.0]))
+    torch.testing.assert_close(rep, torch.tensor([[1.0, -4.0, 1.0, 0.5]]))
+    freq = apply_penalties(logits, [[2, 2]], [[0, 1]], torch.tensor([0.5]), torch.tensor([0.25]), torch.ones(1))
+    torch.testing.assert_close(freq, torch.tensor([[2.0, -2.0, 0.0, 0.5]]))
+
+
+def test_token_counts() -> None:
+    counts = token_counts([[1, 1, 3], [], [0]], 4)
+    assert counts.tolist() == [[0, 2, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]]
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        token_counts([[4]], 4)
+    with pytest.raises(ValueError):
+        token_counts([[-1]], 4)
+
+
+# --------------------------------------------------------------------------
+# Seeds
+# --------------------------------------------------------------------------
+
+
+def run_seeded_sequence(seed: int, position: int, neighbours: list[SamplingParams], steps: int) -> list[int]:
+    """Decode `steps` tokens for one seeded row placed at `position` among `neighbours`."""
+    vocab = 500
+    target = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    neighbour_gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in neighbours]
+    sampler = Sampler()
+    tokens: list[int] = []
+    for step in range(steps):
+        step_logits = torch.randn(vocab, generator=torch.Generator().manual_seed(10_000 + step))
+        params = list(neighbours)
+        params.insert(position, target)
+        gens = list(neighbour_gens)
+        gens.insert(position, generator)
+        logits = torch.randn(len(params), vocab)  # neighbours' logits vary run to run
+        logits[position] = step_logits
+        out = sampler(logits, make_batch(params, generators=gens))
+        tokens.append(int(out.token_ids[position]))
+    return tokens
+
+
+def test_same_seed_same_tokens_regardless_of_batch() -> None:
+    torch.manual_seed(123)
+    alone = run_seeded_sequence(42, 0, [], steps=12)
+    torch.manual_seed(456)
+    crowded = run_seeded_sequence(
+        42,
+        3,
+        [
+            SamplingParams(temperature=0.0),
+            SamplingParams(top_k=3),
+            SamplingParams(seed=7, top_p=0.5),
+            SamplingParams(temperature=0.3, min_p=0.1),
+            SamplingParams(seed=42),
+        ],
+        steps=12,
+    )
+    torch.manual_seed(789)
+    last = run_seeded_sequence(42, 2, [SamplingParams(), SamplingParams(temperature=1.7)], steps=12)
+    assert alone == crowded == last
+    other_seed = run_seeded_sequence(43, 0, [], steps=12)
+    assert other_seed != alone
+
+
+def test_seeded_batch_requires_generator() -> None:
+    with pytest.raises(ValueError, match="generator"):
+        SamplingBatch.from_params([SamplingParams(seed=1)])
+    # Greedy rows never draw, so they need none.
+    SamplingBatch.from_params([SamplingParams(seed=1, temperature=0.0)])
+
+
+# --------------------------------------------------------------------------
+# Logprobs and batch construction
+# --------------------------------------------------------------------------
+
+
+def test_logprobs_are_raw_and_top_k_matches_topk() -> None:
+    gen = torch.Generator().manual_seed(8)
+    rows, vocab = 10, 200
+    logits = (torch.randn(rows, vocab, generator=gen) * 2).bfloat16()
+    params = [
+        SamplingParams(temperature=0.5, top_k=20, logprobs=i % 6, repetition_penalty=1.3, frequency_penalty=0.4)
+        for i in range(rows)
+    ]
+    outputs = [[1, 2, 3]] * rows
+    out = Sampler()(logits, make_batch(params, output_token_ids=outputs, prompt_token_ids=[[4]] * rows))
+    raw = torch.log_softmax(logits.float(), dim=-1)
+    assert out.logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None]).squeeze(1))
+    assert out.top_token_ids is not None and out.top_logprobs is not None
+    assert out.top_token_ids.shape == (rows, 5) and out.top_token_ids.dtype == torch.int64
+    ref_lp, ref_ids = torch.topk(raw, 5, dim=-1)
+    assert torch.equal(out.top_token_ids, ref_ids)
+    torch.testing.assert_close(out.top_logprobs, ref_lp)
+
+
+def test_no_top_logprobs_when_not_requested() -> None:
+    logits = torch.randn(3, 10)
+    out = Sampler()(logits, make_batch([SamplingParams(logprobs=0), SamplingParams(), SamplingParams(temperature=0)]))
+    assert isinstance(out, SamplerOutput)
+    assert out.top_token_ids is None and out.top_logprobs is None
+    assert out.logprobs.shape == (3,)
+    assert torch.all(out.logprobs <= 0)
+
+
+def test_batch_flags_and_validation() -> None:
+    batch = make_batch([SamplingParams(temperature=0.0, top_p=0.5, top_k=3, min_p=0.2), SamplingParams()])
+    # Truncation on greedy rows is irrelevant, so those stages are skipped.
+    assert batch.any_greedy and not batch.all_greedy
+    assert not (batch.any_top_k or batch.any_top_p or batch.any_min_p or batch.any_penalty or batch.any_blocked)
+    assert batch.random_rows.tolist() == [1]
+    assert make_batch([SamplingParams(temperature=0.0)] * 3).all_greedy
+    with pytest.raises(ValueError, match="generators"):
+        SamplingBatch.from_params([SamplingParams()], generators=[None, None])
+    with pytest.raises(ValueError, match="output_token_ids"):
+        SamplingBatch.from_params([SamplingParams()], output_token_ids=[[], []])
+    with pytest.raises(ValueError, match="logits"):
+        Sampler()(torch.randn(2, 10), make_batch([SamplingParams()]))
+
+
+def test_empty_batch() -> None:
+    out = Sampler()(torch.randn(0, 10), make_batch([]))
+    assert out.token_ids.shape == (0,)
+    assert out.logprobs.shape == (0,)
+
+
+def test_extreme_logits_never_pick_masked_tokens() -> None:
+    """A zero Exp(1) draw or huge logits must not let a -inf token win via NaN."""
+    vocab, n = 8, 5_000
+    logits = torch.full((n, vocab), -1e4)
+    logits[:, 0] = 1e4
+    logits[:, 1] = 1e4 - 1.0
+    torch.manual_seed(9)
+    out = Sampler()(logits, make_batch([SamplingParams(temperature=1.0, top_k=2)] * n))
+    assert set(out.token_ids.tolist()) <= {0, 1}
+    assert math.isfinite(float(out.logprobs.min()))
