@@ -105,7 +105,6 @@ class IncrementalDetokenizer:
 
         # Text: a list of chunks (appending costs O(1)) plus what get_delta has not returned yet.
         self._chunks: list[str] = []
-        self._text_len = 0
         self._unsent: list[str] = []
         self._unsent_len = 0
         # Last (max_stop_len - 1) characters: all that stop matching and withholding look at.
@@ -114,7 +113,8 @@ class IncrementalDetokenizer:
         self._stop_string: str | None = None
         self._finalized = False
 
-        seed = self._choose_seed(list(prompt_token_ids[-_MAX_SEED:]), min_len=_MIN_PROMPT_SEED)
+        prompt_tail = [int(t) for t in prompt_token_ids[-_MAX_SEED:]]
+        seed = self._choose_seed(prompt_tail, min_len=_MIN_PROMPT_SEED)
         self._stream = self._new_stream(seed)
 
     # ------------------------------------------------------------------ public API
@@ -269,8 +269,7 @@ class IncrementalDetokenizer:
         # ByteFallback run turned invalid). Text already emitted stays. Restart from a
         # context that is consistent with the held-back ids and replay them.
         replay = self._pending + [token_id]
-        history = (self._group + self._pending)[-_MAX_SEED:]
-        seed = self._choose_seed(history[: len(history) - len(self._pending)], min_len=1, extension=replay)
+        seed = self._choose_seed(self._group[-_MAX_SEED:], min_len=1, extension=replay)
         self._stream = self._new_stream(seed)
         pieces: list[str] = []
         for tid in replay:
@@ -291,7 +290,6 @@ class IncrementalDetokenizer:
         """Add decoded text, then look for a stop string in it. Returns the stop string if found."""
         tail_before = self._tail
         self._chunks.append(new_text)
-        self._text_len += len(new_text)
         self._unsent.append(new_text)
         self._unsent_len += len(new_text)
         if not self.stop:
@@ -324,7 +322,6 @@ class IncrementalDetokenizer:
         assert n_chars <= self._unsent_len, "withholding let text that a stop string removes escape"
         _drop_suffix(self._chunks, n_chars)
         _drop_suffix(self._unsent, n_chars)
-        self._text_len -= n_chars
         self._unsent_len -= n_chars
 
     def _withheld_len(self) -> int:

@@ -34,7 +34,13 @@ import torch.nn.functional as F
 
 from kvflow.sampling import SAMPLING_EPS, SamplingParams
 
+# How many of the most likely tokens top-p inspects before falling back to a
+# full-vocabulary sort.  Typical nuclei are far smaller; topk(1024) is ~15x
+# cheaper than sorting a 128k vocabulary on CPU.
+TOP_P_CANDIDATES: int = 1024
+
 __all__ = [
+    "TOP_P_CANDIDATES",
     "Sampler",
     "SamplerOutput",
     "SamplingBatch",
@@ -265,33 +271,84 @@ def apply_penalties(
 
 
 def apply_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+    logits: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    *,
+    top_p_candidates: int = TOP_P_CANDIDATES,
 ) -> torch.Tensor:
-    """Mask logits outside each row's top-k, then outside its top-p nucleus, with one sort.
+    """Mask logits outside each row's top-k, then outside its top-p nucleus.
 
-    top_k: [B] int64, ``<= 0`` disables; ties with the k-th value are kept.
-    top_p: [B] float, keeps the smallest prefix (by descending prob, after
-    top-k renormalisation) whose cumulative prob >= top_p; the top token is
-    always kept, and ``top_p >= 1`` rows are left untouched (float cumsum can
-    reach 1 early and would otherwise drop tail tokens).
+    top_k: [B] int, ``<= 0`` (or ``>= V``) disables.  Tokens tied with the
+    k-th largest value are all kept, so the kept set is a pure function of the
+    row (bf16 logits tie often).
+    top_p: [B] float; keeps the smallest prefix, by descending probability of
+    the top-k-renormalised distribution, whose cumulative probability reaches
+    top_p.  The top token is always kept; rows with ``top_p >= 1`` are left
+    untouched (a float cumsum can reach 1 early and would drop tail tokens).
+
+    Avoids a full-vocabulary sort (the dominant cost on CPU): top-k uses one
+    ``topk(max k)`` to find each row's threshold, and top-p first looks for
+    the nucleus among the ``top_p_candidates`` most likely tokens, sorting the
+    whole row only when the nucleus is larger.  Both choices depend only on
+    the row itself, so results do not depend on the other rows of the batch.
     """
-    if top_k is None and top_p is None:
+    b, v = logits.shape
+    if (top_k is None and top_p is None) or b == 0:
         return logits
-    v = logits.shape[1]
-    vals, idx = logits.sort(dim=-1, descending=True)
+    out = logits
     if top_k is not None:
         k = top_k.to(device=logits.device, dtype=torch.int64)
-        k = torch.where(k <= 0, v, k).clamp(1, v)
-        kth = vals.gather(1, (k - 1).unsqueeze(1))
-        vals = vals.masked_fill(vals < kth, float("-inf"))
-    if top_p is not None:
-        tp = top_p.to(device=logits.device, dtype=vals.dtype).unsqueeze(1)
-        probs = vals.softmax(dim=-1)
-        # Exclusive cumsum: probability mass strictly before each token.
-        mass_before = F.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))
-        drop = (mass_before >= tp) & (tp < 1.0)
-        vals = vals.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, idx, vals)
+        out = _apply_top_k(out, torch.where(k <= 0, v, k).clamp(1, v))
+    if top_p is None:
+        return out
+    p = top_p.to(device=logits.device, dtype=logits.dtype)
+    p_rows = (p < 1.0).nonzero().squeeze(1)
+    if p_rows.numel() == 0:
+        return out
+    candidates = max(1, min(v, top_p_candidates))
+    if p_rows.numel() == b:
+        return _apply_top_p(out, p, candidates)
+    nucleus = _apply_top_p(out[p_rows], p[p_rows], candidates)
+    out = out.clone() if out is logits else out  # never write into the caller's tensor
+    out[p_rows] = nucleus
+    return out
+
+
+def _apply_top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Mask values below each row's k-th largest; ``k == V`` rows are untouched."""
+    v = logits.shape[1]
+    enabled = k < v
+    if not bool(enabled.any()):
+        return logits
+    k_max = int(k[enabled].max())
+    top_vals = logits.topk(k_max, dim=-1).values
+    kth = top_vals.gather(1, (k.clamp(max=k_max) - 1).unsqueeze(1))
+    kth = kth.masked_fill(~enabled.unsqueeze(1), float("-inf"))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _apply_top_p(logits: torch.Tensor, p: torch.Tensor, candidates: int) -> torch.Tensor:
+    """Keep each row's nucleus; every row here has ``p < 1``.
+
+    Probabilities are normalised over the whole row (already top-k masked),
+    so the nucleus found among the candidates is exact whenever the
+    candidates' cumulative mass reaches p; other rows are redone over all V.
+    """
+    v = logits.shape[1]
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    vals, idx = logits.topk(candidates, dim=-1)  # sorted, descending
+    probs = (vals - log_norm).exp()
+    cumulative = probs.cumsum(dim=-1)
+    # Exclusive cumsum: mass strictly before each token; the top token has 0 < p.
+    mass_before = F.pad(cumulative[:, :-1], (1, 0))
+    kept = vals.masked_fill(mass_before >= p.unsqueeze(1), float("-inf"))
+    out = torch.full_like(logits, float("-inf")).scatter_(1, idx, kept)
+    if candidates < v:
+        short = (cumulative[:, -1] < p).nonzero().squeeze(1)
+        if short.numel() > 0:
+            out[short] = _apply_top_p(logits[short], p[short], v)
+    return out
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -351,7 +408,7 @@ class Sampler:
         if batch.all_greedy:
             token_ids = x.argmax(dim=-1)
         else:
-            token_ids = self._sample_random_rows(logits, batch)
+            token_ids = self._sample_random_rows(x, batch)
 
         logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
         top_ids: torch.Tensor | None = None
@@ -368,7 +425,7 @@ class Sampler:
         """Greedy rows -> argmax; the rest go through temperature/truncation/race.
 
         When the batch mixes greedy and random rows, only the random rows are
-        gathered into the (sort-heavy) truncation stages.
+        gathered into the truncation stages.
         """
         device = x.device
         partial = batch.any_greedy

@@ -160,7 +160,9 @@ def test_make_tokenizer_rejects_too_small_vocab(tmp_path: Path) -> None:
 
 @HYPOTHESIS
 @given(data=st.data())
-def test_random_ids_match_full_decode_bytelevel(bl_tok: transformers.PreTrainedTokenizerFast, data: st.DataObject) -> None:
+def test_random_ids_match_full_decode_bytelevel(
+    bl_tok: transformers.PreTrainedTokenizerFast, data: st.DataObject
+) -> None:
     """Random ids (many of them UTF-8 fragments), random chunking: streamed text == decode(ids)."""
     vocab = len(bl_tok)
     partial = _partial_utf8_ids(bl_tok)
@@ -206,7 +208,7 @@ def test_random_text_roundtrip_all_tokenizers(
     tok = data.draw(st.sampled_from([bl_tok, ms_tok, bf_tok]), label="tok")
     sizes = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=4), label="sizes")
     ids = tok.encode(text, add_special_tokens=False)
-    expected = tok.decode(ids)
+    expected = tok.decode(ids, skip_special_tokens=True)  # the detokenizer's default; unseen chars may be <unk>
     d, deltas, _ = _stream(tok, [], _chunks(ids, sizes))
     assert d.output_text == expected
     assert "".join(deltas) == expected
@@ -246,16 +248,20 @@ def test_multibyte_strings_stream_exactly(bl_tok: transformers.PreTrainedTokeniz
     assert any(REPLACEMENT in bl_tok.decode([i]) for i in ids) == ("" in deltas[:-1])
 
 
-def test_incomplete_character_at_end_is_flushed_as_decode_shows_it(bl_tok: transformers.PreTrainedTokenizerFast) -> None:
+def test_incomplete_character_at_end_is_flushed_as_decode_shows_it(
+    bl_tok: transformers.PreTrainedTokenizerFast,
+) -> None:
     ids = bl_tok.encode("ok 🦀")
     cut = ids[:-1]  # last byte(s) of the crab missing
     assert bl_tok.decode(cut).endswith(REPLACEMENT)
+    full = bl_tok.decode(cut)
     d = IncrementalDetokenizer(bl_tok, [])
     d.update(cut)
-    assert d.get_delta(finished=False) == "ok "
-    assert d.output_text == "ok "
-    assert d.get_delta(finished=True) == bl_tok.decode(cut)[len("ok ") :]
-    assert d.output_text == bl_tok.decode(cut)
+    streamed = d.get_delta(finished=False)
+    # The token holding the crab's first bytes may also hold the space before it.
+    assert streamed in ("ok", "ok ") and d.output_text == streamed
+    assert d.get_delta(finished=True) == full[len(streamed) :]
+    assert d.output_text == full
     assert d.finished
     with pytest.raises(RuntimeError):
         d.update([ids[-1]])
@@ -351,7 +357,10 @@ def test_random_ids_metaspace(ms_tok: transformers.PreTrainedTokenizerFast, data
     sizes = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=4), label="sizes")
     prompt = ms_tok.encode("The quick brown fox", add_special_tokens=False) if with_prompt else []
     d, deltas, _ = _stream(ms_tok, prompt, _chunks(out, sizes), skip_special_tokens=skip)
-    expected = _expected_with_leading_space(ms_tok, out, skip) if with_prompt else ms_tok.decode(out, skip_special_tokens=skip)
+    if with_prompt:
+        expected = _expected_with_leading_space(ms_tok, out, skip)
+    else:
+        expected = ms_tok.decode(out, skip_special_tokens=skip)
     assert d.output_text == expected
     assert "".join(deltas) == expected
 
@@ -371,7 +380,7 @@ def test_byte_fallback_invalid_prefix_recovers(bf_tok: transformers.PreTrainedTo
     """A byte run that turns invalid after '»' was emitted breaks DecodeStream's prefix; we go on."""
     v = bf_tok.get_vocab()
     a = bf_tok.encode("a", add_special_tokens=False)
-    x = bf_tok.encode(" x", add_special_tokens=False)
+    x = bf_tok.encode("x", add_special_tokens=False)  # "▁x": the normalizer prepends "▁"
     ids = a + [v["<0xC2>"], v["<0xBB>"], v["<0x80>"]] + x
     d, deltas, _ = _stream(bf_tok, [], [[t] for t in ids])
     # decode() says "a��� x" (ByteFallback drops the whole run); "»" was already streamed and stays.
@@ -512,7 +521,9 @@ def test_stop_strings_property(bl_tok: transformers.PreTrainedTokenizerFast, dat
 
 
 def test_tokenizers_without_prefill_support(
-    bl_tok: transformers.PreTrainedTokenizerFast, ms_tok: transformers.PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+    bl_tok: transformers.PreTrainedTokenizerFast,
+    ms_tok: transformers.PreTrainedTokenizerFast,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """tokenizers < 0.22 lacks DecodeStream(ids=...): priming by stepping must give the same text."""
     real = detok_mod.DecodeStream
@@ -524,7 +535,11 @@ def test_tokenizers_without_prefill_support(
 
     cases = [
         (bl_tok, bl_tok.encode("Hi 🦀 there"), bl_tok.encode(" 世界 😀 ok")),
-        (ms_tok, ms_tok.encode("Hello there", add_special_tokens=False), ms_tok.encode("world 😀", add_special_tokens=False)),
+        (
+            ms_tok,
+            ms_tok.encode("Hello there", add_special_tokens=False),
+            ms_tok.encode("world 😀", add_special_tokens=False),
+        ),
     ]
     expected = [_stream(tok, p, [[t] for t in o])[0].output_text for tok, p, o in cases]
     monkeypatch.setattr(detok_mod, "DecodeStream", old_decode_stream)
