@@ -79,6 +79,7 @@ class SamplingBatch:
     random_rows: torch.Tensor = field(init=False)  # [R] int64 indices of non-greedy rows
     all_greedy: bool = field(init=False)
     any_greedy: bool = field(init=False)
+    any_temperature: bool = field(init=False)  # a non-greedy row with temperature != 1
     any_top_k: bool = field(init=False)
     any_top_p: bool = field(init=False)
     any_min_p: bool = field(init=False)
@@ -114,6 +115,7 @@ class SamplingBatch:
         self.random_rows = random_mask.nonzero().squeeze(1)
         self.any_greedy = bool(self.greedy_mask.any())
         self.all_greedy = bool(self.greedy_mask.all())
+        self.any_temperature = bool((random_mask & (self.temperature != 1.0)).any())
         self.any_top_k = bool((random_mask & (self.top_k > 0)).any())
         self.any_top_p = bool((random_mask & (self.top_p < 1.0)).any())
         self.any_min_p = bool((random_mask & (self.min_p > 0.0)).any())
@@ -157,7 +159,9 @@ class SamplingBatch:
                 )
 
         def rows(lists: Sequence[list[int]] | None) -> list[list[int]]:
-            return [list(x) for x in lists] if lists is not None else [[] for _ in range(b)]
+            # Shallow: the per-row lists are only read, and copying every
+            # sequence's history each step would cost O(total tokens).
+            return list(lists) if lists is not None else [[] for _ in range(b)]
 
         def f32(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32)
@@ -354,7 +358,8 @@ def _apply_top_p(logits: torch.Tensor, p: torch.Tensor, candidates: int) -> torc
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Mask tokens whose prob is below ``min_p * max prob`` of their row."""
     probs = logits.softmax(dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * min_p.to(device=logits.device, dtype=probs.dtype).unsqueeze(1)
+    scale = min_p.to(device=logits.device, dtype=probs.dtype).unsqueeze(1)
+    threshold = probs.amax(dim=-1, keepdim=True) * scale
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
@@ -435,7 +440,9 @@ class Sampler:
             t = t.to(device)
             return t[rows] if partial else t
 
-        sub = pick(x) / pick(batch.temperature).unsqueeze(1)
+        sub = pick(x)
+        if batch.any_temperature:
+            sub = sub / pick(batch.temperature).unsqueeze(1)
         if batch.any_top_k or batch.any_top_p:
             sub = apply_top_k_top_p(
                 sub,

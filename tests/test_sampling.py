@@ -271,7 +271,8 @@ def assert_matches_distribution(samples: torch.Tensor, expected: np.ndarray) -> 
     n = samples.numel()
     counts = np.bincount(samples.numpy(), minlength=expected.shape[0]).astype(np.float64)
     outside = expected == 0.0
-    assert counts[outside].sum() == 0, f"sampled tokens outside the support: {np.nonzero(counts * outside)[0]}"
+    leaked = np.nonzero(counts * outside)[0]
+    assert leaked.size == 0, f"sampled tokens outside the support: {leaked}"
     support = ~outside
     obs, exp = counts[support], expected[support] * n
     small = exp < 5.0
@@ -426,6 +427,22 @@ def test_truncation_support_matches_reference_per_row(candidates: int) -> None:
     assert checked >= rows - 6
 
 
+def test_truncation_never_mutates_inputs() -> None:
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(6, 40, generator=gen)
+    before = logits.clone()
+    top_p = torch.tensor([0.5, 1.0, 0.3, 1.0, 0.9, 1.0])
+    out = apply_top_k_top_p(logits, None, top_p)
+    assert torch.equal(logits, before)
+    assert torch.equal(out[1], logits[1]) and not torch.isfinite(out[2]).all()
+    apply_min_p(logits, torch.full((6,), 0.5))
+    assert torch.equal(logits, before)
+    # The whole sampler at temperature 1 (no copy made by the temperature stage).
+    params = [SamplingParams(top_p=float(p)) for p in top_p]
+    Sampler()(logits, make_batch(params))
+    assert torch.equal(logits, before)
+
+
 def test_top_k_keeps_ties_with_kth_value() -> None:
     logits = torch.tensor([[3.0, 2.0, 2.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
     out = apply_top_k_top_p(logits, torch.tensor([2, 2]), None)
@@ -459,7 +476,8 @@ def test_greedy_equals_argmax_and_does_not_mutate_input() -> None:
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(32, 1000, generator=gen)
     before = logits.clone()
-    params = [SamplingParams(temperature=0.0) if i % 2 else SamplingParams(temperature=0.5, top_k=1) for i in range(32)]
+    greedy, top1 = SamplingParams(temperature=0.0), SamplingParams(temperature=0.5, top_k=1)
+    params = [greedy if i % 2 else top1 for i in range(32)]
     out = Sampler()(logits, make_batch(params))
     assert torch.equal(out.token_ids, logits.argmax(dim=-1))
     assert torch.equal(logits, before)
@@ -468,7 +486,8 @@ def test_greedy_equals_argmax_and_does_not_mutate_input() -> None:
 def test_mixed_greedy_and_random_rows_greedy_rows_are_argmax() -> None:
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn(40, 300, generator=gen)
-    params = [SamplingParams(temperature=0.0) if i % 3 == 0 else SamplingParams(top_p=0.9, top_k=50) for i in range(40)]
+    greedy, nucleus = SamplingParams(temperature=0.0), SamplingParams(top_p=0.9, top_k=50)
+    params = [greedy if i % 3 == 0 else nucleus for i in range(40)]
     before = logits.clone()
     out = Sampler()(logits, make_batch(params))
     greedy_rows = torch.arange(40) % 3 == 0
@@ -565,7 +584,9 @@ def test_repetition_penalty_counts_prompt_but_frequency_does_not() -> None:
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     rep = apply_penalties(logits, [[]], [[0, 1]], torch.zeros(1), torch.zeros(1), torch.tensor([2.0]))
     torch.testing.assert_close(rep, torch.tensor([[1.0, -4.0, 1.0, 0.5]]))
-    freq = apply_penalties(logits, [[2, 2]], [[0, 1]], torch.tensor([0.5]), torch.tensor([0.25]), torch.ones(1))
+    freq = apply_penalties(
+        logits, [[2, 2]], [[0, 1]], torch.tensor([0.5]), torch.tensor([0.25]), torch.ones(1)
+    )
     torch.testing.assert_close(freq, torch.tensor([[2.0, -2.0, 0.0, 0.5]]))
 
 
@@ -585,14 +606,17 @@ def test_token_counts() -> None:
 
 def run_seeded_sequence(seed: int, position: int, neighbours: list[SamplingParams], steps: int) -> list[int]:
     """Decode `steps` tokens for one seeded row placed at `position` among `neighbours`."""
-    vocab = 500
+    vocab = 3000  # > TOP_P_CANDIDATES, so both top-p paths are exercised
     target = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    neighbour_gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in neighbours]
+    neighbour_gens = [
+        torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in neighbours
+    ]
     sampler = Sampler()
     tokens: list[int] = []
     for step in range(steps):
-        step_logits = torch.randn(vocab, generator=torch.Generator().manual_seed(10_000 + step))
+        step_gen = torch.Generator().manual_seed(10_000 + step)
+        step_logits = torch.randn(vocab, generator=step_gen) * (1.0 if step % 2 else 4.0)
         params = list(neighbours)
         params.insert(position, target)
         gens = list(neighbour_gens)
@@ -617,6 +641,8 @@ def test_same_seed_same_tokens_regardless_of_batch() -> None:
             SamplingParams(seed=7, top_p=0.5),
             SamplingParams(temperature=0.3, min_p=0.1),
             SamplingParams(seed=42),
+            SamplingParams(top_k=2500, top_p=0.6),
+            SamplingParams(top_k=1500, frequency_penalty=0.5),
         ],
         steps=12,
     )
@@ -644,7 +670,9 @@ def test_logprobs_are_raw_and_top_k_matches_topk() -> None:
     rows, vocab = 10, 200
     logits = (torch.randn(rows, vocab, generator=gen) * 2).bfloat16()
     params = [
-        SamplingParams(temperature=0.5, top_k=20, logprobs=i % 6, repetition_penalty=1.3, frequency_penalty=0.4)
+        SamplingParams(
+            temperature=0.5, top_k=20, logprobs=i % 6, repetition_penalty=1.3, frequency_penalty=0.4
+        )
         for i in range(rows)
     ]
     outputs = [[1, 2, 3]] * rows
@@ -661,7 +689,8 @@ def test_logprobs_are_raw_and_top_k_matches_topk() -> None:
 
 def test_no_top_logprobs_when_not_requested() -> None:
     logits = torch.randn(3, 10)
-    out = Sampler()(logits, make_batch([SamplingParams(logprobs=0), SamplingParams(), SamplingParams(temperature=0)]))
+    params = [SamplingParams(logprobs=0), SamplingParams(), SamplingParams(temperature=0)]
+    out = Sampler()(logits, make_batch(params))
     assert isinstance(out, SamplerOutput)
     assert out.top_token_ids is None and out.top_logprobs is None
     assert out.logprobs.shape == (3,)
@@ -672,7 +701,8 @@ def test_batch_flags_and_validation() -> None:
     batch = make_batch([SamplingParams(temperature=0.0, top_p=0.5, top_k=3, min_p=0.2), SamplingParams()])
     # Truncation on greedy rows is irrelevant, so those stages are skipped.
     assert batch.any_greedy and not batch.all_greedy
-    assert not (batch.any_top_k or batch.any_top_p or batch.any_min_p or batch.any_penalty or batch.any_blocked)
+    assert not (batch.any_top_k or batch.any_top_p or batch.any_min_p)
+    assert not (batch.any_penalty or batch.any_blocked or batch.any_temperature)
     assert batch.random_rows.tolist() == [1]
     assert make_batch([SamplingParams(temperature=0.0)] * 3).all_greedy
     with pytest.raises(ValueError, match="generators"):

@@ -179,6 +179,12 @@ def _peak_rss_mib() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) so far."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _load_model_config(model_dir: Path) -> dict[str, Any]:
     """config.json of a model directory, with a clear error when it is not one."""
     path = Path(model_dir) / "config.json"
@@ -237,6 +243,8 @@ def run_throughput(
         torch.manual_seed(seed)
         if warmup:
             engine.generate(prompts[: min(4, n)], min(4, output_len))
+        load_avg = os.getloadavg()[0]
+        cpu0, section0 = _cpu_seconds(), time.perf_counter()
         ttfts: list[float] = []
         if workload == "single":
             for _ in range(repeats):
@@ -246,6 +254,9 @@ def run_throughput(
         for _ in range(repeats):
             wall, outputs = _timed(lambda: engine.generate(prompts, output_len))
             walls.append(wall)
+        cpu_util = (_cpu_seconds() - cpu0) / (
+            (time.perf_counter() - section0) * torch.get_num_threads()
+        )
         peak_rss = _peak_rss_mib()
     finally:
         engine.close()
@@ -284,6 +295,8 @@ def run_throughput(
         "total_tok_s": (out_tokens + in_tokens) / wall_s,
         "peak_rss_mib": peak_rss,
         "peak_rss_scope": "run" if rss_per_run else "process",
+        "cpu_util": cpu_util,
+        "load_avg_1m_before": load_avg,
         "token_ids": outputs,
         "token_ids_sha256": hashlib.sha256(json.dumps(outputs).encode()).hexdigest(),
     }
@@ -339,7 +352,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     """Plain-text table of runs (no progress bars, fixed columns) for terminals and logs."""
     header = [
         "backend", "workload", "out tok/s", "total tok/s", "wall s", "ms/tok", "decode ms",
-        "ttft ms", "peak RSS MiB", "% of limit", "vs",
+        "ttft ms", "peak RSS MiB", "cpu %", "% of limit", "vs",
     ]  # fmt: skip
     rows = [header]
     for r in runs:
@@ -355,6 +368,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
                 _fmt(r.get("decode_ms_per_token"), ".2f"),
                 _fmt(r.get("ttft_ms"), ".1f"),
                 _fmt(r["peak_rss_mib"], ".0f"),
+                _fmt(100 * r["cpu_util"], ".0f"),
                 _fmt(100 * r["fraction_of_limit"], ".1f"),
                 vs or "-",
             ]
@@ -420,6 +434,12 @@ def run_many(
             )
     compare_runs(runs)
     print(format_table(runs))
+    contended = [r for r in runs if r["cpu_util"] < 0.8]
+    if contended:
+        print(
+            "warning: some runs got under 80% of their threads' CPU time (cpu % column); "
+            "other processes were probably competing for the cores, so those figures are low"
+        )
     for r in runs:
         del r["token_ids"]
     model_dir = Path(model_dir)
