@@ -116,12 +116,17 @@ class TorchNativeBackend:
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 window: int | None) -> torch.Tensor:
-        keys, values = self._gather(kv_cache, meta.extra["decode_blocks"])
-        mask = self._mask(meta, "decode", window)
-        out = F.scaled_dot_product_attention(
-            q[:, :, None, :], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-        )
-        return out[:, :, 0, :]
+        """One query per sequence: two grouped batched matmuls, which on CPU beat SDPA's flash
+        kernel (it parallelises over queries, and a decode has one)."""
+        keys, values = self._gather(kv_cache, meta.extra["decode_blocks"])  # [B, KVH, L, D]
+        b, num_heads, head_dim = q.shape
+        kvh = keys.shape[1]
+        q = q.view(b, kvh, num_heads // kvh, head_dim)  # query heads of a group share their KV
+        scores = torch.matmul(q, keys.transpose(2, 3)).float() * scale  # [B, KVH, G, L]
+        mask = self._mask(meta, "decode", window)  # [B, 1, 1, L]
+        scores.masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        return torch.matmul(probs, values).view(b, num_heads, head_dim)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:

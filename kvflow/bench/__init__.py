@@ -1,0 +1,1 @@
+"""Benchmarks: seeded reference models, machine limits, throughput against peers."""

@@ -48,13 +48,24 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
 def _cmd_limits(args: argparse.Namespace) -> int:
     from kvflow.bench.limits import format_limits, measure_limits
 
+    _set_threads(args.threads)
     limits = measure_limits(n=args.gemm_n, bw_mib=args.bw_mib, repeats=args.repeats)
     print(format_limits(limits))
     return 0
 
 
+def _set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads before anything is measured (limits use the same count)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _cmd_throughput(args: argparse.Namespace) -> int:
     from kvflow.bench.throughput import run_many
+
+    _set_threads(args.threads)
 
     try:
         backend_kwargs = parse_backend_args(args.backend_arg)
@@ -73,6 +84,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         seed=args.seed,
         warmup=not args.no_warmup,
         repeats=args.repeats,
+        wait_idle_s=args.wait_idle,
     )
     return 0
 
@@ -93,6 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     lim.add_argument("--gemm-n", type=int, default=2048)
     lim.add_argument("--bw-mib", type=int, default=512)
     lim.add_argument("--repeats", type=int, default=5)
+    lim.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     lim.set_defaults(func=_cmd_limits)
 
     tp = sub.add_parser("throughput", help="offline / single-stream throughput of backends")
@@ -108,6 +121,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tp.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
     tp.add_argument("--repeats", type=int, default=1, help="timed runs; the median is reported")
     tp.add_argument("--no-warmup", action="store_true", help="skip the short warm-up generate")
+    tp.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    tp.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each timed run, wait up to this long for the CPUs to be >=90%% idle",
+    )
     tp.add_argument(
         "--backend-arg",
         action="append",

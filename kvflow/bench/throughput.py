@@ -138,15 +138,23 @@ def get_backend(name: str) -> BackendLoader:
         ) from None
 
 
-def make_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+#: Prompt streams of one seed: timed repeat r uses stream r, so no timed call ever sees a prompt
+#: an earlier call (warm-up, TTFT probe, previous repeat) could have left in a prefix cache.
+_TTFT_STREAM = 1000
+_WARMUP_STREAM = 2000
+
+
+def make_prompts(
+    num_prompts: int, input_len: int, vocab_size: int, seed: int, stream: int = 0
+) -> list[list[int]]:
     """Seeded random token ids in [100, vocab_size - 100): the same for every backend.
 
     The margins keep clear of special tokens at the start of a vocabulary and of any added
-    tokens at its end.
+    tokens at its end. ``stream`` picks an independent prompt set of the same seed.
     """
     if vocab_size <= 200:
         raise ValueError(f"vocab_size {vocab_size} too small for ids in [100, vocab_size - 100)")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, stream])
     ids = rng.integers(100, vocab_size - 100, size=(num_prompts, input_len), dtype=np.int64)
     return ids.tolist()
 
@@ -185,6 +193,40 @@ def _cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _cpu_idle_fraction(window_s: float = 1.0) -> float | None:
+    """Share of all CPUs' time that was idle over ``window_s`` (from /proc/stat); None if unknown."""
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, total (without guest)
+
+    a = sample()
+    time.sleep(window_s)
+    b = sample()
+    if a is None or b is None or b[1] == a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
+def wait_for_idle_cpu(max_wait_s: float, threshold: float = 0.9) -> float | None:
+    """Wait up to ``max_wait_s`` until the CPUs are at least ``threshold`` idle; return the last
+    idle fraction seen.
+
+    On a shared machine another process on one of two cores halves GEMM rate and can slow a
+    batch-1 decode tenfold (OpenMP threads wait on a descheduled peer), so a benchmark started
+    in a quiet moment measures the engine rather than the neighbours.
+    """
+    deadline = time.monotonic() + max_wait_s
+    idle = _cpu_idle_fraction()
+    while idle is not None and idle < threshold and time.monotonic() < deadline:
+        idle = _cpu_idle_fraction()
+    return idle
+
+
 def _load_model_config(model_dir: Path) -> dict[str, Any]:
     """config.json of a model directory, with a clear error when it is not one."""
     path = Path(model_dir) / "config.json"
@@ -215,13 +257,17 @@ def run_throughput(
     repeats: int = 1,
     engine_kwargs: Mapping[str, Any] | None = None,
     limits: MachineLimits | None = None,
+    wait_idle_s: float = 0.0,
 ) -> dict[str, Any]:
     """Load ``backend``, run ``workload`` and return its measurements as a dict.
 
     offline: all ``num_prompts`` prompts in one generate call; single: one prompt (batch of 1),
     plus a 1-token call to split time-to-first-token from per-token decode time. Only generate
     calls are timed (not model load); with ``repeats`` > 1 the median wall time is reported.
-    ``limits`` defaults to a fresh measurement of this machine (cached per process).
+    Every call gets fresh prompts (see ``make_prompts`` streams), so prefix caching cannot turn
+    a repeat into a cache hit.
+    ``limits`` defaults to a fresh measurement of this machine (cached per process). With
+    ``wait_idle_s`` > 0 the timed part first waits up to that long for idle CPUs.
     Returned ``token_ids`` hold the generated ids, for agreement checks between backends.
     """
     if workload not in WORKLOADS:
@@ -233,7 +279,8 @@ def run_throughput(
     cfg = _load_model_config(model_dir)
     limits = limits if limits is not None else measure_limits()
     n = num_prompts if workload == "offline" else 1
-    prompts = make_prompts(n, input_len, int(cfg["vocab_size"]), seed)
+    vocab = int(cfg["vocab_size"])
+    timed_prompts = [make_prompts(n, input_len, vocab, seed, r) for r in range(repeats)]
 
     rss_per_run = _reset_peak_rss()
     start = time.perf_counter()
@@ -242,18 +289,23 @@ def run_throughput(
     try:
         torch.manual_seed(seed)
         if warmup:
-            engine.generate(prompts[: min(4, n)], min(4, output_len))
+            engine.generate(
+                make_prompts(min(4, n), input_len, vocab, seed, _WARMUP_STREAM), min(4, output_len)
+            )
+        idle_before = wait_for_idle_cpu(wait_idle_s) if wait_idle_s > 0 else None
         load_avg = os.getloadavg()[0]
         cpu0, section0 = _cpu_seconds(), time.perf_counter()
         ttfts: list[float] = []
         if workload == "single":
-            for _ in range(repeats):
-                ttfts.append(_timed(lambda: engine.generate(prompts, 1))[0])
+            for r in range(repeats):
+                probe = make_prompts(1, input_len, vocab, seed, _TTFT_STREAM + r)
+                ttfts.append(_timed(lambda: engine.generate(probe, 1))[0])
         walls: list[float] = []
-        outputs: list[list[int]] = []
-        for _ in range(repeats):
-            wall, outputs = _timed(lambda: engine.generate(prompts, output_len))
+        outputs: list[list[int]] = []  # of repeat 0: the set every backend is compared on
+        for r in range(repeats):
+            wall, out = _timed(lambda: engine.generate(timed_prompts[r], output_len))
             walls.append(wall)
+            outputs = out if r == 0 else outputs
         cpu_util = (_cpu_seconds() - cpu0) / (
             (time.perf_counter() - section0) * torch.get_num_threads()
         )
@@ -297,6 +349,8 @@ def run_throughput(
         "peak_rss_scope": "run" if rss_per_run else "process",
         "cpu_util": cpu_util,
         "load_avg_1m_before": load_avg,
+        "cpu_idle_before": idle_before,
+        "torch_threads": torch.get_num_threads(),
         "token_ids": outputs,
         "token_ids_sha256": hashlib.sha256(json.dumps(outputs).encode()).hexdigest(),
     }
@@ -420,7 +474,11 @@ def run_many(
     for w in workloads:
         if w not in WORKLOADS:
             raise ValueError(f"unknown workload {w!r}; expected one of {WORKLOADS}")
-    limits = kwargs.pop("limits", None) or measure_limits()
+    limits = kwargs.pop("limits", None)
+    if limits is None:
+        if kwargs.get("wait_idle_s", 0.0) > 0:
+            wait_for_idle_cpu(kwargs["wait_idle_s"])
+        limits = measure_limits()
     print(format_limits(limits), flush=True)
     runs = []
     for name in backends:
@@ -438,7 +496,8 @@ def run_many(
     if contended:
         print(
             "warning: some runs got under 80% of their threads' CPU time (cpu % column); "
-            "other processes were probably competing for the cores, so those figures are low"
+            "other processes were probably competing for the cores, so those figures are low "
+            "(try --wait-idle, or --threads 1 on a shared machine)"
         )
     for r in runs:
         del r["token_ids"]

@@ -103,6 +103,7 @@ def test_prompts_are_seeded_and_in_range() -> None:
     a = make_prompts(3, 10, 1000, seed=0)
     assert a == make_prompts(3, 10, 1000, seed=0) != make_prompts(3, 10, 1000, seed=1)
     assert all(100 <= t < 900 for p in a for t in p)
+    assert make_prompts(3, 10, 1000, seed=0, stream=1) != a
 
 
 @pytest.mark.parametrize("workload", ["offline", "single"])
@@ -110,7 +111,7 @@ def test_hf_throughput_exact_lengths(
     tiny_model: Path, small_limits: MachineLimits, workload: str
 ) -> None:
     r = run_throughput(
-        tiny_model, "hf", workload, num_prompts=3, input_len=12, output_len=9,
+        tiny_model, "hf", workload, num_prompts=3, input_len=12, output_len=9, repeats=2,
         limits=small_limits,
     )  # fmt: skip
     n = 3 if workload == "offline" else 1
@@ -119,6 +120,7 @@ def test_hf_throughput_exact_lengths(
     assert r["output_tok_s"] > 0 and r["peak_rss_mib"] > 0 and r["fraction_of_limit"] > 0
     if workload == "single":
         assert r["ms_per_token"] > 0 and r["ttft_ms"] > 0
+    assert len(r["wall_s_all"]) == 2
 
 
 def test_unknown_backend_and_workload(tiny_model: Path, small_limits: MachineLimits) -> None:
