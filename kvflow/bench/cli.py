@@ -41,7 +41,7 @@ def parse_backend_args(items: list[str]) -> dict[str, dict[str, Any]]:
 def _cmd_make_model(args: argparse.Namespace) -> int:
     from kvflow.bench.make_model import main_make_model
 
-    main_make_model(args.shape, Path(args.out), seed=args.seed, dtype=args.dtype)
+    main_make_model(args.shape, Path(args.out), seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer)
     return 0
 
 
@@ -99,6 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     mm.add_argument("--out", required=True, help="output directory")
     mm.add_argument("--seed", type=int, default=0)
     mm.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    mm.add_argument("--tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train and save a byte-level BPE tokenizer (a few seconds)")
     mm.set_defaults(func=_cmd_make_model)
 
     lim = sub.add_parser("limits", help="measure GEMM rate and memory read bandwidth")

@@ -130,12 +130,15 @@ def make_model(
     seed: int = 0,
     dtype: str = "bfloat16",
     overrides: Mapping[str, Any] | None = None,
+    tokenizer: bool = False,
 ) -> Path:
     """Build a seeded random-weight Llama model of ``shape`` and save it in HF format.
 
     Weights are drawn directly in ``dtype`` (normal, std = initializer_range; norms = 1), so the
     500m shape never needs a float32 copy. Writes config.json, model.safetensors and
-    generation_config.json; no tokenizer (benchmarks feed token ids). Returns ``out_dir``.
+    generation_config.json; with ``tokenizer``, also a byte-level BPE trained on CPython's own
+    docs (so the directory takes text prompts; benchmarks feed token ids and need none).
+    Returns ``out_dir``.
     """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -155,6 +158,12 @@ def make_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     _add_legacy_rope_theta(out_dir / "config.json", params["rope_theta"])
+    if tokenizer:
+        from kvflow.train.tokenizer import train_tokenizer
+
+        # Its special ids (pad 0, bos 1, eos 2) are the ones the generation config names.
+        train_tokenizer(out_dir, vocab_size=params["vocab_size"],
+                        model_max_length=params["max_position_embeddings"])
     # Record how the weights were made, so a result file can name its model exactly.
     (out_dir / "kvflow_model.json").write_text(
         json.dumps(
@@ -177,10 +186,11 @@ def _add_legacy_rope_theta(config_path: Path, rope_theta: float) -> None:
     config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def main_make_model(shape: str, out_dir: Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
+def main_make_model(shape: str, out_dir: Path, seed: int = 0, dtype: str = "bfloat16",
+                    tokenizer: bool = True) -> Path:
     """CLI body: make the model and print where it went, its size and how long it took."""
     start = time.perf_counter()
-    path = make_model(shape, out_dir, seed=seed, dtype=dtype)
+    path = make_model(shape, out_dir, seed=seed, dtype=dtype, tokenizer=tokenizer)
     elapsed = time.perf_counter() - start
     n_params = llama_param_count(shape_params(shape))
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())

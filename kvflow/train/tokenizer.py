@@ -19,14 +19,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def cpython_corpus(max_source_files: int = 200) -> Iterator[str]:
-    """pydoc topics plus the first `max_source_files` stdlib modules, in a stable order."""
+def cpython_corpus(max_source_files: int = 1500) -> Iterator[str]:
+    """pydoc topics plus the first `max_source_files` stdlib modules (no site-packages), in a stable order."""
     from pydoc_data.topics import topics
 
     for key in sorted(topics):
         yield topics[key]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.glob("*.py"))[:max_source_files]:
+    sources = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.relative_to(stdlib).parts)
+    for path in sources[:max_source_files]:
         try:
             yield path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
