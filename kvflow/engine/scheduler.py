@@ -129,7 +129,7 @@ class Scheduler:
             remaining = request.num_tokens - request.num_computed_tokens
             n = min(remaining, budget)
             if (n < remaining and not chunked) or not self.kv.allocate(request, n):
-                # Keep the prefix blocks it matched? No: give them back so nothing leaks while waiting.
+                # Give back any prefix blocks it matched, so a waiting request holds no blocks.
                 self.kv.free(request)
                 request.num_computed_tokens = 0
                 self.waiting.appendleft(request)
