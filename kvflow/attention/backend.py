@@ -42,10 +42,6 @@ class AttentionMetadata:
     def num_prefills(self) -> int:
         return self.num_seqs - self.num_decodes
 
-    @property
-    def num_decode_tokens(self) -> int:
-        return self.num_decodes
-
 
 class AttentionBackend(Protocol):
     name: str
