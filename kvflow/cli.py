@@ -1,4 +1,4 @@
-"""The `kvflow` command: generate | chat | bench (serve, eval, train and the rest arrive with their issues).
+"""The `kvflow` command: generate | chat | serve | bench (eval, train and the rest arrive with their issues).
 
 Engine flags are generated from the config dataclasses, so a new knob needs no CLI code.
 """
@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
+from kvflow.assets import default_model_path
 from kvflow.config import CacheConfig, SchedulerConfig
 
 _ENGINE_PARTS = (CacheConfig, SchedulerConfig)
@@ -30,7 +31,8 @@ _HELP = {
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Model and engine flags shared by every command that runs the engine."""
-    parser.add_argument("--model", help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    parser.add_argument("--model", help="Hugging Face model directory (config.json, *.safetensors, tokenizer); "
+                        "default: the shipped tiny model")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     parser.add_argument("--device", default="cpu")
@@ -61,10 +63,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _make_llm(args: argparse.Namespace):
     from kvflow.llm import LLM
 
-    if not args.model:
-        raise SystemExit("error: --model is required (no default model ships yet)")
     return LLM(
-        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+        model=args.model or str(default_model_path()), dtype=args.dtype, max_model_len=args.max_model_len,
         device=args.device, seed=args.seed, **engine_kwargs(args),
     )
 
@@ -167,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     from kvflow.bench.cli import register as register_bench
 
     register_bench(sub)
+    from kvflow.server.cli import register as register_serve
+
+    register_serve(sub)
+    from kvflow.train.cli import register as register_train
+
+    register_train(sub)
+    from kvflow.eval.cli import register as register_eval
+
+    register_eval(sub)
     return parser
 
 

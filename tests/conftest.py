@@ -22,3 +22,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def llama_dir(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """`kvflow train --preset smoke` once per session (seconds): its output folder and report."""
+    from kvflow.train.pipeline import run_training
+    from kvflow.train.presets import PRESETS
+
+    out = tmp_path_factory.mktemp("smoke_train")
+    report = run_training(PRESETS["smoke"], out, show_progress=False)
+    return out, report

@@ -91,7 +91,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``bench`` command and its subcommands to the main CLI's subparsers."""
-    bench = subparsers.add_parser("bench", help="benchmarks: reference models, limits, throughput")
+    bench = subparsers.add_parser("bench", help="benchmarks: reference models, limits, throughput, serving load")
     sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True)
 
     mm = sub.add_parser("make-model", help="make a seeded random-weight reference model (HF format)")
@@ -140,6 +140,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     tp.add_argument("--output", help="JSON path (default bench_results/throughput-MODEL-TIME.json)")
     tp.set_defaults(func=_cmd_throughput)
+
+    from kvflow.bench.serve.cli import register as register_serve
+
+    register_serve(sub)
     return bench
 
 

@@ -14,7 +14,7 @@ from typing import Iterator
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
@@ -36,12 +36,20 @@ def cpython_corpus(max_source_files: int = 1500) -> Iterator[str]:
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 8192, texts: Iterator[str] | None = None,
                     model_max_length: int = 2048):
-    """Train, save to `out_dir` (tokenizer.json + config with chat template), return the HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Train, save to `out_dir` (tokenizer.json + config with chat template), return the HF tokenizer.
+
+    Digits are split one per token, so a number of any length is copyable digit by digit (what
+    passkey and key-value retrieval need), and encoding a text prepends `<|bos|>`, which the
+    model uses as its attention sink; the chat template starts with it too.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -50,6 +58,10 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 8192, texts: Iterator[str] 
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts if texts is not None else cpython_corpus(), trainer=trainer)
+    bos_id = tokenizer.token_to_id("<|bos|>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", bos_id)],
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token="<|pad|>",

@@ -1,0 +1,31 @@
+"""The models that ship inside the package, so kvflow runs with nothing downloaded.
+
+`tiny` is a ~4M-parameter Llama trained by `kvflow train --preset tiny` on CPython's own docs and
+standard library (see docs/models.md); `tiny-draft` is its distilled draft model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent
+DEFAULT_MODEL = "tiny"
+DEFAULT_DRAFT = "tiny-draft"
+
+
+def shipped_model_path(name: str) -> Path:
+    path = ASSETS / name
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"the shipped model {name!r} is missing from {ASSETS} (a broken install?); "
+            f"pass --model DIR, or rebuild it with `kvflow train --preset tiny`")
+    return path
+
+
+def default_model_path() -> Path:
+    """The model `kvflow generate`, `chat`, `serve` and `eval` use when no --model is given."""
+    return shipped_model_path(DEFAULT_MODEL)
+
+
+def default_draft_path() -> Path:
+    return shipped_model_path(DEFAULT_DRAFT)

@@ -1,0 +1,331 @@
+"""The engine core in its own process, driven over ZMQ with msgspec messages.
+
+The server's event loop does HTTP, tokenisation and detokenisation; if the step loop shared that
+process, every step would stall them and the reverse. So `EngineCore` runs in a spawned process
+(`run_engine_core`): it pulls request specs and finish orders, steps while there is work, and
+pushes each step's token outputs with scheduler stats. `CoreClient` is the API side: it starts
+the process, waits for its READY, sends without blocking, receives in an asyncio task, and
+watches the process sentinel so a dead core is noticed at once, with its cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from kvflow.config import EngineConfig
+from kvflow.engine.core import EngineCoreOutput, EngineStats
+from kvflow.engine.input_processor import CoreRequestSpec, build_core_requests
+from kvflow.engine.request import RequestStatus
+from kvflow.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_POLL_MS = 500  # how often an idle core checks that its parent is still alive
+
+
+# ---------------------------------------------------------------- messages
+class AddRequests(msgspec.Struct, tag="add"):
+    specs: list[CoreRequestSpec]
+
+
+class FinishRequests(msgspec.Struct, tag="finish"):
+    """(core id, finish status value, stop reason): aborts, or stop strings found by the API side."""
+
+    items: list[tuple[str, str, str | None]]
+
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+class CoreStats(msgspec.Struct):
+    engine: EngineStats
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    num_blocks: int
+    pid: int
+
+
+class StepOutputs(msgspec.Struct, tag="outputs"):
+    outputs: list[EngineCoreOutput]
+    # Core ids first scheduled since the last message -> monotonic time (queue-time metric).
+    scheduled_times: dict[str, float]
+    stats: CoreStats
+
+
+class CoreFailed(msgspec.Struct, tag="error"):
+    message: str
+
+
+ToCore = AddRequests | FinishRequests | Shutdown
+FromCore = Ready | StepOutputs | CoreFailed
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, SamplingParams):
+        return obj.model_dump()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is SamplingParams:
+        return SamplingParams.model_construct(**obj)  # validated on the API side already
+    raise NotImplementedError(f"cannot decode {typ}")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine-core process is gone; no request can be served any more."""
+
+
+# ------------------------------------------------------------ core process
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int) -> None:
+    """Entry point of the engine-core process: build the core, then serve until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the API process, which stops us
+    _die_with_parent()
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(input_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.SNDHWM, 0)
+    outbox.connect(output_addr)
+    encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+    try:
+        _CoreLoop(config, inbox, outbox, encoder, parent_pid).run()
+    except BaseException as exc:  # report the cause before dying, then exit non-zero
+        outbox.send(encoder.encode(CoreFailed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")))
+        outbox.close(linger=2000)
+        raise
+    finally:
+        ctx.destroy(linger=2000)
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the API process dies, so a crashed server leaves no orphan."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent-pid check in the loop still catches it
+
+
+class _CoreLoop:
+    def __init__(self, config: EngineConfig, inbox: zmq.Socket, outbox: zmq.Socket,
+                 encoder: msgspec.msgpack.Encoder, parent_pid: int) -> None:
+        from kvflow.engine.core import EngineCore
+
+        self.core = EngineCore(config)
+        self.inbox, self.outbox, self.encoder = inbox, outbox, encoder
+        self.parent_pid = parent_pid
+        self.decoder = msgspec.msgpack.Decoder(ToCore, dec_hook=_dec_hook)
+        self.requests: dict[str, Any] = {}  # core id -> Request not yet reported as scheduled
+        self.stats_dirty = False
+
+    def run(self) -> None:
+        self._send(Ready(self.core.kv.num_blocks, os.getpid()))
+        while True:
+            busy = self.core.has_unfinished_requests()
+            if self.inbox.poll(0 if busy else _IDLE_POLL_MS):
+                while True:
+                    try:
+                        message = self.decoder.decode(self.inbox.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                    if isinstance(message, Shutdown):
+                        return
+                    self._handle(message)
+            if os.getppid() != self.parent_pid:
+                return  # the API process is gone
+            if self.core.has_unfinished_requests():
+                outputs = self.core.step()
+                if outputs or self.stats_dirty:
+                    self._send_outputs(outputs)
+            elif self.stats_dirty:
+                self._send_outputs([])
+
+    def _handle(self, message: AddRequests | FinishRequests) -> None:
+        if isinstance(message, AddRequests):
+            for request in build_core_requests(message.specs):
+                self.core.add_request(request)
+                self.requests[request.request_id] = request
+        else:
+            for core_id, status, stop_reason in message.items:
+                self.core.abort_request(core_id, RequestStatus(status), stop_reason)
+                self.requests.pop(core_id, None)
+        self.stats_dirty = True
+
+    def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+        scheduled = {}
+        for core_id, request in list(self.requests.items()):
+            if request.scheduled_time is not None or request.finished:
+                if request.scheduled_time is not None:
+                    scheduled[core_id] = request.scheduled_time
+                del self.requests[core_id]
+        kv_stats = self.core.kv.stats
+        stats = CoreStats(self.core.stats(), kv_stats.queried_tokens, kv_stats.hit_tokens)
+        self._send(StepOutputs(outputs, scheduled, stats))
+        self.stats_dirty = False
+
+    def _send(self, message: FromCore) -> None:
+        self.outbox.send(self.encoder.encode(message))
+
+
+# ---------------------------------------------------------------- API side
+class CoreClient:
+    """Owns the engine-core process and its two sockets; calls back with every `StepOutputs`."""
+
+    def __init__(self, config: EngineConfig, on_outputs: Callable[[StepOutputs], None],
+                 on_death: Callable[[str], None]) -> None:
+        self.config = config
+        self.on_outputs = on_outputs
+        self.on_death = on_death
+        self.num_blocks = 0
+        self.pid: int | None = None
+        self.dead_reason: str | None = None
+        self._last_error: str | None = None
+        self._stopping = False
+        self._dir = tempfile.mkdtemp(prefix="kvflow-")
+        self._input_addr = f"ipc://{self._dir}/input"
+        self._output_addr = f"ipc://{self._dir}/output"
+        self._sync_ctx = zmq.Context()
+        self._async_ctx = zmq.asyncio.Context()
+        self._inbox = self._sync_ctx.socket(zmq.PUSH)  # to the core; never blocks (no high-water mark)
+        self._inbox.setsockopt(zmq.SNDHWM, 0)
+        self._inbox.bind(self._input_addr)
+        self._outbox = self._async_ctx.socket(zmq.PULL)
+        self._outbox.bind(self._output_addr)
+        self._encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+        self._decoder = msgspec.msgpack.Decoder(FromCore, dec_hook=_dec_hook)
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._receiver: asyncio.Task | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.dead_reason is None and self._process is not None
+
+    async def start(self, timeout: float = 900.0) -> None:
+        """Spawn the core and wait until its model is loaded; raise with its error if it fails."""
+        spawn = multiprocessing.get_context("spawn")
+        self._process = spawn.Process(
+            target=run_engine_core, name="kvflow-engine-core", daemon=True,
+            args=(self.config, self._input_addr, self._output_addr, os.getpid()),
+        )
+        self._process.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            if await self._outbox.poll(200):
+                message = self._decoder.decode(await self._outbox.recv())
+                if isinstance(message, Ready):
+                    self.num_blocks, self.pid = message.num_blocks, message.pid
+                    break
+                if isinstance(message, CoreFailed):
+                    self._process.join(5)
+                    raise RuntimeError(f"the engine core failed to start:\n{message.message}")
+            elif not self._process.is_alive():
+                raise RuntimeError(f"the engine core exited during startup ({_exit_text(self._process.exitcode)})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the engine core did not start within {timeout:.0f} s")
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._process.sentinel, self._on_sentinel)
+        self._receiver = asyncio.create_task(self._receive_loop(), name="kvflow-core-outputs")
+
+    def add(self, specs: list[CoreRequestSpec]) -> None:
+        self._send(AddRequests(specs))
+
+    def finish(self, items: list[tuple[str, str, str | None]]) -> None:
+        """Abort (status "abort") or stop (status "stop" with the stop string) core requests."""
+        if items and self.alive:
+            self._send(FinishRequests(items))
+
+    def _send(self, message: ToCore) -> None:
+        if not self.alive:
+            raise EngineDeadError(self.dead_reason or "the engine core is not running")
+        self._inbox.send(self._encoder.encode(message), zmq.NOBLOCK)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            message = self._decoder.decode(await self._outbox.recv())
+            if isinstance(message, StepOutputs):
+                try:
+                    self.on_outputs(message)
+                except Exception:  # a bug in output handling must not kill the receiver
+                    logger.exception("failed to process engine outputs")
+            elif isinstance(message, CoreFailed):
+                self._last_error = message.message
+                logger.error("engine core failed:\n%s", message.message)
+
+    def _on_sentinel(self) -> None:
+        """The core process ended: unless we asked it to, this is a failure to report."""
+        assert self._process is not None
+        asyncio.get_running_loop().remove_reader(self._process.sentinel)
+        if self._stopping:
+            return
+        asyncio.get_running_loop().create_task(self._declare_dead())
+
+    async def _declare_dead(self) -> None:
+        await asyncio.sleep(0.05)  # let the receiver pick up a last CoreFailed message
+        assert self._process is not None
+        self._process.join(1)
+        reason = f"the engine core process died ({_exit_text(self._process.exitcode)})"
+        if self._last_error:
+            reason += f": {self._last_error.splitlines()[0]}"
+        self.dead_reason = reason
+        logger.error("%s; the server cannot serve requests any more", reason)
+        self.on_death(reason)
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Ask the core to stop, then terminate / kill it if it does not; close the sockets."""
+        self._stopping = True
+        process = self._process
+        if process is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(process.sentinel)
+            except (ValueError, OSError):
+                pass
+            if process.is_alive():
+                self._inbox.send(self._encoder.encode(Shutdown()), zmq.NOBLOCK)
+                await asyncio.to_thread(process.join, timeout)
+            if process.is_alive():
+                logger.warning("engine core did not stop within %.0f s; terminating it", timeout)
+                process.terminate()
+                await asyncio.to_thread(process.join, 2)
+            if process.is_alive():
+                process.kill()
+                await asyncio.to_thread(process.join, 2)
+        if self._receiver is not None:
+            self._receiver.cancel()
+            try:
+                await self._receiver
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._inbox.close(linger=0)
+        self._outbox.close(linger=0)
+        self._sync_ctx.term()
+        self._async_ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

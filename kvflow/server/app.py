@@ -1,0 +1,175 @@
+"""The FastAPI application: routes, API-key and body-size guards, engine lifespan.
+
+Routes stay thin: validate and admit synchronously (so every refusal is a proper HTTP status),
+then either stream SSE chunks or await the whole answer while watching for a client hang-up.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import kvflow
+from kvflow.engine.input_processor import check_utf8
+from kvflow.server import serving_chat, serving_completions
+from kvflow.server.errors import APIError, error_body, error_response, install_error_handlers
+from kvflow.server.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard,
+    ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, VersionResponse,
+)
+from kvflow.server.serving import ServerContext, sse, until_disconnect
+
+logger = logging.getLogger(__name__)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)
+}
+
+
+def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: int = 8 << 20) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await ctx.engine.start()
+        logger.info("engine core ready (pid %s, %d KV blocks); serving %s", ctx.engine.core.pid,
+                    ctx.engine.core.num_blocks, ctx.served_model_name)
+        try:
+            yield
+        finally:
+            await ctx.engine.shutdown()
+            logger.info("engine core stopped")
+
+    app = FastAPI(title="kvflow", version=kvflow.__version__, lifespan=lifespan, responses=_ERRORS)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        request_id, _, streams = serving_completions.start(ctx, body)
+        if body.stream:
+            chunks = serving_completions.stream_chunks(ctx, body, request_id, streams)
+            return StreamingResponse(sse(chunks), media_type="text/event-stream")
+        response = await until_disconnect(request, serving_completions.full_response(ctx, body, request_id, streams))
+        return Response(response.model_dump_json(), media_type="application/json")
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        request_id, streams = serving_chat.start(ctx, body)
+        if body.stream:
+            chunks = serving_chat.stream_chunks(ctx, body, request_id, streams)
+            return StreamingResponse(sse(chunks), media_type="text/event-stream")
+        response = await until_disconnect(request, serving_chat.full_response(ctx, body, request_id, streams))
+        return Response(response.model_dump_json(), media_type="application/json")
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=ctx.served_model_name, created=ctx.created, root=ctx.model_path,
+                                         max_model_len=ctx.max_model_len)])
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health() -> Response:
+        reason = ctx.engine.dead_reason
+        if reason is not None:
+            return error_response(503, reason, code="engine_dead")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/version")
+    async def version() -> VersionResponse:
+        return VersionResponse(version=kvflow.__version__)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        ctx.check_model(body.model)
+        if isinstance(body, TokenizeChatRequest):
+            tokens = serving_chat.render_chat(ctx, body.messages, body.add_generation_prompt)[1]
+        else:
+            if ctx.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer")
+            check_utf8(body.prompt, "prompt")
+            tokens = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(tokens), max_model_len=ctx.max_model_len, tokens=tokens)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        ctx.check_model(body.model)
+        if ctx.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        vocab = ctx.engine.config.model.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens))
+
+    return app
+
+
+class ApiKeyMiddleware:
+    """Every /v1/* route needs `Authorization: Bearer <key>` (constant-time comparison)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = JSONResponse(error_body(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                                   code="invalid_api_key"), status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over the limit with 413 before parsing them (by Content-Length, or by counting)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        # Read the whole body (it is bounded), then replay it: no parser sees more than the limit.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client went away before sending the body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(error_body(413, f"request body is larger than {self.max_bytes} bytes",
+                                           code="request_too_large"), status_code=413)
+        await response(scope, receive, send)

@@ -1,0 +1,218 @@
+"""AsyncEngine: the server's view of the engine, one async stream of outputs per request.
+
+Intake (tokenise, validate, fan out) and output (detokenise, stop strings) run here, on the
+event loop, with the same code the offline `LLMEngine` uses; only token ids cross to the core
+process (`CoreClient`). It also owns admission control (a bounded queue: beyond it requests are
+refused instead of piling up), the request metrics, and failing every open stream when the
+core dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from kvflow.config import EngineConfig
+from kvflow.engine.core_client import CoreClient, EngineDeadError, StepOutputs
+from kvflow.engine.input_processor import InputProcessor
+from kvflow.engine.output_processor import OutputKind, OutputProcessor
+from kvflow.engine.request import RequestStatus
+from kvflow.outputs import RequestOutput
+from kvflow.sampling import SamplingParams
+from kvflow.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class OverloadedError(RuntimeError):
+    """The waiting queue is full; the client should retry later."""
+
+
+@dataclass
+class _Timing:
+    arrival: float
+    num_prompt_tokens: int
+    first_token: float | None = None
+    last_token: float | None = None
+    num_generated: int = 0
+    queued_seen: bool = False
+
+
+class RequestStream:
+    """Outputs of one request, in order; `get()` raises the error that ended it, if any."""
+
+    def __init__(self, request_id: str, num_seqs: int) -> None:
+        self.request_id = request_id
+        self.num_seqs = num_seqs
+        self._items: deque[RequestOutput] = deque()
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self.finished = False
+
+    def put(self, output: RequestOutput) -> None:
+        self._items.append(output)
+        self._ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._ready.set()
+
+    async def get(self) -> RequestOutput:
+        while not self._items:
+            if self._error is not None:
+                raise self._error
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Any | None, metrics: ServerMetrics,
+                 max_waiting_requests: int) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.max_waiting_requests = max_waiting_requests
+        self.core = CoreClient(config, self._on_outputs, self._on_death)
+        self.inputs: InputProcessor | None = None
+        self.outputs = OutputProcessor(tokenizer)
+        self._streams: dict[str, RequestStream] = {}
+        self._timing: dict[str, _Timing] = {}
+        self._num_seqs = 0
+        self._ids = itertools.count()
+
+    async def start(self) -> None:
+        await self.core.start()
+        self.inputs = InputProcessor(self.config, self.tokenizer, self.core.num_blocks)
+
+    async def shutdown(self) -> None:
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        await self.core.shutdown()
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self.core.dead_reason
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    # ---------------------------------------------------------------- intake
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams) -> RequestStream:
+        """Validate, admit and send one request; raises ValueError / OverloadedError / EngineDeadError."""
+        if not self.core.alive or self.inputs is None:
+            raise EngineDeadError(self.core.dead_reason or "the engine is not running")
+        self.inputs.validate(prompt_token_ids, params)
+        capacity = self.config.scheduler.max_num_seqs + self.max_waiting_requests
+        if self._num_seqs + params.n > capacity:
+            self.metrics.rejected("overloaded")
+            raise OverloadedError(
+                f"the server is overloaded: {self._num_seqs} sequences in flight, "
+                f"at most {capacity} (--max-num-seqs + --max-waiting-requests)"
+            )
+        arrival = time.monotonic()
+        specs = self.inputs.make_specs(prompt_token_ids, params, arrival)
+        self.outputs.add_request(request_id, prompt, prompt_token_ids, params,
+                                 [s.request_id for s in specs], arrival, OutputKind.DELTA)
+        stream = RequestStream(request_id, params.n)
+        self._streams[request_id] = stream
+        self._timing[request_id] = _Timing(arrival, len(prompt_token_ids))
+        self._num_seqs += params.n
+        try:
+            self.core.add(specs)
+        except EngineDeadError:
+            self._forget(request_id)
+            self.outputs.abort_request(request_id)
+            raise
+        return stream
+
+    async def iterate(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:
+        """Yield delta outputs until the request finishes; abort it if the consumer goes away."""
+        try:
+            while True:
+                output = await stream.get()
+                yield output
+                if output.finished:
+                    return
+        finally:
+            if stream.request_id in self._streams:
+                self.abort(stream.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (client gone): the core frees its KV blocks at once."""
+        _, running = self.outputs.abort_request(request_id)
+        self._forget(request_id, "abort")
+        try:
+            self.core.finish([(core_id, RequestStatus.FINISHED_ABORTED.value, None) for core_id in running])
+        except EngineDeadError:
+            pass
+
+    def _forget(self, request_id: str, finish_reason: str | None = None) -> None:
+        stream = self._streams.pop(request_id, None)
+        timing = self._timing.pop(request_id, None)
+        if stream is None:
+            return
+        self._num_seqs -= stream.num_seqs
+        if finish_reason is not None and timing is not None:
+            self.metrics.finished(finish_reason)
+            self.metrics.e2e.observe(time.monotonic() - timing.arrival)
+            self.metrics.request_generation_tokens.observe(timing.num_generated)
+
+    # ---------------------------------------------------------------- output
+    def _on_outputs(self, message: StepOutputs) -> None:
+        now = time.monotonic()
+        self.metrics.update_core(message.stats)
+        for core_id, scheduled in message.scheduled_times.items():
+            timing = self._timing.get(self.outputs.request_id_of(core_id) or "")
+            if timing is not None and not timing.queued_seen:
+                timing.queued_seen = True
+                self.metrics.queue_time.observe(max(0.0, scheduled - timing.arrival))
+        processed = self.outputs.process(message.outputs)
+        try:
+            self.core.finish([(core_id, RequestStatus.FINISHED_STOPPED.value, stop)
+                              for core_id, stop in processed.stopped])
+        except EngineDeadError:
+            pass
+        for output in processed.request_outputs:
+            self._record(output, now)
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            stream.put(output)
+            if output.finished:
+                reasons = [c.finish_reason for c in output.outputs if c.finish_reason]
+                self._forget(output.request_id, reasons[0] if reasons else "stop")
+
+    def _record(self, output: RequestOutput, now: float) -> None:
+        timing = self._timing.get(output.request_id)
+        new_tokens = sum(len(c.token_ids) for c in output.outputs)
+        if timing is None or not new_tokens:
+            return
+        if timing.first_token is None:
+            timing.first_token = now
+            self.metrics.ttft.observe(now - timing.arrival)
+            self.metrics.prompt_tokens.inc(timing.num_prompt_tokens)
+            self.metrics.request_prompt_tokens.observe(timing.num_prompt_tokens)
+        elif timing.last_token is not None:
+            self.metrics.itl.observe(now - timing.last_token)
+        timing.last_token = now
+        timing.num_generated += new_tokens
+        self.metrics.generation_tokens.inc(new_tokens)
+
+    def _on_death(self, reason: str) -> None:
+        self.metrics.engine_healthy.set(0)
+        error = EngineDeadError(reason)
+        for request_id, stream in list(self._streams.items()):
+            stream.fail(error)
+            self.outputs.abort_request(request_id)
+            self._forget(request_id)

@@ -1,0 +1,97 @@
+"""`kvflow serve`: build the engine config, start uvicorn, and shut down cleanly on SIGTERM.
+
+Shutdown order on SIGTERM / Ctrl-C: uvicorn stops accepting connections and lets in-flight
+responses finish (up to --shutdown-timeout, then cancels them, which aborts their requests);
+the app's lifespan then stops the engine-core process. The process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MAX_WAITING = 1024
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("KVFLOW_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $KVFLOW_API_KEY)")
+    parser.add_argument("--served-model-name", default=None, help="model id clients send (default: --model)")
+    parser.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING,
+                        help="sequences that may wait beyond --max-num-seqs; more get 503 + Retry-After")
+    parser.add_argument("--max-request-bytes", type=int, default=8 << 20, help="larger bodies get 413")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds to let in-flight requests finish after SIGTERM")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                        help="log every HTTP request")
+
+
+def _model_path(args: argparse.Namespace) -> str:
+    if args.model:
+        return str(args.model)
+    try:
+        from kvflow.assets import default_model_path  # type: ignore[attr-defined]
+    except ImportError:
+        raise SystemExit("error: --model is required (no default model is installed)") from None
+    path = Path(default_model_path())
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"error: the default model at {path} is missing; pass --model DIR")
+    return str(path)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvflow.cli import engine_kwargs
+    from kvflow.config import EngineConfig
+    from kvflow.model.loader import load_tokenizer
+    from kvflow.server.app import build_app
+    from kvflow.server.async_engine import AsyncEngine
+    from kvflow.server.metrics import ServerMetrics
+    from kvflow.server.serving import ServerContext
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    if args.max_waiting_requests < 0:
+        raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
+    model = _model_path(args)
+    config = EngineConfig.create(model, dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
+                                 seed=args.seed, **engine_kwargs(args))
+    tokenizer = load_tokenizer(model)
+    name = args.served_model_name or model
+    engine = AsyncEngine(config, tokenizer, ServerMetrics(name), args.max_waiting_requests)
+    ctx = ServerContext(engine, tokenizer, name, model, config.model.max_model_len)
+    app = build_app(ctx, api_key=args.api_key, max_body_bytes=args.max_request_bytes)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
+        timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=5,
+    ))
+    _after_uvicorn_signals(server)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _after_uvicorn_signals(server: Any) -> None:
+    """uvicorn re-raises the signal it shut down for; by then shutdown is complete, so exit 0."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        if not server.should_exit:  # arrived before uvicorn took over: stop now
+            raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def register(subparsers: Any) -> None:
+    from kvflow.cli import add_engine_args
+
+    serve = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=run_serve)

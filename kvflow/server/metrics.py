@@ -1,0 +1,78 @@
+"""Prometheus metrics, named like vLLM's (`vllm:` -> `kvflow:`) so existing dashboards adapt.
+
+Gauges come from the scheduler stats the engine core sends with every step; latencies are
+measured on the API side when outputs arrive (what a client sees, minus the network).
+One registry per server, so several servers can live in one test process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kvflow.engine.core_client import CoreStats
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"kvflow:{name}", doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            metric = Counter(f"kvflow:{name}", doc, labels + list(extra), registry=r)
+            return metric if extra else metric.labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"kvflow:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.num_requests_running = gauge("num_requests_running", "Sequences in the running batch.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).")
+        self.prefix_cache_hit_rate = gauge("prefix_cache_hit_rate", "Prefix-cache hit rate over all queried tokens.")
+        self.engine_healthy = gauge("engine_healthy", "1 while the engine-core process is alive.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that reached their first token.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self._request_success = counter("request_success", "Finished requests by finish reason.", ("finished_reason",))
+        self._requests_rejected = counter("request_rejected", "Requests refused before the engine.", ("reason",))
+        self.preemptions = counter("num_preemptions", "Requests preempted (KV cache full).")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", _LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between successive outputs of a request.",
+                             _LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.", _LATENCY_BUCKETS)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt length per request.", _TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS)
+        self._label = model_name
+        self._last_core = (0, 0, 0)  # preemptions, prefix queries, prefix hits (cumulative in the core)
+        self.engine_healthy.set(1)
+
+    def finished(self, reason: str) -> None:
+        self._request_success.labels(self._label, reason).inc()
+
+    def rejected(self, reason: str) -> None:
+        self._requests_rejected.labels(self._label, reason).inc()
+
+    def update_core(self, stats: CoreStats) -> None:
+        engine = stats.engine
+        self.num_requests_running.set(engine.num_running)
+        self.num_requests_waiting.set(engine.num_waiting)
+        self.kv_cache_usage.set(engine.kv_cache_usage)
+        self.prefix_cache_hit_rate.set(engine.prefix_cache_hit_rate)
+        now = (engine.num_preemptions, stats.prefix_queried_tokens, stats.prefix_hit_tokens)
+        for metric, new, old in zip((self.preemptions, self.prefix_queries, self.prefix_hits), now, self._last_core):
+            if new > old:
+                metric.inc(new - old)
+        self._last_core = now
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

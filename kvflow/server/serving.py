@@ -1,0 +1,204 @@
+"""What both generation endpoints need: request -> SamplingParams, fan-in of several prompts'
+streams, folding deltas into a final output, disconnect watching, SSE framing, logprob text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from kvflow.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from kvflow.sampling import SamplingParams
+from kvflow.server.async_engine import AsyncEngine, RequestStream
+from kvflow.server.errors import APIError, error_body, to_api_error
+from kvflow.server.protocol import SamplingFields
+
+T = TypeVar("T")
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+@dataclass
+class ServerContext:
+    """What the routes share: the engine and the model's identity."""
+
+    engine: AsyncEngine
+    tokenizer: Any
+    served_model_name: str
+    model_path: str
+    max_model_len: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served_model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                           f"`{self.served_model_name}`", param="model", code="model_not_found")
+
+
+def sampling_params(ctx: ServerContext, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    """OpenAI fields over the model's generation-config defaults; range errors become 400s."""
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    values: dict[str, Any] = dict(ctx.engine.inputs.generation_defaults()) if ctx.engine.inputs else {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = getattr(req, name)
+        if value is not None:
+            values[name] = value
+    values.update(
+        n=req.n, seed=req.seed, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        stop=req.stop, stop_token_ids=req.stop_token_ids, max_tokens=max_tokens, min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
+        skip_special_tokens=req.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+    )
+    return SamplingParams(**values)
+
+
+def check_room(ctx: ServerContext, num_prompt_tokens: int, max_tokens: int | None) -> None:
+    """Like OpenAI: asking for more tokens than the context leaves is an error, not a silent cap."""
+    if max_tokens is not None and num_prompt_tokens + max_tokens > ctx.max_model_len:
+        raise APIError(
+            400, f"This model's maximum context length is {ctx.max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the prompt or max_tokens.", param="max_tokens", code="context_length_exceeded")
+
+
+def start_requests(ctx: ServerContext, base_id: str, prompts: list[tuple[str | None, list[int]]],
+                   params: SamplingParams) -> list[RequestStream]:
+    """Admit every prompt or none: a refusal half way aborts the ones already admitted."""
+    streams: list[RequestStream] = []
+    try:
+        for i, (text, ids) in enumerate(prompts):
+            request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
+            streams.append(ctx.engine.add_request(request_id, text, ids, params))
+    except BaseException:
+        for stream in streams:
+            ctx.engine.abort(stream.request_id)
+        raise
+    return streams
+
+
+async def merge(ctx: ServerContext, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they come, tagged with the prompt index."""
+    iterators = [ctx.engine.iterate(s) for s in streams]
+    if len(iterators) == 1:
+        async for output in iterators[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, it: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in it:
+                queue.put_nowait((i, output, None))
+            queue.put_nowait((i, None, None))
+        except Exception as exc:
+            queue.put_nowait((i, None, exc))
+
+    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(iterators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, output, error = await queue.get()
+            if error is not None:
+                raise error
+            if output is None:
+                remaining -= 1
+            else:
+                yield i, output
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Accumulator:
+    """Folds one request's delta outputs into the cumulative output a plain response needs."""
+
+    def __init__(self) -> None:
+        self.output: RequestOutput | None = None
+        self.by_index: dict[int, CompletionOutput] = {}
+
+    def add(self, delta: RequestOutput) -> None:
+        if self.output is None:
+            self.output = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [],
+                                        prompt_logprobs=[] if delta.prompt_logprobs is not None else None)
+        out = self.output
+        if delta.prompt_logprobs and out.prompt_logprobs is not None:
+            out.prompt_logprobs.extend(delta.prompt_logprobs)
+        out.finished, out.num_cached_tokens = delta.finished, delta.num_cached_tokens
+        for c in delta.outputs:
+            acc = self.by_index.setdefault(c.index, CompletionOutput(
+                c.index, "", [], logprobs=[] if c.logprobs is not None else None))
+            acc.text += c.text
+            acc.token_ids.extend(c.token_ids)
+            if c.logprobs is not None and acc.logprobs is not None:
+                acc.logprobs.extend(c.logprobs)
+            acc.cumulative_logprob, acc.finish_reason, acc.stop_reason = (
+                c.cumulative_logprob, c.finish_reason, c.stop_reason)
+
+    def result(self) -> RequestOutput:
+        assert self.output is not None
+        self.output.outputs = [self.by_index[i] for i in sorted(self.by_index)]
+        return self.output
+
+
+async def collect(ctx: ServerContext, streams: list[RequestStream]) -> list[RequestOutput]:
+    accumulators = [Accumulator() for _ in streams]
+    async for i, delta in merge(ctx, streams):
+        accumulators[i].add(delta)
+    return [a.result() for a in accumulators]
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work` unless the client hangs up first; then cancel it (which aborts its requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise APIError(499, "client disconnected")
+    return task.result()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def sse(chunks: AsyncIterator[BaseModel | dict[str, Any]]) -> AsyncIterator[str]:
+    """Server-sent events; an error after the 200 went out is sent as an error event."""
+    try:
+        async for chunk in chunks:
+            data = json.dumps(chunk) if isinstance(chunk, dict) else chunk.model_dump_json()
+            yield f"data: {data}\n\n"
+    except Exception as exc:
+        err = to_api_error(exc)
+        yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def clamp(logprob: float) -> float:
+    return max(logprob, _MIN_LOGPROB)
+
+
+def token_text(ctx: ServerContext, token_id: int, position: PositionLogprobs | None) -> str:
+    entry = position.get(token_id) if position else None
+    if entry is not None and entry.decoded_token is not None:
+        return entry.decoded_token
+    return ctx.tokenizer.decode([token_id]) if ctx.tokenizer is not None else f"token_id:{token_id}"
+
+
+def top_entries(position: PositionLogprobs, k: int) -> list[tuple[int, float, str]]:
+    """The k best-ranked (token id, logprob, text) of one position."""
+    ranked = sorted((lp.rank, tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= k)
+    return [(tid, clamp(lp.logprob), lp.decoded_token or "") for _, tid, lp in ranked]

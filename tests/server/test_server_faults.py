@@ -1,0 +1,135 @@
+"""Client disconnects free KV blocks; a dead engine core is reported; SIGTERM drains and leaves no orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+
+import httpx
+import openai
+import pytest
+
+from tests.server.server_utils import group_members
+
+
+def metric(url: str, name: str) -> float:
+    """Sum of a metric's samples (all label sets) from /metrics."""
+    total, found = 0.0, False
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"{name} not in /metrics"
+    return total
+
+
+def abort_count(url: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+               if line.startswith("kvflow:request_success_total{") and 'finished_reason="abort"' in line)
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def test_disconnects_abort_requests_and_free_kv_blocks(server):
+    aborted_before = abort_count(server.url)
+    body = {"prompt": "hi", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "ignore_eos": True}
+
+    async def hang_up_mid_stream() -> float:
+        """Open 12 streams at once, read one chunk of each, read the KV usage, then hang up on all."""
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http, AsyncExitStack() as stack:
+            async def open_one(i: int) -> None:
+                path, payload = ("/v1/chat/completions", chat) if i % 4 == 0 else ("/v1/completions", body)
+                response = await stack.enter_async_context(
+                    http.stream("POST", path, json={**payload, "stream": True}))
+                assert response.status_code == 200
+                await anext(response.aiter_lines())
+
+            await asyncio.gather(*(open_one(i) for i in range(12)))
+            return (await http.get("/metrics")).text
+
+    text = asyncio.run(hang_up_mid_stream())
+    usage = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("kvflow:kv_cache_usage")]
+    assert usage and usage[0] > 0
+
+    def plain_request_times_out() -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.05))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: plain_request_times_out(), range(4)))  # non-streaming hang-ups too
+
+    def idle() -> bool:
+        return (metric(server.url, "kvflow:kv_cache_usage_perc") == 0
+                and metric(server.url, "kvflow:num_requests_running") == 0
+                and metric(server.url, "kvflow:num_requests_waiting") == 0)
+
+    assert wait_for(idle), httpx.get(f"{server.url}/metrics").text
+    assert abort_count(server.url) - aborted_before >= 12  # the streams were aborted, not finished
+    # The server still answers normally.
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200
+
+
+def test_engine_death_fails_requests_promptly_and_health_reports_it(start_server):
+    srv = start_server("--max-model-len", "512")
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=30)
+    stream = client.completions.create(model=None, prompt="hi", max_tokens=480, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, f"{srv.url}/v1/completions",
+                              json={"prompt": "hello", "max_tokens": 480, "ignore_eos": True}, timeout=30)
+        time.sleep(0.3)
+        core = srv.core_pid()
+        os.kill(core, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(openai.APIError, match="engine"):
+            for _ in stream:
+                pass
+        plain = pending.result()
+    assert time.monotonic() - started < 5
+    assert plain.status_code == 503 and plain.json()["error"]["code"] == "engine_dead"
+    health = httpx.get(f"{srv.url}/health")
+    assert health.status_code == 503 and "SIGKILL" in health.json()["error"]["message"]
+    again = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert again.status_code == 503 and again.json()["error"]["code"] == "engine_dead"
+    assert "engine core process died (killed by SIGKILL)" in srv.log()
+    assert srv.stop() == 0
+    assert wait_for(lambda: not group_members(srv.proc.pid), timeout=10), group_members(srv.proc.pid)
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_cleanly(start_server):
+    srv = start_server("--max-model-len", "512", "--shutdown-timeout", "60")
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=60)
+    stream = client.completions.create(model=None, prompt="hi", max_tokens=150, stream=True, temperature=0,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = [next(iter(stream))]
+    srv.proc.send_signal(signal.SIGTERM)
+
+    def refused() -> bool:
+        try:
+            httpx.get(f"{srv.url}/health", timeout=1)
+        except httpx.ConnectError:
+            return True
+        except httpx.HTTPError:
+            return False
+        return False
+
+    assert wait_for(refused, timeout=5)  # no new connections while draining
+    chunks += list(stream)
+    assert chunks[-1].usage.completion_tokens == 150  # the in-flight request finished in full
+    assert srv.proc.wait(30) == 0
+    assert "engine core stopped" in srv.log()
+    assert wait_for(lambda: not group_members(srv.proc.pid), timeout=10), group_members(srv.proc.pid)
