@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import multiprocessing
 import os
@@ -20,7 +21,8 @@ import signal
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import zmq
@@ -108,6 +110,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
     encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
     try:
         _CoreLoop(config, inbox, outbox, encoder, parent_pid).run()
+        gc.freeze()  # a fast exit: no final full collection over torch's objects
     except BaseException as exc:  # report the cause before dying, then exit non-zero
         outbox.send(encoder.encode(CoreFailed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")))
         outbox.close(linger=2000)
@@ -288,7 +291,7 @@ class CoreClient:
         logger.error("%s; the server cannot serve requests any more", reason)
         self.on_death(reason)
 
-    async def shutdown(self, timeout: float = 5.0) -> None:
+    async def shutdown(self, timeout: float = 10.0) -> None:
         """Ask the core to stop, then terminate / kill it if it does not; close the sockets."""
         self._stopping = True
         process = self._process

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 
@@ -21,6 +22,7 @@ from kvflow.sampling import SamplingParams
 
 # Generation-config keys that become default sampling parameters (as vLLM does).
 _GENERATION_DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+_SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed's upper bound
 
 
 class CoreRequestSpec(msgspec.Struct):
@@ -128,6 +130,8 @@ class InputProcessor:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         if params.n > self.config.scheduler.max_num_seqs:
             raise ValueError(f"n must be <= max_num_seqs ({self.config.scheduler.max_num_seqs}), got {params.n}")
+        if params.seed is not None and params.seed + params.n - 1 > _SEED_MAX:
+            raise ValueError(f"seed + n - 1 must be <= {_SEED_MAX} (choice i is seeded with seed + i)")
 
     # --------------------------------------------------------------- fan-out
     def make_specs(

@@ -10,7 +10,8 @@ the server, which runs the same core in its own process (`core_client.py`).
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from kvflow.config import EngineConfig
 from kvflow.engine.core import EngineCore, EngineStats
@@ -31,7 +32,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
 
     @classmethod
-    def from_pretrained(cls, model: str, **kwargs: Any) -> "LLMEngine":
+    def from_pretrained(cls, model: str, **kwargs: Any) -> LLMEngine:
         return cls(EngineConfig.create(model, **kwargs))
 
     # ------------------------------------------------------------ validation

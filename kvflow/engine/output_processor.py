@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from kvflow.detokenizer import IncrementalDetokenizer
 from kvflow.engine.core import EngineCoreOutput
@@ -127,8 +128,10 @@ class OutputProcessor:
         touched: dict[str, tuple[_RequestState, list[_Sequence]]] = {}
         for out in core_outputs:
             entry = self._core_to_seq.get(out.request_id)
-            if entry is None:
-                continue  # aborted or stopped while the step ran
+            if entry is None or entry[1].finish_reason is not None:
+                # Aborted, or stopped by a stop string while the core (in another process) was
+                # already running the next step: what it sent since is not part of the output.
+                continue
             state, seq = entry
             stop = self._apply(state, seq, out)
             if stop is not None:
@@ -159,8 +162,9 @@ class OutputProcessor:
         finish, stop_reason, hit = out.finish_reason, out.stop_reason, None
         if seq.detokenizer is not None and out.new_token_ids:
             stop = seq.detokenizer.update(out.new_token_ids)
-            if stop is not None and finish is None:
-                finish, stop_reason, hit = RequestStatus.FINISHED_STOPPED.finish_reason, stop, stop
+            if stop is not None:  # wins over a length / EOS finish in the same step
+                hit = stop if finish is None else None  # the core only needs telling if still running
+                finish, stop_reason = RequestStatus.FINISHED_STOPPED.finish_reason, stop
         if finish is not None:
             seq.finish_reason, seq.stop_reason = finish, stop_reason
             if seq.detokenizer is not None:

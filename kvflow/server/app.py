@@ -8,20 +8,39 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import kvflow
 from kvflow.engine.input_processor import check_utf8
 from kvflow.server import serving_chat, serving_completions
-from kvflow.server.errors import APIError, error_body, error_response, install_error_handlers
+from kvflow.server.async_engine import RequestStream
+from kvflow.server.errors import (
+    APIError,
+    error_body,
+    error_response,
+    install_error_handlers,
+)
 from kvflow.server.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard,
-    ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, VersionResponse,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    VersionResponse,
 )
 from kvflow.server.serving import ServerContext, sse, until_disconnect
 
@@ -50,22 +69,29 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=_stream_doc(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request) -> Any:
         request_id, _, streams = serving_completions.start(ctx, body)
         if body.stream:
             chunks = serving_completions.stream_chunks(ctx, body, request_id, streams)
-            return StreamingResponse(sse(chunks), media_type="text/event-stream")
-        response = await until_disconnect(request, serving_completions.full_response(ctx, body, request_id, streams))
+            return EngineStreamingResponse(ctx, streams, sse(chunks))
+        try:
+            response = await until_disconnect(
+                request, serving_completions.full_response(ctx, body, request_id, streams))
+        finally:
+            abort_all(ctx, streams)
         return Response(response.model_dump_json(), media_type="application/json")
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=_stream_doc(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         request_id, streams = serving_chat.start(ctx, body)
         if body.stream:
             chunks = serving_chat.stream_chunks(ctx, body, request_id, streams)
-            return StreamingResponse(sse(chunks), media_type="text/event-stream")
-        response = await until_disconnect(request, serving_chat.full_response(ctx, body, request_id, streams))
+            return EngineStreamingResponse(ctx, streams, sse(chunks))
+        try:
+            response = await until_disconnect(request, serving_chat.full_response(ctx, body, request_id, streams))
+        finally:
+            abort_all(ctx, streams)
         return Response(response.model_dump_json(), media_type="application/json")
 
     @app.get("/v1/models")
@@ -82,7 +108,7 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(ctx.engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(ctx.engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
     async def version() -> VersionResponse:
@@ -114,6 +140,32 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
     return app
 
 
+def _stream_doc(model: type) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "description": "The answer; with `stream: true`, server-sent events of "
+                  "chunks (`data: {...}`) ending with `data: [DONE]`.",
+                  "content": {"text/event-stream": {}}}}
+
+
+def abort_all(ctx: ServerContext, streams: list[RequestStream]) -> None:
+    """Abort whatever is still running (idempotent): the last word on every request path."""
+    for stream in streams:
+        ctx.engine.abort(stream.request_id)
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """SSE that aborts its requests however the response ends, even before the body started."""
+
+    def __init__(self, ctx: ServerContext, streams: list[RequestStream], content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._ctx, self._streams = ctx, streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            abort_all(self._ctx, self._streams)
+
+
 class ApiKeyMiddleware:
     """Every /v1/* route needs `Authorization: Bearer <key>` (constant-time comparison)."""
 
@@ -133,7 +185,8 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuse bodies over the limit with 413 before parsing them (by Content-Length, or by counting)."""
+    """Refuse bodies over the limit with 413 before parsing them (by Content-Length, or by counting),
+    and bodies that are not UTF-8 with a 400 that says so."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -159,6 +212,13 @@ class BodyLimitMiddleware:
                 await self._too_large(scope, receive, send)
                 return
         body, replayed = b"".join(chunks), False
+        try:
+            body.decode("utf-8")  # JSON on the wire is UTF-8 (RFC 8259); say so, not "parse error"
+        except UnicodeDecodeError as exc:
+            response = JSONResponse(error_body(400, f"request body is not valid UTF-8 (byte {exc.start})",
+                                               code="invalid_encoding"), status_code=400)
+            await response(scope, receive, send)
+            return
 
         async def replay() -> Message:
             nonlocal replayed

@@ -14,8 +14,9 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from kvflow.config import EngineConfig
 from kvflow.engine.core_client import CoreClient, EngineDeadError, StepOutputs
@@ -87,7 +88,11 @@ class AsyncEngine:
         self._ids = itertools.count()
 
     async def start(self) -> None:
-        await self.core.start()
+        try:
+            await self.core.start()
+        except BaseException:
+            await self.core.shutdown()  # reap the process, remove the sockets
+            raise
         self.inputs = InputProcessor(self.config, self.tokenizer, self.core.num_blocks)
 
     async def shutdown(self) -> None:

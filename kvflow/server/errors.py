@@ -27,6 +27,12 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           422: "invalid_request_error", 503: "service_unavailable"}
 
 
+_UNION_HINTS = {
+    "prompt": "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists",
+    "stop": "stop must be a string, a list of strings, or null",
+}
+
+
 class APIError(Exception):
     """An error with a status the client should see (raised by the serving code)."""
 
@@ -67,9 +73,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         return f"invalid JSON body: {first.get('ctx', {}).get('error', 'decode error')}", None
+    param = loc[0] if loc else None
+    if param in _UNION_HINTS and all(tuple(e.get("loc", ()))[1:2] == (param,) for e in errors):
+        return _UNION_HINTS[param], param  # pydantic reports one error per union member: say it once
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     where = f"{'.'.join(loc)}: " if loc else ""
-    return f"{where}{first.get('msg', 'invalid value')}{more}", (loc[0] if loc else None)
+    return f"{where}{first.get('msg', 'invalid value')}{more}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:

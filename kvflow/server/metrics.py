@@ -7,7 +7,13 @@ One registry per server, so several servers can live in one test process.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from kvflow.engine.core_client import CoreStats
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from kvflow.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from kvflow.sampling import SamplingParams
@@ -56,7 +57,13 @@ def sampling_params(ctx: ServerContext, req: SamplingFields, max_tokens: int | N
         ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
         skip_special_tokens=req.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
     )
-    return SamplingParams(**values)
+    try:
+        return SamplingParams(**values)
+    except ValidationError as exc:  # one clean message, naming the field
+        first = exc.errors()[0]
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        raise APIError(400, message, param=str(first["loc"][0]) if first.get("loc") else None,
+                       code="invalid_value") from None
 
 
 def check_room(ctx: ServerContext, num_prompt_tokens: int, max_tokens: int | None) -> None:

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from kvflow.engine.input_processor import check_utf8
 from kvflow.outputs import PositionLogprobs
+from kvflow.server import serving
 from kvflow.server.errors import APIError
 from kvflow.server.protocol import (
-    ChatChoiceLogprobs, ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatLogprob, ChatLogprobEntry, ChatMessage, ChatMessageOut, ChatStreamChoice, DeltaMessage, UsageInfo,
+    ChatChoiceLogprobs,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprob,
+    ChatLogprobEntry,
+    ChatMessage,
+    ChatMessageOut,
+    ChatStreamChoice,
+    DeltaMessage,
+    UsageInfo,
 )
-from kvflow.server.serving import (
-    ServerContext, check_room, clamp, collect, merge, sampling_params, start_requests, token_text, top_entries,
-)
+from kvflow.server.serving import ServerContext
 
 
 def render_chat(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool) -> tuple[str, list[int]]:
@@ -51,15 +60,15 @@ def start(ctx: ServerContext, req: ChatCompletionRequest) -> tuple[str, list]:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     text, ids = render_chat(ctx, req.messages, req.add_generation_prompt)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    check_room(ctx, len(ids), max_tokens)
-    params = sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    serving.check_room(ctx, len(ids), max_tokens)
+    params = serving.sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    return request_id, start_requests(ctx, request_id, [(text, ids)], params)
+    return request_id, serving.start_requests(ctx, request_id, [(text, ids)], params)
 
 
 async def full_response(ctx: ServerContext, req: ChatCompletionRequest, request_id: str,
                         streams: list) -> ChatCompletionResponse:
-    (out,) = await collect(ctx, streams)
+    (out,) = await serving.collect(ctx, streams)
     choices = []
     for c in out.outputs:
         logprobs = _logprobs(ctx, c.token_ids, c.logprobs or [], req.top_logprobs or 0) if req.logprobs else None
@@ -82,7 +91,7 @@ async def stream_chunks(ctx: ServerContext, req: ChatCompletionRequest, request_
     # OpenAI opens every choice with a role-only delta.
     yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(req.n)])
     usage = UsageInfo()
-    async for _, out in merge(ctx, streams):
+    async for _, out in serving.merge(ctx, streams):
         usage.prompt_tokens = len(out.prompt_token_ids)
         choices = []
         for c in out.outputs:
@@ -97,12 +106,14 @@ async def stream_chunks(ctx: ServerContext, req: ChatCompletionRequest, request_
         yield chunk([], usage)
 
 
-def _logprobs(ctx: ServerContext, token_ids: list[int], positions: list[PositionLogprobs], k: int) -> ChatChoiceLogprobs:
+def _logprobs(ctx: ServerContext, token_ids: list[int], positions: list[PositionLogprobs],
+              k: int) -> ChatChoiceLogprobs:
     content = []
     for tid, position in zip(token_ids, positions):
-        text = token_text(ctx, tid, position)
-        top = [ChatLogprob(token=t, logprob=lp, bytes=list(t.encode("utf-8"))) for _, lp, t in top_entries(position, k)]
-        content.append(ChatLogprobEntry(token=text, logprob=clamp(position[tid].logprob),
+        text = serving.token_text(ctx, tid, position)
+        top = [ChatLogprob(token=t, logprob=lp, bytes=list(t.encode("utf-8")))
+               for _, lp, t in serving.top_entries(position, k)]
+        content.append(ChatLogprobEntry(token=text, logprob=serving.clamp(position[tid].logprob),
                                         bytes=list(text.encode("utf-8")), top_logprobs=top))
     return ChatChoiceLogprobs(content=content)
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from kvflow.engine.input_processor import check_utf8
 from kvflow.outputs import PositionLogprobs, RequestOutput
+from kvflow.server import serving
 from kvflow.server.errors import APIError
 from kvflow.server.protocol import (
-    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
 )
-from kvflow.server.serving import (
-    ServerContext, check_room, clamp, collect, merge, sampling_params, start_requests, token_text, top_entries,
-)
+from kvflow.server.serving import ServerContext
 
 
 def _prompts(ctx: ServerContext, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
@@ -32,7 +36,7 @@ def _prompts(ctx: ServerContext, req: CompletionRequest) -> list[tuple[str | Non
         if isinstance(item, str):
             check_utf8(item, "prompt")
         text, ids = inputs.tokenize_prompt(item)
-        check_room(ctx, len(ids), req.max_tokens if "max_tokens" in req.model_fields_set else None)
+        serving.check_room(ctx, len(ids), req.max_tokens if "max_tokens" in req.model_fields_set else None)
         prompts.append((text, ids))
     return prompts
 
@@ -47,13 +51,14 @@ def start(ctx: ServerContext, req: CompletionRequest) -> tuple[str, list, list]:
                        param="best_of")
     prompts = _prompts(ctx, req)
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-    params = sampling_params(ctx, req, req.max_tokens, req.logprobs, echo_logprobs)
+    params = serving.sampling_params(ctx, req, req.max_tokens, req.logprobs, echo_logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    return request_id, prompts, start_requests(ctx, request_id, prompts, params)
+    return request_id, prompts, serving.start_requests(ctx, request_id, prompts, params)
 
 
-async def full_response(ctx: ServerContext, req: CompletionRequest, request_id: str, streams: list) -> CompletionResponse:
-    outputs = await collect(ctx, streams)
+async def full_response(ctx: ServerContext, req: CompletionRequest, request_id: str,
+                        streams: list) -> CompletionResponse:
+    outputs = await serving.collect(ctx, streams)
     choices, completion_tokens, prompt_tokens = [], 0, 0
     for p, out in enumerate(outputs):
         prompt_tokens += len(out.prompt_token_ids)
@@ -81,7 +86,7 @@ async def stream_chunks(ctx: ServerContext, req: CompletionRequest, request_id: 
     prompt_lps: dict[int, list[PositionLogprobs | None]] = {}
     usage = UsageInfo()
     seen_prompts: set[int] = set()
-    async for p, out in merge(ctx, streams):
+    async for p, out in serving.merge(ctx, streams):
         if p not in seen_prompts:
             seen_prompts.add(p)
             usage.prompt_tokens += len(out.prompt_token_ids)
@@ -131,7 +136,7 @@ def _logprobs(ctx: ServerContext, token_ids: list[int], positions: list[Position
     result = CompletionLogprobs()
     for i, tid in enumerate(token_ids):
         position = positions[i] if i < len(positions) else None
-        text = token_text(ctx, tid, position)
+        text = serving.token_text(ctx, tid, position)
         result.tokens.append(text)
         result.text_offset.append(offset)
         offset += len(text)
@@ -139,9 +144,9 @@ def _logprobs(ctx: ServerContext, token_ids: list[int], positions: list[Position
             result.token_logprobs.append(None)
             result.top_logprobs.append(None)
             continue
-        result.token_logprobs.append(clamp(position[tid].logprob))
+        result.token_logprobs.append(serving.clamp(position[tid].logprob))
         top: dict[str, float] = {}
-        for _, lp, t in top_entries(position, k) + [(tid, clamp(position[tid].logprob), text)]:
+        for _, lp, t in serving.top_entries(position, k) + [(tid, serving.clamp(position[tid].logprob), text)]:
             top.setdefault(t, lp)  # tokens that decode alike share a key: keep the likelier
         result.top_logprobs.append(top)
     return result

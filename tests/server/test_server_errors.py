@@ -19,7 +19,7 @@ HI = [{"role": "user", "content": "hi"}]
 # (id, path, body: dict (JSON) or bytes (raw), status, error type, param, code)
 CASES = [
     ("malformed-json", COMPLETIONS, b'{"prompt": "hi",', 400, "invalid_request_error", None, "invalid_value"),
-    ("invalid-utf8", COMPLETIONS, b'{"prompt": "\xff\xfe"}', 400, "invalid_request_error", None, None),
+    ("invalid-utf8", COMPLETIONS, b'{"prompt": "\xff\xfe"}', 400, "invalid_request_error", None, "invalid_encoding"),
     ("lone-surrogate", COMPLETIONS, b'{"prompt": "a\\ud800b"}', 400, "invalid_request_error", None, "invalid_value"),
     ("json-array-body", COMPLETIONS, b"[1, 2]", 400, "invalid_request_error", None, "invalid_value"),
     ("not-json-content-type", COMPLETIONS, b"prompt=hi", 400, "invalid_request_error", None, "invalid_value"),
@@ -49,7 +49,7 @@ CASES = [
     ("seed-too-large", COMPLETIONS, {"prompt": "hi", "seed": 2**70}, 400, "invalid_request_error", "seed",
      "invalid_value"),
     ("min-over-max-tokens", COMPLETIONS, {"prompt": "hi", "max_tokens": 2, "min_tokens": 5}, 400,
-     "invalid_request_error", None, "invalid_value"),
+     "invalid_request_error", "min_tokens", "invalid_value"),
     ("stop-token-ids-strings", COMPLETIONS, {"prompt": "hi", "stop_token_ids": ["a"]}, 400,
      "invalid_request_error", "stop_token_ids", "invalid_value"),
     ("unknown-model", COMPLETIONS, {"prompt": "hi", "model": "gpt-17"}, 404, "not_found_error", "model",
