@@ -68,6 +68,22 @@ def _mean(grid: list[list[float | None]]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _score_grid(samples: list, where: list[tuple[int, int, int]], generate: GenerateFn, max_model_len: int,
+                row_key: str, row_values: list, lengths: Sequence[int]) -> tuple[list, list[dict], float]:
+    """Decode every sample in one batch; per-cell accuracy (rows x lengths), per-sample records, seconds."""
+    started = time.perf_counter()
+    texts, correct = _decode_and_score(samples, generate, max_model_len)
+    seconds = time.perf_counter() - started
+    cells: dict[tuple[int, int], list[bool]] = {}
+    records = []
+    for (i, j, trial), sample, text, ok in zip(where, samples, texts, correct):
+        cells.setdefault((i, j), []).append(ok)
+        records.append({row_key: row_values[i], "length": int(lengths[j]), "trial": trial,
+                        "prompt_tokens": len(sample.prompt_ids), "answer": sample.answer,
+                        "generated": text, "correct": ok})
+    return _grid(cells, len(row_values), len(lengths)), records, seconds
+
+
 def run_passkey(tasks: RetrievalTasks, generate: GenerateFn, lengths: Sequence[int], depths: Sequence[float],
                 trials: int, max_model_len: int, seed: int = 0) -> dict[str, Any]:
     """Accuracy over depth (rows) x context length (columns); a context too short for the needle
@@ -85,17 +101,8 @@ def run_passkey(tasks: RetrievalTasks, generate: GenerateFn, lengths: Sequence[i
                 continue
             samples += cell
             where += [(i, j, trial) for trial in range(trials)]
-    started = time.perf_counter()
-    texts, correct = _decode_and_score(samples, generate, max_model_len)
-    seconds = time.perf_counter() - started
-    cells: dict[tuple[int, int], list[bool]] = {}
-    records = []
-    for (i, j, trial), sample, text, ok in zip(where, samples, texts, correct):
-        cells.setdefault((i, j), []).append(ok)
-        records.append({"depth": float(depths[i]), "length": int(lengths[j]), "trial": trial,
-                        "prompt_tokens": len(sample.prompt_ids), "answer": sample.answer,
-                        "generated": text, "correct": ok})
-    accuracy = _grid(cells, len(depths), len(lengths))
+    accuracy, records, seconds = _score_grid(samples, where, generate, max_model_len,
+                                             "depth", [float(d) for d in depths], lengths)
     return {
         "lengths": [int(x) for x in lengths],
         "effective_lengths": used,
@@ -134,17 +141,8 @@ def run_multikey(tasks: RetrievalTasks, generate: GenerateFn, lengths: Sequence[
             for trial, group in enumerate(cell):
                 samples += group
                 where += [(i, j, trial)] * len(group)
-    started = time.perf_counter()
-    texts, correct = _decode_and_score(samples, generate, max_model_len)
-    seconds = time.perf_counter() - started
-    cells: dict[tuple[int, int], list[bool]] = {}
-    records = []
-    for (i, j, trial), sample, text, ok in zip(where, samples, texts, correct):
-        cells.setdefault((i, j), []).append(ok)
-        records.append({"pairs": int(pairs[i]), "length": int(lengths[j]), "trial": trial,
-                        "prompt_tokens": len(sample.prompt_ids), "answer": sample.answer,
-                        "generated": text, "correct": ok})
-    accuracy = _grid(cells, len(pairs), len(lengths))
+    accuracy, records, seconds = _score_grid(samples, where, generate, max_model_len,
+                                             "pairs", [int(n) for n in pairs], lengths)
     return {
         "lengths": [int(x) for x in lengths],
         "effective_lengths": used,

@@ -61,7 +61,9 @@ class TrainingBatches:
         key = self.tasks.random_key(rng, int(rng.integers(3, 8)))
         answer_len = len(self.tasks.passkey_answer_ids(key))
         sample = self.tasks.passkey(total - answer_len, float(rng.uniform()), rng, key=key)
-        return _with_answers(sample.prompt_ids, [sample.answer_ids], total)
+        mask = np.zeros(total, dtype=bool)
+        mask[len(sample.prompt_ids):] = True
+        return sample.prompt_ids + sample.answer_ids, mask
 
     def _multikey(self, total: int, rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
         num_pairs = int(rng.integers(1, min(self.mix.max_pairs, max(1, total // 40)) + 1))
@@ -86,11 +88,3 @@ class TrainingBatches:
             mask[len(body) + lo:len(body) + hi] = True
         return body + tail, mask
 
-
-def _with_answers(prompt: list[int], answers: list[list[int]], total: int) -> tuple[list[int], np.ndarray]:
-    seq = list(prompt)
-    mask = np.zeros(total, dtype=bool)
-    for answer in answers:
-        mask[len(seq):len(seq) + len(answer)] = True
-        seq += answer
-    return seq, mask

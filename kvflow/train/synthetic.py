@@ -57,6 +57,7 @@ class RetrievalTasks:
         self.tokenizer = tokenizer
         self.filler = filler
         self.bos = tokenizer.bos_token_id
+        self.question_ids = self.encode(PASSKEY_QUESTION)  # the same for every sample: encode once
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -98,7 +99,7 @@ class RetrievalTasks:
         """A prompt of exactly `context_len` tokens with the needle at relative `depth` of the filler."""
         key = key or self.random_key(rng)
         needle = self.encode(PASSKEY_NEEDLE.format(key=key))
-        question = self.encode(PASSKEY_QUESTION)
+        question = self.question_ids
         body = self.weave([needle], [depth], context_len - 1 - len(question), rng)
         return RetrievalSample("passkey", body + question, self.passkey_answer_ids(key), key, context_len, depth=depth)
 

@@ -81,13 +81,14 @@ def train_stage(model: torch.nn.Module, batches: TrainingBatches, stage: StageSc
     optimizer = make_optimizer(model, stage)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
     start_step, elapsed, tokens = 0, 0.0, 0
+    loss_value, accuracy = float("nan"), float("nan")
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, elapsed, tokens = int(state["step"]), float(state["elapsed"]), int(state["tokens"])
-    loss_value, accuracy = (float(state["loss"]), float(state["accuracy"])) if checkpoint.exists() else (float("nan"),) * 2
+        loss_value, accuracy = float(state["loss"]), float(state["accuracy"])
     model.train()
     bar = tqdm(total=stage.steps, initial=start_step, desc=desc, unit="step", disable=not show_progress)
     log = open(log_path, "a") if log_path is not None else None
