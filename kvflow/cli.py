@@ -10,8 +10,9 @@ import dataclasses
 import json
 import sys
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from kvflow.assets import default_model_path
 from kvflow.config import CacheConfig, SchedulerConfig

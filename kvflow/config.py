@@ -60,7 +60,7 @@ class RopeConfig:
     SUPPORTED = ("default", "linear", "llama3")
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "RopeConfig":
+    def from_hf(cls, hf: dict[str, Any]) -> RopeConfig:
         params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
@@ -108,7 +108,7 @@ class ModelConfig:
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto", max_model_len: int | None = None
-    ) -> "ModelConfig":
+    ) -> ModelConfig:
         config_path = Path(path) / "config.json"
         if not config_path.is_file():
             raise ValueError(f"model directory {path} has no config.json")
@@ -122,7 +122,7 @@ class ModelConfig:
         path: str = "",
         dtype: str | torch.dtype = "auto",
         max_model_len: int | None = None,
-    ) -> "ModelConfig":
+    ) -> ModelConfig:
         archs = hf.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
@@ -265,7 +265,7 @@ class EngineConfig:
         device: str = "cpu",
         seed: int = 0,
         **kwargs: Any,
-    ) -> "EngineConfig":
+    ) -> EngineConfig:
         """Build from flat keyword arguments (the offline API and CLI use this)."""
         parts: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}}
         for key, value in kwargs.items():

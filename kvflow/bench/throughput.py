@@ -4,8 +4,9 @@ Every backend gets the same seeded random prompts, decodes greedily for exactly 
 tokens (EOS ignored) and is timed by the same code here, so the numbers differ only by engine.
 Each result is also set against this machine's physical floor (see ``limits``).
 
-Backends live in a registry (``BACKENDS``: name -> loader) so peers (vLLM, llama.cpp) can be
-added without touching the timing code.
+Backends live in a registry (``BACKENDS``: name -> loader). kvflow and HF load in this process;
+the peers (vLLM, llama.cpp) need package sets of their own, so each runs the same prompt plan in
+a worker under its own interpreter (``kvflow.bench.peers``) with the same timing loop.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -117,18 +119,74 @@ class _KVFlowBackend:
         del self.llm
 
 
-BACKENDS: dict[str, BackendLoader] = {
+@dataclass
+class PromptPlan:
+    """Every generate call of one run, in order: warm-up, TTFT probes (single only), timed repeats.
+
+    Built once by the parent so in-process backends and peer workers get the very same ids.
+    """
+
+    warmup: list[list[int]] | None  # None: no warm-up call
+    warmup_tokens: int
+    probes: list[list[list[int]]]  # one 1-prompt batch per repeat, each generating 1 token
+    timed: list[list[list[int]]]  # one batch per repeat, each generating output_len tokens
+    output_len: int
+
+
+@dataclass
+class Measurement:
+    """What one backend's timed section produced; ``run_throughput`` turns it into the report."""
+
+    load_s: float
+    walls: list[float]
+    ttfts: list[float]
+    outputs: list[list[int]]  # of repeat 0
+    cpu_util: float
+    peak_rss_mib: float
+    peak_rss_scope: str  # "run", "process" or "process tree" (a peer worker and its children)
+    load_avg: float
+    idle_before: float | None
+    threads: int
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the peer's interpreter and version
+
+
+class PeerBackend:
+    """A peer engine measured out of process by ``kvflow.bench.peers`` (its own interpreter).
+
+    Not a loader: ``run_throughput`` hands it the whole prompt plan, since a worker that loaded
+    the model for every generate call would time the load.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def measure(
+        self, model_dir: Path, dtype: str, engine_kwargs: Mapping[str, Any], plan: PromptPlan,
+        *, python: str | None, seed: int, wait_idle_s: float,
+    ) -> Measurement:  # fmt: skip
+        """Run ``plan`` in a worker; raises BackendUnavailable when the peer is not installed."""
+        from kvflow.bench.peers import measure_peer
+
+        return measure_peer(
+            self.name, model_dir, dtype, engine_kwargs, plan, python=python, seed=seed,
+            threads=torch.get_num_threads(), wait_idle_s=wait_idle_s,
+        )  # fmt: skip
+
+
+BACKENDS: dict[str, BackendLoader | PeerBackend] = {
     "kvflow": _KVFlowBackend,
     "hf": _HFBackend,
+    "vllm": PeerBackend("vllm"),
+    "llamacpp": PeerBackend("llamacpp"),
 }
 
 
-def register_backend(name: str, loader: BackendLoader) -> None:
-    """Add (or replace) a backend, e.g. a peer engine, under ``name``."""
+def register_backend(name: str, loader: BackendLoader | PeerBackend) -> None:
+    """Add (or replace) a backend under ``name``."""
     BACKENDS[name] = loader
 
 
-def get_backend(name: str) -> BackendLoader:
+def get_backend(name: str) -> BackendLoader | PeerBackend:
     """The loader for ``name``, with the list of known backends when it is unknown."""
     try:
         return BACKENDS[name]
@@ -237,11 +295,66 @@ def _load_model_config(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _timed(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
+def _timed(fn: Callable[..., list[list[int]]], *args: object) -> tuple[float, list[list[int]]]:
     """Wall time of one call and its result."""
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args)
     return time.perf_counter() - start, result
+
+
+def plan_prompts(
+    workload: str, num_prompts: int, input_len: int, output_len: int, vocab_size: int,
+    seed: int = 0, repeats: int = 1, warmup: bool = True,
+) -> PromptPlan:  # fmt: skip
+    """The prompt ids of every call of one run (see ``make_prompts`` streams)."""
+    n = num_prompts if workload == "offline" else 1
+    return PromptPlan(
+        warmup=make_prompts(min(4, n), input_len, vocab_size, seed, _WARMUP_STREAM) if warmup else None,
+        warmup_tokens=min(4, output_len),
+        probes=[make_prompts(1, input_len, vocab_size, seed, _TTFT_STREAM + r) for r in range(repeats)]
+        if workload == "single"
+        else [],
+        timed=[make_prompts(n, input_len, vocab_size, seed, r) for r in range(repeats)],
+        output_len=output_len,
+    )
+
+
+def _measure_in_process(
+    loader: BackendLoader, model_dir: Path, dtype: str, engine_kwargs: Mapping[str, Any],
+    plan: PromptPlan, seed: int, wait_idle_s: float,
+) -> Measurement:  # fmt: skip
+    """Load the engine here and time the plan's calls (``kvflow.bench.peers.worker`` mirrors this)."""
+    rss_per_run = _reset_peak_rss()
+    start = time.perf_counter()
+    engine = loader(model_dir, dtype, dict(engine_kwargs))
+    load_s = time.perf_counter() - start
+    try:
+        torch.manual_seed(seed)
+        if plan.warmup is not None:
+            engine.generate(plan.warmup, plan.warmup_tokens)
+        idle_before = wait_for_idle_cpu(wait_idle_s) if wait_idle_s > 0 else None
+        load_avg = os.getloadavg()[0]
+        cpu0, section0 = _cpu_seconds(), time.perf_counter()
+        ttfts = [_timed(engine.generate, probe, 1)[0] for probe in plan.probes]
+        walls: list[float] = []
+        outputs: list[list[int]] = []  # of repeat 0: the set every backend is compared on
+        for r, prompts in enumerate(plan.timed):
+            wall, out = _timed(engine.generate, prompts, plan.output_len)
+            walls.append(wall)
+            outputs = out if r == 0 else outputs
+        cpu_util = (_cpu_seconds() - cpu0) / (
+            (time.perf_counter() - section0) * torch.get_num_threads()
+        )
+        peak_rss = _peak_rss_mib()
+    finally:
+        engine.close()
+        del engine
+        gc.collect()
+    return Measurement(
+        load_s=load_s, walls=walls, ttfts=ttfts, outputs=outputs, cpu_util=cpu_util,
+        peak_rss_mib=peak_rss, peak_rss_scope="run" if rss_per_run else "process",
+        load_avg=load_avg, idle_before=idle_before, threads=torch.get_num_threads(),
+    )  # fmt: skip
 
 
 def run_throughput(
@@ -258,6 +371,7 @@ def run_throughput(
     engine_kwargs: Mapping[str, Any] | None = None,
     limits: MachineLimits | None = None,
     wait_idle_s: float = 0.0,
+    python: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Load ``backend``, run ``workload`` and return its measurements as a dict.
 
@@ -268,6 +382,8 @@ def run_throughput(
     a repeat into a cache hit.
     ``limits`` defaults to a fresh measurement of this machine (cached per process). With
     ``wait_idle_s`` > 0 the timed part first waits up to that long for idle CPUs.
+    ``python[backend]`` is the interpreter of a peer backend's worker (default: its
+    ``KVFLOW_<NAME>_PYTHON`` variable, else this interpreter).
     Returned ``token_ids`` hold the generated ids, for agreement checks between backends.
     """
     if workload not in WORKLOADS:
@@ -275,55 +391,32 @@ def run_throughput(
     if output_len < 1 or input_len < 1 or num_prompts < 1 or repeats < 1:
         raise ValueError("num_prompts, input_len, output_len and repeats must be positive")
     model_dir = Path(model_dir)
-    loader = get_backend(backend)
+    entry = get_backend(backend)
     cfg = _load_model_config(model_dir)
     limits = limits if limits is not None else measure_limits()
     n = num_prompts if workload == "offline" else 1
-    vocab = int(cfg["vocab_size"])
-    timed_prompts = [make_prompts(n, input_len, vocab, seed, r) for r in range(repeats)]
-
-    rss_per_run = _reset_peak_rss()
-    start = time.perf_counter()
-    engine = loader(model_dir, dtype, dict(engine_kwargs or {}))
-    load_s = time.perf_counter() - start
-    try:
-        torch.manual_seed(seed)
-        if warmup:
-            engine.generate(
-                make_prompts(min(4, n), input_len, vocab, seed, _WARMUP_STREAM), min(4, output_len)
-            )
-        idle_before = wait_for_idle_cpu(wait_idle_s) if wait_idle_s > 0 else None
-        load_avg = os.getloadavg()[0]
-        cpu0, section0 = _cpu_seconds(), time.perf_counter()
-        ttfts: list[float] = []
-        if workload == "single":
-            for r in range(repeats):
-                probe = make_prompts(1, input_len, vocab, seed, _TTFT_STREAM + r)
-                ttfts.append(_timed(lambda: engine.generate(probe, 1))[0])
-        walls: list[float] = []
-        outputs: list[list[int]] = []  # of repeat 0: the set every backend is compared on
-        for r in range(repeats):
-            wall, out = _timed(lambda: engine.generate(timed_prompts[r], output_len))
-            walls.append(wall)
-            outputs = out if r == 0 else outputs
-        cpu_util = (_cpu_seconds() - cpu0) / (
-            (time.perf_counter() - section0) * torch.get_num_threads()
-        )
-        peak_rss = _peak_rss_mib()
-    finally:
-        engine.close()
-        del engine
-        gc.collect()
+    plan = plan_prompts(workload, n, input_len, output_len, int(cfg["vocab_size"]), seed, repeats, warmup)
+    kwargs = dict(engine_kwargs or {})
+    if isinstance(entry, PeerBackend):
+        m = entry.measure(
+            model_dir, dtype, kwargs, plan, python=(python or {}).get(backend), seed=seed,
+            wait_idle_s=wait_idle_s,
+        )  # fmt: skip
+    else:
+        m = _measure_in_process(entry, model_dir, dtype, kwargs, plan, seed, wait_idle_s)
+    outputs = m.outputs
 
     lengths = sorted({len(o) for o in outputs})
-    if len(outputs) != n or lengths != [output_len]:
+    if len(outputs) != n or lengths != [output_len] or len(m.walls) != repeats:
         raise RuntimeError(
-            f"backend {backend!r} returned {len(outputs)} outputs of lengths {lengths}; "
-            f"expected {n} of exactly {output_len} tokens"
+            f"backend {backend!r} returned {len(outputs)} outputs of lengths {lengths} "
+            f"({len(m.walls)} timed runs); expected {n} of exactly {output_len} tokens "
+            f"({repeats} timed runs)"
         )
 
     params = llama_param_count(cfg)
     weight_bytes = params * to_torch_dtype(dtype).itemsize
+    walls = m.walls
     wall_s = statistics.median(walls)
     out_tokens, in_tokens = n * output_len, n * input_len
     result: dict[str, Any] = {
@@ -337,22 +430,23 @@ def run_throughput(
         "dtype": dtype,
         "seed": seed,
         "repeats": repeats,
-        "engine_kwargs": dict(engine_kwargs or {}),
-        "load_s": load_s,
+        "engine_kwargs": kwargs,
+        "load_s": m.load_s,
         "wall_s": wall_s,
         "wall_s_all": walls,
         "output_tokens": out_tokens,
         "prompt_tokens": in_tokens,
         "output_tok_s": out_tokens / wall_s,
         "total_tok_s": (out_tokens + in_tokens) / wall_s,
-        "peak_rss_mib": peak_rss,
-        "peak_rss_scope": "run" if rss_per_run else "process",
-        "cpu_util": cpu_util,
-        "load_avg_1m_before": load_avg,
-        "cpu_idle_before": idle_before,
-        "torch_threads": torch.get_num_threads(),
+        "peak_rss_mib": m.peak_rss_mib,
+        "peak_rss_scope": m.peak_rss_scope,
+        "cpu_util": m.cpu_util,
+        "load_avg_1m_before": m.load_avg,
+        "cpu_idle_before": m.idle_before,
+        "torch_threads": m.threads,
         "token_ids": outputs,
         "token_ids_sha256": hashlib.sha256(json.dumps(outputs).encode()).hexdigest(),
+        **m.extra,
     }
     if workload == "offline":
         # Prompt and output tokens each cost 2·params FLOPs; the output-token ceiling is the
@@ -361,7 +455,7 @@ def run_throughput(
         result["limit"] = {"output_tok_s_ceiling": ceiling}
         result["fraction_of_limit"] = result["output_tok_s"] / ceiling
     else:
-        ttft_s = statistics.median(ttfts)
+        ttft_s = statistics.median(m.ttfts)
         decode_s = (wall_s - ttft_s) / (output_len - 1) if output_len > 1 else ttft_s
         floor_s = limits.decode_step_floor_s(weight_bytes)
         result["ms_per_token"] = wall_s / output_len * 1e3
@@ -464,8 +558,9 @@ def run_many(
 ) -> dict[str, Any]:
     """Run every backend × workload on the same prompts, print a table and save JSON.
 
-    Unknown backends fail before anything runs; an uninstalled one fails when it loads, with the
-    reason. Returns the saved report (``runs`` without their token ids, which only feed the
+    Unknown backends fail before anything runs; one that is not installed here is reported and
+    skipped (``skipped`` in the report says why), so one missing peer does not cost the others'
+    figures. Returns the saved report (``runs`` without their token ids, which only feed the
     agreement). ``backend_kwargs[name]`` become that backend's ``engine_kwargs``; ``kwargs`` go
     to ``run_throughput``.
     """
@@ -480,16 +575,20 @@ def run_many(
             wait_for_idle_cpu(kwargs["wait_idle_s"])
         limits = measure_limits()
     print(format_limits(limits), flush=True)
-    runs = []
+    runs: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
     for name in backends:
         for w in workloads:
             print(f"running {name} {w} ...", flush=True)
             engine_kwargs = (backend_kwargs or {}).get(name)
-            runs.append(
-                run_throughput(
-                    model_dir, name, w, limits=limits, engine_kwargs=engine_kwargs, **kwargs
+            try:
+                runs.append(
+                    run_throughput(model_dir, name, w, limits=limits, engine_kwargs=engine_kwargs, **kwargs)
                 )
-            )
+            except BackendUnavailable as e:
+                skipped[name] = str(e)
+                print(f"skipping backend {name!r}: {e}", flush=True)
+                break
     compare_runs(runs)
     print(format_table(runs))
     contended = [r for r in runs if r["cpu_util"] < 0.8]
@@ -511,6 +610,7 @@ def run_many(
         "limits": limits.to_dict(),
         "environment": _environment(),
         "runs": runs,
+        "skipped": skipped,
     }
     if output is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")

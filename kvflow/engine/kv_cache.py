@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvflow.engine.request import Request
@@ -161,7 +162,7 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, request: "Request") -> int:
+    def match_prefix(self, request: Request) -> int:
         """Attach the longest cached prefix of a waiting request; returns the tokens it covers.
 
         At least one token is always left to compute, because the step that computes it is the one
@@ -185,13 +186,13 @@ class KVCacheManager:
         self.stats.hit_tokens += len(hits) * self.block_size
         return self._attach(request, hits)
 
-    def share_prefix(self, request: "Request", source: "Request", num_blocks: int) -> int:
+    def share_prefix(self, request: Request, source: Request, num_blocks: int) -> int:
         """Give `request` the first `num_blocks` full blocks of `source` (n > 1 siblings)."""
         if request.block_ids or num_blocks <= 0:
             return 0
         return self._attach(request, source.block_ids[:num_blocks])
 
-    def _attach(self, request: "Request", block_ids: list[int]) -> int:
+    def _attach(self, request: Request, block_ids: list[int]) -> int:
         if not block_ids:
             return 0
         self.pool.touch(block_ids)
@@ -202,11 +203,11 @@ class KVCacheManager:
         request.num_cached_tokens = max(request.num_cached_tokens, request.num_computed_tokens)
         return request.num_computed_tokens
 
-    def can_allocate(self, request: "Request", num_new_tokens: int) -> bool:
+    def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
         needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
         return needed <= self.pool.num_free
 
-    def allocate(self, request: "Request", num_new_tokens: int) -> bool:
+    def allocate(self, request: Request, num_new_tokens: int) -> bool:
         """Make room for `num_new_tokens` more tokens of `request`; False (and no change) if full."""
         needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
         if needed <= 0:
@@ -216,13 +217,13 @@ class KVCacheManager:
         request.block_ids.extend(self.pool.allocate(needed))
         return True
 
-    def free(self, request: "Request") -> None:
+    def free(self, request: Request) -> None:
         """Return a request's blocks (full cached blocks stay reusable until evicted)."""
         self.pool.release(list(reversed(request.block_ids)))
         request.block_ids = []
         request.num_cached_blocks = 0
 
-    def cache_full_blocks(self, request: "Request") -> None:
+    def cache_full_blocks(self, request: Request) -> None:
         """Index every block whose tokens are all computed and not yet indexed."""
         if not self.enable_prefix_caching:
             return
@@ -238,7 +239,7 @@ class KVCacheManager:
         request.indexed_parent_id = parent
         request.num_cached_blocks = num_full
 
-    def _update_hashes(self, request: "Request", num_blocks: int) -> None:
+    def _update_hashes(self, request: Request, num_blocks: int) -> None:
         hashes = request.block_hashes
         tokens = request.all_token_ids
         for i in range(len(hashes), num_blocks):

@@ -26,7 +26,9 @@ from kvflow.sampling import SamplingParams
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Any | None = None, load_tokenizer_: bool = True) -> None:
         self.config = config
-        self.tokenizer = tokenizer if tokenizer is not None or not load_tokenizer_ else load_tokenizer(config.model.path)
+        if tokenizer is None and load_tokenizer_:
+            tokenizer = load_tokenizer(config.model.path)
+        self.tokenizer = tokenizer
         self.core = EngineCore(config)
         self.inputs = InputProcessor(config, self.tokenizer, self.core.kv.num_blocks)
         self.outputs = OutputProcessor(self.tokenizer)

@@ -58,7 +58,7 @@ class Request:
         eos_token_ids: tuple[int, ...] = (),
         arrival_time: float | None = None,
         max_model_len: int = 2**31,
-        leader: "Request | None" = None,
+        leader: Request | None = None,
         seed: int | None = None,
         priority: int = 0,
     ) -> None:

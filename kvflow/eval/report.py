@@ -25,7 +25,8 @@ def engine_summary(engine: dict[str, Any]) -> str:
 def _short_engine(engine: dict[str, Any]) -> str:
     cache = engine.get("cache", {})
     kv = cache.get("kv_cache_memory")
-    return (f"{engine.get('dtype')}, KV {'auto' if kv is None else f'{kv} GiB'} ({engine.get('num_kv_blocks')} blocks), "
+    budget = "auto" if kv is None else f"{kv} GiB"
+    return (f"{engine.get('dtype')}, KV {budget} ({engine.get('num_kv_blocks')} blocks), "
             f"prefix caching {'on' if cache.get('enable_prefix_caching') else 'off'}")
 
 

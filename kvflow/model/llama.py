@@ -8,7 +8,7 @@ q/k/v and gate/up projections are fused at load time. All tokens of a step arriv
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn

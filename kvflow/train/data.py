@@ -70,7 +70,8 @@ class TrainingBatches:
         words, values, inserts, positions = self.tasks.kv_facts(num_pairs, rng)
         while num_pairs > 1 and sum(len(x) for x in inserts) > total // 2:  # long words on a small vocab
             num_pairs -= 1
-            words, values, inserts, positions = words[:num_pairs], values[:num_pairs], inserts[:num_pairs], positions[:num_pairs]
+            words, values = words[:num_pairs], values[:num_pairs]
+            inserts, positions = inserts[:num_pairs], positions[:num_pairs]
         asked = rng.choice(num_pairs, size=int(rng.integers(1, min(self.mix.max_queries, num_pairs) + 1)),
                            replace=False)
         tail: list[int] = []

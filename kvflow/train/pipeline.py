@@ -1,4 +1,5 @@
-"""`kvflow train`: tokenizer -> teacher -> distilled draft -> Hugging Face directories.
+"""`kvflow train`: tokenizer -> teacher -> long-context extension -> distilled draft -> Hugging Face
+directories.
 
 Every stage writes its result under `<out>/work/` and is skipped when that result exists, and
 the model stages resume from their last checkpoint, so an interrupted run is restarted with the
@@ -66,11 +67,21 @@ def run_training(preset: TrainPreset, out_dir: Path, show_progress: bool = True,
     batches = TrainingBatches(RetrievalTasks(tokenizer, stream), stream, preset.mix, preset.seed)
     eos_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
+    fingerprints = preset.fingerprints()
     teacher_dir = out_dir / preset.name
     teacher = build_model(preset.model, tokenizer, preset.seed)
     teacher_result = train_stage(
         teacher, batches, preset.teacher_stage, work / "teacher.ckpt", cross_entropy_loss, f"{preset.name} teacher",
-        preset.checkpoint_every, log_path=work / "teacher_log.jsonl", show_progress=show_progress)
+        preset.checkpoint_every, log_path=work / "teacher_log.jsonl", show_progress=show_progress,
+        fingerprint=fingerprints["teacher"])
+    extension_result = None
+    if preset.extension_stage is not None:
+        extension_batches = TrainingBatches(batches.tasks, stream, preset.extension_mix or preset.mix,
+                                            preset.seed + 2)
+        extension_result = train_stage(
+            teacher, extension_batches, preset.extension_stage, work / "extension.ckpt", cross_entropy_loss,
+            f"{preset.name} long-context", preset.checkpoint_every, log_path=work / "extension_log.jsonl",
+            show_progress=show_progress, fingerprint=fingerprints["extension"])
     export_model(teacher, tokenizer, teacher_dir, eos_ids)
 
     teacher = LlamaForCausalLM.from_pretrained(teacher_dir).eval()  # exactly what ships
@@ -82,12 +93,13 @@ def run_training(preset: TrainPreset, out_dir: Path, show_progress: bool = True,
     draft_result = train_stage(
         draft, draft_batches, preset.draft_stage, work / "draft.ckpt", distillation_loss(teacher, True),
         f"{preset.name} draft", preset.checkpoint_every, log_path=work / "draft_log.jsonl",
-        show_progress=show_progress)
+        show_progress=show_progress, fingerprint=fingerprints["draft"])
     export_model(draft, tokenizer, draft_dir, eos_ids)
 
     report = {
         "preset": asdict(preset),
         "teacher": _stage_report(teacher_result, teacher),
+        "extension": _stage_report(extension_result, teacher) if extension_result else None,
         "draft": _stage_report(draft_result, draft),
         "corpus": {"train_documents": len(train_docs), "heldout_documents": len(heldout_docs),
                    "train_tokens": int(len(stream))},

@@ -6,7 +6,9 @@ A preset fixes everything that decides the result (shapes, data mix, steps, sche
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 
 from kvflow.train.data import TaskMix
 
@@ -63,10 +65,28 @@ class TrainPreset:
     teacher_stage: StageSchedule
     draft_stage: StageSchedule
     mix: TaskMix = field(default_factory=TaskMix)
+    # Long-context extension: the trained teacher goes on at full length with a fresh warmup and
+    # cosine (as in Llama's long-context continued pretraining), on a mix richer in retrieval.
+    extension_stage: StageSchedule | None = None
+    extension_mix: TaskMix | None = None
     max_source_files: int | None = None
     heldout_percent: int = 3
     seed: int = 0
     checkpoint_every: int = 100
+
+    def fingerprints(self) -> dict[str, str]:
+        """A digest per model stage of everything its checkpoint depends on (its own settings and
+        every upstream stage's), so a checkpoint left by a different preset is never resumed."""
+        d = asdict(self)
+        shared = {k: d[k] for k in ("vocab_size", "max_source_files", "heldout_percent", "seed")}
+        teacher = _digest(shared, d["model"], d["teacher_stage"], d["mix"])
+        extension = _digest(teacher, d["extension_stage"], d["extension_mix"])
+        draft = _digest(extension, d["draft"], d["draft_stage"])
+        return {"teacher": teacher, "extension": extension, "draft": draft}
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 PRESETS: dict[str, TrainPreset] = {
@@ -79,6 +99,9 @@ PRESETS: dict[str, TrainPreset] = {
             steps=2000, tokens_per_step=8192, lr=2e-3, warmup_steps=100,
             seq_len_schedule=((0.5, 512), (0.8, 1024), (1.0, 2048)),
         ),
+        extension_stage=StageSchedule(steps=800, tokens_per_step=8192, lr=1e-3, warmup_steps=50,
+                                      seq_len_schedule=((1.0, 2048),)),
+        extension_mix=TaskMix(plain=0.4, passkey=0.35, multikey=0.25),
         draft_stage=StageSchedule(
             steps=800, tokens_per_step=8192, lr=3e-3, warmup_steps=50,
             seq_len_schedule=((0.5, 512), (1.0, 2048)),
@@ -93,6 +116,9 @@ PRESETS: dict[str, TrainPreset] = {
                          max_position_embeddings=512),
         teacher_stage=StageSchedule(steps=12, tokens_per_step=1024, lr=3e-3, warmup_steps=2,
                                     seq_len_schedule=((0.5, 128), (1.0, 256))),
+        extension_stage=StageSchedule(steps=4, tokens_per_step=1024, lr=1e-3, warmup_steps=1,
+                                      seq_len_schedule=((1.0, 256),)),
+        extension_mix=TaskMix(plain=0.4, passkey=0.35, multikey=0.25),
         draft_stage=StageSchedule(steps=6, tokens_per_step=1024, lr=3e-3, warmup_steps=1,
                                   seq_len_schedule=((1.0, 128),)),
         max_source_files=40,

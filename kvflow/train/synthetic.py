@@ -13,8 +13,8 @@ single tokens in our tokenizer, so answers are copied digit by digit.
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -106,7 +106,8 @@ class RetrievalTasks:
     def passkey_answer_ids(self, key: str) -> list[int]:
         return self.encode(f" {key}.")
 
-    def kv_facts(self, num_pairs: int, rng: np.random.Generator) -> tuple[list[str], list[str], list[list[int]], list[float]]:
+    def kv_facts(self, num_pairs: int, rng: np.random.Generator
+                 ) -> tuple[list[str], list[str], list[list[int]], list[float]]:
         """Distinct random words, their 4-digit values, the encoded assignments and their positions."""
         words: list[str] = []
         while len(words) < num_pairs:

@@ -11,9 +11,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +76,22 @@ def make_optimizer(model: torch.nn.Module, stage: StageSchedule) -> torch.optim.
 
 def train_stage(model: torch.nn.Module, batches: TrainingBatches, stage: StageSchedule, checkpoint: Path,
                 loss_fn: LossFn, desc: str, checkpoint_every: int = 100, autocast: bool = True,
-                log_path: Path | None = None, show_progress: bool = True) -> StageResult:
-    """Train `model` in place for `stage.steps` steps, resuming from `checkpoint` if it exists."""
+                log_path: Path | None = None, show_progress: bool = True, fingerprint: str = "") -> StageResult:
+    """Train `model` in place for `stage.steps` steps, resuming from `checkpoint` if it exists.
+
+    `fingerprint` identifies the settings the checkpoint belongs to; resuming one written under
+    other settings is refused rather than silently mixing two runs.
+    """
     optimizer = make_optimizer(model, stage)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
     start_step, elapsed, tokens = 0, 0.0, 0
     loss_value, accuracy = float("nan"), float("nan")
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True)
+        found = state.get("fingerprint", "")
+        if fingerprint and found and found != fingerprint:
+            raise ValueError(f"{checkpoint} was written by different training settings ({found}, now "
+                             f"{fingerprint}); remove it, or train into another --out folder")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -124,7 +132,7 @@ def train_stage(model: torch.nn.Module, batches: TrainingBatches, stage: StageSc
                 log.flush()
             if (step + 1) % checkpoint_every == 0 or step + 1 == stage.steps:
                 _save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1, elapsed, tokens,
-                                 loss_value, accuracy)
+                                 loss_value, accuracy, fingerprint)
     finally:
         bar.close()
         if log is not None:
@@ -134,11 +142,11 @@ def train_stage(model: torch.nn.Module, batches: TrainingBatches, stage: StageSc
 
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, elapsed: float, tokens: int,
-                     loss: float, accuracy: float) -> None:
+                     loss: float, accuracy: float, fingerprint: str) -> None:
     """Write to a temporary file and rename, so an interrupted save never corrupts the checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "elapsed": elapsed, "tokens": tokens,
-                "loss": loss, "accuracy": accuracy}, tmp)
+                "loss": loss, "accuracy": accuracy, "fingerprint": fingerprint}, tmp)
     os.replace(tmp, path)

@@ -288,7 +288,8 @@ def test_cli_writes_json_and_png_and_compares_runs(tmp_path: Path, tok_dir: Path
             ]) == 0  # no --tokenizer: found through /v1/models "root"
     files = sorted(p.name for p in out.iterdir())
     jsons = sorted(out.glob("*.json"))
-    assert len(jsons) == 2 and len(list(out.glob("*-cdf.png"))) == 2 and len(list(out.glob("*-attainment.png"))) == 2, files
+    assert len(jsons) == 2, files
+    assert len(list(out.glob("*-cdf.png"))) == 2 and len(list(out.glob("*-attainment.png"))) == 2, files
     doc = load_result(jsons[0])
     assert doc["label"] == "a" and doc["rate_label"] == "inf" and doc["request_rate"] == "inf"
     assert doc["summary"]["goodput"]["good_requests"] == 6

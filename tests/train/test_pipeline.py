@@ -34,6 +34,10 @@ def test_outputs_are_hf_directories_with_report(smoke_run):
     losses = [json.loads(line)["loss"] for line in teacher_log]
     assert len(losses) == PRESETS["smoke"].teacher_stage.steps
     assert losses[-1] < losses[0]  # it learns
+    extension_log = (out / "work" / "extension_log.jsonl").read_text().splitlines()
+    extension = PRESETS["smoke"].extension_stage
+    assert report["extension"]["steps"] == extension.steps == len(extension_log)
+    assert {json.loads(line)["seq_len"] for line in extension_log} == {extension.seq_len_schedule[-1][1]}
 
 
 def test_tokenizer_loads_in_transformers_with_chat_template(smoke_run):
@@ -104,3 +108,30 @@ def test_interrupted_training_resumes_to_the_same_weights(smoke_run, tmp_path):
     assert result.steps == stage.steps
     for (name, a), (_, b) in zip(straight.state_dict().items(), fresh.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def test_checkpoint_of_other_settings_is_refused(smoke_run, tmp_path):
+    """Changing a stage upstream invalidates the checkpoints downstream of it, and only those."""
+    from dataclasses import replace
+
+    preset = PRESETS["smoke"]
+    changed_draft = replace(preset, draft_stage=replace(preset.draft_stage, lr=1e-4)).fingerprints()
+    changed_teacher = replace(preset, teacher_stage=replace(preset.teacher_stage, lr=1e-4)).fingerprints()
+    same = preset.fingerprints()
+    assert changed_draft["teacher"] == same["teacher"] and changed_draft["extension"] == same["extension"]
+    assert changed_draft["draft"] != same["draft"]
+    assert all(changed_teacher[k] != same[k] for k in same)
+
+    out, _ = smoke_run
+    tokenizer = AutoTokenizer.from_pretrained(out / "work" / "tokenizer")
+    stream = load_token_stream(tokenizer, [], out / "work" / "train_tokens.npy")
+    batches = TrainingBatches(RetrievalTasks(tokenizer, stream), stream, preset.mix, preset.seed)
+    ckpt = tmp_path / "t.ckpt"
+    ckpt.write_bytes((out / "work" / "teacher.ckpt").read_bytes())
+    model = build_model(preset.model, tokenizer, preset.seed)
+    with pytest.raises(ValueError, match="different training settings"):
+        train_stage(model, batches, preset.teacher_stage, ckpt, cross_entropy_loss, "t", show_progress=False,
+                    fingerprint=changed_teacher["teacher"])
+    result = train_stage(model, batches, preset.teacher_stage, ckpt, cross_entropy_loss, "t", show_progress=False,
+                         fingerprint=same["teacher"])
+    assert result.steps == preset.teacher_stage.steps  # the matching run resumes (here: already done)

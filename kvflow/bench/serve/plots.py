@@ -192,14 +192,16 @@ def plot_compare(docs: Sequence[dict[str, Any]], out: str | Path, title: str | N
         pcts = docs[0]["summary"].get("percentiles") or [50, 99]
         high = percentile_key(max(pcts))
         per_rate(ax, lambda d, k=key: _num(d["summary"][k]["median"]), "ms", f"{name}: median (solid), {high} (dashed)")
-        per_rate(ax, lambda d, k=key, h=high: _num(d["summary"][k].get(h)), "ms", f"{name}: median (solid), {high} (dashed)",
+        per_rate(ax, lambda d, k=key, h=high: _num(d["summary"][k].get(h)), "ms",
+                 f"{name}: median (solid), {high} (dashed)",
                  style="--s", suffix=f" {high}")
         ax.legend(fontsize=8)
     have_slos = [d for d in docs if d["summary"].get("goodput")]
     if have_slos:
         per_rate(axes[1][2], lambda d: _num((d["summary"].get("goodput") or {}).get("request_goodput")),
                  "req/s", "Goodput (requests meeting all SLOs)")
-        per_rate(axes[1][3], lambda d: 100 * _num(((d["summary"].get("goodput") or {}).get("attainment") or {}).get("all")),
+        per_rate(axes[1][3],
+                 lambda d: 100 * _num(((d["summary"].get("goodput") or {}).get("attainment") or {}).get("all")),
                  "%", "SLO attainment (all SLOs)")
         axes[1][3].set_ylim(0, 105)
         slo_text = ", ".join(f"{k} {v:g} ms" for k, v in have_slos[0]["summary"]["goodput"]["slos_ms"].items())
