@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvflow.bench.make_model import SHAPES
+from kvflow.bench.make_model import SHAPES, TOKENIZERS
 
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -35,6 +35,19 @@ def parse_backend_args(items: list[str]) -> dict[str, dict[str, Any]]:
                 f"--backend-arg expects BACKEND:KEY=VALUE (e.g. kvflow:max_num_seqs=64), got {item!r}"
             )
         out.setdefault(backend, {})[key] = _parse_value(value)
+    return out
+
+
+def parse_python_args(items: list[str]) -> dict[str, str]:
+    """``["vllm=/tmp/vllmenv/bin/python"]`` -> ``{"vllm": "/tmp/vllmenv/bin/python"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        backend, eq, path = item.partition("=")
+        if not eq or not backend or not path:
+            raise argparse.ArgumentTypeError(
+                f"--python expects BACKEND=INTERPRETER (e.g. vllm=/tmp/vllmenv/bin/python), got {item!r}"
+            )
+        out[backend] = path
     return out
 
 
@@ -69,9 +82,10 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
 
     try:
         backend_kwargs = parse_backend_args(args.backend_arg)
+        python = parse_python_args(args.python)
     except argparse.ArgumentTypeError as e:
         raise SystemExit(f"error: {e}") from None
-    run_many(
+    report = run_many(
         Path(args.model),
         backends=args.backend,
         workloads=args.workload,
@@ -85,7 +99,22 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup,
         repeats=args.repeats,
         wait_idle_s=args.wait_idle,
+        python=python,
     )
+    return 0 if report["runs"] else 1
+
+
+def _cmd_to_gguf(args: argparse.Namespace) -> int:
+    from kvflow.bench.peers import peer_python
+    from kvflow.bench.peers.to_gguf import convert_to_gguf, gguf_cache_path
+    from kvflow.bench.throughput import BackendUnavailable
+
+    out = Path(args.out) if args.out else gguf_cache_path(args.model, args.dtype)
+    try:
+        convert_to_gguf(args.model, out, args.dtype, peer_python("llamacpp", args.python), args.convert_script)
+    except (BackendUnavailable, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {out}")
     return 0
 
 
@@ -99,8 +128,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     mm.add_argument("--out", required=True, help="output directory")
     mm.add_argument("--seed", type=int, default=0)
     mm.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
-    mm.add_argument("--tokenizer", action=argparse.BooleanOptionalAction, default=True,
-                    help="also train and save a byte-level BPE tokenizer (a few seconds)")
+    mm.add_argument("--tokenizer", choices=TOKENIZERS, default="auto",
+                    help="sentencepiece: what llama.cpp's GGUF converter accepts (needs the bench extra); "
+                         "bpe: kvflow's byte-level BPE; auto: sentencepiece if installed, else bpe")
     mm.set_defaults(func=_cmd_make_model)
 
     lim = sub.add_parser("limits", help="measure GEMM rate and memory read bandwidth")
@@ -112,7 +142,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     tp = sub.add_parser("throughput", help="offline / single-stream throughput of backends")
     tp.add_argument("--model", required=True, help="model directory (HF format)")
-    tp.add_argument("--backend", nargs="+", default=["kvflow"], help="kvflow, hf, ... (one or more)")
+    tp.add_argument("--backend", nargs="+", default=["kvflow"],
+                    help="kvflow, hf, vllm, llamacpp (one or more; a peer that is not installed is skipped)")
     tp.add_argument(
         "--workload", nargs="+", choices=["offline", "single"], default=["offline", "single"]
     )
@@ -138,8 +169,26 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="BACKEND:KEY=VALUE",
         help="engine keyword for one backend, e.g. kvflow:max_num_seqs=64 (repeatable)",
     )
+    tp.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="BACKEND=INTERPRETER",
+        help="interpreter of a peer's worker, e.g. vllm=/tmp/vllmenv/bin/python (repeatable; default "
+        "KVFLOW_VLLM_PYTHON / KVFLOW_LLAMACPP_PYTHON, else this one). Peer keywords: "
+        "vllm:kv_cache_memory=GIB, llamacpp:gguf=FILE, llamacpp:convert_script=PATH",
+    )
     tp.add_argument("--output", help="JSON path (default bench_results/throughput-MODEL-TIME.json)")
     tp.set_defaults(func=_cmd_throughput)
+
+    gg = sub.add_parser("to-gguf", help="convert a model directory to GGUF for llama.cpp")
+    gg.add_argument("--model", required=True, help="model directory (HF format)")
+    gg.add_argument("--out", help="GGUF file (default: beside the directory, e.g. 135m.bf16.gguf)")
+    gg.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    gg.add_argument("--convert-script", help="llama.cpp's convert_hf_to_gguf.py (default: found under /tmp/lcpp)")
+    gg.add_argument("--python", help="interpreter with gguf, sentencepiece, torch, transformers "
+                                     "(default KVFLOW_LLAMACPP_PYTHON, else this one)")
+    gg.set_defaults(func=_cmd_to_gguf)
 
     from kvflow.bench.serve.cli import register as register_serve
 

@@ -130,20 +130,21 @@ def make_model(
     seed: int = 0,
     dtype: str = "bfloat16",
     overrides: Mapping[str, Any] | None = None,
-    tokenizer: bool = False,
+    tokenizer: bool | str = False,
 ) -> Path:
     """Build a seeded random-weight Llama model of ``shape`` and save it in HF format.
 
     Weights are drawn directly in ``dtype`` (normal, std = initializer_range; norms = 1), so the
     500m shape never needs a float32 copy. Writes config.json, model.safetensors and
-    generation_config.json; with ``tokenizer``, also a byte-level BPE trained on CPython's own
-    docs (so the directory takes text prompts; benchmarks feed token ids and need none).
-    Returns ``out_dir``.
+    generation_config.json, and a tokenizer trained on CPython's own docs (benchmarks feed
+    token ids; a tokenizer lets the directory take text and be converted): ``tokenizer`` is one
+    of ``TOKENIZERS`` (True means "auto", False "none"). Returns ``out_dir``.
     """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
     params = shape_params(shape, overrides)
+    kind = _tokenizer_kind(tokenizer)
     torch_dtype = to_torch_dtype(dtype)
     config = LlamaConfig(**params)
     torch.manual_seed(seed)
@@ -158,7 +159,12 @@ def make_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     _add_legacy_rope_theta(out_dir / "config.json", params["rope_theta"])
-    if tokenizer:
+    for name in _TOKENIZER_FILES:  # a remade directory must not mix two tokenizers' files
+        (out_dir / name).unlink(missing_ok=True)
+    if kind == "sentencepiece":
+        train_sentencepiece_tokenizer(out_dir, min(8000, params["vocab_size"]),
+                                      model_max_length=params["max_position_embeddings"])
+    elif kind == "bpe":
         from kvflow.train.tokenizer import train_tokenizer
 
         # Its special ids (pad 0, bos 1, eos 2) are the ones the generation config names.
@@ -175,6 +181,70 @@ def make_model(
     return out_dir
 
 
+#: Tokenizer kinds of ``make_model``: "sentencepiece" (what llama.cpp's GGUF converter accepts
+#: for a custom vocabulary; needs the ``bench`` extra), "bpe" (kvflow's byte-level BPE, no extra
+#: packages), "auto" (sentencepiece when importable, else bpe) or "none".
+TOKENIZERS = ("auto", "sentencepiece", "bpe", "none")
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _sentencepiece_available() -> bool:
+    """sentencepiece trains it; transformers needs protobuf to read it back."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("sentencepiece", "google.protobuf"))
+
+
+def _tokenizer_kind(tokenizer: bool | str) -> str:
+    """Resolve ``make_model``'s ``tokenizer`` argument to "sentencepiece", "bpe" or "none"."""
+    kind = ("auto" if tokenizer else "none") if isinstance(tokenizer, bool) else tokenizer
+    if kind not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {TOKENIZERS}")
+    if kind == "auto":
+        if _sentencepiece_available():
+            return "sentencepiece"
+        print("note: sentencepiece/protobuf not installed (pip install 'kvflow[bench]'); writing a byte-level "
+              "BPE tokenizer, which llama.cpp's GGUF converter does not accept")
+        return "bpe"
+    if kind == "sentencepiece" and not _sentencepiece_available():
+        raise ImportError("the sentencepiece tokenizer needs sentencepiece and protobuf: "
+                          "pip install 'kvflow[bench]' (or use --tokenizer bpe)")
+    return kind
+
+
+def train_sentencepiece_tokenizer(out_dir: Path, vocab_size: int = 8000, model_max_length: int = 2048) -> None:
+    """Train a SentencePiece BPE on CPython's pydoc topics; save tokenizer.model and its HF form.
+
+    llama.cpp's converter maps a custom vocabulary only from a SentencePiece ``tokenizer.model``
+    (a byte-level BPE must match one of its known pre-tokenizer hashes); ids beyond the trained
+    vocabulary become padding entries of the model's larger embedding. Special ids unk 0, bos 1,
+    eos 2 match the generation config; byte fallback and no normalisation make every text
+    round-trip (newlines, tabs, runs of spaces), as llama.cpp, which skips the normaliser, reads
+    it. The same file saved through transformers' LlamaTokenizer gives HF the same encoding.
+    """
+    import io
+    import shutil
+    import tempfile
+    from pydoc_data.topics import topics
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    lines = [ln for key in sorted(topics) for ln in topics[key].splitlines() if ln.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        hard_vocab_limit=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # only tokenizer.model there: HF converts it
+        (Path(tmp) / "tokenizer.model").write_bytes(model.getvalue())
+        hf = LlamaTokenizer.from_pretrained(tmp, model_max_length=model_max_length)
+        hf.save_pretrained(out_dir)  # tokenizer.json + tokenizer_config.json
+        shutil.copy(Path(tmp) / "tokenizer.model", out_dir / "tokenizer.model")
+
+
 def _add_legacy_rope_theta(config_path: Path, rope_theta: float) -> None:
     """Also write ``rope_theta`` at the top level of config.json.
 
@@ -187,7 +257,7 @@ def _add_legacy_rope_theta(config_path: Path, rope_theta: float) -> None:
 
 
 def main_make_model(shape: str, out_dir: Path, seed: int = 0, dtype: str = "bfloat16",
-                    tokenizer: bool = True) -> Path:
+                    tokenizer: bool | str = "auto") -> Path:
     """CLI body: make the model and print where it went, its size and how long it took."""
     start = time.perf_counter()
     path = make_model(shape, out_dir, seed=seed, dtype=dtype, tokenizer=tokenizer)

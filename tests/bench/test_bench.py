@@ -128,7 +128,7 @@ def test_unknown_backend_and_workload(tiny_model: Path, small_limits: MachineLim
         run_throughput(tiny_model, "nope", "offline", limits=small_limits)
     with pytest.raises(ValueError, match="unknown workload"):
         run_throughput(tiny_model, "hf", "serving", limits=small_limits)
-    assert {"hf", "kvflow"} <= set(BACKENDS)
+    assert {"hf", "kvflow", "vllm", "llamacpp"} <= set(BACKENDS)
 
 
 def test_kvflow_backend_unavailable_is_clear(
@@ -173,6 +173,12 @@ def test_cli_parses_and_dispatches(tiny_model: Path, tmp_path: Path) -> None:
         parse_backend_args(["max_num_seqs=64"])
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "make-model", "--shape", "tiny", "--out", "x"])
+    mm = parser.parse_args(["bench", "make-model", "--shape", "135m", "--out", "x"])
+    assert mm.tokenizer == "auto"
+    mm = parser.parse_args(["bench", "make-model", "--shape", "135m", "--out", "x", "--tokenizer", "none"])
+    assert mm.tokenizer == "none"
+    tp = parser.parse_args(["bench", "throughput", "--model", "m", "--python", "vllm=/v/bin/python"])
+    assert tp.python == ["vllm=/v/bin/python"]
     out = tmp_path / "cli.json"
     assert bench_main(
         ["bench", "throughput", "--model", str(tiny_model), "--backend", "hf", "--workload",
