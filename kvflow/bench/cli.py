@@ -76,7 +76,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _cmd_throughput(args: argparse.Namespace) -> int:
-    from kvflow.bench.throughput import run_many
+    from kvflow.bench.throughput_report import run_many
 
     _set_threads(args.threads)
 

@@ -14,14 +14,8 @@ from kvflow.bench.cli import main as bench_main
 from kvflow.bench.cli import parse_backend_args, register
 from kvflow.bench.limits import MachineLimits, measure_limits
 from kvflow.bench.make_model import SHAPES, llama_param_count, make_model, shape_params
-from kvflow.bench.throughput import (
-    BACKENDS,
-    BackendUnavailable,
-    format_table,
-    make_prompts,
-    run_many,
-    run_throughput,
-)
+from kvflow.bench.throughput import BACKENDS, BackendUnavailable, make_prompts, run_throughput
+from kvflow.bench.throughput_report import format_table, run_many
 
 
 def _kvflow_llm_importable() -> bool:

@@ -23,7 +23,8 @@ from kvflow.bench.limits import MachineLimits
 from kvflow.bench.make_model import make_model
 from kvflow.bench.peers import measure_peer, peer_python
 from kvflow.bench.peers.to_gguf import ensure_gguf, gguf_cache_path
-from kvflow.bench.throughput import BackendUnavailable, plan_prompts, run_many, run_throughput
+from kvflow.bench.throughput import BackendUnavailable, plan_prompts, run_throughput
+from kvflow.bench.throughput_report import run_many
 
 LIMITS = MachineLimits(bf16_gflops=100.0, fp32_gflops=50.0, mem_bw_gbs=10.0, threads=1, gemm_n=64, bw_mib=1)
 
@@ -268,7 +269,7 @@ def test_cli_skips_a_missing_peer_and_runs_the_rest(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
 ) -> None:  # fmt: skip
     monkeypatch.setenv("PYTHONPATH", str(fakes / "lcpp_only"))  # vllm is not installed
-    monkeypatch.setattr("kvflow.bench.throughput.measure_limits", lambda: LIMITS)
+    monkeypatch.setattr("kvflow.bench.throughput_report.measure_limits", lambda: LIMITS)
     out = tmp_path / "r.json"
     argv = ["bench", "throughput", "--model", str(tiny_model), "--backend", "vllm", "llamacpp",
             "--workload", "offline", "single", "--num-prompts", "2", "--input-len", "5", "--output-len", "3",
