@@ -94,7 +94,7 @@ PRESETS: dict[str, TrainPreset] = {
         name="tiny",
         vocab_size=4096,
         model=ModelShape(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=704),
-        draft=ModelShape(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=352),
+        draft=ModelShape(hidden_size=128, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=352),
         teacher_stage=StageSchedule(
             steps=2000, tokens_per_step=8192, lr=2e-3, warmup_steps=100,
             seq_len_schedule=((0.5, 512), (0.8, 1024), (1.0, 2048)),
@@ -103,7 +103,7 @@ PRESETS: dict[str, TrainPreset] = {
                                       seq_len_schedule=((1.0, 2048),)),
         extension_mix=TaskMix(plain=0.4, passkey=0.35, multikey=0.25),
         draft_stage=StageSchedule(
-            steps=800, tokens_per_step=8192, lr=3e-3, warmup_steps=50,
+            steps=1000, tokens_per_step=8192, lr=3e-3, warmup_steps=50,
             seq_len_schedule=((0.5, 512), (1.0, 2048)),
         ),
     ),
