@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from kvflow.assets import default_model_path
-from kvflow.config import CacheConfig, SchedulerConfig
+from kvflow.config import CacheConfig, RunnerConfig, SchedulerConfig
 
-_ENGINE_PARTS = (CacheConfig, SchedulerConfig)
+_ENGINE_PARTS = (CacheConfig, SchedulerConfig, RunnerConfig)
 _HELP = {
     "block_size": "tokens per KV block",
     "kv_cache_memory": "GiB for the KV cache (default: 30%% of available memory, at most 4 GiB)",
@@ -27,6 +27,7 @@ _HELP = {
     "max_num_batched_tokens": "token budget of one step",
     "enable_chunked_prefill": "split long prompts over several steps",
     "policy": "waiting-queue policy: fcfs or priority",
+    "prepack_weights": "bf16 on CPU: prepack linear weights for oneDNN (same outputs, faster)",
 }
 
 

@@ -237,12 +237,22 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class RunnerConfig:
+    """How the model runs, not what it computes: switches for speed-only code paths."""
+
+    # bf16 linear weights prepacked for oneDNN on CPU (bit-identical outputs, faster matmuls);
+    # off = plain torch linears, the reference the bench checks the fast path against.
+    prepack_weights: bool = True
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, validated once."""
 
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
     device: str = "cpu"
     seed: int = 0
 
@@ -267,7 +277,7 @@ class EngineConfig:
         **kwargs: Any,
     ) -> EngineConfig:
         """Build from flat keyword arguments (the offline API and CLI use this)."""
-        parts: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}}
+        parts: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}, RunnerConfig: {}}
         for key, value in kwargs.items():
             for part in parts:
                 if key in {f.name for f in fields(part)}:
@@ -283,6 +293,7 @@ class EngineConfig:
             model=ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len),
             cache=CacheConfig(**parts[CacheConfig]),
             scheduler=SchedulerConfig(**parts[SchedulerConfig]),
+            runner=RunnerConfig(**parts[RunnerConfig]),
             device=device,
             seed=seed,
         )

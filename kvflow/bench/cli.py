@@ -118,6 +118,19 @@ def _cmd_to_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from kvflow.bench.profile import format_report, profile_decode, save_report, set_threads
+
+    set_threads(args.threads)
+    report = profile_decode(args.model, args.workload, num_prompts=args.num_prompts, input_len=args.input_len,
+                            decode_steps=args.steps, dtype=args.dtype, seed=args.seed, top=args.top)
+    print(format_report(report))
+    if args.output:
+        save_report(report, Path(args.output))
+        print(f"saved {args.output}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``bench`` command and its subcommands to the main CLI's subparsers."""
     bench = subparsers.add_parser("bench", help="benchmarks: reference models, limits, throughput, serving load")
@@ -139,6 +152,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     lim.add_argument("--repeats", type=int, default=5)
     lim.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     lim.set_defaults(func=_cmd_limits)
+
+    pr = sub.add_parser("profile", help="where kvflow's decode time goes (torch.profiler, per ATen op)")
+    pr.add_argument("--model", required=True, help="model directory (HF format)")
+    pr.add_argument("--workload", choices=["single", "offline"], default="single")
+    pr.add_argument("--num-prompts", type=int, default=64, help="offline batch (single uses 1)")
+    pr.add_argument("--input-len", type=int, default=128)
+    pr.add_argument("--steps", type=int, default=16, help="decode steps profiled")
+    pr.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--top", type=int, default=20, help="ops listed")
+    pr.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    pr.add_argument("--output", help="JSON path")
+    pr.set_defaults(func=_cmd_profile)
 
     tp = sub.add_parser("throughput", help="offline / single-stream throughput of backends")
     tp.add_argument("--model", required=True, help="model directory (HF format)")

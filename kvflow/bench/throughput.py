@@ -106,6 +106,24 @@ class _KVFlowBackend:
             raise BackendUnavailable(f"backend 'kvflow' cannot import kvflow.LLM: {e}") from e
         self._sampling_params = SamplingParams
         self.llm = LLM(model=str(model_dir), dtype=dtype, **dict(engine_kwargs))
+        if self.llm.engine.core.runner.model.packed_logits is not None:
+            self._check_fast_path(LLM, model_dir, dtype, engine_kwargs)
+
+    def _check_fast_path(self, llm_cls: Any, model_dir: Path, dtype: str, engine_kwargs: Mapping[str, Any]) -> None:
+        """Speed may only be reported for outputs equal to kvflow's plain path: greedy-decode a few
+        prompts with and without the optimised kernels (prepacked weights) and compare."""
+        vocab = self.llm.engine.core.runner.model_config.vocab_size
+        prompts = make_prompts(4, 32, vocab, 0, _CHECK_STREAM)
+        fast = self.generate(prompts, 16)
+        plain_kwargs = {**dict(engine_kwargs), "prepack_weights": False, "num_blocks": 64}
+        plain = llm_cls(model=str(model_dir), dtype=dtype, **plain_kwargs)
+        params = self._sampling_params(max_tokens=16, temperature=0.0, ignore_eos=True)
+        reference = [list(o.outputs[0].token_ids) for o in plain.generate(prompts, params, use_tqdm=False)]
+        del plain
+        differing = [i for i, (a, b) in enumerate(zip(fast, reference)) if a != b]
+        if differing:
+            raise RuntimeError("kvflow's optimised path changed greedy outputs on this model (prompts "
+                               f"{differing}); refusing to time it")
 
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
         """One ``LLM.generate`` call over all prompts."""
@@ -199,6 +217,7 @@ def get_backend(name: str) -> BackendLoader | PeerBackend:
 #: an earlier call (warm-up, TTFT probe, previous repeat) could have left in a prefix cache.
 _TTFT_STREAM = 1000
 _WARMUP_STREAM = 2000
+_CHECK_STREAM = 3000  # the fast-path check's prompts
 
 
 def make_prompts(

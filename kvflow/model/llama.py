@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from kvflow.attention.backend import AttentionBackend, AttentionMetadata
 from kvflow.config import ModelConfig
+from kvflow.model.cpu_linear import PackedLinear, prepack_linears
 from kvflow.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 
 
@@ -77,6 +78,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.packed_logits: PackedLinear | None = None  # set by `prepack_weights`
 
     def forward(
         self,
@@ -92,8 +94,18 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed_logits is not None:
+            return self.packed_logits(hidden).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
+
+    def prepack_weights(self) -> int:
+        """Switch every projection and the LM head to oneDNN-prepacked weights (see cpu_linear);
+        returns how many matrices were packed. The LM head gets a packed copy (a tied one shares its
+        matrix with the embedding lookup, which needs the plain layout)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.packed_logits = PackedLinear(weight, None)
+        return prepack_linears(self.layers) + 1
 
     # ---------------------------------------------------------------- weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -18,6 +18,7 @@ from kvflow.config import EngineConfig
 from kvflow.engine.kv_cache import default_kv_cache_bytes
 from kvflow.engine.request import Request, TokenLogprobs
 from kvflow.engine.scheduler import ScheduledChunk, SchedulerOutput
+from kvflow.model.cpu_linear import prepack_available
 from kvflow.model.loader import load_model
 from kvflow.sampler import Sampler, SamplingBatch
 
@@ -38,6 +39,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
         self.model = load_model(config.model, self.device)
+        if config.runner.prepack_weights and prepack_available(self.device, config.model.dtype):
+            self.model.prepack_weights()
         self.backend = get_backend(self.device)
         self.num_blocks = self._num_blocks()
         self.kv_caches = self.backend.allocate_kv_cache(

@@ -133,6 +133,20 @@ def test_kvflow_backend_unavailable_is_clear(
         run_throughput(tiny_model, "kvflow", "single", output_len=2, limits=small_limits)
 
 
+def test_kvflow_fast_path_is_checked_before_timing(
+    tiny_model: Path, small_limits: MachineLimits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bf16 tiny model runs on prepacked weights; a fast path that changed outputs is refused."""
+    r = run_throughput(tiny_model, "kvflow", "single", input_len=8, output_len=4, limits=small_limits)
+    assert len(r["token_ids"][0]) == 4  # the check passed (equal outputs), then it was timed
+    from kvflow.model.cpu_linear import PackedLinear
+
+    honest = PackedLinear.forward
+    monkeypatch.setattr(PackedLinear, "forward", lambda self, x: honest(self, x) * 1.5)
+    with pytest.raises(RuntimeError, match="changed greedy outputs"):
+        run_throughput(tiny_model, "kvflow", "single", input_len=8, output_len=4, limits=small_limits)
+
+
 def test_run_many_saves_json_and_table(
     tiny_model: Path, small_limits: MachineLimits, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
