@@ -18,7 +18,7 @@ import torch
 from kvflow.bench.throughput import make_prompts
 
 #: ATen ops that do the matrix work; everything else is attention glue, elementwise or overhead.
-MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int8pack_mm"})
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"})
 
 
 @dataclass

@@ -1,0 +1,33 @@
+"""`kvflow bench profile`: decode-only op shares that add up, from the CLI to its JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvflow.bench.cli import main as bench_main
+from kvflow.bench.profile import profile_decode
+
+
+def test_profile_reports_decode_ops(llama_dir: Path):
+    report = profile_decode(llama_dir, "offline", num_prompts=3, input_len=12, decode_steps=4, dtype="float32")
+    assert report.batch == 3 and report.decode_steps == 4
+    assert report.ms_per_step > 0 and report.ops_per_step > 50
+    names = [op.name for op in report.top_ops]
+    assert "aten::addmm" in names or "aten::mm" in names  # fp32: plain torch linears
+    assert 0 < report.matmul_ms_per_step <= report.profiled_ms_per_step
+    assert sum(op.self_ms for op in report.top_ops) <= report.profiled_ms_per_step + 1e-6
+    with pytest.raises(ValueError, match="workload"):
+        profile_decode(llama_dir, "serving")
+
+
+def test_profile_cli_saves_json(llama_dir: Path, tmp_path: Path, capsys):
+    out = tmp_path / "p.json"
+    assert bench_main(["bench", "profile", "--model", str(llama_dir), "--workload", "single", "--steps", "3",
+                       "--input-len", "8", "--dtype", "bfloat16", "--output", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["workload"] == "single" and saved["batch"] == 1
+    assert any(op["name"] == "mkldnn::_linear_pointwise" for op in saved["top_ops"])  # bf16: prepacked
+    assert "ATen calls/step" in capsys.readouterr().out
