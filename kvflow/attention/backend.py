@@ -50,7 +50,7 @@ class AttentionBackend(Protocol):
         self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
         dtype: torch.dtype, device: torch.device,
     ) -> list[torch.Tensor]:
-        """One tensor per layer, shaped [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+        """One tensor per layer; its layout is the backend's own (the engine only counts blocks)."""
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         """Derive per-step helper tensors once, before the layers run."""
@@ -66,13 +66,6 @@ class AttentionBackend(Protocol):
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         """Store k/v for the step's tokens, then attend; returns [T, num_heads, head_dim]."""
-
-
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter the step's keys and values into their paged slots."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
 def get_backend(device: torch.device | str) -> AttentionBackend:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvflow.attention.backend import AttentionMetadata, write_kv
+from kvflow.attention.backend import AttentionMetadata
 
 
 class TorchNativeBackend:
@@ -21,13 +21,17 @@ class TorchNativeBackend:
         self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
         dtype: torch.dtype, device: torch.device,
     ) -> list[torch.Tensor]:
-        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+        # Head-major blocks: a gathered block is [kv_heads, block_size, head_dim], ready for batched
+        # matmuls with no transposing copy (see `_decode`).
+        shape = (2, num_blocks, num_kv_heads, block_size, head_dim)
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, meta: AttentionMetadata) -> None:
         nd, bs = meta.num_decodes, meta.block_size
         device = meta.slot_mapping.device
+        meta.extra["slot_block"] = torch.div(meta.slot_mapping, bs, rounding_mode="floor")
+        meta.extra["slot_offset"] = meta.slot_mapping % bs
         if nd:
             max_len = max(meta.seq_lens_list[:nd])
             nblocks = -(-max_len // bs)
@@ -66,10 +70,12 @@ class TorchNativeBackend:
         if kind == "decode":
             key_pos = meta.extra["decode_key_pos"][None, :]
             q_pos = (meta.extra["decode_seq_lens"] - 1)[:, None]
-            mask = key_pos <= q_pos
+            visible = key_pos <= q_pos
             if window is not None:
-                mask &= key_pos > q_pos - window
-            mask = mask[:, None, None, :]  # [Bd, 1, 1, L]
+                visible &= key_pos > q_pos - window
+            # Additive fp32 bias [Bd, 1, 1, L]: 0 where a key is visible, -inf where it is not.
+            mask = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+            mask = mask.masked_fill_(~visible, float("-inf"))[:, None, None, :]
         else:
             key_pos = meta.extra["prefill_key_pos"][None, None, :]
             q_pos = meta.extra["prefill_q_pos"][:, :, None]
@@ -93,7 +99,8 @@ class TorchNativeBackend:
         scale: float,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
-        write_kv(k, v, kv_cache, meta.slot_mapping)
+        kv_cache[0][meta.extra["slot_block"], :, meta.extra["slot_offset"]] = k
+        kv_cache[1][meta.extra["slot_block"], :, meta.extra["slot_offset"]] = v
         nd = meta.num_decodes
         if not meta.num_prefills:
             return self._decode(q, kv_cache, meta, scale, sliding_window)
@@ -109,24 +116,29 @@ class TorchNativeBackend:
     def _gather(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, nblocks] block ids -> keys, values as [B, kv_heads, nblocks * block_size, head_dim]."""
         b, nblocks = blocks.shape
-        _, _, bs, kvh, d = kv_cache.shape
-        keys = kv_cache[0][blocks].view(b, nblocks * bs, kvh, d).transpose(1, 2)
-        values = kv_cache[1][blocks].view(b, nblocks * bs, kvh, d).transpose(1, 2)
+        _, _, kvh, bs, d = kv_cache.shape
+        keys = kv_cache[0][blocks].transpose(1, 2).reshape(b, kvh, nblocks * bs, d)
+        values = kv_cache[1][blocks].transpose(1, 2).reshape(b, kvh, nblocks * bs, d)
         return keys, values
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 window: int | None) -> torch.Tensor:
-        """One query per sequence: two grouped batched matmuls, which on CPU beat SDPA's flash
-        kernel (it parallelises over queries, and a decode has one)."""
-        keys, values = self._gather(kv_cache, meta.extra["decode_blocks"])  # [B, KVH, L, D]
-        b, num_heads, head_dim = q.shape
-        kvh = keys.shape[1]
-        q = q.view(b, kvh, num_heads // kvh, head_dim)  # query heads of a group share their KV
-        scores = torch.matmul(q, keys.transpose(2, 3)).float() * scale  # [B, KVH, G, L]
-        mask = self._mask(meta, "decode", window)  # [B, 1, 1, L]
-        scores.masked_fill_(~mask, float("-inf"))
+        """One query per sequence, attended block by block: the gathered blocks [B, nb, KVH, bs, D]
+        feed batched matmuls as they are (no transposing copy of the context), the scores of all
+        blocks share one softmax, and the per-block outputs are summed. On CPU this beats SDPA's
+        flash kernel, which parallelises over queries when a decode has one."""
+        blocks = meta.extra["decode_blocks"]
+        b, nb = blocks.shape
+        keys, values = kv_cache[0][blocks], kv_cache[1][blocks]  # [B, nb, KVH, bs, D]
+        kvh, bs = keys.shape[2], keys.shape[3]
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        group = num_heads // kvh  # query heads of a group share their KV
+        scores = torch.matmul(q.view(b, 1, kvh, group, head_dim), keys.transpose(-1, -2))  # [B, nb, KVH, G, bs]
+        scores = scores.permute(0, 2, 3, 1, 4).reshape(b, kvh, group, nb * bs).float()
+        scores = torch.add(self._mask(meta, "decode", window), scores, alpha=scale)  # [B, KVH, G, L]
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        return torch.matmul(probs, values).view(b, num_heads, head_dim)
+        probs = probs.view(b, kvh, group, nb, bs).permute(0, 3, 1, 2, 4)  # [B, nb, KVH, G, bs]
+        return torch.matmul(probs, values).sum(1).view(b, num_heads, head_dim)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
