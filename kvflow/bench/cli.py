@@ -132,6 +132,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_throughput_plot(args: argparse.Namespace) -> int:
+    from kvflow.bench.throughput_plot import plot_throughput
+
+    print(f"wrote {plot_throughput([Path(r) for r in args.reports], Path(args.out), args.title)}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``bench`` command and its subcommands to the main CLI's subparsers."""
     bench = subparsers.add_parser("bench", help="benchmarks: reference models, limits, throughput, serving load")
@@ -153,6 +160,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     lim.add_argument("--repeats", type=int, default=5)
     lim.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     lim.set_defaults(func=_cmd_limits)
+
+    tpp = sub.add_parser("throughput-plot", help="bar chart of throughput reports (output tok/s per backend)")
+    tpp.add_argument("reports", nargs="+", help="JSON reports of `kvflow bench throughput`")
+    tpp.add_argument("--out", required=True, help="PNG path")
+    tpp.add_argument("--title", default=None)
+    tpp.set_defaults(func=_cmd_throughput_plot)
 
     pr = sub.add_parser("profile", help="where kvflow's decode time goes (torch.profiler, per ATen op)")
     pr.add_argument("--model", required=True, help="model directory (HF format)")
