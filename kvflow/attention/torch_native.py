@@ -126,7 +126,7 @@ class TorchNativeBackend:
         """One query per sequence, attended block by block: the gathered blocks [B, nb, KVH, bs, D]
         feed batched matmuls as they are (no transposing copy of the context), the scores of all
         blocks share one softmax, and the per-block outputs are summed. On CPU this beats SDPA's
-        flash kernel, which parallelises over queries when a decode has one."""
+        flash kernel, which parallelises over queries, and a decode has only one."""
         blocks = meta.extra["decode_blocks"]
         b, nb = blocks.shape
         keys, values = kv_cache[0][blocks], kv_cache[1][blocks]  # [B, nb, KVH, bs, D]
