@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from kvflow.bench.cpu_idle import wait_for_idle_cpu
 from kvflow.bench.limits import MachineLimits, measure_limits
 from kvflow.bench.make_model import llama_param_count, to_torch_dtype
 
@@ -271,40 +272,6 @@ def _cpu_seconds() -> float:
     """User + system CPU time of this process (all threads) so far."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
-
-
-def _cpu_idle_fraction(window_s: float = 1.0) -> float | None:
-    """Share of all CPUs' time that was idle over ``window_s`` (from /proc/stat); None if unknown."""
-
-    def sample() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, total (without guest)
-
-    a = sample()
-    time.sleep(window_s)
-    b = sample()
-    if a is None or b is None or b[1] == a[1]:
-        return None
-    return (b[0] - a[0]) / (b[1] - a[1])
-
-
-def wait_for_idle_cpu(max_wait_s: float, threshold: float = 0.9) -> float | None:
-    """Wait up to ``max_wait_s`` until the CPUs are at least ``threshold`` idle; return the last
-    idle fraction seen.
-
-    On a shared machine another process on one of two cores halves GEMM rate and can slow a
-    batch-1 decode tenfold (OpenMP threads wait on a descheduled peer), so a benchmark started
-    in a quiet moment measures the engine rather than the neighbours.
-    """
-    deadline = time.monotonic() + max_wait_s
-    idle = _cpu_idle_fraction()
-    while idle is not None and idle < threshold and time.monotonic() < deadline:
-        idle = _cpu_idle_fraction()
-    return idle
 
 
 def _load_model_config(model_dir: Path) -> dict[str, Any]:

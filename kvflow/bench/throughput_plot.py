@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kvflow.bench.serve.plots import pyplot, save_figure
+
 WORKLOADS = ("offline", "single")
 
 
@@ -19,11 +21,7 @@ def _panel_title(workload: str, run: dict[str, Any]) -> str:
 def plot_throughput(reports: list[Path], out: Path, title: str | None = None) -> Path:
     """One bar per (backend, workload) of the given `kvflow bench throughput` JSON reports; when
     several reports hold the same backend and workload, the later report wins."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs: dict[tuple[str, str], dict[str, Any]] = {}
     model = None
     for path in reports:
@@ -47,8 +45,4 @@ def plot_throughput(reports: list[Path], out: Path, title: str | None = None) ->
         ax.set_ylabel("output tokens/s")
         ax.set_ylim(0, max(values) * 1.15)
     fig.suptitle(title or f"{model}: throughput on this machine (same run, same token ids)")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)

@@ -13,14 +13,9 @@ from typing import Any
 
 import torch
 
+from kvflow.bench.cpu_idle import wait_for_idle_cpu
 from kvflow.bench.limits import format_limits, measure_limits
-from kvflow.bench.throughput import (
-    WORKLOADS,
-    BackendUnavailable,
-    get_backend,
-    run_throughput,
-    wait_for_idle_cpu,
-)
+from kvflow.bench.throughput import WORKLOADS, BackendUnavailable, get_backend, run_throughput
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:

@@ -10,6 +10,7 @@ Exit status: 0 done, 3 peer not importable (result says why), 1 any other failur
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -151,31 +152,13 @@ def _tree_peak_rss_mib() -> float:
     return total_kib / 1024
 
 
-def _cpu_idle_fraction(window_s: float = 1.0) -> float | None:
-    """Idle share of all CPUs over ``window_s``; a copy of throughput's, kvflow is not importable here."""
-
-    def sample() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        return fields[3] + fields[4], sum(fields[:8])
-
-    a = sample()
-    time.sleep(window_s)
-    b = sample()
-    if a is None or b is None or b[1] == a[1]:
-        return None
-    return (b[0] - a[0]) / (b[1] - a[1])
-
-
-def _wait_for_idle_cpu(max_wait_s: float, threshold: float = 0.9) -> float | None:
-    deadline = time.monotonic() + max_wait_s
-    idle = _cpu_idle_fraction()
-    while idle is not None and idle < threshold and time.monotonic() < deadline:
-        idle = _cpu_idle_fraction()
-    return idle
+def _load_cpu_idle() -> Any:
+    """kvflow.bench.cpu_idle, loaded by path: this interpreter cannot import kvflow itself."""
+    path = Path(__file__).resolve().parent.parent / "cpu_idle.py"
+    spec = importlib.util.spec_from_file_location("kvflow_bench_cpu_idle", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _timed(engine: Any, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
@@ -193,7 +176,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     try:
         if plan["warmup"] is not None:
             engine.generate(plan["warmup"], plan["warmup_tokens"])
-        idle_before = _wait_for_idle_cpu(job["wait_idle_s"]) if job["wait_idle_s"] > 0 else None
+        idle_before = _load_cpu_idle().wait_for_idle_cpu(job["wait_idle_s"]) if job["wait_idle_s"] > 0 else None
         load_avg = os.getloadavg()[0]
         cpu0, section0 = _tree_cpu_seconds(), time.perf_counter()
         ttfts = [_timed(engine, probe, 1)[0] for probe in plan["probes"]]

@@ -23,7 +23,8 @@ _SLO_OF = {"ttft_s": "ttft", "tpot_s": "tpot", "e2e_s": "e2e"}
 _SCALES = np.geomspace(0.25, 4.0, 33)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,6 +32,14 @@ def _pyplot() -> Any:
 
     return plt
 
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns its path."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
 
 def _values_ms(doc: dict[str, Any], key: str) -> np.ndarray:
     """One per-request metric (ms) of the successful requests that have it."""
@@ -77,7 +86,7 @@ def _attainment_curve(doc: dict[str, Any], metric: str | None, scales: np.ndarra
 
 def plot_run(doc: dict[str, Any], out_dir: str | Path, stem: str) -> list[Path]:
     """Write ``STEM-cdf.png`` and, when SLOs were given, ``STEM-attainment.png``; return paths."""
-    plt = _pyplot()
+    plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     slos = _slos(doc)
@@ -95,11 +104,7 @@ def plot_run(doc: dict[str, Any], out_dir: str | Path, stem: str) -> list[Path]:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     fig.suptitle(f"Latency CDFs: {_run_name(doc)} ({doc['dataset']})")
-    fig.tight_layout()
-    path = out_dir / f"{stem}-cdf.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, out_dir / f"{stem}-cdf.png"))
 
     if slos:
         att = doc["summary"]["goodput"]["attainment"]
@@ -122,11 +127,7 @@ def plot_run(doc: dict[str, Any], out_dir: str | Path, stem: str) -> list[Path]:
         right.grid(alpha=0.3)
         right.legend()
         fig.suptitle(f"SLO attainment: {_run_name(doc)}")
-        fig.tight_layout()
-        path = out_dir / f"{stem}-attainment.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / f"{stem}-attainment.png"))
     return paths
 
 
@@ -149,7 +150,7 @@ def plot_compare(docs: Sequence[dict[str, Any]], out: str | Path, title: str | N
     """One figure comparing runs: overlaid CDFs, and per-label metrics against the request rate."""
     if not docs:
         raise ValueError("nothing to plot: no result files")
-    plt = _pyplot()
+    plt = pyplot()
     labels = list(dict.fromkeys(d["label"] for d in docs))
     rates = sorted({d["rate_label"] for d in docs}, key=_rate_sort_key)
     x_of = {r: i for i, r in enumerate(rates)}
@@ -211,9 +212,4 @@ def plot_compare(docs: Sequence[dict[str, Any]], out: str | Path, title: str | N
             ax.text(0.5, 0.5, "no --goodput SLOs in these runs", ha="center", va="center")
             ax.set_axis_off()
     fig.suptitle(title or "Serving benchmark: " + " vs ".join(labels))
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, Path(out))
