@@ -10,7 +10,16 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from hypothesis import settings  # noqa: E402
+
 from tests.model_utils import ARCHITECTURES, make_tiny_model  # noqa: E402
+
+# The suite (and CI) replays the same property-test examples on every run, so a failure is always
+# reproducible and never a coin toss. `HYPOTHESIS_PROFILE=explore pytest ...` searches new random
+# examples when hunting for bugs; add what it finds as explicit regression tests.
+settings.register_profile("default", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
