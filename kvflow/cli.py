@@ -28,6 +28,7 @@ _HELP = {
     "enable_chunked_prefill": "split long prompts over several steps",
     "policy": "waiting-queue policy: fcfs or priority",
     "prepack_weights": "bf16 on CPU: prepack linear weights for oneDNN (same outputs, faster)",
+    "cpu_kernels": "CPU: run each step's decoder stack as one C++ call (compiled on first use)",
 }
 
 

@@ -243,6 +243,9 @@ class RunnerConfig:
     # bf16 linear weights prepacked for oneDNN on CPU (bit-identical outputs, faster matmuls);
     # off = plain torch linears, the reference the bench checks the fast path against.
     prepack_weights: bool = True
+    # CPU: run the decoder stack as one C++ call per step (kvflow/csrc/cpu_model.cpp; equal to the
+    # PyTorch modules up to fp32 summation order); off = the PyTorch modules.
+    cpu_kernels: bool = True
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    token_seq_index: torch.Tensor | None = None  # [T] int64: which sequence each flat token belongs to
     # Python-side copies, so backends can plan without device syncs.
     seq_lens_list: list[int] = field(default_factory=list)
     query_lens_list: list[int] = field(default_factory=list)

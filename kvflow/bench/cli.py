@@ -124,7 +124,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     report = profile_decode(args.model, args.workload, num_prompts=args.num_prompts, input_len=args.input_len,
                             decode_steps=args.steps, dtype=args.dtype, seed=args.seed, top=args.top,
-                            engine_kwargs={"prepack_weights": args.prepack_weights})
+                            engine_kwargs={"prepack_weights": args.prepack_weights,
+                                           "cpu_kernels": args.cpu_kernels})
     print(format_report(report))
     if args.output:
         save_report(report, Path(args.output))
@@ -179,6 +180,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     pr.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=True,
                     help="profile the prepacked bf16 path (default) or plain torch linears")
+    pr.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
+                    help="profile the C++ CPU forward (default) or the PyTorch modules")
     pr.add_argument("--output", help="JSON path")
     pr.set_defaults(func=_cmd_profile)
 

@@ -107,7 +107,7 @@ class _KVFlowBackend:
             raise BackendUnavailable(f"backend 'kvflow' cannot import kvflow.LLM: {e}") from e
         self._sampling_params = SamplingParams
         self.llm = LLM(model=str(model_dir), dtype=dtype, **dict(engine_kwargs))
-        self._llm_cls, self._load_args = LLM, (model_dir, dtype, dict(engine_kwargs))
+        self._load_args = (model_dir, dtype, dict(engine_kwargs))
 
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
         """One ``LLM.generate`` call over all prompts."""
@@ -117,7 +117,9 @@ class _KVFlowBackend:
 
     def close(self) -> None:
         """Check the optimised path (after the peak memory was read), then drop the engine."""
-        fast_path = self.llm.engine.core.runner.model.packed_logits is not None
+        from kvflow.bench.fast_path_check import check_fast_path, fast_path_active
+
+        fast_path = fast_path_active(self.llm)
         if fast_path:
             vocab = self.llm.engine.core.runner.model_config.vocab_size
             prompts = make_prompts(4, 32, vocab, 0, _CHECK_STREAM)
@@ -125,20 +127,9 @@ class _KVFlowBackend:
         del self.llm
         gc.collect()  # free the fast engine before the plain one loads
         if fast_path:
-            self._check_fast_path(prompts, fast)
-
-    def _check_fast_path(self, prompts: list[list[int]], fast: list[list[int]]) -> None:
-        """Speed may only be reported for outputs equal to kvflow's plain path: greedy-decode a few
-        prompts without the optimised kernels (prepacked weights) and compare."""
-        model_dir, dtype, engine_kwargs = self._load_args
-        plain_kwargs = {**engine_kwargs, "prepack_weights": False, "num_blocks": 64}
-        self.llm = self._llm_cls(model=str(model_dir), dtype=dtype, **plain_kwargs)
-        reference = self.generate(prompts, 16)
-        del self.llm
-        differing = [i for i, (a, b) in enumerate(zip(fast, reference)) if a != b]
-        if differing:
-            raise RuntimeError("kvflow's optimised path changed greedy outputs on this model (prompts "
-                               f"{differing}); refusing to report its speed")
+            model_dir, dtype, engine_kwargs = self._load_args
+            checks = check_fast_path(model_dir, dtype, engine_kwargs, prompts, fast)
+            self.report_extra = {"fast_path_checks": [c.to_dict() for c in checks]}
 
 
 @dataclass
@@ -337,12 +328,13 @@ def _measure_in_process(
         peak_rss = _peak_rss_mib()
     finally:
         engine.close()
+        extra = dict(getattr(engine, "report_extra", {}))
         del engine
         gc.collect()
     return Measurement(
         load_s=load_s, walls=walls, ttfts=ttfts, outputs=outputs, cpu_util=cpu_util,
         peak_rss_mib=peak_rss, peak_rss_scope="run" if rss_per_run else "process",
-        load_avg=load_avg, idle_before=idle_before, threads=torch.get_num_threads(),
+        load_avg=load_avg, idle_before=idle_before, threads=torch.get_num_threads(), extra=extra,
     )  # fmt: skip
 
 

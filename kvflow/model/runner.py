@@ -18,6 +18,7 @@ from kvflow.config import EngineConfig
 from kvflow.engine.kv_cache import default_kv_cache_bytes
 from kvflow.engine.request import Request, TokenLogprobs
 from kvflow.engine.scheduler import ScheduledChunk, SchedulerOutput
+from kvflow.model.cpu_kernels import CpuForward, cpu_kernels_available
 from kvflow.model.cpu_linear import prepack_available
 from kvflow.model.loader import load_model
 from kvflow.sampler import Sampler, SamplingBatch
@@ -47,6 +48,9 @@ class ModelRunner:
             config.model.num_layers, self.num_blocks, self.block_size,
             config.model.num_kv_heads, config.model.head_dim, config.model.dtype, self.device,
         )
+        self.cpu_forward: CpuForward | None = None
+        if config.runner.cpu_kernels and cpu_kernels_available(self.device, config.model.dtype):
+            self.cpu_forward = CpuForward(self.model, self.kv_caches)
         self.sampler = Sampler()
 
     def _num_blocks(self) -> int:
@@ -83,8 +87,11 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         chunks = sorted(sched.chunks, key=lambda c: c.num_tokens != 1)  # stable: decodes first
         input_ids, positions, meta = self._prepare_inputs(chunks)
-        self.backend.prepare(meta)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        if self.cpu_forward is not None:
+            hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping, meta.block_tables)
+        else:
+            self.backend.prepare(meta)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
         return self._sample(chunks, hidden, meta)
 
     def _prepare_inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -122,6 +129,7 @@ class ModelRunner:
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             block_size=bs,
+            token_seq_index=seq_index,
             seq_lens_list=seq_lens,
             query_lens_list=query_lens,
         )

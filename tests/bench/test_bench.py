@@ -12,6 +12,7 @@ import torch
 
 from kvflow.bench.cli import main as bench_main
 from kvflow.bench.cli import parse_backend_args, register
+from kvflow.bench.fast_path_check import NEAR_TIE_NATS
 from kvflow.bench.limits import MachineLimits, measure_limits
 from kvflow.bench.make_model import SHAPES, llama_param_count, make_model, shape_params
 from kvflow.bench.throughput import BACKENDS, BackendUnavailable, make_prompts, run_throughput
@@ -136,13 +137,19 @@ def test_kvflow_backend_unavailable_is_clear(
 def test_kvflow_fast_path_is_checked_before_timing(
     tiny_model: Path, small_limits: MachineLimits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The bf16 tiny model runs on prepacked weights; a fast path that changed outputs is refused."""
+    """The bf16 tiny model runs the C++ forward on prepacked weights; its outputs are compared
+    with the plain path (fp32 strictly, bf16 up to near-ties), and a path that changed them is refused."""
     r = run_throughput(tiny_model, "kvflow", "single", input_len=8, output_len=4, limits=small_limits)
     assert len(r["token_ids"][0]) == 4  # the check passed (equal outputs), then it was timed
-    from kvflow.model.cpu_linear import PackedLinear
+    fp32, bf16 = r["fast_path_checks"]
+    assert (fp32["dtype"], fp32["identical"], fp32["near_ties"]) == ("float32", 4, [])
+    assert bf16["dtype"] == "bfloat16" and bf16["identical"] + len(bf16["near_ties"]) == 4
+    assert all(d["gap_nats"] <= NEAR_TIE_NATS for d in bf16["near_ties"])
 
-    honest = PackedLinear.forward
-    monkeypatch.setattr(PackedLinear, "forward", lambda self, x: honest(self, x) * 1.5)
+    from kvflow.model.cpu_kernels import CpuForward
+
+    honest = CpuForward.__call__
+    monkeypatch.setattr(CpuForward, "__call__", lambda self, *a: honest(self, *a).roll(1, -1))
     with pytest.raises(RuntimeError, match="changed greedy outputs"):
         run_throughput(tiny_model, "kvflow", "single", input_len=8, output_len=4, limits=small_limits)
 

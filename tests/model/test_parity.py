@@ -22,6 +22,12 @@ def mixed_prompts(seed: int, count: int = 6, shared_prefix: int = 0) -> list[lis
     return [prefix + [rng.randrange(3, 500) for _ in range(n)] for n in lengths]
 
 
+@pytest.fixture(params=[True, False], ids=["cpu_kernels", "torch_modules"])
+def cpu_kernels(request) -> bool:
+    """Every parity test runs twice: on the C++ CPU forward and on the PyTorch modules."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def references(tiny_models):
     """HF greedy continuations, memoised per (arch, prompt)."""
@@ -50,25 +56,27 @@ def assert_matches_hf(llm: LLM, arch: str, prompts, references, params=GREEDY):
             assert completion.finish_reason == "length"
     kv = llm.engine.core.kv
     assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
+    if llm.engine.core.config.runner.cpu_kernels:
+        assert llm.engine.core.runner.cpu_forward is not None, "the C++ CPU forward did not build"
     return outputs
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_mixed_batch(arch, tiny_models, references):
-    llm = LLM(model=str(tiny_models[arch]), dtype="float32", block_size=4, num_blocks=256)
+def test_mixed_batch(arch, tiny_models, references, cpu_kernels):
+    llm = LLM(model=str(tiny_models[arch]), dtype="float32", cpu_kernels=cpu_kernels, block_size=4, num_blocks=256)
     assert_matches_hf(llm, arch, mixed_prompts(1), references)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_chunked_prefill_forced_small(arch, tiny_models, references):
-    llm = LLM(model=str(tiny_models[arch]), dtype="float32", block_size=4, num_blocks=256,
+def test_chunked_prefill_forced_small(arch, tiny_models, references, cpu_kernels):
+    llm = LLM(model=str(tiny_models[arch]), dtype="float32", cpu_kernels=cpu_kernels, block_size=4, num_blocks=256,
               max_num_batched_tokens=7)
     assert_matches_hf(llm, arch, mixed_prompts(2), references)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_prefix_cache_hits(arch, tiny_models, references):
-    llm = LLM(model=str(tiny_models[arch]), dtype="float32", block_size=4, num_blocks=256)
+def test_prefix_cache_hits(arch, tiny_models, references, cpu_kernels):
+    llm = LLM(model=str(tiny_models[arch]), dtype="float32", cpu_kernels=cpu_kernels, block_size=4, num_blocks=256)
     prompts = mixed_prompts(3, count=4, shared_prefix=21)
     assert_matches_hf(llm, arch, prompts[:1], references)  # fills the cache
     outputs = assert_matches_hf(llm, arch, prompts, references)
@@ -77,17 +85,17 @@ def test_prefix_cache_hits(arch, tiny_models, references):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_preemption_forced_by_tiny_kv_budget(arch, tiny_models, references):
+def test_preemption_forced_by_tiny_kv_budget(arch, tiny_models, references, cpu_kernels):
     # 24 blocks of 4 tokens: the prompts alone need more, so sequences must be preempted and recomputed.
-    llm = LLM(model=str(tiny_models[arch]), dtype="float32", block_size=4, num_blocks=24,
+    llm = LLM(model=str(tiny_models[arch]), dtype="float32", cpu_kernels=cpu_kernels, block_size=4, num_blocks=24,
               enable_prefix_caching=False)
     assert_matches_hf(llm, arch, mixed_prompts(4), references)
     assert llm.engine.core.scheduler.num_preemptions > 0
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_n_greater_than_one_shares_prompt_blocks(arch, tiny_models, references):
-    llm = LLM(model=str(tiny_models[arch]), dtype="float32", block_size=4, num_blocks=256,
+def test_n_greater_than_one_shares_prompt_blocks(arch, tiny_models, references, cpu_kernels):
+    llm = LLM(model=str(tiny_models[arch]), dtype="float32", cpu_kernels=cpu_kernels, block_size=4, num_blocks=256,
               enable_prefix_caching=False)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, n=3)
     prompts = mixed_prompts(5, count=3)[1:]  # 3 and 17 tokens
@@ -98,7 +106,7 @@ def test_n_greater_than_one_shares_prompt_blocks(arch, tiny_models, references):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_logits_allclose(arch, tiny_models, references, monkeypatch):
+def test_logits_allclose(arch, tiny_models, references, cpu_kernels, monkeypatch):
     """Every row the sampler sees equals HF's next-token logits for that row's context."""
     seen: list[tuple[list[int], torch.Tensor]] = []
     original = Sampler.__call__
@@ -109,7 +117,7 @@ def test_logits_allclose(arch, tiny_models, references, monkeypatch):
         return original(self, logits, batch)
 
     monkeypatch.setattr(Sampler, "__call__", spy)
-    llm = LLM(model=str(tiny_models[arch]), dtype="float32", block_size=4, num_blocks=256,
+    llm = LLM(model=str(tiny_models[arch]), dtype="float32", cpu_kernels=cpu_kernels, block_size=4, num_blocks=256,
               max_num_batched_tokens=16)
     assert_matches_hf(llm, arch, mixed_prompts(6, count=4), references)
     hf = references.models.get(arch) or load_hf(tiny_models[arch])

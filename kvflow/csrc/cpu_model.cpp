@@ -1,0 +1,489 @@
+// kvflow's CPU forward pass: the whole Llama-family decoder in one C++ call per engine step.
+//
+// Why: profiling the `135m` single stream showed ~7,600 ATen calls and ~14 ms of a 28 ms decode
+// step outside the matrix products — per-op dispatch, Python module calls, dtype round trips and
+// an attention that gathers blocks before a batched matmul. Here each layer is nine calls: four
+// linears (oneDNN-prepacked or plain `at::linear`, the very ops the Python model uses) and five
+// fused kernels (residual add + RMSNorm, q/k norm + rotary + KV-cache write, paged attention that
+// reads the blocks in place, SiLU-and-multiply).
+//
+// Numerics follow the Python modules of kvflow/model/layers.py step by step: every place where
+// the Python path rounds to the model dtype, so do these kernels (`round_to<T>`), and
+// `-ffp-contract=off` keeps the compiler from fusing a multiply and an add that PyTorch runs as
+// two ops. What can differ is the order of summation inside reductions (RMSNorm's mean of squares,
+// attention's dot products and softmax sum, which here stay in fp32 throughout), so outputs agree
+// to fp32 rounding, not bit for bit.
+
+#include <torch/extension.h>
+#include <pybind11/stl.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+// Python passes an empty tensor where a weight does not exist (no bias, no q/k norm).
+inline at::Tensor optional_weight(const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t : at::Tensor(); }
+
+// Round to the nearest bf16 (ties to even), as c10::BFloat16 does, but as plain integer
+// arithmetic the compiler vectorizes; NaN stays a quiet NaN.
+inline uint32_t bf16_bits(float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc00000u;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+}
+
+// v rounded to T and back: where the PyTorch modules store an intermediate in the model dtype.
+template <typename T>
+inline float round_to(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+template <>
+inline float round_to<c10::BFloat16>(float v) {
+  return __builtin_bit_cast(float, bf16_bits(v));
+}
+
+template <>
+inline float round_to<float>(float v) {
+  return v;
+}
+
+// dst[i] = T(src[i]).
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+template <>
+inline void from_float<c10::BFloat16>(const float* src, c10::BFloat16* dst, int64_t n) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) bits[i] = static_cast<uint16_t>(bf16_bits(src[i]) >> 16);
+}
+
+// dst[i] = float(src[i]); bf16 is read as raw bits (the upper half of a float), which the compiler
+// turns into a vector shift.
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <>
+inline void to_float<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
+}
+
+// exp(v) by Cody-Waite range reduction and the Cephes polynomial (about 1 ulp); the vector
+// version below computes the same expression, 16 lanes at a time. Inputs below -87.3 give ~0.
+inline float exp_scalar(float v) {
+  v = std::min(std::max(v, -87.3f), 88.7f);
+  const float k = std::floor(v * 1.44269504088896341f + 0.5f);
+  const float r = (v - k * 0.693359375f) - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+}
+
+// x[i] = exp(x[i]) in place.
+inline void exp_inplace(float* x, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.7f), log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 half = _mm512_set1_ps(0.5f), c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const float coeffs[] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_loadu_ps(x + i), lo), hi);
+    const __m512 k = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(v, log2e), half),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(v, _mm512_mul_ps(k, c1)), _mm512_mul_ps(k, c2));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    for (float c : coeffs) p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
+    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), one);
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+    _mm512_storeu_ps(x + i, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
+  }
+#endif
+  for (; i < n; ++i) x[i] = exp_scalar(x[i]);
+}
+
+// Dot product in fp32 (explicit fused multiply-adds: a summation order of our own either way).
+inline float dot(const float* a, const float* b, int64_t n) {
+#ifdef __AVX512F__
+  if (n % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// ----------------------------------------------------------------------------- RMSNorm
+// out = w * (x * rsqrt(mean(x^2) + eps)).to(T), the fp32 computation of kvflow's RMSNorm.
+// `w` holds the weight already in fp32 (exact: it is a T tensor); x is overwritten with the result.
+template <typename T>
+inline void rms_norm_row(float* x, const float* w, T* out, int64_t dim, float eps) {
+  const float inv = 1.f / std::sqrt(dot(x, x, dim) / static_cast<float>(dim) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < dim; ++i) x[i] = w[i] * round_to<T>(x[i] * inv);
+  from_float(x, out, dim);
+}
+
+// residual = residual + delta (rounded to T, as `x + f(x)` is); out = RMSNorm(residual).
+// With `delta` undefined only the norm runs.
+template <typename T>
+void add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at::Tensor& weight,
+                  at::Tensor& out, float eps) {
+  const int64_t rows = residual.size(0), dim = residual.size(1);
+  T* res = residual.data_ptr<T>();
+  const T* d = delta.defined() ? delta.data_ptr<T>() : nullptr;
+  const T* w = weight.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(dim), add(dim), wf(dim);
+    to_float(w, wf.data(), dim);
+    for (int64_t r = begin; r < end; ++r) {
+      T* x = res + r * dim;
+      to_float(x, row.data(), dim);
+      if (d) {
+        to_float(d + r * dim, add.data(), dim);
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) row[i] = round_to<T>(row[i] + add[i]);
+        from_float(row.data(), x, dim);
+      }
+      rms_norm_row<T>(row.data(), wf.data(), o + r * dim, dim, eps);
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- rotary + KV write
+// Split the fused qkv projection, apply the optional per-head q/k RMSNorm (Qwen3) and the
+// rotate-half rotary embedding (cos/sin rounded to T, each product and sum rounded, as in
+// layers._rotate), store k and v at their cache slots and return q as [T, H, D].
+template <typename T>
+void rope_and_store(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& slots,
+                    const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& q_norm,
+                    const at::Tensor& k_norm, float eps, at::Tensor& kv_cache, at::Tensor& q_out,
+                    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  const int64_t tokens = qkv.size(0), row_stride = qkv.stride(0);
+  const int64_t half = head_dim / 2, block_size = kv_cache.size(3);
+  const int64_t cache_half = kv_cache.stride(0);  // keys, then values
+  const T* src = qkv.data_ptr<T>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const float* cos_t = cos.data_ptr<float>();
+  const float* sin_t = sin.data_ptr<float>();
+  const T* qn = q_norm.defined() ? q_norm.data_ptr<T>() : nullptr;
+  const T* kn = k_norm.defined() ? k_norm.data_ptr<T>() : nullptr;
+  T* cache = kv_cache.data_ptr<T>();
+  T* q = q_out.data_ptr<T>();
+  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(head_dim), y(head_dim), c(half), s(half), qw(head_dim), kw(head_dim);
+    if (qn) to_float(qn, qw.data(), head_dim);
+    if (kn) to_float(kn, kw.data(), head_dim);
+    std::vector<T> normed(head_dim);
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t i = 0; i < half; ++i) {
+        c[i] = round_to<T>(cos_t[pos[t] * half + i]);
+        s[i] = round_to<T>(sin_t[pos[t] * half + i]);
+      }
+      const int64_t block = slot[t] / block_size, offset = slot[t] % block_size;
+      for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
+        const bool is_q = h < num_heads;
+        const T* in = src + t * row_stride + h * head_dim;
+        if (is_q ? qn : kn) {
+          to_float(in, x.data(), head_dim);
+          rms_norm_row<T>(x.data(), is_q ? qw.data() : kw.data(), normed.data(), head_dim, eps);
+          in = normed.data();
+        }
+        to_float(in, x.data(), head_dim);
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = x[i], x2 = x[i + half];
+          y[i] = round_to<T>(round_to<T>(x1 * c[i]) - round_to<T>(x2 * s[i]));
+          y[i + half] = round_to<T>(round_to<T>(x2 * c[i]) + round_to<T>(x1 * s[i]));
+        }
+        T* out = is_q ? q + (t * num_heads + h) * head_dim
+                      : cache + ((block * num_kv_heads + (h - num_heads)) * block_size + offset) * head_dim;
+        from_float(y.data(), out, head_dim);
+      }
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        const T* in = src + t * row_stride + (num_heads + num_kv_heads + h) * head_dim;
+        T* out = cache + cache_half + ((block * num_kv_heads + h) * block_size + offset) * head_dim;
+        std::copy(in, in + head_dim, out);
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- paged attention
+// Each query token attends to keys [start, pos] of its own sequence, read from the head-major
+// paged cache [2, blocks, kv_heads, block_size, D] through the block table; no gather, no mask.
+// One work item is a (token, kv head) pair: the group's query heads share every key and value
+// load. Scores, softmax and the weighted sum stay in fp32; the output is rounded once.
+template <typename T>
+void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                     const at::Tensor& seq_index, const at::Tensor& positions, float scale, int64_t window,
+                     at::Tensor& out) {
+  const int64_t tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = kv_cache.size(2), block_size = kv_cache.size(3);
+  const int64_t group = num_heads / num_kv_heads, table_stride = block_tables.stride(0);
+  const T* qp = q.data_ptr<T>();
+  const T* keys = kv_cache.data_ptr<T>();
+  const T* values = keys + kv_cache.stride(0);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* seq = seq_index.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, tokens * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * head_dim), acc(group * head_dim), row(block_size * head_dim), scores, denom(group);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / num_kv_heads, g = item % num_kv_heads;
+      const int64_t last = pos[t];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+      const int64_t n = last - first + 1;
+      const int64_t* table = tables + seq[t] * table_stride;
+      to_float(qp + (t * num_heads + g * group) * head_dim, qf.data(), group * head_dim);
+      scores.resize(group * n);
+      // Pass 1: scores, one block of keys at a time (a block's keys are contiguous for a kv head).
+      for (int64_t b = first / block_size; b <= last / block_size; ++b) {
+        const int64_t j0 = std::max(first, b * block_size), j1 = std::min(last + 1, (b + 1) * block_size);
+        const T* k = keys + ((table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size)) * head_dim;
+        to_float(k, row.data(), (j1 - j0) * head_dim);
+        for (int64_t j = j0; j < j1; ++j) {
+          const float* kr = row.data() + (j - j0) * head_dim;
+          for (int64_t h = 0; h < group; ++h) {
+            scores[h * n + (j - first)] = dot(qf.data() + h * head_dim, kr, head_dim) * scale;
+          }
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        float* s = scores.data() + h * n;
+        const float m = *std::max_element(s, s + n);
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) s[j] -= m;
+        exp_inplace(s, n);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; ++j) sum += s[j];
+        denom[h] = sum;
+      }
+      // Pass 2: the probability-weighted sum of the values.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t b = first / block_size; b <= last / block_size; ++b) {
+        const int64_t j0 = std::max(first, b * block_size), j1 = std::min(last + 1, (b + 1) * block_size);
+        const T* v = values + ((table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size)) * head_dim;
+        to_float(v, row.data(), (j1 - j0) * head_dim);
+        for (int64_t j = j0; j < j1; ++j) {
+          const float* vr = row.data() + (j - j0) * head_dim;
+          for (int64_t h = 0; h < group; ++h) {
+            const float p = scores[h * n + (j - first)];
+            float* a = acc.data() + h * head_dim;
+#pragma omp simd
+            for (int64_t i = 0; i < head_dim; ++i) a[i] += p * vr[i];
+          }
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        float* a = acc.data() + h * head_dim;
+        const float inv = 1.f / denom[h];
+#pragma omp simd
+        for (int64_t i = 0; i < head_dim; ++i) a[i] *= inv;
+        from_float(a, op + (t * num_heads + g * group + h) * head_dim, head_dim);
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- SiLU and multiply
+// out = silu(gate).to(T) * up, the rounding of `F.silu(gate) * up` in GatedMLP.
+template <typename T>
+void silu_and_mul(const at::Tensor& gate_up, at::Tensor& out) {
+  const int64_t rows = gate_up.size(0), inter = out.size(1), stride = gate_up.stride(0);
+  const T* in = gate_up.data_ptr<T>();
+  T* out_p = out.data_ptr<T>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> gate(inter), up(inter), e(inter);
+    for (int64_t r = begin; r < end; ++r) {
+      to_float(in + r * stride, gate.data(), inter);
+      to_float(in + r * stride + inter, up.data(), inter);
+#pragma omp simd
+      for (int64_t i = 0; i < inter; ++i) e[i] = -gate[i];
+      exp_inplace(e.data(), inter);
+#pragma omp simd
+      for (int64_t i = 0; i < inter; ++i) e[i] = round_to<T>(gate[i] / (1.f + e[i])) * up[i];
+      from_float(e.data(), out_p + r * inter, inter);
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- linear
+// The same two ops the Python model calls: oneDNN's packed linear or at::linear.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool packed) {
+  std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+  if (!packed) return at::linear(x, weight, b);
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, weight, b, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                                 std::optional<std::string>()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+#define KVFLOW_DISPATCH(dtype, NAME, ...)                                     \
+  switch (dtype) {                                                           \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }       \
+    case at::kBFloat16: { using scalar_t = c10::BFloat16; __VA_ARGS__(); break; } \
+    case at::kHalf: { using scalar_t = c10::Half; __VA_ARGS__(); break; }    \
+    default: TORCH_CHECK(false, NAME, ": unsupported dtype ", dtype);       \
+  }
+
+// A kernel call of the forward, named in torch.profiler traces (`kvflow bench profile`).
+#define KVFLOW_RUN(dtype, NAME, ...)                                    \
+  do {                                                                  \
+    RECORD_FUNCTION("kvflow::" NAME, std::vector<c10::IValue>());       \
+    KVFLOW_DISPATCH(dtype, NAME, __VA_ARGS__)                           \
+  } while (0)
+
+}  // namespace
+
+// ----------------------------------------------------------------------------- the model
+struct LayerWeights {
+  at::Tensor input_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias;
+  int64_t window;  // sliding window in tokens; 0 = full attention
+};
+
+class CpuModel {
+ public:
+  CpuModel(at::Tensor embed, std::vector<std::vector<at::Tensor>> layers, std::vector<int64_t> windows,
+           at::Tensor final_norm, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> kv_caches,
+           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, bool packed)
+      : embed_(std::move(embed)), final_norm_(std::move(final_norm)), cos_(std::move(cos)), sin_(std::move(sin)),
+        kv_caches_(std::move(kv_caches)), num_heads_(num_heads), num_kv_heads_(num_kv_heads),
+        head_dim_(head_dim), eps_(static_cast<float>(eps)), packed_(packed),
+        scale_(1.f / std::sqrt(static_cast<float>(head_dim))) {
+    TORCH_CHECK(layers.size() == windows.size() && layers.size() == kv_caches_.size(), "CpuModel: layer count mismatch");
+    TORCH_CHECK(cos_.scalar_type() == at::kFloat && sin_.scalar_type() == at::kFloat, "CpuModel: rotary tables must be fp32");
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const auto& w = layers[i];
+      TORCH_CHECK(w.size() == 12, "CpuModel: a layer has 12 weight slots");
+      auto o = [&](int k) { return optional_weight(w[k]); };
+      layers_.push_back({w[0], w[1], o(2), o(3), o(4), w[5], o(6), w[7], w[8], o(9), w[10], o(11), windows[i]});
+    }
+  }
+
+  // input_ids, positions, seq_index, slot_mapping: [T] int64; block_tables: [B, max_blocks] int64.
+  // Returns the final-norm hidden states [T, hidden].
+  at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& seq_index,
+                     const at::Tensor& slot_mapping, const at::Tensor& block_tables) {
+    const int64_t tokens = input_ids.size(0);
+    for (const auto* t : {&input_ids, &positions, &seq_index, &slot_mapping, &block_tables}) {
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "CpuModel: index tensors must be contiguous int64");
+    }
+    at::Tensor residual = at::embedding(embed_, input_ids);  // a fresh tensor: updated in place below
+    at::Tensor normed = at::empty_like(residual);
+    at::Tensor delta;  // what the previous sublayer adds to the residual stream
+    const auto dtype = residual.scalar_type();
+    at::Tensor q = at::empty({tokens, num_heads_, head_dim_}, residual.options());
+    at::Tensor attn = at::empty_like(q);
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const LayerWeights& w = layers_[l];
+      at::Tensor& cache = kv_caches_[l];
+      KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.input_norm, normed, eps_); });
+      at::Tensor qkv = linear(normed, w.qkv, w.qkv_bias, packed_);
+      KVFLOW_RUN(dtype, "rope_and_store", [&] {
+        rope_and_store<scalar_t>(qkv, positions, slot_mapping, cos_, sin_, w.q_norm, w.k_norm, eps_, cache, q,
+                                 num_heads_, num_kv_heads_, head_dim_);
+      });
+      KVFLOW_RUN(dtype, "paged_attention", [&] {
+        paged_attention<scalar_t>(q, cache, block_tables, seq_index, positions, scale_, w.window, attn);
+      });
+      delta = linear(attn.view({tokens, num_heads_ * head_dim_}), w.o, w.o_bias, packed_);
+      KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.post_norm, normed, eps_); });
+      at::Tensor gate_up = linear(normed, w.gate_up, w.gate_up_bias, packed_);
+      at::Tensor act = at::empty({tokens, gate_up.size(1) / 2}, residual.options());
+      KVFLOW_RUN(dtype, "silu_and_mul", [&] { silu_and_mul<scalar_t>(gate_up, act); });
+      delta = linear(act, w.down, w.down_bias, packed_);
+    }
+    KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, final_norm_, normed, eps_); });
+    return normed;
+  }
+
+ private:
+  at::Tensor embed_, final_norm_, cos_, sin_;
+  std::vector<at::Tensor> kv_caches_;
+  std::vector<LayerWeights> layers_;
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  float eps_;
+  bool packed_;
+  float scale_;
+};
+
+// Single kernels, exposed for the tests that compare each one with a plain PyTorch reference.
+// Returns (x + delta, RMSNorm(x + delta)); x itself is left unchanged.
+std::vector<at::Tensor> rms_norm_op(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps) {
+  at::Tensor residual = x.clone();
+  at::Tensor out = at::empty_like(x);
+  const at::Tensor d = optional_weight(delta);
+  KVFLOW_DISPATCH(x.scalar_type(), "rms_norm", [&] { add_rms_norm<scalar_t>(residual, d, weight, out, static_cast<float>(eps)); });
+  return {residual, out};
+}
+
+at::Tensor rope_and_store_op(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& slots,
+                             const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& q_norm,
+                             const at::Tensor& k_norm, double eps, at::Tensor kv_cache, int64_t num_heads,
+                             int64_t num_kv_heads, int64_t head_dim) {
+  at::Tensor q = at::empty({qkv.size(0), num_heads, head_dim}, qkv.options());
+  KVFLOW_DISPATCH(qkv.scalar_type(), "rope_and_store", [&] {
+    rope_and_store<scalar_t>(qkv, positions, slots, cos, sin, optional_weight(q_norm), optional_weight(k_norm),
+                             static_cast<float>(eps), kv_cache, q, num_heads, num_kv_heads, head_dim);
+  });
+  return q;
+}
+
+at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                              const at::Tensor& seq_index, const at::Tensor& positions, double scale, int64_t window) {
+  at::Tensor out = at::empty_like(q);
+  KVFLOW_DISPATCH(q.scalar_type(), "paged_attention", [&] {
+    paged_attention<scalar_t>(q, kv_cache, block_tables, seq_index, positions, static_cast<float>(scale), window, out);
+  });
+  return out;
+}
+
+at::Tensor silu_and_mul_op(const at::Tensor& gate_up) {
+  at::Tensor out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  KVFLOW_DISPATCH(gate_up.scalar_type(), "silu_and_mul", [&] { silu_and_mul<scalar_t>(gate_up, out); });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<CpuModel>(m, "CpuModel")
+      .def(pybind11::init<at::Tensor, std::vector<std::vector<at::Tensor>>, std::vector<int64_t>, at::Tensor,
+                          at::Tensor, at::Tensor, std::vector<at::Tensor>, int64_t, int64_t, int64_t, double, bool>())
+      .def("forward", &CpuModel::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm_op);
+  m.def("rope_and_store", &rope_and_store_op);
+  m.def("paged_attention", &paged_attention_op);
+  m.def("silu_and_mul", &silu_and_mul_op);
+}

@@ -1,0 +1,130 @@
+"""kvflow's C++ CPU forward (kvflow/csrc/cpu_model.cpp): build it once, then run a step in one call.
+
+The extension is compiled on first use with the machine's own instruction set (`-march=native`)
+and cached under ``$KVFLOW_CACHE`` (default ``~/.cache/kvflow``) in a folder named by a hash of
+the source, the flags, the torch version and the CPU's feature flags, so a changed file, a new
+torch or a different CPU never picks up a stale or illegal build. Building needs a C++ compiler
+and ninja (a kvflow dependency); where either is missing, or the build fails, the engine logs why
+and runs the PyTorch modules instead, which compute the same model.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_model.cpp"
+# -ffp-contract=off: PyTorch rounds `a * b` before adding `c`; a fused multiply-add would not.
+# -fopenmp: at::parallel_for is inline and runs serially without it (libgomp is torch's own).
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_dir() -> Path:
+    """Where this source, compiled for this CPU and torch, lives."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(), _cpu_flags().encode()):
+        key.update(part)
+    root = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow"))
+    return root / "cpu_model" / key.hexdigest()[:16]
+
+
+@functools.cache
+def load_extension() -> ModuleType | None:
+    """The compiled extension, or None (with the reason logged) where it cannot be built."""
+    try:
+        from torch.utils.cpp_extension import load, verify_ninja_availability
+
+        verify_ninja_availability()
+        directory = build_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        if not (directory / "kvflow_cpu_model.so").exists():
+            logger.info("compiling kvflow's CPU kernels once (about a minute) into %s", directory)
+        return load(
+            name="kvflow_cpu_model", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+            build_directory=str(directory), verbose=False,
+        )
+    except Exception as e:  # noqa: BLE001 - any build failure means: run the PyTorch modules
+        logger.warning("kvflow's C++ CPU kernels are unavailable, running the PyTorch modules instead: %s", e)
+        return None
+
+
+def cpu_kernels_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where the C++ forward can run this model: a CPU device, a supported dtype, a build."""
+    return device.type == "cpu" and dtype in _SUPPORTED_DTYPES and load_extension() is not None
+
+
+def _weight(module: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a plain or prepacked linear; an empty tensor stands for "none"."""
+    from kvflow.model.cpu_linear import PackedLinear
+
+    empty = torch.empty(0)
+    if isinstance(module, PackedLinear):
+        return module.packed_weight, empty if module.bias is None else module.bias
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), empty if module.bias is None else module.bias.detach()
+    raise TypeError(f"expected a linear layer, got {type(module).__name__}")
+
+
+class CpuForward:
+    """The model's decoder stack as one C++ object; `__call__` matches `LlamaForCausalLM.forward`.
+
+    It holds references to the model's own weight tensors (no copies) and to the KV caches, so
+    it must be rebuilt if either is replaced.
+    """
+
+    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor]) -> None:
+        from kvflow.model.cpu_linear import PackedLinear
+
+        ext = load_extension()
+        if ext is None:
+            raise RuntimeError("kvflow's C++ CPU kernels are not available on this machine")
+        cfg = model.config
+        packed = isinstance(model.layers[0].self_attn.qkv_proj, PackedLinear)
+        empty = torch.empty(0)
+        layers: list[list[torch.Tensor]] = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, qkv_b = _weight(attn.qkv_proj)
+            o, o_b = _weight(attn.o_proj)
+            gate_up, gate_up_b = _weight(mlp.gate_up_proj)
+            down, down_b = _weight(mlp.down_proj)
+            q_norm = attn.q_norm.weight.detach() if attn.q_norm is not None else empty
+            k_norm = attn.k_norm.weight.detach() if attn.k_norm is not None else empty
+            layers.append([
+                layer.input_layernorm.weight.detach(), qkv, qkv_b, q_norm, k_norm, o, o_b,
+                layer.post_attention_layernorm.weight.detach(), gate_up, gate_up_b, down, down_b,
+            ])
+        windows = [attn.sliding_window or 0 for attn in (layer.self_attn for layer in model.layers)]
+        rotary = model.layers[0].self_attn.rotary
+        self._model: Any = ext.CpuModel(
+            model.embed_tokens.weight.detach(), layers, windows, model.norm.weight.detach(),
+            rotary.cos.contiguous(), rotary.sin.contiguous(), list(kv_caches),
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, packed,
+        )
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,
+                 slot_mapping: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [T, hidden] of a step's flat tokens (see AttentionMetadata)."""
+        return self._model.forward(input_ids, positions, seq_index, slot_mapping, block_tables)

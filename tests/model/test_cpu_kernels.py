@@ -1,0 +1,160 @@
+"""The C++ CPU kernels, one by one, against plain PyTorch references; and the engine's fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvflow import LLM, SamplingParams
+from kvflow.config import RopeConfig
+from kvflow.model import cpu_kernels
+from kvflow.model.layers import RMSNorm, RotaryEmbedding
+from tests.model.test_parity import mixed_prompts
+
+ext = cpu_kernels.load_extension()
+pytestmark = pytest.mark.skipif(ext is None, reason="no C++ compiler: the engine runs the PyTorch modules")
+EMPTY = torch.empty(0)
+BF16_ULP = 2**-7  # relative spacing of bf16 values
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """fp32: equal to rounding; bf16: within one bf16 step (summation order can move a rounding)."""
+    tol = 1e-5 if dtype == torch.float32 else BF16_ULP
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_matches_module(dtype):
+    torch.manual_seed(0)
+    x, delta = torch.randn(5, 96, dtype=dtype), torch.randn(5, 96, dtype=dtype)
+    norm = RMSNorm(96, 1e-6).to(dtype)
+    norm.weight.data = torch.randn(96, dtype=dtype)
+    residual, out = ext.rms_norm(x, delta, norm.weight, 1e-6)
+    assert torch.equal(residual, x + delta)  # the residual add rounds exactly like PyTorch's
+    _close(out, norm(x + delta), dtype)
+    _, plain = ext.rms_norm(x, EMPTY, norm.weight, 1e-6)  # no residual: the norm alone
+    _close(plain, norm(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_and_store_matches_rotary_and_writes_only_its_slots(dtype, qk_norm):
+    torch.manual_seed(1)
+    heads, kv_heads, dim, tokens, block_size = 4, 2, 16, 6, 4
+    rotary = RotaryEmbedding(dim, 64, RopeConfig(theta=10000.0))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype)
+    positions = torch.tensor([0, 5, 6, 7, 30, 63])
+    slots = torch.tensor([3, 9, 10, 11, 17, 22])  # flat block * block_size + offset
+    cache = torch.randn(2, 8, kv_heads, block_size, dim, dtype=dtype)
+    before = cache.clone()
+    q_norm = RMSNorm(dim, 1e-6).to(dtype)
+    k_norm = RMSNorm(dim, 1e-6).to(dtype)
+    q_norm.weight.data, k_norm.weight.data = torch.rand(dim, dtype=dtype) + 0.5, torch.rand(dim, dtype=dtype) + 0.5
+    q_out = ext.rope_and_store(qkv, positions, slots, rotary.cos, rotary.sin,
+                               q_norm.weight if qk_norm else EMPTY, k_norm.weight if qk_norm else EMPTY,
+                               1e-6, cache, heads, kv_heads, dim)  # fmt: skip
+
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+    if qk_norm:
+        q, k = q_norm(q), k_norm(k)
+    q_ref, k_ref = rotary(positions, q, k)
+    if qk_norm:
+        _close(q_out, q_ref, dtype)
+    else:
+        assert torch.equal(q_out, q_ref)  # elementwise: every rounding is PyTorch's
+    blocks, offsets = slots // block_size, slots % block_size
+    _close(cache[0][blocks, :, offsets], k_ref, dtype)
+    assert torch.equal(cache[1][blocks, :, offsets], v)
+    untouched = torch.ones(8, block_size, dtype=torch.bool)
+    untouched[blocks, offsets] = False
+    by_slot = lambda c: c.permute(0, 1, 3, 2, 4)[:, untouched]  # noqa: E731 - [2, slots, kv_heads, dim]
+    assert torch.equal(by_slot(cache), by_slot(before))
+
+
+def _naive_paged_attention(q, cache, tables, seq_index, positions, scale, window):
+    """fp64, one query at a time: gather the sequence's keys through its block table, mask, softmax."""
+    block_size = cache.shape[3]
+    group = q.shape[1] // cache.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for t in range(q.shape[0]):
+        last = int(positions[t])
+        first = max(0, last - window + 1) if window else 0
+        keys_pos = torch.arange(first, last + 1)
+        blocks = tables[seq_index[t], keys_pos // block_size]
+        k = cache[0][blocks, :, keys_pos % block_size].double().repeat_interleave(group, 1)  # [n, H, D]
+        v = cache[1][blocks, :, keys_pos % block_size].double().repeat_interleave(group, 1)
+        probs = torch.softmax(torch.einsum("hd,nhd->hn", q[t].double(), k) * scale, dim=-1)
+        out[t] = torch.einsum("hn,nhd->hd", probs, v)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("group", [1, 3])
+def test_paged_attention_matches_naive(dtype, window, group):
+    torch.manual_seed(2)
+    kv_heads, dim, block_size, num_blocks = 2, 32, 4, 40
+    cache = torch.randn(2, num_blocks, kv_heads, block_size, dim, dtype=dtype)
+    # Three sequences on scattered blocks: a decode at position 20, a prefill chunk of 4 queries at
+    # positions 9..12 (each sees only the keys up to itself), and a one-token sequence.
+    tables = torch.tensor([[7, 3, 30, 12, 25, 1], [11, 39, 5, 0, 0, 0], [22, 0, 0, 0, 0, 0]])
+    seq_index = torch.tensor([0, 1, 1, 1, 1, 2])
+    positions = torch.tensor([20, 9, 10, 11, 12, 0])
+    q = torch.randn(6, kv_heads * group, dim, dtype=dtype)
+    out = ext.paged_attention(q, cache, tables, seq_index, positions, dim**-0.5, window)
+    expected = _naive_paged_attention(q, cache, tables, seq_index, positions, dim**-0.5, window)
+    _close(out, expected.to(dtype), dtype)
+
+
+def test_paged_attention_long_context_softmax_is_stable():
+    """Large scores (sharp softmax) over 1,000 keys: no overflow, no NaN."""
+    torch.manual_seed(3)
+    cache = torch.randn(2, 64, 1, 16, 64) * 4
+    tables = torch.arange(64)[None]
+    q = torch.randn(1, 1, 64) * 4
+    pos = torch.tensor([999])
+    out = ext.paged_attention(q, cache, tables, torch.tensor([0]), pos, 1.0, 0)
+    expected = _naive_paged_attention(q, cache, tables, torch.tensor([0]), pos, 1.0, 0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_torch(dtype):
+    torch.manual_seed(4)
+    gate_up = torch.randn(7, 2 * 100, dtype=dtype) * 6  # wide range: exp's tails included
+    gate, up = gate_up.split(100, dim=-1)
+    _close(ext.silu_and_mul(gate_up), F.silu(gate) * up, dtype)
+
+
+def test_engine_falls_back_to_the_modules_when_the_build_fails(tiny_models, monkeypatch, caplog):
+    """No compiler (or a failed build): a warning, then the same greedy outputs from the modules."""
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(8, count=3)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    fast = LLM(model=str(tiny_models["llama"]), dtype="float32", num_blocks=64)
+    assert fast.engine.core.runner.cpu_forward is not None
+    expected = [o.outputs[0].token_ids for o in fast.generate(prompts, params, use_tqdm=False)]
+
+    cpu_kernels.load_extension.cache_clear()
+    monkeypatch.setattr("torch.utils.cpp_extension.verify_ninja_availability",
+                        lambda: (_ for _ in ()).throw(RuntimeError("ninja is required")))
+    try:
+        with caplog.at_level(logging.WARNING, logger="kvflow.model.cpu_kernels"):
+            llm = LLM(model=str(tiny_models["llama"]), dtype="float32", num_blocks=64)
+        assert llm.engine.core.runner.cpu_forward is None
+        assert "unavailable" in caplog.text and "ninja is required" in caplog.text
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+    finally:
+        cpu_kernels.load_extension.cache_clear()  # the next caller gets the real build back
+
+
+def test_build_folder_changes_with_source_flags_and_cpu(monkeypatch):
+    base = cpu_kernels.build_dir()
+    monkeypatch.setattr(cpu_kernels, "CFLAGS", [*cpu_kernels.CFLAGS, "-DX"])
+    flagged = cpu_kernels.build_dir()
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "flags : sse2")
+    assert len({base, flagged, cpu_kernels.build_dir()}) == 3
