@@ -25,6 +25,12 @@ from kvflow.sampler import Sampler, SamplingBatch
 
 logger = logging.getLogger(__name__)
 
+#: Steps with a prefill chunk longer than this run the PyTorch modules even when the C++ CPU
+#: forward is on: its attention handles one query at a time, which beats SDPA's flash kernel on
+#: decodes and short chunks but not on long prompts (`135m` bf16 TTFT, C++ vs modules: 95 vs 102 ms
+#: at 128 tokens, 603 vs 477 ms at 512, 6.0 vs 2.6 s at 2,000). Both paths share the KV cache.
+CPU_FORWARD_MAX_CHUNK = 256
+
 
 @dataclass
 class RunnerOutput:
@@ -87,7 +93,7 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         chunks = sorted(sched.chunks, key=lambda c: c.num_tokens != 1)  # stable: decodes first
         input_ids, positions, meta = self._prepare_inputs(chunks)
-        if self.cpu_forward is not None:
+        if self.cpu_forward is not None and meta.max_query_len <= CPU_FORWARD_MAX_CHUNK:
             hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping, meta.block_tables)
         else:
             self.backend.prepare(meta)

@@ -158,3 +158,27 @@ def test_build_folder_changes_with_source_flags_and_cpu(monkeypatch):
     flagged = cpu_kernels.build_dir()
     monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "flags : sse2")
     assert len({base, flagged, cpu_kernels.build_dir()}) == 3
+
+
+def test_long_prefill_chunks_take_the_modules_and_decodes_the_cpp_forward(tiny_models, monkeypatch):
+    """A step with a chunk over CPU_FORWARD_MAX_CHUNK tokens runs the modules; both paths share the
+    KV cache, so the C++ decodes that follow see the modules' keys and values (fp32: same tokens)."""
+    from kvflow.model import runner as runner_mod
+
+    prompt = [(7 * i) % 400 + 3 for i in range(runner_mod.CPU_FORWARD_MAX_CHUNK + 40)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    plain = LLM(model=str(tiny_models["llama"]), dtype="float32", num_blocks=128, cpu_kernels=False)
+    expected = plain.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids
+
+    calls = {"cpp": 0}
+    honest = cpu_kernels.CpuForward.__call__
+
+    def counting(self, *args):
+        calls["cpp"] += 1
+        return honest(self, *args)
+
+    monkeypatch.setattr(cpu_kernels.CpuForward, "__call__", counting)
+    llm = LLM(model=str(tiny_models["llama"]), dtype="float32", num_blocks=128, enable_chunked_prefill=False)
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert out == expected
+    assert calls["cpp"] == 5  # the 5 decode steps; the prefill step went to the modules

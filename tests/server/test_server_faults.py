@@ -87,10 +87,13 @@ def test_non_streaming_hang_ups_abort_requests(start_server):
     sockets = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
     for sock in sockets:
         sock.sendall(head + payload)
-    # 500 tokens each cannot finish while we wait for all four to be scheduled, however fast the machine.
     assert wait_for(lambda: metric(srv.url, "kvflow:num_requests_running") == 4), srv.log()
+    core = srv.core_pid()
+    os.kill(core, signal.SIGSTOP)  # frozen mid-generation: the hang-ups, not the ends, must stop them
     for sock in sockets:
         sock.close()
+    time.sleep(0.3)
+    os.kill(core, signal.SIGCONT)
     assert wait_for(lambda: abort_count(srv.url) - aborted_before == 4), httpx.get(f"{srv.url}/metrics").text
     assert wait_for(lambda: metric(srv.url, "kvflow:kv_cache_usage_perc") == 0)
     assert metric(srv.url, "kvflow:num_requests_running") == 0
@@ -99,19 +102,25 @@ def test_non_streaming_hang_ups_abort_requests(start_server):
 def test_engine_death_fails_requests_promptly_and_health_reports_it(start_server):
     srv = start_server("--max-model-len", "512")
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=30)
-    stream = client.completions.create(model=None, prompt="hi", max_tokens=480, stream=True,
-                                       extra_body={"ignore_eos": True})
-    next(iter(stream))
-    with ThreadPoolExecutor(1) as pool:
+    core = srv.core_pid()
+    # Frozen first, so both requests are surely in flight when it dies, however fast decoding is.
+    os.kill(core, signal.SIGSTOP)
+
+    def stream_all() -> None:
+        stream = client.completions.create(model=None, prompt="hi", max_tokens=480, stream=True,
+                                           extra_body={"ignore_eos": True})
+        for _ in stream:
+            pass
+
+    with ThreadPoolExecutor(2) as pool:
+        streamed = pool.submit(stream_all)
         pending = pool.submit(httpx.post, f"{srv.url}/v1/completions",
                               json={"prompt": "hello", "max_tokens": 480, "ignore_eos": True}, timeout=30)
-        time.sleep(0.3)
-        core = srv.core_pid()
+        time.sleep(0.5)  # both requests reach the API process, which forwards them to the frozen core
         os.kill(core, signal.SIGKILL)
         started = time.monotonic()
         with pytest.raises(openai.APIError, match="engine"):
-            for _ in stream:
-                pass
+            streamed.result()
         plain = pending.result()
     assert time.monotonic() - started < 5
     assert plain.status_code == 503 and plain.json()["error"]["code"] == "engine_dead"
