@@ -267,18 +267,20 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::
       const int64_t* table = tables + seq[t] * table_stride;
       to_float(qp + (t * num_heads + g * group) * head_dim, qf.data(), group * head_dim);
       scores.resize(group * n);
-      // Pass 1: scores, one block of keys at a time (a block's keys are contiguous for a kv head).
-      for (int64_t b = first / block_size; b <= last / block_size; ++b) {
-        const int64_t j0 = std::max(first, b * block_size), j1 = std::min(last + 1, (b + 1) * block_size);
-        const T* k = keys + ((table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size)) * head_dim;
-        to_float(k, row.data(), (j1 - j0) * head_dim);
-        for (int64_t j = j0; j < j1; ++j) {
-          const float* kr = row.data() + (j - j0) * head_dim;
-          for (int64_t h = 0; h < group; ++h) {
-            scores[h * n + (j - first)] = dot(qf.data() + h * head_dim, kr, head_dim) * scale;
-          }
+      // Calls fn(j - first, row) for every visible key or value row of this sequence and kv head,
+      // converting one block at a time to fp32 (a block's rows are contiguous for a kv head).
+      auto for_each_row = [&](const T* cache_half, auto&& fn) {
+        for (int64_t b = first / block_size; b <= last / block_size; ++b) {
+          const int64_t j0 = std::max(first, b * block_size), j1 = std::min(last + 1, (b + 1) * block_size);
+          const T* src = cache_half + ((table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size)) * head_dim;
+          to_float(src, row.data(), (j1 - j0) * head_dim);
+          for (int64_t j = j0; j < j1; ++j) fn(j - first, row.data() + (j - j0) * head_dim);
         }
-      }
+      };
+      // Pass 1: scores.
+      for_each_row(keys, [&](int64_t j, const float* kr) {
+        for (int64_t h = 0; h < group; ++h) scores[h * n + j] = dot(qf.data() + h * head_dim, kr, head_dim) * scale;
+      });
       for (int64_t h = 0; h < group; ++h) {
         float* s = scores.data() + h * n;
         const float m = *std::max_element(s, s + n);
@@ -292,20 +294,14 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::
       }
       // Pass 2: the probability-weighted sum of the values.
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t b = first / block_size; b <= last / block_size; ++b) {
-        const int64_t j0 = std::max(first, b * block_size), j1 = std::min(last + 1, (b + 1) * block_size);
-        const T* v = values + ((table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size)) * head_dim;
-        to_float(v, row.data(), (j1 - j0) * head_dim);
-        for (int64_t j = j0; j < j1; ++j) {
-          const float* vr = row.data() + (j - j0) * head_dim;
-          for (int64_t h = 0; h < group; ++h) {
-            const float p = scores[h * n + (j - first)];
-            float* a = acc.data() + h * head_dim;
+      for_each_row(values, [&](int64_t j, const float* vr) {
+        for (int64_t h = 0; h < group; ++h) {
+          const float p = scores[h * n + j];
+          float* a = acc.data() + h * head_dim;
 #pragma omp simd
-            for (int64_t i = 0; i < head_dim; ++i) a[i] += p * vr[i];
-          }
+          for (int64_t i = 0; i < head_dim; ++i) a[i] += p * vr[i];
         }
-      }
+      });
       for (int64_t h = 0; h < group; ++h) {
         float* a = acc.data() + h * head_dim;
         const float inv = 1.f / denom[h];
