@@ -29,9 +29,14 @@ def metric(url: str, name: str) -> float:
     return total
 
 
-def abort_count(url: str) -> float:
+def finished_count(url: str, reason: str) -> float:
+    """Requests that ended with `reason` (stop, length, abort...) so far."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
-               if line.startswith("kvflow:request_success_total{") and 'finished_reason="abort"' in line)
+               if line.startswith("kvflow:request_success_total{") and f'finished_reason="{reason}"' in line)
+
+
+def abort_count(url: str) -> float:
+    return finished_count(url, "abort")
 
 
 def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1) -> bool:
@@ -48,8 +53,10 @@ def test_disconnects_abort_requests_and_free_kv_blocks(server):
     body = {"prompt": "hi", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "ignore_eos": True}
 
-    async def hang_up_mid_stream() -> float:
-        """Open 12 streams at once, read one chunk of each, read the KV usage, then hang up on all."""
+    core = server.core_pid()
+
+    async def hang_up_mid_stream() -> str:
+        """Open 12 streams at once, read one chunk of each, freeze the core, read the KV usage, hang up."""
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http, AsyncExitStack() as stack:
             async def open_one(i: int) -> None:
                 path, payload = ("/v1/chat/completions", chat) if i % 4 == 0 else ("/v1/completions", body)
@@ -59,9 +66,15 @@ def test_disconnects_abort_requests_and_free_kv_blocks(server):
                 await anext(response.aiter_lines())
 
             await asyncio.gather(*(open_one(i) for i in range(12)))
+            # Frozen a few steps into 100+: the hang-ups, not the ends, must stop the streams.
+            os.kill(core, signal.SIGSTOP)
             return (await http.get("/metrics")).text
 
-    text = asyncio.run(hang_up_mid_stream())
+    try:
+        text = asyncio.run(hang_up_mid_stream())
+        time.sleep(0.3)  # the API process notices the hang-ups and queues the aborts
+    finally:
+        os.kill(core, signal.SIGCONT)
     usage = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("kvflow:kv_cache_usage")]
     assert usage and usage[0] > 0
 
@@ -71,32 +84,43 @@ def test_disconnects_abort_requests_and_free_kv_blocks(server):
                 and metric(server.url, "kvflow:num_requests_waiting") == 0)
 
     assert wait_for(idle), httpx.get(f"{server.url}/metrics").text
-    assert abort_count(server.url) - aborted_before >= 12  # aborted, not finished
+    assert abort_count(server.url) - aborted_before == 12  # aborted, not finished
     # The server still answers normally.
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
     assert r.status_code == 200
 
 
 def test_non_streaming_hang_ups_abort_requests(start_server):
-    """Clients that send a non-streaming request and close the socket mid-generation abort it."""
+    """Clients that send a non-streaming request and close the socket while it waits abort it.
+
+    The engine core is frozen for the whole hang-up, so the requests are surely still unfinished
+    however fast the model decodes: they must end as aborts, never as full-length completions.
+    """
     srv = start_server("--max-model-len", "512")
     aborted_before = abort_count(srv.url)
+    completed_before = finished_count(srv.url, "length")
     payload = json.dumps({"prompt": "hi", "max_tokens": 500, "ignore_eos": True}).encode()
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n").encode()
-    sockets = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
-    for sock in sockets:
-        sock.sendall(head + payload)
-    assert wait_for(lambda: metric(srv.url, "kvflow:num_requests_running") == 4), srv.log()
     core = srv.core_pid()
-    os.kill(core, signal.SIGSTOP)  # frozen mid-generation: the hang-ups, not the ends, must stop them
-    for sock in sockets:
-        sock.close()
-    time.sleep(0.3)
-    os.kill(core, signal.SIGCONT)
+    os.kill(core, signal.SIGSTOP)
+    try:
+        sockets = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
+        for sock in sockets:
+            sock.sendall(head + payload)
+        time.sleep(0.5)  # the API process takes the requests and forwards them to the frozen core
+        for sock in sockets:
+            sock.close()
+        time.sleep(0.5)  # ... notices the hang-ups and sends the aborts after them
+    finally:
+        os.kill(core, signal.SIGCONT)
     assert wait_for(lambda: abort_count(srv.url) - aborted_before == 4), httpx.get(f"{srv.url}/metrics").text
     assert wait_for(lambda: metric(srv.url, "kvflow:kv_cache_usage_perc") == 0)
     assert metric(srv.url, "kvflow:num_requests_running") == 0
+    assert finished_count(srv.url, "length") == completed_before
+    # The server still answers normally.
+    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_engine_death_fails_requests_promptly_and_health_reports_it(start_server):
