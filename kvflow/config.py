@@ -248,6 +248,47 @@ class RunnerConfig:
     cpu_kernels: bool = True
 
 
+KV_TRANSFER_ROLES = ("prefill", "decode")
+KV_TRANSPORTS = ("tcp", "shm")
+KV_TRANSFER_MODES = ("whole", "layerwise")
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """This engine as one instance of a disaggregated deployment (kvflow/disagg/).
+
+    A prefill instance computes prompts and first tokens and serves their KV blocks to decode
+    instances, which pull them into their own blocks and go on decoding. `mode` says when a
+    prefill instance may send a layer: once the whole prompt is computed (DistServe), or as soon as
+    that layer is (Splitwise's layer-wise streaming, which overlaps transfer with later layers).
+    """
+
+    role: str = "prefill"
+    transport: str = "tcp"  # tcp: KV bytes on the socket; shm: a shared-memory segment, offsets on the socket
+    mode: str = "layerwise"
+    host: str = "127.0.0.1"  # where a prefill instance listens for pulls (port 0: any free port)
+    port: int = 0
+    # A transfer that makes no progress for this long is given up: the prefill side frees its
+    # blocks, the decode side frees its own and computes the prompt itself.
+    timeout_s: float = 30.0
+    # Testing and what-if benchmarks: seconds each layer's send is delayed, as if over a slow link.
+    layer_send_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.role not in KV_TRANSFER_ROLES:
+            raise ValueError(f"kv transfer role must be one of {', '.join(KV_TRANSFER_ROLES)}; got {self.role!r}")
+        if self.transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv transport must be one of {', '.join(KV_TRANSPORTS)}; got {self.transport!r}")
+        if self.mode not in KV_TRANSFER_MODES:
+            raise ValueError(f"kv transfer mode must be one of {', '.join(KV_TRANSFER_MODES)}; got {self.mode!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"kv transfer port must be in [0, 65535], got {self.port}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"kv transfer timeout must be > 0 s, got {self.timeout_s}")
+        if self.layer_send_delay_s < 0:
+            raise ValueError(f"layer send delay must be >= 0 s, got {self.layer_send_delay_s}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, validated once."""
@@ -258,6 +299,10 @@ class EngineConfig:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     device: str = "cpu"
     seed: int = 0
+    # Set when this engine is a prefill or decode instance of a disaggregated deployment.
+    kv_transfer: KVTransferConfig | None = None
+    # CPU cores the engine-core process is pinned to (and sizes its thread pool by); None = all.
+    cpu_cores: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.scheduler.enable_chunked_prefill and (

@@ -14,6 +14,7 @@
 // attention's dot products and softmax sum, which here stay in fp32 throughout), so outputs agree
 // to fp32 rounding, not bit for bit.
 
+#include <pybind11/functional.h>
 #include <torch/extension.h>
 #include <pybind11/stl.h>
 
@@ -391,8 +392,11 @@ class CpuModel {
 
   // input_ids, positions, seq_index, slot_mapping: [T] int64; block_tables: [B, max_blocks] int64.
   // Returns the final-norm hidden states [T, hidden].
+  // `layer_done(l)`, when given, runs after layer l has written its KV (disaggregated prefill
+  // streams each layer's KV while later layers compute); it takes the GIL for the call.
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& seq_index,
-                     const at::Tensor& slot_mapping, const at::Tensor& block_tables) {
+                     const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                     const std::function<void(int64_t)>& layer_done) {
     const int64_t tokens = input_ids.size(0);
     for (const auto* t : {&input_ids, &positions, &seq_index, &slot_mapping, &block_tables}) {
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "CpuModel: index tensors must be contiguous int64");
@@ -421,6 +425,7 @@ class CpuModel {
       at::Tensor act = at::empty({tokens, gate_up.size(1) / 2}, residual.options());
       KVFLOW_RUN(dtype, "silu_and_mul", [&] { silu_and_mul<scalar_t>(gate_up, act); });
       delta = linear(act, w.down, w.down_bias, packed_);
+      if (layer_done) layer_done(static_cast<int64_t>(l));
     }
     KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, final_norm_, normed, eps_); });
     return normed;
@@ -477,7 +482,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<CpuModel>(m, "CpuModel")
       .def(pybind11::init<at::Tensor, std::vector<std::vector<at::Tensor>>, std::vector<int64_t>, at::Tensor,
                           at::Tensor, at::Tensor, std::vector<at::Tensor>, int64_t, int64_t, int64_t, double, bool>())
-      .def("forward", &CpuModel::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("forward", &CpuModel::forward, pybind11::arg("input_ids"), pybind11::arg("positions"),
+           pybind11::arg("seq_index"), pybind11::arg("slot_mapping"), pybind11::arg("block_tables"),
+           pybind11::arg("layer_done") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_op);
   m.def("rope_and_store", &rope_and_store_op);
   m.def("paged_attention", &paged_attention_op);

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from kvflow.engine.kv_cache import KVCacheManager
 from kvflow.engine.request import Request, RequestStatus, TokenLogprobs
 from kvflow.engine.scheduler import Scheduler
 from kvflow.model.runner import ModelRunner
+
+if TYPE_CHECKING:
+    from kvflow.disagg.connector import KVConnector
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,9 @@ class EngineStats:
     num_preemptions: int
     num_free_blocks: int
     num_blocks: int
+    # Disaggregated serving: decode-side loads in flight, and requests that fell back to a local prefill.
+    num_receiving: int = 0
+    num_kv_load_failures: int = 0
 
 
 class EngineCore:
@@ -57,7 +64,14 @@ class EngineCore:
         self.kv = KVCacheManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len)
+        self.connector: KVConnector | None = None
+        if config.kv_transfer is not None:
+            from kvflow.disagg.connector import KVConnector
+
+            m = config.model
+            self.connector = KVConnector(config.kv_transfer, self.runner.kv_caches, m.num_kv_heads, m.head_dim)
+            self.runner.connector = self.connector
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len, self.connector)
         self.num_steps = 0
 
     def add_request(self, request: Request) -> None:
@@ -66,6 +80,8 @@ class EngineCore:
     def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
                       stop_reason: int | str | None = None) -> bool:
         request = self.scheduler.finish_request(request_id, status)
+        if request is None and self.connector is not None and self.connector.sender is not None:
+            self.connector.sender.drop(request_id)  # finished here, KV not pulled yet: free it now
         if request is not None and stop_reason is not None:
             request.stop_reason = stop_reason
         return request is not None
@@ -73,16 +89,25 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    @property
+    def transfers_pending(self) -> bool:
+        """KV transfers in flight: the loop should keep calling `step` (cheap when nothing runs)."""
+        return self.connector is not None and self.connector.busy
+
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()
+        outputs = self._loaded_outputs(sched.loaded)
         if sched.is_empty:
-            return []
+            return outputs
         result = self.runner.execute(sched)
+        for chunk in sched.chunks:  # before `update`, so a prefill instance can ship the first token's
+            lp = result.logprobs.get(chunk.request.request_id)  # logprobs with its KV
+            if lp is not None and chunk.request.status == RequestStatus.RUNNING:
+                chunk.request.output_logprobs.append(lp)
         self.scheduler.update(sched, result.sampled)
         self.num_steps += 1
         now = time.monotonic()
 
-        outputs: list[EngineCoreOutput] = []
         for chunk in sched.chunks:
             request = chunk.request
             rid = request.request_id
@@ -101,8 +126,21 @@ class EngineCore:
                     request.first_token_time = now
                 out.new_token_ids.append(token)
                 if rid in result.logprobs:
-                    request.output_logprobs.append(result.logprobs[rid])
                     out.new_logprobs.append(result.logprobs[rid])
+            if request.finished:
+                out.finish_reason = request.status.finish_reason
+                out.stop_reason = request.stop_reason
+            outputs.append(out)
+        return outputs
+
+    def _loaded_outputs(self, loaded: list[Request]) -> list[EngineCoreOutput]:
+        """Decode instance: the first token of each request whose KV just arrived."""
+        outputs = []
+        now = time.monotonic()
+        for request in loaded:
+            request.first_token_time = now
+            out = EngineCoreOutput(request.request_id, [request.all_token_ids[-1]], request.output_logprobs[:1],
+                                   num_cached_tokens=request.num_cached_tokens)
             if request.finished:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason
@@ -118,4 +156,10 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             num_free_blocks=self.kv.num_free_blocks,
             num_blocks=self.kv.num_blocks,
+            num_receiving=len(self.scheduler.receiving),
+            num_kv_load_failures=self.scheduler.num_kv_load_failures,
         )
+
+    def close(self) -> None:
+        if self.connector is not None:
+            self.connector.close()

@@ -37,6 +37,7 @@ from kvflow.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 500  # how often an idle core checks that its parent is still alive
+_TRANSFER_POLL_MS = 1  # how often a core with only KV transfers in flight checks on them
 
 
 # ---------------------------------------------------------------- messages
@@ -63,6 +64,7 @@ class CoreStats(msgspec.Struct):
 class Ready(msgspec.Struct, tag="ready"):
     num_blocks: int
     pid: int
+    kv_address: str | None = None  # a prefill instance: where decode instances pull KV from
 
 
 class StepOutputs(msgspec.Struct, tag="outputs"):
@@ -70,6 +72,8 @@ class StepOutputs(msgspec.Struct, tag="outputs"):
     # Core ids first scheduled since the last message -> monotonic time (queue-time metric).
     scheduled_times: dict[str, float]
     stats: CoreStats
+    # Decode instance: KV loads finished since the last message (core id, KV bytes, wire bytes, seconds).
+    kv_transfers: list[tuple[str, int, int, float]] = []
 
 
 class CoreFailed(msgspec.Struct, tag="error"):
@@ -101,6 +105,11 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
     """Entry point of the engine-core process: build the core, then serve until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the API process, which stops us
     _die_with_parent()
+    if config.cpu_cores:
+        import torch
+
+        os.sched_setaffinity(0, config.cpu_cores)
+        torch.set_num_threads(len(config.cpu_cores))
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(input_addr)
@@ -138,12 +147,24 @@ class _CoreLoop:
         self.decoder = msgspec.msgpack.Decoder(ToCore, dec_hook=_dec_hook)
         self.requests: dict[str, Any] = {}  # core id -> Request not yet reported as scheduled
         self.stats_dirty = False
+        self.reported_free_blocks = self.core.kv.num_free_blocks
 
     def run(self) -> None:
-        self._send(Ready(self.core.kv.num_blocks, os.getpid()))
+        connector = self.core.connector
+        self._send(Ready(self.core.kv.num_blocks, os.getpid(), connector.address if connector else None))
+        try:
+            self._loop()
+        finally:
+            self.core.close()
+
+    def _loop(self) -> None:
+        idle_steps = 0
         while True:
             busy = self.core.has_unfinished_requests()
-            if self.inbox.poll(0 if busy else _IDLE_POLL_MS):
+            # Only KV transfers in flight (nothing to compute until they land): poll, don't spin.
+            waiting_on_io = self.core.transfers_pending and idle_steps > 0
+            timeout = _TRANSFER_POLL_MS if waiting_on_io else (0 if busy else _IDLE_POLL_MS)
+            if self.inbox.poll(timeout):
                 while True:
                     try:
                         message = self.decoder.decode(self.inbox.recv(zmq.NOBLOCK))
@@ -154,9 +175,13 @@ class _CoreLoop:
                     self._handle(message)
             if os.getppid() != self.parent_pid:
                 return  # the API process is gone
-            if self.core.has_unfinished_requests():
+            if self.core.has_unfinished_requests() or self.core.transfers_pending:
+                steps = self.core.num_steps
                 outputs = self.core.step()
-                if outputs or self.stats_dirty:
+                idle_steps = 0 if self.core.num_steps > steps or outputs else idle_steps + 1
+                # Blocks freed outside a step (a pulled transfer) change the stats too.
+                freed = self.core.kv.num_free_blocks != self.reported_free_blocks
+                if outputs or self.stats_dirty or freed or self.core.scheduler.transfer_records:
                     self._send_outputs(outputs)
             elif self.stats_dirty:
                 self._send_outputs([])
@@ -181,8 +206,10 @@ class _CoreLoop:
                 del self.requests[core_id]
         kv_stats = self.core.kv.stats
         stats = CoreStats(self.core.stats(), kv_stats.queried_tokens, kv_stats.hit_tokens)
-        self._send(StepOutputs(outputs, scheduled, stats))
+        records, self.core.scheduler.transfer_records = self.core.scheduler.transfer_records, []
+        self._send(StepOutputs(outputs, scheduled, stats, records))
         self.stats_dirty = False
+        self.reported_free_blocks = stats.engine.num_free_blocks
 
     def _send(self, message: FromCore) -> None:
         self.outbox.send(self.encoder.encode(message))
@@ -199,6 +226,7 @@ class CoreClient:
         self.on_death = on_death
         self.num_blocks = 0
         self.pid: int | None = None
+        self.kv_address: str | None = None
         self.dead_reason: str | None = None
         self._last_error: str | None = None
         self._stopping = False
@@ -234,7 +262,7 @@ class CoreClient:
             if await self._outbox.poll(200):
                 message = self._decoder.decode(await self._outbox.recv())
                 if isinstance(message, Ready):
-                    self.num_blocks, self.pid = message.num_blocks, message.pid
+                    self.num_blocks, self.pid, self.kv_address = message.num_blocks, message.pid, message.kv_address
                     break
                 if isinstance(message, CoreFailed):
                     self._process.join(5)

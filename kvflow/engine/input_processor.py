@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from kvflow.config import EngineConfig
+from kvflow.disagg.wire import KVTransferParams
 from kvflow.engine.request import Request
 from kvflow.model.loader import eos_token_ids, load_generation_config
 from kvflow.sampling import SamplingParams
@@ -37,6 +38,7 @@ class CoreRequestSpec(msgspec.Struct):
     leader_id: str | None = None
     seed: int | None = None
     priority: int = 0
+    kv_transfer: KVTransferParams | None = None
 
 
 def build_core_requests(specs: list[CoreRequestSpec]) -> list[Request]:
@@ -47,6 +49,7 @@ def build_core_requests(specs: list[CoreRequestSpec]) -> list[Request]:
         built[spec.request_id] = Request(
             spec.request_id, spec.prompt_token_ids, spec.params, spec.eos_token_ids,
             spec.arrival_time, spec.max_model_len, leader=leader, seed=spec.seed, priority=spec.priority,
+            kv_transfer=spec.kv_transfer,
         )
     return list(built.values())
 

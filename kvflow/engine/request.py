@@ -10,15 +10,21 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvflow.sampling import SamplingParams
 
+if TYPE_CHECKING:
+    from kvflow.disagg.wire import KVTransferParams
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    # A decode instance's request with blocks allocated, waiting for its KV from a prefill instance.
+    RECEIVING = "receiving"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
@@ -61,6 +67,7 @@ class Request:
         leader: Request | None = None,
         seed: int | None = None,
         priority: int = 0,
+        kv_transfer: KVTransferParams | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -93,6 +100,9 @@ class Request:
         self.skip_prefix_cache = params.prompt_logprobs is not None
         self.first_token_time: float | None = None
         self.scheduled_time: float | None = None
+        # Disaggregated serving: the transfer this request's KV goes out under (prefill instance)
+        # or comes in from (decode instance, until loaded; then None, like a local request).
+        self.kv_transfer = kv_transfer
 
     @property
     def num_tokens(self) -> int:

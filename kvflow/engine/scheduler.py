@@ -12,11 +12,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvflow.config import SchedulerConfig
 from kvflow.engine.kv_cache import KVCacheManager
 from kvflow.engine.policies import QueuePolicy, make_policy
-from kvflow.engine.request import Request, RequestStatus
+from kvflow.engine.request import Request, RequestStatus, TokenLogprobs
+
+if TYPE_CHECKING:
+    from kvflow.disagg.connector import KVConnector
 
 
 @dataclass
@@ -37,6 +41,8 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # Decode instance: requests whose KV arrived since the last step, first token appended.
+    loaded: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -48,10 +54,19 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 connector: KVConnector | None = None) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
+        self.connector = connector
+        # Decode instance: requests with blocks whose KV is being pulled, and aborted ones whose
+        # pull has not stopped yet (their blocks are freed when it has).
+        self.receiving: dict[str, Request] = {}
+        self.cancelling: dict[str, Request] = {}
+        self.num_kv_load_failures = 0
+        # Finished loads not yet reported: (request id, KV bytes, wire bytes, seconds).
+        self.transfer_records: list[tuple[str, int, int, float]] = []
         self.policy: QueuePolicy = make_policy(config.policy)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -72,14 +87,76 @@ class Scheduler:
             return None
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
+        elif request.status == RequestStatus.RECEIVING:
+            # A thread is writing into its blocks: free them once it has stopped (`_collect_loads`).
+            del self.receiving[request_id]
+            self.cancelling[request_id] = request
+            request.status = status
+            assert self.connector is not None
+            self.connector.cancel_load(request_id)
+            return request
         else:
             try:
                 self.waiting.remove(request)
             except ValueError:
                 pass
         request.status = status
-        self.kv.free(request)
+        if not self._hand_over_blocks(request):
+            self.kv.free(request)
         return request
+
+    def _hand_over_blocks(self, request: Request) -> bool:
+        """Prefill instance: a finished request's blocks go to the connector until pulled."""
+        if self.connector is None or request.kv_transfer is None or self.connector.receiver is not None:
+            return False
+        finished_normally = request.status in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED)
+        first = request.output_token_ids[:1] if finished_normally else []
+        lps = request.output_logprobs[:1]
+        logprobs = (lps[0].logprob, lps[0].top_ids, lps[0].top_logprobs) if lps else None
+        held = self.connector.request_finished(request.kv_transfer, request.block_ids, request.num_prompt_tokens,
+                                               first[0] if first else None, logprobs)
+        if held:
+            request.block_ids = []  # the connector frees them (`collect_transfers`)
+            request.num_cached_blocks = 0
+        return held
+
+    def collect_transfers(self, out: SchedulerOutput) -> None:
+        """Free blocks the connector is done with; admit requests whose KV arrived (or fell back)."""
+        if self.connector is None:
+            return
+        events = self.connector.collect()
+        for block_ids in events.release:
+            self.kv.pool.release(list(reversed(block_ids)))
+        for result in events.loaded:
+            request = self.cancelling.pop(result.request_id, None)
+            if request is not None:
+                self.kv.free(request)
+                continue
+            request = self.receiving.pop(result.request_id, None)
+            if request is None:
+                continue
+            if result.done is None:
+                # The KV is gone (prefill instance died, timed out, aborted): compute the prompt here.
+                self.num_kv_load_failures += 1
+                self.kv.free(request)
+                request.kv_transfer = None
+                request.status = RequestStatus.WAITING
+                self.waiting.appendleft(request)
+                continue
+            self.transfer_records.append((request.request_id, result.payload_bytes, result.wire_bytes, result.seconds))
+            request.kv_transfer = None
+            request.num_computed_tokens = request.num_prompt_tokens
+            self.kv.cache_full_blocks(request)
+            request.append_token(result.done.first_token)
+            if result.done.logprobs is not None:
+                lp, top_ids, top_lps = result.done.logprobs
+                request.output_logprobs.append(TokenLogprobs(result.done.first_token, lp, top_ids, top_lps))
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.loaded.append(request)
+            status = request.check_stop()
+            if status is not None:
+                self.finish_request(request.request_id, status)
 
     @property
     def num_unfinished(self) -> int:
@@ -88,6 +165,7 @@ class Scheduler:
     # --------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self.collect_transfers(out)
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
 
@@ -119,10 +197,15 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         chunked = self.config.enable_chunked_prefill
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + len(self.receiving) < self.config.max_num_seqs:
             request = self.policy.pop_next(self.waiting)
             if not self._ready(request):
                 skipped.append(request)
+                continue
+            if self.connector is not None and self.connector.wants_load(request.kv_transfer):
+                if not self._start_load(request):
+                    self.waiting.appendleft(request)
+                    break
                 continue
             if request.num_computed_tokens == 0:
                 self._attach_cached_prefix(request)
@@ -141,6 +224,18 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def _start_load(self, request: Request) -> bool:
+        """Decode instance: give the request blocks for its prompt and first token, then pull its KV."""
+        if not self.kv.allocate(request, request.num_prompt_tokens + 1):
+            return False  # admission control: it waits (its KV stays on the prefill instance)
+        assert self.connector is not None and request.kv_transfer is not None
+        request.status = RequestStatus.RECEIVING
+        if request.scheduled_time is None:
+            request.scheduled_time = time.monotonic()
+        self.receiving[request.request_id] = request
+        self.connector.start_load(request.request_id, request.kv_transfer, request.block_ids, request.num_prompt_tokens)
+        return True
 
     def _ready(self, request: Request) -> bool:
         """An n > 1 sibling waits until its leader has computed the prompt it will share."""

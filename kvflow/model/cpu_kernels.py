@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -125,6 +126,8 @@ class CpuForward:
         )
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,
-                 slot_mapping: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [T, hidden] of a step's flat tokens (see AttentionMetadata)."""
-        return self._model.forward(input_ids, positions, seq_index, slot_mapping, block_tables)
+                 slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                 layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Final-norm hidden states [T, hidden] of a step's flat tokens (see AttentionMetadata);
+        `layer_hook(l)` runs after each layer l."""
+        return self._model.forward(input_ids, positions, seq_index, slot_mapping, block_tables, layer_hook)

@@ -8,7 +8,7 @@ q/k/v and gate/up projections are fused at load time. All tokens of a step arriv
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -87,10 +87,14 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        layer_hook: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
+        """`layer_hook(l)`, if given, runs once layer l has written its KV (layer-wise KV transfer)."""
         x = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             x = layer(positions, x, kv_cache, meta, backend)
+            if layer_hook is not None:
+                layer_hook(i)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

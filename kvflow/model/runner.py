@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,10 @@ from kvflow.model.cpu_linear import prepack_available
 from kvflow.model.loader import load_model
 from kvflow.sampler import Sampler, SamplingBatch
 
+if TYPE_CHECKING:
+    from kvflow.disagg.connector import KVConnector
+    from kvflow.disagg.wire import KVTransferParams
+
 logger = logging.getLogger(__name__)
 
 #: Steps with a prefill chunk longer than this run the PyTorch modules even when the C++ CPU
@@ -30,6 +35,12 @@ logger = logging.getLogger(__name__)
 #: decodes and short chunks but not on long prompts (`135m` bf16 TTFT, C++ vs modules: 95 vs 102 ms
 #: at 128 tokens, 603 vs 477 ms at 512, 6.0 vs 2.6 s at 2,000). Both paths share the KV cache.
 CPU_FORWARD_MAX_CHUNK = 256
+
+
+def _finishing_prompts(chunks: list[ScheduledChunk]) -> list[tuple[KVTransferParams, list[int], int]]:
+    """Prefill instance: requests whose prompt's last chunk is in this step, with their blocks."""
+    return [(c.request.kv_transfer, c.request.block_ids, c.request.num_prompt_tokens) for c in chunks
+            if c.request.kv_transfer is not None and c.start + c.num_tokens == c.request.num_prompt_tokens]
 
 
 @dataclass
@@ -54,6 +65,7 @@ class ModelRunner:
             config.model.num_layers, self.num_blocks, self.block_size,
             config.model.num_kv_heads, config.model.head_dim, config.model.dtype, self.device,
         )
+        self.connector: KVConnector | None = None  # set by the engine core of a disaggregated instance
         self.cpu_forward: CpuForward | None = None
         if config.runner.cpu_kernels and cpu_kernels_available(self.device, config.model.dtype):
             self.cpu_forward = CpuForward(self.model, self.kv_caches)
@@ -93,11 +105,19 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         chunks = sorted(sched.chunks, key=lambda c: c.num_tokens != 1)  # stable: decodes first
         input_ids, positions, meta = self._prepare_inputs(chunks)
-        if self.cpu_forward is not None and meta.max_query_len <= CPU_FORWARD_MAX_CHUNK:
-            hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping, meta.block_tables)
-        else:
-            self.backend.prepare(meta)
-            hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        hook = None
+        if self.connector is not None and self.connector.begin_step(_finishing_prompts(chunks)):
+            hook = self.connector.layer_done
+        try:
+            if self.cpu_forward is not None and meta.max_query_len <= CPU_FORWARD_MAX_CHUNK:
+                hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping,
+                                          meta.block_tables, hook)
+            else:
+                self.backend.prepare(meta)
+                hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend, hook)
+        finally:
+            if self.connector is not None:
+                self.connector.end_step()
         return self._sample(chunks, hidden, meta)
 
     def _prepare_inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

@@ -55,8 +55,7 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await ctx.engine.start()
-        logger.info("engine core ready (pid %s, %d KV blocks); serving %s", ctx.engine.core.pid,
-                    ctx.engine.core.num_blocks, ctx.served_model_name)
+        logger.info("engine ready (%s); serving %s", ctx.engine.describe(), ctx.served_model_name)
         try:
             yield
         finally:
@@ -104,7 +103,10 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
         reason = ctx.engine.dead_reason
         if reason is not None:
             return error_response(503, reason, code="engine_dead")
-        return Response(status_code=200)
+        instances = ctx.engine.health()
+        if instances is None:
+            return Response(status_code=200)
+        return JSONResponse({"status": "ok", "instances": instances})
 
     @app.get("/metrics")
     async def metrics() -> Response:

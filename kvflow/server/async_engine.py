@@ -20,7 +20,7 @@ from typing import Any
 
 from kvflow.config import EngineConfig
 from kvflow.engine.core_client import CoreClient, EngineDeadError, StepOutputs
-from kvflow.engine.input_processor import InputProcessor
+from kvflow.engine.input_processor import CoreRequestSpec, InputProcessor
 from kvflow.engine.output_processor import OutputKind, OutputProcessor
 from kvflow.engine.request import RequestStatus
 from kvflow.outputs import RequestOutput
@@ -100,6 +100,13 @@ class AsyncEngine:
             self.abort(request_id)
         await self.core.shutdown()
 
+    def health(self) -> dict[str, Any] | None:
+        """Per-instance states, for deployments of several engine processes (None: just one)."""
+        return None
+
+    def describe(self) -> str:
+        return f"engine core pid {self.core.pid}, {self.core.num_blocks} KV blocks"
+
     @property
     def dead_reason(self) -> str | None:
         return self.core.dead_reason
@@ -115,9 +122,10 @@ class AsyncEngine:
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams) -> RequestStream:
         """Validate, admit and send one request; raises ValueError / OverloadedError / EngineDeadError."""
-        if not self.core.alive or self.inputs is None:
-            raise EngineDeadError(self.core.dead_reason or "the engine is not running")
+        if self.dead_reason is not None or self.inputs is None:
+            raise EngineDeadError(self.dead_reason or "the engine is not running")
         self.inputs.validate(prompt_token_ids, params)
+        self._check_supported(params)
         capacity = self.config.scheduler.max_num_seqs + self.max_waiting_requests
         if self._num_seqs + params.n > capacity:
             self.metrics.rejected("overloaded")
@@ -134,7 +142,7 @@ class AsyncEngine:
         self._timing[request_id] = _Timing(arrival, len(prompt_token_ids))
         self._num_seqs += params.n
         try:
-            self.core.add(specs)
+            self._send_specs(specs)
         except EngineDeadError:
             self._forget(request_id)
             self.outputs.abort_request(request_id)
@@ -157,8 +165,19 @@ class AsyncEngine:
         """Abort a request (client gone): the core frees its KV blocks at once."""
         _, running = self.outputs.abort_request(request_id)
         self._forget(request_id, "abort")
+        self._finish_core([(core_id, RequestStatus.FINISHED_ABORTED.value, None) for core_id in running])
+
+    # The engine behind this front: one core process here; a router over instances in
+    # kvflow/disagg/router.py, which overrides these.
+    def _check_supported(self, params: SamplingParams) -> None:
+        """Refuse (ValueError) what this engine cannot serve."""
+
+    def _send_specs(self, specs: list[CoreRequestSpec]) -> None:
+        self.core.add(specs)
+
+    def _finish_core(self, items: list[tuple[str, str, str | None]]) -> None:
         try:
-            self.core.finish([(core_id, RequestStatus.FINISHED_ABORTED.value, None) for core_id in running])
+            self.core.finish(items)
         except EngineDeadError:
             pass
 
@@ -175,19 +194,19 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------- output
     def _on_outputs(self, message: StepOutputs) -> None:
-        now = time.monotonic()
         self.metrics.update_core(message.stats)
+        self._process_outputs(message)
+
+    def _process_outputs(self, message: StepOutputs) -> None:
+        now = time.monotonic()
         for core_id, scheduled in message.scheduled_times.items():
             timing = self._timing.get(self.outputs.request_id_of(core_id) or "")
             if timing is not None and not timing.queued_seen:
                 timing.queued_seen = True
                 self.metrics.queue_time.observe(max(0.0, scheduled - timing.arrival))
         processed = self.outputs.process(message.outputs)
-        try:
-            self.core.finish([(core_id, RequestStatus.FINISHED_STOPPED.value, stop)
-                              for core_id, stop in processed.stopped])
-        except EngineDeadError:
-            pass
+        self._finish_core([(core_id, RequestStatus.FINISHED_STOPPED.value, stop)
+                           for core_id, stop in processed.stopped])
         for output in processed.request_outputs:
             self._record(output, now)
             stream = self._streams.get(output.request_id)

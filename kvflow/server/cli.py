@@ -15,6 +15,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from kvflow.config import KV_TRANSFER_MODES, KV_TRANSPORTS
+
 DEFAULT_MAX_WAITING = 1024
 
 
@@ -32,6 +34,20 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                         help="log every HTTP request")
+    disagg = parser.add_argument_group("disaggregated serving (prefill and decode instances behind one front)")
+    disagg.add_argument("--disagg", action="store_true", help="run --prefill N prefill and --decode M decode instances")
+    disagg.add_argument("--prefill", type=int, default=1, help="prefill instances (with --disagg)")
+    disagg.add_argument("--decode", type=int, default=1, help="decode instances (with --disagg)")
+    disagg.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="tcp",
+                        help="tcp: KV bytes over sockets (works across hosts); shm: shared memory (one host)")
+    disagg.add_argument("--kv-transfer-mode", choices=KV_TRANSFER_MODES, default="layerwise",
+                        help="layerwise: send each layer as soon as it is computed (Splitwise); "
+                             "whole: after the whole prompt (DistServe)")
+    disagg.add_argument("--kv-transfer-timeout", type=float, default=30.0,
+                        help="seconds a transfer may stall before both sides free its blocks")
+    disagg.add_argument("--kv-host", default="127.0.0.1", help="address prefill instances listen on for KV pulls")
+    disagg.add_argument("--pin-cores", action="store_true",
+                        help="pin each instance to its own share of this process's CPU cores")
 
 
 def _model_path(args: argparse.Namespace) -> str:
@@ -69,7 +85,16 @@ def run_serve(args: argparse.Namespace) -> int:
                                  seed=args.seed, **engine_kwargs(args))
     tokenizer = load_tokenizer(model)
     name = args.served_model_name or args.model or Path(model).name  # the shipped model is "tiny"
-    engine = AsyncEngine(config, tokenizer, ServerMetrics(name), args.max_waiting_requests)
+    if args.disagg:
+        from kvflow.config import KVTransferConfig
+        from kvflow.disagg.router import DisaggEngine
+
+        transfer = KVTransferConfig(transport=args.kv_transport, mode=args.kv_transfer_mode,
+                                    timeout_s=args.kv_transfer_timeout, host=args.kv_host)
+        engine = DisaggEngine(config, tokenizer, ServerMetrics(name), args.max_waiting_requests,
+                              args.prefill, args.decode, transfer, args.pin_cores)
+    else:
+        engine = AsyncEngine(config, tokenizer, ServerMetrics(name), args.max_waiting_requests)
     ctx = ServerContext(engine, tokenizer, name, model, config.model.max_model_len)
     app = build_app(ctx, api_key=args.api_key, max_body_bytes=args.max_request_bytes)
     server = uvicorn.Server(uvicorn.Config(

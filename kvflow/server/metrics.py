@@ -58,6 +58,16 @@ class ServerMetrics:
         self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt length per request.", _TOKEN_BUCKETS)
         self.request_generation_tokens = histogram(
             "request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS)
+        self.kv_transfers = counter("kv_transfers", "KV transfers from prefill to decode instances (disaggregated).")
+        self.kv_transfer_bytes = counter("kv_transfer_bytes", "Bytes moved by KV transfers, control messages included.")
+        self.kv_transfer_seconds = histogram(
+            "kv_transfer_seconds", "Per request: decode-side pull start to KV installed.", _LATENCY_BUCKETS)
+        self.kv_transfer_request_bytes = histogram(
+            "kv_transfer_request_bytes", "KV bytes per transferred request.",
+            tuple(float(2**k) for k in range(10, 34, 2)))
+        self.kv_load_fallbacks = counter(
+            "kv_load_fallbacks", "Decode-side loads that failed, so the prompt was recomputed there.")
+        self._last_fallbacks = 0
         self._label = model_name
         self._last_core = (0, 0, 0)  # preemptions, prefix queries, prefix hits (cumulative in the core)
         self.engine_healthy.set(1)
@@ -79,6 +89,15 @@ class ServerMetrics:
             if new > old:
                 metric.inc(new - old)
         self._last_core = now
+        if engine.num_kv_load_failures > self._last_fallbacks:
+            self.kv_load_fallbacks.inc(engine.num_kv_load_failures - self._last_fallbacks)
+        self._last_fallbacks = engine.num_kv_load_failures
+
+    def kv_transferred(self, payload_bytes: int, wire_bytes: int, seconds: float) -> None:
+        self.kv_transfers.inc()
+        self.kv_transfer_bytes.inc(wire_bytes)
+        self.kv_transfer_seconds.observe(seconds)
+        self.kv_transfer_request_bytes.observe(payload_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

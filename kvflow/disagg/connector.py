@@ -1,0 +1,115 @@
+"""KVConnector: what the engine sees of disaggregation, with a scheduler side and a worker side.
+
+Scheduler side (engine thread, between steps): `start_load` for a decode instance's request that
+has just been given blocks, `request_finished` when a prefill instance's request ends (the
+connector may keep its blocks until they are pulled), `collect` for finished loads and blocks to
+free. Worker side (inside a step): `begin_step`, `layer_done` after each layer, `end_step`, so a
+layer-wise prefill instance serves each layer while later ones still compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from kvflow.config import KVTransferConfig
+from kvflow.disagg.receiver import KVReceiver, LoadResult
+from kvflow.disagg.sender import KVSender
+from kvflow.disagg.wire import Done, KVTransferParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TransferRecord:
+    """One finished load on a decode instance (exported as metrics by the server)."""
+
+    request_id: str
+    payload_bytes: int
+    wire_bytes: int
+    seconds: float
+
+
+@dataclass
+class ConnectorEvents:
+    loaded: list[LoadResult] = field(default_factory=list)  # successes and failures
+    release: list[list[int]] = field(default_factory=list)  # a prefill instance's pulled blocks
+
+
+class KVConnector:
+    def __init__(self, config: KVTransferConfig, kv_caches: list[torch.Tensor], num_kv_heads: int,
+                 head_dim: int) -> None:
+        self.config = config
+        self.role = config.role
+        self.sender = KVSender(kv_caches, config, num_kv_heads, head_dim) if self.role == "prefill" else None
+        self.receiver = KVReceiver(kv_caches, config, num_kv_heads, head_dim) if self.role == "decode" else None
+        self.layer_wise = config.mode == "layerwise"
+        self._step_transfers = False
+
+    @property
+    def address(self) -> str | None:
+        """Where decode instances pull from (prefill instances only)."""
+        return self.sender.address if self.sender else None
+
+    @property
+    def busy(self) -> bool:
+        """Transfers in flight: the engine loop should keep polling `collect` even when idle."""
+        if self.sender is not None:
+            return self.sender.num_held > 0
+        return self.receiver is not None and self.receiver.num_loading > 0
+
+    # ---------------------------------------------------------- scheduler side
+    def wants_load(self, params: KVTransferParams | None) -> bool:
+        return self.receiver is not None and params is not None and params.source is not None
+
+    def start_load(self, request_id: str, params: KVTransferParams, block_ids: list[int], num_tokens: int) -> None:
+        assert self.receiver is not None and params.source is not None
+        self.receiver.start(request_id, params.transfer_id, params.source, block_ids, num_tokens)
+
+    def cancel_load(self, request_id: str) -> None:
+        if self.receiver is not None:
+            self.receiver.cancel(request_id)
+
+    def request_finished(self, params: KVTransferParams | None, block_ids: list[int], num_prompt_tokens: int,
+                         first_token: int | None, logprobs: tuple[float, list[int], list[float]] | None) -> bool:
+        """A prefill instance's request ended. True: the connector now owns its blocks (it frees them
+        through `collect` once pulled); False: the engine frees them as usual."""
+        if self.sender is None or params is None:
+            return False
+        if first_token is None:
+            self.sender.fail(params.transfer_id, "the request was aborted on the prefill instance")
+            return False
+        return self.sender.complete(params.transfer_id, block_ids, num_prompt_tokens, Done(first_token, logprobs))
+
+    def collect(self) -> ConnectorEvents:
+        events = ConnectorEvents()
+        if self.sender is not None:
+            events.release = self.sender.collect()
+        if self.receiver is not None:
+            events.loaded = self.receiver.collect()
+        return events
+
+    # ------------------------------------------------------------- worker side
+    def begin_step(self, producers: list[tuple[KVTransferParams, list[int], int]]) -> bool:
+        """Producers whose prompts complete this step; True if the model should report each layer."""
+        self._step_transfers = bool(producers) and self.layer_wise and self.sender is not None
+        if self._step_transfers:
+            assert self.sender is not None
+            for params, block_ids, num_tokens in producers:
+                self.sender.expect(params.transfer_id, block_ids, num_tokens)
+        return self._step_transfers
+
+    def layer_done(self, layer: int) -> None:
+        if self._step_transfers and self.sender is not None:
+            self.sender.layer_done(layer)
+
+    def end_step(self) -> None:
+        if self._step_transfers and self.sender is not None:
+            self.sender.end_step()
+        self._step_transfers = False
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()

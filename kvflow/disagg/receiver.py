@@ -1,0 +1,154 @@
+"""The decode side of a KV transfer: pull a request's KV from its prefill instance into blocks
+this instance has already allocated, on a thread per transfer, and report the first token.
+
+The engine thread starts loads and collects their results (`collect`); a load's blocks belong
+to the loading thread until its result is collected, so a cancelled load is freed only then.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+
+import torch
+
+from kvflow.config import KVTransferConfig
+from kvflow.disagg.kv_layout import layer_nbytes, scatter_layer
+from kvflow.disagg.wire import Ack, Channel, Done, Header, Layer, ProtocolError, Pull, expect
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadResult:
+    request_id: str
+    done: Done | None  # None: the load failed (error says why) or was cancelled
+    error: str | None = None
+    payload_bytes: int = 0  # KV bytes installed (2 · layers · tokens · kv_heads · head_dim · dtype size)
+    wire_bytes: int = 0  # everything received, control messages included
+    seconds: float = 0.0
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"KV source address must be HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+class KVReceiver:
+    def __init__(self, kv_caches: list[torch.Tensor], config: KVTransferConfig, num_kv_heads: int,
+                 head_dim: int) -> None:
+        self.kv_caches = kv_caches
+        self.config = config
+        self.num_layers = len(kv_caches)
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.dtype = kv_caches[0].dtype
+        self._lock = threading.Lock()
+        self._results: list[LoadResult] = []
+        self._cancelled: dict[str, threading.Event] = {}
+        self._sockets: dict[str, socket.socket] = {}
+
+    @property
+    def num_loading(self) -> int:
+        with self._lock:
+            return len(self._cancelled)
+
+    def start(self, request_id: str, transfer_id: str, source: str, block_ids: list[int], num_tokens: int) -> None:
+        cancel = threading.Event()
+        with self._lock:
+            self._cancelled[request_id] = cancel
+        threading.Thread(target=self._load, args=(request_id, transfer_id, source, list(block_ids), num_tokens, cancel),
+                         name="kvflow-kv-recv", daemon=True).start()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a load at the next layer (its result still arrives, as a failure, through `collect`)."""
+        with self._lock:
+            event = self._cancelled.get(request_id)
+            sock = self._sockets.get(request_id)
+        if event is not None:
+            event.set()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv
+            except OSError:
+                pass
+
+    def collect(self) -> list[LoadResult]:
+        with self._lock:
+            results, self._results = self._results, []
+        return results
+
+    # ---------------------------------------------------------------- thread
+    def _load(self, request_id: str, transfer_id: str, source: str, block_ids: list[int], num_tokens: int,
+              cancel: threading.Event) -> None:
+        started = time.monotonic()
+        result = LoadResult(request_id, None)
+        shm: shared_memory.SharedMemory | None = None
+        try:
+            with socket.create_connection(parse_address(source), timeout=self.config.timeout_s) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with self._lock:
+                    self._sockets[request_id] = sock
+                if cancel.is_set():
+                    raise ProtocolError("cancelled")
+                channel = Channel(sock)
+                channel.send(Pull(transfer_id))
+                header = expect(channel.recv(), Header)
+                self._check(header, num_tokens)
+                if header.shm_name is not None:
+                    shm = _attach(header.shm_name)
+                staging = torch.empty(header.layer_nbytes, dtype=torch.uint8) if shm is None else None
+                for _ in range(self.num_layers):
+                    layer = expect(channel.recv(), Layer)
+                    if not 0 <= layer.index < self.num_layers:
+                        raise ProtocolError(f"layer index {layer.index} out of range")
+                    if shm is None:
+                        channel.recv_into(memoryview(staging.numpy()))
+                        raw = staging
+                    else:
+                        raw = torch.frombuffer(shm.buf, dtype=torch.uint8, count=header.layer_nbytes,
+                                               offset=layer.offset)
+                    if cancel.is_set():
+                        raise ProtocolError("cancelled")
+                    data = raw.view(self.dtype).view(2, self.num_kv_heads, num_tokens, self.head_dim)
+                    scatter_layer(self.kv_caches[layer.index], block_ids, data)
+                    del raw, data
+                    result.payload_bytes += header.layer_nbytes
+                result.done = expect(channel.recv(), Done)
+                channel.send(Ack())
+                # Over shm the layers' bytes cross in the segment: count them as moved too.
+                result.wire_bytes = channel.bytes_received + (result.payload_bytes if shm is not None else 0)
+        except (OSError, ProtocolError, TimeoutError, ValueError) as exc:
+            result.done, result.error = None, f"{type(exc).__name__}: {exc}" if str(exc) != "cancelled" else "cancelled"
+        finally:
+            if shm is not None:
+                shm.close()
+            result.seconds = time.monotonic() - started
+            with self._lock:
+                self._cancelled.pop(request_id, None)
+                self._sockets.pop(request_id, None)
+                self._results.append(result)
+
+    def _check(self, header: Header, num_tokens: int) -> None:
+        mine = (self.num_layers, num_tokens, self.num_kv_heads, self.head_dim, str(self.dtype).removeprefix("torch."))
+        theirs = (header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim, header.dtype)
+        if mine != theirs:
+            raise ProtocolError(f"KV shape mismatch: this instance expects (layers, tokens, kv_heads, head_dim, "
+                                f"dtype) = {mine}, the prefill instance sends {theirs}")
+        if header.layer_nbytes != layer_nbytes(num_tokens, self.num_kv_heads, self.head_dim, self.dtype):
+            raise ProtocolError(f"layer size {header.layer_nbytes} does not match the shape")
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """Open the prefill side's segment; it owns (and unlinks) it, so this process must not track it."""
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    return shm

@@ -1,0 +1,120 @@
+"""The KV transfer protocol: length-prefixed msgpack control messages, raw KV bytes after them.
+
+A decode instance connects to a prefill instance and sends `Pull`. The prefill side answers with
+a `Header`, then one `Layer` per model layer as each becomes ready — over TCP the layer's bytes
+follow the message on the socket; over shared memory they are already in the segment the header
+names, at the offset the message gives — then `Done` with the first token. The puller installs
+the KV and answers `Ack`, after which the prefill side may free its blocks. Tensors are never
+pickled: a layer travels as its raw bytes in the fixed layout [2 (k, v), kv_heads, tokens, head_dim].
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import msgspec
+
+_LENGTH = struct.Struct("!I")
+MAX_CONTROL_BYTES = 1 << 20  # a control message is small; anything bigger is a corrupt stream
+
+
+class KVTransferParams(msgspec.Struct):
+    """Carried by a request: on a prefill instance it names the transfer its KV is served under;
+    on a decode instance `source` is the prefill instance (HOST:PORT) to pull it from."""
+
+    transfer_id: str
+    source: str | None = None
+
+
+class Pull(msgspec.Struct, tag="pull", array_like=True):
+    transfer_id: str
+
+
+class Header(msgspec.Struct, tag="header", array_like=True):
+    transfer_id: str
+    num_layers: int
+    num_tokens: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    layer_nbytes: int
+    shm_name: str | None = None  # shm transport: the segment holding every layer back to back
+
+
+class Layer(msgspec.Struct, tag="layer", array_like=True):
+    index: int
+    offset: int = 0  # shm: where the layer starts in the segment (tcp: its bytes follow)
+
+
+class Done(msgspec.Struct, tag="done", array_like=True):
+    first_token: int
+    # The first token's logprob entry when the request asked for logprobs: (logprob, top ids, top logprobs).
+    logprobs: tuple[float, list[int], list[float]] | None = None
+
+
+class Failed(msgspec.Struct, tag="failed", array_like=True):
+    message: str
+
+
+class Ack(msgspec.Struct, tag="ack", array_like=True):
+    pass
+
+
+Message = Pull | Header | Layer | Done | Failed | Ack
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class ProtocolError(RuntimeError):
+    """The peer sent something out of order, malformed, or hung up mid-transfer."""
+
+
+class Channel:
+    """A connected socket speaking this protocol, counting the bytes each way."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def send(self, message: Message) -> None:
+        body = _encoder.encode(message)
+        self.sock.sendall(_LENGTH.pack(len(body)) + body)
+        self.bytes_sent += _LENGTH.size + len(body)
+
+    def send_raw(self, data: memoryview | bytes) -> None:
+        self.sock.sendall(data)
+        self.bytes_sent += len(data)
+
+    def recv(self) -> Message:
+        (length,) = _LENGTH.unpack(self._recv_bytes(_LENGTH.size))
+        if length > MAX_CONTROL_BYTES:
+            raise ProtocolError(f"control message of {length} bytes")
+        try:
+            return _decoder.decode(self._recv_bytes(length))
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(f"malformed control message: {exc}") from None
+
+    def recv_into(self, view: memoryview) -> None:
+        """Fill `view` from the socket (no intermediate copies); raise if the peer hangs up first."""
+        got = 0
+        while got < len(view):
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise ProtocolError(f"peer closed the connection after {got} of {len(view)} bytes")
+            got += n
+        self.bytes_received += got
+
+    def _recv_bytes(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self.recv_into(memoryview(buf))
+        return bytes(buf)
+
+
+def expect(message: Message, kind: type) -> Message:
+    if isinstance(message, Failed):
+        raise ProtocolError(f"the prefill instance failed the transfer: {message.message}")
+    if not isinstance(message, kind):
+        raise ProtocolError(f"expected {kind.__name__}, got {type(message).__name__}")
+    return message

@@ -1,0 +1,138 @@
+"""`kvflow serve --disagg`: one OpenAI front over prefill and decode processes, end to end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.server.server_utils import ServerProcess, group_members
+
+PROMPTS = ["hi", "the quick brown fox jumps over the lazy dog " * 3, "a b c d e f g", "one " * 25]
+
+
+@pytest.fixture
+def start(llama_dir, tmp_path):
+    started: list[ServerProcess] = []
+
+    def launch(*extra: str) -> ServerProcess:
+        proc = ServerProcess(llama_dir, tmp_path / f"serve{len(started)}.log", "--max-model-len", "128", *extra)
+        started.append(proc)
+        return proc.wait_ready()
+
+    yield launch
+    for proc in started:
+        proc.stop(timeout=10)
+
+
+def complete_all(url: str, max_tokens: int = 16) -> list[tuple[str, list[str], int]]:
+    """Greedy completions of PROMPTS, sent concurrently: text, token strings and token count of each."""
+    def one(prompt: str) -> tuple[str, list[str], int]:
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        choice = body["choices"][0]
+        return choice["text"], choice["logprobs"]["tokens"], body["usage"]["completion_tokens"]
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return list(pool.map(one, PROMPTS))
+
+
+def metric(url: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+               if line.startswith((name + "{", name + " ")))
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def instances(url: str) -> dict:
+    return httpx.get(f"{url}/health").json()["instances"]
+
+
+@pytest.mark.parametrize("transfer", [("tcp", "layerwise"), ("shm", "whole")])
+def test_disaggregated_server_matches_colocated(start, transfer):
+    colocated = start()
+    expected = complete_all(colocated.url)
+    colocated.stop()
+    transport, mode = transfer
+    srv = start("--disagg", "--prefill", "1", "--decode", "2", "--kv-transport", transport,
+                "--kv-transfer-mode", mode)
+    assert complete_all(srv.url) == expected
+    assert metric(srv.url, "kvflow:kv_transfers_total") == len(PROMPTS)
+    assert metric(srv.url, "kvflow:kv_transfer_bytes_total") > 0
+    assert metric(srv.url, "kvflow:kv_load_fallbacks_total") == 0
+    assert wait_until(lambda: metric(srv.url, "kvflow:kv_cache_usage_perc") == 0)  # all blocks back, everywhere
+    roles = sorted(i["role"] for i in instances(srv.url).values())
+    assert roles == ["decode", "decode", "prefill"]
+    assert srv.stop() == 0
+    assert not group_members(srv.proc.pid)
+
+
+def test_refuses_what_it_cannot_serve(start):
+    srv = start("--disagg")
+    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 2})
+    assert r.status_code == 400 and "n > 1" in r.json()["error"]["message"]
+
+
+def test_dead_prefill_instance_is_routed_around(start):
+    srv = start("--disagg", "--prefill", "2", "--decode", "1")
+    expected = complete_all(srv.url)
+    victim = instances(srv.url)["prefill-0"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while instances(srv.url)["prefill-0"]["alive"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "SIGKILL" in instances(srv.url)["prefill-0"]["error"]
+    assert httpx.get(f"{srv.url}/health").status_code == 200  # still serving
+    assert complete_all(srv.url) == expected
+    # The last prefill instance gone too: decode instances compute the prompts themselves.
+    os.kill(instances(srv.url)["prefill-1"]["pid"], signal.SIGKILL)
+    while instances(srv.url)["prefill-1"]["alive"]:
+        assert time.monotonic() < deadline + 10
+        time.sleep(0.05)
+    assert complete_all(srv.url) == expected
+
+
+def test_dead_decode_instance_requests_are_retried_or_fail_clearly(start):
+    srv = start("--disagg", "--prefill", "1", "--decode", "2")
+    expected = complete_all(srv.url)
+    info = instances(srv.url)
+    decode0, prefill = info["decode-0"]["pid"], info["prefill-0"]["pid"]
+    # Freeze the prefill instance: requests reach both instances, and none has a token yet.
+    os.kill(prefill, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(complete_all, srv.url)
+            time.sleep(1.0)
+            assert instances(srv.url)["decode-0"]["in_flight"] > 0
+            os.kill(decode0, signal.SIGKILL)
+            time.sleep(0.5)
+            os.kill(prefill, signal.SIGCONT)
+            assert pending.result(timeout=60) == expected  # resubmitted to decode-1
+    finally:
+        os.kill(prefill, signal.SIGCONT)
+    state = instances(srv.url)
+    assert not state["decode-0"]["alive"] and state["decode-1"]["alive"]
+    assert httpx.get(f"{srv.url}/health").status_code == 200
+    # Mid-stream deaths fail clearly, never hang; with no decode instance left, 503.
+    os.kill(state["decode-1"]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{srv.url}/health").status_code != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    assert wait_until(lambda: metric(srv.url, "kvflow:kv_cache_usage_perc") == 0), instances(srv.url)  # live ones
