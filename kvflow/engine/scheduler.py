@@ -88,7 +88,7 @@ class Scheduler:
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status == RequestStatus.RECEIVING:
-            # A thread is writing into its blocks: free them once it has stopped (`_collect_loads`).
+            # A thread is writing into its blocks: free them once it has stopped (`collect_transfers`).
             del self.receiving[request_id]
             self.cancelling[request_id] = request
             request.status = status
