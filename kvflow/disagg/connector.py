@@ -15,21 +15,12 @@ from dataclasses import dataclass, field
 import torch
 
 from kvflow.config import KVTransferConfig
+from kvflow.disagg.kv_layout import PagedKV
 from kvflow.disagg.receiver import KVReceiver, LoadResult
 from kvflow.disagg.sender import KVSender
 from kvflow.disagg.wire import Done, KVTransferParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TransferRecord:
-    """One finished load on a decode instance (exported as metrics by the server)."""
-
-    request_id: str
-    payload_bytes: int
-    wire_bytes: int
-    seconds: float
 
 
 @dataclass
@@ -39,12 +30,12 @@ class ConnectorEvents:
 
 
 class KVConnector:
-    def __init__(self, config: KVTransferConfig, kv_caches: list[torch.Tensor], num_kv_heads: int,
-                 head_dim: int) -> None:
+    def __init__(self, config: KVTransferConfig, kv_caches: list[torch.Tensor]) -> None:
         self.config = config
         self.role = config.role
-        self.sender = KVSender(kv_caches, config, num_kv_heads, head_dim) if self.role == "prefill" else None
-        self.receiver = KVReceiver(kv_caches, config, num_kv_heads, head_dim) if self.role == "decode" else None
+        kv = PagedKV(kv_caches)
+        self.sender = KVSender(kv, config) if self.role == "prefill" else None
+        self.receiver = KVReceiver(kv, config) if self.role == "decode" else None
         self.layer_wise = config.mode == "layerwise"
         self._step_transfers = False
 
@@ -82,6 +73,16 @@ class KVConnector:
             self.sender.fail(params.transfer_id, "the request was aborted on the prefill instance")
             return False
         return self.sender.complete(params.transfer_id, block_ids, num_prompt_tokens, Done(first_token, logprobs))
+
+    def drop_transfer(self, transfer_id: str) -> None:
+        """Prefill instance: a finished request was aborted before its KV was pulled; free it now."""
+        if self.sender is not None:
+            self.sender.drop(transfer_id)
+
+    @property
+    def holds_finished_requests(self) -> bool:
+        """Prefill instances keep a finished request's blocks until they are pulled."""
+        return self.sender is not None
 
     def collect(self) -> ConnectorEvents:
         events = ConnectorEvents()

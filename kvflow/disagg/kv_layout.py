@@ -11,8 +11,19 @@ from __future__ import annotations
 import torch
 
 
-def layer_nbytes(num_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return 2 * num_tokens * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+class PagedKV:
+    """An instance's per-layer cache tensors, with the shape both ends of a transfer must agree on
+    (read off the tensors themselves)."""
+
+    def __init__(self, caches: list[torch.Tensor]) -> None:
+        self.caches = caches
+        self.num_layers = len(caches)
+        _, _, self.num_kv_heads, _, self.head_dim = caches[0].shape
+        self.dtype = caches[0].dtype
+        self.dtype_name = str(self.dtype).removeprefix("torch.")
+
+    def layer_nbytes(self, num_tokens: int) -> int:
+        return 2 * num_tokens * self.num_kv_heads * self.head_dim * self.caches[0].element_size()
 
 
 def gather_layer(cache: torch.Tensor, block_ids: list[int], num_tokens: int) -> torch.Tensor:

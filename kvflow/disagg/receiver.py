@@ -17,7 +17,7 @@ from multiprocessing import resource_tracker, shared_memory
 import torch
 
 from kvflow.config import KVTransferConfig
-from kvflow.disagg.kv_layout import layer_nbytes, scatter_layer
+from kvflow.disagg.kv_layout import PagedKV, scatter_layer
 from kvflow.disagg.wire import Ack, Channel, Done, Header, Layer, ProtocolError, Pull, expect
 
 logger = logging.getLogger(__name__)
@@ -41,13 +41,9 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class KVReceiver:
-    def __init__(self, kv_caches: list[torch.Tensor], config: KVTransferConfig, num_kv_heads: int,
-                 head_dim: int) -> None:
-        self.kv_caches = kv_caches
+    def __init__(self, kv: PagedKV, config: KVTransferConfig) -> None:
+        self.kv = kv
         self.config = config
-        self.num_layers = len(kv_caches)
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.dtype = kv_caches[0].dtype
         self._lock = threading.Lock()
         self._results: list[LoadResult] = []
         self._cancelled: dict[str, threading.Event] = {}
@@ -103,9 +99,9 @@ class KVReceiver:
                 if header.shm_name is not None:
                     shm = _attach(header.shm_name)
                 staging = torch.empty(header.layer_nbytes, dtype=torch.uint8) if shm is None else None
-                for _ in range(self.num_layers):
+                for _ in range(self.kv.num_layers):
                     layer = expect(channel.recv(), Layer)
-                    if not 0 <= layer.index < self.num_layers:
+                    if not 0 <= layer.index < self.kv.num_layers:
                         raise ProtocolError(f"layer index {layer.index} out of range")
                     if shm is None:
                         channel.recv_into(memoryview(staging.numpy()))
@@ -115,8 +111,8 @@ class KVReceiver:
                                                offset=layer.offset)
                     if cancel.is_set():
                         raise ProtocolError("cancelled")
-                    data = raw.view(self.dtype).view(2, self.num_kv_heads, num_tokens, self.head_dim)
-                    scatter_layer(self.kv_caches[layer.index], block_ids, data)
+                    data = raw.view(self.kv.dtype).view(2, self.kv.num_kv_heads, num_tokens, self.kv.head_dim)
+                    scatter_layer(self.kv.caches[layer.index], block_ids, data)
                     del raw, data
                     result.payload_bytes += header.layer_nbytes
                 result.done = expect(channel.recv(), Done)
@@ -135,12 +131,13 @@ class KVReceiver:
                 self._results.append(result)
 
     def _check(self, header: Header, num_tokens: int) -> None:
-        mine = (self.num_layers, num_tokens, self.num_kv_heads, self.head_dim, str(self.dtype).removeprefix("torch."))
+        kv = self.kv
+        mine = (kv.num_layers, num_tokens, kv.num_kv_heads, kv.head_dim, kv.dtype_name)
         theirs = (header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim, header.dtype)
         if mine != theirs:
             raise ProtocolError(f"KV shape mismatch: this instance expects (layers, tokens, kv_heads, head_dim, "
                                 f"dtype) = {mine}, the prefill instance sends {theirs}")
-        if header.layer_nbytes != layer_nbytes(num_tokens, self.num_kv_heads, self.head_dim, self.dtype):
+        if header.layer_nbytes != kv.layer_nbytes(num_tokens):
             raise ProtocolError(f"layer size {header.layer_nbytes} does not match the shape")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -39,17 +40,30 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Instance:
-    """One engine-core process of the deployment, and the core ids it is working on."""
+    """One engine-core process of the deployment, and the ids it is working on (core ids on a
+    decode instance, transfer ids on a prefill instance)."""
 
     name: str
     role: str
-    client: CoreClient
-    in_flight: dict[str, CoreRequestSpec] = field(default_factory=dict)
+    client: CoreClient = field(init=False)
+    in_flight: set[str] = field(default_factory=set)
     stats: CoreStats | None = None
 
     @property
     def alive(self) -> bool:
         return self.client.alive
+
+
+@dataclass
+class Placement:
+    """Where one core request went: its decode instance, and the prefill instance computing its
+    prompt under `transfer_id` (None when the decode instance prefills it itself)."""
+
+    spec: CoreRequestSpec
+    decode: Instance
+    prefill: Instance | None
+    transfer_id: str
+    attempt: int = 0  # resubmissions after a decode instance died
 
 
 def split_cores(num_instances: int, cores: list[int] | None = None) -> list[tuple[int, ...]]:
@@ -76,10 +90,11 @@ class DisaggEngine(AsyncEngine):
             role, index = ("prefill", i) if i < num_prefill else ("decode", i - num_prefill)
             instance_config = dataclasses.replace(
                 config, kv_transfer=dataclasses.replace(transfer, role=role), cpu_cores=cores[i])
-            name = f"{role}-{index}"
-            client = CoreClient(instance_config, self._outputs_handler(name), self._death_handler(name))
-            self.instances.append(Instance(name, role, client))
-        self._attempts: dict[str, int] = {}  # core id -> resubmissions after a decode instance died
+            instance = Instance(f"{role}-{index}", role)
+            instance.client = CoreClient(instance_config, functools.partial(self._on_instance_outputs, instance),
+                                         functools.partial(self._on_instance_death, instance))
+            self.instances.append(instance)
+        self._placements: dict[str, Placement] = {}  # core id -> where it runs
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -127,71 +142,60 @@ class DisaggEngine(AsyncEngine):
         for spec in specs:
             self._route(spec)
 
-    def _route(self, spec: CoreRequestSpec) -> None:
+    def _route(self, spec: CoreRequestSpec, attempt: int = 0) -> None:
         """Send one sequence to a prefill and a decode instance (least in flight first)."""
         decodes = self._live("decode")
         if not decodes:
             raise EngineDeadError(self.dead_reason or "no decode instance")
         decode = min(decodes, key=lambda i: len(i.in_flight))
         prefills = self._live("prefill")
-        attempt = self._attempts.get(spec.request_id, 0)
-        if prefills:
-            prefill = min(prefills, key=lambda i: len(i.in_flight))
-            transfer_id = spec.request_id if attempt == 0 else f"{spec.request_id}#{attempt}"
+        prefill = min(prefills, key=lambda i: len(i.in_flight)) if prefills else None
+        transfer_id = spec.request_id if attempt == 0 else f"{spec.request_id}#{attempt}"
+        if prefill is not None:
             first_only = spec.params.model_copy(update={"max_tokens": 1})
-            prefill_spec = msgspec.structs.replace(spec, request_id=transfer_id, params=first_only,
-                                                   kv_transfer=KVTransferParams(transfer_id))
+            prefill.in_flight.add(transfer_id)
+            prefill.client.add([msgspec.structs.replace(spec, request_id=transfer_id, params=first_only,
+                                                        kv_transfer=KVTransferParams(transfer_id))])
             decode_spec = msgspec.structs.replace(
                 spec, kv_transfer=KVTransferParams(transfer_id, prefill.client.kv_address))
-            prefill.in_flight[transfer_id] = prefill_spec
-            prefill.client.add([prefill_spec])
         else:
             decode_spec = msgspec.structs.replace(spec, kv_transfer=None)  # the decode instance prefills
-        decode.in_flight[spec.request_id] = spec
+        self._placements[spec.request_id] = Placement(spec, decode, prefill, transfer_id, attempt)
+        decode.in_flight.add(spec.request_id)
         decode.client.add([decode_spec])
 
     def _finish_core(self, items: list[tuple[str, str, str | None]]) -> None:
-        """Abort / stop core ids wherever they are (their decode instance and any prefill copy)."""
+        """Abort / stop core ids on their decode instance, and their prompts on the prefill one."""
+        orders: dict[str, list[tuple[str, str, str | None]]] = {}
+        for core_id, status, reason in items:
+            placement = self._placements.pop(core_id, None)
+            if placement is None:
+                continue
+            placement.decode.in_flight.discard(core_id)
+            orders.setdefault(placement.decode.name, []).append((core_id, status, reason))
+            if placement.prefill is not None:
+                placement.prefill.in_flight.discard(placement.transfer_id)
+                orders.setdefault(placement.prefill.name, []).append((placement.transfer_id, status, reason))
         for instance in self.instances:
-            mine = [item for item in items if self._owns(instance, item[0])]
-            for core_id, _, _ in mine:
-                instance.in_flight.pop(core_id, None)
-                if instance.role == "prefill":
-                    instance.in_flight.pop(self._transfer_id(core_id), None)
-            if mine and instance.alive:
+            if instance.name in orders and instance.alive:
                 try:
-                    instance.client.finish(mine if instance.role == "decode" else
-                                           [(self._transfer_id(c), s, r) for c, s, r in mine])
+                    instance.client.finish(orders[instance.name])
                 except EngineDeadError:
                     pass
 
-    def _transfer_id(self, core_id: str) -> str:
-        attempt = self._attempts.get(core_id, 0)
-        return core_id if attempt == 0 else f"{core_id}#{attempt}"
-
-    def _owns(self, instance: Instance, core_id: str) -> bool:
-        return core_id in instance.in_flight or self._transfer_id(core_id) in instance.in_flight
-
     # ---------------------------------------------------------------- output
-    def _outputs_handler(self, name: str):
-        def handle(message: StepOutputs) -> None:
-            instance = next(i for i in self.instances if i.name == name)
-            instance.stats = message.stats
-            self.metrics.update_core(self._combined_stats())
-            if instance.role == "prefill":
-                for output in message.outputs:
-                    if output.finished:
-                        instance.in_flight.pop(output.request_id, None)
-                return
-            for _, payload, wire, seconds in message.kv_transfers:
-                self.metrics.kv_transferred(payload, wire, seconds)
-            for output in message.outputs:
-                if output.finished:
-                    instance.in_flight.pop(output.request_id, None)
-                    self._attempts.pop(output.request_id, None)
-            self._process_outputs(message)
-
-        return handle
+    def _on_instance_outputs(self, instance: Instance, message: StepOutputs) -> None:
+        instance.stats = message.stats
+        self.metrics.update_core(self._combined_stats())
+        finished = [output.request_id for output in message.outputs if output.finished]
+        instance.in_flight.difference_update(finished)
+        if instance.role == "prefill":
+            return  # the client's tokens come from the decode instance
+        for core_id in finished:
+            self._placements.pop(core_id, None)
+        for _, payload, wire, seconds in message.kv_transfers:
+            self.metrics.kv_transferred(payload, wire, seconds)
+        self._process_outputs(message)
 
     def _combined_stats(self) -> CoreStats:
         """Scheduler stats summed over the instances (the gauges describe the deployment)."""
@@ -211,35 +215,32 @@ class DisaggEngine(AsyncEngine):
         return CoreStats(engine, queried, hits)
 
     # ---------------------------------------------------------------- faults
-    def _death_handler(self, name: str):
-        def died(reason: str) -> None:
-            instance = next(i for i in self.instances if i.name == name)
-            logger.error("%s died: %s; routing around it", name, reason)
-            orphans, instance.in_flight = instance.in_flight, {}
-            self.metrics.update_core(self._combined_stats())  # the gauges now leave it out
-            if instance.role == "prefill":
-                return  # its decode instances find the KV gone and compute the prompts themselves
-            for core_id, spec in orphans.items():
-                self._recover(core_id, spec, f"{name} died: {reason}")
-            if not self._live("decode"):
-                self.metrics.engine_healthy.set(0)
+    def _on_instance_death(self, instance: Instance, reason: str) -> None:
+        logger.error("%s died: %s; routing around it", instance.name, reason)
+        orphans, instance.in_flight = instance.in_flight, set()
+        self.metrics.update_core(self._combined_stats())  # the gauges now leave it out
+        if instance.role == "prefill":
+            return  # its decode instances find the KV gone and compute the prompts themselves
+        for core_id in orphans:
+            placement = self._placements.get(core_id)
+            if placement is not None:
+                self._recover(placement, f"{instance.name} died: {reason}")
+        if not self._live("decode"):
+            self.metrics.engine_healthy.set(0)
 
-        return died
-
-    def _recover(self, core_id: str, spec: CoreRequestSpec, reason: str) -> None:
+    def _recover(self, placement: Placement, reason: str) -> None:
         """Resubmit a dead decode instance's request if the client has seen none of its tokens."""
-        request_id = self.outputs.request_id_of(core_id)
-        timing = self._timing.get(request_id or "")
-        stream = self._streams.get(request_id or "")
+        core_id = placement.spec.request_id
         # The KV its prefill instance holds for it will never be pulled now: free it there.
         self._finish_core([(core_id, RequestStatus.FINISHED_ABORTED.value, None)])
+        request_id = self.outputs.request_id_of(core_id) or ""
+        stream, timing = self._streams.get(request_id), self._timing.get(request_id)
         if stream is None:
             return
         if timing is not None and timing.first_token is None and self._live("decode"):
-            self._attempts[core_id] = self._attempts.get(core_id, 0) + 1
             logger.warning("resubmitting %s (%s)", core_id, reason)
             try:
-                self._route(spec)
+                self._route(placement.spec, placement.attempt + 1)
                 return
             except EngineDeadError:
                 pass

@@ -19,7 +19,7 @@ from multiprocessing import shared_memory
 import torch
 
 from kvflow.config import KVTransferConfig
-from kvflow.disagg.kv_layout import gather_layer, layer_nbytes
+from kvflow.disagg.kv_layout import PagedKV, gather_layer
 from kvflow.disagg.wire import Ack, Channel, Done, Failed, Header, Layer, ProtocolError, Pull, expect
 
 logger = logging.getLogger(__name__)
@@ -46,13 +46,10 @@ class SenderStats:
 
 
 class KVSender:
-    def __init__(self, kv_caches: list[torch.Tensor], config: KVTransferConfig, num_kv_heads: int,
-                 head_dim: int) -> None:
-        self.kv_caches = kv_caches
+    def __init__(self, kv: PagedKV, config: KVTransferConfig) -> None:
+        self.kv = kv
         self.config = config
-        self.num_layers = len(kv_caches)
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.dtype = kv_caches[0].dtype
+        self.num_layers = kv.num_layers
         self.stats = SenderStats()
         self._cond = threading.Condition()
         self._transfers: dict[str, _Transfer] = {}
@@ -170,18 +167,18 @@ class KVSender:
             if transfer is None:
                 channel.send(Failed(f"no KV for {pull.transfer_id!r} here (unknown, aborted or timed out)"))
                 return
-            nbytes = layer_nbytes(transfer.num_tokens, self.num_kv_heads, self.head_dim, self.dtype)
+            nbytes = self.kv.layer_nbytes(transfer.num_tokens)
             if self.config.transport == "shm":
                 shm = shared_memory.SharedMemory(create=True, size=max(1, nbytes * self.num_layers))
             channel.send(Header(
-                transfer.transfer_id, self.num_layers, transfer.num_tokens, self.num_kv_heads, self.head_dim,
-                str(self.dtype).removeprefix("torch."), nbytes, shm.name if shm else None,
+                transfer.transfer_id, self.num_layers, transfer.num_tokens, self.kv.num_kv_heads, self.kv.head_dim,
+                self.kv.dtype_name, nbytes, shm.name if shm else None,
             ))
             for layer in range(self.num_layers):
                 self._wait(transfer, lambda t, n=layer: t.layers_ready > n)
                 if self.config.layer_send_delay_s:
                     time.sleep(self.config.layer_send_delay_s)
-                data = gather_layer(self.kv_caches[layer], transfer.block_ids, transfer.num_tokens)
+                data = gather_layer(self.kv.caches[layer], transfer.block_ids, transfer.num_tokens)
                 raw = data.view(-1).view(torch.uint8)
                 if shm is not None:
                     offset = layer * nbytes

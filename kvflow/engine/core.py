@@ -68,8 +68,7 @@ class EngineCore:
         if config.kv_transfer is not None:
             from kvflow.disagg.connector import KVConnector
 
-            m = config.model
-            self.connector = KVConnector(config.kv_transfer, self.runner.kv_caches, m.num_kv_heads, m.head_dim)
+            self.connector = KVConnector(config.kv_transfer, self.runner.kv_caches)
             self.runner.connector = self.connector
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len, self.connector)
         self.num_steps = 0
@@ -80,8 +79,8 @@ class EngineCore:
     def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
                       stop_reason: int | str | None = None) -> bool:
         request = self.scheduler.finish_request(request_id, status)
-        if request is None and self.connector is not None and self.connector.sender is not None:
-            self.connector.sender.drop(request_id)  # finished here, KV not pulled yet: free it now
+        if request is None and self.connector is not None:
+            self.connector.drop_transfer(request_id)  # finished here, KV not pulled yet: free it now
         if request is not None and stop_reason is not None:
             request.stop_reason = stop_reason
         return request is not None

@@ -107,7 +107,7 @@ class Scheduler:
 
     def _hand_over_blocks(self, request: Request) -> bool:
         """Prefill instance: a finished request's blocks go to the connector until pulled."""
-        if self.connector is None or request.kv_transfer is None or self.connector.receiver is not None:
+        if self.connector is None or not self.connector.holds_finished_requests or request.kv_transfer is None:
             return False
         finished_normally = request.status in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED)
         first = request.output_token_ids[:1] if finished_normally else []
