@@ -303,8 +303,12 @@ class EngineConfig:
     kv_transfer: KVTransferConfig | None = None
     # CPU cores the engine-core process is pinned to (and sizes its thread pool by); None = all.
     cpu_cores: tuple[int, ...] | None = None
+    # Threads of the engine core's CPU pool when not pinned (a Ray actor's CPU share); None = torch's default.
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if not self.scheduler.enable_chunked_prefill and (
             self.scheduler.max_num_batched_tokens < self.model.max_model_len
         ):

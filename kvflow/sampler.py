@@ -44,6 +44,7 @@ __all__ = [
     "Sampler",
     "SamplerOutput",
     "SamplingBatch",
+    "advance_generator",
     "apply_blocked_tokens",
     "apply_min_p",
     "apply_penalties",
@@ -110,7 +111,7 @@ class SamplingBatch:
         if self.max_num_logprobs < 0:
             raise ValueError(f"max_num_logprobs must be >= 0, got {self.max_num_logprobs}")
 
-        self.greedy_mask = (self.temperature < SAMPLING_EPS) | (self.top_k == 1)
+        self.greedy_mask = _greedy_mask(self.temperature, self.top_k)
         random_mask = ~self.greedy_mask
         self.random_rows = random_mask.nonzero().squeeze(1)
         self.any_greedy = bool(self.greedy_mask.any())
@@ -363,6 +364,33 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+def _greedy_mask(temperature: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Rows that take the argmax and so never touch their generator (one rule for batch and skip)."""
+    return (temperature < SAMPLING_EPS) | (top_k == 1)
+
+
+def _seeded_draw(width: int, device: torch.device | str, generator: torch.Generator) -> torch.Tensor:
+    """The one draw a seeded random row makes per sampled token: ``q ~ Exp(1)`` over the logits width."""
+    return torch.empty(width, device=device).exponential_(generator=generator)
+
+
+def advance_generator(
+    params: SamplingParams, generator: torch.Generator, num_tokens: int, vocab_size: int,
+    device: torch.device | str = "cpu",
+) -> None:
+    """Advance a seeded request's generator past the draws made for its first ``num_tokens`` tokens.
+
+    A disaggregated request's first token is sampled on the prefill instance; the decode instance
+    holds a fresh generator with the same seed and must skip those draws, or every later token
+    differs from colocated sampling.  ``vocab_size`` must be the logits width (the draw's size).
+    """
+    greedy = _greedy_mask(torch.tensor([params.temperature], dtype=torch.float32), torch.tensor([params.top_k]))
+    if bool(greedy[0]):
+        return
+    for _ in range(num_tokens):
+        _seeded_draw(vocab_size, device, generator)
+
+
 def _exponential_race(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Sample one id per row: ``argmax(probs / q)`` with ``q ~ Exp(1)``.
 
@@ -370,15 +398,15 @@ def _exponential_race(probs: torch.Tensor, generators: Sequence[torch.Generator 
     generator and row; the rest share a single batched draw.
     """
     q = torch.empty_like(probs)
-    seeded = [i for i, g in enumerate(generators) if g is not None]
+    seeded = [(i, g) for i, g in enumerate(generators) if g is not None]
     if not seeded:
         q.exponential_()
     else:
         unseeded = [i for i, g in enumerate(generators) if g is None]
         if unseeded:
             q[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
-        for i in seeded:
-            q[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=generators[i])
+        for i, g in seeded:
+            q[i] = _seeded_draw(probs.shape[1], probs.device, g)
     # exponential_ may return exactly 0; a masked token (prob 0) would then give
     # 0/0 = NaN, which argmax treats as the maximum.
     q.clamp_min_(torch.finfo(q.dtype).tiny)

@@ -17,8 +17,9 @@ import torch
 from kvflow.config import KVTransferConfig
 from kvflow.disagg.kv_layout import PagedKV
 from kvflow.disagg.receiver import KVReceiver, LoadResult
-from kvflow.disagg.sender import KVSender
+from kvflow.disagg.sender import KVSender, SentRecord
 from kvflow.disagg.wire import Done, KVTransferParams
+from kvflow.engine.request import Request, RequestStatus, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -55,24 +56,42 @@ class KVConnector:
     def wants_load(self, params: KVTransferParams | None) -> bool:
         return self.receiver is not None and params is not None and params.source is not None
 
-    def start_load(self, request_id: str, params: KVTransferParams, block_ids: list[int], num_tokens: int) -> None:
+    def start_load(self, request_id: str, params: KVTransferParams, block_ids: list[int], num_tokens: int,
+                   start: int = 0) -> None:
+        """Pull prompt tokens [start, num_tokens) into `block_ids` (an n > 1 sibling shares the rest)."""
         assert self.receiver is not None and params.source is not None
-        self.receiver.start(request_id, params.transfer_id, params.source, block_ids, num_tokens)
+        self.receiver.start(request_id, params.transfer_id, params.source, block_ids, num_tokens, start)
 
     def cancel_load(self, request_id: str) -> None:
         if self.receiver is not None:
             self.receiver.cancel(request_id)
 
-    def request_finished(self, params: KVTransferParams | None, block_ids: list[int], num_prompt_tokens: int,
-                         first_token: int | None, logprobs: tuple[float, list[int], list[float]] | None) -> bool:
+    def request_finished(self, request: Request) -> bool:
         """A prefill instance's request ended. True: the connector now owns its blocks (it frees them
         through `collect` once pulled); False: the engine frees them as usual."""
+        params = request.kv_transfer
         if self.sender is None or params is None:
             return False
-        if first_token is None:
+        done = done_message(request)
+        if done is None:
             self.sender.fail(params.transfer_id, "the request was aborted on the prefill instance")
             return False
-        return self.sender.complete(params.transfer_id, block_ids, num_prompt_tokens, Done(first_token, logprobs))
+        return self.sender.complete(params.transfer_id, request.block_ids, request.num_prompt_tokens, done)
+
+    @staticmethod
+    def apply_done(request: Request, done: Done) -> bool:
+        """Decode instance: give a loaded request its first token and the logprobs computed with it.
+        False when the message lacks prompt logprobs the request asked for (it must compute them itself)."""
+        prompt_lps: list[TokenLogprobs | None] = []
+        if request.params.prompt_logprobs is not None:
+            if done.prompt_logprobs is None:
+                return False
+            prompt_lps = [None if lp is None else TokenLogprobs(*lp) for lp in done.prompt_logprobs]
+        request.append_token(done.first_token)
+        if done.logprobs is not None:
+            request.output_logprobs.append(TokenLogprobs(done.first_token, *done.logprobs))
+        request.prompt_logprobs = prompt_lps
+        return True
 
     def drop_transfer(self, transfer_id: str) -> None:
         """Prefill instance: a finished request was aborted before its KV was pulled; free it now."""
@@ -83,6 +102,10 @@ class KVConnector:
     def holds_finished_requests(self) -> bool:
         """Prefill instances keep a finished request's blocks until they are pulled."""
         return self.sender is not None
+
+    def collect_sent(self) -> list[SentRecord]:
+        """Prefill instance: transfers the decode side acknowledged since the last call (for metrics)."""
+        return self.sender.collect_sent() if self.sender is not None else []
 
     def collect(self) -> ConnectorEvents:
         events = ConnectorEvents()
@@ -114,3 +137,20 @@ class KVConnector:
     def close(self) -> None:
         if self.sender is not None:
             self.sender.close()
+
+
+# ------------------------------------------------------- what the KV travels with
+def done_message(request: Request) -> Done | None:
+    """Prefill instance: what follows a finished request's KV — everything the colocated engine
+    would have emitted with its first token (None: it was aborted before one)."""
+    finished = request.status in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED)
+    if not finished or not request.output_token_ids:  # aborted, or stopped by the front before a token
+        return None
+    first = request.output_token_ids[0]
+    lps = request.output_logprobs[:1]
+    logprobs = (lps[0].logprob, lps[0].top_ids, lps[0].top_logprobs) if lps else None
+    prompt = None
+    if request.params.prompt_logprobs is not None:
+        prompt = [None if lp is None else (lp.token_id, lp.logprob, lp.top_ids, lp.top_logprobs)
+                  for lp in request.prompt_logprobs]
+    return Done(first, logprobs, prompt)

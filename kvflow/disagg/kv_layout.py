@@ -2,8 +2,9 @@
 
 The cache of a layer is [2, num_blocks, kv_heads, block_size, head_dim] (the torch-native and C++
 backends share it); on the wire a layer is [2, kv_heads, num_tokens, head_dim]: exactly the
-request's tokens, so the bytes moved are 2 · tokens · kv_heads · head_dim · dtype size per
-layer and the two sides may use different block sizes.
+request's tokens (from `start` on, when the puller holds the first ones), so the bytes moved are
+2 · tokens · kv_heads · head_dim · dtype size per layer and the two sides may use different
+block sizes.
 """
 
 from __future__ import annotations
@@ -26,19 +27,27 @@ class PagedKV:
         return 2 * num_tokens * self.num_kv_heads * self.head_dim * self.caches[0].element_size()
 
 
-def gather_layer(cache: torch.Tensor, block_ids: list[int], num_tokens: int) -> torch.Tensor:
-    """The first `num_tokens` slots of `block_ids` as one contiguous [2, H, T, D] tensor."""
+def gather_layer(cache: torch.Tensor, block_ids: list[int], num_tokens: int, start: int = 0) -> torch.Tensor:
+    """Slots [start, num_tokens) of `block_ids` as one contiguous [2, H, T, D] tensor."""
     _, _, heads, block_size, head_dim = cache.shape
-    n_blocks = -(-num_tokens // block_size)
-    ids = torch.tensor(block_ids[:n_blocks], dtype=torch.long)
+    first = start // block_size
+    n_blocks = max(0, -(-num_tokens // block_size) - first)
+    ids = torch.tensor(block_ids[first:first + n_blocks], dtype=torch.long)
     blocks = cache.index_select(1, ids)  # [2, nb, H, bs, D]
     tokens = blocks.permute(0, 2, 1, 3, 4).reshape(2, heads, n_blocks * block_size, head_dim)
-    return tokens[:, :, :num_tokens].contiguous()
+    offset = first * block_size
+    return tokens[:, :, start - offset:num_tokens - offset].contiguous()
 
 
-def scatter_layer(cache: torch.Tensor, block_ids: list[int], layer: torch.Tensor) -> None:
-    """Write a [2, H, T, D] layer into the first slots of `block_ids` (the last block's tail untouched)."""
+def scatter_layer(cache: torch.Tensor, block_ids: list[int], layer: torch.Tensor, start: int = 0) -> None:
+    """Write a [2, H, T, D] layer into slots [start, start + T) of `block_ids` (other slots untouched)."""
     _, _, heads, block_size, head_dim = cache.shape
+    first, skip = divmod(start, block_size)
+    block_ids = block_ids[first:]
+    if skip and layer.shape[2]:  # the head of a block another request's tokens fill
+        head = min(block_size - skip, layer.shape[2])
+        cache[:, block_ids[0], :, skip:skip + head] = layer[:, :, :head]
+        layer, block_ids = layer[:, :, head:], block_ids[1:]
     num_tokens = layer.shape[2]
     full, rest = divmod(num_tokens, block_size)
     if full:

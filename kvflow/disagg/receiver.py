@@ -18,7 +18,7 @@ import torch
 
 from kvflow.config import KVTransferConfig
 from kvflow.disagg.kv_layout import PagedKV, scatter_layer
-from kvflow.disagg.wire import Ack, Channel, Done, Header, Layer, ProtocolError, Pull, expect
+from kvflow.disagg.wire import Ack, Channel, Done, Header, Layer, ProtocolError, Pull, done_limit, expect
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +54,14 @@ class KVReceiver:
         with self._lock:
             return len(self._cancelled)
 
-    def start(self, request_id: str, transfer_id: str, source: str, block_ids: list[int], num_tokens: int) -> None:
+    def start(self, request_id: str, transfer_id: str, source: str, block_ids: list[int], num_tokens: int,
+              start: int = 0) -> None:
+        """Pull prompt tokens [start, num_tokens) into `block_ids` (the ones before are already there)."""
         cancel = threading.Event()
         with self._lock:
             self._cancelled[request_id] = cancel
-        threading.Thread(target=self._load, args=(request_id, transfer_id, source, list(block_ids), num_tokens, cancel),
+        threading.Thread(target=self._load,
+                         args=(request_id, transfer_id, source, list(block_ids), num_tokens, start, cancel),
                          name="kvflow-kv-recv", daemon=True).start()
 
     def cancel(self, request_id: str) -> None:
@@ -81,7 +84,7 @@ class KVReceiver:
 
     # ---------------------------------------------------------------- thread
     def _load(self, request_id: str, transfer_id: str, source: str, block_ids: list[int], num_tokens: int,
-              cancel: threading.Event) -> None:
+              start: int, cancel: threading.Event) -> None:
         started = time.monotonic()
         result = LoadResult(request_id, None)
         shm: shared_memory.SharedMemory | None = None
@@ -93,9 +96,9 @@ class KVReceiver:
                 if cancel.is_set():
                     raise ProtocolError("cancelled")
                 channel = Channel(sock)
-                channel.send(Pull(transfer_id))
+                channel.send(Pull(transfer_id, start))
                 header = expect(channel.recv(), Header)
-                self._check(header, num_tokens)
+                self._check(header, num_tokens, start)
                 if header.shm_name is not None:
                     shm = _attach(header.shm_name)
                 staging = torch.empty(header.layer_nbytes, dtype=torch.uint8) if shm is None else None
@@ -111,11 +114,11 @@ class KVReceiver:
                                                offset=layer.offset)
                     if cancel.is_set():
                         raise ProtocolError("cancelled")
-                    data = raw.view(self.kv.dtype).view(2, self.kv.num_kv_heads, num_tokens, self.kv.head_dim)
-                    scatter_layer(self.kv.caches[layer.index], block_ids, data)
+                    data = raw.view(self.kv.dtype).view(2, self.kv.num_kv_heads, num_tokens - start, self.kv.head_dim)
+                    scatter_layer(self.kv.caches[layer.index], block_ids, data, start)
                     del raw, data
                     result.payload_bytes += header.layer_nbytes
-                result.done = expect(channel.recv(), Done)
+                result.done = expect(channel.recv(done_limit(num_tokens)), Done)
                 channel.send(Ack())
                 # Over shm the layers' bytes cross in the segment: count them as moved too.
                 result.wire_bytes = channel.bytes_received + (result.payload_bytes if shm is not None else 0)
@@ -130,14 +133,15 @@ class KVReceiver:
                 self._sockets.pop(request_id, None)
                 self._results.append(result)
 
-    def _check(self, header: Header, num_tokens: int) -> None:
+    def _check(self, header: Header, num_tokens: int, start: int) -> None:
         kv = self.kv
-        mine = (kv.num_layers, num_tokens, kv.num_kv_heads, kv.head_dim, kv.dtype_name)
-        theirs = (header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim, header.dtype)
+        mine = (kv.num_layers, num_tokens, start, kv.num_kv_heads, kv.head_dim, kv.dtype_name)
+        theirs = (header.num_layers, header.num_tokens, header.start, header.num_kv_heads, header.head_dim,
+                  header.dtype)
         if mine != theirs:
-            raise ProtocolError(f"KV shape mismatch: this instance expects (layers, tokens, kv_heads, head_dim, "
-                                f"dtype) = {mine}, the prefill instance sends {theirs}")
-        if header.layer_nbytes != kv.layer_nbytes(num_tokens):
+            raise ProtocolError(f"KV shape mismatch: this instance expects (layers, tokens, start, kv_heads, "
+                                f"head_dim, dtype) = {mine}, the prefill instance sends {theirs}")
+        if header.layer_nbytes != kv.layer_nbytes(num_tokens - start):
             raise ProtocolError(f"layer size {header.layer_nbytes} does not match the shape")
 
 

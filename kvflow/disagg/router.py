@@ -26,12 +26,13 @@ from typing import Any
 import msgspec
 
 from kvflow.config import EngineConfig, KVTransferConfig
+from kvflow.disagg.deployment import DeploymentSpec
+from kvflow.disagg.ray_launcher import RayCluster
 from kvflow.disagg.wire import KVTransferParams
 from kvflow.engine.core import EngineStats
-from kvflow.engine.core_client import CoreClient, CoreStats, EngineDeadError, StepOutputs
+from kvflow.engine.core_client import CoreClient, CoreStats, CoreUnreachableError, EngineDeadError, StepOutputs
 from kvflow.engine.input_processor import CoreRequestSpec, InputProcessor
 from kvflow.engine.request import RequestStatus
-from kvflow.sampling import SamplingParams
 from kvflow.server.async_engine import AsyncEngine
 from kvflow.server.metrics import ServerMetrics
 
@@ -45,13 +46,14 @@ class Instance:
 
     name: str
     role: str
-    client: CoreClient = field(init=False)
+    config: EngineConfig = field(init=False)
+    client: CoreClient | None = None  # made at start, with the launcher the deployment needs
     in_flight: set[str] = field(default_factory=set)
     stats: CoreStats | None = None
 
     @property
     def alive(self) -> bool:
-        return self.client.alive
+        return self.client is not None and self.client.alive
 
 
 @dataclass
@@ -75,33 +77,70 @@ def split_cores(num_instances: int, cores: list[int] | None = None) -> list[tupl
     return [(cores[i % len(cores)],) for i in range(num_instances)]
 
 
+def transfer_id_of(core_id: str, attempt: int) -> str:
+    """A sequence's KV goes out under its core id, and a fresh id for each resubmission."""
+    return core_id if attempt == 0 else f"{core_id}#{attempt}"
+
+
+def instance_specs(specs: list[CoreRequestSpec], attempt: int = 0, source: str | None = None,
+                   ) -> tuple[list[CoreRequestSpec], list[CoreRequestSpec]]:
+    """One request's sequences as its prefill instance gets them (the prompt and first token,
+    under transfer ids) and as its decode instance does (the whole request, pulling its KV from
+    `source`; None: no prefill instance, the decode instance prefills). Siblings keep their leader
+    where it is in the same batch, and their own seeds: each first token is sampled as colocated."""
+    if source is None:
+        return [], [msgspec.structs.replace(spec, kv_transfer=None) for spec in specs]
+    ids = {spec.request_id: transfer_id_of(spec.request_id, attempt) for spec in specs}
+    prefill_specs, decode_specs = [], []
+    for spec in specs:
+        transfer_id = ids[spec.request_id]
+        prefill_specs.append(msgspec.structs.replace(
+            spec, request_id=transfer_id, params=spec.params.model_copy(update={"max_tokens": 1}),
+            leader_id=ids.get(spec.leader_id) if spec.leader_id is not None else None,
+            kv_transfer=KVTransferParams(transfer_id)))
+        decode_specs.append(msgspec.structs.replace(spec, kv_transfer=KVTransferParams(transfer_id, source)))
+    return prefill_specs, decode_specs
+
+
 class DisaggEngine(AsyncEngine):
     def __init__(self, config: EngineConfig, tokenizer: Any | None, metrics: ServerMetrics,
-                 max_waiting_requests: int, num_prefill: int, num_decode: int,
-                 transfer: KVTransferConfig | None = None, pin_cores: bool = False) -> None:
-        if num_prefill < 1 or num_decode < 1:
-            raise ValueError(f"a disaggregated deployment needs >= 1 prefill and >= 1 decode instance, "
-                             f"got {num_prefill} and {num_decode}")
+                 max_waiting_requests: int, deployment: DeploymentSpec,
+                 transfer: KVTransferConfig | None = None, pin_cores: bool = False,
+                 ray_address: str | None = None, ray_placement_timeout: float = 120.0) -> None:
+        """`ray_address`: place the instances as actors of that Ray cluster; else child processes here."""
         transfer = transfer or KVTransferConfig()
-        cores = split_cores(num_prefill + num_decode) if pin_cores else [None] * (num_prefill + num_decode)
+        if ray_address is None and deployment.needs_nodes:
+            raise ValueError("instances with a 'node' need a Ray cluster (--ray-address)")
+        if ray_address is not None and pin_cores:
+            raise ValueError("--pin-cores applies to local instances; on Ray, size instances with CPUs per instance")
+        if ray_address is not None and transfer.transport == "shm" and deployment.placement_strategy != "STRICT_PACK":
+            raise ValueError("the shm KV transport needs every instance on one node: use the tcp transport, "
+                             "or placement strategy STRICT_PACK")
         super().__init__(config, tokenizer, metrics, max_waiting_requests)
+        self.deployment = deployment
+        self.ray = RayCluster(ray_address, deployment, ray_placement_timeout) if ray_address is not None else None
+        count = len(deployment.instances)
+        cores = split_cores(count) if pin_cores else [None] * count
         self.instances: list[Instance] = []
-        for i in range(num_prefill + num_decode):
-            role, index = ("prefill", i) if i < num_prefill else ("decode", i - num_prefill)
-            instance_config = dataclasses.replace(
-                config, kv_transfer=dataclasses.replace(transfer, role=role), cpu_cores=cores[i])
-            instance = Instance(f"{role}-{index}", role)
-            instance.client = CoreClient(instance_config, functools.partial(self._on_instance_outputs, instance),
-                                         functools.partial(self._on_instance_death, instance))
+        for index, (spec, name) in enumerate(zip(deployment.instances, deployment.names)):
+            instance = Instance(name, spec.role)
+            instance.config = dataclasses.replace(
+                config, kv_transfer=dataclasses.replace(transfer, role=spec.role), cpu_cores=cores[index])
             self.instances.append(instance)
         self._placements: dict[str, Placement] = {}  # core id -> where it runs
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        if self.ray is not None:
+            await self.ray.connect()
+        for index, instance in enumerate(self.instances):
+            launcher = self.ray.launcher(index) if self.ray is not None else None
+            instance.client = CoreClient(instance.config, functools.partial(self._on_instance_outputs, instance),
+                                         functools.partial(self._on_instance_death, instance), launcher)
         try:
             await asyncio.gather(*(i.client.start() for i in self.instances))
         except BaseException:
-            await asyncio.gather(*(i.client.shutdown() for i in self.instances), return_exceptions=True)
+            await self._stop_instances()
             raise
         smallest = min(i.client.num_blocks for i in self.instances)
         self.inputs = InputProcessor(self.config, self.tokenizer, smallest)
@@ -109,12 +148,20 @@ class DisaggEngine(AsyncEngine):
     async def shutdown(self) -> None:
         for request_id in list(self._streams):
             self.abort(request_id)
-        await asyncio.gather(*(i.client.shutdown() for i in self.instances))
+        await self._stop_instances()
+
+    async def _stop_instances(self) -> None:
+        await asyncio.gather(*(i.client.shutdown() for i in self.instances if i.client is not None),
+                             return_exceptions=True)
+        if self.ray is not None:
+            await self.ray.close()
 
     def describe(self) -> str:
-        return ", ".join(f"{i.name} pid {i.client.pid} ({i.client.num_blocks} KV blocks"
-                         + (f", KV at {i.client.kv_address})" if i.client.kv_address else ")")
-                         for i in self.instances)
+        where = f" on Ray at {self.ray.address}" if self.ray is not None else ""
+        return f"{len(self.instances)} instances{where}: " + ", ".join(
+            f"{i.name} pid {i.client.pid} on {i.client.host} ({i.client.num_blocks} KV blocks"
+            + (f", KV at {i.client.kv_address})" if i.client.kv_address else ")")
+            for i in self.instances)
 
     def _live(self, role: str) -> list[Instance]:
         return [i for i in self.instances if i.role == role and i.alive]
@@ -127,42 +174,59 @@ class DisaggEngine(AsyncEngine):
         return f"no decode instance is alive ({reasons})"
 
     def health(self) -> dict[str, Any]:
-        return {i.name: {"role": i.role, "pid": i.client.pid, "alive": i.alive, "in_flight": len(i.in_flight),
-                         "kv_address": i.client.kv_address, "error": i.client.dead_reason}
-                for i in self.instances}
+        return {i.name: {"role": i.role, "pid": i.client.pid, "host": i.client.host, "alive": i.alive,
+                         "in_flight": len(i.in_flight), "kv_address": i.client.kv_address,
+                         "error": i.client.dead_reason}
+                for i in self.instances if i.client is not None}
 
     # ---------------------------------------------------------------- intake
-    def _check_supported(self, params: SamplingParams) -> None:
-        if params.n > 1:
-            raise ValueError("n > 1 is not supported by disaggregated serving")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported by disaggregated serving")
-
     def _send_specs(self, specs: list[CoreRequestSpec]) -> None:
-        for spec in specs:
-            self._route(spec)
+        self._route(specs)
 
-    def _route(self, spec: CoreRequestSpec, attempt: int = 0) -> None:
-        """Send one sequence to a prefill and a decode instance (least in flight first)."""
-        decodes = self._live("decode")
+    def _route(self, specs: list[CoreRequestSpec], attempt: int = 0) -> None:
+        """Send one request's sequences (an n > 1 group, leader first) to one prefill and one decode
+        instance, least in flight first: siblings share the leader's prompt blocks only on the
+        instance that holds the leader. An instance whose socket has lost its connection (dead,
+        not yet reported) is passed over for the next one."""
+        decodes = sorted(self._live("decode"), key=lambda i: len(i.in_flight))
         if not decodes:
             raise EngineDeadError(self.dead_reason or "no decode instance")
-        decode = min(decodes, key=lambda i: len(i.in_flight))
-        prefills = self._live("prefill")
-        prefill = min(prefills, key=lambda i: len(i.in_flight)) if prefills else None
-        transfer_id = spec.request_id if attempt == 0 else f"{spec.request_id}#{attempt}"
+        prefill: Instance | None = None
+        for candidate in sorted(self._live("prefill"), key=lambda i: len(i.in_flight)):
+            assert candidate.client is not None
+            prefill_specs, decode_specs = instance_specs(specs, attempt, candidate.client.kv_address)
+            try:
+                candidate.client.add(prefill_specs)
+            except CoreUnreachableError:
+                continue
+            prefill = candidate
+            break
+        if prefill is None:  # no prefill instance reachable: the decode instance computes the prompt
+            prefill_specs, decode_specs = instance_specs(specs, attempt, None)
+        decode = self._send_to_decode(decodes, decode_specs)
+        if decode is None:
+            if prefill is not None:
+                assert prefill.client is not None
+                prefill.client.finish([(s.request_id, RequestStatus.FINISHED_ABORTED.value, None)
+                                       for s in prefill_specs])
+            raise EngineDeadError("no decode instance is reachable")
         if prefill is not None:
-            first_only = spec.params.model_copy(update={"max_tokens": 1})
-            prefill.in_flight.add(transfer_id)
-            prefill.client.add([msgspec.structs.replace(spec, request_id=transfer_id, params=first_only,
-                                                        kv_transfer=KVTransferParams(transfer_id))])
-            decode_spec = msgspec.structs.replace(
-                spec, kv_transfer=KVTransferParams(transfer_id, prefill.client.kv_address))
-        else:
-            decode_spec = msgspec.structs.replace(spec, kv_transfer=None)  # the decode instance prefills
-        self._placements[spec.request_id] = Placement(spec, decode, prefill, transfer_id, attempt)
-        decode.in_flight.add(spec.request_id)
-        decode.client.add([decode_spec])
+            prefill.in_flight.update(s.request_id for s in prefill_specs)
+        for spec in specs:
+            self._placements[spec.request_id] = Placement(
+                spec, decode, prefill, transfer_id_of(spec.request_id, attempt), attempt)
+            decode.in_flight.add(spec.request_id)
+
+    @staticmethod
+    def _send_to_decode(decodes: list[Instance], specs: list[CoreRequestSpec]) -> Instance | None:
+        for decode in decodes:
+            assert decode.client is not None
+            try:
+                decode.client.add(specs)
+            except CoreUnreachableError:
+                continue
+            return decode
+        return None
 
     def _finish_core(self, items: list[tuple[str, str, str | None]]) -> None:
         """Abort / stop core ids on their decode instance, and their prompts on the prefill one."""
@@ -190,6 +254,8 @@ class DisaggEngine(AsyncEngine):
         finished = [output.request_id for output in message.outputs if output.finished]
         instance.in_flight.difference_update(finished)
         if instance.role == "prefill":
+            for _, exposed in message.kv_sent:
+                self.metrics.kv_transfer_exposed(exposed)
             return  # the client's tokens come from the decode instance
         for core_id in finished:
             self._placements.pop(core_id, None)
@@ -240,7 +306,7 @@ class DisaggEngine(AsyncEngine):
         if timing is not None and timing.first_token is None and self._live("decode"):
             logger.warning("resubmitting %s (%s)", core_id, reason)
             try:
-                self._route(placement.spec, placement.attempt + 1)
+                self._route([placement.spec], placement.attempt + 1)
                 return
             except EngineDeadError:
                 pass

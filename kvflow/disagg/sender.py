@@ -36,6 +36,19 @@ class _Transfer:
     held: bool = False  # the engine handed the blocks over (the request finished): release when done
     pulling: bool = False
     finished_at: float = field(default_factory=time.monotonic)
+    claimed_at: float | None = None  # a decode instance asked for it
+
+
+@dataclass
+class SentRecord:
+    """One finished transfer, timed on this instance's clock. `exposed_seconds` runs from the
+    moment both the prompt was done (first token sampled) and the pull had arrived, to the decode
+    side's acknowledgement: the time the transfer adds to the request's TTFT beyond prefill (what
+    layer-wise streaming overlaps with compute is not in it)."""
+
+    transfer_id: str
+    exposed_seconds: float
+    bytes_sent: int
 
 
 @dataclass
@@ -55,6 +68,7 @@ class KVSender:
         self._transfers: dict[str, _Transfer] = {}
         self._in_step: list[_Transfer] = []
         self._release: list[list[int]] = []  # block lists the engine thread frees in `collect`
+        self._sent: list[SentRecord] = []  # finished transfers not yet reported
         self._abandoned: set[str] = set()  # pulls that failed before their request finished
         self._closed = False
         self._listener = socket.create_server((config.host, config.port), backlog=128)
@@ -119,6 +133,12 @@ class KVSender:
                 del self._transfers[transfer_id]
                 self._release.append(transfer.block_ids)
 
+    def collect_sent(self) -> list[SentRecord]:
+        """Transfers acknowledged since the last call."""
+        with self._cond:
+            sent, self._sent = self._sent, []
+        return sent
+
     def collect(self) -> list[list[int]]:
         """Block lists to free now: pulled transfers, and held ones nobody pulled in time."""
         now = time.monotonic()
@@ -167,18 +187,21 @@ class KVSender:
             if transfer is None:
                 channel.send(Failed(f"no KV for {pull.transfer_id!r} here (unknown, aborted or timed out)"))
                 return
-            nbytes = self.kv.layer_nbytes(transfer.num_tokens)
+            start = pull.start  # an n > 1 sibling whose puller shares the first tokens with its leader
+            if not 0 <= start <= transfer.num_tokens:
+                raise ProtocolError(f"pull starts at token {start} of {transfer.num_tokens}")
+            nbytes = self.kv.layer_nbytes(transfer.num_tokens - start)
             if self.config.transport == "shm":
                 shm = shared_memory.SharedMemory(create=True, size=max(1, nbytes * self.num_layers))
             channel.send(Header(
                 transfer.transfer_id, self.num_layers, transfer.num_tokens, self.kv.num_kv_heads, self.kv.head_dim,
-                self.kv.dtype_name, nbytes, shm.name if shm else None,
+                self.kv.dtype_name, nbytes, shm.name if shm else None, start,
             ))
             for layer in range(self.num_layers):
                 self._wait(transfer, lambda t, n=layer: t.layers_ready > n)
                 if self.config.layer_send_delay_s:
                     time.sleep(self.config.layer_send_delay_s)
-                data = gather_layer(self.kv.caches[layer], transfer.block_ids, transfer.num_tokens)
+                data = gather_layer(self.kv.caches[layer], transfer.block_ids, transfer.num_tokens, start)
                 raw = data.view(-1).view(torch.uint8)
                 if shm is not None:
                     offset = layer * nbytes
@@ -191,9 +214,13 @@ class KVSender:
             assert transfer.done is not None
             channel.send(transfer.done)
             expect(channel.recv(), Ack)
+            acked = time.monotonic()
+            sent = channel.bytes_sent + (nbytes * self.num_layers if shm is not None else 0)
             with self._cond:
                 self.stats.transfers += 1
-                self.stats.bytes_sent += channel.bytes_sent + (nbytes * self.num_layers if shm is not None else 0)
+                self.stats.bytes_sent += sent
+                start = max(transfer.finished_at, transfer.claimed_at or acked)
+                self._sent.append(SentRecord(transfer.transfer_id, acked - start, sent))
         except (OSError, ProtocolError, TimeoutError) as exc:
             logger.warning("KV transfer %s failed: %s", transfer.transfer_id if transfer else "?", exc)
             with self._cond:
@@ -218,6 +245,7 @@ class KVSender:
                 transfer = self._transfers.get(transfer_id)
                 if transfer is not None and not transfer.pulling:
                     transfer.pulling = True
+                    transfer.claimed_at = time.monotonic()
                     return transfer
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed:

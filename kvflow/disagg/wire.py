@@ -3,8 +3,10 @@
 A decode instance connects to a prefill instance and sends `Pull`. The prefill side answers with
 a `Header`, then one `Layer` per model layer as each becomes ready — over TCP the layer's bytes
 follow the message on the socket; over shared memory they are already in the segment the header
-names, at the offset the message gives — then `Done` with the first token. The puller installs
-the KV and answers `Ack`, after which the prefill side may free its blocks. Tensors are never
+names, at the offset the message gives — then `Done` with the first token (and the logprobs the
+request asked for: the first token's, the prompt's). The puller installs the KV and answers
+`Ack`, after which the prefill side may free its blocks. A `Pull` may skip the first `start`
+prompt tokens: an n > 1 sibling on the decode side shares them with its leader. Tensors are never
 pickled: a layer travels as its raw bytes in the fixed layout [2 (k, v), kv_heads, tokens, head_dim].
 """
 
@@ -15,8 +17,16 @@ import struct
 
 import msgspec
 
+from kvflow.sampling import MAX_LOGPROBS
+
 _LENGTH = struct.Struct("!I")
 MAX_CONTROL_BYTES = 1 << 20  # a control message is small; anything bigger is a corrupt stream
+# A `Done` may also carry one prompt-logprob entry per prompt token; msgpack-encoded, an entry with
+# top-MAX_LOGPROBS alternatives is under this many bytes.
+PROMPT_LOGPROB_BYTES = 32 + 18 * MAX_LOGPROBS
+
+# One token's logprob entry on the wire: (token id, logprob, top ids, top logprobs).
+WireLogprobs = tuple[int, float, list[int], list[float]]
 
 
 class KVTransferParams(msgspec.Struct):
@@ -29,6 +39,12 @@ class KVTransferParams(msgspec.Struct):
 
 class Pull(msgspec.Struct, tag="pull", array_like=True):
     transfer_id: str
+    start: int = 0  # the first prompt token to send: the puller already holds the ones before
+
+
+def done_limit(num_prompt_tokens: int) -> int:
+    """The largest `Done` a transfer of this prompt may send (prompt logprobs included)."""
+    return MAX_CONTROL_BYTES + num_prompt_tokens * PROMPT_LOGPROB_BYTES
 
 
 class Header(msgspec.Struct, tag="header", array_like=True):
@@ -40,6 +56,7 @@ class Header(msgspec.Struct, tag="header", array_like=True):
     dtype: str  # torch dtype name, e.g. "bfloat16"
     layer_nbytes: int
     shm_name: str | None = None  # shm transport: the segment holding every layer back to back
+    start: int = 0  # the layers hold tokens [start, num_tokens) (the `Pull`'s start)
 
 
 class Layer(msgspec.Struct, tag="layer", array_like=True):
@@ -51,6 +68,9 @@ class Done(msgspec.Struct, tag="done", array_like=True):
     first_token: int
     # The first token's logprob entry when the request asked for logprobs: (logprob, top ids, top logprobs).
     logprobs: tuple[float, list[int], list[float]] | None = None
+    # The prompt's logprobs when the request asked for them: one entry per prompt token, None for
+    # token 0 (nothing predicts it), as the colocated engine emits them.
+    prompt_logprobs: list[WireLogprobs | None] | None = None
 
 
 class Failed(msgspec.Struct, tag="failed", array_like=True):
@@ -87,9 +107,10 @@ class Channel:
         self.sock.sendall(data)
         self.bytes_sent += len(data)
 
-    def recv(self) -> Message:
+    def recv(self, limit: int = MAX_CONTROL_BYTES) -> Message:
+        """The next control message; one longer than `limit` bytes means a corrupt stream."""
         (length,) = _LENGTH.unpack(self._recv_bytes(_LENGTH.size))
-        if length > MAX_CONTROL_BYTES:
+        if length > limit:
             raise ProtocolError(f"control message of {length} bytes")
         try:
             return _decoder.decode(self._recv_bytes(length))

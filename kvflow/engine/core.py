@@ -16,8 +16,9 @@ import torch
 from kvflow.config import EngineConfig
 from kvflow.engine.kv_cache import KVCacheManager
 from kvflow.engine.request import Request, RequestStatus, TokenLogprobs
-from kvflow.engine.scheduler import Scheduler
-from kvflow.model.runner import ModelRunner
+from kvflow.engine.scheduler import Scheduler, SchedulerOutput
+from kvflow.model.runner import ModelRunner, RunnerOutput
+from kvflow.sampler import advance_generator
 
 if TYPE_CHECKING:
     from kvflow.disagg.connector import KVConnector
@@ -99,10 +100,7 @@ class EngineCore:
         if sched.is_empty:
             return outputs
         result = self.runner.execute(sched)
-        for chunk in sched.chunks:  # before `update`, so a prefill instance can ship the first token's
-            lp = result.logprobs.get(chunk.request.request_id)  # logprobs with its KV
-            if lp is not None and chunk.request.status == RequestStatus.RUNNING:
-                chunk.request.output_logprobs.append(lp)
+        new_prompt_logprobs = self._record_logprobs(sched, result)
         self.scheduler.update(sched, result.sampled)
         self.num_steps += 1
         now = time.monotonic()
@@ -111,15 +109,12 @@ class EngineCore:
             request = chunk.request
             rid = request.request_id
             token = result.sampled.get(rid)
-            prompt_lps = result.prompt_logprobs.get(rid)
+            prompt_lps = new_prompt_logprobs.get(rid)
             if token is None and prompt_lps is None and not request.finished:
                 continue
             out = EngineCoreOutput(rid, num_cached_tokens=request.num_cached_tokens)
             if prompt_lps is not None:
-                if not request.prompt_logprobs:
-                    out.new_prompt_logprobs.append(None)
-                out.new_prompt_logprobs.extend(prompt_lps)
-                request.prompt_logprobs.extend(out.new_prompt_logprobs)
+                out.new_prompt_logprobs = prompt_lps
             if token is not None:
                 if request.first_token_time is None:
                     request.first_token_time = now
@@ -132,14 +127,37 @@ class EngineCore:
             outputs.append(out)
         return outputs
 
+    def _record_logprobs(self, sched: SchedulerOutput, result: RunnerOutput) -> dict[str, list[TokenLogprobs | None]]:
+        """Keep this step's logprobs on the requests before `update` finishes them, so a prefill
+        instance ships them with the KV; returns each request's new prompt entries (token 0's is None)."""
+        new_prompt: dict[str, list[TokenLogprobs | None]] = {}
+        for chunk in sched.chunks:
+            request = chunk.request
+            lp = result.logprobs.get(request.request_id)
+            if lp is not None and request.status == RequestStatus.RUNNING:
+                request.output_logprobs.append(lp)
+            prompt_lps = result.prompt_logprobs.get(request.request_id)
+            if prompt_lps is not None:
+                entries: list[TokenLogprobs | None] = [] if request.prompt_logprobs else [None]
+                entries.extend(prompt_lps)
+                request.prompt_logprobs.extend(entries)
+                new_prompt[request.request_id] = entries
+        return new_prompt
+
     def _loaded_outputs(self, loaded: list[Request]) -> list[EngineCoreOutput]:
-        """Decode instance: the first token of each request whose KV just arrived."""
+        """Decode instance: take over each request whose KV just arrived and emit what the prefill
+        instance computed with it (first token, its logprobs, the prompt's logprobs)."""
         outputs = []
         now = time.monotonic()
         for request in loaded:
+            if request.generator is not None:
+                # Its first token was sampled on the prefill instance: skip that draw here. The
+                # draw spans the logits, vocab_size wide: the model builds its LM head with vocab_size rows.
+                advance_generator(request.params, request.generator, request.num_output_tokens,
+                                  self.config.model.vocab_size, self.runner.device)
             request.first_token_time = now
             out = EngineCoreOutput(request.request_id, [request.all_token_ids[-1]], request.output_logprobs[:1],
-                                   num_cached_tokens=request.num_cached_tokens)
+                                   list(request.prompt_logprobs), num_cached_tokens=request.num_cached_tokens)
             if request.finished:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason

@@ -1,11 +1,12 @@
 """The engine core in its own process, driven over ZMQ with msgspec messages.
 
 The server's event loop does HTTP, tokenisation and detokenisation; if the step loop shared that
-process, every step would stall them and the reverse. So `EngineCore` runs in a spawned process
+process, every step would stall them and the reverse. So `EngineCore` runs in its own process
 (`run_engine_core`): it pulls request specs and finish orders, steps while there is work, and
-pushes each step's token outputs with scheduler stats. `CoreClient` is the API side: it starts
-the process, waits for its READY, sends without blocking, receives in an asyncio task, and
-watches the process sentinel so a dead core is noticed at once, with its cause.
+pushes each step's token outputs with scheduler stats. `CoreClient` is the API side: it has its
+launcher start the process (a local child, or a Ray actor: kvflow/engine/core_launcher.py), waits
+for its READY, sends without blocking, receives in an asyncio task, and is told by the launcher
+the moment the core ends, so a dead core is noticed at once, with its cause.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import asyncio
 import ctypes
 import gc
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -30,6 +32,7 @@ import zmq.asyncio
 
 from kvflow.config import EngineConfig
 from kvflow.engine.core import EngineCoreOutput, EngineStats
+from kvflow.engine.core_launcher import CoreLauncher, LocalCoreLauncher
 from kvflow.engine.input_processor import CoreRequestSpec, build_core_requests
 from kvflow.engine.request import RequestStatus
 from kvflow.sampling import SamplingParams
@@ -65,6 +68,7 @@ class Ready(msgspec.Struct, tag="ready"):
     num_blocks: int
     pid: int
     kv_address: str | None = None  # a prefill instance: where decode instances pull KV from
+    host: str | None = None
 
 
 class StepOutputs(msgspec.Struct, tag="outputs"):
@@ -74,6 +78,8 @@ class StepOutputs(msgspec.Struct, tag="outputs"):
     stats: CoreStats
     # Decode instance: KV loads finished since the last message (core id, KV bytes, wire bytes, seconds).
     kv_transfers: list[tuple[str, int, int, float]] = []
+    # Prefill instance: transfers acknowledged since the last message (transfer id, exposed seconds).
+    kv_sent: list[tuple[str, float]] = []
 
 
 class CoreFailed(msgspec.Struct, tag="error"):
@@ -100,16 +106,29 @@ class EngineDeadError(RuntimeError):
     """The engine-core process is gone; no request can be served any more."""
 
 
+class CoreUnreachableError(EngineDeadError):
+    """The core's socket has no connection: it died and its launcher has not said so yet, or the
+    network to it is down. Nothing was sent; a router may try another instance."""
+
+
 # ------------------------------------------------------------ core process
-def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int) -> None:
-    """Entry point of the engine-core process: build the core, then serve until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the API process, which stops us
-    _die_with_parent()
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int | None) -> None:
+    """Entry point of the engine-core process: build the core, then serve until told to stop.
+
+    `parent_pid`: the API process, whose death ends this one (a child process); None when
+    something else owns the core's lifetime (a Ray actor dies with the job that created it).
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the API process, which stops us
+    if parent_pid is not None:
+        _die_with_parent()
     if config.cpu_cores:
+        os.sched_setaffinity(0, config.cpu_cores)
+    threads = config.num_threads or (len(config.cpu_cores) if config.cpu_cores else None)
+    if threads:
         import torch
 
-        os.sched_setaffinity(0, config.cpu_cores)
-        torch.set_num_threads(len(config.cpu_cores))
+        torch.set_num_threads(threads)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(input_addr)
@@ -138,7 +157,7 @@ def _die_with_parent() -> None:
 
 class _CoreLoop:
     def __init__(self, config: EngineConfig, inbox: zmq.Socket, outbox: zmq.Socket,
-                 encoder: msgspec.msgpack.Encoder, parent_pid: int) -> None:
+                 encoder: msgspec.msgpack.Encoder, parent_pid: int | None) -> None:
         from kvflow.engine.core import EngineCore
 
         self.core = EngineCore(config)
@@ -151,7 +170,8 @@ class _CoreLoop:
 
     def run(self) -> None:
         connector = self.core.connector
-        self._send(Ready(self.core.kv.num_blocks, os.getpid(), connector.address if connector else None))
+        self._send(Ready(self.core.kv.num_blocks, os.getpid(), connector.address if connector else None,
+                         socket.gethostname()))
         try:
             self._loop()
         finally:
@@ -173,7 +193,7 @@ class _CoreLoop:
                     if isinstance(message, Shutdown):
                         return
                     self._handle(message)
-            if os.getppid() != self.parent_pid:
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 return  # the API process is gone
             if self.core.has_unfinished_requests() or self.core.transfers_pending:
                 steps = self.core.num_steps
@@ -207,7 +227,9 @@ class _CoreLoop:
         kv_stats = self.core.kv.stats
         stats = CoreStats(self.core.stats(), kv_stats.queried_tokens, kv_stats.hit_tokens)
         records, self.core.scheduler.transfer_records = self.core.scheduler.transfer_records, []
-        self._send(StepOutputs(outputs, scheduled, stats, records))
+        connector = self.core.connector
+        sent = [(r.transfer_id, r.exposed_seconds) for r in connector.collect_sent()] if connector else []
+        self._send(StepOutputs(outputs, scheduled, stats, records, sent))
         self.stats_dirty = False
         self.reported_free_blocks = stats.engine.num_free_blocks
 
@@ -217,62 +239,76 @@ class _CoreLoop:
 
 # ---------------------------------------------------------------- API side
 class CoreClient:
-    """Owns the engine-core process and its two sockets; calls back with every `StepOutputs`."""
+    """Owns one engine core (started by its launcher) and its two sockets; calls back with every
+    `StepOutputs`, and once with a reason if the core dies."""
 
     def __init__(self, config: EngineConfig, on_outputs: Callable[[StepOutputs], None],
-                 on_death: Callable[[str], None]) -> None:
+                 on_death: Callable[[str], None], launcher: CoreLauncher | None = None) -> None:
         self.config = config
         self.on_outputs = on_outputs
         self.on_death = on_death
+        self.launcher = launcher or LocalCoreLauncher()
         self.num_blocks = 0
         self.pid: int | None = None
+        self.host: str | None = None  # the core's host name (from its READY)
         self.kv_address: str | None = None
         self.dead_reason: str | None = None
+        self._started = False
         self._last_error: str | None = None
         self._stopping = False
-        self._dir = tempfile.mkdtemp(prefix="kvflow-")
-        self._input_addr = f"ipc://{self._dir}/input"
-        self._output_addr = f"ipc://{self._dir}/output"
-        self._sync_ctx = zmq.Context()
-        self._async_ctx = zmq.asyncio.Context()
-        self._inbox = self._sync_ctx.socket(zmq.PUSH)  # to the core; never blocks (no high-water mark)
-        self._inbox.setsockopt(zmq.SNDHWM, 0)
-        self._inbox.bind(self._input_addr)
-        self._outbox = self._async_ctx.socket(zmq.PULL)
-        self._outbox.bind(self._output_addr)
+        self._dir: str | None = None
+        # Sockets are made in `start`, so a client that is never started holds nothing.
+        self._sync_ctx: zmq.Context | None = None
+        self._async_ctx: zmq.asyncio.Context | None = None
+        self._inbox: zmq.Socket | None = None
+        self._outbox: zmq.asyncio.Socket | None = None
         self._encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
         self._decoder = msgspec.msgpack.Decoder(FromCore, dec_hook=_dec_hook)
-        self._process: multiprocessing.process.BaseProcess | None = None
         self._receiver: asyncio.Task | None = None
 
     @property
     def alive(self) -> bool:
-        return self.dead_reason is None and self._process is not None
+        return self.dead_reason is None and self._started
+
+    def _bind(self) -> tuple[str, str]:
+        """Bind both sockets where the launcher's core can reach them; return their addresses."""
+        self._sync_ctx, self._async_ctx = zmq.Context(), zmq.asyncio.Context()
+        self._inbox = self._sync_ctx.socket(zmq.PUSH)  # to the core; never blocks (no high-water mark)
+        self._inbox.setsockopt(zmq.SNDHWM, 0)
+        self._outbox = self._async_ctx.socket(zmq.PULL)
+        host = self.launcher.bind_host
+        if host is None:
+            self._dir = tempfile.mkdtemp(prefix="kvflow-")
+            input_addr, output_addr = f"ipc://{self._dir}/input", f"ipc://{self._dir}/output"
+            self._inbox.bind(input_addr)
+            self._outbox.bind(output_addr)
+            return input_addr, output_addr
+        in_port = self._inbox.bind_to_random_port(f"tcp://{host}")
+        out_port = self._outbox.bind_to_random_port(f"tcp://{host}")
+        return f"tcp://{host}:{in_port}", f"tcp://{host}:{out_port}"
 
     async def start(self, timeout: float = 900.0) -> None:
-        """Spawn the core and wait until its model is loaded; raise with its error if it fails."""
-        spawn = multiprocessing.get_context("spawn")
-        self._process = spawn.Process(
-            target=run_engine_core, name="kvflow-engine-core", daemon=True,
-            args=(self.config, self._input_addr, self._output_addr, os.getpid()),
-        )
-        self._process.start()
+        """Start the core and wait until its model is loaded; raise with its error if it fails."""
+        input_addr, output_addr = self._bind()
+        assert self._outbox is not None
+        self.launcher.start(self.config, input_addr, output_addr)
         deadline = time.monotonic() + timeout
         while True:
             if await self._outbox.poll(200):
                 message = self._decoder.decode(await self._outbox.recv())
                 if isinstance(message, Ready):
                     self.num_blocks, self.pid, self.kv_address = message.num_blocks, message.pid, message.kv_address
+                    self.host = message.host
                     break
                 if isinstance(message, CoreFailed):
-                    self._process.join(5)
+                    await self.launcher.stop(5)
                     raise RuntimeError(f"the engine core failed to start:\n{message.message}")
-            elif not self._process.is_alive():
-                raise RuntimeError(f"the engine core exited during startup ({_exit_text(self._process.exitcode)})")
+            elif not self.launcher.is_alive():
+                raise RuntimeError(f"the engine core exited during startup ({await self.launcher.exit_reason()})")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the engine core did not start within {timeout:.0f} s")
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self._process.sentinel, self._on_sentinel)
+        self._started = True
+        self.launcher.watch(self._on_exit)
         self._receiver = asyncio.create_task(self._receive_loop(), name="kvflow-core-outputs")
 
     def add(self, specs: list[CoreRequestSpec]) -> None:
@@ -284,11 +320,16 @@ class CoreClient:
             self._send(FinishRequests(items))
 
     def _send(self, message: ToCore) -> None:
-        if not self.alive:
+        if not self.alive or self._inbox is None:
             raise EngineDeadError(self.dead_reason or "the engine core is not running")
-        self._inbox.send(self._encoder.encode(message), zmq.NOBLOCK)
+        try:
+            self._inbox.send(self._encoder.encode(message), zmq.NOBLOCK)
+        except zmq.Again:  # no high-water mark: only a lost connection makes a PUSH refuse
+            raise CoreUnreachableError("the engine core is not connected (it is dying, or its host is "
+                                       "unreachable)") from None
 
     async def _receive_loop(self) -> None:
+        assert self._outbox is not None
         while True:
             message = self._decoder.decode(await self._outbox.recv())
             if isinstance(message, StepOutputs):
@@ -300,19 +341,14 @@ class CoreClient:
                 self._last_error = message.message
                 logger.error("engine core failed:\n%s", message.message)
 
-    def _on_sentinel(self) -> None:
-        """The core process ended: unless we asked it to, this is a failure to report."""
-        assert self._process is not None
-        asyncio.get_running_loop().remove_reader(self._process.sentinel)
-        if self._stopping:
-            return
-        asyncio.get_running_loop().create_task(self._declare_dead())
+    def _on_exit(self) -> None:
+        """The core ended: unless we asked it to, this is a failure to report."""
+        if not self._stopping:
+            asyncio.get_running_loop().create_task(self._declare_dead())
 
     async def _declare_dead(self) -> None:
         await asyncio.sleep(0.05)  # let the receiver pick up a last CoreFailed message
-        assert self._process is not None
-        self._process.join(1)
-        reason = f"the engine core process died ({_exit_text(self._process.exitcode)})"
+        reason = f"the engine core process died ({await self.launcher.exit_reason()})"
         if self._last_error:
             reason += f": {self._last_error.splitlines()[0]}"
         self.dead_reason = reason
@@ -320,43 +356,27 @@ class CoreClient:
         self.on_death(reason)
 
     async def shutdown(self, timeout: float = 10.0) -> None:
-        """Ask the core to stop, then terminate / kill it if it does not; close the sockets."""
+        """Ask the core to stop, then have the launcher force it if it does not; close the sockets."""
         self._stopping = True
-        process = self._process
-        if process is not None:
+        if self._inbox is None:
+            return  # never started
+        if self.launcher.is_alive():
             try:
-                asyncio.get_running_loop().remove_reader(process.sentinel)
-            except (ValueError, OSError):
-                pass
-            if process.is_alive():
                 self._inbox.send(self._encoder.encode(Shutdown()), zmq.NOBLOCK)
-                await asyncio.to_thread(process.join, timeout)
-            if process.is_alive():
-                logger.warning("engine core did not stop within %.0f s; terminating it", timeout)
-                process.terminate()
-                await asyncio.to_thread(process.join, 2)
-            if process.is_alive():
-                process.kill()
-                await asyncio.to_thread(process.join, 2)
+            except zmq.ZMQError:
+                pass
+        if not await self.launcher.stop(timeout):
+            logger.warning("engine core did not stop within %.0f s; terminated it", timeout)
         if self._receiver is not None:
             self._receiver.cancel()
             try:
                 await self._receiver
             except (asyncio.CancelledError, Exception):
                 pass
+        assert self._outbox is not None and self._sync_ctx is not None and self._async_ctx is not None
         self._inbox.close(linger=0)
         self._outbox.close(linger=0)
         self._sync_ctx.term()
         self._async_ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def _exit_text(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from kvflow.config import SchedulerConfig
 from kvflow.engine.kv_cache import KVCacheManager
 from kvflow.engine.policies import QueuePolicy, make_policy
-from kvflow.engine.request import Request, RequestStatus, TokenLogprobs
+from kvflow.engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from kvflow.disagg.connector import KVConnector
@@ -109,12 +109,7 @@ class Scheduler:
         """Prefill instance: a finished request's blocks go to the connector until pulled."""
         if self.connector is None or not self.connector.holds_finished_requests or request.kv_transfer is None:
             return False
-        finished_normally = request.status in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED)
-        first = request.output_token_ids[:1] if finished_normally else []
-        lps = request.output_logprobs[:1]
-        logprobs = (lps[0].logprob, lps[0].top_ids, lps[0].top_logprobs) if lps else None
-        held = self.connector.request_finished(request.kv_transfer, request.block_ids, request.num_prompt_tokens,
-                                               first[0] if first else None, logprobs)
+        held = self.connector.request_finished(request)
         if held:
             request.block_ids = []  # the connector frees them (`collect_transfers`)
             request.num_cached_blocks = 0
@@ -135,10 +130,12 @@ class Scheduler:
             request = self.receiving.pop(result.request_id, None)
             if request is None:
                 continue
-            if result.done is None:
-                # The KV is gone (prefill instance died, timed out, aborted): compute the prompt here.
+            if result.done is None or not self.connector.apply_done(request, result.done):
+                # The KV is gone (prefill instance died, timed out, aborted), or came without the
+                # prompt logprobs asked for: compute the prompt here.
                 self.num_kv_load_failures += 1
                 self.kv.free(request)
+                request.num_computed_tokens = 0  # an n > 1 sibling may have shared its leader's blocks
                 request.kv_transfer = None
                 request.status = RequestStatus.WAITING
                 self.waiting.appendleft(request)
@@ -147,10 +144,6 @@ class Scheduler:
             request.kv_transfer = None
             request.num_computed_tokens = request.num_prompt_tokens
             self.kv.cache_full_blocks(request)
-            request.append_token(result.done.first_token)
-            if result.done.logprobs is not None:
-                lp, top_ids, top_lps = result.done.logprobs
-                request.output_logprobs.append(TokenLogprobs(result.done.first_token, lp, top_ids, top_lps))
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.loaded.append(request)
@@ -226,37 +219,51 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
 
     def _start_load(self, request: Request) -> bool:
-        """Decode instance: give the request blocks for its prompt and first token, then pull its KV."""
-        if not self.kv.allocate(request, request.num_prompt_tokens + 1):
+        """Decode instance: give the request blocks for its prompt and first token, then pull its KV
+        (an n > 1 sibling shares its loaded leader's full prompt blocks and pulls only the rest)."""
+        start = self._share_leader_blocks(request)
+        if not self.kv.allocate(request, request.num_prompt_tokens + 1 - start):
+            self.kv.free(request)
+            request.num_computed_tokens = 0
             return False  # admission control: it waits (its KV stays on the prefill instance)
         assert self.connector is not None and request.kv_transfer is not None
         request.status = RequestStatus.RECEIVING
         if request.scheduled_time is None:
             request.scheduled_time = time.monotonic()
         self.receiving[request.request_id] = request
-        self.connector.start_load(request.request_id, request.kv_transfer, request.block_ids, request.num_prompt_tokens)
+        self.connector.start_load(request.request_id, request.kv_transfer, request.block_ids,
+                                  request.num_prompt_tokens, start)
         return True
 
     def _ready(self, request: Request) -> bool:
-        """An n > 1 sibling waits until its leader has computed the prompt it will share."""
+        """An n > 1 sibling waits until its leader has computed (or, on a decode instance, loaded)
+        the prompt it will share."""
         leader = request.leader
-        if leader is None or leader.finished or leader.status != RequestStatus.RUNNING:
+        if leader is None or leader.finished:
+            return True
+        if leader.status == RequestStatus.RECEIVING:
+            return False
+        if leader.status != RequestStatus.RUNNING:
             return True
         return leader.num_computed_tokens >= leader.num_prompt_tokens
 
     def _attach_cached_prefix(self, request: Request) -> None:
+        if not self._share_leader_blocks(request):
+            self.kv.match_prefix(request)
+
+    def _share_leader_blocks(self, request: Request) -> int:
+        """An n > 1 sibling takes its leader's full prompt blocks, leaving at least one token to
+        compute or load; returns the tokens they cover (0: no leader ready to share)."""
         leader = request.leader
-        shareable = (request.num_tokens - 1) // self.kv.block_size
         if (
-            leader is not None
-            and leader.status == RequestStatus.RUNNING
-            and leader.num_computed_tokens >= leader.num_prompt_tokens
-            and not request.skip_prefix_cache
+            leader is None
+            or leader.status != RequestStatus.RUNNING
+            or leader.num_computed_tokens < leader.num_prompt_tokens
+            or request.skip_prefix_cache
         ):
-            n_blocks = min(shareable, leader.num_prompt_tokens // self.kv.block_size)
-            if self.kv.share_prefix(request, leader, n_blocks):
-                return
-        self.kv.match_prefix(request)
+            return 0
+        shareable = (request.num_tokens - 1) // self.kv.block_size
+        return self.kv.share_prefix(request, leader, min(shareable, leader.num_prompt_tokens // self.kv.block_size))
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

@@ -125,7 +125,6 @@ class AsyncEngine:
         if self.dead_reason is not None or self.inputs is None:
             raise EngineDeadError(self.dead_reason or "the engine is not running")
         self.inputs.validate(prompt_token_ids, params)
-        self._check_supported(params)
         capacity = self.config.scheduler.max_num_seqs + self.max_waiting_requests
         if self._num_seqs + params.n > capacity:
             self.metrics.rejected("overloaded")
@@ -169,9 +168,6 @@ class AsyncEngine:
 
     # The engine behind this front: one core process here; a router over instances in
     # kvflow/disagg/router.py, which overrides these.
-    def _check_supported(self, params: SamplingParams) -> None:
-        """Refuse (ValueError) what this engine cannot serve."""
-
     def _send_specs(self, specs: list[CoreRequestSpec]) -> None:
         self.core.add(specs)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvflow.config import KV_TRANSFER_MODES, KV_TRANSPORTS
+from kvflow.disagg.deployment import PLACEMENT_STRATEGIES, DeploymentSpec
 
 DEFAULT_MAX_WAITING = 1024
 
@@ -48,6 +49,19 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     disagg.add_argument("--kv-host", default="127.0.0.1", help="address prefill instances listen on for KV pulls")
     disagg.add_argument("--pin-cores", action="store_true",
                         help="pin each instance to its own share of this process's CPU cores")
+    disagg.add_argument("--deployment", type=Path, default=None, metavar="FILE",
+                        help="instances (role, CPUs, GPUs, node) and placement strategy as JSON, e.g. from "
+                             "`kvflow plan`; replaces --prefill/--decode and the --ray-* sizes")
+    disagg.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="run the instances as actors of this Ray cluster (HEAD_IP:6379, or 'auto')")
+    disagg.add_argument("--ray-placement-strategy", choices=PLACEMENT_STRATEGIES, default="PACK",
+                        help="how Ray spreads the instances' bundles over nodes")
+    disagg.add_argument("--ray-placement-timeout", type=float, default=120.0,
+                        help="seconds to wait for the cluster to fit every instance's bundle before giving up")
+    disagg.add_argument("--ray-cpus-per-instance", type=float, default=1.0,
+                        help="CPUs reserved for (and threads used by) each instance on Ray")
+    disagg.add_argument("--ray-gpus-per-instance", type=float, default=None,
+                        help="GPUs reserved for each instance on Ray (default: 1 with --device cuda, else 0)")
 
 
 def _model_path(args: argparse.Namespace) -> str:
@@ -64,6 +78,16 @@ def _model_path(args: argparse.Namespace) -> str:
     if not (path / "config.json").is_file():
         raise SystemExit(f"error: the default model at {path} is missing; pass --model DIR")
     return str(path)
+
+
+def _deployment(args: argparse.Namespace) -> DeploymentSpec:
+    if args.deployment is not None:
+        return DeploymentSpec.load(args.deployment)
+    gpus = args.ray_gpus_per_instance
+    if gpus is None:
+        gpus = 1.0 if args.ray_address and str(args.device).startswith("cuda") else 0.0
+    return DeploymentSpec.from_counts(args.prefill, args.decode, args.ray_cpus_per_instance, gpus,
+                                      args.ray_placement_strategy)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -85,14 +109,15 @@ def run_serve(args: argparse.Namespace) -> int:
                                  seed=args.seed, **engine_kwargs(args))
     tokenizer = load_tokenizer(model)
     name = args.served_model_name or args.model or Path(model).name  # the shipped model is "tiny"
-    if args.disagg:
+    if args.disagg or args.deployment or args.ray_address:
         from kvflow.config import KVTransferConfig
         from kvflow.disagg.router import DisaggEngine
 
         transfer = KVTransferConfig(transport=args.kv_transport, mode=args.kv_transfer_mode,
                                     timeout_s=args.kv_transfer_timeout, host=args.kv_host)
         engine = DisaggEngine(config, tokenizer, ServerMetrics(name), args.max_waiting_requests,
-                              args.prefill, args.decode, transfer, args.pin_cores)
+                              _deployment(args), transfer, args.pin_cores, args.ray_address,
+                              args.ray_placement_timeout)
     else:
         engine = AsyncEngine(config, tokenizer, ServerMetrics(name), args.max_waiting_requests)
     ctx = ServerContext(engine, tokenizer, name, model, config.model.max_model_len)

@@ -61,7 +61,11 @@ class ServerMetrics:
         self.kv_transfers = counter("kv_transfers", "KV transfers from prefill to decode instances (disaggregated).")
         self.kv_transfer_bytes = counter("kv_transfer_bytes", "Bytes moved by KV transfers, control messages included.")
         self.kv_transfer_seconds = histogram(
-            "kv_transfer_seconds", "Per request: decode-side pull start to KV installed.", _LATENCY_BUCKETS)
+            "kv_transfer_seconds", "Per request: decode-side pull start to KV installed (overlaps the prefill).",
+            _LATENCY_BUCKETS)
+        self.kv_transfer_exposed_seconds = histogram(
+            "kv_transfer_exposed_seconds", "Per request: prompt done (or pull arrived, if later) to the decode side "
+            "acknowledging the KV; what the transfer adds to TTFT.", _LATENCY_BUCKETS)
         self.kv_transfer_request_bytes = histogram(
             "kv_transfer_request_bytes", "KV bytes per transferred request.",
             tuple(float(2**k) for k in range(10, 34, 2)))
@@ -98,6 +102,9 @@ class ServerMetrics:
         self.kv_transfer_bytes.inc(wire_bytes)
         self.kv_transfer_seconds.observe(seconds)
         self.kv_transfer_request_bytes.observe(payload_bytes)
+
+    def kv_transfer_exposed(self, seconds: float) -> None:
+        self.kv_transfer_exposed_seconds.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

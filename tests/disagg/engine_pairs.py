@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kvflow.config import EngineConfig, KVTransferConfig
 from kvflow.disagg.wire import KVTransferParams
-from kvflow.engine.core import EngineCore
+from kvflow.engine.core import EngineCore, EngineCoreOutput
 from kvflow.engine.request import Request
 from kvflow.sampling import SamplingParams
 
@@ -46,8 +46,9 @@ def submit(prefill: EngineCore, decode: EngineCore, request_id: str, ids: list[i
 
 def drive(prefill: EngineCore, decode: EngineCore, timeout: float = 60.0,
           tokens: dict[str, list[int]] | None = None, first_token_times: dict[str, float] | None = None,
-          ) -> dict[str, list[int]]:
-    """Step both instances until every request is done and the prefill side has freed its blocks."""
+          outputs: list[EngineCoreOutput] | None = None) -> dict[str, list[int]]:
+    """Step both instances until every request is done and the prefill side has freed its blocks
+    (the decode side's outputs go to `outputs` too, when given)."""
     tokens = {} if tokens is None else tokens
     deadline = time.monotonic() + timeout
     while (decode.has_unfinished_requests() or prefill.has_unfinished_requests()
@@ -59,6 +60,8 @@ def drive(prefill: EngineCore, decode: EngineCore, timeout: float = 60.0,
             if first_token_times is not None and out.request_id not in first_token_times:
                 first_token_times[out.request_id] = time.monotonic()
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if outputs is not None:
+                outputs.append(out)
         prefill.step()
         time.sleep(0.0005)
     return tokens

@@ -73,6 +73,10 @@ def test_disaggregated_server_matches_colocated(start, transfer):
     assert metric(srv.url, "kvflow:kv_transfers_total") == len(PROMPTS)
     assert metric(srv.url, "kvflow:kv_transfer_bytes_total") > 0
     assert metric(srv.url, "kvflow:kv_load_fallbacks_total") == 0
+    # Exposed transfer time: reported by the prefill instance once acknowledged; a part of TTFT.
+    assert wait_until(lambda: metric(srv.url, "kvflow:kv_transfer_exposed_seconds_count") == len(PROMPTS))
+    exposed = metric(srv.url, "kvflow:kv_transfer_exposed_seconds_sum")
+    assert 0 < exposed < metric(srv.url, "kvflow:time_to_first_token_seconds_sum")
     assert wait_until(lambda: metric(srv.url, "kvflow:kv_cache_usage_perc") == 0)  # all blocks back, everywhere
     roles = sorted(i["role"] for i in instances(srv.url).values())
     assert roles == ["decode", "decode", "prefill"]
@@ -80,10 +84,30 @@ def test_disaggregated_server_matches_colocated(start, transfer):
     assert not group_members(srv.proc.pid)
 
 
-def test_refuses_what_it_cannot_serve(start):
-    srv = start("--disagg")
-    r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 2})
-    assert r.status_code == 400 and "n > 1" in r.json()["error"]["message"]
+def seeded_choices(url: str) -> list[dict]:
+    """n = 3 seeded random samples of one prompt, echoed with prompt and output logprobs."""
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "prompt": PROMPTS[3], "max_tokens": 8, "n": 3, "seed": 42, "temperature": 1.0, "top_p": 0.95,
+        "ignore_eos": True, "echo": True, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    return sorted(r.json()["choices"], key=lambda c: c["index"])
+
+
+def test_n_seeded_sampling_and_prompt_logprobs_match_colocated(start):
+    colocated = start()
+    expected = seeded_choices(colocated.url)
+    colocated.stop()
+    srv = start("--disagg", "--prefill", "1", "--decode", "1")
+    got = seeded_choices(srv.url)
+    assert len(got) == len(expected) == 3 and len({c["text"] for c in got}) == 3  # a seed each
+    for g, e in zip(got, expected):
+        assert (g["text"], g["logprobs"]["tokens"]) == (e["text"], e["logprobs"]["tokens"])
+        assert g["logprobs"]["token_logprobs"] == pytest.approx(e["logprobs"]["token_logprobs"], abs=1e-5)
+        for g_top, e_top in zip(g["logprobs"]["top_logprobs"], e["logprobs"]["top_logprobs"], strict=True):
+            assert (g_top is None) == (e_top is None)
+            assert g_top is None or g_top == pytest.approx(e_top, abs=1e-5)
+    assert metric(srv.url, "kvflow:kv_load_fallbacks_total") == 0
+    assert wait_until(lambda: metric(srv.url, "kvflow:kv_cache_usage_perc") == 0)
 
 
 def test_dead_prefill_instance_is_routed_around(start):

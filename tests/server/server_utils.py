@@ -51,7 +51,8 @@ class ServerProcess:
         raise TimeoutError(f"server did not become healthy in {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-6000:]
 
     def group_pids(self) -> list[int]:

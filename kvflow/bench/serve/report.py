@@ -112,6 +112,15 @@ def format_table(doc: dict[str, Any]) -> str:
             if p == 50:
                 continue  # the median, already shown
             line(f"P{p:g} {name} (ms)", dist.get(percentile_key(p)))
+    server = doc.get("server") or {}
+    if server.get("kv_transfers"):
+        title("KV transfer (server side)")
+        line("Transfers", int(server["kv_transfers"]))
+        line("Bytes per request", server["kv_transfer_bytes_per_request"], 0)
+        line("Mean exposed transfer (ms)", server["kv_transfer_exposed_ms_mean"])
+        share = server["kv_transfer_share_of_ttft"]
+        line("Share of TTFT (%)", None if share is None else 100.0 * share)
+        line("Loads recomputed (fallbacks)", int(server["kv_load_fallbacks"]))
     rows.append("=" * width)
     if s["errors"]:
         rows.append("Errors:")

@@ -40,6 +40,7 @@ from kvflow.bench.serve.datasets import (
 )
 from kvflow.bench.serve.metrics import summarize
 from kvflow.bench.serve.prompts import PromptBuilder
+from kvflow.bench.serve.server_metrics import run_figures, scrape
 from kvflow.bench.serve.trace import load_trace, trace_offsets
 
 Log = Callable[[str], None]
@@ -186,9 +187,12 @@ async def run_async(cfg: ServeBenchConfig, log: Log = _stderr) -> dict[str, Any]
             target = await probe(session, target, requests[0], log)
         log(f"sending {len(requests)} requests ({cfg.dataset}, rate {cfg.rate_label()}, "
             f"max concurrency {cfg.max_concurrency or 'none'})")
+        before = await scrape(session, cfg.base_url)
         results, duration = await send_all(
             session, target, requests, offsets, cfg.max_concurrency, cfg.progress
         )
+        await asyncio.sleep(0.5)  # transfer acknowledgements reach the front a step after the tokens
+        server = run_figures(before, await scrape(session, cfg.base_url))
     return {
         "kind": RESULT_KIND,
         "version": 1,
@@ -205,6 +209,7 @@ async def run_async(cfg: ServeBenchConfig, log: Log = _stderr) -> dict[str, Any]
         "ignore_eos_sent": target.ignore_eos,
         "config": cfg.to_dict(),
         "summary": summarize(results, duration, cfg.goodput_ms, cfg.percentiles),
+        "server": server,
         "requests": [r.to_dict() for r in results],
     }
 
