@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.disagg.test_disagg_server import complete_all, instances, metric, wait_until
+from tests.disagg.server_helpers import Servers, complete_all, instances, metric, wait_until
 from tests.server.server_utils import ServerProcess, free_port, kill_group
 
 pytest.importorskip("ray")
@@ -81,34 +81,27 @@ def ray_head() -> Iterator[RayHead]:
 
 
 @pytest.fixture
-def start(llama_dir, tmp_path, ray_head):
-    started: list[ServerProcess] = []
-
-    def launch(*extra: str) -> ServerProcess:
-        proc = ServerProcess(llama_dir, tmp_path / f"serve{len(started)}.log", "--max-model-len", "128", *extra)
-        started.append(proc)
-        return proc.wait_ready()
-
-    yield launch
-    for proc in started:
-        proc.stop(timeout=20)
+def ray_start(start: Servers, ray_head: RayHead) -> Iterator[Servers]:
+    yield start
+    start.stop_all()
     # Whatever happened to the servers, their actors and bundles must be gone from the cluster.
     assert wait_until(lambda: ray_head.used_cpus() == 0, timeout=30), ray_head.used_cpus()
 
 
 def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_ray_deployment_matches_colocated_and_gives_everything_back(start, ray_head):
-    colocated = start()
+def test_ray_deployment_matches_colocated_and_gives_everything_back(ray_start, ray_head):
+    colocated = ray_start()
     expected = complete_all(colocated.url)
     colocated.stop()
-    srv = start("--disagg", "--ray-address", ray_head.address, "--prefill", "1", "--decode", "2")
+    srv = ray_start("--disagg", "--ray-address", ray_head.address, "--prefill", "1", "--decode", "2")
     assert ray_head.used_cpus() == 3  # one bundle per instance, reserved by the placement group
     assert complete_all(srv.url) == expected
     assert metric(srv.url, "kvflow:kv_transfers_total") == 4
@@ -123,13 +116,13 @@ def test_ray_deployment_matches_colocated_and_gives_everything_back(start, ray_h
     assert wait_until(lambda: not any(alive(pid) for pid in pids), timeout=20)
 
 
-def test_ray_instance_deaths_are_retried_then_reported(start, ray_head, tmp_path):
+def test_ray_instance_deaths_are_retried_then_reported(ray_start, ray_head, tmp_path):
     # From a deployment file, as `kvflow plan` writes it: the prefill instance pinned to the head node.
     plan = tmp_path / "deployment.json"
     plan.write_text(json.dumps({"placement_strategy": "STRICT_PACK", "instances": [
         {"role": "prefill", "num_cpus": 1, "node": ray_head.node_ip()},
         {"role": "decode", "num_cpus": 1}, {"role": "decode", "num_cpus": 1}]}))
-    srv = start("--ray-address", ray_head.address, "--deployment", str(plan))
+    srv = ray_start("--ray-address", ray_head.address, "--deployment", str(plan))
     expected = complete_all(srv.url)
     info = instances(srv.url)
     assert info["prefill-0"]["kv_address"].startswith(ray_head.node_ip() + ":")

@@ -10,55 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.server.server_utils import ServerProcess, group_members
-
-PROMPTS = ["hi", "the quick brown fox jumps over the lazy dog " * 3, "a b c d e f g", "one " * 25]
-
-
-@pytest.fixture
-def start(llama_dir, tmp_path):
-    started: list[ServerProcess] = []
-
-    def launch(*extra: str) -> ServerProcess:
-        proc = ServerProcess(llama_dir, tmp_path / f"serve{len(started)}.log", "--max-model-len", "128", *extra)
-        started.append(proc)
-        return proc.wait_ready()
-
-    yield launch
-    for proc in started:
-        proc.stop(timeout=10)
-
-
-def complete_all(url: str, max_tokens: int = 16) -> list[tuple[str, list[str], int]]:
-    """Greedy completions of PROMPTS, sent concurrently: text, token strings and token count of each."""
-    def one(prompt: str) -> tuple[str, list[str], int]:
-        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
-            "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 0})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        choice = body["choices"][0]
-        return choice["text"], choice["logprobs"]["tokens"], body["usage"]["completion_tokens"]
-
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        return list(pool.map(one, PROMPTS))
-
-
-def metric(url: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
-               if line.startswith((name + "{", name + " ")))
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def instances(url: str) -> dict:
-    return httpx.get(f"{url}/health").json()["instances"]
+from tests.disagg.server_helpers import PROMPTS, complete_all, instances, metric, wait_until
+from tests.server.server_utils import group_members
 
 
 @pytest.mark.parametrize("transfer", [("tcp", "layerwise"), ("shm", "whole")])
