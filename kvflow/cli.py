@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kvflow.eval.cli import register as register_eval
 
     register_eval(sub)
+    from kvflow.sim.cli import register as register_sim
+
+    register_sim(sub)
     return parser
 
 

@@ -1,0 +1,136 @@
+"""`kvflow plan`: choose a deployment for a model, workload and SLOs on a GPU cluster (or this CPU).
+
+    kvflow plan --model OPT-66B --hardware A100-80GB-SXM --nodes 2 --gpus-per-node 8 \\
+        --random-input-len 1024 --random-output-len 128 --slo-ttft 400 --slo-tpot 100 --out plans/opt66b
+
+Writes plan.json (every option simulated, with its attainment curve), deployment.json (the
+`kvflow serve --deployment` file of the chosen disaggregated plan), and two figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from kvflow.sim.goodput import Slo
+from kvflow.sim.hardware import CATALOGUE, get_hardware, load_catalogue
+from kvflow.sim.model_shape import ModelShape
+from kvflow.sim.planner import (
+    OBJECTIVES,
+    Option,
+    PlanContext,
+    best,
+    colocated_options,
+    high_affinity_options,
+    low_affinity_options,
+)
+from kvflow.sim.workload import poisson_requests, trace_requests
+
+ALGORITHMS = ("colocated", "high-affinity", "low-affinity")
+
+
+def _shape(name: str) -> ModelShape:
+    return ModelShape.from_pretrained(name) if Path(name).is_dir() else ModelShape.known(name)
+
+
+def plan(ctx: PlanContext, nodes: int, algorithms: tuple[str, ...], objective: str) -> tuple[Option, list[Option]]:
+    """Simulate the candidate units; return the best by `objective` and all of them."""
+    unit = ctx.gpus_per_node
+    options: list[Option] = []
+    if "colocated" in algorithms:
+        options += colocated_options(ctx, ctx.prefill_hw, unit)
+    if "high-affinity" in algorithms:
+        options += high_affinity_options(ctx, unit)
+    if "low-affinity" in algorithms:
+        options += low_affinity_options(ctx, max_pp=nodes)
+    return best(options, objective), options
+
+
+def deployment_file(option: Option, units: int) -> dict[str, Any] | None:
+    """The chosen plan as `kvflow serve --deployment` JSON (None for a colocated plan)."""
+    if option.prefill is None or option.decode is None:
+        return None
+    instances = []
+    for _ in range(units):
+        instances += [{"role": "prefill", "num_cpus": 8, "num_gpus": option.prefill.devices}] * option.num_prefill
+        instances += [{"role": "decode", "num_cpus": 8, "num_gpus": option.decode.devices}] * option.num_decode
+    # Low affinity: a unit's prefill and decode segments must share nodes (KV over NVLink).
+    strategy = "STRICT_PACK" if option.kind == "low-affinity" and units == 1 else "PACK"
+    return {"placement_strategy": strategy, "instances": instances}
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    catalogue = load_catalogue(args.catalogue) if args.catalogue else CATALOGUE
+    prefill_hw = get_hardware(args.hardware, catalogue)
+    decode_hw = get_hardware(args.decode_hardware or args.hardware, catalogue)
+    if args.trace_file:
+        def workload(rate: float) -> list:
+            return trace_requests(args.trace_file, args.num_prompts, rate, args.seed, args.max_input_len,
+                                  args.max_output_len)
+    else:
+        def workload(rate: float) -> list:
+            return poisson_requests(args.num_prompts, rate, args.random_input_len, args.random_output_len,
+                                    args.random_range_ratio, args.seed)
+    ctx = PlanContext(_shape(args.model), Slo(args.slo_ttft / 1e3, args.slo_tpot / 1e3, args.attainment), workload,
+                      prefill_hw, decode_hw, args.gpus_per_node, max_len=args.max_model_len)
+    algorithms = tuple(a.strip() for a in args.algorithms.split(","))
+    unknown = set(algorithms) - set(ALGORITHMS)
+    if unknown:
+        raise ValueError(f"unknown algorithms {sorted(unknown)}; choose from {', '.join(ALGORITHMS)}")
+    chosen, options = plan(ctx, args.nodes, algorithms, args.objective)
+    units = max(1, (args.nodes * args.gpus_per_node) // chosen.devices)
+    ranked = sorted(options, key=lambda o: -o.score(args.objective))
+    print("| option | devices | goodput (req/s) | per device | per $/h | per kW |")
+    print("|---|---|---|---|---|---|")
+    for o in ranked[:args.show]:
+        mark = " **chosen**" if o is chosen else ""
+        print(f"| {o.name}{mark} | {o.devices} | {o.goodput.rate:.2f} | {o.score('throughput'):.3f} | "
+              f"{o.score('cost'):.3f} | {o.score('power'):.2f} |")
+    print(f"plan: {units} x [{chosen.name}] on {units * chosen.devices} devices: "
+          f"{units * chosen.goodput.rate:.2f} req/s at {100 * args.attainment:.0f} % SLO attainment, "
+          f"${units * chosen.cost_per_hour:.2f}/h, {units * chosen.power_w / 1e3:.1f} kW")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {"model": ctx.shape.name, "slo_ms": ctx.slo.ms, "attainment_target": ctx.slo.target,
+               "objective": args.objective, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
+               "units": units, "chosen": chosen.to_dict(), "options": [o.to_dict() for o in ranked]}
+        (out / "plan.json").write_text(json.dumps(doc, indent=1))
+        deployment = deployment_file(chosen, units)
+        if deployment is not None:
+            (out / "deployment.json").write_text(json.dumps(deployment, indent=1))
+        from kvflow.sim.plots import plot_plan
+
+        for path in plot_plan(ranked, chosen, args.objective, out, args.show):
+            print(f"wrote {path}")
+    return 0
+
+
+def register_plan(sub: Any) -> None:
+    p = sub.add_parser("plan", help="choose prefill/decode instances, parallelism and ratio for SLOs (simulated)")
+    p.add_argument("--model", required=True, help="a built-in shape (e.g. OPT-66B, Llama-2-70B) or a model directory")
+    p.add_argument("--hardware", default="A100-80GB-SXM", help="prefill (and decode) device from the catalogue")
+    p.add_argument("--decode-hardware", default=None, help="decode device, for mixed-hardware pools")
+    p.add_argument("--catalogue", default=None, help="JSON overriding or adding hardware entries")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--slo-ttft", type=float, required=True, help="ms")
+    p.add_argument("--slo-tpot", type=float, required=True, help="ms")
+    p.add_argument("--attainment", type=float, default=0.9, help="fraction of requests within both SLOs")
+    p.add_argument("--objective", choices=OBJECTIVES, default="throughput",
+                   help="goodput per device, per $/h or per kW")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    p.add_argument("--random-input-len", type=int, default=512)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--random-range-ratio", type=float, default=0.5)
+    p.add_argument("--trace-file", default=None)
+    p.add_argument("--max-input-len", type=int, default=None)
+    p.add_argument("--max-output-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--num-prompts", type=int, default=300, help="requests simulated per rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show", type=int, default=12, help="options in the table and figures")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_cmd_plan)

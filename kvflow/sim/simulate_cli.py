@@ -1,0 +1,150 @@
+"""`kvflow simulate`: a workload on a deployment of profiled instances, or a recorded run replayed.
+
+With `--replay RUN.json ...` (results of `kvflow bench serve`) each run's exact request stream is
+simulated and the simulated figures are printed next to the measured ones: the validation table.
+Results are written in `kvflow bench serve`'s format (`"simulated": true`), so its plots apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kvflow.bench.serve.metrics import DEFAULT_PERCENTILES, parse_goodput, parse_percentiles, percentile_key, summarize
+from kvflow.sim.profile_io import Profile, load_profile
+from kvflow.sim.simulator import Deployment, SimResult, Simulator, TransferSpec
+from kvflow.sim.workload import SimRequest, from_bench_result, poisson_requests, trace_requests
+
+
+def build_deployment(prefill_profile: Profile, decode_profile: Profile | None, colocated: int, num_prefill: int,
+                     num_decode: int, mode: str = "layerwise", link_bandwidth: float | None = None,
+                     transfer_latency_s: float = 0.0, frontend_s: float = 0.0) -> Deployment:
+    """Colocated instances of one profile, or prefill instances of one and decode instances of another."""
+    if not num_prefill and not num_decode:
+        return Deployment(colocated=(prefill_profile.instance_spec(),) * max(1, colocated), frontend_s=frontend_s)
+    decode_profile = decode_profile or prefill_profile
+    bandwidth = link_bandwidth or prefill_profile.link_bandwidth
+    if not bandwidth:
+        raise ValueError("the profile has no measured link bandwidth: give --link-bandwidth")
+    layers = prefill_profile.extra.get("model_shape", {}).get("num_layers")
+    if not layers:
+        raise ValueError("the profile does not say how many layers the model has (model_shape.num_layers)")
+    transfer = TransferSpec(prefill_profile.instance.kv_bytes_per_token, bandwidth, int(layers), mode,
+                            transfer_latency_s)
+    return Deployment(prefill=(prefill_profile.instance_spec(),) * num_prefill,
+                      decode=(decode_profile.instance_spec(),) * num_decode, transfer=transfer, frontend_s=frontend_s)
+
+
+def result_doc(sim: SimResult, requests: list[SimRequest], label: str, slos: dict[str, float],
+               percentiles: tuple[float, ...], source: str) -> dict[str, Any]:
+    """A `kvflow bench serve`-style document for a simulated run."""
+    return {
+        "kind": "kvflow-bench-serve", "version": 1, "simulated": True, "label": label, "source": source,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "dataset": "simulated",
+        "rate_label": f"{len(requests) / max(requests[-1].arrival_s, 1e-9):.2f}" if requests else "0",
+        "summary": summarize(sim.results, sim.duration_s, slos, percentiles),
+        "server": {"busy_share": sim.busy_share, "preemptions": sim.preemptions,
+                   "kv_transfer_exposed_ms_mean": 1e3 * sum(sim.transfer_exposed_s) / len(sim.transfer_exposed_s)
+                   if sim.transfer_exposed_s else None},
+        "requests": [r.to_dict() for r in sim.results],
+    }
+
+
+def _workload(args: argparse.Namespace) -> list[SimRequest]:
+    if args.dataset == "trace":
+        if not args.trace_file:
+            raise ValueError("--dataset trace needs --trace-file")
+        return trace_requests(args.trace_file, args.num_prompts, args.request_rate, args.seed,
+                              args.max_input_len, args.max_output_len)
+    if args.request_rate is None:
+        raise ValueError("--dataset random needs --request-rate")
+    return poisson_requests(args.num_prompts or 1000, args.request_rate, args.random_input_len,
+                            args.random_output_len, args.random_range_ratio, args.seed)
+
+
+def _row(name: str, summary: dict[str, Any]) -> str:
+    def ms(metric: str, p: float) -> float:
+        return summary[metric].get(percentile_key(p), float("nan"))
+
+    attain = summary.get("goodput", {}).get("attainment", {}).get("all")
+    goodput = summary.get("goodput", {}).get("request_goodput")
+    return (f"| {name} | {ms('ttft_ms', 50):.1f} / {ms('ttft_ms', 90):.1f} | {ms('tpot_ms', 50):.2f} / "
+            f"{ms('tpot_ms', 90):.2f} | " + ("-" if attain is None else f"{100 * attain:.1f}") + " | "
+            + ("-" if goodput is None else f"{goodput:.2f}") + " |")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile)
+    decode = load_profile(args.decode_profile) if args.decode_profile else None
+    deployment = build_deployment(profile, decode, args.colocated or 0, args.prefill, args.decode,
+                                  args.kv_transfer_mode, args.link_bandwidth * 1e9 if args.link_bandwidth else None,
+                                  args.transfer_latency_ms / 1e3, args.frontend_ms / 1e3)
+    percentiles = parse_percentiles(args.percentiles) if args.percentiles else DEFAULT_PERCENTILES
+    runs: list[tuple[str, list[SimRequest], dict[str, float], dict[str, Any] | None]] = []
+    for path in args.replay or []:
+        doc = json.loads(Path(path).read_text())
+        recorded = doc.get("summary", {}).get("goodput", {}).get("slos_ms", {})
+        slos = parse_goodput(args.goodput) if args.goodput else recorded
+        runs.append((f"{doc.get('label', Path(path).stem)} @ {doc.get('rate_label', '?')}", from_bench_result(doc),
+                     slos, doc))
+    if not runs:
+        runs.append((args.label or "simulated", _workload(args), parse_goodput(args.goodput or []), None))
+    print("| run | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) | SLO attainment (%) | goodput (req/s) |")
+    print("|---|---|---|---|---|")
+    for name, requests, slos, measured in runs:
+        sim = Simulator(deployment).run(requests)
+        doc = result_doc(sim, requests, f"sim-{name}", slos, percentiles, args.profile)
+        if measured is not None:
+            print(_row(f"{name} measured", summarize_measured(measured, slos, percentiles)))
+        print(_row(f"{name} simulated", doc["summary"]))
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            stem = "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
+            (out / f"sim-{stem}.json").write_text(json.dumps(doc, default=float))
+    return 0
+
+
+def summarize_measured(doc: dict[str, Any], slos: dict[str, float], percentiles: tuple[float, ...]) -> dict[str, Any]:
+    """A measured run's summary recomputed with these SLOs and percentiles (same code as the simulated one)."""
+    from kvflow.bench.serve.client import RequestResult
+
+    results = []
+    for r in doc["requests"]:
+        fields = {k: v for k, v in r.items() if k != "tpot_s"}
+        results.append(RequestResult(**fields))
+    return summarize(results, doc["summary"]["duration_s"], slos, percentiles)
+
+
+def register_simulate(sub: Any) -> None:
+    sim = sub.add_parser("simulate", help="simulate a workload on profiled instances (or replay a recorded run)")
+    sim.add_argument("--profile", required=True, help="a `kvflow profile` JSON (prefill or colocated instances)")
+    sim.add_argument("--decode-profile", default=None, help="decode instances' profile (default: --profile)")
+    sim.add_argument("--colocated", type=int, default=None, help="colocated instances (default 1)")
+    sim.add_argument("--prefill", type=int, default=0, help="prefill instances (disaggregated)")
+    sim.add_argument("--decode", type=int, default=0, help="decode instances (disaggregated)")
+    sim.add_argument("--kv-transfer-mode", choices=("layerwise", "whole"), default="layerwise")
+    sim.add_argument("--link-bandwidth", type=float, default=None, help="GB/s per prefill instance's link "
+                     "(default: the profile's measured loopback)")
+    sim.add_argument("--transfer-latency-ms", type=float, default=0.0, help="fixed cost per transfer")
+    sim.add_argument("--frontend-ms", type=float, default=0.0, help="added to every token's delivery")
+    sim.add_argument("--replay", nargs="+", default=None, help="`kvflow bench serve` results to replay and compare")
+    sim.add_argument("--dataset", choices=("random", "trace"), default="random")
+    sim.add_argument("--num-prompts", type=int, default=None)
+    sim.add_argument("--request-rate", type=float, default=None)
+    sim.add_argument("--random-input-len", type=int, default=256)
+    sim.add_argument("--random-output-len", type=int, default=64)
+    sim.add_argument("--random-range-ratio", type=float, default=0.0)
+    sim.add_argument("--trace-file", default=None)
+    sim.add_argument("--max-input-len", type=int, default=None)
+    sim.add_argument("--max-output-len", type=int, default=None)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--goodput", nargs="*", default=None, metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50")
+    sim.add_argument("--percentiles", default=None)
+    sim.add_argument("--label", default=None)
+    sim.add_argument("--out", default=None, help="directory for the simulated runs' JSON")
+    sim.set_defaults(func=_cmd_simulate)
+
