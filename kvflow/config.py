@@ -305,6 +305,8 @@ class EngineConfig:
     cpu_cores: tuple[int, ...] | None = None
     # Threads of the engine core's CPU pool when not pinned (a Ray actor's CPU share); None = torch's default.
     num_threads: int | None = None
+    # JSON lines, one per engine-core step: its wall time and what it computed (`kvflow profile --serve`).
+    step_log: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_threads is not None and self.num_threads < 1:

@@ -71,8 +71,9 @@ def profile_decode(model: str | Path, workload: str = "single", num_prompts: int
         return time.perf_counter() - start
 
     # Decode time = (prefill + n decode steps) - (prefill alone); the profile is differenced the same way.
-    prefill_only = run(1)
-    with_decode = run(decode_steps + 1)
+    # Best of three each: on a shared machine one slow prefill-only run could hide the whole difference.
+    prefill_only = min(run(1) for _ in range(3))
+    with_decode = min(run(decode_steps + 1) for _ in range(3))
     ms_per_step = max(0.0, with_decode - prefill_only) / decode_steps * 1e3
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -125,7 +125,8 @@ class DisaggEngine(AsyncEngine):
         for index, (spec, name) in enumerate(zip(deployment.instances, deployment.names)):
             instance = Instance(name, spec.role)
             instance.config = dataclasses.replace(
-                config, kv_transfer=dataclasses.replace(transfer, role=spec.role), cpu_cores=cores[index])
+                config, kv_transfer=dataclasses.replace(transfer, role=spec.role), cpu_cores=cores[index],
+                step_log=f"{config.step_log}.{name}.jsonl" if config.step_log else None)
             self.instances.append(instance)
         self._placements: dict[str, Placement] = {}  # core id -> where it runs
 

@@ -73,6 +73,10 @@ class EngineCore:
             self.runner.connector = self.connector
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len, self.connector)
         self.num_steps = 0
+        # Set `record_shapes` to keep what each step computed (the step log of `kvflow serve
+        # --step-log`, which `kvflow profile --serve` fits latency models to).
+        self.record_shapes = False
+        self.last_shape: tuple[list[tuple[int, int]], list[int]] = ([], [])
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -99,6 +103,8 @@ class EngineCore:
         outputs = self._loaded_outputs(sched.loaded)
         if sched.is_empty:
             return outputs
+        if self.record_shapes:
+            self.last_shape = self._step_shape(sched)
         result = self.runner.execute(sched)
         new_prompt_logprobs = self._record_logprobs(sched, result)
         self.scheduler.update(sched, result.sampled)
@@ -126,6 +132,17 @@ class EngineCore:
                 out.stop_reason = request.stop_reason
             outputs.append(out)
         return outputs
+
+    @staticmethod
+    def _step_shape(sched: SchedulerOutput) -> tuple[list[tuple[int, int]], list[int]]:
+        """(prompt chunks as (new tokens, tokens before them), decode context lengths) of a step."""
+        chunks, contexts = [], []
+        for chunk in sched.chunks:
+            if chunk.num_tokens == 1 and chunk.start >= chunk.request.num_prompt_tokens:
+                contexts.append(chunk.start + 1)
+            else:
+                chunks.append((chunk.num_tokens, chunk.start))
+        return chunks, contexts
 
     def _record_logprobs(self, sched: SchedulerOutput, result: RunnerOutput) -> dict[str, list[TokenLogprobs | None]]:
         """Keep this step's logprobs on the requests before `update` finishes them, so a prefill

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import json
 import logging
 import os
 import shutil
@@ -178,6 +179,16 @@ class _CoreLoop:
             self.core.close()
 
     def _loop(self) -> None:
+        path = self.core.config.step_log
+        log = StepLog(path) if path else None
+        self.core.record_shapes = log is not None
+        try:
+            self._serve(log)
+        finally:
+            if log is not None:
+                log.close()
+
+    def _serve(self, log: StepLog | None) -> None:
         idle_steps = 0
         while True:
             busy = self.core.has_unfinished_requests()
@@ -197,14 +208,20 @@ class _CoreLoop:
                 return  # the API process is gone
             if self.core.has_unfinished_requests() or self.core.transfers_pending:
                 steps = self.core.num_steps
+                started = time.perf_counter()
                 outputs = self.core.step()
                 idle_steps = 0 if self.core.num_steps > steps or outputs else idle_steps + 1
                 # Blocks freed outside a step (a pulled transfer) change the stats too.
                 freed = self.core.kv.num_free_blocks != self.reported_free_blocks
                 if outputs or self.stats_dirty or freed or self.core.scheduler.transfer_records:
                     self._send_outputs(outputs)
-            elif self.stats_dirty:
-                self._send_outputs([])
+                if log is not None and self.core.num_steps > steps:
+                    log.write(started, time.perf_counter() - started, *self.core.last_shape)
+            else:
+                if self.stats_dirty:
+                    self._send_outputs([])
+                if log is not None:
+                    log.flush()  # idle: a killed core still leaves its steps on disk
 
     def _handle(self, message: AddRequests | FinishRequests) -> None:
         if isinstance(message, AddRequests):
@@ -235,6 +252,23 @@ class _CoreLoop:
 
     def _send(self, message: FromCore) -> None:
         self.outbox.send(self.encoder.encode(message))
+
+
+class StepLog:
+    """One JSON line per step: start (perf_counter s), seconds (the step and sending its outputs),
+    prompt chunks [new, before] and decode contexts."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", buffering=1 << 16)
+
+    def write(self, start: float, seconds: float, chunks: list[tuple[int, int]], contexts: list[int]) -> None:
+        self._file.write(json.dumps({"t": round(start, 6), "s": round(seconds, 7), "p": chunks, "d": contexts}) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 # ---------------------------------------------------------------- API side

@@ -8,6 +8,7 @@ the app's lifespan then stops the engine-core process. The process exits 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import os
@@ -35,6 +36,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                         help="log every HTTP request")
+    parser.add_argument("--step-log", default=None, metavar="FILE",
+                        help="append one JSON line per engine step (time, prompt chunks, decode contexts); "
+                             "disaggregated: FILE.<instance>.jsonl per instance. `kvflow profile --serve` fits these")
     disagg = parser.add_argument_group("disaggregated serving (prefill and decode instances behind one front)")
     disagg.add_argument("--disagg", action="store_true", help="run --prefill N prefill and --decode M decode instances")
     disagg.add_argument("--prefill", type=int, default=1, help="prefill instances (with --disagg)")
@@ -107,6 +111,8 @@ def run_serve(args: argparse.Namespace) -> int:
     model = _model_path(args)
     config = EngineConfig.create(model, dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
                                  seed=args.seed, **engine_kwargs(args))
+    if args.step_log:
+        config = dataclasses.replace(config, step_log=str(Path(args.step_log).resolve()))
     tokenizer = load_tokenizer(model)
     name = args.served_model_name or args.model or Path(model).name  # the shipped model is "tiny"
     if args.disagg or args.deployment or args.ray_address:

@@ -41,6 +41,7 @@ class ServerMetrics:
         self.num_requests_running = gauge("num_requests_running", "Sequences in the running batch.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
         self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).")
+        self.kv_cache_blocks = gauge("kv_cache_blocks", "KV blocks of the engine (all live instances).")
         self.prefix_cache_hit_rate = gauge("prefix_cache_hit_rate", "Prefix-cache hit rate over all queried tokens.")
         self.engine_healthy = gauge("engine_healthy", "1 while the engine-core process is alive.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that reached their first token.")
@@ -87,6 +88,7 @@ class ServerMetrics:
         self.num_requests_running.set(engine.num_running)
         self.num_requests_waiting.set(engine.num_waiting)
         self.kv_cache_usage.set(engine.kv_cache_usage)
+        self.kv_cache_blocks.set(engine.num_blocks)
         self.prefix_cache_hit_rate.set(engine.prefix_cache_hit_rate)
         now = (engine.num_preemptions, stats.prefix_queried_tokens, stats.prefix_hit_tokens)
         for metric, new, old in zip((self.preemptions, self.prefix_queries, self.prefix_hits), now, self._last_core):

@@ -16,6 +16,10 @@ from typing import Any
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
+    if args.serve:
+        from kvflow.sim.serve_cli import profile_serving
+
+        return profile_serving(args)
     import torch
 
     from kvflow.bench.limits import measure_limits
@@ -87,6 +91,11 @@ def register(sub: Any) -> None:
                          help="power drawn while serving (W), for the simulator's power figures")
     profile.add_argument("--price-per-hour", type=float, default=0.10, help="$ per hour of this machine")
     profile.add_argument("--quiet", action="store_true")
+    profile.add_argument("--serve", action="store_true",
+                         help="fit to a running `kvflow serve`'s own steps under calibration loads (includes the "
+                              "API process's share of the cores and the output path)")
+    profile.add_argument("--serve-args", default="", help="with --serve: extra `kvflow serve` flags, e.g. "
+                         "'--disagg --prefill 1 --decode 1 --pin-cores'")
     profile.set_defaults(func=_cmd_profile)
     register_simulate(sub)
     register_plan(sub)

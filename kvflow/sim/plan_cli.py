@@ -26,6 +26,7 @@ from kvflow.sim.planner import (
     high_affinity_options,
     low_affinity_options,
 )
+from kvflow.sim.profile_io import EngineSettings
 from kvflow.sim.workload import poisson_requests, trace_requests
 
 ALGORITHMS = ("colocated", "high-affinity", "low-affinity")
@@ -73,8 +74,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         def workload(rate: float) -> list:
             return poisson_requests(args.num_prompts, rate, args.random_input_len, args.random_output_len,
                                     args.random_range_ratio, args.seed)
+    engine = EngineSettings(16, args.max_num_seqs, args.max_num_batched_tokens, args.chunked_prefill)
     ctx = PlanContext(_shape(args.model), Slo(args.slo_ttft / 1e3, args.slo_tpot / 1e3, args.attainment), workload,
-                      prefill_hw, decode_hw, args.gpus_per_node, max_len=args.max_model_len)
+                      prefill_hw, decode_hw, args.gpus_per_node, engine, max_len=args.max_model_len)
     algorithms = tuple(a.strip() for a in args.algorithms.split(","))
     unknown = set(algorithms) - set(ALGORITHMS)
     if unknown:
@@ -129,6 +131,11 @@ def register_plan(sub: Any) -> None:
     p.add_argument("--max-input-len", type=int, default=None)
     p.add_argument("--max-output-len", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequence slots per instance")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget per iteration")
+    p.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="colocated instances split prompts into chunks batched with decodes (Sarathi); "
+                        "--no-chunked-prefill schedules whole prompts, as DistServe's vLLM baseline did")
     p.add_argument("--num-prompts", type=int, default=300, help="requests simulated per rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", type=int, default=12, help="options in the table and figures")

@@ -184,8 +184,9 @@ def high_affinity_options(ctx: PlanContext, unit_devices: int, top: int = 2) -> 
         for decode in ranked["decode"]:
             # Cross-node KV: every device of the prefill instance sends its shard on its own link.
             bandwidth = ctx.prefill_hw.inter_node_bandwidth * ctx.efficiency.link * prefill.tp
-            for num_prefill in range(1, unit_devices // prefill.devices + 1):
-                num_decode = (unit_devices - num_prefill * prefill.devices) // decode.devices
+            budget = max(unit_devices, prefill.devices + decode.devices)  # at least one of each
+            for num_prefill in range(1, budget // prefill.devices + 1):
+                num_decode = (budget - num_prefill * prefill.devices) // decode.devices
                 if num_decode >= 1:
                     options.append(disaggregated_option(ctx, "high-affinity", prefill, num_prefill, decode,
                                                         num_decode, bandwidth))

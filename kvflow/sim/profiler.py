@@ -42,7 +42,7 @@ class ProfileGrid:
     @classmethod
     def quick(cls) -> ProfileGrid:
         """A few seconds on the test model: for tests and a first look."""
-        return cls((16, 128, 512), (1, 4), (1, 8, 32), (32, 512), 3, ((64, 4, 128),), 2)
+        return cls((16, 128, 384), (1, 4), (1, 8, 32), (32, 384), 3, ((64, 4, 128),), 2)
 
 
 @dataclass

@@ -76,12 +76,45 @@ def _row(name: str, summary: dict[str, Any]) -> str:
             + ("-" if goodput is None else f"{goodput:.2f}") + " |")
 
 
+def _frontend_s(args: argparse.Namespace, profile: Profile) -> float:
+    if args.frontend_ms is not None:
+        return args.frontend_ms / 1e3
+    return float(profile.extra.get("frontend_s", 0.0))
+
+
+def validation_errors(measured: dict[str, Any], simulated: dict[str, Any]) -> dict[str, float]:
+    """Relative errors (simulated / measured − 1) of TTFT and TPOT p50/p90, and the attainment
+    difference in points: the validation criteria (within 10 %, within ±3 points)."""
+    errors = {}
+    for metric in ("ttft_ms", "tpot_ms"):
+        for p in (50, 90):
+            key = percentile_key(p)
+            m, s = measured[metric].get(key), simulated[metric].get(key)
+            if m and s is not None:
+                errors[f"{metric[:4]}_{key}"] = s / m - 1
+    m_att = measured.get("goodput", {}).get("attainment", {}).get("all")
+    s_att = simulated.get("goodput", {}).get("attainment", {}).get("all")
+    if m_att is not None and s_att is not None:
+        errors["attainment_points"] = 100 * (s_att - m_att)
+    return errors
+
+
+def _error_row(name: str, measured: dict[str, Any], simulated: dict[str, Any]) -> str:
+    e = validation_errors(measured, simulated)
+
+    def pct(key: str) -> str:
+        return f"{100 * e[key]:+.0f} %" if key in e else "-"
+
+    points = f"{e['attainment_points']:+.1f}" if "attainment_points" in e else "-"
+    return f"| {name} | {pct('ttft_p50')} / {pct('ttft_p90')} | {pct('tpot_p50')} / {pct('tpot_p90')} | {points} | |"
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     decode = load_profile(args.decode_profile) if args.decode_profile else None
     deployment = build_deployment(profile, decode, args.colocated or 0, args.prefill, args.decode,
                                   args.kv_transfer_mode, args.link_bandwidth * 1e9 if args.link_bandwidth else None,
-                                  args.transfer_latency_ms / 1e3, args.frontend_ms / 1e3)
+                                  args.transfer_latency_ms / 1e3, _frontend_s(args, profile))
     percentiles = parse_percentiles(args.percentiles) if args.percentiles else DEFAULT_PERCENTILES
     runs: list[tuple[str, list[SimRequest], dict[str, float], dict[str, Any] | None]] = []
     for path in args.replay or []:
@@ -98,8 +131,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         sim = Simulator(deployment).run(requests)
         doc = result_doc(sim, requests, f"sim-{name}", slos, percentiles, args.profile)
         if measured is not None:
-            print(_row(f"{name} measured", summarize_measured(measured, slos, percentiles)))
-        print(_row(f"{name} simulated", doc["summary"]))
+            measured_summary = summarize_measured(measured, slos, percentiles)
+            print(_row(f"{name} measured", measured_summary))
+            print(_row(f"{name} simulated", doc["summary"]))
+            print(_error_row(f"{name} error", measured_summary, doc["summary"]))
+        else:
+            print(_row(f"{name} simulated", doc["summary"]))
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +167,8 @@ def register_simulate(sub: Any) -> None:
     sim.add_argument("--link-bandwidth", type=float, default=None, help="GB/s per prefill instance's link "
                      "(default: the profile's measured loopback)")
     sim.add_argument("--transfer-latency-ms", type=float, default=0.0, help="fixed cost per transfer")
-    sim.add_argument("--frontend-ms", type=float, default=0.0, help="added to every token's delivery")
+    sim.add_argument("--frontend-ms", type=float, default=None,
+                     help="added to every token's delivery (default: the profile's calibrated value, else 0)")
     sim.add_argument("--replay", nargs="+", default=None, help="`kvflow bench serve` results to replay and compare")
     sim.add_argument("--dataset", choices=("random", "trace"), default="random")
     sim.add_argument("--num-prompts", type=int, default=None)
