@@ -101,10 +101,27 @@ class ProfiledServer:
     def step_records(self) -> list[tuple[list[tuple[int, int]], list[int], float]]:
         records = []
         for path in sorted(self.log_dir.glob("steps*")):
-            for line in path.read_text().splitlines():
-                step = json.loads(line)
-                records.append(([tuple(c) for c in step["p"]], step["d"], step["s"]))
+            steps = [json.loads(line) for line in path.read_text().splitlines()]
+            records += step_periods(steps)
         return records
+
+
+# A gap after a step shorter than this is the core loop's own work (taking in requests, polling);
+# a longer one is idle time.
+LOOP_GAP_S = 0.005
+
+
+def step_periods(steps: list[dict[str, Any]]) -> list[tuple[list[tuple[int, int]], list[int], float]]:
+    """Each step's share of the instance's time: from its start to the next step's start while the
+    loop stays busy (what the clients see between tokens), else its own duration."""
+    steps = sorted(steps, key=lambda step: step["t"])
+    records = []
+    for step, nxt in zip(steps, [*steps[1:], None]):
+        took = step["s"]
+        if nxt is not None and 0 <= nxt["t"] - step["t"] - took < LOOP_GAP_S:
+            took = nxt["t"] - step["t"]
+        records.append(([tuple(c) for c in step["p"]], step["d"], took))
+    return records
 
 
 def run_loads(url: str, model: str | None, tokenizer: str, loads: tuple[Load, ...], seed: int) -> list[dict[str, Any]]:
