@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from kvflow.sim.latency import LatencyModel
 from kvflow.sim.workload import SimRequest
 
+SCHEDULING_POLICIES = ("mixed", "prefill-first")
+
 
 @dataclass(frozen=True)
 class InstanceSpec:
@@ -33,6 +35,10 @@ class InstanceSpec:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     chunked_prefill: bool = True
+    # "mixed": prompt chunks and decodes share iterations (kvflow, vLLM v1, Sarathi). "prefill-first":
+    # an iteration that can admit a prompt computes prompts only and every decode waits for it
+    # (vLLM v0's default scheduler, the colocated baseline DistServe measured against).
+    policy: str = "mixed"
     # Pipeline parallelism over `lanes` stages: that many micro-batches in flight, each taking the
     # whole pass; the simulator runs them as lanes that split the instance's blocks.
     lanes: int = 1
@@ -42,6 +48,8 @@ class InstanceSpec:
             raise ValueError(f"an instance needs >= 1 block of >= 1 token, got {self.num_blocks} x {self.block_size}")
         if self.lanes < 1 or self.num_blocks < self.lanes:
             raise ValueError(f"lanes must be in [1, num_blocks], got {self.lanes}")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
 
 
 @dataclass(eq=False)
@@ -123,6 +131,10 @@ class InstanceSim:
             self.running.append(seq)
         budget = self.spec.max_num_batched_tokens
         chunks: list[tuple[Seq, int]] = []
+        if self.spec.policy == "prefill-first" and self.waiting and not loaded:
+            self._admit(chunks, budget, now)  # prompts alone, if any can start
+            if chunks:
+                return self._iteration(chunks, loaded, now)
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -147,6 +159,9 @@ class InstanceSim:
             budget = self._admit(chunks, budget, now)
         if not chunks:
             return None
+        return self._iteration(chunks, loaded, now)
+
+    def _iteration(self, chunks: list[tuple[Seq, int]], loaded: list[Seq], now: float) -> Iteration:
         seconds = self.spec.latency.iteration_time(
             [(n, s.computed) for s, n in chunks if s.computed < s.request.prompt_len],
             [s.num_tokens for s, n in chunks if s.computed >= s.request.prompt_len])

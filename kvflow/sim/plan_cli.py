@@ -16,6 +16,7 @@ from typing import Any
 
 from kvflow.sim.goodput import Slo
 from kvflow.sim.hardware import CATALOGUE, get_hardware, load_catalogue
+from kvflow.sim.instance import SCHEDULING_POLICIES
 from kvflow.sim.model_shape import ModelShape
 from kvflow.sim.planner import (
     OBJECTIVES,
@@ -74,7 +75,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         def workload(rate: float) -> list:
             return poisson_requests(args.num_prompts, rate, args.random_input_len, args.random_output_len,
                                     args.random_range_ratio, args.seed)
-    engine = EngineSettings(16, args.max_num_seqs, args.max_num_batched_tokens, args.chunked_prefill)
+    engine = EngineSettings(16, args.max_num_seqs, args.max_num_batched_tokens, args.chunked_prefill,
+                            args.colocated_scheduler)
     ctx = PlanContext(_shape(args.model), Slo(args.slo_ttft / 1e3, args.slo_tpot / 1e3, args.attainment), workload,
                       prefill_hw, decode_hw, args.gpus_per_node, engine, max_len=args.max_model_len)
     algorithms = tuple(a.strip() for a in args.algorithms.split(","))
@@ -136,6 +138,9 @@ def register_plan(sub: Any) -> None:
     p.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="colocated instances split prompts into chunks batched with decodes (Sarathi); "
                         "--no-chunked-prefill schedules whole prompts, as DistServe's vLLM baseline did")
+    p.add_argument("--colocated-scheduler", choices=SCHEDULING_POLICIES, default="mixed",
+                   help="mixed: prompts and decodes share iterations (kvflow); prefill-first: prompts run alone "
+                        "and decodes wait (vLLM v0, DistServe's baseline)")
     p.add_argument("--num-prompts", type=int, default=300, help="requests simulated per rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", type=int, default=12, help="options in the table and figures")

@@ -32,6 +32,7 @@ class EngineSettings:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     chunked_prefill: bool = True
+    policy: str = "mixed"  # the colocated scheduler (kvflow/sim/instance.py: SCHEDULING_POLICIES)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -50,7 +51,7 @@ class Profile:
         lanes = max(1, round(1 / self.instance.stage_share)) if self.instance.pp > 1 else 1
         return InstanceSpec(self.instance.latency, max(lanes, self.instance.kv_capacity_tokens // bs), bs,
                             self.engine.max_num_seqs, self.engine.max_num_batched_tokens,
-                            self.engine.chunked_prefill, lanes)
+                            chunked_prefill=self.engine.chunked_prefill, policy=self.engine.policy, lanes=lanes)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": PROFILE_KIND, "version": 1, "date": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -66,3 +66,13 @@ def test_plan_command_writes_plan_deployment_and_figures(tmp_path: Path, capsys)
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["chosen"]["goodput"] > 0 and plan["options"][0]["name"] == plan["chosen"]["name"]
     assert (tmp_path / "attainment.png").stat().st_size > 0 and (tmp_path / "goodput.png").stat().st_size > 0
+
+
+def test_profile_to_instance_spec_keeps_lanes_blocks_and_policy(ctx: PlanContext) -> None:
+    from kvflow.sim.profile_io import EngineSettings, Profile
+
+    profile = ctx.profile(ctx.prefill_hw, Layout(1, 2))
+    assert profile is not None and profile.pp == 2
+    spec = Profile(profile, EngineSettings(16, 64, 4096, False, "prefill-first")).instance_spec()
+    assert spec.lanes == 2 and spec.policy == "prefill-first" and not spec.chunked_prefill
+    assert spec.num_blocks == profile.kv_capacity_tokens // 16 and spec.max_num_seqs == 64
