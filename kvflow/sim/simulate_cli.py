@@ -38,8 +38,28 @@ def build_deployment(prefill_profile: Profile, decode_profile: Profile | None, c
                       decode=(decode_profile.instance_spec(),) * num_decode, transfer=transfer, frontend_s=frontend_s)
 
 
+def economics(sim: SimResult, cost_per_hour: float, power_w: float) -> dict[str, float]:
+    """What the run cost: the deployment's $/h and W, and per 1,000 completed requests."""
+    done = sum(1 for r in sim.results if r.success)
+    hours = sim.duration_s / 3600
+    return {"cost_per_hour": cost_per_hour, "power_w": power_w,
+            "dollars_per_1k_requests": 1e3 * cost_per_hour * hours / done if done else float("nan"),
+            "kwh_per_1k_requests": 1e3 * power_w * hours / 1e3 / done if done else float("nan")}
+
+
+def deployment_economics(prefill: Profile, decode: Profile | None, colocated: int, num_prefill: int,
+                         num_decode: int) -> tuple[float, float]:
+    """$/h and W of the deployment, from its profiles' hardware."""
+    if not num_prefill and not num_decode:
+        n = max(1, colocated)
+        return n * prefill.instance.cost_per_hour, n * prefill.instance.power_w
+    decode = decode or prefill
+    return (num_prefill * prefill.instance.cost_per_hour + num_decode * decode.instance.cost_per_hour,
+            num_prefill * prefill.instance.power_w + num_decode * decode.instance.power_w)
+
+
 def result_doc(sim: SimResult, requests: list[SimRequest], label: str, slos: dict[str, float],
-               percentiles: tuple[float, ...], source: str) -> dict[str, Any]:
+               percentiles: tuple[float, ...], source: str, cost: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
     """A `kvflow bench serve`-style document for a simulated run."""
     return {
         "kind": "kvflow-bench-serve", "version": 1, "simulated": True, "label": label, "source": source,
@@ -49,6 +69,7 @@ def result_doc(sim: SimResult, requests: list[SimRequest], label: str, slos: dic
         "server": {"busy_share": sim.busy_share, "preemptions": sim.preemptions,
                    "kv_transfer_exposed_ms_mean": 1e3 * sum(sim.transfer_exposed_s) / len(sim.transfer_exposed_s)
                    if sim.transfer_exposed_s else None},
+        "economics": economics(sim, *cost),
         "requests": [r.to_dict() for r in sim.results],
     }
 
@@ -127,9 +148,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         runs.append((args.label or "simulated", _workload(args), parse_goodput(args.goodput or []), None))
     print("| run | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) | SLO attainment (%) | goodput (req/s) |")
     print("|---|---|---|---|---|")
+    cost = deployment_economics(profile, decode, args.colocated or 0, args.prefill, args.decode)
     for name, requests, slos, measured in runs:
         sim = Simulator(deployment).run(requests)
-        doc = result_doc(sim, requests, f"sim-{name}", slos, percentiles, args.profile)
+        doc = result_doc(sim, requests, f"sim-{name}", slos, percentiles, args.profile, cost)
         if measured is not None:
             measured_summary = summarize_measured(measured, slos, percentiles)
             print(_row(f"{name} measured", measured_summary))
@@ -142,6 +164,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
             stem = "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
             (out / f"sim-{stem}.json").write_text(json.dumps(doc, default=float))
+    money = doc["economics"]
+    print(f"deployment: {deployment.num_instances} instances, ${money['cost_per_hour']:.2f}/h, "
+          f"{money['power_w']:.0f} W; last run: ${money['dollars_per_1k_requests']:.4f} and "
+          f"{money['kwh_per_1k_requests']:.4f} kWh per 1,000 requests")
     return 0
 
 

@@ -62,8 +62,14 @@ def test_profile_command_then_simulate_and_replay(llama_dir: Path, tmp_path: Pat
     run.write_text(json.dumps(doc))
     capsys.readouterr()
     assert main(["simulate", "--profile", str(out), "--prefill", "1", "--decode", "1", "--link-bandwidth", "1",
-                 "--replay", str(run), "--percentiles", "50,90"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| disagg")]
+                 "--replay", str(run), "--percentiles", "50,90", "--out", str(tmp_path / "sims")]) == 0
+    text = capsys.readouterr().out
+    # Cost and power: two instances of the profile's machine ($0.10/h and 65 W each by default).
+    assert "deployment: 2 instances, $0.20/h, 130 W" in text
+    saved = json.loads(next((tmp_path / "sims").glob("*.json")).read_text())
+    hours = saved["summary"]["duration_s"] / 3600
+    assert saved["economics"]["dollars_per_1k_requests"] == pytest.approx(1e3 * 0.2 * hours / 40)
+    rows = [line for line in text.splitlines() if line.startswith("| disagg")]
     measured, simulated, error = (row.split("|")[2:] for row in rows)
     assert measured == simulated
     assert error[:3] == [" +0 % / +0 % ", " +0 % / +0 % ", " +0.0 "]
