@@ -63,9 +63,10 @@ def test_bytes_per_request_match_the_kv_size(llama_dir, transport):
 
 
 def test_layerwise_streaming_overlaps_transfer_with_compute(llama_dir):
-    """Each layer takes 100 ms to compute and 100 ms to send: layer-wise sends layer 0 while layer 1
-    computes, so the first token lands ~one layer's send earlier than after a whole-request send."""
-    delay = 0.1
+    """Each layer takes 250 ms to compute and 250 ms to send: layer-wise sends layer 0 while layer 1
+    computes, so the first token lands ~one layer's send earlier than after a whole-request send.
+    (Delays this long keep the 125 ms margin asserted well above scheduling noise on a busy machine.)"""
+    delay = 0.25
     ttft = {}
     for mode in ("whole", "layerwise"):
         prefill = make_core(llama_dir, KVTransferConfig(role="prefill", mode=mode, layer_send_delay_s=delay))
