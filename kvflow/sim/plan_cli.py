@@ -50,14 +50,15 @@ def plan(ctx: PlanContext, nodes: int, algorithms: tuple[str, ...], objective: s
     return best(options, objective), options
 
 
-def deployment_file(option: Option, units: int) -> dict[str, Any] | None:
+def deployment_file(option: Option, units: int, cpus_per_instance: float = 8.0) -> dict[str, Any] | None:
     """The chosen plan as `kvflow serve --deployment` JSON (None for a colocated plan)."""
     if option.prefill is None or option.decode is None:
         return None
+    cpus = cpus_per_instance
     instances = []
     for _ in range(units):
-        instances += [{"role": "prefill", "num_cpus": 8, "num_gpus": option.prefill.devices}] * option.num_prefill
-        instances += [{"role": "decode", "num_cpus": 8, "num_gpus": option.decode.devices}] * option.num_decode
+        instances += [{"role": "prefill", "num_cpus": cpus, "num_gpus": option.prefill.devices}] * option.num_prefill
+        instances += [{"role": "decode", "num_cpus": cpus, "num_gpus": option.decode.devices}] * option.num_decode
     # Low affinity: a unit's prefill and decode segments must share nodes (KV over NVLink).
     strategy = "STRICT_PACK" if option.kind == "low-affinity" and units == 1 else "PACK"
     return {"placement_strategy": strategy, "instances": instances}
@@ -102,7 +103,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                "objective": args.objective, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
                "units": units, "chosen": chosen.to_dict(), "options": [o.to_dict() for o in ranked]}
         (out / "plan.json").write_text(json.dumps(doc, indent=1))
-        deployment = deployment_file(chosen, units)
+        deployment = deployment_file(chosen, units, args.cpus_per_instance)
         if deployment is not None:
             (out / "deployment.json").write_text(json.dumps(deployment, indent=1))
         from kvflow.sim.plots import plot_plan
@@ -143,6 +144,8 @@ def register_plan(sub: Any) -> None:
                         "and decodes wait (vLLM v0, DistServe's baseline)")
     p.add_argument("--num-prompts", type=int, default=300, help="requests simulated per rate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpus-per-instance", type=float, default=8.0,
+                   help="CPUs each instance reserves in the deployment file's Ray bundles (tokenisation, scheduling)")
     p.add_argument("--show", type=int, default=12, help="options in the table and figures")
     p.add_argument("--out", default=None)
     p.set_defaults(func=_cmd_plan)
