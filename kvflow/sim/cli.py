@@ -94,6 +94,8 @@ def register(sub: Any) -> None:
     profile.add_argument("--serve", action="store_true",
                          help="fit to a running `kvflow serve`'s own steps under calibration loads (includes the "
                               "API process's share of the cores and the output path)")
+    profile.add_argument("--refit", action="store_true",
+                         help="with --serve: fit the profile at --out again from its saved step logs (no server)")
     profile.add_argument("--serve-args", default="", help="with --serve: extra `kvflow serve` flags, e.g. "
                          "'--disagg --prefill 1 --decode 1 --pin-cores'")
     profile.set_defaults(func=_cmd_profile)

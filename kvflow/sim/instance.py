@@ -15,9 +15,12 @@ while budget, sequence slots and blocks last. Roles:
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from kvflow.sim.latency import LatencyModel
 from kvflow.sim.workload import SimRequest
@@ -81,10 +84,13 @@ class Iteration:
 
 class InstanceSim:
     def __init__(self, name: str, role: str, spec: InstanceSpec,
-                 on_load_start: Callable[[InstanceSim, Seq, float], None] | None = None) -> None:
+                 on_load_start: Callable[[InstanceSim, Seq, float], None] | None = None,
+                 rng: np.random.Generator | None = None) -> None:
         """`on_load_start(instance, seq, now)`: a decode instance has allocated a sequence's blocks
-        and starts pulling its KV (the simulator decides when it lands)."""
+        and starts pulling its KV (the simulator decides when it lands). `rng` draws each
+        iteration's jitter when the latency model has a noise spread."""
         self.name, self.role, self.spec = name, role, spec
+        self.rng = rng
         self.on_load_start = on_load_start
         self.free_blocks = spec.num_blocks
         self.waiting: deque[Seq] = deque()
@@ -165,6 +171,9 @@ class InstanceSim:
         seconds = self.spec.latency.iteration_time(
             [(n, s.computed) for s, n in chunks if s.computed < s.request.prompt_len],
             [s.num_tokens for s, n in chunks if s.computed >= s.request.prompt_len])
+        sigma = self.spec.latency.noise_sigma
+        if sigma and self.rng is not None:
+            seconds *= math.exp(sigma * self.rng.standard_normal())
         self.busy_seconds += seconds
         return Iteration(chunks, loaded, now, now + seconds)
 

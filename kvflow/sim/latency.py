@@ -14,6 +14,8 @@ derives for GPUs it has no measurement of, and what the simulator asks for every
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -124,6 +126,10 @@ class LatencyModel:
     # decode takes a faster path, for one); mixed steps are left to the form.
     prefill_factors: tuple[tuple[int, float], ...] = ()
     decode_factors: tuple[tuple[int, float], ...] = ()
+    # Spread of measured steps around the model: the standard deviation of log(measured / model).
+    # A simulator draws each iteration's time as model × exp(noise_sigma · N(0, 1)) (median kept),
+    # so latency tails reflect a real machine's jitter rather than a deterministic one's.
+    noise_sigma: float = 0.0
 
     def prefill_time(self, lengths: Sequence[int]) -> float:
         """Seconds for one iteration that computes these whole prompts."""
@@ -161,7 +167,7 @@ class LatencyModel:
     def to_dict(self) -> dict[str, object]:
         return {"prefill": self.prefill.to_dict(), "decode": self.decode.to_dict(),
                 "prefill_factors": [list(f) for f in self.prefill_factors],
-                "decode_factors": [list(f) for f in self.decode_factors]}
+                "decode_factors": [list(f) for f in self.decode_factors], "noise_sigma": self.noise_sigma}
 
     @classmethod
     def from_dict(cls, doc: dict[str, object]) -> LatencyModel:
@@ -169,7 +175,8 @@ class LatencyModel:
             return tuple((int(b), float(f)) for b, f in doc.get(key, ()))  # type: ignore[union-attr]
 
         return cls(Fit.from_dict(doc["prefill"]), Fit.from_dict(doc["decode"]),  # type: ignore[arg-type]
-                   factors("prefill_factors"), factors("decode_factors"))
+                   factors("prefill_factors"), factors("decode_factors"),
+                   float(doc.get("noise_sigma", 0.0)))  # type: ignore[arg-type]
 
 
 def bucket(size: int) -> int:
@@ -188,7 +195,8 @@ def _factor(factors: tuple[tuple[int, float], ...], size: int) -> float:
 def learn_factors(model: LatencyModel,
                   iterations: Sequence[tuple[Sequence[tuple[int, int]], Sequence[int], float]],
                   min_samples: int = 5) -> LatencyModel:
-    """Per-bucket median of measured / form time over the pure steps: the corrections."""
+    """Per-bucket median of measured / form time over the pure steps (the corrections), and the
+    spread of every step around the corrected model (its noise)."""
     ratios: dict[tuple[str, int], list[float]] = {}
     for chunks, contexts, took in iterations:
         if bool(chunks) == bool(contexts):
@@ -198,10 +206,14 @@ def learn_factors(model: LatencyModel,
         if predicted > 0:
             ratios.setdefault((kind, bucket(size)), []).append(took / predicted)
     learned = {key: float(np.median(r)) for key, r in ratios.items() if len(r) >= min_samples}
-    return LatencyModel(
+    corrected = LatencyModel(
         model.prefill, model.decode,
         tuple(sorted((b, f) for (k, b), f in learned.items() if k == "p")),
         tuple(sorted((b, f) for (k, b), f in learned.items() if k == "d")))
+    logs = [math.log(took / t) for chunks, contexts, took in iterations
+            if (t := corrected.iteration_time(chunks, contexts)) > 0 and took > 0]
+    sigma = float(np.std(logs)) if len(logs) >= min_samples else 0.0
+    return dataclasses.replace(corrected, noise_sigma=sigma)
 
 
 def iteration_errors(model: LatencyModel,

@@ -44,6 +44,26 @@ def _fit_loads(loads: tuple[Load, ...], max_model_len: int) -> tuple[Load, ...]:
     return tuple(out)
 
 
+def refit(path: Path) -> int:
+    """Fit a saved `--serve` profile again from its step logs (no server): for a newer model form."""
+    import json
+
+    from kvflow.sim.profile_io import load_profile
+    from kvflow.sim.serve_profile import fit_server_steps, step_periods
+
+    profile = load_profile(path)
+    log_dir = Path(profile.extra["calibration"]["step_logs"])
+    records = []
+    for log in sorted(log_dir.glob("steps*")):
+        records += step_periods([json.loads(line) for line in log.read_text().splitlines()])
+    latency, errors = fit_server_steps(records)
+    profile.instance = dataclasses.replace(profile.instance, latency=latency)
+    profile.extra["fit"] = errors
+    profile.save(path)
+    print(f"refitted {len(records)} steps from {log_dir}: noise {latency.noise_sigma:.3f}; saved {path}")
+    return 0
+
+
 def profile_serving(args: argparse.Namespace) -> int:
     from kvflow.bench.limits import measure_limits
     from kvflow.server.cli import _model_path
@@ -56,6 +76,8 @@ def profile_serving(args: argparse.Namespace) -> int:
     from kvflow.sim.simulator import Simulator
     from kvflow.sim.workload import from_bench_result
 
+    if args.refit:
+        return refit(Path(args.out))
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda _: None)
     model = _model_path(args)
     (num_prefill, num_decode), engine = _serve_flags(args.serve_args)

@@ -150,7 +150,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|")
     cost = deployment_economics(profile, decode, args.colocated or 0, args.prefill, args.decode)
     for name, requests, slos, measured in runs:
-        sim = Simulator(deployment).run(requests)
+        sim = Simulator(deployment, args.seed).run(requests)
         doc = result_doc(sim, requests, f"sim-{name}", slos, percentiles, args.profile, cost)
         if measured is not None:
             measured_summary = summarize_measured(measured, slos, percentiles)
@@ -205,7 +205,7 @@ def register_simulate(sub: Any) -> None:
     sim.add_argument("--trace-file", default=None)
     sim.add_argument("--max-input-len", type=int, default=None)
     sim.add_argument("--max-output-len", type=int, default=None)
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--seed", type=int, default=0, help="of the workload and of the iteration jitter")
     sim.add_argument("--goodput", nargs="*", default=None, metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50")
     sim.add_argument("--percentiles", default=None)
     sim.add_argument("--label", default=None)

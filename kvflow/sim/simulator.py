@@ -22,6 +22,8 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kvflow.bench.serve.client import RequestResult
 from kvflow.sim.instance import InstanceSim, InstanceSpec, Iteration, Seq
 from kvflow.sim.workload import SimRequest
@@ -79,22 +81,24 @@ class SimResult:
     transfer_exposed_s: list[float] = field(default_factory=list)  # per transfer: after the prompt was done
 
 
-def _lanes(name: str, role: str, spec: InstanceSpec,
+def _lanes(name: str, role: str, spec: InstanceSpec, rng: np.random.Generator,
            on_load_start: Callable[[InstanceSim, Seq, float], None] | None = None) -> list[InstanceSim]:
     """An instance, or with pipeline parallelism one lane per micro-batch in flight."""
     if spec.lanes == 1:
-        return [InstanceSim(name, role, spec, on_load_start)]
+        return [InstanceSim(name, role, spec, on_load_start, rng)]
     lane = dataclasses.replace(spec, num_blocks=spec.num_blocks // spec.lanes, lanes=1)
-    return [InstanceSim(f"{name}/{i}", role, lane, on_load_start) for i in range(spec.lanes)]
+    return [InstanceSim(f"{name}/{i}", role, lane, on_load_start, rng) for i in range(spec.lanes)]
 
 
 class Simulator:
-    def __init__(self, deployment: Deployment) -> None:
+    def __init__(self, deployment: Deployment, seed: int = 0) -> None:
+        """`seed`: of the iteration jitter drawn when the latency models have a noise spread."""
         self.deployment = deployment
-        d = deployment
-        self.colocated = [x for i, s in enumerate(d.colocated) for x in _lanes(f"colocated-{i}", "colocated", s)]
-        self.prefill = [x for i, s in enumerate(d.prefill) for x in _lanes(f"prefill-{i}", "prefill", s)]
-        self.decode = [x for i, s in enumerate(d.decode) for x in _lanes(f"decode-{i}", "decode", s, self._on_pull)]
+        d, rng = deployment, np.random.default_rng(seed)
+        self.colocated = [x for i, s in enumerate(d.colocated) for x in _lanes(f"colocated-{i}", "colocated", s, rng)]
+        self.prefill = [x for i, s in enumerate(d.prefill) for x in _lanes(f"prefill-{i}", "prefill", s, rng)]
+        self.decode = [x for i, s in enumerate(d.decode)
+                       for x in _lanes(f"decode-{i}", "decode", s, rng, self._on_pull)]
         self._events: list[tuple[float, int, str, object]] = []
         self._order = itertools.count()
         self._now = 0.0

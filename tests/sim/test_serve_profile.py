@@ -55,7 +55,16 @@ def test_bucket_factors_correct_what_the_linear_form_cannot_bend() -> None:
     assert dict(corrected.decode_factors)[4] == pytest.approx(1.0)
     assert iteration_errors(corrected, steps)["decode"] < 1e-9 < iteration_errors(form, steps)["decode"]
     assert [bucket(n) for n in (1, 2, 3, 5, 1024, 1025)] == [1, 2, 4, 8, 1024, 2048]
+    assert corrected.noise_sigma == pytest.approx(0.0, abs=1e-9)  # every step explained
     assert LatencyModel.from_dict(corrected.to_dict()) == corrected
+
+
+def test_noise_spread_is_learned_from_the_residuals() -> None:
+    rng = np.random.default_rng(3)
+    form = LatencyModel(Fit((1e-3, 1e-5, 0), 0, 1, 3), Fit((2e-3, 0, 2e-4), 0, 1, 3))
+    steps = [((), [100] * 4, form.decode_time([100] * 4) * float(np.exp(0.15 * rng.standard_normal())))
+             for _ in range(2000)]
+    assert learn_factors(form, steps).noise_sigma == pytest.approx(0.15, rel=0.08)
 
 
 def test_profile_serve_command(llama_dir: Path, tmp_path: Path) -> None:

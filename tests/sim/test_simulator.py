@@ -112,3 +112,20 @@ def test_prefill_first_stalls_decodes_where_mixed_batches_them() -> None:
     assert gaps["prefill-first"] == pytest.approx(0.025)
     with pytest.raises(ValueError, match="policy"):
         InstanceSpec(lat, num_blocks=10, policy="fifo")
+
+
+def test_iteration_jitter_widens_tails_keeps_medians_and_is_seeded() -> None:
+    import dataclasses
+
+    base = model(prefill=(0.05, 0, 0))
+    requests = [SimRequest(float(i), 16, 1) for i in range(400)]  # far apart: no queueing
+
+    def ttfts(sigma: float, seed: int) -> np.ndarray:
+        spec = InstanceSpec(dataclasses.replace(base, noise_sigma=sigma), num_blocks=100)
+        return np.array([r.ttft_s for r in Simulator(Deployment(colocated=(spec,)), seed).run(requests).results])
+
+    flat, noisy = ttfts(0.0, 0), ttfts(0.2, 0)
+    assert np.ptp(flat) == pytest.approx(0.0, abs=1e-12)
+    assert np.median(noisy) == pytest.approx(0.05, rel=0.05)
+    assert np.percentile(noisy, 90) / np.median(noisy) == pytest.approx(np.exp(0.2 * 1.2816), rel=0.08)
+    assert np.array_equal(noisy, ttfts(0.2, 0)) and not np.array_equal(noisy, ttfts(0.2, 1))
