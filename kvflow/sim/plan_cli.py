@@ -37,15 +37,17 @@ def _shape(name: str) -> ModelShape:
     return ModelShape.from_pretrained(name) if Path(name).is_dir() else ModelShape.known(name)
 
 
-def plan(ctx: PlanContext, nodes: int, algorithms: tuple[str, ...], objective: str) -> tuple[Option, list[Option]]:
+def plan(ctx: PlanContext, nodes: int, algorithms: tuple[str, ...], objective: str,
+         phase_candidates: int = 2) -> tuple[Option, list[Option]]:
     """Simulate the candidate units; return the best by `objective` and all of them."""
     unit = ctx.gpus_per_node
     options: list[Option] = []
     if "colocated" in algorithms:
         options += colocated_options(ctx, ctx.prefill_hw, unit)
     if "high-affinity" in algorithms:
-        options += high_affinity_options(ctx, unit)
-    if "low-affinity" in algorithms:
+        options += high_affinity_options(ctx, unit, top=phase_candidates)
+    # Low affinity shares a node between the phases, so it needs one kind of device.
+    if "low-affinity" in algorithms and ctx.prefill_hw == ctx.decode_hw:
         options += low_affinity_options(ctx, max_pp=nodes)
     return best(options, objective), options
 
@@ -84,7 +86,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     unknown = set(algorithms) - set(ALGORITHMS)
     if unknown:
         raise ValueError(f"unknown algorithms {sorted(unknown)}; choose from {', '.join(ALGORITHMS)}")
-    chosen, options = plan(ctx, args.nodes, algorithms, args.objective)
+    chosen, options = plan(ctx, args.nodes, algorithms, args.objective, args.phase_candidates)
     units = max(1, (args.nodes * args.gpus_per_node) // chosen.devices)
     ranked = sorted(options, key=lambda o: -o.score(args.objective))
     print("| option | devices | goodput (req/s) | per device | per $/h | per kW |")
@@ -146,6 +148,8 @@ def register_plan(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpus-per-instance", type=float, default=8.0,
                    help="CPUs each instance reserves in the deployment file's Ray bundles (tokenisation, scheduling)")
+    p.add_argument("--phase-candidates", type=int, default=2,
+                   help="Alg. 1: layouts kept per phase (by its own goodput per device) for the joint ratio search")
     p.add_argument("--show", type=int, default=12, help="options in the table and figures")
     p.add_argument("--out", default=None)
     p.set_defaults(func=_cmd_plan)
