@@ -111,7 +111,8 @@ class SamplingBatch:
         if self.max_num_logprobs < 0:
             raise ValueError(f"max_num_logprobs must be >= 0, got {self.max_num_logprobs}")
 
-        self.greedy_mask = _greedy_mask(self.temperature, self.top_k)
+        # The tensor form of `SamplingParams.greedy`: rows that take the argmax, never touching a generator.
+        self.greedy_mask = (self.temperature < SAMPLING_EPS) | (self.top_k == 1)
         random_mask = ~self.greedy_mask
         self.random_rows = random_mask.nonzero().squeeze(1)
         self.any_greedy = bool(self.greedy_mask.any())
@@ -364,11 +365,6 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def _greedy_mask(temperature: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Rows that take the argmax and so never touch their generator (one rule for batch and skip)."""
-    return (temperature < SAMPLING_EPS) | (top_k == 1)
-
-
 def _seeded_draw(width: int, device: torch.device | str, generator: torch.Generator) -> torch.Tensor:
     """The one draw a seeded random row makes per sampled token: ``q ~ Exp(1)`` over the logits width."""
     return torch.empty(width, device=device).exponential_(generator=generator)
@@ -384,8 +380,7 @@ def advance_generator(
     holds a fresh generator with the same seed and must skip those draws, or every later token
     differs from colocated sampling.  ``vocab_size`` must be the logits width (the draw's size).
     """
-    greedy = _greedy_mask(torch.tensor([params.temperature], dtype=torch.float32), torch.tensor([params.top_k]))
-    if bool(greedy[0]):
+    if params.greedy:  # argmax rows draw nothing
         return
     for _ in range(num_tokens):
         _seeded_draw(vocab_size, device, generator)

@@ -32,11 +32,9 @@ class ConnectorEvents:
 
 class KVConnector:
     def __init__(self, config: KVTransferConfig, kv_caches: list[torch.Tensor]) -> None:
-        self.config = config
-        self.role = config.role
         kv = PagedKV(kv_caches)
-        self.sender = KVSender(kv, config) if self.role == "prefill" else None
-        self.receiver = KVReceiver(kv, config) if self.role == "decode" else None
+        self.sender = KVSender(kv, config) if config.role == "prefill" else None
+        self.receiver = KVReceiver(kv, config) if config.role == "decode" else None
         self.layer_wise = config.mode == "layerwise"
         self._step_transfers = False
 
@@ -44,6 +42,11 @@ class KVConnector:
     def address(self) -> str | None:
         """Where decode instances pull from (prefill instances only)."""
         return self.sender.address if self.sender else None
+
+    @property
+    def streams_layers(self) -> bool:
+        """A layer-wise prefill instance: the model must report each finished layer (worker side)."""
+        return self.layer_wise and self.sender is not None
 
     @property
     def busy(self) -> bool:
@@ -98,11 +101,6 @@ class KVConnector:
         if self.sender is not None:
             self.sender.drop(transfer_id)
 
-    @property
-    def holds_finished_requests(self) -> bool:
-        """Prefill instances keep a finished request's blocks until they are pulled."""
-        return self.sender is not None
-
     def collect_sent(self) -> list[SentRecord]:
         """Prefill instance: transfers the decode side acknowledged since the last call (for metrics)."""
         return self.sender.collect_sent() if self.sender is not None else []
@@ -118,7 +116,7 @@ class KVConnector:
     # ------------------------------------------------------------- worker side
     def begin_step(self, producers: list[tuple[KVTransferParams, list[int], int]]) -> bool:
         """Producers whose prompts complete this step; True if the model should report each layer."""
-        self._step_transfers = bool(producers) and self.layer_wise and self.sender is not None
+        self._step_transfers = bool(producers) and self.streams_layers
         if self._step_transfers:
             assert self.sender is not None
             for params, block_ids, num_tokens in producers:

@@ -80,9 +80,6 @@ class DeploymentSpec:
     def from_counts(cls, num_prefill: int, num_decode: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
                     placement_strategy: str = "PACK") -> DeploymentSpec:
         """N prefill then M decode instances, all alike."""
-        if num_prefill < 1 or num_decode < 1:
-            raise ValueError(f"a disaggregated deployment needs >= 1 prefill and >= 1 decode instance, "
-                             f"got {num_prefill} and {num_decode}")
         roles = ["prefill"] * num_prefill + ["decode"] * num_decode
         return cls(tuple(InstanceSpec(r, num_cpus, num_gpus) for r in roles), placement_strategy)
 

@@ -32,6 +32,7 @@ from kvflow.disagg.wire import KVTransferParams
 from kvflow.engine.core import EngineStats
 from kvflow.engine.core_client import CoreClient, CoreStats, CoreUnreachableError, EngineDeadError, StepOutputs
 from kvflow.engine.input_processor import CoreRequestSpec, InputProcessor
+from kvflow.engine.kv_cache import PrefixCacheStats
 from kvflow.engine.request import RequestStatus
 from kvflow.server.async_engine import AsyncEngine
 from kvflow.server.metrics import ServerMetrics
@@ -64,8 +65,11 @@ class Placement:
     spec: CoreRequestSpec
     decode: Instance
     prefill: Instance | None
-    transfer_id: str
     attempt: int = 0  # resubmissions after a decode instance died
+
+    @property
+    def transfer_id(self) -> str:
+        return transfer_id_of(self.spec.request_id, self.attempt)
 
 
 def split_cores(num_instances: int, cores: list[int] | None = None) -> list[tuple[int, ...]]:
@@ -215,7 +219,7 @@ class DisaggEngine(AsyncEngine):
             prefill.in_flight.update(s.request_id for s in prefill_specs)
         for spec in specs:
             self._placements[spec.request_id] = Placement(
-                spec, decode, prefill, transfer_id_of(spec.request_id, attempt), attempt)
+                spec, decode, prefill, attempt)
             decode.in_flight.add(spec.request_id)
 
     @staticmethod
@@ -268,15 +272,14 @@ class DisaggEngine(AsyncEngine):
         """Scheduler stats summed over the instances (the gauges describe the deployment)."""
         live = [i.stats for i in self.instances if i.stats is not None and i.alive]
         engines = [s.engine for s in live]
-        blocks = sum(e.num_blocks for e in engines) or 1
+        blocks = sum(e.num_blocks for e in engines)
         free = sum(e.num_free_blocks for e in engines)
-        queried = sum(s.prefix_queried_tokens for s in live)
-        hits = sum(s.prefix_hit_tokens for s in live)
+        prefix = PrefixCacheStats(sum(s.prefix_queried_tokens for s in live), sum(s.prefix_hit_tokens for s in live))
+        queried, hits = prefix.queried_tokens, prefix.hit_tokens
         engine = EngineStats(
             num_running=sum(e.num_running for e in engines), num_waiting=sum(e.num_waiting for e in engines),
-            kv_cache_usage=1 - free / blocks, prefix_cache_hit_rate=hits / queried if queried else 0.0,
+            kv_cache_usage=1 - free / blocks if blocks else 0.0, prefix_cache_hit_rate=prefix.hit_rate,
             num_preemptions=sum(e.num_preemptions for e in engines), num_free_blocks=free, num_blocks=blocks,
-            num_receiving=sum(e.num_receiving for e in engines),
             num_kv_load_failures=sum(e.num_kv_load_failures for e in engines),
         )
         return CoreStats(engine, queried, hits)

@@ -48,14 +48,11 @@ class SentRecord:
 
     transfer_id: str
     exposed_seconds: float
-    bytes_sent: int
 
 
 @dataclass
 class SenderStats:
-    transfers: int = 0
-    failed: int = 0
-    bytes_sent: int = 0
+    transfers: int = 0  # acknowledged by a decode instance
 
 
 class KVSender:
@@ -122,7 +119,6 @@ class KVSender:
             transfer = self._transfers.pop(transfer_id, None)
             if transfer is not None:
                 transfer.failed = reason
-                self.stats.failed += 1
                 self._cond.notify_all()
 
     def drop(self, transfer_id: str) -> None:
@@ -148,7 +144,6 @@ class KVSender:
                     logger.warning("KV transfer %s was not pulled within %.0f s; freeing its blocks",
                                    transfer.transfer_id, self.config.timeout_s)
                     del self._transfers[transfer.transfer_id]
-                    self.stats.failed += 1
                     self._release.append(transfer.block_ids)
             released, self._release = self._release, []
         return released
@@ -215,16 +210,12 @@ class KVSender:
             channel.send(transfer.done)
             expect(channel.recv(), Ack)
             acked = time.monotonic()
-            sent = channel.bytes_sent + (nbytes * self.num_layers if shm is not None else 0)
             with self._cond:
                 self.stats.transfers += 1
-                self.stats.bytes_sent += sent
                 start = max(transfer.finished_at, transfer.claimed_at or acked)
-                self._sent.append(SentRecord(transfer.transfer_id, acked - start, sent))
+                self._sent.append(SentRecord(transfer.transfer_id, acked - start))
         except (OSError, ProtocolError, TimeoutError) as exc:
             logger.warning("KV transfer %s failed: %s", transfer.transfer_id if transfer else "?", exc)
-            with self._cond:
-                self.stats.failed += 1
             try:
                 channel.send(Failed(str(exc)))
             except OSError:

@@ -52,8 +52,7 @@ class EngineStats:
     num_preemptions: int
     num_free_blocks: int
     num_blocks: int
-    # Disaggregated serving: decode-side loads in flight, and requests that fell back to a local prefill.
-    num_receiving: int = 0
+    # Disaggregated serving: requests whose KV load failed, so the prompt was computed locally.
     num_kv_load_failures: int = 0
 
 
@@ -70,12 +69,13 @@ class EngineCore:
             from kvflow.disagg.connector import KVConnector
 
             self.connector = KVConnector(config.kv_transfer, self.runner.kv_caches)
-            self.runner.connector = self.connector
+            if self.connector.streams_layers:  # only then does a step need to report its layers
+                self.runner.connector = self.connector
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len, self.connector)
         self.num_steps = 0
-        # Set `record_shapes` to keep what each step computed (the step log of `kvflow serve
-        # --step-log`, which `kvflow profile --serve` fits latency models to).
-        self.record_shapes = False
+        # Keep what each step computed for the step log of `kvflow serve --step-log` (which
+        # `kvflow profile --serve` fits latency models to).
+        self.record_shapes = config.step_log is not None
         self.last_shape: tuple[list[tuple[int, int]], list[int]] = ([], [])
 
     def add_request(self, request: Request) -> None:
@@ -190,7 +190,6 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             num_free_blocks=self.kv.num_free_blocks,
             num_blocks=self.kv.num_blocks,
-            num_receiving=len(self.scheduler.receiving),
             num_kv_load_failures=self.scheduler.num_kv_load_failures,
         )
 

@@ -167,7 +167,6 @@ class _CoreLoop:
         self.decoder = msgspec.msgpack.Decoder(ToCore, dec_hook=_dec_hook)
         self.requests: dict[str, Any] = {}  # core id -> Request not yet reported as scheduled
         self.stats_dirty = False
-        self.reported_free_blocks = self.core.kv.num_free_blocks
 
     def run(self) -> None:
         connector = self.core.connector
@@ -181,7 +180,6 @@ class _CoreLoop:
     def _loop(self) -> None:
         path = self.core.config.step_log
         log = StepLog(path) if path else None
-        self.core.record_shapes = log is not None
         try:
             self._serve(log)
         finally:
@@ -189,12 +187,12 @@ class _CoreLoop:
                 log.close()
 
     def _serve(self, log: StepLog | None) -> None:
-        idle_steps = 0
+        stalled = False  # the last step had nothing to compute
         while True:
             busy = self.core.has_unfinished_requests()
+            pending = self.core.transfers_pending
             # Only KV transfers in flight (nothing to compute until they land): poll, don't spin.
-            waiting_on_io = self.core.transfers_pending and idle_steps > 0
-            timeout = _TRANSFER_POLL_MS if waiting_on_io else (0 if busy else _IDLE_POLL_MS)
+            timeout = _TRANSFER_POLL_MS if pending and stalled else (0 if busy else _IDLE_POLL_MS)
             if self.inbox.poll(timeout):
                 while True:
                     try:
@@ -206,14 +204,14 @@ class _CoreLoop:
                     self._handle(message)
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 return  # the API process is gone
-            if self.core.has_unfinished_requests() or self.core.transfers_pending:
+            if self.core.has_unfinished_requests() or pending:
                 steps = self.core.num_steps
                 started = time.perf_counter()
                 outputs = self.core.step()
-                idle_steps = 0 if self.core.num_steps > steps or outputs else idle_steps + 1
+                stalled = self.core.num_steps == steps and not outputs
                 # Blocks freed outside a step (a pulled transfer) change the stats too.
-                freed = self.core.kv.num_free_blocks != self.reported_free_blocks
-                if outputs or self.stats_dirty or freed or self.core.scheduler.transfer_records:
+                freed, self.core.scheduler.blocks_released = self.core.scheduler.blocks_released, False
+                if outputs or self.stats_dirty or freed:
                     self._send_outputs(outputs)
                 if log is not None and self.core.num_steps > steps:
                     log.write(started, time.perf_counter() - started, *self.core.last_shape)
@@ -248,7 +246,6 @@ class _CoreLoop:
         sent = [(r.transfer_id, r.exposed_seconds) for r in connector.collect_sent()] if connector else []
         self._send(StepOutputs(outputs, scheduled, stats, records, sent))
         self.stats_dirty = False
-        self.reported_free_blocks = stats.engine.num_free_blocks
 
     def _send(self, message: FromCore) -> None:
         self.outbox.send(self.encoder.encode(message))

@@ -219,9 +219,18 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         """Return a request's blocks (full cached blocks stay reusable until evicted)."""
-        self.pool.release(list(reversed(request.block_ids)))
-        request.block_ids = []
-        request.num_cached_blocks = 0
+        self.release(self.detach(request))
+
+    @staticmethod
+    def detach(request: Request) -> list[int]:
+        """Take a request's blocks from it without freeing them (a prefill instance's connector
+        holds them until their KV is pulled, then `release`s them)."""
+        block_ids, request.block_ids, request.num_cached_blocks = request.block_ids, [], 0
+        return block_ids
+
+    def release(self, block_ids: list[int]) -> None:
+        """Free detached blocks, the tail first (so a prompt's head stays cached the longest)."""
+        self.pool.release(list(reversed(block_ids)))
 
     def cache_full_blocks(self, request: Request) -> None:
         """Index every block whose tokens are all computed and not yet indexed."""

@@ -9,6 +9,7 @@ recomputed (prompt + output so far) later. Its output continues unchanged.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from kvflow.engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from kvflow.disagg.connector import KVConnector
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,6 +70,9 @@ class Scheduler:
         self.num_kv_load_failures = 0
         # Finished loads not yet reported: (request id, KV bytes, wire bytes, seconds).
         self.transfer_records: list[tuple[str, int, int, float]] = []
+        # Blocks came back outside a step's own work (a pulled transfer, a cancelled or failed
+        # load): the engine loop reports its stats even when the step produced no output.
+        self.blocks_released = False
         self.policy: QueuePolicy = make_policy(config.policy)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -107,13 +113,10 @@ class Scheduler:
 
     def _hand_over_blocks(self, request: Request) -> bool:
         """Prefill instance: a finished request's blocks go to the connector until pulled."""
-        if self.connector is None or not self.connector.holds_finished_requests or request.kv_transfer is None:
+        if self.connector is None or not self.connector.request_finished(request):
             return False
-        held = self.connector.request_finished(request)
-        if held:
-            request.block_ids = []  # the connector frees them (`collect_transfers`)
-            request.num_cached_blocks = 0
-        return held
+        self.kv.detach(request)  # the connector gives them back through `collect_transfers`
+        return True
 
     def collect_transfers(self, out: SchedulerOutput) -> None:
         """Free blocks the connector is done with; admit requests whose KV arrived (or fell back)."""
@@ -121,11 +124,13 @@ class Scheduler:
             return
         events = self.connector.collect()
         for block_ids in events.release:
-            self.kv.pool.release(list(reversed(block_ids)))
+            self.kv.release(block_ids)
+            self.blocks_released = True
         for result in events.loaded:
             request = self.cancelling.pop(result.request_id, None)
             if request is not None:
                 self.kv.free(request)
+                self.blocks_released = True
                 continue
             request = self.receiving.pop(result.request_id, None)
             if request is None:
@@ -133,8 +138,11 @@ class Scheduler:
             if result.done is None or not self.connector.apply_done(request, result.done):
                 # The KV is gone (prefill instance died, timed out, aborted), or came without the
                 # prompt logprobs asked for: compute the prompt here.
+                logger.warning("KV load for %s failed (%s); computing its prompt here", request.request_id,
+                               result.error or "no prompt logprobs in the transfer")
                 self.num_kv_load_failures += 1
                 self.kv.free(request)
+                self.blocks_released = True
                 request.num_computed_tokens = 0  # an n > 1 sibling may have shared its leader's blocks
                 request.kv_transfer = None
                 request.status = RequestStatus.WAITING

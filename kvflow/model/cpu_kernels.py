@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from kvflow.model.cpu_linear import PackedLinear
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_model.cpp"
@@ -78,8 +80,6 @@ def cpu_kernels_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _weight(module: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of a plain or prepacked linear; an empty tensor stands for "none"."""
-    from kvflow.model.cpu_linear import PackedLinear
-
     empty = torch.empty(0)
     if isinstance(module, PackedLinear):
         return module.packed_weight, empty if module.bias is None else module.bias
@@ -96,8 +96,6 @@ class CpuForward:
     """
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor]) -> None:
-        from kvflow.model.cpu_linear import PackedLinear
-
         ext = load_extension()
         if ext is None:
             raise RuntimeError("kvflow's C++ CPU kernels are not available on this machine")
@@ -105,6 +103,7 @@ class CpuForward:
         packed = isinstance(model.layers[0].self_attn.qkv_proj, PackedLinear)
         empty = torch.empty(0)
         layers: list[list[torch.Tensor]] = []
+        windows: list[int] = []
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv, qkv_b = _weight(attn.qkv_proj)
@@ -117,7 +116,7 @@ class CpuForward:
                 layer.input_layernorm.weight.detach(), qkv, qkv_b, q_norm, k_norm, o, o_b,
                 layer.post_attention_layernorm.weight.detach(), gate_up, gate_up_b, down, down_b,
             ])
-        windows = [attn.sliding_window or 0 for attn in (layer.self_attn for layer in model.layers)]
+            windows.append(attn.sliding_window or 0)
         rotary = model.layers[0].self_attn.rotary
         self._model: Any = ext.CpuModel(
             model.embed_tokens.weight.detach(), layers, windows, model.norm.weight.detach(),

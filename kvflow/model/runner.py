@@ -65,7 +65,7 @@ class ModelRunner:
             config.model.num_layers, self.num_blocks, self.block_size,
             config.model.num_kv_heads, config.model.head_dim, config.model.dtype, self.device,
         )
-        self.connector: KVConnector | None = None  # set by the engine core of a disaggregated instance
+        self.connector: KVConnector | None = None  # set by the engine core of a layer-wise prefill instance
         self.cpu_forward: CpuForward | None = None
         if config.runner.cpu_kernels and cpu_kernels_available(self.device, config.model.dtype):
             self.cpu_forward = CpuForward(self.model, self.kv_caches)

@@ -16,7 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from kvflow.config import KV_TRANSFER_MODES, KV_TRANSPORTS
+from kvflow.config import KV_TRANSFER_MODES, KV_TRANSPORTS, KVTransferConfig
 from kvflow.disagg.deployment import PLACEMENT_STRATEGIES, DeploymentSpec
 
 DEFAULT_MAX_WAITING = 1024
@@ -43,14 +43,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     disagg.add_argument("--disagg", action="store_true", help="run --prefill N prefill and --decode M decode instances")
     disagg.add_argument("--prefill", type=int, default=1, help="prefill instances (with --disagg)")
     disagg.add_argument("--decode", type=int, default=1, help="decode instances (with --disagg)")
-    disagg.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="tcp",
+    kv = KVTransferConfig()  # the flags' defaults are the config's
+    disagg.add_argument("--kv-transport", choices=KV_TRANSPORTS, default=kv.transport,
                         help="tcp: KV bytes over sockets (works across hosts); shm: shared memory (one host)")
-    disagg.add_argument("--kv-transfer-mode", choices=KV_TRANSFER_MODES, default="layerwise",
+    disagg.add_argument("--kv-transfer-mode", choices=KV_TRANSFER_MODES, default=kv.mode,
                         help="layerwise: send each layer as soon as it is computed (Splitwise); "
                              "whole: after the whole prompt (DistServe)")
-    disagg.add_argument("--kv-transfer-timeout", type=float, default=30.0,
+    disagg.add_argument("--kv-transfer-timeout", type=float, default=kv.timeout_s,
                         help="seconds a transfer may stall before both sides free its blocks")
-    disagg.add_argument("--kv-host", default="127.0.0.1", help="address prefill instances listen on for KV pulls")
+    disagg.add_argument("--kv-host", default=kv.host, help="address prefill instances listen on for KV pulls")
     disagg.add_argument("--pin-cores", action="store_true",
                         help="pin each instance to its own share of this process's CPU cores")
     disagg.add_argument("--deployment", type=Path, default=None, metavar="FILE",
@@ -116,7 +117,6 @@ def run_serve(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model)
     name = args.served_model_name or args.model or Path(model).name  # the shipped model is "tiny"
     if args.disagg or args.deployment or args.ray_address:
-        from kvflow.config import KVTransferConfig
         from kvflow.disagg.router import DisaggEngine
 
         transfer = KVTransferConfig(transport=args.kv_transport, mode=args.kv_transfer_mode,

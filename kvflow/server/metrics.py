@@ -72,9 +72,9 @@ class ServerMetrics:
             tuple(float(2**k) for k in range(10, 34, 2)))
         self.kv_load_fallbacks = counter(
             "kv_load_fallbacks", "Decode-side loads that failed, so the prompt was recomputed there.")
-        self._last_fallbacks = 0
         self._label = model_name
-        self._last_core = (0, 0, 0)  # preemptions, prefix queries, prefix hits (cumulative in the core)
+        # Preemptions, prefix queries, prefix hits, KV load fallbacks: cumulative in the core.
+        self._last_core = (0, 0, 0, 0)
         self.engine_healthy.set(1)
 
     def finished(self, reason: str) -> None:
@@ -90,14 +90,13 @@ class ServerMetrics:
         self.kv_cache_usage.set(engine.kv_cache_usage)
         self.kv_cache_blocks.set(engine.num_blocks)
         self.prefix_cache_hit_rate.set(engine.prefix_cache_hit_rate)
-        now = (engine.num_preemptions, stats.prefix_queried_tokens, stats.prefix_hit_tokens)
-        for metric, new, old in zip((self.preemptions, self.prefix_queries, self.prefix_hits), now, self._last_core):
+        now = (engine.num_preemptions, stats.prefix_queried_tokens, stats.prefix_hit_tokens,
+               engine.num_kv_load_failures)
+        counters = (self.preemptions, self.prefix_queries, self.prefix_hits, self.kv_load_fallbacks)
+        for metric, new, old in zip(counters, now, self._last_core):
             if new > old:
                 metric.inc(new - old)
         self._last_core = now
-        if engine.num_kv_load_failures > self._last_fallbacks:
-            self.kv_load_fallbacks.inc(engine.num_kv_load_failures - self._last_fallbacks)
-        self._last_fallbacks = engine.num_kv_load_failures
 
     def kv_transferred(self, payload_bytes: int, wire_bytes: int, seconds: float) -> None:
         self.kv_transfers.inc()

@@ -29,7 +29,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from kvflow.sim.analytical import InstanceProfile
     from kvflow.sim.hardware import Hardware
     from kvflow.sim.model_shape import ModelShape
-    from kvflow.sim.profile_io import EngineSettings, Profile, loopback_bandwidth
+    from kvflow.sim.profile_io import EngineSettings, Profile, describe_latency, loopback_bandwidth
     from kvflow.sim.profiler import ProfileGrid, hardware_description, profile_engine
 
     cores = [int(c) for c in args.cpu_cores.split(",")] if args.cpu_cores else sorted(os.sched_getaffinity(0))
@@ -48,25 +48,18 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                                          _memory_bytes(), args.power_w, args.price_per_hour, len(cores))
     dtype = str(config.model.dtype).removeprefix("torch.")
     shape = ModelShape.from_pretrained(model, dtype=dtype)
-    sched = config.scheduler
-    num_blocks = result.num_blocks
     instance = InstanceProfile(
         model=shape.name, hardware=name, tp=1, pp=1, num_devices=1, weight_bytes=shape.weight_bytes,
-        kv_bytes_per_token=shape.kv_bytes_per_token, kv_capacity_tokens=num_blocks * config.cache.block_size,
+        kv_bytes_per_token=shape.kv_bytes_per_token, kv_capacity_tokens=result.num_blocks * config.cache.block_size,
         cost_per_hour=args.price_per_hour, power_w=args.power_w, stage_share=1.0, latency=result.latency)
     profile = Profile(
-        instance, EngineSettings(config.cache.block_size, sched.max_num_seqs, sched.max_num_batched_tokens,
-                                 sched.enable_chunked_prefill), link,
+        instance, EngineSettings.from_config(config), link,
         {"hardware": {**hardware.to_dict(), **described, "cpu_cores": cores}, "model_shape": shape.to_dict(),
          "fit": {"prefill_mape": result.latency.prefill.mape, "decode_mape": result.latency.decode.mape,
                  "mixed_mape": result.mixed_mape},
          "samples": [s.__dict__ for s in result.samples]})
     path = profile.save(args.out)
-    p, d = result.latency.prefill, result.latency.decode
-    print(f"prefill: {p.coef[0] * 1e3:.3f} ms + {p.coef[1] * 1e6:.3f} us/token + {p.coef[2] * 1e9:.4f} ns/token^2 "
-          f"(fit error {100 * p.mape:.1f} %, {p.num_samples} points)")
-    print(f"decode:  {d.coef[0] * 1e3:.3f} ms + {d.coef[1] * 1e9:.3f} ns/context token + {d.coef[2] * 1e6:.1f} us/seq "
-          f"(fit error {100 * d.mape:.1f} %, {d.num_samples} points)")
+    print("\n".join(describe_latency(result.latency)))
     if result.mixed_mape is not None:
         print(f"mixed iterations (not fitted): error {100 * result.mixed_mape:.1f} %")
     print(f"KV capacity {instance.kv_capacity_tokens} tokens; loopback link {link / 1e9:.2f} GB/s; saved {path}")

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kvflow.disagg.deployment import DeploymentSpec, InstanceSpec
 from kvflow.sim.goodput import Slo
 from kvflow.sim.hardware import CATALOGUE, get_hardware, load_catalogue
 from kvflow.sim.instance import SCHEDULING_POLICIES
@@ -56,14 +57,11 @@ def deployment_file(option: Option, units: int, cpus_per_instance: float = 8.0) 
     """The chosen plan as `kvflow serve --deployment` JSON (None for a colocated plan)."""
     if option.prefill is None or option.decode is None:
         return None
-    cpus = cpus_per_instance
-    instances = []
-    for _ in range(units):
-        instances += [{"role": "prefill", "num_cpus": cpus, "num_gpus": option.prefill.devices}] * option.num_prefill
-        instances += [{"role": "decode", "num_cpus": cpus, "num_gpus": option.decode.devices}] * option.num_decode
+    unit = ([InstanceSpec("prefill", cpus_per_instance, option.prefill.devices)] * option.num_prefill
+            + [InstanceSpec("decode", cpus_per_instance, option.decode.devices)] * option.num_decode)
     # Low affinity: a unit's prefill and decode segments must share nodes (KV over NVLink).
     strategy = "STRICT_PACK" if option.kind == "low-affinity" and units == 1 else "PACK"
-    return {"placement_strategy": strategy, "instances": instances}
+    return DeploymentSpec(tuple(unit * units), strategy).to_dict()
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

@@ -18,8 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kvflow.config import EngineConfig
 from kvflow.sim.analytical import InstanceProfile
 from kvflow.sim.instance import InstanceSpec
+from kvflow.sim.latency import LatencyModel
 
 PROFILE_KIND = "kvflow-profile"
 
@@ -33,6 +35,13 @@ class EngineSettings:
     max_num_batched_tokens: int = 2048
     chunked_prefill: bool = True
     policy: str = "mixed"  # the colocated scheduler (kvflow/sim/instance.py: SCHEDULING_POLICIES)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> EngineSettings:
+        """The settings of an engine built from `config` (so a profile never drifts from the engine's defaults)."""
+        sched = config.scheduler
+        return cls(config.cache.block_size, sched.max_num_seqs, sched.max_num_batched_tokens,
+                   sched.enable_chunked_prefill)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -63,6 +72,15 @@ class Profile:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1))
         return path
+
+
+def describe_latency(latency: LatencyModel) -> list[str]:
+    """The fitted coefficients, as `kvflow profile` prints them."""
+    p, d = latency.prefill, latency.decode
+    return [f"prefill: {p.coef[0] * 1e3:.3f} ms + {p.coef[1] * 1e6:.3f} us/token + {p.coef[2] * 1e9:.4f} ns/token^2 "
+            f"(fit error {100 * p.mape:.1f} % over {p.num_samples} samples)",
+            f"decode:  {d.coef[0] * 1e3:.3f} ms + {d.coef[1] * 1e9:.3f} ns/context token + "
+            f"{d.coef[2] * 1e6:.1f} us/seq (fit error {100 * d.mape:.1f} % over {d.num_samples} samples)"]
 
 
 def load_profile(path: str | Path) -> Profile:

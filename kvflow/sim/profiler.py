@@ -25,8 +25,6 @@ import numpy as np
 from kvflow.config import EngineConfig
 from kvflow.sim.latency import LatencyModel, decode_features, fit_linear, prefill_features
 
-PROFILE_KIND = "kvflow-profile"
-
 
 @dataclass(frozen=True)
 class ProfileGrid:

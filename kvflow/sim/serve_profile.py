@@ -99,11 +99,15 @@ class ProfiledServer:
         self._out.close()
 
     def step_records(self) -> list[tuple[list[tuple[int, int]], list[int], float]]:
-        records = []
-        for path in sorted(self.log_dir.glob("steps*")):
-            steps = [json.loads(line) for line in path.read_text().splitlines()]
-            records += step_periods(steps)
-        return records
+        return read_step_logs(self.log_dir)
+
+
+def read_step_logs(log_dir: Path) -> list[tuple[list[tuple[int, int]], list[int], float]]:
+    """Every instance's step log in `log_dir`, as (prompt chunks, decode contexts, seconds) per step."""
+    records = []
+    for path in sorted(log_dir.glob("steps*")):
+        records += step_periods([json.loads(line) for line in path.read_text().splitlines()])
+    return records
 
 
 # A gap after a step shorter than this is the core loop's own work (taking in requests, polling);

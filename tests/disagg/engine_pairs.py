@@ -4,12 +4,14 @@ behaviour without processes or HTTP in the way."""
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from pathlib import Path
 
 from kvflow.config import EngineConfig, KVTransferConfig
-from kvflow.disagg.wire import KVTransferParams
+from kvflow.disagg.router import instance_specs
 from kvflow.engine.core import EngineCore, EngineCoreOutput
+from kvflow.engine.input_processor import CoreRequestSpec, build_core_requests
 from kvflow.engine.request import Request
 from kvflow.sampling import SamplingParams
 
@@ -19,6 +21,17 @@ def make_core(model: Path, transfer: KVTransferConfig | None = None, **engine: o
     args.update(engine)
     config = EngineConfig.create(str(model), **args)
     return EngineCore(dataclasses.replace(config, kv_transfer=transfer))
+
+
+def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
+
+
+def assert_all_blocks_free(*cores: EngineCore) -> None:
+    for core in cores:
+        leaked = core.kv.num_blocks - core.kv.num_free_blocks
+        assert leaked == 0, f"{leaked} blocks leaked"
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -35,21 +48,28 @@ def run_colocated(core: EngineCore, prompts: list[list[int]], params: SamplingPa
     return tokens
 
 
+def submit_group(prefill: EngineCore, decode: EngineCore, group: list[CoreRequestSpec]) -> None:
+    """What the router does (its own `instance_specs`): the prompt to the prefill instance (one
+    token), the whole request to the decode instance, which pulls the KV from the prefill instance."""
+    prefill_specs, decode_specs = instance_specs(group, source=prefill.connector.address)
+    for request in build_core_requests(prefill_specs):
+        prefill.add_request(request)
+    for request in build_core_requests(decode_specs):
+        decode.add_request(request)
+
+
 def submit(prefill: EngineCore, decode: EngineCore, request_id: str, ids: list[int], params: SamplingParams) -> None:
-    """What the router does: the prompt to the prefill instance (one token), the whole request to
-    the decode instance, which pulls the KV from the prefill instance."""
-    first_only = params.model_copy(update={"max_tokens": 1})
-    prefill.add_request(Request(request_id, ids, first_only, kv_transfer=KVTransferParams(request_id)))
-    source = prefill.connector.address
-    decode.add_request(Request(request_id, ids, params, kv_transfer=KVTransferParams(request_id, source)))
+    """One sequence, as `submit_group` sends it."""
+    spec = CoreRequestSpec(request_id, ids, params, (), time.monotonic(), decode.config.model.max_model_len)
+    submit_group(prefill, decode, [spec])
 
 
 def drive(prefill: EngineCore, decode: EngineCore, timeout: float = 60.0,
-          tokens: dict[str, list[int]] | None = None, first_token_times: dict[str, float] | None = None,
+          first_token_times: dict[str, float] | None = None,
           outputs: list[EngineCoreOutput] | None = None) -> dict[str, list[int]]:
     """Step both instances until every request is done and the prefill side has freed its blocks
     (the decode side's outputs go to `outputs` too, when given)."""
-    tokens = {} if tokens is None else tokens
+    tokens: dict[str, list[int]] = {}
     deadline = time.monotonic() + timeout
     while (decode.has_unfinished_requests() or prefill.has_unfinished_requests()
            or prefill.transfers_pending or decode.transfers_pending):

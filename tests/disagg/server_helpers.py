@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -64,3 +66,22 @@ def instances(url: str) -> dict:
     return httpx.get(f"{url}/health").json()["instances"]
 
 
+
+
+def kill_decode_before_first_tokens(url: str, expected: list[tuple[str, list[str], int]]) -> None:
+    """Freeze the prefill instance so requests reach both instances with no token out yet, kill
+    decode-0 once it holds some, resume: every request must still complete as `expected`
+    (resubmitted to another decode instance)."""
+    info = instances(url)
+    decode0, prefill = info["decode-0"]["pid"], info["prefill-0"]["pid"]
+    os.kill(prefill, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(complete_all, url)
+            assert wait_until(lambda: instances(url)["decode-0"]["in_flight"] > 0)
+            os.kill(decode0, signal.SIGKILL)
+            assert wait_until(lambda: not instances(url)["decode-0"]["alive"])
+            os.kill(prefill, signal.SIGCONT)
+            assert pending.result(timeout=60) == expected  # resubmitted to decode-1
+    finally:
+        os.kill(prefill, signal.SIGCONT)

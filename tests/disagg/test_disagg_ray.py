@@ -11,13 +11,19 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.disagg.server_helpers import Servers, complete_all, instances, metric, wait_until
+from tests.disagg.server_helpers import (
+    Servers,
+    complete_all,
+    instances,
+    kill_decode_before_first_tokens,
+    metric,
+    wait_until,
+)
 from tests.server.server_utils import ServerProcess, free_port, kill_group
 
 pytest.importorskip("ray")
@@ -126,19 +132,8 @@ def test_ray_instance_deaths_are_retried_then_reported(ray_start, ray_head, tmp_
     expected = complete_all(srv.url)
     info = instances(srv.url)
     assert info["prefill-0"]["kv_address"].startswith(ray_head.node_ip() + ":")
-    decode0, prefill = info["decode-0"]["pid"], info["prefill-0"]["pid"]
-    # Freeze the prefill actor: requests reach both instances, and none has a token yet.
-    os.kill(prefill, signal.SIGSTOP)
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(complete_all, srv.url)
-            assert wait_until(lambda: instances(srv.url)["decode-0"]["in_flight"] > 0)
-            os.kill(decode0, signal.SIGKILL)
-            assert wait_until(lambda: not instances(srv.url)["decode-0"]["alive"])
-            os.kill(prefill, signal.SIGCONT)
-            assert pending.result(timeout=60) == expected  # resubmitted to decode-1
-    finally:
-        os.kill(prefill, signal.SIGCONT)
+    prefill = info["prefill-0"]["pid"]
+    kill_decode_before_first_tokens(srv.url, expected)
     assert "Ray" in instances(srv.url)["decode-0"]["error"]
     # The prefill actor dies too: decode-1 computes the prompts itself.
     os.kill(prefill, signal.SIGKILL)

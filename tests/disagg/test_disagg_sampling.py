@@ -11,14 +11,12 @@ import torch
 
 from kvflow.config import KVTransferConfig
 from kvflow.disagg.kv_layout import gather_layer, scatter_layer
-from kvflow.disagg.router import instance_specs
 from kvflow.engine.core import EngineCore, EngineCoreOutput
 from kvflow.engine.input_processor import CoreRequestSpec, InputProcessor, build_core_requests
 from kvflow.engine.request import TokenLogprobs
 from kvflow.sampler import Sampler, SamplingBatch, advance_generator
 from kvflow.sampling import SamplingParams
-from tests.disagg.engine_pairs import drive, make_core
-from tests.disagg.test_kv_transfer import assert_all_blocks_free, prompts
+from tests.disagg.engine_pairs import assert_all_blocks_free, drive, make_core, prompts, submit_group
 
 ATOL = 1e-5  # logprobs: the same fp32 computation, batched differently
 
@@ -60,11 +58,7 @@ def run_disaggregated(prefill: EngineCore, decode: EngineCore, groups: list[list
                       ) -> dict[str, Sequence]:
     """Each group goes to the pair as the router sends it; then no load fell back, no block leaked."""
     for group in groups:
-        prefill_specs, decode_specs = instance_specs(group, source=prefill.connector.address)
-        for request in build_core_requests(prefill_specs):
-            prefill.add_request(request)
-        for request in build_core_requests(decode_specs):
-            decode.add_request(request)
+        submit_group(prefill, decode, group)
     outputs: list[EngineCoreOutput] = []
     drive(prefill, decode, outputs=outputs)
     assert decode.scheduler.num_kv_load_failures == 0

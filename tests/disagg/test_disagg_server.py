@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.disagg.server_helpers import PROMPTS, complete_all, instances, metric, wait_until
+from tests.disagg.server_helpers import (
+    PROMPTS,
+    complete_all,
+    instances,
+    kill_decode_before_first_tokens,
+    metric,
+    wait_until,
+)
 from tests.server.server_utils import group_members
 
 
@@ -68,48 +73,25 @@ def test_dead_prefill_instance_is_routed_around(start):
     expected = complete_all(srv.url)
     victim = instances(srv.url)["prefill-0"]["pid"]
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while instances(srv.url)["prefill-0"]["alive"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert wait_until(lambda: not instances(srv.url)["prefill-0"]["alive"])
     assert "SIGKILL" in instances(srv.url)["prefill-0"]["error"]
     assert httpx.get(f"{srv.url}/health").status_code == 200  # still serving
     assert complete_all(srv.url) == expected
     # The last prefill instance gone too: decode instances compute the prompts themselves.
     os.kill(instances(srv.url)["prefill-1"]["pid"], signal.SIGKILL)
-    while instances(srv.url)["prefill-1"]["alive"]:
-        assert time.monotonic() < deadline + 10
-        time.sleep(0.05)
+    assert wait_until(lambda: not instances(srv.url)["prefill-1"]["alive"])
     assert complete_all(srv.url) == expected
 
 
 def test_dead_decode_instance_requests_are_retried_or_fail_clearly(start):
     srv = start("--disagg", "--prefill", "1", "--decode", "2")
-    expected = complete_all(srv.url)
-    info = instances(srv.url)
-    decode0, prefill = info["decode-0"]["pid"], info["prefill-0"]["pid"]
-    # Freeze the prefill instance: requests reach both instances, and none has a token yet.
-    os.kill(prefill, signal.SIGSTOP)
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(complete_all, srv.url)
-            time.sleep(1.0)
-            assert instances(srv.url)["decode-0"]["in_flight"] > 0
-            os.kill(decode0, signal.SIGKILL)
-            time.sleep(0.5)
-            os.kill(prefill, signal.SIGCONT)
-            assert pending.result(timeout=60) == expected  # resubmitted to decode-1
-    finally:
-        os.kill(prefill, signal.SIGCONT)
+    kill_decode_before_first_tokens(srv.url, complete_all(srv.url))
     state = instances(srv.url)
     assert not state["decode-0"]["alive"] and state["decode-1"]["alive"]
     assert httpx.get(f"{srv.url}/health").status_code == 200
     # Mid-stream deaths fail clearly, never hang; with no decode instance left, 503.
     os.kill(state["decode-1"]["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{srv.url}/health").status_code != 503:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert wait_until(lambda: httpx.get(f"{srv.url}/health").status_code == 503)
     r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
     assert wait_until(lambda: metric(srv.url, "kvflow:kv_cache_usage_perc") == 0), instances(srv.url)  # live ones

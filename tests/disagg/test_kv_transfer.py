@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 
 import pytest
@@ -10,20 +9,17 @@ import torch
 
 from kvflow.config import KVTransferConfig
 from kvflow.disagg.kv_layout import gather_layer, scatter_layer
-from tests.disagg.engine_pairs import drive, greedy, make_core, run_colocated, submit
+from tests.disagg.engine_pairs import (
+    assert_all_blocks_free,
+    drive,
+    greedy,
+    make_core,
+    prompts,
+    run_colocated,
+    submit,
+)
 
 MIXED_LENGTHS = [3, 4, 5, 17, 40, 64, 100]
-
-
-def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
-
-
-def assert_all_blocks_free(*cores) -> None:
-    for core in cores:
-        leaked = core.kv.num_blocks - core.kv.num_free_blocks
-        assert leaked == 0, f"{leaked} blocks leaked"
 
 
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
@@ -77,15 +73,16 @@ def test_layerwise_streaming_overlaps_transfer_with_compute(llama_dir):
             time.sleep(delay)  # a model whose layers take `delay` each
             slow(layer)
 
+        prefill.runner.connector = prefill.connector  # whole mode too: both modes pay the per-layer delay
         prefill.runner.connector.layer_done = computed
         prefill.connector.begin_step = _always_hooked(prefill.connector.begin_step)
         submit(prefill, decode, "r0", prompts([20])[0], greedy(2))
         start, firsts = time.monotonic(), {}
         drive(prefill, decode, first_token_times=firsts)
         ttft[mode] = firsts["r0"] - start
+        layers = prefill.config.model.num_layers
         prefill.close()
         decode.close()
-    layers = make_core(llama_dir).config.model.num_layers
     # whole ≈ layers·(compute + send); layer-wise ≈ layers·compute + send
     assert ttft["layerwise"] < ttft["whole"] - 0.5 * (layers - 1) * delay, ttft
 

@@ -1,7 +1,7 @@
 """Property-based fuzzing of every route in /openapi.json (schemathesis): never a 5xx, never a crash.
 
 Valid token limits and `n` are capped before sending, so no generated request is expensive;
-hypothesis is derandomized so a failure reproduces.
+hypothesis is derandomized (the suite's default profile, tests/conftest.py) so a failure reproduces.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))  # derandomized: tests/conftest.py
 def test_no_server_errors(case):
     cap_generation(case)
     case.call_and_validate(checks=[not_a_server_error], timeout=60)

@@ -87,8 +87,7 @@ def _attainment_curve(doc: dict[str, Any], metric: str | None, scales: np.ndarra
 def plot_run(doc: dict[str, Any], out_dir: str | Path, stem: str) -> list[Path]:
     """Write ``STEM-cdf.png`` and, when SLOs were given, ``STEM-attainment.png``; return paths."""
     plt = pyplot()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # save_figure creates it
     slos = _slos(doc)
     paths: list[Path] = []
 

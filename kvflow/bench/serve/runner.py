@@ -191,8 +191,10 @@ async def run_async(cfg: ServeBenchConfig, log: Log = _stderr) -> dict[str, Any]
         results, duration = await send_all(
             session, target, requests, offsets, cfg.max_concurrency, cfg.progress
         )
-        await asyncio.sleep(0.5)  # transfer acknowledgements reach the front a step after the tokens
-        server = run_figures(before, await scrape(session, cfg.base_url))
+        server = None
+        if before is not None:  # a kvflow server
+            await asyncio.sleep(0.5)  # transfer acknowledgements reach the front a step after the tokens
+            server = run_figures(before, await scrape(session, cfg.base_url))
     return {
         "kind": RESULT_KIND,
         "version": 1,
