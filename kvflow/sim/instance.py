@@ -15,7 +15,6 @@ while budget, sequence slots and blocks last. Roles:
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvflow.sim.latency import LatencyModel
+from kvflow.sim.noise import JitterProcess
 from kvflow.sim.workload import SimRequest
 
 SCHEDULING_POLICIES = ("mixed", "prefill-first")
@@ -88,9 +88,11 @@ class InstanceSim:
                  rng: np.random.Generator | None = None) -> None:
         """`on_load_start(instance, seq, now)`: a decode instance has allocated a sequence's blocks
         and starts pulling its KV (the simulator decides when it lands). `rng` draws each
-        iteration's jitter when the latency model has a noise spread."""
+        iteration's jitter (kvflow/sim/noise.py) when the latency model has a noise spread."""
         self.name, self.role, self.spec = name, role, spec
-        self.rng = rng
+        lat = spec.latency
+        self.jitter = (JitterProcess(lat.noise_sigma, lat.noise_memory, lat.noise_tau_s, rng)
+                       if rng is not None and lat.noise_sigma > 0 else None)
         self.on_load_start = on_load_start
         self.free_blocks = spec.num_blocks
         self.waiting: deque[Seq] = deque()
@@ -171,9 +173,8 @@ class InstanceSim:
         seconds = self.spec.latency.iteration_time(
             [(n, s.computed) for s, n in chunks if s.computed < s.request.prompt_len],
             [s.num_tokens for s, n in chunks if s.computed >= s.request.prompt_len])
-        sigma = self.spec.latency.noise_sigma
-        if sigma and self.rng is not None:
-            seconds *= math.exp(sigma * self.rng.standard_normal())
+        if self.jitter is not None:
+            seconds *= self.jitter.factor(now)
         self.busy_seconds += seconds
         return Iteration(chunks, loaded, now, now + seconds)
 

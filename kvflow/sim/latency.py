@@ -127,9 +127,13 @@ class LatencyModel:
     prefill_factors: tuple[tuple[int, float], ...] = ()
     decode_factors: tuple[tuple[int, float], ...] = ()
     # Spread of measured steps around the model: the standard deviation of log(measured / model).
-    # A simulator draws each iteration's time as model × exp(noise_sigma · N(0, 1)) (median kept),
-    # so latency tails reflect a real machine's jitter rather than a deterministic one's.
+    # A simulator draws each iteration's time as model × exp(jitter) (median kept), so latency
+    # tails reflect a real machine's jitter rather than a deterministic one's. `noise_memory` is
+    # the share of that variance which persists for about `noise_tau_s` seconds (slow spells, see
+    # kvflow/sim/noise.py); the rest is drawn afresh each iteration.
     noise_sigma: float = 0.0
+    noise_memory: float = 0.0
+    noise_tau_s: float = 0.0
 
     def prefill_time(self, lengths: Sequence[int]) -> float:
         """Seconds for one iteration that computes these whole prompts."""
@@ -167,7 +171,8 @@ class LatencyModel:
     def to_dict(self) -> dict[str, object]:
         return {"prefill": self.prefill.to_dict(), "decode": self.decode.to_dict(),
                 "prefill_factors": [list(f) for f in self.prefill_factors],
-                "decode_factors": [list(f) for f in self.decode_factors], "noise_sigma": self.noise_sigma}
+                "decode_factors": [list(f) for f in self.decode_factors], "noise_sigma": self.noise_sigma,
+                "noise_memory": self.noise_memory, "noise_tau_s": self.noise_tau_s}
 
     @classmethod
     def from_dict(cls, doc: dict[str, object]) -> LatencyModel:
@@ -176,7 +181,8 @@ class LatencyModel:
 
         return cls(Fit.from_dict(doc["prefill"]), Fit.from_dict(doc["decode"]),  # type: ignore[arg-type]
                    factors("prefill_factors"), factors("decode_factors"),
-                   float(doc.get("noise_sigma", 0.0)))  # type: ignore[arg-type]
+                   float(doc.get("noise_sigma", 0.0)), float(doc.get("noise_memory", 0.0)),  # type: ignore[arg-type]
+                   float(doc.get("noise_tau_s", 0.0)))  # type: ignore[arg-type]
 
 
 def bucket(size: int) -> int:

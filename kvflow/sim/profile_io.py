@@ -80,7 +80,9 @@ def describe_latency(latency: LatencyModel) -> list[str]:
     return [f"prefill: {p.coef[0] * 1e3:.3f} ms + {p.coef[1] * 1e6:.3f} us/token + {p.coef[2] * 1e9:.4f} ns/token^2 "
             f"(fit error {100 * p.mape:.1f} % over {p.num_samples} samples)",
             f"decode:  {d.coef[0] * 1e3:.3f} ms + {d.coef[1] * 1e9:.3f} ns/context token + "
-            f"{d.coef[2] * 1e6:.1f} us/seq (fit error {100 * d.mape:.1f} % over {d.num_samples} samples)"]
+            f"{d.coef[2] * 1e6:.1f} us/seq (fit error {100 * d.mape:.1f} % over {d.num_samples} samples)",
+            f"jitter:  sigma {latency.noise_sigma:.3f} (log), {100 * latency.noise_memory:.0f} % of it lasting "
+            f"~{latency.noise_tau_s * 1e3:.0f} ms"]
 
 
 def load_profile(path: str | Path) -> Profile:

@@ -41,17 +41,18 @@ def _fit_loads(loads: tuple[Load, ...], max_model_len: int) -> tuple[Load, ...]:
 
 def refit(path: Path) -> int:
     """Fit a saved `--serve` profile again from its step logs (no server): for a newer model form."""
-    from kvflow.sim.profile_io import load_profile
-    from kvflow.sim.serve_profile import fit_server_steps, read_step_logs
+    from kvflow.sim.profile_io import describe_latency, load_profile
+    from kvflow.sim.serve_profile import fit_server_steps, read_step_series
 
     profile = load_profile(path)
     log_dir = Path(profile.extra["calibration"]["step_logs"])
-    records = read_step_logs(log_dir)
-    latency, errors = fit_server_steps(records)
+    series = read_step_series(log_dir)
+    latency, errors = fit_server_steps(series)
     profile.instance = dataclasses.replace(profile.instance, latency=latency)
     profile.extra["fit"] = errors
     profile.save(path)
-    print(f"refitted {len(records)} steps from {log_dir}: noise {latency.noise_sigma:.3f}; saved {path}")
+    print(f"refitted {sum(len(steps) for steps, _ in series)} steps from {log_dir}; saved {path}")
+    print("\n".join(describe_latency(latency)))
     return 0
 
 
@@ -89,8 +90,9 @@ def profile_serving(args: argparse.Namespace) -> int:
         blocks = server.gauge("kvflow:kv_cache_blocks")  # over every instance
     finally:
         server.stop()
-    records = server.step_records()
-    latency, errors = fit_server_steps(records)
+    series = server.step_series()
+    records = [step for steps, _ in series for step in steps]
+    latency, errors = fit_server_steps(series)
     shape = ModelShape.from_pretrained(model)
     machine = hardware_description(0)
     instances = max(1, num_prefill + num_decode)

@@ -13,7 +13,9 @@ client (`frontend_s`), as the median gap between measured and simulated TTFT on 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import math
 import os
 import shlex
 import signal
@@ -27,10 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from kvflow.bench.serve.config import ServeBenchConfig
 from kvflow.bench.serve.runner import run_async
 from kvflow.sim.latency import LatencyModel, fit_iterations, iteration_errors, learn_factors
+from kvflow.sim.noise import fit_memory
+
+Step = tuple[list[tuple[int, int]], list[int], float]  # (prompt chunks, decode contexts, seconds)
 
 
 @dataclass(frozen=True)
@@ -98,16 +104,19 @@ class ProfiledServer:
                 self.proc.wait()
         self._out.close()
 
-    def step_records(self) -> list[tuple[list[tuple[int, int]], list[int], float]]:
-        return read_step_logs(self.log_dir)
+    def step_series(self) -> list[tuple[list[Step], list[float]]]:
+        return read_step_series(self.log_dir)
 
 
-def read_step_logs(log_dir: Path) -> list[tuple[list[tuple[int, int]], list[int], float]]:
+def read_step_series(log_dir: Path) -> list[tuple[list[Step], list[float]]]:
+    """Every instance's step log in `log_dir`: its steps and their start times (s), in time order."""
+    return [step_series([json.loads(line) for line in path.read_text().splitlines()])
+            for path in sorted(log_dir.glob("steps*"))]
+
+
+def read_step_logs(log_dir: Path) -> list[Step]:
     """Every instance's step log in `log_dir`, as (prompt chunks, decode contexts, seconds) per step."""
-    records = []
-    for path in sorted(log_dir.glob("steps*")):
-        records += step_periods([json.loads(line) for line in path.read_text().splitlines()])
-    return records
+    return [step for steps, _ in read_step_series(log_dir) for step in steps]
 
 
 # A gap after a step shorter than this is the core loop's own work (taking in requests, polling);
@@ -115,9 +124,9 @@ def read_step_logs(log_dir: Path) -> list[tuple[list[tuple[int, int]], list[int]
 LOOP_GAP_S = 0.005
 
 
-def step_periods(steps: list[dict[str, Any]]) -> list[tuple[list[tuple[int, int]], list[int], float]]:
+def step_series(steps: list[dict[str, Any]]) -> tuple[list[Step], list[float]]:
     """Each step's share of the instance's time: from its start to the next step's start while the
-    loop stays busy (what the clients see between tokens), else its own duration."""
+    loop stays busy (what the clients see between tokens), else its own duration; and its start."""
     steps = sorted(steps, key=lambda step: step["t"])
     records = []
     for step, nxt in zip(steps, [*steps[1:], None]):
@@ -125,7 +134,7 @@ def step_periods(steps: list[dict[str, Any]]) -> list[tuple[list[tuple[int, int]
         if nxt is not None and 0 <= nxt["t"] - step["t"] - took < LOOP_GAP_S:
             took = nxt["t"] - step["t"]
         records.append(([tuple(c) for c in step["p"]], step["d"], took))
-    return records
+    return records, [step["t"] for step in steps]
 
 
 def run_loads(url: str, model: str | None, tokenizer: str, loads: tuple[Load, ...], seed: int) -> list[dict[str, Any]]:
@@ -150,12 +159,19 @@ def frontend_delay(docs: list[dict[str, Any]], simulate: Any) -> float:
     return max(0.0, statistics.median(gaps)) if gaps else 0.0
 
 
-def fit_server_steps(records: list[tuple[list[tuple[int, int]], list[int], float]]
+def fit_server_steps(series: list[tuple[list[Step], list[float]]]
                      ) -> tuple[LatencyModel, dict[str, dict[str, float]]]:
-    """The DistServe form fitted to the steps, with per-bucket corrections learned on top; and
-    the error of each (per kind of step) on those steps."""
+    """The DistServe form fitted to every instance's steps, with per-bucket corrections learned on
+    top and the jitter around them (its spread, and how much of it persists over time); and the
+    error of each (per kind of step) on those steps."""
+    records = [step for steps, _ in series for step in steps]
     if len(records) < 10:
         raise RuntimeError(f"only {len(records)} steps were logged: the calibration loads did not run")
     form = fit_iterations(records)
     model = learn_factors(form, records)
+    residuals = [(np.array([math.log(took / model.iteration_time(chunks, contexts))
+                            for chunks, contexts, took in steps]),
+                  np.asarray(times)) for steps, times in series if steps]
+    memory, tau = fit_memory(residuals)
+    model = dataclasses.replace(model, noise_memory=memory, noise_tau_s=tau)
     return model, {"form": iteration_errors(form, records), "corrected": iteration_errors(model, records)}

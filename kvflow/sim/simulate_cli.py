@@ -8,14 +8,18 @@ Results are written in `kvflow bench serve`'s format (`"simulated": true`), so i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kvflow.bench.serve.metrics import DEFAULT_PERCENTILES, parse_goodput, parse_percentiles, percentile_key, summarize
 from kvflow.sim.profile_io import Profile, load_profile
 from kvflow.sim.simulator import Deployment, SimResult, Simulator, TransferSpec
+from kvflow.sim.validate import ValidationReport, validation_errors
 from kvflow.sim.workload import SimRequest, from_bench_result, poisson_requests, trace_requests
 
 
@@ -103,23 +107,6 @@ def _frontend_s(args: argparse.Namespace, profile: Profile) -> float:
     return float(profile.extra.get("frontend_s", 0.0))
 
 
-def validation_errors(measured: dict[str, Any], simulated: dict[str, Any]) -> dict[str, float]:
-    """Relative errors (simulated / measured − 1) of TTFT and TPOT p50/p90, and the attainment
-    difference in points: the validation criteria (within 10 %, within ±3 points)."""
-    errors = {}
-    for metric in ("ttft_ms", "tpot_ms"):
-        for p in (50, 90):
-            key = percentile_key(p)
-            m, s = measured[metric].get(key), simulated[metric].get(key)
-            if m and s is not None:
-                errors[f"{metric[:4]}_{key}"] = s / m - 1
-    m_att = measured.get("goodput", {}).get("attainment", {}).get("all")
-    s_att = simulated.get("goodput", {}).get("attainment", {}).get("all")
-    if m_att is not None and s_att is not None:
-        errors["attainment_points"] = 100 * (s_att - m_att)
-    return errors
-
-
 def _error_row(name: str, measured: dict[str, Any], simulated: dict[str, Any]) -> str:
     e = validation_errors(measured, simulated)
 
@@ -130,33 +117,71 @@ def _error_row(name: str, measured: dict[str, Any], simulated: dict[str, Any]) -
     return f"| {name} | {pct('ttft_p50')} / {pct('ttft_p90')} | {pct('tpot_p50')} / {pct('tpot_p90')} | {points} | |"
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    profile = load_profile(args.profile)
-    decode = load_profile(args.decode_profile) if args.decode_profile else None
-    deployment = build_deployment(profile, decode, args.colocated or 0, args.prefill, args.decode,
-                                  args.kv_transfer_mode, args.link_bandwidth * 1e9 if args.link_bandwidth else None,
-                                  args.transfer_latency_ms / 1e3, _frontend_s(args, profile))
-    percentiles = parse_percentiles(args.percentiles) if args.percentiles else DEFAULT_PERCENTILES
-    runs: list[tuple[str, list[SimRequest], dict[str, float], dict[str, Any] | None]] = []
+def _refit_to_steps(profile: Profile, log_dir: str) -> Profile:
+    """The profile with its latency model fitted to the step logs in `log_dir` instead."""
+    from kvflow.sim.serve_profile import fit_server_steps, read_step_series
+
+    series = read_step_series(Path(log_dir))
+    if not series:
+        raise ValueError(f"no step logs (steps*) in {log_dir}: run `kvflow serve --step-log {log_dir}/steps`")
+    latency, _ = fit_server_steps(series)
+    return dataclasses.replace(profile, instance=dataclasses.replace(profile.instance, latency=latency))
+
+
+Run = tuple[str, list[SimRequest], dict[str, float], dict[str, Any] | None, Path | None]  # name, requests, SLOs,
+# the measured result (None: a synthetic workload) and its path
+
+
+def _replayed_runs(args: argparse.Namespace) -> list[Run]:
+    runs: list[Run] = []
     for path in args.replay or []:
         doc = json.loads(Path(path).read_text())
         recorded = doc.get("summary", {}).get("goodput", {}).get("slos_ms", {})
         slos = parse_goodput(args.goodput) if args.goodput else recorded
         runs.append((f"{doc.get('label', Path(path).stem)} @ {doc.get('rate_label', '?')}", from_bench_result(doc),
-                     slos, doc))
+                     slos, doc, Path(path)))
+    return runs
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    base = load_profile(args.profile)
+    own_steps = args.fit_steps == "own"  # each replayed run's own step logs, next to its result
+    if own_steps and not args.replay:
+        raise ValueError("--fit-steps own needs --replay")
+    profile = _refit_to_steps(base, args.fit_steps) if args.fit_steps and not own_steps else base
+    decode = load_profile(args.decode_profile) if args.decode_profile else None
+
+    def deployment_of(prof: Profile) -> Deployment:
+        return build_deployment(prof, decode, args.colocated or 0, args.prefill, args.decode, args.kv_transfer_mode,
+                                args.link_bandwidth * 1e9 if args.link_bandwidth else None,
+                                args.transfer_latency_ms / 1e3, _frontend_s(args, prof))
+
+    deployment = deployment_of(profile)
+    percentiles = parse_percentiles(args.percentiles) if args.percentiles else DEFAULT_PERCENTILES
+    runs = _replayed_runs(args)
     if not runs:
-        runs.append((args.label or "simulated", _workload(args), parse_goodput(args.goodput or []), None))
+        runs.append((args.label or "simulated", _workload(args), parse_goodput(args.goodput or []), None, None))
     print("| run | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) | SLO attainment (%) | goodput (req/s) |")
     print("|---|---|---|---|---|")
     cost = deployment_economics(profile, decode, args.colocated or 0, args.prefill, args.decode)
-    for name, requests, slos, measured in runs:
-        sim = Simulator(deployment, args.seed).run(requests)
-        doc = result_doc(sim, requests, f"sim-{name}", slos, percentiles, args.profile, cost)
+    report = ValidationReport()
+    for name, requests, slos, measured, path in runs:
+        if own_steps and path is not None:
+            deployment = deployment_of(_refit_to_steps(base, str(path.parent)))
+        docs = [result_doc(Simulator(deployment, args.seed + k).run(requests), requests, f"sim-{name}", slos,
+                           percentiles, args.profile, cost) for k in range(args.repeats)]
+        doc = docs[0]
+        if args.repeats > 1:  # the jitter makes each simulation one draw: report the median draw
+            doc["summary"] = median_summary([d["summary"] for d in docs])
+            doc["repeats"] = args.repeats
         if measured is not None:
             measured_summary = summarize_measured(measured, slos, percentiles)
             print(_row(f"{name} measured", measured_summary))
             print(_row(f"{name} simulated", doc["summary"]))
             print(_error_row(f"{name} error", measured_summary, doc["summary"]))
+            report.add(name, measured, measured_summary, doc["summary"])
         else:
             print(_row(f"{name} simulated", doc["summary"]))
         if args.out:
@@ -164,11 +189,26 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
             stem = "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
             (out / f"sim-{stem}.json").write_text(json.dumps(doc, default=float))
+    for line in report.lines():
+        print(line)
     money = doc["economics"]
     print(f"deployment: {deployment.num_instances} instances, ${money['cost_per_hour']:.2f}/h, "
           f"{money['power_w']:.0f} W; last run: ${money['dollars_per_1k_requests']:.4f} and "
           f"{money['kwh_per_1k_requests']:.4f} kWh per 1,000 requests")
     return 0
+
+
+def median_summary(summaries: list[Any]) -> Any:
+    """Field by field, the median of several simulated summaries of the same run (numbers are
+    medians; anything else is the first one's)."""
+    first = summaries[0]
+    if isinstance(first, dict):
+        return {key: median_summary([s[key] for s in summaries if isinstance(s, dict) and key in s])
+                for key in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        values = [float(s) for s in summaries if isinstance(s, (int, float))]
+        return float(np.median(values)) if values else first
+    return first
 
 
 def summarize_measured(doc: dict[str, Any], slos: dict[str, float], percentiles: tuple[float, ...]) -> dict[str, Any]:
@@ -195,6 +235,11 @@ def register_simulate(sub: Any) -> None:
     sim.add_argument("--transfer-latency-ms", type=float, default=0.0, help="fixed cost per transfer")
     sim.add_argument("--frontend-ms", type=float, default=None,
                      help="added to every token's delivery (default: the profile's calibrated value, else 0)")
+    sim.add_argument("--fit-steps", default=None, metavar="DIR|own",
+                     help="fit the latency model to the step logs in DIR (`kvflow serve --step-log DIR/steps`) "
+                          "instead of the profile's; 'own': each replayed run to the step logs in its result's "
+                          "directory. Simulates with the latencies a recorded run really had, which separates the "
+                          "simulator's own error from the machine's drift since profiling")
     sim.add_argument("--replay", nargs="+", default=None, help="`kvflow bench serve` results to replay and compare")
     sim.add_argument("--dataset", choices=("random", "trace"), default="random")
     sim.add_argument("--num-prompts", type=int, default=None)
@@ -206,6 +251,9 @@ def register_simulate(sub: Any) -> None:
     sim.add_argument("--max-input-len", type=int, default=None)
     sim.add_argument("--max-output-len", type=int, default=None)
     sim.add_argument("--seed", type=int, default=0, help="of the workload and of the iteration jitter")
+    sim.add_argument("--repeats", type=int, default=1,
+                     help="simulate each run this many times (seeds --seed, --seed+1, ...) and report the "
+                          "median of each figure: the jitter makes one simulation one draw")
     sim.add_argument("--goodput", nargs="*", default=None, metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50")
     sim.add_argument("--percentiles", default=None)
     sim.add_argument("--label", default=None)
