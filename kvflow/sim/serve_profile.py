@@ -114,11 +114,6 @@ def read_step_series(log_dir: Path) -> list[tuple[list[Step], list[float]]]:
             for path in sorted(log_dir.glob("steps*"))]
 
 
-def read_step_logs(log_dir: Path) -> list[Step]:
-    """Every instance's step log in `log_dir`, as (prompt chunks, decode contexts, seconds) per step."""
-    return [step for steps, _ in read_step_series(log_dir) for step in steps]
-
-
 # A gap after a step shorter than this is the core loop's own work (taking in requests, polling);
 # a longer one is idle time.
 LOOP_GAP_S = 0.005
@@ -166,12 +161,15 @@ def fit_server_steps(series: list[tuple[list[Step], list[float]]]
     error of each (per kind of step) on those steps."""
     records = [step for steps, _ in series for step in steps]
     if len(records) < 10:
-        raise RuntimeError(f"only {len(records)} steps were logged: the calibration loads did not run")
+        raise ValueError(f"only {len(records)} steps were logged: too few to fit a latency model")
     form = fit_iterations(records)
     model = learn_factors(form, records)
-    residuals = [(np.array([math.log(took / model.iteration_time(chunks, contexts))
-                            for chunks, contexts, took in steps]),
-                  np.asarray(times)) for steps, times in series if steps]
+    residuals = []
+    for steps, times in series:
+        pairs = [(math.log(took / predicted), start) for (chunks, contexts, took), start in zip(steps, times)
+                 if took > 0 and (predicted := model.iteration_time(chunks, contexts)) > 0]
+        if pairs:
+            residuals.append((np.array([r for r, _ in pairs]), np.array([t for _, t in pairs])))
     memory, tau = fit_memory(residuals)
     model = dataclasses.replace(model, noise_memory=memory, noise_tau_s=tau)
     return model, {"form": iteration_errors(form, records), "corrected": iteration_errors(model, records)}
