@@ -29,6 +29,8 @@ _HELP = {
     "policy": "waiting-queue policy: fcfs or priority",
     "prepack_weights": "bf16 on CPU: prepack linear weights for oneDNN (same outputs, faster)",
     "cpu_kernels": "CPU: run each step's decoder stack as one C++ call (compiled on first use)",
+    "decode_gemv": "bf16 CPU with AVX512-BF16: a second copy of the weights for a faster decode GEMV "
+                   "(steps of <= 4 tokens)",
 }
 
 

@@ -246,6 +246,10 @@ class RunnerConfig:
     # CPU: run the decoder stack as one C++ call per step (kvflow/csrc/cpu_model.cpp; equal to the
     # PyTorch modules up to fp32 summation order); off = the PyTorch modules.
     cpu_kernels: bool = True
+    # bf16 on a CPU with AVX512-BF16, with the C++ forward: keep a second, row-blocked copy of each
+    # weight matrix for a decode GEMV that streams it faster than oneDNN (steps of <= 4 tokens).
+    # Costs the weights' size again in memory; off = oneDNN for every step.
+    decode_gemv: bool = True
 
 
 KV_TRANSFER_ROLES = ("prefill", "decode")

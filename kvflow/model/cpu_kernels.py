@@ -78,13 +78,20 @@ def cpu_kernels_available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in _SUPPORTED_DTYPES and load_extension() is not None
 
 
-def _weight(module: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of a plain or prepacked linear; an empty tensor stands for "none"."""
+def decode_gemv_available() -> bool:
+    """True where the C++ build has the decode GEMV (compiled for a CPU with AVX512-BF16)."""
+    ext = load_extension()
+    return ext is not None and bool(ext.has_decode_gemv)
+
+
+def _weight(module: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight, bias, decode GEMV copy) of a plain or prepacked linear; an empty tensor stands for "none"."""
     empty = torch.empty(0)
     if isinstance(module, PackedLinear):
-        return module.packed_weight, empty if module.bias is None else module.bias
+        blocked = module.blocked_weight if module.blocked_weight is not None else empty
+        return module.packed_weight, empty if module.bias is None else module.bias, blocked
     if isinstance(module, nn.Linear):
-        return module.weight.detach(), empty if module.bias is None else module.bias.detach()
+        return module.weight.detach(), empty if module.bias is None else module.bias.detach(), empty
     raise TypeError(f"expected a linear layer, got {type(module).__name__}")
 
 
@@ -106,15 +113,16 @@ class CpuForward:
         windows: list[int] = []
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv, qkv_b = _weight(attn.qkv_proj)
-            o, o_b = _weight(attn.o_proj)
-            gate_up, gate_up_b = _weight(mlp.gate_up_proj)
-            down, down_b = _weight(mlp.down_proj)
+            qkv, qkv_b, qkv_d = _weight(attn.qkv_proj)
+            o, o_b, o_d = _weight(attn.o_proj)
+            gate_up, gate_up_b, gate_up_d = _weight(mlp.gate_up_proj)
+            down, down_b, down_d = _weight(mlp.down_proj)
             q_norm = attn.q_norm.weight.detach() if attn.q_norm is not None else empty
             k_norm = attn.k_norm.weight.detach() if attn.k_norm is not None else empty
             layers.append([
                 layer.input_layernorm.weight.detach(), qkv, qkv_b, q_norm, k_norm, o, o_b,
                 layer.post_attention_layernorm.weight.detach(), gate_up, gate_up_b, down, down_b,
+                qkv_d, o_d, gate_up_d, down_d,
             ])
             windows.append(attn.sliding_window or 0)
         rotary = model.layers[0].self_attn.rotary
@@ -123,6 +131,10 @@ class CpuForward:
             rotary.cos.contiguous(), rotary.sin.contiguous(), list(kv_caches),
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, packed,
         )
+        self._ext = ext
+        self._compute_logits = model.compute_logits
+        head = getattr(model, "packed_logits", None)
+        self._blocked_head: torch.Tensor | None = head.blocked_weight if isinstance(head, PackedLinear) else None
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor,
@@ -130,3 +142,10 @@ class CpuForward:
         """Final-norm hidden states [T, hidden] of a step's flat tokens (see AttentionMetadata);
         `layer_hook(l)` runs after each layer l."""
         return self._model.forward(input_ids, positions, seq_index, slot_mapping, block_tables, layer_hook)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of these rows: the decode GEMV for a few rows where the LM head has its
+        copy, else the model's own `compute_logits`."""
+        if self._blocked_head is not None and hidden.size(0) <= self._ext.decode_rows:
+            return self._ext.decode_linear(hidden.contiguous(), self._blocked_head, torch.empty(0)).float()
+        return self._compute_logits(hidden)

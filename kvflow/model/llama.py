@@ -103,13 +103,14 @@ class LlamaForCausalLM(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
 
-    def prepack_weights(self) -> int:
+    def prepack_weights(self, decode_copies: bool = False) -> int:
         """Switch every projection and the LM head to oneDNN-prepacked weights (see cpu_linear);
         returns how many matrices were packed. The LM head gets a packed copy (a tied one shares its
-        matrix with the embedding lookup, which needs the plain layout)."""
+        matrix with the embedding lookup, which needs the plain layout). `decode_copies`: also
+        keep each matrix in the C++ decode GEMV's layout (a second copy, for single-stream speed)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.packed_logits = PackedLinear(weight, None)
-        return prepack_linears(self.layers) + 1
+        self.packed_logits = PackedLinear(weight, None, decode_copies)
+        return prepack_linears(self.layers, decode_copies) + 1
 
     # ---------------------------------------------------------------- weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

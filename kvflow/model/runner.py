@@ -19,7 +19,7 @@ from kvflow.config import EngineConfig
 from kvflow.engine.kv_cache import default_kv_cache_bytes
 from kvflow.engine.request import Request, TokenLogprobs
 from kvflow.engine.scheduler import ScheduledChunk, SchedulerOutput
-from kvflow.model.cpu_kernels import CpuForward, cpu_kernels_available
+from kvflow.model.cpu_kernels import CpuForward, cpu_kernels_available, decode_gemv_available
 from kvflow.model.cpu_linear import prepack_available
 from kvflow.model.loader import load_model
 from kvflow.sampler import Sampler, SamplingBatch
@@ -57,8 +57,10 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
         self.model = load_model(config.model, self.device)
-        if config.runner.prepack_weights and prepack_available(self.device, config.model.dtype):
-            self.model.prepack_weights()
+        runner = config.runner
+        use_cpu_kernels = runner.cpu_kernels and cpu_kernels_available(self.device, config.model.dtype)
+        if runner.prepack_weights and prepack_available(self.device, config.model.dtype):
+            self.model.prepack_weights(decode_copies=use_cpu_kernels and runner.decode_gemv and decode_gemv_available())
         self.backend = get_backend(self.device)
         self.num_blocks = self._num_blocks()
         self.kv_caches = self.backend.allocate_kv_cache(
@@ -67,7 +69,7 @@ class ModelRunner:
         )
         self.connector: KVConnector | None = None  # set by the engine core of a layer-wise prefill instance
         self.cpu_forward: CpuForward | None = None
-        if config.runner.cpu_kernels and cpu_kernels_available(self.device, config.model.dtype):
+        if use_cpu_kernels:
             self.cpu_forward = CpuForward(self.model, self.kv_caches)
         self.sampler = Sampler()
 
@@ -185,7 +187,8 @@ class ModelRunner:
                     prompt_targets.append((request, pos + 1))
 
         if sample_reqs:
-            logits = self.model.compute_logits(hidden[sample_rows])
+            rows = hidden[sample_rows]
+            logits = self.cpu_forward.logits(rows) if self.cpu_forward is not None else self.model.compute_logits(rows)
             batch = SamplingBatch.from_params(
                 [r.params for r in sample_reqs],
                 generators=[r.generator for r in sample_reqs],

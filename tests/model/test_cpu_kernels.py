@@ -182,3 +182,56 @@ def test_long_prefill_chunks_take_the_modules_and_decodes_the_cpp_forward(tiny_m
     out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids
     assert out == expected
     assert calls["cpp"] == 5  # the 5 decode steps; the prefill step went to the modules
+
+
+needs_gemv = pytest.mark.skipif(ext is None or not ext.has_decode_gemv, reason="the build has no AVX512-BF16 GEMV")
+
+
+@needs_gemv
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_decode_linear_matches_an_fp32_reference(rows, with_bias):
+    from kvflow.model.cpu_linear import block_rows
+
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 96).bfloat16()
+    w = torch.randn(40, 96).bfloat16()
+    bias = torch.randn(40).bfloat16() if with_bias else EMPTY
+    expected = x.float() @ w.float().t() + (bias.float() if with_bias else 0)
+    got = ext.decode_linear(x, block_rows(w), bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 40)
+    _close(got, expected.bfloat16(), torch.bfloat16)
+    # Most outputs round exactly as the reference; the rest are one bf16 step away (summation order).
+    assert (got == expected.bfloat16()).float().mean() > 0.8
+
+
+def test_block_rows_lays_out_four_rows_as_one_stream_or_refuses():
+    from kvflow.model.cpu_linear import block_rows
+
+    w = torch.arange(8 * 64, dtype=torch.float32).reshape(8, 64).bfloat16()
+    b = block_rows(w)
+    assert b.shape == (2, 2, 4, 32)
+    assert torch.equal(b[1, 0, 2], w[6, :32]) and torch.equal(b[0, 1, 3], w[3, 32:])
+    assert block_rows(torch.zeros(6, 64).bfloat16()) is None  # rows not a multiple of 4
+    assert block_rows(torch.zeros(8, 48).bfloat16()) is None  # columns not a multiple of 32
+    assert block_rows(torch.zeros(8, 64)) is None  # fp32 has no bf16 GEMV
+
+
+@needs_gemv
+def test_engine_decodes_with_the_gemv_copies_and_agrees_with_onednn(tiny_models):
+    """bf16: the decode copies exist only when asked for; the LM head through the GEMV equals
+    oneDNN's to a bf16 step; greedy outputs agree with the oneDNN-only engine (near-ties aside)."""
+    prompts = [{"prompt_token_ids": p} for p in mixed_prompts(8, count=4)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    runs = {}
+    for gemv in (True, False):
+        llm = LLM(model=str(tiny_models["llama"]), dtype="bfloat16", num_blocks=64, decode_gemv=gemv)
+        runner = llm.engine.core.runner
+        has_copy = runner.model.layers[0].mlp.gate_up_proj.blocked_weight is not None
+        assert has_copy == gemv and (runner.cpu_forward._blocked_head is not None) == gemv
+        runs[gemv] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if gemv:
+            hidden = torch.randn(3, runner.model.config.hidden_size).bfloat16()
+            _close(runner.cpu_forward.logits(hidden), runner.model.compute_logits(hidden), torch.bfloat16)
+    same = sum(a == b for x, y in zip(runs[True], runs[False]) for a, b in zip(x, y))
+    assert same >= 0.75 * sum(len(x) for x in runs[True])
