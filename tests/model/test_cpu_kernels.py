@@ -95,9 +95,10 @@ def _naive_paged_attention(q, cache, tables, seq_index, positions, scale, window
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("group", [1, 3])
-def test_paged_attention_matches_naive(dtype, window, group):
+@pytest.mark.parametrize("block_size", [4, 32])  # 32: more keys in one block than a vector has lanes
+def test_paged_attention_matches_naive(dtype, window, group, block_size):
     torch.manual_seed(2)
-    kv_heads, dim, block_size, num_blocks = 2, 32, 4, 40
+    kv_heads, dim, num_blocks = 2, 32, 40
     cache = torch.randn(2, num_blocks, kv_heads, block_size, dim, dtype=dtype)
     # Three sequences on scattered blocks: a decode at position 20, a prefill chunk of 4 queries at
     # positions 9..12 (each sees only the keys up to itself), and a one-token sequence.
