@@ -132,6 +132,7 @@ class CpuForward:
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, packed,
         )
         self._ext = ext
+        self._no_bias = empty
         self._compute_logits = model.compute_logits
         head = getattr(model, "packed_logits", None)
         self._blocked_head: torch.Tensor | None = head.blocked_weight if isinstance(head, PackedLinear) else None
@@ -147,5 +148,5 @@ class CpuForward:
         """fp32 logits of these rows: the decode GEMV for a few rows where the LM head has its
         copy, else the model's own `compute_logits`."""
         if self._blocked_head is not None and hidden.size(0) <= self._ext.decode_rows:
-            return self._ext.decode_linear(hidden.contiguous(), self._blocked_head, torch.empty(0)).float()
+            return self._ext.decode_linear(hidden.contiguous(), self._blocked_head, self._no_bias).float()
         return self._compute_logits(hidden)

@@ -29,7 +29,7 @@ from kvflow.sim.planner import (
     low_affinity_options,
 )
 from kvflow.sim.profile_io import EngineSettings
-from kvflow.sim.workload import poisson_requests, trace_requests
+from kvflow.sim.workload import add_workload_args, requests_from_args
 
 ALGORITHMS = ("colocated", "high-affinity", "low-affinity")
 
@@ -68,14 +68,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     catalogue = load_catalogue(args.catalogue) if args.catalogue else CATALOGUE
     prefill_hw = get_hardware(args.hardware, catalogue)
     decode_hw = get_hardware(args.decode_hardware or args.hardware, catalogue)
-    if args.trace_file:
-        def workload(rate: float) -> list:
-            return trace_requests(args.trace_file, args.num_prompts, rate, args.seed, args.max_input_len,
-                                  args.max_output_len)
-    else:
-        def workload(rate: float) -> list:
-            return poisson_requests(args.num_prompts, rate, args.random_input_len, args.random_output_len,
-                                    args.random_range_ratio, args.seed)
+    def workload(rate: float) -> list:
+        return requests_from_args(args, rate, args.num_prompts, trace=bool(args.trace_file))
     engine = EngineSettings(16, args.max_num_seqs, args.max_num_batched_tokens, args.chunked_prefill,
                             args.colocated_scheduler)
     ctx = PlanContext(_shape(args.model), Slo(args.slo_ttft / 1e3, args.slo_tpot / 1e3, args.attainment), workload,
@@ -127,12 +121,7 @@ def register_plan(sub: Any) -> None:
     p.add_argument("--objective", choices=OBJECTIVES, default="throughput",
                    help="goodput per device, per $/h or per kW")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS))
-    p.add_argument("--random-input-len", type=int, default=512)
-    p.add_argument("--random-output-len", type=int, default=128)
-    p.add_argument("--random-range-ratio", type=float, default=0.5)
-    p.add_argument("--trace-file", default=None)
-    p.add_argument("--max-input-len", type=int, default=None)
-    p.add_argument("--max-output-len", type=int, default=None)
+    add_workload_args(p, input_len=512, output_len=128, range_ratio=0.5)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequence slots per instance")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget per iteration")

@@ -42,17 +42,15 @@ def _fit_loads(loads: tuple[Load, ...], max_model_len: int) -> tuple[Load, ...]:
 def refit(path: Path) -> int:
     """Fit a saved `--serve` profile again from its step logs (no server): for a newer model form."""
     from kvflow.sim.profile_io import describe_latency, load_profile
-    from kvflow.sim.serve_profile import fit_server_steps, read_step_series
+    from kvflow.sim.serve_profile import fit_profile_to_steps
 
     profile = load_profile(path)
     log_dir = Path(profile.extra["calibration"]["step_logs"])
-    series = read_step_series(log_dir)
-    latency, errors = fit_server_steps(series)
-    profile.instance = dataclasses.replace(profile.instance, latency=latency)
+    profile, errors, num_steps = fit_profile_to_steps(profile, log_dir)
     profile.extra["fit"] = errors
     profile.save(path)
-    print(f"refitted {sum(len(steps) for steps, _ in series)} steps from {log_dir}; saved {path}")
-    print("\n".join(describe_latency(latency)))
+    print(f"refitted {num_steps} steps from {log_dir}; saved {path}")
+    print("\n".join(describe_latency(profile.instance.latency)))
     return 0
 
 

@@ -35,6 +35,7 @@ from kvflow.bench.serve.config import ServeBenchConfig
 from kvflow.bench.serve.runner import run_async
 from kvflow.sim.latency import LatencyModel, fit_iterations, iteration_errors, learn_factors
 from kvflow.sim.noise import fit_memory
+from kvflow.sim.profile_io import Profile
 
 Step = tuple[list[tuple[int, int]], list[int], float]  # (prompt chunks, decode contexts, seconds)
 
@@ -173,3 +174,14 @@ def fit_server_steps(series: list[tuple[list[Step], list[float]]]
     memory, tau = fit_memory(residuals)
     model = dataclasses.replace(model, noise_memory=memory, noise_tau_s=tau)
     return model, {"form": iteration_errors(form, records), "corrected": iteration_errors(model, records)}
+
+
+def fit_profile_to_steps(profile: Profile, log_dir: str | Path) -> tuple[Profile, dict[str, dict[str, float]], int]:
+    """`profile` with its latency model fitted to the step logs in `log_dir` instead; the fit's
+    errors, and how many steps it saw."""
+    series = read_step_series(Path(log_dir))
+    if not series:
+        raise ValueError(f"no step logs (steps*) in {log_dir}: run `kvflow serve --step-log {log_dir}/steps`")
+    latency, errors = fit_server_steps(series)
+    fitted = dataclasses.replace(profile, instance=dataclasses.replace(profile.instance, latency=latency))
+    return fitted, errors, sum(len(steps) for steps, _ in series)

@@ -8,7 +8,6 @@ Results are written in `kvflow bench serve`'s format (`"simulated": true`), so i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,9 +17,10 @@ import numpy as np
 
 from kvflow.bench.serve.metrics import DEFAULT_PERCENTILES, parse_goodput, parse_percentiles, percentile_key, summarize
 from kvflow.sim.profile_io import Profile, load_profile
+from kvflow.sim.serve_profile import fit_profile_to_steps
 from kvflow.sim.simulator import Deployment, SimResult, Simulator, TransferSpec
 from kvflow.sim.validate import ValidationReport, validation_errors
-from kvflow.sim.workload import SimRequest, from_bench_result, poisson_requests, trace_requests
+from kvflow.sim.workload import SimRequest, add_workload_args, from_bench_result, requests_from_args
 
 
 def build_deployment(prefill_profile: Profile, decode_profile: Profile | None, colocated: int, num_prefill: int,
@@ -82,12 +82,10 @@ def _workload(args: argparse.Namespace) -> list[SimRequest]:
     if args.dataset == "trace":
         if not args.trace_file:
             raise ValueError("--dataset trace needs --trace-file")
-        return trace_requests(args.trace_file, args.num_prompts, args.request_rate, args.seed,
-                              args.max_input_len, args.max_output_len)
+        return requests_from_args(args, args.request_rate, args.num_prompts, trace=True)
     if args.request_rate is None:
         raise ValueError("--dataset random needs --request-rate")
-    return poisson_requests(args.num_prompts or 1000, args.request_rate, args.random_input_len,
-                            args.random_output_len, args.random_range_ratio, args.seed)
+    return requests_from_args(args, args.request_rate, args.num_prompts or 1000, trace=False)
 
 
 def _row(name: str, summary: dict[str, Any]) -> str:
@@ -117,17 +115,6 @@ def _error_row(name: str, measured: dict[str, Any], simulated: dict[str, Any]) -
     return f"| {name} | {pct('ttft_p50')} / {pct('ttft_p90')} | {pct('tpot_p50')} / {pct('tpot_p90')} | {points} | |"
 
 
-def _refit_to_steps(profile: Profile, log_dir: str) -> Profile:
-    """The profile with its latency model fitted to the step logs in `log_dir` instead."""
-    from kvflow.sim.serve_profile import fit_server_steps, read_step_series
-
-    series = read_step_series(Path(log_dir))
-    if not series:
-        raise ValueError(f"no step logs (steps*) in {log_dir}: run `kvflow serve --step-log {log_dir}/steps`")
-    latency, _ = fit_server_steps(series)
-    return dataclasses.replace(profile, instance=dataclasses.replace(profile.instance, latency=latency))
-
-
 Run = tuple[str, list[SimRequest], dict[str, float], dict[str, Any] | None, Path | None]  # name, requests, SLOs,
 # the measured result (None: a synthetic workload) and its path
 
@@ -150,7 +137,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     own_steps = args.fit_steps == "own"  # each replayed run's own step logs, next to its result
     if own_steps and not args.replay:
         raise ValueError("--fit-steps own needs --replay")
-    profile = _refit_to_steps(base, args.fit_steps) if args.fit_steps and not own_steps else base
+    profile = fit_profile_to_steps(base, args.fit_steps)[0] if args.fit_steps and not own_steps else base
     decode = load_profile(args.decode_profile) if args.decode_profile else None
 
     def deployment_of(prof: Profile) -> Deployment:
@@ -169,7 +156,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     report = ValidationReport()
     for name, requests, slos, measured, path in runs:
         if own_steps and path is not None:
-            deployment = deployment_of(_refit_to_steps(base, str(path.parent)))
+            deployment = deployment_of(fit_profile_to_steps(base, path.parent)[0])
         docs = [result_doc(Simulator(deployment, args.seed + k).run(requests), requests, f"sim-{name}", slos,
                            percentiles, args.profile, cost) for k in range(args.repeats)]
         doc = docs[0]
@@ -244,12 +231,7 @@ def register_simulate(sub: Any) -> None:
     sim.add_argument("--dataset", choices=("random", "trace"), default="random")
     sim.add_argument("--num-prompts", type=int, default=None)
     sim.add_argument("--request-rate", type=float, default=None)
-    sim.add_argument("--random-input-len", type=int, default=256)
-    sim.add_argument("--random-output-len", type=int, default=64)
-    sim.add_argument("--random-range-ratio", type=float, default=0.0)
-    sim.add_argument("--trace-file", default=None)
-    sim.add_argument("--max-input-len", type=int, default=None)
-    sim.add_argument("--max-output-len", type=int, default=None)
+    add_workload_args(sim, input_len=256, output_len=64, range_ratio=0.0)
     sim.add_argument("--seed", type=int, default=0, help="of the workload and of the iteration jitter")
     sim.add_argument("--repeats", type=int, default=1,
                      help="simulate each run this many times (seeds --seed, --seed+1, ...) and report the "

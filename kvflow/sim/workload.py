@@ -7,6 +7,7 @@ requests of a saved `kvflow bench serve` run, which is how the simulator is vali
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,26 @@ def trace_requests(path: str | Path, limit: int | None = None, rate: float | Non
     cap_in, cap_out = max_input_len or 2**31, max_output_len or 2**31
     return [SimRequest(float(t), max(1, min(r.context_tokens, cap_in)), max(1, min(r.generated_tokens, cap_out)))
             for t, r in zip(offsets, rows)]
+
+
+def add_workload_args(parser: argparse.ArgumentParser, input_len: int, output_len: int, range_ratio: float) -> None:
+    """The stream flags `kvflow simulate` and `kvflow plan` share: random lengths or a trace."""
+    parser.add_argument("--random-input-len", type=int, default=input_len)
+    parser.add_argument("--random-output-len", type=int, default=output_len)
+    parser.add_argument("--random-range-ratio", type=float, default=range_ratio)
+    parser.add_argument("--trace-file", default=None)
+    parser.add_argument("--max-input-len", type=int, default=None)
+    parser.add_argument("--max-output-len", type=int, default=None)
+
+
+def requests_from_args(args: argparse.Namespace, rate: float | None, num: int | None, trace: bool) -> list[SimRequest]:
+    """The stream those flags describe at `rate`: the trace's lengths (`num` rows, None: all), or
+    `num` Poisson requests with random lengths."""
+    if trace:
+        return trace_requests(args.trace_file, num, rate, args.seed, args.max_input_len, args.max_output_len)
+    assert num is not None and rate is not None, "a random stream needs a size and a rate"
+    return poisson_requests(num, rate, args.random_input_len, args.random_output_len, args.random_range_ratio,
+                            args.seed)
 
 
 def from_bench_result(doc: dict[str, Any] | str | Path) -> list[SimRequest]:
