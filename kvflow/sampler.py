@@ -5,6 +5,8 @@ needs a token this step):
 
 1. ``raw = log_softmax(logits.float())``: returned logprobs are the *raw*
    model distribution (vLLM's default), unaffected by penalties/temperature.
+   Only computed when a row asked for logprobs: over a large vocabulary it is
+   a few milliseconds per step that a plain greedy batch does not need.
 2. Blocked ids (EOS / stop ids while a row is under ``min_tokens``) -> ``-inf``.
 3. Repetition penalty (HF semantics) over tokens seen in prompt + output:
    ``logit > 0 ? logit / p : logit * p``.
@@ -75,6 +77,7 @@ class SamplingBatch:
     prompt_token_ids: list[list[int]]  # prompt, per row (repetition penalty only)
     blocked_token_ids: list[list[int]]  # forbidden this step, per row
     max_num_logprobs: int = 0  # K = max requested top logprobs; 0 = none
+    any_logprobs: bool = True  # a row wants its token's logprob (from_params: params.logprobs set)
 
     greedy_mask: torch.Tensor = field(init=False)  # [B] bool
     random_rows: torch.Tensor = field(init=False)  # [R] int64 indices of non-greedy rows
@@ -110,6 +113,8 @@ class SamplingBatch:
                 raise ValueError(f"{name} must have {b} entries, got {len(getattr(self, name))}")
         if self.max_num_logprobs < 0:
             raise ValueError(f"max_num_logprobs must be >= 0, got {self.max_num_logprobs}")
+        if self.max_num_logprobs > 0 and not self.any_logprobs:
+            raise ValueError("max_num_logprobs > 0 needs any_logprobs")
 
         # The tensor form of `SamplingParams.greedy`: rows that take the argmax, never touching a generator.
         self.greedy_mask = (self.temperature < SAMPLING_EPS) | (self.top_k == 1)
@@ -181,6 +186,7 @@ class SamplingBatch:
             prompt_token_ids=rows(prompt_token_ids),
             blocked_token_ids=rows(blocked_token_ids),
             max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
+            any_logprobs=any(p.logprobs is not None for p in params),
         )
 
 
@@ -189,7 +195,7 @@ class SamplerOutput:
     """Result of one sampling step."""
 
     token_ids: torch.Tensor  # [B] int64
-    logprobs: torch.Tensor  # [B] float32, raw log_softmax(logits) at token_ids
+    logprobs: torch.Tensor | None  # [B] float32, raw log_softmax(logits) at token_ids; None: none asked
     top_token_ids: torch.Tensor | None  # [B, K] int64, raw top-K; None when K == 0
     top_logprobs: torch.Tensor | None  # [B, K] float32
 
@@ -418,7 +424,7 @@ class Sampler:
                 f"logits must have shape [{batch.batch_size}, V], got {tuple(logits.shape)}"
             )
         logits = logits.float()  # no-op for float32; upcasts bf16/fp16
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.any_logprobs else None
 
         x = logits
         if batch.any_blocked:
@@ -438,6 +444,8 @@ class Sampler:
         else:
             token_ids = self._sample_random_rows(x, batch)
 
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids=token_ids, logprobs=None, top_token_ids=None, top_logprobs=None)
         logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
         top_ids: torch.Tensor | None = None
         top_lps: torch.Tensor | None = None

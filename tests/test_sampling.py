@@ -9,6 +9,8 @@ shifts the frequencies far beyond the p > 1e-3 threshold.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Any
 
@@ -386,7 +388,7 @@ def test_bf16_logits_are_upcast() -> None:
     logits = fixed_logits(vocab, seed=5).bfloat16()
     expected = reference_distribution(logits.float().numpy(), 1.0, 6, 1.0, 0.0)
     torch.manual_seed(2)
-    out = Sampler()(logits.expand(NUM_SAMPLES, vocab), make_batch([SamplingParams(top_k=6)] * NUM_SAMPLES))
+    out = Sampler()(logits.expand(NUM_SAMPLES, vocab), make_batch([SamplingParams(top_k=6, logprobs=0)] * NUM_SAMPLES))
     assert out.logprobs.dtype == torch.float32
     assert_matches_distribution(out.token_ids, expected)
 
@@ -565,6 +567,7 @@ def test_penalties_match_reference() -> None:
     params = [
         SamplingParams(
             temperature=0.0,
+            logprobs=0,
             presence_penalty=presence[i],
             frequency_penalty=frequency[i],
             repetition_penalty=repetition[i],
@@ -716,7 +719,7 @@ def test_batch_flags_and_validation() -> None:
 def test_empty_batch() -> None:
     out = Sampler()(torch.randn(0, 10), make_batch([]))
     assert out.token_ids.shape == (0,)
-    assert out.logprobs.shape == (0,)
+    assert out.logprobs is None  # no row asked
 
 
 def test_extreme_logits_never_pick_masked_tokens() -> None:
@@ -726,6 +729,21 @@ def test_extreme_logits_never_pick_masked_tokens() -> None:
     logits[:, 0] = 1e4
     logits[:, 1] = 1e4 - 1.0
     torch.manual_seed(9)
-    out = Sampler()(logits, make_batch([SamplingParams(temperature=1.0, top_k=2)] * n))
+    out = Sampler()(logits, make_batch([SamplingParams(temperature=1.0, top_k=2, logprobs=0)] * n))
     assert set(out.token_ids.tolist()) <= {0, 1}
     assert math.isfinite(float(out.logprobs.min()))
+
+
+def test_logprobs_are_skipped_when_no_row_asks() -> None:
+    """A batch without logprobs gets the same tokens and no logprob tensors (no log_softmax)."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(9))
+    plain = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=3)] * 3
+    asked = [SamplingParams(temperature=0.0, logprobs=0), SamplingParams(temperature=0.7, seed=3, logprobs=2)] * 3
+    gens = lambda: [None if p.greedy else torch.Generator().manual_seed(3) for p in plain]  # noqa: E731
+    without = Sampler()(logits, make_batch(plain, generators=gens()))
+    with_lps = Sampler()(logits, make_batch(asked, generators=gens()))
+    assert without.logprobs is None and without.top_token_ids is None and without.top_logprobs is None
+    assert torch.equal(without.token_ids, with_lps.token_ids)
+    assert with_lps.logprobs is not None and with_lps.top_logprobs is not None
+    with pytest.raises(ValueError, match="any_logprobs"):
+        dataclasses.replace(make_batch(plain, generators=gens()), max_num_logprobs=2, any_logprobs=False)

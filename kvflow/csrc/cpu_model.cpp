@@ -29,6 +29,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -241,6 +242,156 @@ void rope_and_store(const at::Tensor& qkv, const at::Tensor& positions, const at
 }
 
 // ----------------------------------------------------------------------------- paged attention
+#if defined(__AVX512F__)
+// v[0..15] -> one vector whose lane j is the sum of v[j]'s lanes: a transpose-and-add tree, 45
+// shuffles and adds for 16 dot products instead of 16 separate horizontal reductions.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 pairs[8], quads[4], halves[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v2i, v2i+1, v2i, v2i+1] partial sums
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [v4i .. v4i+3] partial sums
+    const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes: [q2i (L0+L1), q2i (L2+L3), q2i+1 (L0+L1), q2i+1 (L2+L3)]
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Sixteen elements of T, widened to fp32 in a register (exact for all three types).
+template <typename T>
+inline __m512 load16(const T* p);
+template <>
+inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+template <>
+inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The dot products of one query head with sixteen keys (rows kr, kr + D, ...; the first m valid),
+// in fp32 lanes before their final sum. bf16 on a CPU with AVX512-BF16 multiplies bf16 pairs
+// directly (`vdpbf16ps`: the products are exact in fp32); otherwise keys are widened to fp32.
+template <typename T, int C>
+inline void key_dots16(const T* q, const T* kr, int m, __m512* dots) {
+  constexpr int D = 16 * C;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0) {
+    __m512bh qv[C / 2];
+    for (int k = 0; k < C / 2; ++k) qv[k] = (__m512bh)_mm512_loadu_si512(q + 32 * k);
+    for (int i = 0; i < 16; ++i) {
+      dots[i] = _mm512_setzero_ps();
+      if (i >= m) continue;
+      for (int k = 0; k < C / 2; ++k)
+        dots[i] = _mm512_dpbf16_ps(dots[i], (__m512bh)_mm512_loadu_si512(kr + i * D + 32 * k), qv[k]);
+    }
+    return;
+  }
+#endif
+  __m512 qf[C];
+  for (int k = 0; k < C; ++k) qf[k] = load16(q + 16 * k);
+  for (int i = 0; i < 16; ++i) {
+    dots[i] = _mm512_setzero_ps();
+    if (i >= m) continue;
+    for (int k = 0; k < C; ++k) dots[i] = _mm512_fmadd_ps(load16(kr + i * D + 16 * k), qf[k], dots[i]);
+  }
+}
+
+// paged_attention (below) for head_dim = 16 * C, vectorised by hand: the same work items, passes
+// and fp32 arithmetic, but reading the cache in place. Scores are computed sixteen keys at a time
+// and summed by one transpose tree; the value sum runs fused multiply-adds on values widened in
+// registers. The generic loop spends most of its time converting each key and value row into an
+// fp32 buffer and reducing every dot product on its own; at the `135m` offline decode shape this
+// kernel is ~2.2× faster and reads the cache at about the machine's memory bandwidth.
+template <typename T, int C>
+void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                         const at::Tensor& seq_index, const at::Tensor& positions, float scale, int64_t window,
+                         at::Tensor& out) {
+  constexpr int64_t D = 16 * C;
+  const int64_t tokens = q.size(0), num_heads = q.size(1);
+  const int64_t num_kv_heads = kv_cache.size(2), block_size = kv_cache.size(3);
+  const int64_t group = num_heads / num_kv_heads, table_stride = block_tables.stride(0);
+  const T* qp = q.data_ptr<T>();
+  const T* keys = kv_cache.data_ptr<T>();
+  const T* values = keys + kv_cache.stride(0);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* seq = seq_index.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  at::parallel_for(0, tokens * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, acc(group * D), denom(group);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / num_kv_heads, g = item % num_kv_heads;
+      const int64_t last = pos[t];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+      const int64_t n = last - first + 1;
+      const int64_t* table = tables + seq[t] * table_stride;
+      const T* qg = qp + (t * num_heads + g * group) * D;
+      scores.resize(group * n);
+      // Rows [j0, ...) of block b for this kv head: contiguous in the head-major cache.
+      auto block_rows = [&](const T* cache_half, int64_t b, int64_t j0) {
+        return cache_half + ((table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size)) * D;
+      };
+      // Pass 1: scores, sixteen keys at a time.
+      for (int64_t b = first / block_size; b <= last / block_size; ++b) {
+        const int64_t j0 = std::max(first, b * block_size), j1 = std::min(last + 1, (b + 1) * block_size);
+        const T* kb = block_rows(keys, b, j0);
+        for (int64_t c = j0; c < j1; c += 16) {
+          const int m = static_cast<int>(std::min<int64_t>(16, j1 - c));
+          const __mmask16 valid = static_cast<__mmask16>((1u << m) - 1u);
+          for (int64_t h = 0; h < group; ++h) {
+            __m512 dots[16];
+            key_dots16<T, C>(qg + h * D, kb + (c - j0) * D, m, dots);
+            _mm512_mask_storeu_ps(scores.data() + h * n + (c - first), valid, _mm512_mul_ps(sum_lanes16(dots), scale_v));
+          }
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        float* s = scores.data() + h * n;
+        const float mx = *std::max_element(s, s + n);
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) s[j] -= mx;
+        exp_inplace(s, n);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; ++j) sum += s[j];
+        denom[h] = sum;
+      }
+      // Pass 2: the probability-weighted sum of the values, accumulated in registers per block.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t b = first / block_size; b <= last / block_size; ++b) {
+        const int64_t j0 = std::max(first, b * block_size), j1 = std::min(last + 1, (b + 1) * block_size);
+        const T* vb = block_rows(values, b, j0);
+        for (int64_t h = 0; h < group; ++h) {
+          __m512 a[C];
+          for (int k = 0; k < C; ++k) a[k] = _mm512_loadu_ps(acc.data() + h * D + 16 * k);
+          const float* p = scores.data() + h * n + (j0 - first);
+          for (int64_t j = 0; j < j1 - j0; ++j) {
+            const __m512 pj = _mm512_set1_ps(p[j]);
+            for (int k = 0; k < C; ++k) a[k] = _mm512_fmadd_ps(pj, load16(vb + j * D + 16 * k), a[k]);
+          }
+          for (int k = 0; k < C; ++k) _mm512_storeu_ps(acc.data() + h * D + 16 * k, a[k]);
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        float* a = acc.data() + h * D;
+        const float inv = 1.f / denom[h];
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) a[i] *= inv;
+        from_float(a, op + (t * num_heads + g * group + h) * D, D);
+      }
+    }
+  });
+}
+#endif
+
 // Each query token attends to keys [start, pos] of its own sequence, read from the head-major
 // paged cache [2, blocks, kv_heads, block_size, D] through the block table; no gather, no mask.
 // One work item is a (token, kv head) pair: the group's query heads share every key and value
@@ -249,6 +400,14 @@ template <typename T>
 void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                      const at::Tensor& seq_index, const at::Tensor& positions, float scale, int64_t window,
                      at::Tensor& out) {
+#if defined(__AVX512F__)
+  switch (q.size(2)) {  // the common head sizes take the hand-vectorised kernel
+    case 32: return paged_attention_vec<T, 2>(q, kv_cache, block_tables, seq_index, positions, scale, window, out);
+    case 64: return paged_attention_vec<T, 4>(q, kv_cache, block_tables, seq_index, positions, scale, window, out);
+    case 128: return paged_attention_vec<T, 8>(q, kv_cache, block_tables, seq_index, positions, scale, window, out);
+    default: break;
+  }
+#endif
   const int64_t tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = kv_cache.size(2), block_size = kv_cache.size(3);
   const int64_t group = num_heads / num_kv_heads, table_stride = block_tables.stride(0);

@@ -198,7 +198,7 @@ class ModelRunner:
             )
             result = self.sampler(logits, batch)
             token_ids = result.token_ids.tolist()
-            logprobs = result.logprobs.tolist()
+            logprobs = result.logprobs.tolist() if result.logprobs is not None else None
             top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
             top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
             for row, request in enumerate(sample_reqs):

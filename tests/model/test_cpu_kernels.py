@@ -111,6 +111,24 @@ def test_paged_attention_matches_naive(dtype, window, group, block_size):
     _close(out, expected.to(dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [48, 64, 128])
+@pytest.mark.parametrize("window", [0, 37])
+def test_paged_attention_head_dims_and_partial_chunks(dtype, dim, window):
+    """The hand-vectorised kernel's widths (head_dim 64, 128) in every cache dtype, over 16-key
+    chunks that start and end mid-block; head_dim 48 takes the generic loop."""
+    torch.manual_seed(5)
+    kv_heads, group, block_size, num_blocks = 2, 4, 24, 30  # 24: a full and a partial chunk per block
+    cache = torch.randn(2, num_blocks, kv_heads, block_size, dim, dtype=dtype)
+    tables = torch.randperm(num_blocks)[:24].view(2, 12)
+    seq_index = torch.tensor([0, 0, 1, 1, 1])
+    positions = torch.tensor([100, 283, 0, 15, 47])
+    q = torch.randn(5, kv_heads * group, dim, dtype=dtype)
+    out = ext.paged_attention(q, cache, tables, seq_index, positions, dim**-0.5, window)
+    expected = _naive_paged_attention(q, cache, tables, seq_index, positions, dim**-0.5, window)
+    _close(out, expected.to(dtype), dtype)
+
+
 def test_paged_attention_long_context_softmax_is_stable():
     """Large scores (sharp softmax) over 1,000 keys: no overflow, no NaN."""
     torch.manual_seed(3)
