@@ -31,10 +31,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: Steps with a prefill chunk longer than this run the PyTorch modules even when the C++ CPU
-#: forward is on: its attention handles one query at a time, which beats SDPA's flash kernel on
-#: decodes and short chunks but not on long prompts (`135m` bf16 TTFT, C++ vs modules: 95 vs 102 ms
-#: at 128 tokens, 603 vs 477 ms at 512, 6.0 vs 2.6 s at 2,000). Both paths share the KV cache.
-CPU_FORWARD_MAX_CHUNK = 256
+#: forward is on. Its attention works on query tiles of 8 and beats SDPA's flash kernel at every
+#: length measured (bf16 TTFT, C++ vs modules: `135m` 163 vs 212 ms at 256 tokens, 837 vs 1,052 at
+#: 1,024, 2,077 vs 2,399 at 2,000; `500m` 13.2 vs 13.8 s at 4,096), but its lead shrinks with
+#: length, so longer chunks stay with SDPA. Both paths share the KV cache.
+CPU_FORWARD_MAX_CHUNK = 4096
 
 
 def _finishing_prompts(chunks: list[ScheduledChunk]) -> list[tuple[KVTransferParams, list[int], int]]:

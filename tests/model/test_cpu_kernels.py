@@ -116,14 +116,15 @@ def test_paged_attention_matches_naive(dtype, window, group, block_size):
 @pytest.mark.parametrize("window", [0, 37])
 def test_paged_attention_head_dims_and_partial_chunks(dtype, dim, window):
     """The hand-vectorised kernel's widths (head_dim 64, 128) in every cache dtype, over 16-key
-    chunks that start and end mid-block; head_dim 48 takes the generic loop."""
+    chunks that start and end mid-block, with decode tokens and a prefill chunk of 19 consecutive
+    queries (query tiles of 8, 8 and 3); head_dim 48 takes the generic loop."""
     torch.manual_seed(5)
     kv_heads, group, block_size, num_blocks = 2, 4, 24, 30  # 24: a full and a partial chunk per block
     cache = torch.randn(2, num_blocks, kv_heads, block_size, dim, dtype=dtype)
     tables = torch.randperm(num_blocks)[:24].view(2, 12)
-    seq_index = torch.tensor([0, 0, 1, 1, 1])
-    positions = torch.tensor([100, 283, 0, 15, 47])
-    q = torch.randn(5, kv_heads * group, dim, dtype=dtype)
+    seq_index = torch.tensor([0, 0, 1, 1, 1] + [1] * 19)
+    positions = torch.tensor([100, 283, 0, 15, 47] + list(range(30, 49)))
+    q = torch.randn(len(positions), kv_heads * group, dim, dtype=dtype)
     out = ext.paged_attention(q, cache, tables, seq_index, positions, dim**-0.5, window)
     expected = _naive_paged_attention(q, cache, tables, seq_index, positions, dim**-0.5, window)
     _close(out, expected.to(dtype), dtype)
@@ -184,6 +185,7 @@ def test_long_prefill_chunks_take_the_modules_and_decodes_the_cpp_forward(tiny_m
     KV cache, so the C++ decodes that follow see the modules' keys and values (fp32: same tokens)."""
     from kvflow.model import runner as runner_mod
 
+    monkeypatch.setattr(runner_mod, "CPU_FORWARD_MAX_CHUNK", 64)  # the real limit is past this model's context
     prompt = [(7 * i) % 400 + 3 for i in range(runner_mod.CPU_FORWARD_MAX_CHUNK + 40)]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     plain = LLM(model=str(tiny_models["llama"]), dtype="float32", num_blocks=128, cpu_kernels=False)
