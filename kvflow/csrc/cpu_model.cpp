@@ -344,7 +344,8 @@ std::vector<std::pair<int64_t, int64_t>> query_tiles(const int64_t* seq, const i
 // at a time and summed by one transpose tree; the value sum runs fused multiply-adds on value rows
 // widened to fp32 once per tile. The generic loop spends most of its time converting each key and
 // value row into an fp32 buffer and reducing every dot product on its own; at the `135m` offline
-// decode shape this kernel is ~2.5× faster and reads the cache at about the memory bandwidth.
+// decode shape this kernel is 2.2–2.6× faster in bf16 and reads the cache at about the memory
+// bandwidth; query tiles made a 2,000-token prefill 1.6× faster than one query per item.
 template <typename T, int C>
 void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                          const at::Tensor& seq_index, const at::Tensor& positions, float scale, int64_t window,
