@@ -243,6 +243,53 @@ void rope_and_store(const at::Tensor& qkv, const at::Tensor& positions, const at
 }
 
 // ----------------------------------------------------------------------------- paged attention
+// max(x[0..n)), n >= 1: std::max_element does not vectorise (it must return the first maximum).
+inline float max_of(const float* x, int64_t n) {
+  int64_t i = 0;
+  float r = -std::numeric_limits<float>::infinity();
+#ifdef __AVX512F__
+  __m512 m = _mm512_set1_ps(r);
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+  r = _mm512_reduce_max_ps(m);
+#endif
+  for (; i < n; ++i) r = std::max(r, x[i]);
+  return r;
+}
+
+// s[j] = exp(s[j] - max(s)) in place; returns their sum, the softmax's denominator.
+inline float exp_shifted(float* s, int64_t n) {
+  const float mx = max_of(s, n);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) s[j] -= mx;
+  exp_inplace(s, n);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += s[j];
+  return sum;
+}
+
+// One paged_attention call's tensors as raw pointers and sizes, shared by both kernels.
+template <typename T>
+struct PagedAttentionView {
+  int64_t tokens, num_heads, head_dim, num_kv_heads, block_size, group, table_stride;
+  const T *q, *keys, *values;
+  const int64_t *tables, *seq, *pos;
+  T* out;
+
+  PagedAttentionView(const at::Tensor& q_, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                     const at::Tensor& seq_index, const at::Tensor& positions, at::Tensor& out_)
+      : tokens(q_.size(0)), num_heads(q_.size(1)), head_dim(q_.size(2)), num_kv_heads(kv_cache.size(2)),
+        block_size(kv_cache.size(3)), group(num_heads / num_kv_heads), table_stride(block_tables.stride(0)),
+        q(q_.data_ptr<T>()), keys(kv_cache.data_ptr<T>()), values(keys + kv_cache.stride(0)),
+        tables(block_tables.data_ptr<int64_t>()), seq(seq_index.data_ptr<int64_t>()),
+        pos(positions.data_ptr<int64_t>()), out(out_.data_ptr<T>()) {}
+
+  // Rows [j0, ...) of block b of sequence `table` for kv head g: contiguous in the head-major cache.
+  const T* block_rows(const T* cache_half, const int64_t* table, int64_t b, int64_t g, int64_t j0) const {
+    return cache_half + ((table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size)) * head_dim;
+  }
+};
+
 #if defined(__AVX512F__)
 // v[0..15] -> one vector whose lane j is the sum of v[j]'s lanes: a transpose-and-add tree, 45
 // shuffles and adds for 16 dot products instead of 16 separate horizontal reductions.
@@ -259,16 +306,6 @@ inline __m512 sum_lanes16(const __m512* v) {
                               _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
   return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-// max(x[0..n)), n >= 1: std::max_element does not vectorise (it must return the first maximum).
-inline float max_of(const float* x, int64_t n) {
-  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
-  float r = _mm512_reduce_max_ps(m);
-  for (; i < n; ++i) r = std::max(r, x[i]);
-  return r;
 }
 
 // Sixteen elements of T, widened to fp32 in a register (exact for all three types).
@@ -351,18 +388,11 @@ void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const 
                          const at::Tensor& seq_index, const at::Tensor& positions, float scale, int64_t window,
                          at::Tensor& out) {
   constexpr int64_t D = 16 * C;
-  const int64_t tokens = q.size(0), num_heads = q.size(1);
-  const int64_t num_kv_heads = kv_cache.size(2), block_size = kv_cache.size(3);
-  const int64_t group = num_heads / num_kv_heads, table_stride = block_tables.stride(0);
-  const T* qp = q.data_ptr<T>();
-  const T* keys = kv_cache.data_ptr<T>();
-  const T* values = keys + kv_cache.stride(0);
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* seq = seq_index.data_ptr<int64_t>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  T* op = out.data_ptr<T>();
+  const PagedAttentionView<T> v(q, kv_cache, block_tables, seq_index, positions, out);
+  const int64_t num_heads = v.num_heads, num_kv_heads = v.num_kv_heads, block_size = v.block_size, group = v.group;
+  const int64_t* pos = v.pos;
   const __m512 scale_v = _mm512_set1_ps(scale);
-  const auto tiles = query_tiles(seq, pos, tokens);
+  const auto tiles = query_tiles(v.seq, pos, v.tokens);
   at::parallel_for(0, static_cast<int64_t>(tiles.size()) * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc(kQueryTile * group * D), denom(kQueryTile * group), wide(16 * D);
     for (int64_t item = begin; item < end; ++item) {
@@ -372,15 +402,12 @@ void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const 
       auto last = [&](int64_t i) { return pos[t0 + i]; };
       auto first = [&](int64_t i) { return window > 0 ? std::max<int64_t>(0, last(i) - window + 1) : int64_t{0}; };
       const int64_t lo = first(0), hi = last(count - 1), n = hi - lo + 1, rows = count * group;
-      const int64_t* table = tables + seq[t0] * table_stride;
+      const int64_t* table = v.tables + v.seq[t0] * v.table_stride;
       scores.resize(rows * n);  // row r = i * group + h, column j - lo
-      auto block_rows = [&](const T* cache_half, int64_t b, int64_t j0) {  // contiguous per kv head
-        return cache_half + ((table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size)) * D;
-      };
       // Pass 1: scores, sixteen keys at a time; a query's keys after its own position are skipped.
       for (int64_t b = lo / block_size; b <= hi / block_size; ++b) {
         const int64_t j0 = std::max(lo, b * block_size), j1 = std::min(hi + 1, (b + 1) * block_size);
-        const T* kb = block_rows(keys, b, j0);
+        const T* kb = v.block_rows(v.keys, table, b, g, j0);
         for (int64_t c = j0; c < j1; c += 16) {
           for (int64_t i = 0; i < count; ++i) {
             const int m = static_cast<int>(std::min<int64_t>({16, j1 - c, last(i) + 1 - c}));
@@ -388,7 +415,7 @@ void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const 
             const __mmask16 valid = static_cast<__mmask16>((1u << m) - 1u);
             for (int64_t h = 0; h < group; ++h) {
               __m512 dots[16];
-              key_dots16<T, C>(qp + ((t0 + i) * num_heads + g * group + h) * D, kb + (c - j0) * D, m, dots);
+              key_dots16<T, C>(v.q + ((t0 + i) * num_heads + g * group + h) * D, kb + (c - j0) * D, m, dots);
               _mm512_mask_storeu_ps(scores.data() + (i * group + h) * n + (c - lo), valid,
                                     _mm512_mul_ps(sum_lanes16(dots), scale_v));
             }
@@ -398,23 +425,14 @@ void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const 
       // Softmax of each row over its own keys; entries outside them stay unused.
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = r / group;
-        float* s = scores.data() + r * n + (first(i) - lo);
-        const int64_t len = last(i) - first(i) + 1;
-        const float mx = max_of(s, len);
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) s[j] -= mx;
-        exp_inplace(s, len);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < len; ++j) sum += s[j];
-        denom[r] = sum;
+        denom[r] = exp_shifted(scores.data() + r * n + (first(i) - lo), last(i) - first(i) + 1);
       }
       // Pass 2: the probability-weighted sum of the values. Sixteen value rows at a time are
       // widened to fp32 once (fp32 caches are read in place) for every row of the tile.
       std::fill(acc.begin(), acc.begin() + rows * D, 0.f);
       for (int64_t b = lo / block_size; b <= hi / block_size; ++b) {
         const int64_t j0 = std::max(lo, b * block_size), j1 = std::min(hi + 1, (b + 1) * block_size);
-        const T* vb = block_rows(values, b, j0);
+        const T* vb = v.block_rows(v.values, table, b, g, j0);
         for (int64_t c = j0; c < j1; c += 16) {
           const int64_t m = std::min<int64_t>(16, j1 - c);
           const float* vf;
@@ -445,7 +463,7 @@ void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const 
         const float inv = 1.f / denom[r];
 #pragma omp simd
         for (int64_t k = 0; k < D; ++k) a[k] *= inv;
-        from_float(a, op + ((t0 + i) * num_heads + g * group + h) * D, D);
+        from_float(a, v.out + ((t0 + i) * num_heads + g * group + h) * D, D);
       }
     }
   });
@@ -468,54 +486,36 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::
     default: break;
   }
 #endif
-  const int64_t tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t num_kv_heads = kv_cache.size(2), block_size = kv_cache.size(3);
-  const int64_t group = num_heads / num_kv_heads, table_stride = block_tables.stride(0);
-  const T* qp = q.data_ptr<T>();
-  const T* keys = kv_cache.data_ptr<T>();
-  const T* values = keys + kv_cache.stride(0);
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* seq = seq_index.data_ptr<int64_t>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  T* op = out.data_ptr<T>();
-  at::parallel_for(0, tokens * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  const PagedAttentionView<T> v(q, kv_cache, block_tables, seq_index, positions, out);
+  const int64_t num_heads = v.num_heads, head_dim = v.head_dim, num_kv_heads = v.num_kv_heads;
+  const int64_t block_size = v.block_size, group = v.group;
+  at::parallel_for(0, v.tokens * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * head_dim), acc(group * head_dim), row(block_size * head_dim), scores, denom(group);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / num_kv_heads, g = item % num_kv_heads;
-      const int64_t last = pos[t];
+      const int64_t last = v.pos[t];
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       const int64_t n = last - first + 1;
-      const int64_t* table = tables + seq[t] * table_stride;
-      to_float(qp + (t * num_heads + g * group) * head_dim, qf.data(), group * head_dim);
+      const int64_t* table = v.tables + v.seq[t] * v.table_stride;
+      to_float(v.q + (t * num_heads + g * group) * head_dim, qf.data(), group * head_dim);
       scores.resize(group * n);
       // Calls fn(j - first, row) for every visible key or value row of this sequence and kv head,
       // converting one block at a time to fp32 (a block's rows are contiguous for a kv head).
       auto for_each_row = [&](const T* cache_half, auto&& fn) {
         for (int64_t b = first / block_size; b <= last / block_size; ++b) {
           const int64_t j0 = std::max(first, b * block_size), j1 = std::min(last + 1, (b + 1) * block_size);
-          const T* src = cache_half + ((table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size)) * head_dim;
-          to_float(src, row.data(), (j1 - j0) * head_dim);
+          to_float(v.block_rows(cache_half, table, b, g, j0), row.data(), (j1 - j0) * head_dim);
           for (int64_t j = j0; j < j1; ++j) fn(j - first, row.data() + (j - j0) * head_dim);
         }
       };
       // Pass 1: scores.
-      for_each_row(keys, [&](int64_t j, const float* kr) {
+      for_each_row(v.keys, [&](int64_t j, const float* kr) {
         for (int64_t h = 0; h < group; ++h) scores[h * n + j] = dot(qf.data() + h * head_dim, kr, head_dim) * scale;
       });
-      for (int64_t h = 0; h < group; ++h) {
-        float* s = scores.data() + h * n;
-        const float m = *std::max_element(s, s + n);
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) s[j] -= m;
-        exp_inplace(s, n);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < n; ++j) sum += s[j];
-        denom[h] = sum;
-      }
+      for (int64_t h = 0; h < group; ++h) denom[h] = exp_shifted(scores.data() + h * n, n);
       // Pass 2: the probability-weighted sum of the values.
       std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_row(values, [&](int64_t j, const float* vr) {
+      for_each_row(v.values, [&](int64_t j, const float* vr) {
         for (int64_t h = 0; h < group; ++h) {
           const float p = scores[h * n + j];
           float* a = acc.data() + h * head_dim;
@@ -528,7 +528,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::
         const float inv = 1.f / denom[h];
 #pragma omp simd
         for (int64_t i = 0; i < head_dim; ++i) a[i] *= inv;
-        from_float(a, op + (t * num_heads + g * group + h) * head_dim, head_dim);
+        from_float(a, v.out + (t * num_heads + g * group + h) * head_dim, head_dim);
       }
     }
   });
