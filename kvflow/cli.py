@@ -31,6 +31,7 @@ _HELP = {
     "cpu_kernels": "CPU: run each step's decoder stack as one C++ call (compiled on first use)",
     "decode_gemv": "bf16 CPU with AVX512-BF16: a second copy of the weights for a faster decode GEMV "
                    "(steps of <= 4 tokens)",
+    "attention_backend": "auto (Triton kernels on CUDA, torch-native + C++ forward on CPU), torch or triton",
 }
 
 

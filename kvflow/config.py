@@ -236,6 +236,9 @@ class SchedulerConfig:
             raise ValueError(f"policy must be one of fcfs, priority; got {self.policy!r}")
 
 
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
 @dataclass(frozen=True)
 class RunnerConfig:
     """How the model runs, not what it computes: switches for speed-only code paths."""
@@ -250,6 +253,14 @@ class RunnerConfig:
     # weight matrix for a decode GEMV that streams it faster than oneDNN (steps of <= 4 tokens).
     # Costs the weights' size again in memory; off = oneDNN for every step.
     decode_gemv: bool = True
+    # Attention backend: "auto" = Triton kernels on CUDA, torch-native (plus the C++ forward) on
+    # CPU; "torch" or "triton" force one. Triton on CPU runs only under TRITON_INTERPRET=1 (tests),
+    # and turns the C++ forward off, since that forward has its own attention.
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 
 
 KV_TRANSFER_ROLES = ("prefill", "decode")

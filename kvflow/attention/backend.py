@@ -11,10 +11,14 @@ earlier-computed prefix). Tokens are packed flat in that order.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,8 +73,25 @@ class AttentionBackend(Protocol):
         """Store k/v for the step's tokens, then attend; returns [T, num_heads, head_dim]."""
 
 
-def get_backend(device: torch.device | str) -> AttentionBackend:
-    """The backend for a device: torch-native on CPU (Triton kernels arrive with the GPU issue)."""
+def get_backend(device: torch.device | str, name: str = "auto") -> AttentionBackend:
+    """The attention backend `name` for a device. "auto": kvflow's Triton kernels on CUDA
+    (flash-decoding and FlashAttention-2 prefill over the paged cache), torch-native elsewhere or
+    where Triton is not installed."""
+    device_type = torch.device(device).type
+    if name == "triton" or (name == "auto" and device_type == "cuda"):
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"the Triton attention backend needs a CUDA device (or TRITON_INTERPRET=1 "
+                             f"for Triton's CPU interpreter), got {device_type}")
+        try:
+            from kvflow.attention.triton import TritonBackend
+        except ImportError as e:
+            if name == "triton":
+                raise ImportError(f"attention_backend='triton' needs Triton (pip install 'kvflow[gpu]'): {e}") from e
+            logger.warning("Triton is unavailable (%s); using the torch-native attention backend", e)
+        else:
+            return TritonBackend()
+    elif name not in ("auto", "torch"):
+        raise ValueError(f"unknown attention backend {name!r}")
     from kvflow.attention.torch_native import TorchNativeBackend
 
     return TorchNativeBackend()

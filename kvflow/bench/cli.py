@@ -140,6 +140,33 @@ def _cmd_throughput_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvflow.bench.attention import AttentionCase, available, format_results, run_case, save_results
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    impls = available(device, tuple(args.impl))
+    missing = sorted(set(args.impl) - set(impls))
+    if missing:
+        print(f"not available on {device}: {', '.join(missing)}")
+    results = []
+    for kind in args.kind:
+        for batch in args.batch:
+            for heads in args.heads:
+                num_heads, _, num_kv_heads = heads.partition("/")
+                for seq_len in args.seq_len:
+                    case = AttentionCase(kind, batch, seq_len, int(num_heads), int(num_kv_heads or num_heads),
+                                         args.head_dim, args.block_size, getattr(torch, args.dtype), device)
+                    results += run_case(case, impls, args.repeats, args.naive_max_len, args.memory)
+                    del case
+    print(format_results(results))
+    if args.output:
+        save_results(results, Path(args.output), device)
+        print(f"saved {args.output}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``bench`` command and its subcommands to the main CLI's subparsers."""
     bench = subparsers.add_parser("bench", help="benchmarks: reference models, limits, throughput, serving load")
@@ -184,6 +211,24 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     help="profile the C++ CPU forward (default) or the PyTorch modules")
     pr.add_argument("--output", help="JSON path")
     pr.set_defaults(func=_cmd_profile)
+
+    at = sub.add_parser("attention", help="attention kernels alone vs torch SDPA and a naive reference")
+    at.add_argument("--kind", nargs="+", choices=("prefill", "decode"), default=["prefill", "decode"])
+    at.add_argument("--seq-len", nargs="+", type=int, default=[512, 1024, 2048, 4096], help="context lengths")
+    at.add_argument("--batch", nargs="+", type=int, default=[1], help="sequences per call")
+    at.add_argument("--heads", nargs="+", default=["9/3"], help="query/kv heads, e.g. 32/8 (GQA) or 16/1 (MQA)")
+    at.add_argument("--head-dim", type=int, default=64)
+    at.add_argument("--block-size", type=int, default=16)
+    at.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    at.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    at.add_argument("--impl", nargs="+", default=["kvflow-cpu", "triton", "triton-nosplit", "sdpa", "naive"],
+                    help="implementations to time (those the device lacks are listed and skipped)")
+    at.add_argument("--repeats", type=int, default=5, help="timed calls per case; the median is reported")
+    at.add_argument("--naive-max-len", type=int, default=2048, help="longest context the naive reference runs")
+    at.add_argument("--memory", action="store_true",
+                    help="CPU: also measure the peak memory each call adds (one fresh process per call)")
+    at.add_argument("--output", help="JSON path")
+    at.set_defaults(func=_cmd_attention)
 
     tp = sub.add_parser("throughput", help="offline / single-stream throughput of backends")
     tp.add_argument("--model", required=True, help="model directory (HF format)")

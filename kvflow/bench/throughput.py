@@ -231,7 +231,7 @@ def make_prompts(
     return ids.tolist()
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) so a run's peak excludes earlier backends."""
     gc.collect()
     try:  # give freed heap back to the OS first, or it counts towards the next peak
@@ -246,7 +246,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
     """Peak resident set size in MiB: VmHWM where /proc has it, else getrusage (process-wide)."""
     try:
         with open("/proc/self/status") as f:
@@ -304,7 +304,7 @@ def _measure_in_process(
     plan: PromptPlan, seed: int, wait_idle_s: float,
 ) -> Measurement:  # fmt: skip
     """Load the engine here and time the plan's calls (``kvflow.bench.peers.worker`` mirrors this)."""
-    rss_per_run = _reset_peak_rss()
+    rss_per_run = reset_peak_rss()
     start = time.perf_counter()
     engine = loader(model_dir, dtype, dict(engine_kwargs))
     load_s = time.perf_counter() - start
@@ -325,7 +325,7 @@ def _measure_in_process(
         cpu_util = (_cpu_seconds() - cpu0) / (
             (time.perf_counter() - section0) * torch.get_num_threads()
         )
-        peak_rss = _peak_rss_mib()
+        peak_rss = peak_rss_mib()
     finally:
         engine.close()
         extra = dict(getattr(engine, "report_extra", {}))

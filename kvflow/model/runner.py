@@ -59,10 +59,11 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.model = load_model(config.model, self.device)
         runner = config.runner
-        use_cpu_kernels = runner.cpu_kernels and cpu_kernels_available(self.device, config.model.dtype)
+        use_cpu_kernels = (runner.cpu_kernels and runner.attention_backend != "triton"
+                           and cpu_kernels_available(self.device, config.model.dtype))
         if runner.prepack_weights and prepack_available(self.device, config.model.dtype):
             self.model.prepack_weights(decode_copies=use_cpu_kernels and runner.decode_gemv and decode_gemv_available())
-        self.backend = get_backend(self.device)
+        self.backend = get_backend(self.device, runner.attention_backend)
         self.num_blocks = self._num_blocks()
         self.kv_caches = self.backend.allocate_kv_cache(
             config.model.num_layers, self.num_blocks, self.block_size,

@@ -1,0 +1,62 @@
+"""The Triton attention backend: store_kv, then flash-decoding for the decodes and varlen
+FlashAttention-2 prefill for the prefill chunks, all over the torch-native paged cache layout."""
+
+from __future__ import annotations
+
+import torch
+
+from kvflow.attention.backend import AttentionMetadata
+from kvflow.attention.triton.decode import decode_attention, default_num_splits
+from kvflow.attention.triton.kv_store import store_kv
+from kvflow.attention.triton.prefill import prefill_attention
+
+
+class TritonBackend:
+    name = "triton"
+
+    def allocate_kv_cache(
+        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> list[torch.Tensor]:
+        # Same layout as TorchNativeBackend ([2, blocks, kv_heads, block_size, head_dim]), so caches
+        # and KV transfer code are interchangeable between the backends.
+        shape = (2, num_blocks, num_kv_heads, block_size, head_dim)
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Host-side launch sizes only (from the Python lists, so no device syncs per layer)."""
+        nd = meta.num_decodes
+        meta.extra["triton_decode_splits"] = (
+            default_num_splits(max(meta.seq_lens_list[:nd])) if nd and meta.seq_lens_list else None
+        )
+        # None (lists not filled in) makes the wrappers read the sizes from the tensors instead.
+        meta.extra["triton_prefill_max_q"] = (
+            max(meta.query_lens_list[nd:]) if len(meta.query_lens_list) > nd else None
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        if "triton_prefill_max_q" not in meta.extra:
+            self.prepare(meta)
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            decode_attention(
+                q[:nd], kv_cache, meta.seq_lens[:nd], meta.block_tables[:nd], scale, sliding_window,
+                meta.extra["triton_decode_splits"], out=out[:nd],
+            )
+        if meta.num_prefills:
+            prefill_attention(
+                q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, sliding_window,
+                first_seq=nd, max_query_len=meta.extra["triton_prefill_max_q"], out=out,
+            )
+        return out

@@ -1,0 +1,188 @@
+"""Paged decode attention with flash-decoding (split-KV), Triton.
+
+A decode has one query token per sequence, so one program per (sequence, head) leaves most of a
+GPU idle on long contexts. Kernel 1 therefore also splits each context into `num_splits` chunks:
+grid (sequence, kv head, split), and each program serves ALL query heads of its GQA group, so
+the group shares every K/V load (the group is padded to >= 16 rows for tl.dot). It writes a
+partial, normalised output and its log2-sum-exp per split to fp32 scratch; kernel 2 merges the
+splits by their LSE. With one split, kernel 1 writes the final output directly (no scratch, no
+merge): the "non-split" variant.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvflow.attention.triton._common import LOG2E, SUPPORTED_DTYPES, check_head_dim, dot_precision
+
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, cache_ptr, out_ptr, lse_ptr,
+    seq_lens_ptr, bt_ptr,
+    stride_qt, stride_qh,
+    stride_ob, stride_oh, stride_os,  # out: [B, H, (S,) D]
+    stride_lb, stride_lh, stride_ls,  # lse: [B, H, (S)]
+    stride_ckv, stride_cblk, stride_ch, stride_coff, stride_bt,
+    qk_scale, block_size, window,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, LSE_NATURAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    # This split's chunk of the visible keys [lo, seq_len), a whole number of key tiles.
+    chunk = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    g_mask = offs_g < GROUP
+    heads = kv_head * GROUP + offs_g
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+    kv_base = cache_ptr + kv_head * stride_ch
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        blk = tl.load(bt_ptr + seq * stride_bt + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
+        row = blk * stride_cblk + (offs_n % block_size) * stride_coff
+        kv_ptrs = kv_base + row[:, None] + offs_d[None, :]
+        k = tl.load(kv_ptrs, mask=n_mask[:, None], other=0.0)
+        v = tl.load(kv_ptrs + stride_ckv, mask=n_mask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile has a valid key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    # An empty split (short context) stores out = 0, lse = -inf: it weighs nothing in the merge.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    if LSE_NATURAL:
+        lse = lse * 0.6931471805599453
+    tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
+    stride_pb, stride_ph, stride_ps, stride_plb, stride_plh,
+    stride_ot, stride_oh, stride_lt, stride_lh,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + seq * stride_plb + head * stride_plh + offs_s, mask=s_mask,
+                  other=float("-inf"))  # log2 units
+    part = tl.load(part_out_ptr + seq * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps
+                   + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    lse_max = tl.max(lse, 0)  # finite: a context has at least one key
+    w = tl.exp2(lse - lse_max)
+    total = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / total
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + seq * stride_lt + head * stride_lh, (lse_max + tl.log2(total)) * 0.6931471805599453)
+
+
+def default_num_splits(max_seq_len: int, chunk: int = 256, max_splits: int = 16) -> int:
+    """One split per `chunk` keys of the longest context, at most `max_splits`."""
+    return max(1, min(max_splits, triton.cdiv(max_seq_len, chunk)))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,
+    *,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query token per sequence (q: [B, num_heads, head_dim], row b = sequence b of
+    `seq_lens`/`block_tables`, whose keys include the query's own, already stored by `store_kv`).
+
+    Returns (out [B, num_heads, head_dim], lse [B, num_heads] fp32, natural log). `num_splits=None`
+    picks `default_num_splits(max_seq_len)`; `max_seq_len` (host int) avoids a device sync.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[2]
+    check_head_dim(head_dim)
+    if q.dtype not in SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
+        raise ValueError(f"unsupported dtypes q={q.dtype}, kv_cache={kv_cache.dtype}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache must have unit stride along head_dim")
+    if out is None:
+        out = torch.empty_like(q)
+    if lse is None:
+        lse = torch.empty(num_seqs, num_heads, dtype=torch.float32, device=q.device)
+    if num_seqs == 0:
+        return out, lse
+    if num_splits is None:
+        if max_seq_len is None:
+            max_seq_len = int(seq_lens[:num_seqs].max().item())
+        num_splits = default_num_splits(max_seq_len)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    group = num_heads // num_kv_heads
+    block_n = block_n or (64 if head_dim <= 128 else 32)
+    common = dict(
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, BLOCK_N=block_n,
+        PRECISION=dot_precision(q.dtype),
+    )
+    cache_args = (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+                  block_tables.stride(0), scale * LOG2E, kv_cache.shape[3], sliding_window or 0)
+    grid = (num_seqs, num_kv_heads, num_splits)
+    if num_splits == 1:  # write the final result directly
+        _decode_split_kernel[grid](
+            q, kv_cache, out, lse, seq_lens, block_tables,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), 0, lse.stride(0), lse.stride(1), 0,
+            *cache_args, LSE_NATURAL=True, **common,
+        )
+        return out, lse
+    part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[grid](
+        q, kv_cache, part_out, part_lse, seq_lens, block_tables,
+        q.stride(0), q.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        *cache_args, LSE_NATURAL=False, **common,
+    )
+    _decode_merge_kernel[(num_seqs, num_heads)](
+        part_out, part_lse, out, lse,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+    )
+    return out, lse

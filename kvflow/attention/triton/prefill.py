@@ -1,0 +1,145 @@
+"""Varlen causal prefill attention over the paged KV cache (FlashAttention-2 style, Triton).
+
+Prefill chunks of many requests are packed flat. Each program owns one tile of BLOCK_M query
+tokens of one sequence and one query head, and streams that sequence's keys/values through its
+block table in tiles of BLOCK_N keys with the online-softmax recurrence, so the score matrix is
+never materialised and a cached prefix costs nothing extra (its blocks are just read). Key tiles
+wholly outside the causal / sliding-window range of the query tile are never visited.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvflow.attention.triton._common import LOG2E, SUPPORTED_DTYPES, check_head_dim, dot_precision
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, cache_ptr, out_ptr, lse_ptr,
+    qsl_ptr, seq_lens_ptr, bt_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh,
+    stride_ckv, stride_cblk, stride_ch, stride_coff, stride_bt,
+    qk_scale, block_size, window, first_seq,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, USE_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    seq = first_seq + tl.program_id(0)
+    tile = tl.program_id(1)
+    head = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    if tile * BLOCK_M < q_len:  # the grid is sized for the longest chunk; shorter ones idle
+        seq_len = tl.load(seq_lens_ptr + seq)
+        prefix = seq_len - q_len
+        kv_head = head // GROUP
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < q_len
+        q_pos = prefix + offs_m  # absolute positions of this tile's queries
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(
+            q_ptr + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + head * stride_qh + offs_d[None, :],
+            mask=m_mask[:, None], other=0.0,
+        )
+        # Keys visible to any query of the tile: [lo, hi).
+        first_pos = prefix + tile * BLOCK_M
+        hi = tl.minimum(first_pos + BLOCK_M, seq_len)
+        lo = 0
+        if USE_WINDOW:
+            lo = tl.maximum(first_pos - window + 1, 0)
+            lo = (lo // BLOCK_N) * BLOCK_N
+        kv_base = cache_ptr + kv_head * stride_ch
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < hi
+            blk = tl.load(bt_ptr + seq * stride_bt + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
+            row = blk * stride_cblk + (offs_n % block_size) * stride_coff
+            kv_ptrs = kv_base + row[:, None] + offs_d[None, :]
+            k = tl.load(kv_ptrs, mask=n_mask[:, None], other=0.0)
+            v = tl.load(kv_ptrs + stride_ckv, mask=n_mask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N], log2 units
+            visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+            if USE_WINDOW:
+                visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing visible yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        tok = (q_start + offs_m).to(tl.int64)
+        tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
+        tl.store(lse_ptr + tok * stride_lt + head * stride_lh, lse, mask=m_mask)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    first_seq: int = 0,
+    *,
+    max_query_len: int | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention for sequences `first_seq..B-1` of the step, reading K/V through the cache.
+
+    q: [T, num_heads, head_dim] (all tokens of the step; only those of the chosen sequences are
+    computed). The new tokens' k/v must already be in the cache (`store_kv`). Returns
+    (out [T, num_heads, head_dim], lse [T, num_heads] fp32, natural log); rows of other tokens are
+    left as they were in `out`/`lse` (uninitialised if those were not given).
+    `max_query_len` (host int) avoids a device sync when the caller already knows it.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[2]
+    check_head_dim(head_dim)
+    if q.dtype not in SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
+        raise ValueError(f"unsupported dtypes q={q.dtype}, kv_cache={kv_cache.dtype}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache must have unit stride along head_dim")
+    if out is None:
+        out = torch.empty_like(q)
+    if lse is None:
+        lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    num_seqs = seq_lens.shape[0] - first_seq
+    if num_seqs <= 0 or num_tokens == 0:
+        return out, lse
+    if max_query_len is None:
+        max_query_len = int(torch.diff(query_start_loc[first_seq:]).max().item())
+    if max_query_len <= 0:
+        return out, lse
+    block_m = block_m or 64
+    block_n = block_n or (64 if head_dim <= 128 else 32)
+    grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
+    _prefill_kernel[grid](
+        q, kv_cache, out, lse,
+        query_start_loc, seq_lens, block_tables,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        scale * LOG2E, kv_cache.shape[3], sliding_window or 0, first_seq,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, USE_WINDOW=sliding_window is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+    )
+    return out, lse

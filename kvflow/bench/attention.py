@@ -1,0 +1,266 @@
+"""``kvflow bench attention``: attention kernels alone, against torch SDPA and a naive reference.
+
+Why: the engine's step time hides which attention is fast where. This times one attention call
+over a paged KV cache (blocks scattered, as a long-running server leaves them) for prefill (B
+sequences of n new tokens, causal) and decode (B sequences, one query after n keys), and reports
+achieved TFLOP/s (prefill: 4·H·D per causal query-key pair) or GB/s (decode: K and V read once).
+
+Implementations, where the device has them:
+- ``kvflow-cpu``: the C++ CPU forward's paged attention (CPU, when the extension builds);
+- ``triton`` / ``triton-nosplit``: kvflow's Triton kernels, flash-decoding with automatic and
+  with a single split (CUDA);
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on contiguous per-sequence K/V
+  (the gather into that layout is not timed: this is the baseline at its best);
+- ``naive``: softmax(QKᵀ)V with the score matrix materialised (skipped above ``naive_max_len``).
+Every result carries its largest deviation from ``naive`` (else from ``sdpa``), so a fast wrong
+kernel shows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+IMPLEMENTATIONS = ("kvflow-cpu", "triton", "triton-nosplit", "sdpa", "naive")
+
+
+@dataclass
+class AttentionCase:
+    """Random inputs of one measured shape: a paged cache and the same K/V contiguous."""
+
+    kind: str  # "prefill" | "decode"
+    batch: int
+    seq_len: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    device: torch.device
+    q: torch.Tensor = field(init=False)  # [T, H, D]
+    kv_cache: torch.Tensor = field(init=False)  # [2, blocks, KVH, block_size, D]
+    block_tables: torch.Tensor = field(init=False)  # [B, blocks per sequence]
+    seq_lens: torch.Tensor = field(init=False)  # [B]
+    query_start_loc: torch.Tensor = field(init=False)  # [B + 1]
+    positions: torch.Tensor = field(init=False)  # [T]
+    seq_index: torch.Tensor = field(init=False)  # [T]
+    keys: torch.Tensor = field(init=False)  # [B, KVH, n, D], contiguous
+    values: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("prefill", "decode"):
+            raise ValueError(f"kind must be 'prefill' or 'decode', got {self.kind!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        gen = torch.Generator().manual_seed(0)
+        b, n, bs, kvh, d = self.batch, self.seq_len, self.block_size, self.num_kv_heads, self.head_dim
+        per_seq = math.ceil(n / bs)
+        blocks = torch.randperm(b * per_seq, generator=gen)
+        self.block_tables = blocks.view(b, per_seq).to(self.device)
+        cache = torch.randn(2, b * per_seq, kvh, bs, d, generator=gen).to(self.dtype)
+        self.kv_cache = cache.to(self.device)
+        # [B, per_seq, KVH, bs, D] -> [B, KVH, n, D]
+        gathered = cache[:, blocks.view(b, per_seq)].permute(0, 1, 3, 2, 4, 5).reshape(2, b, kvh, per_seq * bs, d)
+        self.keys = gathered[0, :, :, :n].contiguous().to(self.device)
+        self.values = gathered[1, :, :, :n].contiguous().to(self.device)
+        q_len = n if self.kind == "prefill" else 1
+        self.q = torch.randn(b * q_len, self.num_heads, d, generator=gen).to(self.dtype).to(self.device)
+        self.seq_lens = torch.full((b,), n, dtype=torch.long, device=self.device)
+        self.query_start_loc = torch.arange(0, b * q_len + 1, q_len, dtype=torch.long, device=self.device)
+        first = 0 if self.kind == "prefill" else n - 1
+        self.positions = torch.arange(first, n, dtype=torch.long).repeat(b).to(self.device)
+        self.seq_index = torch.arange(b, dtype=torch.long).repeat_interleave(q_len).to(self.device)
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+    @property
+    def q_len(self) -> int:
+        return self.seq_len if self.kind == "prefill" else 1
+
+    def work(self) -> float:
+        """Prefill: FLOPs of the causal pairs; decode: bytes of K and V read once."""
+        if self.kind == "prefill":
+            pairs = self.seq_len * (self.seq_len + 1) / 2
+            return 4.0 * self.batch * self.num_heads * self.head_dim * pairs
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        return 2.0 * self.batch * self.seq_len * self.num_kv_heads * self.head_dim * elem
+
+    def heads_first(self) -> torch.Tensor:
+        """q as [B, H, q_len, D] for SDPA and the naive reference."""
+        return self.q.view(self.batch, self.q_len, self.num_heads, self.head_dim).transpose(1, 2)
+
+
+def _naive(case: AttentionCase) -> torch.Tensor:
+    group = case.num_heads // case.num_kv_heads
+    q = case.heads_first().float()
+    k = case.keys.float().repeat_interleave(group, dim=1)
+    v = case.values.float().repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * case.scale
+    if case.kind == "prefill":
+        n = case.seq_len
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    out = scores.softmax(dim=-1) @ v
+    return out.to(case.dtype).transpose(1, 2).reshape(case.q.shape)
+
+
+def _sdpa(case: AttentionCase) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(case.heads_first(), case.keys, case.values, scale=case.scale,
+                                         is_causal=case.kind == "prefill", enable_gqa=True)
+    return out.transpose(1, 2).reshape(case.q.shape)
+
+
+def _kvflow_cpu() -> Callable[[AttentionCase], torch.Tensor] | None:
+    from kvflow.model.cpu_kernels import load_extension
+
+    ext = load_extension()
+    if ext is None:
+        return None
+    return lambda c: ext.paged_attention(c.q, c.kv_cache, c.block_tables, c.seq_index, c.positions, c.scale, 0)
+
+
+def _triton(num_splits: int | None) -> Callable[[AttentionCase], torch.Tensor]:
+    from kvflow.attention.triton import decode_attention, prefill_attention
+
+    def run(c: AttentionCase) -> torch.Tensor:
+        if c.kind == "decode":
+            return decode_attention(c.q, c.kv_cache, c.seq_lens, c.block_tables, c.scale, num_splits=num_splits)[0]
+        return prefill_attention(c.q, c.kv_cache, c.query_start_loc, c.seq_lens, c.block_tables, c.scale)[0]
+
+    return run
+
+
+def available(device: torch.device, names: tuple[str, ...] = IMPLEMENTATIONS) -> dict[str, Callable[[AttentionCase], torch.Tensor]]:
+    """The implementations of `names` that run on `device`."""
+    impls: dict[str, Callable[[AttentionCase], torch.Tensor]] = {}
+    for name in names:
+        if name == "kvflow-cpu" and device.type == "cpu" and (fn := _kvflow_cpu()) is not None:
+            impls[name] = fn
+        elif name in ("triton", "triton-nosplit") and device.type == "cuda":
+            impls[name] = _triton(None if name == "triton" else 1)
+        elif name == "sdpa":
+            impls[name] = _sdpa
+        elif name == "naive":
+            impls[name] = _naive
+    return impls
+
+
+@dataclass
+class AttentionResult:
+    implementation: str
+    kind: str
+    batch: int
+    seq_len: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    ms: float  # median of the repeats
+    tflops: float | None  # prefill
+    gbs: float | None  # decode
+    max_abs_err: float | None  # against naive, else sdpa
+    reference: str | None
+    peak_extra_mib: float | None = None  # CPU, --memory: peak RSS the call adds over its inputs
+
+
+def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()  # warm-up: compilation, first-touch
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_case(case: AttentionCase, impls: dict[str, Callable[[AttentionCase], torch.Tensor]], repeats: int,
+             naive_max_len: int, memory: bool = False) -> list[AttentionResult]:
+    """Time every implementation on one case and check it against the reference; with `memory`
+    (CPU), also measure the peak memory each call adds."""
+    todo = {n: f for n, f in impls.items() if n != "naive" or case.seq_len <= naive_max_len}
+    reference_name = "naive" if "naive" in todo else ("sdpa" if "sdpa" in todo else None)
+    reference = todo[reference_name](case).float() if reference_name else None
+    results = []
+    for name, fn in todo.items():
+        out = fn(case)
+        err = None if reference is None else float((out.float() - reference).abs().max())
+        seconds = _time(lambda: fn(case), case.device, repeats)
+        work = case.work()
+        results.append(AttentionResult(
+            implementation=name, kind=case.kind, batch=case.batch, seq_len=case.seq_len,
+            num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
+            dtype=str(case.dtype).removeprefix("torch."), ms=seconds * 1e3,
+            tflops=work / seconds / 1e12 if case.kind == "prefill" else None,
+            gbs=work / seconds / 1e9 if case.kind == "decode" else None,
+            max_abs_err=err, reference=None if name == reference_name else reference_name,
+            peak_extra_mib=peak_extra_mib(case, name) if memory and case.device.type == "cpu" else None,
+        ))
+    return results
+
+
+def _peak_rss_of_call(case_args: dict, name: str, queue: multiprocessing.Queue) -> None:
+    """Child process: build the case, then report how far one call raises the peak RSS (MiB)."""
+    from kvflow.bench.throughput import peak_rss_mib, reset_peak_rss
+
+    case = AttentionCase(**case_args)
+    fn = available(case.device, (name,))[name]
+    fn(case)  # first call: one-time costs (the C++ extension's load, thread pools)
+    reset_peak_rss()  # building the case peaked above the inputs it keeps
+    before = peak_rss_mib()
+    fn(case)
+    queue.put(peak_rss_mib() - before)
+
+
+def peak_extra_mib(case: AttentionCase, name: str) -> float:
+    """Peak memory one call of `name` adds on top of its inputs (and its own first call), measured
+    in a fresh process so that no other case's allocations are counted; CPU only."""
+    case_args = {f: getattr(case, f) for f in ("kind", "batch", "seq_len", "num_heads", "num_kv_heads",
+                                               "head_dim", "block_size", "dtype", "device")}
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_rss_of_call, args=(case_args, name, queue))
+    proc.start()
+    try:
+        value = queue.get(timeout=600)
+    finally:
+        proc.join()
+    return float(value)
+
+
+def format_results(results: list[AttentionResult]) -> str:
+    head = (f"{'kind':<8} {'impl':<15} {'B':>3} {'n':>6} {'H/KVH':>6} {'D':>4} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} "
+            f"{'max err':>9} {'+MiB':>8}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        tf = f"{r.tflops:.3f}" if r.tflops is not None else "-"
+        gb = f"{r.gbs:.1f}" if r.gbs is not None else "-"
+        err = f"{r.max_abs_err:.2e}" if r.max_abs_err is not None else "-"
+        mem = f"{r.peak_extra_mib:.1f}" if r.peak_extra_mib is not None else "-"
+        lines.append(f"{r.kind:<8} {r.implementation:<15} {r.batch:>3} {r.seq_len:>6} "
+                     f"{f'{r.num_heads}/{r.num_kv_heads}':>6} {r.head_dim:>4} {r.ms:>9.3f} {tf:>8} {gb:>7} {err:>9} {mem:>8}")
+    return "\n".join(lines)
+
+
+def save_results(results: list[AttentionResult], path: Path, device: torch.device) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    payload = {"kind": "attention", "device": device_name, "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "results": [asdict(r) for r in results]}
+    path.write_text(json.dumps(payload, indent=1))

@@ -1,0 +1,62 @@
+"""`kvflow bench attention`: the paged case matches its contiguous copy, every CPU implementation
+agrees with the naive reference, and the CLI writes its JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvflow.bench.attention import AttentionCase, available, run_case
+from kvflow.bench.cli import main
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_cpu_implementations_agree_with_the_naive_reference(kind):
+    case = AttentionCase(kind, batch=2, seq_len=37, num_heads=4, num_kv_heads=2, head_dim=32, block_size=8,
+                         dtype=torch.float32, device=torch.device("cpu"))
+    # The paged cache holds exactly the contiguous K/V that SDPA and naive read.
+    b, blk = 1, case.block_tables[1, 2].item()
+    assert torch.equal(case.kv_cache[0, blk, :, 3], case.keys[b, :, 2 * 8 + 3])
+    impls = available(torch.device("cpu"))
+    assert {"sdpa", "naive"} <= set(impls) and "triton" not in impls
+    results = run_case(case, impls, repeats=1, naive_max_len=64)
+    assert {r.implementation for r in results} == set(impls)
+    for r in results:
+        assert r.max_abs_err is not None and r.max_abs_err < 1e-4, r
+        assert r.ms > 0
+        assert (r.tflops if kind == "prefill" else r.gbs) > 0
+
+
+def test_naive_is_skipped_past_its_length_and_sdpa_becomes_the_reference():
+    case = AttentionCase("decode", 1, 40, 2, 1, 16, 16, torch.float32, torch.device("cpu"))
+    results = run_case(case, available(torch.device("cpu"), ("sdpa", "naive")), repeats=1, naive_max_len=32)
+    assert [r.implementation for r in results] == ["sdpa"]
+    assert results[0].reference is None and results[0].max_abs_err == 0.0
+
+
+def test_cli_writes_results(tmp_path, capsys):
+    out = tmp_path / "att.json"
+    assert main(["bench", "attention", "--kind", "decode", "--seq-len", "20", "--heads", "4/1", "--head-dim", "32",
+                 "--dtype", "float32", "--impl", "sdpa", "naive", "triton", "--repeats", "1",
+                 "--output", str(out)]) == 0
+    assert "not available on cpu: triton" in capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert payload["kind"] == "attention" and len(payload["results"]) == 2
+
+
+def test_bad_head_layout_is_rejected():
+    with pytest.raises(ValueError, match="multiple"):
+        AttentionCase("prefill", 1, 8, 3, 2, 16, 4, torch.float32, torch.device("cpu"))
+
+
+def test_peak_memory_shows_the_materialised_score_matrix():
+    """naive holds the 1024 x 1024 x 4-head fp32 scores (16 MiB, twice with the softmax); the
+    flash-style SDPA stays far below that."""
+    from kvflow.bench.attention import peak_extra_mib
+
+    case = AttentionCase("prefill", 1, 1024, 4, 4, 32, 16, torch.float32, torch.device("cpu"))
+    naive, sdpa = peak_extra_mib(case, "naive"), peak_extra_mib(case, "sdpa")
+    assert naive >= 16, naive
+    assert sdpa < naive / 2, (sdpa, naive)
