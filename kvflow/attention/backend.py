@@ -48,6 +48,17 @@ class AttentionMetadata:
         return self.num_seqs - self.num_decodes
 
 
+def allocate_paged_kv_cache(
+    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+    dtype: torch.dtype, device: torch.device,
+) -> list[torch.Tensor]:
+    """The head-major paged layout both built-in backends use, one tensor per layer:
+    [2 (keys, values), blocks, kv_heads, block_size, head_dim]. A block's rows for one kv head are
+    contiguous, and caches and KV transfers work with either backend."""
+    shape = (2, num_blocks, num_kv_heads, block_size, head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+
 class AttentionBackend(Protocol):
     name: str
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvflow.attention.backend import AttentionMetadata
+from kvflow.attention.backend import AttentionMetadata, allocate_paged_kv_cache
 
 
 class TorchNativeBackend:
@@ -23,8 +23,7 @@ class TorchNativeBackend:
     ) -> list[torch.Tensor]:
         # Head-major blocks: a gathered block is [kv_heads, block_size, head_dim], ready for batched
         # matmuls with no transposing copy (see `_decode`).
-        shape = (2, num_blocks, num_kv_heads, block_size, head_dim)
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return allocate_paged_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, meta: AttentionMetadata) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kvflow.attention.backend import AttentionMetadata
+from kvflow.attention.backend import AttentionMetadata, allocate_paged_kv_cache
 from kvflow.attention.triton.decode import decode_attention, default_num_splits
 from kvflow.attention.triton.kv_store import store_kv
 from kvflow.attention.triton.prefill import prefill_attention
@@ -18,10 +18,7 @@ class TritonBackend:
         self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
         dtype: torch.dtype, device: torch.device,
     ) -> list[torch.Tensor]:
-        # Same layout as TorchNativeBackend ([2, blocks, kv_heads, block_size, head_dim]), so caches
-        # and KV transfer code are interchangeable between the backends.
-        shape = (2, num_blocks, num_kv_heads, block_size, head_dim)
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return allocate_paged_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Host-side launch sizes only (from the Python lists, so no device syncs per layer)."""

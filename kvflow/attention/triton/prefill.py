@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow.attention.triton._common import LOG2E, SUPPORTED_DTYPES, check_head_dim, dot_precision
+from kvflow.attention.triton._common import LOG2E, check_inputs, dot_precision
 
 
 @triton.jit
@@ -110,15 +110,7 @@ def prefill_attention(
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[2]
-    check_head_dim(head_dim)
-    if q.dtype not in SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
-        raise ValueError(f"unsupported dtypes q={q.dtype}, kv_cache={kv_cache.dtype}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if kv_cache.stride(-1) != 1:
-        raise ValueError("kv_cache must have unit stride along head_dim")
+    q = check_inputs(q, kv_cache)
     if out is None:
         out = torch.empty_like(q)
     if lse is None:
