@@ -33,6 +33,7 @@ SAMPLING_EPS: float = 1e-5
 # Top logprobs are materialised per generated token; cap them like the OpenAI API.
 MAX_LOGPROBS: int = 20
 
+_INT64_MAX: int = 2**63 - 1
 _SEED_MIN: int = -(2**63)  # torch.Generator.manual_seed accepts [-2**63, 2**64)
 _SEED_MAX: int = 2**64 - 1
 
@@ -55,7 +56,8 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
         "a finite number >= 0 (0 means greedy)",
         lambda v: math.isfinite(v) and v >= 0,
     ),
-    "top_k": ("0 or -1 (disabled) or an integer >= 1", lambda v: v >= -1),
+    # The sampler holds top_k in an int64 tensor; any k past the vocabulary keeps every token.
+    "top_k": ("0 or -1 (disabled) or an integer >= 1 (at most 2**63 - 1)", lambda v: -1 <= v <= _INT64_MAX),
     "top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
     "min_p": ("in [0, 1]", _in_closed(0.0, 1.0)),
     "seed": (

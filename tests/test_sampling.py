@@ -47,6 +47,7 @@ INVALID_VALUES: list[tuple[str, Any, str]] = [
     ("temperature", "hot", ">= 0"),
     ("top_k", -2, ">= 1"),
     ("top_k", 2.5, ">= 1"),
+    ("top_k", 2**70, "at most 2**63 - 1"),  # would overflow the sampler's int64 tensor
     ("top_p", 0.0, "(0, 1]"),
     ("top_p", -0.5, "(0, 1]"),
     ("top_p", 1.5, "(0, 1]"),

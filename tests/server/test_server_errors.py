@@ -48,6 +48,8 @@ CASES = [
      "frequency_penalty", "invalid_value"),
     ("seed-too-large", COMPLETIONS, {"prompt": "hi", "seed": 2**70}, 400, "invalid_request_error", "seed",
      "invalid_value"),
+    ("top-k-too-large", COMPLETIONS, {"prompt": "hi", "top_k": 2**70}, 400, "invalid_request_error", "top_k",
+     "invalid_value"),
     ("min-over-max-tokens", COMPLETIONS, {"prompt": "hi", "max_tokens": 2, "min_tokens": 5}, 400,
      "invalid_request_error", "min_tokens", "invalid_value"),
     ("stop-token-ids-strings", COMPLETIONS, {"prompt": "hi", "stop_token_ids": ["a"]}, 400,
