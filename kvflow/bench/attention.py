@@ -175,11 +175,11 @@ class AttentionResult:
 
 
 def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
+    """Median seconds of `repeats` calls; the caller has made the first (compilation, first-touch)."""
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    fn()  # warm-up: compilation, first-touch
     sync()
     times = []
     for _ in range(repeats):
@@ -196,10 +196,12 @@ def run_case(case: AttentionCase, impls: dict[str, Callable[[AttentionCase], tor
     (CPU), also measure the peak memory each call adds."""
     todo = {n: f for n, f in impls.items() if n != "naive" or case.seq_len <= naive_max_len}
     reference_name = "naive" if "naive" in todo else ("sdpa" if "sdpa" in todo else None)
-    reference = todo[reference_name](case).float() if reference_name else None
+    # Each implementation's first call gives its output and is the timing's warm-up.
+    outputs = {reference_name: todo[reference_name](case)} if reference_name else {}
+    reference = outputs[reference_name].float() if reference_name else None
     results = []
     for name, fn in todo.items():
-        out = fn(case)
+        out = outputs[name] if name in outputs else fn(case)
         err = None if reference is None else float((out.float() - reference).abs().max())
         seconds = _time(lambda: fn(case), case.device, repeats)
         work = case.work()

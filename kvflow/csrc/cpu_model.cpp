@@ -268,6 +268,15 @@ inline float exp_shifted(float* s, int64_t n) {
   return sum;
 }
 
+// out = T(a * (1 / denom)): an accumulated attention row normalised by its softmax sum, rounded once.
+template <typename T>
+inline void store_normalised(float* a, float denom, T* out, int64_t n) {
+  const float inv = 1.f / denom;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] *= inv;
+  from_float(a, out, n);
+}
+
 // One paged_attention call's tensors as raw pointers and sizes, shared by both kernels.
 template <typename T>
 struct PagedAttentionView {
@@ -459,11 +468,7 @@ void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const 
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = r / group, h = r % group;
-        float* a = acc.data() + r * D;
-        const float inv = 1.f / denom[r];
-#pragma omp simd
-        for (int64_t k = 0; k < D; ++k) a[k] *= inv;
-        from_float(a, v.out + ((t0 + i) * num_heads + g * group + h) * D, D);
+        store_normalised(acc.data() + r * D, denom[r], v.out + ((t0 + i) * num_heads + g * group + h) * D, D);
       }
     }
   });
@@ -523,13 +528,9 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::
           for (int64_t i = 0; i < head_dim; ++i) a[i] += p * vr[i];
         }
       });
-      for (int64_t h = 0; h < group; ++h) {
-        float* a = acc.data() + h * head_dim;
-        const float inv = 1.f / denom[h];
-#pragma omp simd
-        for (int64_t i = 0; i < head_dim; ++i) a[i] *= inv;
-        from_float(a, v.out + (t * num_heads + g * group + h) * head_dim, head_dim);
-      }
+      for (int64_t h = 0; h < group; ++h)
+        store_normalised(acc.data() + h * head_dim, denom[h], v.out + (t * num_heads + g * group + h) * head_dim,
+                         head_dim);
     }
   });
 }

@@ -154,9 +154,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|")
     cost = deployment_economics(profile, decode, args.colocated or 0, args.prefill, args.decode)
     report = ValidationReport()
+    fitted: dict[Path, Deployment] = {}  # --fit-steps own: one fit per directory of step logs
     for name, requests, slos, measured, path in runs:
         if own_steps and path is not None:
-            deployment = deployment_of(fit_profile_to_steps(base, path.parent)[0])
+            if path.parent not in fitted:
+                fitted[path.parent] = deployment_of(fit_profile_to_steps(base, path.parent)[0])
+            deployment = fitted[path.parent]
         docs = [result_doc(Simulator(deployment, args.seed + k).run(requests), requests, f"sim-{name}", slos,
                            percentiles, args.profile, cost) for k in range(args.repeats)]
         doc = docs[0]

@@ -1,13 +1,41 @@
-"""Small helpers shared by the Triton attention kernels' wrappers."""
+"""Helpers shared by the Triton attention kernels: the K/V tile load through a block table and the
+online-softmax step (both `@triton.jit`), and the wrappers' input checks."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 LOG2E = 1.0 / math.log(2.0)  # scores are kept in log2 units so the kernels can use exp2
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def load_kv_tile(kv_base, bt_row, offs_n, n_mask, offs_d, block_size, stride_ckv, stride_cblk, stride_coff):
+    """Keys and values at positions `offs_n` of one sequence and kv head, read through its block
+    table row `bt_row` (`kv_base` already points at the kv head); masked-off rows read as 0."""
+    blk = tl.load(bt_row + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
+    kv_ptrs = kv_base + (blk * stride_cblk + (offs_n % block_size) * stride_coff)[:, None] + offs_d[None, :]
+    k = tl.load(kv_ptrs, mask=n_mask[:, None], other=0.0)
+    v = tl.load(kv_ptrs + stride_ckv, mask=n_mask[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """One key tile of the FlashAttention-2 recurrence. `s`: scores in log2 units, -inf where not
+    visible; returns the new running max, running sum and unnormalised accumulator."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
 
 
 def check_head_dim(head_dim: int) -> None:

@@ -15,9 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow.attention.triton._common import LOG2E, check_inputs, dot_precision
-
-LN2 = 0.6931471805599453
+from kvflow.attention.triton._common import LOG2E, check_inputs, dot_precision, load_kv_tile, online_softmax_step
 
 
 @triton.jit
@@ -58,19 +56,11 @@ def _decode_split_kernel(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        blk = tl.load(bt_ptr + seq * stride_bt + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
-        row = blk * stride_cblk + (offs_n % block_size) * stride_coff
-        kv_ptrs = kv_base + row[:, None] + offs_d[None, :]
-        k = tl.load(kv_ptrs, mask=n_mask[:, None], other=0.0)
-        v = tl.load(kv_ptrs + stride_ckv, mask=n_mask[:, None], other=0.0)
+        k, v = load_kv_tile(kv_base, bt_ptr + seq * stride_bt, offs_n, n_mask, offs_d, block_size,
+                            stride_ckv, stride_cblk, stride_coff)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile has a valid key
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
     # An empty split (short context) stores out = 0, lse = -inf: it weighs nothing in the merge.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]

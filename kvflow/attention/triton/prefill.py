@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow.attention.triton._common import LOG2E, check_inputs, dot_precision
+from kvflow.attention.triton._common import LOG2E, check_inputs, dot_precision, load_kv_tile, online_softmax_step
 
 
 @triton.jit
@@ -57,24 +57,14 @@ def _prefill_kernel(
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_mask = offs_n < hi
-            blk = tl.load(bt_ptr + seq * stride_bt + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
-            row = blk * stride_cblk + (offs_n % block_size) * stride_coff
-            kv_ptrs = kv_base + row[:, None] + offs_d[None, :]
-            k = tl.load(kv_ptrs, mask=n_mask[:, None], other=0.0)
-            v = tl.load(kv_ptrs + stride_ckv, mask=n_mask[:, None], other=0.0)
+            k, v = load_kv_tile(kv_base, bt_ptr + seq * stride_bt, offs_n, n_mask, offs_d, block_size,
+                                stride_ckv, stride_cblk, stride_coff)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N], log2 units
             visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
             if USE_WINDOW:
                 visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with nothing visible yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         tok = (q_start + offs_m).to(tl.int64)
