@@ -372,8 +372,12 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def _seeded_draw(width: int, device: torch.device | str, generator: torch.Generator) -> torch.Tensor:
-    """The one draw a seeded random row makes per sampled token: ``q ~ Exp(1)`` over the logits width."""
-    return torch.empty(width, device=device).exponential_(generator=generator)
+    """The one draw a seeded random row makes per sampled token: ``q ~ Exp(1)`` over the logits width.
+
+    Drawn on the generator's own device (a request's generator lives on the CPU), then moved: a
+    CUDA tensor cannot draw from a CPU generator, and this way a seed gives the same draws, hence
+    the same tokens, whichever device runs the model."""
+    return torch.empty(width, device=generator.device).exponential_(generator=generator).to(device)
 
 
 def advance_generator(

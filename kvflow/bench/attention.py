@@ -10,10 +10,11 @@ Implementations, where the device has them:
 - ``triton`` / ``triton-nosplit``: kvflow's Triton kernels, flash-decoding with automatic and
   with a single split (CUDA);
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on contiguous per-sequence K/V
-  (the gather into that layout is not timed: this is the baseline at its best);
+  (the gather into that layout is not timed: this is the baseline at its best); on CUDA in 16-bit
+  it is forced onto the FlashAttention backend, K/V repeated per query head;
 - ``naive``: softmax(QKᵀ)V with the score matrix materialised (skipped above ``naive_max_len``).
 Every result carries its largest deviation from ``naive`` (else from ``sdpa``), so a fast wrong
-kernel shows.
+kernel shows. ``check_targets`` turns a GPU run into pass/fail against the Triton kernels' goals.
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ class AttentionCase:
         elem = torch.empty(0, dtype=self.dtype).element_size()
         return 2.0 * self.batch * self.seq_len * self.num_kv_heads * self.head_dim * elem
 
+    def keys_per_query_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V repeated to [B, H, n, D] (built once), for kernels without GQA support."""
+        if not hasattr(self, "_expanded"):
+            group = self.num_heads // self.num_kv_heads
+            self._expanded = (self.keys.repeat_interleave(group, dim=1), self.values.repeat_interleave(group, dim=1))
+        return self._expanded
+
     def heads_first(self) -> torch.Tensor:
         """q as [B, H, q_len, D] for SDPA and the naive reference."""
         return self.q.view(self.batch, self.q_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -116,8 +124,16 @@ def _naive(case: AttentionCase) -> torch.Tensor:
 
 
 def _sdpa(case: AttentionCase) -> torch.Tensor:
-    out = F.scaled_dot_product_attention(case.heads_first(), case.keys, case.values, scale=case.scale,
-                                         is_causal=case.kind == "prefill", enable_gqa=True)
+    causal = case.kind == "prefill"
+    if case.device.type == "cuda" and case.dtype in (torch.float16, torch.bfloat16):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        keys, values = case.keys_per_query_head()
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # the baseline named by the kernels' goal
+            out = F.scaled_dot_product_attention(case.heads_first(), keys, values, scale=case.scale, is_causal=causal)
+    else:
+        out = F.scaled_dot_product_attention(case.heads_first(), case.keys, case.values, scale=case.scale,
+                                             is_causal=causal, enable_gqa=True)
     return out.transpose(1, 2).reshape(case.q.shape)
 
 
@@ -266,3 +282,57 @@ def save_results(results: list[AttentionResult], path: Path, device: torch.devic
     payload = {"kind": "attention", "device": device_name, "torch": torch.__version__,
                "threads": torch.get_num_threads(), "results": [asdict(r) for r in results]}
     path.write_text(json.dumps(payload, indent=1))
+
+
+# The Triton kernels' goals, checked on a GPU run by `kvflow bench attention --check-targets`.
+PREFILL_MAX_SLOWDOWN = 1.3  # prefill time at most 1.3x SDPA's flash backend ...
+PREFILL_FROM_LEN = 4096  # ... from 4k tokens
+DECODE_FROM_LEN = 8192  # flash-decoding (split) faster than one split from 8k keys
+MAX_ABS_ERR = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}  # vs the fp32 reference, outputs ~1
+
+
+@dataclass
+class TargetCheck:
+    claim: str
+    passed: bool
+    detail: str
+
+
+def check_targets(results: list[AttentionResult]) -> list[TargetCheck]:
+    """Every Triton result is accurate; Triton prefill is within PREFILL_MAX_SLOWDOWN of SDPA from
+    PREFILL_FROM_LEN tokens; split decode beats non-split from DECODE_FROM_LEN keys. Only the
+    shapes the run measured are checked; a run without Triton results checks nothing."""
+    def shape(r: AttentionResult) -> tuple:
+        return (r.kind, r.batch, r.seq_len, r.num_heads, r.num_kv_heads, r.head_dim, r.dtype)
+
+    by_impl = {(r.implementation, shape(r)): r for r in results}
+    checks = []
+    for r in results:
+        if not r.implementation.startswith("triton"):
+            continue
+        where = f"{r.kind} B={r.batch} n={r.seq_len} H/KVH={r.num_heads}/{r.num_kv_heads} D={r.head_dim} {r.dtype}"
+        if r.max_abs_err is not None:
+            tol = MAX_ABS_ERR[r.dtype]
+            checks.append(TargetCheck(f"{r.implementation} {where}: matches {r.reference}", r.max_abs_err <= tol,
+                                      f"max abs err {r.max_abs_err:.2e} (limit {tol:.0e})"))
+        if r.implementation != "triton":
+            continue
+        sdpa = by_impl.get(("sdpa", shape(r)))
+        if r.kind == "prefill" and r.seq_len >= PREFILL_FROM_LEN and sdpa is not None:
+            ratio = r.ms / sdpa.ms
+            checks.append(TargetCheck(f"triton {where}: within {PREFILL_MAX_SLOWDOWN}x of SDPA",
+                                      ratio <= PREFILL_MAX_SLOWDOWN,
+                                      f"{r.ms:.3f} vs {sdpa.ms:.3f} ms = {ratio:.2f}x SDPA's time"))
+        nosplit = by_impl.get(("triton-nosplit", shape(r)))
+        if r.kind == "decode" and r.seq_len >= DECODE_FROM_LEN and nosplit is not None:
+            checks.append(TargetCheck(f"triton {where}: split faster than non-split", r.ms < nosplit.ms,
+                                      f"{r.ms:.3f} vs {nosplit.ms:.3f} ms = {nosplit.ms / r.ms:.2f}x faster"))
+    return checks
+
+
+def format_checks(checks: list[TargetCheck]) -> str:
+    lines = [f"{'PASS' if c.passed else 'FAIL'}  {c.claim}: {c.detail}" for c in checks]
+    failed = sum(not c.passed for c in checks)
+    lines.append(f"{len(checks) - failed}/{len(checks)} target checks passed" if checks else
+                 "no target checks apply (the run has no Triton results: they need CUDA)")
+    return "\n".join(lines)

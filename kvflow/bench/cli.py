@@ -143,7 +143,9 @@ def _cmd_throughput_plot(args: argparse.Namespace) -> int:
 def _cmd_attention(args: argparse.Namespace) -> int:
     import torch
 
-    from kvflow.bench.attention import AttentionCase, available, format_results, run_case, save_results
+    from kvflow.bench.attention import (
+        AttentionCase, available, check_targets, format_checks, format_results, run_case, save_results,
+    )
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     impls = available(device, tuple(args.impl))
@@ -164,6 +166,10 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     if args.output:
         save_results(results, Path(args.output), device)
         print(f"saved {args.output}")
+    if args.check_targets:
+        checks = check_targets(results)
+        print(format_checks(checks))
+        return 0 if checks and all(c.passed for c in checks) else 1
     return 0
 
 
@@ -228,6 +234,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     at.add_argument("--memory", action="store_true",
                     help="CPU: also measure the peak memory each call adds (one fresh process per call)")
     at.add_argument("--output", help="JSON path")
+    at.add_argument("--check-targets", action="store_true",
+                    help="then check the Triton kernels' goals (accuracy; prefill within 1.3x of SDPA's flash "
+                         "backend from 4k tokens; split decode faster than non-split from 8k keys); exit 1 "
+                         "if one fails or none applies")
     at.set_defaults(func=_cmd_attention)
 
     tp = sub.add_parser("throughput", help="offline / single-stream throughput of backends")

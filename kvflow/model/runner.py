@@ -214,7 +214,7 @@ class ModelRunner:
 
         if prompt_rows:
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[prompt_rows]), dim=-1)
-            targets = torch.tensor([r.all_token_ids[p] for r, p in prompt_targets])
+            targets = torch.tensor([r.all_token_ids[p] for r, p in prompt_targets], device=logprobs.device)
             chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
             k_max = max(r.params.prompt_logprobs for r, _ in prompt_targets)
             top = torch.topk(logprobs, k_max, dim=-1) if k_max else None

@@ -60,3 +60,39 @@ def test_peak_memory_shows_the_materialised_score_matrix():
     naive, sdpa = peak_extra_mib(case, "naive"), peak_extra_mib(case, "sdpa")
     assert naive >= 16, naive
     assert sdpa < naive / 2, (sdpa, naive)
+
+
+def _result(impl, kind, n, ms, err=1e-3, dtype="bfloat16"):
+    from kvflow.bench.attention import AttentionResult
+
+    return AttentionResult(impl, kind, 1, n, 32, 8, 128, dtype, ms, None, None, err, "naive" if err is not None else None)
+
+
+def test_check_targets_passes_and_fails_on_the_goals():
+    from kvflow.bench.attention import check_targets, format_checks
+
+    results = [
+        _result("triton", "prefill", 2048, 5.0), _result("sdpa", "prefill", 2048, 1.0),  # short: ratio unchecked
+        _result("triton", "prefill", 4096, 1.2), _result("sdpa", "prefill", 4096, 1.0),  # 1.2x: passes
+        _result("triton", "prefill", 16384, 14.0), _result("sdpa", "prefill", 16384, 10.0),  # 1.4x: fails
+        _result("triton", "decode", 16384, 0.2), _result("triton-nosplit", "decode", 16384, 0.5),  # passes
+        _result("triton", "decode", 8192, 0.3, err=0.2), _result("triton-nosplit", "decode", 8192, 0.2),  # both fail
+        _result("triton", "decode", 1024, 0.3), _result("triton-nosplit", "decode", 1024, 0.1),  # short: unchecked
+    ]
+    checks = check_targets(results)
+    verdicts = {(c.claim.split(":")[0], c.claim.split(": ")[1]): c.passed for c in checks}
+    assert verdicts[("triton prefill B=1 n=4096 H/KVH=32/8 D=128 bfloat16", "within 1.3x of SDPA")]
+    assert not verdicts[("triton prefill B=1 n=16384 H/KVH=32/8 D=128 bfloat16", "within 1.3x of SDPA")]
+    assert verdicts[("triton decode B=1 n=16384 H/KVH=32/8 D=128 bfloat16", "split faster than non-split")]
+    assert not verdicts[("triton decode B=1 n=8192 H/KVH=32/8 D=128 bfloat16", "split faster than non-split")]
+    assert not verdicts[("triton decode B=1 n=8192 H/KVH=32/8 D=128 bfloat16", "matches naive")]
+    assert not any("n=2048" in c.claim and "SDPA" in c.claim for c in checks)
+    assert not any("n=1024" in c.claim and "non-split" in c.claim for c in checks)
+    assert len([c for c in checks if "matches" in c.claim]) == 9  # every triton and triton-nosplit result
+    assert format_checks(checks).splitlines()[-1] == f"{sum(c.passed for c in checks)}/{len(checks)} target checks passed"
+
+
+def test_cli_check_targets_fails_without_triton_results(capsys):
+    assert main(["bench", "attention", "--kind", "decode", "--seq-len", "20", "--heads", "4/1", "--head-dim", "32",
+                 "--dtype", "float32", "--impl", "sdpa", "--repeats", "1", "--check-targets"]) == 1
+    assert "no target checks apply" in capsys.readouterr().out

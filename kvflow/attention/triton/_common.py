@@ -1,9 +1,12 @@
 """Helpers shared by the Triton attention kernels: the K/V tile load through a block table and the
-online-softmax step (both `@triton.jit`), and the wrappers' input checks."""
+online-softmax step (both `@triton.jit`), the wrappers' input checks, and the launch configuration
+(tile sizes, warps, pipeline stages) each kernel uses on a given GPU."""
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -44,9 +47,13 @@ def check_head_dim(head_dim: int) -> None:
         raise ValueError(f"Triton attention needs head_dim a power of two in [16, 256], got {head_dim}")
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use exact IEEE dots (tf32 would lose ~3 digits); 16-bit inputs ignore this."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype, capability: tuple[int, int] | None) -> str:
+    """16-bit inputs ignore this. fp32 needs fp32 accuracy (greedy outputs must match the CPU's):
+    on tensor-core GPUs "tf32x3" (three tf32 products, error ~1e-6), because a plain-FMA ("ieee")
+    dot at attention's tile sizes spills hundreds of registers; elsewhere exact "ieee"."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if capability is not None and capability >= (8, 0) else "ieee"
 
 
 def check_inputs(q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
@@ -62,3 +69,66 @@ def check_inputs(q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache must have unit stride along head_dim")
     return q if q.stride(-1) == 1 else q.contiguous()
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch options of one kernel. `block_m` is the query rows per program
+    (prefill only); `precision` is tl.dot's input_precision; `num_warps`/`num_stages` are ignored
+    by the interpreter."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    precision: str
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_properties(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA compute capability (cached; the wrappers ask on every call), or None off CUDA (the
+    interpreter, which ignores launch options)."""
+    return _cuda_properties(_cuda_index(device))[0] if device.type == "cuda" else None
+
+
+def multiprocessor_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (cached), None off CUDA."""
+    return _cuda_properties(_cuda_index(device))[1] if device.type == "cuda" else None
+
+
+def prefill_launch_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> LaunchConfig:
+    """FlashAttention-2's tiling for 16-bit inputs: 128 query rows per program (64 before Ampere
+    or past head_dim 128), 64-key tiles (32 past head_dim 128), 8 warps for the large tiles. fp32's
+    "tf32x3" dots take about three times the registers, so fp32 gets 32 (16) query rows; it is the
+    exactness mode, not the fast one. `python -m kvflow.attention.triton.compile_check` compiles
+    every (arch, dtype, head_dim) for sm_80/sm_90 and checks from ptxas's report that no 16-bit
+    launch spills registers and none overflows shared memory. The interpreter (capability None)
+    uses the same tiles."""
+    if dtype == torch.float32:
+        block_m, block_n = (32, 64) if head_dim <= 128 else (16, 32)
+        num_warps = 8 if head_dim >= 128 else 4
+        num_stages = 2
+    else:
+        big_tiles = head_dim <= 128 and (capability is None or capability >= (8, 0))
+        block_m = 128 if big_tiles else 64
+        block_n = 64 if head_dim <= 128 else 32
+        num_warps = 8 if block_m * head_dim >= 128 * 64 else 4
+        num_stages = 3 if head_dim <= 128 else 2
+    return LaunchConfig(block_m, block_n, num_warps, num_stages, dot_precision(dtype, capability))
+
+
+def decode_launch_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> LaunchConfig:
+    """Decode streams K/V once (memory-bound): 64-key tiles (32 past head_dim 128), 4 warps, and
+    enough pipeline stages for the gathered loads to overlap the math."""
+    block_n = 64 if head_dim <= 128 else 32
+    num_stages = 2 if dtype == torch.float32 or head_dim > 128 else 3
+    return LaunchConfig(0, block_n, 4, num_stages, dot_precision(dtype, capability))

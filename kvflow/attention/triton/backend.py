@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kvflow.attention.backend import AttentionMetadata, allocate_paged_kv_cache
-from kvflow.attention.triton.decode import decode_attention, default_num_splits
+from kvflow.attention.triton.decode import decode_attention
 from kvflow.attention.triton.kv_store import store_kv
 from kvflow.attention.triton.prefill import prefill_attention
 
@@ -23,9 +23,8 @@ class TritonBackend:
     def prepare(self, meta: AttentionMetadata) -> None:
         """Host-side launch sizes only (from the Python lists, so no device syncs per layer)."""
         nd = meta.num_decodes
-        meta.extra["triton_decode_splits"] = (
-            default_num_splits(max(meta.seq_lens_list[:nd])) if nd and meta.seq_lens_list else None
-        )
+        # The split count follows from it per layer (it also needs the cache's kv heads).
+        meta.extra["triton_decode_max_len"] = max(meta.seq_lens_list[:nd]) if nd and meta.seq_lens_list else None
         # None (lists not filled in) makes the wrappers read the sizes from the tensors instead.
         meta.extra["triton_prefill_max_q"] = (
             max(meta.query_lens_list[nd:]) if len(meta.query_lens_list) > nd else None
@@ -49,7 +48,7 @@ class TritonBackend:
         if nd:
             decode_attention(
                 q[:nd], kv_cache, meta.seq_lens[:nd], meta.block_tables[:nd], scale, sliding_window,
-                meta.extra["triton_decode_splits"], out=out[:nd],
+                max_seq_len=meta.extra["triton_decode_max_len"], out=out[:nd],
             )
         if meta.num_prefills:
             prefill_attention(

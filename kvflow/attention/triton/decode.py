@@ -15,7 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow.attention.triton._common import LOG2E, check_inputs, dot_precision, load_kv_tile, online_softmax_step
+from kvflow.attention.triton._common import (
+    LOG2E, check_inputs, decode_launch_config, device_capability, load_kv_tile, multiprocessor_count,
+    online_softmax_step,
+)
 
 
 @triton.jit
@@ -96,9 +99,21 @@ def _decode_merge_kernel(
     tl.store(lse_ptr + seq * stride_lt + head * stride_lh, (lse_max + tl.log2(total)) * 0.6931471805599453)
 
 
-def default_num_splits(max_seq_len: int, chunk: int = 256, max_splits: int = 16) -> int:
-    """One split per `chunk` keys of the longest context, at most `max_splits`."""
-    return max(1, min(max_splits, triton.cdiv(max_seq_len, chunk)))
+def default_num_splits(max_seq_len: int, num_seqs: int = 1, num_kv_heads: int = 1,
+                       multiprocessors: int | None = None, min_chunk: int = 256, max_splits: int = 64) -> int:
+    """How many chunks to split each context into.
+
+    On a GPU (`multiprocessors` known): enough that the (sequence, kv head, split) programs fill
+    every multiprocessor about four times over, so a small batch of long contexts still streams
+    K/V from all of them; never chunks under `min_chunk` keys (below that, the merge and the
+    partial writes cost more than the parallelism gains). Without it (the interpreter): one split
+    per `min_chunk` keys, at most 16.
+    """
+    by_length = max(1, triton.cdiv(max_seq_len, min_chunk))
+    if multiprocessors is None:
+        return min(16, by_length)
+    wanted = triton.cdiv(4 * multiprocessors, max(1, num_seqs * num_kv_heads))
+    return max(1, min(wanted, by_length, max_splits))
 
 
 def decode_attention(
@@ -119,7 +134,8 @@ def decode_attention(
     `seq_lens`/`block_tables`, whose keys include the query's own, already stored by `store_kv`).
 
     Returns (out [B, num_heads, head_dim], lse [B, num_heads] fp32, natural log). `num_splits=None`
-    picks `default_num_splits(max_seq_len)`; `max_seq_len` (host int) avoids a device sync.
+    picks `default_num_splits` for this batch and device; `max_seq_len` (host int) avoids a device
+    sync.
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[2]
@@ -133,15 +149,15 @@ def decode_attention(
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens[:num_seqs].max().item())
-        num_splits = default_num_splits(max_seq_len)
+        num_splits = default_num_splits(max_seq_len, num_seqs, num_kv_heads, multiprocessor_count(q.device))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     group = num_heads // num_kv_heads
-    block_n = block_n or (64 if head_dim <= 128 else 32)
+    config = decode_launch_config(head_dim, q.dtype, device_capability(q.device))
     common = dict(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype),
+        NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, BLOCK_N=block_n or config.block_n,
+        PRECISION=config.precision, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     cache_args = (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
                   block_tables.stride(0), scale * LOG2E, kv_cache.shape[3], sliding_window or 0)

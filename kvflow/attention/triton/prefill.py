@@ -4,7 +4,8 @@ Prefill chunks of many requests are packed flat. Each program owns one tile of B
 tokens of one sequence and one query head, and streams that sequence's keys/values through its
 block table in tiles of BLOCK_N keys with the online-softmax recurrence, so the score matrix is
 never materialised and a cached prefix costs nothing extra (its blocks are just read). Key tiles
-wholly outside the causal / sliding-window range of the query tile are never visited.
+wholly outside the causal / sliding-window range of the query tile are never visited, and those
+wholly inside it (all but the diagonal and window-edge tiles) skip the mask.
 """
 
 from __future__ import annotations
@@ -13,7 +14,31 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow.attention.triton._common import LOG2E, check_inputs, dot_precision, load_kv_tile, online_softmax_step
+from kvflow.attention.triton._common import (
+    LOG2E, check_inputs, device_capability, load_kv_tile, online_softmax_step, prefill_launch_config,
+)
+
+
+@triton.jit
+def _attend_key_tiles(
+    q, m_i, l_i, acc, start, end, hi, q_pos, kv_base, bt_row, offs_d, block_size, window,
+    stride_ckv, stride_cblk, stride_coff, qk_scale,
+    MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Key tiles [start, end) of one query tile. Unmasked tiles (MASKED=False) are visible to every
+    query of the tile, so they skip the causal/window mask and its [M, N] selects."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        k, v = load_kv_tile(kv_base, bt_row, offs_n, n_mask, offs_d, block_size, stride_ckv, stride_cblk, stride_coff)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N], log2 units
+        if MASKED:
+            visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+            if USE_WINDOW:
+                visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -43,28 +68,38 @@ def _prefill_kernel(
             q_ptr + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + head * stride_qh + offs_d[None, :],
             mask=m_mask[:, None], other=0.0,
         )
-        # Keys visible to any query of the tile: [lo, hi).
+        # Keys visible to any query of the tile: [lo, hi). Those in [full_lo, diag_lo) are visible
+        # to all of its queries: before the first query's position (causal) and, with a window,
+        # within the window of the last query.
         first_pos = prefix + tile * BLOCK_M
         hi = tl.minimum(first_pos + BLOCK_M, seq_len)
+        diag_lo = (first_pos // BLOCK_N) * BLOCK_N
         lo = 0
+        full_lo = 0
         if USE_WINDOW:
-            lo = tl.maximum(first_pos - window + 1, 0)
-            lo = (lo // BLOCK_N) * BLOCK_N
+            lo = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+            full_lo = tl.minimum(tl.cdiv(tl.maximum(hi - window, 0), BLOCK_N) * BLOCK_N, diag_lo)
         kv_base = cache_ptr + kv_head * stride_ch
+        bt_row = bt_ptr + seq * stride_bt
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < hi
-            k, v = load_kv_tile(kv_base, bt_ptr + seq * stride_bt, offs_n, n_mask, offs_d, block_size,
-                                stride_ckv, stride_cblk, stride_coff)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N], log2 units
-            visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-            if USE_WINDOW:
-                visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+        if USE_WINDOW:  # tiles at the window's lower edge
+            m_i, l_i, acc = _attend_key_tiles(
+                q, m_i, l_i, acc, lo, full_lo, hi, q_pos, kv_base, bt_row, offs_d, block_size, window,
+                stride_ckv, stride_cblk, stride_coff, qk_scale,
+                MASKED=True, USE_WINDOW=USE_WINDOW, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+            )
+        m_i, l_i, acc = _attend_key_tiles(
+            q, m_i, l_i, acc, full_lo, diag_lo, hi, q_pos, kv_base, bt_row, offs_d, block_size, window,
+            stride_ckv, stride_cblk, stride_coff, qk_scale,
+            MASKED=False, USE_WINDOW=USE_WINDOW, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+        )
+        m_i, l_i, acc = _attend_key_tiles(  # tiles on the causal diagonal
+            q, m_i, l_i, acc, diag_lo, hi, hi, q_pos, kv_base, bt_row, offs_d, block_size, window,
+            stride_ckv, stride_cblk, stride_coff, qk_scale,
+            MASKED=True, USE_WINDOW=USE_WINDOW, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+        )
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         tok = (q_start + offs_m).to(tl.int64)
@@ -112,8 +147,9 @@ def prefill_attention(
         max_query_len = int(torch.diff(query_start_loc[first_seq:]).max().item())
     if max_query_len <= 0:
         return out, lse
-    block_m = block_m or 64
-    block_n = block_n or (64 if head_dim <= 128 else 32)
+    config = prefill_launch_config(head_dim, q.dtype, device_capability(q.device))
+    block_m = block_m or config.block_m
+    block_n = block_n or config.block_n
     grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
     _prefill_kernel[grid](
         q, kv_cache, out, lse,
@@ -122,6 +158,7 @@ def prefill_attention(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         scale * LOG2E, kv_cache.shape[3], sliding_window or 0, first_seq,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, USE_WINDOW=sliding_window is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=config.precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse

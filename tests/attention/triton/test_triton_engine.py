@@ -46,14 +46,29 @@ def test_backend_names_are_checked(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels compiled)")
 def test_engine_on_gpu_matches_cpu_greedy_output(tiny_models):
-    """The issue's end-to-end GPU check: Triton attention on CUDA, fp32, equals the CPU engine."""
+    """The issue's end-to-end GPU check: Triton attention on CUDA, fp32, equals the CPU engine:
+    greedy tokens, a seeded sampled request (its generator stays on the CPU, so the draws are the
+    same), and logprobs / prompt logprobs (the paths that build tensors from host lists)."""
     prompts = [[(5 * i) % 300 + 3 for i in range(70)], [7, 8, 9]]
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    requests = [
+        (prompts[0], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)),
+        (prompts[1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=2)),
+        (prompts[1], SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True)),
+    ]
     outs = {}
     for device in ("cpu", "cuda"):
         llm = LLM(model=str(tiny_models["llama"]), dtype="float32", device=device, num_blocks=48, block_size=8)
-        outs[device] = [list(o.outputs[0].token_ids) for o in
-                        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+        outs[device] = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0] for p, params in requests]
         if device == "cuda":
             assert llm.engine.core.runner.backend.name == "triton"
-    assert outs["cuda"] == outs["cpu"]
+            kv = llm.engine.core.kv
+            assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
+    for cpu, cuda in zip(outs["cpu"], outs["cuda"]):
+        assert list(cuda.outputs[0].token_ids) == list(cpu.outputs[0].token_ids)
+    cpu, cuda = outs["cpu"][1], outs["cuda"][1]
+    for a, b in zip(cpu.outputs[0].logprobs, cuda.outputs[0].logprobs):
+        assert a.keys() == b.keys()
+        for tok in a:
+            assert abs(a[tok].logprob - b[tok].logprob) < 1e-4
+    for a, b in zip(cpu.prompt_logprobs[1:], cuda.prompt_logprobs[1:]):
+        assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)

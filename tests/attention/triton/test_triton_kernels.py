@@ -126,6 +126,14 @@ def test_prefill_small_tiles(device, dtype, num_heads, num_kv_heads, window):
                  block_m=16, block_n=16)
 
 
+@pytest.mark.parametrize("window", [37, 100])
+def test_prefill_window_spanning_tiles(device, window):
+    """A window wider than a 16x16 tile: query tiles with masked window-edge key tiles, unmasked
+    tiles in between and masked diagonal tiles (37), and a window wider than the context (100)."""
+    _run_prefill(device, torch.float32, 4, 2, window, seed=11, chunks=((40, 50), (0, 64)), num_decodes=1,
+                 block_m=16, block_n=16)
+
+
 @pytest.mark.parametrize("head_dim,block_size,window", [(64, 16, None), (128, 8, 11)])
 def test_prefill_default_tiles(device, head_dim, block_size, window):
     """Default (64-wide) tiles, bigger heads, a chunk after a cached prefix longer than a tile."""
