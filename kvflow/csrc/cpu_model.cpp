@@ -26,8 +26,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -106,25 +108,29 @@ inline float exp_scalar(float v) {
   return p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
 }
 
+#ifdef __AVX512F__
+// exp_scalar on sixteen lanes.
+inline __m512 exp16(__m512 v) {
+  const float coeffs[] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                                      _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(_mm512_sub_ps(v, _mm512_mul_ps(k, _mm512_set1_ps(0.693359375f))),
+                                 _mm512_mul_ps(k, _mm512_set1_ps(-2.12194440e-4f)));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : coeffs) p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
+  p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
 // x[i] = exp(x[i]) in place.
 inline void exp_inplace(float* x, int64_t n) {
   int64_t i = 0;
 #ifdef __AVX512F__
-  const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.7f), log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 half = _mm512_set1_ps(0.5f), c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const float coeffs[] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_loadu_ps(x + i), lo), hi);
-    const __m512 k = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(v, log2e), half),
-                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(v, _mm512_mul_ps(k, c1)), _mm512_mul_ps(k, c2));
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    for (float c : coeffs) p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
-    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), one);
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
-    _mm512_storeu_ps(x + i, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
-  }
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_loadu_ps(x + i)));
 #endif
   for (; i < n; ++i) x[i] = exp_scalar(x[i]);
 }
@@ -243,297 +249,8 @@ void rope_and_store(const at::Tensor& qkv, const at::Tensor& positions, const at
 }
 
 // ----------------------------------------------------------------------------- paged attention
-// max(x[0..n)), n >= 1: std::max_element does not vectorise (it must return the first maximum).
-inline float max_of(const float* x, int64_t n) {
-  int64_t i = 0;
-  float r = -std::numeric_limits<float>::infinity();
-#ifdef __AVX512F__
-  __m512 m = _mm512_set1_ps(r);
-  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
-  r = _mm512_reduce_max_ps(m);
-#endif
-  for (; i < n; ++i) r = std::max(r, x[i]);
-  return r;
-}
-
-// s[j] = exp(s[j] - max(s)) in place; returns their sum, the softmax's denominator.
-inline float exp_shifted(float* s, int64_t n) {
-  const float mx = max_of(s, n);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) s[j] -= mx;
-  exp_inplace(s, n);
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += s[j];
-  return sum;
-}
-
-// out = T(a * (1 / denom)): an accumulated attention row normalised by its softmax sum, rounded once.
-template <typename T>
-inline void store_normalised(float* a, float denom, T* out, int64_t n) {
-  const float inv = 1.f / denom;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) a[i] *= inv;
-  from_float(a, out, n);
-}
-
-// One paged_attention call's tensors as raw pointers and sizes, shared by both kernels.
-template <typename T>
-struct PagedAttentionView {
-  int64_t tokens, num_heads, head_dim, num_kv_heads, block_size, group, table_stride;
-  const T *q, *keys, *values;
-  const int64_t *tables, *seq, *pos;
-  T* out;
-
-  PagedAttentionView(const at::Tensor& q_, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                     const at::Tensor& seq_index, const at::Tensor& positions, at::Tensor& out_)
-      : tokens(q_.size(0)), num_heads(q_.size(1)), head_dim(q_.size(2)), num_kv_heads(kv_cache.size(2)),
-        block_size(kv_cache.size(3)), group(num_heads / num_kv_heads), table_stride(block_tables.stride(0)),
-        q(q_.data_ptr<T>()), keys(kv_cache.data_ptr<T>()), values(keys + kv_cache.stride(0)),
-        tables(block_tables.data_ptr<int64_t>()), seq(seq_index.data_ptr<int64_t>()),
-        pos(positions.data_ptr<int64_t>()), out(out_.data_ptr<T>()) {}
-
-  // Rows [j0, ...) of block b of sequence `table` for kv head g: contiguous in the head-major cache.
-  const T* block_rows(const T* cache_half, const int64_t* table, int64_t b, int64_t g, int64_t j0) const {
-    return cache_half + ((table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size)) * head_dim;
-  }
-};
-
-#if defined(__AVX512F__)
-// v[0..15] -> one vector whose lane j is the sum of v[j]'s lanes: a transpose-and-add tree, 45
-// shuffles and adds for 16 dot products instead of 16 separate horizontal reductions.
-inline __m512 sum_lanes16(const __m512* v) {
-  __m512 pairs[8], quads[4], halves[2];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v2i, v2i+1, v2i, v2i+1] partial sums
-    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [v4i .. v4i+3] partial sums
-    const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
-    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  for (int i = 0; i < 2; ++i)  // 128-bit lanes: [q2i (L0+L1), q2i (L2+L3), q2i+1 (L0+L1), q2i+1 (L2+L3)]
-    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                              _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-// Sixteen elements of T, widened to fp32 in a register (exact for all three types).
-template <typename T>
-inline __m512 load16(const T* p);
-template <>
-inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-template <>
-inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-template <>
-inline __m512 load16<c10::Half>(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// The dot products of one query head with sixteen keys (rows kr, kr + D, ...; the first m valid),
-// in fp32 lanes before their final sum. bf16 on a CPU with AVX512-BF16 multiplies bf16 pairs
-// directly (`vdpbf16ps`: the products are exact in fp32); otherwise keys are widened to fp32.
-template <typename T, int C>
-inline void key_dots16(const T* q, const T* kr, int m, __m512* dots) {
-  constexpr int D = 16 * C;
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0) {
-    __m512bh qv[C / 2];
-    for (int k = 0; k < C / 2; ++k) qv[k] = (__m512bh)_mm512_loadu_si512(q + 32 * k);
-    for (int i = 0; i < 16; ++i) {
-      dots[i] = _mm512_setzero_ps();
-      if (i >= m) continue;
-      for (int k = 0; k < C / 2; ++k)
-        dots[i] = _mm512_dpbf16_ps(dots[i], (__m512bh)_mm512_loadu_si512(kr + i * D + 32 * k), qv[k]);
-    }
-    return;
-  }
-#endif
-  __m512 qf[C];
-  for (int k = 0; k < C; ++k) qf[k] = load16(q + 16 * k);
-  for (int i = 0; i < 16; ++i) {
-    dots[i] = _mm512_setzero_ps();
-    if (i >= m) continue;
-    for (int k = 0; k < C; ++k) dots[i] = _mm512_fmadd_ps(load16(kr + i * D + 16 * k), qf[k], dots[i]);
-  }
-}
-
-// Query tiles for paged_attention_vec: runs of up to kQueryTile tokens of one sequence at
-// consecutive positions (a prefill chunk), which share every key and value load. A decode token is
-// a tile of one. Tiles are listed in zigzag order of cost (first, last, second, second to last...)
-// so that the static split of at::parallel_for gives each thread a similar share of a long causal
-// prefill, whose later queries see more keys.
-constexpr int64_t kQueryTile = 8;
-
-std::vector<std::pair<int64_t, int64_t>> query_tiles(const int64_t* seq, const int64_t* pos, int64_t tokens) {
-  std::vector<std::pair<int64_t, int64_t>> tiles;  // (first token, count)
-  for (int64_t t = 0; t < tokens;) {
-    int64_t count = 1;
-    while (count < kQueryTile && t + count < tokens && seq[t + count] == seq[t] && pos[t + count] == pos[t] + count) ++count;
-    tiles.emplace_back(t, count);
-    t += count;
-  }
-  std::vector<std::pair<int64_t, int64_t>> zigzag;
-  zigzag.reserve(tiles.size());
-  for (size_t lo = 0, hi = tiles.size(); lo < hi;) {
-    zigzag.push_back(tiles[lo++]);
-    if (lo < hi) zigzag.push_back(tiles[--hi]);
-  }
-  return zigzag;
-}
-
-// paged_attention (below) for head_dim = 16 * C, vectorised by hand, with the same fp32
-// arithmetic, reading the cache in place. One work item is a query tile and a kv head: all its
-// queries' heads share each key and value row while it is in L1. Scores are computed sixteen keys
-// at a time and summed by one transpose tree; the value sum runs fused multiply-adds on value rows
-// widened to fp32 once per tile. The generic loop spends most of its time converting each key and
-// value row into an fp32 buffer and reducing every dot product on its own; at the `135m` offline
-// decode shape this kernel is 2.2–2.6× faster in bf16 and reads the cache at about the memory
-// bandwidth; query tiles made a 2,000-token prefill 1.6× faster than one query per item.
-template <typename T, int C>
-void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                         const at::Tensor& seq_index, const at::Tensor& positions, float scale, int64_t window,
-                         at::Tensor& out) {
-  constexpr int64_t D = 16 * C;
-  const PagedAttentionView<T> v(q, kv_cache, block_tables, seq_index, positions, out);
-  const int64_t num_heads = v.num_heads, num_kv_heads = v.num_kv_heads, block_size = v.block_size, group = v.group;
-  const int64_t* pos = v.pos;
-  const __m512 scale_v = _mm512_set1_ps(scale);
-  const auto tiles = query_tiles(v.seq, pos, v.tokens);
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()) * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(kQueryTile * group * D), denom(kQueryTile * group), wide(16 * D);
-    for (int64_t item = begin; item < end; ++item) {
-      const auto [t0, count] = tiles[item / num_kv_heads];
-      const int64_t g = item % num_kv_heads;
-      // Query i of the tile sees keys [first(i), last(i)]; the tile spans [lo, hi].
-      auto last = [&](int64_t i) { return pos[t0 + i]; };
-      auto first = [&](int64_t i) { return window > 0 ? std::max<int64_t>(0, last(i) - window + 1) : int64_t{0}; };
-      const int64_t lo = first(0), hi = last(count - 1), n = hi - lo + 1, rows = count * group;
-      const int64_t* table = v.tables + v.seq[t0] * v.table_stride;
-      scores.resize(rows * n);  // row r = i * group + h, column j - lo
-      // Pass 1: scores, sixteen keys at a time; a query's keys after its own position are skipped.
-      for (int64_t b = lo / block_size; b <= hi / block_size; ++b) {
-        const int64_t j0 = std::max(lo, b * block_size), j1 = std::min(hi + 1, (b + 1) * block_size);
-        const T* kb = v.block_rows(v.keys, table, b, g, j0);
-        for (int64_t c = j0; c < j1; c += 16) {
-          for (int64_t i = 0; i < count; ++i) {
-            const int m = static_cast<int>(std::min<int64_t>({16, j1 - c, last(i) + 1 - c}));
-            if (m <= 0) continue;
-            const __mmask16 valid = static_cast<__mmask16>((1u << m) - 1u);
-            for (int64_t h = 0; h < group; ++h) {
-              __m512 dots[16];
-              key_dots16<T, C>(v.q + ((t0 + i) * num_heads + g * group + h) * D, kb + (c - j0) * D, m, dots);
-              _mm512_mask_storeu_ps(scores.data() + (i * group + h) * n + (c - lo), valid,
-                                    _mm512_mul_ps(sum_lanes16(dots), scale_v));
-            }
-          }
-        }
-      }
-      // Softmax of each row over its own keys; entries outside them stay unused.
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = r / group;
-        denom[r] = exp_shifted(scores.data() + r * n + (first(i) - lo), last(i) - first(i) + 1);
-      }
-      // Pass 2: the probability-weighted sum of the values. Sixteen value rows at a time are
-      // widened to fp32 once (fp32 caches are read in place) for every row of the tile.
-      std::fill(acc.begin(), acc.begin() + rows * D, 0.f);
-      for (int64_t b = lo / block_size; b <= hi / block_size; ++b) {
-        const int64_t j0 = std::max(lo, b * block_size), j1 = std::min(hi + 1, (b + 1) * block_size);
-        const T* vb = v.block_rows(v.values, table, b, g, j0);
-        for (int64_t c = j0; c < j1; c += 16) {
-          const int64_t m = std::min<int64_t>(16, j1 - c);
-          const float* vf;
-          if constexpr (std::is_same_v<T, float>) {
-            vf = vb + (c - j0) * D;
-          } else {
-            for (int64_t k = 0; k < m * C; ++k) _mm512_storeu_ps(wide.data() + 16 * k, load16(vb + (c - j0) * D + 16 * k));
-            vf = wide.data();
-          }
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = r / group;
-            const int64_t from = std::max<int64_t>(c, first(i)), to = std::min<int64_t>(c + m, last(i) + 1);
-            if (from >= to) continue;
-            __m512 a[C];
-            for (int k = 0; k < C; ++k) a[k] = _mm512_loadu_ps(acc.data() + r * D + 16 * k);
-            const float* p = scores.data() + r * n;  // p[j - lo]: key j's weight
-            for (int64_t j = from; j < to; ++j) {
-              const __m512 pj = _mm512_set1_ps(p[j - lo]);
-              for (int k = 0; k < C; ++k) a[k] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vf + (j - c) * D + 16 * k), a[k]);
-            }
-            for (int k = 0; k < C; ++k) _mm512_storeu_ps(acc.data() + r * D + 16 * k, a[k]);
-          }
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = r / group, h = r % group;
-        store_normalised(acc.data() + r * D, denom[r], v.out + ((t0 + i) * num_heads + g * group + h) * D, D);
-      }
-    }
-  });
-}
-#endif
-
-// Each query token attends to keys [start, pos] of its own sequence, read from the head-major
-// paged cache [2, blocks, kv_heads, block_size, D] through the block table; no gather, no mask.
-// One work item is a (token, kv head) pair: the group's query heads share every key and value
-// load. Scores, softmax and the weighted sum stay in fp32; the output is rounded once.
-template <typename T>
-void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                     const at::Tensor& seq_index, const at::Tensor& positions, float scale, int64_t window,
-                     at::Tensor& out) {
-#if defined(__AVX512F__)
-  switch (q.size(2)) {  // the common head sizes take the hand-vectorised kernel
-    case 32: return paged_attention_vec<T, 2>(q, kv_cache, block_tables, seq_index, positions, scale, window, out);
-    case 64: return paged_attention_vec<T, 4>(q, kv_cache, block_tables, seq_index, positions, scale, window, out);
-    case 128: return paged_attention_vec<T, 8>(q, kv_cache, block_tables, seq_index, positions, scale, window, out);
-    default: break;
-  }
-#endif
-  const PagedAttentionView<T> v(q, kv_cache, block_tables, seq_index, positions, out);
-  const int64_t num_heads = v.num_heads, head_dim = v.head_dim, num_kv_heads = v.num_kv_heads;
-  const int64_t block_size = v.block_size, group = v.group;
-  at::parallel_for(0, v.tokens * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * head_dim), acc(group * head_dim), row(block_size * head_dim), scores, denom(group);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / num_kv_heads, g = item % num_kv_heads;
-      const int64_t last = v.pos[t];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-      const int64_t n = last - first + 1;
-      const int64_t* table = v.tables + v.seq[t] * v.table_stride;
-      to_float(v.q + (t * num_heads + g * group) * head_dim, qf.data(), group * head_dim);
-      scores.resize(group * n);
-      // Calls fn(j - first, row) for every visible key or value row of this sequence and kv head,
-      // converting one block at a time to fp32 (a block's rows are contiguous for a kv head).
-      auto for_each_row = [&](const T* cache_half, auto&& fn) {
-        for (int64_t b = first / block_size; b <= last / block_size; ++b) {
-          const int64_t j0 = std::max(first, b * block_size), j1 = std::min(last + 1, (b + 1) * block_size);
-          to_float(v.block_rows(cache_half, table, b, g, j0), row.data(), (j1 - j0) * head_dim);
-          for (int64_t j = j0; j < j1; ++j) fn(j - first, row.data() + (j - j0) * head_dim);
-        }
-      };
-      // Pass 1: scores.
-      for_each_row(v.keys, [&](int64_t j, const float* kr) {
-        for (int64_t h = 0; h < group; ++h) scores[h * n + j] = dot(qf.data() + h * head_dim, kr, head_dim) * scale;
-      });
-      for (int64_t h = 0; h < group; ++h) denom[h] = exp_shifted(scores.data() + h * n, n);
-      // Pass 2: the probability-weighted sum of the values.
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_row(v.values, [&](int64_t j, const float* vr) {
-        for (int64_t h = 0; h < group; ++h) {
-          const float p = scores[h * n + j];
-          float* a = acc.data() + h * head_dim;
-#pragma omp simd
-          for (int64_t i = 0; i < head_dim; ++i) a[i] += p * vr[i];
-        }
-      });
-      for (int64_t h = 0; h < group; ++h)
-        store_normalised(acc.data() + h * head_dim, denom[h], v.out + (t * num_heads + g * group + h) * head_dim,
-                         head_dim);
-    }
-  });
-}
+// paged_attention<T>: flash decoding over the paged KV cache, in its own file.
+#include "cpu_attention.h"
 
 // ----------------------------------------------------------------------------- SiLU and multiply
 // out = silu(gate).to(T) * up, the rounding of `F.silu(gate) * up` in GatedMLP.
@@ -747,11 +464,14 @@ at::Tensor rope_and_store_op(const at::Tensor& qkv, const at::Tensor& positions,
   return q;
 }
 
+// decode_chunk > 0 fixes the keys per decode chunk of the vectorised kernel (tests); 0 lets it choose.
 at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                              const at::Tensor& seq_index, const at::Tensor& positions, double scale, int64_t window) {
+                              const at::Tensor& seq_index, const at::Tensor& positions, double scale, int64_t window,
+                              int64_t decode_chunk) {
   at::Tensor out = at::empty_like(q);
   KVFLOW_DISPATCH(q.scalar_type(), "paged_attention", [&] {
-    paged_attention<scalar_t>(q, kv_cache, block_tables, seq_index, positions, static_cast<float>(scale), window, out);
+    paged_attention<scalar_t>(q, kv_cache, block_tables, seq_index, positions, static_cast<float>(scale), window, out,
+                              decode_chunk);
   });
   return out;
 }
@@ -775,7 +495,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("layer_done") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_op);
   m.def("rope_and_store", &rope_and_store_op);
-  m.def("paged_attention", &paged_attention_op);
+  m.def("paged_attention", &paged_attention_op, pybind11::arg("q"), pybind11::arg("kv_cache"),
+        pybind11::arg("block_tables"), pybind11::arg("seq_index"), pybind11::arg("positions"), pybind11::arg("scale"),
+        pybind11::arg("window"), pybind11::arg("decode_chunk") = 0);
   m.def("silu_and_mul", &silu_and_mul_op);
   m.def("decode_linear", &decode_linear_op);
   m.attr("has_decode_gemv") = kHasDecodeGemv;

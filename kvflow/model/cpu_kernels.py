@@ -2,8 +2,8 @@
 
 The extension is compiled on first use with the machine's own instruction set (`-march=native`)
 and cached under ``$KVFLOW_CACHE`` (default ``~/.cache/kvflow``) in a folder named by a hash of
-the source, the flags, the torch version and the CPU's feature flags, so a changed file, a new
-torch or a different CPU never picks up a stale or illegal build. Building needs a C++ compiler
+the source and its headers, the flags, the torch version and the CPU's feature flags, so a changed
+file, a new torch or a different CPU never picks up a stale or illegal build. Building needs a C++ compiler
 and ninja (a kvflow dependency); where either is missing, or the build fails, the engine logs why
 and runs the PyTorch modules instead, which compute the same model.
 """
@@ -27,7 +27,8 @@ from kvflow.model.cpu_linear import PackedLinear
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_model.cpp"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCE = CSRC / "cpu_model.cpp"  # includes the headers beside it (cpu_attention.h)
 # -ffp-contract=off: PyTorch rounds `a * b` before adding `c`; a fused multiply-add would not.
 # -fopenmp: at::parallel_for is inline and runs serially without it (libgomp is torch's own).
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
@@ -47,7 +48,8 @@ def _cpu_flags() -> str:
 def build_dir() -> Path:
     """Where this source, compiled for this CPU and torch, lives."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(), _cpu_flags().encode()):
+    sources = [path.read_bytes() for path in (SOURCE, *sorted(CSRC.glob("*.h")))]
+    for part in (*sources, " ".join(CFLAGS).encode(), torch.__version__.encode(), _cpu_flags().encode()):
         key.update(part)
     root = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow"))
     return root / "cpu_model" / key.hexdigest()[:16]

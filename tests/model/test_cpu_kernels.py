@@ -76,19 +76,23 @@ def test_rope_and_store_matches_rotary_and_writes_only_its_slots(dtype, qk_norm)
 
 
 def _naive_paged_attention(q, cache, tables, seq_index, positions, scale, window):
-    """fp64, one query at a time: gather the sequence's keys through its block table, mask, softmax."""
-    block_size = cache.shape[3]
-    group = q.shape[1] // cache.shape[2]
+    """fp64 softmax(q kᵀ · scale) v, one query at a time, over each sequence's keys and values
+    gathered once through its block table into [kv_heads, n, D]."""
+    block_size, kv_heads = cache.shape[3], cache.shape[2]
+    group = q.shape[1] // kv_heads
+    gathered = {}
+    for s in seq_index.unique().tolist():
+        n = int(positions[seq_index == s].max()) + 1
+        blocks = tables[s, : -(-n // block_size)]
+        gathered[s] = [cache[i][blocks].transpose(0, 1).reshape(kv_heads, -1, cache.shape[4])[:, :n].double()
+                       for i in (0, 1)]  # fmt: skip
     out = torch.empty(q.shape, dtype=torch.float64)
     for t in range(q.shape[0]):
         last = int(positions[t])
         first = max(0, last - window + 1) if window else 0
-        keys_pos = torch.arange(first, last + 1)
-        blocks = tables[seq_index[t], keys_pos // block_size]
-        k = cache[0][blocks, :, keys_pos % block_size].double().repeat_interleave(group, 1)  # [n, H, D]
-        v = cache[1][blocks, :, keys_pos % block_size].double().repeat_interleave(group, 1)
-        probs = torch.softmax(torch.einsum("hd,nhd->hn", q[t].double(), k) * scale, dim=-1)
-        out[t] = torch.einsum("hn,nhd->hd", probs, v)
+        k, v = (x[:, first : last + 1] for x in gathered[int(seq_index[t])])  # [kv_heads, n, D]
+        scores = q[t].double().view(kv_heads, group, -1) @ k.transpose(1, 2) * scale  # [kv_heads, group, n]
+        out[t] = (torch.softmax(scores, dim=-1) @ v).view(q.shape[1:])
     return out
 
 
@@ -131,16 +135,108 @@ def test_paged_attention_head_dims_and_partial_chunks(dtype, dim, window):
 
 
 def test_paged_attention_long_context_softmax_is_stable():
-    """Large scores (sharp softmax) over 1,000 keys: no overflow, no NaN."""
+    """Large scores (sharp softmax) over 1,000 keys, whole and in 256-key decode chunks: no
+    overflow, no NaN."""
     torch.manual_seed(3)
     cache = torch.randn(2, 64, 1, 16, 64) * 4
     tables = torch.arange(64)[None]
-    q = torch.randn(1, 1, 64) * 4
-    pos = torch.tensor([999])
-    out = ext.paged_attention(q, cache, tables, torch.tensor([0]), pos, 1.0, 0)
-    expected = _naive_paged_attention(q, cache, tables, torch.tensor([0]), pos, 1.0, 0)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    q = torch.randn(2, 1, 64) * 4
+    pos, seq = torch.tensor([999, 3 * 256 + 7]), torch.tensor([0, 0])
+    expected = _naive_paged_attention(q, cache, tables, seq, pos, 1.0, 0)
+    for chunk in (0, 256):
+        out = ext.paged_attention(q, cache, tables, seq, pos, 1.0, 0, decode_chunk=chunk)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+# Tolerances against the fp64 reference: fp32 to its own rounding; bf16/fp16 within one step of
+# the output's final rounding.
+_TIGHT = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2**-7, 1e-6), torch.float16: (2**-10, 1e-6)}
+
+
+def _paged_batch(lengths, kv_heads, block_size, dim, dtype):
+    """A cache and block table for sequences of these lengths, each on scattered blocks."""
+    per_seq = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(per_seq) + 3
+    cache = torch.randn(2, num_blocks, kv_heads, block_size, dim).to(dtype)
+    order = torch.randperm(num_blocks)
+    tables = torch.zeros(len(lengths), max(per_seq), dtype=torch.long)
+    start = 0
+    for i, n in enumerate(per_seq):
+        tables[i, :n] = order[start : start + n]
+        start += n
+    return cache, tables
+
+
+def _one_thread(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with torch (and so the kernels) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_paged_attention_splits_long_decodes_into_chunks_and_merges_them(dtype, dim, group):
+    """Flash decoding: a decode token with more keys than the chunk is split into chunks (work
+    items of their own) whose results are merged by their softmax maxima and sums. One call mixes
+    three chunks and a ragged tail, exactly one and two chunks, one key past a chunk, a short
+    decode, a prefill of 11 queries over more than two chunks' keys (tiles of 8 and 3, never split)
+    and a first token; 24-key blocks put chunk boundaries inside blocks. Sharp scores (q x 3) make
+    each chunk's maximum matter. Unsplit (a chunk longer than any context), every item runs its
+    online softmax over several key tiles. The result does not depend on how threads share items."""
+    torch.manual_seed(6)
+    chunk, kv_heads, block_size = 256, 2, 24
+    decodes = [3 * chunk + 36, chunk - 1, chunk, 2 * chunk - 1, 5]
+    prefill = list(range(2 * chunk + 100, 2 * chunk + 111))
+    cache, tables = _paged_batch([p + 1 for p in decodes] + [prefill[-1] + 1, 1], kv_heads, block_size, dim, dtype)
+    positions = torch.tensor(decodes + prefill + [0])
+    seq_index = torch.tensor(list(range(len(decodes))) + [len(decodes)] * len(prefill) + [len(decodes) + 1])
+    q = (torch.randn(len(positions), kv_heads * group, dim) * 3).to(dtype)
+    args = (q, cache, tables, seq_index, positions, dim**-0.5, 0)
+    expected = _naive_paged_attention(*args)
+    rtol, atol = _TIGHT[dtype]
+    for forced in (chunk, 1 << 20):
+        out = ext.paged_attention(*args, decode_chunk=forced)
+        torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol)
+        assert torch.equal(_one_thread(ext.paged_attention, *args, decode_chunk=forced), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [123, 250, 441])
+def test_paged_attention_sliding_window_across_decode_chunks(dtype, window):
+    """Sliding windows shorter than a 200-key chunk (one item) and longer (split): the first chunk
+    then starts mid-chunk and mid-block, and chunk boundaries fall inside 16-key groups. Decodes end
+    on, just past and well past chunk boundaries; a prefill tile's queries start their windows at
+    different keys."""
+    torch.manual_seed(7)
+    chunk, kv_heads, group, dim, block_size = 200, 3, 3, 64, 16
+    decodes = [3 * chunk + 36, 3 * chunk, 2 * chunk - 1, window - 1, window, 20]
+    prefill = list(range(3 * chunk - 5, 3 * chunk + 6))
+    cache, tables = _paged_batch([p + 1 for p in decodes] + [prefill[-1] + 1], kv_heads, block_size, dim, dtype)
+    positions = torch.tensor(decodes + prefill)
+    seq_index = torch.tensor(list(range(len(decodes))) + [len(decodes)] * len(prefill))
+    q = (torch.randn(len(positions), kv_heads * group, dim) * 3).to(dtype)
+    args = (q, cache, tables, seq_index, positions, dim**-0.5, window)
+    out = ext.paged_attention(*args, decode_chunk=chunk)
+    rtol, atol = _TIGHT[dtype]
+    torch.testing.assert_close(out.double(), _naive_paged_attention(*args), rtol=rtol, atol=atol)
+
+
+def test_paged_attention_chunks_a_lone_long_decode_for_the_threads():
+    """Left to choose, the kernel splits one long decode among the threads (and not at all when
+    alone): the same attention either way, to fp32 rounding."""
+    torch.manual_seed(8)
+    cache, tables = _paged_batch([3000], 2, 16, 64, torch.float32)
+    q, pos, seq = torch.randn(1, 6, 64), torch.tensor([2999]), torch.tensor([0])
+    args = (q, cache, tables, seq, pos, 0.125, 0)
+    expected = _naive_paged_attention(*args)
+    for out in (ext.paged_attention(*args), _one_thread(ext.paged_attention, *args)):
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -170,6 +266,18 @@ def test_engine_falls_back_to_the_modules_when_the_build_fails(tiny_models, monk
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
     finally:
         cpu_kernels.load_extension.cache_clear()  # the next caller gets the real build back
+
+
+def test_build_folder_changes_with_an_included_header(tmp_path, monkeypatch):
+    """The cache key covers the headers beside the source (cpu_attention.h), not only the .cpp."""
+    for path in cpu_kernels.CSRC.glob("cpu_*"):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(cpu_kernels, "CSRC", tmp_path)
+    monkeypatch.setattr(cpu_kernels, "SOURCE", tmp_path / "cpu_model.cpp")
+    base = cpu_kernels.build_dir()
+    header = tmp_path / "cpu_attention.h"
+    header.write_text(header.read_text() + "\n// changed\n")
+    assert cpu_kernels.build_dir() != base
 
 
 def test_build_folder_changes_with_source_flags_and_cpu(monkeypatch):

@@ -1,0 +1,540 @@
+// kvflow's paged attention on the CPU. Not a standalone header: cpu_model.cpp includes it inside
+// its anonymous namespace, after the standard headers and the numeric helpers it uses (to_float,
+// from_float, exp_scalar, exp16, exp_inplace, dot). (kvflow/model/cpu_kernels.py hashes every
+// header here into the build's cache key.)
+
+// max(x[0..n)), n >= 1: std::max_element does not vectorise (it must return the first maximum).
+inline float max_of(const float* x, int64_t n) {
+  int64_t i = 0;
+  float r = -std::numeric_limits<float>::infinity();
+#ifdef __AVX512F__
+  __m512 m = _mm512_set1_ps(r);
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+  r = _mm512_reduce_max_ps(m);
+#endif
+  for (; i < n; ++i) r = std::max(r, x[i]);
+  return r;
+}
+
+// s[j] = exp(s[j] - mx) in place; returns their sum.
+inline float exp_shifted_by(float* s, int64_t n, float mx) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) s[j] -= mx;
+  exp_inplace(s, n);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += s[j];
+  return sum;
+}
+
+// s[j] = exp(s[j] - max(s)) in place; returns their sum, the softmax's denominator.
+inline float exp_shifted(float* s, int64_t n) { return exp_shifted_by(s, n, max_of(s, n)); }
+
+// out = T(a * (1 / denom)): an accumulated attention row normalised by its softmax sum, rounded once.
+template <typename T>
+inline void store_normalised(float* a, float denom, T* out, int64_t n) {
+  const float inv = 1.f / denom;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] *= inv;
+  from_float(a, out, n);
+}
+
+// One paged_attention call's tensors as raw pointers and sizes, shared by both kernels.
+template <typename T>
+struct PagedAttentionView {
+  int64_t tokens, num_heads, head_dim, num_kv_heads, block_size, group, table_stride;
+  const T *q, *keys, *values;
+  const int64_t *tables, *seq, *pos;
+  T* out;
+
+  PagedAttentionView(const at::Tensor& q_, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                     const at::Tensor& seq_index, const at::Tensor& positions, at::Tensor& out_)
+      : tokens(q_.size(0)), num_heads(q_.size(1)), head_dim(q_.size(2)), num_kv_heads(kv_cache.size(2)),
+        block_size(kv_cache.size(3)), group(num_heads / num_kv_heads), table_stride(block_tables.stride(0)),
+        q(q_.data_ptr<T>()), keys(kv_cache.data_ptr<T>()), values(keys + kv_cache.stride(0)),
+        tables(block_tables.data_ptr<int64_t>()), seq(seq_index.data_ptr<int64_t>()),
+        pos(positions.data_ptr<int64_t>()), out(out_.data_ptr<T>()) {}
+
+  // Rows [j0, ...) of block b of sequence `table` for kv head g: contiguous in the head-major cache.
+  const T* block_rows(const T* cache_half, const int64_t* table, int64_t b, int64_t g, int64_t j0) const {
+    return cache_half + ((table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size)) * head_dim;
+  }
+};
+
+#if defined(__AVX512F__)
+// v[0..15] -> one vector whose lane j is the sum of v[j]'s lanes: a transpose-and-add tree, 45
+// shuffles and adds for 16 dot products instead of 16 separate horizontal reductions.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 pairs[8], quads[4], halves[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v2i, v2i+1, v2i, v2i+1] partial sums
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [v4i .. v4i+3] partial sums
+    const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes: [q2i (L0+L1), q2i (L2+L3), q2i+1 (L0+L1), q2i+1 (L2+L3)]
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Sixteen elements of T, widened to fp32 in a register (exact for all three types).
+template <typename T>
+inline __m512 load16(const T* p);
+template <>
+inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+template <>
+inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The dot products of one query head with sixteen keys (rows kr, kr + D, ...; the first m valid),
+// in fp32 lanes before their final sum. bf16 on a CPU with AVX512-BF16 multiplies bf16 pairs
+// directly (`vdpbf16ps`: the products are exact in fp32); otherwise keys are widened to fp32.
+template <typename T, int C>
+inline void key_dots16(const T* q, const T* kr, int m, __m512* dots) {
+  constexpr int D = 16 * C;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0) {
+    __m512bh qv[C / 2];
+    for (int k = 0; k < C / 2; ++k) qv[k] = (__m512bh)_mm512_loadu_si512(q + 32 * k);
+    for (int i = 0; i < 16; ++i) {
+      dots[i] = _mm512_setzero_ps();
+      if (i >= m) continue;
+      for (int k = 0; k < C / 2; ++k)
+        dots[i] = _mm512_dpbf16_ps(dots[i], (__m512bh)_mm512_loadu_si512(kr + i * D + 32 * k), qv[k]);
+    }
+    return;
+  }
+#endif
+  __m512 qf[C];
+  for (int k = 0; k < C; ++k) qf[k] = load16(q + 16 * k);
+  for (int i = 0; i < 16; ++i) {
+    dots[i] = _mm512_setzero_ps();
+    if (i >= m) continue;
+    for (int k = 0; k < C; ++k) dots[i] = _mm512_fmadd_ps(load16(kr + i * D + 16 * k), qf[k], dots[i]);
+  }
+}
+
+// ----------------------------------------------------------------------------- flash decoding
+// paged_attention_vec reads each key and value once, with an online softmax (FlashAttention-2):
+// keys come in tiles of kKeyTile; a tile's scores go to a small buffer that stays in L1, and each
+// query row keeps a running maximum m, the running sum l of exp(score - m) and the unnormalised
+// fp32 sum of the weighted values, which are rescaled by exp(m_old - m_new) when a tile raises m.
+// (The kernel before this one kept all of a row's scores and read them back in a second pass.)
+//
+// Decode tokens are split into chunks of keys (flash decoding), each its own work item, so that a
+// few long sequences still keep every thread busy; the chunks of a token are merged by their
+// (m, l) afterwards. Threads take items from a shared counter, longest first.
+
+// Query tiles: runs of up to kQueryTile tokens of one sequence at consecutive positions (a prefill
+// chunk), which share every key and value load. A decode token is a tile of one.
+constexpr int64_t kQueryTile = 8;
+// Keys per online-softmax step. Measured (9/3 heads, D 64, bf16): steps of 16 keys were 7–17%
+// slower than tiles of 256 (per 16 keys and head a horizontal maximum, a rescale test and a
+// 16-lane exponential, and key and value reads interleaved); 64 and 128 lay between; 512 gained
+// nothing more.
+constexpr int64_t kKeyTile = 256;
+// Decode chunks are multiples of kMinChunk keys (so also of kKeyTile and of any power-of-two
+// block size up to it) and at least that long: a chunk's start and merge cost about as much as a
+// few blocks. They are sized so that the decode tokens alone give each thread about
+// kItemsPerThread items (2–8 and 256–512 measured the same).
+constexpr int64_t kMinChunk = 256;
+constexpr int64_t kItemsPerThread = 4;
+// Blocks are prefetched (into L2) this many blocks ahead. A sequence's blocks lie anywhere in the
+// cache, so the hardware prefetcher, which follows address streams, starts over at each one;
+// prefetching made 16 x 16k-key decode 1.3x faster. 1–8 blocks ahead measured the same; into L1
+// was slower (it evicts the lines in use).
+constexpr int64_t kPrefetchBlocks = 2;
+
+// The first key a query at position `pos` sees: all keys, or the last `window` of them.
+inline int64_t first_key(int64_t pos, int64_t window) {
+  return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+}
+
+struct QueryTile {
+  int64_t t0, count;  // tokens [t0, t0 + count)
+  int64_t lo, hi;     // the keys any of them sees: [first_key of t0, position of the last]
+};
+
+// One work item: a tile's queries for kv heads [g0, g1) over keys [k0, k1). A decode item covers
+// every kv head (their rows of a block are one contiguous run of the cache); a prefill tile has an
+// item per kv head (its 8 queries' rows already share each key and value). The chunks of a split
+// decode token write their unnormalised result to slot `partial`; other items (-1) see all their
+// keys and store the output themselves.
+struct AttentionItem {
+  int64_t tile, g0, g1, k0, k1, partial;
+};
+
+// A split decode token: its chunks' results are in slots [first, first + chunks).
+struct ChunkedToken {
+  int64_t tile, first, chunks;
+};
+
+struct AttentionPlan {
+  std::vector<QueryTile> tiles;
+  std::vector<AttentionItem> items;  // most expensive first: the order in which threads take them
+  std::vector<ChunkedToken> chunked;
+  int64_t partials = 0;
+};
+
+// Keys per decode chunk: enough chunks that the decode tokens give every thread kItemsPerThread
+// items, none shorter than kMinChunk (a chunk's start and merge cost about as much as a few
+// blocks). Short contexts stay one chunk, and one thread splits nothing; `forced` > 0 overrides.
+inline int64_t decode_chunk(int64_t decode_keys, int64_t threads, int64_t forced) {
+  if (forced > 0) return forced;
+  if (threads <= 1) return std::numeric_limits<int64_t>::max();
+  const int64_t share = (decode_keys + threads * kItemsPerThread - 1) / (threads * kItemsPerThread);
+  return std::max<int64_t>(1, (share + kMinChunk - 1) / kMinChunk) * kMinChunk;
+}
+
+AttentionPlan plan_attention(const int64_t* seq, const int64_t* pos, int64_t tokens, int64_t num_kv_heads,
+                             int64_t window, int64_t forced_chunk) {
+  AttentionPlan plan;
+  int64_t decode_keys = 0;
+  for (int64_t t = 0; t < tokens;) {
+    int64_t count = 1;
+    while (count < kQueryTile && t + count < tokens && seq[t + count] == seq[t] && pos[t + count] == pos[t] + count) ++count;
+    plan.tiles.push_back({t, count, first_key(pos[t], window), pos[t + count - 1]});
+    if (count == 1) decode_keys += pos[t] - first_key(pos[t], window) + 1;
+    t += count;
+  }
+  const int64_t chunk = decode_chunk(decode_keys, at::get_num_threads(), forced_chunk);
+  for (int64_t i = 0; i < static_cast<int64_t>(plan.tiles.size()); ++i) {
+    const QueryTile& tile = plan.tiles[i];
+    if (tile.count > 1) {
+      for (int64_t g = 0; g < num_kv_heads; ++g) plan.items.push_back({i, g, g + 1, tile.lo, tile.hi + 1, -1});
+    } else if (tile.hi - tile.lo + 1 <= chunk) {
+      plan.items.push_back({i, 0, num_kv_heads, tile.lo, tile.hi + 1, -1});
+    } else {  // chunk boundaries at multiples of `chunk`
+      plan.chunked.push_back({i, plan.partials, 0});
+      for (int64_t k0 = tile.lo, k1; k0 <= tile.hi; k0 = k1) {
+        k1 = std::min(tile.hi + 1, (k0 / chunk + 1) * chunk);
+        plan.items.push_back({i, 0, num_kv_heads, k0, k1, plan.partials++});
+      }
+      plan.chunked.back().chunks = plan.partials - plan.chunked.back().first;
+    }
+  }
+  // Longest first, so that the last items the threads pick up are short.
+  auto cost = [&](const AttentionItem& it) { return plan.tiles[it.tile].count * (it.g1 - it.g0) * (it.k1 - it.k0); };
+  std::stable_sort(plan.items.begin(), plan.items.end(),
+                   [&](const AttentionItem& a, const AttentionItem& b) { return cost(a) > cost(b); });
+  return plan;
+}
+
+// One thread's scratch for an item's rows r = ((g - g0) * count + i) * group + h (kv head g, query
+// i of the tile, query head h of the kv group): running maximum m and sum l, unnormalised sum acc
+// [rows, D], the current key tile's scores (then weights) [rows, kKeyTile], and sixteen value rows
+// widened to fp32. Each array starts on a cache line of its own, a line apart from the next, so
+// that two threads' scratch never shares a line.
+struct OnlineSoftmax {
+  std::unique_ptr<float[]> buf;  // uninitialised: reset() and the steps write before they read
+  float *m, *l, *acc, *scores, *wide;
+
+  OnlineSoftmax(int64_t rows, int64_t D) {
+    const int64_t sizes[] = {rows, rows, rows * D, rows * kKeyTile, 16 * D};
+    float** arrays[] = {&m, &l, &acc, &scores, &wide};
+    auto padded = [](int64_t n) { return (n + 15) / 16 * 16 + 16; };
+    int64_t total = 32;
+    for (int64_t n : sizes) total += padded(n);
+    buf.reset(new float[total]);
+    float* p = buf.get() + 16 + (16 - reinterpret_cast<uintptr_t>(buf.get()) / sizeof(float) % 16) % 16;
+    for (int k = 0; k < 5; ++k) {
+      *arrays[k] = p;
+      p += padded(sizes[k]);
+    }
+  }
+
+  void reset(int64_t rows, int64_t D) {
+    std::fill_n(m, rows, -std::numeric_limits<float>::infinity());
+    std::fill_n(l, rows, 0.f);
+    std::fill_n(acc, rows * D, 0.f);
+  }
+};
+
+// An item's fixed facts, shared by the steps below.
+template <typename T>
+struct ItemView {
+  const PagedAttentionView<T>& v;
+  const QueryTile& tile;
+  const AttentionItem& it;
+  const int64_t* table;  // the sequence's block table
+  const int64_t* pos;    // positions of the tile's queries
+  int64_t head_rows;     // rows per kv head: count * group
+
+  ItemView(const PagedAttentionView<T>& v_, const QueryTile& tile_, const AttentionItem& it_)
+      : v(v_), tile(tile_), it(it_), table(v_.tables + v_.seq[tile_.t0] * v_.table_stride), pos(v_.pos + tile_.t0),
+        head_rows(tile_.count * v_.group) {}
+  int64_t rows() const { return (it.g1 - it.g0) * head_rows; }
+  int64_t query(int64_t r) const { return r % head_rows / v.group; }  // row r's query in the tile
+  int64_t head(int64_t r) const { return (it.g0 + r / head_rows) * v.group + r % v.group; }  // and query head
+  // The keys of block b within [a, e): [block_start, block_end).
+  int64_t block_start(int64_t b, int64_t a) const { return std::max(a, b * v.block_size); }
+  int64_t block_end(int64_t b, int64_t e) const { return std::min(e, (b + 1) * v.block_size); }
+};
+
+// Requests block b's key and value rows of kv heads [g0, g1) (one contiguous run each): a
+// sequence's blocks lie anywhere in the cache, so the hardware prefetcher, which follows address
+// streams, would start over at every block.
+// (always_inline: GCC 12 deems a function that only prefetches free of effects and drops its calls.)
+template <typename T>
+inline __attribute__((always_inline)) void prefetch_block(const PagedAttentionView<T>& v, const int64_t* table,
+                                                          int64_t b, int64_t g0, int64_t g1) {
+  const int64_t bytes = (g1 - g0) * v.block_size * v.head_dim * static_cast<int64_t>(sizeof(T));
+  const char* kp = reinterpret_cast<const char*>(v.block_rows(v.keys, table, b, g0, b * v.block_size));
+  const char* vp = reinterpret_cast<const char*>(v.block_rows(v.values, table, b, g0, b * v.block_size));
+  for (int64_t off = 0; off < bytes; off += 64) {
+    _mm_prefetch(kp + off, _MM_HINT_T1);
+    _mm_prefetch(vp + off, _MM_HINT_T1);
+  }
+}
+
+// Scores of the key tile [a, e), sixteen keys at a time and summed by one transpose tree, into
+// s.scores (column j - a); keys after a query's own position are skipped. Prefetches the item's
+// keys and values kPrefetchBlocks blocks ahead.
+template <typename T, int C>
+void tile_scores(const ItemView<T>& x, int64_t a, int64_t e, float scale, OnlineSoftmax& s) {
+  constexpr int64_t D = 16 * C;
+  const PagedAttentionView<T>& v = x.v;
+  const int64_t group = v.group, last_block = (x.it.k1 - 1) / v.block_size;
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t b = a / v.block_size; b <= (e - 1) / v.block_size; ++b) {
+    if (b + kPrefetchBlocks <= last_block) prefetch_block(v, x.table, b + kPrefetchBlocks, x.it.g0, x.it.g1);
+    const int64_t j0 = x.block_start(b, a), j1 = x.block_end(b, e);
+    for (int64_t g = x.it.g0; g < x.it.g1; ++g) {
+      const T* kb = v.block_rows(v.keys, x.table, b, g, j0);
+      for (int64_t c = j0; c < j1; c += 16) {
+        for (int64_t i = 0; i < x.tile.count; ++i) {
+          const int m = static_cast<int>(std::min<int64_t>({16, j1 - c, x.pos[i] + 1 - c}));
+          if (m <= 0) continue;
+          const int64_t r0 = (g - x.it.g0) * x.head_rows + i * group;
+          for (int64_t h = 0; h < group; ++h) {
+            __m512 dots[16];
+            key_dots16<T, C>(v.q + ((x.tile.t0 + i) * v.num_heads + g * group + h) * D, kb + (c - j0) * D, m, dots);
+            _mm512_mask_storeu_ps(s.scores + (r0 + h) * kKeyTile + (c - a), static_cast<__mmask16>((1u << m) - 1u),
+                                  _mm512_mul_ps(sum_lanes16(dots), scale_v));
+          }
+        }
+      }
+    }
+  }
+}
+
+// The online-softmax step of the key tile [a, e) for every row, over the row's own keys of it: a
+// larger maximum rescales the row's sums so far; the scores become weights exp(score - m).
+template <typename T, int C>
+void tile_softmax(const ItemView<T>& x, int64_t a, int64_t e, int64_t window, OnlineSoftmax& s) {
+  constexpr int64_t D = 16 * C;
+  for (int64_t r = 0; r < x.rows(); ++r) {
+    const int64_t i = x.query(r);
+    const int64_t from = std::max(a, first_key(x.pos[i], window)), to = std::min(e, x.pos[i] + 1);
+    if (from >= to) continue;
+    float* p = s.scores + r * kKeyTile + (from - a);
+    const float mx = max_of(p, to - from);
+    if (mx > s.m[r]) {
+      if (s.m[r] != -std::numeric_limits<float>::infinity()) {  // sums so far to rescale
+        const float alpha = exp_scalar(s.m[r] - mx);
+        s.l[r] *= alpha;
+        float* acc = s.acc + r * D;
+        for (int k = 0; k < C; ++k)
+          _mm512_storeu_ps(acc + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * k), _mm512_set1_ps(alpha)));
+      }
+      s.m[r] = mx;
+    }
+    s.l[r] += exp_shifted_by(p, to - from, s.m[r]);
+  }
+}
+
+// acc += w[j] * value row j for keys j in [from, to) of sixteen fp32 value rows vf.
+template <int C>
+inline void add_weighted_values(float* acc, const float* w, const float* vf, int64_t from, int64_t to) {
+  constexpr int64_t D = 16 * C;
+  __m512 a[C];
+  for (int k = 0; k < C; ++k) a[k] = _mm512_loadu_ps(acc + 16 * k);
+  for (int64_t j = from; j < to; ++j) {
+    const __m512 wj = _mm512_set1_ps(w[j]);
+    for (int k = 0; k < C; ++k) a[k] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(vf + j * D + 16 * k), a[k]);
+  }
+  for (int k = 0; k < C; ++k) _mm512_storeu_ps(acc + 16 * k, a[k]);
+}
+
+// The weighted values of the key tile [a, e) added to every row's sum. Sixteen value rows at a
+// time are widened to fp32 once (fp32 caches are read in place) for all rows of their kv head.
+template <typename T, int C>
+void tile_values(const ItemView<T>& x, int64_t a, int64_t e, int64_t window, OnlineSoftmax& s) {
+  constexpr int64_t D = 16 * C;
+  const PagedAttentionView<T>& v = x.v;
+  for (int64_t b = a / v.block_size; b <= (e - 1) / v.block_size; ++b) {
+    const int64_t j0 = x.block_start(b, a), j1 = x.block_end(b, e);
+    for (int64_t g = x.it.g0; g < x.it.g1; ++g) {
+      const T* vb = v.block_rows(v.values, x.table, b, g, j0);
+      for (int64_t c = j0; c < j1; c += 16) {
+        const int64_t n = std::min<int64_t>(16, j1 - c);
+        const float* vf;
+        if constexpr (std::is_same_v<T, float>) {
+          vf = vb + (c - j0) * D;
+        } else {
+          for (int64_t k = 0; k < n * C; ++k) _mm512_storeu_ps(s.wide + 16 * k, load16(vb + (c - j0) * D + 16 * k));
+          vf = s.wide;
+        }
+        for (int64_t i = 0; i < x.tile.count; ++i) {
+          const int64_t from = std::max(c, first_key(x.pos[i], window)), to = std::min(c + n, x.pos[i] + 1);
+          if (from >= to) continue;
+          for (int64_t r = (g - x.it.g0) * x.head_rows + i * v.group, h = 0; h < v.group; ++h, ++r)
+            add_weighted_values<C>(s.acc + r * D, s.scores + r * kKeyTile + (c - a), vf, from - c, to - c);
+        }
+      }
+    }
+  }
+}
+
+// One work item, one key tile at a time; leaves every row's m, l and acc in s.
+template <typename T, int C>
+void attend_item(const ItemView<T>& x, float scale, int64_t window, OnlineSoftmax& s) {
+  s.reset(x.rows(), 16 * C);
+  const int64_t first_block = x.it.k0 / x.v.block_size, last_block = (x.it.k1 - 1) / x.v.block_size;
+  for (int64_t b = first_block; b <= std::min(last_block, first_block + kPrefetchBlocks - 1); ++b)
+    prefetch_block(x.v, x.table, b, x.it.g0, x.it.g1);  // tile_scores asks for the later ones
+  for (int64_t a = x.it.k0, e; a < x.it.k1; a = e) {
+    e = std::min(x.it.k1, (a / kKeyTile + 1) * kKeyTile);
+    tile_scores<T, C>(x, a, e, scale, s);
+    tile_softmax<T, C>(x, a, e, window, s);
+    tile_values<T, C>(x, a, e, window, s);
+  }
+}
+
+// A split decode token's output rows [rows, D] from its chunks' results (acc [chunks, rows, D], m
+// and l [chunks, rows]): each chunk's sums are relative to its own maximum m_k, so they are scaled
+// by exp(m_k - M) to the overall maximum M (the log-sum-exp merge), added, then normalised and
+// rounded once. `sum` is D floats of scratch.
+template <typename T>
+void merge_chunks(const float* acc, const float* m, const float* l, int64_t chunks, int64_t rows, int64_t D,
+                  float* sum, T* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float mx = -std::numeric_limits<float>::infinity(), denom = 0.f;
+    for (int64_t k = 0; k < chunks; ++k) mx = std::max(mx, m[k * rows + r]);
+    std::fill_n(sum, D, 0.f);
+    for (int64_t k = 0; k < chunks; ++k) {
+      const float w = exp_scalar(m[k * rows + r] - mx);
+      const float* a = acc + (k * rows + r) * D;
+      denom += w * l[k * rows + r];
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) sum[i] += w * a[i];
+    }
+    store_normalised(sum, denom, out + r * D, D);
+  }
+}
+
+// paged_attention (below) for head_dim = 16 * C, vectorised by hand, with the same fp32
+// arithmetic, reading the cache in place. All the query heads of a kv group share each key and
+// value row while it is in L1: scores are computed sixteen keys at a time and summed by one
+// transpose tree; the value sum runs fused multiply-adds on value rows widened to fp32 once per
+// sixteen keys. (The generic loop spends most of its time converting each row into an fp32 buffer
+// and reducing every dot product on its own; at the `135m` offline decode shape the first version
+// of this kernel was 2.2–2.6x faster in bf16.) `forced_chunk` > 0 fixes the decode chunk (tests).
+template <typename T, int C>
+void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                         const at::Tensor& seq_index, const at::Tensor& positions, float scale, int64_t window,
+                         at::Tensor& out, int64_t forced_chunk) {
+  constexpr int64_t D = 16 * C;
+  const PagedAttentionView<T> v(q, kv_cache, block_tables, seq_index, positions, out);
+  const int64_t H = v.num_heads, group = v.group;
+  const AttentionPlan plan = plan_attention(v.seq, v.pos, v.tokens, v.num_kv_heads, window, forced_chunk);
+  // The chunks' results, a slot per chunk of H rows: sums [partials, H, D], maxima and sums [partials, H].
+  std::vector<float> part_acc(plan.partials * H * D), part_m(plan.partials * H), part_l(plan.partials * H);
+  const int64_t items = static_cast<int64_t>(plan.items.size());
+  alignas(64) std::atomic<int64_t> next{0};  // a cache line of its own: the locals beside it are read by all
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
+    OnlineSoftmax s(std::max(kQueryTile * group, H), D);
+    for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      const ItemView<T> x(v, plan.tiles[plan.items[k].tile], plan.items[k]);
+      attend_item<T, C>(x, scale, window, s);
+      if (x.it.partial >= 0) {  // a chunk of a decode token (all kv heads: H rows): kept for the merge
+        std::copy_n(s.acc, H * D, part_acc.data() + x.it.partial * H * D);
+        std::copy_n(s.m, H, part_m.data() + x.it.partial * H);
+        std::copy_n(s.l, H, part_l.data() + x.it.partial * H);
+        continue;
+      }
+      for (int64_t r = 0; r < x.rows(); ++r)
+        store_normalised(s.acc + r * D, s.l[r], v.out + ((x.tile.t0 + x.query(r)) * H + x.head(r)) * D, D);
+    }
+  });
+  at::parallel_for(0, static_cast<int64_t>(plan.chunked.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(D);
+    for (int64_t k = begin; k < end; ++k) {
+      const ChunkedToken& c = plan.chunked[k];
+      merge_chunks(part_acc.data() + c.first * H * D, part_m.data() + c.first * H, part_l.data() + c.first * H,
+                   c.chunks, H, D, sum.data(), v.out + plan.tiles[c.tile].t0 * H * D);
+    }
+  });
+}
+#endif
+
+// Each query token attends to keys [start, pos] of its own sequence, read from the head-major
+// paged cache [2, blocks, kv_heads, block_size, D] through the block table; no gather, no mask.
+// One work item is a (token, kv head) pair: the group's query heads share every key and value
+// load. Scores, softmax and the weighted sum stay in fp32; the output is rounded once.
+template <typename T>
+void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                     const at::Tensor& seq_index, const at::Tensor& positions, float scale, int64_t window,
+                     at::Tensor& out, int64_t decode_chunk = 0) {
+#if defined(__AVX512F__)
+  const auto vec = [&](auto kernel) {
+    kernel(q, kv_cache, block_tables, seq_index, positions, scale, window, out, decode_chunk);
+  };
+  switch (q.size(2)) {  // the common head sizes take the hand-vectorised kernel
+    case 32: return vec(paged_attention_vec<T, 2>);
+    case 64: return vec(paged_attention_vec<T, 4>);
+    case 128: return vec(paged_attention_vec<T, 8>);
+    default: break;
+  }
+#endif
+  const PagedAttentionView<T> v(q, kv_cache, block_tables, seq_index, positions, out);
+  const int64_t num_heads = v.num_heads, head_dim = v.head_dim, num_kv_heads = v.num_kv_heads;
+  const int64_t block_size = v.block_size, group = v.group;
+  at::parallel_for(0, v.tokens * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * head_dim), acc(group * head_dim), row(block_size * head_dim), scores, denom(group);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / num_kv_heads, g = item % num_kv_heads;
+      const int64_t last = v.pos[t];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+      const int64_t n = last - first + 1;
+      const int64_t* table = v.tables + v.seq[t] * v.table_stride;
+      to_float(v.q + (t * num_heads + g * group) * head_dim, qf.data(), group * head_dim);
+      scores.resize(group * n);
+      // Calls fn(j - first, row) for every visible key or value row of this sequence and kv head,
+      // converting one block at a time to fp32 (a block's rows are contiguous for a kv head).
+      auto for_each_row = [&](const T* cache_half, auto&& fn) {
+        for (int64_t b = first / block_size; b <= last / block_size; ++b) {
+          const int64_t j0 = std::max(first, b * block_size), j1 = std::min(last + 1, (b + 1) * block_size);
+          to_float(v.block_rows(cache_half, table, b, g, j0), row.data(), (j1 - j0) * head_dim);
+          for (int64_t j = j0; j < j1; ++j) fn(j - first, row.data() + (j - j0) * head_dim);
+        }
+      };
+      // Pass 1: scores.
+      for_each_row(v.keys, [&](int64_t j, const float* kr) {
+        for (int64_t h = 0; h < group; ++h) scores[h * n + j] = dot(qf.data() + h * head_dim, kr, head_dim) * scale;
+      });
+      for (int64_t h = 0; h < group; ++h) denom[h] = exp_shifted(scores.data() + h * n, n);
+      // Pass 2: the probability-weighted sum of the values.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for_each_row(v.values, [&](int64_t j, const float* vr) {
+        for (int64_t h = 0; h < group; ++h) {
+          const float p = scores[h * n + j];
+          float* a = acc.data() + h * head_dim;
+#pragma omp simd
+          for (int64_t i = 0; i < head_dim; ++i) a[i] += p * vr[i];
+        }
+      });
+      for (int64_t h = 0; h < group; ++h)
+        store_normalised(acc.data() + h * head_dim, denom[h], v.out + (t * num_heads + g * group + h) * head_dim,
+                         head_dim);
+    }
+  });
+}
