@@ -39,7 +39,9 @@ def test_disaggregated_server_matches_colocated(start, transfer):
     roles = sorted(i["role"] for i in instances(srv.url).values())
     assert roles == ["decode", "decode", "prefill"]
     assert srv.stop() == 0
-    assert not group_members(srv.proc.pid)
+    # multiprocessing's resource tracker outlives the server by a moment (it unlinks the shared
+    # memory once the server's end of its pipe closes); a leak is a process that stays.
+    assert wait_until(lambda: not group_members(srv.proc.pid)), group_members(srv.proc.pid)
 
 
 def seeded_choices(url: str) -> list[dict]:

@@ -6,7 +6,9 @@ grid (sequence, kv head, split), and each program serves ALL query heads of its 
 the group shares every K/V load (the group is padded to >= 16 rows for tl.dot). It writes a
 partial, normalised output and its log2-sum-exp per split to fp32 scratch; kernel 2 merges the
 splits by their LSE. With one split, kernel 1 writes the final output directly (no scratch, no
-merge): the "non-split" variant.
+merge): the "non-split" variant. The split count is a runtime argument, not a constexpr, so a
+server whose batch and context lengths change every step does not compile a kernel per count
+(the merge compiles one per power of two).
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_os,  # out: [B, H, (S,) D]
     stride_lb, stride_lh, stride_ls,  # lse: [B, H, (S)]
     stride_ckv, stride_cblk, stride_ch, stride_coff, stride_bt,
-    qk_scale, block_size, window,
+    qk_scale, block_size, window, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, LSE_NATURAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr, LSE_NATURAL: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -42,7 +44,7 @@ def _decode_split_kernel(
     if USE_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
     # This split's chunk of the visible keys [lo, seq_len), a whole number of key tiles.
-    chunk = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
@@ -79,13 +81,13 @@ def _decode_split_kernel(
 def _decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
     stride_pb, stride_ph, stride_ps, stride_plb, stride_plh,
-    stride_ot, stride_oh, stride_lt, stride_lh,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+    stride_ot, stride_oh, stride_lt, stride_lh, num_splits,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     offs_d = tl.arange(0, HEAD_DIM)
     lse = tl.load(part_lse_ptr + seq * stride_plb + head * stride_plh + offs_s, mask=s_mask,
                   other=float("-inf"))  # log2 units
@@ -156,11 +158,11 @@ def decode_attention(
     config = decode_launch_config(head_dim, q.dtype, device_capability(q.device))
     common = dict(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, BLOCK_N=block_n or config.block_n,
+        USE_WINDOW=sliding_window is not None, BLOCK_N=block_n or config.block_n,
         PRECISION=config.precision, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     cache_args = (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-                  block_tables.stride(0), scale * LOG2E, kv_cache.shape[3], sliding_window or 0)
+                  block_tables.stride(0), scale * LOG2E, kv_cache.shape[3], sliding_window or 0, num_splits)
     grid = (num_seqs, num_kv_heads, num_splits)
     if num_splits == 1:  # write the final result directly
         _decode_split_kernel[grid](
@@ -180,7 +182,7 @@ def decode_attention(
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out, part_lse, out, lse,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
     )
     return out, lse
