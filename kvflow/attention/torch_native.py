@@ -16,14 +16,9 @@ from kvflow.attention.backend import AttentionMetadata, allocate_paged_kv_cache
 
 class TorchNativeBackend:
     name = "torch_native"
-
-    def allocate_kv_cache(
-        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
-    ) -> list[torch.Tensor]:
-        # Head-major blocks: a gathered block is [kv_heads, block_size, head_dim], ready for batched
-        # matmuls with no transposing copy (see `_decode`).
-        return allocate_paged_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+    # Head-major blocks: a gathered block is [kv_heads, block_size, head_dim], ready for batched
+    # matmuls with no transposing copy (see `_decode`).
+    allocate_kv_cache = staticmethod(allocate_paged_kv_cache)
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, meta: AttentionMetadata) -> None:

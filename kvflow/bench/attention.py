@@ -19,6 +19,7 @@ kernel shows. ``check_targets`` turns a GPU run into pass/fail against the Trito
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing
@@ -97,12 +98,11 @@ class AttentionCase:
         elem = torch.empty(0, dtype=self.dtype).element_size()
         return 2.0 * self.batch * self.seq_len * self.num_kv_heads * self.head_dim * elem
 
+    @functools.cached_property
     def keys_per_query_head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V repeated to [B, H, n, D] (built once), for kernels without GQA support."""
-        if not hasattr(self, "_expanded"):
-            group = self.num_heads // self.num_kv_heads
-            self._expanded = (self.keys.repeat_interleave(group, dim=1), self.values.repeat_interleave(group, dim=1))
-        return self._expanded
+        group = self.num_heads // self.num_kv_heads
+        return self.keys.repeat_interleave(group, dim=1), self.values.repeat_interleave(group, dim=1)
 
     def heads_first(self) -> torch.Tensor:
         """q as [B, H, q_len, D] for SDPA and the naive reference."""
@@ -128,7 +128,7 @@ def _sdpa(case: AttentionCase) -> torch.Tensor:
     if case.device.type == "cuda" and case.dtype in (torch.float16, torch.bfloat16):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        keys, values = case.keys_per_query_head()
+        keys, values = case.keys_per_query_head
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # the baseline named by the kernels' goal
             out = F.scaled_dot_product_attention(case.heads_first(), keys, values, scale=case.scale, is_causal=causal)
     else:
@@ -137,7 +137,10 @@ def _sdpa(case: AttentionCase) -> torch.Tensor:
     return out.transpose(1, 2).reshape(case.q.shape)
 
 
-def _kvflow_cpu() -> Callable[[AttentionCase], torch.Tensor] | None:
+Implementation = Callable[[AttentionCase], torch.Tensor]  # one attention call on a case
+
+
+def _kvflow_cpu() -> Implementation | None:
     from kvflow.model.cpu_kernels import load_extension
 
     ext = load_extension()
@@ -146,7 +149,7 @@ def _kvflow_cpu() -> Callable[[AttentionCase], torch.Tensor] | None:
     return lambda c: ext.paged_attention(c.q, c.kv_cache, c.block_tables, c.seq_index, c.positions, c.scale, 0)
 
 
-def _triton(num_splits: int | None) -> Callable[[AttentionCase], torch.Tensor]:
+def _triton(num_splits: int | None) -> Implementation:
     from kvflow.attention.triton import decode_attention, prefill_attention
 
     def run(c: AttentionCase) -> torch.Tensor:
@@ -157,9 +160,9 @@ def _triton(num_splits: int | None) -> Callable[[AttentionCase], torch.Tensor]:
     return run
 
 
-def available(device: torch.device, names: tuple[str, ...] = IMPLEMENTATIONS) -> dict[str, Callable[[AttentionCase], torch.Tensor]]:
+def available(device: torch.device, names: tuple[str, ...] = IMPLEMENTATIONS) -> dict[str, Implementation]:
     """The implementations of `names` that run on `device`."""
-    impls: dict[str, Callable[[AttentionCase], torch.Tensor]] = {}
+    impls: dict[str, Implementation] = {}
     for name in names:
         if name == "kvflow-cpu" and device.type == "cpu" and (fn := _kvflow_cpu()) is not None:
             impls[name] = fn
@@ -206,7 +209,7 @@ def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) ->
     return statistics.median(times)
 
 
-def run_case(case: AttentionCase, impls: dict[str, Callable[[AttentionCase], torch.Tensor]], repeats: int,
+def run_case(case: AttentionCase, impls: dict[str, Implementation], repeats: int,
              naive_max_len: int, memory: bool = False) -> list[AttentionResult]:
     """Time every implementation on one case and check it against the reference; with `memory`
     (CPU), also measure the peak memory each call adds."""
@@ -219,7 +222,7 @@ def run_case(case: AttentionCase, impls: dict[str, Callable[[AttentionCase], tor
     for name, fn in todo.items():
         out = outputs[name] if name in outputs else fn(case)
         err = None if reference is None else float((out.float() - reference).abs().max())
-        seconds = _time(lambda: fn(case), case.device, repeats)
+        seconds = _time(lambda fn=fn: fn(case), case.device, repeats)
         work = case.work()
         results.append(AttentionResult(
             implementation=name, kind=case.kind, batch=case.batch, seq_len=case.seq_len,
@@ -272,7 +275,8 @@ def format_results(results: list[AttentionResult]) -> str:
         err = f"{r.max_abs_err:.2e}" if r.max_abs_err is not None else "-"
         mem = f"{r.peak_extra_mib:.1f}" if r.peak_extra_mib is not None else "-"
         lines.append(f"{r.kind:<8} {r.implementation:<15} {r.batch:>3} {r.seq_len:>6} "
-                     f"{f'{r.num_heads}/{r.num_kv_heads}':>6} {r.head_dim:>4} {r.ms:>9.3f} {tf:>8} {gb:>7} {err:>9} {mem:>8}")
+                     f"{f'{r.num_heads}/{r.num_kv_heads}':>6} {r.head_dim:>4} {r.ms:>9.3f} {tf:>8} {gb:>7} "
+                     f"{err:>9} {mem:>8}")
     return "\n".join(lines)
 
 

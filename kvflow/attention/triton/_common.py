@@ -56,9 +56,12 @@ def dot_precision(dtype: torch.dtype, capability: tuple[int, int] | None) -> str
     return "tf32x3" if capability is not None and capability >= (8, 0) else "ieee"
 
 
-def check_inputs(q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-    """Validate q [T, H, D] against the paged cache [2, blocks, KVH, block_size, D]; returns q with
-    unit stride along head_dim (the kernels' pointer arithmetic assumes it)."""
+def check_inputs(
+    q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate q [T, H, D] against the paged cache [2, blocks, KVH, block_size, D]. Returns q with
+    unit stride along head_dim (the kernels' pointer arithmetic assumes it), and `out` [T, H, D] and
+    `lse` [T, H] fp32, allocated where the caller passed None."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[2]
     check_head_dim(head_dim)
@@ -68,7 +71,12 @@ def check_inputs(q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache must have unit stride along head_dim")
-    return q if q.stride(-1) == 1 else q.contiguous()
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    if lse is None:
+        lse = torch.empty(q.shape[0], num_heads, dtype=torch.float32, device=q.device)
+    return q, out, lse
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,7 @@ class LaunchConfig:
     precision: str
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_properties(index: int) -> tuple[tuple[int, int], int]:
     props = torch.cuda.get_device_properties(index)
     return (props.major, props.minor), props.multi_processor_count

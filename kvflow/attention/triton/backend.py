@@ -13,22 +13,14 @@ from kvflow.attention.triton.prefill import prefill_attention
 
 class TritonBackend:
     name = "triton"
-
-    def allocate_kv_cache(
-        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
-    ) -> list[torch.Tensor]:
-        return allocate_paged_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+    allocate_kv_cache = staticmethod(allocate_paged_kv_cache)  # the torch-native layout
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        """Host-side launch sizes only (from the Python lists, so no device syncs per layer)."""
+        """The longest decode context, from the Python list (no device sync per layer); the split
+        count follows from it per layer (it also needs the cache's kv heads). None (list not filled
+        in) makes the wrapper read it from the tensor."""
         nd = meta.num_decodes
-        # The split count follows from it per layer (it also needs the cache's kv heads).
         meta.extra["triton_decode_max_len"] = max(meta.seq_lens_list[:nd]) if nd and meta.seq_lens_list else None
-        # None (lists not filled in) makes the wrappers read the sizes from the tensors instead.
-        meta.extra["triton_prefill_max_q"] = (
-            max(meta.query_lens_list[nd:]) if len(meta.query_lens_list) > nd else None
-        )
 
     def forward(
         self,
@@ -40,7 +32,7 @@ class TritonBackend:
         scale: float,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
-        if "triton_prefill_max_q" not in meta.extra:
+        if "triton_decode_max_len" not in meta.extra:
             self.prepare(meta)
         store_kv(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
@@ -53,6 +45,6 @@ class TritonBackend:
         if meta.num_prefills:
             prefill_attention(
                 q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, sliding_window,
-                first_seq=nd, max_query_len=meta.extra["triton_prefill_max_q"], out=out,
+                first_seq=nd, max_query_len=meta.max_query_len, out=out,  # a prefill chunk is the longest
             )
         return out

@@ -24,9 +24,10 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 from unittest import mock
 
 import torch
@@ -156,7 +157,7 @@ def check(archs: list[int], dtypes: list[str], head_dims: list[int], multiproces
         capability = (arch // 10, arch % 10)
         with ExitStack() as stack:  # the wrappers pick the launch configuration of this GPU
             for module in (prefill, decode):
-                stack.enter_context(mock.patch.object(module, "device_capability", lambda _d: capability))
+                stack.enter_context(mock.patch.object(module, "device_capability", lambda _d, c=capability: c))
             stack.enter_context(mock.patch.object(decode, "multiprocessor_count", lambda _d: multiprocessors))
             for dtype_name in dtypes:
                 for head_dim in head_dims:
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             verdict = "ok (fp32 spills)" if r.spill_bytes else "ok"
         print(f"{r.kernel:<20} {r.arch:>3} {r.dtype:<9} {r.head_dim:>4} {r.variant:<13} {tiles:<16} "
-              f"{r.num_warps}/{r.num_stages} {r.shared_bytes / 1024:>8.1f} {r.registers:>4} {r.spill_bytes:>5}  {verdict}")
+              f"{r.num_warps}/{r.num_stages} {r.shared_bytes / 1024:>8.1f} {r.registers:>4} {r.spill_bytes:>5}  "
+              f"{verdict}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) | {"ok": r.ok} for r in reports], f, indent=1)

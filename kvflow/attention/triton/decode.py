@@ -18,7 +18,12 @@ import triton
 import triton.language as tl
 
 from kvflow.attention.triton._common import (
-    LOG2E, check_inputs, decode_launch_config, device_capability, load_kv_tile, multiprocessor_count,
+    LOG2E,
+    check_inputs,
+    decode_launch_config,
+    device_capability,
+    load_kv_tile,
+    multiprocessor_count,
     online_softmax_step,
 )
 
@@ -141,11 +146,7 @@ def decode_attention(
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[2]
-    q = check_inputs(q, kv_cache)
-    if out is None:
-        out = torch.empty_like(q)
-    if lse is None:
-        lse = torch.empty(num_seqs, num_heads, dtype=torch.float32, device=q.device)
+    q, out, lse = check_inputs(q, kv_cache, out, lse)
     if num_seqs == 0:
         return out, lse
     if num_splits is None:

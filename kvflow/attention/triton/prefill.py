@@ -15,7 +15,12 @@ import triton
 import triton.language as tl
 
 from kvflow.attention.triton._common import (
-    LOG2E, check_inputs, device_capability, load_kv_tile, online_softmax_step, prefill_launch_config,
+    LOG2E,
+    check_inputs,
+    device_capability,
+    load_kv_tile,
+    online_softmax_step,
+    prefill_launch_config,
 )
 
 
@@ -135,11 +140,7 @@ def prefill_attention(
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[2]
-    q = check_inputs(q, kv_cache)
-    if out is None:
-        out = torch.empty_like(q)
-    if lse is None:
-        lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    q, out, lse = check_inputs(q, kv_cache, out, lse)
     num_seqs = seq_lens.shape[0] - first_seq
     if num_seqs <= 0 or num_tokens == 0:
         return out, lse
