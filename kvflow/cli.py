@@ -1,12 +1,15 @@
-"""The `kvflow` command: generate | chat | serve | bench (eval, train and the rest arrive with their issues).
+"""The `kvflow` command: one entry point, one subcommand per job.
 
-Engine flags are generated from the config dataclasses, so a new knob needs no CLI code.
+Engine flags are generated from the config dataclasses, so a new knob needs no CLI code. Only the
+module of the command being run is imported (see `COMMANDS`), so `kvflow --help` and `kvflow serve`
+never load the benchmark, simulator, evaluation or training code, nor what only they depend on.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import typing
@@ -15,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kvflow.assets import default_model_path
-from kvflow.config import CacheConfig, RunnerConfig, SchedulerConfig
 
-_ENGINE_PARTS = (CacheConfig, SchedulerConfig, RunnerConfig)
 _HELP = {
     "block_size": "tokens per KV block",
     "kv_cache_memory": "GiB for the KV cache (default: 30%% of available memory, at most 4 GiB)",
@@ -35,6 +36,13 @@ _HELP = {
 }
 
 
+def _engine_parts() -> tuple[type, ...]:
+    """The config dataclasses whose fields are engine flags (imported here: kvflow.config needs torch)."""
+    from kvflow.config import CacheConfig, RunnerConfig, SchedulerConfig
+
+    return CacheConfig, SchedulerConfig, RunnerConfig
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Model and engine flags shared by every command that runs the engine."""
     parser.add_argument("--model", help="Hugging Face model directory (config.json, *.safetensors, tokenizer); "
@@ -44,7 +52,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
     group = parser.add_argument_group("engine")
-    for part in _ENGINE_PARTS:
+    for part in _engine_parts():
         hints = typing.get_type_hints(part)
         for f in dataclasses.fields(part):
             flag = "--" + f.name.replace("_", "-")
@@ -58,7 +66,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
-    for part in _ENGINE_PARTS:
+    for part in _engine_parts():
         for f in dataclasses.fields(part):
             value = getattr(args, f.name, None)
             if value is not None:
@@ -152,44 +160,56 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
-def build_parser() -> argparse.ArgumentParser:
+def configure_generate(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    _add_sampling_args(parser)
+    parser.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    parser.add_argument("--prompts-file", help="a file with one prompt per line")
+    parser.set_defaults(func=_cmd_generate)
+
+
+def configure_chat(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    _add_sampling_args(parser)
+    parser.add_argument("--system", help="system message")
+    parser.add_argument("--message", action="append", help="user turn (repeatable); interactive if omitted")
+    parser.set_defaults(func=_cmd_chat)
+
+
+# Each command: its one-line help and the function ("module:name") that adds its arguments and sets
+# `func`. Only the function of the command being run is imported.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("complete prompts offline", "kvflow.cli:configure_generate"),
+    "chat": ("chat with the model using its chat template", "kvflow.cli:configure_chat"),
+    "serve": ("OpenAI-compatible HTTP server", "kvflow.server.cli:configure_serve"),
+    "bench": ("benchmarks: reference models, limits, throughput, serving load", "kvflow.bench.cli:configure_bench"),
+    "train": ("train the tokenizer, a small Llama model and its distilled draft", "kvflow.train.cli:configure_train"),
+    "eval": ("quality harness: held-out perplexity, passkey and multi-key retrieval accuracy",
+             "kvflow.eval.cli:configure_eval"),
+    "profile": ("measure this machine's iteration latency and fit a latency model", "kvflow.sim.cli:configure_profile"),
+    "simulate": ("simulate a workload on profiled instances (or replay a recorded run)",
+                 "kvflow.sim.simulate_cli:configure_simulate"),
+    "plan": ("choose prefill/decode instances, parallelism and ratio for SLOs (simulated)",
+             "kvflow.sim.plan_cli:configure_plan"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command listed, and the arguments of `command` alone (None: of none)."""
     parser = argparse.ArgumentParser(prog="kvflow", description="LLM inference engine")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="complete prompts offline")
-    add_engine_args(gen)
-    _add_sampling_args(gen)
-    gen.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    gen.add_argument("--prompts-file", help="a file with one prompt per line")
-    gen.set_defaults(func=_cmd_generate)
-
-    chat = sub.add_parser("chat", help="chat with the model using its chat template")
-    add_engine_args(chat)
-    _add_sampling_args(chat)
-    chat.add_argument("--system", help="system message")
-    chat.add_argument("--message", action="append", help="user turn (repeatable); interactive if omitted")
-    chat.set_defaults(func=_cmd_chat)
-
-    from kvflow.bench.cli import register as register_bench
-
-    register_bench(sub)
-    from kvflow.server.cli import register as register_serve
-
-    register_serve(sub)
-    from kvflow.train.cli import register as register_train
-
-    register_train(sub)
-    from kvflow.eval.cli import register as register_eval
-
-    register_eval(sub)
-    from kvflow.sim.cli import register as register_sim
-
-    register_sim(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, target) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module, function = target.split(":")
+            getattr(importlib.import_module(module), function)(command_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ValueError as exc:

@@ -10,7 +10,6 @@ shifts the frequencies far beyond the p > 1e-3 threshold.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from typing import Any
 

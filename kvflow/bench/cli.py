@@ -1,7 +1,7 @@
 """``kvflow bench ...``: make reference models, measure machine limits, run throughput benchmarks.
 
-``kvflow/cli.py`` calls ``register(subparsers)`` and dispatches with ``args.func(args)``.
-``python -m kvflow.bench.cli bench ...`` runs the same commands without the main CLI.
+``kvflow/cli.py`` calls ``configure_bench(parser)`` when the command is ``bench`` and dispatches with
+``args.func(args)``.
 """
 
 from __future__ import annotations
@@ -144,7 +144,13 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     import torch
 
     from kvflow.bench.attention import (
-        AttentionCase, available, check_targets, format_checks, format_results, run_case, save_results,
+        AttentionCase,
+        available,
+        check_targets,
+        format_checks,
+        format_results,
+        run_case,
+        save_results,
     )
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -173,9 +179,8 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``bench`` command and its subcommands to the main CLI's subparsers."""
-    bench = subparsers.add_parser("bench", help="benchmarks: reference models, limits, throughput, serving load")
+def configure_bench(bench: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` subcommands to the main CLI's ``bench`` parser."""
     sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True)
 
     mm = sub.add_parser("make-model", help="make a seeded random-weight reference model (HF format)")
@@ -293,17 +298,3 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from kvflow.bench.serve.cli import register as register_serve
 
     register_serve(sub)
-    return bench
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point mirroring ``kvflow``: ``python -m kvflow.bench.cli bench ...``."""
-    parser = argparse.ArgumentParser(prog="kvflow")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    register(subparsers)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

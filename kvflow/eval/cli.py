@@ -26,17 +26,16 @@ def _list_of(kind: Callable, name: str) -> Callable[[str], tuple]:
     return parse
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def configure_eval(parser: argparse.ArgumentParser) -> None:
     from kvflow.cli import add_engine_args
     from kvflow.eval.runner import TASKS, EvalConfig
 
     d = EvalConfig()
-    parser = subparsers.add_parser(
-        "eval", help="quality harness: held-out perplexity, passkey and multi-key retrieval accuracy",
-        description="Held-out perplexity (with a unigram baseline and bits per byte), passkey retrieval over "
-                    "context length x needle depth and multi-key recall over pairs x length, all through the "
-                    "engine configured by the engine flags. --seed also fixes the evaluation samples. Writes "
-                    "results.json, passkey.json/.png and multikey.json/.png to --out.")
+    parser.description = (
+        "Held-out perplexity (with a unigram baseline and bits per byte), passkey retrieval over context length x "
+        "needle depth and multi-key recall over pairs x length, all through the engine configured by the engine "
+        "flags. --seed also fixes the evaluation samples. Writes results.json, passkey.json/.png and "
+        "multikey.json/.png to --out.")
     add_engine_args(parser)  # --seed also seeds the evaluation's samples
     group = parser.add_argument_group("evaluation")
     group.add_argument("--tasks", type=_list_of(str, "--tasks"), default=d.tasks,

@@ -149,10 +149,9 @@ def _after_uvicorn_signals(server: Any) -> None:
         signal.signal(sig, handler)
 
 
-def register(subparsers: Any) -> None:
+def configure_serve(serve: argparse.ArgumentParser) -> None:
     from kvflow.cli import add_engine_args
 
-    serve = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(serve)
     add_serve_args(serve)
     serve.set_defaults(func=run_serve)

@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
@@ -70,12 +69,9 @@ def _memory_bytes() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def register(sub: Any) -> None:
+def configure_profile(profile: argparse.ArgumentParser) -> None:
     from kvflow.cli import add_engine_args
-    from kvflow.sim.plan_cli import register_plan
-    from kvflow.sim.simulate_cli import register_simulate
 
-    profile = sub.add_parser("profile", help="measure this machine's iteration latency and fit a latency model")
     add_engine_args(profile)
     profile.add_argument("--cpu-cores", default=None, help="pin to these cores, e.g. 0 or 0,1 (default: all)")
     profile.add_argument("--quick", action="store_true", help="a small grid (seconds, for a first look)")
@@ -92,5 +88,3 @@ def register(sub: Any) -> None:
     profile.add_argument("--serve-args", default="", help="with --serve: extra `kvflow serve` flags, e.g. "
                          "'--disagg --prefill 1 --decode 1 --pin-cores'")
     profile.set_defaults(func=_cmd_profile)
-    register_simulate(sub)
-    register_plan(sub)

@@ -107,8 +107,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_plan(sub: Any) -> None:
-    p = sub.add_parser("plan", help="choose prefill/decode instances, parallelism and ratio for SLOs (simulated)")
+def configure_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a built-in shape (e.g. OPT-66B, Llama-2-70B) or a model directory")
     p.add_argument("--hardware", default="A100-80GB-SXM", help="prefill (and decode) device from the catalogue")
     p.add_argument("--decode-hardware", default=None, help="decode device, for mixed-hardware pools")

@@ -24,11 +24,11 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from kvflow.bench.serve.config import ServeBenchConfig
@@ -83,15 +83,16 @@ class ProfiledServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited ({self.proc.returncode}); see {self.log_dir / 'server.log'}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1.0):
+                    return  # urlopen raises on anything but a 2xx
+            except OSError:  # refused while starting, timed out, or an HTTP error status
                 pass
             time.sleep(0.3)
         raise TimeoutError("the server did not become healthy")
 
     def gauge(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
+            text = response.read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith((name + "{", name + " ")))
 

@@ -212,8 +212,7 @@ def summarize_measured(doc: dict[str, Any], slos: dict[str, float], percentiles:
     return summarize(results, doc["summary"]["duration_s"], slos, percentiles)
 
 
-def register_simulate(sub: Any) -> None:
-    sim = sub.add_parser("simulate", help="simulate a workload on profiled instances (or replay a recorded run)")
+def configure_simulate(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--profile", required=True, help="a `kvflow profile` JSON (prefill or colocated instances)")
     sim.add_argument("--decode-profile", default=None, help="decode instances' profile (default: --profile)")
     sim.add_argument("--colocated", type=int, default=None, help="colocated instances (default 1)")

@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def configure_train(parser: argparse.ArgumentParser) -> None:
     from kvflow.train.presets import PRESETS
 
-    parser = subparsers.add_parser("train", help="train the tokenizer, a small Llama model and its distilled draft")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--out", type=Path, default=Path("models/train"),
                         help="output folder: <out>/<preset>, <out>/<preset>-draft, <out>/work (checkpoints)")

@@ -65,7 +65,8 @@ def test_peak_memory_shows_the_materialised_score_matrix():
 def _result(impl, kind, n, ms, err=1e-3, dtype="bfloat16"):
     from kvflow.bench.attention import AttentionResult
 
-    return AttentionResult(impl, kind, 1, n, 32, 8, 128, dtype, ms, None, None, err, "naive" if err is not None else None)
+    reference = "naive" if err is not None else None
+    return AttentionResult(impl, kind, 1, n, 32, 8, 128, dtype, ms, None, None, err, reference)
 
 
 def test_check_targets_passes_and_fails_on_the_goals():
@@ -89,7 +90,8 @@ def test_check_targets_passes_and_fails_on_the_goals():
     assert not any("n=2048" in c.claim and "SDPA" in c.claim for c in checks)
     assert not any("n=1024" in c.claim and "non-split" in c.claim for c in checks)
     assert len([c for c in checks if "matches" in c.claim]) == 9  # every triton and triton-nosplit result
-    assert format_checks(checks).splitlines()[-1] == f"{sum(c.passed for c in checks)}/{len(checks)} target checks passed"
+    passed = sum(c.passed for c in checks)
+    assert format_checks(checks).splitlines()[-1] == f"{passed}/{len(checks)} target checks passed"
 
 
 def test_cli_check_targets_fails_without_triton_results(capsys):

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvflow.bench.cli import main as bench_main
 from kvflow.bench.cli import parse_backend_args, register
 from kvflow.bench.fast_path_check import NEAR_TIE_NATS
 from kvflow.bench.limits import MachineLimits, measure_limits
 from kvflow.bench.make_model import SHAPES, llama_param_count, make_model, shape_params
 from kvflow.bench.throughput import BACKENDS, BackendUnavailable, make_prompts, run_throughput
 from kvflow.bench.throughput_report import format_table, run_many
+from kvflow.cli import main as cli_main
 
 
 def _kvflow_llm_importable() -> bool:
@@ -195,7 +195,7 @@ def test_cli_parses_and_dispatches(tiny_model: Path, tmp_path: Path) -> None:
     tp = parser.parse_args(["bench", "throughput", "--model", "m", "--python", "vllm=/v/bin/python"])
     assert tp.python == ["vllm=/v/bin/python"]
     out = tmp_path / "cli.json"
-    assert bench_main(
+    assert cli_main(
         ["bench", "throughput", "--model", str(tiny_model), "--backend", "hf", "--workload",
          "single", "--input-len", "8", "--output-len", "3", "--output", str(out)]
     ) == 0  # fmt: skip

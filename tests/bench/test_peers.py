@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from kvflow.bench.cli import main as bench_main
 from kvflow.bench.cli import parse_python_args
 from kvflow.bench.limits import MachineLimits
 from kvflow.bench.make_model import make_model
@@ -25,6 +24,7 @@ from kvflow.bench.peers import measure_peer, peer_python
 from kvflow.bench.peers.to_gguf import ensure_gguf, gguf_cache_path
 from kvflow.bench.throughput import BackendUnavailable, plan_prompts, run_throughput
 from kvflow.bench.throughput_report import run_many
+from kvflow.cli import main as cli_main
 
 LIMITS = MachineLimits(bf16_gflops=100.0, fp32_gflops=50.0, mem_bw_gbs=10.0, threads=1, gemm_n=64, bw_mib=1)
 
@@ -275,13 +275,13 @@ def test_cli_skips_a_missing_peer_and_runs_the_rest(
             "--workload", "offline", "single", "--num-prompts", "2", "--input-len", "5", "--output-len", "3",
             "--python", f"vllm={sys.executable}", "--python", f"llamacpp={sys.executable}",
             "--backend-arg", f"llamacpp:gguf={fake_gguf}", "--output", str(out)]  # fmt: skip
-    assert bench_main(argv) == 0
+    assert cli_main(argv) == 0
     report = json.loads(out.read_text())
     assert [(r["backend"], r["workload"]) for r in report["runs"]] == [("llamacpp", "offline"), ("llamacpp", "single")]
     assert "setup.sh" in report["skipped"]["vllm"] and "llamacpp" not in report["skipped"]
     assert "skipping backend 'vllm'" in capsys.readouterr().out
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # neither peer: nothing ran, non-zero exit
-    assert bench_main([*argv[:6], "vllm", *argv[7:]]) == 1
+    assert cli_main([*argv[:6], "vllm", *argv[7:]]) == 1
 
 
 def test_peers_agree_in_one_report(tiny_model: Path, fakes: Path, record: Path, fake_gguf: Path, tmp_path: Path,
@@ -356,7 +356,7 @@ def test_llamacpp_converts_automatically_and_cli_to_gguf(
                        engine_kwargs={"convert_script": str(script)})
     assert r["peer"]["gguf"] == str(tmp_path / "tiny.bf16.gguf")
     out = tmp_path / "x.gguf"
-    assert bench_main(["bench", "to-gguf", "--model", str(model), "--out", str(out), "--dtype", "float32",
+    assert cli_main(["bench", "to-gguf", "--model", str(model), "--out", str(out), "--dtype", "float32",
                        "--convert-script", str(script), "--python", sys.executable]) == 0
     assert out.read_bytes() == b"GGUFf32"
 

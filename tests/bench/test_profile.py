@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvflow.bench.cli import main as bench_main
 from kvflow.bench.profile import profile_decode
+from kvflow.cli import main as cli_main
 
 
 def test_profile_reports_decode_ops(llama_dir: Path):
@@ -27,7 +27,7 @@ def test_profile_reports_decode_ops(llama_dir: Path):
 
 def test_profile_cli_saves_json(llama_dir: Path, tmp_path: Path, capsys):
     out = tmp_path / "p.json"
-    assert bench_main(["bench", "profile", "--model", str(llama_dir), "--workload", "single", "--steps", "3",
+    assert cli_main(["bench", "profile", "--model", str(llama_dir), "--workload", "single", "--steps", "3",
                        "--input-len", "8", "--dtype", "bfloat16", "--output", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["workload"] == "single" and saved["batch"] == 1

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from kvflow.bench.cli import main as bench_main
 from kvflow.bench.serve.arrivals import arrival_offsets, offered_rate
 from kvflow.bench.serve.client import RequestResult
 from kvflow.bench.serve.config import ServeBenchConfig
@@ -32,6 +31,7 @@ from kvflow.bench.serve.report import format_table, load_result, save_result
 from kvflow.bench.serve.runner import load_tokenizer, run
 from kvflow.bench.serve.sse import SSEDecoder
 from kvflow.bench.serve.trace import load_trace, trace_offsets
+from kvflow.cli import main as cli_main
 from tests.bench.serve_stub import StubServer
 from tests.tokenizer_utils import make_tokenizer
 
@@ -280,7 +280,7 @@ def test_cli_writes_json_and_png_and_compares_runs(tmp_path: Path, tok_dir: Path
     out = tmp_path / "results"
     with StubServer(ttft=lambda w, m: 0.02, itl=lambda w, m: 0.005, model_root=str(tok_dir)) as stub:
         for label, rate in (("a", "inf"), ("b", "20")):
-            assert bench_main([
+            assert cli_main([
                 "bench", "serve", "--base-url", stub.base_url, "--num-prompts", "6",
                 "--random-input-len", "12", "--random-output-len", "3", "--request-rate", rate,
                 "--goodput", "ttft:500", "tpot:100", "--result-dir", str(out), "--label", label,
@@ -296,7 +296,7 @@ def test_cli_writes_json_and_png_and_compares_runs(tmp_path: Path, tok_dir: Path
     assert len(doc["requests"]) == 6 and doc["tokenizer"] == str(tok_dir)
     json.loads(jsons[0].read_text())  # strict JSON (no NaN / Infinity)
     fig = tmp_path / "compare.png"
-    assert bench_main(["bench", "serve-plot", *map(str, jsons), "--out", str(fig)]) == 0
+    assert cli_main(["bench", "serve-plot", *map(str, jsons), "--out", str(fig)]) == 0
     assert fig.stat().st_size > 10_000 and fig.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvflow.bench.cli import main as bench_main
+from kvflow.cli import main as cli_main
 
 
 def _report(path: Path, runs: list[tuple[str, str, float]]) -> Path:
@@ -28,7 +28,7 @@ def test_plot_writes_png_with_later_reports_winning(tmp_path: Path, monkeypatch)
                                           ("kvflow", "single", 30.0)])
     later = _report(tmp_path / "b.json", [("kvflow", "offline", 357.0)])
     out = tmp_path / "fig.png"
-    assert bench_main(["bench", "throughput-plot", str(first), str(later), "--out", str(out)]) == 0
+    assert cli_main(["bench", "throughput-plot", str(first), str(later), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert bars == [(["kvflow", "vllm"], [357.0, 270.0]), (["kvflow"], [30.0])]
 
@@ -37,4 +37,4 @@ def test_plot_rejects_other_reports(tmp_path: Path):
     other = tmp_path / "serve.json"
     other.write_text(json.dumps({"kind": "serve", "runs": []}))
     with pytest.raises(ValueError, match="not a `kvflow bench throughput` report"):
-        bench_main(["bench", "throughput-plot", str(other), "--out", str(tmp_path / "x.png")])
+        cli_main(["bench", "throughput-plot", str(other), "--out", str(tmp_path / "x.png")])

@@ -26,12 +26,13 @@ def free_port() -> int:
 class ServerProcess:
     """`kvflow serve` in its own session (process group), so no child can escape the checks."""
 
-    def __init__(self, model: Path, log_path: Path, *extra: str) -> None:
+    def __init__(self, model: Path, log_path: Path, *extra: str, entry: tuple[str, ...] = ("-m", "kvflow.cli")) -> None:
+        """`entry`: what follows the interpreter to run the `kvflow` command."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "KVFLOW_API_KEY": ""}
-        cmd = [sys.executable, "-m", "kvflow.cli", "serve", "--model", str(model), "--port", str(self.port),
+        cmd = [sys.executable, *entry, "serve", "--model", str(model), "--port", str(self.port),
                "--no-access-log", *ENGINE_ARGS, *extra]
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
