@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvflow.bench.attention import AttentionCase, available, run_case
-from kvflow.bench.cli import main
+from kvflow.cli import main
 
 
 @pytest.mark.parametrize("kind", ["prefill", "decode"])

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvflow.bench.cli import parse_backend_args, register
+from kvflow.bench.cli import parse_backend_args
 from kvflow.bench.fast_path_check import NEAR_TIE_NATS
 from kvflow.bench.limits import MachineLimits, measure_limits
 from kvflow.bench.make_model import SHAPES, llama_param_count, make_model, shape_params
 from kvflow.bench.throughput import BACKENDS, BackendUnavailable, make_prompts, run_throughput
 from kvflow.bench.throughput_report import format_table, run_many
+from kvflow.cli import build_parser
 from kvflow.cli import main as cli_main
 
 
@@ -172,8 +173,7 @@ def test_run_many_saves_json_and_table(
 
 
 def test_cli_parses_and_dispatches(tiny_model: Path, tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser(prog="kvflow")
-    register(parser.add_subparsers(dest="command"))
+    parser = build_parser("bench")
     args = parser.parse_args(
         ["bench", "throughput", "--model", "m", "--backend", "kvflow", "hf",
          "--workload", "offline", "single", "--backend-arg", "kvflow:max_num_seqs=64"]
