@@ -11,11 +11,11 @@ if TYPE_CHECKING:
     from kvflow.config import EngineConfig
     from kvflow.llm import LLM
     from kvflow.outputs import CompletionOutput, RequestOutput
-    from kvflow.sampling import SamplingParams
+    from kvflow.sampling_params import SamplingParams
 
 _LAZY = {
     "LLM": "kvflow.llm",
-    "SamplingParams": "kvflow.sampling",
+    "SamplingParams": "kvflow.sampling_params",
     "EngineConfig": "kvflow.config",
     "RequestOutput": "kvflow.outputs",
     "CompletionOutput": "kvflow.outputs",

@@ -177,12 +177,6 @@ class ModelConfig:
             eos_token_ids=tuple(int(e) for e in eos_ids),
         )
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes one token occupies in the KV cache across all layers (keys and values)."""
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
-
 
 def _sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, ...]:
     """Per-layer window, following each architecture's own convention."""
@@ -203,7 +197,7 @@ class CacheConfig:
     """Paged KV cache: block size, memory budget and prefix caching."""
 
     block_size: int = 16
-    # GiB for the KV cache; None = derived from free memory (see `kv_cache.default_kv_cache_bytes`).
+    # GiB for the KV cache; None = derived from free memory (see `worker/kv_budget.default_kv_cache_bytes`).
     kv_cache_memory: float | None = None
     # Exact block count, overriding the memory budget (tests use it to force preemption).
     num_blocks: int | None = None
@@ -218,6 +212,10 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
 
 
+# Waiting-queue policies (kvflow/core/policies.py defines one class per name).
+QUEUE_POLICIES = ("fcfs", "priority", "lpm")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching limits per engine step."""
@@ -226,14 +224,17 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"
+    # Prompt chunks and decodes share a step. Off: a step that can admit a waiting prompt computes
+    # prompts only and running decodes wait (vLLM v0's scheduler; DistServe's colocated baseline).
+    mixed_batching: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.policy not in ("fcfs", "priority"):
-            raise ValueError(f"policy must be one of fcfs, priority; got {self.policy!r}")
+        if self.policy not in QUEUE_POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(QUEUE_POLICIES)}; got {self.policy!r}")
 
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from kvflow.config import EngineConfig
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.outputs import RequestOutput
-from kvflow.sampling import SamplingParams
+from kvflow.sampling_params import SamplingParams
 
 Prompt = str | list[int] | Mapping[str, Any]
 Params = SamplingParams | Mapping[str, Any]

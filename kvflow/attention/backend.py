@@ -3,6 +3,8 @@
 The runner builds an `AttentionMetadata` once per step; every layer then calls
 `backend.forward(q, k, v, kv_cache, metadata, ...)`, which writes the new keys/values into their
 slots and attends over each sequence's paged context. The engine never knows which backend runs.
+What a cache block holds is the KV-cache spec's to say (kv_spec.py); a backend says which specs it
+can read (`supports`), and the runner allocates the caches from the spec.
 
 Token layout of a step: the first `num_decodes` sequences are decodes (one query token each),
 the remaining sequences are prefill chunks (any number of query tokens, after a cached or
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+
+from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 
 logger = logging.getLogger(__name__)
 
@@ -48,25 +52,11 @@ class AttentionMetadata:
         return self.num_seqs - self.num_decodes
 
 
-def allocate_paged_kv_cache(
-    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-    dtype: torch.dtype, device: torch.device,
-) -> list[torch.Tensor]:
-    """The head-major paged layout both built-in backends use, one tensor per layer:
-    [2 (keys, values), blocks, kv_heads, block_size, head_dim]. A block's rows for one kv head are
-    contiguous, and caches and KV transfers work with either backend."""
-    shape = (2, num_blocks, num_kv_heads, block_size, head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-
-
 class AttentionBackend(Protocol):
     name: str
 
-    def allocate_kv_cache(
-        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
-    ) -> list[torch.Tensor]:
-        """One tensor per layer; its layout is the backend's own (the engine only counts blocks)."""
+    def supports(self, spec: KVCacheSpec) -> bool:
+        """Whether this backend reads and writes caches of this spec (layout, components)."""
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         """Derive per-step helper tensors once, before the layers run."""
@@ -76,7 +66,7 @@ class AttentionBackend(Protocol):
         q: torch.Tensor,  # [T, num_heads, head_dim]
         k: torch.Tensor,  # [T, num_kv_heads, head_dim]
         v: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache: LayerKV,
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,

@@ -11,14 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvflow.attention.backend import AttentionMetadata, allocate_paged_kv_cache
+from kvflow.attention.backend import AttentionMetadata
+from kvflow.attention.kv_spec import KVCacheSpec
 
 
 class TorchNativeBackend:
     name = "torch_native"
     # Head-major blocks: a gathered block is [kv_heads, block_size, head_dim], ready for batched
     # matmuls with no transposing copy (see `_decode`).
-    allocate_kv_cache = staticmethod(allocate_paged_kv_cache)
+
+    @staticmethod
+    def supports(spec: KVCacheSpec) -> bool:
+        """Dense keys and values in the head-major paged layout."""
+        return spec.is_dense and spec.layout == "head_major"
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, meta: AttentionMetadata) -> None:

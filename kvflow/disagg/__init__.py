@@ -1,8 +1,8 @@
-"""Phase-disaggregated serving: prefill and decode instances, KV connectors, the router.
+"""Phase-disaggregated serving above the engine: the router, the deployment, the Ray launcher.
 
 One request: the router (`router.py`) sends it to a prefill instance and a decode instance at
-once. The prefill instance computes the prompt and the first token and keeps the KV blocks
-(`sender.py` serves them); the decode instance admits the request when it has blocks for it, pulls
-the KV into them (`receiver.py`), and streams the tokens back through the router. `wire.py` is
-the byte format both sides speak; `connector.py` is the engine's view of all of it.
+once. The prefill instance computes the prompt and the first token and keeps the KV blocks; the
+decode instance admits the request when it has blocks for it, pulls the KV into them, and streams
+the tokens back through the router. Moving the KV is the engine's business, through its KV
+connector (kvflow/kv_transfer/); this package only places instances and routes requests.
 """

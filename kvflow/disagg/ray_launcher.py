@@ -44,7 +44,7 @@ class EngineCoreActor:
     def run(self, config: EngineConfig, input_addr: str, output_addr: str) -> None:
         import ray
 
-        from kvflow.engine.core_client import run_engine_core
+        from kvflow.engine.core_process import run_engine_core
 
         if config.kv_transfer is not None:  # serve KV pulls on this node's address, reachable cluster-wide
             config = dataclasses.replace(config, kv_transfer=dataclasses.replace(

@@ -26,14 +26,15 @@ from typing import Any
 import msgspec
 
 from kvflow.config import EngineConfig, KVTransferConfig
+from kvflow.core.kv_cache_manager import PrefixCacheStats
+from kvflow.core.request import RequestStatus
 from kvflow.disagg.deployment import DeploymentSpec
 from kvflow.disagg.ray_launcher import RayCluster
-from kvflow.disagg.wire import KVTransferParams
 from kvflow.engine.core import EngineStats
-from kvflow.engine.core_client import CoreClient, CoreStats, CoreUnreachableError, EngineDeadError, StepOutputs
+from kvflow.engine.core_client import CoreClient, CoreUnreachableError, EngineDeadError
 from kvflow.engine.input_processor import CoreRequestSpec, InputProcessor
-from kvflow.engine.kv_cache import PrefixCacheStats
-from kvflow.engine.request import RequestStatus
+from kvflow.engine.messages import CoreStats, StepOutputs
+from kvflow.kv_transfer.wire import KVTransferParams
 from kvflow.server.async_engine import AsyncEngine
 from kvflow.server.metrics import ServerMetrics
 

@@ -1,7 +1,9 @@
 """EngineCore: the synchronous step loop over token ids (schedule -> execute -> update).
 
-It knows nothing of text: tokenisation, detokenisation and stop strings live in `LLMEngine`,
-so the core can later run in its own process and never stall on them.
+It knows nothing of text: tokenisation, detokenisation and stop strings live in `LLMEngine` and
+the server, so the core can run in its own process and never stall on them. It is given its KV
+connector (kvflow/kv_transfer/), if any, and reports what happened besides its outputs through
+`drain_events`.
 """
 
 from __future__ import annotations
@@ -9,19 +11,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from kvflow.config import EngineConfig
-from kvflow.engine.kv_cache import KVCacheManager
-from kvflow.engine.request import Request, RequestStatus, TokenLogprobs
-from kvflow.engine.scheduler import Scheduler, SchedulerOutput
-from kvflow.model.runner import ModelRunner, RunnerOutput
-from kvflow.sampler import advance_generator
-
-if TYPE_CHECKING:
-    from kvflow.disagg.connector import KVConnector
+from kvflow.core.kv_cache_manager import KVCacheManager
+from kvflow.core.request import Request, RequestStatus
+from kvflow.core.scheduler import Scheduler, SchedulerEvents, SchedulerOutput
+from kvflow.kv_transfer.base import KVConnector
+from kvflow.worker.model_runner import ModelRunner
+from kvflow.worker.sampler import advance_generator
+from kvflow.worker.step import RunnerOutput, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -57,21 +57,20 @@ class EngineStats:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, connector: KVConnector | None = None) -> None:
+        """`connector`: moves KV in and out besides the model (kvflow/kv_transfer/base.py); the
+        engine registers its caches with it and calls it from the scheduler and the runner."""
         self.config = config
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config)
         self.kv = KVCacheManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.connector: KVConnector | None = None
-        if config.kv_transfer is not None:
-            from kvflow.disagg.connector import KVConnector
-
-            self.connector = KVConnector(config.kv_transfer, self.runner.kv_caches)
-            if self.connector.streams_layers:  # only then does a step need to report its layers
-                self.runner.connector = self.connector
-        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len, self.connector)
+        self.connector = connector
+        if connector is not None:
+            connector.register_kv_caches(self.runner.kv_spec, self.runner.kv_caches)
+            self.runner.step_hooks = connector
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len, connector)
         self.num_steps = 0
         # Keep what each step computed for the step log of `kvflow serve --step-log` (which
         # `kvflow profile --serve` fits latency models to).
@@ -85,7 +84,7 @@ class EngineCore:
                       stop_reason: int | str | None = None) -> bool:
         request = self.scheduler.finish_request(request_id, status)
         if request is None and self.connector is not None:
-            self.connector.drop_transfer(request_id)  # finished here, KV not pulled yet: free it now
+            self.connector.forget(request_id)  # finished here, its blocks still held: free them now
         if request is not None and stop_reason is not None:
             request.stop_reason = stop_reason
         return request is not None
@@ -95,7 +94,7 @@ class EngineCore:
 
     @property
     def transfers_pending(self) -> bool:
-        """KV transfers in flight: the loop should keep calling `step` (cheap when nothing runs)."""
+        """KV moving in or out: the loop should keep calling `step` (cheap when nothing runs)."""
         return self.connector is not None and self.connector.busy
 
     def step(self) -> list[EngineCoreOutput]:
@@ -105,28 +104,29 @@ class EngineCore:
             return outputs
         if self.record_shapes:
             self.last_shape = self._step_shape(sched)
-        result = self.runner.execute(sched)
-        new_prompt_logprobs = self._record_logprobs(sched, result)
-        self.scheduler.update(sched, result.sampled)
+        result = self.runner.execute(sched.chunks)
+        new_prompt_logprobs = self._record_prompt_logprobs(sched, result)
+        kept = self.scheduler.update(sched, result)
         self.num_steps += 1
         now = time.monotonic()
 
         for chunk in sched.chunks:
             request = chunk.request
+            assert isinstance(request, Request)
             rid = request.request_id
-            token = result.sampled.get(rid)
+            num_new = kept.get(rid, 0)
             prompt_lps = new_prompt_logprobs.get(rid)
-            if token is None and prompt_lps is None and not request.finished:
+            if not num_new and prompt_lps is None and not request.finished:
                 continue
             out = EngineCoreOutput(rid, num_cached_tokens=request.num_cached_tokens)
             if prompt_lps is not None:
                 out.new_prompt_logprobs = prompt_lps
-            if token is not None:
+            if num_new:
                 if request.first_token_time is None:
                     request.first_token_time = now
-                out.new_token_ids.append(token)
+                out.new_token_ids = result.sampled[rid][:num_new]
                 if rid in result.logprobs:
-                    out.new_logprobs.append(result.logprobs[rid])
+                    out.new_logprobs = result.logprobs[rid][:num_new]
             if request.finished:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason
@@ -144,15 +144,14 @@ class EngineCore:
                 chunks.append((chunk.num_tokens, chunk.start))
         return chunks, contexts
 
-    def _record_logprobs(self, sched: SchedulerOutput, result: RunnerOutput) -> dict[str, list[TokenLogprobs | None]]:
-        """Keep this step's logprobs on the requests before `update` finishes them, so a prefill
-        instance ships them with the KV; returns each request's new prompt entries (token 0's is None)."""
+    def _record_prompt_logprobs(self, sched: SchedulerOutput,
+                                result: RunnerOutput) -> dict[str, list[TokenLogprobs | None]]:
+        """Keep this step's prompt logprobs on the requests before `update` finishes them, so a connector
+        sees them with the request (a prefill instance ships them with the KV); returns each request's
+        new prompt entries (token 0's is None)."""
         new_prompt: dict[str, list[TokenLogprobs | None]] = {}
         for chunk in sched.chunks:
             request = chunk.request
-            lp = result.logprobs.get(request.request_id)
-            if lp is not None and request.status == RequestStatus.RUNNING:
-                request.output_logprobs.append(lp)
             prompt_lps = result.prompt_logprobs.get(request.request_id)
             if prompt_lps is not None:
                 entries: list[TokenLogprobs | None] = [] if request.prompt_logprobs else [None]
@@ -180,6 +179,11 @@ class EngineCore:
                 out.stop_reason = request.stop_reason
             outputs.append(out)
         return outputs
+
+    def drain_events(self) -> SchedulerEvents:
+        """What happened besides the step outputs since the last call: blocks released outside a
+        step, KV loads finished, outgoing KV transfers acknowledged."""
+        return self.scheduler.drain_events()
 
     def stats(self) -> EngineStats:
         return EngineStats(

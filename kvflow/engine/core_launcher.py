@@ -54,7 +54,7 @@ class LocalCoreLauncher(CoreLauncher):
         self._watched = False
 
     def start(self, config: EngineConfig, input_addr: str, output_addr: str) -> None:
-        from kvflow.engine.core_client import run_engine_core
+        from kvflow.engine.core_process import run_engine_core
 
         spawn = multiprocessing.get_context("spawn")
         self._process = spawn.Process(target=run_engine_core, name="kvflow-engine-core", daemon=True,

@@ -16,10 +16,10 @@ from typing import Any
 import msgspec
 
 from kvflow.config import EngineConfig
-from kvflow.disagg.wire import KVTransferParams
-from kvflow.engine.request import Request
+from kvflow.core.request import Request
+from kvflow.kv_transfer.wire import KVTransferParams
 from kvflow.model.loader import eos_token_ids, load_generation_config
-from kvflow.sampling import SamplingParams
+from kvflow.sampling_params import SamplingParams
 
 # Generation-config keys that become default sampling parameters (as vLLM does).
 _GENERATION_DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")

@@ -14,13 +14,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvflow.config import EngineConfig
+from kvflow.core.request import RequestStatus
 from kvflow.engine.core import EngineCore, EngineStats
 from kvflow.engine.input_processor import InputProcessor, build_core_requests
 from kvflow.engine.output_processor import OutputProcessor
-from kvflow.engine.request import RequestStatus
 from kvflow.model.loader import load_tokenizer
 from kvflow.outputs import RequestOutput
-from kvflow.sampling import SamplingParams
+from kvflow.sampling_params import SamplingParams
 
 
 class LLMEngine:

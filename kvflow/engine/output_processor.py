@@ -16,11 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvflow.detokenizer import IncrementalDetokenizer
+from kvflow.core.request import RequestStatus
 from kvflow.engine.core import EngineCoreOutput
-from kvflow.engine.request import RequestStatus, TokenLogprobs
+from kvflow.engine.detokenizer import IncrementalDetokenizer
 from kvflow.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from kvflow.sampling import SamplingParams
+from kvflow.sampling_params import SamplingParams
+from kvflow.worker.step import TokenLogprobs
 
 
 class OutputKind(enum.Enum):
@@ -152,19 +153,24 @@ class OutputProcessor:
         if out.new_prompt_logprobs and state.prompt_logprobs is not None and seq.index == 0:
             state.prompt_logprobs.extend(self._position_logprobs(lp) for lp in out.new_prompt_logprobs)
         state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
-        if out.new_token_ids and state.first_token_time is None:
+        new_ids, new_lps = out.new_token_ids, out.new_logprobs
+        if new_ids and state.first_token_time is None:
             state.first_token_time = time.monotonic()
-        seq.token_ids.extend(out.new_token_ids)
-        for lp in out.new_logprobs:
-            seq.cumulative_logprob += lp.logprob
-            if seq.logprobs is not None:
-                seq.logprobs.append(self._position_logprobs(lp))
         finish, stop_reason, hit = out.finish_reason, out.stop_reason, None
-        if seq.detokenizer is not None and out.new_token_ids:
-            stop = seq.detokenizer.update(out.new_token_ids)
+        if seq.detokenizer is not None and new_ids:
+            before = len(seq.detokenizer.output_token_ids)
+            stop = seq.detokenizer.update(new_ids)
             if stop is not None:  # wins over a length / EOS finish in the same step
                 hit = stop if finish is None else None  # the core only needs telling if still running
                 finish, stop_reason = RequestStatus.FINISHED_STOPPED.finish_reason, stop
+                # A step that produced several tokens ends at the one that completed the stop string.
+                consumed = len(seq.detokenizer.output_token_ids) - before
+                new_ids, new_lps = new_ids[:consumed], new_lps[:consumed]
+        seq.token_ids.extend(new_ids)
+        for lp in new_lps:
+            seq.cumulative_logprob += lp.logprob
+            if seq.logprobs is not None:
+                seq.logprobs.append(self._position_logprobs(lp))
         if finish is not None:
             seq.finish_reason, seq.stop_reason = finish, stop_reason
             if seq.detokenizer is not None:

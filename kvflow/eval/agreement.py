@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from kvflow.sampling import SamplingParams
+from kvflow.sampling_params import SamplingParams
 
 
 def engine_argmax(llm: Any, prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], float]:

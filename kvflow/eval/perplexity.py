@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kvflow.sampling import SamplingParams
+from kvflow.sampling_params import SamplingParams
 
 # prompts (token ids) -> for each prompt, the log-probability of prompt[i] for i = 1 .. len - 1
 ScoreFn = Callable[[list[list[int]]], list[list[float]]]

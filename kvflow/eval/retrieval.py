@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from kvflow.sampling import SamplingParams
+from kvflow.sampling_params import SamplingParams
 from kvflow.train.synthetic import RetrievalSample, RetrievalTasks, parse_answer
 
 # (prompts as token ids, max new tokens per prompt) -> generated text per prompt

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvflow.config import EngineConfig
-from kvflow.engine.core_client import CoreClient, EngineDeadError, StepOutputs
+from kvflow.core.request import RequestStatus
+from kvflow.engine.core_client import CoreClient, EngineDeadError
 from kvflow.engine.input_processor import CoreRequestSpec, InputProcessor
+from kvflow.engine.messages import StepOutputs
 from kvflow.engine.output_processor import OutputKind, OutputProcessor
-from kvflow.engine.request import RequestStatus
 from kvflow.outputs import RequestOutput
-from kvflow.sampling import SamplingParams
+from kvflow.sampling_params import SamplingParams
 from kvflow.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)

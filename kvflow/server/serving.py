@@ -15,7 +15,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from kvflow.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from kvflow.sampling import SamplingParams
+from kvflow.sampling_params import SamplingParams
 from kvflow.server.async_engine import AsyncEngine, RequestStream
 from kvflow.server.errors import APIError, error_body, to_api_error
 from kvflow.server.protocol import SamplingFields

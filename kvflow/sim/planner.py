@@ -20,6 +20,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvflow.disagg.deployment import DeploymentSpec
+from kvflow.disagg.deployment import InstanceSpec as DeployedInstance
 from kvflow.sim.analytical import InstanceProfile, profile_instance
 from kvflow.sim.goodput import GoodputResult, Slo, Workload, max_goodput
 from kvflow.sim.hardware import Hardware
@@ -217,3 +219,32 @@ def best(options: list[Option], objective: str) -> Option:
     if not options:
         raise ValueError("no deployment fits: the model's weights do not fit the devices allowed")
     return max(options, key=lambda o: o.score(objective))
+
+
+ALGORITHMS = ("colocated", "high-affinity", "low-affinity")
+
+
+def plan(ctx: PlanContext, nodes: int, algorithms: tuple[str, ...], objective: str,
+         phase_candidates: int = 2) -> tuple[Option, list[Option]]:
+    """Simulate the candidate units; return the best by `objective` and all of them."""
+    unit = ctx.gpus_per_node
+    options: list[Option] = []
+    if "colocated" in algorithms:
+        options += colocated_options(ctx, ctx.prefill_hw, unit)
+    if "high-affinity" in algorithms:
+        options += high_affinity_options(ctx, unit, top=phase_candidates)
+    # Low affinity shares a node between the phases, so it needs one kind of device.
+    if "low-affinity" in algorithms and ctx.prefill_hw == ctx.decode_hw:
+        options += low_affinity_options(ctx, max_pp=nodes)
+    return best(options, objective), options
+
+
+def deployment_file(option: Option, units: int, cpus_per_instance: float = 8.0) -> dict[str, Any] | None:
+    """The chosen plan as `kvflow serve --deployment` JSON (None for a colocated plan)."""
+    if option.prefill is None or option.decode is None:
+        return None
+    unit = ([DeployedInstance("prefill", cpus_per_instance, option.prefill.devices)] * option.num_prefill
+            + [DeployedInstance("decode", cpus_per_instance, option.decode.devices)] * option.num_decode)
+    # Low affinity: a unit's prefill and decode segments must share nodes (KV over NVLink).
+    strategy = "STRICT_PACK" if option.kind == "low-affinity" and units == 1 else "PACK"
+    return DeploymentSpec(tuple(unit * units), strategy).to_dict()

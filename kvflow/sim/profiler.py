@@ -72,8 +72,8 @@ class _Driver:
         self.ids = itertools.count()
 
     def _request(self, length: int, max_tokens: int) -> Any:
-        from kvflow.engine.request import Request
-        from kvflow.sampling import SamplingParams
+        from kvflow.core.request import Request
+        from kvflow.sampling_params import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         tokens = self.rng.integers(0, self.vocab, size=length).tolist()

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvflow.bench.cli import parse_backend_args
 from kvflow.bench.fast_path_check import NEAR_TIE_NATS
 from kvflow.bench.limits import MachineLimits, measure_limits
 from kvflow.bench.make_model import SHAPES, llama_param_count, make_model, shape_params
@@ -18,6 +17,7 @@ from kvflow.bench.throughput import BACKENDS, BackendUnavailable, make_prompts, 
 from kvflow.bench.throughput_report import format_table, run_many
 from kvflow.cli import build_parser
 from kvflow.cli import main as cli_main
+from kvflow.cli.bench import parse_backend_args
 
 
 def _kvflow_llm_importable() -> bool:

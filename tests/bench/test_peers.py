@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from kvflow.bench.cli import parse_python_args
 from kvflow.bench.limits import MachineLimits
 from kvflow.bench.make_model import make_model
 from kvflow.bench.peers import measure_peer, peer_python
@@ -25,6 +24,7 @@ from kvflow.bench.peers.to_gguf import ensure_gguf, gguf_cache_path
 from kvflow.bench.throughput import BackendUnavailable, plan_prompts, run_throughput
 from kvflow.bench.throughput_report import run_many
 from kvflow.cli import main as cli_main
+from kvflow.cli.bench import parse_python_args
 
 LIMITS = MachineLimits(bf16_gflops=100.0, fp32_gflops=50.0, mem_bw_gbs=10.0, threads=1, gemm_n=64, bw_mib=1)
 

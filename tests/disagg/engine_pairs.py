@@ -9,18 +9,19 @@ import time
 from pathlib import Path
 
 from kvflow.config import EngineConfig, KVTransferConfig
+from kvflow.core.request import Request
 from kvflow.disagg.router import instance_specs
 from kvflow.engine.core import EngineCore, EngineCoreOutput
 from kvflow.engine.input_processor import CoreRequestSpec, build_core_requests
-from kvflow.engine.request import Request
-from kvflow.sampling import SamplingParams
+from kvflow.kv_transfer.base import make_connector
+from kvflow.sampling_params import SamplingParams
 
 
 def make_core(model: Path, transfer: KVTransferConfig | None = None, **engine: object) -> EngineCore:
     args = dict(dtype="float32", block_size=4, num_blocks=96, max_model_len=128)
     args.update(engine)
     config = EngineConfig.create(str(model), **args)
-    return EngineCore(dataclasses.replace(config, kv_transfer=transfer))
+    return EngineCore(dataclasses.replace(config, kv_transfer=transfer), make_connector(transfer))
 
 
 def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:

@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 import torch
 
 from kvflow.config import KVTransferConfig
-from kvflow.disagg.kv_layout import gather_layer, scatter_layer
 from kvflow.engine.core import EngineCore, EngineCoreOutput
 from kvflow.engine.input_processor import CoreRequestSpec, InputProcessor, build_core_requests
-from kvflow.engine.request import TokenLogprobs
-from kvflow.sampler import Sampler, SamplingBatch, advance_generator
-from kvflow.sampling import SamplingParams
+from kvflow.sampling_params import SamplingParams
+from kvflow.worker.sampler import Sampler, SamplingBatch, advance_generator
+from kvflow.worker.step import TokenLogprobs
 from tests.disagg.engine_pairs import assert_all_blocks_free, drive, make_core, prompts, submit_group
 
 ATOL = 1e-5  # logprobs: the same fp32 computation, batched differently
@@ -125,7 +124,7 @@ def test_n_group_with_seed_equals_colocated(llama_dir):
     leader, *siblings = [spec.request_id for spec in groups[0]]
     assert len({tuple(expected[rid].tokens) for rid in (leader, *siblings)}) == 3  # a seed each
     # Siblings share the leader's loaded prompt blocks (28 of 30 tokens) and pull only the rest.
-    payload = {rid: nbytes for rid, nbytes, _, _ in decode.scheduler.transfer_records}
+    payload = {load.request_id: load.payload_bytes for load in decode.drain_events().loads}
     assert all(payload[s] == payload[leader] * 2 // 30 for s in siblings), payload
     prefill.close()
     decode.close()
@@ -144,17 +143,3 @@ def test_prompt_logprobs_equal_colocated(llama_dir):
     assert_same(run_disaggregated(prefill, decode, groups), expected)
     prefill.close()
     decode.close()
-
-
-def test_partial_layers_from_any_start():
-    """A sibling's pull starts at a decode-side block boundary, anywhere in a prefill-side block."""
-    torch.manual_seed(0)
-    src = torch.randn(2, 10, 3, 4, 8)  # [2, blocks, heads, block_size, dim]
-    whole = gather_layer(src, [7, 2, 5, 9], 14)
-    for start in range(15):
-        part = gather_layer(src, [7, 2, 5, 9], 14, start)
-        torch.testing.assert_close(part, whole[:, :, start:], rtol=0, atol=0)
-        dst = torch.zeros(2, 12, 3, 8, 8)
-        scatter_layer(dst, [11, 0], part, start)
-        torch.testing.assert_close(gather_layer(dst, [11, 0], 14, start), part, rtol=0, atol=0)
-        assert not gather_layer(dst, [11, 0], start).any()  # the shared slots are left alone

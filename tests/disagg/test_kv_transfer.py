@@ -5,10 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from kvflow.config import KVTransferConfig
-from kvflow.disagg.kv_layout import gather_layer, scatter_layer
 from tests.disagg.engine_pairs import (
     assert_all_blocks_free,
     drive,
@@ -47,7 +45,7 @@ def test_bytes_per_request_match_the_kv_size(llama_dir, transport):
     for i, ids in enumerate(batch):
         submit(prefill, decode, f"r{i}", ids, greedy(2))
     drive(prefill, decode)
-    records = {rid: (payload, wire) for rid, payload, wire, _ in decode.scheduler.transfer_records}
+    records = {load.request_id: (load.payload_bytes, load.wire_bytes) for load in decode.drain_events().loads}
     cfg = decode.config.model
     for i, ids in enumerate(batch):
         payload, wire = records[f"r{i}"]
@@ -73,8 +71,9 @@ def test_layerwise_streaming_overlaps_transfer_with_compute(llama_dir):
             time.sleep(delay)  # a model whose layers take `delay` each
             slow(layer)
 
-        prefill.runner.connector = prefill.connector  # whole mode too: both modes pay the per-layer delay
-        prefill.runner.connector.layer_done = computed
+        assert prefill.runner.step_hooks is prefill.connector
+        prefill.connector.layer_done = computed
+        # Whole mode too: both modes pay the per-layer delay.
         prefill.connector.begin_step = _always_hooked(prefill.connector.begin_step)
         submit(prefill, decode, "r0", prompts([20])[0], greedy(2))
         start, firsts = time.monotonic(), {}
@@ -90,9 +89,9 @@ def test_layerwise_streaming_overlaps_transfer_with_compute(llama_dir):
 def _always_hooked(begin_step):
     """Report every layer even in whole-request mode, so both modes pay the same compute delay."""
 
-    def begin(producers):
-        begin_step(producers)
-        return bool(producers)
+    def begin(chunks):
+        begin_step(chunks)
+        return bool(chunks)
 
     return begin
 
@@ -182,16 +181,3 @@ def test_abort_while_receiving_frees_blocks_after_the_load_stops(llama_dir):
     assert_all_blocks_free(prefill, decode)
     prefill.close()
     decode.close()
-
-
-def test_gather_scatter_roundtrip_across_block_sizes():
-    torch.manual_seed(0)
-    src = torch.randn(2, 10, 3, 4, 8)  # [2, blocks, heads, block_size, dim]
-    dst = torch.zeros(2, 12, 3, 8, 8)
-    layer = gather_layer(src, [7, 2, 5, 9], 14)
-    assert layer.shape == (2, 3, 14, 8)
-    scatter_layer(dst, [11, 0], layer)
-    again = gather_layer(dst, [11, 0], 14)
-    torch.testing.assert_close(again, layer, rtol=0, atol=0)
-    expected = torch.cat([src[:, b] for b in (7, 2, 5, 9)], dim=2)[:, :, :14]  # naive reference
-    torch.testing.assert_close(layer, expected, rtol=0, atol=0)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from kvflow.config import EngineConfig
 from kvflow.engine.llm_engine import LLMEngine
-from kvflow.sampling import SamplingParams
+from kvflow.sampling_params import SamplingParams
 
 add = st.tuples(
     st.just("add"),

@@ -291,7 +291,7 @@ def test_build_folder_changes_with_source_flags_and_cpu(monkeypatch):
 def test_long_prefill_chunks_take_the_modules_and_decodes_the_cpp_forward(tiny_models, monkeypatch):
     """A step with a chunk over CPU_FORWARD_MAX_CHUNK tokens runs the modules; both paths share the
     KV cache, so the C++ decodes that follow see the modules' keys and values (fp32: same tokens)."""
-    from kvflow.model import runner as runner_mod
+    from kvflow.worker import model_runner as runner_mod
 
     monkeypatch.setattr(runner_mod, "CPU_FORWARD_MAX_CHUNK", 64)  # the real limit is past this model's context
     prompt = [(7 * i) % 400 + 3 for i in range(runner_mod.CPU_FORWARD_MAX_CHUNK + 40)]

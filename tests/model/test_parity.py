@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvflow import LLM, SamplingParams
-from kvflow.sampler import Sampler
+from kvflow.worker.sampler import Sampler
 from tests.model_utils import ARCHITECTURES, hf_greedy, load_hf
 
 MAX_TOKENS = 10

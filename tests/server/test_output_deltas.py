@@ -6,7 +6,7 @@ import pytest
 
 from kvflow.engine.core import EngineCoreOutput
 from kvflow.engine.output_processor import OutputKind, OutputProcessor
-from kvflow.sampling import SamplingParams
+from kvflow.sampling_params import SamplingParams
 from tests.tokenizer_utils import make_tokenizer
 
 TEXT = "Hello world! Le café est très bon à Paris. 你好，世界！ 🚀 The end."

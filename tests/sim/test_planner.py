@@ -13,8 +13,15 @@ from kvflow.sim.hardware import get_hardware
 from kvflow.sim.instance import InstanceSpec
 from kvflow.sim.latency import Fit, LatencyModel
 from kvflow.sim.model_shape import ModelShape
-from kvflow.sim.plan_cli import deployment_file
-from kvflow.sim.planner import Layout, PlanContext, best, colocated_options, high_affinity_options, low_affinity_options
+from kvflow.sim.planner import (
+    Layout,
+    PlanContext,
+    best,
+    colocated_options,
+    deployment_file,
+    high_affinity_options,
+    low_affinity_options,
+)
 from kvflow.sim.simulator import Deployment
 from kvflow.sim.workload import poisson_requests
 

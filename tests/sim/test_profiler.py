@@ -12,7 +12,7 @@ from kvflow.cli import main
 from kvflow.config import EngineConfig
 from kvflow.sim.profile_io import load_profile
 from kvflow.sim.profiler import ProfileGrid, Sample, fit_samples, profile_engine
-from kvflow.sim.simulate_cli import build_deployment, result_doc
+from kvflow.sim.runs import build_deployment, result_doc
 from kvflow.sim.simulator import Simulator
 from kvflow.sim.workload import poisson_requests
 

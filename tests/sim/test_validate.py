@@ -12,7 +12,7 @@ from kvflow.cli import main
 from kvflow.sim.analytical import InstanceProfile
 from kvflow.sim.latency import Fit, LatencyModel
 from kvflow.sim.profile_io import EngineSettings, Profile
-from kvflow.sim.simulate_cli import build_deployment, result_doc
+from kvflow.sim.runs import build_deployment, result_doc
 from kvflow.sim.simulator import Simulator
 from kvflow.sim.validate import ValidationReport, errors, figures, stream_key
 from kvflow.sim.workload import poisson_requests

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kvflow.attention.backend import AttentionMetadata, allocate_paged_kv_cache
+from kvflow.attention.backend import AttentionMetadata
+from kvflow.attention.kv_spec import KVCacheSpec
 from kvflow.attention.triton.decode import decode_attention
 from kvflow.attention.triton.kv_store import store_kv
 from kvflow.attention.triton.prefill import prefill_attention
@@ -13,7 +14,11 @@ from kvflow.attention.triton.prefill import prefill_attention
 
 class TritonBackend:
     name = "triton"
-    allocate_kv_cache = staticmethod(allocate_paged_kv_cache)  # the torch-native layout
+
+    @staticmethod
+    def supports(spec: KVCacheSpec) -> bool:
+        """Dense keys and values in the head-major paged layout."""
+        return spec.is_dense and spec.layout == "head_major"
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """The longest decode context, from the Python list (no device sync per layer); the split

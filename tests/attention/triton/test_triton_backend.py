@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from kvflow.attention.backend import AttentionMetadata  # noqa: E402
+from kvflow.attention.kv_spec import KVCacheSpec  # noqa: E402
 from kvflow.attention.torch_native import TorchNativeBackend  # noqa: E402
 from kvflow.attention.triton import TritonBackend  # noqa: E402
 
@@ -63,9 +64,9 @@ def test_forward_matches_torch_native(device, seqs, num_decodes, window, dtype):
     q, k, v = (torch.randn(num_tokens, h, head_dim, generator=gen).to(dtype).to(device)
                for h in (num_heads, num_kv_heads, num_kv_heads))
     native, triton_backend = TorchNativeBackend(), TritonBackend()
-    cache = triton_backend.allocate_kv_cache(1, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)[0]
-    assert cache.shape == native.allocate_kv_cache(1, num_blocks, block_size, num_kv_heads, head_dim, dtype,
-                                                   device)[0].shape
+    spec = KVCacheSpec.dense(1, num_kv_heads, head_dim, block_size, dtype)
+    assert triton_backend.supports(spec) and native.supports(spec)  # both read the same layout
+    cache = spec.allocate(num_blocks, device)[0]
     cache.copy_(torch.randn(cache.shape, generator=gen).to(dtype))  # the cached prefixes (and junk elsewhere)
     cache_native, cache_triton = cache.clone(), cache.clone()
     native.prepare(meta_native)

@@ -1,0 +1,185 @@
+"""The KV-cache spec: the one statement of what a KV block holds.
+
+A block holds `block_size` tokens of every layer's keys and values. Each layer's cache is one tensor
+per *component* in the head-major paged layout
+
+    [2 (keys, values), num_blocks, num_kv_heads, block_size, width]
+
+where a component is what is stored per token and kv head: the keys and values themselves (a
+dense cache: one component "kv" of the model's dtype, width head_dim), or, for a quantised cache,
+codes plus their scales (and zero points), each a component of its own dtype and width. A block's
+rows for one kv head are contiguous, which the attention kernels rely on (torch-native, Triton, and
+the C++ CPU kernel, which is built on the dense head-major layout).
+
+Everything that needs to know the layout asks this spec: the memory budget (bytes per token and
+per block, hence the number of blocks), allocation, the attention backends (which say which specs
+they support) and KV transfer, which moves a request's tokens with `gather` / `scatter` in a
+per-token wire layout independent of the block size, so two instances may page differently.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: The layouts a spec can describe. Head-major: [2, blocks, kv_heads, block_size, width].
+KV_LAYOUTS = ("head_major",)
+
+#: A layer's cache: one tensor for a dense spec, one tensor per component otherwise.
+LayerKV = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class KVComponent:
+    """What a block stores per token and kv head, for keys and values alike."""
+
+    name: str  # "kv" for a dense cache; e.g. "codes", "scales" for a quantised one
+    dtype: torch.dtype
+    width: int  # elements per token and kv head: head_dim for the keys/values, 1 for a per-token scale
+
+    @property
+    def bytes_per_head(self) -> int:
+        """Bytes per token and kv head, for keys or for values."""
+        return self.width * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    components: tuple[KVComponent, ...]
+    layout: str = "head_major"
+
+    def __post_init__(self) -> None:
+        if min(self.num_layers, self.num_kv_heads, self.head_dim, self.block_size) < 1:
+            raise ValueError(f"a KV cache needs >= 1 layer, kv head, head_dim and block size, got {self}")
+        if not self.components or len({c.name for c in self.components}) != len(self.components):
+            raise ValueError("a KV cache spec needs at least one component, each with its own name")
+        if self.layout not in KV_LAYOUTS:
+            raise ValueError(f"KV layout must be one of {KV_LAYOUTS}, got {self.layout!r}")
+
+    @classmethod
+    def dense(cls, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+              dtype: torch.dtype) -> KVCacheSpec:
+        """Keys and values stored as they are computed, in `dtype`."""
+        return cls(num_layers, num_kv_heads, head_dim, block_size, (KVComponent("kv", dtype, head_dim),))
+
+    @property
+    def is_dense(self) -> bool:
+        return len(self.components) == 1 and self.components[0].name == "kv"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of a dense cache (the model's keys and values as stored)."""
+        if not self.is_dense:
+            raise ValueError("a quantised KV cache has no single dtype; ask its components")
+        return self.components[0].dtype
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def bytes_per_token_per_layer(self) -> int:
+        """Bytes one token occupies in one layer (keys and values, every component)."""
+        return 2 * self.num_kv_heads * sum(c.bytes_per_head for c in self.components)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies across all layers: what the memory budget divides."""
+        return self.num_layers * self.bytes_per_token_per_layer
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.block_size * self.bytes_per_token
+
+    def num_blocks(self, budget_bytes: int) -> int:
+        """The most whole blocks a budget holds."""
+        return max(0, budget_bytes // self.bytes_per_block)
+
+    # -------------------------------------------------------------- allocation
+    def shape(self, component: KVComponent, num_blocks: int) -> tuple[int, ...]:
+        return (2, num_blocks, self.num_kv_heads, self.block_size, component.width)
+
+    def allocate(self, num_blocks: int, device: torch.device | str) -> list[LayerKV]:
+        """Zeroed caches for every layer: a tensor per layer (dense), else a tuple per layer."""
+        caches: list[LayerKV] = []
+        for _ in range(self.num_layers):
+            parts = tuple(torch.zeros(self.shape(c, num_blocks), dtype=c.dtype, device=device)
+                          for c in self.components)
+            caches.append(parts[0] if self.is_dense else parts)
+        return caches
+
+    def parts(self, layer: LayerKV) -> tuple[torch.Tensor, ...]:
+        """A layer's component tensors, in the spec's order."""
+        parts = (layer,) if isinstance(layer, torch.Tensor) else tuple(layer)
+        if len(parts) != len(self.components):
+            raise ValueError(f"a layer cache has {len(parts)} tensors; the spec has {len(self.components)} components")
+        return parts
+
+    def num_blocks_of(self, layer: LayerKV) -> int:
+        return self.parts(layer)[0].shape[1]
+
+    # ------------------------------------------------------- per-token transfer
+    @property
+    def wire_format(self) -> str:
+        """What two instances must agree on to exchange KV (block sizes may differ): the components'
+        names, dtypes and widths, per layer and kv head."""
+        comps = ",".join(f"{c.name}:{str(c.dtype).removeprefix('torch.')}:{c.width}" for c in self.components)
+        return f"{self.num_layers}x{self.num_kv_heads}x{self.head_dim}/{comps}"
+
+    def wire_nbytes(self, num_tokens: int) -> int:
+        """Bytes of one layer's tokens on the wire."""
+        return num_tokens * self.bytes_per_token_per_layer
+
+    def gather(self, layer: LayerKV, block_ids: list[int], num_tokens: int, start: int = 0) -> torch.Tensor:
+        """Slots [start, num_tokens) of `block_ids` in one layer, as raw bytes: per component, in the
+        spec's order, a contiguous [2, kv_heads, tokens, width] array."""
+        chunks = [_gather_tokens(part, block_ids, num_tokens, start).view(torch.uint8).reshape(-1)
+                  for part in self.parts(layer)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def scatter(self, layer: LayerKV, block_ids: list[int], data: torch.Tensor, start: int = 0) -> None:
+        """Write `gather`'s bytes for tokens [start, start + T) into `block_ids` (other slots untouched)."""
+        num_tokens = data.numel() // self.bytes_per_token_per_layer
+        if num_tokens * self.bytes_per_token_per_layer != data.numel():
+            raise ValueError(f"{data.numel()} bytes are not a whole number of tokens of this KV cache")
+        offset = 0
+        for component, part in zip(self.components, self.parts(layer)):
+            nbytes = 2 * self.num_kv_heads * num_tokens * component.bytes_per_head
+            raw = data[offset:offset + nbytes]
+            offset += nbytes
+            tokens = raw.view(component.dtype).view(2, self.num_kv_heads, num_tokens, component.width)
+            _scatter_tokens(part, block_ids, tokens, start)
+
+
+def _gather_tokens(cache: torch.Tensor, block_ids: list[int], num_tokens: int, start: int) -> torch.Tensor:
+    """Slots [start, num_tokens) of `block_ids` as one contiguous [2, H, T, W] tensor."""
+    _, _, heads, block_size, width = cache.shape
+    first = start // block_size
+    n_blocks = max(0, math.ceil(num_tokens / block_size) - first)
+    ids = torch.tensor(block_ids[first:first + n_blocks], dtype=torch.long, device=cache.device)
+    blocks = cache.index_select(1, ids)  # [2, nb, H, bs, W]
+    tokens = blocks.permute(0, 2, 1, 3, 4).reshape(2, heads, n_blocks * block_size, width)
+    offset = first * block_size
+    return tokens[:, :, start - offset:num_tokens - offset].contiguous()
+
+
+def _scatter_tokens(cache: torch.Tensor, block_ids: list[int], tokens: torch.Tensor, start: int) -> None:
+    """Write [2, H, T, W] tokens into slots [start, start + T) of `block_ids`."""
+    _, _, heads, block_size, width = cache.shape
+    first, skip = divmod(start, block_size)
+    block_ids = block_ids[first:]
+    if skip and tokens.shape[2]:  # the head of a block another request's tokens fill
+        head = min(block_size - skip, tokens.shape[2])
+        cache[:, block_ids[0], :, skip:skip + head] = tokens[:, :, :head]
+        tokens, block_ids = tokens[:, :, head:], block_ids[1:]
+    num_tokens = tokens.shape[2]
+    full, rest = divmod(num_tokens, block_size)
+    if full:
+        ids = torch.tensor(block_ids[:full], dtype=torch.long, device=cache.device)
+        blocks = tokens[:, :, : full * block_size].reshape(2, heads, full, block_size, width).permute(0, 2, 1, 3, 4)
+        cache.index_copy_(1, ids, blocks.to(cache.dtype))
+    if rest:
+        cache[:, block_ids[full], :, :rest] = tokens[:, :, full * block_size :]

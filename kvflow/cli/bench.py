@@ -1,0 +1,297 @@
+"""`kvflow bench ...`: make reference models, measure machine limits, run throughput, attention and
+serving benchmarks (the serving load generator's subcommands are in bench_serve.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from kvflow.bench.make_model import SHAPES, TOKENIZERS
+
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _parse_value(text: str) -> Any:
+    """A KEY=VALUE value as JSON when it parses (ints, floats, true/false, null), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_backend_args(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["kvflow:max_num_seqs=64", ...]`` -> ``{"kvflow": {"max_num_seqs": 64}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        backend, sep, assignment = item.partition(":")
+        key, eq, value = assignment.partition("=")
+        if not sep or not eq or not backend or not key:
+            raise argparse.ArgumentTypeError(
+                f"--backend-arg expects BACKEND:KEY=VALUE (e.g. kvflow:max_num_seqs=64), got {item!r}"
+            )
+        out.setdefault(backend, {})[key] = _parse_value(value)
+    return out
+
+
+def parse_python_args(items: list[str]) -> dict[str, str]:
+    """``["vllm=/tmp/vllmenv/bin/python"]`` -> ``{"vllm": "/tmp/vllmenv/bin/python"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        backend, eq, path = item.partition("=")
+        if not eq or not backend or not path:
+            raise argparse.ArgumentTypeError(
+                f"--python expects BACKEND=INTERPRETER (e.g. vllm=/tmp/vllmenv/bin/python), got {item!r}"
+            )
+        out[backend] = path
+    return out
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from kvflow.bench.make_model import main_make_model
+
+    main_make_model(args.shape, Path(args.out), seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer)
+    return 0
+
+
+def _cmd_limits(args: argparse.Namespace) -> int:
+    from kvflow.bench.limits import format_limits, measure_limits
+
+    _set_threads(args.threads)
+    limits = measure_limits(n=args.gemm_n, bw_mib=args.bw_mib, repeats=args.repeats)
+    print(format_limits(limits))
+    return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads before anything is measured (limits use the same count)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _cmd_throughput(args: argparse.Namespace) -> int:
+    from kvflow.bench.throughput_report import run_many
+
+    _set_threads(args.threads)
+
+    try:
+        backend_kwargs = parse_backend_args(args.backend_arg)
+        python = parse_python_args(args.python)
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"error: {e}") from None
+    report = run_many(
+        Path(args.model),
+        backends=args.backend,
+        workloads=args.workload,
+        output=args.output,
+        backend_kwargs=backend_kwargs,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        dtype=args.dtype,
+        seed=args.seed,
+        warmup=not args.no_warmup,
+        repeats=args.repeats,
+        wait_idle_s=args.wait_idle,
+        python=python,
+    )
+    return 0 if report["runs"] else 1
+
+
+def _cmd_to_gguf(args: argparse.Namespace) -> int:
+    from kvflow.bench.peers import peer_python
+    from kvflow.bench.peers.to_gguf import convert_to_gguf, gguf_cache_path
+    from kvflow.bench.throughput import BackendUnavailable
+
+    out = Path(args.out) if args.out else gguf_cache_path(args.model, args.dtype)
+    try:
+        convert_to_gguf(args.model, out, args.dtype, peer_python("llamacpp", args.python), args.convert_script)
+    except (BackendUnavailable, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from kvflow.bench.profile import format_report, profile_decode, save_report, set_threads
+
+    set_threads(args.threads)
+    report = profile_decode(args.model, args.workload, num_prompts=args.num_prompts, input_len=args.input_len,
+                            decode_steps=args.steps, dtype=args.dtype, seed=args.seed, top=args.top,
+                            engine_kwargs={"prepack_weights": args.prepack_weights,
+                                           "cpu_kernels": args.cpu_kernels})
+    print(format_report(report))
+    if args.output:
+        save_report(report, Path(args.output))
+        print(f"saved {args.output}")
+    return 0
+
+
+def _cmd_throughput_plot(args: argparse.Namespace) -> int:
+    from kvflow.bench.throughput_plot import plot_throughput
+
+    print(f"wrote {plot_throughput([Path(r) for r in args.reports], Path(args.out), args.title)}")
+    return 0
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvflow.bench.attention import (
+        AttentionCase,
+        available,
+        check_targets,
+        format_checks,
+        format_results,
+        run_case,
+        save_results,
+    )
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    impls = available(device, tuple(args.impl))
+    missing = sorted(set(args.impl) - set(impls))
+    if missing:
+        print(f"not available on {device}: {', '.join(missing)}")
+    results = []
+    for kind in args.kind:
+        for batch in args.batch:
+            for heads in args.heads:
+                num_heads, _, num_kv_heads = heads.partition("/")
+                for seq_len in args.seq_len:
+                    case = AttentionCase(kind, batch, seq_len, int(num_heads), int(num_kv_heads or num_heads),
+                                         args.head_dim, args.block_size, getattr(torch, args.dtype), device)
+                    results += run_case(case, impls, args.repeats, args.naive_max_len, args.memory)
+                    del case
+    print(format_results(results))
+    if args.output:
+        save_results(results, Path(args.output), device)
+        print(f"saved {args.output}")
+    if args.check_targets:
+        checks = check_targets(results)
+        print(format_checks(checks))
+        return 0 if checks and all(c.passed for c in checks) else 1
+    return 0
+
+
+def configure(bench: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` subcommands to the main CLI's ``bench`` parser."""
+    sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True)
+
+    mm = sub.add_parser("make-model", help="make a seeded random-weight reference model (HF format)")
+    mm.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    mm.add_argument("--out", required=True, help="output directory")
+    mm.add_argument("--seed", type=int, default=0)
+    mm.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    mm.add_argument("--tokenizer", choices=TOKENIZERS, default="auto",
+                    help="sentencepiece: what llama.cpp's GGUF converter accepts (needs the bench extra); "
+                         "bpe: kvflow's byte-level BPE; auto: sentencepiece if installed, else bpe")
+    mm.set_defaults(func=_cmd_make_model)
+
+    lim = sub.add_parser("limits", help="measure GEMM rate and memory read bandwidth")
+    lim.add_argument("--gemm-n", type=int, default=2048)
+    lim.add_argument("--bw-mib", type=int, default=512)
+    lim.add_argument("--repeats", type=int, default=5)
+    lim.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    lim.set_defaults(func=_cmd_limits)
+
+    tpp = sub.add_parser("throughput-plot", help="bar chart of throughput reports (output tok/s per backend)")
+    tpp.add_argument("reports", nargs="+", help="JSON reports of `kvflow bench throughput`")
+    tpp.add_argument("--out", required=True, help="PNG path")
+    tpp.add_argument("--title", default=None)
+    tpp.set_defaults(func=_cmd_throughput_plot)
+
+    pr = sub.add_parser("profile", help="where kvflow's decode time goes (torch.profiler, per ATen op)")
+    pr.add_argument("--model", required=True, help="model directory (HF format)")
+    pr.add_argument("--workload", choices=["single", "offline"], default="single")
+    pr.add_argument("--num-prompts", type=int, default=64, help="offline batch (single uses 1)")
+    pr.add_argument("--input-len", type=int, default=128)
+    pr.add_argument("--steps", type=int, default=16, help="decode steps profiled")
+    pr.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--top", type=int, default=20, help="ops listed")
+    pr.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    pr.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=True,
+                    help="profile the prepacked bf16 path (default) or plain torch linears")
+    pr.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
+                    help="profile the C++ CPU forward (default) or the PyTorch modules")
+    pr.add_argument("--output", help="JSON path")
+    pr.set_defaults(func=_cmd_profile)
+
+    at = sub.add_parser("attention", help="attention kernels alone vs torch SDPA and a naive reference")
+    at.add_argument("--kind", nargs="+", choices=("prefill", "decode"), default=["prefill", "decode"])
+    at.add_argument("--seq-len", nargs="+", type=int, default=[512, 1024, 2048, 4096], help="context lengths")
+    at.add_argument("--batch", nargs="+", type=int, default=[1], help="sequences per call")
+    at.add_argument("--heads", nargs="+", default=["9/3"], help="query/kv heads, e.g. 32/8 (GQA) or 16/1 (MQA)")
+    at.add_argument("--head-dim", type=int, default=64)
+    at.add_argument("--block-size", type=int, default=16)
+    at.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    at.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    at.add_argument("--impl", nargs="+", default=["kvflow-cpu", "triton", "triton-nosplit", "sdpa", "naive"],
+                    help="implementations to time (those the device lacks are listed and skipped)")
+    at.add_argument("--repeats", type=int, default=5, help="timed calls per case; the median is reported")
+    at.add_argument("--naive-max-len", type=int, default=2048, help="longest context the naive reference runs")
+    at.add_argument("--memory", action="store_true",
+                    help="CPU: also measure the peak memory each call adds (one fresh process per call)")
+    at.add_argument("--output", help="JSON path")
+    at.add_argument("--check-targets", action="store_true",
+                    help="then check the Triton kernels' goals (accuracy; prefill within 1.3x of SDPA's flash "
+                         "backend from 4k tokens; split decode faster than non-split from 8k keys); exit 1 "
+                         "if one fails or none applies")
+    at.set_defaults(func=_cmd_attention)
+
+    tp = sub.add_parser("throughput", help="offline / single-stream throughput of backends")
+    tp.add_argument("--model", required=True, help="model directory (HF format)")
+    tp.add_argument("--backend", nargs="+", default=["kvflow"],
+                    help="kvflow, hf, vllm, llamacpp (one or more; a peer that is not installed is skipped)")
+    tp.add_argument(
+        "--workload", nargs="+", choices=["offline", "single"], default=["offline", "single"]
+    )
+    tp.add_argument("--num-prompts", type=int, default=64, help="offline batch (single uses 1)")
+    tp.add_argument("--input-len", type=int, default=128)
+    tp.add_argument("--output-len", type=int, default=128)
+    tp.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    tp.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
+    tp.add_argument("--repeats", type=int, default=1, help="timed runs; the median is reported")
+    tp.add_argument("--no-warmup", action="store_true", help="skip the short warm-up generate")
+    tp.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    tp.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each timed run, wait up to this long for the CPUs to be >=90%% idle",
+    )
+    tp.add_argument(
+        "--backend-arg",
+        action="append",
+        default=[],
+        metavar="BACKEND:KEY=VALUE",
+        help="engine keyword for one backend, e.g. kvflow:max_num_seqs=64 (repeatable)",
+    )
+    tp.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="BACKEND=INTERPRETER",
+        help="interpreter of a peer's worker, e.g. vllm=/tmp/vllmenv/bin/python (repeatable; default "
+        "KVFLOW_VLLM_PYTHON / KVFLOW_LLAMACPP_PYTHON, else this one). Peer keywords: "
+        "vllm:kv_cache_memory=GIB, llamacpp:gguf=FILE, llamacpp:convert_script=PATH",
+    )
+    tp.add_argument("--output", help="JSON path (default bench_results/throughput-MODEL-TIME.json)")
+    tp.set_defaults(func=_cmd_throughput)
+
+    gg = sub.add_parser("to-gguf", help="convert a model directory to GGUF for llama.cpp")
+    gg.add_argument("--model", required=True, help="model directory (HF format)")
+    gg.add_argument("--out", help="GGUF file (default: beside the directory, e.g. 135m.bf16.gguf)")
+    gg.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    gg.add_argument("--convert-script", help="llama.cpp's convert_hf_to_gguf.py (default: found under /tmp/lcpp)")
+    gg.add_argument("--python", help="interpreter with gguf, sentencepiece, torch, transformers "
+                                     "(default KVFLOW_LLAMACPP_PYTHON, else this one)")
+    gg.set_defaults(func=_cmd_to_gguf)
+
+    from kvflow.cli.bench_serve import add_subcommands as add_serve_subcommands
+
+    add_serve_subcommands(sub)

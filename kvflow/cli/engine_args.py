@@ -1,0 +1,129 @@
+"""What every engine command shares: the model and engine flags (generated from the config
+dataclasses, so a new knob needs no CLI code), the sampling flags, and the offline `LLM` they build."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+_HELP = {
+    "block_size": "tokens per KV block",
+    "kv_cache_memory": "GiB for the KV cache (default: 30%% of available memory, at most 4 GiB)",
+    "num_blocks": "exact number of KV blocks (overrides --kv-cache-memory)",
+    "enable_prefix_caching": "reuse KV blocks of earlier prompts with the same prefix",
+    "max_num_seqs": "most sequences in one step",
+    "max_num_batched_tokens": "token budget of one step",
+    "enable_chunked_prefill": "split long prompts over several steps",
+    "policy": "waiting-queue policy: fcfs, priority (lowest value first) or lpm (longest cached prefix first)",
+    "mixed_batching": "prompt chunks and decodes share steps (off: prompts run alone, as in vLLM v0)",
+    "prepack_weights": "bf16 on CPU: prepack linear weights for oneDNN (same outputs, faster)",
+    "cpu_kernels": "CPU: run each step's decoder stack as one C++ call (compiled on first use)",
+    "decode_gemv": "bf16 CPU with AVX512-BF16: a second copy of the weights for a faster decode GEMV "
+                   "(steps of <= 4 tokens)",
+    "attention_backend": "auto (Triton kernels on CUDA, torch-native + C++ forward on CPU), torch or triton",
+}
+
+
+def _engine_parts() -> tuple[type, ...]:
+    """The config dataclasses whose fields are engine flags (imported here: kvflow.config needs torch)."""
+    from kvflow.config import CacheConfig, RunnerConfig, SchedulerConfig
+
+    return CacheConfig, SchedulerConfig, RunnerConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Model and engine flags shared by every command that runs the engine."""
+    parser.add_argument("--model", help="Hugging Face model directory (config.json, *.safetensors, tokenizer); "
+                        "default: the shipped tiny model")
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+    group = parser.add_argument_group("engine")
+    for part in _engine_parts():
+        hints = typing.get_type_hints(part)
+        for f in dataclasses.fields(part):
+            flag = "--" + f.name.replace("_", "-")
+            hint = hints[f.name]
+            if hint is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP.get(f.name))
+                continue
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            group.add_argument(flag, type=base, default=None, help=_HELP.get(f.name))
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for part in _engine_parts():
+        for f in dataclasses.fields(part):
+            value = getattr(args, f.name, None)
+            if value is not None:
+                kwargs[f.name] = value
+    return kwargs
+
+
+def model_path(args: argparse.Namespace) -> str:
+    """--model, else the shipped model (with a clear error where it is missing)."""
+    if args.model:
+        return str(args.model)
+    from kvflow.assets import default_model_path
+
+    try:
+        path = Path(default_model_path())
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"error: the default model at {path} is missing; pass --model DIR")
+    return str(path)
+
+
+def make_llm(args: argparse.Namespace):
+    from kvflow.llm import LLM
+
+    return LLM(model=model_path(args), dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
+               seed=args.seed, **engine_kwargs(args))
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=None, help="default: the model's generation config")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--min-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per output")
+
+
+def sampling_params(llm, args: argparse.Namespace):
+    params = llm.default_sampling_params().model_dump()
+    for key in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "n", "stop"):
+        value = getattr(args, key)
+        if value is not None:
+            params[key] = value
+    params["seed"] = args.sample_seed
+    params["ignore_eos"] = args.ignore_eos
+    from kvflow.sampling_params import SamplingParams
+
+    return SamplingParams(**params)
+
+
+def print_outputs(outputs, as_json: bool) -> None:
+    for out in outputs:
+        for completion in out.outputs:
+            if as_json:
+                print(json.dumps({
+                    "prompt": out.prompt, "index": completion.index, "text": completion.text,
+                    "token_ids": completion.token_ids, "finish_reason": completion.finish_reason,
+                }))
+            else:
+                tag = f" [{completion.index}]" if len(out.outputs) > 1 else ""
+                print(f"--- prompt{tag}: {out.prompt!r}\n{completion.text}\n({completion.finish_reason}, "
+                      f"{len(completion.token_ids)} tokens)")

@@ -1,0 +1,269 @@
+"""Paged KV cache bookkeeping: a block pool with reference counts and a prefix index.
+
+Only ids and counts live here; the tensors themselves belong to the model runner. A block is
+"cached" when it is full and registered in the prefix index under a hash chained over all tokens
+up to and including it. A cached block whose reference count drops to zero stays in the index
+and joins the free queue; it is evicted (its hash dropped) only when the pool hands it out again,
+least recently freed first. Hits are verified token by token, and against the parent block, so a
+hash collision can never splice the wrong KV into a request.
+
+A request's cache salt (empty by default) is chained into its first block's hash and kept with
+every block it indexes: requests whose KV differs for the same tokens (another adapter, model
+variant or KV format, or a tenant that must not share) never share blocks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvflow.core.request import Request
+
+
+@dataclass
+class KVBlock:
+    block_id: int
+    ref_cnt: int = 0
+    # Set while the block is registered in the prefix index.
+    block_hash: int | None = None
+    tokens: tuple[int, ...] | None = None
+    parent_id: int | None = None
+    salt: str | None = None
+
+
+@dataclass
+class PrefixCacheStats:
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+def hash_block(parent_hash: int | None, tokens: Sequence[int], salt: str | None = None) -> int:
+    """Chain a block's tokens onto its parent's hash; the first block of a salted request chains onto
+    its salt instead. (Hashes only need to agree within the process that holds the prefix index.)"""
+    if parent_hash is None and salt:
+        parent_hash = hash(("salt", salt))
+    return hash((parent_hash, tuple(tokens)))
+
+
+class BlockPool:
+    """Fixed set of blocks: free queue (LRU over cached blocks), ref counts, prefix index."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        # Free blocks in eviction order: the first entry is handed out first.
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._index: dict[int, int] = {}  # block hash -> block id
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._index)
+
+    def allocate(self, count: int) -> list[int]:
+        """Take `count` blocks off the free queue, evicting their cached content."""
+        if count > len(self._free):
+            raise RuntimeError(f"asked for {count} blocks with {len(self._free)} free")
+        ids = []
+        for _ in range(count):
+            block_id, _ = self._free.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.block_hash is not None:
+                self._evict(block)
+            block.ref_cnt = 1
+            ids.append(block_id)
+        return ids
+
+    def touch(self, block_ids: Sequence[int]) -> None:
+        """Take a reference on blocks found by a prefix hit (they may be sitting in the free queue)."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_cnt == 0:
+                del self._free[block_id]
+            block.ref_cnt += 1
+
+    def release(self, block_ids: Sequence[int]) -> None:
+        """Drop one reference per block; a block reaching zero joins the tail of the free queue.
+
+        Callers pass a request's blocks last-first, so a request's tail is evicted before its
+        head, which other requests are more likely to share.
+        """
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_cnt <= 0:
+                raise RuntimeError(f"block {block_id} released more often than taken")
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self._free[block_id] = None
+
+    def register(self, block_id: int, block_hash: int, tokens: tuple[int, ...], parent_id: int | None,
+                 salt: str | None = None) -> int:
+        """Index a full block and return the id now indexed for its content.
+
+        When equal content is already indexed (two requests computed the same prefix at once),
+        the existing block keeps the slot and its id is returned, so the caller chains its next
+        block onto the indexed one.
+        """
+        existing = self.lookup(block_hash, tokens, parent_id, salt)
+        if existing is not None:
+            return existing
+        if block_hash in self._index:
+            return block_id  # a colliding hash holds the slot: leave this block unindexed
+        block = self.blocks[block_id]
+        block.block_hash, block.tokens, block.parent_id, block.salt = block_hash, tokens, parent_id, salt
+        self._index[block_hash] = block_id
+        return block_id
+
+    def lookup(self, block_hash: int, tokens: tuple[int, ...], parent_id: int | None,
+               salt: str | None = None) -> int | None:
+        block_id = self._index.get(block_hash)
+        if block_id is None:
+            return None
+        block = self.blocks[block_id]
+        if block.tokens != tokens or block.parent_id != parent_id or block.salt != salt:
+            return None  # hash collision, stale parent or another salt: treat as a miss
+        return block_id
+
+    def _evict(self, block: KVBlock) -> None:
+        if self._index.get(block.block_hash) == block.block_id:
+            del self._index[block.block_hash]
+        block.block_hash = block.tokens = block.parent_id = block.salt = None
+
+
+class KVCacheManager:
+    """Allocates blocks to requests and shares full blocks between them through the prefix index."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.stats = PrefixCacheStats()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    def usage(self) -> float:
+        """Fraction of blocks held by live requests (free-but-cached blocks count as free)."""
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match_prefix(self, request: Request) -> int:
+        """Attach the longest cached prefix of a waiting request; returns the tokens it covers.
+
+        At least one token is always left to compute, because the step that computes it is the one
+        that samples the next token.
+        """
+        if not self.enable_prefix_caching or request.skip_prefix_cache or request.block_ids:
+            return 0
+        hits = self._cached_prefix(request)
+        self.stats.queried_tokens += request.num_tokens
+        self.stats.hit_tokens += len(hits) * self.block_size
+        return self._attach(request, hits)
+
+    def cached_prefix_tokens(self, request: Request) -> int:
+        """How many of a waiting request's tokens the prefix cache holds now (nothing is taken or counted)."""
+        if not self.enable_prefix_caching or request.skip_prefix_cache:
+            return 0
+        return len(self._cached_prefix(request)) * self.block_size
+
+    def _cached_prefix(self, request: Request) -> list[int]:
+        """The indexed blocks of the request's longest cached prefix, leaving at least one token to compute."""
+        tokens = request.all_token_ids
+        max_blocks = (len(tokens) - 1) // self.block_size
+        self._update_hashes(request, max_blocks)
+        hits: list[int] = []
+        parent: int | None = None
+        for i in range(max_blocks):
+            chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
+            block_id = self.pool.lookup(request.block_hashes[i], chunk, parent, request.cache_salt)
+            if block_id is None:
+                break
+            hits.append(block_id)
+            parent = block_id
+        return hits
+
+    def share_prefix(self, request: Request, source: Request, num_blocks: int) -> int:
+        """Give `request` the first `num_blocks` full blocks of `source` (n > 1 siblings)."""
+        if request.block_ids or num_blocks <= 0:
+            return 0
+        return self._attach(request, source.block_ids[:num_blocks])
+
+    def _attach(self, request: Request, block_ids: list[int]) -> int:
+        if not block_ids:
+            return 0
+        self.pool.touch(block_ids)
+        request.block_ids = list(block_ids)
+        request.num_cached_blocks = len(block_ids)
+        request.indexed_parent_id = block_ids[-1]
+        request.num_computed_tokens = len(block_ids) * self.block_size
+        request.num_cached_tokens = max(request.num_cached_tokens, request.num_computed_tokens)
+        return request.num_computed_tokens
+
+    def allocate(self, request: Request, num_new_tokens: int) -> bool:
+        """Make room for `num_new_tokens` more tokens of `request`; False (and no change) if full."""
+        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
+        if needed <= 0:
+            return True
+        if needed > self.pool.num_free:
+            return False
+        request.block_ids.extend(self.pool.allocate(needed))
+        return True
+
+    def free(self, request: Request) -> None:
+        """Return a request's blocks (full cached blocks stay reusable until evicted)."""
+        self.release(self.detach(request))
+
+    @staticmethod
+    def detach(request: Request) -> list[int]:
+        """Take a request's blocks from it without freeing them (a prefill instance's connector
+        holds them until their KV is pulled, then `release`s them)."""
+        block_ids, request.block_ids, request.num_cached_blocks = request.block_ids, [], 0
+        return block_ids
+
+    def release(self, block_ids: list[int]) -> None:
+        """Free detached blocks, the tail first (so a prompt's head stays cached the longest)."""
+        self.pool.release(list(reversed(block_ids)))
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Index every block whose tokens are all computed and not yet indexed."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = request.num_computed_tokens // self.block_size
+        if num_full <= request.num_cached_blocks:
+            return
+        self._update_hashes(request, num_full)
+        tokens = request.all_token_ids
+        parent = request.indexed_parent_id if request.num_cached_blocks else None
+        for i in range(request.num_cached_blocks, num_full):
+            chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
+            parent = self.pool.register(request.block_ids[i], request.block_hashes[i], chunk, parent,
+                                        request.cache_salt)
+        request.indexed_parent_id = parent
+        request.num_cached_blocks = num_full
+
+    def _update_hashes(self, request: Request, num_blocks: int) -> None:
+        hashes = request.block_hashes
+        tokens = request.all_token_ids
+        for i in range(len(hashes), num_blocks):
+            parent = hashes[i - 1] if i else None
+            hashes.append(hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size],
+                                     request.cache_salt))

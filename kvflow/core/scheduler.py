@@ -1,0 +1,326 @@
+"""Token-budget scheduler: continuous batching, chunked prefill, preemption by recompute.
+
+Each step hands every running request the tokens it still needs (one for a decode, a chunk for a
+prompt), oldest first, until the step's token budget is spent; then admits waiting requests in
+the order the queue policy gives. When the KV cache is full, the most recently admitted running
+request is preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed (prompt + output so far) later. Its output continues unchanged.
+
+With `mixed_batching` off, a step that can admit a waiting prompt computes prompts only and the
+running decodes wait for it (vLLM v0's scheduler, the colocated baseline of DistServe).
+
+KV that is loaded rather than computed (from a prefill instance, from a tier) comes through the
+engine's KV connector: a waiting request it loads for gets blocks, waits in `receiving` while its
+KV arrives, and then runs like any other, from the first token the load did not cover.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvflow.config import SchedulerConfig
+from kvflow.core.kv_cache_manager import KVCacheManager
+from kvflow.core.policies import QueuePolicy, make_policy
+from kvflow.core.request import Request, RequestStatus
+from kvflow.kv_transfer.base import KVConnector, LoadResult, SentRecord
+from kvflow.worker.step import RunnerOutput, ScheduledChunk
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    # Requests whose KV arrived since the last step and which came with new tokens (a decode
+    # instance's first token): their outputs go out with this step's.
+    loaded: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass
+class SchedulerEvents:
+    """What changed outside the steps' own outputs since the last `drain_events`."""
+
+    # Blocks came back outside a step's own work (a pulled transfer, a cancelled or failed load),
+    # so the KV-cache stats changed even if no request progressed.
+    blocks_released: bool = False
+    loads: list[LoadResult] = field(default_factory=list)  # finished KV loads
+    sent: list[SentRecord] = field(default_factory=list)  # outgoing KV transfers acknowledged
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 connector: KVConnector | None = None) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.connector = connector
+        # Requests with blocks whose KV is being loaded, and aborted ones whose load has not
+        # stopped yet (their blocks are freed when it has).
+        self.receiving: dict[str, Request] = {}
+        self.cancelling: dict[str, Request] = {}
+        self.num_kv_load_failures = 0
+        self.events = SchedulerEvents()
+        self.policy: QueuePolicy = make_policy(config.policy)
+        self.policy.attach(kv)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queue
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+        self.policy.on_add(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Finish (stop string, abort) a request wherever it is; frees its blocks at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.policy.on_finish(request)
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status == RequestStatus.RECEIVING:
+            # A thread is writing into its blocks: free them once it has stopped (`collect_loads`).
+            del self.receiving[request_id]
+            self.cancelling[request_id] = request
+            request.status = status
+            assert self.connector is not None
+            self.connector.cancel_load(request_id)
+            return request
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        request.status = status
+        if not self._hand_over_blocks(request):
+            self.kv.free(request)
+        return request
+
+    def _hand_over_blocks(self, request: Request) -> bool:
+        """The connector may keep a finished request's blocks (a prefill instance, until they are pulled)."""
+        if self.connector is None or not self.connector.request_finished(request):
+            return False
+        self.kv.detach(request)  # the connector gives them back through `collect`
+        return True
+
+    def collect_loads(self, out: SchedulerOutput) -> None:
+        """Free blocks the connector is done with; admit requests whose KV arrived (or fell back)."""
+        if self.connector is None:
+            return
+        events = self.connector.collect()
+        self.events.sent.extend(events.sent)
+        for block_ids in events.release:
+            self.kv.release(block_ids)
+            self.events.blocks_released = True
+        for result in events.loaded:
+            request = self.cancelling.pop(result.request_id, None)
+            if request is not None:
+                self.kv.free(request)
+                self.events.blocks_released = True
+                continue
+            request = self.receiving.pop(result.request_id, None)
+            if request is None:
+                continue
+            num_outputs = request.num_output_tokens
+            if not result.ok or not self.connector.finish_load(request, result):
+                # The KV is gone (its source died, timed out, aborted), or came without what the
+                # request asked for: compute the prompt here.
+                logger.warning("KV load for %s failed (%s); computing its prompt here", request.request_id,
+                               result.error or "incomplete transfer")
+                self.num_kv_load_failures += 1
+                self.kv.free(request)
+                self.events.blocks_released = True
+                request.num_computed_tokens = 0  # an n > 1 sibling may have shared its leader's blocks
+                request.kv_transfer = None
+                request.status = RequestStatus.WAITING
+                self.waiting.appendleft(request)
+                continue
+            self.events.loads.append(result)
+            request.kv_transfer = None
+            request.num_computed_tokens = result.num_tokens
+            self.kv.cache_full_blocks(request)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            if request.num_output_tokens > num_outputs:
+                out.loaded.append(request)
+                status = request.check_stop()
+                if status is not None:
+                    self.finish_request(request.request_id, status)
+
+    def drain_events(self) -> SchedulerEvents:
+        """The events since the last call (the engine reports them with its stats)."""
+        events, self.events = self.events, SchedulerEvents()
+        return events
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # --------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self.collect_loads(out)
+        budget = self.config.max_num_batched_tokens
+        if not self.config.mixed_batching and self.waiting and not out.loaded:
+            self._admit_waiting(out, budget)  # prompts alone, if any can start
+            if out.chunks:
+                return out
+        chunked = self.config.enable_chunked_prefill
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            remaining = request.num_tokens - request.num_computed_tokens
+            n = min(remaining, budget)
+            if n < remaining and not chunked:
+                i += 1
+                continue
+            while not self.kv.allocate(request, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                break
+            out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
+            budget -= n
+            i += 1
+
+        # A step that had to preempt admits nobody: the cache is already too small.
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        chunked = self.config.enable_chunked_prefill
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) + len(self.receiving) < self.config.max_num_seqs:
+            request = self.policy.pop_next(self.waiting)
+            if not self._ready(request):
+                skipped.append(request)
+                continue
+            if self.connector is not None:
+                to_load = self.connector.num_tokens_to_load(request)
+                if to_load:
+                    if not self._start_load(request, to_load):
+                        self.waiting.appendleft(request)
+                        break
+                    continue
+            if request.num_computed_tokens == 0:
+                self._attach_cached_prefix(request)
+            remaining = request.num_tokens - request.num_computed_tokens
+            n = min(remaining, budget)
+            if (n < remaining and not chunked) or not self.kv.allocate(request, n):
+                # Give back any prefix blocks it matched, so a waiting request holds no blocks.
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                self.waiting.appendleft(request)
+                break
+            request.status = RequestStatus.RUNNING
+            if request.scheduled_time is None:
+                request.scheduled_time = time.monotonic()
+            self.running.append(request)
+            out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+
+    def _start_load(self, request: Request, num_tokens: int) -> bool:
+        """Give the request blocks for the tokens to load and the next one, then start the load (an
+        n > 1 sibling shares its loaded leader's full prompt blocks and loads only the rest)."""
+        start = self._share_leader_blocks(request)
+        if not self.kv.allocate(request, num_tokens + 1 - start):
+            self.kv.free(request)
+            request.num_computed_tokens = 0
+            return False  # admission control: it waits (its KV stays where it is)
+        assert self.connector is not None
+        request.status = RequestStatus.RECEIVING
+        if request.scheduled_time is None:
+            request.scheduled_time = time.monotonic()
+        self.receiving[request.request_id] = request
+        self.connector.start_load(request, start)
+        return True
+
+    def _ready(self, request: Request) -> bool:
+        """An n > 1 sibling waits until its leader has computed (or loaded) the prompt it will share."""
+        leader = request.leader
+        if leader is None or leader.finished:
+            return True
+        if leader.status == RequestStatus.RECEIVING:
+            return False
+        if leader.status != RequestStatus.RUNNING:
+            return True
+        return leader.num_computed_tokens >= leader.num_prompt_tokens
+
+    def _attach_cached_prefix(self, request: Request) -> None:
+        if not self._share_leader_blocks(request):
+            self.kv.match_prefix(request)
+
+    def _share_leader_blocks(self, request: Request) -> int:
+        """An n > 1 sibling takes its leader's full prompt blocks, leaving at least one token to
+        compute or load; returns the tokens they cover (0: no leader ready to share)."""
+        leader = request.leader
+        if (
+            leader is None
+            or leader.status != RequestStatus.RUNNING
+            or leader.num_computed_tokens < leader.num_prompt_tokens
+            or request.skip_prefix_cache
+        ):
+            return 0
+        shareable = (request.num_tokens - 1) // self.kv.block_size
+        return self.kv.share_prefix(request, leader, min(shareable, leader.num_prompt_tokens // self.kv.block_size))
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ----------------------------------------------------------------- update
+    def update(self, out: SchedulerOutput, result: RunnerOutput) -> dict[str, int]:
+        """Advance computed counts, append each request's sampled tokens up to its first stop, finish
+        requests. Returns how many of its sampled tokens each request kept."""
+        kept: dict[str, int] = {}
+        for chunk in out.chunks:
+            request = chunk.request
+            assert isinstance(request, Request)
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += chunk.num_tokens
+            cached_before = request.num_cached_blocks
+            self.kv.cache_full_blocks(request)
+            if request.num_cached_blocks > cached_before:
+                self.policy.on_blocks_cached(request, request.num_cached_blocks)
+            tokens = result.sampled.get(request.request_id)
+            if not tokens:
+                continue
+            logprobs = result.logprobs.get(request.request_id)
+            status = None
+            for i, token in enumerate(tokens):
+                request.append_token(token, logprobs[i] if logprobs is not None else None)
+                kept[request.request_id] = i + 1
+                status = request.check_stop()
+                if status is not None:
+                    break
+            if status is not None:
+                self.finish_request(request.request_id, status)
+        return kept

@@ -1,0 +1,89 @@
+"""What the runner is given each step, and what it gives back: the contract between the scheduler
+(kvflow/core/) and the worker, stated here so the worker imports nothing above it.
+
+The scheduler hands the runner `ScheduledChunk`s: a run of one sequence's tokens whose KV is
+computed this step. A sequence is anything that offers `SequenceView` (the core's `Request`
+does). The runner answers with a `RunnerOutput`: for each sequence whose chunk reached the end of
+its known tokens, the tokens sampled after it, as a list (one today; several when a step verifies
+speculative tokens), with their logprobs where asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from kvflow.sampling_params import SamplingParams
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob of the chosen token plus the top-k alternatives (all raw model logprobs)."""
+
+    token_id: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class SequenceView(Protocol):
+    """What the runner reads of a scheduled sequence."""
+
+    request_id: str
+    all_token_ids: list[int]
+    prompt_token_ids: list[int]
+    block_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_logprobs: list[TokenLogprobs | None]
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def num_prompt_tokens(self) -> int: ...
+
+    @property
+    def output_token_ids(self) -> list[int]: ...
+
+    def blocked_token_ids(self) -> list[int]: ...
+
+
+@dataclass
+class ScheduledChunk:
+    """`num_tokens` tokens of `request` starting at position `start` are computed this step."""
+
+    request: SequenceView
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the known tokens, so its last logits give a new token."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class RunnerOutput:
+    """One step's results, by request id."""
+
+    sampled: dict[str, list[int]] = field(default_factory=dict)  # new tokens, in order
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per sampled token, if asked
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # this step's prompt positions
+
+
+class StepHooks(Protocol):
+    """Called by the runner around the model's forward pass (a KV connector's worker side: a prefill
+    instance streams each layer's KV as soon as that layer is computed)."""
+
+    def begin_step(self, chunks: Sequence[ScheduledChunk]) -> bool:
+        """Before the forward pass; True if the model should report each finished layer."""
+
+    def layer_done(self, layer: int) -> None:
+        """Layer `layer` has written this step's KV."""
+
+    def end_step(self) -> None:
+        """After the forward pass (also when it failed)."""

@@ -1,0 +1,142 @@
+"""Block pool and prefix index: reference counts, LRU reuse, verified hits, collision safety."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvflow.core import kv_cache_manager
+from kvflow.core.kv_cache_manager import BlockPool, KVCacheManager
+from kvflow.core.request import Request
+from kvflow.sampling_params import SamplingParams
+
+
+def make_request(rid: str, tokens: list[int]) -> Request:
+    return Request(rid, tokens, SamplingParams(max_tokens=4))
+
+
+def compute(kv: KVCacheManager, request: Request) -> None:
+    """Pretend the whole request was computed: allocate, advance, index full blocks."""
+    assert kv.allocate(request, request.num_tokens - request.num_computed_tokens)
+    request.num_computed_tokens = request.num_tokens
+    kv.cache_full_blocks(request)
+
+
+def test_allocate_and_free_return_every_block():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    r = make_request("a", list(range(10)))
+    assert kv.allocate(r, 10)
+    assert len(r.block_ids) == 3 and kv.num_free_blocks == 5
+    assert not kv.allocate(make_request("b", list(range(40))), 40)  # needs 10 > 5: refused, nothing taken
+    assert kv.num_free_blocks == 5
+    kv.free(r)
+    assert kv.num_free_blocks == 8 and r.block_ids == []
+    assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
+
+
+def test_prefix_hit_shares_blocks_and_leaves_one_token_to_compute():
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    a = make_request("a", list(range(12)))
+    compute(kv, a)
+    assert kv.pool.num_cached == 3
+    b = make_request("b", list(range(12)))  # identical prompt: only 2 blocks may hit (last token computed)
+    assert kv.match_prefix(b) == 8
+    assert b.block_ids == a.block_ids[:2]
+    assert [kv.pool.blocks[i].ref_cnt for i in a.block_ids] == [2, 2, 1]
+    c = make_request("c", list(range(8)) + [99, 98, 97, 96, 95])
+    assert kv.match_prefix(c) == 8
+    d = make_request("d", [1] + list(range(1, 12)))
+    assert kv.match_prefix(d) == 0
+    assert kv.stats.hit_tokens == 16 and kv.stats.queried_tokens == 12 + 13 + 12
+
+
+def test_freed_cached_blocks_are_reused_lru_and_evicted_last_first():
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    a = make_request("a", [1, 2, 3, 4, 5])
+    compute(kv, a)  # 3 blocks, 2 full and cached
+    kv.free(a)
+    assert kv.num_free_blocks == 4 and kv.pool.num_cached == 2
+    # A hit on freed blocks takes them back off the free queue.
+    b = make_request("b", [1, 2, 3, 4, 9])
+    assert kv.match_prefix(b) == 4
+    assert kv.num_free_blocks == 2
+    kv.free(b)
+    # Filling the pool evicts the cached blocks only once the never-cached free block is used up.
+    c = make_request("c", [7, 7, 7, 7, 7, 7, 7, 7])
+    assert kv.allocate(c, 8)
+    assert kv.pool.num_cached == 0
+
+
+def test_hash_collision_never_returns_wrong_tokens(monkeypatch):
+    monkeypatch.setattr(kv_cache_manager, "hash_block", lambda parent, tokens, salt=None: 42)  # every block collides
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    a = make_request("a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    compute(kv, a)
+    b = make_request("b", [9, 9, 9, 9, 5, 6, 7, 8, 9])
+    assert kv.match_prefix(b) == 0  # same hash, different tokens: verified miss
+    c = make_request("c", [1, 2, 3, 4, 9])
+    assert kv.match_prefix(c) == 4  # the genuine match is still found
+
+
+def test_chained_hash_depends_on_the_whole_prefix():
+    kv = KVCacheManager(num_blocks=16, block_size=2)
+    a = make_request("a", [1, 2, 3, 4, 0])
+    compute(kv, a)
+    b = make_request("b", [9, 9, 3, 4, 0])  # second block equal, first differs
+    assert kv.match_prefix(b) == 0
+
+
+def test_duplicate_content_chains_onto_the_indexed_block():
+    kv = KVCacheManager(num_blocks=16, block_size=2)
+    a, b = make_request("a", [1, 2, 3, 4, 5]), make_request("b", [1, 2, 3, 4, 5])
+    for r in (a, b):  # computed concurrently: neither saw the other's blocks
+        assert kv.allocate(r, 5)
+    for r in (a, b):
+        r.num_computed_tokens = 5
+        kv.cache_full_blocks(r)
+    assert kv.pool.num_cached == 2
+    c = make_request("c", [1, 2, 3, 4, 6])
+    assert kv.match_prefix(c) == 4
+
+
+def test_release_more_than_taken_is_an_error():
+    pool = BlockPool(2)
+    (block,) = pool.allocate(1)
+    pool.release([block])
+    with pytest.raises(RuntimeError):
+        pool.release([block])
+
+
+def test_cache_salt_separates_otherwise_equal_prefixes():
+    kv = KVCacheManager(num_blocks=32, block_size=4)
+    plain = make_request("plain", list(range(12)))
+    compute(kv, plain)
+    salted = Request("salted", list(range(12)), SamplingParams(max_tokens=4), cache_salt="tenant-a")
+    assert kv.cached_prefix_tokens(salted) == 0 and kv.match_prefix(salted) == 0  # no block of another salt
+    compute(kv, salted)
+    assert set(salted.block_ids).isdisjoint(plain.block_ids)
+    assert salted.block_hashes != plain.block_hashes  # the salt is chained into every block's hash
+    same = Request("same", list(range(12)) + [5], SamplingParams(max_tokens=4), cache_salt="tenant-a")
+    other = Request("other", list(range(12)) + [5], SamplingParams(max_tokens=4), cache_salt="tenant-b")
+    assert kv.cached_prefix_tokens(same) == 12 and kv.match_prefix(same) == 12
+    assert same.block_ids == salted.block_ids[:3]
+    assert kv.match_prefix(other) == 0
+    unsalted = make_request("unsalted", list(range(12)) + [5])
+    assert kv.match_prefix(unsalted) == 12 and unsalted.block_ids == plain.block_ids[:3]
+
+
+def test_salt_is_verified_even_when_hashes_collide(monkeypatch):
+    monkeypatch.setattr(kv_cache_manager, "hash_block", lambda parent, tokens, salt=None: 7)  # salt ignored
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    salted = Request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=4), cache_salt="x")
+    compute(kv, salted)
+    assert kv.match_prefix(make_request("b", [1, 2, 3, 4, 5])) == 0  # same hash and tokens, another salt
+
+
+def test_cached_prefix_tokens_takes_and_counts_nothing():
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    compute(kv, make_request("a", list(range(10))))
+    probe = make_request("probe", list(range(10)) + [3])
+    free_before, stats_before = kv.num_free_blocks, (kv.stats.queried_tokens, kv.stats.hit_tokens)
+    assert kv.cached_prefix_tokens(probe) == 8
+    assert probe.block_ids == [] and probe.num_computed_tokens == 0
+    assert kv.num_free_blocks == free_before and (kv.stats.queried_tokens, kv.stats.hit_tokens) == stats_before
