@@ -53,8 +53,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order.
 
-        A prompt is text, a list of token ids, or {"prompt_token_ids": [...]}. A single list of
-        ints is one prompt. Every prompt and parameter set is validated before any work starts.
+        A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": [...]}, which
+        may add {"cache_salt": "..."}: KV is then shared only with prompts of the same salt. A single
+        list of ints is one prompt. Every prompt and parameter set is validated before any work starts.
         """
         prompt_list = _as_prompt_list(prompts)
         if isinstance(sampling_params, Sequence) and not isinstance(sampling_params, (str, Mapping)):
@@ -67,14 +68,19 @@ class LLM:
             params_list = [self.engine.to_sampling_params(sampling_params)] * len(prompt_list)
 
         tokenized = [self.engine.tokenize_prompt(p) for p in prompt_list]
+        salts = [self.engine.inputs.cache_salt_of(p) for p in prompt_list]
         for (_, ids), params in zip(tokenized, params_list):
             self.engine.validate(ids, params)
 
         request_ids = []
-        for (text, ids), params in zip(tokenized, params_list):
+        for (text, ids), params, salt in zip(tokenized, params_list, salts):
             request_id = f"offline-{self._counter}"
             self._counter += 1
-            prompt = {"prompt_token_ids": ids} if text is None else {"prompt": text, "prompt_token_ids": ids}
+            prompt: dict[str, Any] = {"prompt_token_ids": ids}
+            if text is not None:
+                prompt["prompt"] = text
+            if salt is not None:
+                prompt["cache_salt"] = salt
             self.engine.add_request(request_id, prompt, params)
             request_ids.append(request_id)
         return self._run(request_ids, use_tqdm)

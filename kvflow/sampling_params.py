@@ -38,10 +38,6 @@ _SEED_MIN: int = -(2**63)  # torch.Generator.manual_seed accepts [-2**63, 2**64)
 _SEED_MAX: int = 2**64 - 1
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _in_closed(lo: float, hi: float) -> Callable[[Any], bool]:
     # Written as `lo <= v <= hi` so NaN (all comparisons False) is rejected.
     return lambda v: lo <= v <= hi

@@ -214,3 +214,22 @@ def test_cli_generate(llama_dir, capsys):
     assert record["prompt"] == "hello" and len(record["token_ids"]) <= 5
     assert cli_main(["generate", "--model", str(llama_dir), "--prompt", "hi", "--top-p", "3"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_cache_salt_separates_prefix_cache_hits(llama_dir):
+    llm = LLM(model=str(llama_dir), dtype="float32", block_size=4, num_blocks=256)
+    prompt = list(range(3, 40))
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+    def run(**salt: str):
+        out = llm.generate([{"prompt_token_ids": prompt, **salt}], params, use_tqdm=False)[0]
+        return out.num_cached_tokens, out.outputs[0].token_ids
+
+    cold, tokens = run(cache_salt="a")
+    assert cold == 0
+    assert run(cache_salt="b")[0] == 0 and run()[0] == 0  # other salts, and no salt, see none of it
+    warm, again = run(cache_salt="a")
+    assert warm == 36 and again == tokens  # 9 full blocks of the salt's own; the same greedy tokens
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        llm.generate([{"prompt_token_ids": prompt, "cache_salt": ""}], params, use_tqdm=False)
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks

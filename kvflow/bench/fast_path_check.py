@@ -49,18 +49,18 @@ class FastPathCheck:
 def fast_path_active(llm: Any) -> bool:
     """Whether an engine runs any optimised path the plain one has to vouch for."""
     runner = llm.engine.core.runner
-    return runner.cpu_forward is not None or runner.model.packed_logits is not None
+    return runner.cpu_forward is not None or runner.model.lm_head.method.name != "dense"
 
 
 def _greedy(llm: Any, prompts: list[list[int]], max_tokens: int, top: int | None) -> list[Any]:
-    from kvflow import SamplingParams
+    from kvflow.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=top)
     return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
 def _engine(model_dir: Path, dtype: str, engine_kwargs: dict[str, Any], **overrides: Any) -> Any:
-    from kvflow import LLM
+    from kvflow.llm import LLM
 
     return LLM(model=str(model_dir), dtype=dtype, **{**engine_kwargs, "num_blocks": 64, **overrides})
 

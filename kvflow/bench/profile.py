@@ -53,7 +53,8 @@ def profile_decode(model: str | Path, workload: str = "single", num_prompts: int
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from kvflow import LLM, SamplingParams
+    from kvflow.llm import LLM
+    from kvflow.sampling_params import SamplingParams
 
     if workload not in ("single", "offline"):
         raise ValueError(f"workload must be 'single' or 'offline', got {workload!r}")

@@ -102,7 +102,8 @@ class _KVFlowBackend:
 
     def __init__(self, model_dir: Path, dtype: str, engine_kwargs: Mapping[str, Any]) -> None:
         try:
-            from kvflow import LLM, SamplingParams
+            from kvflow.llm import LLM
+            from kvflow.sampling_params import SamplingParams
         except ImportError as e:
             raise BackendUnavailable(f"backend 'kvflow' cannot import kvflow.LLM: {e}") from e
         self._sampling_params = SamplingParams
@@ -192,11 +193,6 @@ BACKENDS: dict[str, BackendLoader | PeerBackend] = {
     "vllm": PeerBackend("vllm"),
     "llamacpp": PeerBackend("llamacpp"),
 }
-
-
-def register_backend(name: str, loader: BackendLoader | PeerBackend) -> None:
-    """Add (or replace) a backend under ``name``."""
-    BACKENDS[name] = loader
 
 
 def get_backend(name: str) -> BackendLoader | PeerBackend:

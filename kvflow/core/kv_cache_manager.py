@@ -53,37 +53,46 @@ def hash_block(parent_hash: int | None, tokens: Sequence[int], salt: str | None 
 
 
 class BlockPool:
-    """Fixed set of blocks: free queue (LRU over cached blocks), ref counts, prefix index."""
+    """Fixed set of blocks: free queue (LRU over cached blocks), ref counts, prefix index.
+
+    Blocks never handed out yet cost nothing: they are a range of ids ahead of the free queue
+    (a pool of a million blocks, as a GPU or the planner's simulated instances have, starts at
+    once), and a block's record exists from its first allocation on.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
-        self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        # Free blocks in eviction order: the first entry is handed out first.
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.blocks: list[KVBlock] = []  # ids [0, len(blocks)) have been handed out at least once
+        # Freed blocks in eviction order (the first entry is handed out first), after the fresh ones.
+        self._free: OrderedDict[int, None] = OrderedDict()
         self._index: dict[int, int] = {}  # block hash -> block id
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self.num_blocks - len(self.blocks) + len(self._free)
 
     @property
     def num_cached(self) -> int:
         return len(self._index)
 
     def allocate(self, count: int) -> list[int]:
-        """Take `count` blocks off the free queue, evicting their cached content."""
-        if count > len(self._free):
-            raise RuntimeError(f"asked for {count} blocks with {len(self._free)} free")
+        """Take `count` blocks: never-used ones first, then the free queue's head, evicting their cached content."""
+        if count > self.num_free:
+            raise RuntimeError(f"asked for {count} blocks with {self.num_free} free")
         ids = []
         for _ in range(count):
-            block_id, _ = self._free.popitem(last=False)
-            block = self.blocks[block_id]
-            if block.block_hash is not None:
-                self._evict(block)
+            if len(self.blocks) < self.num_blocks:
+                block = KVBlock(len(self.blocks))
+                self.blocks.append(block)
+            else:
+                block_id, _ = self._free.popitem(last=False)
+                block = self.blocks[block_id]
+                if block.block_hash is not None:
+                    self._evict(block)
             block.ref_cnt = 1
-            ids.append(block_id)
+            ids.append(block.block_id)
         return ids
 
     def touch(self, block_ids: Sequence[int]) -> None:

@@ -39,6 +39,7 @@ class CoreRequestSpec(msgspec.Struct):
     seed: int | None = None
     priority: int = 0
     kv_transfer: KVTransferParams | None = None
+    cache_salt: str | None = None
 
 
 def build_core_requests(specs: list[CoreRequestSpec]) -> list[Request]:
@@ -49,7 +50,7 @@ def build_core_requests(specs: list[CoreRequestSpec]) -> list[Request]:
         built[spec.request_id] = Request(
             spec.request_id, spec.prompt_token_ids, spec.params, spec.eos_token_ids,
             spec.arrival_time, spec.max_model_len, leader=leader, seed=spec.seed, priority=spec.priority,
-            kv_transfer=spec.kv_transfer,
+            kv_transfer=spec.kv_transfer, cache_salt=spec.cache_salt,
         )
     return list(built.values())
 
@@ -88,11 +89,13 @@ class InputProcessor:
 
     # --------------------------------------------------------------- prompts
     def tokenize_prompt(self, prompt: str | list[int] | Mapping[str, Any]) -> tuple[str | None, list[int]]:
-        """Accept text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": [...]}."""
+        """Accept text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": [...]} (either
+        with an optional "cache_salt", see `cache_salt_of`)."""
         if isinstance(prompt, Mapping):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"}
             if unknown:
-                raise ValueError(f"unknown prompt keys {sorted(unknown)}; allowed: prompt, prompt_token_ids")
+                raise ValueError(f"unknown prompt keys {sorted(unknown)}; allowed: prompt, prompt_token_ids, "
+                                 "cache_salt")
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
             prompt = prompt.get("prompt", "")
@@ -106,6 +109,14 @@ class InputProcessor:
             check_utf8(prompt, "prompt")
             return prompt, self._check_ids(self.tokenizer.encode(prompt))
         return None, self._check_ids(prompt)
+
+    @staticmethod
+    def cache_salt_of(prompt: str | list[int] | Mapping[str, Any]) -> str | None:
+        """A prompt's {"cache_salt": "..."}: its KV blocks are shared only with prompts of the same salt
+        (tenants that must not learn from each other's cache hits)."""
+        if not isinstance(prompt, Mapping) or prompt.get("cache_salt") is None:
+            return None
+        return check_cache_salt(prompt["cache_salt"])
 
     def _check_ids(self, ids: Any) -> list[int]:
         if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -139,7 +150,7 @@ class InputProcessor:
     # --------------------------------------------------------------- fan-out
     def make_specs(
         self, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float | None = None,
-        priority: int = 0,
+        priority: int = 0, cache_salt: str | None = None,
     ) -> list[CoreRequestSpec]:
         """One spec per sequence: `n > 1` siblings share the leader's prompt blocks; seeds are seed + index."""
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -155,8 +166,16 @@ class InputProcessor:
                 leader_id=specs[0].request_id if specs else None,
                 seed=None if params.seed is None else params.seed + index,
                 priority=priority,
+                cache_salt=cache_salt,
             ))
         return specs
+
+
+def check_cache_salt(salt: Any) -> str:
+    if not isinstance(salt, str) or not salt:
+        raise ValueError("cache_salt must be a non-empty string")
+    check_utf8(salt, "cache_salt")
+    return salt
 
 
 def check_utf8(text: str, what: str) -> None:

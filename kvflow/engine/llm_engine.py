@@ -76,9 +76,10 @@ class LLMEngine:
         """Validate everything first; only then does the request touch the engine."""
         params = self.to_sampling_params(params)
         text, ids = self.tokenize_prompt(prompt)
+        salt = self.inputs.cache_salt_of(prompt)
         self.validate(ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        specs = self.inputs.make_specs(ids, params, arrival, priority)
+        specs = self.inputs.make_specs(ids, params, arrival, priority, salt)
         self.outputs.add_request(request_id, text, ids, params, [s.request_id for s in specs], arrival)
         for request in build_core_requests(specs):
             self.core.add_request(request)

@@ -1,7 +1,7 @@
 """Quality harness (`kvflow eval`): held-out perplexity vs a unigram baseline, passkey retrieval
 over context length x needle depth, and multi-key associative recall, all run through our engine.
 
-    from kvflow import LLM
+    from kvflow.llm import LLM
     from kvflow.eval import EvalConfig, run_eval, save_results, format_report
 
     result = run_eval(LLM(model="models/train/tiny"), EvalConfig(lengths=(256, 512)))

@@ -5,7 +5,10 @@ and cached under ``$KVFLOW_CACHE`` (default ``~/.cache/kvflow``) in a folder nam
 the source and its headers, the flags, the torch version and the CPU's feature flags, so a changed
 file, a new torch or a different CPU never picks up a stale or illegal build. Building needs a C++ compiler
 and ninja (a kvflow dependency); where either is missing, or the build fails, the engine logs why
-and runs the PyTorch modules instead, which compute the same model.
+and runs the PyTorch modules instead, which compute the same model. It runs a model whose linear
+layers' methods all give it their weights (`LinearMethod.cpu_kernel_weights`), plainly or all
+oneDNN-prepacked; for any other model `CpuForward` raises `CpuForwardUnsupported`, and the runner
+logs why and takes the modules.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kvflow.model.cpu_linear import PackedLinear
+from kvflow.model.linear import CpuKernelWeights, Linear
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +89,20 @@ def decode_gemv_available() -> bool:
     return ext is not None and bool(ext.has_decode_gemv)
 
 
-def _weight(module: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weight, bias, decode GEMV copy) of a plain or prepacked linear; an empty tensor stands for "none"."""
-    empty = torch.empty(0)
-    if isinstance(module, PackedLinear):
-        blocked = module.blocked_weight if module.blocked_weight is not None else empty
-        return module.packed_weight, empty if module.bias is None else module.bias, blocked
-    if isinstance(module, nn.Linear):
-        return module.weight.detach(), empty if module.bias is None else module.bias.detach(), empty
-    raise TypeError(f"expected a linear layer, got {type(module).__name__}")
+class CpuForwardUnsupported(Exception):
+    """This model cannot run in the C++ forward (the runner takes the PyTorch modules)."""
+
+
+def _kernel_weights(layer: Linear) -> CpuKernelWeights:
+    weights = layer.method.cpu_kernel_weights(layer)
+    if weights is None:
+        raise CpuForwardUnsupported(f"the C++ forward cannot run {layer.method.name} linear weights")
+    return weights
+
+
+def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
+    """The C++ side takes an empty tensor for "none"."""
+    return torch.empty(0) if t is None else t
 
 
 class CpuForward:
@@ -109,24 +117,28 @@ class CpuForward:
         if ext is None:
             raise RuntimeError("kvflow's C++ CPU kernels are not available on this machine")
         cfg = model.config
-        packed = isinstance(model.layers[0].self_attn.qkv_proj, PackedLinear)
         empty = torch.empty(0)
         layers: list[list[torch.Tensor]] = []
         windows: list[int] = []
+        kinds: set[bool] = set()
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv, qkv_b, qkv_d = _weight(attn.qkv_proj)
-            o, o_b, o_d = _weight(attn.o_proj)
-            gate_up, gate_up_b, gate_up_d = _weight(mlp.gate_up_proj)
-            down, down_b, down_d = _weight(mlp.down_proj)
+            qkv, o, gate_up, down = (_kernel_weights(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                                   mlp.down_proj))
+            kinds.update(w.packed for w in (qkv, o, gate_up, down))
             q_norm = attn.q_norm.weight.detach() if attn.q_norm is not None else empty
             k_norm = attn.k_norm.weight.detach() if attn.k_norm is not None else empty
             layers.append([
-                layer.input_layernorm.weight.detach(), qkv, qkv_b, q_norm, k_norm, o, o_b,
-                layer.post_attention_layernorm.weight.detach(), gate_up, gate_up_b, down, down_b,
-                qkv_d, o_d, gate_up_d, down_d,
+                layer.input_layernorm.weight.detach(), qkv.weight, _or_empty(qkv.bias), q_norm, k_norm, o.weight,
+                _or_empty(o.bias), layer.post_attention_layernorm.weight.detach(), gate_up.weight,
+                _or_empty(gate_up.bias), down.weight, _or_empty(down.bias),
+                _or_empty(qkv.decode_copy), _or_empty(o.decode_copy), _or_empty(gate_up.decode_copy),
+                _or_empty(down.decode_copy),
             ])
             windows.append(attn.sliding_window or 0)
+        if len(kinds) > 1:
+            raise CpuForwardUnsupported("the C++ forward runs plain or prepacked weights, not a mix of both")
+        packed = kinds.pop()
         rotary = model.layers[0].self_attn.rotary
         self._model: Any = ext.CpuModel(
             model.embed_tokens.weight.detach(), layers, windows, model.norm.weight.detach(),
@@ -136,8 +148,8 @@ class CpuForward:
         self._ext = ext
         self._no_bias = empty
         self._compute_logits = model.compute_logits
-        head = getattr(model, "packed_logits", None)
-        self._blocked_head: torch.Tensor | None = head.blocked_weight if isinstance(head, PackedLinear) else None
+        head = model.lm_head.method.cpu_kernel_weights(model.lm_head)
+        self._blocked_head: torch.Tensor | None = head.decode_copy if head is not None else None
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor,

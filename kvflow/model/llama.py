@@ -3,7 +3,8 @@
 The four differ only in switches carried by `ModelConfig`: q/k/v bias (Qwen2), per-head q/k
 RMSNorm (Qwen3), sliding-window layers (Mistral, Qwen2), tied embeddings and RoPE scaling.
 q/k/v and gate/up projections are fused at load time. All tokens of a step arrive flat
-([num_tokens, hidden]); attention goes through the backend, which owns the KV cache layout.
+([num_tokens, hidden]); attention goes through the backend, over caches the KV-cache spec lays out.
+Every projection and the LM head is a `Linear` whose method (dense, prepacked, ...) is chosen at load.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch.nn as nn
 
 from kvflow.attention.backend import AttentionBackend, AttentionMetadata
 from kvflow.config import ModelConfig
-from kvflow.model.cpu_linear import PackedLinear, prepack_linears
 from kvflow.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from kvflow.model.linear import Linear, LinearMethod, linear_layers
 
 
 class Attention(nn.Module):
@@ -25,8 +26,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
@@ -77,8 +78,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.packed_logits: PackedLinear | None = None  # set by `prepack_weights`
+        # A tied head is made after loading, over the embedding's matrix (`finish_loading`).
+        self.lm_head: Linear | None = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
 
     def forward(
         self,
@@ -98,19 +99,21 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed_logits is not None:
-            return self.packed_logits(hidden).float()
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        assert self.lm_head is not None, "finish_loading() makes the tied LM head"
+        return self.lm_head(hidden).float()
 
-    def prepack_weights(self, decode_copies: bool = False) -> int:
-        """Switch every projection and the LM head to oneDNN-prepacked weights (see cpu_linear);
-        returns how many matrices were packed. The LM head gets a packed copy (a tied one shares its
-        matrix with the embedding lookup, which needs the plain layout). `decode_copies`: also
-        keep each matrix in the C++ decode GEMV's layout (a second copy, for single-stream speed)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.packed_logits = PackedLinear(weight, None, decode_copies)
-        return prepack_linears(self.layers, decode_copies) + 1
+    def finish_loading(self) -> None:
+        """After `load_weights`: a tied LM head is a `Linear` over the embedding's own matrix."""
+        if self.lm_head is None:
+            self.lm_head = Linear.sharing(self.embed_tokens.weight)
+
+    def use_linear_method(self, method: LinearMethod) -> int:
+        """Give every projection and the LM head this method; returns how many layers took it. (The
+        embedding lookup keeps a tied head's plain matrix: a method only replaces the head's view of it.)"""
+        layers = linear_layers(self)
+        for layer in layers:
+            layer.use(method)
+        return len(layers)
 
     # ---------------------------------------------------------------- weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

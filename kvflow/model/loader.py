@@ -70,6 +70,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
             module.cos, module.sin = fresh.cos, fresh.sin
     with torch.no_grad():
         model.load_weights(iter_weights(cfg.path, cfg.dtype))
+    model.finish_loading()
     return model.eval().requires_grad_(False)
 
 

@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import kvflow
 from kvflow.engine.input_processor import check_utf8
 from kvflow.server import serving_chat, serving_completions
 from kvflow.server.async_engine import RequestStream
@@ -43,6 +42,7 @@ from kvflow.server.protocol import (
     VersionResponse,
 )
 from kvflow.server.serving import ServerContext, sse, until_disconnect
+from kvflow.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
             await ctx.engine.shutdown()
             logger.info("engine core stopped")
 
-    app = FastAPI(title="kvflow", version=kvflow.__version__, lifespan=lifespan, responses=_ERRORS)
+    app = FastAPI(title="kvflow", version=__version__, lifespan=lifespan, responses=_ERRORS)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if api_key:
@@ -114,7 +114,7 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
 
     @app.get("/version")
     async def version() -> VersionResponse:
-        return VersionResponse(version=kvflow.__version__)
+        return VersionResponse(version=__version__)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:

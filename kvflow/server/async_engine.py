@@ -10,7 +10,6 @@ core dies.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import deque
@@ -86,7 +85,6 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._timing: dict[str, _Timing] = {}
         self._num_seqs = 0
-        self._ids = itertools.count()
 
     async def start(self) -> None:
         try:
@@ -116,12 +114,9 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
-    def new_request_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._ids)}"
-
     # ---------------------------------------------------------------- intake
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams) -> RequestStream:
+                    params: SamplingParams, cache_salt: str | None = None) -> RequestStream:
         """Validate, admit and send one request; raises ValueError / OverloadedError / EngineDeadError."""
         if self.dead_reason is not None or self.inputs is None:
             raise EngineDeadError(self.dead_reason or "the engine is not running")
@@ -134,7 +129,7 @@ class AsyncEngine:
                 f"at most {capacity} (--max-num-seqs + --max-waiting-requests)"
             )
         arrival = time.monotonic()
-        specs = self.inputs.make_specs(prompt_token_ids, params, arrival)
+        specs = self.inputs.make_specs(prompt_token_ids, params, arrival, cache_salt=cache_salt)
         self.outputs.add_request(request_id, prompt, prompt_token_ids, params,
                                  [s.request_id for s in specs], arrival, OutputKind.DELTA)
         stream = RequestStream(request_id, params.n)

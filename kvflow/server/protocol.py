@@ -46,6 +46,8 @@ class SamplingFields(_Request):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # KV-cache blocks are shared only between requests with the same salt (tenants, as in vLLM).
+    cache_salt: str | None = Field(None, min_length=1)
 
 
 class CompletionRequest(SamplingFields):

@@ -76,13 +76,13 @@ def check_room(ctx: ServerContext, num_prompt_tokens: int, max_tokens: int | Non
 
 
 def start_requests(ctx: ServerContext, base_id: str, prompts: list[tuple[str | None, list[int]]],
-                   params: SamplingParams) -> list[RequestStream]:
+                   params: SamplingParams, cache_salt: str | None = None) -> list[RequestStream]:
     """Admit every prompt or none: a refusal half way aborts the ones already admitted."""
     streams: list[RequestStream] = []
     try:
         for i, (text, ids) in enumerate(prompts):
             request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-            streams.append(ctx.engine.add_request(request_id, text, ids, params))
+            streams.append(ctx.engine.add_request(request_id, text, ids, params, cache_salt))
     except BaseException:
         for stream in streams:
             ctx.engine.abort(stream.request_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-from kvflow.engine.input_processor import check_utf8
+from kvflow.engine.input_processor import check_cache_salt, check_utf8
 from kvflow.outputs import PositionLogprobs
 from kvflow.server import serving
 from kvflow.server.errors import APIError
@@ -63,7 +63,8 @@ def start(ctx: ServerContext, req: ChatCompletionRequest) -> tuple[str, list]:
     serving.check_room(ctx, len(ids), max_tokens)
     params = serving.sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    return request_id, serving.start_requests(ctx, request_id, [(text, ids)], params)
+    salt = check_cache_salt(req.cache_salt) if req.cache_salt is not None else None
+    return request_id, serving.start_requests(ctx, request_id, [(text, ids)], params, salt)
 
 
 async def full_response(ctx: ServerContext, req: ChatCompletionRequest, request_id: str,

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from kvflow.engine.input_processor import check_utf8
+from kvflow.engine.input_processor import check_cache_salt, check_utf8
 from kvflow.outputs import PositionLogprobs, RequestOutput
 from kvflow.server import serving
 from kvflow.server.errors import APIError
@@ -53,7 +53,8 @@ def start(ctx: ServerContext, req: CompletionRequest) -> tuple[str, list, list]:
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     params = serving.sampling_params(ctx, req, req.max_tokens, req.logprobs, echo_logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    return request_id, prompts, serving.start_requests(ctx, request_id, prompts, params)
+    salt = check_cache_salt(req.cache_salt) if req.cache_salt is not None else None
+    return request_id, prompts, serving.start_requests(ctx, request_id, prompts, params, salt)
 
 
 async def full_response(ctx: ServerContext, req: CompletionRequest, request_id: str,

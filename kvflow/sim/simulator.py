@@ -1,7 +1,8 @@
 """Discrete-event simulation of a deployment serving a request stream.
 
-Events are arrivals, iteration ends and KV loads landing. Each instance runs kvflow's scheduler
-(kvflow/sim/instance.py) and takes as long per iteration as its latency model says. A
+Events are arrivals, iteration ends and KV loads landing. Each instance runs kvflow's own
+scheduler and KV cache manager (kvflow/sim/instance.py) and takes as long per iteration as its
+latency model says. A
 disaggregated deployment routes each request, as the router does, to the prefill and the decode
 instance with the fewest requests in flight; the KV transfer is modelled — the term DistServe's
 own simulator leaves out — as bytes over the prefill instance's link, serialised per link:
@@ -138,14 +139,14 @@ class Simulator:
         if not self.deployment.disaggregated:
             instance = min(self.colocated, key=lambda i: i.num_in_flight)
             seq = Seq(request, index, request.output_len)
-            instance.waiting.append(seq)
+            instance.add(seq)
             self._kick(instance)
             return seq
         prefill = min(self.prefill, key=lambda i: i.num_in_flight)
-        prefill.waiting.append(Seq(request, index, 1))
+        prefill.add(Seq(request, index, 1))
         decode = min(self.decode, key=lambda i: i.num_in_flight)
         seq = Seq(request, index, request.output_len, needs_load=True)
-        decode.waiting.append(seq)
+        decode.add(seq)
         self._kick(prefill)
         self._kick(decode)
         return seq
@@ -195,7 +196,7 @@ class Simulator:
         done += transfer.latency_s
         self._exposed.append(done - max(end, pulled))
         prefill.release_held(index)
-        seq.load_done_s = done
+        decode.land_load(index, done)
         self._push(done, "wake", decode)
         self._push(done, "wake", prefill)  # its blocks came back: it may admit more
 

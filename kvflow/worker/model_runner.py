@@ -15,8 +15,8 @@ import torch
 from kvflow.attention.backend import AttentionMetadata, get_backend
 from kvflow.attention.kv_spec import KVCacheSpec
 from kvflow.config import EngineConfig
-from kvflow.model.cpu_kernels import CpuForward, cpu_kernels_available, decode_gemv_available
-from kvflow.model.cpu_linear import prepack_available
+from kvflow.model.cpu_kernels import CpuForward, CpuForwardUnsupported, cpu_kernels_available, decode_gemv_available
+from kvflow.model.linear import DenseLinear, LinearMethod, PrepackedLinear, prepack_available
 from kvflow.model.loader import load_model
 from kvflow.worker.kv_budget import num_kv_blocks
 from kvflow.worker.sampler import Sampler, SamplingBatch
@@ -42,8 +42,7 @@ class ModelRunner:
         runner = config.runner
         use_cpu_kernels = (runner.cpu_kernels and runner.attention_backend != "triton"
                            and cpu_kernels_available(self.device, config.model.dtype))
-        if runner.prepack_weights and prepack_available(self.device, config.model.dtype):
-            self.model.prepack_weights(decode_copies=use_cpu_kernels and runner.decode_gemv and decode_gemv_available())
+        self.model.use_linear_method(self._linear_method(use_cpu_kernels))
         self.backend = get_backend(self.device, runner.attention_backend)
         model = config.model
         self.kv_spec = KVCacheSpec.dense(model.num_layers, model.num_kv_heads, model.head_dim, self.block_size,
@@ -56,8 +55,19 @@ class ModelRunner:
         self.step_hooks: StepHooks | None = None  # a KV connector's worker side, if it needs one
         self.cpu_forward: CpuForward | None = None
         if use_cpu_kernels and self.kv_spec.is_dense and self.kv_spec.layout == "head_major":
-            self.cpu_forward = CpuForward(self.model, self.kv_caches)
+            try:
+                self.cpu_forward = CpuForward(self.model, self.kv_caches)
+            except CpuForwardUnsupported as exc:
+                logger.info("%s; running the PyTorch modules", exc)
         self.sampler = Sampler()
+
+    def _linear_method(self, use_cpu_kernels: bool) -> LinearMethod:
+        """bf16 on a CPU with oneDNN: prepacked weights (bit-identical, faster), with the decode GEMV's
+        copies where the C++ forward will use them; else the weights as loaded."""
+        runner = self.config.runner
+        if runner.prepack_weights and prepack_available(self.device, self.model_config.dtype):
+            return PrepackedLinear(decode_copy=use_cpu_kernels and runner.decode_gemv and decode_gemv_available())
+        return DenseLinear()
 
     # ---------------------------------------------------------------- execute
     @torch.inference_mode()

@@ -91,7 +91,6 @@ class SamplingBatch:
     any_additive_penalty: bool = field(init=False)  # frequency or presence
     any_penalty: bool = field(init=False)
     any_blocked: bool = field(init=False)
-    any_generator: bool = field(init=False)
 
     def __post_init__(self) -> None:
         """Check shapes and derive the skip flags."""
@@ -132,7 +131,6 @@ class SamplingBatch:
         )
         self.any_penalty = self.any_repetition_penalty or self.any_additive_penalty
         self.any_blocked = any(len(ids) > 0 for ids in self.blocked_token_ids)
-        self.any_generator = any(g is not None for g in self.generators)
 
     @property
     def batch_size(self) -> int:

@@ -320,7 +320,7 @@ needs_gemv = pytest.mark.skipif(ext is None or not ext.has_decode_gemv, reason="
 @pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_decode_linear_matches_an_fp32_reference(rows, with_bias):
-    from kvflow.model.cpu_linear import block_rows
+    from kvflow.model.linear import block_rows
 
     torch.manual_seed(rows)
     x = torch.randn(rows, 96).bfloat16()
@@ -335,7 +335,7 @@ def test_decode_linear_matches_an_fp32_reference(rows, with_bias):
 
 
 def test_block_rows_lays_out_four_rows_as_one_stream_or_refuses():
-    from kvflow.model.cpu_linear import block_rows
+    from kvflow.model.linear import block_rows
 
     w = torch.arange(8 * 64, dtype=torch.float32).reshape(8, 64).bfloat16()
     b = block_rows(w)
