@@ -1,6 +1,7 @@
 #!/bin/bash
 # Validation runs of docs/simulator.md: calibrate each deployment, then run every validation load 3 times (same seed: the same stream),
 # each on a fresh server with a step log, to separate model error from run-to-run noise.
+# CALIBRATE=0 skips the calibration and keeps the profiles in docs/profiles (to compare simulators on new runs).
 cd "$(dirname "$0")/../.."
 OUT=${1:-bench_results/serve-val3}
 rm -rf $OUT; mkdir -p $OUT
@@ -22,8 +23,10 @@ loads() {  # label rep extra
   for R in 2 4; do one $1 $2 trace-code $((R + 100)) "$3" --dataset trace --trace-file ../shared/traces/azure_llm_2023_code.csv --num-prompts 60 --max-input-len 1536 --max-output-len 128 --request-rate $R --goodput ttft:2000 tpot:50; done
 }
 DIS="--disagg --prefill 1 --decode 1 --pin-cores"
-kvflow profile --serve --out $OUT/colocated-profile.json --quiet > $OUT/colocated-profile.txt 2>&1
-kvflow profile --serve --serve-args "$DIS" --out $OUT/1p1d-profile.json --quiet > $OUT/1p1d-profile.txt 2>&1
+if [ "${CALIBRATE:-1}" != 0 ]; then
+  kvflow profile --serve --out $OUT/colocated-profile.json --quiet > $OUT/colocated-profile.txt 2>&1
+  kvflow profile --serve --serve-args "$DIS" --out $OUT/1p1d-profile.json --quiet > $OUT/1p1d-profile.txt 2>&1
+fi
 for rep in 1 2 3; do
   loads colocated $rep ""
   loads 1p1d-layerwise $rep "$DIS"

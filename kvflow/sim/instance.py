@@ -214,6 +214,7 @@ class InstanceSim:
         """Build the next iteration at `now` (None when there is nothing to compute)."""
         self.now = now
         sched = self.scheduler.schedule()
+        self.scheduler.drain_events()  # the simulator keeps its own account of transfers
         if sched.is_empty:
             if sched.loaded:  # a first token can only go out with an iteration: an empty one of no time
                 return Iteration(sched, now, now)

@@ -15,7 +15,7 @@ from kvflow.engine.input_processor import CoreRequestSpec, InputProcessor, build
 from kvflow.sampling_params import SamplingParams
 from kvflow.worker.sampler import Sampler, SamplingBatch, advance_generator
 from kvflow.worker.step import TokenLogprobs
-from tests.disagg.engine_pairs import assert_all_blocks_free, drive, make_core, prompts, submit_group
+from tests.kv_transfer.engine_pairs import assert_all_blocks_free, drive, make_core, prompts, submit_group
 
 ATOL = 1e-5  # logprobs: the same fp32 computation, batched differently
 

@@ -1,4 +1,5 @@
-"""KV transfer between a prefill and a decode instance: outputs, bytes, overlap, admission, faults."""
+"""KV transfer between a prefill and a decode instance through the P/D connector: outputs, bytes,
+overlap, admission, faults."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 import pytest
 
 from kvflow.config import KVTransferConfig
-from tests.disagg.engine_pairs import (
+from tests.kv_transfer.engine_pairs import (
     assert_all_blocks_free,
     drive,
     greedy,
