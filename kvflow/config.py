@@ -192,6 +192,13 @@ def _sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[in
     return tuple(None for _ in range(num_layers))
 
 
+# KV-cache formats (kvflow/attention/kv_spec.py says what a block of each holds): "auto" keeps the
+# model's dtype; the dense dtypes store keys and values as computed; "int8" stores int8 codes with
+# one fp32 scale per token and kv head (symmetric); "fp8_e4m3" stores float8 codes with one scale
+# per layer and kv head, given (kv_scale) or calibrated from the first prompt.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "int8", "fp8_e4m3")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache: block size, memory budget and prefix caching."""
@@ -202,8 +209,18 @@ class CacheConfig:
     # Exact block count, overriding the memory budget (tests use it to force preemption).
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    # What a KV block stores: "auto" (the model's dtype), a dense dtype, or a quantised format.
+    kv_cache_dtype: str = "auto"
+    # fp8_e4m3: the scale of every layer's keys and values (None: calibrated per layer and kv head
+    # from the first prompt; instances exchanging KV need a given scale).
+    kv_scale: float | None = None
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.kv_scale is not None and (self.kv_cache_dtype != "fp8_e4m3" or not self.kv_scale > 0):
+            raise ValueError(f"kv_scale must be a positive number, with kv_cache_dtype fp8_e4m3; got {self.kv_scale} "
+                             f"with {self.kv_cache_dtype}")
         if self.block_size < 1 or self.block_size > 1024:
             raise ValueError(f"block_size must be in [1, 1024], got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

@@ -7,7 +7,20 @@ per *component* in the head-major paged layout
 
 where a component is what is stored per token and kv head: the keys and values themselves (a
 dense cache: one component "kv" of the model's dtype, width head_dim), or, for a quantised cache,
-codes plus their scales (and zero points), each a component of its own dtype and width. A block's
+codes plus their scales (and zero points), each a component of its own dtype and width. The
+formats (`--kv-cache-dtype`, `kvflow.config.KV_CACHE_DTYPES`) map to specs in `for_format`:
+
+    auto / bfloat16 / float16 / float32   one component "kv" [.., head_dim] of that dtype
+    int8                                   "codes" int8 [.., head_dim] + "scales" fp32 [.., 1]
+                                           (symmetric, one scale per token and kv head; kv_quant.py)
+    fp8_e4m3                               "codes" float8_e4m3fn [.., head_dim], and per layer one
+                                           fp32 "head_scales" [2, kv_heads, 1]: one scale per kv head
+                                           for keys and for values, given (`kv_scale`) or calibrated
+                                           from the first prompt (kv_quant.py)
+
+A component held per kv head rather than per token (`per_token=False`) is a fixed amount of memory
+per layer, outside the blocks; KV transfer does not move it (both sides must have the same scales,
+which is why the wire format names a given scale and refuses calibrated ones). A block's
 rows for one kv head are contiguous, which the attention kernels rely on (torch-native, Triton, and
 the C++ CPU kernel, which is built on the dense head-major layout).
 
@@ -27,6 +40,9 @@ import torch
 #: The layouts a spec can describe. Head-major: [2, blocks, kv_heads, block_size, width].
 KV_LAYOUTS = ("head_major",)
 
+#: Formats stored as computed, in that dtype (the others are quantised).
+DENSE_KV_DTYPES = ("bfloat16", "float16", "float32")
+
 #: A layer's cache: one tensor for a dense spec, one tensor per component otherwise.
 LayerKV = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -38,10 +54,11 @@ class KVComponent:
     name: str  # "kv" for a dense cache; e.g. "codes", "scales" for a quantised one
     dtype: torch.dtype
     width: int  # elements per token and kv head: head_dim for the keys/values, 1 for a per-token scale
+    per_token: bool = True  # False: one row per kv head for the whole layer (a per-head scale)
 
     @property
     def bytes_per_head(self) -> int:
-        """Bytes per token and kv head, for keys or for values."""
+        """Bytes per token (per layer, if not per token) and kv head, for keys or for values."""
         return self.width * torch.empty((), dtype=self.dtype).element_size()
 
 
@@ -53,6 +70,10 @@ class KVCacheSpec:
     block_size: int
     components: tuple[KVComponent, ...]
     layout: str = "head_major"
+    #: The format's name (`--kv-cache-dtype`, resolved: "auto" becomes the model's dtype).
+    kv_dtype: str = ""
+    #: fp8_e4m3: the scale given for every layer's keys and values (None: calibrated from the first prompt).
+    kv_scale: float | None = None
 
     def __post_init__(self) -> None:
         if min(self.num_layers, self.num_kv_heads, self.head_dim, self.block_size) < 1:
@@ -66,7 +87,29 @@ class KVCacheSpec:
     def dense(cls, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
               dtype: torch.dtype) -> KVCacheSpec:
         """Keys and values stored as they are computed, in `dtype`."""
-        return cls(num_layers, num_kv_heads, head_dim, block_size, (KVComponent("kv", dtype, head_dim),))
+        return cls(num_layers, num_kv_heads, head_dim, block_size, (KVComponent("kv", dtype, head_dim),),
+                   kv_dtype=str(dtype).removeprefix("torch."))
+
+    @classmethod
+    def for_format(cls, kv_cache_dtype: str, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                   model_dtype: torch.dtype, kv_scale: float | None = None) -> KVCacheSpec:
+        """The spec of a `--kv-cache-dtype` (see the table above) for a model."""
+        if kv_scale is not None and kv_cache_dtype != "fp8_e4m3":
+            raise ValueError(f"kv_scale applies to kv_cache_dtype fp8_e4m3, not {kv_cache_dtype}")
+        if kv_cache_dtype == "auto":
+            return cls.dense(num_layers, num_kv_heads, head_dim, block_size, model_dtype)
+        if kv_cache_dtype == "int8":
+            components = (KVComponent("codes", torch.int8, head_dim), KVComponent("scales", torch.float32, 1))
+            return cls(num_layers, num_kv_heads, head_dim, block_size, components, kv_dtype="int8")
+        if kv_cache_dtype == "fp8_e4m3":
+            components = (KVComponent("codes", torch.float8_e4m3fn, head_dim),
+                          KVComponent("head_scales", torch.float32, 1, per_token=False))
+            return cls(num_layers, num_kv_heads, head_dim, block_size, components, kv_dtype="fp8_e4m3",
+                       kv_scale=kv_scale)
+        dtype = getattr(torch, kv_cache_dtype, None)
+        if kv_cache_dtype not in DENSE_KV_DTYPES or not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown KV cache dtype {kv_cache_dtype!r}")
+        return cls.dense(num_layers, num_kv_heads, head_dim, block_size, dtype)
 
     @property
     def is_dense(self) -> bool:
@@ -81,9 +124,20 @@ class KVCacheSpec:
 
     # ------------------------------------------------------------------ memory
     @property
+    def token_components(self) -> tuple[KVComponent, ...]:
+        """The components stored per token, in the blocks."""
+        return tuple(c for c in self.components if c.per_token)
+
+    @property
     def bytes_per_token_per_layer(self) -> int:
-        """Bytes one token occupies in one layer (keys and values, every component)."""
-        return 2 * self.num_kv_heads * sum(c.bytes_per_head for c in self.components)
+        """Bytes one token occupies in one layer (keys and values, every per-token component)."""
+        return 2 * self.num_kv_heads * sum(c.bytes_per_head for c in self.token_components)
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes of the per-head components of every layer: memory outside the blocks."""
+        per_layer = 2 * self.num_kv_heads * sum(c.bytes_per_head for c in self.components if not c.per_token)
+        return self.num_layers * per_layer
 
     @property
     def bytes_per_token(self) -> int:
@@ -95,18 +149,22 @@ class KVCacheSpec:
         return self.block_size * self.bytes_per_token
 
     def num_blocks(self, budget_bytes: int) -> int:
-        """The most whole blocks a budget holds."""
-        return max(0, budget_bytes // self.bytes_per_block)
+        """The most whole blocks a budget holds (after the per-head components)."""
+        return max(0, (budget_bytes - self.fixed_bytes) // self.bytes_per_block)
 
     # -------------------------------------------------------------- allocation
     def shape(self, component: KVComponent, num_blocks: int) -> tuple[int, ...]:
+        if not component.per_token:
+            return (2, self.num_kv_heads, component.width)
         return (2, num_blocks, self.num_kv_heads, self.block_size, component.width)
 
     def allocate(self, num_blocks: int, device: torch.device | str) -> list[LayerKV]:
-        """Zeroed caches for every layer: a tensor per layer (dense), else a tuple per layer."""
+        """Zeroed caches for every layer: a tensor per layer (dense), else a tuple per layer. Per-head
+        scales start at the given `kv_scale`, else at 0, which means "not calibrated yet"."""
         caches: list[LayerKV] = []
         for _ in range(self.num_layers):
-            parts = tuple(torch.zeros(self.shape(c, num_blocks), dtype=c.dtype, device=device)
+            parts = tuple(torch.full(self.shape(c, num_blocks), 0 if c.per_token else (self.kv_scale or 0.0),
+                                     dtype=c.dtype, device=device)
                           for c in self.components)
             caches.append(parts[0] if self.is_dense else parts)
         return caches
@@ -127,7 +185,14 @@ class KVCacheSpec:
         """What two instances must agree on to exchange KV (block sizes may differ): the components'
         names, dtypes and widths, per layer and kv head."""
         comps = ",".join(f"{c.name}:{str(c.dtype).removeprefix('torch.')}:{c.width}" for c in self.components)
-        return f"{self.num_layers}x{self.num_kv_heads}x{self.head_dim}/{comps}"
+        scale = "" if self.kv_scale is None else f"/scale={self.kv_scale!r}"
+        return f"{self.num_layers}x{self.num_kv_heads}x{self.head_dim}/{self.kv_dtype}/{comps}{scale}"
+
+    @property
+    def transferable(self) -> bool:
+        """Whether two instances can exchange this KV: per-head scales must be given, not calibrated
+        (each instance would calibrate its own from another first prompt)."""
+        return all(c.per_token for c in self.components) or self.kv_scale is not None
 
     def wire_nbytes(self, num_tokens: int) -> int:
         """Bytes of one layer's tokens on the wire."""
@@ -137,7 +202,7 @@ class KVCacheSpec:
         """Slots [start, num_tokens) of `block_ids` in one layer, as raw bytes: per component, in the
         spec's order, a contiguous [2, kv_heads, tokens, width] array."""
         chunks = [_gather_tokens(part, block_ids, num_tokens, start).view(torch.uint8).reshape(-1)
-                  for part in self.parts(layer)]
+                  for c, part in zip(self.components, self.parts(layer)) if c.per_token]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def scatter(self, layer: LayerKV, block_ids: list[int], data: torch.Tensor, start: int = 0) -> None:
@@ -147,6 +212,8 @@ class KVCacheSpec:
             raise ValueError(f"{data.numel()} bytes are not a whole number of tokens of this KV cache")
         offset = 0
         for component, part in zip(self.components, self.parts(layer)):
+            if not component.per_token:
+                continue
             nbytes = 2 * self.num_kv_heads * num_tokens * component.bytes_per_head
             raw = data[offset:offset + nbytes]
             offset += nbytes
@@ -168,6 +235,8 @@ def _gather_tokens(cache: torch.Tensor, block_ids: list[int], num_tokens: int, s
 
 def _scatter_tokens(cache: torch.Tensor, block_ids: list[int], tokens: torch.Tensor, start: int) -> None:
     """Write [2, H, T, W] tokens into slots [start, start + T) of `block_ids`."""
+    if cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # index_copy_ has no float8 kernel: copy bytes
+        cache, tokens = cache.view(torch.uint8), tokens.view(torch.uint8)
     _, _, heads, block_size, width = cache.shape
     first, skip = divmod(start, block_size)
     block_ids = block_ids[first:]

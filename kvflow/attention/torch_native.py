@@ -4,6 +4,11 @@ Decodes and prefill chunks are handled as two batched `scaled_dot_product_attent
 KV gathered from the block tables, with a boolean mask for causality, padding and sliding
 windows — no Python loop over sequences. Masks and gather indices are built once per step in
 `prepare` and shared by all layers.
+
+An int8 or fp8 cache (kv_quant.py) is read as codes, its scales (per token, or per kv head)
+folded into the scores and the softmax weights. Attention always reads keys and values as the
+cache holds them, the step's own included, so a prompt gives the same outputs whether its prefix
+was computed now, in earlier chunks or found in the prefix cache.
 """
 
 from __future__ import annotations
@@ -12,7 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from kvflow.attention.backend import AttentionMetadata
-from kvflow.attention.kv_spec import KVCacheSpec
+from kvflow.attention.kv_quant import (
+    dequantize_fp8,
+    dequantize_int8,
+    quantize_fp8,
+    quantize_int8,
+    store_fp8,
+    store_int8,
+)
+from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 
 
 class TorchNativeBackend:
@@ -22,8 +35,8 @@ class TorchNativeBackend:
 
     @staticmethod
     def supports(spec: KVCacheSpec) -> bool:
-        """Dense keys and values in the head-major paged layout."""
-        return spec.is_dense and spec.layout == "head_major"
+        """Dense, int8 or fp8 keys and values in the head-major paged layout."""
+        return (spec.is_dense or spec.kv_dtype in ("int8", "fp8_e4m3")) and spec.layout == "head_major"
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, meta: AttentionMetadata) -> None:
@@ -93,13 +106,26 @@ class TorchNativeBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache: LayerKV,
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
-        kv_cache[0][meta.extra["slot_block"], :, meta.extra["slot_offset"]] = k
-        kv_cache[1][meta.extra["slot_block"], :, meta.extra["slot_offset"]] = v
+        if isinstance(kv_cache, torch.Tensor):
+            if kv_cache.dtype != k.dtype:  # a dense cache of another dtype: read back as stored
+                k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
+            kv_cache[0][meta.extra["slot_block"], :, meta.extra["slot_offset"]] = k
+            kv_cache[1][meta.extra["slot_block"], :, meta.extra["slot_offset"]] = v
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        elif _is_int8(kv_cache):  # attention reads what the cache holds, the step's own keys and values included
+            store_int8(kv_cache, k, v, meta.extra["slot_block"], meta.extra["slot_offset"])
+            k = dequantize_int8(*quantize_int8(k), dtype=k.dtype)
+            v = dequantize_int8(*quantize_int8(v), dtype=v.dtype)
+        else:  # fp8: the first step that stores KV calibrates the scales (unless given)
+            store_fp8(kv_cache, k, v, meta.extra["slot_block"], meta.extra["slot_offset"])
+            head_scales = kv_cache[1]
+            k = dequantize_fp8(quantize_fp8(k, head_scales[0]), head_scales[0], k.dtype)
+            v = dequantize_fp8(quantize_fp8(v, head_scales[1]), head_scales[1], v.dtype)
         nd = meta.num_decodes
         if not meta.num_prefills:
             return self._decode(q, kv_cache, meta, scale, sliding_window)
@@ -112,34 +138,57 @@ class TorchNativeBackend:
             ]
         )
 
-    def _gather(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, nblocks] block ids -> keys, values as [B, kv_heads, nblocks * block_size, head_dim]."""
+    def _gather(self, kv_cache: LayerKV, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, nblocks] block ids -> keys, values as [B, kv_heads, nblocks * block_size, head_dim] (an
+        int8 cache dequantised: this is the reference path for prefill chunks after a prefix)."""
         b, nblocks = blocks.shape
-        _, _, kvh, bs, d = kv_cache.shape
-        keys = kv_cache[0][blocks].transpose(1, 2).reshape(b, kvh, nblocks * bs, d)
-        values = kv_cache[1][blocks].transpose(1, 2).reshape(b, kvh, nblocks * bs, d)
+        if isinstance(kv_cache, torch.Tensor):
+            halves = kv_cache[0][blocks].to(dtype), kv_cache[1][blocks].to(dtype)
+        elif _is_int8(kv_cache):
+            codes, scales = kv_cache
+            halves = tuple(dequantize_int8(codes[i][blocks], scales[i][blocks], dtype) for i in (0, 1))
+        else:  # fp8: a scale per kv head, broadcast over [.., kv_heads, block_size, D]
+            codes, head_scales = kv_cache
+            halves = tuple(dequantize_fp8(codes[i][blocks], head_scales[i][:, None], dtype) for i in (0, 1))
+        _, _, kvh, bs, d = halves[0].shape
+        keys, values = (h.transpose(1, 2).reshape(b, kvh, nblocks * bs, d) for h in halves)
         return keys, values
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    def _decode(self, q: torch.Tensor, kv_cache: LayerKV, meta: AttentionMetadata, scale: float,
                 window: int | None) -> torch.Tensor:
         """One query per sequence, attended block by block: the gathered blocks [B, nb, KVH, bs, D]
         feed batched matmuls as they are (no transposing copy of the context), the scores of all
         blocks share one softmax, and the per-block outputs are summed. On CPU this beats SDPA's
-        flash kernel, which parallelises over queries, and a decode has only one."""
+        flash kernel, which parallelises over queries, and a decode has only one. Quantised blocks
+        enter the matmuls as their codes (exact in any float dtype); each key's scale multiplies
+        its score, each value's scale its softmax weight."""
         blocks = meta.extra["decode_blocks"]
         b, nb = blocks.shape
-        keys, values = kv_cache[0][blocks], kv_cache[1][blocks]  # [B, nb, KVH, bs, D]
+        if isinstance(kv_cache, torch.Tensor):
+            keys, values = kv_cache[0][blocks].to(q.dtype), kv_cache[1][blocks].to(q.dtype)  # [B, nb, KVH, bs, D]
+            key_scales = value_scales = None
+        else:  # codes are exact in any float dtype; scales per token [B, nb, KVH, bs, 1] or per kv head
+            codes, scales = kv_cache
+            keys, values = codes[0][blocks].to(q.dtype), codes[1][blocks].to(q.dtype)
+            if _is_int8(kv_cache):
+                key_scales, value_scales = scales[0][blocks], scales[1][blocks]
+            else:  # [KVH, 1] -> [1, 1, KVH, 1, 1]
+                key_scales, value_scales = (scales[i].view(1, 1, -1, 1, 1) for i in (0, 1))
         kvh, bs = keys.shape[2], keys.shape[3]
         num_heads, head_dim = q.shape[1], q.shape[2]
         group = num_heads // kvh  # query heads of a group share their KV
         scores = torch.matmul(q.view(b, 1, kvh, group, head_dim), keys.transpose(-1, -2))  # [B, nb, KVH, G, bs]
+        if key_scales is not None:
+            scores = scores.float() * key_scales.transpose(-1, -2)
         scores = scores.permute(0, 2, 3, 1, 4).reshape(b, kvh, group, nb * bs).float()
         scores = torch.add(self._mask(meta, "decode", window), scores, alpha=scale)  # [B, KVH, G, L]
-        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        probs = torch.softmax(scores, dim=-1)
         probs = probs.view(b, kvh, group, nb, bs).permute(0, 3, 1, 2, 4)  # [B, nb, KVH, G, bs]
-        return torch.matmul(probs, values).sum(1).view(b, num_heads, head_dim)
+        if value_scales is not None:
+            probs = probs * value_scales.transpose(-1, -2)
+        return torch.matmul(probs.to(values.dtype), values).sum(1).view(b, num_heads, head_dim)
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: LayerKV,
                  meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
         if meta.extra["prefill_fresh_single"] and window is None:
             out = F.scaled_dot_product_attention(
@@ -148,10 +197,15 @@ class TorchNativeBackend:
             )
             return out[0].transpose(0, 1)
         padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[meta.extra["prefill_gather"]]
-        keys, values = self._gather(kv_cache, meta.extra["prefill_blocks"])
+        keys, values = self._gather(kv_cache, meta.extra["prefill_blocks"], q.dtype)
         mask = self._mask(meta, "prefill", window)
         out = F.scaled_dot_product_attention(
             padded.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )  # [P, H, Qmax, D]
         out = out.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])
         return out[meta.extra["prefill_scatter"]]
+
+
+def _is_int8(kv_cache: LayerKV) -> bool:
+    """A quantised layer cache: int8 (codes, per-token scales), else fp8 (codes, per-head scales)."""
+    return not isinstance(kv_cache, torch.Tensor) and kv_cache[0].dtype == torch.int8

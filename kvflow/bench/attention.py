@@ -7,6 +7,8 @@ achieved TFLOP/s (prefill: 4·H·D per causal query-key pair) or GB/s (decode: K
 
 Implementations, where the device has them:
 - ``kvflow-cpu``: the C++ CPU forward's paged attention (CPU, when the extension builds);
+- ``kvflow-cpu-int8``: the same kernel over the case's cache quantised to int8 (codes + a scale per
+  token and kv head, ``--kv-cache-dtype int8``), dequantised in registers;
 - ``triton`` / ``triton-nosplit``: kvflow's Triton kernels, flash-decoding with automatic and
   with a single split (CUDA);
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on contiguous per-sequence K/V
@@ -14,7 +16,9 @@ Implementations, where the device has them:
   it is forced onto the FlashAttention backend, K/V repeated per query head;
 - ``naive``: softmax(QKᵀ)V with the score matrix materialised (skipped above ``naive_max_len``).
 Every result carries its largest deviation from ``naive`` (else from ``sdpa``), so a fast wrong
-kernel shows. ``check_targets`` turns a GPU run into pass/fail against the Triton kernels' goals.
+kernel shows (an int8 implementation is checked against ``naive`` over its dequantised cache, so
+its error is the kernel's, not the quantisation's; GB/s count the bytes each format reads).
+``check_targets`` turns a GPU run into pass/fail against the Triton kernels' goals.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("kvflow-cpu", "triton", "triton-nosplit", "sdpa", "naive")
+IMPLEMENTATIONS = ("kvflow-cpu", "kvflow-cpu-int8", "triton", "triton-nosplit", "sdpa", "naive")
+INT8_SUFFIX = "-int8"  # implementations that read the int8-quantised cache
 
 
 @dataclass
@@ -90,13 +95,34 @@ class AttentionCase:
     def q_len(self) -> int:
         return self.seq_len if self.kind == "prefill" else 1
 
-    def work(self) -> float:
-        """Prefill: FLOPs of the causal pairs; decode: bytes of K and V read once."""
+    def work(self, int8: bool = False) -> float:
+        """Prefill: FLOPs of the causal pairs; decode: bytes of K and V read once (int8: codes and
+        their fp32 scales)."""
         if self.kind == "prefill":
             pairs = self.seq_len * (self.seq_len + 1) / 2
             return 4.0 * self.batch * self.num_heads * self.head_dim * pairs
-        elem = torch.empty(0, dtype=self.dtype).element_size()
-        return 2.0 * self.batch * self.seq_len * self.num_kv_heads * self.head_dim * elem
+        per_head = self.head_dim + 4 if int8 else self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        return 2.0 * self.batch * self.seq_len * self.num_kv_heads * per_head
+
+    @functools.cached_property
+    def int8_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paged cache quantised as `--kv-cache-dtype int8` stores it: (codes, scales)."""
+        from kvflow.attention.kv_quant import quantize_int8
+
+        return quantize_int8(self.kv_cache)
+
+    @functools.cached_property
+    def int8_reference(self) -> torch.Tensor:
+        """`naive` over the dequantised int8 cache: what an int8 kernel must compute."""
+        from kvflow.attention.kv_quant import dequantize_int8
+
+        codes, scales = self.int8_cache
+        blocks = self.block_tables.flatten()
+        kv = dequantize_int8(codes[:, blocks], scales[:, blocks])  # [2, B * per_seq, KVH, bs, D] fp32
+        b, per_seq = self.block_tables.shape
+        kv = kv.view(2, b, per_seq, self.num_kv_heads, self.block_size, self.head_dim).permute(0, 1, 3, 2, 4, 5)
+        kv = kv.reshape(2, b, self.num_kv_heads, per_seq * self.block_size, self.head_dim)[:, :, :, :self.seq_len]
+        return _naive(self, kv[0], kv[1])
 
     @functools.cached_property
     def keys_per_query_head(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,11 +135,12 @@ class AttentionCase:
         return self.q.view(self.batch, self.q_len, self.num_heads, self.head_dim).transpose(1, 2)
 
 
-def _naive(case: AttentionCase) -> torch.Tensor:
+def _naive(case: AttentionCase, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 softmax(QKᵀ)V over `keys`/`values` [B, KVH, n, D] (default: the case's own)."""
     group = case.num_heads // case.num_kv_heads
     q = case.heads_first().float()
-    k = case.keys.float().repeat_interleave(group, dim=1)
-    v = case.values.float().repeat_interleave(group, dim=1)
+    k = (case.keys if keys is None else keys).float().repeat_interleave(group, dim=1)
+    v = (case.values if values is None else values).float().repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)) * case.scale
     if case.kind == "prefill":
         n = case.seq_len
@@ -149,6 +176,20 @@ def _kvflow_cpu() -> Implementation | None:
     return lambda c: ext.paged_attention(c.q, c.kv_cache, c.block_tables, c.seq_index, c.positions, c.scale, 0)
 
 
+def _kvflow_cpu_int8() -> Implementation | None:
+    from kvflow.model.cpu_kernels import load_extension
+
+    ext = load_extension()
+    if ext is None:
+        return None
+
+    def run(c: AttentionCase) -> torch.Tensor:
+        codes, scales = c.int8_cache
+        return ext.paged_attention(c.q, codes, c.block_tables, c.seq_index, c.positions, c.scale, 0, kv_scales=scales)
+
+    return run
+
+
 def _triton(num_splits: int | None) -> Implementation:
     from kvflow.attention.triton import decode_attention, prefill_attention
 
@@ -165,6 +206,8 @@ def available(device: torch.device, names: tuple[str, ...] = IMPLEMENTATIONS) ->
     impls: dict[str, Implementation] = {}
     for name in names:
         if name == "kvflow-cpu" and device.type == "cpu" and (fn := _kvflow_cpu()) is not None:
+            impls[name] = fn
+        elif name == "kvflow-cpu-int8" and device.type == "cpu" and (fn := _kvflow_cpu_int8()) is not None:
             impls[name] = fn
         elif name in ("triton", "triton-nosplit") and device.type == "cuda":
             impls[name] = _triton(None if name == "triton" else 1)
@@ -220,17 +263,20 @@ def run_case(case: AttentionCase, impls: dict[str, Implementation], repeats: int
     reference = outputs[reference_name].float() if reference_name else None
     results = []
     for name, fn in todo.items():
+        int8 = name.endswith(INT8_SUFFIX)
         out = outputs[name] if name in outputs else fn(case)
-        err = None if reference is None else float((out.float() - reference).abs().max())
+        expected = case.int8_reference if int8 and case.seq_len <= naive_max_len else reference
+        err = None if expected is None or (int8 and expected is reference) else float(
+            (out.float() - expected).abs().max())
         seconds = _time(lambda fn=fn: fn(case), case.device, repeats)
-        work = case.work()
+        work = case.work(int8)
         results.append(AttentionResult(
             implementation=name, kind=case.kind, batch=case.batch, seq_len=case.seq_len,
             num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
             dtype=str(case.dtype).removeprefix("torch."), ms=seconds * 1e3,
             tflops=work / seconds / 1e12 if case.kind == "prefill" else None,
             gbs=work / seconds / 1e9 if case.kind == "decode" else None,
-            max_abs_err=err, reference=None if name == reference_name else reference_name,
+            max_abs_err=err, reference=None if name == reference_name or err is None else "naive",
             peak_extra_mib=peak_extra_mib(case, name) if memory and case.device.type == "cpu" else None,
         ))
     return results

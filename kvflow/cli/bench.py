@@ -229,7 +229,8 @@ def configure(bench: argparse.ArgumentParser) -> None:
     at.add_argument("--block-size", type=int, default=16)
     at.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
     at.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    at.add_argument("--impl", nargs="+", default=["kvflow-cpu", "triton", "triton-nosplit", "sdpa", "naive"],
+    at.add_argument("--impl", nargs="+",
+                    default=["kvflow-cpu", "kvflow-cpu-int8", "triton", "triton-nosplit", "sdpa", "naive"],
                     help="implementations to time (those the device lacks are listed and skipped)")
     at.add_argument("--repeats", type=int, default=5, help="timed calls per case; the median is reported")
     at.add_argument("--naive-max-len", type=int, default=2048, help="longest context the naive reference runs")

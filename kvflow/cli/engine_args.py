@@ -15,6 +15,10 @@ _HELP = {
     "kv_cache_memory": "GiB for the KV cache (default: 30%% of available memory, at most 4 GiB)",
     "num_blocks": "exact number of KV blocks (overrides --kv-cache-memory)",
     "enable_prefix_caching": "reuse KV blocks of earlier prompts with the same prefix",
+    "kv_cache_dtype": "what KV blocks store: auto (the model's dtype), bfloat16, float16, float32, int8 (a scale "
+                      "per token and kv head) or fp8_e4m3 (a scale per layer and kv head)",
+    "kv_scale": "fp8_e4m3: the scale of every layer's keys and values (default: calibrated from the first "
+                "prompt)",
     "max_num_seqs": "most sequences in one step",
     "max_num_batched_tokens": "token budget of one step",
     "enable_chunked_prefill": "split long prompts over several steps",

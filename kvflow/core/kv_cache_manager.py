@@ -9,7 +9,8 @@ hash collision can never splice the wrong KV into a request.
 
 A request's cache salt (empty by default) is chained into its first block's hash and kept with
 every block it indexes: requests whose KV differs for the same tokens (another adapter, model
-variant or KV format, or a tenant that must not share) never share blocks.
+variant or KV format, or a tenant that must not share) never share blocks. The engine's KV format
+(the KV-cache spec's wire format, e.g. int8 codes + scales) is part of every request's salt.
 """
 
 from __future__ import annotations
@@ -154,11 +155,20 @@ class BlockPool:
 class KVCacheManager:
     """Allocates blocks to requests and shares full blocks between them through the prefix index."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 kv_format: str = "") -> None:
+        """`kv_format`: what the blocks hold (`KVCacheSpec.wire_format`), chained into every hash."""
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
+        self.kv_format = kv_format
         self.stats = PrefixCacheStats()
+
+    def salt(self, request: Request) -> str | None:
+        """The salt a request's blocks are indexed under: the KV format and the request's own salt."""
+        if not self.kv_format:
+            return request.cache_salt
+        return f"{self.kv_format}|{request.cache_salt}" if request.cache_salt else self.kv_format
 
     @property
     def num_blocks(self) -> int:
@@ -203,7 +213,7 @@ class KVCacheManager:
         parent: int | None = None
         for i in range(max_blocks):
             chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
-            block_id = self.pool.lookup(request.block_hashes[i], chunk, parent, request.cache_salt)
+            block_id = self.pool.lookup(request.block_hashes[i], chunk, parent, self.salt(request))
             if block_id is None:
                 break
             hits.append(block_id)
@@ -265,7 +275,7 @@ class KVCacheManager:
         for i in range(request.num_cached_blocks, num_full):
             chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
             parent = self.pool.register(request.block_ids[i], request.block_hashes[i], chunk, parent,
-                                        request.cache_salt)
+                                        self.salt(request))
         request.indexed_parent_id = parent
         request.num_cached_blocks = num_full
 
@@ -275,4 +285,4 @@ class KVCacheManager:
         for i in range(len(hashes), num_blocks):
             parent = hashes[i - 1] if i else None
             hashes.append(hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size],
-                                     request.cache_salt))
+                                     self.salt(request)))

@@ -44,27 +44,72 @@ inline int64_t first_key(int64_t pos, int64_t window) {
   return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
 }
 
-// One paged_attention call's tensors as raw pointers and sizes, shared by both kernels.
-template <typename T>
+// One paged_attention call's tensors as raw pointers and sizes, shared by both kernels. KV is the
+// cache's element type (see kv_quant.py): T (a dense cache); int8_t (codes, with one fp32 scale per
+// token and kv head in `key_scales` / `value_scales`, laid out like the codes with width 1); or
+// c10::Float8_e4m3fn (codes, with one fp32 scale per kv head: `key_scales[g]`, `value_scales[g]`).
+template <typename T, typename KV>
 struct PagedAttentionView {
+  static constexpr bool kTokenScales = std::is_same_v<KV, int8_t>;
+  static constexpr bool kHeadScales = std::is_same_v<KV, c10::Float8_e4m3fn>;
+  static constexpr bool kQuantised = kTokenScales || kHeadScales;
   int64_t tokens, num_heads, head_dim, num_kv_heads, block_size, group, table_stride;
-  const T *q, *keys, *values;
+  const T* q;
+  const KV *keys, *values;
+  const float *key_scales = nullptr, *value_scales = nullptr;
   const int64_t *tables, *seq, *pos;
   T* out;
 
-  PagedAttentionView(const at::Tensor& q_, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                     const at::Tensor& seq_index, const at::Tensor& positions, at::Tensor& out_)
+  PagedAttentionView(const at::Tensor& q_, const at::Tensor& kv_cache, const at::Tensor& kv_scales,
+                     const at::Tensor& block_tables, const at::Tensor& seq_index, const at::Tensor& positions,
+                     at::Tensor& out_)
       : tokens(q_.size(0)), num_heads(q_.size(1)), head_dim(q_.size(2)), num_kv_heads(kv_cache.size(2)),
         block_size(kv_cache.size(3)), group(num_heads / num_kv_heads), table_stride(block_tables.stride(0)),
-        q(q_.data_ptr<T>()), keys(kv_cache.data_ptr<T>()), values(keys + kv_cache.stride(0)),
+        q(q_.data_ptr<T>()), keys(kv_cache.data_ptr<KV>()), values(keys + kv_cache.stride(0)),
         tables(block_tables.data_ptr<int64_t>()), seq(seq_index.data_ptr<int64_t>()),
-        pos(positions.data_ptr<int64_t>()), out(out_.data_ptr<T>()) {}
+        pos(positions.data_ptr<int64_t>()), out(out_.data_ptr<T>()) {
+    if constexpr (kTokenScales) {
+      TORCH_CHECK(kv_scales.defined() && kv_scales.scalar_type() == at::kFloat && kv_scales.dim() == 5 &&
+                      kv_scales.size(4) == 1 && kv_scales.size(1) == kv_cache.size(1) && kv_scales.is_contiguous(),
+                  "paged_attention: an int8 KV cache needs its fp32 scales [2, blocks, kv_heads, block_size, 1]");
+    }
+    if constexpr (kHeadScales) {
+      TORCH_CHECK(kv_scales.defined() && kv_scales.scalar_type() == at::kFloat &&
+                      kv_scales.numel() == 2 * num_kv_heads && kv_scales.is_contiguous(),
+                  "paged_attention: an fp8 KV cache needs its fp32 scales [2, kv_heads, 1]");
+    }
+    if constexpr (kQuantised) {
+      key_scales = kv_scales.data_ptr<float>();
+      value_scales = key_scales + kv_scales.stride(0);
+    }
+  }
 
   // Rows [j0, ...) of block b of sequence `table` for kv head g: contiguous in the head-major cache.
-  const T* block_rows(const T* cache_half, const int64_t* table, int64_t b, int64_t g, int64_t j0) const {
-    return cache_half + ((table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size)) * head_dim;
+  const KV* block_rows(const KV* cache_half, const int64_t* table, int64_t b, int64_t g, int64_t j0) const {
+    return cache_half + row_index(table, b, g, j0) * head_dim;
+  }
+  // Their scales (int8), one per row.
+  const float* scale_rows(const float* scales_half, const int64_t* table, int64_t b, int64_t g, int64_t j0) const {
+    return scales_half + row_index(table, b, g, j0);
+  }
+  int64_t row_index(const int64_t* table, int64_t b, int64_t g, int64_t j0) const {
+    return (table[b] * num_kv_heads + g) * block_size + (j0 - b * block_size);
   }
 };
+
+// n rows of D cache elements widened to fp32; quantised codes times their scale (scales[j *
+// scale_step]: a scale per row, or with step 0 the kv head's one scale).
+template <typename KV>
+inline void rows_to_float(const KV* src, const float* scales, int64_t scale_step, float* dst, int64_t n, int64_t D) {
+  if constexpr (std::is_same_v<KV, int8_t> || std::is_same_v<KV, c10::Float8_e4m3fn>) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float sj = scales[j * scale_step];
+      for (int64_t i = 0; i < D; ++i) dst[j * D + i] = static_cast<float>(src[j * D + i]) * sj;
+    }
+  } else {
+    to_float(src, dst, n * D);
+  }
+}
 
 #if defined(__AVX512F__)
 // v[0..15] -> one vector whose lane j is the sum of v[j]'s lanes: a transpose-and-add tree, 45
@@ -84,7 +129,7 @@ inline __m512 sum_lanes16(const __m512* v) {
                        _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Sixteen elements of T, widened to fp32 in a register (exact for all three types).
+// Sixteen elements of T (or int8 codes), widened to fp32 in a register (exact for every type).
 template <typename T>
 inline __m512 load16(const T* p);
 template <>
@@ -98,15 +143,32 @@ template <>
 inline __m512 load16<c10::Half>(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+template <>
+inline __m512 load16<int8_t>(const int8_t* p) {  // int8 codes: exact in fp32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// float8_e4m3fn codes: the byte's exponent and mantissa bits, shifted into an fp32's (bits 20..26),
+// make a float 2^120 too small, subnormals included (fp32 subnormals are exact, and the kernels run
+// without flush-to-zero); one multiply rescales it and the sign bit goes on top. (Codes never hold
+// the format's NaN: stores saturate at +-448.)
+template <>
+inline __m512 load16<c10::Float8_e4m3fn>(const c10::Float8_e4m3fn* p) {
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i magnitude = _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x7f)), 20);
+  const __m512 value = _mm512_mul_ps(_mm512_castsi512_ps(magnitude), _mm512_set1_ps(0x1p120f));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x80)), 24);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign));
+}
 
 // The dot products of one query head with sixteen keys (rows kr, kr + D, ...; the first m valid),
 // in fp32 lanes before their final sum. bf16 on a CPU with AVX512-BF16 multiplies bf16 pairs
-// directly (`vdpbf16ps`: the products are exact in fp32); otherwise keys are widened to fp32.
-template <typename T, int C>
-inline void key_dots16(const T* q, const T* kr, int m, __m512* dots) {
+// directly (`vdpbf16ps`: the products are exact in fp32); otherwise keys (bf16, fp16 or int8
+// codes) are widened to fp32 in registers.
+template <typename T, typename KV, int C>
+inline void key_dots16(const T* q, const KV* kr, int m, __m512* dots) {
   constexpr int D = 16 * C;
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, c10::BFloat16> && C % 2 == 0) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<KV, T> && C % 2 == 0) {
     __m512bh qv[C / 2];
     for (int k = 0; k < C / 2; ++k) qv[k] = (__m512bh)_mm512_loadu_si512(q + 32 * k);
     for (int i = 0; i < 16; ++i) {
@@ -259,16 +321,16 @@ struct OnlineSoftmax {
 };
 
 // An item's fixed facts, shared by the steps below.
-template <typename T>
+template <typename T, typename KV>
 struct ItemView {
-  const PagedAttentionView<T>& v;
+  const PagedAttentionView<T, KV>& v;
   const QueryTile& tile;
   const AttentionItem& it;
   const int64_t* table;  // the sequence's block table
   const int64_t* pos;    // positions of the tile's queries
   int64_t head_rows;     // rows per kv head: count * group
 
-  ItemView(const PagedAttentionView<T>& v_, const QueryTile& tile_, const AttentionItem& it_)
+  ItemView(const PagedAttentionView<T, KV>& v_, const QueryTile& tile_, const AttentionItem& it_)
       : v(v_), tile(tile_), it(it_), table(v_.tables + v_.seq[tile_.t0] * v_.table_stride), pos(v_.pos + tile_.t0),
         head_rows(tile_.count * v_.group) {}
   int64_t rows() const { return (it.g1 - it.g0) * head_rows; }
@@ -283,10 +345,10 @@ struct ItemView {
 // sequence's blocks lie anywhere in the cache, so the hardware prefetcher, which follows address
 // streams, would start over at every block.
 // (always_inline: GCC 12 deems a function that only prefetches free of effects and drops its calls.)
-template <typename T>
-inline __attribute__((always_inline)) void prefetch_block(const PagedAttentionView<T>& v, const int64_t* table,
+template <typename T, typename KV>
+inline __attribute__((always_inline)) void prefetch_block(const PagedAttentionView<T, KV>& v, const int64_t* table,
                                                           int64_t b, int64_t g0, int64_t g1) {
-  const int64_t bytes = (g1 - g0) * v.block_size * v.head_dim * static_cast<int64_t>(sizeof(T));
+  const int64_t bytes = (g1 - g0) * v.block_size * v.head_dim * static_cast<int64_t>(sizeof(KV));
   const char* kp = reinterpret_cast<const char*>(v.block_rows(v.keys, table, b, g0, b * v.block_size));
   const char* vp = reinterpret_cast<const char*>(v.block_rows(v.values, table, b, g0, b * v.block_size));
   for (int64_t off = 0; off < bytes; off += 64) {
@@ -298,27 +360,47 @@ inline __attribute__((always_inline)) void prefetch_block(const PagedAttentionVi
 // Scores of the key tile [a, e), sixteen keys at a time and summed by one transpose tree, into
 // s.scores (column j - a); keys after a query's own position are skipped. Prefetches the item's
 // keys and values kPrefetchBlocks blocks ahead.
-template <typename T, int C>
-void tile_scores(const ItemView<T>& x, int64_t a, int64_t e, float scale, OnlineSoftmax& s) {
+template <typename T, typename KV, int C>
+void tile_scores(const ItemView<T, KV>& x, int64_t a, int64_t e, float scale, OnlineSoftmax& s) {
   constexpr int64_t D = 16 * C;
-  const PagedAttentionView<T>& v = x.v;
+  const PagedAttentionView<T, KV>& v = x.v;
   const int64_t group = v.group, last_block = (x.it.k1 - 1) / v.block_size;
   const __m512 scale_v = _mm512_set1_ps(scale);
   for (int64_t b = a / v.block_size; b <= (e - 1) / v.block_size; ++b) {
     if (b + kPrefetchBlocks <= last_block) prefetch_block(v, x.table, b + kPrefetchBlocks, x.it.g0, x.it.g1);
     const int64_t j0 = x.block_start(b, a), j1 = x.block_end(b, e);
     for (int64_t g = x.it.g0; g < x.it.g1; ++g) {
-      const T* kb = v.block_rows(v.keys, x.table, b, g, j0);
+      const KV* kb = v.block_rows(v.keys, x.table, b, g, j0);
       for (int64_t c = j0; c < j1; c += 16) {
+        // Quantised: the sixteen keys' codes are widened to fp32 once for all rows of their kv head,
+        // and the key's scale (per token, or the kv head's) multiplies its score with the softmax
+        // scale, one vector per 16 keys.
+        __m512 key_scale = scale_v;
+        const auto* keys = kb + (c - j0) * D;
+        if constexpr (PagedAttentionView<T, KV>::kQuantised) {
+          const int64_t n = std::min<int64_t>(16, j1 - c);
+          if constexpr (PagedAttentionView<T, KV>::kTokenScales) {
+            key_scale = _mm512_mul_ps(scale_v, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u),
+                                                                     v.scale_rows(v.key_scales, x.table, b, g, c)));
+          } else {
+            key_scale = _mm512_mul_ps(scale_v, _mm512_set1_ps(v.key_scales[g]));
+          }
+          for (int64_t k = 0; k < n * C; ++k) _mm512_storeu_ps(s.wide + 16 * k, load16(keys + 16 * k));
+        }
         for (int64_t i = 0; i < x.tile.count; ++i) {
           const int m = static_cast<int>(std::min<int64_t>({16, j1 - c, x.pos[i] + 1 - c}));
           if (m <= 0) continue;
           const int64_t r0 = (g - x.it.g0) * x.head_rows + i * group;
           for (int64_t h = 0; h < group; ++h) {
             __m512 dots[16];
-            key_dots16<T, C>(v.q + ((x.tile.t0 + i) * v.num_heads + g * group + h) * D, kb + (c - j0) * D, m, dots);
+            const T* qh = v.q + ((x.tile.t0 + i) * v.num_heads + g * group + h) * D;
+            if constexpr (PagedAttentionView<T, KV>::kQuantised) {
+              key_dots16<T, float, C>(qh, s.wide, m, dots);
+            } else {
+              key_dots16<T, KV, C>(qh, keys, m, dots);
+            }
             _mm512_mask_storeu_ps(s.scores + (r0 + h) * kKeyTile + (c - a), static_cast<__mmask16>((1u << m) - 1u),
-                                  _mm512_mul_ps(sum_lanes16(dots), scale_v));
+                                  _mm512_mul_ps(sum_lanes16(dots), key_scale));
           }
         }
       }
@@ -328,8 +410,8 @@ void tile_scores(const ItemView<T>& x, int64_t a, int64_t e, float scale, Online
 
 // The online-softmax step of the key tile [a, e) for every row, over the row's own keys of it: a
 // larger maximum rescales the row's sums so far; the scores become weights exp(score - m).
-template <typename T, int C>
-void tile_softmax(const ItemView<T>& x, int64_t a, int64_t e, int64_t window, OnlineSoftmax& s) {
+template <typename T, typename KV, int C>
+void tile_softmax(const ItemView<T, KV>& x, int64_t a, int64_t e, int64_t window, OnlineSoftmax& s) {
   constexpr int64_t D = 16 * C;
   for (int64_t r = 0; r < x.rows(); ++r) {
     const int64_t i = x.query(r);
@@ -365,20 +447,30 @@ inline void add_weighted_values(float* acc, const float* w, const float* vf, int
 }
 
 // The weighted values of the key tile [a, e) added to every row's sum. Sixteen value rows at a
-// time are widened to fp32 once (fp32 caches are read in place) for all rows of their kv head.
-template <typename T, int C>
-void tile_values(const ItemView<T>& x, int64_t a, int64_t e, int64_t window, OnlineSoftmax& s) {
+// time are widened to fp32 once (fp32 caches are read in place) for all rows of their kv head;
+// int8 codes are multiplied by their row's scale as they are widened.
+template <typename T, typename KV, int C>
+void tile_values(const ItemView<T, KV>& x, int64_t a, int64_t e, int64_t window, OnlineSoftmax& s) {
   constexpr int64_t D = 16 * C;
-  const PagedAttentionView<T>& v = x.v;
+  const PagedAttentionView<T, KV>& v = x.v;
   for (int64_t b = a / v.block_size; b <= (e - 1) / v.block_size; ++b) {
     const int64_t j0 = x.block_start(b, a), j1 = x.block_end(b, e);
     for (int64_t g = x.it.g0; g < x.it.g1; ++g) {
-      const T* vb = v.block_rows(v.values, x.table, b, g, j0);
+      const KV* vb = v.block_rows(v.values, x.table, b, g, j0);
       for (int64_t c = j0; c < j1; c += 16) {
         const int64_t n = std::min<int64_t>(16, j1 - c);
         const float* vf;
-        if constexpr (std::is_same_v<T, float>) {
+        if constexpr (std::is_same_v<KV, float>) {
           vf = vb + (c - j0) * D;
+        } else if constexpr (PagedAttentionView<T, KV>::kQuantised) {
+          const bool per_token = PagedAttentionView<T, KV>::kTokenScales;
+          const float* vs = per_token ? v.scale_rows(v.value_scales, x.table, b, g, c) : v.value_scales + g;
+          for (int64_t j = 0; j < n; ++j) {
+            const __m512 sj = _mm512_set1_ps(vs[per_token ? j : 0]);
+            for (int k = 0; k < C; ++k)
+              _mm512_storeu_ps(s.wide + j * D + 16 * k, _mm512_mul_ps(load16(vb + (c - j0 + j) * D + 16 * k), sj));
+          }
+          vf = s.wide;
         } else {
           for (int64_t k = 0; k < n * C; ++k) _mm512_storeu_ps(s.wide + 16 * k, load16(vb + (c - j0) * D + 16 * k));
           vf = s.wide;
@@ -395,17 +487,17 @@ void tile_values(const ItemView<T>& x, int64_t a, int64_t e, int64_t window, Onl
 }
 
 // One work item, one key tile at a time; leaves every row's m, l and acc in s.
-template <typename T, int C>
-void attend_item(const ItemView<T>& x, float scale, int64_t window, OnlineSoftmax& s) {
+template <typename T, typename KV, int C>
+void attend_item(const ItemView<T, KV>& x, float scale, int64_t window, OnlineSoftmax& s) {
   s.reset(x.rows(), 16 * C);
   const int64_t first_block = x.it.k0 / x.v.block_size, last_block = (x.it.k1 - 1) / x.v.block_size;
   for (int64_t b = first_block; b <= std::min(last_block, first_block + kPrefetchBlocks - 1); ++b)
     prefetch_block(x.v, x.table, b, x.it.g0, x.it.g1);  // tile_scores asks for the later ones
   for (int64_t a = x.it.k0, e; a < x.it.k1; a = e) {
     e = std::min(x.it.k1, (a / kKeyTile + 1) * kKeyTile);
-    tile_scores<T, C>(x, a, e, scale, s);
-    tile_softmax<T, C>(x, a, e, window, s);
-    tile_values<T, C>(x, a, e, window, s);
+    tile_scores<T, KV, C>(x, a, e, scale, s);
+    tile_softmax<T, KV, C>(x, a, e, window, s);
+    tile_values<T, KV, C>(x, a, e, window, s);
   }
 }
 
@@ -438,12 +530,12 @@ void merge_chunks(const float* acc, const float* m, const float* l, int64_t chun
 // sixteen keys. (The generic loop spends most of its time converting each row into an fp32 buffer
 // and reducing every dot product on its own; at the `135m` offline decode shape the first version
 // of this kernel was 2.2–2.6x faster in bf16.) `forced_chunk` > 0 fixes the decode chunk (tests).
-template <typename T, int C>
-void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                         const at::Tensor& seq_index, const at::Tensor& positions, float scale, int64_t window,
-                         at::Tensor& out, int64_t forced_chunk) {
+template <typename T, typename KV, int C>
+void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& kv_scales,
+                         const at::Tensor& block_tables, const at::Tensor& seq_index, const at::Tensor& positions,
+                         float scale, int64_t window, at::Tensor& out, int64_t forced_chunk) {
   constexpr int64_t D = 16 * C;
-  const PagedAttentionView<T> v(q, kv_cache, block_tables, seq_index, positions, out);
+  const PagedAttentionView<T, KV> v(q, kv_cache, kv_scales, block_tables, seq_index, positions, out);
   const int64_t H = v.num_heads, group = v.group;
   const AttentionPlan plan = plan_attention(v.seq, v.pos, v.tokens, v.num_kv_heads, window, forced_chunk);
   // The chunks' results, a slot per chunk of H rows: sums [partials, H, D], maxima and sums [partials, H].
@@ -453,8 +545,8 @@ void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const 
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
     OnlineSoftmax s(std::max(kQueryTile * group, H), D);
     for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      const ItemView<T> x(v, plan.tiles[plan.items[k].tile], plan.items[k]);
-      attend_item<T, C>(x, scale, window, s);
+      const ItemView<T, KV> x(v, plan.tiles[plan.items[k].tile], plan.items[k]);
+      attend_item<T, KV, C>(x, scale, window, s);
       if (x.it.partial >= 0) {  // a chunk of a decode token (all kv heads: H rows): kept for the merge
         std::copy_n(s.acc, H * D, part_acc.data() + x.it.partial * H * D);
         std::copy_n(s.m, H, part_m.data() + x.it.partial * H);
@@ -479,23 +571,24 @@ void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const 
 // Each query token attends to keys [start, pos] of its own sequence, read from the head-major
 // paged cache [2, blocks, kv_heads, block_size, D] through the block table; no gather, no mask.
 // One work item is a (token, kv head) pair: the group's query heads share every key and value
-// load. Scores, softmax and the weighted sum stay in fp32; the output is rounded once.
-template <typename T>
-void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                     const at::Tensor& seq_index, const at::Tensor& positions, float scale, int64_t window,
-                     at::Tensor& out, int64_t decode_chunk = 0) {
+// load. Scores, softmax and the weighted sum stay in fp32; the output is rounded once. KV is the
+// cache's element type (T, or int8_t with `kv_scales`; an undefined tensor for a dense cache).
+template <typename T, typename KV = T>
+void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& kv_scales,
+                     const at::Tensor& block_tables, const at::Tensor& seq_index, const at::Tensor& positions,
+                     float scale, int64_t window, at::Tensor& out, int64_t decode_chunk = 0) {
 #if defined(__AVX512F__)
   const auto vec = [&](auto kernel) {
-    kernel(q, kv_cache, block_tables, seq_index, positions, scale, window, out, decode_chunk);
+    kernel(q, kv_cache, kv_scales, block_tables, seq_index, positions, scale, window, out, decode_chunk);
   };
   switch (q.size(2)) {  // the common head sizes take the hand-vectorised kernel
-    case 32: return vec(paged_attention_vec<T, 2>);
-    case 64: return vec(paged_attention_vec<T, 4>);
-    case 128: return vec(paged_attention_vec<T, 8>);
+    case 32: return vec(paged_attention_vec<T, KV, 2>);
+    case 64: return vec(paged_attention_vec<T, KV, 4>);
+    case 128: return vec(paged_attention_vec<T, KV, 8>);
     default: break;
   }
 #endif
-  const PagedAttentionView<T> v(q, kv_cache, block_tables, seq_index, positions, out);
+  const PagedAttentionView<T, KV> v(q, kv_cache, kv_scales, block_tables, seq_index, positions, out);
   const int64_t num_heads = v.num_heads, head_dim = v.head_dim, num_kv_heads = v.num_kv_heads;
   const int64_t block_size = v.block_size, group = v.group;
   at::parallel_for(0, v.tokens * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -510,21 +603,29 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::
       scores.resize(group * n);
       // Calls fn(j - first, row) for every visible key or value row of this sequence and kv head,
       // converting one block at a time to fp32 (a block's rows are contiguous for a kv head).
-      auto for_each_row = [&](const T* cache_half, auto&& fn) {
+      auto for_each_row = [&](const KV* cache_half, const float* scales_half, auto&& fn) {
         for (int64_t b = first / block_size; b <= last / block_size; ++b) {
           const int64_t j0 = std::max(first, b * block_size), j1 = std::min(last + 1, (b + 1) * block_size);
-          to_float(v.block_rows(cache_half, table, b, g, j0), row.data(), (j1 - j0) * head_dim);
+          const float* scales = nullptr;
+          int64_t step = 0;  // per-head scales: one for every row
+          if constexpr (PagedAttentionView<T, KV>::kTokenScales) {
+            scales = v.scale_rows(scales_half, table, b, g, j0);
+            step = 1;
+          } else if constexpr (PagedAttentionView<T, KV>::kHeadScales) {
+            scales = scales_half + g;
+          }
+          rows_to_float(v.block_rows(cache_half, table, b, g, j0), scales, step, row.data(), j1 - j0, head_dim);
           for (int64_t j = j0; j < j1; ++j) fn(j - first, row.data() + (j - j0) * head_dim);
         }
       };
       // Pass 1: scores.
-      for_each_row(v.keys, [&](int64_t j, const float* kr) {
+      for_each_row(v.keys, v.key_scales, [&](int64_t j, const float* kr) {
         for (int64_t h = 0; h < group; ++h) scores[h * n + j] = dot(qf.data() + h * head_dim, kr, head_dim) * scale;
       });
       for (int64_t h = 0; h < group; ++h) denom[h] = exp_shifted(scores.data() + h * n, n);
       // Pass 2: the probability-weighted sum of the values.
       std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_row(v.values, [&](int64_t j, const float* vr) {
+      for_each_row(v.values, v.value_scales, [&](int64_t j, const float* vr) {
         for (int64_t h = 0; h < group; ++h) {
           const float p = scores[h * n + j];
           float* a = acc.data() + h * head_dim;

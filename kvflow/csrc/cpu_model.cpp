@@ -189,17 +189,49 @@ void add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at::Tenso
 }
 
 // ----------------------------------------------------------------------------- rotary + KV write
+// A row x[0..D) of keys or values into its cache row, exactly as kv_quant.py computes it: as is (a
+// dense cache of T); as int8 codes and the row's scale, written to *token_scale (amax, then 127 /
+// amax once in fp32, products rounded half to even); or as float8_e4m3fn codes of x / head_scale,
+// saturated at +-448 (c10's conversion, PyTorch's own).
+template <typename T, typename KV>
+inline void store_kv_row(const float* x, KV* dst, float* token_scale, float head_scale, int64_t D) {
+  if constexpr (std::is_same_v<KV, int8_t>) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t i = 0; i < D; ++i)
+      dst[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] * inv))));
+    *token_scale = amax / 127.f;
+  } else if constexpr (std::is_same_v<KV, c10::Float8_e4m3fn>) {
+    for (int64_t i = 0; i < D; ++i) dst[i] = c10::Float8_e4m3fn(std::min(448.f, std::max(-448.f, x[i] / head_scale)));
+  } else {
+    from_float(x, dst, D);
+  }
+}
+
 // Split the fused qkv projection, apply the optional per-head q/k RMSNorm (Qwen3) and the
 // rotate-half rotary embedding (cos/sin rounded to T, each product and sum rounded, as in
-// layers._rotate), store k and v at their cache slots and return q as [T, H, D].
-template <typename T>
+// layers._rotate), store k and v at their cache slots and return q as [T, H, D]. KV is the cache's
+// element type: T, or int8_t / c10::Float8_e4m3fn with `kv_scales` (see PagedAttentionView; fp8
+// scales must be set: the engine calibrates them in PyTorch on the first prompt).
+template <typename T, typename KV = T>
 void rope_and_store(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& slots,
                     const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& q_norm,
-                    const at::Tensor& k_norm, float eps, at::Tensor& kv_cache, at::Tensor& q_out,
-                    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+                    const at::Tensor& k_norm, float eps, at::Tensor& kv_cache, const at::Tensor& kv_scales,
+                    at::Tensor& q_out, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
   const int64_t tokens = qkv.size(0), row_stride = qkv.stride(0);
   const int64_t half = head_dim / 2, block_size = kv_cache.size(3);
   const int64_t cache_half = kv_cache.stride(0);  // keys, then values
+  float* scales = nullptr;
+  int64_t scales_half = 0;
+  constexpr bool kHeadScales = std::is_same_v<KV, c10::Float8_e4m3fn>;
+  if constexpr (std::is_same_v<KV, int8_t> || kHeadScales) {
+    TORCH_CHECK(kv_scales.defined() && kv_scales.scalar_type() == at::kFloat && kv_scales.is_contiguous(),
+                "rope_and_store: a quantised KV cache needs its fp32 scales");
+    TORCH_CHECK(!kHeadScales || kv_scales.numel() == 2 * num_kv_heads, "rope_and_store: fp8 scales are [2, kv_heads, 1]");
+    scales = kv_scales.data_ptr<float>();
+    scales_half = kv_scales.stride(0);
+  }
   const T* src = qkv.data_ptr<T>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
@@ -207,7 +239,7 @@ void rope_and_store(const at::Tensor& qkv, const at::Tensor& positions, const at
   const float* sin_t = sin.data_ptr<float>();
   const T* qn = q_norm.defined() ? q_norm.data_ptr<T>() : nullptr;
   const T* kn = k_norm.defined() ? k_norm.data_ptr<T>() : nullptr;
-  T* cache = kv_cache.data_ptr<T>();
+  KV* cache = kv_cache.data_ptr<KV>();
   T* q = q_out.data_ptr<T>();
   at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> x(head_dim), y(head_dim), c(half), s(half), qw(head_dim), kw(head_dim);
@@ -235,14 +267,25 @@ void rope_and_store(const at::Tensor& qkv, const at::Tensor& positions, const at
           y[i] = round_to<T>(round_to<T>(x1 * c[i]) - round_to<T>(x2 * s[i]));
           y[i + half] = round_to<T>(round_to<T>(x2 * c[i]) + round_to<T>(x1 * s[i]));
         }
-        T* out = is_q ? q + (t * num_heads + h) * head_dim
-                      : cache + ((block * num_kv_heads + (h - num_heads)) * block_size + offset) * head_dim;
-        from_float(y.data(), out, head_dim);
+        if (is_q) {
+          from_float(y.data(), q + (t * num_heads + h) * head_dim, head_dim);
+        } else {
+          const int64_t g = h - num_heads, row = (block * num_kv_heads + g) * block_size + offset;
+          store_kv_row<T, KV>(y.data(), cache + row * head_dim, kHeadScales ? nullptr : scales + row,
+                              kHeadScales ? scales[g] : 0.f, head_dim);
+        }
       }
       for (int64_t h = 0; h < num_kv_heads; ++h) {
         const T* in = src + t * row_stride + (num_heads + num_kv_heads + h) * head_dim;
-        T* out = cache + cache_half + ((block * num_kv_heads + h) * block_size + offset) * head_dim;
-        std::copy(in, in + head_dim, out);
+        const int64_t row = (block * num_kv_heads + h) * block_size + offset;
+        if constexpr (std::is_same_v<KV, T>) {
+          std::copy(in, in + head_dim, cache + cache_half + row * head_dim);
+        } else {
+          to_float(in, x.data(), head_dim);
+          store_kv_row<T, KV>(x.data(), cache + cache_half + row * head_dim,
+                              kHeadScales ? nullptr : scales + scales_half + row,
+                              kHeadScales ? scales[scales_half + h] : 0.f, head_dim);
+        }
       }
     }
   });
@@ -354,6 +397,24 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
     default: TORCH_CHECK(false, NAME, ": unsupported dtype ", dtype);       \
   }
 
+// kv_t, the KV cache's element type, for a cache tensor's dtype: int8 codes, float8_e4m3fn codes, or
+// the model's own dtype T (a dense cache of another dtype is refused).
+#define KVFLOW_KV_DISPATCH(kv_dtype, T, ...)                                                         \
+  do {                                                                                               \
+    if ((kv_dtype) == at::kChar) {                                                                   \
+      using kv_t = int8_t;                                                                           \
+      __VA_ARGS__();                                                                                 \
+    } else if ((kv_dtype) == at::kFloat8_e4m3fn) {                                                   \
+      using kv_t = c10::Float8_e4m3fn;                                                               \
+      __VA_ARGS__();                                                                                 \
+    } else {                                                                                         \
+      TORCH_CHECK((kv_dtype) == c10::CppTypeToScalarType<T>::value, "KV cache dtype ", (kv_dtype),   \
+                  " is neither int8, float8_e4m3fn nor the model's dtype");                          \
+      using kv_t = T;                                                                                \
+      __VA_ARGS__();                                                                                 \
+    }                                                                                                \
+  } while (0)
+
 // A kernel call of the forward, named in torch.profiler traces (`kvflow bench profile`).
 #define KVFLOW_RUN(dtype, NAME, ...)                                    \
   do {                                                                  \
@@ -374,12 +435,18 @@ class CpuModel {
  public:
   CpuModel(at::Tensor embed, std::vector<std::vector<at::Tensor>> layers, std::vector<int64_t> windows,
            at::Tensor final_norm, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> kv_caches,
-           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, bool packed)
+           std::vector<at::Tensor> kv_scales, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
+           bool packed)
       : embed_(std::move(embed)), final_norm_(std::move(final_norm)), cos_(std::move(cos)), sin_(std::move(sin)),
-        kv_caches_(std::move(kv_caches)), num_heads_(num_heads), num_kv_heads_(num_kv_heads),
+        kv_caches_(std::move(kv_caches)), kv_scales_(std::move(kv_scales)), num_heads_(num_heads),
+        num_kv_heads_(num_kv_heads),
         head_dim_(head_dim), eps_(static_cast<float>(eps)), packed_(packed),
         scale_(1.f / std::sqrt(static_cast<float>(head_dim))) {
     TORCH_CHECK(layers.size() == windows.size() && layers.size() == kv_caches_.size(), "CpuModel: layer count mismatch");
+    kv_type_ = kv_caches_.front().scalar_type();
+    quantised_ = kv_type_ == at::kChar || kv_type_ == at::kFloat8_e4m3fn;
+    TORCH_CHECK(kv_scales_.size() == (quantised_ ? kv_caches_.size() : 0),
+                "CpuModel: an int8 KV cache needs one scales tensor per layer, a dense one none");
     TORCH_CHECK(cos_.scalar_type() == at::kFloat && sin_.scalar_type() == at::kFloat, "CpuModel: rotary tables must be fp32");
     for (size_t i = 0; i < layers.size(); ++i) {
       const auto& w = layers[i];
@@ -411,14 +478,20 @@ class CpuModel {
     for (size_t l = 0; l < layers_.size(); ++l) {
       const LayerWeights& w = layers_[l];
       at::Tensor& cache = kv_caches_[l];
+      const at::Tensor scales = quantised_ ? kv_scales_[l] : at::Tensor();
       KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.input_norm, normed, eps_); });
       at::Tensor qkv = linear(normed, w.qkv, w.qkv_bias, packed_, w.qkv_blocked);
       KVFLOW_RUN(dtype, "rope_and_store", [&] {
-        rope_and_store<scalar_t>(qkv, positions, slot_mapping, cos_, sin_, w.q_norm, w.k_norm, eps_, cache, q,
-                                 num_heads_, num_kv_heads_, head_dim_);
+        KVFLOW_KV_DISPATCH(kv_type_, scalar_t, [&] {
+          rope_and_store<scalar_t, kv_t>(qkv, positions, slot_mapping, cos_, sin_, w.q_norm, w.k_norm, eps_, cache,
+                                         scales, q, num_heads_, num_kv_heads_, head_dim_);
+        });
       });
       KVFLOW_RUN(dtype, "paged_attention", [&] {
-        paged_attention<scalar_t>(q, cache, block_tables, seq_index, positions, scale_, w.window, attn);
+        KVFLOW_KV_DISPATCH(kv_type_, scalar_t, [&] {
+          paged_attention<scalar_t, kv_t>(q, cache, scales, block_tables, seq_index, positions, scale_, w.window,
+                                          attn);
+        });
       });
       delta = linear(attn.view({tokens, num_heads_ * head_dim_}), w.o, w.o_bias, packed_, w.o_blocked);
       KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.post_norm, normed, eps_); });
@@ -434,7 +507,9 @@ class CpuModel {
 
  private:
   at::Tensor embed_, final_norm_, cos_, sin_;
-  std::vector<at::Tensor> kv_caches_;
+  std::vector<at::Tensor> kv_caches_, kv_scales_;  // per layer; scales only for an int8 cache
+  at::ScalarType kv_type_;
+  bool quantised_ = false;
   std::vector<LayerWeights> layers_;
   int64_t num_heads_, num_kv_heads_, head_dim_;
   float eps_;
@@ -455,23 +530,30 @@ std::vector<at::Tensor> rms_norm_op(const at::Tensor& x, const at::Tensor& delta
 at::Tensor rope_and_store_op(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& slots,
                              const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& q_norm,
                              const at::Tensor& k_norm, double eps, at::Tensor kv_cache, int64_t num_heads,
-                             int64_t num_kv_heads, int64_t head_dim) {
+                             int64_t num_kv_heads, int64_t head_dim, const std::optional<at::Tensor>& kv_scales) {
   at::Tensor q = at::empty({qkv.size(0), num_heads, head_dim}, qkv.options());
+  const at::Tensor scales = kv_scales ? optional_weight(*kv_scales) : at::Tensor();
   KVFLOW_DISPATCH(qkv.scalar_type(), "rope_and_store", [&] {
-    rope_and_store<scalar_t>(qkv, positions, slots, cos, sin, optional_weight(q_norm), optional_weight(k_norm),
-                             static_cast<float>(eps), kv_cache, q, num_heads, num_kv_heads, head_dim);
+    KVFLOW_KV_DISPATCH(kv_cache.scalar_type(), scalar_t, [&] {
+      rope_and_store<scalar_t, kv_t>(qkv, positions, slots, cos, sin, optional_weight(q_norm), optional_weight(k_norm),
+                                     static_cast<float>(eps), kv_cache, scales, q, num_heads, num_kv_heads, head_dim);
+    });
   });
   return q;
 }
 
 // decode_chunk > 0 fixes the keys per decode chunk of the vectorised kernel (tests); 0 lets it choose.
+// kv_scales: the fp32 scales of an int8 or fp8 kv_cache (None or an empty tensor for a dense one).
 at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                               const at::Tensor& seq_index, const at::Tensor& positions, double scale, int64_t window,
-                              int64_t decode_chunk) {
+                              int64_t decode_chunk, const std::optional<at::Tensor>& kv_scales) {
   at::Tensor out = at::empty_like(q);
+  const at::Tensor scales = kv_scales ? optional_weight(*kv_scales) : at::Tensor();
   KVFLOW_DISPATCH(q.scalar_type(), "paged_attention", [&] {
-    paged_attention<scalar_t>(q, kv_cache, block_tables, seq_index, positions, static_cast<float>(scale), window, out,
-                              decode_chunk);
+    KVFLOW_KV_DISPATCH(kv_cache.scalar_type(), scalar_t, [&] {
+      paged_attention<scalar_t, kv_t>(q, kv_cache, scales, block_tables, seq_index, positions,
+                                      static_cast<float>(scale), window, out, decode_chunk);
+    });
   });
   return out;
 }
@@ -489,15 +571,19 @@ at::Tensor silu_and_mul_op(const at::Tensor& gate_up) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<CpuModel>(m, "CpuModel")
       .def(pybind11::init<at::Tensor, std::vector<std::vector<at::Tensor>>, std::vector<int64_t>, at::Tensor,
-                          at::Tensor, at::Tensor, std::vector<at::Tensor>, int64_t, int64_t, int64_t, double, bool>())
+                          at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t,
+                          int64_t, double, bool>())
       .def("forward", &CpuModel::forward, pybind11::arg("input_ids"), pybind11::arg("positions"),
            pybind11::arg("seq_index"), pybind11::arg("slot_mapping"), pybind11::arg("block_tables"),
            pybind11::arg("layer_done") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_op);
-  m.def("rope_and_store", &rope_and_store_op);
+  m.def("rope_and_store", &rope_and_store_op, pybind11::arg("qkv"), pybind11::arg("positions"),
+        pybind11::arg("slots"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("q_norm"),
+        pybind11::arg("k_norm"), pybind11::arg("eps"), pybind11::arg("kv_cache"), pybind11::arg("num_heads"),
+        pybind11::arg("num_kv_heads"), pybind11::arg("head_dim"), pybind11::arg("kv_scales") = pybind11::none());
   m.def("paged_attention", &paged_attention_op, pybind11::arg("q"), pybind11::arg("kv_cache"),
         pybind11::arg("block_tables"), pybind11::arg("seq_index"), pybind11::arg("positions"), pybind11::arg("scale"),
-        pybind11::arg("window"), pybind11::arg("decode_chunk") = 0);
+        pybind11::arg("window"), pybind11::arg("decode_chunk") = 0, pybind11::arg("kv_scales") = pybind11::none());
   m.def("silu_and_mul", &silu_and_mul_op);
   m.def("decode_linear", &decode_linear_op);
   m.attr("has_decode_gemv") = kHasDecodeGemv;

@@ -145,6 +145,10 @@ class DisaggEngine(AsyncEngine):
                                          functools.partial(self._on_instance_death, instance), launcher)
         try:
             await asyncio.gather(*(i.client.start() for i in self.instances))
+            formats = {i.client.kv_format for i in self.instances}
+            if len(formats) > 1:
+                raise ValueError("prefill and decode instances must store KV alike to exchange it (--kv-cache-dtype); "
+                                 "they report " + ", ".join(f"{i.name}: {i.client.kv_format}" for i in self.instances))
         except BaseException:
             await self._stop_instances()
             raise

@@ -63,11 +63,13 @@ class EngineCore:
         self.config = config
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config)
-        self.kv = KVCacheManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
-        )
+        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                                 kv_format=self.runner.kv_spec.wire_format)
         self.connector = connector
         if connector is not None:
+            if not self.runner.kv_spec.transferable:
+                raise ValueError(f"kv_cache_dtype {self.runner.kv_spec.kv_dtype} with calibrated scales cannot be "
+                                 "exchanged between instances (each calibrates its own): give --kv-scale")
             connector.register_kv_caches(self.runner.kv_spec, self.runner.kv_caches)
             self.runner.step_hooks = connector
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len, connector)

@@ -64,6 +64,7 @@ class CoreClient:
         self.pid: int | None = None
         self.host: str | None = None  # the core's host name (from its READY)
         self.kv_address: str | None = None
+        self.kv_format = ""  # the KV-cache spec's wire format, from the core's Ready
         self.dead_reason: str | None = None
         self._started = False
         self._last_error: str | None = None
@@ -110,7 +111,7 @@ class CoreClient:
                 message = self._decoder.decode(await self._outbox.recv())
                 if isinstance(message, Ready):
                     self.num_blocks, self.pid, self.kv_address = message.num_blocks, message.pid, message.kv_address
-                    self.host = message.host
+                    self.host, self.kv_format = message.host, message.kv_format
                     break
                 if isinstance(message, CoreFailed):
                     await self.launcher.stop(5)

@@ -106,7 +106,7 @@ class _CoreLoop:
     def run(self) -> None:
         connector = self.core.connector
         self._send(Ready(self.core.kv.num_blocks, os.getpid(), connector.address if connector else None,
-                         socket.gethostname()))
+                         socket.gethostname(), self.core.runner.kv_spec.wire_format))
         try:
             self._loop()
         finally:

@@ -42,6 +42,7 @@ class Ready(msgspec.Struct, tag="ready"):
     pid: int
     kv_address: str | None = None  # a prefill instance: where decode instances pull KV from
     host: str | None = None
+    kv_format: str = ""  # what its KV blocks hold (KVCacheSpec.wire_format): instances exchanging KV must agree
 
 
 class StepOutputs(msgspec.Struct, tag="outputs"):

@@ -113,7 +113,9 @@ class KVReceiver:
                 channel.send(Ack())
                 # Over shm the layers' bytes cross in the segment: count them as moved too.
                 result.wire_bytes = channel.bytes_received + (result.payload_bytes if shm is not None else 0)
-        except (OSError, ProtocolError, TimeoutError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is this load's; the request recomputes locally
+            if not isinstance(exc, (OSError, ProtocolError, TimeoutError, ValueError)):
+                logger.exception("KV load %s failed", transfer_id)
             result.extra, result.num_tokens = None, 0
             result.error = f"{type(exc).__name__}: {exc}" if str(exc) != "cancelled" else "cancelled"
         finally:

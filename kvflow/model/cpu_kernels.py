@@ -7,8 +7,8 @@ file, a new torch or a different CPU never picks up a stale or illegal build. Bu
 and ninja (a kvflow dependency); where either is missing, or the build fails, the engine logs why
 and runs the PyTorch modules instead, which compute the same model. It runs a model whose linear
 layers' methods all give it their weights (`LinearMethod.cpu_kernel_weights`), plainly or all
-oneDNN-prepacked; for any other model `CpuForward` raises `CpuForwardUnsupported`, and the runner
-logs why and takes the modules.
+oneDNN-prepacked, over a dense, int8 or fp8 KV cache in the head-major layout; for any other model or
+cache `CpuForward` raises `CpuForwardUnsupported`, and the runner logs why and takes the modules.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 from kvflow.model.linear import CpuKernelWeights, Linear
 
 logger = logging.getLogger(__name__)
@@ -112,10 +113,19 @@ class CpuForward:
     it must be rebuilt if either is replaced.
     """
 
-    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, kv_spec: KVCacheSpec, kv_caches: list[LayerKV]) -> None:
         ext = load_extension()
         if ext is None:
             raise RuntimeError("kvflow's C++ CPU kernels are not available on this machine")
+        if kv_spec.layout != "head_major" or not (kv_spec.is_dense or kv_spec.kv_dtype in ("int8", "fp8_e4m3")):
+            raise CpuForwardUnsupported(f"the C++ forward cannot read a {kv_spec.kv_dtype} KV cache")
+        if kv_spec.is_dense and kv_spec.dtype != model.config.dtype:
+            raise CpuForwardUnsupported(f"the C++ forward reads a KV cache of the model's dtype, "
+                                        f"not {kv_spec.kv_dtype}")
+        # One tensor per layer (dense), or (codes, scales) per layer (int8, fp8): codes and scales in two lists.
+        layer_parts = [kv_spec.parts(layer) for layer in kv_caches]
+        codes = [parts[0] for parts in layer_parts]
+        scales = [parts[1] for parts in layer_parts if len(parts) > 1]
         cfg = model.config
         empty = torch.empty(0)
         layers: list[list[torch.Tensor]] = []
@@ -142,7 +152,7 @@ class CpuForward:
         rotary = model.layers[0].self_attn.rotary
         self._model: Any = ext.CpuModel(
             model.embed_tokens.weight.detach(), layers, windows, model.norm.weight.detach(),
-            rotary.cos.contiguous(), rotary.sin.contiguous(), list(kv_caches),
+            rotary.cos.contiguous(), rotary.sin.contiguous(), codes, scales,
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, packed,
         )
         self._ext = ext

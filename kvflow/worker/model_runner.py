@@ -13,6 +13,7 @@ import logging
 import torch
 
 from kvflow.attention.backend import AttentionMetadata, get_backend
+from kvflow.attention.kv_quant import kv_scales_set
 from kvflow.attention.kv_spec import KVCacheSpec
 from kvflow.config import EngineConfig
 from kvflow.model.cpu_kernels import CpuForward, CpuForwardUnsupported, cpu_kernels_available, decode_gemv_available
@@ -45,21 +46,24 @@ class ModelRunner:
         self.model.use_linear_method(self._linear_method(use_cpu_kernels))
         self.backend = get_backend(self.device, runner.attention_backend)
         model = config.model
-        self.kv_spec = KVCacheSpec.dense(model.num_layers, model.num_kv_heads, model.head_dim, self.block_size,
-                                         model.dtype)
+        self.kv_spec = KVCacheSpec.for_format(config.cache.kv_cache_dtype, model.num_layers, model.num_kv_heads,
+                                              model.head_dim, self.block_size, model.dtype, config.cache.kv_scale)
         if not self.backend.supports(self.kv_spec):
-            raise ValueError(f"the {self.backend.name} attention backend cannot read a {self.kv_spec.wire_format} "
-                             f"KV cache in the {self.kv_spec.layout} layout")
+            raise ValueError(f"kv_cache_dtype={self.kv_spec.kv_dtype}: the {self.backend.name} attention backend "
+                             f"cannot read a {self.kv_spec.wire_format} KV cache in the {self.kv_spec.layout} layout")
         self.num_blocks = num_kv_blocks(config, self.kv_spec)
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         self.step_hooks: StepHooks | None = None  # a KV connector's worker side, if it needs one
         self.cpu_forward: CpuForward | None = None
-        if use_cpu_kernels and self.kv_spec.is_dense and self.kv_spec.layout == "head_major":
+        if use_cpu_kernels:
             try:
-                self.cpu_forward = CpuForward(self.model, self.kv_caches)
+                self.cpu_forward = CpuForward(self.model, self.kv_spec, self.kv_caches)
             except CpuForwardUnsupported as exc:
                 logger.info("%s; running the PyTorch modules", exc)
         self.sampler = Sampler()
+        # fp8 without a given scale: the PyTorch backend calibrates on the first step that stores KV,
+        # and the C++ forward (which only reads scales) waits for it.
+        self._kv_scales_set = kv_scales_set(self.kv_spec, self.kv_caches)
 
     def _linear_method(self, use_cpu_kernels: bool) -> LinearMethod:
         """bf16 on a CPU with oneDNN: prepacked weights (bit-identical, faster), with the decode GEMV's
@@ -78,7 +82,7 @@ class ModelRunner:
         if hooks is not None and hooks.begin_step(chunks):
             hook = hooks.layer_done
         try:
-            if self.cpu_forward is not None and meta.max_query_len <= CPU_FORWARD_MAX_CHUNK:
+            if self.cpu_forward is not None and meta.max_query_len <= CPU_FORWARD_MAX_CHUNK and self._scales_ready():
                 hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping,
                                           meta.block_tables, hook)
             else:
@@ -88,6 +92,11 @@ class ModelRunner:
             if hooks is not None:
                 hooks.end_step()
         return self._sample(chunks, hidden, meta)
+
+    def _scales_ready(self) -> bool:
+        if not self._kv_scales_set:
+            self._kv_scales_set = kv_scales_set(self.kv_spec, self.kv_caches)
+        return self._kv_scales_set
 
     def _prepare_inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.block_size

@@ -182,3 +182,61 @@ def test_abort_while_receiving_frees_blocks_after_the_load_stops(llama_dir):
     assert_all_blocks_free(prefill, decode)
     prefill.close()
     decode.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_int8_kv_moves_codes_and_scales(llama_dir, transport):
+    """An int8 KV cache crosses as its quantised bytes (codes + one fp32 scale per token and kv head),
+    and decoding after the transfer equals colocated int8 decoding token for token."""
+    batch, params = prompts([5, 33, 90]), greedy(8)
+    expected = run_colocated(make_core(llama_dir, kv_cache_dtype="int8"), batch, params)
+    prefill = make_core(llama_dir, KVTransferConfig(role="prefill", transport=transport), kv_cache_dtype="int8")
+    decode = make_core(llama_dir, KVTransferConfig(role="decode", transport=transport), kv_cache_dtype="int8",
+                       block_size=8)
+    for i, ids in enumerate(batch):
+        submit(prefill, decode, f"r{i}", ids, params)
+    assert drive(prefill, decode) == expected
+    cfg = decode.config.model
+    for load in decode.drain_events().loads:
+        tokens = len(batch[int(load.request_id[1:])])
+        assert load.payload_bytes == 2 * cfg.num_layers * tokens * cfg.num_kv_heads * (cfg.head_dim + 4)
+    assert_all_blocks_free(prefill, decode)
+    prefill.close()
+    decode.close()
+
+
+def test_kv_format_mismatch_fails_the_load_and_decode_recomputes(llama_dir):
+    """A decode instance never splices KV of another format: the load fails naming both formats,
+    the request is recomputed locally with the right output, and no block leaks."""
+    batch, params = prompts([17]), greedy(6)
+    expected = run_colocated(make_core(llama_dir, kv_cache_dtype="int8"), batch, params)
+    prefill = make_core(llama_dir, KVTransferConfig(role="prefill", transport="tcp"))
+    decode = make_core(llama_dir, KVTransferConfig(role="decode", transport="tcp"), kv_cache_dtype="int8")
+    submit(prefill, decode, "r0", batch[0], params)
+    assert drive(prefill, decode) == expected
+    assert decode.scheduler.num_kv_load_failures == 1
+    assert_all_blocks_free(prefill, decode)
+    prefill.close()
+    decode.close()
+
+
+def test_fp8_kv_transfers_with_a_given_scale_and_refuses_calibrated_ones(llama_dir):
+    """fp8 codes cross only between instances that share their scales: a given --kv-scale works
+    (outputs equal colocated), calibrated scales are refused when the engine starts."""
+    with pytest.raises(ValueError, match="give --kv-scale"):
+        make_core(llama_dir, KVTransferConfig(role="prefill", transport="tcp"), kv_cache_dtype="fp8_e4m3")
+    batch, params = prompts([5, 33]), greedy(6)
+    fp8 = dict(kv_cache_dtype="fp8_e4m3", kv_scale=0.02)
+    expected = run_colocated(make_core(llama_dir, **fp8), batch, params)
+    prefill = make_core(llama_dir, KVTransferConfig(role="prefill", transport="tcp"), **fp8)
+    decode = make_core(llama_dir, KVTransferConfig(role="decode", transport="tcp"), **fp8)
+    for i, ids in enumerate(batch):
+        submit(prefill, decode, f"r{i}", ids, params)
+    assert drive(prefill, decode) == expected
+    cfg = decode.config.model
+    for load in decode.drain_events().loads:
+        tokens = len(batch[int(load.request_id[1:])])
+        assert load.payload_bytes == 2 * cfg.num_layers * tokens * cfg.num_kv_heads * cfg.head_dim  # a byte each
+    assert_all_blocks_free(prefill, decode)
+    prefill.close()
+    decode.close()

@@ -364,3 +364,135 @@ def test_engine_decodes_with_the_gemv_copies_and_agrees_with_onednn(tiny_models)
             _close(runner.cpu_forward.logits(hidden), runner.model.compute_logits(hidden), torch.bfloat16)
     same = sum(a == b for x, y in zip(runs[True], runs[False]) for a, b in zip(x, y))
     assert same >= 0.75 * sum(len(x) for x in runs[True])
+
+
+# ----------------------------------------------------------------------------- int8 KV cache
+def _int8_cache(num_blocks, kv_heads, block_size, dim, spread=1.0):
+    """(codes, scales) of random keys and values, quantised by the PyTorch reference."""
+    from kvflow.attention.kv_quant import quantize_int8
+
+    return quantize_int8(torch.randn(2, num_blocks, kv_heads, block_size, dim) * spread)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_and_store_int8_quantises_like_the_reference(dtype, qk_norm):
+    """Into an int8 cache the kernel stores exactly quantize_int8 of what it stores densely."""
+    from kvflow.attention.kv_quant import quantize_int8
+
+    torch.manual_seed(1)
+    heads, kv_heads, dim, tokens, block_size = 4, 2, 64, 6, 4
+    rotary = RotaryEmbedding(dim, 64, RopeConfig(theta=10000.0))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype)
+    positions = torch.tensor([0, 5, 6, 7, 30, 63])
+    slots = torch.tensor([3, 9, 10, 11, 17, 22])
+    norm = (torch.rand(dim, dtype=dtype) + 0.5) if qk_norm else EMPTY
+    dense = torch.zeros(2, 8, kv_heads, block_size, dim, dtype=dtype)
+    q_dense = ext.rope_and_store(qkv, positions, slots, rotary.cos, rotary.sin, norm, norm, 1e-6, dense, heads,
+                                 kv_heads, dim)
+    codes, scales = _int8_cache(8, kv_heads, block_size, dim)
+    codes_before, scales_before = codes.clone(), scales.clone()
+    q_int8 = ext.rope_and_store(qkv, positions, slots, rotary.cos, rotary.sin, norm, norm, 1e-6, codes, heads,
+                                kv_heads, dim, kv_scales=scales)
+    assert torch.equal(q_int8, q_dense)
+    blocks, offsets = slots // block_size, slots % block_size
+    for half in (0, 1):
+        ref_codes, ref_scales = quantize_int8(dense[half][blocks, :, offsets])
+        assert torch.equal(codes[half][blocks, :, offsets], ref_codes)
+        assert torch.equal(scales[half][blocks, :, offsets], ref_scales)
+    written = torch.zeros(8, block_size, dtype=torch.bool)
+    written[blocks, offsets] = True
+    assert torch.equal(codes.permute(0, 1, 3, 2, 4)[:, ~written], codes_before.permute(0, 1, 3, 2, 4)[:, ~written])
+    assert torch.equal(scales.permute(0, 1, 3, 2, 4)[:, ~written], scales_before.permute(0, 1, 3, 2, 4)[:, ~written])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [32, 48, 64, 128])
+@pytest.mark.parametrize("window", [0, 37])
+def test_paged_attention_int8_matches_fp64_over_dequantised_cache(dtype, dim, window):
+    """The vectorised kernel (head_dim 32, 64, 128) and the generic loop (48) read int8 codes and
+    scales in place: decode tokens, a 19-query prefill chunk, 16-key chunks starting mid-block,
+    GQA, against fp64 attention over codes * scales."""
+    torch.manual_seed(5)
+    kv_heads, group, block_size, num_blocks = 2, 4, 24, 30
+    codes, scales = _int8_cache(num_blocks, kv_heads, block_size, dim, spread=3.0)
+    tables = torch.randperm(num_blocks)[:24].view(2, 12)
+    seq_index = torch.tensor([0, 0, 1, 1, 1] + [1] * 19)
+    positions = torch.tensor([100, 283, 0, 15, 47] + list(range(30, 49)))
+    q = torch.randn(len(positions), kv_heads * group, dim, dtype=dtype)
+    out = ext.paged_attention(q, codes, tables, seq_index, positions, dim**-0.5, window, kv_scales=scales)
+    dequantised = codes.double() * scales.double()
+    expected = _naive_paged_attention(q, dequantised, tables, seq_index, positions, dim**-0.5, window)
+    _close(out, expected.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("chunk", [0, 256])
+def test_paged_attention_int8_split_decode(chunk):
+    """Long int8 decodes, whole and in 256-key chunks merged by log-sum-exp."""
+    torch.manual_seed(3)
+    codes, scales = _int8_cache(64, 2, 16, 64, spread=4.0)
+    tables = torch.randperm(64).view(1, 64)
+    q = torch.randn(2, 8, 64) * 4
+    pos, seq = torch.tensor([1000, 3 * 256 + 7]), torch.tensor([0, 0])
+    expected = _naive_paged_attention(q, codes.double() * scales.double(), tables, seq, pos, 1.0, 0)
+    out = ext.paged_attention(q, codes, tables, seq, pos, 1.0, 0, decode_chunk=chunk, kv_scales=scales)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_paged_attention_int8_without_scales_is_refused():
+    codes, _ = _int8_cache(4, 1, 16, 64)
+    with pytest.raises(RuntimeError, match="fp32 scales"):
+        ext.paged_attention(torch.randn(1, 1, 64), codes, torch.arange(4)[None], torch.tensor([0]),
+                            torch.tensor([5]), 1.0, 0)
+
+
+# ----------------------------------------------------------------------------- fp8 KV cache
+def _fp8_cache(num_blocks, kv_heads, block_size, dim):
+    """Codes covering every finite float8_e4m3fn value (subnormals, both signs, +-448) and
+    per-head scales [2, kv_heads, 1]."""
+    finite = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    picks = finite[torch.randint(len(finite), (2, num_blocks, kv_heads, block_size, dim))]
+    head_scales = torch.rand(2, kv_heads, 1) * 0.02 + 0.005
+    return picks.view(torch.float8_e4m3fn), head_scales
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_store_fp8_quantises_like_the_reference(dtype):
+    from kvflow.attention.kv_quant import quantize_fp8
+
+    torch.manual_seed(1)
+    heads, kv_heads, dim, tokens, block_size = 4, 2, 64, 6, 4
+    rotary = RotaryEmbedding(dim, 64, RopeConfig(theta=10000.0))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype) * 3
+    positions = torch.tensor([0, 5, 6, 7, 30, 63])
+    slots = torch.tensor([3, 9, 10, 11, 17, 22])
+    dense = torch.zeros(2, 8, kv_heads, block_size, dim, dtype=dtype)
+    ext.rope_and_store(qkv, positions, slots, rotary.cos, rotary.sin, EMPTY, EMPTY, 1e-6, dense, heads, kv_heads, dim)
+    codes, head_scales = _fp8_cache(8, kv_heads, block_size, dim)
+    head_scales[0, 0] = 0.001  # values beyond 448 * scale saturate
+    ext.rope_and_store(qkv, positions, slots, rotary.cos, rotary.sin, EMPTY, EMPTY, 1e-6, codes, heads, kv_heads, dim,
+                       kv_scales=head_scales)
+    blocks, offsets = slots // block_size, slots % block_size
+    for half in (0, 1):
+        expected = quantize_fp8(dense[half][blocks, :, offsets], head_scales[half])
+        assert torch.equal(codes[half][blocks, :, offsets].view(torch.uint8), expected.view(torch.uint8))
+    assert (codes[0][blocks, 0, offsets].float().abs() == 448).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [48, 64, 128])
+@pytest.mark.parametrize("window", [0, 37])
+def test_paged_attention_fp8_matches_fp64_over_dequantised_cache(dtype, dim, window):
+    """The vectorised kernel (64, 128: codes widened in registers) and the generic loop (48) over
+    every fp8 value, per-head scales, GQA, decodes and a prefill chunk."""
+    torch.manual_seed(6)
+    kv_heads, group, block_size, num_blocks = 2, 4, 24, 30
+    codes, head_scales = _fp8_cache(num_blocks, kv_heads, block_size, dim)
+    tables = torch.randperm(num_blocks)[:24].view(2, 12)
+    seq_index = torch.tensor([0, 0, 1, 1, 1] + [1] * 19)
+    positions = torch.tensor([100, 283, 0, 15, 47] + list(range(30, 49)))
+    q = torch.randn(len(positions), kv_heads * group, dim, dtype=dtype)
+    out = ext.paged_attention(q, codes, tables, seq_index, positions, dim**-0.5, window, kv_scales=head_scales)
+    dequantised = codes.double() * head_scales.double()[:, None, :, None, :]
+    expected = _naive_paged_attention(q, dequantised, tables, seq_index, positions, dim**-0.5, window)
+    _close(out, expected.to(dtype), dtype)
