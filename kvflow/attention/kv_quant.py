@@ -34,9 +34,12 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows x [..., D] -> (codes int8 [..., D], scales fp32 [..., 1])."""
     x32 = x.float()
     amax = x32.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))
+    # Tensor by tensor: one correctly rounded division each (a number divided by a tensor would be
+    # PyTorch's reciprocal-then-multiply, rounded twice).
+    limit = torch.full_like(amax, INT8_MAX)
+    inv = torch.where(amax > 0, limit / amax, torch.zeros_like(amax))
     codes = torch.round(x32 * inv).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return codes, amax / INT8_MAX
+    return codes, amax / limit
 
 
 def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -7,8 +7,9 @@ achieved TFLOP/s (prefill: 4·H·D per causal query-key pair) or GB/s (decode: K
 
 Implementations, where the device has them:
 - ``kvflow-cpu``: the C++ CPU forward's paged attention (CPU, when the extension builds);
-- ``kvflow-cpu-int8``: the same kernel over the case's cache quantised to int8 (codes + a scale per
-  token and kv head, ``--kv-cache-dtype int8``), dequantised in registers;
+- ``kvflow-cpu-int8`` / ``kvflow-cpu-fp8``: the same kernel over the case's cache quantised as
+  ``--kv-cache-dtype int8`` (codes + a scale per token and kv head) or ``fp8_e4m3`` (codes + a
+  scale per kv head, calibrated on the cache), dequantised in registers;
 - ``triton`` / ``triton-nosplit``: kvflow's Triton kernels, flash-decoding with automatic and
   with a single split (CUDA);
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on contiguous per-sequence K/V
@@ -36,8 +37,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("kvflow-cpu", "kvflow-cpu-int8", "triton", "triton-nosplit", "sdpa", "naive")
-INT8_SUFFIX = "-int8"  # implementations that read the int8-quantised cache
+IMPLEMENTATIONS = ("kvflow-cpu", "kvflow-cpu-int8", "kvflow-cpu-fp8", "triton", "triton-nosplit", "sdpa", "naive")
+QUANTISED = {"-int8": "int8", "-fp8": "fp8_e4m3"}  # implementation name suffix -> the cache format it reads
+
+
+def quantised_format(name: str) -> str | None:
+    return next((fmt for suffix, fmt in QUANTISED.items() if name.endswith(suffix)), None)
 
 
 @dataclass
@@ -62,6 +67,7 @@ class AttentionCase:
     seq_index: torch.Tensor = field(init=False)  # [T]
     keys: torch.Tensor = field(init=False)  # [B, KVH, n, D], contiguous
     values: torch.Tensor = field(init=False)
+    _quantised: dict = field(init=False, default_factory=dict)  # format -> (codes, scales), made on first use
 
     def __post_init__(self) -> None:
         if self.kind not in ("prefill", "decode"):
@@ -95,30 +101,40 @@ class AttentionCase:
     def q_len(self) -> int:
         return self.seq_len if self.kind == "prefill" else 1
 
-    def work(self, int8: bool = False) -> float:
-        """Prefill: FLOPs of the causal pairs; decode: bytes of K and V read once (int8: codes and
-        their fp32 scales)."""
+    def work(self, kv_format: str | None = None) -> float:
+        """Prefill: FLOPs of the causal pairs; decode: bytes of K and V read once (a quantised
+        format: its codes, and int8's per-token scales)."""
         if self.kind == "prefill":
             pairs = self.seq_len * (self.seq_len + 1) / 2
             return 4.0 * self.batch * self.num_heads * self.head_dim * pairs
-        per_head = self.head_dim + 4 if int8 else self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        per_head = {"int8": self.head_dim + 4, "fp8_e4m3": self.head_dim}.get(
+            kv_format, self.head_dim * torch.empty(0, dtype=self.dtype).element_size())
         return 2.0 * self.batch * self.seq_len * self.num_kv_heads * per_head
 
-    @functools.cached_property
-    def int8_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The paged cache quantised as `--kv-cache-dtype int8` stores it: (codes, scales)."""
-        from kvflow.attention.kv_quant import quantize_int8
+    def quantised_cache(self, kv_format: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paged cache as `--kv-cache-dtype kv_format` stores it: (codes, scales)."""
+        if kv_format not in self._quantised:
+            from kvflow.attention.kv_quant import calibrate_fp8, quantize_fp8, quantize_int8
 
-        return quantize_int8(self.kv_cache)
+            if kv_format == "int8":
+                self._quantised[kv_format] = quantize_int8(self.kv_cache)
+            else:  # per-head scales calibrated on the whole cache, as on a first prompt
+                head_scales = torch.zeros(2, self.num_kv_heads, 1, device=self.device)
+                keys, values = (self.kv_cache[i].transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)
+                                for i in (0, 1))
+                calibrate_fp8(head_scales, keys, values)
+                codes = torch.stack([quantize_fp8(self.kv_cache[i].transpose(1, 2), head_scales[i]).transpose(1, 2)
+                                     for i in (0, 1)])
+                self._quantised[kv_format] = (codes, head_scales)
+        return self._quantised[kv_format]
 
-    @functools.cached_property
-    def int8_reference(self) -> torch.Tensor:
-        """`naive` over the dequantised int8 cache: what an int8 kernel must compute."""
-        from kvflow.attention.kv_quant import dequantize_int8
-
-        codes, scales = self.int8_cache
+    def quantised_reference(self, kv_format: str) -> torch.Tensor:
+        """`naive` over the dequantised cache: what a kernel reading `kv_format` must compute."""
+        codes, scales = self.quantised_cache(kv_format)
+        if kv_format == "fp8_e4m3":
+            scales = scales[:, None, :, None, :]  # [2, 1, KVH, 1, 1]: broadcast over blocks and slots
         blocks = self.block_tables.flatten()
-        kv = dequantize_int8(codes[:, blocks], scales[:, blocks])  # [2, B * per_seq, KVH, bs, D] fp32
+        kv = codes[:, blocks].float() * (scales[:, blocks] if kv_format == "int8" else scales)
         b, per_seq = self.block_tables.shape
         kv = kv.view(2, b, per_seq, self.num_kv_heads, self.block_size, self.head_dim).permute(0, 1, 3, 2, 4, 5)
         kv = kv.reshape(2, b, self.num_kv_heads, per_seq * self.block_size, self.head_dim)[:, :, :, :self.seq_len]
@@ -176,7 +192,7 @@ def _kvflow_cpu() -> Implementation | None:
     return lambda c: ext.paged_attention(c.q, c.kv_cache, c.block_tables, c.seq_index, c.positions, c.scale, 0)
 
 
-def _kvflow_cpu_int8() -> Implementation | None:
+def _kvflow_cpu_quantised(kv_format: str) -> Implementation | None:
     from kvflow.model.cpu_kernels import load_extension
 
     ext = load_extension()
@@ -184,7 +200,7 @@ def _kvflow_cpu_int8() -> Implementation | None:
         return None
 
     def run(c: AttentionCase) -> torch.Tensor:
-        codes, scales = c.int8_cache
+        codes, scales = c.quantised_cache(kv_format)
         return ext.paged_attention(c.q, codes, c.block_tables, c.seq_index, c.positions, c.scale, 0, kv_scales=scales)
 
     return run
@@ -207,7 +223,8 @@ def available(device: torch.device, names: tuple[str, ...] = IMPLEMENTATIONS) ->
     for name in names:
         if name == "kvflow-cpu" and device.type == "cpu" and (fn := _kvflow_cpu()) is not None:
             impls[name] = fn
-        elif name == "kvflow-cpu-int8" and device.type == "cpu" and (fn := _kvflow_cpu_int8()) is not None:
+        elif (name.startswith("kvflow-cpu-") and device.type == "cpu" and (fmt := quantised_format(name))
+              and (fn := _kvflow_cpu_quantised(fmt)) is not None):
             impls[name] = fn
         elif name in ("triton", "triton-nosplit") and device.type == "cuda":
             impls[name] = _triton(None if name == "triton" else 1)
@@ -263,13 +280,15 @@ def run_case(case: AttentionCase, impls: dict[str, Implementation], repeats: int
     reference = outputs[reference_name].float() if reference_name else None
     results = []
     for name, fn in todo.items():
-        int8 = name.endswith(INT8_SUFFIX)
+        kv_format = quantised_format(name)
         out = outputs[name] if name in outputs else fn(case)
-        expected = case.int8_reference if int8 and case.seq_len <= naive_max_len else reference
-        err = None if expected is None or (int8 and expected is reference) else float(
-            (out.float() - expected).abs().max())
+        if kv_format is not None:  # against its own dequantised cache, where naive runs at all
+            expected = case.quantised_reference(kv_format) if case.seq_len <= naive_max_len else None
+        else:
+            expected = reference
+        err = None if expected is None else float((out.float() - expected).abs().max())
         seconds = _time(lambda fn=fn: fn(case), case.device, repeats)
-        work = case.work(int8)
+        work = case.work(kv_format)
         results.append(AttentionResult(
             implementation=name, kind=case.kind, batch=case.batch, seq_len=case.seq_len,
             num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,

@@ -137,6 +137,29 @@ def _cmd_throughput_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kv_capacity(args: argparse.Namespace) -> int:
+    from kvflow.bench.kv_capacity import format_capacity, run_capacity, save_capacity
+    from kvflow.config import KV_CACHE_DTYPES
+
+    unknown = [f for f in args.kv_cache_dtype if f not in KV_CACHE_DTYPES]
+    if unknown:
+        raise SystemExit(f"error: unknown --kv-cache-dtype {', '.join(unknown)}; "
+                         f"choose from {', '.join(KV_CACHE_DTYPES)}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    results = run_capacity(args.model, args.dtype, args.kv_cache_dtype, args.kv_cache_memory, args.num_prompts,
+                           args.input_len, args.output_len, args.repeats, args.seed)
+    print(format_capacity(results))
+    if args.output:
+        settings = {k: getattr(args, k) for k in ("model", "dtype", "kv_cache_dtype", "kv_cache_memory", "num_prompts",
+                                                  "input_len", "output_len", "repeats", "seed")}
+        save_capacity(results, Path(args.output), settings)
+        print(f"saved {args.output}")
+    return 0
+
+
 def _cmd_attention(args: argparse.Namespace) -> int:
     import torch
 
@@ -230,7 +253,8 @@ def configure(bench: argparse.ArgumentParser) -> None:
     at.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
     at.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     at.add_argument("--impl", nargs="+",
-                    default=["kvflow-cpu", "kvflow-cpu-int8", "triton", "triton-nosplit", "sdpa", "naive"],
+                    default=["kvflow-cpu", "kvflow-cpu-int8", "kvflow-cpu-fp8", "triton", "triton-nosplit", "sdpa",
+                             "naive"],
                     help="implementations to time (those the device lacks are listed and skipped)")
     at.add_argument("--repeats", type=int, default=5, help="timed calls per case; the median is reported")
     at.add_argument("--naive-max-len", type=int, default=2048, help="longest context the naive reference runs")
@@ -283,6 +307,22 @@ def configure(bench: argparse.ArgumentParser) -> None:
     )
     tp.add_argument("--output", help="JSON path (default bench_results/throughput-MODEL-TIME.json)")
     tp.set_defaults(func=_cmd_throughput)
+
+    kc = sub.add_parser("kv-capacity", help="KV-cache formats at a fixed memory budget: sequences that fit, "
+                                             "offline long-context throughput")
+    kc.add_argument("--model", required=True, help="model directory (HF format)")
+    kc.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    kc.add_argument("--kv-cache-dtype", nargs="+", default=["bfloat16", "int8", "fp8_e4m3"],
+                    help="formats, the first being the baseline of the ratios")
+    kc.add_argument("--kv-cache-memory", type=float, required=True, help="GiB of KV cache, the same for every format")
+    kc.add_argument("--num-prompts", type=int, default=16)
+    kc.add_argument("--input-len", type=int, default=4096)
+    kc.add_argument("--output-len", type=int, default=64)
+    kc.add_argument("--repeats", type=int, default=1, help="rounds over all formats; the median is reported")
+    kc.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
+    kc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    kc.add_argument("--output", help="JSON path")
+    kc.set_defaults(func=_cmd_kv_capacity)
 
     gg = sub.add_parser("to-gguf", help="convert a model directory to GGUF for llama.cpp")
     gg.add_argument("--model", required=True, help="model directory (HF format)")

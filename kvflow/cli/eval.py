@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from kvflow.cli.engine_args import add_engine_args, make_llm
+from kvflow.cli.engine_args import add_engine_args, make_llm, model_path
 
 
 def _list_of(kind: Callable, name: str) -> Callable[[str], tuple]:
@@ -68,6 +68,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out", type=Path, default=None,
                        help="output folder (default: eval_results/<model directory name>)")
     group.add_argument("--json", action="store_true", help="print the results (without samples) as JSON")
+    group.add_argument("--compare-kv", type=_list_of(str, "--compare-kv"), default=None, metavar="FORMATS",
+                       help="evaluate under each of these --kv-cache-dtype values (comma-separated, e.g. "
+                            "auto,int8,fp8_e4m3) and write a table and a figure of accuracy against KV bytes "
+                            "(kv_compare.json/.png in --out; each format's results in --out/FORMAT)")
+    group.add_argument("--rerun", action="store_true",
+                       help="with --compare-kv: evaluate every format again instead of reusing results saved in "
+                            "--out/FORMAT with the same settings")
     group.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     group.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
@@ -88,6 +95,8 @@ def _run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.compare_kv:
+        return _compare_kv(args, config)
     llm = make_llm(args)
     draft_llm = None
     if args.draft is not None:
@@ -100,4 +109,29 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(format_report(result))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _compare_kv(args: argparse.Namespace, config) -> int:
+    from kvflow.config import KV_CACHE_DTYPES
+    from kvflow.eval.kv_compare import compare_kv_formats, format_comparison, save_comparison
+
+    unknown = [f for f in args.compare_kv if f not in KV_CACHE_DTYPES]
+    if unknown:
+        raise SystemExit(f"error: --compare-kv: unknown format(s) {', '.join(unknown)}; "
+                         f"choose from {', '.join(KV_CACHE_DTYPES)}")
+    if args.draft is not None:
+        raise SystemExit("error: --compare-kv and --draft are separate evaluations; run them one at a time")
+    model = model_path(args)
+    out = args.out or Path("eval_results") / f"{Path(model).name or 'model'}-kv"
+
+    def llm_for(fmt: str):
+        return make_llm(argparse.Namespace(**{**vars(args), "kv_cache_dtype": fmt}))
+
+    rows = compare_kv_formats(llm_for, model, args.dtype, list(args.compare_kv), config, out, reuse=not args.rerun,
+                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_comparison(rows, baseline=args.compare_kv[0]))
+    json_path, png_path = save_comparison(rows, out, f"{Path(model).name}: accuracy against KV bytes per token "
+                                                     f"(model dtype {args.dtype})")
+    print(f"wrote {json_path}, {png_path}")
     return 0

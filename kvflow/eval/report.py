@@ -15,7 +15,8 @@ def engine_summary(engine: dict[str, Any]) -> str:
     kv = cache.get("kv_cache_memory")
     parts = [
         f"dtype={engine.get('dtype')}", f"max_model_len={engine.get('max_model_len')}",
-        f"kv={'auto' if kv is None else f'{kv}GiB'}", f"blocks={engine.get('num_kv_blocks')}",
+        f"kv_cache_dtype={cache.get('kv_cache_dtype', 'auto')}", f"kv={'auto' if kv is None else f'{kv}GiB'}",
+        f"blocks={engine.get('num_kv_blocks')}",
         f"block_size={cache.get('block_size')}", f"prefix_caching={cache.get('enable_prefix_caching')}",
         f"max_num_seqs={sched.get('max_num_seqs')}",
     ]
@@ -26,7 +27,8 @@ def _short_engine(engine: dict[str, Any]) -> str:
     cache = engine.get("cache", {})
     kv = cache.get("kv_cache_memory")
     budget = "auto" if kv is None else f"{kv} GiB"
-    return (f"{engine.get('dtype')}, KV {budget} ({engine.get('num_kv_blocks')} blocks), "
+    return (f"{engine.get('dtype')}, KV {cache.get('kv_cache_dtype', 'auto')} {budget} "
+            f"({engine.get('num_kv_blocks')} blocks), "
             f"prefix caching {'on' if cache.get('enable_prefix_caching') else 'off'}")
 
 

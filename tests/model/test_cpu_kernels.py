@@ -496,3 +496,24 @@ def test_paged_attention_fp8_matches_fp64_over_dequantised_cache(dtype, dim, win
     dequantised = codes.double() * head_scales.double()[:, None, :, None, :]
     expected = _naive_paged_attention(q, dequantised, tables, seq_index, positions, dim**-0.5, window)
     _close(out, expected.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int8_store_rounds_like_the_reference_on_telling_rows(dtype):
+    """Value rows reach the cache as given, so rows built to expose rounding (ties both ways, zero
+    rows, values a few ulps from a tie where reciprocal-times-127 would differ) must quantise to
+    exactly quantize_int8's codes and scales."""
+    from kvflow.attention.kv_quant import quantize_int8
+    from tests.attention.int8_rows import int8_test_rows
+
+    heads = kv_heads = 1
+    rows = int8_test_rows(32, dtype)
+    tokens = rows.shape[0]
+    qkv = torch.cat([torch.randn(tokens, 2 * 32).to(dtype), rows], dim=1)  # q, k, then v = the rows
+    rotary = RotaryEmbedding(32, 64, RopeConfig(theta=10000.0))
+    codes, scales = _int8_cache(-(-tokens // 4), kv_heads, 4, 32)
+    ext.rope_and_store(qkv, torch.zeros(tokens, dtype=torch.long), torch.arange(tokens), rotary.cos, rotary.sin,
+                       EMPTY, EMPTY, 1e-6, codes, heads, kv_heads, 32, kv_scales=scales)
+    ref_codes, ref_scales = quantize_int8(rows)
+    stored = codes[1].reshape(-1, 32)[:tokens], scales[1].reshape(-1, 1)[:tokens]
+    assert torch.equal(stored[0], ref_codes) and torch.equal(stored[1], ref_scales)

@@ -1,6 +1,11 @@
 """Helpers shared by the Triton attention kernels: the K/V tile load through a block table and the
 online-softmax step (both `@triton.jit`), the wrappers' input checks, and the launch configuration
-(tile sizes, warps, pipeline stages) each kernel uses on a given GPU."""
+(tile sizes, warps, pipeline stages) each kernel uses on a given GPU.
+
+A layer's cache is one tensor (dense) or an int8 `(codes, scales)` pair (kv_quant.py). The kernels
+read int8 codes as they are (exact in any float dtype) and fold the scales in: each key's scale
+multiplies its score column, each value's scale its softmax weight, so no dequantised copy of the
+cache is made, not even of a tile."""
 
 from __future__ import annotations
 
@@ -12,31 +17,58 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.attention.kv_spec import LayerKV
+
 LOG2E = 1.0 / math.log(2.0)  # scores are kept in log2 units so the kernels can use exp2
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def load_kv_tile(kv_base, bt_row, offs_n, n_mask, offs_d, block_size, stride_ckv, stride_cblk, stride_coff):
+def load_kv_tile(kv_base, scale_base, bt_row, offs_n, n_mask, offs_d, block_size, stride_ckv, stride_cblk, stride_coff,
+                 stride_skv, stride_sblk, stride_soff, INT8: tl.constexpr):
     """Keys and values at positions `offs_n` of one sequence and kv head, read through its block
-    table row `bt_row` (`kv_base` already points at the kv head); masked-off rows read as 0."""
+    table row `bt_row` (`kv_base`, `scale_base` already point at the kv head); masked-off rows read
+    as 0. Returns (k, v, k_scale, v_scale): for an int8 cache (INT8) k, v are the codes and the
+    scales the tokens' fp32 scales [N]; for a dense cache the scales are ones that no one reads
+    (a jit function cannot return None), compiled away."""
     blk = tl.load(bt_row + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
-    kv_ptrs = kv_base + (blk * stride_cblk + (offs_n % block_size) * stride_coff)[:, None] + offs_d[None, :]
+    slot = offs_n % block_size
+    kv_ptrs = kv_base + (blk * stride_cblk + slot * stride_coff)[:, None] + offs_d[None, :]
     k = tl.load(kv_ptrs, mask=n_mask[:, None], other=0.0)
     v = tl.load(kv_ptrs + stride_ckv, mask=n_mask[:, None], other=0.0)
-    return k, v
+    if INT8:
+        scale_ptrs = scale_base + blk * stride_sblk + slot * stride_soff
+        k_scale = tl.load(scale_ptrs, mask=n_mask, other=0.0)
+        v_scale = tl.load(scale_ptrs + stride_skv, mask=n_mask, other=0.0)
+    else:
+        k_scale = tl.full(offs_n.shape, 1.0, tl.float32)
+        v_scale = k_scale
+    return k, v, k_scale, v_scale
 
 
 @triton.jit
-def online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+def tile_scores(q, k, k_scale, qk_scale, INT8: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of a query tile against a key tile, in log2 units: q . k * qk_scale, times each key's
+    scale for an int8 cache (its codes convert to q's dtype exactly)."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
+    if INT8:
+        s = s * k_scale[None, :]
+    return s
+
+
+@triton.jit
+def online_softmax_step(s, v, v_scale, m_i, l_i, acc, INT8: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile of the FlashAttention-2 recurrence. `s`: scores in log2 units, -inf where not
-    visible; returns the new running max, running sum and unnormalised accumulator."""
+    visible; `v`: the values in q's dtype (with INT8, codes converted exactly, with their scales
+    `v_scale`). Returns the new running max, running sum and unnormalised accumulator."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with nothing visible yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if INT8:  # sum_j p_j v_j = sum_j (p_j * scale_j) code_j
+        p = p * v_scale[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
@@ -56,27 +88,48 @@ def dot_precision(dtype: torch.dtype, capability: tuple[int, int] | None) -> str
     return "tf32x3" if capability is not None and capability >= (8, 0) else "ieee"
 
 
+def split_cache(kv_cache: LayerKV) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's cache as (keys/values, None) when dense, (codes, scales) when int8: codes
+    [2, blocks, KVH, block_size, D] int8 and scales [2, blocks, KVH, block_size, 1] fp32."""
+    if isinstance(kv_cache, torch.Tensor):
+        return kv_cache, None
+    codes, scales = kv_cache
+    if codes.dtype != torch.int8 or scales.dtype != torch.float32 or scales.shape != (*codes.shape[:4], 1):
+        raise ValueError(f"an int8 KV cache is (int8 codes, fp32 scales [.., 1]), got {codes.dtype} "
+                         f"{tuple(codes.shape)} and {scales.dtype} {tuple(scales.shape)}")
+    return codes, scales
+
+
+def cache_pointers(kv: torch.Tensor, scales: torch.Tensor | None) -> tuple:
+    """The kernels' cache arguments: the keys/values (or codes) and the scales (a dense cache passes
+    itself, never read), then their (half, block, kv head, slot) strides (the scales' 0 when dense)."""
+    scale_strides = scales.stride()[:4] if scales is not None else (0, 0, 0, 0)
+    return (kv, kv if scales is None else scales, *kv.stride()[:4], *scale_strides)
+
+
 def check_inputs(
-    q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate q [T, H, D] against the paged cache [2, blocks, KVH, block_size, D]. Returns q with
-    unit stride along head_dim (the kernels' pointer arithmetic assumes it), and `out` [T, H, D] and
+    q: torch.Tensor, kv_cache: LayerKV, out: torch.Tensor | None, lse: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Validate q [T, H, D] against the paged cache [2, blocks, KVH, block_size, D] (dense, in q's
+    dtype, or int8 codes and scales). Returns q with unit stride along head_dim (the kernels'
+    pointer arithmetic assumes it), the cache split as `split_cache` does, and `out` [T, H, D] and
     `lse` [T, H] fp32, allocated where the caller passed None."""
+    kv, scales = split_cache(kv_cache)
     num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = kv_cache.shape[2]
+    num_kv_heads = kv.shape[2]
     check_head_dim(head_dim)
-    if q.dtype not in SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
-        raise ValueError(f"unsupported dtypes q={q.dtype}, kv_cache={kv_cache.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES or (scales is None and kv.dtype != q.dtype):
+        raise ValueError(f"unsupported dtypes q={q.dtype}, kv_cache={kv.dtype}")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if kv_cache.stride(-1) != 1:
+    if kv.stride(-1) != 1:
         raise ValueError("kv_cache must have unit stride along head_dim")
     q = q if q.stride(-1) == 1 else q.contiguous()
     if out is None:
         out = torch.empty_like(q)
     if lse is None:
         lse = torch.empty(q.shape[0], num_heads, dtype=torch.float32, device=q.device)
-    return q, out, lse
+    return q, kv, scales, out, lse
 
 
 @dataclass(frozen=True)
@@ -113,14 +166,17 @@ def multiprocessor_count(device: torch.device) -> int | None:
     return _cuda_properties(_cuda_index(device))[1] if device.type == "cuda" else None
 
 
-def prefill_launch_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> LaunchConfig:
+def prefill_launch_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None,
+                          int8: bool = False) -> LaunchConfig:
     """FlashAttention-2's tiling for 16-bit inputs: 128 query rows per program (64 before Ampere
     or past head_dim 128), 64-key tiles (32 past head_dim 128), 8 warps for the large tiles. fp32's
     "tf32x3" dots take about three times the registers, so fp32 gets 32 (16) query rows; it is the
     exactness mode, not the fast one. `python -m kvflow.attention.triton.compile_check` compiles
     every (arch, dtype, head_dim) for sm_80/sm_90 and checks from ptxas's report that no 16-bit
-    launch spills registers and none overflows shared memory. The interpreter (capability None)
-    uses the same tiles."""
+    launch spills registers and none overflows shared memory. An int8 cache's K/V tiles are converted
+    in registers, which before Hopper makes 16-bit launches with head_dim >= 128 spill: there the
+    key tiles are halved.
+    The interpreter (capability None) uses the same tiles as Hopper."""
     if dtype == torch.float32:
         block_m, block_n = (32, 64) if head_dim <= 128 else (16, 32)
         num_warps = 8 if head_dim >= 128 else 4
@@ -131,6 +187,8 @@ def prefill_launch_config(head_dim: int, dtype: torch.dtype, capability: tuple[i
         block_n = 64 if head_dim <= 128 else 32
         num_warps = 8 if block_m * head_dim >= 128 * 64 else 4
         num_stages = 3 if head_dim <= 128 else 2
+        if int8 and head_dim >= 128 and capability is not None and capability < (9, 0):
+            block_n //= 2
     return LaunchConfig(block_m, block_n, num_warps, num_stages, dot_precision(dtype, capability))
 
 

@@ -1,12 +1,14 @@
 """The Triton attention backend: store_kv, then flash-decoding for the decodes and varlen
-FlashAttention-2 prefill for the prefill chunks, all over the torch-native paged cache layout."""
+FlashAttention-2 prefill for the prefill chunks, all over the torch-native paged cache layout,
+dense or int8 (codes and scales; kv_quant.py). Like the torch-native backend, attention reads keys
+and values as the cache holds them, the step's own included: they are stored first."""
 
 from __future__ import annotations
 
 import torch
 
 from kvflow.attention.backend import AttentionMetadata
-from kvflow.attention.kv_spec import KVCacheSpec
+from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 from kvflow.attention.triton.decode import decode_attention
 from kvflow.attention.triton.kv_store import store_kv
 from kvflow.attention.triton.prefill import prefill_attention
@@ -17,8 +19,8 @@ class TritonBackend:
 
     @staticmethod
     def supports(spec: KVCacheSpec) -> bool:
-        """Dense keys and values in the head-major paged layout."""
-        return spec.is_dense and spec.layout == "head_major"
+        """Dense or int8 keys and values in the head-major paged layout."""
+        return (spec.is_dense or spec.kv_dtype == "int8") and spec.layout == "head_major"
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """The longest decode context, from the Python list (no device sync per layer); the split
@@ -32,7 +34,7 @@ class TritonBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache: LayerKV,
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,

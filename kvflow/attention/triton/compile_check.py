@@ -9,7 +9,7 @@ the launch configuration the wrapper picks for the target's compute capability) 
 NVIDIA backend down to a cubin. ptxas then reports registers and spills. What it cannot tell is
 speed: that needs the GPU (`kvflow bench attention --check-targets`, see .ci/gpu).
 
-    python -m kvflow.attention.triton.compile_check [--arch 80 90] [--json FILE]
+    python -m kvflow.attention.triton.compile_check [--arch 80 90] [--variant causal ...] [--json FILE]
 
 It exits non-zero if any launch fails to compile, exceeds the architecture's shared memory, or
 spills registers in 16-bit. TRITON_INTERPRET must be unset (interpreted kernels cannot be compiled).
@@ -122,13 +122,14 @@ def _compile(launch: _Launch, arch: int) -> tuple[int, int, int]:
 
 def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[], Any]]]:
     """The wrapper calls whose launches are compiled: every kernel and constexpr variant the
-    engine uses (windowed or not, split or not), at this dtype and head size."""
+    engine uses (windowed or not, split or not, dense or int8 cache), at this dtype and head size."""
     from kvflow.attention.triton import decode_attention, prefill_attention, store_kv
 
     num_heads, num_kv_heads, block_size = 32, 8, 16
     seq_lens = torch.tensor([300, 900])
     block_tables = torch.arange(2 * 64).view(2, 64)
     cache = torch.zeros(2, 128, num_kv_heads, block_size, head_dim, dtype=dtype)
+    int8 = (torch.zeros(cache.shape, dtype=torch.int8), torch.zeros(*cache.shape[:4], 1))  # (codes, scales)
     q_prefill = torch.zeros(200, num_heads, head_dim, dtype=dtype)
     qsl = torch.tensor([0, 100, 200])
     q_decode = torch.zeros(2, num_heads, head_dim, dtype=dtype)
@@ -141,11 +142,21 @@ def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[]
         ("nosplit", lambda: decode_attention(q_decode, cache, seq_lens, block_tables, 0.1, num_splits=1)),
         ("split", lambda: decode_attention(q_decode, cache, seq_lens, block_tables, 0.1, max_seq_len=900)),
         ("split-window", lambda: decode_attention(q_decode, cache, seq_lens, block_tables, 0.1, 64, num_splits=4)),
+        ("store-int8", lambda: store_kv(kv, kv, int8, torch.arange(4))),
+        ("causal-int8", lambda: prefill_attention(q_prefill, int8, qsl, seq_lens, block_tables, 0.1,
+                                                  max_query_len=100)),
+        ("window-int8", lambda: prefill_attention(q_prefill, int8, qsl, seq_lens, block_tables, 0.1, 64,
+                                                  max_query_len=100)),
+        ("nosplit-int8", lambda: decode_attention(q_decode, int8, seq_lens, block_tables, 0.1, num_splits=1)),
+        ("split-window-int8", lambda: decode_attention(q_decode, int8, seq_lens, block_tables, 0.1, 64,
+                                                       num_splits=4)),
     ]
 
 
-def check(archs: list[int], dtypes: list[str], head_dims: list[int], multiprocessors: int = 132) -> list[LaunchReport]:
-    """Compile every launch of every scenario for each (arch, dtype, head_dim)."""
+def check(archs: list[int], dtypes: list[str], head_dims: list[int], multiprocessors: int = 132,
+          variants: list[str] | None = None) -> list[LaunchReport]:
+    """Compile every launch of every scenario (or of those named in `variants`) for each (arch,
+    dtype, head_dim)."""
     from kvflow.attention.triton import decode, kv_store, prefill
 
     kernels = [kv_store._store_kv_kernel, prefill._prefill_kernel, decode._decode_split_kernel,
@@ -162,6 +173,8 @@ def check(archs: list[int], dtypes: list[str], head_dims: list[int], multiproces
             for dtype_name in dtypes:
                 for head_dim in head_dims:
                     for variant, call in _scenarios(DTYPES[dtype_name], head_dim):
+                        if variants is not None and variant not in variants:
+                            continue
                         for launch in _capture_launches(call, kernels):
                             constexprs = {k: v for k, v in launch.kwargs.items() if k.isupper()}
                             report = LaunchReport(
@@ -181,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(MAX_SHARED_BYTES))
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--head-dim", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--variant", nargs="+", help="only these scenarios (default: all), e.g. causal split-int8")
     parser.add_argument("--json", help="also write the reports here")
     args = parser.parse_args(argv)
-    reports = check(args.arch, args.dtype, args.head_dim)
-    print(f"{'kernel':<20} {'sm':>3} {'dtype':<9} {'D':>4} {'variant':<13} {'tiles':<16} {'w/s':>4} "
+    reports = check(args.arch, args.dtype, args.head_dim, variants=args.variant)
+    print(f"{'kernel':<20} {'sm':>3} {'dtype':<9} {'D':>4} {'variant':<17} {'tiles':<16} {'w/s':>4} "
           f"{'smem KiB':>8} {'regs':>4} {'spill':>5}  result")
     for r in reports:
         tiles = "x".join(str(r.constexprs[k]) for k in ("BLOCK_M", "BLOCK_G", "BLOCK_N", "BLOCK_S", "BLOCK_H")
@@ -193,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             verdict = r.error or ("spills" if r.spill_bytes and r.dtype != "float32" else "shared memory")
         else:
             verdict = "ok (fp32 spills)" if r.spill_bytes else "ok"
-        print(f"{r.kernel:<20} {r.arch:>3} {r.dtype:<9} {r.head_dim:>4} {r.variant:<13} {tiles:<16} "
+        print(f"{r.kernel:<20} {r.arch:>3} {r.dtype:<9} {r.head_dim:>4} {r.variant:<17} {tiles:<16} "
               f"{r.num_warps}/{r.num_stages} {r.shared_bytes / 1024:>8.1f} {r.registers:>4} {r.spill_bytes:>5}  "
               f"{verdict}")
     if args.json:

@@ -8,7 +8,8 @@ partial, normalised output and its log2-sum-exp per split to fp32 scratch; kerne
 splits by their LSE. With one split, kernel 1 writes the final output directly (no scratch, no
 merge): the "non-split" variant. The split count is a runtime argument, not a constexpr, so a
 server whose batch and context lengths change every step does not compile a kernel per count
-(the merge compiles one per power of two).
+(the merge compiles one per power of two). An int8 cache (INT8) is read as codes, its scales
+folded into the scores and softmax weights (_common.py).
 """
 
 from __future__ import annotations
@@ -17,28 +18,32 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.attention.kv_spec import LayerKV
 from kvflow.attention.triton._common import (
     LOG2E,
+    cache_pointers,
     check_inputs,
     decode_launch_config,
     device_capability,
     load_kv_tile,
     multiprocessor_count,
     online_softmax_step,
+    tile_scores,
 )
 
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, cache_ptr, out_ptr, lse_ptr,
-    seq_lens_ptr, bt_ptr,
+    q_ptr, out_ptr, lse_ptr, seq_lens_ptr, bt_ptr,
+    cache_ptr, scale_ptr,
+    stride_ckv, stride_cblk, stride_ch, stride_coff,
+    stride_skv, stride_sblk, stride_sh, stride_soff,
     stride_qt, stride_qh,
     stride_ob, stride_oh, stride_os,  # out: [B, H, (S,) D]
     stride_lb, stride_lh, stride_ls,  # lse: [B, H, (S)]
-    stride_ckv, stride_cblk, stride_ch, stride_coff, stride_bt,
-    qk_scale, block_size, window, num_splits,
+    stride_bt, qk_scale, block_size, window, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-    USE_WINDOW: tl.constexpr, LSE_NATURAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr, LSE_NATURAL: tl.constexpr, INT8: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -60,17 +65,20 @@ def _decode_split_kernel(
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None], other=0.0)
     kv_base = cache_ptr + kv_head * stride_ch
+    scale_base = scale_ptr + kv_head * stride_sh
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        k, v = load_kv_tile(kv_base, bt_ptr + seq * stride_bt, offs_n, n_mask, offs_d, block_size,
-                            stride_ckv, stride_cblk, stride_coff)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N], log2 units
+        k, v, k_scale, v_scale = load_kv_tile(
+            kv_base, scale_base, bt_ptr + seq * stride_bt, offs_n, n_mask, offs_d, block_size,
+            stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, INT8,
+        )
+        s = tile_scores(q, k, k_scale, qk_scale, INT8, PRECISION)  # [G, N], log2 units
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+        m_i, l_i, acc = online_softmax_step(s, v.to(q.dtype), v_scale, m_i, l_i, acc, INT8, PRECISION)
     # An empty split (short context) stores out = 0, lse = -inf: it weighs nothing in the merge.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -125,7 +133,7 @@ def default_num_splits(max_seq_len: int, num_seqs: int = 1, num_kv_heads: int = 
 
 def decode_attention(
     q: torch.Tensor,
-    kv_cache: torch.Tensor,
+    kv_cache: LayerKV,
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
@@ -139,14 +147,15 @@ def decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query token per sequence (q: [B, num_heads, head_dim], row b = sequence b of
     `seq_lens`/`block_tables`, whose keys include the query's own, already stored by `store_kv`).
+    `kv_cache`: the layer's cache, dense (q's dtype) or an int8 (codes, scales) pair.
 
     Returns (out [B, num_heads, head_dim], lse [B, num_heads] fp32, natural log). `num_splits=None`
     picks `default_num_splits` for this batch and device; `max_seq_len` (host int) avoids a device
     sync.
     """
     num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[2]
-    q, out, lse = check_inputs(q, kv_cache, out, lse)
+    q, kv, scales, out, lse = check_inputs(q, kv_cache, out, lse)
+    num_kv_heads = kv.shape[2]
     if num_seqs == 0:
         return out, lse
     if num_splits is None:
@@ -159,26 +168,26 @@ def decode_attention(
     config = decode_launch_config(head_dim, q.dtype, device_capability(q.device))
     common = dict(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        USE_WINDOW=sliding_window is not None, BLOCK_N=block_n or config.block_n,
+        USE_WINDOW=sliding_window is not None, INT8=scales is not None, BLOCK_N=block_n or config.block_n,
         PRECISION=config.precision, num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    cache_args = (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-                  block_tables.stride(0), scale * LOG2E, kv_cache.shape[3], sliding_window or 0, num_splits)
+    cache_args = cache_pointers(kv, scales)
+    scalars = (block_tables.stride(0), scale * LOG2E, kv.shape[3], sliding_window or 0, num_splits)
     grid = (num_seqs, num_kv_heads, num_splits)
     if num_splits == 1:  # write the final result directly
         _decode_split_kernel[grid](
-            q, kv_cache, out, lse, seq_lens, block_tables,
+            q, out, lse, seq_lens, block_tables, *cache_args,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), 0, lse.stride(0), lse.stride(1), 0,
-            *cache_args, LSE_NATURAL=True, **common,
+            *scalars, LSE_NATURAL=True, **common,
         )
         return out, lse
     part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[grid](
-        q, kv_cache, part_out, part_lse, seq_lens, block_tables,
+        q, part_out, part_lse, seq_lens, block_tables, *cache_args,
         q.stride(0), q.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        *cache_args, LSE_NATURAL=False, **common,
+        *scalars, LSE_NATURAL=False, **common,
     )
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out, part_lse, out, lse,

@@ -5,7 +5,8 @@ tokens of one sequence and one query head, and streams that sequence's keys/valu
 block table in tiles of BLOCK_N keys with the online-softmax recurrence, so the score matrix is
 never materialised and a cached prefix costs nothing extra (its blocks are just read). Key tiles
 wholly outside the causal / sliding-window range of the query tile are never visited, and those
-wholly inside it (all but the diagonal and window-edge tiles) skip the mask.
+wholly inside it (all but the diagonal and window-edge tiles) skip the mask. An int8 cache (INT8)
+is read as codes, its scales folded into the scores and softmax weights (_common.py).
 """
 
 from __future__ import annotations
@@ -14,46 +15,53 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.attention.kv_spec import LayerKV
 from kvflow.attention.triton._common import (
     LOG2E,
+    cache_pointers,
     check_inputs,
     device_capability,
     load_kv_tile,
     online_softmax_step,
     prefill_launch_config,
+    tile_scores,
 )
 
 
 @triton.jit
 def _attend_key_tiles(
-    q, m_i, l_i, acc, start, end, hi, q_pos, kv_base, bt_row, offs_d, block_size, window,
-    stride_ckv, stride_cblk, stride_coff, qk_scale,
-    MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    q, m_i, l_i, acc, start, end, hi, q_pos, kv_base, scale_base, bt_row, offs_d, block_size, window,
+    stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, qk_scale,
+    MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, INT8: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Key tiles [start, end) of one query tile. Unmasked tiles (MASKED=False) are visible to every
     query of the tile, so they skip the causal/window mask and its [M, N] selects."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
-        k, v = load_kv_tile(kv_base, bt_row, offs_n, n_mask, offs_d, block_size, stride_ckv, stride_cblk, stride_coff)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N], log2 units
+        k, v, k_scale, v_scale = load_kv_tile(kv_base, scale_base, bt_row, offs_n, n_mask, offs_d, block_size,
+                                              stride_ckv, stride_cblk, stride_coff,
+                                              stride_skv, stride_sblk, stride_soff, INT8)
+        s = tile_scores(q, k, k_scale, qk_scale, INT8, PRECISION)  # [M, N], log2 units
         if MASKED:
             visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
             if USE_WINDOW:
                 visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
-        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+        m_i, l_i, acc = online_softmax_step(s, v.to(q.dtype), v_scale, m_i, l_i, acc, INT8, PRECISION)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, cache_ptr, out_ptr, lse_ptr,
-    qsl_ptr, seq_lens_ptr, bt_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh,
-    stride_ckv, stride_cblk, stride_ch, stride_coff, stride_bt,
+    q_ptr, out_ptr, lse_ptr, qsl_ptr, seq_lens_ptr, bt_ptr,
+    cache_ptr, scale_ptr,
+    stride_ckv, stride_cblk, stride_ch, stride_coff,
+    stride_skv, stride_sblk, stride_sh, stride_soff,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh, stride_bt,
     qk_scale, block_size, window, first_seq,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, USE_WINDOW: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, USE_WINDOW: tl.constexpr, INT8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = first_seq + tl.program_id(0)
@@ -85,25 +93,26 @@ def _prefill_kernel(
             lo = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
             full_lo = tl.minimum(tl.cdiv(tl.maximum(hi - window, 0), BLOCK_N) * BLOCK_N, diag_lo)
         kv_base = cache_ptr + kv_head * stride_ch
+        scale_base = scale_ptr + kv_head * stride_sh
         bt_row = bt_ptr + seq * stride_bt
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         if USE_WINDOW:  # tiles at the window's lower edge
             m_i, l_i, acc = _attend_key_tiles(
-                q, m_i, l_i, acc, lo, full_lo, hi, q_pos, kv_base, bt_row, offs_d, block_size, window,
-                stride_ckv, stride_cblk, stride_coff, qk_scale,
-                MASKED=True, USE_WINDOW=USE_WINDOW, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+                q, m_i, l_i, acc, lo, full_lo, hi, q_pos, kv_base, scale_base, bt_row, offs_d, block_size, window,
+                stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, qk_scale,
+                MASKED=True, USE_WINDOW=USE_WINDOW, INT8=INT8, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
             )
         m_i, l_i, acc = _attend_key_tiles(
-            q, m_i, l_i, acc, full_lo, diag_lo, hi, q_pos, kv_base, bt_row, offs_d, block_size, window,
-            stride_ckv, stride_cblk, stride_coff, qk_scale,
-            MASKED=False, USE_WINDOW=USE_WINDOW, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+            q, m_i, l_i, acc, full_lo, diag_lo, hi, q_pos, kv_base, scale_base, bt_row, offs_d, block_size, window,
+            stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, qk_scale,
+            MASKED=False, USE_WINDOW=USE_WINDOW, INT8=INT8, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
         )
         m_i, l_i, acc = _attend_key_tiles(  # tiles on the causal diagonal
-            q, m_i, l_i, acc, diag_lo, hi, hi, q_pos, kv_base, bt_row, offs_d, block_size, window,
-            stride_ckv, stride_cblk, stride_coff, qk_scale,
-            MASKED=True, USE_WINDOW=USE_WINDOW, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+            q, m_i, l_i, acc, diag_lo, hi, hi, q_pos, kv_base, scale_base, bt_row, offs_d, block_size, window,
+            stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, qk_scale,
+            MASKED=True, USE_WINDOW=USE_WINDOW, INT8=INT8, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
         )
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -116,7 +125,7 @@ def _prefill_kernel(
 
 def prefill_attention(
     q: torch.Tensor,
-    kv_cache: torch.Tensor,
+    kv_cache: LayerKV,
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
@@ -133,14 +142,15 @@ def prefill_attention(
     """Causal attention for sequences `first_seq..B-1` of the step, reading K/V through the cache.
 
     q: [T, num_heads, head_dim] (all tokens of the step; only those of the chosen sequences are
-    computed). The new tokens' k/v must already be in the cache (`store_kv`). Returns
-    (out [T, num_heads, head_dim], lse [T, num_heads] fp32, natural log); rows of other tokens are
-    left as they were in `out`/`lse` (uninitialised if those were not given).
+    computed). The new tokens' k/v must already be in the cache (`store_kv`); `kv_cache` is dense
+    (q's dtype) or an int8 (codes, scales) pair. Returns (out [T, num_heads, head_dim], lse
+    [T, num_heads] fp32, natural log); rows of other tokens are left as they were in `out`/`lse`
+    (uninitialised if those were not given).
     `max_query_len` (host int) avoids a device sync when the caller already knows it.
     """
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[2]
-    q, out, lse = check_inputs(q, kv_cache, out, lse)
+    q, kv, scales, out, lse = check_inputs(q, kv_cache, out, lse)
+    num_kv_heads = kv.shape[2]
     num_seqs = seq_lens.shape[0] - first_seq
     if num_seqs <= 0 or num_tokens == 0:
         return out, lse
@@ -148,17 +158,16 @@ def prefill_attention(
         max_query_len = int(torch.diff(query_start_loc[first_seq:]).max().item())
     if max_query_len <= 0:
         return out, lse
-    config = prefill_launch_config(head_dim, q.dtype, device_capability(q.device))
+    config = prefill_launch_config(head_dim, q.dtype, device_capability(q.device), int8=scales is not None)
     block_m = block_m or config.block_m
     block_n = block_n or config.block_n
     grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
     _prefill_kernel[grid](
-        q, kv_cache, out, lse,
-        query_start_loc, seq_lens, block_tables,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-        scale * LOG2E, kv_cache.shape[3], sliding_window or 0, first_seq,
+        q, out, lse, query_start_loc, seq_lens, block_tables, *cache_pointers(kv, scales),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), block_tables.stride(0),
+        scale * LOG2E, kv.shape[3], sliding_window or 0, first_seq,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, USE_WINDOW=sliding_window is not None,
+        INT8=scales is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=config.precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -1,5 +1,5 @@
 """The Triton kernels compiled for NVIDIA GPUs (sm_80, sm_90) on a machine without one: every
-launch the wrappers make must compile to a cubin without register spills and within the
+launch the wrappers make (dense and int8 KV caches) must compile to a cubin without register spills and within the
 architecture's shared memory (`kvflow.attention.triton.compile_check`). The interpreter tests run
 the kernels' Python; this is the part they cannot check."""
 
@@ -23,6 +23,12 @@ def _ptxas_available() -> bool:
         return False
 
 
+# Every dense scenario; of the int8 ones (each about as slow to compile) the store and the windowed
+# prefill and split decode, which hold the others' code paths and use the most registers.
+VARIANTS = ("store", "causal", "window", "nosplit", "split", "split-window",
+            "store-int8", "window-int8", "split-window-int8")
+
+
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not installed")
 def test_kernels_compile_for_ampere_and_hopper(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
@@ -30,7 +36,7 @@ def test_kernels_compile_for_ampere_and_hopper(tmp_path):
     report = tmp_path / "compile.json"
     result = subprocess.run(
         [sys.executable, "-m", "kvflow.attention.triton.compile_check", "--arch", "80", "90",
-         "--dtype", "bfloat16", "float32", "--head-dim", "128", "--json", str(report)],
+         "--dtype", "bfloat16", "float32", "--head-dim", "128", "--json", str(report), "--variant", *VARIANTS],
         env=env, capture_output=True, text=True, timeout=600,
     )
     reports = json.loads(report.read_text())
@@ -41,7 +47,10 @@ def test_kernels_compile_for_ampere_and_hopper(tmp_path):
         ("store_kv_kernel", "store"), ("prefill_kernel", "causal"), ("prefill_kernel", "window"),
         ("decode_split_kernel", "nosplit"), ("decode_split_kernel", "split"), ("decode_merge_kernel", "split"),
         ("decode_split_kernel", "split-window"), ("decode_merge_kernel", "split-window"),
+        ("store_kv_kernel", "store-int8"), ("prefill_kernel", "window-int8"),
+        ("decode_split_kernel", "split-window-int8"), ("decode_merge_kernel", "split-window-int8"),
     }
-    assert len(reports) == 2 * 2 * 8  # arches x dtypes x launches
+    assert len(reports) == 2 * 2 * 12  # arches x dtypes x launches
+    assert all(r["constexprs"]["INT8"] == r["variant"].endswith("int8") for r in reports if "INT8" in r["constexprs"])
     hopper_bf16 = next(r for r in reports if r["arch"] == 90 and r["dtype"] == "bfloat16" and r["variant"] == "causal")
     assert hopper_bf16["constexprs"]["BLOCK_M"] == 128 and hopper_bf16["registers"] > 0

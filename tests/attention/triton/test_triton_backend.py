@@ -1,5 +1,5 @@
-"""TritonBackend.forward against TorchNativeBackend on the same step and the same cache: both store
-the step's k/v and attend; outputs and the resulting caches must agree."""
+"""TritonBackend.forward against TorchNativeBackend on the same step and the same cache (dense or
+int8): both store the step's k/v and attend; outputs and the resulting caches must agree."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from kvflow.attention.backend import AttentionMetadata  # noqa: E402
+from kvflow.attention.kv_quant import quantize_int8  # noqa: E402
 from kvflow.attention.kv_spec import KVCacheSpec  # noqa: E402
 from kvflow.attention.torch_native import TorchNativeBackend  # noqa: E402
 from kvflow.attention.triton import TritonBackend  # noqa: E402
@@ -77,5 +78,42 @@ def test_forward_matches_torch_native(device, seqs, num_decodes, window, dtype):
     assert out.shape == (num_tokens, num_heads, head_dim) and out.dtype == dtype
     assert torch.equal(cache_triton, cache_native)
     assert not torch.equal(cache_triton, cache)  # the step's k/v were stored
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-3, rtol=1e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize(
+    "seqs,num_decodes,num_heads,window,dtype",
+    [
+        ([(0, 1), (12, 1), (40, 1), (0, 9), (13, 11), (20, 1)], 3, 4, None, torch.float32),
+        ([(0, 1), (12, 1), (40, 1), (0, 9), (13, 11), (20, 1)], 3, 8, 7, torch.float16),
+        ([(0, 21)], 0, 8, None, torch.float16),  # a fresh prompt: torch-native attends to its k/v as stored
+    ],
+)
+def test_forward_int8_matches_torch_native(device, seqs, num_decodes, num_heads, window, dtype):
+    """An int8 cache: the same codes and scales stored, and attention over them close."""
+    num_kv_heads, head_dim, block_size, num_blocks = 2, 32, 8, 20
+    metas = [_step(seqs, num_decodes, block_size, num_blocks, device, seed=11) for _ in range(2)]
+    gen = torch.Generator().manual_seed(12)
+    num_tokens = metas[0].slot_mapping.shape[0]
+    q, k, v = (torch.randn(num_tokens, h, head_dim, generator=gen).to(dtype).to(device)
+               for h in (num_heads, num_kv_heads, num_kv_heads))
+    spec = KVCacheSpec.for_format("int8", 1, num_kv_heads, head_dim, block_size, dtype)
+    backends = TorchNativeBackend(), TritonBackend()
+    assert all(b.supports(spec) for b in backends)
+    codes, scales = spec.allocate(num_blocks, device)[0]
+    prefix_codes, prefix_scales = quantize_int8(torch.randn(codes.shape, generator=gen) * 2)  # the cached prefixes
+    codes.copy_(prefix_codes)
+    scales.copy_(prefix_scales)
+    caches = [(codes.clone(), scales.clone()) for _ in backends]
+    scale = 1.0 / math.sqrt(head_dim)
+    outs = []
+    for backend, meta, cache in zip(backends, metas, caches):
+        backend.prepare(meta)
+        outs.append(backend.forward(q, k, v, cache, meta, scale, window))
+    ref, out = outs
+    assert out.shape == (num_tokens, num_heads, head_dim) and out.dtype == dtype
+    assert torch.equal(caches[1][0], caches[0][0]) and torch.equal(caches[1][1], caches[0][1])
+    assert not torch.equal(caches[1][0], codes)  # the step's k/v were stored
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-3, rtol=1e-2)
     torch.testing.assert_close(out.float(), ref.float(), **tol)

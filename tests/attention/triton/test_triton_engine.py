@@ -11,9 +11,9 @@ from kvflow import LLM, SamplingParams
 from kvflow.attention.backend import get_backend
 
 
-def _generate(model_dir, backend: str, prompts: list[list[int]]) -> tuple[list[list[int]], LLM]:
+def _generate(model_dir, backend: str, prompts: list[list[int]], **kw) -> tuple[list[list[int]], LLM]:
     llm = LLM(model=str(model_dir), dtype="float32", num_blocks=48, block_size=8, attention_backend=backend,
-              cpu_kernels=False, max_num_batched_tokens=64, enable_prefix_caching=True)
+              cpu_kernels=False, max_num_batched_tokens=64, enable_prefix_caching=True, **kw)
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs], llm
@@ -26,6 +26,17 @@ def test_engine_greedy_output_matches_torch_backend(tiny_models):
     got, llm = _generate(tiny_models["llama"], "triton", prompts)
     assert llm.engine.core.runner.backend.name == "triton"
     assert llm.engine.core.runner.cpu_forward is None
+    assert got == expected
+    kv = llm.engine.core.kv
+    assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
+
+
+def test_engine_int8_kv_cache_matches_torch_backend(tiny_models):
+    """The same with an int8 KV cache: both backends store the same codes and read them back."""
+    prompts = [[(5 * i) % 300 + 3 for i in range(70)], [7, 8, 9], [(5 * i) % 300 + 3 for i in range(40)] + [11, 12]]
+    expected, _ = _generate(tiny_models["llama"], "torch", prompts, kv_cache_dtype="int8")
+    got, llm = _generate(tiny_models["llama"], "triton", prompts, kv_cache_dtype="int8")
+    assert llm.engine.core.runner.backend.name == "triton" and llm.engine.core.runner.kv_spec.kv_dtype == "int8"
     assert got == expected
     kv = llm.engine.core.kv
     assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"

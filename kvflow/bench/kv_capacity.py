@@ -1,0 +1,114 @@
+"""``kvflow bench kv-capacity``: what a KV-cache format buys at a fixed memory budget.
+
+Why: a quantised KV cache is worth its accuracy cost only where KV memory binds. For each
+``--kv-cache-dtype`` this builds the engine with the same ``--kv-cache-memory`` and reports the
+blocks and tokens it holds, how many sequences of the workload's length fit at once, and then runs
+an offline long-context workload (random prompts, greedy, ``ignore_eos``) through the engine step
+by step, recording the most sequences that actually ran together and the throughput. Formats are
+run in turn, ``--repeats`` rounds interleaved, so a noisy machine treats them alike; the median
+round is reported, with each format's ratio to the first.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kvflow.sampling_params import SamplingParams
+
+
+@dataclass
+class CapacityResult:
+    kv_cache_dtype: str
+    num_blocks: int
+    block_size: int
+    kv_bytes_per_token: int
+    token_capacity: int  # tokens the blocks hold
+    fits: int  # sequences of input_len + output_len that fit at once
+    max_running: int  # the most sequences that ran in one step
+    seconds: float  # median round
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+    num_preemptions: int
+
+
+def run_format(model: str, dtype: str, kv_cache_dtype: str, kv_cache_memory: float, prompts: list[list[int]],
+               output_len: int, engine_kwargs: dict) -> tuple[CapacityResult, float]:
+    """One round of one format: a fresh engine, the workload once; returns the result and seconds."""
+    from kvflow.llm import LLM
+
+    llm = LLM(model=model, dtype=dtype, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
+              max_num_seqs=len(prompts), enable_prefix_caching=False, **engine_kwargs)
+    engine = llm.engine
+    runner = engine.core.runner
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up (fp8 calibrates)
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"cap-{i}", {"prompt_token_ids": ids}, params)
+    max_running = 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        max_running = max(max_running, engine.stats().num_running)
+    seconds = time.perf_counter() - start
+    spec = runner.kv_spec
+    seq_len = len(prompts[0]) + output_len
+    blocks_per_seq = -(-seq_len // spec.block_size)
+    input_tokens = sum(len(p) for p in prompts)
+    output_tokens = output_len * len(prompts)
+    result = CapacityResult(
+        kv_cache_dtype=kv_cache_dtype, num_blocks=runner.num_blocks, block_size=spec.block_size,
+        kv_bytes_per_token=spec.bytes_per_token, token_capacity=runner.num_blocks * spec.block_size,
+        fits=runner.num_blocks // blocks_per_seq, max_running=max_running, seconds=seconds,
+        output_tokens_per_s=output_tokens / seconds, total_tokens_per_s=(input_tokens + output_tokens) / seconds,
+        num_preemptions=engine.core.scheduler.num_preemptions,
+    )
+    return result, seconds
+
+
+def run_capacity(model: str, dtype: str, formats: list[str], kv_cache_memory: float, num_prompts: int,
+                 input_len: int, output_len: int, repeats: int = 1, seed: int = 0,
+                 engine_kwargs: dict | None = None) -> list[CapacityResult]:
+    from kvflow.config import EngineConfig
+
+    vocab = EngineConfig.create(model, dtype=dtype).model.vocab_size
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, min(1000, vocab)) for _ in range(input_len)] for _ in range(num_prompts)]
+    rounds: dict[str, list[CapacityResult]] = {f: [] for f in formats}
+    for _ in range(repeats):
+        for fmt in formats:
+            result, _ = run_format(model, dtype, fmt, kv_cache_memory, prompts, output_len, engine_kwargs or {})
+            rounds[fmt].append(result)
+    out = []
+    for fmt in formats:
+        results = sorted(rounds[fmt], key=lambda r: r.seconds)
+        median = results[len(results) // 2]
+        median.seconds = statistics.median(r.seconds for r in results)
+        out.append(median)
+    return out
+
+
+def format_capacity(results: list[CapacityResult]) -> str:
+    base = results[0]
+    head = (f"{'kv_cache_dtype':<15} {'blocks':>7} {'tokens':>9} {'fits':>5} {'ran':>4} {'bytes/tok':>9} "
+            f"{'s':>8} {'out tok/s':>10} {'x first':>8} {'preempt':>8}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r.kv_cache_dtype:<15} {r.num_blocks:>7} {r.token_capacity:>9,} {r.fits:>5} "
+                     f"{r.max_running:>4} {r.kv_bytes_per_token:>9,} {r.seconds:>8.1f} "
+                     f"{r.output_tokens_per_s:>10.1f} {r.output_tokens_per_s / base.output_tokens_per_s:>8.2f} "
+                     f"{r.num_preemptions:>8}")
+    return "\n".join(lines)
+
+
+def save_capacity(results: list[CapacityResult], path: Path, settings: dict) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"kind": "kv-capacity", "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "settings": settings, "results": [asdict(r) for r in results]}
+    path.write_text(json.dumps(payload, indent=1))

@@ -1,0 +1,33 @@
+"""`kvflow bench kv-capacity`: formats at one memory budget, blocks and sequences that fit, a run that uses them."""
+
+from __future__ import annotations
+
+import json
+
+from kvflow.cli import main
+
+
+def test_kv_capacity_counts_and_runs_each_format(llama_dir, tmp_path, capsys):
+    out = tmp_path / "cap.json"
+    code = main(["bench", "kv-capacity", "--model", str(llama_dir), "--dtype", "float32", "--kv-cache-dtype",
+                 "float32", "int8", "fp8_e4m3", "--kv-cache-memory", "0.00005", "--num-prompts", "6",
+                 "--input-len", "40", "--output-len", "4", "--output", str(out)])
+    assert code == 0
+    assert "x first" in capsys.readouterr().out
+    results = {r["kv_cache_dtype"]: r for r in json.loads(out.read_text())["results"]}
+    dense, int8, fp8 = results["float32"], results["int8"], results["fp8_e4m3"]
+    for r in (dense, int8, fp8):
+        blocks_per_seq = -(-44 // r["block_size"])
+        assert r["fits"] == r["num_blocks"] // blocks_per_seq
+        assert r["token_capacity"] == r["num_blocks"] * r["block_size"]
+        assert 1 <= r["max_running"] <= 6 and r["output_tokens_per_s"] > 0
+    assert dense["fits"] < int8["fits"] <= fp8["fits"]  # a quarter of the bytes, about 4x the sequences
+    assert int8["max_running"] > dense["max_running"]
+    assert dense["num_blocks"] * dense["kv_bytes_per_token"] <= 0.00005 * 2**30
+
+
+def test_kv_capacity_refuses_an_unknown_format(llama_dir):
+    import pytest
+
+    with pytest.raises(SystemExit, match="unknown --kv-cache-dtype int3"):
+        main(["bench", "kv-capacity", "--model", str(llama_dir), "--kv-cache-dtype", "int3", "--kv-cache-memory", "1"])
