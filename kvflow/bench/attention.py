@@ -11,7 +11,7 @@ Implementations, where the device has them:
   ``--kv-cache-dtype int8`` (codes + a scale per token and kv head) or ``fp8_e4m3`` (codes + a
   scale per kv head, calibrated on the cache), dequantised in registers;
 - ``triton`` / ``triton-nosplit``: kvflow's Triton kernels, flash-decoding with automatic and
-  with a single split (CUDA);
+  with a single split (CUDA); ``triton-int8`` / ``triton-fp8``: the same over the quantised cache;
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on contiguous per-sequence K/V
   (the gather into that layout is not timed: this is the baseline at its best); on CUDA in 16-bit
   it is forced onto the FlashAttention backend, K/V repeated per query head;
@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("kvflow-cpu", "kvflow-cpu-int8", "kvflow-cpu-fp8", "triton", "triton-nosplit", "sdpa", "naive")
+IMPLEMENTATIONS = ("kvflow-cpu", "kvflow-cpu-int8", "kvflow-cpu-fp8", "triton", "triton-nosplit", "triton-int8",
+                   "triton-fp8", "sdpa", "naive")
 QUANTISED = {"-int8": "int8", "-fp8": "fp8_e4m3"}  # implementation name suffix -> the cache format it reads
 
 
@@ -206,13 +207,14 @@ def _kvflow_cpu_quantised(kv_format: str) -> Implementation | None:
     return run
 
 
-def _triton(num_splits: int | None) -> Implementation:
+def _triton(num_splits: int | None, kv_format: str | None = None) -> Implementation:
     from kvflow.attention.triton import decode_attention, prefill_attention
 
     def run(c: AttentionCase) -> torch.Tensor:
+        cache = c.kv_cache if kv_format is None else c.quantised_cache(kv_format)
         if c.kind == "decode":
-            return decode_attention(c.q, c.kv_cache, c.seq_lens, c.block_tables, c.scale, num_splits=num_splits)[0]
-        return prefill_attention(c.q, c.kv_cache, c.query_start_loc, c.seq_lens, c.block_tables, c.scale)[0]
+            return decode_attention(c.q, cache, c.seq_lens, c.block_tables, c.scale, num_splits=num_splits)[0]
+        return prefill_attention(c.q, cache, c.query_start_loc, c.seq_lens, c.block_tables, c.scale)[0]
 
     return run
 
@@ -228,6 +230,8 @@ def available(device: torch.device, names: tuple[str, ...] = IMPLEMENTATIONS) ->
             impls[name] = fn
         elif name in ("triton", "triton-nosplit") and device.type == "cuda":
             impls[name] = _triton(None if name == "triton" else 1)
+        elif name.startswith("triton-") and device.type == "cuda" and (fmt := quantised_format(name)):
+            impls[name] = _triton(None, fmt)
         elif name == "sdpa":
             impls[name] = _sdpa
         elif name == "naive":
@@ -357,6 +361,7 @@ def save_results(results: list[AttentionResult], path: Path, device: torch.devic
 PREFILL_MAX_SLOWDOWN = 1.3  # prefill time at most 1.3x SDPA's flash backend ...
 PREFILL_FROM_LEN = 4096  # ... from 4k tokens
 DECODE_FROM_LEN = 8192  # flash-decoding (split) faster than one split from 8k keys
+QUANTISED_DECODE_SPEEDUP = 1.5  # int8 / fp8 KV decode at least 1.5x faster than the dense cache from 8k keys
 MAX_ABS_ERR = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}  # vs the fp32 reference, outputs ~1
 
 
@@ -369,7 +374,8 @@ class TargetCheck:
 
 def check_targets(results: list[AttentionResult]) -> list[TargetCheck]:
     """Every Triton result is accurate; Triton prefill is within PREFILL_MAX_SLOWDOWN of SDPA from
-    PREFILL_FROM_LEN tokens; split decode beats non-split from DECODE_FROM_LEN keys. Only the
+    PREFILL_FROM_LEN tokens; split decode beats non-split from DECODE_FROM_LEN keys; int8 / fp8
+    decode is QUANTISED_DECODE_SPEEDUP faster than dense from DECODE_FROM_LEN keys. Only the
     shapes the run measured are checked; a run without Triton results checks nothing."""
     def shape(r: AttentionResult) -> tuple:
         return (r.kind, r.batch, r.seq_len, r.num_heads, r.num_kv_heads, r.head_dim, r.dtype)
@@ -384,6 +390,12 @@ def check_targets(results: list[AttentionResult]) -> list[TargetCheck]:
             tol = MAX_ABS_ERR[r.dtype]
             checks.append(TargetCheck(f"{r.implementation} {where}: matches {r.reference}", r.max_abs_err <= tol,
                                       f"max abs err {r.max_abs_err:.2e} (limit {tol:.0e})"))
+        if quantised_format(r.implementation) and r.kind == "decode" and r.seq_len >= DECODE_FROM_LEN:
+            dense = by_impl.get(("triton", shape(r)))
+            if dense is not None:
+                claim = f"{r.implementation} {where}: {QUANTISED_DECODE_SPEEDUP}x faster than dense KV"
+                checks.append(TargetCheck(claim, dense.ms >= QUANTISED_DECODE_SPEEDUP * r.ms,
+                                          f"{r.ms:.3f} vs {dense.ms:.3f} ms = {dense.ms / r.ms:.2f}x"))
         if r.implementation != "triton":
             continue
         sdpa = by_impl.get(("sdpa", shape(r)))

@@ -257,10 +257,12 @@ def _add_legacy_rope_theta(config_path: Path, rope_theta: float) -> None:
 
 
 def main_make_model(shape: str, out_dir: Path, seed: int = 0, dtype: str = "bfloat16",
-                    tokenizer: bool | str = "auto") -> Path:
-    """CLI body: make the model and print where it went, its size and how long it took."""
+                    tokenizer: bool | str = "auto", max_position_embeddings: int | None = None) -> Path:
+    """CLI body: make the model and print where it went, its size and how long it took.
+    `max_position_embeddings` lengthens (or shortens) the shape's context, for long-context runs."""
     start = time.perf_counter()
-    path = make_model(shape, out_dir, seed=seed, dtype=dtype, tokenizer=tokenizer)
+    overrides = {"max_position_embeddings": max_position_embeddings} if max_position_embeddings else None
+    path = make_model(shape, out_dir, seed=seed, dtype=dtype, tokenizer=tokenizer, overrides=overrides)
     elapsed = time.perf_counter() - start
     n_params = llama_param_count(shape_params(shape))
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())

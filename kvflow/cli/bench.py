@@ -51,7 +51,8 @@ def parse_python_args(items: list[str]) -> dict[str, str]:
 def _cmd_make_model(args: argparse.Namespace) -> int:
     from kvflow.bench.make_model import main_make_model
 
-    main_make_model(args.shape, Path(args.out), seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer)
+    main_make_model(args.shape, Path(args.out), seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer,
+                    max_position_embeddings=args.max_position_embeddings)
     return 0
 
 
@@ -211,6 +212,8 @@ def configure(bench: argparse.ArgumentParser) -> None:
     mm.add_argument("--tokenizer", choices=TOKENIZERS, default="auto",
                     help="sentencepiece: what llama.cpp's GGUF converter accepts (needs the bench extra); "
                          "bpe: kvflow's byte-level BPE; auto: sentencepiece if installed, else bpe")
+    mm.add_argument("--max-position-embeddings", type=int, default=None,
+                    help="context length of the model (default: the shape's; longer for long-context benchmarks)")
     mm.set_defaults(func=_cmd_make_model)
 
     lim = sub.add_parser("limits", help="measure GEMM rate and memory read bandwidth")

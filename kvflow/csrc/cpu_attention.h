@@ -357,6 +357,30 @@ inline __attribute__((always_inline)) void prefetch_block(const PagedAttentionVi
   }
 }
 
+// Whether quantised keys are widened to bf16 (bf16 queries on a CPU with AVX512-BF16) for
+// key_dots16's bf16 dot products, rather than to fp32.
+template <typename T, typename KV>
+constexpr bool kBf16Codes =
+#if defined(__AVX512BF16__)
+    std::is_same_v<T, c10::BFloat16> && PagedAttentionView<T, KV>::kQuantised;
+#else
+    false;
+#endif
+
+#if defined(__AVX512BF16__)
+// n rows of 16 * C codes as bf16 (exact: int8 and fp8 e4m3 values have at most 8 significant bits).
+template <int C, typename KV>
+inline void widen_to_bf16(const KV* codes, int64_t n, c10::BFloat16* out) {
+  for (int64_t k = 0; k < n * C; k += 2) {
+    const __m512i pair = (__m512i)_mm512_cvtne2ps_pbh(load16(codes + 16 * (k + 1)), load16(codes + 16 * k));
+    _mm512_storeu_si512(out + 16 * k, pair);
+  }
+}
+#else
+template <int C, typename KV>
+inline void widen_to_bf16(const KV*, int64_t, c10::BFloat16*) {}
+#endif
+
 // Scores of the key tile [a, e), sixteen keys at a time and summed by one transpose tree, into
 // s.scores (column j - a); keys after a query's own position are skipped. Prefetches the item's
 // keys and values kPrefetchBlocks blocks ahead.
@@ -372,9 +396,10 @@ void tile_scores(const ItemView<T, KV>& x, int64_t a, int64_t e, float scale, On
     for (int64_t g = x.it.g0; g < x.it.g1; ++g) {
       const KV* kb = v.block_rows(v.keys, x.table, b, g, j0);
       for (int64_t c = j0; c < j1; c += 16) {
-        // Quantised: the sixteen keys' codes are widened to fp32 once for all rows of their kv head,
-        // and the key's scale (per token, or the kv head's) multiplies its score with the softmax
-        // scale, one vector per 16 keys.
+        // Quantised: the sixteen keys' codes are widened once for all rows of their kv head (to bf16
+        // where the queries are bf16 and the CPU has AVX512-BF16: codes are exact in bf16, and the
+        // dot products then run as for a bf16 cache; else to fp32), and the key's scale (per
+        // token, or the kv head's) multiplies its score with the softmax scale, one vector per 16 keys.
         __m512 key_scale = scale_v;
         const auto* keys = kb + (c - j0) * D;
         if constexpr (PagedAttentionView<T, KV>::kQuantised) {
@@ -385,7 +410,11 @@ void tile_scores(const ItemView<T, KV>& x, int64_t a, int64_t e, float scale, On
           } else {
             key_scale = _mm512_mul_ps(scale_v, _mm512_set1_ps(v.key_scales[g]));
           }
-          for (int64_t k = 0; k < n * C; ++k) _mm512_storeu_ps(s.wide + 16 * k, load16(keys + 16 * k));
+          if constexpr (kBf16Codes<T, KV>) {
+            widen_to_bf16<C>(keys, n, reinterpret_cast<T*>(s.wide));
+          } else {
+            for (int64_t k = 0; k < n * C; ++k) _mm512_storeu_ps(s.wide + 16 * k, load16(keys + 16 * k));
+          }
         }
         for (int64_t i = 0; i < x.tile.count; ++i) {
           const int m = static_cast<int>(std::min<int64_t>({16, j1 - c, x.pos[i] + 1 - c}));
@@ -394,7 +423,9 @@ void tile_scores(const ItemView<T, KV>& x, int64_t a, int64_t e, float scale, On
           for (int64_t h = 0; h < group; ++h) {
             __m512 dots[16];
             const T* qh = v.q + ((x.tile.t0 + i) * v.num_heads + g * group + h) * D;
-            if constexpr (PagedAttentionView<T, KV>::kQuantised) {
+            if constexpr (kBf16Codes<T, KV>) {
+              key_dots16<T, T, C>(qh, reinterpret_cast<const T*>(s.wide), m, dots);
+            } else if constexpr (PagedAttentionView<T, KV>::kQuantised) {
               key_dots16<T, float, C>(qh, s.wide, m, dots);
             } else {
               key_dots16<T, KV, C>(qh, keys, m, dots);

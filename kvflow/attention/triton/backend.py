@@ -1,13 +1,18 @@
 """The Triton attention backend: store_kv, then flash-decoding for the decodes and varlen
 FlashAttention-2 prefill for the prefill chunks, all over the torch-native paged cache layout,
-dense or int8 (codes and scales; kv_quant.py). Like the torch-native backend, attention reads keys
-and values as the cache holds them, the step's own included: they are stored first."""
+dense, int8 or fp8_e4m3 (codes and scales; kv_quant.py). Like the torch-native backend, attention
+reads keys and values as the cache holds them, the step's own included: they are stored first. An
+fp8 cache whose scales are not set yet gets them calibrated (kv_quant.calibrate_fp8, in PyTorch)
+from the first step that stores KV, before the store."""
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
 from kvflow.attention.backend import AttentionMetadata
+from kvflow.attention.kv_quant import calibrate_fp8
 from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 from kvflow.attention.triton.decode import decode_attention
 from kvflow.attention.triton.kv_store import store_kv
@@ -17,10 +22,16 @@ from kvflow.attention.triton.prefill import prefill_attention
 class TritonBackend:
     name = "triton"
 
+    def __init__(self) -> None:
+        # fp8 head-scale tensors seen calibrated (by id, with a weak reference that tells a reused
+        # id): checking the scales costs a device sync, so each layer's is checked until they are
+        # set, then never again (scales are never reset to 0 once set).
+        self._calibrated: dict[int, weakref.ref] = {}
+
     @staticmethod
     def supports(spec: KVCacheSpec) -> bool:
-        """Dense or int8 keys and values in the head-major paged layout."""
-        return (spec.is_dense or spec.kv_dtype == "int8") and spec.layout == "head_major"
+        """Dense, int8 or fp8_e4m3 keys and values in the head-major paged layout."""
+        return (spec.is_dense or spec.kv_dtype in ("int8", "fp8_e4m3")) and spec.layout == "head_major"
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """The longest decode context, from the Python list (no device sync per layer); the split
@@ -41,7 +52,9 @@ class TritonBackend:
     ) -> torch.Tensor:
         if "triton_decode_max_len" not in meta.extra:
             self.prepare(meta)
-        store_kv(k, v, kv_cache, meta.slot_mapping)
+        if not isinstance(kv_cache, torch.Tensor) and kv_cache[0].dtype == torch.float8_e4m3fn:
+            self._calibrate(kv_cache[1], k, v)
+        store_kv(k, v, kv_cache, meta.slot_mapping, calibrate=False)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
@@ -55,3 +68,13 @@ class TritonBackend:
                 first_seq=nd, max_query_len=meta.max_query_len, out=out,  # a prefill chunk is the longest
             )
         return out
+
+    def _calibrate(self, head_scales: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Calibrate an fp8 layer's scales not yet set from this step's k, v (`calibrate_fp8`, which
+        reads them back: once per layer, until they are set)."""
+        ref = self._calibrated.get(id(head_scales))
+        if (ref is not None and ref() is head_scales) or k.shape[0] == 0:
+            return
+        calibrate_fp8(head_scales, k, v)
+        self._calibrated = {i: r for i, r in self._calibrated.items() if r() is not None}
+        self._calibrated[id(head_scales)] = weakref.ref(head_scales)

@@ -122,7 +122,9 @@ def _compile(launch: _Launch, arch: int) -> tuple[int, int, int]:
 
 def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[], Any]]]:
     """The wrapper calls whose launches are compiled: every kernel and constexpr variant the
-    engine uses (windowed or not, split or not, dense or int8 cache), at this dtype and head size."""
+    engine uses (windowed or not, split or not, dense, int8 or fp8 cache), at this dtype and head
+    size. fp8 compiles with the GPU's fp8 conversions where it has them (sm_89 and later), else
+    with the integer ones (_common.fp8_native)."""
     from kvflow.attention.triton import decode_attention, prefill_attention, store_kv
 
     num_heads, num_kv_heads, block_size = 32, 8, 16
@@ -130,6 +132,7 @@ def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[]
     block_tables = torch.arange(2 * 64).view(2, 64)
     cache = torch.zeros(2, 128, num_kv_heads, block_size, head_dim, dtype=dtype)
     int8 = (torch.zeros(cache.shape, dtype=torch.int8), torch.zeros(*cache.shape[:4], 1))  # (codes, scales)
+    fp8 = (torch.zeros(cache.shape, dtype=torch.float8_e4m3fn), torch.ones(2, num_kv_heads, 1))  # (codes, head_scales)
     q_prefill = torch.zeros(200, num_heads, head_dim, dtype=dtype)
     qsl = torch.tensor([0, 100, 200])
     q_decode = torch.zeros(2, num_heads, head_dim, dtype=dtype)
@@ -150,6 +153,14 @@ def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[]
         ("nosplit-int8", lambda: decode_attention(q_decode, int8, seq_lens, block_tables, 0.1, num_splits=1)),
         ("split-window-int8", lambda: decode_attention(q_decode, int8, seq_lens, block_tables, 0.1, 64,
                                                        num_splits=4)),
+        ("store-fp8", lambda: store_kv(kv, kv, fp8, torch.arange(4))),
+        ("causal-fp8", lambda: prefill_attention(q_prefill, fp8, qsl, seq_lens, block_tables, 0.1,
+                                                 max_query_len=100)),
+        ("window-fp8", lambda: prefill_attention(q_prefill, fp8, qsl, seq_lens, block_tables, 0.1, 64,
+                                                 max_query_len=100)),
+        ("nosplit-fp8", lambda: decode_attention(q_decode, fp8, seq_lens, block_tables, 0.1, num_splits=1)),
+        ("split-window-fp8", lambda: decode_attention(q_decode, fp8, seq_lens, block_tables, 0.1, 64,
+                                                      num_splits=4)),
     ]
 
 
@@ -167,7 +178,7 @@ def check(archs: list[int], dtypes: list[str], head_dims: list[int], multiproces
     for arch in archs:
         capability = (arch // 10, arch % 10)
         with ExitStack() as stack:  # the wrappers pick the launch configuration of this GPU
-            for module in (prefill, decode):
+            for module in (prefill, decode, kv_store):
                 stack.enter_context(mock.patch.object(module, "device_capability", lambda _d, c=capability: c))
             stack.enter_context(mock.patch.object(decode, "multiprocessor_count", lambda _d: multiprocessors))
             for dtype_name in dtypes:

@@ -9,7 +9,9 @@ splits by their LSE. With one split, kernel 1 writes the final output directly (
 merge): the "non-split" variant. The split count is a runtime argument, not a constexpr, so a
 server whose batch and context lengths change every step does not compile a kernel per count
 (the merge compiles one per power of two). An int8 cache (INT8) is read as codes, its scales
-folded into the scores and softmax weights (_common.py).
+folded into the scores and softmax weights; an fp8 cache (FP8) as codes converted in registers,
+its kv head's key scale folded into the scores' scale and its value scale into the (partial)
+output (_common.py).
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ import triton.language as tl
 
 from kvflow.attention.kv_spec import LayerKV
 from kvflow.attention.triton._common import (
+    FP8,
+    INT8,
     LOG2E,
     cache_pointers,
     check_inputs,
+    codes_to,
     decode_launch_config,
     device_capability,
+    fp8_native,
+    load_head_scales,
     load_kv_tile,
     multiprocessor_count,
     online_softmax_step,
@@ -43,8 +50,8 @@ def _decode_split_kernel(
     stride_lb, stride_lh, stride_ls,  # lse: [B, H, (S)]
     stride_bt, qk_scale, block_size, window, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-    USE_WINDOW: tl.constexpr, LSE_NATURAL: tl.constexpr, INT8: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, LSE_NATURAL: tl.constexpr, INT8: tl.constexpr, FP8: tl.constexpr,
+    FP8_NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -66,6 +73,9 @@ def _decode_split_kernel(
                 mask=g_mask[:, None], other=0.0)
     kv_base = cache_ptr + kv_head * stride_ch
     scale_base = scale_ptr + kv_head * stride_sh
+    k_head_scale, v_head_scale = load_head_scales(scale_base, stride_skv, FP8)
+    if FP8:
+        qk_scale = qk_scale * k_head_scale
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
@@ -76,12 +86,15 @@ def _decode_split_kernel(
             kv_base, scale_base, bt_ptr + seq * stride_bt, offs_n, n_mask, offs_d, block_size,
             stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, INT8,
         )
-        s = tile_scores(q, k, k_scale, qk_scale, INT8, PRECISION)  # [G, N], log2 units
+        s = tile_scores(q, k, k_scale, qk_scale, INT8, FP8, FP8_NATIVE, PRECISION)  # [G, N], log2 units
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_i, l_i, acc = online_softmax_step(s, v.to(q.dtype), v_scale, m_i, l_i, acc, INT8, PRECISION)
+        m_i, l_i, acc = online_softmax_step(s, codes_to(v, q.dtype, FP8, FP8_NATIVE), v_scale, m_i, l_i, acc,
+                                            INT8, PRECISION)
     # An empty split (short context) stores out = 0, lse = -inf: it weighs nothing in the merge.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if FP8:  # sum_j p_j (scale * code_j) = scale * sum_j p_j code_j
+        out = out * v_head_scale
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
     if LSE_NATURAL:
         lse = lse * 0.6931471805599453
@@ -147,14 +160,15 @@ def decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query token per sequence (q: [B, num_heads, head_dim], row b = sequence b of
     `seq_lens`/`block_tables`, whose keys include the query's own, already stored by `store_kv`).
-    `kv_cache`: the layer's cache, dense (q's dtype) or an int8 (codes, scales) pair.
+    `kv_cache`: the layer's cache, dense (q's dtype), an int8 (codes, scales) or an fp8 (codes,
+    head_scales) pair.
 
     Returns (out [B, num_heads, head_dim], lse [B, num_heads] fp32, natural log). `num_splits=None`
     picks `default_num_splits` for this batch and device; `max_seq_len` (host int) avoids a device
     sync.
     """
     num_seqs, num_heads, head_dim = q.shape
-    q, kv, scales, out, lse = check_inputs(q, kv_cache, out, lse)
+    q, kv, scales, kind, out, lse = check_inputs(q, kv_cache, out, lse)
     num_kv_heads = kv.shape[2]
     if num_seqs == 0:
         return out, lse
@@ -165,13 +179,15 @@ def decode_attention(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     group = num_heads // num_kv_heads
-    config = decode_launch_config(head_dim, q.dtype, device_capability(q.device))
+    capability = device_capability(q.device)
+    config = decode_launch_config(head_dim, q.dtype, capability)
     common = dict(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        USE_WINDOW=sliding_window is not None, INT8=scales is not None, BLOCK_N=block_n or config.block_n,
+        USE_WINDOW=sliding_window is not None, INT8=kind == INT8, FP8=kind == FP8,
+        FP8_NATIVE=kind == FP8 and fp8_native(capability), BLOCK_N=block_n or config.block_n,
         PRECISION=config.precision, num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    cache_args = cache_pointers(kv, scales)
+    cache_args = cache_pointers(kv, scales, kind)
     scalars = (block_tables.stride(0), scale * LOG2E, kv.shape[3], sliding_window or 0, num_splits)
     grid = (num_seqs, num_kv_heads, num_splits)
     if num_splits == 1:  # write the final result directly

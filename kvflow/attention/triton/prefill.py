@@ -6,7 +6,9 @@ block table in tiles of BLOCK_N keys with the online-softmax recurrence, so the 
 never materialised and a cached prefix costs nothing extra (its blocks are just read). Key tiles
 wholly outside the causal / sliding-window range of the query tile are never visited, and those
 wholly inside it (all but the diagonal and window-edge tiles) skip the mask. An int8 cache (INT8)
-is read as codes, its scales folded into the scores and softmax weights (_common.py).
+is read as codes, its scales folded into the scores and softmax weights; an fp8 cache (FP8) as
+codes converted in registers, the kv head's key scale folded into the scores' scale and its value
+scale into the output (_common.py).
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ import triton.language as tl
 
 from kvflow.attention.kv_spec import LayerKV
 from kvflow.attention.triton._common import (
+    FP8,
+    INT8,
     LOG2E,
     cache_pointers,
     check_inputs,
+    codes_to,
     device_capability,
+    fp8_native,
+    load_head_scales,
     load_kv_tile,
     online_softmax_step,
     prefill_launch_config,
@@ -32,8 +39,8 @@ from kvflow.attention.triton._common import (
 def _attend_key_tiles(
     q, m_i, l_i, acc, start, end, hi, q_pos, kv_base, scale_base, bt_row, offs_d, block_size, window,
     stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, qk_scale,
-    MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, INT8: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, INT8: tl.constexpr, FP8: tl.constexpr,
+    FP8_NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Key tiles [start, end) of one query tile. Unmasked tiles (MASKED=False) are visible to every
     query of the tile, so they skip the causal/window mask and its [M, N] selects."""
@@ -43,13 +50,14 @@ def _attend_key_tiles(
         k, v, k_scale, v_scale = load_kv_tile(kv_base, scale_base, bt_row, offs_n, n_mask, offs_d, block_size,
                                               stride_ckv, stride_cblk, stride_coff,
                                               stride_skv, stride_sblk, stride_soff, INT8)
-        s = tile_scores(q, k, k_scale, qk_scale, INT8, PRECISION)  # [M, N], log2 units
+        s = tile_scores(q, k, k_scale, qk_scale, INT8, FP8, FP8_NATIVE, PRECISION)  # [M, N], log2 units
         if MASKED:
             visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
             if USE_WINDOW:
                 visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
-        m_i, l_i, acc = online_softmax_step(s, v.to(q.dtype), v_scale, m_i, l_i, acc, INT8, PRECISION)
+        m_i, l_i, acc = online_softmax_step(s, codes_to(v, q.dtype, FP8, FP8_NATIVE), v_scale, m_i, l_i, acc,
+                                            INT8, PRECISION)
     return m_i, l_i, acc
 
 
@@ -62,7 +70,8 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh, stride_bt,
     qk_scale, block_size, window, first_seq,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, USE_WINDOW: tl.constexpr, INT8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    FP8: tl.constexpr, FP8_NATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     seq = first_seq + tl.program_id(0)
     tile = tl.program_id(1)
@@ -94,6 +103,9 @@ def _prefill_kernel(
             full_lo = tl.minimum(tl.cdiv(tl.maximum(hi - window, 0), BLOCK_N) * BLOCK_N, diag_lo)
         kv_base = cache_ptr + kv_head * stride_ch
         scale_base = scale_ptr + kv_head * stride_sh
+        k_head_scale, v_head_scale = load_head_scales(scale_base, stride_skv, FP8)
+        if FP8:
+            qk_scale = qk_scale * k_head_scale
         bt_row = bt_ptr + seq * stride_bt
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -102,20 +114,25 @@ def _prefill_kernel(
             m_i, l_i, acc = _attend_key_tiles(
                 q, m_i, l_i, acc, lo, full_lo, hi, q_pos, kv_base, scale_base, bt_row, offs_d, block_size, window,
                 stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, qk_scale,
-                MASKED=True, USE_WINDOW=USE_WINDOW, INT8=INT8, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+                MASKED=True, USE_WINDOW=USE_WINDOW, INT8=INT8, FP8=FP8, FP8_NATIVE=FP8_NATIVE, BLOCK_N=BLOCK_N,
+                PRECISION=PRECISION,
             )
         m_i, l_i, acc = _attend_key_tiles(
             q, m_i, l_i, acc, full_lo, diag_lo, hi, q_pos, kv_base, scale_base, bt_row, offs_d, block_size, window,
             stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, qk_scale,
-            MASKED=False, USE_WINDOW=USE_WINDOW, INT8=INT8, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+            MASKED=False, USE_WINDOW=USE_WINDOW, INT8=INT8, FP8=FP8, FP8_NATIVE=FP8_NATIVE, BLOCK_N=BLOCK_N,
+            PRECISION=PRECISION,
         )
         m_i, l_i, acc = _attend_key_tiles(  # tiles on the causal diagonal
             q, m_i, l_i, acc, diag_lo, hi, hi, q_pos, kv_base, scale_base, bt_row, offs_d, block_size, window,
             stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, qk_scale,
-            MASKED=True, USE_WINDOW=USE_WINDOW, INT8=INT8, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+            MASKED=True, USE_WINDOW=USE_WINDOW, INT8=INT8, FP8=FP8, FP8_NATIVE=FP8_NATIVE, BLOCK_N=BLOCK_N,
+            PRECISION=PRECISION,
         )
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
+        if FP8:  # sum_j p_j (scale * code_j) = scale * sum_j p_j code_j
+            out = out * v_head_scale
         tok = (q_start + offs_m).to(tl.int64)
         tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
@@ -143,13 +160,13 @@ def prefill_attention(
 
     q: [T, num_heads, head_dim] (all tokens of the step; only those of the chosen sequences are
     computed). The new tokens' k/v must already be in the cache (`store_kv`); `kv_cache` is dense
-    (q's dtype) or an int8 (codes, scales) pair. Returns (out [T, num_heads, head_dim], lse
+    (q's dtype), an int8 (codes, scales) or an fp8 (codes, head_scales) pair. Returns (out [T, num_heads, head_dim], lse
     [T, num_heads] fp32, natural log); rows of other tokens are left as they were in `out`/`lse`
     (uninitialised if those were not given).
     `max_query_len` (host int) avoids a device sync when the caller already knows it.
     """
     num_tokens, num_heads, head_dim = q.shape
-    q, kv, scales, out, lse = check_inputs(q, kv_cache, out, lse)
+    q, kv, scales, kind, out, lse = check_inputs(q, kv_cache, out, lse)
     num_kv_heads = kv.shape[2]
     num_seqs = seq_lens.shape[0] - first_seq
     if num_seqs <= 0 or num_tokens == 0:
@@ -158,16 +175,17 @@ def prefill_attention(
         max_query_len = int(torch.diff(query_start_loc[first_seq:]).max().item())
     if max_query_len <= 0:
         return out, lse
-    config = prefill_launch_config(head_dim, q.dtype, device_capability(q.device), int8=scales is not None)
+    capability = device_capability(q.device)
+    config = prefill_launch_config(head_dim, q.dtype, capability, int8=kind == INT8, fp8=kind == FP8)
     block_m = block_m or config.block_m
     block_n = block_n or config.block_n
     grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
     _prefill_kernel[grid](
-        q, out, lse, query_start_loc, seq_lens, block_tables, *cache_pointers(kv, scales),
+        q, out, lse, query_start_loc, seq_lens, block_tables, *cache_pointers(kv, scales, kind),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), block_tables.stride(0),
         scale * LOG2E, kv.shape[3], sliding_window or 0, first_seq,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, USE_WINDOW=sliding_window is not None,
-        INT8=scales is not None,
+        INT8=kind == INT8, FP8=kind == FP8, FP8_NATIVE=kind == FP8 and fp8_native(capability),
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=config.precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -1,5 +1,5 @@
 """The Triton kernels compiled for NVIDIA GPUs (sm_80, sm_90) on a machine without one: every
-launch the wrappers make (dense and int8 KV caches) must compile to a cubin without register spills and within the
+launch the wrappers make (dense, int8 and fp8 KV caches) must compile to a cubin without register spills and within the
 architecture's shared memory (`kvflow.attention.triton.compile_check`). The interpreter tests run
 the kernels' Python; this is the part they cannot check."""
 
@@ -24,9 +24,11 @@ def _ptxas_available() -> bool:
 
 
 # Every dense scenario; of the int8 ones (each about as slow to compile) the store and the windowed
-# prefill and split decode, which hold the others' code paths and use the most registers.
+# prefill and split decode, which hold the others' code paths and use the most registers; of the fp8
+# ones the store (its encoding) and the windowed prefill (the most registers; decode shares its
+# code conversion), compiled with the integer conversions on sm_80 and the native ones on sm_90.
 VARIANTS = ("store", "causal", "window", "nosplit", "split", "split-window",
-            "store-int8", "window-int8", "split-window-int8")
+            "store-int8", "window-int8", "split-window-int8", "store-fp8", "window-fp8")
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not installed")
@@ -49,8 +51,13 @@ def test_kernels_compile_for_ampere_and_hopper(tmp_path):
         ("decode_split_kernel", "split-window"), ("decode_merge_kernel", "split-window"),
         ("store_kv_kernel", "store-int8"), ("prefill_kernel", "window-int8"),
         ("decode_split_kernel", "split-window-int8"), ("decode_merge_kernel", "split-window-int8"),
+        ("store_kv_kernel", "store-fp8"), ("prefill_kernel", "window-fp8"),
     }
-    assert len(reports) == 2 * 2 * 12  # arches x dtypes x launches
-    assert all(r["constexprs"]["INT8"] == r["variant"].endswith("int8") for r in reports if "INT8" in r["constexprs"])
+    assert len(reports) == 2 * 2 * 14  # arches x dtypes x launches
+    for r in reports:
+        if "INT8" in r["constexprs"]:
+            fp8 = r["variant"].endswith("fp8")
+            assert r["constexprs"]["INT8"] == r["variant"].endswith("int8") and r["constexprs"]["FP8"] == fp8
+            assert r["constexprs"]["FP8_NATIVE"] == (fp8 and r["arch"] == 90)
     hopper_bf16 = next(r for r in reports if r["arch"] == 90 and r["dtype"] == "bfloat16" and r["variant"] == "causal")
     assert hopper_bf16["constexprs"]["BLOCK_M"] == 128 and hopper_bf16["registers"] > 0

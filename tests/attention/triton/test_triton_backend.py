@@ -1,5 +1,5 @@
-"""TritonBackend.forward against TorchNativeBackend on the same step and the same cache (dense or
-int8): both store the step's k/v and attend; outputs and the resulting caches must agree."""
+"""TritonBackend.forward against TorchNativeBackend on the same step and the same cache (dense, int8
+or fp8): both store the step's k/v and attend; outputs and the resulting caches must agree."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 pytest.importorskip("triton")
 
 from kvflow.attention.backend import AttentionMetadata  # noqa: E402
-from kvflow.attention.kv_quant import quantize_int8  # noqa: E402
+from kvflow.attention.kv_quant import quantize_fp8, quantize_int8  # noqa: E402
 from kvflow.attention.kv_spec import KVCacheSpec  # noqa: E402
 from kvflow.attention.torch_native import TorchNativeBackend  # noqa: E402
 from kvflow.attention.triton import TritonBackend  # noqa: E402
+from kvflow.attention.triton import backend as triton_backend_module  # noqa: E402
 
 
 def _step(seqs: list[tuple[int, int]], num_decodes: int, block_size: int, num_blocks: int,
@@ -117,3 +118,51 @@ def test_forward_int8_matches_torch_native(device, seqs, num_decodes, num_heads,
     assert not torch.equal(caches[1][0], codes)  # the step's k/v were stored
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-3, rtol=1e-2)
     torch.testing.assert_close(out.float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize(
+    "seqs,num_decodes,num_heads,window,dtype,kv_scale",
+    [
+        ([(0, 1), (12, 1), (40, 1), (0, 9), (13, 11), (20, 1)], 3, 4, None, torch.float32, None),
+        ([(0, 1), (12, 1), (40, 1), (0, 9), (13, 11), (20, 1)], 3, 8, 7, torch.float16, 0.02),
+        ([(0, 21)], 0, 8, None, torch.float16, None),  # a fresh prompt: torch-native attends to its k/v as stored
+    ],
+)
+def test_forward_fp8_matches_torch_native(device, monkeypatch, seqs, num_decodes, num_heads, window, dtype, kv_scale):
+    """An fp8 cache, its scales given or (None) not yet calibrated: the first call calibrates the
+    same scales, both store the same codes, and attention over them is close. A second call does
+    not look at the scales again (no device sync) and gives the same output."""
+    num_kv_heads, head_dim, block_size, num_blocks = 2, 32, 8, 20
+    metas = [_step(seqs, num_decodes, block_size, num_blocks, device, seed=11) for _ in range(2)]
+    gen = torch.Generator().manual_seed(12)
+    num_tokens = metas[0].slot_mapping.shape[0]
+    q, k, v = (torch.randn(num_tokens, h, head_dim, generator=gen).to(dtype).to(device)
+               for h in (num_heads, num_kv_heads, num_kv_heads))
+    spec = KVCacheSpec.for_format("fp8_e4m3", 1, num_kv_heads, head_dim, block_size, dtype, kv_scale)
+    backends = TorchNativeBackend(), TritonBackend()
+    assert all(b.supports(spec) for b in backends)
+    codes, head_scales = spec.allocate(num_blocks, device)[0]
+    assert torch.equal(head_scales, torch.full_like(head_scales, kv_scale or 0.0))
+    codes.copy_(quantize_fp8(torch.randn(codes.shape, generator=gen), torch.tensor(0.015)))  # the cached prefixes
+    caches = [(codes.clone(), head_scales.clone()) for _ in backends]
+    scale = 1.0 / math.sqrt(head_dim)
+    outs = []
+    for backend, meta, cache in zip(backends, metas, caches):
+        backend.prepare(meta)
+        outs.append(backend.forward(q, k, v, cache, meta, scale, window))
+    ref, out = outs
+    assert out.shape == (num_tokens, num_heads, head_dim) and out.dtype == dtype
+    assert torch.equal(caches[1][1], caches[0][1]) and (caches[1][1] > 0).all()
+    if kv_scale is not None:
+        assert (caches[1][1] == kv_scale).all()
+    assert torch.equal(caches[1][0].view(torch.uint8), caches[0][0].view(torch.uint8))
+    assert not torch.equal(caches[1][0].view(torch.uint8), codes.view(torch.uint8))  # the step's k/v were stored
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-3, rtol=1e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+
+    def no_calibration(*_args):
+        raise AssertionError("the scales were checked again")
+
+    monkeypatch.setattr(triton_backend_module, "calibrate_fp8", no_calibration)
+    again = backends[1].forward(q, k, v, caches[1], metas[1], scale, window)
+    assert torch.equal(again, out)

@@ -42,6 +42,24 @@ def test_engine_int8_kv_cache_matches_torch_backend(tiny_models):
     assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
 
 
+def test_engine_fp8_kv_cache_matches_torch_backend(tiny_models):
+    """The same with an fp8_e4m3 KV cache whose scales are calibrated on the first prompt: both
+    backends calibrate the same scales, store the same codes and read them back."""
+    prompts = [[(5 * i) % 300 + 3 for i in range(70)], [7, 8, 9], [(5 * i) % 300 + 3 for i in range(40)] + [11, 12]]
+    expected, llm_torch = _generate(tiny_models["llama"], "torch", prompts, kv_cache_dtype="fp8_e4m3")
+    got, llm = _generate(tiny_models["llama"], "triton", prompts, kv_cache_dtype="fp8_e4m3")
+    runner = llm.engine.core.runner
+    assert runner.backend.name == "triton" and runner.kv_spec.kv_dtype == "fp8_e4m3"
+    assert got == expected
+    scales, torch_scales = ([s for _, s in r.engine.core.runner.kv_caches] for r in (llm, llm_torch))
+    assert all((s > 0).all() for s in scales)
+    # The first layer's k/v are the same numbers; later layers' differ in rounding (attention's).
+    assert torch.equal(scales[0], torch_scales[0])
+    torch.testing.assert_close(scales, torch_scales, rtol=1e-5, atol=0)
+    kv = llm.engine.core.kv
+    assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
+
+
 def test_backend_names_are_checked(monkeypatch):
     from kvflow.config import RunnerConfig
 

@@ -2,7 +2,7 @@
 reference written here, independent of any backend: gather each sequence's keys through its block
 table, mask causally (and by sliding window), softmax(QK^T * scale) V, and logsumexp. With an int8
 cache the store must reproduce kv_quant.quantize_int8 bit for bit, and attention the reference over
-the dequantised cache."""
+the dequantised cache; the same with an fp8_e4m3 cache and kv_quant.quantize_fp8."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvflow.attention.kv_quant import quantize_int8  # noqa: E402
-from kvflow.attention.triton import decode_attention, prefill_attention, store_kv  # noqa: E402
+from kvflow.attention.kv_quant import FP8_MAX, calibrate_fp8, quantize_fp8, quantize_int8  # noqa: E402
+from kvflow.attention.triton import decode, decode_attention, prefill, prefill_attention, store_kv  # noqa: E402
 from tests.attention.int8_rows import int8_test_rows  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=1e-2),
@@ -95,14 +95,14 @@ def test_store_kv(device, dtype, num_kv_heads, head_dim):
 
 # ---------------------------------------------------------------------------------- prefill
 def _run_prefill(device, dtype, num_heads, num_kv_heads, window, seed, head_dim=16, block_size=4,
-                 chunks=((0, 1), (0, 13), (9, 7), (21, 19)), num_decodes=2, int8=False, **kw):
+                 chunks=((0, 1), (0, 13), (9, 7), (21, 19)), num_decodes=2, int8=False, fp8=False, **kw):
     """chunks: (cached prefix, new tokens) per prefill sequence, after `num_decodes` decodes."""
     rng = random.Random(seed)
     decodes = [(rng.randint(0, 12), 1) for _ in range(num_decodes)]
     seqs = decodes + list(chunks)
     seq_lens = [p + n for p, n in seqs]
     paged = Paged(seq_lens, block_size, num_kv_heads, head_dim, dtype, device, seed)
-    cache = quantize_paged(paged, seed) if int8 else paged.cache
+    cache = quantize_paged(paged, seed) if int8 else quantize_paged_fp8(paged, seed) if fp8 else paged.cache
     qsl = torch.tensor([0] + [n for _, n in seqs], device=device).cumsum(0)
     gen = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(int(qsl[-1]), num_heads, head_dim, generator=gen).to(dtype).to(device)
@@ -275,4 +275,149 @@ def test_int8_cache_is_checked(device):
     codes = torch.zeros(2, 2, 2, 4, 16, dtype=torch.int8, device=device)
     with pytest.raises(ValueError, match="int8 KV cache"):
         decode_attention(q, (codes, torch.zeros(2, 2, 2, 4, 16, device=device)), torch.tensor([1]),
+                         torch.zeros(1, 1, dtype=torch.int64), 1.0)
+
+
+# ---------------------------------------------------------------------------------- fp8 cache
+def quantize_paged_fp8(paged: Paged, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make `paged` an fp8 cache: its data, each token row scaled by a random magnitude, quantised
+    with random per-head key and value scales (a few values saturate, small ones are subnormal
+    codes). Returns the (codes, head_scales) the kernels read; the reference then reads
+    `paged.cache`, codes.double() * head_scales."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    data = paged.cache.float().cpu()
+    data = data * torch.exp(torch.randn(*data.shape[:4], 1, generator=gen))
+    num_kv_heads = data.shape[2]
+    head_scales = 0.005 + 0.02 * torch.rand(2, num_kv_heads, 1, generator=gen)
+    codes = torch.stack([quantize_fp8(data[i], head_scales[i][:, None]) for i in (0, 1)])
+    assert (codes.float().abs() == FP8_MAX).any() and (codes.float().abs() < 2 ** -6).any()
+    paged.cache = (codes.double() * head_scales.view(2, 1, num_kv_heads, 1, 1)).to(paged.cache.device)
+    return codes.to(paged.cache.device), head_scales.to(paged.cache.device)
+
+
+def fp8_test_values(scale: float, dtype: torch.dtype, count: int, gen: torch.Generator) -> torch.Tensor:
+    """`count` values of `dtype` that test an fp8 quantiser with head scale `scale` against
+    kv_quant.quantize_fp8: saturation (|x| / scale >= 448) and zeros; with a power-of-two scale,
+    every tie between neighbouring fp8 values, normal and subnormal, which must round to even;
+    with another scale, values a few ulps from a tie, first those (fp32) whose codes depend on
+    dividing by the scale (correctly rounded), not multiplying by its reciprocal; then random values of magnitudes
+    1e-4..1e4 times the scale. Signs are random."""
+    grid = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0, 2^-9, ..., 448
+    mids = (grid[1:] + grid[:-1]) / 2
+    s = torch.tensor(scale)
+    if scale == 2.0 ** round(math.log2(scale)):
+        special = mids * s
+    else:
+        eps = torch.finfo(dtype).eps
+        near = torch.cat([(mids * s * (1 + j * eps / 2)).to(dtype).float() for j in range(-3, 4)])
+        by_reciprocal = (near * s.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        tell = quantize_fp8(near, s).view(torch.uint8) != by_reciprocal.view(torch.uint8)
+        # (16-bit inputs divided in fp32 hardly ever land within an fp32 ulp of a tie)
+        assert tell.sum() >= 4 or dtype != torch.float32, "no values tell division from the reciprocal's product"
+        special = torch.cat([near[tell], near[~tell]])
+    fixed = torch.cat([torch.tensor([448.0, 449.0, 464.0, 465.0, 1e3, 2e4]) * s, torch.zeros(2), special])
+    magnitudes = torch.logspace(-4, 4, count)[torch.randperm(count, generator=gen)]
+    values = torch.cat([fixed[:count // 2], torch.randn(count, generator=gen) * magnitudes * s])[:count]
+    return values.to(dtype) * torch.where(torch.rand(count, generator=gen) < 0.5, -1.0, 1.0).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(2, 32), (3, 24)])
+def test_store_fp8_matches_quantize_fp8(device, dtype, num_kv_heads, head_dim):
+    """Codes bit-identical to quantize_fp8 (ties to even, subnormal codes, saturation, correctly
+    rounded division), the given scales untouched; and with uncalibrated scales (0), first the
+    scales calibrate_fp8 sets (from every token of the step, as the torch backend does)."""
+    ties = torch.tensor([[2 ** -10, 3 * 2 ** -10, 1.0625, 1.1875, 464.0, 1e6]])
+    assert quantize_fp8(ties, torch.ones(1, 1)).float().tolist() == [[0.0, 2 ** -8, 1.0, 1.25, 448.0, 448.0]]
+    gen = torch.Generator().manual_seed(7)
+    num_tokens, block_size = 16, 4
+    scales = torch.tensor([[1.0, 0.3, 0.0625], [0.7, 2.0, 1.9]])[:, :num_kv_heads, None]  # [2, KVH, 1]
+    k, v = (torch.stack([fp8_test_values(float(scales[half, h]), dtype, num_tokens * head_dim, gen)
+                         .view(num_tokens, head_dim) for h in range(num_kv_heads)], 1).to(device)
+            for half in (0, 1))
+    num_blocks = num_tokens // block_size + 2
+    codes = torch.randint(0, 0x7F, (2, num_blocks, num_kv_heads, block_size, head_dim), generator=gen,
+                          dtype=torch.uint8).view(torch.float8_e4m3fn).to(device)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[3] = -1  # padding token: must not be written anywhere
+    slots, scales = slots.to(device), scales.to(device)
+    valid = slots >= 0
+
+    def expected(head_scales: torch.Tensor) -> torch.Tensor:
+        out = codes.clone()
+        for half, x in enumerate((k, v)):
+            blocks, offsets = slots[valid] // block_size, slots[valid] % block_size
+            out[half][blocks, :, offsets] = quantize_fp8(x[valid], head_scales[half])
+        return out.view(torch.uint8)
+
+    cache = (codes.clone(), scales.clone())
+    store_kv(k, v, cache, slots)
+    bits = expected(scales) % 0x80
+    assert (bits == 0x7E).any() and ((bits > 0) & (bits < 8)).any()  # saturated and subnormal codes
+    assert torch.equal(cache[0].view(torch.uint8), expected(scales)), "codes differ from quantize_fp8"
+    assert torch.equal(cache[1], scales), "given scales changed"
+
+    cache = (codes.clone(), torch.zeros_like(scales))
+    store_kv(k, v, cache, slots)
+    calibrated = torch.zeros_like(scales)
+    calibrate_fp8(calibrated, k, v)
+    assert (calibrated > 0).all() and torch.equal(cache[1], calibrated)
+    assert torch.equal(cache[0].view(torch.uint8), expected(calibrated))
+
+
+@pytest.mark.parametrize(
+    "head_dim,num_heads,num_kv_heads,window,block_size,block_mn,dtype,native",
+    [
+        (32, 4, 4, None, 4, 16, torch.float32, False),
+        (32, 8, 2, 6, 4, 16, torch.float16, False),
+        (64, 4, 1, 10, 16, None, torch.float32, False),
+        (128, 8, 2, None, 8, None, torch.float16, False),
+        (32, 8, 2, 6, 4, 16, torch.float16, True),
+    ],
+)
+def test_prefill_fp8(device, monkeypatch, head_dim, num_heads, num_kv_heads, window, block_size, block_mn, dtype,
+                     native):
+    """Chunks after cached prefixes that cross block and tile boundaries, read from fp8 codes (by
+    integer arithmetic, or with `native` by Triton's float8e4nv conversion, as on sm_89+)."""
+    if native:
+        monkeypatch.setattr(prefill, "fp8_native", lambda _capability: True)
+    chunks = ((0, 1), (0, 13), (9, 7), (21, 19)) if block_mn else ((0, 70), (67, 5), (0, 1))
+    _run_prefill(device, dtype, num_heads, num_kv_heads, window, seed=head_dim + num_heads, head_dim=head_dim,
+                 block_size=block_size, chunks=chunks, num_decodes=1, fp8=True, block_m=block_mn, block_n=block_mn)
+
+
+@pytest.mark.parametrize(
+    "head_dim,num_heads,num_kv_heads,window,block_size,num_splits,dtype,native",
+    [
+        (32, 4, 4, None, 4, 1, torch.float32, False),
+        (32, 8, 2, 10, 4, 3, torch.float16, False),
+        (64, 4, 1, None, 16, None, torch.float16, False),
+        (128, 8, 2, 7, 8, 2, torch.float32, False),
+        (128, 4, 4, None, 16, 5, torch.float16, False),
+        (32, 8, 2, 10, 4, 3, torch.float16, True),
+    ],
+)
+def test_decode_fp8(device, monkeypatch, head_dim, num_heads, num_kv_heads, window, block_size, num_splits, dtype,
+                    native):
+    if native:
+        monkeypatch.setattr(decode, "fp8_native", lambda _capability: True)
+    seq_lens = [1, 7, 33, 50, 17]
+    seed = head_dim + num_heads + (num_splits or 0)
+    paged = Paged(seq_lens, block_size, num_kv_heads, head_dim, torch.float32, device, seed)
+    cache = quantize_paged_fp8(paged, seed)
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(seed + 1))
+    q = q.to(dtype).to(device)
+    scale = 1.0 / math.sqrt(head_dim)
+    out, lse = decode_attention(q, cache, paged.seq_lens, paged.block_tables, scale, window, num_splits, block_n=16)
+    for b, n in enumerate(seq_lens):
+        ref_out, ref_lse = reference(q[b], paged, b, n - 1, scale, window)
+        torch.testing.assert_close(out[b].double(), ref_out, **TOL[dtype], msg=f"out seq {b}")
+        torch.testing.assert_close(lse[b].double(), ref_lse, **LSE_TOL[dtype], msg=f"lse seq {b}")
+
+
+def test_fp8_cache_is_checked(device):
+    q = torch.zeros(1, 2, 16, device=device)
+    codes = torch.zeros(2, 2, 2, 4, 16, dtype=torch.float8_e4m3fn, device=device)
+    with pytest.raises(ValueError, match="fp8 KV cache"):
+        decode_attention(q, (codes, torch.zeros(2, 2, 2, 4, 1, device=device)), torch.tensor([1]),
                          torch.zeros(1, 1, dtype=torch.int64), 1.0)
