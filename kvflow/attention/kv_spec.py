@@ -21,8 +21,8 @@ formats (`--kv-cache-dtype`, `kvflow.config.KV_CACHE_DTYPES`) map to specs in `f
 A component held per kv head rather than per token (`per_token=False`) is a fixed amount of memory
 per layer, outside the blocks; KV transfer does not move it (both sides must have the same scales,
 which is why the wire format names a given scale and refuses calibrated ones). A block's
-rows for one kv head are contiguous, which the attention kernels rely on (torch-native, Triton, and
-the C++ CPU kernel, which is built on the dense head-major layout).
+rows for one kv head are contiguous, which the attention kernels rely on (torch-native, Triton and
+the C++ CPU kernel all read every format above in place).
 
 Everything that needs to know the layout asks this spec: the memory budget (bytes per token and
 per block, hence the number of blocks), allocation, the attention backends (which say which specs

@@ -147,15 +147,20 @@ template <>
 inline __m512 load16<int8_t>(const int8_t* p) {  // int8 codes: exact in fp32
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-// float8_e4m3fn codes: the byte's exponent and mantissa bits, shifted into an fp32's (bits 20..26),
-// make a float 2^120 too small, subnormals included (fp32 subnormals are exact, and the kernels run
-// without flush-to-zero); one multiply rescales it and the sign bit goes on top. (Codes never hold
-// the format's NaN: stores saturate at +-448.)
+// float8_e4m3fn codes: a normal code's exponent and mantissa bits, shifted into an fp32's (bits
+// 20..26), need 120 more in the exponent (bias 7 -> 127): one integer add. Subnormal codes (exponent
+// 0) are their mantissa times 2^-9, blended in, so no fp32 subnormal is ever computed (x86 assists
+// on them are slow, and a flush-to-zero mode would zero them). The sign bit goes on top. (Codes
+// never hold the format's NaN: stores saturate at +-448.)
 template <>
 inline __m512 load16<c10::Float8_e4m3fn>(const c10::Float8_e4m3fn* p) {
   const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512i magnitude = _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x7f)), 20);
-  const __m512 value = _mm512_mul_ps(_mm512_castsi512_ps(magnitude), _mm512_set1_ps(0x1p120f));
+  const __m512i magnitude = _mm512_and_si512(bytes, _mm512_set1_epi32(0x7f));
+  const __m512 normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(magnitude, 20),
+                                                             _mm512_set1_epi32(120 << 23)));
+  const __m512 subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(magnitude), _mm512_set1_ps(0x1p-9f));
+  const __m512 value = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(magnitude, _mm512_set1_epi32(8)), normal,
+                                            subnormal);
   const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x80)), 24);
   return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign));
 }

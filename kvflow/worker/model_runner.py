@@ -53,6 +53,10 @@ class ModelRunner:
                              f"cannot read a {self.kv_spec.wire_format} KV cache in the {self.kv_spec.layout} layout")
         self.num_blocks = num_kv_blocks(config, self.kv_spec)
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
+        spec = self.kv_spec
+        logger.info("KV cache: %s, %d blocks of %d tokens = %d tokens, %.3f GiB (%d bytes per token)", spec.kv_dtype,
+                    self.num_blocks, spec.block_size, self.num_blocks * spec.block_size,
+                    (self.num_blocks * spec.bytes_per_block + spec.fixed_bytes) / 2**30, spec.bytes_per_token)
         self.step_hooks: StepHooks | None = None  # a KV connector's worker side, if it needs one
         self.cpu_forward: CpuForward | None = None
         if use_cpu_kernels:

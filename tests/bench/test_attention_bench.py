@@ -98,3 +98,32 @@ def test_cli_check_targets_fails_without_triton_results(capsys):
     assert main(["bench", "attention", "--kind", "decode", "--seq-len", "20", "--heads", "4/1", "--head-dim", "32",
                  "--dtype", "float32", "--impl", "sdpa", "--repeats", "1", "--check-targets"]) == 1
     assert "no target checks apply" in capsys.readouterr().out
+
+
+def test_check_targets_quantised_decode_speedup():
+    from kvflow.bench.attention import check_targets
+
+    results = [
+        _result("triton", "decode", 8192, 1.0), _result("triton-int8", "decode", 8192, 0.6),  # 1.67x: passes
+        _result("triton-fp8", "decode", 8192, 0.8),  # 1.25x: fails
+        _result("triton", "decode", 4096, 1.0), _result("triton-int8", "decode", 4096, 0.9),  # short: unchecked
+    ]
+    verdicts = {c.claim: c.passed for c in check_targets(results) if "faster than dense" in c.claim}
+    assert verdicts == {
+        "triton-int8 decode B=1 n=8192 H/KVH=32/8 D=128 bfloat16: 1.5x faster than dense KV": True,
+        "triton-fp8 decode B=1 n=8192 H/KVH=32/8 D=128 bfloat16: 1.5x faster than dense KV": False,
+    }
+
+
+def test_quantised_cpu_implementations_match_their_dequantised_cache():
+    """kvflow-cpu-int8 / -fp8 are checked against naive over their own dequantised cache (so the
+    error is the kernel's alone), and their GB/s count the bytes their format reads."""
+    case = AttentionCase("decode", 2, 70, 4, 2, 64, 16, torch.bfloat16, torch.device("cpu"))
+    impls = available(torch.device("cpu"), ("kvflow-cpu", "kvflow-cpu-int8", "kvflow-cpu-fp8", "naive"))
+    if "kvflow-cpu-int8" not in impls:
+        pytest.skip("no C++ compiler")
+    results = {r.implementation: r for r in run_case(case, impls, repeats=1, naive_max_len=128)}
+    for name in ("kvflow-cpu-int8", "kvflow-cpu-fp8"):
+        assert results[name].reference == "naive" and results[name].max_abs_err < 2e-2
+    assert case.work("int8") == 2 * 2 * 70 * 2 * (64 + 4) and case.work("fp8_e4m3") == 2 * 2 * 70 * 2 * 64
+    assert case.work() == 2 * 2 * 70 * 2 * 64 * 2
