@@ -114,6 +114,22 @@ def _reference(q, codes, scales, meta, scale, window):
     return out
 
 
+def _one_step(spec: KVCacheSpec, cache, dtype: torch.dtype, group: int, window: int | None):
+    """One step through the torch backend over a 24-block cache of `spec`, with queries and keys
+    of `dtype`: two decodes, a prefill chunk after a 6-token prefix and a fresh 5-token prompt.
+    Returns (q, k, metadata, output)."""
+    kvh, dim = spec.num_kv_heads, spec.head_dim
+    tables = torch.randperm(24)[:20].view(4, 5)
+    meta = _metadata([(9, 1), (17, 1), (6, 7), (0, 5)], tables, spec.block_size)
+    t = int(meta.query_start_loc[-1])
+    q = torch.randn(t, kvh * group, dim, dtype=dtype)
+    k, v = torch.randn(t, kvh, dim, dtype=dtype), torch.randn(t, kvh, dim, dtype=dtype)
+    backend = TorchNativeBackend()
+    assert backend.supports(spec)
+    backend.prepare(meta)
+    return q, k, meta, backend.forward(q, k, v, cache, meta, dim**-0.5, window)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("window", [None, 7])
@@ -128,15 +144,7 @@ def test_torch_backend_reads_int8_cache(dtype, group, window):
     prior = quantize_int8(torch.randn(2, 24, kvh, bs, dim))  # earlier tokens, already in the cache
     codes.copy_(prior[0])
     scales.copy_(prior[1])
-    tables = torch.randperm(24)[:20].view(4, 5)
-    meta = _metadata([(9, 1), (17, 1), (6, 7), (0, 5)], tables, bs)
-    t = int(meta.query_start_loc[-1])
-    q = torch.randn(t, kvh * group, dim, dtype=dtype)
-    k, v = torch.randn(t, kvh, dim, dtype=dtype), torch.randn(t, kvh, dim, dtype=dtype)
-    backend = TorchNativeBackend()
-    assert backend.supports(spec)
-    backend.prepare(meta)
-    out = backend.forward(q, k, v, cache, meta, dim**-0.5, window)
+    q, k, meta, out = _one_step(spec, cache, dtype, group, window)
     blocks, offsets = meta.slot_mapping // bs, meta.slot_mapping % bs
     new_codes, new_scales = quantize_int8(k)
     assert torch.equal(codes[0][blocks, :, offsets], new_codes)
@@ -220,15 +228,7 @@ def test_torch_backend_reads_fp8_cache(dtype, group, window):
     codes, head_scales = cache
     head_scales[1] = 0.03
     codes.copy_(torch.randn(codes.shape).to(torch.float8_e4m3fn))
-    tables = torch.randperm(24)[:20].view(4, 5)
-    meta = _metadata([(9, 1), (17, 1), (6, 7), (0, 5)], tables, bs)
-    t = int(meta.query_start_loc[-1])
-    q = torch.randn(t, kvh * group, dim, dtype=dtype)
-    k, v = torch.randn(t, kvh, dim, dtype=dtype), torch.randn(t, kvh, dim, dtype=dtype)
-    backend = TorchNativeBackend()
-    assert backend.supports(spec)
-    backend.prepare(meta)
-    out = backend.forward(q, k, v, cache, meta, dim**-0.5, window)
+    q, k, meta, out = _one_step(spec, cache, dtype, group, window)
     blocks, offsets = meta.slot_mapping // bs, meta.slot_mapping % bs
     assert torch.equal(codes[0][blocks, :, offsets].float(), quantize_fp8(k, head_scales[0]).float())
     per_token = head_scales[:, None, :, None, :].expand(2, 24, kvh, bs, 1)  # as [2, NB, KVH, bs, 1]

@@ -184,25 +184,33 @@ def test_abort_while_receiving_frees_blocks_after_the_load_stops(llama_dir):
     decode.close()
 
 
+def _payload_per_prompt(llama_dir, transport: str, batch: list[list[int]], params, decode_block_size: int = 4,
+                        **engine) -> tuple[dict[int, int], object]:
+    """Disaggregate `batch` between two instances with these engine settings, check the outputs
+    equal colocated decoding token for token and no block leaks; returns {prompt length: KV payload
+    bytes} and the model config."""
+    expected = run_colocated(make_core(llama_dir, **engine), batch, params)
+    prefill = make_core(llama_dir, KVTransferConfig(role="prefill", transport=transport), **engine)
+    decode = make_core(llama_dir, KVTransferConfig(role="decode", transport=transport), **engine,
+                       block_size=decode_block_size)
+    for i, ids in enumerate(batch):
+        submit(prefill, decode, f"r{i}", ids, params)
+    assert drive(prefill, decode) == expected
+    payloads = {len(batch[int(load.request_id[1:])]): load.payload_bytes for load in decode.drain_events().loads}
+    assert_all_blocks_free(prefill, decode)
+    prefill.close()
+    decode.close()
+    return payloads, decode.config.model
+
+
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_int8_kv_moves_codes_and_scales(llama_dir, transport):
     """An int8 KV cache crosses as its quantised bytes (codes + one fp32 scale per token and kv head),
     and decoding after the transfer equals colocated int8 decoding token for token."""
-    batch, params = prompts([5, 33, 90]), greedy(8)
-    expected = run_colocated(make_core(llama_dir, kv_cache_dtype="int8"), batch, params)
-    prefill = make_core(llama_dir, KVTransferConfig(role="prefill", transport=transport), kv_cache_dtype="int8")
-    decode = make_core(llama_dir, KVTransferConfig(role="decode", transport=transport), kv_cache_dtype="int8",
-                       block_size=8)
-    for i, ids in enumerate(batch):
-        submit(prefill, decode, f"r{i}", ids, params)
-    assert drive(prefill, decode) == expected
-    cfg = decode.config.model
-    for load in decode.drain_events().loads:
-        tokens = len(batch[int(load.request_id[1:])])
-        assert load.payload_bytes == 2 * cfg.num_layers * tokens * cfg.num_kv_heads * (cfg.head_dim + 4)
-    assert_all_blocks_free(prefill, decode)
-    prefill.close()
-    decode.close()
+    payloads, cfg = _payload_per_prompt(llama_dir, transport, prompts([5, 33, 90]), greedy(8), decode_block_size=8,
+                                        kv_cache_dtype="int8")
+    for tokens, payload in payloads.items():
+        assert payload == 2 * cfg.num_layers * tokens * cfg.num_kv_heads * (cfg.head_dim + 4)
 
 
 def test_kv_format_mismatch_fails_the_load_and_decode_recomputes(llama_dir):
@@ -225,18 +233,7 @@ def test_fp8_kv_transfers_with_a_given_scale_and_refuses_calibrated_ones(llama_d
     (outputs equal colocated), calibrated scales are refused when the engine starts."""
     with pytest.raises(ValueError, match="give --kv-scale"):
         make_core(llama_dir, KVTransferConfig(role="prefill", transport="tcp"), kv_cache_dtype="fp8_e4m3")
-    batch, params = prompts([5, 33]), greedy(6)
-    fp8 = dict(kv_cache_dtype="fp8_e4m3", kv_scale=0.02)
-    expected = run_colocated(make_core(llama_dir, **fp8), batch, params)
-    prefill = make_core(llama_dir, KVTransferConfig(role="prefill", transport="tcp"), **fp8)
-    decode = make_core(llama_dir, KVTransferConfig(role="decode", transport="tcp"), **fp8)
-    for i, ids in enumerate(batch):
-        submit(prefill, decode, f"r{i}", ids, params)
-    assert drive(prefill, decode) == expected
-    cfg = decode.config.model
-    for load in decode.drain_events().loads:
-        tokens = len(batch[int(load.request_id[1:])])
-        assert load.payload_bytes == 2 * cfg.num_layers * tokens * cfg.num_kv_heads * cfg.head_dim  # a byte each
-    assert_all_blocks_free(prefill, decode)
-    prefill.close()
-    decode.close()
+    payloads, cfg = _payload_per_prompt(llama_dir, "tcp", prompts([5, 33]), greedy(6), kv_cache_dtype="fp8_e4m3",
+                                        kv_scale=0.02)
+    for tokens, payload in payloads.items():
+        assert payload == 2 * cfg.num_layers * tokens * cfg.num_kv_heads * cfg.head_dim  # a byte each

@@ -137,31 +137,23 @@ def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[]
     qsl = torch.tensor([0, 100, 200])
     q_decode = torch.zeros(2, num_heads, head_dim, dtype=dtype)
     kv = torch.zeros(4, num_kv_heads, head_dim, dtype=dtype)
-    return [
-        ("store", lambda: store_kv(kv, kv, cache, torch.arange(4))),
-        ("causal", lambda: prefill_attention(q_prefill, cache, qsl, seq_lens, block_tables, 0.1, max_query_len=100)),
-        ("window", lambda: prefill_attention(q_prefill, cache, qsl, seq_lens, block_tables, 0.1, 64,
-                                             max_query_len=100)),
-        ("nosplit", lambda: decode_attention(q_decode, cache, seq_lens, block_tables, 0.1, num_splits=1)),
-        ("split", lambda: decode_attention(q_decode, cache, seq_lens, block_tables, 0.1, max_seq_len=900)),
-        ("split-window", lambda: decode_attention(q_decode, cache, seq_lens, block_tables, 0.1, 64, num_splits=4)),
-        ("store-int8", lambda: store_kv(kv, kv, int8, torch.arange(4))),
-        ("causal-int8", lambda: prefill_attention(q_prefill, int8, qsl, seq_lens, block_tables, 0.1,
-                                                  max_query_len=100)),
-        ("window-int8", lambda: prefill_attention(q_prefill, int8, qsl, seq_lens, block_tables, 0.1, 64,
-                                                  max_query_len=100)),
-        ("nosplit-int8", lambda: decode_attention(q_decode, int8, seq_lens, block_tables, 0.1, num_splits=1)),
-        ("split-window-int8", lambda: decode_attention(q_decode, int8, seq_lens, block_tables, 0.1, 64,
-                                                       num_splits=4)),
-        ("store-fp8", lambda: store_kv(kv, kv, fp8, torch.arange(4))),
-        ("causal-fp8", lambda: prefill_attention(q_prefill, fp8, qsl, seq_lens, block_tables, 0.1,
-                                                 max_query_len=100)),
-        ("window-fp8", lambda: prefill_attention(q_prefill, fp8, qsl, seq_lens, block_tables, 0.1, 64,
-                                                 max_query_len=100)),
-        ("nosplit-fp8", lambda: decode_attention(q_decode, fp8, seq_lens, block_tables, 0.1, num_splits=1)),
-        ("split-window-fp8", lambda: decode_attention(q_decode, fp8, seq_lens, block_tables, 0.1, 64,
-                                                      num_splits=4)),
-    ]
+    def launches(kv_cache: Any, suffix: str, names: tuple[str, ...]) -> list[tuple[str, Callable[[], Any]]]:
+        calls = {
+            "store": lambda: store_kv(kv, kv, kv_cache, torch.arange(4)),
+            "causal": lambda: prefill_attention(q_prefill, kv_cache, qsl, seq_lens, block_tables, 0.1,
+                                                max_query_len=100),
+            "window": lambda: prefill_attention(q_prefill, kv_cache, qsl, seq_lens, block_tables, 0.1, 64,
+                                                max_query_len=100),
+            "nosplit": lambda: decode_attention(q_decode, kv_cache, seq_lens, block_tables, 0.1, num_splits=1),
+            "split": lambda: decode_attention(q_decode, kv_cache, seq_lens, block_tables, 0.1, max_seq_len=900),
+            "split-window": lambda: decode_attention(q_decode, kv_cache, seq_lens, block_tables, 0.1, 64,
+                                                     num_splits=4),
+        }
+        return [(name + suffix, calls[name]) for name in names]
+
+    quantised = ("store", "causal", "window", "nosplit", "split-window")  # the split variant differs only in count
+    return (launches(cache, "", ("store", "causal", "window", "nosplit", "split", "split-window"))
+            + launches(int8, "-int8", quantised) + launches(fp8, "-fp8", quantised))
 
 
 def check(archs: list[int], dtypes: list[str], head_dims: list[int], multiprocessors: int = 132,

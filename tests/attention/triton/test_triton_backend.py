@@ -83,6 +83,21 @@ def test_forward_matches_torch_native(device, seqs, num_decodes, window, dtype):
     torch.testing.assert_close(out.float(), ref.float(), **tol)
 
 
+def _quantised_step_inputs(seqs, num_decodes, num_heads, dtype, device):
+    """One step's metadata (twice: one per backend), the generator that made them, and q, k, v
+    (2 kv heads, head_dim 32, blocks of 8 in a 20-block cache)."""
+    metas = [_step(seqs, num_decodes, 8, 20, device, seed=11) for _ in range(2)]
+    gen = torch.Generator().manual_seed(12)
+    num_tokens = metas[0].slot_mapping.shape[0]
+    qkv = tuple(torch.randn(num_tokens, h, 32, generator=gen).to(dtype).to(device) for h in (num_heads, 2, 2))
+    return metas, gen, qkv
+
+
+def _forward(backend, meta, cache, q, k, v, scale, window):
+    backend.prepare(meta)
+    return backend.forward(q, k, v, cache, meta, scale, window)
+
+
 @pytest.mark.parametrize(
     "seqs,num_decodes,num_heads,window,dtype",
     [
@@ -94,11 +109,8 @@ def test_forward_matches_torch_native(device, seqs, num_decodes, window, dtype):
 def test_forward_int8_matches_torch_native(device, seqs, num_decodes, num_heads, window, dtype):
     """An int8 cache: the same codes and scales stored, and attention over them close."""
     num_kv_heads, head_dim, block_size, num_blocks = 2, 32, 8, 20
-    metas = [_step(seqs, num_decodes, block_size, num_blocks, device, seed=11) for _ in range(2)]
-    gen = torch.Generator().manual_seed(12)
+    metas, gen, (q, k, v) = _quantised_step_inputs(seqs, num_decodes, num_heads, dtype, device)
     num_tokens = metas[0].slot_mapping.shape[0]
-    q, k, v = (torch.randn(num_tokens, h, head_dim, generator=gen).to(dtype).to(device)
-               for h in (num_heads, num_kv_heads, num_kv_heads))
     spec = KVCacheSpec.for_format("int8", 1, num_kv_heads, head_dim, block_size, dtype)
     backends = TorchNativeBackend(), TritonBackend()
     assert all(b.supports(spec) for b in backends)
@@ -108,11 +120,8 @@ def test_forward_int8_matches_torch_native(device, seqs, num_decodes, num_heads,
     scales.copy_(prefix_scales)
     caches = [(codes.clone(), scales.clone()) for _ in backends]
     scale = 1.0 / math.sqrt(head_dim)
-    outs = []
-    for backend, meta, cache in zip(backends, metas, caches):
-        backend.prepare(meta)
-        outs.append(backend.forward(q, k, v, cache, meta, scale, window))
-    ref, out = outs
+    ref, out = (_forward(backend, meta, cache, q, k, v, scale, window)
+                for backend, meta, cache in zip(backends, metas, caches))
     assert out.shape == (num_tokens, num_heads, head_dim) and out.dtype == dtype
     assert torch.equal(caches[1][0], caches[0][0]) and torch.equal(caches[1][1], caches[0][1])
     assert not torch.equal(caches[1][0], codes)  # the step's k/v were stored
@@ -133,11 +142,8 @@ def test_forward_fp8_matches_torch_native(device, monkeypatch, seqs, num_decodes
     same scales, both store the same codes, and attention over them is close. A second call does
     not look at the scales again (no device sync) and gives the same output."""
     num_kv_heads, head_dim, block_size, num_blocks = 2, 32, 8, 20
-    metas = [_step(seqs, num_decodes, block_size, num_blocks, device, seed=11) for _ in range(2)]
-    gen = torch.Generator().manual_seed(12)
+    metas, gen, (q, k, v) = _quantised_step_inputs(seqs, num_decodes, num_heads, dtype, device)
     num_tokens = metas[0].slot_mapping.shape[0]
-    q, k, v = (torch.randn(num_tokens, h, head_dim, generator=gen).to(dtype).to(device)
-               for h in (num_heads, num_kv_heads, num_kv_heads))
     spec = KVCacheSpec.for_format("fp8_e4m3", 1, num_kv_heads, head_dim, block_size, dtype, kv_scale)
     backends = TorchNativeBackend(), TritonBackend()
     assert all(b.supports(spec) for b in backends)
@@ -146,11 +152,8 @@ def test_forward_fp8_matches_torch_native(device, monkeypatch, seqs, num_decodes
     codes.copy_(quantize_fp8(torch.randn(codes.shape, generator=gen), torch.tensor(0.015)))  # the cached prefixes
     caches = [(codes.clone(), head_scales.clone()) for _ in backends]
     scale = 1.0 / math.sqrt(head_dim)
-    outs = []
-    for backend, meta, cache in zip(backends, metas, caches):
-        backend.prepare(meta)
-        outs.append(backend.forward(q, k, v, cache, meta, scale, window))
-    ref, out = outs
+    ref, out = (_forward(backend, meta, cache, q, k, v, scale, window)
+                for backend, meta, cache in zip(backends, metas, caches))
     assert out.shape == (num_tokens, num_heads, head_dim) and out.dtype == dtype
     assert torch.equal(caches[1][1], caches[0][1]) and (caches[1][1] > 0).all()
     if kv_scale is not None:

@@ -256,10 +256,18 @@ def test_prefill_int8(device, head_dim, num_heads, num_kv_heads, window, block_s
     ],
 )
 def test_decode_int8(device, head_dim, num_heads, num_kv_heads, window, block_size, num_splits, dtype):
+    check_quantised_decode(device, quantize_paged, head_dim, num_heads, num_kv_heads, window, block_size,
+                           num_splits, dtype)
+
+
+def check_quantised_decode(device, quantize, head_dim, num_heads, num_kv_heads, window, block_size, num_splits,
+                           dtype):
+    """Decode over the cache `quantize(paged, seed)` makes of five sequences, against the fp64
+    reference over the dequantised values (quantize_paged* store them back in `paged`)."""
     seq_lens = [1, 7, 33, 50, 17]
     seed = head_dim + num_heads + (num_splits or 0)
     paged = Paged(seq_lens, block_size, num_kv_heads, head_dim, torch.float32, device, seed)
-    cache = quantize_paged(paged, seed)
+    cache = quantize(paged, seed)
     q = torch.randn(len(seq_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(seed + 1))
     q = q.to(dtype).to(device)
     scale = 1.0 / math.sqrt(head_dim)
@@ -401,18 +409,8 @@ def test_decode_fp8(device, monkeypatch, head_dim, num_heads, num_kv_heads, wind
                     native):
     if native:
         monkeypatch.setattr(decode, "fp8_native", lambda _capability: True)
-    seq_lens = [1, 7, 33, 50, 17]
-    seed = head_dim + num_heads + (num_splits or 0)
-    paged = Paged(seq_lens, block_size, num_kv_heads, head_dim, torch.float32, device, seed)
-    cache = quantize_paged_fp8(paged, seed)
-    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(seed + 1))
-    q = q.to(dtype).to(device)
-    scale = 1.0 / math.sqrt(head_dim)
-    out, lse = decode_attention(q, cache, paged.seq_lens, paged.block_tables, scale, window, num_splits, block_n=16)
-    for b, n in enumerate(seq_lens):
-        ref_out, ref_lse = reference(q[b], paged, b, n - 1, scale, window)
-        torch.testing.assert_close(out[b].double(), ref_out, **TOL[dtype], msg=f"out seq {b}")
-        torch.testing.assert_close(lse[b].double(), ref_lse, **LSE_TOL[dtype], msg=f"lse seq {b}")
+    check_quantised_decode(device, quantize_paged_fp8, head_dim, num_heads, num_kv_heads, window, block_size,
+                           num_splits, dtype)
 
 
 def test_fp8_cache_is_checked(device):
