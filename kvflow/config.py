@@ -198,6 +198,76 @@ def _sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[in
 # per layer and kv head, given (kv_scale) or calibrated from the first prompt.
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "int8", "fp8_e4m3")
 
+# KV policies (kvflow/core/kv_policy.py defines one class per name; docs/kv_cache.md): what a
+# sequence keeps of its KV (streaming, h2o, snapkv evict) or reads each decode step (quest).
+KV_POLICIES = ("none", "streaming", "h2o", "snapkv", "quest")
+
+# SnapKV's observation window (the last prompt queries whose attention selects what is kept).
+SNAPKV_DEFAULT_WINDOW = 32
+
+
+def kv_policy_window(policy: str, budget: int, sink_tokens: int, window: int | None) -> int:
+    """The recent window a policy keeps (or reads) when `--kv-window` is not given: streaming keeps
+    everything the budget leaves after the sinks; h2o splits the rest evenly between heavy hitters
+    and recent tokens (H2O's default); snapkv observes its last 32 prompt queries; quest always
+    reads only the newest block."""
+    if window is not None:
+        return window
+    if policy == "streaming":
+        return budget - sink_tokens
+    if policy == "h2o":
+        return (budget - sink_tokens) // 2
+    if policy == "snapkv":
+        return SNAPKV_DEFAULT_WINDOW
+    return 0
+
+
+@dataclass(frozen=True)
+class KVPolicySettings:
+    """One request's KV policy, resolved from the engine's flags and its own overrides."""
+
+    policy: str
+    budget: int
+    sink_tokens: int
+    window: int
+
+
+def resolve_kv_policy(cache: CacheConfig, policy: str | None = None,
+                      budget: int | None = None) -> KVPolicySettings | None:
+    """A request's policy: its own `kv_policy`/`kv_budget` where given, else the engine's. None: keep
+    all KV. Raises ValueError naming the field when the combination cannot run."""
+    name = cache.kv_policy if policy is None else policy
+    budget = cache.kv_budget if budget is None else budget
+    where = "" if policy is None and budget is None else "request "
+    check_kv_policy(name, budget, cache.kv_sink_tokens, cache.kv_window, where)
+    if name == "none":
+        return None
+    if name == "quest" and cache.kv_policy != "quest":
+        raise ValueError("request kv_policy quest needs the engine started with --kv-policy quest (which keeps "
+                         "each block's key bounds)")
+    assert budget is not None
+    return KVPolicySettings(name, budget, cache.kv_sink_tokens,
+                            kv_policy_window(name, budget, cache.kv_sink_tokens, cache.kv_window))
+
+
+def check_kv_policy(policy: str, budget: int | None, sink_tokens: int, window: int | None,
+                    where: str = "") -> None:
+    """Raise ValueError naming the field unless (policy, budget, sinks, window) is a usable policy."""
+    if policy not in KV_POLICIES:
+        raise ValueError(f"{where}kv_policy must be one of {', '.join(KV_POLICIES)}, got {policy!r}")
+    if policy == "none":
+        return
+    if budget is None:
+        raise ValueError(f"{where}kv_budget (tokens kept or read per sequence) is required with kv_policy={policy}")
+    if budget < 1:
+        raise ValueError(f"{where}kv_budget must be >= 1 token, got {budget}")
+    resolved = kv_policy_window(policy, budget, sink_tokens, window)
+    least = 1 if policy in ("streaming", "snapkv") else 0  # these keep at least one recent token
+    if resolved < least or sink_tokens + resolved > budget:
+        shown = resolved if resolved >= least else f"at least {least}"
+        raise ValueError(f"{where}kv_budget={budget} is smaller than kv_sink_tokens + kv_window = {sink_tokens} + "
+                         f"{shown} (kv_policy={policy}): give a larger budget or a smaller window")
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -214,8 +284,23 @@ class CacheConfig:
     # fp8_e4m3: the scale of every layer's keys and values (None: calibrated per layer and kv head
     # from the first prompt; instances exchanging KV need a given scale).
     kv_scale: float | None = None
+    # What each sequence keeps of its KV (streaming, h2o, snapkv) or reads per decode step (quest),
+    # within `kv_budget` tokens; requests may override the policy and budget (SamplingParams), and
+    # with kv_policy "none" the budget is the default of requests that choose a policy.
+    kv_policy: str = "none"
+    kv_budget: int | None = None
+    # Attention sinks: the first tokens, always kept (streaming, h2o) or read (quest).
+    kv_sink_tokens: int = 4
+    # Recent tokens always kept or read (SnapKV: its observation window); None: per policy
+    # (`kv_policy_window`).
+    kv_window: int | None = None
 
     def __post_init__(self) -> None:
+        if self.kv_sink_tokens < 0:
+            raise ValueError(f"kv_sink_tokens must be >= 0, got {self.kv_sink_tokens}")
+        if self.kv_window is not None and self.kv_window < 0:
+            raise ValueError(f"kv_window must be >= 0, got {self.kv_window}")
+        check_kv_policy(self.kv_policy, self.kv_budget, self.kv_sink_tokens, self.kv_window)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.kv_scale is not None and (self.kv_cache_dtype != "fp8_e4m3" or not self.kv_scale > 0):
@@ -352,6 +437,18 @@ class EngineConfig:
                 f"({self.model.max_model_len}) when chunked prefill is disabled, "
                 f"got {self.scheduler.max_num_batched_tokens}"
             )
+        if self.kv_policy_allowed() is not None and self.cache.kv_policy != "none":
+            raise ValueError(f"kv_policy={self.cache.kv_policy}: {self.kv_policy_allowed()}")
+
+    def kv_policy_allowed(self) -> str | None:
+        """Why this engine cannot run a KV policy (None: it can). A policy drops or skips KV, so it needs
+        attention that depends only on which keys are read (no sliding-window layers, whose windows
+        count positions in the cache) and KV that stays on this instance."""
+        if any(w is not None for w in self.model.sliding_windows):
+            return "the model has sliding-window layers, which KV policies do not support"
+        if self.kv_transfer is not None:
+            return "KV policies do not support disaggregated prefill/decode instances"
+        return None
 
     @classmethod
     def create(

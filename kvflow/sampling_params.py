@@ -87,6 +87,9 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     ),
     "skip_special_tokens": ("a bool", lambda v: True),
     "include_stop_str_in_output": ("a bool", lambda v: True),
+    # Names are checked by the engine against its policies (kvflow.config.KV_POLICIES) on arrival.
+    "kv_policy": ("None or a KV policy name (none, streaming, h2o, snapkv, quest)", lambda v: v is None or v != ""),
+    "kv_budget": ("None or an integer >= 1 (tokens kept or read)", lambda v: v is None or v >= 1),
 }
 
 # Numeric fields where a bool must not be silently read as 0/1.
@@ -105,6 +108,7 @@ _NUMERIC_FIELDS: frozenset[str] = frozenset(
         "min_tokens",
         "logprobs",
         "prompt_logprobs",
+        "kv_budget",
     }
 )
 
@@ -157,6 +161,9 @@ class SamplingParams(BaseModel):
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # This request's KV policy and budget instead of the engine's (`--kv-policy`, `--kv-budget`).
+    kv_policy: str | None = None
+    kv_budget: int | None = None
 
     @field_validator("*", mode="wrap")
     @classmethod

@@ -61,6 +61,10 @@ INVALID_VALUES: list[tuple[str, Any, str]] = [
     ("prompt_logprobs", 21, "[0, 20]"),
     ("skip_special_tokens", "nope", "bool"),
     ("include_stop_str_in_output", [], "bool"),
+    ("kv_policy", "", "KV policy name"),
+    ("kv_policy", 3, "KV policy name"),
+    ("kv_budget", 0, ">= 1"),
+    ("kv_budget", True, ">= 1"),
 ]
 
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
+
+if TYPE_CHECKING:
+    from kvflow.attention.policy_step import PolicyStep
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +43,12 @@ class AttentionMetadata:
     # Python-side copies, so backends can plan without device syncs.
     seq_lens_list: list[int] = field(default_factory=list)
     query_lens_list: list[int] = field(default_factory=list)
-    # Backend-private, per-step derived tensors (masks, gather indices), built by `prepare`.
+    # Backend-private, per-step derived tensors (masks, gather indices), built by `prepare`; and
+    # "block_mass" [num_decodes, max_blocks] when a KV policy wants each block's attention mass,
+    # which a backend with `returns_block_mass` adds to from its decode kernel.
     extra: dict[str, Any] = field(default_factory=dict)
+    # KV-policy work of this step the attention layers do around the backend (policy_step.py).
+    policy: PolicyStep | None = None
 
     @property
     def num_seqs(self) -> int:

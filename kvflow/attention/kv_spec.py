@@ -74,6 +74,9 @@ class KVCacheSpec:
     kv_dtype: str = ""
     #: fp8_e4m3: the scale given for every layer's keys and values (None: calibrated from the first prompt).
     kv_scale: float | None = None
+    #: Quest (`--kv-policy quest`): each block also has, per layer and kv head, the elementwise min
+    #: and max of its keys in this dtype, kept beside the cache (kv_policy_ops.py); None: no bounds.
+    key_bounds_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if min(self.num_layers, self.num_kv_heads, self.head_dim, self.block_size) < 1:
@@ -145,8 +148,16 @@ class KVCacheSpec:
         return self.num_layers * self.bytes_per_token_per_layer
 
     @property
+    def key_bounds_bytes_per_block(self) -> int:
+        """Bytes of a block's Quest key bounds, all layers (0 without them)."""
+        if self.key_bounds_dtype is None:
+            return 0
+        size = torch.empty((), dtype=self.key_bounds_dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * size
+
+    @property
     def bytes_per_block(self) -> int:
-        return self.block_size * self.bytes_per_token
+        return self.block_size * self.bytes_per_token + self.key_bounds_bytes_per_block
 
     def num_blocks(self, budget_bytes: int) -> int:
         """The most whole blocks a budget holds (after the per-head components)."""

@@ -30,6 +30,8 @@ from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 
 class TorchNativeBackend:
     name = "torch_native"
+    # Decode adds each block's attention mass to meta.extra["block_mass"] when asked (H2O).
+    returns_block_mass = True
     # Head-major blocks: a gathered block is [kv_heads, block_size, head_dim], ready for batched
     # matmuls with no transposing copy (see `_decode`).
 
@@ -183,6 +185,9 @@ class TorchNativeBackend:
         scores = scores.permute(0, 2, 3, 1, 4).reshape(b, kvh, group, nb * bs).float()
         scores = torch.add(self._mask(meta, "decode", window), scores, alpha=scale)  # [B, KVH, G, L]
         probs = torch.softmax(scores, dim=-1)
+        mass = meta.extra.get("block_mass")
+        if mass is not None:
+            mass[:b, :nb] += probs.view(b, kvh * group, nb, bs).sum((1, 3))
         probs = probs.view(b, kvh, group, nb, bs).permute(0, 3, 1, 2, 4)  # [B, nb, KVH, G, bs]
         if value_scales is not None:
             probs = probs * value_scales.transpose(-1, -2)

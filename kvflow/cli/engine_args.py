@@ -19,6 +19,13 @@ _HELP = {
                       "per token and kv head) or fp8_e4m3 (a scale per layer and kv head)",
     "kv_scale": "fp8_e4m3: the scale of every layer's keys and values (default: calibrated from the first "
                 "prompt)",
+    "kv_policy": "what each sequence keeps of its KV: none, streaming (sinks + recent window), h2o (heavy "
+                 "hitters + recent), snapkv (prompt tokens chosen by its last queries) or quest (reads only the "
+                 "best blocks each decode step); requests may override it",
+    "kv_budget": "tokens each sequence keeps (streaming, h2o, snapkv) or reads per decode step (quest)",
+    "kv_sink_tokens": "first tokens always kept or read (attention sinks)",
+    "kv_window": "newest tokens always kept or read (snapkv: its observation window, default 32; streaming: "
+                 "budget - sinks; h2o: half of budget - sinks; quest: 0)",
     "max_num_seqs": "most sequences in one step",
     "max_num_batched_tokens": "token budget of one step",
     "enable_chunked_prefill": "split long prompts over several steps",

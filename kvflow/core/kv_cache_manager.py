@@ -185,15 +185,15 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, request: Request) -> int:
+    def match_prefix(self, request: Request, min_compute: int = 1) -> int:
         """Attach the longest cached prefix of a waiting request; returns the tokens it covers.
 
-        At least one token is always left to compute, because the step that computes it is the one
-        that samples the next token.
+        At least `min_compute` tokens (one, or a KV policy's observation window) are always left to
+        compute, because the step that computes them is the one that samples the next token.
         """
         if not self.enable_prefix_caching or request.skip_prefix_cache or request.block_ids:
             return 0
-        hits = self._cached_prefix(request)
+        hits = self._cached_prefix(request, min_compute)
         self.stats.queried_tokens += request.num_tokens
         self.stats.hit_tokens += len(hits) * self.block_size
         return self._attach(request, hits)
@@ -204,10 +204,10 @@ class KVCacheManager:
             return 0
         return len(self._cached_prefix(request)) * self.block_size
 
-    def _cached_prefix(self, request: Request) -> list[int]:
-        """The indexed blocks of the request's longest cached prefix, leaving at least one token to compute."""
+    def _cached_prefix(self, request: Request, min_compute: int = 1) -> list[int]:
+        """The indexed blocks of the request's longest cached prefix, leaving at least `min_compute` tokens."""
         tokens = request.all_token_ids
-        max_blocks = (len(tokens) - 1) // self.block_size
+        max_blocks = max(0, len(tokens) - min_compute) // self.block_size
         self._update_hashes(request, max_blocks)
         hits: list[int] = []
         parent: int | None = None
@@ -237,15 +237,36 @@ class KVCacheManager:
         request.num_cached_tokens = max(request.num_cached_tokens, request.num_computed_tokens)
         return request.num_computed_tokens
 
-    def allocate(self, request: Request, num_new_tokens: int) -> bool:
-        """Make room for `num_new_tokens` more tokens of `request`; False (and no change) if full."""
-        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
-        if needed <= 0:
-            return True
-        if needed > self.pool.num_free:
+    def allocate(self, request: Request, num_new_tokens: int, spare: int = 0) -> bool:
+        """Make room for `num_new_tokens` more tokens of `request` (and hold `spare` blocks for its KV
+        policy's work this step); False (and no change) if full."""
+        needed = self.blocks_needed(request.num_computed_tokens - request.kv_shift + num_new_tokens)
+        needed -= len(request.block_ids)
+        extra = max(0, spare - len(request.kv_spare_blocks))
+        if max(needed, 0) + extra > self.pool.num_free:
             return False
-        request.block_ids.extend(self.pool.allocate(needed))
+        if needed > 0:
+            request.block_ids.extend(self.pool.allocate(needed))
+        if extra:
+            request.kv_spare_blocks.extend(self.pool.allocate(extra))
         return True
+
+    def evict_block(self, request: Request, index: int) -> None:
+        """A KV policy drops the full block at `index` of the request's table: later tokens move one
+        block forward in the cache, and the request's KV no longer matches full attention."""
+        if not 0 <= index < len(request.block_ids) - 1:
+            raise ValueError(f"block {index} of {len(request.block_ids)} cannot be evicted (the newest block stays)")
+        self.pool.release([request.block_ids.pop(index)])
+        request.kv_shift += self.block_size
+        request.kv_altered = True
+
+    def replace_blocks(self, request: Request, shift: int) -> None:
+        """A KV policy has copied what the request keeps into its spare blocks (SnapKV): they become its
+        table, its old blocks are released (indexed ones stay cached), and `shift` positions are gone."""
+        old, request.block_ids, request.kv_spare_blocks = request.block_ids, request.kv_spare_blocks, []
+        self.release(old)
+        request.kv_shift += shift
+        request.kv_altered = True
 
     def free(self, request: Request) -> None:
         """Return a request's blocks (full cached blocks stay reusable until evicted)."""
@@ -255,7 +276,10 @@ class KVCacheManager:
     def detach(request: Request) -> list[int]:
         """Take a request's blocks from it without freeing them (a prefill instance's connector
         holds them until their KV is pulled, then `release`s them)."""
-        block_ids, request.block_ids, request.num_cached_blocks = request.block_ids, [], 0
+        block_ids, request.block_ids, request.num_cached_blocks = request.block_ids + request.kv_spare_blocks, [], 0
+        request.kv_spare_blocks, request.kv_shift, request.kv_altered = [], 0, False
+        if request.kv_policy is not None:
+            request.kv_policy.reset()
         return block_ids
 
     def release(self, block_ids: list[int]) -> None:
@@ -264,7 +288,7 @@ class KVCacheManager:
 
     def cache_full_blocks(self, request: Request) -> None:
         """Index every block whose tokens are all computed and not yet indexed."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.kv_altered:
             return
         num_full = request.num_computed_tokens // self.block_size
         if num_full <= request.num_cached_blocks:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvflow.kv_transfer.wire import KVTransferParams
 from kvflow.sampling_params import SamplingParams
 from kvflow.worker.step import TokenLogprobs
+
+if TYPE_CHECKING:
+    from kvflow.core.kv_policy import KVPolicy
 
 
 class RequestStatus(enum.Enum):
@@ -93,6 +97,14 @@ class Request:
         self.kv_transfer = kv_transfer
         # Chained into its prefix blocks' hashes: requests with different salts never share KV blocks.
         self.cache_salt = cache_salt
+        # KV policy (kv_policy.py): what it keeps or reads of this request's KV; None keeps all.
+        self.kv_policy: KVPolicy | None = None
+        # Positions dropped from the front of the cache by the policy: position p sits at index p - kv_shift.
+        self.kv_shift = 0
+        # The policy dropped KV, so what is computed from now on is private (never indexed or shared).
+        self.kv_altered = False
+        # Blocks held for this step's policy work beyond the tokens' own (SnapKV's destination).
+        self.kv_spare_blocks: list[int] = []
 
     @property
     def num_tokens(self) -> int:

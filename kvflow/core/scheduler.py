@@ -188,11 +188,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             remaining = request.num_tokens - request.num_computed_tokens
-            n = min(remaining, budget)
+            n = self._chunk_tokens(request, min(remaining, budget))
             if n < remaining and not chunked:
                 i += 1
                 continue
-            while not self.kv.allocate(request, n):
+            while not self._allocate(request, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -200,7 +200,7 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 break
-            out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
+            out.chunks.append(self._chunk(request, n))
             budget -= n
             i += 1
 
@@ -227,8 +227,8 @@ class Scheduler:
             if request.num_computed_tokens == 0:
                 self._attach_cached_prefix(request)
             remaining = request.num_tokens - request.num_computed_tokens
-            n = min(remaining, budget)
-            if (n < remaining and not chunked) or not self.kv.allocate(request, n):
+            n = self._chunk_tokens(request, min(remaining, budget))
+            if (n < remaining and not chunked) or not self._allocate(request, n):
                 # Give back any prefix blocks it matched, so a waiting request holds no blocks.
                 self.kv.free(request)
                 request.num_computed_tokens = 0
@@ -238,9 +238,24 @@ class Scheduler:
             if request.scheduled_time is None:
                 request.scheduled_time = time.monotonic()
             self.running.append(request)
-            out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
+            out.chunks.append(self._chunk(request, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    # The KV policy's seam (kv_policy.py): chunk sizes, spare blocks, the runner's work, eviction.
+    @staticmethod
+    def _chunk_tokens(request: Request, n: int) -> int:
+        return n if request.kv_policy is None else request.kv_policy.chunk_tokens(request, n)
+
+    def _allocate(self, request: Request, n: int) -> bool:
+        spare = 0 if request.kv_policy is None else request.kv_policy.spare_blocks(request, n)
+        return self.kv.allocate(request, n, spare)
+
+    @staticmethod
+    def _chunk(request: Request, n: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        op = None if request.kv_policy is None else request.kv_policy.op(request, start, n)
+        return ScheduledChunk(request, start, n, request.kv_shift, op)
 
     def _start_load(self, request: Request, num_tokens: int) -> bool:
         """Give the request blocks for the tokens to load and the next one, then start the load (an
@@ -271,7 +286,8 @@ class Scheduler:
 
     def _attach_cached_prefix(self, request: Request) -> None:
         if not self._share_leader_blocks(request):
-            self.kv.match_prefix(request)
+            policy = request.kv_policy
+            self.kv.match_prefix(request, 1 if policy is None else policy.min_final_chunk())
 
     def _share_leader_blocks(self, request: Request) -> int:
         """An n > 1 sibling takes its leader's full prompt blocks, leaving at least one token to
@@ -282,6 +298,9 @@ class Scheduler:
             or leader.status != RequestStatus.RUNNING
             or leader.num_computed_tokens < leader.num_prompt_tokens
             or request.skip_prefix_cache
+            or leader.kv_altered  # its blocks are no longer the prompt's exact KV
+            # SnapKV must compute its observation window itself; the leader's blocks would cover it.
+            or (request.kv_policy is not None and request.kv_policy.min_final_chunk() > 1)
         ):
             return 0
         shareable = (request.num_tokens - 1) // self.kv.block_size
@@ -310,6 +329,8 @@ class Scheduler:
             self.kv.cache_full_blocks(request)
             if request.num_cached_blocks > cached_before:
                 self.policy.on_blocks_cached(request, request.num_cached_blocks)
+            if request.kv_policy is not None:
+                request.kv_policy.after_step(request, self.kv, chunk, result)
             tokens = result.sampled.get(request.request_id)
             if not tokens:
                 continue

@@ -459,14 +459,17 @@ class CpuModel {
   }
 
   // input_ids, positions, seq_index, slot_mapping: [T] int64; block_tables: [B, max_blocks] int64.
+  // kv_positions: [T] int64, each token's index in its sequence's cache (its position, less what a
+  // KV policy dropped before it; positions alone drive the rotary embedding). Undefined: positions.
   // Returns the final-norm hidden states [T, hidden].
   // `layer_done(l)`, when given, runs after layer l has written its KV (disaggregated prefill
   // streams each layer's KV while later layers compute); it takes the GIL for the call.
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& seq_index,
                      const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                     const std::function<void(int64_t)>& layer_done) {
+                     const std::function<void(int64_t)>& layer_done, const std::optional<at::Tensor>& kv_positions_in) {
     const int64_t tokens = input_ids.size(0);
-    for (const auto* t : {&input_ids, &positions, &seq_index, &slot_mapping, &block_tables}) {
+    const at::Tensor kv_positions = kv_positions_in.has_value() ? *kv_positions_in : positions;
+    for (const auto* t : {&input_ids, &positions, &seq_index, &slot_mapping, &block_tables, &kv_positions}) {
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "CpuModel: index tensors must be contiguous int64");
     }
     at::Tensor residual = at::embedding(embed_, input_ids);  // a fresh tensor: updated in place below
@@ -489,8 +492,8 @@ class CpuModel {
       });
       KVFLOW_RUN(dtype, "paged_attention", [&] {
         KVFLOW_KV_DISPATCH(kv_type_, scalar_t, [&] {
-          paged_attention<scalar_t, kv_t>(q, cache, scales, block_tables, seq_index, positions, scale_, w.window,
-                                          attn);
+          paged_attention<scalar_t, kv_t>(q, cache, scales, block_tables, seq_index, kv_positions, scale_,
+                                          w.window, attn);
         });
       });
       delta = linear(attn.view({tokens, num_heads_ * head_dim_}), w.o, w.o_bias, packed_, w.o_blocked);
@@ -575,7 +578,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           int64_t, double, bool>())
       .def("forward", &CpuModel::forward, pybind11::arg("input_ids"), pybind11::arg("positions"),
            pybind11::arg("seq_index"), pybind11::arg("slot_mapping"), pybind11::arg("block_tables"),
-           pybind11::arg("layer_done") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
+           pybind11::arg("layer_done") = pybind11::none(), pybind11::arg("kv_positions") = pybind11::none(),
+           pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_op);
   m.def("rope_and_store", &rope_and_store_op, pybind11::arg("qkv"), pybind11::arg("positions"),
         pybind11::arg("slots"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("q_norm"),

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvflow.config import EngineConfig
+from kvflow.config import EngineConfig, resolve_kv_policy
 from kvflow.core.kv_cache_manager import KVCacheManager
+from kvflow.core.kv_policy import make_kv_policy
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.scheduler import Scheduler, SchedulerEvents, SchedulerOutput
 from kvflow.kv_transfer.base import KVConnector
@@ -66,6 +67,8 @@ class EngineCore:
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                                  kv_format=self.runner.kv_spec.wire_format)
         self.connector = connector
+        if connector is not None and config.cache.kv_policy != "none":
+            raise ValueError(f"kv_policy={config.cache.kv_policy}: KV policies do not support KV connectors")
         if connector is not None:
             if not self.runner.kv_spec.transferable:
                 raise ValueError(f"kv_cache_dtype {self.runner.kv_spec.kv_dtype} with calibrated scales cannot be "
@@ -80,6 +83,9 @@ class EngineCore:
         self.last_shape: tuple[list[tuple[int, int]], list[int]] = ([], [])
 
     def add_request(self, request: Request) -> None:
+        params = request.params
+        settings = resolve_kv_policy(self.config.cache, params.kv_policy, params.kv_budget)
+        request.kv_policy = make_kv_policy(settings, self.config.cache.block_size)
         self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from kvflow.config import EngineConfig
+from kvflow.config import EngineConfig, resolve_kv_policy
 from kvflow.core.request import Request
 from kvflow.kv_transfer.wire import KVTransferParams
 from kvflow.model.loader import eos_token_ids, load_generation_config
@@ -146,6 +146,11 @@ class InputProcessor:
             raise ValueError(f"n must be <= max_num_seqs ({self.config.scheduler.max_num_seqs}), got {params.n}")
         if params.seed is not None and params.seed + params.n - 1 > _SEED_MAX:
             raise ValueError(f"seed + n - 1 must be <= {_SEED_MAX} (choice i is seeded with seed + i)")
+        if params.kv_policy is not None or params.kv_budget is not None:
+            settings = resolve_kv_policy(self.config.cache, params.kv_policy, params.kv_budget)
+            reason = self.config.kv_policy_allowed()
+            if settings is not None and reason is not None:
+                raise ValueError(f"kv_policy={settings.policy}: {reason}")
 
     # --------------------------------------------------------------- fan-out
     def make_specs(

@@ -163,10 +163,13 @@ class CpuForward:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                 layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
+                 layer_hook: Callable[[int], None] | None = None,
+                 kv_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [T, hidden] of a step's flat tokens (see AttentionMetadata);
-        `layer_hook(l)` runs after each layer l."""
-        return self._model.forward(input_ids, positions, seq_index, slot_mapping, block_tables, layer_hook)
+        `layer_hook(l)` runs after each layer l; `kv_positions`: each token's cache index where a KV
+        policy dropped tokens before it (default: its position)."""
+        return self._model.forward(input_ids, positions, seq_index, slot_mapping, block_tables, layer_hook,
+                                   kv_positions)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of these rows: the decode GEMV for a few rows where the LM head has its

@@ -33,6 +33,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
         self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
+        self.layer_idx = layer_idx
 
     def forward(
         self,
@@ -50,7 +51,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
+        policy = meta.policy  # KV-policy work (Quest reads, H2O mass, SnapKV selection): policy_step.py
+        if policy is not None:
+            meta = policy.layer_metadata(self.layer_idx, q, kv_cache, meta, backend, self.scale)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
+        if policy is not None:
+            policy.after_attention(self.layer_idx, q, kv_cache, meta, backend, self.scale)
         return self.o_proj(out.reshape(t, self.q_size))
 
 

@@ -48,6 +48,9 @@ class SamplingFields(_Request):
     skip_special_tokens: bool = True
     # KV-cache blocks are shared only between requests with the same salt (tenants, as in vLLM).
     cache_salt: str | None = Field(None, min_length=1)
+    # kvflow extensions (`extra_body`): this request's KV policy and budget instead of the server's.
+    kv_policy: str | None = None
+    kv_budget: int | None = Field(None, ge=1)
 
 
 class CompletionRequest(SamplingFields):

@@ -8,13 +8,16 @@ asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 
 from kvflow.attention.backend import AttentionMetadata, get_backend
+from kvflow.attention.kv_policy_ops import allocate_key_bounds, update_key_bounds
 from kvflow.attention.kv_quant import kv_scales_set
 from kvflow.attention.kv_spec import KVCacheSpec
+from kvflow.attention.policy_step import PolicyStep, QuestRows, SnapJob
 from kvflow.config import EngineConfig
 from kvflow.model.cpu_kernels import CpuForward, CpuForwardUnsupported, cpu_kernels_available, decode_gemv_available
 from kvflow.model.linear import DenseLinear, LinearMethod, PrepackedLinear, prepack_available
@@ -51,8 +54,14 @@ class ModelRunner:
         if not self.backend.supports(self.kv_spec):
             raise ValueError(f"kv_cache_dtype={self.kv_spec.kv_dtype}: the {self.backend.name} attention backend "
                              f"cannot read a {self.kv_spec.wire_format} KV cache in the {self.kv_spec.layout} layout")
+        if config.cache.kv_policy == "quest":  # Quest's per-block key bounds live beside the cache
+            self.kv_spec = dataclasses.replace(self.kv_spec, key_bounds_dtype=model.dtype)
         self.num_blocks = num_kv_blocks(config, self.kv_spec)
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
+        self.key_bounds: list[torch.Tensor] | None = None
+        if self.kv_spec.key_bounds_dtype is not None:
+            self.key_bounds = allocate_key_bounds(model.num_layers, self.num_blocks, model.num_kv_heads,
+                                                  model.head_dim, model.dtype, self.device)
         spec = self.kv_spec
         logger.info("KV cache: %s, %d blocks of %d tokens = %d tokens, %.3f GiB (%d bytes per token)", spec.kv_dtype,
                     self.num_blocks, spec.block_size, self.num_blocks * spec.block_size,
@@ -81,36 +90,85 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledChunk]) -> RunnerOutput:
         chunks = sorted(scheduled, key=lambda c: c.num_tokens != 1)  # stable: decodes first
-        input_ids, positions, meta = self._prepare_inputs(chunks)
+        input_ids, positions, kv_positions, meta = self._prepare_inputs(chunks)
+        policy = self._policy_step(chunks, meta)
         hooks, hook = self.step_hooks, None
         if hooks is not None and hooks.begin_step(chunks):
             hook = hooks.layer_done
         try:
-            if self.cpu_forward is not None and meta.max_query_len <= CPU_FORWARD_MAX_CHUNK and self._scales_ready():
+            # Policy work needs each layer's queries, which the C++ forward keeps to itself.
+            if (self.cpu_forward is not None and policy is None and meta.max_query_len <= CPU_FORWARD_MAX_CHUNK
+                    and self._scales_ready()):
                 hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping,
-                                          meta.block_tables, hook)
+                                          meta.block_tables, hook, kv_positions)
             else:
                 self.backend.prepare(meta)
+                if policy is not None and policy.block_mass is not None:
+                    meta.extra["block_mass"] = policy.block_mass
                 hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend, hook)
         finally:
             if hooks is not None:
                 hooks.end_step()
-        return self._sample(chunks, hidden, meta)
+        if self.key_bounds is not None:
+            for bounds, cache in zip(self.key_bounds, self.kv_caches):
+                update_key_bounds(bounds, cache, meta.slot_mapping, self.block_size)
+        out = self._sample(chunks, hidden, meta)
+        if policy is not None and policy.block_mass is not None:
+            for row in policy.h2o_rows:
+                nb = -(-meta.seq_lens_list[row] // self.block_size)
+                out.kv_block_mass[chunks[row].request.request_id] = policy.block_mass[row, :nb].tolist()
+        return out
+
+    def _policy_step(self, chunks: list[ScheduledChunk], meta: AttentionMetadata) -> PolicyStep | None:
+        """The KV-policy work of this step's chunks for the attention layers, if any."""
+        ops = [(i, c.kv_op) for i, c in enumerate(chunks) if c.kv_op is not None]
+        if not ops:
+            return None
+        step = PolicyStep(key_bounds=self.key_bounds)
+        quest = QuestRows([], [], [], [])
+        for i, op in ops:
+            if op.name == "quest":
+                if self.key_bounds is None:
+                    raise ValueError("kv_policy quest needs the engine started with --kv-policy quest")
+                quest.rows.append(i)
+                quest.read_blocks.append(op.read_blocks)
+                quest.sink_blocks.append(op.sink_blocks)
+                quest.window_blocks.append(op.window_blocks)
+            elif op.name == "h2o":
+                step.h2o_rows.append(i)
+            elif op.name == "snapkv":
+                window = min(op.window, chunks[i].num_tokens)
+                dest = torch.tensor(op.dest_block_ids, dtype=torch.long, device=self.device)
+                step.snaps.append(SnapJob(i, op.budget, window, dest))
+        if quest.rows:
+            step.quest = quest
+        if step.h2o_rows:
+            step.block_mass = torch.zeros(meta.num_decodes, meta.block_tables.shape[1], dtype=torch.float32,
+                                          device=self.device)
+        meta.policy = step
+        return step
 
     def _scales_ready(self) -> bool:
         if not self._kv_scales_set:
             self._kv_scales_set = kv_scales_set(self.kv_spec, self.kv_caches)
         return self._kv_scales_set
 
-    def _prepare_inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _prepare_inputs(
+        self, chunks: list[ScheduledChunk],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flat token ids, their positions (for the rotary embedding), their cache indices (positions
+        less what the request's KV policy dropped before them) and the attention metadata, whose
+        sequence lengths count what each sequence's cache holds."""
         bs = self.block_size
         token_ids: list[int] = []
         seq_lens: list[int] = []
         query_lens: list[int] = []
+        shifts: list[int] = []
         for c in chunks:
             token_ids.extend(c.request.all_token_ids[c.start : c.start + c.num_tokens])
-            seq_lens.append(c.start + c.num_tokens)
+            seq_lens.append(c.start + c.num_tokens - c.kv_shift)
             query_lens.append(c.num_tokens)
+            shifts.append(c.kv_shift)
         max_blocks = max(len(c.request.block_ids) for c in chunks)
         tables = [c.request.block_ids + [0] * (max_blocks - len(c.request.block_ids)) for c in chunks]
 
@@ -122,10 +180,13 @@ class ModelRunner:
         block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
         num_tokens = len(token_ids)
         seq_index = torch.repeat_interleave(torch.arange(len(chunks), device=dev), query_lens_t, output_size=num_tokens)
-        positions = (seq_lens_t - query_lens_t)[seq_index] + (
+        kv_positions = (seq_lens_t - query_lens_t)[seq_index] + (
             torch.arange(num_tokens, device=dev) - query_start_loc[:-1][seq_index]
         )
-        slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
+        positions = kv_positions
+        if any(shifts):
+            positions = kv_positions + torch.tensor(shifts, dtype=torch.long, device=dev)[seq_index]
+        slot_mapping = block_tables[seq_index, kv_positions // bs] * bs + kv_positions % bs
         num_decodes = sum(1 for n in query_lens if n == 1)
         meta = AttentionMetadata(
             slot_mapping=slot_mapping,
@@ -142,7 +203,7 @@ class ModelRunner:
             query_lens_list=query_lens,
         )
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
-        return input_ids, positions, meta
+        return input_ids, positions, kv_positions, meta
 
     def _sample(self, chunks: list[ScheduledChunk], hidden: torch.Tensor, meta: AttentionMetadata) -> RunnerOutput:
         out = RunnerOutput()

@@ -53,12 +53,38 @@ class SequenceView(Protocol):
 
 
 @dataclass
+class KVPolicyOp:
+    """What the runner does this step for a chunk's KV policy (kvflow/core/kv_policy.py decides):
+
+    - "quest": a decode that reads only `read_blocks` blocks per layer: its `sink_blocks` first ones,
+      its `window_blocks` newest ones and the best others by Quest's bound;
+    - "h2o": a decode whose per-block attention mass is reported (`RunnerOutput.kv_block_mass`);
+    - "snapkv": the chunk that ends the prompt: after attending, keep `budget` prompt tokens per
+      layer and kv head, chosen by the chunk's last `window` queries, copied into `dest_block_ids`.
+    """
+
+    name: str
+    budget: int = 0
+    window: int = 0
+    read_blocks: int = 0
+    sink_blocks: int = 0
+    window_blocks: int = 0
+    dest_block_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
 class ScheduledChunk:
-    """`num_tokens` tokens of `request` starting at position `start` are computed this step."""
+    """`num_tokens` tokens of `request` starting at position `start` are computed this step.
+
+    `kv_shift`: positions dropped from the front of the request's cache by its KV policy (evicted
+    blocks, SnapKV's compaction): the token at position p sits at cache index p - kv_shift of its
+    blocks, and keeps position p for its rotary embedding."""
 
     request: SequenceView
     start: int
     num_tokens: int
+    kv_shift: int = 0
+    kv_op: KVPolicyOp | None = None
 
     @property
     def samples(self) -> bool:
@@ -73,6 +99,8 @@ class RunnerOutput:
     sampled: dict[str, list[int]] = field(default_factory=dict)  # new tokens, in order
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per sampled token, if asked
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # this step's prompt positions
+    # H2O: the attention mass each of the request's blocks took this step (summed over layers, heads).
+    kv_block_mass: dict[str, list[float]] = field(default_factory=dict)
 
 
 class StepHooks(Protocol):

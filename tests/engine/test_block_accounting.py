@@ -15,6 +15,8 @@ add = st.tuples(
     st.integers(1, 12),  # max_tokens
     st.integers(1, 3),  # n
     st.booleans(),  # shares a prefix with earlier prompts
+    st.sampled_from([None, "streaming", "h2o", "snapkv"]),  # the request's own KV policy
+    st.sampled_from([None, 8, 13, 20]),  # and budget
 )
 actions = st.lists(
     st.one_of(add, st.tuples(st.just("step"), st.integers(1, 4)), st.tuples(st.just("abort"), st.integers(0, 50))),
@@ -30,21 +32,25 @@ def assert_all_blocks_free(engine: LLMEngine) -> None:
     assert not engine.core.scheduler.running and not engine.core.scheduler.waiting
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(script=actions, num_blocks=st.integers(12, 40), budget=st.sampled_from([5, 16, 64]))
-def test_every_block_comes_back(llama_dir, script, num_blocks, budget):
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(script=actions, num_blocks=st.integers(12, 40), budget=st.sampled_from([5, 16, 64]),
+       engine_policy=st.sampled_from(["none", "quest", "h2o"]))
+def test_every_block_comes_back(llama_dir, script, num_blocks, budget, engine_policy):
+    """Also under KV policies, the engine's and requests' own: evicted, compacted and spare blocks
+    are all accounted for."""
     config = EngineConfig.create(
         str(llama_dir), dtype="float32", block_size=4, num_blocks=num_blocks, max_num_batched_tokens=budget,
-        max_num_seqs=6,
+        max_num_seqs=6, kv_policy=engine_policy, kv_budget=12, kv_window=4,
     )
     engine = LLMEngine(config)
     shared = list(range(10, 30))
     added: list[str] = []
     for i, action in enumerate(script):
         if action[0] == "add":
-            _, length, max_tokens, n, share = action
+            _, length, max_tokens, n, share, kv_policy, kv_budget = action
             prompt = (shared[:length] if share else [(7 * i + j) % 400 + 3 for j in range(length)])
-            params = SamplingParams(temperature=0.8, seed=i, max_tokens=max_tokens, n=n, ignore_eos=True)
+            params = SamplingParams(temperature=0.8, seed=i, max_tokens=max_tokens, n=n, ignore_eos=True,
+                                    kv_policy=kv_policy, kv_budget=kv_budget)
             engine.add_request(f"r{i}", prompt, params)
             added.append(f"r{i}")
         elif action[0] == "step":
@@ -54,9 +60,13 @@ def test_every_block_comes_back(llama_dir, script, num_blocks, budget):
             engine.abort_request(added[action[1] % len(added)])
         # Invariant at every point: blocks held == blocks referenced by live requests.
         kv = engine.core.kv
-        held = sum(len(r.block_ids) for r in engine.core.scheduler.requests.values())
-        distinct = len({b for r in engine.core.scheduler.requests.values() for b in r.block_ids})
+        live = engine.core.scheduler.requests.values()
+        assert not any(r.kv_spare_blocks for r in live), "spare blocks outlived their step"
+        held = sum(len(r.block_ids) for r in live)
+        distinct = len({b for r in live for b in r.block_ids})
         assert kv.num_blocks - kv.num_free_blocks == distinct <= held
+        for r in live:  # a table holds exactly the KV its cache indices need
+            assert len(r.block_ids) * 4 >= r.num_computed_tokens - r.kv_shift
     for _ in range(2000):
         if not engine.has_unfinished_requests():
             break

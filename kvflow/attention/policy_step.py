@@ -1,0 +1,95 @@
+"""One step's KV-policy work inside the attention layers: the runner builds a `PolicyStep` when a
+step has sequences whose policy needs the queries (Quest reads, H2O attention mass, SnapKV
+selection), and each attention layer calls it around the backend:
+
+    meta_l = step.layer_metadata(layer, q, kv_cache, meta, backend, scale)  # Quest: fewer blocks
+    out = backend.forward(q, k, v, kv_cache, meta_l, ...)
+    step.after_attention(layer, q, kv_cache, meta_l, backend, scale)       # H2O mass, SnapKV copy
+
+A Quest row reads a reduced block table (its chosen blocks, in order) as if it were a shorter
+sequence, so every backend reads block subsets with its ordinary decode kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from kvflow.attention.backend import AttentionBackend, AttentionMetadata
+from kvflow.attention.kv_policy_ops import block_attention_mass, compact_tokens, quest_select, snapkv_select
+from kvflow.attention.kv_spec import LayerKV
+
+#: Quest reads every block in the first layers, whose attention is spread too evenly for the bound
+#: to rank blocks (the paper's setting).
+QUEST_DENSE_LAYERS = 2
+
+
+@dataclass
+class QuestRows:
+    """Decode rows (indices among the step's sequences) that read only their best blocks."""
+
+    rows: list[int]
+    read_blocks: list[int]  # blocks read per row, in all
+    sink_blocks: list[int]  # leading blocks always read
+    window_blocks: list[int]  # newest blocks always read (at least the query's own)
+
+
+@dataclass
+class SnapJob:
+    """A sequence whose prompt ends this step: keep `budget` tokens per kv head, copied into `dest`."""
+
+    seq: int  # index among the step's sequences
+    budget: int
+    window: int  # observation window: the prompt's last queries, all in this chunk
+    dest: torch.Tensor  # block ids the kept tokens are written to
+
+
+@dataclass
+class PolicyStep:
+    key_bounds: list[torch.Tensor] | None = None  # per layer, Quest's per-block key min/max
+    quest: QuestRows | None = None
+    h2o_rows: list[int] = field(default_factory=list)  # decode rows whose block mass is wanted
+    block_mass: torch.Tensor | None = None  # [num_decodes, max_blocks], summed over layers and heads
+    snaps: list[SnapJob] = field(default_factory=list)
+
+    def layer_metadata(self, layer: int, q: torch.Tensor, kv_cache: LayerKV, meta: AttentionMetadata,
+                       backend: AttentionBackend, scale: float) -> AttentionMetadata:
+        """The metadata this layer attends with: Quest rows get their chosen blocks."""
+        quest = self.quest
+        if quest is None or layer < QUEST_DENSE_LAYERS or self.key_bounds is None:
+            return meta
+        rows = torch.tensor(quest.rows, device=q.device)
+        kv_lens = [meta.seq_lens_list[r] for r in quest.rows]
+        chosen, lens = quest_select(q[rows], self.key_bounds[layer], meta.block_tables[rows], kv_lens,
+                                    quest.read_blocks, quest.sink_blocks, quest.window_blocks, meta.block_size, scale)
+        tables = meta.block_tables.clone()
+        tables[rows, : chosen.shape[1]] = chosen
+        seq_lens_list = list(meta.seq_lens_list)
+        for r, n in zip(quest.rows, lens):
+            seq_lens_list[r] = n
+        view = dataclasses.replace(
+            meta, block_tables=tables, seq_lens=torch.tensor(seq_lens_list, dtype=torch.long, device=q.device),
+            seq_lens_list=seq_lens_list, max_seq_len=max(seq_lens_list), extra={}, policy=None,
+        )
+        backend.prepare(view)
+        if self.block_mass is not None:
+            view.extra["block_mass"] = self.block_mass
+        return view
+
+    def after_attention(self, layer: int, q: torch.Tensor, kv_cache: LayerKV, meta: AttentionMetadata,
+                        backend: AttentionBackend, scale: float) -> None:
+        """H2O: add the layer's block mass where the backend did not; SnapKV: select and copy."""
+        if self.h2o_rows and self.block_mass is not None and not getattr(backend, "returns_block_mass", False):
+            rows = torch.tensor(self.h2o_rows, device=q.device)
+            lens = [meta.seq_lens_list[r] for r in self.h2o_rows]
+            nb = -(-max(lens) // meta.block_size)
+            mass = block_attention_mass(q[rows], kv_cache, meta.block_tables[rows, :nb], lens, scale)
+            self.block_mass[rows, :nb] += mass
+        starts = meta.query_start_loc
+        for job in self.snaps:
+            end = int(starts[job.seq + 1])
+            keep = snapkv_select(q[end - job.window : end], kv_cache, meta.block_tables[job.seq],
+                                 meta.seq_lens_list[job.seq], job.budget, scale)
+            compact_tokens(kv_cache, meta.block_tables[job.seq], keep, job.dest)
