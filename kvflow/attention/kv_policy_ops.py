@@ -81,9 +81,10 @@ def quest_scores(q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, nu
     r, num_heads, head_dim = q.shape
     kvh = bounds.shape[2]
     qg = q.float().view(r, kvh, num_heads // kvh, head_dim)
-    mins = bounds[0][tables].float().permute(0, 2, 3, 1)  # [R, KVH, D, nb]
-    maxs = bounds[1][tables].float().permute(0, 2, 3, 1)
-    upper = torch.matmul(qg.clamp(min=0), maxs) + torch.matmul(qg.clamp(max=0), mins)  # [R, KVH, G, nb]
+    # One matmul: [q⁺, q⁻] · [max, min] over 2·D is Σ_d max(q_d·min_d, q_d·max_d).
+    both = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], dim=-1)  # [R, KVH, G, 2D]
+    mm = bounds[:, tables].float().permute(1, 3, 0, 4, 2).flip(2)  # [R, KVH, 2 (max, min), D, nb]
+    upper = torch.matmul(both, mm.reshape(r, kvh, 2 * head_dim, -1))  # [R, KVH, G, nb]
     valid = torch.arange(tables.shape[1], device=tables.device)[None, :] < num_blocks[:, None]  # [R, nb]
     upper = upper.masked_fill(~valid[:, None, None, :], float("-inf"))
     return torch.softmax(upper * scale, dim=-1).sum((1, 2)).masked_fill(~valid, float("-inf"))

@@ -12,6 +12,11 @@ Implementations, where the device has them:
   scale per kv head, calibrated on the cache), dequantised in registers;
 - ``triton`` / ``triton-nosplit``: kvflow's Triton kernels, flash-decoding with automatic and
   with a single split (CUDA); ``triton-int8`` / ``triton-fp8``: the same over the quantised cache;
+- ``kvflow-cpu-quest`` / ``triton-quest`` (decode): ``--kv-policy quest`` at ``quest_budget`` tokens:
+  the blocks' key bounds scored against the query (kv_policy_ops.quest_select: Quest's bound,
+  one table per sequence), then the same kernel over only the chosen blocks; both steps are timed,
+  and the error is against ``naive`` over the chosen blocks (Quest is lossy by design: what it
+  skips is its accuracy cost, measured by ``kvflow eval``, not here);
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on contiguous per-sequence K/V
   (the gather into that layout is not timed: this is the baseline at its best); on CUDA in 16-bit
   it is forced onto the FlashAttention backend, K/V repeated per query head;
@@ -37,8 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("kvflow-cpu", "kvflow-cpu-int8", "kvflow-cpu-fp8", "triton", "triton-nosplit", "triton-int8",
-                   "triton-fp8", "sdpa", "naive")
+IMPLEMENTATIONS = ("kvflow-cpu", "kvflow-cpu-int8", "kvflow-cpu-fp8", "kvflow-cpu-quest", "triton", "triton-nosplit",
+                   "triton-int8", "triton-fp8", "triton-quest", "sdpa", "naive")
 QUANTISED = {"-int8": "int8", "-fp8": "fp8_e4m3"}  # implementation name suffix -> the cache format it reads
 
 
@@ -59,6 +64,7 @@ class AttentionCase:
     block_size: int
     dtype: torch.dtype
     device: torch.device
+    quest_budget: int = 1024  # tokens a ``-quest`` implementation reads per sequence
     q: torch.Tensor = field(init=False)  # [T, H, D]
     kv_cache: torch.Tensor = field(init=False)  # [2, blocks, KVH, block_size, D]
     block_tables: torch.Tensor = field(init=False)  # [B, blocks per sequence]
@@ -142,6 +148,43 @@ class AttentionCase:
         return _naive(self, kv[0], kv[1])
 
     @functools.cached_property
+    def quest_bounds(self) -> torch.Tensor:
+        """Every block's key min/max [2, blocks, KVH, D], as the engine keeps them beside the cache."""
+        return torch.stack([self.kv_cache[0].amin(2), self.kv_cache[0].amax(2)])
+
+    def quest_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quest's choice for each decode query: the reduced block tables and their context lengths
+        (the first block, the query's own and the best others, `quest_budget` tokens in all)."""
+        from kvflow.attention.kv_policy_ops import quest_select
+
+        b, bs = self.batch, self.block_size
+        read = max(2, self.quest_budget // bs)
+        tables, lens = quest_select(self.q, self.quest_bounds, self.block_tables, [self.seq_len] * b, [read] * b,
+                                    [1] * b, [1] * b, bs, self.scale)
+        return tables, torch.tensor(lens, dtype=torch.long, device=self.device)
+
+    def quest_reference(self) -> torch.Tensor:
+        """`naive` over only the blocks Quest chooses: what a kernel reading them must compute."""
+        tables, lens = self.quest_blocks()
+        n = int(lens.max())
+        kv = self.kv_cache[:, tables].permute(0, 1, 3, 2, 4, 5).reshape(2, self.batch, self.num_kv_heads, -1,
+                                                                         self.head_dim)
+        group = self.num_heads // self.num_kv_heads
+        q = self.heads_first().float()
+        k, v = (kv[i, :, :, :n].float().repeat_interleave(group, dim=1) for i in (0, 1))
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        visible = torch.arange(n, device=self.device)[None, :] < lens[:, None]
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        return (scores.softmax(-1) @ v).to(self.dtype).transpose(1, 2).reshape(self.q.shape)
+
+    def quest_work(self) -> float:
+        """Bytes a Quest decode reads: the chosen blocks' K and V, and every block's key bounds."""
+        elt = torch.empty(0, dtype=self.dtype).element_size()
+        nb = math.ceil(self.seq_len / self.block_size)
+        read = min(self.seq_len, max(2, self.quest_budget // self.block_size) * self.block_size)
+        return self.batch * self.num_kv_heads * self.head_dim * elt * (2.0 * read + 2.0 * nb)
+
+    @functools.cached_property
     def keys_per_query_head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V repeated to [B, H, n, D] (built once), for kernels without GQA support."""
         group = self.num_heads // self.num_kv_heads
@@ -207,6 +250,30 @@ def _kvflow_cpu_quantised(kv_format: str) -> Implementation | None:
     return run
 
 
+def _kvflow_cpu_quest() -> Implementation | None:
+    from kvflow.model.cpu_kernels import load_extension
+
+    ext = load_extension()
+    if ext is None:
+        return None
+
+    def run(c: AttentionCase) -> torch.Tensor:
+        tables, lens = c.quest_blocks()
+        return ext.paged_attention(c.q, c.kv_cache, tables, c.seq_index, lens - 1, c.scale, 0)
+
+    return run
+
+
+def _triton_quest() -> Implementation:
+    from kvflow.attention.triton import decode_attention
+
+    def run(c: AttentionCase) -> torch.Tensor:
+        tables, lens = c.quest_blocks()
+        return decode_attention(c.q, c.kv_cache, lens, tables, c.scale)[0]
+
+    return run
+
+
 def _triton(num_splits: int | None, kv_format: str | None = None) -> Implementation:
     from kvflow.attention.triton import decode_attention, prefill_attention
 
@@ -225,6 +292,10 @@ def available(device: torch.device, names: tuple[str, ...] = IMPLEMENTATIONS) ->
     for name in names:
         if name == "kvflow-cpu" and device.type == "cpu" and (fn := _kvflow_cpu()) is not None:
             impls[name] = fn
+        elif name == "kvflow-cpu-quest" and device.type == "cpu" and (fn := _kvflow_cpu_quest()) is not None:
+            impls[name] = fn
+        elif name == "triton-quest" and device.type == "cuda":
+            impls[name] = _triton_quest()
         elif (name.startswith("kvflow-cpu-") and device.type == "cpu" and (fmt := quantised_format(name))
               and (fn := _kvflow_cpu_quantised(fmt)) is not None):
             impls[name] = fn
@@ -277,7 +348,8 @@ def run_case(case: AttentionCase, impls: dict[str, Implementation], repeats: int
              naive_max_len: int, memory: bool = False) -> list[AttentionResult]:
     """Time every implementation on one case and check it against the reference; with `memory`
     (CPU), also measure the peak memory each call adds."""
-    todo = {n: f for n, f in impls.items() if n != "naive" or case.seq_len <= naive_max_len}
+    todo = {n: f for n, f in impls.items() if (n != "naive" or case.seq_len <= naive_max_len)
+            and (not n.endswith("-quest") or case.kind == "decode")}
     reference_name = "naive" if "naive" in todo else ("sdpa" if "sdpa" in todo else None)
     # Each implementation's first call gives its output and is the timing's warm-up.
     outputs = {reference_name: todo[reference_name](case)} if reference_name else {}
@@ -288,11 +360,13 @@ def run_case(case: AttentionCase, impls: dict[str, Implementation], repeats: int
         out = outputs[name] if name in outputs else fn(case)
         if kv_format is not None:  # against its own dequantised cache, where naive runs at all
             expected = case.quantised_reference(kv_format) if case.seq_len <= naive_max_len else None
+        elif name.endswith("-quest"):  # against attention over the blocks it chose
+            expected = case.quest_reference() if case.seq_len <= naive_max_len else None
         else:
             expected = reference
         err = None if expected is None else float((out.float() - expected).abs().max())
         seconds = _time(lambda fn=fn: fn(case), case.device, repeats)
-        work = case.work(kv_format)
+        work = case.quest_work() if name.endswith("-quest") else case.work(kv_format)
         results.append(AttentionResult(
             implementation=name, kind=case.kind, batch=case.batch, seq_len=case.seq_len,
             num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
@@ -362,6 +436,7 @@ PREFILL_MAX_SLOWDOWN = 1.3  # prefill time at most 1.3x SDPA's flash backend ...
 PREFILL_FROM_LEN = 4096  # ... from 4k tokens
 DECODE_FROM_LEN = 8192  # flash-decoding (split) faster than one split from 8k keys
 QUANTISED_DECODE_SPEEDUP = 1.5  # int8 / fp8 KV decode at least 1.5x faster than the dense cache from 8k keys
+QUEST_DECODE_SPEEDUP = 3.0  # Quest at a 1,024-token budget at least 3x faster than reading all of 8k+ keys
 MAX_ABS_ERR = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}  # vs the fp32 reference, outputs ~1
 
 
@@ -390,6 +465,12 @@ def check_targets(results: list[AttentionResult]) -> list[TargetCheck]:
             tol = MAX_ABS_ERR[r.dtype]
             checks.append(TargetCheck(f"{r.implementation} {where}: matches {r.reference}", r.max_abs_err <= tol,
                                       f"max abs err {r.max_abs_err:.2e} (limit {tol:.0e})"))
+        if r.implementation == "triton-quest" and r.seq_len >= DECODE_FROM_LEN:
+            dense = by_impl.get(("triton", shape(r)))
+            if dense is not None:
+                claim = f"triton-quest {where}: {QUEST_DECODE_SPEEDUP}x faster than reading every block"
+                checks.append(TargetCheck(claim, dense.ms >= QUEST_DECODE_SPEEDUP * r.ms,
+                                          f"{r.ms:.3f} vs {dense.ms:.3f} ms = {dense.ms / r.ms:.2f}x"))
         if quantised_format(r.implementation) and r.kind == "decode" and r.seq_len >= DECODE_FROM_LEN:
             dense = by_impl.get(("triton", shape(r)))
             if dense is not None:

@@ -186,7 +186,8 @@ def _cmd_attention(args: argparse.Namespace) -> int:
                 num_heads, _, num_kv_heads = heads.partition("/")
                 for seq_len in args.seq_len:
                     case = AttentionCase(kind, batch, seq_len, int(num_heads), int(num_kv_heads or num_heads),
-                                         args.head_dim, args.block_size, getattr(torch, args.dtype), device)
+                                         args.head_dim, args.block_size, getattr(torch, args.dtype), device,
+                                         args.quest_budget)
                     results += run_case(case, impls, args.repeats, args.naive_max_len, args.memory)
                     del case
     print(format_results(results))
@@ -259,6 +260,8 @@ def configure(bench: argparse.ArgumentParser) -> None:
                     default=["kvflow-cpu", "kvflow-cpu-int8", "kvflow-cpu-fp8", "triton", "triton-nosplit", "sdpa",
                              "naive"],
                     help="implementations to time (those the device lacks are listed and skipped)")
+    at.add_argument("--quest-budget", type=int, default=1024,
+                    help="tokens the -quest implementations read per sequence (--kv-budget of --kv-policy quest)")
     at.add_argument("--repeats", type=int, default=5, help="timed calls per case; the median is reported")
     at.add_argument("--naive-max-len", type=int, default=2048, help="longest context the naive reference runs")
     at.add_argument("--memory", action="store_true",

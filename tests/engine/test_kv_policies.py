@@ -112,11 +112,20 @@ def test_a_budget_above_the_context_changes_nothing(llama_dir, policy):
 
 
 @pytest.mark.parametrize("policy", ["h2o", "snapkv", "quest"])
-def test_a_binding_budget_drops_or_skips_kv_and_leaks_nothing(llama_dir, policy):
+def test_a_binding_budget_drops_or_skips_kv_and_leaks_nothing(llama_dir, monkeypatch, policy):
     """Under a small budget the policy acts (outputs move on a random model), decoding keeps the
     table within budget where the policy evicts, and every block comes back."""
-    engine = _engine(llama_dir, kv_policy=policy, kv_budget=16, kv_window=4, max_num_batched_tokens=64)
+    monkeypatch.setattr("kvflow.attention.policy_step.QUEST_DENSE_LAYERS", 0)  # the test model has 2 layers
     prompt = mixed_prompts(6, count=6)[5]  # 60 tokens
+    plain = _engine(llama_dir, max_num_batched_tokens=64)
+    lossy = _engine(llama_dir, kv_policy=policy, kv_budget=16, kv_window=4, max_num_batched_tokens=64)
+    outputs = []
+    for e in (plain, lossy):
+        e.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        while e.has_unfinished_requests():
+            outputs += [o.outputs[0].token_ids for o in e.step() if o.finished]
+    assert outputs[0] != outputs[1], "the policy changed nothing"
+    engine = _engine(llama_dir, kv_policy=policy, kv_budget=16, kv_window=4, max_num_batched_tokens=64)
     engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     engine.step()  # the prompt
     (request,) = engine.core.scheduler.running

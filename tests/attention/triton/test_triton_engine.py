@@ -42,6 +42,25 @@ def test_engine_int8_kv_cache_matches_torch_backend(tiny_models):
     assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
 
 
+@pytest.mark.parametrize("policy,kv_cache_dtype", [("quest", "auto"), ("h2o", "auto"), ("snapkv", "int8"),
+                                                    ("streaming", "auto")])
+def test_engine_kv_policies_match_torch_backend(tiny_models, monkeypatch, policy, kv_cache_dtype):
+    """KV policies under a binding budget read the same blocks on both backends: Quest's reduced
+    tables through Triton's decode kernel, H2O's block mass from the reference (Triton's kernels do
+    not return it), SnapKV's compaction of int8 codes and scales, StreamingLLM's eviction."""
+    monkeypatch.setattr("kvflow.attention.policy_step.QUEST_DENSE_LAYERS", 0)  # the test model has 2 layers
+    prompts = [[(5 * i) % 300 + 3 for i in range(70)], [(7 * i) % 300 + 3 for i in range(45)]]
+    window = 0 if policy == "quest" else 8  # quest: the sink block, the query's own and one more
+    kw = dict(kv_policy=policy, kv_budget=24, kv_window=window, kv_cache_dtype=kv_cache_dtype)
+    expected, _ = _generate(tiny_models["llama"], "torch", prompts, **kw)
+    unlimited, _ = _generate(tiny_models["llama"], "torch", prompts, kv_cache_dtype=kv_cache_dtype)
+    got, llm = _generate(tiny_models["llama"], "triton", prompts, **kw)
+    assert got == expected
+    assert expected != unlimited, "the budget did not bind"
+    kv = llm.engine.core.kv
+    assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
+
+
 def test_engine_fp8_kv_cache_matches_torch_backend(tiny_models):
     """The same with an fp8_e4m3 KV cache whose scales are calibrated on the first prompt: both
     backends calibrate the same scales, store the same codes and read them back."""
