@@ -7,7 +7,9 @@ selection), and each attention layer calls it around the backend:
     step.after_attention(layer, q, kv_cache, meta_l, backend, scale)       # H2O mass, SnapKV copy
 
 A Quest row reads a reduced block table (its chosen blocks, in order) as if it were a shorter
-sequence, so every backend reads block subsets with its ordinary decode kernel.
+sequence, so every backend reads block subsets with its ordinary decode kernel. The C++ CPU
+forward calls the same work through its `before_attention` / `after_attention` hooks
+(`cpu_reads`, `after_attention`), so the choices are the same on every path.
 """
 
 from __future__ import annotations
@@ -54,12 +56,13 @@ class PolicyStep:
     block_mass: torch.Tensor | None = None  # [num_decodes, max_blocks], summed over layers and heads
     snaps: list[SnapJob] = field(default_factory=list)
 
-    def layer_metadata(self, layer: int, q: torch.Tensor, kv_cache: LayerKV, meta: AttentionMetadata,
-                       backend: AttentionBackend, scale: float) -> AttentionMetadata:
-        """The metadata this layer attends with: Quest rows get their chosen blocks."""
+    def _quest_reads(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
+                     scale: float) -> tuple[torch.Tensor, list[int], torch.Tensor, list[int]] | None:
+        """Quest rows' reads in this layer: the step's block tables with their rows reduced, the
+        sequence lengths over them, and the rows with their new lengths (None: read everything)."""
         quest = self.quest
         if quest is None or layer < QUEST_DENSE_LAYERS or self.key_bounds is None:
-            return meta
+            return None
         rows = torch.tensor(quest.rows, device=q.device)
         kv_lens = [meta.seq_lens_list[r] for r in quest.rows]
         chosen, lens = quest_select(q[rows], self.key_bounds[layer], meta.block_tables[rows], kv_lens,
@@ -69,6 +72,27 @@ class PolicyStep:
         seq_lens_list = list(meta.seq_lens_list)
         for r, n in zip(quest.rows, lens):
             seq_lens_list[r] = n
+        return tables, seq_lens_list, rows, lens
+
+    def cpu_reads(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, kv_positions: torch.Tensor,
+                  scale: float) -> list[torch.Tensor]:
+        """The C++ forward's `before_attention`: [] or [block_tables, kv_positions] for this layer
+        (decodes come first in a step, one token each, so a Quest row's token is its row)."""
+        reads = self._quest_reads(layer, q, meta, scale)
+        if reads is None:
+            return []
+        tables, _, rows, lens = reads
+        positions = kv_positions.clone()
+        positions[rows] = torch.tensor(lens, dtype=torch.long, device=q.device) - 1
+        return [tables, positions]
+
+    def layer_metadata(self, layer: int, q: torch.Tensor, kv_cache: LayerKV, meta: AttentionMetadata,
+                       backend: AttentionBackend, scale: float) -> AttentionMetadata:
+        """The metadata this layer attends with: Quest rows get their chosen blocks."""
+        reads = self._quest_reads(layer, q, meta, scale)
+        if reads is None:
+            return meta
+        tables, seq_lens_list, _, _ = reads
         view = dataclasses.replace(
             meta, block_tables=tables, seq_lens=torch.tensor(seq_lens_list, dtype=torch.long, device=q.device),
             seq_lens_list=seq_lens_list, max_seq_len=max(seq_lens_list), extra={}, policy=None,
@@ -79,8 +103,9 @@ class PolicyStep:
         return view
 
     def after_attention(self, layer: int, q: torch.Tensor, kv_cache: LayerKV, meta: AttentionMetadata,
-                        backend: AttentionBackend, scale: float) -> None:
-        """H2O: add the layer's block mass where the backend did not; SnapKV: select and copy."""
+                        backend: AttentionBackend | None, scale: float) -> None:
+        """H2O: add the layer's block mass where the backend did not (None: the C++ forward, which
+        does not); SnapKV: select and copy."""
         if self.h2o_rows and self.block_mass is not None and not getattr(backend, "returns_block_mass", False):
             rows = torch.tensor(self.h2o_rows, device=q.device)
             lens = [meta.seq_lens_list[r] for r in self.h2o_rows]

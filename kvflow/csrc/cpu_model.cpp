@@ -464,9 +464,16 @@ class CpuModel {
   // Returns the final-norm hidden states [T, hidden].
   // `layer_done(l)`, when given, runs after layer l has written its KV (disaggregated prefill
   // streams each layer's KV while later layers compute); it takes the GIL for the call.
+  // A KV policy's per-layer work (kvflow/attention/policy_step.py), when given, runs in Python
+  // around each layer's attention, with the layer's queries [T, H, D] after the rotary embedding:
+  // `before_attention(l, q)` returns nothing, or [block_tables, kv_positions] to attend with instead
+  // (Quest's reduced tables); `after_attention(l, q)` runs once the layer has attended (H2O's block
+  // mass, SnapKV's selection and copy).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& seq_index,
                      const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                     const std::function<void(int64_t)>& layer_done, const std::optional<at::Tensor>& kv_positions_in) {
+                     const std::function<void(int64_t)>& layer_done, const std::optional<at::Tensor>& kv_positions_in,
+                     const std::function<std::vector<at::Tensor>(int64_t, const at::Tensor&)>& before_attention,
+                     const std::function<void(int64_t, const at::Tensor&)>& after_attention) {
     const int64_t tokens = input_ids.size(0);
     const at::Tensor kv_positions = kv_positions_in.has_value() ? *kv_positions_in : positions;
     for (const auto* t : {&input_ids, &positions, &seq_index, &slot_mapping, &block_tables, &kv_positions}) {
@@ -490,12 +497,21 @@ class CpuModel {
                                          scales, q, num_heads_, num_kv_heads_, head_dim_);
         });
       });
+      std::vector<at::Tensor> reads;
+      if (before_attention) reads = before_attention(static_cast<int64_t>(l), q);
+      TORCH_CHECK(reads.empty() || (reads.size() == 2 && reads[0].scalar_type() == at::kLong &&
+                                    reads[0].is_contiguous() && reads[1].scalar_type() == at::kLong &&
+                                    reads[1].is_contiguous() && reads[1].size(0) == tokens),
+                  "CpuModel: before_attention returns nothing or [block_tables, kv_positions] (contiguous int64)");
+      const at::Tensor& tables = reads.empty() ? block_tables : reads[0];
+      const at::Tensor& key_positions = reads.empty() ? kv_positions : reads[1];
       KVFLOW_RUN(dtype, "paged_attention", [&] {
         KVFLOW_KV_DISPATCH(kv_type_, scalar_t, [&] {
-          paged_attention<scalar_t, kv_t>(q, cache, scales, block_tables, seq_index, kv_positions, scale_,
-                                          w.window, attn);
+          paged_attention<scalar_t, kv_t>(q, cache, scales, tables, seq_index, key_positions, scale_, w.window,
+                                          attn);
         });
       });
+      if (after_attention) after_attention(static_cast<int64_t>(l), q);
       delta = linear(attn.view({tokens, num_heads_ * head_dim_}), w.o, w.o_bias, packed_, w.o_blocked);
       KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.post_norm, normed, eps_); });
       at::Tensor gate_up = linear(normed, w.gate_up, w.gate_up_bias, packed_, w.gate_up_blocked);
@@ -579,6 +595,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &CpuModel::forward, pybind11::arg("input_ids"), pybind11::arg("positions"),
            pybind11::arg("seq_index"), pybind11::arg("slot_mapping"), pybind11::arg("block_tables"),
            pybind11::arg("layer_done") = pybind11::none(), pybind11::arg("kv_positions") = pybind11::none(),
+           pybind11::arg("before_attention") = pybind11::none(), pybind11::arg("after_attention") = pybind11::none(),
            pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_op);
   m.def("rope_and_store", &rope_and_store_op, pybind11::arg("qkv"), pybind11::arg("positions"),

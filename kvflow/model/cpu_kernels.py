@@ -164,12 +164,16 @@ class CpuForward:
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                  layer_hook: Callable[[int], None] | None = None,
-                 kv_positions: torch.Tensor | None = None) -> torch.Tensor:
+                 kv_positions: torch.Tensor | None = None,
+                 before_attention: Callable[[int, torch.Tensor], list[torch.Tensor]] | None = None,
+                 after_attention: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Final-norm hidden states [T, hidden] of a step's flat tokens (see AttentionMetadata);
         `layer_hook(l)` runs after each layer l; `kv_positions`: each token's cache index where a KV
-        policy dropped tokens before it (default: its position)."""
+        policy dropped tokens before it (default: its position). A KV policy's per-layer work runs
+        around each layer's attention with its queries: `before_attention(l, q)` may return
+        [block_tables, kv_positions] to attend with instead; `after_attention(l, q)` follows it."""
         return self._model.forward(input_ids, positions, seq_index, slot_mapping, block_tables, layer_hook,
-                                   kv_positions)
+                                   kv_positions, before_attention, after_attention)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of these rows: the decode GEMV for a few rows where the LM head has its

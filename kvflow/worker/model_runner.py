@@ -96,11 +96,20 @@ class ModelRunner:
         if hooks is not None and hooks.begin_step(chunks):
             hook = hooks.layer_done
         try:
-            # Policy work needs each layer's queries, which the C++ forward keeps to itself.
-            if (self.cpu_forward is not None and policy is None and meta.max_query_len <= CPU_FORWARD_MAX_CHUNK
-                    and self._scales_ready()):
+            if self.cpu_forward is not None and meta.max_query_len <= CPU_FORWARD_MAX_CHUNK and self._scales_ready():
+                before = after = None
+                if policy is not None:  # its work runs around each layer's attention, with the layer's queries
+                    scale = self.model_config.head_dim**-0.5
+                    caches = self.kv_caches
+
+                    def before(layer: int, q: torch.Tensor) -> list[torch.Tensor]:
+                        return policy.cpu_reads(layer, q, meta, kv_positions, scale)
+
+                    def after(layer: int, q: torch.Tensor) -> None:
+                        policy.after_attention(layer, q, caches[layer], meta, None, scale)
+
                 hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping,
-                                          meta.block_tables, hook, kv_positions)
+                                          meta.block_tables, hook, kv_positions, before, after)
             else:
                 self.backend.prepare(meta)
                 if policy is not None and policy.block_mass is not None:

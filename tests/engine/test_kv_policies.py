@@ -78,6 +78,24 @@ def _engine(llama_dir, **kwargs) -> LLMEngine:
     return LLMEngine(config)
 
 
+@pytest.mark.parametrize("policy,kv_cache_dtype", [("quest", "auto"), ("h2o", "auto"), ("snapkv", "auto"),
+                                                    ("quest", "int8"), ("snapkv", "int8")])
+def test_the_cpp_forward_runs_policies_like_the_pytorch_modules(llama_dir, monkeypatch, policy, kv_cache_dtype):
+    """The C++ forward runs each policy's per-layer work through its attention hooks: the same
+    greedy tokens as the PyTorch modules, under a budget that binds."""
+    monkeypatch.setattr("kvflow.attention.policy_step.QUEST_DENSE_LAYERS", 1)  # the test model has 2 layers
+    prompts = mixed_prompts(12, count=6)[2:]
+    outputs = {}
+    for cpu in (True, False):
+        llm = LLM(model=str(llama_dir), dtype="float32", cpu_kernels=cpu, block_size=BS, num_blocks=160,
+                  max_num_batched_tokens=64, kv_policy=policy, kv_budget=16, kv_window=4,
+                  kv_cache_dtype=kv_cache_dtype)
+        assert (llm.engine.core.runner.cpu_forward is not None) == cpu
+        outputs[cpu] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
+    assert outputs[True] == outputs[False]
+
+
 def test_streaming_frees_blocks_outside_sinks_and_window(llama_dir):
     """Mid-generation the request's table holds exactly its sink blocks and the blocks overlapping
     the newest `window` tokens, and the pool holds no other block of it."""
