@@ -5,8 +5,8 @@ One object per request (`make_kv_policy`), from `--kv-policy` or the request's o
 - `streaming` (StreamingLLM): the first `sink_tokens` and the newest `window` tokens; a block wholly
   between them is freed.
 - `h2o` (Heavy-Hitter Oracle): sinks, the newest `window` tokens and the blocks that took the most
-  attention over the decode steps so far; while the sequence holds more than `budget` tokens, the
-  block with the least accumulated attention is freed.
+  attention over the decode steps so far; after each decode step, while the sequence holds more
+  than `budget` tokens, the block with the least accumulated attention is freed.
 - `snapkv`: when the prompt has been computed, each layer and kv head keeps `budget` tokens of it,
   chosen by its last `window` queries, copied into fresh blocks; the original blocks are freed
   (and stay in the prefix cache: their KV is exact).
@@ -126,8 +126,14 @@ class H2OPolicy(_EvictingPolicy):
         return KVPolicyOp("h2o") if n == 1 else None
 
     def after_step(self, request: Request, kv: KVCacheManager, chunk: ScheduledChunk, result: RunnerOutput) -> None:
+        """Add this decode step's block mass and evict the lightest blocks while over budget. Steps
+        without a decode (prefill chunks) evict nothing: the first choice waits for the first
+        decode query's attention over the whole prompt."""
+        mass = result.kv_block_mass.get(request.request_id)
+        if mass is None:
+            return
         self.mass.extend([0.0] * (len(request.block_ids) - len(self.mass)))
-        for j, m in enumerate(result.kv_block_mass.get(request.request_id, ())):
+        for j, m in enumerate(mass):
             self.mass[j] += m
         while request.num_computed_tokens - request.kv_shift > self.settings.budget:
             candidates = self.candidates(request)

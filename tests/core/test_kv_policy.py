@@ -50,8 +50,7 @@ def test_h2o_frees_the_block_with_least_accumulated_attention():
     _compute(kv, request, 30)
     kept = list(range(8))  # original block indices held by the naive model
     acc = {o: 0.0 for o in kept}
-    naive_evict(kept, acc, 30, budget=20, window=6)
-    assert request.kv_policy.origins(request) == kept
+    assert request.kv_policy.origins(request) == kept  # the prompt step evicts nothing: no attention seen yet
     for _ in range(25):
         computed = request.num_computed_tokens + 1
         nb = -(-(computed - request.kv_shift) // BS)
