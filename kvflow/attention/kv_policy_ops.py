@@ -16,6 +16,8 @@ references in tests/attention/test_kv_policy_ops.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -51,9 +53,9 @@ def read_slot_keys(kv_cache: LayerKV, slot_block: torch.Tensor, slot_offset: tor
 # ---------------------------------------------------------------------------------------- Quest
 def allocate_key_bounds(num_layers: int, num_blocks: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                         device: torch.device | str) -> list[torch.Tensor]:
-    """Per layer [2 (min, max), num_blocks, kv_heads, head_dim]; a block's bounds are reset when its
-    first slot is written."""
-    return [torch.zeros(2, num_blocks, num_kv_heads, head_dim, dtype=dtype, device=device)
+    """Per layer [num_blocks, kv_heads, 2 (min, max), head_dim]: a block's bounds are contiguous, so
+    scoring a block is one short read; they are reset when the block's first slot is written."""
+    return [torch.zeros(num_blocks, num_kv_heads, 2, head_dim, dtype=dtype, device=device)
             for _ in range(num_layers)]
 
 
@@ -64,41 +66,59 @@ def update_key_bounds(bounds: torch.Tensor, kv_cache: LayerKV, slot_mapping: tor
     slot_offset = slot_mapping % block_size
     keys = read_slot_keys(kv_cache, slot_block, slot_offset, bounds.dtype)  # [T, KVH, D]
     fresh = slot_block[slot_offset == 0]
-    bounds[0, fresh] = float("inf")
-    bounds[1, fresh] = float("-inf")
+    bounds[fresh, :, 0] = float("inf")
+    bounds[fresh, :, 1] = float("-inf")
     index = slot_block[:, None, None].expand_as(keys)
-    bounds[0].scatter_reduce_(0, index, keys, "amin")
-    bounds[1].scatter_reduce_(0, index, keys, "amax")
+    bounds[:, :, 0].scatter_reduce_(0, index, keys, "amin")
+    bounds[:, :, 1].scatter_reduce_(0, index, keys, "amax")
 
 
-def quest_scores(q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, num_blocks: torch.Tensor,
+#: (q [R, H, D], bounds [blocks, KVH, 2, D], tables [R, nb], num_blocks [R], scale) -> [R, H, nb] fp32: Quest's scaled
+#: bound per block and query head, -inf past a row's blocks (`quest_bounds`, or the C++ kernel's).
+BoundsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def quest_bounds(q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, num_blocks: torch.Tensor,
                  scale: float) -> torch.Tensor:
-    """How much each block may matter to each decode query: per query head, Quest's upper bound
-    Σ_d max(q_d·min_d, q_d·max_d) on any of the block's q·k, softmaxed over the blocks (an estimate of
-    the attention mass the block could take), summed over heads: one score per block [R, nb],
-    -inf past a row's `num_blocks`. One block table serves all heads, so blocks are chosen per
-    sequence, not per head as in the paper."""
+    """Quest's upper bound Σ_d max(q_d·min_d, q_d·max_d) on any q·k of each block, per query head,
+    times `scale`: [R, H, nb] fp32, -inf past a row's `num_blocks` (the C++ CPU kernel
+    `quest_bounds` computes the same, reading the bounds in place)."""
     r, num_heads, head_dim = q.shape
     kvh = bounds.shape[2]
     qg = q.float().view(r, kvh, num_heads // kvh, head_dim)
     # One matmul: [q⁺, q⁻] · [max, min] over 2·D is Σ_d max(q_d·min_d, q_d·max_d).
     both = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], dim=-1)  # [R, KVH, G, 2D]
-    mm = bounds[:, tables].float().permute(1, 3, 0, 4, 2).flip(2)  # [R, KVH, 2 (max, min), D, nb]
-    upper = torch.matmul(both, mm.reshape(r, kvh, 2 * head_dim, -1))  # [R, KVH, G, nb]
+    mm = bounds[tables].float().permute(0, 2, 3, 4, 1).flip(2)  # [R, KVH, 2 (max, min), D, nb]
+    upper = torch.matmul(both, mm.reshape(r, kvh, 2 * head_dim, -1)).view(r, num_heads, -1) * scale
     valid = torch.arange(tables.shape[1], device=tables.device)[None, :] < num_blocks[:, None]  # [R, nb]
-    upper = upper.masked_fill(~valid[:, None, None, :], float("-inf"))
-    return torch.softmax(upper * scale, dim=-1).sum((1, 2)).masked_fill(~valid, float("-inf"))
+    return upper.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+def quest_scores(q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, num_blocks: torch.Tensor,
+                 scale: float, bounds_fn: BoundsFn = quest_bounds) -> torch.Tensor:
+    """How much each block may matter to each decode query: per query head, Quest's bound
+    softmaxed over the blocks (an estimate of the attention mass the block could take), summed over
+    heads: one score per block [R, nb], -inf past a row's `num_blocks`. One block table serves all
+    heads, so blocks are chosen per sequence, not per head as in the paper."""
+    upper = bounds_fn(q, bounds, tables, num_blocks, scale)
+    valid = torch.arange(tables.shape[1], device=tables.device)[None, :] < num_blocks[:, None]
+    return torch.softmax(upper, dim=-1).sum(1).masked_fill(~valid, float("-inf"))
+
+
+#: quest_select's signature: the PyTorch reference below, or the C++ CPU kernel (CpuForward.quest_select).
+SelectFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int], list[int], list[int], int,
+                     float], tuple[torch.Tensor, list[int]]]
 
 
 def quest_select(q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, kv_lens: list[int],
                  read_blocks: list[int], sink_blocks: list[int], window_blocks: list[int], block_size: int,
-                 scale: float) -> tuple[torch.Tensor, list[int]]:
+                 scale: float, bounds_fn: BoundsFn = quest_bounds) -> tuple[torch.Tensor, list[int]]:
     """The blocks each decode row reads this layer: its sink blocks, its newest `window_blocks`
     (always the one holding the query) and the best-scored others, `read_blocks` in all, in table
     order. Returns the rows' reduced tables [R, max read] and context lengths over them."""
     device = tables.device
     n_blocks = torch.tensor([-(-n // block_size) for n in kv_lens], device=device)
-    scores = quest_scores(q, bounds, tables, n_blocks, scale)
+    scores = quest_scores(q, bounds, tables, n_blocks, scale, bounds_fn)
     cols = torch.arange(tables.shape[1], device=device)[None, :]
     forced = (cols < torch.tensor(sink_blocks, device=device)[:, None]) | (
         cols >= (n_blocks - torch.tensor(window_blocks, device=device).clamp(min=1))[:, None])

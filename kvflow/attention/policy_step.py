@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvflow.attention.backend import AttentionBackend, AttentionMetadata
-from kvflow.attention.kv_policy_ops import block_attention_mass, compact_tokens, quest_select, snapkv_select
+from kvflow.attention.kv_policy_ops import SelectFn, block_attention_mass, compact_tokens, quest_select, snapkv_select
 from kvflow.attention.kv_spec import LayerKV
 
 #: Quest reads every block in the first layers, whose attention is spread too evenly for the bound
@@ -55,6 +55,7 @@ class PolicyStep:
     h2o_rows: list[int] = field(default_factory=list)  # decode rows whose block mass is wanted
     block_mass: torch.Tensor | None = None  # [num_decodes, max_blocks], summed over layers and heads
     snaps: list[SnapJob] = field(default_factory=list)
+    select_fn: SelectFn = quest_select  # Quest's choice: PyTorch, or the C++ CPU kernel
 
     def _quest_reads(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
                      scale: float) -> tuple[torch.Tensor, list[int], torch.Tensor, list[int]] | None:
@@ -65,8 +66,9 @@ class PolicyStep:
             return None
         rows = torch.tensor(quest.rows, device=q.device)
         kv_lens = [meta.seq_lens_list[r] for r in quest.rows]
-        chosen, lens = quest_select(q[rows], self.key_bounds[layer], meta.block_tables[rows], kv_lens,
-                                    quest.read_blocks, quest.sink_blocks, quest.window_blocks, meta.block_size, scale)
+        chosen, lens = self.select_fn(q[rows], self.key_bounds[layer], meta.block_tables[rows], kv_lens,
+                                      quest.read_blocks, quest.sink_blocks, quest.window_blocks, meta.block_size,
+                                      scale)
         tables = meta.block_tables.clone()
         tables[rows, : chosen.shape[1]] = chosen
         seq_lens_list = list(meta.seq_lens_list)

@@ -14,7 +14,8 @@ Implementations, where the device has them:
   with a single split (CUDA); ``triton-int8`` / ``triton-fp8``: the same over the quantised cache;
 - ``kvflow-cpu-quest`` / ``triton-quest`` (decode): ``--kv-policy quest`` at ``quest_budget`` tokens:
   the blocks' key bounds scored against the query (kv_policy_ops.quest_select: Quest's bound,
-  one table per sequence), then the same kernel over only the chosen blocks; both steps are timed,
+  one table per sequence; on CPU chosen by the C++ ``quest_select`` kernel), then
+  the same kernel over only the chosen blocks; both steps are timed,
   and the error is against ``naive`` over the chosen blocks (Quest is lossy by design: what it
   skips is its accuracy cost, measured by ``kvflow eval``, not here);
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on contiguous per-sequence K/V
@@ -149,18 +150,19 @@ class AttentionCase:
 
     @functools.cached_property
     def quest_bounds(self) -> torch.Tensor:
-        """Every block's key min/max [2, blocks, KVH, D], as the engine keeps them beside the cache."""
-        return torch.stack([self.kv_cache[0].amin(2), self.kv_cache[0].amax(2)])
+        """Every block's key min/max [blocks, KVH, 2, D], as the engine keeps them beside the cache."""
+        return torch.stack([self.kv_cache[0].amin(2), self.kv_cache[0].amax(2)], dim=2)
 
-    def quest_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def quest_blocks(self, select_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Quest's choice for each decode query: the reduced block tables and their context lengths
-        (the first block, the query's own and the best others, `quest_budget` tokens in all)."""
+        (the first block, the query's own and the best others, `quest_budget` tokens in all), chosen
+        by `select_fn` (default: kv_policy_ops.quest_select, PyTorch)."""
         from kvflow.attention.kv_policy_ops import quest_select
 
         b, bs = self.batch, self.block_size
         read = max(2, self.quest_budget // bs)
-        tables, lens = quest_select(self.q, self.quest_bounds, self.block_tables, [self.seq_len] * b, [read] * b,
-                                    [1] * b, [1] * b, bs, self.scale)
+        tables, lens = (select_fn or quest_select)(self.q, self.quest_bounds, self.block_tables, [self.seq_len] * b,
+                                                   [read] * b, [1] * b, [1] * b, bs, self.scale)
         return tables, torch.tensor(lens, dtype=torch.long, device=self.device)
 
     def quest_reference(self) -> torch.Tensor:
@@ -257,8 +259,10 @@ def _kvflow_cpu_quest() -> Implementation | None:
     if ext is None:
         return None
 
+    from kvflow.model.cpu_kernels import quest_select_cpp
+
     def run(c: AttentionCase) -> torch.Tensor:
-        tables, lens = c.quest_blocks()
+        tables, lens = c.quest_blocks(functools.partial(quest_select_cpp, ext))
         return ext.paged_attention(c.q, c.kv_cache, tables, c.seq_index, lens - 1, c.scale, 0)
 
     return run

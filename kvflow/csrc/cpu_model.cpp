@@ -577,6 +577,153 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& kv_cache, c
   return out;
 }
 
+// Quest's bound on q·k over each block's keys, per query head: Σ_d max(q_d·min_d, q_d·max_d), which
+// is q⁺·max + q⁻·min, read from the blocks' key bounds in place (kvflow/attention/kv_policy_ops.py
+// has the PyTorch reference). q [R, H, D]; bounds [blocks, KVH, 2 (min, max), D] of q's dtype;
+// tables [R, nb] int64; num_blocks [R] int64. Returns [R, H, nb] fp32 times `scale`, -inf past a
+// row's blocks. A row walks its blocks once, reading each block's bounds for every kv head as one
+// contiguous run (blocks are scattered: one pass, with the next blocks prefetched), 16 lanes at a
+// time, q⁺ and q⁻ split once per row.
+template <typename T>
+void quest_bounds_kernel(const at::Tensor& q, const at::Tensor& bounds, const at::Tensor& tables,
+                         const at::Tensor& num_blocks, float scale, at::Tensor& out) {
+  const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = bounds.size(1), nb = tables.size(1), group = heads / kv_heads;
+  const int64_t block_stride = kv_heads * 2 * dim;  // elements of one block's bounds
+  const int64_t chunks = dim / 16;  // whole 16-lane vectors; the rest (dim % 16) is summed in scalars
+  constexpr int64_t kPrefetch = 4;  // blocks ahead
+  const T* qp = q.data_ptr<T>();
+  const T* bp = bounds.data_ptr<T>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* np = num_blocks.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  // Rows split further into runs of blocks, so one long sequence still uses every thread.
+  const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(nb / 64, at::get_num_threads()));
+  const int64_t run_len = (nb + runs - 1) / runs;
+  at::parallel_for(0, rows * runs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<__m512> qpos(heads * chunks), qneg(heads * chunks);
+    std::vector<float> tail_q(heads * dim);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / runs, j0 = (item % runs) * run_len, j1 = std::min(nb, j0 + run_len);
+      const T* qrow = qp + r * heads * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          const __m512 x = load16(qrow + h * dim + 16 * c);
+          qpos[h * chunks + c] = _mm512_max_ps(x, _mm512_setzero_ps());
+          qneg[h * chunks + c] = _mm512_min_ps(x, _mm512_setzero_ps());
+        }
+        for (int64_t d = 16 * chunks; d < dim; ++d) tail_q[h * dim + d] = static_cast<float>(qrow[h * dim + d]);
+      }
+      const int64_t n = std::min(np[r], nb);
+      float* o = op + r * heads * nb;
+      for (int64_t j = j0; j < j1; ++j) {
+        if (j >= n) {
+          for (int64_t h = 0; h < heads; ++h) o[h * nb + j] = -std::numeric_limits<float>::infinity();
+          continue;
+        }
+        if (j + kPrefetch < n) {
+          const char* next = reinterpret_cast<const char*>(bp + tp[r * nb + j + kPrefetch] * block_stride);
+          for (int64_t off = 0; off < block_stride * static_cast<int64_t>(sizeof(T)); off += 64)
+            _mm_prefetch(next + off, _MM_HINT_T0);
+        }
+        const T* block = bp + tp[r * nb + j] * block_stride;
+        for (int64_t k = 0; k < kv_heads; ++k) {
+          const T* lo = block + k * 2 * dim;
+          const T* hi = lo + dim;
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = k * group + g;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; ++c) {
+              acc = _mm512_fmadd_ps(qpos[h * chunks + c], load16(hi + 16 * c), acc);
+              acc = _mm512_fmadd_ps(qneg[h * chunks + c], load16(lo + 16 * c), acc);
+            }
+            float sum = _mm512_reduce_add_ps(acc);
+            for (int64_t d = 16 * chunks; d < dim; ++d) {
+              const float x = tail_q[h * dim + d];
+              sum += x * static_cast<float>(x > 0.f ? hi[d] : lo[d]);
+            }
+            o[h * nb + j] = sum * scale;
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor quest_bounds_op(const at::Tensor& q, const at::Tensor& bounds, const at::Tensor& tables,
+                           const at::Tensor& num_blocks, double scale) {
+  TORCH_CHECK(q.dim() == 3 && bounds.dim() == 4 && bounds.size(2) == 2 && bounds.size(3) == q.size(2) &&
+                  q.size(1) % bounds.size(1) == 0 && tables.dim() == 2 && tables.size(0) == q.size(0),
+              "quest_bounds: q [R, H, D], bounds [blocks, KVH, 2, D], tables [R, nb]");
+  TORCH_CHECK(q.scalar_type() == bounds.scalar_type() && q.is_contiguous() && bounds.is_contiguous(),
+              "quest_bounds: q and bounds must be contiguous and of one dtype");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && num_blocks.scalar_type() == at::kLong && tables.is_contiguous() &&
+                  num_blocks.is_contiguous(), "quest_bounds: tables and num_blocks must be contiguous int64");
+  at::Tensor out = at::empty({q.size(0), q.size(1), tables.size(1)}, q.options().dtype(at::kFloat));
+  KVFLOW_DISPATCH(q.scalar_type(), "quest_bounds", [&] {
+    quest_bounds_kernel<scalar_t>(q, bounds, tables, num_blocks, static_cast<float>(scale), out);
+  });
+  return out;
+}
+
+// Quest's choice of blocks for each decode row (kv_policy_ops.quest_select is the PyTorch
+// reference): per query head the bounds softmaxed over the row's blocks, summed over heads; the
+// row's `sink_blocks` first and `window_blocks` newest blocks (at least the query's own) always
+// read; the best others up to `read_blocks` in all, in table order. Returns the reduced tables
+// [R, max read] (padding repeats the last block) and the context lengths over them [R].
+std::vector<at::Tensor> quest_select_op(const at::Tensor& q, const at::Tensor& bounds, const at::Tensor& tables,
+                                        const at::Tensor& kv_lens, const at::Tensor& read_blocks,
+                                        const at::Tensor& sink_blocks, const at::Tensor& window_blocks,
+                                        int64_t block_size, double scale) {
+  for (const auto* t : {&kv_lens, &read_blocks, &sink_blocks, &window_blocks}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == q.size(0),
+                "quest_select: per-row arguments are contiguous int64 [R]");
+  }
+  const int64_t rows = q.size(0), heads = q.size(1), nb = tables.size(1);
+  at::Tensor num_blocks = (kv_lens + (block_size - 1)).div(block_size, "floor").clamp_max(nb);
+  at::Tensor upper = quest_bounds_op(q, bounds, tables, num_blocks, scale);  // [R, H, nb]
+  const int64_t* nbp = num_blocks.data_ptr<int64_t>();
+  const int64_t* rp = read_blocks.data_ptr<int64_t>();
+  int64_t width = 1;
+  for (int64_t r = 0; r < rows; ++r) width = std::max(width, std::min(rp[r], nbp[r]));
+  at::Tensor chosen = at::empty({rows, width}, tables.options());
+  at::Tensor lens = at::empty({rows}, kv_lens.options());
+  const float* up = upper.data_ptr<float>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t *lp = kv_lens.data_ptr<int64_t>(), *sp = sink_blocks.data_ptr<int64_t>();
+  const int64_t* wp = window_blocks.data_ptr<int64_t>();
+  int64_t* cp = chosen.data_ptr<int64_t>();
+  int64_t* lenp = lens.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(nb), e(nb);
+    std::vector<int64_t> order(nb);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = nbp[r], k = std::min(rp[r], n);
+      std::fill(score.begin(), score.begin() + n, 0.f);
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* u = up + (r * heads + h) * nb;
+        float m = -std::numeric_limits<float>::infinity(), z = 0.f;
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, u[j]);
+        for (int64_t j = 0; j < n; ++j) z += (e[j] = std::exp(u[j] - m));
+        const float inv = 1.f / z;
+        for (int64_t j = 0; j < n; ++j) score[j] += e[j] * inv;
+      }
+      const int64_t newest = n - std::max<int64_t>(wp[r], 1);
+      for (int64_t j = 0; j < n; ++j) {
+        if (j < sp[r] || j >= newest) score[j] = std::numeric_limits<float>::infinity();
+      }
+      for (int64_t j = 0; j < n; ++j) order[j] = j;
+      std::nth_element(order.begin(), order.begin() + (k - 1), order.begin() + n,
+                       [&](int64_t a, int64_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
+      std::sort(order.begin(), order.begin() + k);
+      int64_t* out = cp + r * width;
+      for (int64_t i = 0; i < width; ++i) out[i] = tp[r * nb + order[std::min(i, k - 1)]];
+      lenp[r] = (k - 1) * block_size + lp[r] - (n - 1) * block_size;
+    }
+  });
+  return {chosen, lens};
+}
+
 at::Tensor decode_linear_op(const at::Tensor& x, const at::Tensor& blocked, const at::Tensor& bias) {
   return decode_linear(x.contiguous(), blocked, optional_weight(bias));
 }
@@ -605,6 +752,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention_op, pybind11::arg("q"), pybind11::arg("kv_cache"),
         pybind11::arg("block_tables"), pybind11::arg("seq_index"), pybind11::arg("positions"), pybind11::arg("scale"),
         pybind11::arg("window"), pybind11::arg("decode_chunk") = 0, pybind11::arg("kv_scales") = pybind11::none());
+  m.def("quest_bounds", &quest_bounds_op, pybind11::arg("q"), pybind11::arg("bounds"), pybind11::arg("tables"),
+        pybind11::arg("num_blocks"), pybind11::arg("scale"));
+  m.def("quest_select", &quest_select_op, pybind11::arg("q"), pybind11::arg("bounds"), pybind11::arg("tables"),
+        pybind11::arg("kv_lens"), pybind11::arg("read_blocks"), pybind11::arg("sink_blocks"),
+        pybind11::arg("window_blocks"), pybind11::arg("block_size"), pybind11::arg("scale"));
   m.def("silu_and_mul", &silu_and_mul_op);
   m.def("decode_linear", &decode_linear_op);
   m.attr("has_decode_gemv") = kHasDecodeGemv;

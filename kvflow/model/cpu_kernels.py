@@ -106,6 +106,18 @@ def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
     return torch.empty(0) if t is None else t
 
 
+def quest_select_cpp(ext: ModuleType, q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor,
+                     kv_lens: list[int], read_blocks: list[int], sink_blocks: list[int], window_blocks: list[int],
+                     block_size: int, scale: float) -> tuple[torch.Tensor, list[int]]:
+    """The C++ `quest_select` kernel with kv_policy_ops.quest_select's signature."""
+    def longs(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long)
+
+    chosen, lens = ext.quest_select(q.contiguous(), bounds, tables.contiguous(), longs(kv_lens), longs(read_blocks),
+                                    longs(sink_blocks), longs(window_blocks), block_size, scale)
+    return chosen, lens.tolist()
+
+
 class CpuForward:
     """The model's decoder stack as one C++ object; `__call__` matches `LlamaForCausalLM.forward`.
 
@@ -174,6 +186,14 @@ class CpuForward:
         [block_tables, kv_positions] to attend with instead; `after_attention(l, q)` follows it."""
         return self._model.forward(input_ids, positions, seq_index, slot_mapping, block_tables, layer_hook,
                                    kv_positions, before_attention, after_attention)
+
+    def quest_select(self, q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, kv_lens: list[int],
+                     read_blocks: list[int], sink_blocks: list[int], window_blocks: list[int], block_size: int,
+                     scale: float) -> tuple[torch.Tensor, list[int]]:
+        """Quest's blocks for decode rows: kv_policy_ops.quest_select, in C++ (the bounds read in place,
+        no PyTorch op per step)."""
+        return quest_select_cpp(self._ext, q, bounds, tables, kv_lens, read_blocks, sink_blocks, window_blocks,
+                                block_size, scale)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of these rows: the decode GEMV for a few rows where the LM head has its

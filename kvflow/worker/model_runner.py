@@ -134,6 +134,8 @@ class ModelRunner:
         if not ops:
             return None
         step = PolicyStep(key_bounds=self.key_bounds)
+        if self.cpu_forward is not None:
+            step.select_fn = self.cpu_forward.quest_select
         quest = QuestRows([], [], [], [])
         for i, op in ops:
             if op.name == "quest":

@@ -83,8 +83,8 @@ def test_key_bounds_are_min_and_max_of_each_blocks_keys(fmt):
         keys = _keys(cache, table, n)
         for b in range(-(-n // BS)):
             chunk = keys[:, b * BS:min(n, (b + 1) * BS)]
-            torch.testing.assert_close(bounds[0, table[b]].double(), chunk.amin(1))
-            torch.testing.assert_close(bounds[1, table[b]].double(), chunk.amax(1))
+            torch.testing.assert_close(bounds[table[b], :, 0].double(), chunk.amin(1))
+            torch.testing.assert_close(bounds[table[b], :, 1].double(), chunk.amax(1))
 
 
 def _naive_quest(q, keys, n, read, sinks, window, scale):
@@ -236,3 +236,46 @@ def test_block_mass_matches_the_full_attention_matrix_and_the_backend(fmt):
     meta.extra["block_mass"] = torch.zeros(3, nb)
     backend._decode(q, cache, meta, 0.3, None)
     torch.testing.assert_close(meta.extra["block_mass"], mass, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_quest_bounds_kernel_matches_pytorch(dtype):
+    """The C++ CPU kernel the engine and the benchmark use scores blocks as the PyTorch reference does
+    (ragged rows, GQA, a head size that is not a multiple of 16)."""
+    from kvflow.model.cpu_kernels import load_extension
+
+    ext = load_extension()
+    if ext is None:
+        pytest.skip("no C++ compiler")
+    from kvflow.attention.kv_policy_ops import quest_bounds
+
+    gen = torch.Generator().manual_seed(1)
+    for head_dim in (64, 40):
+        bounds = torch.randn(30, 2, 2, head_dim, generator=gen).sort(dim=2).values.to(dtype)
+        q = torch.randn(3, 6, head_dim, generator=gen).to(dtype)
+        tables = torch.randint(0, 30, (3, 9), generator=gen)
+        num_blocks = torch.tensor([9, 4, 1])
+        want = quest_bounds(q, bounds, tables, num_blocks, 0.3)
+        got = ext.quest_bounds(q, bounds, tables, num_blocks, 0.3)
+        assert torch.isinf(got).equal(torch.isinf(want))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cpp_quest_select_chooses_the_blocks_pytorch_chooses():
+    """The engine's CPU choice (C++) equals the PyTorch reference's, over ragged rows, sinks and windows."""
+    from kvflow.model.cpu_kernels import load_extension, quest_select_cpp
+
+    ext = load_extension()
+    if ext is None:
+        pytest.skip("no C++ compiler")
+    gen = torch.Generator().manual_seed(2)
+    bounds = torch.randn(80, 2, 2, 32, generator=gen).sort(dim=2).values
+    q = torch.randn(4, 6, 32, generator=gen)
+    tables = torch.randperm(80, generator=gen)[:4 * 12].view(4, 12)
+    args = ([45, 17, 48, 3], [4, 3, 6, 2], [1, 0, 2, 0], [1, 2, 1, 3], BS, 0.2)
+    want_tables, want_lens = quest_select(q, bounds, tables, *args)
+    got_tables, got_lens = quest_select_cpp(ext, q, bounds, tables, *args)
+    assert got_lens == want_lens
+    for r, n in enumerate(want_lens):
+        k = -(-n // BS)
+        assert got_tables[r, :k].tolist() == want_tables[r, :k].tolist()
