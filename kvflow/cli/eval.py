@@ -11,8 +11,12 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvflow.cli.engine_args import add_engine_args, make_llm, model_path
+
+if TYPE_CHECKING:
+    from kvflow.eval.kv_methods import KVMethod
 
 
 def _list_of(kind: Callable, name: str) -> Callable[[str], tuple]:
@@ -68,13 +72,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out", type=Path, default=None,
                        help="output folder (default: eval_results/<model directory name>)")
     group.add_argument("--json", action="store_true", help="print the results (without samples) as JSON")
-    group.add_argument("--compare-kv", type=_list_of(str, "--compare-kv"), default=None, metavar="FORMATS",
-                       help="evaluate under each of these --kv-cache-dtype values (comma-separated, e.g. "
-                            "auto,int8,fp8_e4m3) and write a table and a figure of accuracy against KV bytes "
-                            "(kv_compare.json/.png in --out; each format's results in --out/FORMAT)")
+    group.add_argument("--kv-budget-fraction", type=float, default=None, metavar="F",
+                       help="with --kv-policy: each request's kv_budget = max(smallest valid budget, "
+                            "round(F x its prompt tokens)), 0 < F <= 1, so every context length keeps the same share")
+    group.add_argument("--compare-kv", type=_list_of(str, "--compare-kv"), default=None, metavar="METHODS",
+                       help="evaluate under each of these KV methods (comma-separated): a --kv-cache-dtype value "
+                            "(int8), a policy at a budget fraction (snapkv@0.25, quest@0.125, h2o@0.5, "
+                            "streaming@0.25) or both (int8+snapkv@0.25); writes a table and a figure of accuracy "
+                            "against KV bytes (kv_compare.json/.png in --out; each method's results in a folder "
+                            "of --out named after it, '+' and '@' as '-')")
     group.add_argument("--rerun", action="store_true",
-                       help="with --compare-kv: evaluate every format again instead of reusing results saved in "
-                            "--out/FORMAT with the same settings")
+                       help="with --compare-kv: evaluate every method again instead of reusing results saved in "
+                            "its folder with the same settings")
     group.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     group.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
@@ -84,11 +93,13 @@ def _run(args: argparse.Namespace) -> int:
     from kvflow.eval.report import format_report, save_results
     from kvflow.eval.runner import EvalConfig, run_eval
 
+    if args.kv_budget_fraction is not None and not 0 < args.kv_budget_fraction <= 1:
+        raise SystemExit(f"error: --kv-budget-fraction must be in (0, 1], got {args.kv_budget_fraction}")
     config = EvalConfig(
         tasks=args.tasks, lengths=args.lengths, depths=args.depths, trials=args.trials, pairs=args.pairs,
         multikey_lengths=args.multikey_lengths, queries=args.queries, ppl_context=args.ppl_context,
         ppl_tokens=args.ppl_tokens, unigram=not args.no_unigram, heldout_percent=args.heldout_percent,
-        max_source_files=args.max_source_files, seed=args.seed,
+        max_source_files=args.max_source_files, seed=args.seed, kv_budget_fraction=args.kv_budget_fraction,
         cache_dir=None if args.no_cache else str(args.cache_dir), progress=not args.no_progress,
     )
     if args.threads:
@@ -97,6 +108,8 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.compare_kv:
         return _compare_kv(args, config)
+    if args.kv_budget_fraction is not None:
+        args = _with_policy_budget(args)
     llm = make_llm(args)
     draft_llm = None
     if args.draft is not None:
@@ -112,26 +125,77 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_kv(args: argparse.Namespace, config) -> int:
-    from kvflow.config import KV_CACHE_DTYPES
-    from kvflow.eval.kv_compare import compare_kv_formats, format_comparison, save_comparison
+def _policy_knobs(args: argparse.Namespace) -> dict:
+    """The sinks and window the engine will use: the flags, else CacheConfig's defaults."""
+    from kvflow.config import CacheConfig
 
-    unknown = [f for f in args.compare_kv if f not in KV_CACHE_DTYPES]
-    if unknown:
-        raise SystemExit(f"error: --compare-kv: unknown format(s) {', '.join(unknown)}; "
-                         f"choose from {', '.join(KV_CACHE_DTYPES)}")
+    default = CacheConfig()
+    sinks = default.kv_sink_tokens if args.kv_sink_tokens is None else args.kv_sink_tokens
+    return {"kv_sink_tokens": sinks, "kv_window": args.kv_window}
+
+
+def _with_policy_budget(args: argparse.Namespace) -> argparse.Namespace:
+    """--kv-budget-fraction needs the engine's --kv-policy; the engine's own --kv-budget (only the default of
+    requests without one; every evaluation request brings its own) becomes the smallest valid one if not given."""
+    from kvflow.eval.kv_budget import min_kv_budget
+
+    if args.kv_policy in (None, "none"):
+        raise SystemExit("error: --kv-budget-fraction sets each request's budget for the engine's KV policy; "
+                         "add --kv-policy streaming|h2o|snapkv|quest")
+    if args.kv_budget is not None:
+        return args
+    knobs = _policy_knobs(args)
+    try:
+        floor = min_kv_budget(args.kv_policy, knobs["kv_sink_tokens"], knobs["kv_window"])
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return argparse.Namespace(**{**vars(args), "kv_budget": floor})
+
+
+def _compare_kv(args: argparse.Namespace, config) -> int:
+    from kvflow.config import CacheConfig
+    from kvflow.eval.kv_compare import compare_kv_methods, format_comparison, save_comparison
+    from kvflow.eval.kv_methods import parse_methods
+
+    try:
+        methods = parse_methods(args.compare_kv)
+    except ValueError as exc:
+        raise SystemExit(f"error: --compare-kv: {exc}") from None
     if args.draft is not None:
         raise SystemExit("error: --compare-kv and --draft are separate evaluations; run them one at a time")
+    clashing = [flag for flag, value in (("--kv-cache-dtype", args.kv_cache_dtype), ("--kv-budget", args.kv_budget),
+                                         ("--kv-budget-fraction", args.kv_budget_fraction))
+                if value is not None] + (["--kv-policy"] if args.kv_policy not in (None, "none") else [])
+    if clashing:
+        raise SystemExit(f"error: --compare-kv sets each method's format, policy and budget (e.g. int8+snapkv@0.25); "
+                         f"drop {', '.join(clashing)}")
     model = model_path(args)
     out = args.out or Path("eval_results") / f"{Path(model).name or 'model'}-kv"
+    knobs = _policy_knobs(args)
 
-    def llm_for(fmt: str):
-        return make_llm(argparse.Namespace(**{**vars(args), "kv_cache_dtype": fmt}))
+    def namespace_for(method: KVMethod) -> argparse.Namespace:
+        return argparse.Namespace(**{**vars(args), **method.engine_args(knobs["kv_sink_tokens"], knobs["kv_window"])})
 
-    rows = compare_kv_formats(llm_for, model, args.dtype, list(args.compare_kv), config, out, reuse=not args.rerun,
-                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(format_comparison(rows, baseline=args.compare_kv[0]))
+    _check_engines(methods, namespace_for)  # every method's engine settings, before the first (long) run
+    rows = compare_kv_methods(lambda m: make_llm(namespace_for(m)), model, args.dtype, methods, config, out,
+                              reuse=not args.rerun, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                              policy_knobs=knobs, block_size=args.block_size or CacheConfig().block_size)
+    print(format_comparison(rows, baseline=methods[0].name))
     json_path, png_path = save_comparison(rows, out, f"{Path(model).name}: accuracy against KV bytes per token "
                                                      f"(model dtype {args.dtype})")
     print(f"wrote {json_path}, {png_path}")
     return 0
+
+
+def _check_engines(methods: list[KVMethod], namespace_for: Callable[[KVMethod], argparse.Namespace]) -> None:
+    """Build (not start) each method's engine config, so a setting the engine refuses fails now."""
+    from kvflow.cli.engine_args import engine_kwargs
+    from kvflow.config import EngineConfig
+
+    for method in methods:
+        ns = namespace_for(method)
+        try:
+            EngineConfig.create(model_path(ns), dtype=ns.dtype, max_model_len=ns.max_model_len, device=ns.device,
+                                seed=ns.seed, **engine_kwargs(ns))
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(f"error: --compare-kv {method.name}: {exc}") from None

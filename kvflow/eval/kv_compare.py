@@ -1,26 +1,37 @@
-"""Accuracy against KV bytes: the same evaluation under several KV-cache formats, one table and
-one figure (`kvflow eval --compare-kv auto,int8,fp8_e4m3 ...`).
+"""Accuracy against KV bytes: the same evaluation under several KV methods, one table and one figure
+(`kvflow eval --compare-kv auto,int8,snapkv@0.25,int8+snapkv@0.25 ...`).
 
-Each format's full results go to <out>/<format>/ as a plain `kvflow eval` writes them; a format
-whose results.json there was made with the same evaluation settings is reused (`reuse=True`), so
-adding a format to the figure costs one run. The x axis is the KV bytes one token takes (all layers,
-keys and values, scales included) relative to the model's own dtype, from the KV-cache spec.
+A method is a KV-cache format, a KV policy at a budget fraction, or both (kv_methods.py). Each
+method's full results go to <out>/<folder>/ as a plain `kvflow eval` writes them; a method whose
+results.json there was made with the same evaluation settings, format, policy, fraction, sinks and
+window is reused (`reuse=True`), so adding a method to the figure costs one run. The x axis is the
+KV bytes per token relative to the model's own dtype: the format's bytes (all layers, keys and
+values, scales included, from the KV-cache spec) times the share of tokens kept (streaming, h2o,
+snapkv). Quest keeps every token (plus each block's key bounds) and reads only its share per decode
+step, so it sits at the share *read*, drawn hollow: it saves reads, not memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kvflow.attention.kv_spec import KVCacheSpec
-from kvflow.eval.report import save_results
+from kvflow.eval.kv_figure import save_comparison
+from kvflow.eval.kv_methods import KVMethod
+from kvflow.eval.report import PPL_PREFILL_NOTE, save_results
 from kvflow.eval.runner import EvalConfig, run_eval
+
+__all__ = ["compare_kv_methods", "format_comparison", "key_bounds_ratio", "kv_bytes_per_token", "save_comparison"]
 
 #: Settings that must match for a saved result to be reused (the rest only affect logging/caching).
 _SAME_EVAL = ("tasks", "lengths", "depths", "trials", "pairs", "multikey_lengths", "queries", "ppl_context",
-              "ppl_tokens", "heldout_percent", "max_source_files", "seed")
+              "ppl_tokens", "heldout_percent", "max_source_files", "seed", "kv_budget_fraction")
+#: The engine's policy knobs a saved policy result must share (sinks and window change what is kept).
+POLICY_KNOBS = ("kv_sink_tokens", "kv_window")
 
 
 def kv_bytes_per_token(model: str, dtype: str, kv_cache_dtype: str, block_size: int = 16) -> tuple[int, int]:
@@ -33,38 +44,65 @@ def kv_bytes_per_token(model: str, dtype: str, kv_cache_dtype: str, block_size: 
             KVCacheSpec.for_format("auto", *shape).bytes_per_token)
 
 
-def compare_kv_formats(make_llm: Callable[[str], Any], model: str, dtype: str, formats: list[str],
-                       config: EvalConfig, out: Path, reuse: bool = True,
-                       log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Run (or reuse) the evaluation for every format; returns one summary row per format."""
+def key_bounds_ratio(model: str, dtype: str, block_size: int = 16) -> float:
+    """Quest's key bounds (min and max per block, layer and kv head, in the model's dtype) per token,
+    relative to the model's dense KV: memory Quest adds on top of the cache."""
+    from kvflow.config import EngineConfig
+
+    cfg = EngineConfig.create(model, dtype=dtype).model
+    spec = dataclasses.replace(KVCacheSpec.for_format("auto", cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                                      block_size, cfg.dtype), key_bounds_dtype=cfg.dtype)
+    return spec.key_bounds_bytes_per_block / block_size / spec.bytes_per_token
+
+
+def compare_kv_methods(make_llm: Callable[[KVMethod], Any], model: str, dtype: str, methods: list[KVMethod],
+                       config: EvalConfig, out: Path, reuse: bool = True, log: Callable[[str], None] | None = None,
+                       policy_knobs: dict[str, Any] | None = None, block_size: int = 16) -> list[dict[str, Any]]:
+    """Run (or reuse) the evaluation for every method; returns one summary row per method.
+
+    `make_llm(method)` builds the engine for a method (`KVMethod.engine_args`); `policy_knobs` are the
+    sinks and window those engines use (`POLICY_KNOBS`), checked when reusing a policy's result.
+    """
+    knobs = policy_knobs or {}
+    sizes = {fmt: kv_bytes_per_token(model, dtype, fmt) for fmt in dict.fromkeys(m.kv_cache_dtype for m in methods)}
+    bounds = key_bounds_ratio(model, dtype, block_size) if any(m.kv_policy == "quest" for m in methods) else 0.0
     rows = []
-    for fmt in formats:
-        folder = out / fmt
-        result = _load(folder / "results.json", config) if reuse else None
+    for method in methods:
+        folder = out / method.folder
+        run_config = dataclasses.replace(config, kv_budget_fraction=method.fraction)
+        engine = {"kv_cache_dtype": method.kv_cache_dtype, "kv_policy": method.kv_policy}
+        if method.kv_policy != "none":
+            engine.update({k: knobs[k] for k in POLICY_KNOBS if k in knobs})
+        result = _load(folder / "results.json", run_config, engine) if reuse else None
         if result is None:
             if log:
-                log(f"--- kv_cache_dtype={fmt}")
-            llm = make_llm(fmt)
-            evaluated = run_eval(llm, config, log=log)
+                log(f"--- {method.name}")
+            llm = make_llm(method)
+            evaluated = run_eval(llm, run_config, log=log)
             save_results(evaluated, folder)
             result = evaluated.to_dict(samples=False)
             del llm
         elif log:
-            log(f"--- kv_cache_dtype={fmt}: reusing {folder / 'results.json'}")
-        rows.append(_summary(fmt, result, *kv_bytes_per_token(model, dtype, fmt)))
+            log(f"--- {method.name}: reusing {folder / 'results.json'}")
+        rows.append(_summary(method, result, *sizes[method.kv_cache_dtype], bounds))
     return rows
 
 
-def _load(path: Path, config: EvalConfig) -> dict[str, Any] | None:
+def _load(path: Path, config: EvalConfig, engine: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved result if its evaluation settings and engine KV settings are this run's (results
+    saved before KV policies existed read as kv_policy none)."""
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
     saved = data.get("config", {})
     current = json.loads(json.dumps({k: getattr(config, k) for k in _SAME_EVAL}))
-    return data if all(saved.get(k) == current[k] for k in _SAME_EVAL) else None
+    cache = {"kv_policy": "none", **data.get("engine", {}).get("cache", {})}
+    same_eval = all(saved.get(k) == current[k] for k in _SAME_EVAL)
+    return data if same_eval and all(cache.get(k) == v for k, v in engine.items()) else None
 
 
-def _summary(fmt: str, result: dict[str, Any], kv_bytes: int, dense_bytes: int) -> dict[str, Any]:
+def _summary(method: KVMethod, result: dict[str, Any], kv_bytes: int, dense_bytes: int,
+             bounds_ratio: float = 0.0) -> dict[str, Any]:
     ppl = result.get("perplexity") or {}
     pk = result.get("passkey") or {}
     mk = result.get("multikey") or {}
@@ -75,62 +113,38 @@ def _summary(fmt: str, result: dict[str, Any], kv_bytes: int, dense_bytes: int) 
         acc = grid["accuracy"]  # rows x lengths
         return {str(n): sum(row[j] for row in acc) / len(acc) for j, n in enumerate(grid["lengths"])}
 
+    kept, read = method.kv_ratios(kv_bytes / dense_bytes, bounds_ratio)
     return {
-        "kv_cache_dtype": fmt, "kv_bytes_per_token": kv_bytes, "kv_bytes_ratio": kv_bytes / dense_bytes,
+        "method": method.name, "kv_cache_dtype": method.kv_cache_dtype, "kv_policy": method.kv_policy,
+        "kv_budget_fraction": method.fraction, "kv_bytes_per_token": kv_bytes, "kv_bytes_ratio": kv_bytes / dense_bytes,
+        "kv_kept_ratio": kept, "kv_read_ratio": read,
+        # the share of prompt tokens the budgets really covered (more than the fraction where the floor wins)
+        "kept_share": (result.get("kv_budget") or {}).get("kept_share"),
         "perplexity": ppl.get("perplexity"), "passkey": pk.get("mean_accuracy"), "multikey": mk.get("mean_accuracy"),
         "passkey_by_length": per_length(pk), "multikey_by_length": per_length(mk),
     }
 
 
 def format_comparison(rows: list[dict[str, Any]], baseline: str = "auto") -> str:
-    base = next((r for r in rows if r["kv_cache_dtype"] == baseline), rows[0])
-    head = f"{'kv_cache_dtype':<15} {'bytes/token':>11} {'vs full':>8} {'perplexity':>10} {'Δ ppl':>8} " \
-           f"{'passkey':>8} {'multikey':>9}"
+    """The table: one row per method; Δ ppl against `baseline` (a method name; else the first row)."""
+    base = next((r for r in rows if r["method"] == baseline), rows[0])
+    width = max(15, *(len(r["method"]) for r in rows))
+    head = f"{'method':<{width}} {'bytes/token':>11} {'KV kept':>8} {'KV read':>8} {'perplexity':>10} " \
+           f"{'Δ ppl':>8} {'passkey':>8} {'multikey':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         ppl, ref = r["perplexity"], base["perplexity"]
         delta = f"{100 * (ppl / ref - 1):+.2f}%" if ppl is not None and ref else "-"
-        lines.append(f"{r['kv_cache_dtype']:<15} {r['kv_bytes_per_token']:>11,} {r['kv_bytes_ratio']:>8.3f} "
-                     f"{_num(ppl, '.3f'):>10} {delta:>8} {_num(r['passkey'], '.3f'):>8} "
+        lines.append(f"{r['method']:<{width}} {r['kv_bytes_per_token']:>11,} {r['kv_kept_ratio']:>8.3f} "
+                     f"{r['kv_read_ratio']:>8.3f} {_num(ppl, '.3f'):>10} {delta:>8} {_num(r['passkey'], '.3f'):>8} "
                      f"{_num(r['multikey'], '.3f'):>9}")
+    if any(r["kv_policy"] != "none" for r in rows):
+        lines.append("KV kept / read: bytes per token relative to the model's dtype (format x budget fraction; "
+                     "quest keeps all KV plus its key bounds, and reads the fraction of the KV and every block's "
+                     "bounds per decode step)")
+        lines.append(PPL_PREFILL_NOTE)
     return "\n".join(lines)
 
 
 def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
-
-
-def save_comparison(rows: list[dict[str, Any]], out: Path, title: str) -> tuple[Path, Path]:
-    """kv_compare.json and kv_compare.png: perplexity, passkey and multi-key against KV bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "kv_compare.json"
-    json_path.write_text(json.dumps(rows, indent=1))
-    panels = [("perplexity", "held-out perplexity (lower is better)"), ("passkey", "passkey accuracy"),
-              ("multikey", "multi-key recall")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    try:
-        markers = "osD^vP*Xh<>"
-        for ax, (key, label) in zip(axes, panels):
-            for i, r in enumerate(rows):
-                if r[key] is not None:
-                    ax.scatter(r["kv_bytes_ratio"], r[key], s=45, marker=markers[i % len(markers)],
-                               color=f"C{i % 10}", label=r["kv_cache_dtype"], alpha=0.85)
-            ax.set_xlabel("KV bytes per token (relative to the model's dtype)")
-            ax.set_ylabel(label)
-            ax.set_xlim(0, 1.1 * max(r["kv_bytes_ratio"] for r in rows))
-            if key != "perplexity":
-                ax.set_ylim(-0.05, 1.05)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        png_path = out / "kv_compare.png"
-        fig.savefig(png_path, dpi=110)
-    finally:
-        plt.close(fig)
-    return json_path, png_path

@@ -63,11 +63,20 @@ def scored_tokens(windows: Sequence[Sequence[int]]) -> np.ndarray:
     return np.asarray([t for w in windows for t in w[1:]], dtype=np.int64)
 
 
-def engine_score_fn(llm: Any, use_tqdm: bool = False) -> ScoreFn:
-    """Prompt-token log-probabilities from our engine, all windows in one batched call."""
+def engine_score_fn(llm: Any, use_tqdm: bool = False, kv_budget: Callable[[int], int] | None = None) -> ScoreFn:
+    """Prompt-token log-probabilities from our engine, all windows in one batched call.
+
+    `kv_budget` (prompt tokens -> tokens) gives each window its own budget under the engine's KV
+    policy, as the retrieval tasks get theirs. The scores come from prefill, where only streaming
+    acts (between prefill chunks); h2o, snapkv and quest act on decode, so they leave them unchanged.
+    """
 
     def score(prompts: list[list[int]]) -> list[list[float]]:
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        params: SamplingParams | list[SamplingParams] = SamplingParams(max_tokens=1, temperature=0.0,
+                                                                        prompt_logprobs=0)
+        if kv_budget is not None:
+            params = [SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, kv_budget=kv_budget(len(p)))
+                      for p in prompts]
         outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=use_tqdm)
         result = []
         for prompt, out in zip(prompts, outputs):

@@ -20,16 +20,41 @@ def engine_summary(engine: dict[str, Any]) -> str:
         f"block_size={cache.get('block_size')}", f"prefix_caching={cache.get('enable_prefix_caching')}",
         f"max_num_seqs={sched.get('max_num_seqs')}",
     ]
+    if cache.get("kv_policy", "none") != "none":
+        parts.insert(3, f"kv_policy={cache['kv_policy']} kv_budget={cache.get('kv_budget')} "
+                        f"kv_sink_tokens={cache.get('kv_sink_tokens')} kv_window={cache.get('kv_window')}")
     return " ".join(parts)
 
 
-def _short_engine(engine: dict[str, Any]) -> str:
+#: Said wherever perplexity stands next to a KV policy's retrieval numbers, so nobody reads "no loss".
+PPL_PREFILL_NOTE = ("note: perplexity is computed in prefill, so it does not show the loss of decode-time KV "
+                    "policies (h2o, snapkv, quest; streaming acts only between prefill chunks)")
+
+
+def policy_summary(result: EvalResult) -> str | None:
+    """One line on the KV policy in effect (None: the engine keeps all KV)."""
+    policy = result.engine.get("cache", {}).get("kv_policy", "none")
+    if policy == "none":
+        return None
+    kb = result.kv_budget
+    if kb is None:
+        return f"kv policy: {policy}, kv_budget {result.engine['cache'].get('kv_budget')} tokens per request"
+    kept = ", ".join(f"{task} {100 * share:.1f}%" for task, share in kb["kept_share"].items() if share is not None)
+    return (f"kv policy: {policy}, each request's kv_budget = max({kb['floor']}, round({kb['fraction']:g} x prompt "
+            f"tokens)); prompt tokens within budget: {kept}")
+
+
+def _short_engine(engine: dict[str, Any], fraction: float | None = None) -> str:
     cache = engine.get("cache", {})
     kv = cache.get("kv_cache_memory")
     budget = "auto" if kv is None else f"{kv} GiB"
+    policy = cache.get("kv_policy", "none")
+    if policy != "none":
+        policy += f" @ {fraction:g} of each prompt" if fraction else f" ({cache.get('kv_budget')} tokens)"
     return (f"{engine.get('dtype')}, KV {cache.get('kv_cache_dtype', 'auto')} {budget} "
             f"({engine.get('num_kv_blocks')} blocks), "
-            f"prefix caching {'on' if cache.get('enable_prefix_caching') else 'off'}")
+            + ("" if policy == "none" else f"policy {policy}, ")
+            + f"prefix caching {'on' if cache.get('enable_prefix_caching') else 'off'}")
 
 
 def save_results(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
@@ -40,7 +65,7 @@ def save_results(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
     data = result.to_dict()
     paths["results"] = _write_json(out / "results.json", data)
     name = Path(result.model).name or result.model
-    subtitle = f"{name} | {_short_engine(result.engine)}"
+    subtitle = f"{name} | {_short_engine(result.engine, result.config.get('kv_budget_fraction'))}"
     if result.passkey is not None:
         pk = result.passkey
         paths["passkey_json"] = _write_json(out / "passkey.json", {"model": result.model, "engine": result.engine,
@@ -88,6 +113,9 @@ def format_report(result: EvalResult) -> str:
     c = result.corpus
     lines.append(f"corpus: CPython, {c['heldout_documents']} held-out documents ({c['heldout_tokens']:,} tokens; "
                  f"split {c['heldout_percent']}% from {c['split_source']})")
+    policy = policy_summary(result)
+    if policy is not None:
+        lines.append(policy)
     p = result.perplexity
     if p is not None:
         lines.append(f"perplexity: {p['perplexity']:.3f}  ({_fmt(p['bits_per_byte'], '.3f')} bits/byte; "
@@ -98,6 +126,8 @@ def format_report(result: EvalResult) -> str:
             lines.append(f"unigram baseline: {u['perplexity']:.3f}  ({_fmt(u['bits_per_byte'], '.3f')} bits/byte; "
                          f"train split {u['train_tokens']:,} tokens)  -> model/unigram = "
                          f"{p['perplexity_ratio_to_unigram']:.3f}")
+        if policy is not None:
+            lines.append(PPL_PREFILL_NOTE)
     if result.passkey is not None:
         pk = result.passkey
         lines.append(f"passkey accuracy (rows: needle depth, columns: context length; {pk['trials']} trials/cell): "

@@ -29,11 +29,17 @@ _PASSKEY, _MULTIKEY = 1, 2  # task codes in the per-cell seeds
 _SLACK = 2  # extra tokens decoded beyond the answer's length
 
 
-def engine_generate_fn(llm: Any, use_tqdm: bool = False) -> GenerateFn:
-    """Greedy decoding through our engine: one `LLM.generate` call for the whole batch."""
+def engine_generate_fn(llm: Any, use_tqdm: bool = False, kv_budget: Callable[[int], int] | None = None) -> GenerateFn:
+    """Greedy decoding through our engine: one `LLM.generate` call for the whole batch.
+
+    `kv_budget` (prompt tokens -> tokens) gives each request its own budget under the engine's KV
+    policy (`kvflow eval --kv-budget-fraction`), so every length keeps the same share of its prompt.
+    """
 
     def generate(prompts: list[list[int]], max_tokens: list[int]) -> list[str]:
-        params = [SamplingParams(temperature=0.0, max_tokens=m) for m in max_tokens]
+        params = [SamplingParams(temperature=0.0, max_tokens=m,
+                                 kv_budget=None if kv_budget is None else kv_budget(len(p)))
+                  for p, m in zip(prompts, max_tokens)]
         outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=use_tqdm)
         return [out.outputs[0].text for out in outputs]
 

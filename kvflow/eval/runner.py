@@ -17,6 +17,7 @@ import numpy as np
 
 from kvflow.eval.agreement import draft_agreement
 from kvflow.eval.data import CorpusSplit, resolve_split, token_stream, unigram_counts
+from kvflow.eval.kv_budget import KVBudgetRule, budget_rule, check_fraction
 from kvflow.eval.perplexity import engine_score_fn, evaluate_perplexity, make_windows
 from kvflow.eval.retrieval import engine_generate_fn, run_multikey, run_passkey
 from kvflow.train.synthetic import RetrievalTasks
@@ -41,6 +42,9 @@ class EvalConfig:
     heldout_percent: int | None = None  # None: the model's train_report.json, else 3
     max_source_files: int | None = None  # None: the model's train_report.json, else all; 0: all
     seed: int = 0
+    # Each request's kv_budget = max(floor, round(fraction * its prompt tokens)) under the engine's
+    # KV policy (kv_budget.py); None: requests use the engine's own kv_budget.
+    kv_budget_fraction: float | None = None
     cache_dir: str | None = None  # caches the train split's unigram counts
     progress: bool = False
 
@@ -57,6 +61,8 @@ class EvalConfig:
                 raise ValueError(f"{name} must be positive, got {list(getattr(self, name))}")
         if self.ppl_tokens < 1:
             raise ValueError(f"ppl_tokens must be >= 1, got {self.ppl_tokens}")
+        if self.kv_budget_fraction is not None:
+            check_fraction(self.kv_budget_fraction)
 
 
 @dataclass
@@ -69,6 +75,9 @@ class EvalResult:
     passkey: dict[str, Any] | None = None
     multikey: dict[str, Any] | None = None
     draft: dict[str, Any] | None = None
+    # With kv_budget_fraction: the rule (policy, fraction, floor) and the share of each task's prompt
+    # tokens the budgets kept.
+    kv_budget: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self, samples: bool = True) -> dict[str, Any]:
@@ -110,6 +119,9 @@ def run_eval(llm: Any, config: EvalConfig = EvalConfig(), log: Callable[[str], N
         raise ValueError("evaluation needs the model's tokenizer; this model directory has none")
     model_cfg = llm.engine.config.model
     max_len = model_cfg.max_model_len
+    rule = None if config.kv_budget_fraction is None else budget_rule(llm.engine.config.cache,
+                                                                       config.kv_budget_fraction)
+    budget = None if rule is None else rule.budget
     split = resolve_split(model_cfg.path, config.heldout_percent, config.max_source_files)
     started = time.perf_counter()
     train_docs, heldout_docs = split.documents()
@@ -119,7 +131,10 @@ def run_eval(llm: Any, config: EvalConfig = EvalConfig(), log: Callable[[str], N
         corpus=_corpus_info(split, train_docs, heldout_docs, heldout),
     )
     result.seconds["corpus"] = time.perf_counter() - started
+    windows_lengths: list[int] = []
     say(f"held-out corpus: {len(heldout_docs)} documents, {len(heldout):,} tokens (split: {split.source})")
+    if rule is not None:
+        say(f"kv policy {rule.policy}: each request keeps max({rule.floor}, round({rule.fraction:g} x prompt tokens))")
 
     if "perplexity" in config.tasks:
         started = time.perf_counter()
@@ -132,15 +147,17 @@ def run_eval(llm: Any, config: EvalConfig = EvalConfig(), log: Callable[[str], N
             counts = unigram_counts(tokenizer, train_docs, config.cache_dir,
                                     cache_key=f"{split.heldout_percent}|{split.max_source_files}")
         windows = make_windows(heldout, context, config.ppl_tokens, _bos(tokenizer))
+        windows_lengths = [len(w) for w in windows]
         say(f"perplexity: {sum(len(w) - 1 for w in windows):,} tokens in {len(windows)} windows of <= {context}")
-        result.perplexity = evaluate_perplexity(engine_score_fn(llm, config.progress), windows, tokenizer, counts)
+        result.perplexity = evaluate_perplexity(engine_score_fn(llm, config.progress, budget), windows, tokenizer,
+                                                counts)
         result.seconds["perplexity"] = time.perf_counter() - started
 
     if "passkey" in config.tasks or "multikey" in config.tasks:
         tasks = RetrievalTasks(tokenizer, filler=heldout)
         if tasks.bos is None:  # e.g. Qwen: no BOS token; start prompts with the document separator
             tasks.bos = tokenizer.eos_token_id
-        generate = engine_generate_fn(llm, config.progress)
+        generate = engine_generate_fn(llm, config.progress, budget)
         if "passkey" in config.tasks:
             started = time.perf_counter()
             say(f"passkey: {len(config.lengths)} lengths x {len(config.depths)} depths x {config.trials} trials")
@@ -163,7 +180,19 @@ def run_eval(llm: Any, config: EvalConfig = EvalConfig(), log: Callable[[str], N
         say(f"draft agreement: {sum(len(w) - 1 for w in windows):,} positions")
         result.draft = draft_agreement(llm, draft_llm, windows)
         result.seconds["draft"] = time.perf_counter() - started
+    if rule is not None:
+        result.kv_budget = _budget_info(rule, result, windows_lengths)
     return result
+
+
+def _budget_info(rule: KVBudgetRule, result: EvalResult, ppl_lengths: list[int]) -> dict[str, Any]:
+    """The rule and, per task, the share of prompt tokens kept: at short prompts the floor keeps more
+    than the fraction, so this is the number to read next to the accuracy."""
+    kept = {"perplexity": rule.kept_share(ppl_lengths) if result.perplexity is not None else None}
+    for task in ("passkey", "multikey"):
+        grid = getattr(result, task)
+        kept[task] = None if grid is None else rule.kept_share(s["prompt_tokens"] for s in grid["samples"])
+    return {**rule.to_dict(), "kept_share": kept}
 
 
 def _bos(tokenizer: Any) -> int | None:
