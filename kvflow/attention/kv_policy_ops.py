@@ -59,18 +59,35 @@ def allocate_key_bounds(num_layers: int, num_blocks: int, num_kv_heads: int, hea
             for _ in range(num_layers)]
 
 
-def update_key_bounds(bounds: torch.Tensor, kv_cache: LayerKV, slot_mapping: torch.Tensor, block_size: int) -> None:
-    """Fold the keys just stored at `slot_mapping` into their blocks' min/max. Blocks fill in order,
-    so a block whose offset 0 is written starts over (it was free, or is being recomputed)."""
+#: (bounds, keys [T, KVH, D], slot_block, slot_offset) -> None: `fold_key_bounds`, or the C++ kernel.
+FoldFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def update_key_bounds(key_bounds: list[torch.Tensor], kv_caches: list[LayerKV], slot_mapping: torch.Tensor,
+                      block_size: int, fold: FoldFn | None = None) -> None:
+    """Fold the keys just stored at `slot_mapping`, as the cache holds them, into their blocks'
+    min/max in every layer. Blocks fill in order, so a block whose offset 0 is written starts over
+    (it was free, or is being recomputed)."""
     slot_block = torch.div(slot_mapping, block_size, rounding_mode="floor")
     slot_offset = slot_mapping % block_size
-    keys = read_slot_keys(kv_cache, slot_block, slot_offset, bounds.dtype)  # [T, KVH, D]
-    fresh = slot_block[slot_offset == 0]
-    bounds[fresh, :, 0] = float("inf")
-    bounds[fresh, :, 1] = float("-inf")
-    index = slot_block[:, None, None].expand_as(keys)
-    bounds[:, :, 0].scatter_reduce_(0, index, keys, "amin")
-    bounds[:, :, 1].scatter_reduce_(0, index, keys, "amax")
+    for bounds, kv_cache in zip(key_bounds, kv_caches):
+        keys = read_slot_keys(kv_cache, slot_block, slot_offset, bounds.dtype).contiguous()  # [T, KVH, D]
+        (fold or fold_key_bounds)(bounds, keys, slot_block, slot_offset)
+
+
+def fold_key_bounds(bounds: torch.Tensor, keys: torch.Tensor, slot_block: torch.Tensor,
+                    slot_offset: torch.Tensor) -> None:
+    """Fold one layer's keys into their blocks' min/max (the reference for the C++ kernel)."""
+    # Only the step's blocks are touched: gathered, folded, written back (never the whole table).
+    blocks, inverse = torch.unique(slot_block, return_inverse=True)
+    mins, maxs = bounds[blocks, :, 0], bounds[blocks, :, 1]  # [U, KVH, D] copies
+    fresh = torch.zeros(len(blocks), dtype=torch.bool, device=blocks.device)
+    fresh[inverse[slot_offset == 0]] = True
+    mins[fresh], maxs[fresh] = float("inf"), float("-inf")
+    index = inverse[:, None, None].expand_as(keys)
+    mins.scatter_reduce_(0, index, keys, "amin")
+    maxs.scatter_reduce_(0, index, keys, "amax")
+    bounds[blocks] = torch.stack([mins, maxs], dim=2)
 
 
 #: (q [R, H, D], bounds [blocks, KVH, 2, D], tables [R, nb], num_blocks [R], scale) -> [R, H, nb] fp32: Quest's scaled

@@ -56,11 +56,13 @@ class PolicyStep:
     block_mass: torch.Tensor | None = None  # [num_decodes, max_blocks], summed over layers and heads
     snaps: list[SnapJob] = field(default_factory=list)
     select_fn: SelectFn = quest_select  # Quest's choice: PyTorch, or the C++ CPU kernel
+    # cpu_reads' per-step tensors: Quest rows, their tables, and the buffers handed to the kernel.
+    _cpu_buffers: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     def _quest_reads(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
-                     scale: float) -> tuple[torch.Tensor, list[int], torch.Tensor, list[int]] | None:
-        """Quest rows' reads in this layer: the step's block tables with their rows reduced, the
-        sequence lengths over them, and the rows with their new lengths (None: read everything)."""
+                     scale: float) -> tuple[torch.Tensor, list[int]] | None:
+        """Quest rows' reads in this layer: the step's block tables with their rows reduced and the
+        sequence lengths over them (None: read everything)."""
         quest = self.quest
         if quest is None or layer < QUEST_DENSE_LAYERS or self.key_bounds is None:
             return None
@@ -74,17 +76,25 @@ class PolicyStep:
         seq_lens_list = list(meta.seq_lens_list)
         for r, n in zip(quest.rows, lens):
             seq_lens_list[r] = n
-        return tables, seq_lens_list, rows, lens
+        return tables, seq_lens_list
 
     def cpu_reads(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, kv_positions: torch.Tensor,
                   scale: float) -> list[torch.Tensor]:
         """The C++ forward's `before_attention`: [] or [block_tables, kv_positions] for this layer
-        (decodes come first in a step, one token each, so a Quest row's token is its row)."""
-        reads = self._quest_reads(layer, q, meta, scale)
-        if reads is None:
+        (decodes come first in a step, one token each, so a Quest row's token is its row). What does
+        not change between layers is made once per step, and the two tensors handed back are the
+        same buffers every layer (the kernel has read them before the next layer writes them)."""
+        quest = self.quest
+        if quest is None or layer < QUEST_DENSE_LAYERS or self.key_bounds is None:
             return []
-        tables, _, rows, lens = reads
-        positions = kv_positions.clone()
+        if self._cpu_buffers is None:
+            rows = torch.tensor(quest.rows, device=q.device)
+            self._cpu_buffers = (rows, meta.block_tables[rows], meta.block_tables.clone(), kv_positions.clone())
+        rows, row_tables, tables, positions = self._cpu_buffers
+        chosen, lens = self.select_fn(q[rows], self.key_bounds[layer], row_tables,
+                                      [meta.seq_lens_list[r] for r in quest.rows], quest.read_blocks,
+                                      quest.sink_blocks, quest.window_blocks, meta.block_size, scale)
+        tables[rows, : chosen.shape[1]] = chosen
         positions[rows] = torch.tensor(lens, dtype=torch.long, device=q.device) - 1
         return [tables, positions]
 
@@ -94,7 +104,7 @@ class PolicyStep:
         reads = self._quest_reads(layer, q, meta, scale)
         if reads is None:
             return meta
-        tables, seq_lens_list, _, _ = reads
+        tables, seq_lens_list = reads
         view = dataclasses.replace(
             meta, block_tables=tables, seq_lens=torch.tensor(seq_lens_list, dtype=torch.long, device=q.device),
             seq_lens_list=seq_lens_list, max_seq_len=max(seq_lens_list), extra={}, policy=None,

@@ -666,6 +666,37 @@ at::Tensor quest_bounds_op(const at::Tensor& q, const at::Tensor& bounds, const 
   return out;
 }
 
+// Quest's key bounds: fold a step's keys [T, KVH, D] (as stored) into their blocks' min/max
+// (bounds [blocks, KVH, 2, D] of the keys' dtype); a block whose offset 0 is written starts over.
+// Tokens arrive in order, so a block's offset-0 token precedes its others in the step.
+void fold_key_bounds_op(at::Tensor& bounds, const at::Tensor& keys, const at::Tensor& slot_block,
+                        const at::Tensor& slot_offset) {
+  TORCH_CHECK(bounds.is_contiguous() && keys.is_contiguous() && bounds.scalar_type() == keys.scalar_type() &&
+                  slot_block.scalar_type() == at::kLong && slot_offset.scalar_type() == at::kLong,
+              "fold_key_bounds: contiguous bounds and keys of one dtype, int64 slots");
+  const int64_t tokens = keys.size(0), row = keys.size(1) * keys.size(2), dim = keys.size(2);
+  const int64_t* blk = slot_block.data_ptr<int64_t>();
+  const int64_t* off = slot_offset.data_ptr<int64_t>();
+  KVFLOW_DISPATCH(keys.scalar_type(), "fold_key_bounds", [&] {
+    const scalar_t* k = keys.data_ptr<scalar_t>();
+    scalar_t* b = bounds.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < tokens; ++t) {
+      scalar_t* block = b + blk[t] * 2 * row;  // [KVH, 2, D]
+      const scalar_t* key = k + t * row;
+      for (int64_t h = 0; h < keys.size(1); ++h) {
+        scalar_t* lo = block + h * 2 * dim;
+        scalar_t* hi = lo + dim;
+        const scalar_t* x = key + h * dim;
+        for (int64_t d = 0; d < dim; ++d) {
+          const float v = static_cast<float>(x[d]);
+          if (off[t] == 0 || v < static_cast<float>(lo[d])) lo[d] = x[d];
+          if (off[t] == 0 || v > static_cast<float>(hi[d])) hi[d] = x[d];
+        }
+      }
+    }
+  });
+}
+
 // Quest's choice of blocks for each decode row (kv_policy_ops.quest_select is the PyTorch
 // reference): per query head the bounds softmaxed over the row's blocks, summed over heads; the
 // row's `sink_blocks` first and `window_blocks` newest blocks (at least the query's own) always
@@ -754,6 +785,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("window"), pybind11::arg("decode_chunk") = 0, pybind11::arg("kv_scales") = pybind11::none());
   m.def("quest_bounds", &quest_bounds_op, pybind11::arg("q"), pybind11::arg("bounds"), pybind11::arg("tables"),
         pybind11::arg("num_blocks"), pybind11::arg("scale"));
+  m.def("fold_key_bounds", &fold_key_bounds_op, pybind11::arg("bounds"), pybind11::arg("keys"),
+        pybind11::arg("slot_block"), pybind11::arg("slot_offset"));
   m.def("quest_select", &quest_select_op, pybind11::arg("q"), pybind11::arg("bounds"), pybind11::arg("tables"),
         pybind11::arg("kv_lens"), pybind11::arg("read_blocks"), pybind11::arg("sink_blocks"),
         pybind11::arg("window_blocks"), pybind11::arg("block_size"), pybind11::arg("scale"));

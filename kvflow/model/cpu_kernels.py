@@ -195,6 +195,11 @@ class CpuForward:
         return quest_select_cpp(self._ext, q, bounds, tables, kv_lens, read_blocks, sink_blocks, window_blocks,
                                 block_size, scale)
 
+    def fold_key_bounds(self, bounds: torch.Tensor, keys: torch.Tensor, slot_block: torch.Tensor,
+                        slot_offset: torch.Tensor) -> None:
+        """kv_policy_ops.fold_key_bounds in C++: one call per layer and step."""
+        self._ext.fold_key_bounds(bounds, keys, slot_block, slot_offset)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of these rows: the decode GEMV for a few rows where the LM head has its
         copy, else the model's own `compute_logits`."""

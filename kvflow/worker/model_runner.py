@@ -119,8 +119,8 @@ class ModelRunner:
             if hooks is not None:
                 hooks.end_step()
         if self.key_bounds is not None:
-            for bounds, cache in zip(self.key_bounds, self.kv_caches):
-                update_key_bounds(bounds, cache, meta.slot_mapping, self.block_size)
+            fold = self.cpu_forward.fold_key_bounds if self.cpu_forward is not None else None
+            update_key_bounds(self.key_bounds, self.kv_caches, meta.slot_mapping, self.block_size, fold)
         out = self._sample(chunks, hidden, meta)
         if policy is not None and policy.block_mass is not None:
             for row in policy.h2o_rows:

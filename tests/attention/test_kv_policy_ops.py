@@ -65,8 +65,16 @@ def _setup(fmt: str, lens: list[int], kvh: int = 2, d: int = 8, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------------------- Quest
+def _folds():
+    from kvflow.model.cpu_kernels import load_extension
+
+    ext = load_extension()
+    return [None] + ([ext.fold_key_bounds] if ext is not None else [])
+
+
+@pytest.mark.parametrize("fold", _folds(), ids=lambda f: "torch" if f is None else "cpp")
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_key_bounds_are_min_and_max_of_each_blocks_keys(fmt):
+def test_key_bounds_are_min_and_max_of_each_blocks_keys(fmt, fold):
     """Bounds folded in over several steps (a block split across steps, a recycled block starting
     over at offset 0) equal each block's min/max over the keys it holds."""
     cache, tables, _ = _setup(fmt, [13, 7])
@@ -78,7 +86,7 @@ def test_key_bounds_are_min_and_max_of_each_blocks_keys(fmt):
         for lo, hi in ((0, 5), (5, 6), (6, n)):  # three steps, the second mid-block
             slots = torch.tensor([table[i // BS] * BS + i % BS for i in range(lo, min(hi, n))])
             if len(slots):
-                update_key_bounds(bounds, cache, slots, BS)
+                update_key_bounds([bounds], [cache], slots, BS, fold)
     for table, n in zip(tables, [13, 7]):
         keys = _keys(cache, table, n)
         for b in range(-(-n // BS)):
@@ -118,7 +126,7 @@ def test_quest_reads_the_blocks_a_naive_quest_chooses(fmt):
     kvh, d, h = 2, 8, 4
     bounds = allocate_key_bounds(1, len(lens) * 10 + 6, kvh, d, torch.float32, "cpu")[0]
     for table, n in zip(tables, lens):
-        update_key_bounds(bounds, cache, torch.tensor([table[i // BS] * BS + i % BS for i in range(n)]), BS)
+        update_key_bounds([bounds], [cache], torch.tensor([table[i // BS] * BS + i % BS for i in range(n)]), BS)
     q = torch.randn(len(lens), h, d, generator=gen)
     read, sinks, window = [4, 3, 5], [1, 0, 1], [1, 2, 1]
     table_t = torch.tensor(tables)
@@ -136,7 +144,7 @@ def test_quest_reading_every_block_is_full_attention():
     cache, tables, gen = _setup("float32", lens, seed=5)
     bounds = allocate_key_bounds(1, 64, 2, 8, torch.float32, "cpu")[0]
     for table, n in zip(tables, lens):
-        update_key_bounds(bounds, cache, torch.tensor([table[i // BS] * BS + i % BS for i in range(n)]), BS)
+        update_key_bounds([bounds], [cache], torch.tensor([table[i // BS] * BS + i % BS for i in range(n)]), BS)
     chosen, new_lens = quest_select(torch.randn(2, 4, 8, generator=gen), bounds, torch.tensor(tables), lens,
                                     [10, 10], [0, 0], [1, 1], BS, 0.3)
     assert new_lens == lens
