@@ -192,10 +192,15 @@ def compact_tokens(kv_cache: LayerKV, table: torch.Tensor, keep: torch.Tensor, d
 
 
 # ------------------------------------------------------------------------------------------- H2O
+#: block_attention_mass's signature: the PyTorch reference below, or the C++ CPU kernel (CpuForward.block_mass).
+MassFn = Callable[[torch.Tensor, LayerKV, torch.Tensor, list[int], float], torch.Tensor]
+
+
 def block_attention_mass(q: torch.Tensor, kv_cache: LayerKV, tables: torch.Tensor, kv_lens: list[int],
                          scale: float) -> torch.Tensor:
     """The attention mass each block of each decode row takes, summed over query heads: [R, nb].
-    The reference for backends that do not return it from their kernels (torch-native does)."""
+    The reference for the C++ kernel (`block_mass`, which reads the cache in place) and for backends
+    that do not return it from their kernels (torch-native does); it dequantises the rows' keys."""
     r, num_heads, head_dim = q.shape
     keys = read_keys(kv_cache, tables)  # [R, nb, KVH, bs, D]
     _, nb, kvh, bs, _ = keys.shape

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 import torch
 
 from kvflow.attention.backend import AttentionBackend, AttentionMetadata
-from kvflow.attention.kv_policy_ops import SelectFn, block_attention_mass, compact_tokens, quest_select, snapkv_select
+from kvflow.attention.kv_policy_ops import (
+    MassFn,
+    SelectFn,
+    block_attention_mass,
+    compact_tokens,
+    quest_select,
+    snapkv_select,
+)
 from kvflow.attention.kv_spec import LayerKV
 
 #: Quest reads every block in the first layers, whose attention is spread too evenly for the bound
@@ -56,6 +63,7 @@ class PolicyStep:
     block_mass: torch.Tensor | None = None  # [num_decodes, max_blocks], summed over layers and heads
     snaps: list[SnapJob] = field(default_factory=list)
     select_fn: SelectFn = quest_select  # Quest's choice: PyTorch, or the C++ CPU kernel
+    mass_fn: MassFn = block_attention_mass  # H2O's block mass where the backend gives none: PyTorch or C++
     # cpu_reads' per-step tensors: Quest rows, their tables, and the buffers handed to the kernel.
     _cpu_buffers: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
@@ -122,7 +130,7 @@ class PolicyStep:
             rows = torch.tensor(self.h2o_rows, device=q.device)
             lens = [meta.seq_lens_list[r] for r in self.h2o_rows]
             nb = -(-max(lens) // meta.block_size)
-            mass = block_attention_mass(q[rows], kv_cache, meta.block_tables[rows, :nb], lens, scale)
+            mass = self.mass_fn(q[rows], kv_cache, meta.block_tables[rows, :nb], lens, scale)
             self.block_mass[rows, :nb] += mass
         starts = meta.query_start_loc
         for job in self.snaps:

@@ -666,6 +666,66 @@ at::Tensor quest_bounds_op(const at::Tensor& q, const at::Tensor& bounds, const 
   return out;
 }
 
+// H2O's per-block attention mass for decode rows (kv_policy_ops.block_attention_mass is the PyTorch
+// reference): per query head, softmax(q·k · scale) over the row's first kv_lens[r] keys, read in
+// place from the paged cache in its own format (codes times their scale), summed per block.
+// q [R, H, D] (D a multiple of 16); tables [R, nb]; returns [R, KVH, nb] fp32 (the caller sums kv heads).
+template <typename T, typename KV>
+void block_mass_kernel(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& kv_scales,
+                       const at::Tensor& tables, const at::Tensor& kv_lens, float scale, at::Tensor& out) {
+  const at::Tensor none = at::empty({0}, tables.options());
+  at::Tensor unused = at::empty({0}, q.options());
+  const PagedAttentionView<T, KV> v(q, kv_cache, kv_scales, tables, none, none, unused);
+  const int64_t rows = q.size(0), nb = tables.size(1), dim = v.head_dim, chunks = dim / 16;
+  const int64_t* lens = kv_lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows * v.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s;
+    std::vector<__m512> qv(chunks);
+    for (int64_t rk = begin; rk < end; ++rk) {
+      const int64_t r = rk / v.num_kv_heads, g = rk % v.num_kv_heads, n = lens[r];
+      const int64_t* table = v.tables + r * v.table_stride;
+      float* mass = op + rk * nb;
+      std::fill(mass, mass + nb, 0.f);
+      s.resize(n);
+      for (int64_t h = g * v.group; h < (g + 1) * v.group; ++h) {
+        for (int64_t c = 0; c < chunks; ++c) qv[c] = load16(v.q + (r * v.num_heads + h) * dim + 16 * c);
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t b = j / v.block_size;
+          const KV* key = v.block_rows(v.keys, table, b, g, j);
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t c = 0; c < chunks; ++c) acc = _mm512_fmadd_ps(load16(key + 16 * c), qv[c], acc);
+          float dot = _mm512_reduce_add_ps(acc);
+          if constexpr (PagedAttentionView<T, KV>::kTokenScales) dot *= *v.scale_rows(v.key_scales, table, b, g, j);
+          if constexpr (PagedAttentionView<T, KV>::kHeadScales) dot *= v.key_scales[g];
+          s[j] = dot * scale;
+          m = std::max(m, s[j]);
+        }
+        float z = 0.f;
+        for (int64_t j = 0; j < n; ++j) z += (s[j] = std::exp(s[j] - m));
+        const float inv = 1.f / z;
+        for (int64_t j = 0; j < n; ++j) mass[j / v.block_size] += s[j] * inv;
+      }
+    }
+  });
+}
+
+at::Tensor block_mass_op(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& tables,
+                         const at::Tensor& kv_lens, double scale, const std::optional<at::Tensor>& kv_scales) {
+  TORCH_CHECK(q.dim() == 3 && q.size(2) % 16 == 0 && q.is_contiguous() && tables.scalar_type() == at::kLong &&
+                  tables.is_contiguous() && kv_lens.scalar_type() == at::kLong && kv_lens.numel() == q.size(0),
+              "block_mass: q [R, H, D] contiguous with D a multiple of 16, int64 tables [R, nb] and kv_lens [R]");
+  at::Tensor out = at::empty({q.size(0), kv_cache.size(2), tables.size(1)}, q.options().dtype(at::kFloat));
+  const at::Tensor scales = kv_scales ? optional_weight(*kv_scales) : at::Tensor();
+  KVFLOW_DISPATCH(q.scalar_type(), "block_mass", [&] {
+    KVFLOW_KV_DISPATCH(kv_cache.scalar_type(), scalar_t, [&] {
+      block_mass_kernel<scalar_t, kv_t>(q, kv_cache, scales, tables, kv_lens, static_cast<float>(scale), out);
+    });
+  });
+  return out.sum(1);
+}
+
 // Quest's key bounds: fold a step's keys [T, KVH, D] (as stored) into their blocks' min/max
 // (bounds [blocks, KVH, 2, D] of the keys' dtype); a block whose offset 0 is written starts over.
 // Tokens arrive in order, so a block's offset-0 token precedes its others in the step.
@@ -785,6 +845,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("window"), pybind11::arg("decode_chunk") = 0, pybind11::arg("kv_scales") = pybind11::none());
   m.def("quest_bounds", &quest_bounds_op, pybind11::arg("q"), pybind11::arg("bounds"), pybind11::arg("tables"),
         pybind11::arg("num_blocks"), pybind11::arg("scale"));
+  m.def("block_mass", &block_mass_op, pybind11::arg("q"), pybind11::arg("kv_cache"), pybind11::arg("tables"),
+        pybind11::arg("kv_lens"), pybind11::arg("scale"), pybind11::arg("kv_scales") = pybind11::none());
   m.def("fold_key_bounds", &fold_key_bounds_op, pybind11::arg("bounds"), pybind11::arg("keys"),
         pybind11::arg("slot_block"), pybind11::arg("slot_offset"));
   m.def("quest_select", &quest_select_op, pybind11::arg("q"), pybind11::arg("bounds"), pybind11::arg("tables"),

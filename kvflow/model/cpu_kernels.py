@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from kvflow.attention.kv_policy_ops import block_attention_mass
 from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 from kvflow.model.linear import CpuKernelWeights, Linear
 
@@ -194,6 +195,17 @@ class CpuForward:
         no PyTorch op per step)."""
         return quest_select_cpp(self._ext, q, bounds, tables, kv_lens, read_blocks, sink_blocks, window_blocks,
                                 block_size, scale)
+
+    def block_mass(self, q: torch.Tensor, kv_cache: LayerKV, tables: torch.Tensor, kv_lens: list[int],
+                   scale: float) -> torch.Tensor:
+        """H2O's per-block attention mass [R, nb] (kv_policy_ops.block_attention_mass), read from the
+        cache in place by the C++ kernel; head sizes that are not a multiple of 16 use the reference."""
+        if q.shape[-1] % 16:
+            return block_attention_mass(q, kv_cache, tables, kv_lens, scale)
+        parts = (kv_cache,) if isinstance(kv_cache, torch.Tensor) else tuple(kv_cache)
+        lens = torch.tensor(kv_lens, dtype=torch.long)
+        return self._ext.block_mass(q.contiguous(), parts[0], tables.contiguous(), lens, scale,
+                                    kv_scales=parts[1] if len(parts) > 1 else None)
 
     def fold_key_bounds(self, bounds: torch.Tensor, keys: torch.Tensor, slot_block: torch.Tensor,
                         slot_offset: torch.Tensor) -> None:

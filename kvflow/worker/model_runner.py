@@ -135,7 +135,7 @@ class ModelRunner:
             return None
         step = PolicyStep(key_bounds=self.key_bounds)
         if self.cpu_forward is not None:
-            step.select_fn = self.cpu_forward.quest_select
+            step.select_fn, step.mass_fn = self.cpu_forward.quest_select, self.cpu_forward.block_mass
         quest = QuestRows([], [], [], [])
         for i, op in ops:
             if op.name == "quest":
