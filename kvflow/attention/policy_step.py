@@ -64,44 +64,39 @@ class PolicyStep:
     snaps: list[SnapJob] = field(default_factory=list)
     select_fn: SelectFn = quest_select  # Quest's choice: PyTorch, or the C++ CPU kernel
     mass_fn: MassFn = block_attention_mass  # H2O's block mass where the backend gives none: PyTorch or C++
-    # cpu_reads' per-step tensors: Quest rows, their tables, and the buffers handed to the kernel.
-    _cpu_buffers: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    # Per step, made on first use: Quest rows, their tables and context lengths; for cpu_reads the
+    # two buffers handed to the kernel.
+    _quest_rows: tuple[torch.Tensor, torch.Tensor, list[int]] | None = field(default=None, repr=False)
+    _cpu_buffers: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
-    def _quest_reads(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
-                     scale: float) -> tuple[torch.Tensor, list[int]] | None:
-        """Quest rows' reads in this layer: the step's block tables with their rows reduced and the
-        sequence lengths over them (None: read everything)."""
+    def _quest_choice(self, layer: int, q: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
+        """Quest rows' blocks in this layer: (rows, their reduced tables, context lengths over them);
+        None where this layer reads everything."""
         quest = self.quest
         if quest is None or layer < QUEST_DENSE_LAYERS or self.key_bounds is None:
             return None
-        rows = torch.tensor(quest.rows, device=q.device)
-        kv_lens = [meta.seq_lens_list[r] for r in quest.rows]
-        chosen, lens = self.select_fn(q[rows], self.key_bounds[layer], meta.block_tables[rows], kv_lens,
-                                      quest.read_blocks, quest.sink_blocks, quest.window_blocks, meta.block_size,
-                                      scale)
-        tables = meta.block_tables.clone()
-        tables[rows, : chosen.shape[1]] = chosen
-        seq_lens_list = list(meta.seq_lens_list)
-        for r, n in zip(quest.rows, lens):
-            seq_lens_list[r] = n
-        return tables, seq_lens_list
+        if self._quest_rows is None:
+            rows = torch.tensor(quest.rows, device=q.device)
+            self._quest_rows = (rows, meta.block_tables[rows], [meta.seq_lens_list[r] for r in quest.rows])
+        rows, row_tables, kv_lens = self._quest_rows
+        chosen, lens = self.select_fn(q[rows], self.key_bounds[layer], row_tables, kv_lens, quest.read_blocks,
+                                      quest.sink_blocks, quest.window_blocks, meta.block_size, scale)
+        return rows, chosen, lens
 
     def cpu_reads(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, kv_positions: torch.Tensor,
                   scale: float) -> list[torch.Tensor]:
         """The C++ forward's `before_attention`: [] or [block_tables, kv_positions] for this layer
-        (decodes come first in a step, one token each, so a Quest row's token is its row). What does
-        not change between layers is made once per step, and the two tensors handed back are the
-        same buffers every layer (the kernel has read them before the next layer writes them)."""
-        quest = self.quest
-        if quest is None or layer < QUEST_DENSE_LAYERS or self.key_bounds is None:
+        (decodes come first in a step, one token each, so a Quest row's token is its row). The two
+        tensors handed back are the same buffers every layer (the kernel has read them before the
+        next layer writes them)."""
+        choice = self._quest_choice(layer, q, meta, scale)
+        if choice is None:
             return []
+        rows, chosen, lens = choice
         if self._cpu_buffers is None:
-            rows = torch.tensor(quest.rows, device=q.device)
-            self._cpu_buffers = (rows, meta.block_tables[rows], meta.block_tables.clone(), kv_positions.clone())
-        rows, row_tables, tables, positions = self._cpu_buffers
-        chosen, lens = self.select_fn(q[rows], self.key_bounds[layer], row_tables,
-                                      [meta.seq_lens_list[r] for r in quest.rows], quest.read_blocks,
-                                      quest.sink_blocks, quest.window_blocks, meta.block_size, scale)
+            self._cpu_buffers = (meta.block_tables.clone(), kv_positions.clone())
+        tables, positions = self._cpu_buffers
         tables[rows, : chosen.shape[1]] = chosen
         positions[rows] = torch.tensor(lens, dtype=torch.long, device=q.device) - 1
         return [tables, positions]
@@ -109,10 +104,15 @@ class PolicyStep:
     def layer_metadata(self, layer: int, q: torch.Tensor, kv_cache: LayerKV, meta: AttentionMetadata,
                        backend: AttentionBackend, scale: float) -> AttentionMetadata:
         """The metadata this layer attends with: Quest rows get their chosen blocks."""
-        reads = self._quest_reads(layer, q, meta, scale)
-        if reads is None:
+        choice = self._quest_choice(layer, q, meta, scale)
+        if choice is None:
             return meta
-        tables, seq_lens_list = reads
+        rows, chosen, lens = choice
+        tables = meta.block_tables.clone()
+        tables[rows, : chosen.shape[1]] = chosen
+        seq_lens_list = list(meta.seq_lens_list)
+        for r, n in zip(self.quest.rows, lens):
+            seq_lens_list[r] = n
         view = dataclasses.replace(
             meta, block_tables=tables, seq_lens=torch.tensor(seq_lens_list, dtype=torch.long, device=q.device),
             seq_lens_list=seq_lens_list, max_seq_len=max(seq_lens_list), extra={}, policy=None,

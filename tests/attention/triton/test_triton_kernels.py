@@ -278,11 +278,15 @@ def check_quantised_decode(device, quantize, head_dim, num_heads, num_kv_heads, 
         torch.testing.assert_close(lse[b].double(), ref_lse, **LSE_TOL[dtype], msg=f"lse seq {b}")
 
 
-def test_int8_cache_is_checked(device):
+@pytest.mark.parametrize("codes_dtype,scales_width,message", [
+    (torch.int8, 16, "int8 KV cache"),  # per-token scales must have width 1
+    (torch.float8_e4m3fn, 1, "fp8 KV cache"),  # fp8 scales are per kv head, not per token
+])
+def test_quantised_cache_is_checked(device, codes_dtype, scales_width, message):
     q = torch.zeros(1, 2, 16, device=device)
-    codes = torch.zeros(2, 2, 2, 4, 16, dtype=torch.int8, device=device)
-    with pytest.raises(ValueError, match="int8 KV cache"):
-        decode_attention(q, (codes, torch.zeros(2, 2, 2, 4, 16, device=device)), torch.tensor([1]),
+    codes = torch.zeros(2, 2, 2, 4, 16, dtype=codes_dtype, device=device)
+    with pytest.raises(ValueError, match=message):
+        decode_attention(q, (codes, torch.zeros(2, 2, 2, 4, scales_width, device=device)), torch.tensor([1]),
                          torch.zeros(1, 1, dtype=torch.int64), 1.0)
 
 
@@ -411,11 +415,3 @@ def test_decode_fp8(device, monkeypatch, head_dim, num_heads, num_kv_heads, wind
         monkeypatch.setattr(decode, "fp8_native", lambda _capability: True)
     check_quantised_decode(device, quantize_paged_fp8, head_dim, num_heads, num_kv_heads, window, block_size,
                            num_splits, dtype)
-
-
-def test_fp8_cache_is_checked(device):
-    q = torch.zeros(1, 2, 16, device=device)
-    codes = torch.zeros(2, 2, 2, 4, 16, dtype=torch.float8_e4m3fn, device=device)
-    with pytest.raises(ValueError, match="fp8 KV cache"):
-        decode_attention(q, (codes, torch.zeros(2, 2, 2, 4, 1, device=device)), torch.tensor([1]),
-                         torch.zeros(1, 1, dtype=torch.int64), 1.0)
