@@ -195,8 +195,11 @@ def _sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[in
 # KV-cache formats (kvflow/attention/kv_spec.py says what a block of each holds): "auto" keeps the
 # model's dtype; the dense dtypes store keys and values as computed; "int8" stores int8 codes with
 # one fp32 scale per token and kv head (symmetric); "fp8_e4m3" stores float8 codes with one scale
-# per layer and kv head, given (kv_scale) or calibrated from the first prompt.
-KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "int8", "fp8_e4m3")
+# per layer and kv head, given (kv_scale) or calibrated from the first prompt; "kivi4"/"kivi2" store
+# KIVI's 4-/2-bit asymmetric codes (keys per channel, values per token, groups of 32) and keep each
+# sequence's newest kv_residual_tokens tokens in the model's dtype.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "int8", "fp8_e4m3", "kivi4", "kivi2")
+KIVI_CACHE_DTYPES = ("kivi4", "kivi2")
 
 # KV policies (kvflow/core/kv_policy.py defines one class per name; docs/kv_cache.md): what a
 # sequence keeps of its KV (streaming, h2o, snapkv evict) or reads each decode step (quest).
@@ -242,6 +245,9 @@ def resolve_kv_policy(cache: CacheConfig, policy: str | None = None,
     check_kv_policy(name, budget, cache.kv_sink_tokens, cache.kv_window, where)
     if name == "none":
         return None
+    if cache.kv_cache_dtype in KIVI_CACHE_DTYPES:
+        raise ValueError(f"{where}kv_policy={name} with kv_cache_dtype {cache.kv_cache_dtype} is not supported "
+                         "(KV policies combine with int8 and fp8_e4m3)")
     if name == "quest" and cache.kv_policy != "quest":
         raise ValueError("request kv_policy quest needs the engine started with --kv-policy quest (which keeps "
                          "each block's key bounds)")
@@ -294,6 +300,9 @@ class CacheConfig:
     # Recent tokens always kept or read (SnapKV: its observation window); None: per policy
     # (`kv_policy_window`).
     kv_window: int | None = None
+    # KIVI (kivi4, kivi2): the newest tokens of each sequence kept in the model's dtype, R (a
+    # multiple of 32; older ones are quantised 32 at a time).
+    kv_residual_tokens: int = 128
 
     def __post_init__(self) -> None:
         if self.kv_sink_tokens < 0:
@@ -308,6 +317,15 @@ class CacheConfig:
                              f"with {self.kv_cache_dtype}")
         if self.block_size < 1 or self.block_size > 1024:
             raise ValueError(f"block_size must be in [1, 1024], got {self.block_size}")
+        if self.kv_cache_dtype in KIVI_CACHE_DTYPES:
+            if self.block_size % 32:
+                raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} quantises keys in groups of 32 tokens: "
+                                 f"block_size must be a multiple of 32 (e.g. --block-size 32), got {self.block_size}")
+            if self.kv_residual_tokens < 0 or self.kv_residual_tokens % 32:
+                raise ValueError(f"kv_residual_tokens must be a multiple of 32 (>= 0), got {self.kv_residual_tokens}")
+            if self.kv_policy != "none":
+                raise ValueError(f"kv_policy={self.kv_policy} with kv_cache_dtype {self.kv_cache_dtype} is not "
+                                 "supported (KV policies combine with int8 and fp8_e4m3)")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -23,6 +23,7 @@ import torch
 from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 
 if TYPE_CHECKING:
+    from kvflow.attention.kivi import KiviStep
     from kvflow.attention.policy_step import PolicyStep
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class AttentionMetadata:
     extra: dict[str, Any] = field(default_factory=dict)
     # KV-policy work of this step the attention layers do around the backend (policy_step.py).
     policy: PolicyStep | None = None
+    # KIVI's per-step bookkeeping (which groups are quantised, what goes to the ring; kivi.py).
+    kivi: KiviStep | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -17,9 +17,16 @@ formats (`--kv-cache-dtype`, `kvflow.config.KV_CACHE_DTYPES`) map to specs in `f
                                            fp32 "head_scales" [2, kv_heads, 1]: one scale per kv head
                                            for keys and for values, given (`kv_scale`) or calibrated
                                            from the first prompt (kv_quant.py)
+    kivi4 / kivi2                          "codes" uint8 [.., head_dim * bits / 8] (packed) + "meta"
+                                           fp16 [.., head_dim / 16] (KIVI's scales and zero points:
+                                           per channel and 32-token group for keys, per token and
+                                           32-channel group for values), and per layer a "residual"
+                                           ring [2, slots, kv_heads, R + 32, head_dim] of the model's
+                                           dtype holding each running sequence's newest tokens (kivi.py)
 
-A component held per kv head rather than per token (`per_token=False`) is a fixed amount of memory
-per layer, outside the blocks; KV transfer does not move it (both sides must have the same scales,
+A component held per kv head rather than per token (`per_token=False`), or per running sequence
+(`residual=True`, KIVI's ring), is a fixed amount of memory per layer, outside the blocks; KV
+transfer does not move it (both sides must have the same scales,
 which is why the wire format names a given scale and refuses calibrated ones). A block's
 rows for one kv head are contiguous, which the attention kernels rely on (torch-native, Triton and
 the C++ CPU kernel all read every format above in place).
@@ -36,6 +43,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from kvflow.attention.kivi import KIVI_DEFAULT_RESIDUAL, KIVI_FORMATS, KIVI_GROUP, meta_width
 
 #: The layouts a spec can describe. Head-major: [2, blocks, kv_heads, block_size, width].
 KV_LAYOUTS = ("head_major",)
@@ -55,6 +64,7 @@ class KVComponent:
     dtype: torch.dtype
     width: int  # elements per token and kv head: head_dim for the keys/values, 1 for a per-token scale
     per_token: bool = True  # False: one row per kv head for the whole layer (a per-head scale)
+    residual: bool = False  # KIVI's ring: `residual_window` rows per running sequence (per_token is False)
 
     @property
     def bytes_per_head(self) -> int:
@@ -77,6 +87,10 @@ class KVCacheSpec:
     #: Quest (`--kv-policy quest`): each block also has, per layer and kv head, the elementwise min
     #: and max of its keys in this dtype, kept beside the cache (kv_policy_ops.py); None: no bounds.
     key_bounds_dtype: torch.dtype | None = None
+    #: KIVI: R, the newest tokens each sequence keeps in the model's dtype, and the number of ring slots
+    #: (sequences that can run at once).
+    residual_tokens: int = 0
+    residual_slots: int = 0
 
     def __post_init__(self) -> None:
         if min(self.num_layers, self.num_kv_heads, self.head_dim, self.block_size) < 1:
@@ -95,10 +109,25 @@ class KVCacheSpec:
 
     @classmethod
     def for_format(cls, kv_cache_dtype: str, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                   model_dtype: torch.dtype, kv_scale: float | None = None) -> KVCacheSpec:
-        """The spec of a `--kv-cache-dtype` (see the table above) for a model."""
+                   model_dtype: torch.dtype, kv_scale: float | None = None,
+                   residual_tokens: int = KIVI_DEFAULT_RESIDUAL, residual_slots: int = 1) -> KVCacheSpec:
+        """The spec of a `--kv-cache-dtype` (see the table above) for a model (`residual_*`: KIVI's ring)."""
         if kv_scale is not None and kv_cache_dtype != "fp8_e4m3":
             raise ValueError(f"kv_scale applies to kv_cache_dtype fp8_e4m3, not {kv_cache_dtype}")
+        if kv_cache_dtype in KIVI_FORMATS:
+            bits = KIVI_FORMATS[kv_cache_dtype]
+            if head_dim % KIVI_GROUP or block_size % KIVI_GROUP:
+                raise ValueError(f"kv_cache_dtype {kv_cache_dtype} quantises groups of {KIVI_GROUP} channels and "
+                                 f"tokens: head_dim ({head_dim}) and block_size ({block_size}) must be multiples "
+                                 f"of {KIVI_GROUP}")
+            if residual_tokens < 0 or residual_tokens % KIVI_GROUP or residual_slots < 1:
+                raise ValueError(f"KIVI's residual window must be a multiple of {KIVI_GROUP} tokens, with at least "
+                                 f"one slot; got {residual_tokens} tokens, {residual_slots} slots")
+            components = (KVComponent("codes", torch.uint8, head_dim * bits // 8),
+                          KVComponent("meta", torch.float16, meta_width(head_dim)),
+                          KVComponent("residual", model_dtype, head_dim, per_token=False, residual=True))
+            return cls(num_layers, num_kv_heads, head_dim, block_size, components, kv_dtype=kv_cache_dtype,
+                       residual_tokens=residual_tokens, residual_slots=residual_slots)
         if kv_cache_dtype == "auto":
             return cls.dense(num_layers, num_kv_heads, head_dim, block_size, model_dtype)
         if kv_cache_dtype == "int8":
@@ -117,6 +146,16 @@ class KVCacheSpec:
     @property
     def is_dense(self) -> bool:
         return len(self.components) == 1 and self.components[0].name == "kv"
+
+    @property
+    def kivi_bits(self) -> int:
+        """KIVI's code width (4 or 2); 0 for other formats."""
+        return KIVI_FORMATS.get(self.kv_dtype, 0)
+
+    @property
+    def residual_window(self) -> int:
+        """KIVI: W = R + G, the ring's rows per sequence (positions p sit at p % W)."""
+        return self.residual_tokens + KIVI_GROUP if self.kivi_bits else 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -138,9 +177,9 @@ class KVCacheSpec:
 
     @property
     def fixed_bytes(self) -> int:
-        """Bytes of the per-head components of every layer: memory outside the blocks."""
-        per_layer = 2 * self.num_kv_heads * sum(c.bytes_per_head for c in self.components if not c.per_token)
-        return self.num_layers * per_layer
+        """Bytes of the per-head and per-sequence components of every layer: memory outside the blocks."""
+        return self.num_layers * sum(math.prod(self.shape(c, 0)) * c.bytes_per_head // c.width
+                                     for c in self.components if not c.per_token)
 
     @property
     def bytes_per_token(self) -> int:
@@ -165,6 +204,8 @@ class KVCacheSpec:
 
     # -------------------------------------------------------------- allocation
     def shape(self, component: KVComponent, num_blocks: int) -> tuple[int, ...]:
+        if component.residual:
+            return (2, self.residual_slots, self.num_kv_heads, self.residual_window, component.width)
         if not component.per_token:
             return (2, self.num_kv_heads, component.width)
         return (2, num_blocks, self.num_kv_heads, self.block_size, component.width)
@@ -202,7 +243,10 @@ class KVCacheSpec:
     @property
     def transferable(self) -> bool:
         """Whether two instances can exchange this KV: per-head scales must be given, not calibrated
-        (each instance would calibrate its own from another first prompt)."""
+        (each instance would calibrate its own from another first prompt), and KIVI's newest tokens live
+        in a per-sequence ring the wire format does not carry."""
+        if self.kivi_bits:
+            return False
         return all(c.per_token for c in self.components) or self.kv_scale is not None
 
     def wire_nbytes(self, num_tokens: int) -> int:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kvflow.attention.backend import AttentionMetadata
+from kvflow.attention.kivi import kivi_attention, store_kivi
 from kvflow.attention.kv_quant import (
     dequantize_fp8,
     dequantize_int8,
@@ -37,8 +38,9 @@ class TorchNativeBackend:
 
     @staticmethod
     def supports(spec: KVCacheSpec) -> bool:
-        """Dense, int8 or fp8 keys and values in the head-major paged layout."""
-        return (spec.is_dense or spec.kv_dtype in ("int8", "fp8_e4m3")) and spec.layout == "head_major"
+        """Dense, int8, fp8 or KIVI keys and values in the head-major paged layout."""
+        readable = spec.is_dense or spec.kv_dtype in ("int8", "fp8_e4m3") or spec.kivi_bits
+        return bool(readable) and spec.layout == "head_major"
 
     # ------------------------------------------------------------------ prepare
     def prepare(self, meta: AttentionMetadata) -> None:
@@ -113,6 +115,11 @@ class TorchNativeBackend:
         scale: float,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
+        if meta.kivi is not None:  # attend over the cache as it was, then quantise and store (kivi.py)
+            out = kivi_attention(q, k, v, kv_cache, meta.kivi, meta.block_tables, meta.query_lens_list,
+                                 meta.query_start_loc.tolist()[:-1], scale, sliding_window)
+            store_kivi(kv_cache, k, v, meta.kivi, meta.block_size)
+            return out
         if isinstance(kv_cache, torch.Tensor):
             if kv_cache.dtype != k.dtype:  # a dense cache of another dtype: read back as stored
                 k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)

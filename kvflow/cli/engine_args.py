@@ -16,7 +16,9 @@ _HELP = {
     "num_blocks": "exact number of KV blocks (overrides --kv-cache-memory)",
     "enable_prefix_caching": "reuse KV blocks of earlier prompts with the same prefix",
     "kv_cache_dtype": "what KV blocks store: auto (the model's dtype), bfloat16, float16, float32, int8 (a scale "
-                      "per token and kv head) or fp8_e4m3 (a scale per layer and kv head)",
+                      "per token and kv head), fp8_e4m3 (a scale per layer and kv head), or kivi4 / kivi2 (KIVI: "
+                      "4-/2-bit codes, keys per channel and values per token in groups of 32; needs --block-size 32)",
+    "kv_residual_tokens": "kivi4/kivi2: newest tokens per sequence kept in the model's dtype (a multiple of 32)",
     "kv_scale": "fp8_e4m3: the scale of every layer's keys and values (default: calibrated from the first "
                 "prompt)",
     "kv_policy": "what each sequence keeps of its KV: none, streaming (sinks + recent window), h2o (heavy "

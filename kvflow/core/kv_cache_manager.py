@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvflow.attention.kivi import shareable_prefix
+
 if TYPE_CHECKING:
     from kvflow.core.request import Request
 
@@ -156,13 +158,19 @@ class KVCacheManager:
     """Allocates blocks to requests and shares full blocks between them through the prefix index."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 kv_format: str = "") -> None:
-        """`kv_format`: what the blocks hold (`KVCacheSpec.wire_format`), chained into every hash."""
+                 kv_format: str = "", residual_slots: int = 0, residual_tokens: int = 0) -> None:
+        """`kv_format`: what the blocks hold (`KVCacheSpec.wire_format`), chained into every hash.
+        `residual_slots`, `residual_tokens`: KIVI's ring (kvflow/attention/kivi.py): a running request
+        holds one of its slots, and a prefix hit leaves out the blocks its newest tokens may still be
+        dense in (they are not quantised in the block)."""
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
         self.kv_format = kv_format
         self.stats = PrefixCacheStats()
+        self.residual_tokens = residual_tokens
+        self._free_slots = list(range(residual_slots - 1, -1, -1))  # popped from the end: slot 0 first
+        self._uses_slots = residual_slots > 0
 
     def salt(self, request: Request) -> str | None:
         """The salt a request's blocks are indexed under: the KV format and the request's own salt."""
@@ -218,10 +226,18 @@ class KVCacheManager:
                 break
             hits.append(block_id)
             parent = block_id
-        return hits
+        return hits[:self._shareable_blocks(len(hits))]
+
+    def _shareable_blocks(self, num_blocks: int) -> int:
+        """Of a computed prefix's first full blocks, how many hold their KV complete (KIVI: not its newest
+        tokens, which may still be dense in the ring of the request that computed them)."""
+        if not self._uses_slots:
+            return num_blocks
+        return shareable_prefix(num_blocks * self.block_size, self.residual_tokens, self.block_size) // self.block_size
 
     def share_prefix(self, request: Request, source: Request, num_blocks: int) -> int:
         """Give `request` the first `num_blocks` full blocks of `source` (n > 1 siblings)."""
+        num_blocks = self._shareable_blocks(num_blocks)
         if request.block_ids or num_blocks <= 0:
             return 0
         return self._attach(request, source.block_ids[:num_blocks])
@@ -235,6 +251,7 @@ class KVCacheManager:
         request.indexed_parent_id = block_ids[-1]
         request.num_computed_tokens = len(block_ids) * self.block_size
         request.num_cached_tokens = max(request.num_cached_tokens, request.num_computed_tokens)
+        request.kv_prefix_floor = request.num_computed_tokens
         return request.num_computed_tokens
 
     def allocate(self, request: Request, num_new_tokens: int, spare: int = 0) -> bool:
@@ -245,6 +262,10 @@ class KVCacheManager:
         extra = max(0, spare - len(request.kv_spare_blocks))
         if max(needed, 0) + extra > self.pool.num_free:
             return False
+        if self._uses_slots and request.kv_residual_slot is None:
+            if not self._free_slots:
+                return False
+            request.kv_residual_slot = self._free_slots.pop()
         if needed > 0:
             request.block_ids.extend(self.pool.allocate(needed))
         if extra:
@@ -272,10 +293,17 @@ class KVCacheManager:
         """Return a request's blocks (full cached blocks stay reusable until evicted)."""
         self.release(self.detach(request))
 
-    @staticmethod
-    def detach(request: Request) -> list[int]:
+    @property
+    def num_free_residual_slots(self) -> int:
+        return len(self._free_slots)
+
+    def detach(self, request: Request) -> list[int]:
         """Take a request's blocks from it without freeing them (a prefill instance's connector
-        holds them until their KV is pulled, then `release`s them)."""
+        holds them until their KV is pulled, then `release`s them); its ring slot is free at once."""
+        if request.kv_residual_slot is not None:
+            self._free_slots.append(request.kv_residual_slot)
+            request.kv_residual_slot = None
+        request.kv_prefix_floor = 0
         block_ids, request.block_ids, request.num_cached_blocks = request.block_ids + request.kv_spare_blocks, [], 0
         request.kv_spare_blocks, request.kv_shift, request.kv_altered = [], 0, False
         if request.kv_policy is not None:

@@ -105,6 +105,10 @@ class Request:
         self.kv_altered = False
         # Blocks held for this step's policy work beyond the tokens' own (SnapKV's destination).
         self.kv_spare_blocks: list[int] = []
+        # KIVI (kvflow/attention/kivi.py): the ring slot holding this request's newest tokens while it
+        # runs, and the prompt tokens its prefix hit brought already quantised (H).
+        self.kv_residual_slot: int | None = None
+        self.kv_prefix_floor = 0
 
     @property
     def num_tokens(self) -> int:

@@ -255,7 +255,8 @@ class Scheduler:
     def _chunk(request: Request, n: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         op = None if request.kv_policy is None else request.kv_policy.op(request, start, n)
-        return ScheduledChunk(request, start, n, request.kv_shift, op)
+        slot = -1 if request.kv_residual_slot is None else request.kv_residual_slot
+        return ScheduledChunk(request, start, n, request.kv_shift, op, slot, request.kv_prefix_floor)
 
     def _start_load(self, request: Request, num_tokens: int) -> bool:
         """Give the request blocks for the tokens to load and the next one, then start the load (an

@@ -64,14 +64,20 @@ class EngineCore:
         self.config = config
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config)
+        spec = self.runner.kv_spec
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
-                                 kv_format=self.runner.kv_spec.wire_format)
+                                 kv_format=spec.wire_format, residual_slots=spec.residual_slots,
+                                 residual_tokens=spec.residual_tokens)
         self.connector = connector
         if connector is not None and config.cache.kv_policy != "none":
             raise ValueError(f"kv_policy={config.cache.kv_policy}: KV policies do not support KV connectors")
         if connector is not None:
-            if not self.runner.kv_spec.transferable:
-                raise ValueError(f"kv_cache_dtype {self.runner.kv_spec.kv_dtype} with calibrated scales cannot be "
+            if spec.kivi_bits:
+                raise ValueError(f"kv_cache_dtype {spec.kv_dtype} cannot be exchanged between instances (each "
+                                 "sequence's newest tokens are in a ring outside the blocks): use int8 or fp8_e4m3 "
+                                 "with disaggregated serving")
+            if not spec.transferable:
+                raise ValueError(f"kv_cache_dtype {spec.kv_dtype} with calibrated scales cannot be "
                                  "exchanged between instances (each calibrates its own): give --kv-scale")
             connector.register_kv_caches(self.runner.kv_spec, self.runner.kv_caches)
             self.runner.step_hooks = connector

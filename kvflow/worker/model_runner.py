@@ -14,6 +14,7 @@ import logging
 import torch
 
 from kvflow.attention.backend import AttentionMetadata, get_backend
+from kvflow.attention.kivi import KiviStep
 from kvflow.attention.kv_policy_ops import allocate_key_bounds, update_key_bounds
 from kvflow.attention.kv_quant import kv_scales_set
 from kvflow.attention.kv_spec import KVCacheSpec
@@ -50,7 +51,9 @@ class ModelRunner:
         self.backend = get_backend(self.device, runner.attention_backend)
         model = config.model
         self.kv_spec = KVCacheSpec.for_format(config.cache.kv_cache_dtype, model.num_layers, model.num_kv_heads,
-                                              model.head_dim, self.block_size, model.dtype, config.cache.kv_scale)
+                                              model.head_dim, self.block_size, model.dtype, config.cache.kv_scale,
+                                              residual_tokens=config.cache.kv_residual_tokens,
+                                              residual_slots=config.scheduler.max_num_seqs)
         if not self.backend.supports(self.kv_spec):
             raise ValueError(f"kv_cache_dtype={self.kv_spec.kv_dtype}: the {self.backend.name} attention backend "
                              f"cannot read a {self.kv_spec.wire_format} KV cache in the {self.kv_spec.layout} layout")
@@ -213,6 +216,10 @@ class ModelRunner:
             seq_lens_list=seq_lens,
             query_lens_list=query_lens,
         )
+        if self.kv_spec.kivi_bits:
+            meta.kivi = KiviStep.build(self.kv_spec.kivi_bits, self.kv_spec.residual_tokens, bs,
+                                       [c.kv_residual_slot for c in chunks], [c.start for c in chunks], seq_lens,
+                                       [c.kv_prefix_floor for c in chunks], query_start_loc.tolist(), tables, dev)
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         return input_ids, positions, kv_positions, meta
 

@@ -78,13 +78,18 @@ class ScheduledChunk:
 
     `kv_shift`: positions dropped from the front of the request's cache by its KV policy (evicted
     blocks, SnapKV's compaction): the token at position p sits at cache index p - kv_shift of its
-    blocks, and keeps position p for its rotary embedding."""
+    blocks, and keeps position p for its rotary embedding.
+
+    KIVI (kvflow/attention/kivi.py): `kv_residual_slot`, the ring slot of the request's newest
+    tokens; `kv_prefix_floor`, the prompt positions it found quantised in the prefix cache."""
 
     request: SequenceView
     start: int
     num_tokens: int
     kv_shift: int = 0
     kv_op: KVPolicyOp | None = None
+    kv_residual_slot: int = -1
+    kv_prefix_floor: int = 0
 
     @property
     def samples(self) -> bool:
