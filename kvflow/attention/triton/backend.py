@@ -3,7 +3,12 @@ FlashAttention-2 prefill for the prefill chunks, all over the torch-native paged
 dense, int8 or fp8_e4m3 (codes and scales; kv_quant.py). Like the torch-native backend, attention
 reads keys and values as the cache holds them, the step's own included: they are stored first. An
 fp8 cache whose scales are not set yet gets them calibrated (kv_quant.calibrate_fp8, in PyTorch)
-from the first step that stores KV, before the store."""
+from the first step that stores KV, before the store.
+
+A KIVI cache (kivi4 / kivi2; kvflow/attention/kivi.py) is the exception, as in the torch backend:
+attention runs first, over the cache as it was before the step and the step's own k, v
+(triton/kivi.py, reading the packed blocks and the residual ring in place), then `kivi.store_kivi`
+(PyTorch) quantises the step's completed groups and writes its newest tokens to the ring."""
 
 from __future__ import annotations
 
@@ -12,9 +17,11 @@ import weakref
 import torch
 
 from kvflow.attention.backend import AttentionMetadata
+from kvflow.attention.kivi import store_kivi
 from kvflow.attention.kv_quant import calibrate_fp8
 from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 from kvflow.attention.triton.decode import decode_attention
+from kvflow.attention.triton.kivi import kivi_attention
 from kvflow.attention.triton.kv_store import store_kv
 from kvflow.attention.triton.prefill import prefill_attention
 
@@ -30,8 +37,9 @@ class TritonBackend:
 
     @staticmethod
     def supports(spec: KVCacheSpec) -> bool:
-        """Dense, int8 or fp8_e4m3 keys and values in the head-major paged layout."""
-        return (spec.is_dense or spec.kv_dtype in ("int8", "fp8_e4m3")) and spec.layout == "head_major"
+        """Dense, int8, fp8_e4m3 or KIVI keys and values in the head-major paged layout."""
+        readable = spec.is_dense or spec.kv_dtype in ("int8", "fp8_e4m3") or spec.kivi_bits
+        return bool(readable) and spec.layout == "head_major"
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """The longest decode context, from the Python list (no device sync per layer); the split
@@ -52,6 +60,12 @@ class TritonBackend:
     ) -> torch.Tensor:
         if "triton_decode_max_len" not in meta.extra:
             self.prepare(meta)
+        if meta.kivi is not None:  # attend over the cache as it was, then quantise and store (kivi.py)
+            out = kivi_attention(q, k, v, kv_cache, meta.kivi, meta.seq_lens, meta.query_start_loc, meta.block_tables,
+                                 meta.num_decodes, meta.max_query_len, scale, sliding_window,
+                                 max_decode_len=meta.extra["triton_decode_max_len"])
+            store_kivi(kv_cache, k, v, meta.kivi, meta.block_size)
+            return out
         if not isinstance(kv_cache, torch.Tensor) and kv_cache[0].dtype == torch.float8_e4m3fn:
             self._calibrate(kv_cache[1], k, v)
         store_kv(k, v, kv_cache, meta.slot_mapping, calibrate=False)
