@@ -34,6 +34,13 @@ def llama_dir(tiny_models: dict[str, Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama64_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with head_dim 64: KIVI quantises groups of 32 channels."""
+    return make_tiny_model("llama", tmp_path_factory.mktemp("models") / "llama64", head_dim=64,
+                           max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """`kvflow train --preset smoke` once per session (seconds): its output folder and report."""
     from kvflow.train.pipeline import run_training

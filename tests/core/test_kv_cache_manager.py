@@ -140,3 +140,40 @@ def test_cached_prefix_tokens_takes_and_counts_nothing():
     assert kv.cached_prefix_tokens(probe) == 8
     assert probe.block_ids == [] and probe.num_computed_tokens == 0
     assert kv.num_free_blocks == free_before and (kv.stats.queried_tokens, kv.stats.hit_tokens) == stats_before
+
+
+def test_kivi_ring_slots_follow_the_requests_that_hold_blocks():
+    kv = KVCacheManager(num_blocks=32, block_size=32, residual_slots=2, residual_tokens=64)
+    a, b, c = (make_request(r, list(range(40))) for r in "abc")
+    assert kv.allocate(a, 40) and kv.allocate(b, 40)
+    assert {a.kv_residual_slot, b.kv_residual_slot} == {0, 1} and kv.num_free_residual_slots == 0
+    free_blocks = kv.num_free_blocks
+    assert not kv.allocate(c, 40)  # no slot left: refused, nothing taken
+    assert c.kv_residual_slot is None and c.block_ids == [] and kv.num_free_blocks == free_blocks
+    slot = a.kv_residual_slot
+    assert kv.allocate(a, 1) and a.kv_residual_slot == slot  # a running request keeps its slot
+    kv.free(a)
+    assert a.kv_residual_slot is None and kv.num_free_residual_slots == 1
+    assert kv.allocate(c, 40) and c.kv_residual_slot == slot
+    kv.free(b), kv.free(c)
+    assert kv.num_free_residual_slots == 2 and kv.num_free_blocks == 32
+
+
+def test_kivi_prefix_hit_leaves_out_the_blocks_still_dense():
+    """With R = 64 and blocks of 32, a computed prefix's last two full blocks may hold tokens that are
+    only in the ring of the request that computed them: a hit stops before them."""
+    kv = KVCacheManager(num_blocks=32, block_size=32, residual_slots=4, residual_tokens=64)
+    a = make_request("a", list(range(200)))
+    compute(kv, a)
+    assert kv.pool.num_cached == 6
+    b = make_request("b", list(range(200)) + [7])
+    assert kv.match_prefix(b) == 4 * 32  # 6 full blocks matched, 2 left out
+    assert b.kv_prefix_floor == 128 and b.block_ids == a.block_ids[:4]
+    assert kv.cached_prefix_tokens(make_request("c", list(range(100)))) == 32  # 3 blocks match, 1 usable
+    short = make_request("d", list(range(70)))
+    assert kv.match_prefix(short) == 0 and short.kv_prefix_floor == 0  # 2 blocks: none wholly quantised
+    kv.free(b)
+    assert b.kv_prefix_floor == 0
+    # n > 1 siblings share the same way.
+    sibling = make_request("s", list(range(200)))
+    assert kv.share_prefix(sibling, a, 6) == 4 * 32

@@ -73,3 +73,43 @@ def test_every_block_comes_back(llama_dir, script, num_blocks, budget, engine_po
         engine.step()
     assert not engine.has_unfinished_requests(), "requests hung"
     assert_all_blocks_free(engine)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(script=actions, num_blocks=st.integers(6, 16), budget=st.sampled_from([16, 64]))
+def test_kivi_blocks_and_ring_slots_come_back(llama64_dir, script, num_blocks, budget):
+    """KIVI: ring slots are held exactly by the requests holding blocks, and every block and slot
+    comes back (aborts, preemption when the blocks run out, prefix hits that stop short)."""
+    config = EngineConfig.create(
+        str(llama64_dir), dtype="float32", block_size=32, num_blocks=num_blocks, max_num_batched_tokens=budget,
+        max_num_seqs=3, kv_cache_dtype="kivi2", kv_residual_tokens=32,
+    )
+    engine = LLMEngine(config)
+    shared = list(range(10, 110))
+    added: list[str] = []
+    for i, action in enumerate(script):
+        if action[0] == "add":
+            _, length, max_tokens, n, share, _, _ = action
+            length *= 3
+            prompt = (shared[:length] if share else [(7 * i + j) % 400 + 3 for j in range(length)])
+            engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.8, seed=i, max_tokens=max_tokens * 4,
+                                                              n=n, ignore_eos=True))
+            added.append(f"r{i}")
+        elif action[0] == "step":
+            for _ in range(action[1]):
+                engine.step()
+        elif added:
+            engine.abort_request(added[action[1] % len(added)])
+        kv = engine.core.kv
+        live = list(engine.core.scheduler.requests.values())
+        slots = [r.kv_residual_slot for r in live if r.kv_residual_slot is not None]
+        assert len(slots) == len(set(slots)) == 3 - kv.num_free_residual_slots
+        assert all(r.kv_residual_slot is not None for r in engine.core.scheduler.running)
+        assert all(r.kv_residual_slot is None for r in live if not r.block_ids)
+    for _ in range(3000):
+        if not engine.has_unfinished_requests():
+            break
+        engine.step()
+    assert not engine.has_unfinished_requests(), "requests hung"
+    assert_all_blocks_free(engine)
+    assert engine.core.kv.num_free_residual_slots == 3
