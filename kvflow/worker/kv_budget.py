@@ -27,8 +27,12 @@ def num_kv_blocks(config: EngineConfig, spec: KVCacheSpec) -> int:
     useful = blocks_per_seq * config.scheduler.max_num_seqs
     num_blocks = min(spec.num_blocks(budget), useful)
     if num_blocks < 1:
+        ring = ""
+        if spec.residual_slots:
+            ring = (f" after KIVI's residual ring ({spec.fixed_bytes / 2**30:.3f} GiB: {spec.residual_slots} "
+                    f"sequences x {spec.residual_window} tokens; lower --max-num-seqs or --kv-residual-tokens)")
         raise ValueError(
-            f"kv_cache_memory of {budget / 2**30:.3f} GiB holds no block of {spec.bytes_per_block} bytes; "
+            f"kv_cache_memory of {budget / 2**30:.3f} GiB holds no block of {spec.bytes_per_block} bytes{ring}; "
             "raise --kv-cache-memory"
         )
     if num_blocks < blocks_per_seq:
