@@ -12,6 +12,10 @@ Implementations, where the device has them:
   scale per kv head, calibrated on the cache), dequantised in registers;
 - ``triton`` / ``triton-nosplit``: kvflow's Triton kernels, flash-decoding with automatic and
   with a single split (CUDA); ``triton-int8`` / ``triton-fp8``: the same over the quantised cache;
+- ``triton-kivi4`` / ``triton-kivi2`` (decode; block size and head_dim multiples of 32): the
+  Triton KIVI decode kernel over the case's context as ``--kv-cache-dtype kivi4|kivi2`` holds it
+  before the query's step (``kivi_state``: positions below Q quantised in the blocks, the newest
+  in the residual ring, R = 128) and the query's own k, v;
 - ``kvflow-cpu-quest`` / ``triton-quest`` (decode): ``--kv-policy quest`` at ``quest_budget`` tokens:
   the blocks' key bounds scored against the query (kv_policy_ops.quest_select: Quest's bound,
   one table per sequence; on CPU chosen by the C++ ``quest_select`` kernel), then
@@ -39,17 +43,37 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from kvflow.attention.kivi import KiviStep
+
 IMPLEMENTATIONS = ("kvflow-cpu", "kvflow-cpu-int8", "kvflow-cpu-fp8", "kvflow-cpu-quest", "triton", "triton-nosplit",
-                   "triton-int8", "triton-fp8", "triton-quest", "sdpa", "naive")
-QUANTISED = {"-int8": "int8", "-fp8": "fp8_e4m3"}  # implementation name suffix -> the cache format it reads
+                   "triton-int8", "triton-fp8", "triton-quest", "triton-kivi4", "triton-kivi2", "sdpa", "naive")
+# implementation name suffix -> the cache format it reads
+QUANTISED = {"-int8": "int8", "-fp8": "fp8_e4m3", "-kivi4": "kivi4", "-kivi2": "kivi2"}
+KIVI_BENCH_RESIDUAL = 128  # R of the KIVI implementations' cache (kivi.KIVI_DEFAULT_RESIDUAL)
 
 
 def quantised_format(name: str) -> str | None:
     return next((fmt for suffix, fmt in QUANTISED.items() if name.endswith(suffix)), None)
+
+
+def is_kivi(kv_format: str | None) -> bool:
+    return kv_format in ("kivi4", "kivi2")
+
+
+@dataclass
+class KiviState:
+    """A decode case's context as a KIVI cache holds it before the query's step, and that step."""
+
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (codes, meta, ring): kv_spec's KIVI layout
+    step: KiviStep  # the decode step (each sequence's Q, ring slot, ...)
+    k: torch.Tensor  # [B, KVH, D]: each query's own key and value (position n - 1), not stored yet
+    v: torch.Tensor
 
 
 @dataclass
@@ -115,12 +139,55 @@ class AttentionCase:
         if self.kind == "prefill":
             pairs = self.seq_len * (self.seq_len + 1) / 2
             return 4.0 * self.batch * self.num_heads * self.head_dim * pairs
-        per_head = {"int8": self.head_dim + 4, "fp8_e4m3": self.head_dim}.get(
-            kv_format, self.head_dim * torch.empty(0, dtype=self.dtype).element_size())
+        elt = torch.empty(0, dtype=self.dtype).element_size()
+        if is_kivi(kv_format):  # Q tokens' packed codes and fp16 meta (D / 8 bytes), the rest dense
+            from kvflow.attention.kivi import KIVI_FORMATS, quantised_length
+
+            q = quantised_length(self.seq_len - 1, KIVI_BENCH_RESIDUAL)
+            per_token = self.head_dim * KIVI_FORMATS[kv_format] // 8 + self.head_dim // 8
+            per_head = (q * per_token + (self.seq_len - q) * self.head_dim * elt) / self.seq_len
+        else:
+            per_head = {"int8": self.head_dim + 4, "fp8_e4m3": self.head_dim}.get(kv_format, self.head_dim * elt)
         return 2.0 * self.batch * self.seq_len * self.num_kv_heads * per_head
 
-    def quantised_cache(self, kv_format: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The paged cache as `--kv-cache-dtype kv_format` stores it: (codes, scales)."""
+    def kivi_applies(self) -> bool:
+        """Whether the KIVI implementations run on this case: decode, block size and head_dim multiples of 32."""
+        return self.kind == "decode" and self.block_size % 32 == 0 and self.head_dim % 32 == 0
+
+    def kivi_state(self, kv_format: str) -> KiviState:
+        """The decode case's context [0, n - 1) stored as `--kv-cache-dtype kv_format` (kivi4 / kivi2)
+        stores a prompt of that length (kivi.store_kivi: groups below Q quantised into the case's
+        blocks, the rest in ring slot b of sequence b), and the decode step of each query at n - 1."""
+        key = ("kivi", kv_format)
+        if key not in self._quantised:
+            from kvflow.attention.kivi import KIVI_FORMATS, KiviStep, meta_width, store_kivi
+
+            if not self.kivi_applies():
+                raise ValueError("KIVI needs a decode case with block size and head_dim multiples of 32")
+            bits, residual = KIVI_FORMATS[kv_format], KIVI_BENCH_RESIDUAL
+            b, n, bs, kvh, d = self.batch, self.seq_len, self.block_size, self.num_kv_heads, self.head_dim
+            num_blocks = self.kv_cache.shape[1]
+            codes = torch.zeros(2, num_blocks, kvh, bs, d * bits // 8, dtype=torch.uint8, device=self.device)
+            meta = torch.zeros(2, num_blocks, kvh, bs, meta_width(d), dtype=torch.float16, device=self.device)
+            ring = torch.zeros(2, b, kvh, residual + 32, d, dtype=self.dtype, device=self.device)
+            cache = (codes, meta, ring)
+            tables = self.block_tables.tolist()
+            if n > 1:  # the context as one prompt chunk per sequence
+                prompt = KiviStep.build(bits, residual, bs, list(range(b)), [0] * b, [n - 1] * b, [0] * b,
+                                        [i * (n - 1) for i in range(b)], tables, self.device)
+                k, v = (x[:, :, :n - 1].transpose(1, 2).reshape(-1, kvh, d) for x in (self.keys, self.values))
+                store_kivi(cache, k, v, prompt, bs)
+            step = KiviStep.build(bits, residual, bs, list(range(b)), [n - 1] * b, [n] * b, [0] * b, list(range(b)),
+                                  tables, self.device)
+            own = self.keys[:, :, n - 1].contiguous(), self.values[:, :, n - 1].contiguous()
+            self._quantised[key] = KiviState(cache, step, *own)
+        return self._quantised[key]
+
+    def quantised_cache(self, kv_format: str) -> tuple[torch.Tensor, ...]:
+        """The paged cache as `--kv-cache-dtype kv_format` stores it: (codes, scales); KIVI: (codes,
+        meta, ring) before the decode step (`kivi_state`)."""
+        if is_kivi(kv_format):
+            return self.kivi_state(kv_format).cache
         if kv_format not in self._quantised:
             from kvflow.attention.kv_quant import calibrate_fp8, quantize_fp8, quantize_int8
 
@@ -138,6 +205,8 @@ class AttentionCase:
 
     def quantised_reference(self, kv_format: str) -> torch.Tensor:
         """`naive` over the dequantised cache: what a kernel reading `kv_format` must compute."""
+        if is_kivi(kv_format):
+            return self._kivi_reference(kv_format)
         codes, scales = self.quantised_cache(kv_format)
         if kv_format == "fp8_e4m3":
             scales = scales[:, None, :, None, :]  # [2, 1, KVH, 1, 1]: broadcast over blocks and slots
@@ -147,6 +216,23 @@ class AttentionCase:
         kv = kv.view(2, b, per_seq, self.num_kv_heads, self.block_size, self.head_dim).permute(0, 1, 3, 2, 4, 5)
         kv = kv.reshape(2, b, self.num_kv_heads, per_seq * self.block_size, self.head_dim)[:, :, :, :self.seq_len]
         return _naive(self, kv[0], kv[1])
+
+    def _kivi_reference(self, kv_format: str) -> torch.Tensor:
+        """`naive` over the context a KIVI decode reads: positions below Q dequantised
+        (kivi.dequantize_blocks), the ring's and the query's own as they are."""
+        from kvflow.attention.kivi import dequantize_blocks
+
+        state = self.kivi_state(kv_format)
+        codes, meta, _ = state.cache
+        q_len = state.step.quantised_list[0]  # every sequence has the same length
+        b, per_seq = self.block_tables.shape
+        halves = []
+        for half, dense in ((0, self.keys), (1, self.values)):
+            deq = dequantize_blocks(codes[half][self.block_tables], meta[half][self.block_tables], state.step.bits,
+                                    half, self.dtype)  # [B, nb, KVH, bs, D]
+            deq = deq.transpose(1, 2).reshape(b, self.num_kv_heads, per_seq * self.block_size, self.head_dim)
+            halves.append(torch.cat([deq[:, :, :q_len], dense[:, :, q_len:]], dim=2))
+        return _naive(self, *halves)
 
     @functools.cached_property
     def quest_bounds(self) -> torch.Tensor:
@@ -278,6 +364,18 @@ def _triton_quest() -> Implementation:
     return run
 
 
+def _triton_kivi(kv_format: str) -> Implementation:
+    from kvflow.attention.triton.kivi import kivi_decode_attention
+
+    def run(c: AttentionCase) -> torch.Tensor:
+        state = c.kivi_state(kv_format)
+        step = state.step
+        return kivi_decode_attention(c.q, state.k, state.v, state.cache, step.bits, c.seq_lens, step.quantised,
+                                     step.slots, c.block_tables, c.scale, max_seq_len=c.seq_len)[0]
+
+    return run
+
+
 def _triton(num_splits: int | None, kv_format: str | None = None) -> Implementation:
     from kvflow.attention.triton import decode_attention, prefill_attention
 
@@ -305,6 +403,8 @@ def available(device: torch.device, names: tuple[str, ...] = IMPLEMENTATIONS) ->
             impls[name] = fn
         elif name in ("triton", "triton-nosplit") and device.type == "cuda":
             impls[name] = _triton(None if name == "triton" else 1)
+        elif name.startswith("triton-") and device.type == "cuda" and is_kivi(fmt := quantised_format(name)):
+            impls[name] = _triton_kivi(fmt)
         elif name.startswith("triton-") and device.type == "cuda" and (fmt := quantised_format(name)):
             impls[name] = _triton(None, fmt)
         elif name == "sdpa":
@@ -353,7 +453,8 @@ def run_case(case: AttentionCase, impls: dict[str, Implementation], repeats: int
     """Time every implementation on one case and check it against the reference; with `memory`
     (CPU), also measure the peak memory each call adds."""
     todo = {n: f for n, f in impls.items() if (n != "naive" or case.seq_len <= naive_max_len)
-            and (not n.endswith("-quest") or case.kind == "decode")}
+            and (not n.endswith("-quest") or case.kind == "decode")
+            and (not is_kivi(quantised_format(n)) or case.kivi_applies())}
     reference_name = "naive" if "naive" in todo else ("sdpa" if "sdpa" in todo else None)
     # Each implementation's first call gives its output and is the timing's warm-up.
     outputs = {reference_name: todo[reference_name](case)} if reference_name else {}

@@ -163,3 +163,41 @@ def test_check_targets_quest_speedup():
                _result("triton", "decode", 16384, 1.0), _result("triton-quest", "decode", 16384, 0.5)]
     verdicts = [c.passed for c in check_targets(results) if "reading every block" in c.claim]
     assert verdicts == [True, False]
+
+
+def test_kivi_state_is_the_cache_a_kivi_prompt_leaves():
+    """The KIVI implementations' cache (kivi_state) is what kivi.store_kivi leaves after a prompt of
+    the context: the torch reference (kivi.kivi_attention) over it and the query's own k, v gives the
+    case's `quantised_reference`; GB/s count Q tokens' codes and meta and the rest dense; prefill and
+    16-token blocks are not KIVI cases."""
+    from kvflow.attention import kivi
+
+    case = AttentionCase("decode", 2, 200, 4, 2, 64, 32, torch.float32, torch.device("cpu"))
+    state = case.kivi_state("kivi4")
+    assert state.step.quantised_list == [64, 64] and state.k.shape == (2, 2, 64)
+    codes, meta, ring = state.cache
+    assert codes.shape[-1] == 32 and meta.shape[-1] == 4 and ring.shape == (2, 2, 2, 160, 64)
+    assert torch.equal(ring[0, 1, :, 198 % 160], case.keys[1, :, 198])  # the newest context token, dense
+    expected = kivi.kivi_attention(case.q, state.k, state.v, state.cache, state.step, case.block_tables, [1, 1],
+                                   [0, 1], case.scale)
+    reference = case.quantised_reference("kivi4")
+    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=1e-5)
+    from kvflow.bench.attention import _naive
+
+    assert float((reference - _naive(case)).abs().max()) > 1e-3  # it is lossy
+    assert case.work("kivi4") == 2 * 2 * 2 * (64 * (32 + 8) + 136 * 64 * 4)
+    assert case.work("kivi2") == 2 * 2 * 2 * (64 * (16 + 8) + 136 * 64 * 4)
+    assert not AttentionCase("decode", 1, 40, 2, 1, 64, 16, torch.float32, torch.device("cpu")).kivi_applies()
+    prefill = AttentionCase("prefill", 1, 40, 2, 1, 64, 32, torch.float32, torch.device("cpu"))
+    assert not prefill.kivi_applies()
+    stub = {"triton-kivi4": lambda c: 1 / 0, "naive": available(torch.device("cpu"), ("naive",))["naive"]}
+    assert [r.implementation for r in run_case(prefill, stub, 1, 64)] == ["naive"]
+
+
+def test_check_targets_kivi_decode_speedup():
+    from kvflow.bench.attention import check_targets
+
+    results = [_result("triton", "decode", 8192, 1.0), _result("triton-kivi4", "decode", 8192, 0.5),
+               _result("triton-kivi2", "decode", 8192, 0.9)]
+    verdicts = {c.claim.split(" ")[0]: c.passed for c in check_targets(results) if "faster than dense" in c.claim}
+    assert verdicts == {"triton-kivi4": True, "triton-kivi2": False}

@@ -195,3 +195,17 @@ def test_unpacked_codes_match_the_reference(device, bits):
     out = torch.empty(packed.shape[0], d, dtype=torch.int32, device=device)
     _unpack[(1,)](packed, out, BITS=bits, N=packed.shape[0], D=d)
     assert torch.equal(out.long().cpu(), kivi.unpack_codes(packed.cpu(), bits).long())
+
+
+@pytest.mark.parametrize("fmt", ["kivi4", "kivi2"])
+def test_bench_triton_kivi_matches_its_reference(device, fmt):
+    """`kvflow bench attention`'s triton-kivi4 / -kivi2 (what .ci/gpu times) on a small decode case,
+    through run_case: checked against naive over the context as KIVI holds it (blocks dequantised
+    below Q = 96, the ring above), with the default split count and tiles."""
+    from kvflow.bench.attention import AttentionCase, _naive, _triton_kivi, run_case
+
+    case = AttentionCase("decode", 2, 230, 8, 2, 64, 32, torch.float32, device)
+    impls = {f"triton-{fmt}": _triton_kivi(fmt), "naive": _naive}
+    (result,) = [r for r in run_case(case, impls, repeats=1, naive_max_len=512) if r.implementation != "naive"]
+    assert case.kivi_state(fmt).step.quantised_list == [96, 96]
+    assert result.reference == "naive" and result.max_abs_err < 1e-4, result
