@@ -279,7 +279,8 @@ def check_kv_policy(policy: str, budget: int | None, sink_tokens: int, window: i
 class CacheConfig:
     """Paged KV cache: block size, memory budget and prefix caching."""
 
-    block_size: int = 16
+    # Tokens per KV block; None: 16, or 32 with KIVI (its key groups are 32 tokens).
+    block_size: int | None = None  # an int once constructed
     # GiB for the KV cache; None = derived from free memory (see `worker/kv_budget.default_kv_cache_bytes`).
     kv_cache_memory: float | None = None
     # Exact block count, overriding the memory budget (tests use it to force preemption).
@@ -305,6 +306,8 @@ class CacheConfig:
     kv_residual_tokens: int = 128
 
     def __post_init__(self) -> None:
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", 32 if self.kv_cache_dtype in KIVI_CACHE_DTYPES else 16)
         if self.kv_sink_tokens < 0:
             raise ValueError(f"kv_sink_tokens must be >= 0, got {self.kv_sink_tokens}")
         if self.kv_window is not None and self.kv_window < 0:

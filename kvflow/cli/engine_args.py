@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 _HELP = {
-    "block_size": "tokens per KV block",
+    "block_size": "tokens per KV block (default 16; 32 with kivi4/kivi2)",
     "kv_cache_memory": "GiB for the KV cache (default: 30%% of available memory, at most 4 GiB)",
     "num_blocks": "exact number of KV blocks (overrides --kv-cache-memory)",
     "enable_prefix_caching": "reuse KV blocks of earlier prompts with the same prefix",
     "kv_cache_dtype": "what KV blocks store: auto (the model's dtype), bfloat16, float16, float32, int8 (a scale "
                       "per token and kv head), fp8_e4m3 (a scale per layer and kv head), or kivi4 / kivi2 (KIVI: "
-                      "4-/2-bit codes, keys per channel and values per token in groups of 32; needs --block-size 32)",
+                      "4-/2-bit codes, keys per channel and values per token in groups of 32; blocks of 32 tokens)",
     "kv_residual_tokens": "kivi4/kivi2: newest tokens per sequence kept in the model's dtype (a multiple of 32)",
     "kv_scale": "fp8_e4m3: the scale of every layer's keys and values (default: calibrated from the first "
                 "prompt)",

@@ -162,6 +162,7 @@ def test_bad_settings_are_refused_before_any_work(llama64_dir, llama_dir):
     with pytest.raises(ValueError, match="kv_policy=snapkv with kv_cache_dtype kivi4 is not supported"):
         EngineConfig.create(str(llama64_dir), kv_cache_dtype="kivi4", block_size=32, kv_policy="snapkv",
                             kv_budget=64, **base)
+    assert EngineConfig.create(str(llama64_dir), kv_cache_dtype="kivi2", **base).cache.block_size == 32  # default
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of .*kivi4, kivi2"):
         EngineConfig.create(str(llama64_dir), kv_cache_dtype="kivi3", block_size=32, **base)
     with pytest.raises(ValueError, match=r"head_dim \(16\)"):  # KIVI groups 32 channels
