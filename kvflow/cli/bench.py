@@ -151,11 +151,13 @@ def _cmd_kv_capacity(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     results = run_capacity(args.model, args.dtype, args.kv_cache_dtype, args.kv_cache_memory, args.num_prompts,
-                           args.input_len, args.output_len, args.repeats, args.seed)
+                           args.input_len, args.output_len, args.repeats, args.seed, block_size=args.block_size,
+                           max_num_seqs=args.max_num_seqs, residual_tokens=args.kv_residual_tokens)
     print(format_capacity(results))
     if args.output:
         settings = {k: getattr(args, k) for k in ("model", "dtype", "kv_cache_dtype", "kv_cache_memory", "num_prompts",
-                                                  "input_len", "output_len", "repeats", "seed")}
+                                                  "input_len", "output_len", "repeats", "seed", "block_size",
+                                                  "max_num_seqs", "kv_residual_tokens")}
         save_capacity(results, Path(args.output), settings)
         print(f"saved {args.output}")
     return 0
@@ -326,6 +328,13 @@ def configure(bench: argparse.ArgumentParser) -> None:
     kc.add_argument("--output-len", type=int, default=64)
     kc.add_argument("--repeats", type=int, default=1, help="rounds over all formats; the median is reported")
     kc.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
+    kc.add_argument("--block-size", type=int, default=None,
+                    help="tokens per KV block (default: the engine's, 16; kivi4/kivi2 use 32 unless this is a "
+                         "multiple of 32)")
+    kc.add_argument("--max-num-seqs", type=int, default=None,
+                    help="every format's max_num_seqs (default: one per prompt; kivi4/kivi2: the most ring slots "
+                         "that leave blocks for as many whole sequences)")
+    kc.add_argument("--kv-residual-tokens", type=int, default=128, help="kivi4/kivi2: R, newest tokens kept dense")
     kc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     kc.add_argument("--output", help="JSON path")
     kc.set_defaults(func=_cmd_kv_capacity)

@@ -78,9 +78,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compare-kv", type=_list_of(str, "--compare-kv"), default=None, metavar="METHODS",
                        help="evaluate under each of these KV methods (comma-separated): a --kv-cache-dtype value "
                             "(int8), a policy at a budget fraction (snapkv@0.25, quest@0.125, h2o@0.5, "
-                            "streaming@0.25) or both (int8+snapkv@0.25); writes a table and a figure of accuracy "
-                            "against KV bytes (kv_compare.json/.png in --out; each method's results in a folder "
-                            "of --out named after it, '+' and '@' as '-')")
+                            "streaming@0.25) or both (int8+snapkv@0.25); kivi4 and kivi2 page in blocks of 32 "
+                            "tokens where --block-size is not a multiple of 32; writes a table and a figure of "
+                            "accuracy against KV bytes (kv_compare.json/.png in --out; each method's results in a "
+                            "folder of --out named after it, '+' and '@' as '-')")
     group.add_argument("--rerun", action="store_true",
                        help="with --compare-kv: evaluate every method again instead of reusing results saved in "
                             "its folder with the same settings")
@@ -110,6 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         return _compare_kv(args, config)
     if args.kv_budget_fraction is not None:
         args = _with_policy_budget(args)
+    args = _with_kivi_block_size(args)
     llm = make_llm(args)
     draft_llm = None
     if args.draft is not None:
@@ -123,6 +125,19 @@ def _run(args: argparse.Namespace) -> int:
         print(format_report(result))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _with_kivi_block_size(args: argparse.Namespace) -> argparse.Namespace:
+    """KIVI needs blocks of a multiple of 32 tokens: without --block-size, a kivi4/kivi2 evaluation
+    pages in blocks of 32 (and says so); a --block-size given is left to the engine to check."""
+    from kvflow.config import KIVI_CACHE_DTYPES
+    from kvflow.eval.kv_methods import KIVI_BLOCK_SIZE
+
+    if args.kv_cache_dtype not in KIVI_CACHE_DTYPES or args.block_size is not None:
+        return args
+    print(f"note: --kv-cache-dtype {args.kv_cache_dtype} pages in blocks of {KIVI_BLOCK_SIZE} tokens "
+          f"(--block-size {KIVI_BLOCK_SIZE})", file=sys.stderr)
+    return argparse.Namespace(**{**vars(args), "block_size": KIVI_BLOCK_SIZE})
 
 
 def _policy_knobs(args: argparse.Namespace) -> dict:
@@ -174,9 +189,15 @@ def _compare_kv(args: argparse.Namespace, config) -> int:
     knobs = _policy_knobs(args)
 
     def namespace_for(method: KVMethod) -> argparse.Namespace:
-        return argparse.Namespace(**{**vars(args), **method.engine_args(knobs["kv_sink_tokens"], knobs["kv_window"])})
+        engine = method.engine_args(knobs["kv_sink_tokens"], knobs["kv_window"], args.block_size)
+        return argparse.Namespace(**{**vars(args), **engine})
 
     _check_engines(methods, namespace_for)  # every method's engine settings, before the first (long) run
+    for method in methods:
+        if method.block_size(args.block_size) != args.block_size:
+            print(f"note: {method.name} pages in blocks of {method.block_size(args.block_size)} tokens (KIVI "
+                  f"quantises keys in groups of 32 tokens; the other methods: "
+                  f"{args.block_size or CacheConfig().block_size})", file=sys.stderr)
     rows = compare_kv_methods(lambda m: make_llm(namespace_for(m)), model, args.dtype, methods, config, out,
                               reuse=not args.rerun, log=lambda msg: print(msg, file=sys.stderr, flush=True),
                               policy_knobs=knobs, block_size=args.block_size or CacheConfig().block_size)

@@ -8,7 +8,11 @@ window is reused (`reuse=True`), so adding a method to the figure costs one run.
 KV bytes per token relative to the model's own dtype: the format's bytes (all layers, keys and
 values, scales included, from the KV-cache spec) times the share of tokens kept (streaming, h2o,
 snapkv). Quest keeps every token (plus each block's key bounds) and reads only its share per decode
-step, so it sits at the share *read*, drawn hollow: it saves reads, not memory.
+step, so it sits at the share *read*, drawn hollow: it saves reads, not memory. KIVI (kivi4, kivi2)
+sits at its blocks' bytes (codes, scales and zero points); each running sequence also holds its
+newest R + 32 tokens in the model's dtype in a ring, a fixed cost per sequence that the rows report
+per context length (`kv_kept_ratio_by_length`: the blocks plus the ring, shared over n tokens), and
+its engine pages in blocks of 32 tokens (`KVMethod.block_size`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kvflow.attention.kivi import KIVI_DEFAULT_RESIDUAL, KIVI_FORMATS, KIVI_GROUP
 from kvflow.attention.kv_spec import KVCacheSpec
 from kvflow.eval.kv_figure import save_comparison
 from kvflow.eval.kv_methods import KVMethod
@@ -64,7 +69,8 @@ def compare_kv_methods(make_llm: Callable[[KVMethod], Any], model: str, dtype: s
     sinks and window those engines use (`POLICY_KNOBS`), checked when reusing a policy's result.
     """
     knobs = policy_knobs or {}
-    sizes = {fmt: kv_bytes_per_token(model, dtype, fmt) for fmt in dict.fromkeys(m.kv_cache_dtype for m in methods)}
+    sizes = {fmt: kv_bytes_per_token(model, dtype, fmt, KVMethod(fmt).block_size(block_size) or block_size)
+             for fmt in dict.fromkeys(m.kv_cache_dtype for m in methods)}
     bounds = key_bounds_ratio(model, dtype, block_size) if any(m.kv_policy == "quest" for m in methods) else 0.0
     rows = []
     for method in methods:
@@ -114,10 +120,18 @@ def _summary(method: KVMethod, result: dict[str, Any], kv_bytes: int, dense_byte
         return {str(n): sum(row[j] for row in acc) / len(acc) for j, n in enumerate(grid["lengths"])}
 
     kept, read = method.kv_ratios(kv_bytes / dense_bytes, bounds_ratio)
+    cache = (result.get("engine") or {}).get("cache") or {}
+    # KIVI's ring: R + 32 tokens of the model's dtype per running sequence, outside the blocks
+    ring = cache.get("kv_residual_tokens", KIVI_DEFAULT_RESIDUAL) + KIVI_GROUP \
+        if method.kv_cache_dtype in KIVI_FORMATS else 0
+    lengths = sorted({int(n) for grid in (pk, mk) for n in (grid.get("lengths") or [])})
     return {
         "method": method.name, "kv_cache_dtype": method.kv_cache_dtype, "kv_policy": method.kv_policy,
         "kv_budget_fraction": method.fraction, "kv_bytes_per_token": kv_bytes, "kv_bytes_ratio": kv_bytes / dense_bytes,
-        "kv_kept_ratio": kept, "kv_read_ratio": read,
+        "kv_kept_ratio": kept, "kv_read_ratio": read, "block_size": cache.get("block_size"),
+        "kv_ring_tokens": ring,  # per sequence, in the model's dtype (KIVI; 0 otherwise)
+        # bytes a sequence of n tokens holds, per token, relative to the model's dtype: blocks plus ring
+        "kv_kept_ratio_by_length": {str(n): kept + ring / n for n in lengths},
         # the share of prompt tokens the budgets really covered (more than the fraction where the floor wins)
         "kept_share": (result.get("kv_budget") or {}).get("kept_share"),
         "perplexity": ppl.get("perplexity"), "passkey": pk.get("mean_accuracy"), "multikey": mk.get("mean_accuracy"),

@@ -3,6 +3,8 @@
     int8              every token's KV stored as int8 (all of it kept)
     snapkv@0.25       the model's dtype; each request keeps max(floor, round(0.25 x prompt tokens))
     int8+snapkv@0.25  both: a quarter of the tokens, each at int8's bytes
+    kivi2             KIVI's 2-bit codes with the newest tokens dense (no policy; its engine pages in
+                      blocks of 32 tokens, see `block_size`)
 
 Parsing is strict and happens before any evaluation runs, so a typo in the eighth entry does not
 surface after seven long runs. Each method knows the engine arguments it needs (quest must be the
@@ -15,12 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvflow.config import KV_CACHE_DTYPES, KV_POLICIES
+from kvflow.config import KIVI_CACHE_DTYPES, KV_CACHE_DTYPES, KV_POLICIES
 from kvflow.eval.kv_budget import check_fraction, min_kv_budget
 
 #: Policies that free KV (memory shrinks with the budget); the rest (quest) only read less of it.
 EVICTING = ("streaming", "h2o", "snapkv")
 _POLICIES = tuple(p for p in KV_POLICIES if p != "none")
+#: The block size KIVI methods get where the evaluation's own is not a multiple of KIVI's 32-token groups.
+KIVI_BLOCK_SIZE = 32
 _SYNTAX = "FORMAT, POLICY@FRACTION or FORMAT+POLICY@FRACTION (e.g. int8, snapkv@0.25, int8+snapkv@0.25)"
 
 
@@ -53,11 +57,21 @@ class KVMethod:
         kept = format_ratio * (share if self.kv_policy in EVICTING else 1.0)
         return kept, format_ratio * share
 
-    def engine_args(self, sink_tokens: int, window: int | None) -> dict[str, Any]:
-        """Engine keyword arguments: the format, and with a policy that policy with its smallest valid
-        budget (the default of requests without their own; the evaluation gives each its own)."""
+    def block_size(self, block_size: int | None) -> int | None:
+        """The engine's block size for this method: KIVI quantises keys in groups of 32 tokens, so its
+        blocks must hold a multiple of 32; where `block_size` (the evaluation's; None: the engine's
+        default, 16) is not one, a KIVI method pages in blocks of 32. Paging does not change what
+        attention computes, so the other methods keep `block_size`."""
+        if self.kv_cache_dtype in KIVI_CACHE_DTYPES and (block_size is None or block_size % KIVI_BLOCK_SIZE):
+            return KIVI_BLOCK_SIZE
+        return block_size
+
+    def engine_args(self, sink_tokens: int, window: int | None, block_size: int | None = None) -> dict[str, Any]:
+        """Engine keyword arguments: the format (and its block size, `block_size`), and with a policy that
+        policy with its smallest valid budget (the default of requests without their own; the evaluation
+        gives each its own)."""
         args: dict[str, Any] = {"kv_cache_dtype": self.kv_cache_dtype, "kv_policy": self.kv_policy,
-                                "kv_budget": None}
+                                "kv_budget": None, "block_size": self.block_size(block_size)}
         if self.kv_policy != "none":
             args["kv_budget"] = min_kv_budget(self.kv_policy, sink_tokens, window)
         return args

@@ -31,3 +31,31 @@ def test_kv_capacity_refuses_an_unknown_format(llama_dir):
 
     with pytest.raises(SystemExit, match="unknown --kv-cache-dtype int3"):
         main(["bench", "kv-capacity", "--model", str(llama_dir), "--kv-cache-dtype", "int3", "--kv-cache-memory", "1"])
+
+
+def test_kivi_gets_the_ring_slots_its_blocks_can_fill(llama64_dir, tmp_path, capsys):
+    from kvflow.bench.kv_capacity import kivi_slots
+
+    out = tmp_path / "cap.json"
+    budget = 0.0004  # GiB: a few 76-token sequences
+    code = main(["bench", "kv-capacity", "--model", str(llama64_dir), "--dtype", "float32", "--kv-cache-dtype",
+                 "float32", "kivi2", "--kv-cache-memory", str(budget), "--num-prompts", "12", "--input-len", "72",
+                 "--output-len", "4", "--kv-residual-tokens", "32", "--output", str(out)])
+    assert code == 0
+    saved = json.loads(out.read_text())
+    results = {r["kv_cache_dtype"]: r for r in saved["results"]}
+    dense, kivi = results["float32"], results["kivi2"]
+    assert (dense["block_size"], dense["max_num_seqs"], dense["fixed_bytes"]) == (16, 12, 0)
+    assert kivi["block_size"] == 32 and kivi["fixed_bytes"] > 0  # the ring, in the budget
+    slots = kivi["max_num_seqs"]
+    assert slots == kivi_slots(str(llama64_dir), "float32", "kivi2", budget, 76, 32, 32, 12)
+    # the most slots whose ring leaves blocks for as many whole sequences: one more would not fit
+    assert kivi["fits"] >= slots and (slots == 12 or kivi_slots(str(llama64_dir), "float32", "kivi2", budget, 76,
+                                                                32, 32, slots + 1) == slots)
+    per_slot = kivi["fixed_bytes"] // slots
+    spare = budget * 2**30 - (slots + 1) * per_slot
+    assert slots == 12 or spare // (kivi["kv_bytes_per_token"] * 32) // 3 < slots + 1  # 76 tokens: 3 blocks
+    assert kivi["num_blocks"] * kivi["kv_bytes_per_token"] * 32 + kivi["fixed_bytes"] <= budget * 2**30
+    assert 1 <= kivi["max_running"] <= slots and kivi["fits"] > dense["fits"]
+    assert saved["settings"]["kv_residual_tokens"] == 32
+    assert "ring slots" in capsys.readouterr().out

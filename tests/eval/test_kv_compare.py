@@ -46,6 +46,38 @@ def _runs(err: str) -> list[str]:
     return [line[4:] for line in err.splitlines() if line.startswith("--- ") and "reusing" not in line]
 
 
+def test_compare_kv_with_kivi_pages_its_methods_in_blocks_of_32(smoke_model, tmp_path, capsys):
+    from kvflow.cli import main
+
+    out = tmp_path / "cmp"
+    # R = 32, so 96- and 128-token prompts hold quantised groups
+    args = ["eval", "--model", str(smoke_model), *SMALL, "--kv-residual-tokens", "32", "--compare-kv",
+            "auto,kivi4,kivi2", "--out", str(out)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "note: kivi4 pages in blocks of 32 tokens" in captured.err and "note: auto" not in captured.err
+    rows = {r["method"]: r for r in json.loads((out / "kv_compare.json").read_text())}
+    for fmt, block in (("auto", 16), ("kivi4", 32), ("kivi2", 32)):
+        cache = json.loads((out / fmt / "results.json").read_text())["engine"]["cache"]
+        assert (cache["kv_cache_dtype"], cache["block_size"]) == (fmt, block)
+        assert rows[fmt]["passkey"] is not None
+    # smoke: head_dim 32, so per 32 channels one fp16 scale and zero (4 bytes) beside 16 (kivi4) or 8 (kivi2)
+    assert rows["kivi4"]["kv_bytes_ratio"] == (16 + 4) / (32 * 4) and rows["kivi2"]["kv_bytes_ratio"] == 12 / 128
+    assert rows["kivi2"]["kv_ring_tokens"] == 64 and rows["auto"]["kv_ring_tokens"] == 0
+    assert "kivi2" in captured.out
+
+
+def test_plain_eval_with_kivi_pages_in_blocks_of_32(smoke_model, tmp_path, capsys):
+    from kvflow.cli import main
+
+    out = tmp_path / "kivi"
+    assert main(["eval", "--model", str(smoke_model), *SMALL, "--kv-cache-dtype", "kivi2", "--kv-residual-tokens",
+                 "32", "--out", str(out)]) == 0
+    assert "(--block-size 32)" in capsys.readouterr().err
+    cache = json.loads((out / "results.json").read_text())["engine"]["cache"]
+    assert (cache["kv_cache_dtype"], cache["block_size"]) == ("kivi2", 32)
+
+
 def test_compare_kv_refuses_unknown_formats(smoke_model, tmp_path, capsys):
     from kvflow.cli import main
 
@@ -112,6 +144,8 @@ def _name(fmt: str, policy: str, fraction: float) -> str:
      "drop --kv-budget, --kv-policy"),
     (["--compare-kv", "auto,snapkv@0.5", "--kv-sink-tokens", "-1"], "--compare-kv auto: kv_sink_tokens must be >= 0"),
     (["--kv-budget-fraction", "0.5"], "add --kv-policy"),
+    (["--compare-kv", "auto,kivi2+snapkv@0.25"], "--compare-kv kivi2+snapkv@0.25: kv_policy=snapkv with "
+                                                 "kv_cache_dtype kivi2 is not supported"),
     (["--kv-budget-fraction", "1.5", "--kv-policy", "snapkv"], "must be in (0, 1]"),
 ])
 def test_bad_policy_settings_fail_before_any_run(smoke_model, tmp_path, extra, message):

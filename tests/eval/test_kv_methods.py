@@ -24,6 +24,8 @@ from kvflow.eval.runner import EvalConfig
     ("fp8_e4m3+h2o@0.5", KVMethod("fp8_e4m3", "h2o", 0.5), "fp8_e4m3+h2o@0.5", "fp8_e4m3-h2o-0.5"),
     ("auto+h2o@0.5", KVMethod("auto", "h2o", 0.5), "h2o@0.5", "h2o-0.5"),
     ("snapkv@0.1234567", KVMethod("auto", "snapkv", 0.1234567), "snapkv@0.1234567", "snapkv-0.1234567"),
+    ("kivi4", KVMethod("kivi4"), "kivi4", "kivi4"),
+    ("kivi2", KVMethod("kivi2"), "kivi2", "kivi2"),
 ])
 def test_entries_parse_to_methods_with_safe_folders(text, method, name, folder):
     parsed = parse_method(text)
@@ -191,3 +193,35 @@ def test_table_and_figure_from_rows(tmp_path):
     assert table[-1] == PPL_PREFILL_NOTE
     json_path, png_path = save_comparison(rows, tmp_path, "title")
     assert json.loads(json_path.read_text()) == rows and png_size(png_path)[0] > 1000
+
+
+@pytest.mark.parametrize("given, kivi, other", [(None, 32, None), (16, 32, 16), (48, 32, 48), (32, 32, 32),
+                                                 (64, 64, 64)])
+def test_kivi_methods_page_in_blocks_of_a_multiple_of_32(given, kivi, other):
+    for fmt in ("kivi4", "kivi2"):
+        method = parse_method(fmt)
+        assert method.block_size(given) == kivi
+        args = method.engine_args(4, None, given)
+        assert args == {"kv_cache_dtype": fmt, "kv_policy": "none", "kv_budget": None, "block_size": kivi}
+        CacheConfig(**{k: v for k, v in args.items() if k != "kv_budget"})  # the engine accepts it
+    for text in ("auto", "int8", "fp8_e4m3", "int8+snapkv@0.25"):  # paging does not change the others' numbers
+        assert parse_method(text).engine_args(4, None, given)["block_size"] == other
+
+
+def test_kivi_rows_report_the_ring_per_context_length():
+    from kvflow.assets import default_model_path
+    from kvflow.eval.kv_compare import _summary, kv_bytes_per_token
+
+    grid = {"lengths": [512, 2048], "accuracy": [[1.0, 1.0]], "mean_accuracy": 1.0}
+    result = {"perplexity": {"perplexity": 8.0}, "passkey": grid, "multikey": None,
+              "engine": {"cache": {"kv_cache_dtype": "kivi2", "block_size": 32, "kv_residual_tokens": 128}}}
+    kv_bytes, dense = kv_bytes_per_token(str(default_model_path()), "float32", "kivi2", 32)
+    # the shipped tiny model: 4 layers, 2 kv heads, head_dim 64; codes + an fp16 scale and zero per 32
+    assert (kv_bytes, dense) == (4 * 2 * 2 * (16 + 8), 4 * 2 * 2 * 64 * 4)
+    row = _summary(parse_method("kivi2"), result, kv_bytes, dense)
+    assert row["kv_kept_ratio"] == kv_bytes / dense and row["kv_ring_tokens"] == 160 and row["block_size"] == 32
+    assert row["kv_kept_ratio_by_length"] == {"512": kv_bytes / dense + 160 / 512,
+                                              "2048": kv_bytes / dense + 160 / 2048}
+    plain = _summary(parse_method("int8"), {**result, "engine": {"cache": {"kv_cache_dtype": "int8"}}}, 1088, dense)
+    assert plain["kv_ring_tokens"] == 0 and plain["kv_kept_ratio_by_length"] == {"512": 1088 / dense,
+                                                                                   "2048": 1088 / dense}
