@@ -294,6 +294,8 @@ void rope_and_store(const at::Tensor& qkv, const at::Tensor& positions, const at
 // ----------------------------------------------------------------------------- paged attention
 // paged_attention<T>: flash decoding over the paged KV cache, in its own file.
 #include "cpu_attention.h"
+// kivi_attention<T> and kivi_store<T>: the 4- and 2-bit KIVI cache read and written in place.
+#include "cpu_kivi.h"
 
 // ----------------------------------------------------------------------------- SiLU and multiply
 // out = silu(gate).to(T) * up, the rounding of `F.silu(gate) * up` in GatedMLP.
@@ -436,16 +438,22 @@ class CpuModel {
   CpuModel(at::Tensor embed, std::vector<std::vector<at::Tensor>> layers, std::vector<int64_t> windows,
            at::Tensor final_norm, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> kv_caches,
            std::vector<at::Tensor> kv_scales, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
-           bool packed)
+           bool packed, std::vector<at::Tensor> kv_rings, int64_t kivi_bits)
       : embed_(std::move(embed)), final_norm_(std::move(final_norm)), cos_(std::move(cos)), sin_(std::move(sin)),
-        kv_caches_(std::move(kv_caches)), kv_scales_(std::move(kv_scales)), num_heads_(num_heads),
+        kv_caches_(std::move(kv_caches)), kv_scales_(std::move(kv_scales)), kv_rings_(std::move(kv_rings)),
+        kivi_bits_(kivi_bits), num_heads_(num_heads),
         num_kv_heads_(num_kv_heads),
         head_dim_(head_dim), eps_(static_cast<float>(eps)), packed_(packed),
         scale_(1.f / std::sqrt(static_cast<float>(head_dim))) {
     TORCH_CHECK(layers.size() == windows.size() && layers.size() == kv_caches_.size(), "CpuModel: layer count mismatch");
     kv_type_ = kv_caches_.front().scalar_type();
     quantised_ = kv_type_ == at::kChar || kv_type_ == at::kFloat8_e4m3fn;
-    TORCH_CHECK(kv_scales_.size() == (quantised_ ? kv_caches_.size() : 0),
+    // KIVI: kv_caches_ are the layers' codes, kv_scales_ their meta and kv_rings_ their residual rings.
+    TORCH_CHECK(kivi_bits_ == 0 || (kv_type_ == at::kByte && kv_scales_.size() == kv_caches_.size() &&
+                                    kv_rings_.size() == kv_caches_.size()),
+                "CpuModel: a KIVI cache needs codes, meta and a ring per layer");
+    TORCH_CHECK(kivi_bits_ > 0 || kv_rings_.empty(), "CpuModel: residual rings belong to a KIVI cache");
+    TORCH_CHECK(kivi_bits_ > 0 || kv_scales_.size() == (quantised_ ? kv_caches_.size() : 0),
                 "CpuModel: an int8 KV cache needs one scales tensor per layer, a dense one none");
     TORCH_CHECK(cos_.scalar_type() == at::kFloat && sin_.scalar_type() == at::kFloat, "CpuModel: rotary tables must be fp32");
     for (size_t i = 0; i < layers.size(); ++i) {
@@ -469,12 +477,16 @@ class CpuModel {
   // `before_attention(l, q)` returns nothing, or [block_tables, kv_positions] to attend with instead
   // (Quest's reduced tables); `after_attention(l, q)` runs once the layer has attended (H2O's block
   // mass, SnapKV's selection and copy).
+  // `kivi` (a KIVI cache): the step's KiviStep tensors (cpu_kernels.kivi_step_tensors); each layer
+  // attends over the cache as it was, then quantises the completed groups and writes the ring.
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& seq_index,
                      const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                      const std::function<void(int64_t)>& layer_done, const std::optional<at::Tensor>& kv_positions_in,
                      const std::function<std::vector<at::Tensor>(int64_t, const at::Tensor&)>& before_attention,
-                     const std::function<void(int64_t, const at::Tensor&)>& after_attention) {
+                     const std::function<void(int64_t, const at::Tensor&)>& after_attention,
+                     const std::optional<std::vector<at::Tensor>>& kivi) {
     const int64_t tokens = input_ids.size(0);
+    TORCH_CHECK((kivi_bits_ > 0) == kivi.has_value(), "CpuModel: a KIVI cache's step needs its KiviStep, others none");
     const at::Tensor kv_positions = kv_positions_in.has_value() ? *kv_positions_in : positions;
     for (const auto* t : {&input_ids, &positions, &seq_index, &slot_mapping, &block_tables, &kv_positions}) {
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "CpuModel: index tensors must be contiguous int64");
@@ -485,33 +497,45 @@ class CpuModel {
     const auto dtype = residual.scalar_type();
     at::Tensor q = at::empty({tokens, num_heads_, head_dim_}, residual.options());
     at::Tensor attn = at::empty_like(q);
+    // KIVI: the step's keys and values [2, T, KVH, 1, D], written by rope_and_store as a cache of
+    // T one-token blocks (token t at slot t), read by attention and then by the store.
+    at::Tensor step_kv, step_slots;
+    if (kivi_bits_) {
+      step_kv = at::empty({2, tokens, num_kv_heads_, 1, head_dim_}, residual.options());
+      step_slots = at::arange(tokens, input_ids.options());
+    }
     for (size_t l = 0; l < layers_.size(); ++l) {
       const LayerWeights& w = layers_[l];
       at::Tensor& cache = kv_caches_[l];
       const at::Tensor scales = quantised_ ? kv_scales_[l] : at::Tensor();
       KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.input_norm, normed, eps_); });
       at::Tensor qkv = linear(normed, w.qkv, w.qkv_bias, packed_, w.qkv_blocked);
-      KVFLOW_RUN(dtype, "rope_and_store", [&] {
-        KVFLOW_KV_DISPATCH(kv_type_, scalar_t, [&] {
-          rope_and_store<scalar_t, kv_t>(qkv, positions, slot_mapping, cos_, sin_, w.q_norm, w.k_norm, eps_, cache,
-                                         scales, q, num_heads_, num_kv_heads_, head_dim_);
+      if (kivi_bits_) {
+        TORCH_CHECK(!before_attention && !after_attention, "CpuModel: no KV policy runs over a KIVI cache");
+        kivi_layer(l, qkv, positions, seq_index, kv_positions, block_tables, step_kv, step_slots, *kivi, q, attn);
+      } else {
+        KVFLOW_RUN(dtype, "rope_and_store", [&] {
+          KVFLOW_KV_DISPATCH(kv_type_, scalar_t, [&] {
+            rope_and_store<scalar_t, kv_t>(qkv, positions, slot_mapping, cos_, sin_, w.q_norm, w.k_norm, eps_, cache,
+                                           scales, q, num_heads_, num_kv_heads_, head_dim_);
+          });
         });
-      });
-      std::vector<at::Tensor> reads;
-      if (before_attention) reads = before_attention(static_cast<int64_t>(l), q);
-      TORCH_CHECK(reads.empty() || (reads.size() == 2 && reads[0].scalar_type() == at::kLong &&
-                                    reads[0].is_contiguous() && reads[1].scalar_type() == at::kLong &&
-                                    reads[1].is_contiguous() && reads[1].size(0) == tokens),
-                  "CpuModel: before_attention returns nothing or [block_tables, kv_positions] (contiguous int64)");
-      const at::Tensor& tables = reads.empty() ? block_tables : reads[0];
-      const at::Tensor& key_positions = reads.empty() ? kv_positions : reads[1];
-      KVFLOW_RUN(dtype, "paged_attention", [&] {
-        KVFLOW_KV_DISPATCH(kv_type_, scalar_t, [&] {
-          paged_attention<scalar_t, kv_t>(q, cache, scales, tables, seq_index, key_positions, scale_, w.window,
-                                          attn);
+        std::vector<at::Tensor> reads;
+        if (before_attention) reads = before_attention(static_cast<int64_t>(l), q);
+        TORCH_CHECK(reads.empty() || (reads.size() == 2 && reads[0].scalar_type() == at::kLong &&
+                                      reads[0].is_contiguous() && reads[1].scalar_type() == at::kLong &&
+                                      reads[1].is_contiguous() && reads[1].size(0) == tokens),
+                    "CpuModel: before_attention returns nothing or [block_tables, kv_positions] (contiguous int64)");
+        const at::Tensor& tables = reads.empty() ? block_tables : reads[0];
+        const at::Tensor& key_positions = reads.empty() ? kv_positions : reads[1];
+        KVFLOW_RUN(dtype, "paged_attention", [&] {
+          KVFLOW_KV_DISPATCH(kv_type_, scalar_t, [&] {
+            paged_attention<scalar_t, kv_t>(q, cache, scales, tables, seq_index, key_positions, scale_, w.window,
+                                            attn);
+          });
         });
-      });
-      if (after_attention) after_attention(static_cast<int64_t>(l), q);
+        if (after_attention) after_attention(static_cast<int64_t>(l), q);
+      }
       delta = linear(attn.view({tokens, num_heads_ * head_dim_}), w.o, w.o_bias, packed_, w.o_blocked);
       KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.post_norm, normed, eps_); });
       at::Tensor gate_up = linear(normed, w.gate_up, w.gate_up_bias, packed_, w.gate_up_blocked);
@@ -525,8 +549,33 @@ class CpuModel {
   }
 
  private:
+  // One layer's rotary embedding, KIVI attention (over the cache as it was) and store, in that order:
+  // a long chunk's ring writes may wrap onto positions its own queries still read.
+  void kivi_layer(size_t l, const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& seq_index,
+                  const at::Tensor& kv_positions, const at::Tensor& block_tables, at::Tensor& step_kv,
+                  const at::Tensor& step_slots, const std::vector<at::Tensor>& step, at::Tensor& q, at::Tensor& attn) {
+    const LayerWeights& w = layers_[l];
+    const auto dtype = qkv.scalar_type();
+    const at::Tensor none;
+    KVFLOW_RUN(dtype, "rope_and_store", [&] {
+      rope_and_store<scalar_t, scalar_t>(qkv, positions, step_slots, cos_, sin_, w.q_norm, w.k_norm, eps_, step_kv,
+                                         none, q, num_heads_, num_kv_heads_, head_dim_);
+    });
+    const at::Tensor k = step_kv[0].view({-1, num_kv_heads_, head_dim_}), v = step_kv[1].view({-1, num_kv_heads_, head_dim_});
+    KVFLOW_RUN(dtype, "kivi_attention", [&] {
+      const KiviCache<scalar_t> c(kv_caches_[l], kv_scales_[l], kv_rings_[l], k, v, kivi_bits_);
+      kivi_attention<scalar_t>(q, c, step, block_tables, seq_index, kv_positions, scale_, w.window, attn);
+    });
+    KVFLOW_RUN(dtype, "kivi_store", [&] {
+      const KiviCache<scalar_t> c(kv_caches_[l], kv_scales_[l], kv_rings_[l], k, v, kivi_bits_);
+      kivi_store<scalar_t>(c, step);
+    });
+  }
+
   at::Tensor embed_, final_norm_, cos_, sin_;
-  std::vector<at::Tensor> kv_caches_, kv_scales_;  // per layer; scales only for an int8 cache
+  std::vector<at::Tensor> kv_caches_, kv_scales_;  // per layer; scales only for an int8 cache (KIVI: meta)
+  std::vector<at::Tensor> kv_rings_;  // KIVI: each layer's residual ring
+  int64_t kivi_bits_ = 0;
   at::ScalarType kv_type_;
   bool quantised_ = false;
   std::vector<LayerWeights> layers_;
@@ -575,6 +624,31 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& kv_cache, c
     });
   });
   return out;
+}
+
+// KIVI: attention over the cache (codes, meta, ring) as it was before the step and the step's own
+// k, v; `step` is cpu_kernels.kivi_step_tensors' list. Returns [T, H, D].
+at::Tensor kivi_attention_op(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& meta, const at::Tensor& ring,
+                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_tables,
+                             const at::Tensor& seq_index, const at::Tensor& positions, const std::vector<at::Tensor>& step,
+                             int64_t bits, double scale, int64_t window, int64_t decode_chunk) {
+  at::Tensor out = at::empty_like(q);
+  KVFLOW_DISPATCH(q.scalar_type(), "kivi_attention", [&] {
+    TORCH_CHECK(k.scalar_type() == q.scalar_type(), "kivi_attention: q, k, v and the ring of one dtype");
+    const KiviCache<scalar_t> c(codes, meta, ring, k, v, bits);
+    kivi_attention<scalar_t>(q, c, step, block_tables, seq_index, positions, static_cast<float>(scale), window, out,
+                             decode_chunk);
+  });
+  return out;
+}
+
+// KIVI: kivi.store_kivi in place (the step's completed groups quantised, its residual tokens to the ring).
+void kivi_store_op(at::Tensor codes, at::Tensor meta, at::Tensor ring, const at::Tensor& k, const at::Tensor& v,
+                   const std::vector<at::Tensor>& step, int64_t bits) {
+  KVFLOW_DISPATCH(k.scalar_type(), "kivi_store", [&] {
+    const KiviCache<scalar_t> c(codes, meta, ring, k, v, bits);
+    kivi_store<scalar_t>(c, step);
+  });
 }
 
 // Quest's bound on q·k over each block's keys, per query head: Σ_d max(q_d·min_d, q_d·max_d), which
@@ -829,12 +903,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<CpuModel>(m, "CpuModel")
       .def(pybind11::init<at::Tensor, std::vector<std::vector<at::Tensor>>, std::vector<int64_t>, at::Tensor,
                           at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t,
-                          int64_t, double, bool>())
+                          int64_t, double, bool, std::vector<at::Tensor>, int64_t>())
       .def("forward", &CpuModel::forward, pybind11::arg("input_ids"), pybind11::arg("positions"),
            pybind11::arg("seq_index"), pybind11::arg("slot_mapping"), pybind11::arg("block_tables"),
            pybind11::arg("layer_done") = pybind11::none(), pybind11::arg("kv_positions") = pybind11::none(),
            pybind11::arg("before_attention") = pybind11::none(), pybind11::arg("after_attention") = pybind11::none(),
-           pybind11::call_guard<pybind11::gil_scoped_release>());
+           pybind11::arg("kivi") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_op);
   m.def("rope_and_store", &rope_and_store_op, pybind11::arg("qkv"), pybind11::arg("positions"),
         pybind11::arg("slots"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("q_norm"),
@@ -843,6 +917,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention_op, pybind11::arg("q"), pybind11::arg("kv_cache"),
         pybind11::arg("block_tables"), pybind11::arg("seq_index"), pybind11::arg("positions"), pybind11::arg("scale"),
         pybind11::arg("window"), pybind11::arg("decode_chunk") = 0, pybind11::arg("kv_scales") = pybind11::none());
+  m.def("kivi_attention", &kivi_attention_op, pybind11::arg("q"), pybind11::arg("codes"), pybind11::arg("meta"),
+        pybind11::arg("ring"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("block_tables"),
+        pybind11::arg("seq_index"), pybind11::arg("positions"), pybind11::arg("step"), pybind11::arg("bits"),
+        pybind11::arg("scale"), pybind11::arg("window"), pybind11::arg("decode_chunk") = 0);
+  m.def("kivi_store", &kivi_store_op, pybind11::arg("codes"), pybind11::arg("meta"), pybind11::arg("ring"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("step"), pybind11::arg("bits"));
   m.def("quest_bounds", &quest_bounds_op, pybind11::arg("q"), pybind11::arg("bounds"), pybind11::arg("tables"),
         pybind11::arg("num_blocks"), pybind11::arg("scale"));
   m.def("block_mass", &block_mass_op, pybind11::arg("q"), pybind11::arg("kv_cache"), pybind11::arg("tables"),

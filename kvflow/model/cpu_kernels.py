@@ -7,8 +7,9 @@ file, a new torch or a different CPU never picks up a stale or illegal build. Bu
 and ninja (a kvflow dependency); where either is missing, or the build fails, the engine logs why
 and runs the PyTorch modules instead, which compute the same model. It runs a model whose linear
 layers' methods all give it their weights (`LinearMethod.cpu_kernel_weights`), plainly or all
-oneDNN-prepacked, over a dense, int8 or fp8 KV cache in the head-major layout; for any other model or
-cache `CpuForward` raises `CpuForwardUnsupported`, and the runner logs why and takes the modules.
+oneDNN-prepacked, over a dense, int8, fp8 or KIVI (kivi4, kivi2) KV cache in the head-major layout; for
+any other model or cache `CpuForward` raises `CpuForwardUnsupported`, and the runner logs why and takes
+the modules.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from kvflow.attention.kivi import KiviStep
 from kvflow.attention.kv_policy_ops import block_attention_mass
 from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 from kvflow.model.linear import CpuKernelWeights, Linear
@@ -119,6 +121,17 @@ def quest_select_cpp(ext: ModuleType, q: torch.Tensor, bounds: torch.Tensor, tab
     return chosen, lens.tolist()
 
 
+def kivi_step_tensors(step: KiviStep, query_start: torch.Tensor | list[int]) -> list[torch.Tensor]:
+    """A KiviStep as the C++ KIVI kernels take it (cpu_kivi.h): per sequence its ring slot, chunk start,
+    Q before the step and the flat index of its first token (`query_start`, e.g. query_start_loc[:-1]);
+    then the groups to quantise and the ring writes."""
+    starts = torch.as_tensor(query_start, dtype=torch.long)[: step.slots.numel()]
+    return [t.contiguous() for t in (
+        step.slots, step.starts, step.quantised, starts, step.group_from_step, step.group_step_index,
+        step.group_ring_slot, step.group_ring_index, step.group_block, step.group_index, step.group_offset,
+        step.ring_step_index, step.ring_slot, step.ring_index)]
+
+
 class CpuForward:
     """The model's decoder stack as one C++ object; `__call__` matches `LlamaForCausalLM.forward`.
 
@@ -130,15 +143,20 @@ class CpuForward:
         ext = load_extension()
         if ext is None:
             raise RuntimeError("kvflow's C++ CPU kernels are not available on this machine")
-        if kv_spec.layout != "head_major" or not (kv_spec.is_dense or kv_spec.kv_dtype in ("int8", "fp8_e4m3")):
+        readable = kv_spec.is_dense or kv_spec.kv_dtype in ("int8", "fp8_e4m3") or kv_spec.kivi_bits
+        if kv_spec.layout != "head_major" or not readable:
             raise CpuForwardUnsupported(f"the C++ forward cannot read a {kv_spec.kv_dtype} KV cache")
+        if kv_spec.kivi_bits and kv_spec.components[2].dtype != model.config.dtype:
+            raise CpuForwardUnsupported("the C++ forward reads a KIVI ring of the model's dtype")
         if kv_spec.is_dense and kv_spec.dtype != model.config.dtype:
             raise CpuForwardUnsupported(f"the C++ forward reads a KV cache of the model's dtype, "
                                         f"not {kv_spec.kv_dtype}")
-        # One tensor per layer (dense), or (codes, scales) per layer (int8, fp8): codes and scales in two lists.
+        # One tensor per layer (dense), or (codes, scales) per layer (int8, fp8), or (codes, meta, ring) (KIVI):
+        # codes, scales (meta) and rings in three lists.
         layer_parts = [kv_spec.parts(layer) for layer in kv_caches]
         codes = [parts[0] for parts in layer_parts]
         scales = [parts[1] for parts in layer_parts if len(parts) > 1]
+        rings = [parts[2] for parts in layer_parts if len(parts) > 2]
         cfg = model.config
         empty = torch.empty(0)
         layers: list[list[torch.Tensor]] = []
@@ -166,7 +184,7 @@ class CpuForward:
         self._model: Any = ext.CpuModel(
             model.embed_tokens.weight.detach(), layers, windows, model.norm.weight.detach(),
             rotary.cos.contiguous(), rotary.sin.contiguous(), codes, scales,
-            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, packed,
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, packed, rings, kv_spec.kivi_bits,
         )
         self._ext = ext
         self._no_bias = empty
@@ -179,14 +197,17 @@ class CpuForward:
                  layer_hook: Callable[[int], None] | None = None,
                  kv_positions: torch.Tensor | None = None,
                  before_attention: Callable[[int, torch.Tensor], list[torch.Tensor]] | None = None,
-                 after_attention: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                 after_attention: Callable[[int, torch.Tensor], None] | None = None,
+                 kivi: KiviStep | None = None, query_start: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [T, hidden] of a step's flat tokens (see AttentionMetadata);
         `layer_hook(l)` runs after each layer l; `kv_positions`: each token's cache index where a KV
         policy dropped tokens before it (default: its position). A KV policy's per-layer work runs
         around each layer's attention with its queries: `before_attention(l, q)` may return
-        [block_tables, kv_positions] to attend with instead; `after_attention(l, q)` follows it."""
+        [block_tables, kv_positions] to attend with instead; `after_attention(l, q)` follows it. A KIVI
+        cache needs the step's `kivi` bookkeeping and each sequence's first flat token (`query_start`)."""
+        step = None if kivi is None else kivi_step_tensors(kivi, query_start)
         return self._model.forward(input_ids, positions, seq_index, slot_mapping, block_tables, layer_hook,
-                                   kv_positions, before_attention, after_attention)
+                                   kv_positions, before_attention, after_attention, step)
 
     def quest_select(self, q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, kv_lens: list[int],
                      read_blocks: list[int], sink_blocks: list[int], window_blocks: list[int], block_size: int,

@@ -111,8 +111,9 @@ class ModelRunner:
                     def after(layer: int, q: torch.Tensor) -> None:
                         policy.after_attention(layer, q, caches[layer], meta, None, scale)
 
+                kivi = {} if meta.kivi is None else {"kivi": meta.kivi, "query_start": meta.query_start_loc}
                 hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping,
-                                          meta.block_tables, hook, kv_positions, before, after)
+                                          meta.block_tables, hook, kv_positions, before, after, **kivi)
             else:
                 self.backend.prepare(meta)
                 if policy is not None and policy.block_mass is not None:
@@ -217,8 +218,10 @@ class ModelRunner:
             query_lens_list=query_lens,
         )
         if self.kv_spec.kivi_bits:
+            # In cache indices, as the blocks hold them (SnapKV's compaction shifts positions).
+            starts = [c.start - c.kv_shift for c in chunks]
             meta.kivi = KiviStep.build(self.kv_spec.kivi_bits, self.kv_spec.residual_tokens, bs,
-                                       [c.kv_residual_slot for c in chunks], [c.start for c in chunks], seq_lens,
+                                       [c.kv_residual_slot for c in chunks], starts, seq_lens,
                                        [c.kv_prefix_floor for c in chunks], query_start_loc.tolist(), tables, dev)
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         return input_ids, positions, kv_positions, meta

@@ -1,0 +1,538 @@
+// KIVI (`--kv-cache-dtype kivi4|kivi2`, kvflow/attention/kivi.py) on the CPU: paged attention that
+// reads the 4- or 2-bit blocks in place, and the store that quantises completed groups and writes the
+// residual ring. Not a standalone header: cpu_model.cpp includes it after cpu_attention.h, whose
+// planning, online softmax and dot-product helpers it reuses.
+//
+// A query row of a chunk [start, n) at position p sees, of its sequence:
+//   [0, Q)        quantised blocks: codes (low bits first) with fp16 meta; keys one (scale, zero) per
+//                 channel and 32-token group, values one per token and 32-channel group;
+//   [Q, start)    the residual ring, position j at ring index j % W (model dtype);
+//   [start, p]    the step's own keys and values (dense, causal);
+// limited to its last `window` keys where the layer has a sliding window. Q, start, the ring slot
+// and the flat index of the chunk's first token come per sequence (the KiviStep's tensors).
+//
+// Keys: each 32-token group's scale s and zero z per channel fold into the query once per group,
+// q·k = Σ_d (q_d s_d) c_d + Σ_d q_d z_d, so a key's codes only need widening (to fp32, in channel
+// order, once for all the query heads of its kv head). Values are dequantised as the reference does
+// (c * s + z in fp32) sixteen rows at a time into fp32 rows that every query head of the kv head
+// weights. No dequantised copy of a sequence's cache is made.
+
+constexpr int64_t kKiviGroup = 32;  // tokens per key group, channels per value group (kivi.KIVI_GROUP)
+
+// The step's KIVI bookkeeping, as the tensors kivi_step_tensors (cpu_kernels.py) lists, in order:
+// per sequence slots, starts, quantised (Q before the step), query_start (flat index of the chunk's
+// first token); per group row group_from_step (bool), group_step_index, group_ring_slot,
+// group_ring_index; per group group_block, group_index; per group row group_offset; per ring write
+// ring_step_index, ring_slot, ring_index.
+constexpr size_t kKiviStepTensors = 14;
+
+inline void check_kivi_step(const std::vector<at::Tensor>& step) {
+  TORCH_CHECK(step.size() == kKiviStepTensors, "kivi: the step is ", kKiviStepTensors, " tensors, got ", step.size());
+  for (size_t i = 0; i < step.size(); ++i) {
+    TORCH_CHECK(step[i].is_contiguous() && step[i].scalar_type() == (i == 4 ? at::kBool : at::kLong),
+                "kivi: step tensor ", i, " must be contiguous ", i == 4 ? "bool" : "int64");
+  }
+}
+
+// One layer's KIVI cache and a step's k, v as raw pointers and sizes.
+template <typename T>
+struct KiviCache {
+  int64_t num_kv_heads, block_size, head_dim, row_bytes, meta_width, window, bits;
+  uint8_t* codes[2];
+  c10::Half* meta[2];
+  T* ring[2];
+  const T* step_kv[2];  // the step's keys and values [tokens, KVH, D]
+
+  KiviCache(const at::Tensor& codes_, const at::Tensor& meta_, const at::Tensor& ring_, const at::Tensor& k,
+            const at::Tensor& v, int64_t bits_)
+      : num_kv_heads(codes_.size(2)), block_size(codes_.size(3)), head_dim(ring_.size(4)), row_bytes(codes_.size(4)),
+        meta_width(meta_.size(4)), window(ring_.size(3)), bits(bits_) {
+    TORCH_CHECK(bits == 4 || bits == 2, "kivi: 4 or 2 bits, not ", bits);
+    TORCH_CHECK(codes_.dim() == 5 && meta_.dim() == 5 && ring_.dim() == 5 && codes_.scalar_type() == at::kByte &&
+                    meta_.scalar_type() == at::kHalf && codes_.is_contiguous() && meta_.is_contiguous() &&
+                    ring_.is_contiguous(),
+                "kivi: contiguous codes uint8 [2, blocks, KVH, bs, D*bits/8], meta fp16 [2, blocks, KVH, bs, D/16] and "
+                "ring [2, slots, KVH, W, D]");
+    TORCH_CHECK(head_dim % kKiviGroup == 0 && block_size % kKiviGroup == 0 && row_bytes * 8 == head_dim * bits &&
+                    meta_width * 16 == head_dim && meta_.size(1) == codes_.size(1) && ring_.size(2) == num_kv_heads,
+                "kivi: head_dim and block_size multiples of 32, and codes, meta and ring of one layout");
+    TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.dim() == 3 && k.sizes() == v.sizes() &&
+                    k.size(1) == num_kv_heads && k.size(2) == head_dim && k.scalar_type() == ring_.scalar_type(),
+                "kivi: the step's k, v [T, KVH, D] contiguous, of the ring's dtype");
+    for (int h = 0; h < 2; ++h) {
+      codes[h] = codes_.data_ptr<uint8_t>() + h * codes_.stride(0);
+      meta[h] = meta_.data_ptr<c10::Half>() + h * meta_.stride(0);
+      ring[h] = ring_.data_ptr<T>() + h * ring_.stride(0);
+    }
+    step_kv[0] = k.data_ptr<T>();
+    step_kv[1] = v.data_ptr<T>();
+  }
+
+  int64_t row(int64_t block, int64_t g, int64_t offset) const { return (block * num_kv_heads + g) * block_size + offset; }
+  // Block `block`'s packed codes of kv head g at token offset o.
+  const uint8_t* code_row(int h, int64_t block, int64_t g, int64_t o) const { return codes[h] + row(block, g, o) * row_bytes; }
+  // Keys: the meta of key group gi of the block ([2 (scale, zero)][D]); values: token o's ([2][D / 32]).
+  const c10::Half* key_meta(int64_t block, int64_t g, int64_t gi) const {
+    return meta[0] + row(block, g, 0) * meta_width + gi * 2 * head_dim;
+  }
+  const c10::Half* value_meta(int64_t block, int64_t g, int64_t o) const { return meta[1] + row(block, g, o) * meta_width; }
+  T* ring_row(int h, int64_t slot, int64_t g, int64_t index) const {
+    return ring[h] + ((slot * num_kv_heads + g) * window + index) * head_dim;
+  }
+  const T* step_row(int h, int64_t token, int64_t g) const { return step_kv[h] + (token * num_kv_heads + g) * head_dim; }
+};
+
+// A packed row of D codes -> D uint8 codes in channel order (kivi4: channel 2i in the low nibble of
+// byte i; kivi2: channel 4i + j in bits 2j..2j+1 of byte i).
+inline void unpack_kivi_row(const uint8_t* row, int64_t bits, int64_t D, uint8_t* out) {
+  const int64_t nbytes = D * bits / 8;
+  int64_t i = 0;
+  if (bits == 4) {
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (; i + 16 <= nbytes; i += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
+      const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), _mm_unpacklo_epi8(lo, hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i + 16), _mm_unpackhi_epi8(lo, hi));
+    }
+    for (; i < nbytes; ++i) {
+      out[2 * i] = row[i] & 15;
+      out[2 * i + 1] = row[i] >> 4;
+    }
+  } else {
+    const __m128i low = _mm_set1_epi8(0x03);
+    for (; i + 16 <= nbytes; i += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
+      const __m128i c0 = _mm_and_si128(b, low), c1 = _mm_and_si128(_mm_srli_epi16(b, 2), low);
+      const __m128i c2 = _mm_and_si128(_mm_srli_epi16(b, 4), low), c3 = _mm_and_si128(_mm_srli_epi16(b, 6), low);
+      const __m128i a_lo = _mm_unpacklo_epi8(c0, c1), a_hi = _mm_unpackhi_epi8(c0, c1);
+      const __m128i b_lo = _mm_unpacklo_epi8(c2, c3), b_hi = _mm_unpackhi_epi8(c2, c3);
+      uint8_t* o = out + 4 * i;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(a_lo, b_lo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpackhi_epi16(a_lo, b_lo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32), _mm_unpacklo_epi16(a_hi, b_hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 48), _mm_unpackhi_epi16(a_hi, b_hi));
+    }
+    for (; i < nbytes; ++i)
+      for (int j = 0; j < 4; ++j) out[4 * i + j] = (row[i] >> (2 * j)) & 3;
+  }
+}
+
+// One step's sequence facts for a query token's sequence.
+struct KiviSeq {
+  const int64_t* table;
+  int64_t quantised, start, slot, query_start;
+};
+
+struct KiviStepView {
+  const int64_t *slots, *starts, *quantised, *query_start;
+  explicit KiviStepView(const std::vector<at::Tensor>& step)
+      : slots(step[0].data_ptr<int64_t>()), starts(step[1].data_ptr<int64_t>()),
+        quantised(step[2].data_ptr<int64_t>()), query_start(step[3].data_ptr<int64_t>()) {}
+  KiviSeq seq(const int64_t* tables, int64_t stride, int64_t s) const {
+    return {tables + s * stride, quantised[s], starts[s], slots[s], query_start[s]};
+  }
+};
+
+// Key or value row j (>= Q) of a sequence: from the ring below the chunk's start, else the step's own.
+template <typename T>
+inline const T* kivi_dense_row(const KiviCache<T>& c, const KiviSeq& s, int h, int64_t j, int64_t g) {
+  return j < s.start ? c.ring_row(h, s.slot, g, j % c.window) : c.step_row(h, s.query_start + j - s.start, g);
+}
+
+// Key or value row j of a sequence as fp32 (positions below Q dequantised: code * scale + zero).
+// `codes` is D bytes of scratch. The reference the vectorised kernel is tested against, and the
+// kernel for head sizes it does not cover.
+template <typename T>
+inline void kivi_row_to_float(const KiviCache<T>& c, const KiviSeq& s, int h, int64_t j, int64_t g, uint8_t* codes,
+                              float* dst) {
+  const int64_t D = c.head_dim;
+  if (j >= s.quantised) {
+    to_float(kivi_dense_row(c, s, h, j, g), dst, D);
+    return;
+  }
+  const int64_t block = s.table[j / c.block_size], o = j % c.block_size;
+  unpack_kivi_row(c.code_row(h, block, g, o), c.bits, D, codes);
+  if (h == 0) {
+    const c10::Half* m = c.key_meta(block, g, o / kKiviGroup);
+    for (int64_t d = 0; d < D; ++d)
+      dst[d] = static_cast<float>(codes[d]) * static_cast<float>(m[d]) + static_cast<float>(m[D + d]);
+  } else {
+    const c10::Half* m = c.value_meta(block, g, o);
+    const int64_t groups = D / kKiviGroup;
+    for (int64_t d = 0; d < D; ++d)
+      dst[d] = static_cast<float>(codes[d]) * static_cast<float>(m[d / kKiviGroup]) +
+               static_cast<float>(m[groups + d / kKiviGroup]);
+  }
+}
+
+// The generic kernel: a (token, kv head) per item, every visible row widened to fp32, two passes.
+template <typename T>
+void kivi_attention_generic(const at::Tensor& q_, const KiviCache<T>& c, const KiviStepView& sv,
+                            const at::Tensor& block_tables, const at::Tensor& seq_index, const at::Tensor& positions,
+                            float scale, int64_t window, at::Tensor& out_) {
+  const int64_t tokens = q_.size(0), H = q_.size(1), D = c.head_dim, KVH = c.num_kv_heads, group = H / KVH;
+  const T* q = q_.data_ptr<T>();
+  T* out = out_.data_ptr<T>();
+  const int64_t* seq = seq_index.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t stride = block_tables.stride(0);
+  at::parallel_for(0, tokens * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * D), acc(group * D), row(D), scores, denom(group);
+    std::vector<uint8_t> codes(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / KVH, g = item % KVH, last = pos[t], first = first_key(last, window);
+      const int64_t n = last - first + 1;
+      const KiviSeq s = sv.seq(tables, stride, seq[t]);
+      to_float(q + (t * H + g * group) * D, qf.data(), group * D);
+      scores.resize(group * n);
+      for (int64_t j = first; j <= last; ++j) {
+        kivi_row_to_float(c, s, 0, j, g, codes.data(), row.data());
+        for (int64_t h = 0; h < group; ++h) scores[h * n + j - first] = dot(qf.data() + h * D, row.data(), D) * scale;
+      }
+      for (int64_t h = 0; h < group; ++h) denom[h] = exp_shifted(scores.data() + h * n, n);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = first; j <= last; ++j) {
+        kivi_row_to_float(c, s, 1, j, g, codes.data(), row.data());
+        for (int64_t h = 0; h < group; ++h) {
+          const float p = scores[h * n + j - first];
+          float* a = acc.data() + h * D;
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) a[i] += p * row[i];
+        }
+      }
+      for (int64_t h = 0; h < group; ++h)
+        store_normalised(acc.data() + h * D, denom[h], out + (t * H + g * group + h) * D, D);
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// One thread's scratch beyond the online softmax: the group-folded queries q·s [rows, D] and Σ q·z
+// [rows], sixteen key rows (fp32 codes, or dense rows of T) and their codes in channel order.
+struct KiviScratch {
+  std::vector<float> qs, qz, keys;
+  std::vector<uint8_t> codes;
+  KiviScratch(int64_t rows, int64_t D) : qs(rows * D), qz(rows), keys(16 * D), codes(16 * D) {}
+};
+
+// An item's fixed facts (kivi's ItemView).
+struct KiviItem {
+  const QueryTile& tile;
+  const AttentionItem& it;
+  KiviSeq seq;
+  const int64_t* pos;  // the tile's query positions
+  int64_t group, head_rows;
+  int64_t query(int64_t r) const { return r / group; }  // row r (of one kv head) -> its query in the tile
+};
+
+// Scores of key tile [a, e) for kv head g into s.scores (row r = i * group + h, column j - a); keys past
+// a query's own position are skipped. The tile lies in one part: quantised (below Q) or dense.
+template <typename T, int C>
+void kivi_tile_scores(const KiviCache<T>& c, const KiviItem& x, const T* q, int64_t H, int64_t g, int64_t a,
+                      int64_t e, float scale, OnlineSoftmax& s, KiviScratch& k) {
+  constexpr int64_t D = 16 * C;
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  auto q_row = [&](int64_t r) { return q + ((x.tile.t0 + x.query(r)) * H + g * x.group + r % x.group) * D; };
+  if (a < x.seq.quantised) {
+    for (int64_t g0 = a / kKiviGroup * kKiviGroup; g0 < e; g0 += kKiviGroup) {
+      const int64_t lo = std::max(a, g0), hi = std::min(e, g0 + kKiviGroup);
+      const int64_t block = x.seq.table[g0 / c.block_size], o0 = g0 % c.block_size;
+      const c10::Half* m = c.key_meta(block, g, o0 / kKiviGroup);
+      __m512 sv[C], zv[C];
+      for (int i = 0; i < C; ++i) {
+        sv[i] = load16(m + 16 * i);
+        zv[i] = load16(m + D + 16 * i);
+      }
+      for (int64_t r = 0; r < x.head_rows; ++r) {  // the queries with the group's scales folded in
+        if (x.pos[x.query(r)] < lo) continue;
+        const T* qr = q_row(r);
+        __m512 z = _mm512_setzero_ps();
+        for (int i = 0; i < C; ++i) {
+          const __m512 qv = load16(qr + 16 * i);
+          _mm512_storeu_ps(k.qs.data() + r * D + 16 * i, _mm512_mul_ps(qv, sv[i]));
+          z = _mm512_fmadd_ps(qv, zv[i], z);
+        }
+        k.qz[r] = _mm512_reduce_add_ps(z);
+      }
+      for (int64_t c0 = lo; c0 < hi; c0 += 16) {
+        const int64_t n = std::min<int64_t>(16, hi - c0);
+        for (int64_t j = 0; j < n; ++j) {  // the keys' codes, in channel order, widened to fp32
+          uint8_t* codes = k.codes.data() + j * D;
+          unpack_kivi_row(c.code_row(0, block, g, o0 + (c0 - g0) + j), c.bits, D, codes);
+          for (int i = 0; i < C; ++i)
+            _mm512_storeu_ps(k.keys.data() + j * D + 16 * i,
+                             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * i)))));
+        }
+        for (int64_t r = 0; r < x.head_rows; ++r) {
+          const int mm = static_cast<int>(std::min<int64_t>(n, x.pos[x.query(r)] + 1 - c0));
+          if (mm <= 0) continue;
+          __m512 dots[16];
+          key_dots16<float, float, C>(k.qs.data() + r * D, k.keys.data(), mm, dots);
+          const __m512 sc = _mm512_mul_ps(_mm512_add_ps(sum_lanes16(dots), _mm512_set1_ps(k.qz[r])), scale_v);
+          _mm512_mask_storeu_ps(s.scores + r * kKeyTile + (c0 - a), static_cast<__mmask16>((1u << mm) - 1u), sc);
+        }
+      }
+    }
+    return;
+  }
+  T* rows = reinterpret_cast<T*>(k.keys.data());  // sixteen dense rows of T, made contiguous
+  for (int64_t c0 = a; c0 < e; c0 += 16) {
+    const int64_t n = std::min<int64_t>(16, e - c0);
+    for (int64_t j = 0; j < n; ++j) std::copy_n(kivi_dense_row(c, x.seq, 0, c0 + j, g), D, rows + j * D);
+    for (int64_t r = 0; r < x.head_rows; ++r) {
+      const int mm = static_cast<int>(std::min<int64_t>(n, x.pos[x.query(r)] + 1 - c0));
+      if (mm <= 0) continue;
+      __m512 dots[16];
+      key_dots16<T, T, C>(q_row(r), rows, mm, dots);
+      _mm512_mask_storeu_ps(s.scores + r * kKeyTile + (c0 - a), static_cast<__mmask16>((1u << mm) - 1u),
+                            _mm512_mul_ps(sum_lanes16(dots), scale_v));
+    }
+  }
+}
+
+// The online-softmax step of key tile [a, e) for kv head g's rows (state rows base + r).
+template <int C>
+void kivi_tile_softmax(const KiviItem& x, int64_t base, int64_t a, int64_t e, int64_t window, OnlineSoftmax& s) {
+  constexpr int64_t D = 16 * C;
+  for (int64_t r = 0; r < x.head_rows; ++r) {
+    const int64_t p = x.pos[x.query(r)];
+    const int64_t from = std::max(a, first_key(p, window)), to = std::min(e, p + 1);
+    if (from >= to) continue;
+    float* w = s.scores + r * kKeyTile + (from - a);
+    const float mx = max_of(w, to - from);
+    const int64_t sr = base + r;
+    if (mx > s.m[sr]) {
+      if (s.m[sr] != -std::numeric_limits<float>::infinity()) {
+        const float alpha = exp_scalar(s.m[sr] - mx);
+        s.l[sr] *= alpha;
+        float* acc = s.acc + sr * D;
+        for (int i = 0; i < C; ++i)
+          _mm512_storeu_ps(acc + 16 * i, _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * i), _mm512_set1_ps(alpha)));
+      }
+      s.m[sr] = mx;
+    }
+    s.l[sr] += exp_shifted_by(w, to - from, s.m[sr]);
+  }
+}
+
+// The weighted values of key tile [a, e) added to kv head g's rows: sixteen value rows at a time as
+// fp32 (quantised ones dequantised, c * s + z), shared by every row.
+template <typename T, int C>
+void kivi_tile_values(const KiviCache<T>& c, const KiviItem& x, int64_t g, int64_t base, int64_t a, int64_t e,
+                      int64_t window, OnlineSoftmax& s, KiviScratch& k) {
+  constexpr int64_t D = 16 * C;
+  const bool quantised = a < x.seq.quantised;
+  for (int64_t c0 = a; c0 < e; c0 += 16) {
+    const int64_t n = std::min<int64_t>(16, e - c0);
+    for (int64_t j = 0; j < n; ++j) {
+      float* dst = s.wide + j * D;
+      if (quantised) {
+        const int64_t block = x.seq.table[(c0 + j) / c.block_size], o = (c0 + j) % c.block_size;
+        uint8_t* codes = k.codes.data();
+        unpack_kivi_row(c.code_row(1, block, g, o), c.bits, D, codes);
+        const c10::Half* m = c.value_meta(block, g, o);
+        for (int i = 0; i < C; ++i) {
+          const __m512 code = _mm512_cvtepi32_ps(
+              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * i))));
+          const float sc = static_cast<float>(m[i / 2]), zr = static_cast<float>(m[C / 2 + i / 2]);
+          _mm512_storeu_ps(dst + 16 * i, _mm512_add_ps(_mm512_mul_ps(code, _mm512_set1_ps(sc)), _mm512_set1_ps(zr)));
+        }
+      } else {
+        const T* src = kivi_dense_row(c, x.seq, 1, c0 + j, g);
+        for (int i = 0; i < C; ++i) _mm512_storeu_ps(dst + 16 * i, load16(src + 16 * i));
+      }
+    }
+    for (int64_t i = 0; i < x.tile.count; ++i) {
+      const int64_t from = std::max(c0, first_key(x.pos[i], window)), to = std::min(c0 + n, x.pos[i] + 1);
+      if (from >= to) continue;
+      for (int64_t h = 0, r = i * x.group; h < x.group; ++h, ++r)
+        add_weighted_values<C>(s.acc + (base + r) * D, s.scores + r * kKeyTile + (c0 - a), s.wide, from - c0, to - c0);
+    }
+  }
+}
+
+// One work item: for each of its kv heads, its keys in tiles of at most kKeyTile that never straddle
+// Q or the chunk's start (each tile lies in one part of the context).
+template <typename T, int C>
+void kivi_attend_item(const KiviCache<T>& c, const KiviItem& x, const T* q, int64_t H, float scale, int64_t window,
+                      OnlineSoftmax& s, KiviScratch& k) {
+  s.reset((x.it.g1 - x.it.g0) * x.head_rows, 16 * C);
+  for (int64_t g = x.it.g0; g < x.it.g1; ++g) {
+    const int64_t base = (g - x.it.g0) * x.head_rows;
+    for (int64_t a = x.it.k0, e; a < x.it.k1; a = e) {
+      e = std::min(x.it.k1, (a / kKeyTile + 1) * kKeyTile);
+      if (a < x.seq.quantised) e = std::min(e, x.seq.quantised);
+      else if (a < x.seq.start) e = std::min(e, x.seq.start);
+      kivi_tile_scores<T, C>(c, x, q, H, g, a, e, scale, s, k);
+      kivi_tile_softmax<C>(x, base, a, e, window, s);
+      kivi_tile_values<T, C>(c, x, g, base, a, e, window, s, k);
+    }
+  }
+}
+
+// kivi_attention for head_dim 16 * C: the plan (query tiles, decode chunks, merge) of paged_attention_vec.
+template <typename T, int C>
+void kivi_attention_vec(const at::Tensor& q_, const KiviCache<T>& c, const KiviStepView& sv,
+                        const at::Tensor& block_tables, const at::Tensor& seq_index, const at::Tensor& positions,
+                        float scale, int64_t window, at::Tensor& out_, int64_t forced_chunk) {
+  constexpr int64_t D = 16 * C;
+  const int64_t tokens = q_.size(0), H = q_.size(1), group = H / c.num_kv_heads;
+  const T* q = q_.data_ptr<T>();
+  T* out = out_.data_ptr<T>();
+  const int64_t* seq = seq_index.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t stride = block_tables.stride(0);
+  const AttentionPlan plan = plan_attention(seq, pos, tokens, c.num_kv_heads, window, forced_chunk);
+  std::vector<float> part_acc(plan.partials * H * D), part_m(plan.partials * H), part_l(plan.partials * H);
+  const int64_t items = static_cast<int64_t>(plan.items.size());
+  alignas(64) std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
+    OnlineSoftmax s(std::max(kQueryTile * group, H), D);
+    KiviScratch k(kQueryTile * group, D);
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      const AttentionItem& it = plan.items[i];
+      const QueryTile& tile = plan.tiles[it.tile];
+      const KiviItem x{tile, it, sv.seq(tables, stride, seq[tile.t0]), pos + tile.t0, group, tile.count * group};
+      kivi_attend_item<T, C>(c, x, q, H, scale, window, s, k);
+      if (it.partial >= 0) {  // a chunk of a decode token (all kv heads: H rows)
+        std::copy_n(s.acc, H * D, part_acc.data() + it.partial * H * D);
+        std::copy_n(s.m, H, part_m.data() + it.partial * H);
+        std::copy_n(s.l, H, part_l.data() + it.partial * H);
+        continue;
+      }
+      for (int64_t g = it.g0; g < it.g1; ++g)
+        for (int64_t r = 0; r < x.head_rows; ++r) {
+          const int64_t sr = (g - it.g0) * x.head_rows + r;
+          store_normalised(s.acc + sr * D, s.l[sr],
+                           out + ((tile.t0 + x.query(r)) * H + g * group + r % group) * D, D);
+        }
+    }
+  });
+  at::parallel_for(0, static_cast<int64_t>(plan.chunked.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const ChunkedToken& ch = plan.chunked[i];
+      merge_chunks(part_acc.data() + ch.first * H * D, part_m.data() + ch.first * H, part_l.data() + ch.first * H,
+                   ch.chunks, H, D, sum.data(), out + plan.tiles[ch.tile].t0 * H * D);
+    }
+  });
+}
+#endif
+
+// Attention of a step's queries q [T, H, D] (positions: each one's position; seq_index: its
+// sequence, an index into the per-sequence step tensors and the block tables) over the KIVI cache
+// as it was before the step and the step's own k, v. Returns nothing: writes `out` [T, H, D].
+template <typename T>
+void kivi_attention(const at::Tensor& q, const KiviCache<T>& c, const std::vector<at::Tensor>& step,
+                    const at::Tensor& block_tables, const at::Tensor& seq_index, const at::Tensor& positions,
+                    float scale, int64_t window, at::Tensor& out, int64_t decode_chunk = 0) {
+  check_kivi_step(step);
+  TORCH_CHECK(q.is_contiguous() && q.dim() == 3 && q.size(2) == c.head_dim && q.size(1) % c.num_kv_heads == 0 &&
+                  block_tables.scalar_type() == at::kLong && seq_index.scalar_type() == at::kLong &&
+                  positions.scalar_type() == at::kLong && seq_index.is_contiguous() && positions.is_contiguous() &&
+                  block_tables.stride(1) == 1,
+              "kivi_attention: contiguous q [T, H, D], int64 block tables, seq_index and positions");
+  const KiviStepView sv(step);
+#if defined(__AVX512F__)
+  const auto vec = [&](auto kernel) {
+    kernel(q, c, sv, block_tables, seq_index, positions, scale, window, out, decode_chunk);
+  };
+  switch (q.size(2)) {
+    case 32: return vec(kivi_attention_vec<T, 2>);
+    case 64: return vec(kivi_attention_vec<T, 4>);
+    case 128: return vec(kivi_attention_vec<T, 8>);
+    default: break;
+  }
+#endif
+  kivi_attention_generic<T>(q, c, sv, block_tables, seq_index, positions, scale, window, out);
+}
+
+// ----------------------------------------------------------------------------- store
+// n values x[0], x[stride], ... quantised as one group (kivi.quantize_asym): scale and zero rounded to
+// fp16 first, 1 / scale once in fp32, codes rounded half to even and clamped to [0, levels].
+inline void kivi_quantise_group(const float* x, int64_t n, int64_t stride, int64_t levels, uint8_t* codes,
+                                int64_t code_stride, c10::Half* scale_out, c10::Half* zero_out) {
+  float lo = x[0], hi = x[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, x[i * stride]);
+    hi = std::max(hi, x[i * stride]);
+  }
+  const c10::Half scale16((hi - lo) / static_cast<float>(levels)), zero16(lo);
+  const float s = static_cast<float>(scale16), z = static_cast<float>(zero16);
+  const float inv = s > 0.f ? 1.f / s : 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float code = std::nearbyint((x[i * stride] - z) * inv);
+    codes[i * code_stride] = static_cast<uint8_t>(std::min(static_cast<float>(levels), std::max(0.f, code)));
+  }
+  *scale_out = scale16;
+  *zero_out = zero16;
+}
+
+// D codes in channel order -> the packed row (low bits first).
+inline void pack_kivi_row(const uint8_t* codes, int64_t bits, int64_t D, uint8_t* row) {
+  const int64_t per_byte = 8 / bits;
+  for (int64_t i = 0; i < D / per_byte; ++i) {
+    uint8_t b = 0;
+    for (int64_t j = 0; j < per_byte; ++j) b |= static_cast<uint8_t>(codes[i * per_byte + j] << (bits * j));
+    row[i] = b;
+  }
+}
+
+// kivi.store_kivi: quantise the step's completed groups into their blocks (rows from the step's k, v
+// or from the ring), then write the step's residual tokens to the ring. Runs after attention.
+template <typename T>
+void kivi_store(const KiviCache<T>& c, const std::vector<at::Tensor>& step) {
+  check_kivi_step(step);
+  const int64_t D = c.head_dim, KVH = c.num_kv_heads, levels = (1 << c.bits) - 1, G = kKiviGroup;
+  const int64_t rows = step[4].numel(), groups = step[8].numel();
+  TORCH_CHECK(rows == groups * G && step[5].numel() == rows && step[10].numel() == rows,
+              "kivi_store: 32 group rows per group");
+  const bool* from_step = step[4].data_ptr<bool>();
+  const int64_t *step_index = step[5].data_ptr<int64_t>(), *ring_slot = step[6].data_ptr<int64_t>();
+  const int64_t *ring_index = step[7].data_ptr<int64_t>(), *group_block = step[8].data_ptr<int64_t>();
+  const int64_t *group_index = step[9].data_ptr<int64_t>(), *offset = step[10].data_ptr<int64_t>();
+  at::parallel_for(0, groups * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(G * D);
+    std::vector<uint8_t> codes(G * D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t gr = item / KVH, g = item % KVH, block = group_block[gr];
+      for (int h = 0; h < 2; ++h) {
+        for (int64_t t = 0; t < G; ++t) {
+          const int64_t r = gr * G + t;
+          const T* src = from_step[r] ? c.step_row(h, step_index[r], g) : c.ring_row(h, ring_slot[r], g, ring_index[r]);
+          to_float(src, x.data() + t * D, D);
+        }
+        if (h == 0) {  // per channel over the group's tokens
+          c10::Half* m = c.meta[0] + c.row(block, g, 0) * c.meta_width + group_index[gr] * 2 * D;
+          for (int64_t d = 0; d < D; ++d)
+            kivi_quantise_group(x.data() + d, G, D, levels, codes.data() + d, D, m + d, m + D + d);
+        } else {  // per token over groups of channels
+          const int64_t cg = D / G;
+          for (int64_t t = 0; t < G; ++t) {
+            c10::Half* m = c.meta[1] + c.row(block, g, offset[gr * G + t]) * c.meta_width;
+            for (int64_t k = 0; k < cg; ++k)
+              kivi_quantise_group(x.data() + t * D + k * G, G, 1, levels, codes.data() + t * D + k * G, 1, m + k,
+                                  m + cg + k);
+          }
+        }
+        for (int64_t t = 0; t < G; ++t)
+          pack_kivi_row(codes.data() + t * D, c.bits, D,
+                        c.codes[h] + c.row(block, g, offset[gr * G + t]) * c.row_bytes);
+      }
+    }
+  });
+  const int64_t writes = step[11].numel();
+  const int64_t *write_index = step[11].data_ptr<int64_t>(), *write_slot = step[12].data_ptr<int64_t>();
+  const int64_t* write_ring = step[13].data_ptr<int64_t>();
+  at::parallel_for(0, writes * KVH, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t w = item / KVH, g = item % KVH;
+      for (int h = 0; h < 2; ++h)
+        std::copy_n(c.step_row(h, write_index[w], g), D, c.ring_row(h, write_slot[w], g, write_ring[w]));
+    }
+  });
+}
