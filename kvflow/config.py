@@ -245,9 +245,9 @@ def resolve_kv_policy(cache: CacheConfig, policy: str | None = None,
     check_kv_policy(name, budget, cache.kv_sink_tokens, cache.kv_window, where)
     if name == "none":
         return None
-    if cache.kv_cache_dtype in KIVI_CACHE_DTYPES:
+    if cache.kv_cache_dtype in KIVI_CACHE_DTYPES and name != "snapkv":
         raise ValueError(f"{where}kv_policy={name} with kv_cache_dtype {cache.kv_cache_dtype} is not supported "
-                         "(KV policies combine with int8 and fp8_e4m3)")
+                         "(KIVI combines with snapkv; every policy with int8 and fp8_e4m3)")
     if name == "quest" and cache.kv_policy != "quest":
         raise ValueError("request kv_policy quest needs the engine started with --kv-policy quest (which keeps "
                          "each block's key bounds)")
@@ -326,9 +326,9 @@ class CacheConfig:
                                  f"block_size must be a multiple of 32 (e.g. --block-size 32), got {self.block_size}")
             if self.kv_residual_tokens < 0 or self.kv_residual_tokens % 32:
                 raise ValueError(f"kv_residual_tokens must be a multiple of 32 (>= 0), got {self.kv_residual_tokens}")
-            if self.kv_policy != "none":
+            if self.kv_policy not in ("none", "snapkv"):
                 raise ValueError(f"kv_policy={self.kv_policy} with kv_cache_dtype {self.kv_cache_dtype} is not "
-                                 "supported (KV policies combine with int8 and fp8_e4m3)")
+                                 "supported (KIVI combines with snapkv; every policy with int8 and fp8_e4m3)")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -210,6 +210,39 @@ class KiviStep:
                    t(r_ring), before, after)
 
 
+def read_sequence(cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], table: torch.Tensor, kv_len: int,
+                  quantised: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's first `kv_len` cache entries as it holds them, keys and values [kv_heads, kv_len, D]
+    in fp32: [0, quantised) dequantised from its blocks, the rest from its ring (a KV policy's reads)."""
+    codes, meta, ring = cache
+    bs, head_dim, window = codes.shape[3], ring.shape[-1], ring.shape[3]
+    bits = codes.shape[-1] * 8 // head_dim
+    nb = -(-kv_len // bs)
+    dense = torch.arange(quantised, kv_len, device=table.device)
+    out = []
+    for half in (0, 1):
+        x = dequantize_blocks(codes[half][table[:nb]], meta[half][table[:nb]], bits, half)  # [nb, KVH, bs, D]
+        x = x.transpose(0, 1).reshape(x.shape[1], nb * bs, head_dim)[:, :kv_len]
+        x[:, dense] = ring[half][slot][:, dense % window].float()
+        out.append(x)
+    return out[0], out[1]
+
+
+def compact_sequence(cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], keys: torch.Tensor,
+                     values: torch.Tensor, keep: torch.Tensor, dest: torch.Tensor, slot: int, residual: int) -> None:
+    """Write the tokens `keep` [kv_heads, n] (indices into keys, values [kv_heads, L, D], e.g. SnapKV's
+    choice per head) as a fresh sequence of n tokens: its groups quantised into the `dest` blocks, its
+    newest ones into the ring slot, by KIVI's rule (the kept tokens are quantised again, in new groups)."""
+    codes = cache[0]
+    bits = codes.shape[-1] * 8 // keys.shape[-1]
+    index = keep[..., None].expand(-1, -1, keys.shape[-1])
+    rows_k = keys.gather(1, index).transpose(0, 1)  # [n, KVH, D]
+    rows_v = values.gather(1, index).transpose(0, 1)
+    n = keep.shape[1]
+    step = KiviStep.build(bits, residual, codes.shape[3], [slot], [0], [n], [0], [0], [dest.tolist()], keys.device)
+    store_kivi(cache, rows_k, rows_v, step, codes.shape[3])
+
+
 def store_kivi(cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
                step: KiviStep, block_size: int) -> None:
     """After attention: quantise the step's completed groups into their blocks and write the step's

@@ -152,17 +152,19 @@ def quest_select(q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, kv
 
 # ---------------------------------------------------------------------------------------- SnapKV
 def snapkv_select(q_window: torch.Tensor, kv_cache: LayerKV, table: torch.Tensor, kv_len: int, budget: int,
-                  scale: float) -> torch.Tensor:
+                  scale: float, keys: torch.Tensor | None = None) -> torch.Tensor:
     """The prompt tokens one sequence keeps in one layer: per kv head, the `budget - W` earlier tokens
     its last W queries (`q_window` [W, heads, D], the prompt's end) attend to most, pooled over
     neighbours and summed over the heads of a group, plus the W window tokens themselves.
-    Returns [kv_heads, budget] cache indices, ascending."""
+    Returns [kv_heads, budget] cache indices, ascending. `keys` [kv_heads, kv_len, D]: the sequence's
+    keys already read (KIVI's, from blocks and ring), instead of reading them from `table`."""
     w, num_heads, head_dim = q_window.shape
-    bs = (kv_cache if isinstance(kv_cache, torch.Tensor) else kv_cache[0]).shape[3]
-    nb = -(-kv_len // bs)
-    keys = read_keys(kv_cache, table[:nb])  # [nb, KVH, bs, D]
-    kvh = keys.shape[1]
-    keys = keys.transpose(0, 1).reshape(kvh, nb * bs, head_dim)[:, :kv_len]
+    if keys is None:
+        bs = (kv_cache if isinstance(kv_cache, torch.Tensor) else kv_cache[0]).shape[3]
+        nb = -(-kv_len // bs)
+        keys = read_keys(kv_cache, table[:nb])  # [nb, KVH, bs, D]
+        keys = keys.transpose(0, 1).reshape(keys.shape[1], nb * bs, head_dim)[:, :kv_len]
+    kvh = keys.shape[0]
     qg = q_window.float().view(w, kvh, num_heads // kvh, head_dim).permute(1, 2, 0, 3)  # [KVH, G, W, D]
     scores = torch.matmul(qg, keys[:, None].transpose(-1, -2)) * scale  # [KVH, G, W, L]
     q_pos = torch.arange(kv_len - w, kv_len, device=scores.device)[:, None]

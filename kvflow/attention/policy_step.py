@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvflow.attention.backend import AttentionBackend, AttentionMetadata
+from kvflow.attention.kivi import compact_sequence, read_sequence
 from kvflow.attention.kv_policy_ops import (
     MassFn,
     SelectFn,
@@ -135,6 +136,12 @@ class PolicyStep:
         starts = meta.query_start_loc
         for job in self.snaps:
             end = int(starts[job.seq + 1])
-            keep = snapkv_select(q[end - job.window : end], kv_cache, meta.block_tables[job.seq],
-                                 meta.seq_lens_list[job.seq], job.budget, scale)
-            compact_tokens(kv_cache, meta.block_tables[job.seq], keep, job.dest)
+            table, kv_len = meta.block_tables[job.seq], meta.seq_lens_list[job.seq]
+            if meta.kivi is not None:  # read from blocks and ring, re-quantised in new groups (after the store)
+                kivi, slot = meta.kivi, int(meta.kivi.slots[job.seq])
+                keys, values = read_sequence(kv_cache, table, kv_len, kivi.quantised_after_list[job.seq], slot)
+                keep = snapkv_select(q[end - job.window : end], kv_cache, table, kv_len, job.budget, scale, keys)
+                compact_sequence(kv_cache, keys, values, keep, job.dest, slot, kivi.residual)
+                continue
+            keep = snapkv_select(q[end - job.window : end], kv_cache, table, kv_len, job.budget, scale)
+            compact_tokens(kv_cache, table, keep, job.dest)

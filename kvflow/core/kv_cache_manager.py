@@ -288,6 +288,7 @@ class KVCacheManager:
         self.release(old)
         request.kv_shift += shift
         request.kv_altered = True
+        request.kv_prefix_floor = 0  # KIVI: the new blocks start a sequence of their own
 
     def free(self, request: Request) -> None:
         """Return a request's blocks (full cached blocks stay reusable until evicted)."""

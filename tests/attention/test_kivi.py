@@ -140,7 +140,7 @@ def _run_steps(bits, chunks, residual, block_size, kvh=2, d=64, floor=0, seed=0)
     n = sum(chunks) + floor
     keys = torch.randn(n, kvh, d, generator=gen) * torch.linspace(0.1, 4, d)
     values = torch.randn(n, kvh, d, generator=gen)
-    num_blocks = math.ceil(n / block_size) + 2
+    num_blocks = math.ceil(n / block_size) + 6
     spec = KVCacheSpec.for_format(f"kivi{bits}", 1, kvh, d, block_size, torch.float32,
                                   residual_tokens=residual, residual_slots=3)
     cache = spec.allocate(num_blocks, "cpu")[0]
@@ -264,3 +264,37 @@ def test_attention_matches_fp64_over_dequantised_context(bits, heads, kv_heads, 
         for p in range(max(q_after, starts[i]), n):
             assert torch.equal(ring[0][i, :, p % spec.residual_window], k[p])
 
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_read_and_compact_a_sequence(bits):
+    """What a KV policy reads of a KIVI sequence (blocks below Q dequantised, the ring above), and a
+    compaction (SnapKV's) that writes each head's kept tokens as a fresh sequence: its groups quantised
+    anew, its newest tokens in the ring."""
+    residual, bs = 64, 32
+    spec, cache, keys, values, table, slot = _run_steps(bits, [150, 1, 1, 1], residual, bs)
+    codes, meta, ring = cache
+    n = keys.shape[0]
+    q = quantised_length(n, residual)
+    from kvflow.attention.kivi import compact_sequence, read_sequence
+
+    got_k, got_v = read_sequence(cache, torch.tensor(table), n, q, slot)
+    ref_k = np.concatenate([numpy_dequant_keys(keys[:q].numpy(), bits), keys[q:].double().numpy()])
+    ref_v = np.concatenate([numpy_dequant_values(values[:q].numpy(), bits), values[q:].double().numpy()])
+    np.testing.assert_allclose(got_k.transpose(0, 1).double().numpy(), ref_k, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got_v.transpose(0, 1).double().numpy(), ref_v, atol=1e-6, rtol=0)
+    # Keep 100 tokens per head (different ones per head) into 4 fresh blocks.
+    gen = torch.Generator().manual_seed(3)
+    keep = torch.stack([torch.randperm(n, generator=gen)[:100].sort().values for _ in range(2)])
+    free = [b for b in range(codes.shape[1]) if b not in table][:4]
+    compact_sequence(cache, got_k, got_v, keep, torch.tensor(free), slot, residual)
+    new_q = quantised_length(100, residual)
+    assert new_q == 32
+    for h in range(2):
+        sel_k, sel_v = got_k[h, keep[h]], got_v[h, keep[h]]  # [100, D]
+        back_k, back_v = read_sequence(cache, torch.tensor(free), 100, new_q, slot)
+        np.testing.assert_allclose(back_k[h, :new_q].double().numpy(),
+                                   numpy_dequant_keys(sel_k[:new_q, None].numpy(), bits)[:, 0], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(back_v[h, :new_q].double().numpy(),
+                                   numpy_dequant_values(sel_v[:new_q, None].numpy(), bits)[:, 0], atol=1e-6, rtol=0)
+        assert torch.equal(back_k[h, new_q:], sel_k[new_q:]) and torch.equal(back_v[h, new_q:], sel_v[new_q:])

@@ -159,8 +159,8 @@ def test_bad_settings_are_refused_before_any_work(llama64_dir, llama_dir):
         EngineConfig.create(str(llama64_dir), kv_cache_dtype="kivi4", block_size=16, **base)
     with pytest.raises(ValueError, match="kv_residual_tokens must be a multiple of 32"):
         EngineConfig.create(str(llama64_dir), kv_cache_dtype="kivi2", block_size=32, kv_residual_tokens=100, **base)
-    with pytest.raises(ValueError, match="kv_policy=snapkv with kv_cache_dtype kivi4 is not supported"):
-        EngineConfig.create(str(llama64_dir), kv_cache_dtype="kivi4", block_size=32, kv_policy="snapkv",
+    with pytest.raises(ValueError, match="kv_policy=quest with kv_cache_dtype kivi4 is not supported"):
+        EngineConfig.create(str(llama64_dir), kv_cache_dtype="kivi4", block_size=32, kv_policy="quest",
                             kv_budget=64, **base)
     assert EngineConfig.create(str(llama64_dir), kv_cache_dtype="kivi2", **base).cache.block_size == 32  # default
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of .*kivi4, kivi2"):
@@ -188,3 +188,33 @@ def test_kivi_is_refused_with_kv_transfer(llama64_dir):
                                  num_blocks=8)
     with pytest.raises(ValueError, match="kv_cache_dtype kivi2 cannot be exchanged between instances"):
         EngineCore(config, connector=_Connector())
+
+
+@pytest.mark.parametrize("residual", [512, 32])
+def test_snapkv_on_a_kivi_cache(llama64_dir, residual):
+    """KIVI + SnapKV: with R above every context, SnapKV reads and compacts through the ring alone and
+    generates exactly what it does on the dense cache; with R = 32 the kept tokens are quantised anew.
+    Either way the compacted table holds the budget and every block and ring slot comes back."""
+    prompts = _prompts(6, [150, 220])
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outs = {}
+    for fmt in ("auto", "kivi4"):
+        llm = LLM(model=str(llama64_dir), dtype="float32", block_size=BS, num_blocks=64, max_num_batched_tokens=128,
+                  kv_cache_dtype=fmt, kv_residual_tokens=residual, kv_policy="snapkv", kv_budget=96, kv_window=16,
+                  cpu_kernels=False)
+        engine = llm.engine
+        engine.add_request("probe", prompts[1], params)
+        while not any(r.kv_altered for r in engine.core.scheduler.running):
+            engine.step()
+        (probe,) = engine.core.scheduler.running
+        assert len(probe.block_ids) == 3 and probe.kv_shift == 220 - 96 and probe.kv_prefix_floor == 0
+        while engine.has_unfinished_requests():
+            engine.step()
+        outs[fmt] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        kv = engine.core.kv
+        assert kv.num_free_blocks == kv.num_blocks
+        assert kv.num_free_residual_slots == (engine.config.scheduler.max_num_seqs if fmt != "auto" else 0)
+    if residual == 512:
+        assert outs["kivi4"] == outs["auto"]
+    else:
+        assert outs["kivi4"] != outs["auto"]  # lossy: the compacted tokens are quantised
