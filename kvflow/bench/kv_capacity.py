@@ -94,9 +94,9 @@ def engine_settings(model: str, dtype: str, kv_cache_dtype: str, kv_cache_memory
 
 
 def run_format(model: str, dtype: str, kv_cache_dtype: str, kv_cache_memory: float, prompts: list[list[int]],
-               output_len: int, engine_kwargs: dict) -> tuple[CapacityResult, float]:
-    """One round of one format: a fresh engine, the workload once; returns the result and seconds.
-    `engine_kwargs` must hold max_num_seqs (`engine_settings`)."""
+               output_len: int, engine_kwargs: dict, run: bool = True) -> tuple[CapacityResult, float]:
+    """One round of one format: a fresh engine, the workload once (not with `run=False`: only what
+    fits); returns the result and seconds. `engine_kwargs` must hold max_num_seqs (`engine_settings`)."""
     from kvflow.llm import LLM
 
     llm = LLM(model=model, dtype=dtype, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
@@ -104,15 +104,16 @@ def run_format(model: str, dtype: str, kv_cache_dtype: str, kv_cache_memory: flo
     engine = llm.engine
     runner = engine.core.runner
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up (fp8 calibrates)
-    for i, ids in enumerate(prompts):
-        engine.add_request(f"cap-{i}", {"prompt_token_ids": ids}, params)
-    max_running = 0
-    start = time.perf_counter()
-    while engine.has_unfinished_requests():
-        engine.step()
-        max_running = max(max_running, engine.stats().num_running)
-    seconds = time.perf_counter() - start
+    max_running, seconds = 0, 0.0
+    if run:
+        llm.generate([prompts[0][:16]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up (fp8 calibrates)
+        for i, ids in enumerate(prompts):
+            engine.add_request(f"cap-{i}", {"prompt_token_ids": ids}, params)
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+            max_running = max(max_running, engine.stats().num_running)
+        seconds = time.perf_counter() - start
     spec = runner.kv_spec
     seq_len = len(prompts[0]) + output_len
     blocks_per_seq = -(-seq_len // spec.block_size)
@@ -122,7 +123,8 @@ def run_format(model: str, dtype: str, kv_cache_dtype: str, kv_cache_memory: flo
         kv_cache_dtype=kv_cache_dtype, num_blocks=runner.num_blocks, block_size=spec.block_size,
         kv_bytes_per_token=spec.bytes_per_token, token_capacity=runner.num_blocks * spec.block_size,
         fits=runner.num_blocks // blocks_per_seq, max_running=max_running, seconds=seconds,
-        output_tokens_per_s=output_tokens / seconds, total_tokens_per_s=(input_tokens + output_tokens) / seconds,
+        output_tokens_per_s=output_tokens / seconds if run else 0.0,
+        total_tokens_per_s=(input_tokens + output_tokens) / seconds if run else 0.0,
         num_preemptions=engine.core.scheduler.num_preemptions,
         max_num_seqs=engine.config.scheduler.max_num_seqs, fixed_bytes=spec.fixed_bytes,
     )
@@ -132,7 +134,8 @@ def run_format(model: str, dtype: str, kv_cache_dtype: str, kv_cache_memory: flo
 def run_capacity(model: str, dtype: str, formats: list[str], kv_cache_memory: float, num_prompts: int,
                  input_len: int, output_len: int, repeats: int = 1, seed: int = 0,
                  engine_kwargs: dict | None = None, block_size: int | None = None,
-                 max_num_seqs: int | None = None, residual_tokens: int = 128) -> list[CapacityResult]:
+                 max_num_seqs: int | None = None, residual_tokens: int = 128,
+                 count_only: bool = False) -> list[CapacityResult]:
     from kvflow.config import EngineConfig
 
     vocab = EngineConfig.create(model, dtype=dtype).model.vocab_size
@@ -144,7 +147,8 @@ def run_capacity(model: str, dtype: str, formats: list[str], kv_cache_memory: fl
                   for f in formats}
     for _ in range(repeats):
         for fmt in formats:
-            result, _ = run_format(model, dtype, fmt, kv_cache_memory, prompts, output_len, per_format[fmt])
+            result, _ = run_format(model, dtype, fmt, kv_cache_memory, prompts, output_len, per_format[fmt],
+                                   run=not count_only)
             rounds[fmt].append(result)
     out = []
     for fmt in formats:
@@ -161,13 +165,15 @@ def format_capacity(results: list[CapacityResult]) -> str:
             f"{'fits':>5} {'ran':>4} {'bytes/tok':>9} {'s':>8} {'out tok/s':>10} {'x first':>8} {'preempt':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
+        ran = r.seconds > 0
+        speed = (f"{r.max_running:>4} {r.kv_bytes_per_token:>9,} {r.seconds:>8.1f} {r.output_tokens_per_s:>10.1f} "
+                 f"{r.output_tokens_per_s / base.output_tokens_per_s:>8.2f}" if ran and base.seconds > 0 else
+                 f"{'-':>4} {r.kv_bytes_per_token:>9,} {'-':>8} {'-':>10} {r.fits / max(base.fits, 1):>8.2f}")
         lines.append(f"{r.kv_cache_dtype:<15} {r.block_size:>5} {r.num_blocks:>7} {r.token_capacity:>9,} "
-                     f"{r.fixed_bytes / 2**20:>9.1f} {r.max_num_seqs:>5} {r.fits:>5} "
-                     f"{r.max_running:>4} {r.kv_bytes_per_token:>9,} {r.seconds:>8.1f} "
-                     f"{r.output_tokens_per_s:>10.1f} {r.output_tokens_per_s / base.output_tokens_per_s:>8.2f} "
-                     f"{r.num_preemptions:>8}")
+                     f"{r.fixed_bytes / 2**20:>9.1f} {r.max_num_seqs:>5} {r.fits:>5} {speed} {r.num_preemptions:>8}")
     lines.append("seqs: max_num_seqs (KIVI: ring slots, chosen so the ring leaves blocks for that many whole "
-                 "sequences unless --max-num-seqs is given); fixed: budget outside the blocks (KIVI's ring)")
+                 "sequences unless --max-num-seqs is given); fixed: budget outside the blocks (KIVI's ring)"
+                 + ("; not run (--count-only): x first compares the sequences that fit" if base.seconds == 0 else ""))
     return "\n".join(lines)
 
 

@@ -152,12 +152,15 @@ def _cmd_kv_capacity(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     results = run_capacity(args.model, args.dtype, args.kv_cache_dtype, args.kv_cache_memory, args.num_prompts,
                            args.input_len, args.output_len, args.repeats, args.seed, block_size=args.block_size,
-                           max_num_seqs=args.max_num_seqs, residual_tokens=args.kv_residual_tokens)
+                           max_num_seqs=args.max_num_seqs, residual_tokens=args.kv_residual_tokens,
+                           count_only=args.count_only,
+                           engine_kwargs=None if args.cpu_kernels is None else {"cpu_kernels": args.cpu_kernels})
     print(format_capacity(results))
     if args.output:
         settings = {k: getattr(args, k) for k in ("model", "dtype", "kv_cache_dtype", "kv_cache_memory", "num_prompts",
                                                   "input_len", "output_len", "repeats", "seed", "block_size",
-                                                  "max_num_seqs", "kv_residual_tokens")}
+                                                  "max_num_seqs", "kv_residual_tokens", "count_only",
+                                                  "cpu_kernels")}
         save_capacity(results, Path(args.output), settings)
         print(f"saved {args.output}")
     return 0
@@ -335,6 +338,11 @@ def configure(bench: argparse.ArgumentParser) -> None:
                     help="every format's max_num_seqs (default: one per prompt; kivi4/kivi2: the most ring slots "
                          "that leave blocks for as many whole sequences)")
     kc.add_argument("--kv-residual-tokens", type=int, default=128, help="kivi4/kivi2: R, newest tokens kept dense")
+    kc.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=None,
+                    help="every format on the C++ CPU forward or (--no-cpu-kernels) the PyTorch modules "
+                         "(default: the engine's choice per format)")
+    kc.add_argument("--count-only", action="store_true",
+                    help="build each format's engine and report what fits, without running the workload")
     kc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     kc.add_argument("--output", help="JSON path")
     kc.set_defaults(func=_cmd_kv_capacity)

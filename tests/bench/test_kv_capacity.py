@@ -59,3 +59,16 @@ def test_kivi_gets_the_ring_slots_its_blocks_can_fill(llama64_dir, tmp_path, cap
     assert 1 <= kivi["max_running"] <= slots and kivi["fits"] > dense["fits"]
     assert saved["settings"]["kv_residual_tokens"] == 32
     assert "ring slots" in capsys.readouterr().out
+
+
+def test_count_only_reports_what_fits_without_running(llama64_dir, tmp_path, capsys):
+    out = tmp_path / "cap.json"
+    assert main(["bench", "kv-capacity", "--model", str(llama64_dir), "--dtype", "float32", "--kv-cache-dtype",
+                 "float32", "int8", "kivi4", "--kv-cache-memory", "0.0004", "--num-prompts", "12", "--input-len", "72",
+                 "--output-len", "4", "--kv-residual-tokens", "32", "--block-size", "32", "--no-cpu-kernels",
+                 "--count-only", "--output", str(out)]) == 0
+    assert "not run (--count-only)" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["cpu_kernels"] is False and saved["settings"]["count_only"] is True
+    for r in saved["results"]:
+        assert r["block_size"] == 32 and r["seconds"] == 0 and r["max_running"] == 0 and r["fits"] >= 1
