@@ -511,8 +511,10 @@ class CpuModel {
       KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.input_norm, normed, eps_); });
       at::Tensor qkv = linear(normed, w.qkv, w.qkv_bias, packed_, w.qkv_blocked);
       if (kivi_bits_) {
-        TORCH_CHECK(!before_attention && !after_attention, "CpuModel: no KV policy runs over a KIVI cache");
+        TORCH_CHECK(!before_attention, "CpuModel: Quest's reduced reads do not run over a KIVI cache");
         kivi_layer(l, qkv, positions, seq_index, kv_positions, block_tables, step_kv, step_slots, *kivi, q, attn);
+        // After the layer's store: SnapKV reads the blocks and ring as the step left them.
+        if (after_attention) after_attention(static_cast<int64_t>(l), q);
       } else {
         KVFLOW_RUN(dtype, "rope_and_store", [&] {
           KVFLOW_KV_DISPATCH(kv_type_, scalar_t, [&] {

@@ -105,11 +105,13 @@ class ModelRunner:
                     scale = self.model_config.head_dim**-0.5
                     caches = self.kv_caches
 
-                    def before(layer: int, q: torch.Tensor) -> list[torch.Tensor]:
-                        return policy.cpu_reads(layer, q, meta, kv_positions, scale)
-
                     def after(layer: int, q: torch.Tensor) -> None:
                         policy.after_attention(layer, q, caches[layer], meta, None, scale)
+
+                if policy is not None and policy.quest is not None:  # only Quest reads other tables
+
+                    def before(layer: int, q: torch.Tensor) -> list[torch.Tensor]:
+                        return policy.cpu_reads(layer, q, meta, kv_positions, scale)
 
                 kivi = {} if meta.kivi is None else {"kivi": meta.kivi, "query_start": meta.query_start_loc}
                 hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping,

@@ -218,3 +218,19 @@ def test_snapkv_on_a_kivi_cache(llama64_dir, residual):
         assert outs["kivi4"] == outs["auto"]
     else:
         assert outs["kivi4"] != outs["auto"]  # lossy: the compacted tokens are quantised
+
+
+def test_snapkv_on_kivi_runs_alike_on_the_cpp_forward(llama64_dir):
+    """The C++ forward runs SnapKV's compaction after each layer's KIVI store: the same greedy tokens as
+    the PyTorch modules."""
+    prompts = _prompts(7, [150, 220])
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for cpu in (True, False):
+        llm = LLM(model=str(llama64_dir), dtype="float32", block_size=BS, num_blocks=64, max_num_batched_tokens=128,
+                  kv_cache_dtype="kivi2", kv_residual_tokens=32, kv_policy="snapkv", kv_budget=96, kv_window=16,
+                  cpu_kernels=cpu)
+        assert (llm.engine.core.runner.cpu_forward is not None) == cpu
+        outs[cpu] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
+    assert outs[True] == outs[False]
