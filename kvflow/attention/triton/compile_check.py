@@ -3,7 +3,7 @@
 Triton's interpreter (how the kernels are tested on CPU) runs the kernels' Python, not the
 compiler: a kernel can pass every interpreter test and still fail to compile for a GPU, spill
 registers, or need more shared memory than the GPU has. This check calls the real wrappers
-(`store_kv`, `prefill_attention`, `decode_attention`) with small CPU tensors, catches each launch
+(`store_kv`, `prefill_attention`, `decode_attention`, the KIVI ones) with small CPU tensors, catches each launch
 instead of running it, and compiles that exact launch (arguments, constexprs, warps, stages, with
 the launch configuration the wrapper picks for the target's compute capability) through Triton's
 NVIDIA backend down to a cubin. ptxas then reports registers and spills. What it cannot tell is
@@ -122,10 +122,11 @@ def _compile(launch: _Launch, arch: int) -> tuple[int, int, int]:
 
 def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[], Any]]]:
     """The wrapper calls whose launches are compiled: every kernel and constexpr variant the
-    engine uses (windowed or not, split or not, dense, int8 or fp8 cache), at this dtype and head
-    size. fp8 compiles with the GPU's fp8 conversions where it has them (sm_89 and later), else
+    engine uses (windowed or not, split or not, dense, int8, fp8 or KIVI cache), at this dtype and
+    head size. fp8 compiles with the GPU's fp8 conversions where it has them (sm_89 and later), else
     with the integer ones (_common.fp8_native)."""
     from kvflow.attention.triton import decode_attention, prefill_attention, store_kv
+    from kvflow.attention.triton.kivi import kivi_decode_attention, kivi_prefill_attention
 
     num_heads, num_kv_heads, block_size = 32, 8, 16
     seq_lens = torch.tensor([300, 900])
@@ -152,27 +153,49 @@ def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[]
         return [(name + suffix, calls[name]) for name in names]
 
     quantised = ("store", "causal", "window", "nosplit", "split-window")  # the split variant differs only in count
+
+    def kivi_launches(bits: int) -> list[tuple[str, Callable[[], Any]]]:
+        """KIVI (32-token blocks, R = 128): prefill and decode over codes, meta and ring (store_kivi is PyTorch)."""
+        blocks = torch.zeros(2, 64, num_kv_heads, 32, 1)
+        kivi = (torch.zeros(*blocks.shape[:4], head_dim * bits // 8, dtype=torch.uint8),
+                torch.zeros(*blocks.shape[:4], head_dim // 16, dtype=torch.float16),
+                torch.zeros(2, 2, num_kv_heads, 160, head_dim, dtype=dtype))
+        tables = torch.arange(64).view(2, 32)
+        quantised, slots = torch.tensor([128, 640]), torch.tensor([0, 1])
+        k_prefill, k_decode = torch.zeros(200, num_kv_heads, head_dim, dtype=dtype), kv[:2]
+        prefill = (q_prefill, k_prefill, k_prefill, kivi, bits, qsl, seq_lens, quantised, slots, tables, 0.1)
+        decode = (q_decode, k_decode, k_decode, kivi, bits, seq_lens, quantised, slots, tables, 0.1)
+        calls = {
+            "causal": lambda: kivi_prefill_attention(*prefill, max_query_len=100),
+            "window": lambda: kivi_prefill_attention(*prefill, 64, max_query_len=100),
+            "nosplit": lambda: kivi_decode_attention(*decode, num_splits=1),
+            "split-window": lambda: kivi_decode_attention(*decode, 64, num_splits=4),
+        }
+        return [(f"{name}-kivi{bits}", call) for name, call in calls.items()]
+
     return (launches(cache, "", ("store", "causal", "window", "nosplit", "split", "split-window"))
-            + launches(int8, "-int8", quantised) + launches(fp8, "-fp8", quantised))
+            + launches(int8, "-int8", quantised) + launches(fp8, "-fp8", quantised)
+            + kivi_launches(4) + kivi_launches(2))
 
 
 def check(archs: list[int], dtypes: list[str], head_dims: list[int], multiprocessors: int = 132,
           variants: list[str] | None = None) -> list[LaunchReport]:
     """Compile every launch of every scenario (or of those named in `variants`) for each (arch,
     dtype, head_dim)."""
-    from kvflow.attention.triton import decode, kv_store, prefill
+    from kvflow.attention.triton import decode, kivi, kv_store, prefill
 
     kernels = [kv_store._store_kv_kernel, prefill._prefill_kernel, decode._decode_split_kernel,
-               decode._decode_merge_kernel]
+               decode._decode_merge_kernel, kivi._kivi_prefill_kernel, kivi._kivi_decode_kernel]
     if not all(hasattr(k, "_pack_args") for k in kernels):
         raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET is set): unset it to compile them")
     reports = []
     for arch in archs:
         capability = (arch // 10, arch % 10)
         with ExitStack() as stack:  # the wrappers pick the launch configuration of this GPU
-            for module in (prefill, decode, kv_store):
+            for module in (prefill, decode, kv_store, kivi):
                 stack.enter_context(mock.patch.object(module, "device_capability", lambda _d, c=capability: c))
-            stack.enter_context(mock.patch.object(decode, "multiprocessor_count", lambda _d: multiprocessors))
+            for module in (decode, kivi):
+                stack.enter_context(mock.patch.object(module, "multiprocessor_count", lambda _d: multiprocessors))
             for dtype_name in dtypes:
                 for head_dim in head_dims:
                     for variant, call in _scenarios(DTYPES[dtype_name], head_dim):

@@ -6,11 +6,11 @@ A query of a sequence whose chunk is [start, n) attends to three runs of keys, e
 where it lives, with no copy of the sequence's cache:
 
 - positions [0, Q) (Q: `KiviStep.quantised`, before the step) from the blocks, through the block
-  table: a tile's packed codes [N, D * bits / 8] are loaded once and split into their channels
-  (`unpack_codes`: shifts, masks and a join of the parts, low bits first), then keys are
-  `code * scale + zero` with the fp16 scale and zero of their channel and 32-token group, values
-  with those of their token and 32-channel group, in fp32, cast to q's dtype: the values
-  `kivi.dequantize_blocks` gives;
+  table, one 32-token key group per tile (`_attend_blocks`): its packed codes [32, D * bits / 8]
+  are loaded once and split into their channels (`unpack_codes`: shifts, masks and a join of the
+  parts, low bits first), then keys are `code * scale + zero` with the fp16 scale and zero of
+  their channel (one [D] row per group), values with those of their token and 32-channel group,
+  in fp32, cast to q's dtype: the values `kivi.dequantize_blocks` gives;
 - positions [Q, start) from the sequence's residual ring (position p at ring row p % W);
 - the chunk's own positions [start, n) from the step's k, v (causal), as computed.
 
@@ -45,8 +45,8 @@ from kvflow.attention.triton.decode import _decode_merge_kernel, default_num_spl
 
 KiviCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (codes, meta, ring)
 
-# Where a run of keys is read from (the `SOURCE` of `_attend_run`).
-BLOCKS, RING, OWN = 0, 1, 2
+# Where a run of dense keys is read from (the `SOURCE` of `_attend_run`).
+RING, OWN = 1, 2
 
 
 @triton.jit
@@ -64,52 +64,61 @@ def unpack_codes(packed, BITS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl
 
 
 @triton.jit
-def load_kivi_tile(codes_base, meta_base, bt_row, offs_n, n_mask, offs_d, block_size,
-                   stride_ckv, stride_cblk, stride_coff, stride_mkv, stride_mblk, dtype: tl.constexpr,
-                   BITS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Keys and values at positions `offs_n` of one sequence and kv head from its quantised blocks
-    (`codes_base`, `meta_base` point at the kv head), dequantised in fp32 and cast to `dtype`;
-    masked-off rows read as 0. A block's meta for one kv head is one run of block_size * D / 16
-    halves: keys [block_size / 32][2 (scale, zero)][D], values [block_size][2][D / 32]."""
-    blk = tl.load(bt_row + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
-    slot = offs_n % block_size
+def _attend_blocks(
+    q, m_i, l_i, acc, run_lo, run_hi, q_pos, offs_d, qk_scale, window,
+    codes_base, meta_base, bt_row, block_size, stride_ckv, stride_cblk, stride_coff, stride_mkv, stride_mblk,
+    USE_WINDOW: tl.constexpr, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The quantised key positions [run_lo, run_hi) (run_hi <= Q, a multiple of 32) of one sequence and
+    kv head, one 32-token key group per tile (tiles aligned to the groups, positions below run_lo
+    masked): a group lies in one block and has one scale and zero per channel, so a tile's key meta
+    is two [D] rows (read once per group, not per token), and its keys are dequantised in
+    registers as `kivi.dequantize_blocks` does (fp32, then q's dtype). Values are too, with a scale
+    and zero per token and 32 channels. (Folding the key scales into q instead, (q * scale) . code
+    + q . zero, used more registers in ptxas's report and rounds otherwise than the reference.)"""
+    offs_t = tl.arange(0, 32)
     offs_c = tl.arange(0, HEAD_DIM * BITS // 8)
-    code_ptrs = codes_base + (blk * stride_cblk + slot * stride_coff)[:, None] + offs_c[None, :]
-    k_codes = unpack_codes(tl.load(code_ptrs, mask=n_mask[:, None], other=0), BITS, BLOCK_N, HEAD_DIM)
-    v_codes = unpack_codes(tl.load(code_ptrs + stride_ckv, mask=n_mask[:, None], other=0), BITS, BLOCK_N, HEAD_DIM)
-    meta = meta_base + blk * stride_mblk
-    k_meta = (meta + (slot // 32) * (2 * HEAD_DIM))[:, None] + offs_d[None, :]
-    k_scale = tl.load(k_meta, mask=n_mask[:, None], other=0.0).to(tl.float32)
-    k_zero = tl.load(k_meta + HEAD_DIM, mask=n_mask[:, None], other=0.0).to(tl.float32)
-    v_meta = (meta + stride_mkv + slot * (HEAD_DIM // 16))[:, None] + (offs_d // 32)[None, :]
-    v_scale = tl.load(v_meta, mask=n_mask[:, None], other=0.0).to(tl.float32)
-    v_zero = tl.load(v_meta + HEAD_DIM // 32, mask=n_mask[:, None], other=0.0).to(tl.float32)
-    k = (k_codes.to(tl.float32) * k_scale + k_zero).to(dtype)
-    v = (v_codes.to(tl.float32) * v_scale + v_zero).to(dtype)
-    return k, v
+    for start_n in range(run_lo - run_lo % 32, run_hi, 32):
+        offs_n = start_n + offs_t
+        n_mask = (offs_n >= run_lo) & (offs_n < run_hi)
+        blk = tl.load(bt_row + start_n // block_size).to(tl.int64)  # the whole group is below Q: no mask
+        slot0 = start_n % block_size
+        code_ptrs = codes_base + blk * stride_cblk + ((slot0 + offs_t) * stride_coff)[:, None] + offs_c[None, :]
+        k_codes = unpack_codes(tl.load(code_ptrs), BITS, 32, HEAD_DIM)
+        v_codes = unpack_codes(tl.load(code_ptrs + stride_ckv), BITS, 32, HEAD_DIM)
+        meta = meta_base + blk * stride_mblk
+        k_meta = meta + (slot0 // 32) * (2 * HEAD_DIM) + offs_d
+        k_scale = tl.load(k_meta).to(tl.float32)
+        k_zero = tl.load(k_meta + HEAD_DIM).to(tl.float32)
+        k = (k_codes.to(tl.float32) * k_scale[None, :] + k_zero[None, :]).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        visible = n_mask[None, :]
+        if USE_WINDOW:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        v_meta = (meta + stride_mkv + (slot0 + offs_t) * (HEAD_DIM // 16))[:, None] + (offs_d // 32)[None, :]
+        v_scale = tl.load(v_meta).to(tl.float32)
+        v_zero = tl.load(v_meta + HEAD_DIM // 32).to(tl.float32)
+        v = (v_codes.to(tl.float32) * v_scale + v_zero).to(q.dtype)
+        m_i, l_i, acc = online_softmax_step(s, v, v, m_i, l_i, acc, False, PRECISION)
+    return m_i, l_i, acc
 
 
 @triton.jit
 def _attend_run(
     q, m_i, l_i, acc, run_lo, run_hi, q_pos, offs_d, qk_scale, window,
-    codes_base, meta_base, bt_row, block_size, stride_ckv, stride_cblk, stride_coff, stride_mkv, stride_mblk,
-    ring_base, stride_rkv, stride_roff, ring_window,
-    own_k, own_v, own_first, start, stride_kt,
-    SOURCE: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, BITS: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    ring_base, stride_rkv, stride_roff, ring_window, own_k, own_v, own_first, start, stride_kt,
+    SOURCE: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The key positions [run_lo, run_hi) of one sequence and kv head, all read from one place
-    (SOURCE: BLOCKS, RING or OWN, the step's k/v whose row `own_first` is position `start`), for the
+    """The dense key positions [run_lo, run_hi) of one sequence and kv head, all read from one place
+    (SOURCE: RING, or OWN: the step's k/v, whose row `own_first` is position `start`), for the
     queries at positions `q_pos` (CAUSAL: mask keys after a query; USE_WINDOW: keys at or before
     q_pos - window)."""
     for start_n in range(run_lo, run_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < run_hi
-        if SOURCE == 0:
-            k, v = load_kivi_tile(codes_base, meta_base, bt_row, offs_n, n_mask, offs_d, block_size,
-                                  stride_ckv, stride_cblk, stride_coff, stride_mkv, stride_mblk, q.dtype,
-                                  BITS, BLOCK_N, HEAD_DIM)
-        elif SOURCE == 1:
+        if SOURCE == 1:
             ptrs = ring_base + ((offs_n % ring_window) * stride_roff)[:, None] + offs_d[None, :]
             k = tl.load(ptrs, mask=n_mask[:, None], other=0.0).to(q.dtype)
             v = tl.load(ptrs + stride_rkv, mask=n_mask[:, None], other=0.0).to(q.dtype)
@@ -176,23 +185,20 @@ def _kivi_decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     # The split's keys are all visible (window included: they are >= lo), so no run is masked.
-    m_i, l_i, acc = _attend_run(
+    m_i, l_i, acc = _attend_blocks(
         q, m_i, l_i, acc, split_lo, tl.minimum(split_hi, quantised), q_pos, offs_d, qk_scale, window,
         codes_base, meta_base, bt_row, block_size, stride_ckv, stride_cblk, stride_coff, stride_mkv, stride_mblk,
-        ring_base, stride_rkv, stride_roff, ring_window, own_k, own_v, seq, start, stride_kt,
-        SOURCE=0, CAUSAL=False, USE_WINDOW=False, BITS=BITS, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PRECISION=PRECISION,
+        USE_WINDOW=False, BITS=BITS, HEAD_DIM=HEAD_DIM, PRECISION=PRECISION,
     )
     m_i, l_i, acc = _attend_run(
         q, m_i, l_i, acc, tl.maximum(split_lo, quantised), tl.minimum(split_hi, start), q_pos, offs_d, qk_scale,
-        window, codes_base, meta_base, bt_row, block_size, stride_ckv, stride_cblk, stride_coff, stride_mkv,
-        stride_mblk, ring_base, stride_rkv, stride_roff, ring_window, own_k, own_v, seq, start, stride_kt,
-        SOURCE=1, CAUSAL=False, USE_WINDOW=False, BITS=BITS, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PRECISION=PRECISION,
+        window, ring_base, stride_rkv, stride_roff, ring_window, own_k, own_v, seq, start, stride_kt,
+        SOURCE=1, CAUSAL=False, USE_WINDOW=False, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PRECISION=PRECISION,
     )
     m_i, l_i, acc = _attend_run(
         q, m_i, l_i, acc, tl.maximum(split_lo, start), split_hi, q_pos, offs_d, qk_scale, window,
-        codes_base, meta_base, bt_row, block_size, stride_ckv, stride_cblk, stride_coff, stride_mkv, stride_mblk,
         ring_base, stride_rkv, stride_roff, ring_window, own_k, own_v, seq, start, stride_kt,
-        SOURCE=2, CAUSAL=False, USE_WINDOW=False, BITS=BITS, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PRECISION=PRECISION,
+        SOURCE=2, CAUSAL=False, USE_WINDOW=False, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, PRECISION=PRECISION,
     )
     # An empty split (short context) stores out = 0, lse = -inf: it weighs nothing in the merge.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -251,25 +257,21 @@ def _kivi_prefill_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         # The context (blocks, then ring) precedes every query of the chunk: only the window masks it.
-        m_i, l_i, acc = _attend_run(
+        m_i, l_i, acc = _attend_blocks(
             q, m_i, l_i, acc, lo, quantised, q_pos, offs_d, qk_scale, window,
             codes_base, meta_base, bt_row, block_size, stride_ckv, stride_cblk, stride_coff, stride_mkv, stride_mblk,
-            ring_base, stride_rkv, stride_roff, ring_window, own_k, own_v, q_start, start, stride_kt,
-            SOURCE=0, CAUSAL=False, USE_WINDOW=USE_WINDOW, BITS=BITS, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-            PRECISION=PRECISION,
+            USE_WINDOW=USE_WINDOW, BITS=BITS, HEAD_DIM=HEAD_DIM, PRECISION=PRECISION,
         )
         m_i, l_i, acc = _attend_run(
             q, m_i, l_i, acc, tl.maximum(lo, quantised), start, q_pos, offs_d, qk_scale, window,
-            codes_base, meta_base, bt_row, block_size, stride_ckv, stride_cblk, stride_coff, stride_mkv, stride_mblk,
             ring_base, stride_rkv, stride_roff, ring_window, own_k, own_v, q_start, start, stride_kt,
-            SOURCE=1, CAUSAL=False, USE_WINDOW=USE_WINDOW, BITS=BITS, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+            SOURCE=1, CAUSAL=False, USE_WINDOW=USE_WINDOW, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
             PRECISION=PRECISION,
         )
         m_i, l_i, acc = _attend_run(  # the chunk's own keys, causal
             q, m_i, l_i, acc, tl.maximum(lo, start), hi, q_pos, offs_d, qk_scale, window,
-            codes_base, meta_base, bt_row, block_size, stride_ckv, stride_cblk, stride_coff, stride_mkv, stride_mblk,
             ring_base, stride_rkv, stride_roff, ring_window, own_k, own_v, q_start, start, stride_kt,
-            SOURCE=2, CAUSAL=True, USE_WINDOW=USE_WINDOW, BITS=BITS, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+            SOURCE=2, CAUSAL=True, USE_WINDOW=USE_WINDOW, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
             PRECISION=PRECISION,
         )
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -403,7 +405,9 @@ def kivi_prefill_attention(
     if max_query_len <= 0:
         return out, lse
     config = prefill_launch_config(head_dim, q.dtype, device_capability(q.device), int8=True)
-    block_m = block_m or config.block_m
+    # Dequantising a tile's keys and values in registers costs as much as int8's conversion and more:
+    # 128 query rows at head_dim 128 spill on sm_80 (compile_check); 64 do not, on sm_80 or sm_90.
+    block_m = block_m or (min(config.block_m, 64) if head_dim >= 128 else config.block_m)
     block_n = block_n or config.block_n
     grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
     _kivi_prefill_kernel[grid](

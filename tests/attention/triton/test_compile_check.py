@@ -1,7 +1,7 @@
 """The Triton kernels compiled for NVIDIA GPUs (sm_80, sm_90) on a machine without one: every
-launch the wrappers make (dense, int8 and fp8 KV caches) must compile to a cubin without register spills and within the
-architecture's shared memory (`kvflow.attention.triton.compile_check`). The interpreter tests run
-the kernels' Python; this is the part they cannot check."""
+launch the wrappers make (dense, int8, fp8 and KIVI KV caches) must compile to a cubin without
+register spills and within the architecture's shared memory (`kvflow.attention.triton.compile_check`).
+The interpreter tests run the kernels' Python; this is the part they cannot check."""
 
 from __future__ import annotations
 
@@ -26,9 +26,11 @@ def _ptxas_available() -> bool:
 # Every dense scenario; of the int8 ones (each about as slow to compile) the store and the windowed
 # prefill and split decode, which hold the others' code paths and use the most registers; of the fp8
 # ones the store (its encoding) and the windowed prefill (the most registers; decode shares its
-# code conversion), compiled with the integer conversions on sm_80 and the native ones on sm_90.
+# code conversion), compiled with the integer conversions on sm_80 and the native ones on sm_90; of the
+# KIVI ones (kivi4 and kivi2 differ only in how codes unpack) a windowed prefill and split decode.
 VARIANTS = ("store", "causal", "window", "nosplit", "split", "split-window",
-            "store-int8", "window-int8", "split-window-int8", "store-fp8", "window-fp8")
+            "store-int8", "window-int8", "split-window-int8", "store-fp8", "window-fp8",
+            "window-kivi4", "split-window-kivi2")
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not installed")
@@ -52,8 +54,10 @@ def test_kernels_compile_for_ampere_and_hopper(tmp_path):
         ("store_kv_kernel", "store-int8"), ("prefill_kernel", "window-int8"),
         ("decode_split_kernel", "split-window-int8"), ("decode_merge_kernel", "split-window-int8"),
         ("store_kv_kernel", "store-fp8"), ("prefill_kernel", "window-fp8"),
+        ("kivi_prefill_kernel", "window-kivi4"), ("kivi_decode_kernel", "split-window-kivi2"),
+        ("decode_merge_kernel", "split-window-kivi2"),
     }
-    assert len(reports) == 2 * 2 * 14  # arches x dtypes x launches
+    assert len(reports) == 2 * 2 * 17  # arches x dtypes x launches
     for r in reports:
         if "INT8" in r["constexprs"]:
             fp8 = r["variant"].endswith("fp8")
