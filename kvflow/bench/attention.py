@@ -10,6 +10,9 @@ Implementations, where the device has them:
 - ``kvflow-cpu-int8`` / ``kvflow-cpu-fp8``: the same kernel over the case's cache quantised as
   ``--kv-cache-dtype int8`` (codes + a scale per token and kv head) or ``fp8_e4m3`` (codes + a
   scale per kv head, calibrated on the cache), dequantised in registers;
+- ``kvflow-cpu-kivi4`` / ``kvflow-cpu-kivi2`` (decode; block size and head_dim multiples of 32): the
+  C++ KIVI kernel (cpu_kivi.h) over the same ``kivi_state`` as ``triton-kivi*`` below: the blocks'
+  4- or 2-bit codes read in place, the ring and the query's own k, v dense;
 - ``triton`` / ``triton-nosplit``: kvflow's Triton kernels, flash-decoding with automatic and
   with a single split (CUDA); ``triton-int8`` / ``triton-fp8``: the same over the quantised cache;
 - ``triton-kivi4`` / ``triton-kivi2`` (decode; block size and head_dim multiples of 32): the
@@ -51,7 +54,8 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from kvflow.attention.kivi import KiviStep
 
-IMPLEMENTATIONS = ("kvflow-cpu", "kvflow-cpu-int8", "kvflow-cpu-fp8", "kvflow-cpu-quest", "triton", "triton-nosplit",
+IMPLEMENTATIONS = ("kvflow-cpu", "kvflow-cpu-int8", "kvflow-cpu-fp8", "kvflow-cpu-kivi4", "kvflow-cpu-kivi2",
+                   "kvflow-cpu-quest", "triton", "triton-nosplit",
                    "triton-int8", "triton-fp8", "triton-quest", "triton-kivi4", "triton-kivi2", "sdpa", "naive")
 # implementation name suffix -> the cache format it reads
 QUANTISED = {"-int8": "int8", "-fp8": "fp8_e4m3", "-kivi4": "kivi4", "-kivi2": "kivi2"}
@@ -338,6 +342,22 @@ def _kvflow_cpu_quantised(kv_format: str) -> Implementation | None:
     return run
 
 
+def _kvflow_cpu_kivi(kv_format: str) -> Implementation | None:
+    from kvflow.model.cpu_kernels import kivi_step_tensors, load_extension
+
+    ext = load_extension()
+    if ext is None:
+        return None
+
+    def run(c: AttentionCase) -> torch.Tensor:
+        state = c.kivi_state(kv_format)
+        step = kivi_step_tensors(state.step, c.query_start_loc)
+        return ext.kivi_attention(c.q, *state.cache, state.k, state.v, c.block_tables, c.seq_index, c.positions, step,
+                                  state.step.bits, c.scale, 0)
+
+    return run
+
+
 def _kvflow_cpu_quest() -> Implementation | None:
     from kvflow.model.cpu_kernels import load_extension
 
@@ -398,6 +418,9 @@ def available(device: torch.device, names: tuple[str, ...] = IMPLEMENTATIONS) ->
             impls[name] = fn
         elif name == "triton-quest" and device.type == "cuda":
             impls[name] = _triton_quest()
+        elif (name.startswith("kvflow-cpu-") and device.type == "cpu" and is_kivi(fmt := quantised_format(name))
+              and (fn := _kvflow_cpu_kivi(fmt)) is not None):
+            impls[name] = fn
         elif (name.startswith("kvflow-cpu-") and device.type == "cpu" and (fmt := quantised_format(name))
               and (fn := _kvflow_cpu_quantised(fmt)) is not None):
             impls[name] = fn

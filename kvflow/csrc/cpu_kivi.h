@@ -209,12 +209,43 @@ void kivi_attention_generic(const at::Tensor& q_, const KiviCache<T>& c, const K
 }
 
 #if defined(__AVX512F__)
+inline __m512 codes16_to_ps(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
+
+// A packed row of 16 * C codes -> C vectors of sixteen fp32 codes in channel order, in registers.
+template <int C>
+inline void kivi_row_ps(const uint8_t* row, int64_t bits, __m512* out) {
+  if (bits == 4) {  // 16 bytes: 32 channels (C is even)
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (int i = 0; i < C / 2; ++i) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * i));
+      const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+      out[2 * i] = codes16_to_ps(_mm_unpacklo_epi8(lo, hi));
+      out[2 * i + 1] = codes16_to_ps(_mm_unpackhi_epi8(lo, hi));
+    }
+    return;
+  }
+  const __m128i low = _mm_set1_epi8(0x03);  // 16 bytes: 64 channels; a 32-channel row is 8 bytes
+  for (int i = 0; i < (C + 3) / 4; ++i) {
+    const __m128i b = C >= 4 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * i))
+                             : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row));
+    const __m128i c0 = _mm_and_si128(b, low), c1 = _mm_and_si128(_mm_srli_epi16(b, 2), low);
+    const __m128i c2 = _mm_and_si128(_mm_srli_epi16(b, 4), low), c3 = _mm_and_si128(_mm_srli_epi16(b, 6), low);
+    const __m128i a_lo = _mm_unpacklo_epi8(c0, c1), b_lo = _mm_unpacklo_epi8(c2, c3);
+    out[4 * i] = codes16_to_ps(_mm_unpacklo_epi16(a_lo, b_lo));
+    out[4 * i + 1] = codes16_to_ps(_mm_unpackhi_epi16(a_lo, b_lo));
+    if constexpr (C >= 4) {
+      const __m128i a_hi = _mm_unpackhi_epi8(c0, c1), b_hi = _mm_unpackhi_epi8(c2, c3);
+      out[4 * i + 2] = codes16_to_ps(_mm_unpacklo_epi16(a_hi, b_hi));
+      out[4 * i + 3] = codes16_to_ps(_mm_unpackhi_epi16(a_hi, b_hi));
+    }
+  }
+}
+
 // One thread's scratch beyond the online softmax: the group-folded queries q·s [rows, D] and Σ q·z
-// [rows], sixteen key rows (fp32 codes, or dense rows of T) and their codes in channel order.
+// [rows] and sixteen key rows (fp32 codes, or dense rows of T).
 struct KiviScratch {
   std::vector<float> qs, qz, keys;
-  std::vector<uint8_t> codes;
-  KiviScratch(int64_t rows, int64_t D) : qs(rows * D), qz(rows), keys(16 * D), codes(16 * D) {}
+  KiviScratch(int64_t rows, int64_t D) : qs(rows * D), qz(rows), keys(16 * D) {}
 };
 
 // An item's fixed facts (kivi's ItemView).
@@ -258,13 +289,11 @@ void kivi_tile_scores(const KiviCache<T>& c, const KiviItem& x, const T* q, int6
       }
       for (int64_t c0 = lo; c0 < hi; c0 += 16) {
         const int64_t n = std::min<int64_t>(16, hi - c0);
+        const uint8_t* rows = c.code_row(0, block, g, o0 + (c0 - g0));
         for (int64_t j = 0; j < n; ++j) {  // the keys' codes, in channel order, widened to fp32
-          uint8_t* codes = k.codes.data() + j * D;
-          unpack_kivi_row(c.code_row(0, block, g, o0 + (c0 - g0) + j), c.bits, D, codes);
-          for (int i = 0; i < C; ++i)
-            _mm512_storeu_ps(k.keys.data() + j * D + 16 * i,
-                             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * i)))));
+          __m512 v[C];
+          kivi_row_ps<C>(rows + j * c.row_bytes, c.bits, v);
+          for (int i = 0; i < C; ++i) _mm512_storeu_ps(k.keys.data() + j * D + 16 * i, v[i]);
         }
         for (int64_t r = 0; r < x.head_rows; ++r) {
           const int mm = static_cast<int>(std::min<int64_t>(n, x.pos[x.query(r)] + 1 - c0));
@@ -325,21 +354,32 @@ void kivi_tile_values(const KiviCache<T>& c, const KiviItem& x, int64_t g, int64
                       int64_t window, OnlineSoftmax& s, KiviScratch& k) {
   constexpr int64_t D = 16 * C;
   const bool quantised = a < x.seq.quantised;
+  const int64_t* table = x.seq.table + a / c.block_size;  // the block of key c0 + j, at offset o
+  int64_t o = a % c.block_size;
   for (int64_t c0 = a; c0 < e; c0 += 16) {
     const int64_t n = std::min<int64_t>(16, e - c0);
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = 0; j < n; ++j, ++o) {
+      if (o == c.block_size) {
+        o = 0;
+        ++table;
+      }
       float* dst = s.wide + j * D;
       if (quantised) {
-        const int64_t block = x.seq.table[(c0 + j) / c.block_size], o = (c0 + j) % c.block_size;
-        uint8_t* codes = k.codes.data();
-        unpack_kivi_row(c.code_row(1, block, g, o), c.bits, D, codes);
-        const c10::Half* m = c.value_meta(block, g, o);
-        for (int i = 0; i < C; ++i) {
-          const __m512 code = _mm512_cvtepi32_ps(
-              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * i))));
-          const float sc = static_cast<float>(m[i / 2]), zr = static_cast<float>(m[C / 2 + i / 2]);
-          _mm512_storeu_ps(dst + 16 * i, _mm512_add_ps(_mm512_mul_ps(code, _mm512_set1_ps(sc)), _mm512_set1_ps(zr)));
+        __m512 code[C];
+        kivi_row_ps<C>(c.code_row(1, *table, g, o), c.bits, code);
+        // The row's meta: D / 32 scales, then D / 32 zeros (at most 8 halves).
+        alignas(16) float meta[8];
+        const c10::Half* m = c.value_meta(*table, g, o);
+        if constexpr (C == 8) {
+          _mm256_store_ps(meta, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m))));
+        } else if constexpr (C == 4) {
+          _mm_store_ps(meta, _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m))));
+        } else {
+          for (int i = 0; i < C; ++i) meta[i] = static_cast<float>(m[i]);
         }
+        for (int i = 0; i < C; ++i)
+          _mm512_storeu_ps(dst + 16 * i, _mm512_fmadd_ps(code[i], _mm512_set1_ps(meta[i / 2]),
+                                                         _mm512_set1_ps(meta[C / 2 + i / 2])));
       } else {
         const T* src = kivi_dense_row(c, x.seq, 1, c0 + j, g);
         for (int i = 0; i < C; ++i) _mm512_storeu_ps(dst + 16 * i, load16(src + 16 * i));

@@ -23,7 +23,8 @@ def test_cpu_implementations_agree_with_the_naive_reference(kind):
     assert {"sdpa", "naive"} <= set(impls) and "triton" not in impls
     results = run_case(case, impls, repeats=1, naive_max_len=64)
     decode_only = {n for n in impls if n.endswith("-quest")} if kind == "prefill" else set()
-    assert {r.implementation for r in results} == set(impls) - decode_only
+    kivi = {n for n in impls if n.endswith(("-kivi4", "-kivi2"))}  # not on 8-token blocks of 32 channels
+    assert {r.implementation for r in results} == set(impls) - decode_only - kivi
     for r in results:
         assert r.max_abs_err is not None and r.max_abs_err < 1e-4, r
         assert r.ms > 0
@@ -192,6 +193,24 @@ def test_kivi_state_is_the_cache_a_kivi_prompt_leaves():
     assert not prefill.kivi_applies()
     stub = {"triton-kivi4": lambda c: 1 / 0, "naive": available(torch.device("cpu"), ("naive",))["naive"]}
     assert [r.implementation for r in run_case(prefill, stub, 1, 64)] == ["naive"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kivi_implementations_agree_with_naive_over_their_cache(dtype):
+    """kvflow-cpu-kivi4 / -kivi2 (the C++ kernel) over kivi_state's cache: within rounding of naive over
+    the dequantised blocks, the ring and the own k, v (and far from naive over the dense cache)."""
+    impls = available(torch.device("cpu"), ("kvflow-cpu-kivi4", "kvflow-cpu-kivi2", "naive"))
+    if "kvflow-cpu-kivi4" not in impls:
+        pytest.skip("no C++ build")
+    case = AttentionCase("decode", 3, 250, 6, 2, 64, 32, dtype, torch.device("cpu"))
+    results = run_case(case, impls, repeats=1, naive_max_len=512)
+    assert [r.implementation for r in results] == ["kvflow-cpu-kivi4", "kvflow-cpu-kivi2", "naive"]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for r in results[:2]:
+        assert r.reference == "naive" and r.max_abs_err is not None and r.max_abs_err < tol, r
+        assert r.gbs > 0
+    kivi2 = impls["kvflow-cpu-kivi2"](case).float()
+    assert float((kivi2 - _full(case)).abs().max()) > 1e-3  # the dequantised cache, not the dense one
 
 
 def test_check_targets_kivi_decode_speedup():
