@@ -406,8 +406,9 @@ def kivi_prefill_attention(
         return out, lse
     config = prefill_launch_config(head_dim, q.dtype, device_capability(q.device), int8=True)
     # Dequantising a tile's keys and values in registers costs as much as int8's conversion and more:
-    # 128 query rows at head_dim 128 spill on sm_80 (compile_check); 64 do not, on sm_80 or sm_90.
-    block_m = block_m or (min(config.block_m, 64) if head_dim >= 128 else config.block_m)
+    # 128 query rows spill on sm_80 at head_dim 128 and 64 rows at 256 (compile_check); half as many do not.
+    rows = config.block_m if head_dim < 128 else min(config.block_m, 64 if head_dim == 128 else 32)
+    block_m = block_m or rows
     block_n = block_n or config.block_n
     grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
     _kivi_prefill_kernel[grid](
