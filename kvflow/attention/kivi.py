@@ -251,10 +251,12 @@ def store_kivi(cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: torch.
     if step.group_from_step.numel():
         num_groups = step.group_block.numel()
         kvh, d = k.shape[1], k.shape[2]
-        from_step = step.group_from_step[:, None, None]
+        from_ring = torch.nonzero(~step.group_from_step, as_tuple=True)[0]
         for half, x in enumerate((k, v)):
-            rows = torch.where(from_step, x[step.group_step_index],
-                               ring[half][step.group_ring_slot, :, step.group_ring_index].to(x.dtype))
+            rows = x[step.group_step_index]  # rows of earlier steps come from the ring, below
+            if from_ring.numel():
+                rows[from_ring] = ring[half][step.group_ring_slot[from_ring], :,
+                                             step.group_ring_index[from_ring]].to(x.dtype)
             block = step.group_block.repeat_interleave(KIVI_GROUP)
             if half == 0:
                 packed, group_meta = quantize_key_group(rows.view(num_groups, KIVI_GROUP, kvh, d).transpose(0, 1),
