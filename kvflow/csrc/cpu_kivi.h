@@ -258,6 +258,19 @@ struct KiviItem {
   int64_t query(int64_t r) const { return r / group; }  // row r (of one kv head) -> its query in the tile
 };
 
+// Requests block `block`'s codes and meta of kv head g, keys and values (into L2), as prefetch_block
+// does for the other formats: a sequence's blocks lie anywhere in the cache.
+template <typename T>
+inline __attribute__((always_inline)) void kivi_prefetch_block(const KiviCache<T>& c, int64_t block, int64_t g) {
+  const int64_t code_bytes = c.block_size * c.row_bytes, meta_bytes = c.block_size * c.meta_width * 2;
+  for (int h = 0; h < 2; ++h) {
+    const char* cp = reinterpret_cast<const char*>(c.code_row(h, block, g, 0));
+    const char* mp = reinterpret_cast<const char*>(c.meta[h] + c.row(block, g, 0) * c.meta_width);
+    for (int64_t off = 0; off < code_bytes; off += 64) _mm_prefetch(cp + off, _MM_HINT_T1);
+    for (int64_t off = 0; off < meta_bytes; off += 64) _mm_prefetch(mp + off, _MM_HINT_T1);
+  }
+}
+
 // Scores of key tile [a, e) for kv head g into s.scores (row r = i * group + h, column j - a); keys past
 // a query's own position are skipped. The tile lies in one part: quantised (below Q) or dense.
 template <typename T, int C>
@@ -270,6 +283,8 @@ void kivi_tile_scores(const KiviCache<T>& c, const KiviItem& x, const T* q, int6
     for (int64_t g0 = a / kKiviGroup * kKiviGroup; g0 < e; g0 += kKiviGroup) {
       const int64_t lo = std::max(a, g0), hi = std::min(e, g0 + kKiviGroup);
       const int64_t block = x.seq.table[g0 / c.block_size], o0 = g0 % c.block_size;
+      const int64_t ahead = g0 / c.block_size + kPrefetchBlocks;
+      if (o0 == 0 && ahead * c.block_size < x.seq.quantised) kivi_prefetch_block(c, x.seq.table[ahead], g);
       const c10::Half* m = c.key_meta(block, g, o0 / kKiviGroup);
       __m512 sv[C], zv[C];
       for (int i = 0; i < C; ++i) {
