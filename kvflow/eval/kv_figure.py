@@ -3,7 +3,8 @@
 A policy's fractions (per format) are joined into one line so its trade-off reads at a glance;
 plain formats are single points. Quest is drawn hollow at the share of KV it *reads* per decode
 step, because it frees nothing: putting it on the same "bytes kept" axis as the evicting policies
-unmarked would credit it with memory it does not save.
+unmarked would credit it with memory it does not save. KIVI sits at its blocks' bytes; the note under
+the figure gives the dense ring each running sequence adds (R + 32 tokens in the model's dtype).
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ def save_comparison(rows: list[dict[str, Any]], out: Path, title: str) -> tuple[
             axes[0].legend(fontsize=8)
             fig.suptitle(title, fontsize=10)
             fig.tight_layout()
+        ring = max((r.get("kv_ring_tokens") or 0) for r in rows)
+        if ring:
+            fig.text(0.01, 0.005, f"kivi4/kivi2: x = the blocks' bytes (codes, fp16 scales and zeros); each running "
+                     f"sequence also holds its newest {ring - 32}-{ring - 1} tokens dense in a ring of {ring} tokens "
+                     f"of the model's dtype, plus {ring} / context length on this axis", fontsize=7)
+            fig.subplots_adjust(bottom=0.16)
         png_path = out / "kv_compare.png"
         fig.savefig(png_path, dpi=110)
     finally:

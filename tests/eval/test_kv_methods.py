@@ -208,7 +208,7 @@ def test_kivi_methods_page_in_blocks_of_a_multiple_of_32(given, kivi, other):
         assert parse_method(text).engine_args(4, None, given)["block_size"] == other
 
 
-def test_kivi_rows_report_the_ring_per_context_length():
+def test_kivi_rows_report_the_ring_per_context_length(tmp_path):
     from kvflow.assets import default_model_path
     from kvflow.eval.kv_compare import _summary, kv_bytes_per_token
 
@@ -222,6 +222,11 @@ def test_kivi_rows_report_the_ring_per_context_length():
     assert row["kv_kept_ratio"] == kv_bytes / dense and row["kv_ring_tokens"] == 160 and row["block_size"] == 32
     assert row["kv_kept_ratio_by_length"] == {"512": kv_bytes / dense + 160 / 512,
                                               "2048": kv_bytes / dense + 160 / 2048}
+    from kvflow.eval.kv_compare import save_comparison
+    from tests.eval.test_eval_end_to_end import png_size
+
+    _, png = save_comparison([row], tmp_path, "title")  # with the ring's note under the panels
+    assert png_size(png)[0] > 1000
     plain = _summary(parse_method("int8"), {**result, "engine": {"cache": {"kv_cache_dtype": "int8"}}}, 1088, dense)
     assert plain["kv_ring_tokens"] == 0 and plain["kv_kept_ratio_by_length"] == {"512": 1088 / dense,
                                                                                    "2048": 1088 / dense}
