@@ -245,15 +245,31 @@ def resolve_kv_policy(cache: CacheConfig, policy: str | None = None,
     check_kv_policy(name, budget, cache.kv_sink_tokens, cache.kv_window, where)
     if name == "none":
         return None
-    if cache.kv_cache_dtype in KIVI_CACHE_DTYPES and name != "snapkv":
-        raise ValueError(f"{where}kv_policy={name} with kv_cache_dtype {cache.kv_cache_dtype} is not supported "
-                         "(KIVI combines with snapkv; every policy with int8 and fp8_e4m3)")
+    if cache.kv_cache_dtype in KIVI_CACHE_DTYPES:
+        check_kivi_policy(cache, name, budget, where)
     if name == "quest" and cache.kv_policy != "quest":
         raise ValueError("request kv_policy quest needs the engine started with --kv-policy quest (which keeps "
                          "each block's key bounds)")
     assert budget is not None
     return KVPolicySettings(name, budget, cache.kv_sink_tokens,
                             kv_policy_window(name, budget, cache.kv_sink_tokens, cache.kv_window))
+
+
+def check_kivi_policy(cache: CacheConfig, policy: str, budget: int | None, where: str = "") -> None:
+    """KIVI combines with snapkv, and with streaming whose window keeps every evicted block quantised
+    (window >= kv_residual_tokens + 32: the ring's tokens are never evicted); raise ValueError otherwise."""
+    if policy in ("none", "snapkv"):
+        return
+    if policy != "streaming":
+        raise ValueError(f"{where}kv_policy={policy} with kv_cache_dtype {cache.kv_cache_dtype} is not supported "
+                         "(KIVI combines with snapkv and streaming; every policy with int8 and fp8_e4m3)")
+    assert budget is not None
+    window = kv_policy_window(policy, budget, cache.kv_sink_tokens, cache.kv_window)
+    least = cache.kv_residual_tokens + 32
+    if window < least:
+        raise ValueError(f"{where}kv_policy=streaming with kv_cache_dtype {cache.kv_cache_dtype} needs a window of at "
+                         f"least kv_residual_tokens + 32 = {least} tokens (evicted blocks must be quantised); got "
+                         f"{window}: raise kv_budget or kv_window, or lower kv_residual_tokens")
 
 
 def check_kv_policy(policy: str, budget: int | None, sink_tokens: int, window: int | None,
@@ -326,9 +342,7 @@ class CacheConfig:
                                  f"block_size must be a multiple of 32 (e.g. --block-size 32), got {self.block_size}")
             if self.kv_residual_tokens < 0 or self.kv_residual_tokens % 32:
                 raise ValueError(f"kv_residual_tokens must be a multiple of 32 (>= 0), got {self.kv_residual_tokens}")
-            if self.kv_policy not in ("none", "snapkv"):
-                raise ValueError(f"kv_policy={self.kv_policy} with kv_cache_dtype {self.kv_cache_dtype} is not "
-                                 "supported (KIVI combines with snapkv; every policy with int8 and fp8_e4m3)")
+            check_kivi_policy(self, self.kv_policy, self.kv_budget)
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -44,6 +44,10 @@ ring — and to its own tokens as computed (dense), as KIVI's prefill does. Then
 and the chunk's tokens in [Q_after, n) are written to the ring. Attention runs before the ring
 writes, because a long chunk's ring writes may wrap onto positions its own queries still read.
 
+Everything here is in cache indices: a KV policy that drops blocks (StreamingLLM, once they are
+quantised) or compacts them (SnapKV) moves the ring's rows with the entries (`rotate_rings`,
+`compact_sequence`).
+
 This module is the reference every kernel (C++, Triton) must reproduce, and the torch backend's
 store and attention for KIVI.
 """
@@ -208,6 +212,13 @@ class KiviStep:
         return cls(bits, residual, window, t(slots), t(starts), t(before), t(after), t(g_step, torch.bool),
                    t(g_idx), t(g_slot), t(g_ring), t(g_block), t(g_group), t(g_off), t(r_idx), t(r_slot),
                    t(r_ring), before, after)
+
+
+def rotate_rings(caches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], slot: int, shift: int) -> None:
+    """A KV policy evicted `shift` positions below Q: the sequence's later cache entries moved down as
+    many indices, so its ring rows (entry c at c % W) move with them, in every layer."""
+    for _, _, ring in caches:
+        ring[:, slot] = torch.roll(ring[:, slot], -shift, dims=2)
 
 
 def read_sequence(cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], table: torch.Tensor, kv_len: int,

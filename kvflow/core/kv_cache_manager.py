@@ -280,6 +280,9 @@ class KVCacheManager:
         self.pool.release([request.block_ids.pop(index)])
         request.kv_shift += self.block_size
         request.kv_altered = True
+        if self._uses_slots:  # KIVI: later cache indices move down a block, the ring's rows with them
+            request.kv_ring_shift += self.block_size
+            request.kv_prefix_floor = max(0, request.kv_prefix_floor - self.block_size)
 
     def replace_blocks(self, request: Request, shift: int) -> None:
         """A KV policy has copied what the request keeps into its spare blocks (SnapKV): they become its
@@ -304,7 +307,7 @@ class KVCacheManager:
         if request.kv_residual_slot is not None:
             self._free_slots.append(request.kv_residual_slot)
             request.kv_residual_slot = None
-        request.kv_prefix_floor = 0
+        request.kv_prefix_floor = request.kv_ring_shift = 0
         block_ids, request.block_ids, request.num_cached_blocks = request.block_ids + request.kv_spare_blocks, [], 0
         request.kv_spare_blocks, request.kv_shift, request.kv_altered = [], 0, False
         if request.kv_policy is not None:

@@ -109,6 +109,8 @@ class Request:
         # runs, and the prompt tokens its prefix hit brought already quantised (H).
         self.kv_residual_slot: int | None = None
         self.kv_prefix_floor = 0
+        # Positions its KV policy evicted since its last step: its ring rotates by as many (kivi.py).
+        self.kv_ring_shift = 0
 
     @property
     def num_tokens(self) -> int:

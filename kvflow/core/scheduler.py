@@ -256,7 +256,8 @@ class Scheduler:
         start = request.num_computed_tokens
         op = None if request.kv_policy is None else request.kv_policy.op(request, start, n)
         slot = -1 if request.kv_residual_slot is None else request.kv_residual_slot
-        return ScheduledChunk(request, start, n, request.kv_shift, op, slot, request.kv_prefix_floor)
+        ring_shift, request.kv_ring_shift = request.kv_ring_shift, 0  # the runner rotates the ring this step
+        return ScheduledChunk(request, start, n, request.kv_shift, op, slot, request.kv_prefix_floor, ring_shift)
 
     def _start_load(self, request: Request, num_tokens: int) -> bool:
         """Give the request blocks for the tokens to load and the next one, then start the load (an

@@ -14,7 +14,7 @@ import logging
 import torch
 
 from kvflow.attention.backend import AttentionMetadata, get_backend
-from kvflow.attention.kivi import KiviStep
+from kvflow.attention.kivi import KiviStep, rotate_rings
 from kvflow.attention.kv_policy_ops import allocate_key_bounds, update_key_bounds
 from kvflow.attention.kv_quant import kv_scales_set
 from kvflow.attention.kv_spec import KVCacheSpec
@@ -220,8 +220,11 @@ class ModelRunner:
             query_lens_list=query_lens,
         )
         if self.kv_spec.kivi_bits:
-            # In cache indices, as the blocks hold them (SnapKV's compaction shifts positions).
+            # In cache indices, as the blocks hold them (evictions and SnapKV's compaction shift positions).
             starts = [c.start - c.kv_shift for c in chunks]
+            for c in chunks:
+                if c.kv_ring_shift:
+                    rotate_rings(self.kv_caches, c.kv_residual_slot, c.kv_ring_shift)
             meta.kivi = KiviStep.build(self.kv_spec.kivi_bits, self.kv_spec.residual_tokens, bs,
                                        [c.kv_residual_slot for c in chunks], starts, seq_lens,
                                        [c.kv_prefix_floor for c in chunks], query_start_loc.tolist(), tables, dev)

@@ -81,7 +81,8 @@ class ScheduledChunk:
     blocks, and keeps position p for its rotary embedding.
 
     KIVI (kvflow/attention/kivi.py): `kv_residual_slot`, the ring slot of the request's newest
-    tokens; `kv_prefix_floor`, the prompt positions it found quantised in the prefix cache."""
+    tokens; `kv_prefix_floor`, the cache entries it found quantised in the prefix cache;
+    `kv_ring_shift`, positions evicted since its last step (its ring rotates by as many first)."""
 
     request: SequenceView
     start: int
@@ -90,6 +91,7 @@ class ScheduledChunk:
     kv_op: KVPolicyOp | None = None
     kv_residual_slot: int = -1
     kv_prefix_floor: int = 0
+    kv_ring_shift: int = 0
 
     @property
     def samples(self) -> bool:

@@ -22,17 +22,34 @@ BS = 32
 MAX_TOKENS = 24
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
-# What the HF reference applies (per request): bits, R, prompt length, prefix floor H.
+# What the HF reference applies (per request): bits, R, prompt length, prefix floor H, and for
+# StreamingLLM its sink blocks and window (window 0: no policy).
 _KIVI: dict[str, int] = {}
 
 
-def _quantised_before(p: int) -> int:
-    """Positions a query at p reads quantised: none inside the prompt's own chunk (after a prefix hit,
-    the hit); from then on the engine's rule, max(H, 32 * floor((p - R) / 32))."""
+def _evicted(p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Whether key position k's block is gone when position p is computed: the prompt is one chunk
+    (nothing evicted yet); after it, every full block past the sinks ending at or before p - window."""
+    sinks, window, prompt = _KIVI.get("sink_blocks", 0), _KIVI.get("window", 0), _KIVI["prompt"]
+    if not window:
+        return torch.zeros(torch.broadcast_shapes(p.shape, k.shape), dtype=torch.bool)
+    block = k // BS
+    return (p >= prompt) & (block >= sinks) & ((block + 1) * BS <= p - window)
+
+
+def _quantised(p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Whether query p reads key k quantised: none inside the prompt's own chunk (after a prefix hit,
+    the hit); from then on the engine's rule on cache indices, k - evicted before it < max(H, 32 *
+    floor((p - evicted - R) / 32))."""
     floor, prompt, residual = _KIVI["floor"], _KIVI["prompt"], _KIVI["residual"]
-    if p < prompt:
-        return floor
-    return max(floor, 32 * (max(0, p - residual) // 32))
+    starts = torch.arange(0, int(p.max()) + 1, BS)[None, :]  # every block's first position
+    gone_before = lambda x: (_evicted(p, starts) & (starts < x)).sum(-1, keepdim=True) * BS  # noqa: E731
+    shift_p = gone_before(p)  # all of p's evicted blocks lie before it
+    q_len = torch.clamp(floor - shift_p, min=0).maximum(32 * (torch.clamp(p - shift_p - residual, min=0) // 32))
+    q_len = torch.where(p < prompt, torch.full_like(p, floor), q_len)
+    gone = _evicted(p[..., None], starts[..., None, :]) & (starts[..., None, :] < k[..., None])
+    cache_index = k - gone.sum(-1) * BS
+    return cache_index < q_len
 
 
 def _kivi_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -49,12 +66,12 @@ def _kivi_attention(module, query, key, value, attention_mask, scaling=None, dro
         v_deq[0, :, :whole] = torch.tensor(numpy_dequant_values(v_np[:whole], bits), dtype=key.dtype).transpose(0, 1)
     group = query.shape[1] // key.shape[1]
     key, value, k_deq, v_deq = (t.repeat_interleave(group, 1).double() for t in (key, value, k_deq, v_deq))
-    positions = torch.arange(k_len - q_len, k_len)
-    quantised = torch.tensor([_quantised_before(int(p)) for p in positions])
-    use_deq = torch.arange(k_len)[None, :] < quantised[:, None]  # [q, k]
+    positions = torch.arange(k_len - q_len, k_len)[:, None]
+    keys_at = torch.arange(k_len)[None, :]
+    use_deq = _quantised(positions, keys_at)  # [q, k]
     q = query.double()
     scores = torch.where(use_deq, q @ k_deq.transpose(-1, -2), q @ key.transpose(-1, -2)) * scaling
-    scores = scores.masked_fill(torch.arange(k_len)[None, :] > positions[:, None], float("-inf"))
+    scores = scores.masked_fill((keys_at > positions) | _evicted(positions, keys_at), float("-inf"))
     probs = torch.softmax(scores, -1)
     out = (probs * use_deq) @ v_deq + (probs * ~use_deq) @ value
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
@@ -78,8 +95,10 @@ def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
 
 
 @functools.cache
-def _reference(path: str, prompt: tuple[int, ...], bits: int, residual: int, floor: int) -> list[int]:
-    _KIVI.update(bits=bits, residual=residual, prompt=len(prompt), floor=floor)
+def _reference(path: str, prompt: tuple[int, ...], bits: int, residual: int, floor: int, sink_blocks: int = 0,
+               window: int = 0) -> list[int]:
+    _KIVI.update(bits=bits, residual=residual, prompt=len(prompt), floor=floor, sink_blocks=sink_blocks,
+                 window=window)
     return hf_greedy(_hf_kivi(path), list(prompt), MAX_TOKENS)
 
 
@@ -234,3 +253,28 @@ def test_snapkv_on_kivi_runs_alike_on_the_cpp_forward(llama64_dir):
         outs[cpu] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize(("fmt", "sinks", "budget"), [("kivi4", 4, 100), ("kivi2", 32, 130)])
+def test_streaming_on_kivi_matches_hf(llama64_dir, cpu_kernels, fmt, sinks, budget):  # noqa: F811
+    """KIVI + StreamingLLM: blocks outside the sinks and the window leave the table once quantised
+    (the window covers R + 32); the ring follows its cache indices down. Every greedy token equals HF's
+    attending through the same sinks + window, the kept blocks below Q dequantised."""
+    residual = 32
+    llm = LLM(model=str(llama64_dir), dtype="float32", cpu_kernels=cpu_kernels, block_size=BS, num_blocks=64,
+              max_num_batched_tokens=512, kv_cache_dtype=fmt, kv_residual_tokens=residual, kv_policy="streaming",
+              kv_budget=budget, kv_sink_tokens=sinks, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    for prompt in _prompts(8, [150]):
+        out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        _KIVI.update(bits=int(fmt[-1]), residual=residual, prompt=len(prompt), floor=0,
+                     sink_blocks=-(-sinks // BS), window=budget - sinks)
+        assert out == hf_greedy(_hf_kivi(str(llama64_dir)), prompt, 60)
+    kv = llm.engine.core.kv
+    assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_streaming_on_kivi_needs_a_window_over_the_ring(llama64_dir):
+    with pytest.raises(ValueError, match="needs a window of at least kv_residual_tokens \\+ 32 = 160"):
+        EngineConfig.create(str(llama64_dir), dtype="float32", kv_cache_dtype="kivi4", kv_policy="streaming",
+                            kv_budget=100, num_blocks=8)
