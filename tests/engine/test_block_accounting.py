@@ -76,13 +76,16 @@ def test_every_block_comes_back(llama_dir, script, num_blocks, budget, engine_po
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(script=actions, num_blocks=st.integers(6, 16), budget=st.sampled_from([16, 64]))
-def test_kivi_blocks_and_ring_slots_come_back(llama64_dir, script, num_blocks, budget):
+@given(script=actions, num_blocks=st.integers(6, 16), budget=st.sampled_from([16, 64]),
+       engine_policy=st.sampled_from(["none", "streaming", "snapkv"]))
+def test_kivi_blocks_and_ring_slots_come_back(llama64_dir, script, num_blocks, budget, engine_policy):
     """KIVI: ring slots are held exactly by the requests holding blocks, and every block and slot
-    comes back (aborts, preemption when the blocks run out, prefix hits that stop short)."""
+    comes back (aborts, preemption when the blocks run out, prefix hits that stop short, streaming's
+    evictions, SnapKV's compaction)."""
     config = EngineConfig.create(
         str(llama64_dir), dtype="float32", block_size=32, num_blocks=num_blocks, max_num_batched_tokens=budget,
-        max_num_seqs=3, kv_cache_dtype="kivi2", kv_residual_tokens=32,
+        max_num_seqs=3, kv_cache_dtype="kivi2", kv_residual_tokens=32, kv_policy=engine_policy, kv_budget=72,
+        kv_window=None if engine_policy == "streaming" else 16,
     )
     engine = LLMEngine(config)
     shared = list(range(10, 110))
@@ -106,6 +109,8 @@ def test_kivi_blocks_and_ring_slots_come_back(llama64_dir, script, num_blocks, b
         assert len(slots) == len(set(slots)) == 3 - kv.num_free_residual_slots
         assert all(r.kv_residual_slot is not None for r in engine.core.scheduler.running)
         assert all(r.kv_residual_slot is None for r in live if not r.block_ids)
+        assert kv.num_blocks - kv.num_free_blocks == len({b for r in live for b in r.block_ids})
+        assert all(len(r.block_ids) * 32 >= r.num_computed_tokens - r.kv_shift for r in live)
     for _ in range(3000):
         if not engine.has_unfinished_requests():
             break
