@@ -200,6 +200,8 @@ def _sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[in
 # sequence's newest kv_residual_tokens tokens in the model's dtype.
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "int8", "fp8_e4m3", "kivi4", "kivi2")
 KIVI_CACHE_DTYPES = ("kivi4", "kivi2")
+# KIVI's group: tokens per key group (per channel), channels per value group (kvflow/attention/kivi.py).
+KIVI_GROUP = 32
 
 # KV policies (kvflow/core/kv_policy.py defines one class per name; docs/kv_cache.md): what a
 # sequence keeps of its KV (streaming, h2o, snapkv evict) or reads each decode step (quest).
@@ -265,7 +267,7 @@ def check_kivi_policy(cache: CacheConfig, policy: str, budget: int | None, where
                          "(KIVI combines with snapkv and streaming; every policy with int8 and fp8_e4m3)")
     assert budget is not None
     window = kv_policy_window(policy, budget, cache.kv_sink_tokens, cache.kv_window)
-    least = cache.kv_residual_tokens + 32
+    least = cache.kv_residual_tokens + KIVI_GROUP
     if window < least:
         raise ValueError(f"{where}kv_policy=streaming with kv_cache_dtype {cache.kv_cache_dtype} needs a window of at "
                          f"least kv_residual_tokens + 32 = {least} tokens (evicted blocks must be quantised); got "
@@ -323,7 +325,7 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.block_size is None:
-            object.__setattr__(self, "block_size", 32 if self.kv_cache_dtype in KIVI_CACHE_DTYPES else 16)
+            object.__setattr__(self, "block_size", KIVI_GROUP if self.kv_cache_dtype in KIVI_CACHE_DTYPES else 16)
         if self.kv_sink_tokens < 0:
             raise ValueError(f"kv_sink_tokens must be >= 0, got {self.kv_sink_tokens}")
         if self.kv_window is not None and self.kv_window < 0:
@@ -337,10 +339,10 @@ class CacheConfig:
         if self.block_size < 1 or self.block_size > 1024:
             raise ValueError(f"block_size must be in [1, 1024], got {self.block_size}")
         if self.kv_cache_dtype in KIVI_CACHE_DTYPES:
-            if self.block_size % 32:
+            if self.block_size % KIVI_GROUP:
                 raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} quantises keys in groups of 32 tokens: "
                                  f"block_size must be a multiple of 32 (e.g. --block-size 32), got {self.block_size}")
-            if self.kv_residual_tokens < 0 or self.kv_residual_tokens % 32:
+            if self.kv_residual_tokens < 0 or self.kv_residual_tokens % KIVI_GROUP:
                 raise ValueError(f"kv_residual_tokens must be a multiple of 32 (>= 0), got {self.kv_residual_tokens}")
             check_kivi_policy(self, self.kv_policy, self.kv_budget)
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

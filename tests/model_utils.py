@@ -61,6 +61,19 @@ def load_hf(path: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def load_hf_with_attention(path: Path | str, name: str, attention) -> Any:
+    """An HF model whose attention layers call `attention` (registered under `name`, with HF's SDPA
+    mask): the reference for what a KV policy or format lets each query see."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(name, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    model = load_hf(Path(path))
+    model.set_attn_implementation(name)
+    return model
+
+
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation by repeated full forward passes (no HF cache: an independent reference)."""
     ids = list(prompt)

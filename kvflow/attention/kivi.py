@@ -59,8 +59,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvflow.config import KIVI_GROUP  # G: tokens per key group, channels per value group
+
 KIVI_FORMATS = {"kivi4": 4, "kivi2": 2}
-KIVI_GROUP = 32  # G: tokens per key group, channels per value group
 KIVI_DEFAULT_RESIDUAL = 128  # R: newest tokens kept in the model's dtype (a multiple of G)
 
 
@@ -154,7 +155,7 @@ class KiviStep:
     """One step's KIVI bookkeeping, built once by the runner and shared by every layer.
 
     Per sequence (chunk order): `slots` its residual ring slot, `starts` the chunk's first position,
-    `quantised` Q before the step (what attention reads from the blocks), `quantised_after` Q after.
+    `quantised` Q before the step (what attention reads from the blocks); `quantised_after_list` Q after.
     Per group to quantise this step (`group_*`, one entry per token of the group, G per group):
     where each row comes from (the step's tokens, or the ring) and where its codes go. Per ring write
     (`ring_*`): which step token goes to which (slot, index)."""
@@ -165,7 +166,6 @@ class KiviStep:
     slots: torch.Tensor  # [B] int64
     starts: torch.Tensor  # [B] int64
     quantised: torch.Tensor  # [B] int64
-    quantised_after: torch.Tensor  # [B] int64
     group_from_step: torch.Tensor  # [N] bool: the row is one of this step's tokens
     group_step_index: torch.Tensor  # [N] int64: flat step token (where from_step)
     group_ring_slot: torch.Tensor  # [N] int64: ring slot (where not from_step)
@@ -209,7 +209,7 @@ class KiviStep:
         def t(values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
-        return cls(bits, residual, window, t(slots), t(starts), t(before), t(after), t(g_step, torch.bool),
+        return cls(bits, residual, window, t(slots), t(starts), t(before), t(g_step, torch.bool),
                    t(g_idx), t(g_slot), t(g_ring), t(g_block), t(g_group), t(g_off), t(r_idx), t(r_slot),
                    t(r_ring), before, after)
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvflow.config import KIVI_CACHE_DTYPES, KV_CACHE_DTYPES, KV_POLICIES
+from kvflow.config import KIVI_CACHE_DTYPES, KIVI_GROUP, KV_CACHE_DTYPES, KV_POLICIES
 from kvflow.eval.kv_budget import check_fraction, min_kv_budget
 
 #: Policies that free KV (memory shrinks with the budget); the rest (quest) only read less of it.
 EVICTING = ("streaming", "h2o", "snapkv")
 _POLICIES = tuple(p for p in KV_POLICIES if p != "none")
 #: The block size KIVI methods get where the evaluation's own is not a multiple of KIVI's 32-token groups.
-KIVI_BLOCK_SIZE = 32
+KIVI_BLOCK_SIZE = KIVI_GROUP  # KIVI's blocks hold whole key groups
 _SYNTAX = "FORMAT, POLICY@FRACTION or FORMAT+POLICY@FRACTION (e.g. int8, snapkv@0.25, int8+snapkv@0.25)"
 
 

@@ -16,7 +16,7 @@ from kvflow import LLM, SamplingParams
 from kvflow.config import EngineConfig
 from tests.attention.test_kivi import numpy_dequant_keys, numpy_dequant_values
 from tests.model.test_parity import cpu_kernels  # noqa: F401 - a fixture
-from tests.model_utils import hf_greedy, load_hf
+from tests.model_utils import hf_greedy, load_hf_with_attention
 
 BS = 32
 MAX_TOKENS = 24
@@ -79,14 +79,7 @@ def _kivi_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 @functools.cache
 def _hf_kivi(path: str):
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register("kvflow_kivi", _kivi_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("kvflow_kivi", sdpa_mask)
-    model = load_hf(path)
-    model.set_attn_implementation("kvflow_kivi")
-    return model
+    return load_hf_with_attention(path, "kvflow_kivi", _kivi_attention)
 
 
 def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:

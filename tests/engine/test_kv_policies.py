@@ -14,7 +14,7 @@ from kvflow import LLM, SamplingParams
 from kvflow.config import EngineConfig
 from kvflow.engine.llm_engine import LLMEngine
 from tests.model.test_parity import cpu_kernels, mixed_prompts  # noqa: F401 - cpu_kernels is a fixture
-from tests.model_utils import hf_greedy, load_hf
+from tests.model_utils import hf_greedy, load_hf_with_attention
 
 BS = 4
 MAX_TOKENS = 10
@@ -47,14 +47,7 @@ def _streaming_attention(module, query, key, value, attention_mask, scaling=None
 
 @functools.cache
 def _hf_streaming(path: str):
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register("kvflow_streaming", _streaming_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("kvflow_streaming", sdpa_mask)
-    model = load_hf(path)
-    model.set_attn_implementation("kvflow_streaming")
-    return model
+    return load_hf_with_attention(path, "kvflow_streaming", _streaming_attention)
 
 
 @pytest.mark.parametrize("sinks,budget", [(4, 12), (0, 9), (6, 20)])

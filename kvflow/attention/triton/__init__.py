@@ -4,7 +4,12 @@ On a machine without a GPU the kernels run under Triton's interpreter: set TRITO
 before importing this package (triton.jit reads it at decoration time).
 """
 
-from kvflow.attention.triton.backend import TritonBackend
+try:
+    import triton  # noqa: F401  (every module here compiles kernels with it)
+except ImportError as exc:  # an optional extra: say which
+    raise ImportError("kvflow's Triton attention kernels need Triton: pip install 'kvflow[gpu]'") from exc
+
+from kvflow.attention.triton.backend import TritonBackend  # noqa: E402
 from kvflow.attention.triton.decode import decode_attention, default_num_splits
 from kvflow.attention.triton.kv_store import store_kv
 from kvflow.attention.triton.prefill import prefill_attention
