@@ -25,9 +25,10 @@ formats (`--kv-cache-dtype`, `kvflow.config.KV_CACHE_DTYPES`) map to specs in `f
                                            dtype holding each running sequence's newest tokens (kivi.py)
 
 A component held per kv head rather than per token (`per_token=False`), or per running sequence
-(`residual=True`, KIVI's ring), is a fixed amount of memory per layer, outside the blocks; KV
-transfer does not move it (both sides must have the same scales,
-which is why the wire format names a given scale and refuses calibrated ones). A block's
+(`residual=True`, KIVI's ring), is a fixed amount of memory per layer, outside the blocks. KV
+transfer does not move per-head scales (both sides must have the same, which is why the wire format
+names a given scale and refuses calibrated ones); it does move a KIVI sequence's ring rows, the
+newest tokens that are not in its blocks yet (see `gather`). A block's
 rows for one kv head are contiguous, which the attention kernels rely on (torch-native, Triton and
 the C++ CPU kernel all read every format above in place).
 
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvflow.attention.kivi import KIVI_DEFAULT_RESIDUAL, KIVI_FORMATS, KIVI_GROUP, meta_width
+from kvflow.attention.kivi import KIVI_DEFAULT_RESIDUAL, KIVI_FORMATS, KIVI_GROUP, meta_width, quantised_length
 
 #: The layouts a spec can describe. Head-major: [2, blocks, kv_heads, block_size, width].
 KV_LAYOUTS = ("head_major",)
@@ -238,42 +239,88 @@ class KVCacheSpec:
         names, dtypes and widths, per layer and kv head."""
         comps = ",".join(f"{c.name}:{str(c.dtype).removeprefix('torch.')}:{c.width}" for c in self.components)
         scale = "" if self.kv_scale is None else f"/scale={self.kv_scale!r}"
-        return f"{self.num_layers}x{self.num_kv_heads}x{self.head_dim}/{self.kv_dtype}/{comps}{scale}"
+        residual = f"/residual={self.residual_tokens}" if self.kivi_bits else ""  # R decides which tokens are dense
+        return f"{self.num_layers}x{self.num_kv_heads}x{self.head_dim}/{self.kv_dtype}/{comps}{scale}{residual}"
 
     @property
     def transferable(self) -> bool:
         """Whether two instances can exchange this KV: per-head scales must be given, not calibrated
-        (each instance would calibrate its own from another first prompt), and KIVI's newest tokens live
-        in a per-sequence ring the wire format does not carry."""
-        if self.kivi_bits:
-            return False
-        return all(c.per_token for c in self.components) or self.kv_scale is not None
+        (each instance would calibrate its own from another first prompt)."""
+        return all(c.per_token or c.residual for c in self.components) or self.kv_scale is not None
 
-    def wire_nbytes(self, num_tokens: int) -> int:
-        """Bytes of one layer's tokens on the wire."""
-        return num_tokens * self.bytes_per_token_per_layer
+    def wire_split(self, num_tokens: int) -> int:
+        """Of a prompt of `num_tokens` whose KV crosses the wire, how many travel as the blocks hold them;
+        the rest (KIVI: positions [Q, n), still dense in the sequence's ring) travel in the model's dtype.
+        Q is the same on both sides because R is part of the wire format, and a computed prompt's Q does
+        not depend on its prefix hit (a hit is never longer than Q: `kivi.shareable_prefix`)."""
+        return quantised_length(num_tokens, self.residual_tokens) if self.kivi_bits else num_tokens
 
-    def gather(self, layer: LayerKV, block_ids: list[int], num_tokens: int, start: int = 0) -> torch.Tensor:
-        """Slots [start, num_tokens) of `block_ids` in one layer, as raw bytes: per component, in the
-        spec's order, a contiguous [2, kv_heads, tokens, width] array."""
-        chunks = [_gather_tokens(part, block_ids, num_tokens, start).view(torch.uint8).reshape(-1)
+    @property
+    def residual_bytes_per_token_per_layer(self) -> int:
+        """KIVI: bytes of one dense ring token in one layer (keys and values)."""
+        return sum(2 * self.num_kv_heads * c.bytes_per_head for c in self.components if c.residual)
+
+    def wire_nbytes(self, num_tokens: int, start: int = 0) -> int:
+        """Bytes on the wire of one layer's tokens [start, num_tokens) of a prompt of `num_tokens`."""
+        split = self.wire_split(num_tokens)
+        return ((max(0, split - start)) * self.bytes_per_token_per_layer
+                + (num_tokens - split) * self.residual_bytes_per_token_per_layer)
+
+    def gather_residual(self, layer: LayerKV, slot: int, num_tokens: int) -> torch.Tensor | None:
+        """KIVI: a copy of the ring rows of positions [Q, num_tokens) of the sequence in ring `slot`, as
+        [2, kv_heads, tokens, head_dim] (None for other formats). Taken while the sequence still owns
+        the slot: a prefill instance frees it with the request, before its KV is pulled."""
+        if not self.kivi_bits:
+            return None
+        ring = next(part for c, part in zip(self.components, self.parts(layer)) if c.residual)
+        positions = torch.arange(self.wire_split(num_tokens), num_tokens, device=ring.device)
+        return ring[:, slot][:, :, positions % self.residual_window].contiguous()
+
+    def gather(self, layer: LayerKV, block_ids: list[int], num_tokens: int, start: int = 0,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        """One layer's tokens [start, num_tokens) of a prompt, as raw bytes: per per-token component, in
+        the spec's order, a contiguous [2, kv_heads, tokens, width] array of slots [start, split) of
+        `block_ids` (`wire_split`); then, for KIVI, `residual` (`gather_residual`'s rows [split, n))."""
+        split = self.wire_split(num_tokens)
+        if start > split:
+            raise ValueError(f"tokens from {start} on are not all in blocks (the first {split} are)")
+        chunks = [_gather_tokens(part, block_ids, split, start).view(torch.uint8).reshape(-1)
                   for c, part in zip(self.components, self.parts(layer)) if c.per_token]
+        if self.kivi_bits:
+            expected = (2, self.num_kv_heads, num_tokens - split, self.head_dim)
+            if residual is None or tuple(residual.shape) != expected:
+                raise ValueError(f"a KIVI transfer of {num_tokens} tokens needs its sequence's ring rows {expected}")
+            chunks.append(residual.contiguous().view(torch.uint8).reshape(-1))
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
-    def scatter(self, layer: LayerKV, block_ids: list[int], data: torch.Tensor, start: int = 0) -> None:
-        """Write `gather`'s bytes for tokens [start, start + T) into `block_ids` (other slots untouched)."""
-        num_tokens = data.numel() // self.bytes_per_token_per_layer
-        if num_tokens * self.bytes_per_token_per_layer != data.numel():
-            raise ValueError(f"{data.numel()} bytes are not a whole number of tokens of this KV cache")
+    def scatter(self, layer: LayerKV, block_ids: list[int], data: torch.Tensor, start: int = 0,
+                num_tokens: int | None = None, residual_slot: int | None = None) -> None:
+        """Write `gather`'s bytes for tokens [start, num_tokens) into `block_ids` (other slots untouched)
+        and, for KIVI, the dense rows into ring `residual_slot` (`num_tokens` is then required: it
+        decides which tokens are which)."""
+        if self.kivi_bits:
+            if num_tokens is None or residual_slot is None:
+                raise ValueError("a KIVI transfer needs the prompt length and the sequence's ring slot")
+            split = self.wire_split(num_tokens)
+            if data.numel() != self.wire_nbytes(num_tokens, start) or start > split:
+                raise ValueError(f"{data.numel()} bytes are not tokens [{start}, {num_tokens}) of this KV cache")
+        else:
+            split = start + data.numel() // self.bytes_per_token_per_layer
+            if (split - start) * self.bytes_per_token_per_layer != data.numel() or (num_tokens or split) != split:
+                raise ValueError(f"{data.numel()} bytes are not a whole number of tokens of this KV cache")
         offset = 0
         for component, part in zip(self.components, self.parts(layer)):
-            if not component.per_token:
+            count = (split - start) if component.per_token else (num_tokens or 0) - split
+            if not (component.per_token or component.residual) or count <= 0:
                 continue
-            nbytes = 2 * self.num_kv_heads * num_tokens * component.bytes_per_head
-            raw = data[offset:offset + nbytes]
+            nbytes = 2 * self.num_kv_heads * count * component.bytes_per_head
+            rows = data[offset:offset + nbytes].view(component.dtype).view(2, self.num_kv_heads, count, component.width)
             offset += nbytes
-            tokens = raw.view(component.dtype).view(2, self.num_kv_heads, num_tokens, component.width)
-            _scatter_tokens(part, block_ids, tokens, start)
+            if component.per_token:
+                _scatter_tokens(part, block_ids, rows, start)
+            else:
+                positions = torch.arange(split, split + count, device=part.device) % self.residual_window
+                part[:, residual_slot][:, :, positions] = rows.to(part.device)
 
 
 def _gather_tokens(cache: torch.Tensor, block_ids: list[int], num_tokens: int, start: int) -> torch.Tensor:

@@ -72,10 +72,6 @@ class EngineCore:
         if connector is not None and config.cache.kv_policy != "none":
             raise ValueError(f"kv_policy={config.cache.kv_policy}: KV policies do not support KV connectors")
         if connector is not None:
-            if spec.kivi_bits:
-                raise ValueError(f"kv_cache_dtype {spec.kv_dtype} cannot be exchanged between instances (each "
-                                 "sequence's newest tokens are in a ring outside the blocks): use int8 or fp8_e4m3 "
-                                 "with disaggregated serving")
             if not spec.transferable:
                 raise ValueError(f"kv_cache_dtype {spec.kv_dtype} with calibrated scales cannot be "
                                  "exchanged between instances (each calibrates its own): give --kv-scale")

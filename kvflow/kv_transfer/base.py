@@ -34,6 +34,7 @@ class ConnectorRequest(Protocol):
     request_id: str
     kv_transfer: KVTransferParams | None  # the transfer the request's KV goes out under or comes in from
     block_ids: list[int]
+    kv_residual_slot: int | None  # KIVI: the ring slot holding its newest tokens (kvflow/attention/kivi.py)
     params: SamplingParams
     output_logprobs: list[TokenLogprobs]
     prompt_logprobs: list[TokenLogprobs | None]

@@ -62,7 +62,7 @@ class PDConnector(KVConnector):
         params = request.kv_transfer
         assert self.receiver is not None and params is not None and params.source is not None
         self.receiver.start(request.request_id, params.transfer_id, params.source, request.block_ids,
-                            request.num_prompt_tokens, start)
+                            request.num_prompt_tokens, start, request.kv_residual_slot)
 
     def cancel_load(self, request_id: str) -> None:
         if self.receiver is not None:
@@ -91,7 +91,8 @@ class PDConnector(KVConnector):
         if done is None:
             self.sender.fail(params.transfer_id, "the request was aborted on the prefill instance")
             return False
-        return self.sender.complete(params.transfer_id, request.block_ids, request.num_prompt_tokens, done)
+        return self.sender.complete(params.transfer_id, request.block_ids, request.num_prompt_tokens, done,
+                                    request.kv_residual_slot)
 
     def forget(self, request_id: str) -> None:
         """Prefill instance: a finished request was aborted before its KV was pulled; free it now."""
@@ -117,7 +118,8 @@ class PDConnector(KVConnector):
             request = cast(ConnectorRequest, chunk.request)  # the engine's requests are both
             params = request.kv_transfer
             if params is not None and chunk.start + chunk.num_tokens == request.num_prompt_tokens:
-                self.sender.expect(params.transfer_id, request.block_ids, request.num_prompt_tokens)
+                self.sender.expect(params.transfer_id, request.block_ids, request.num_prompt_tokens,
+                                   request.kv_residual_slot)
                 self._step_transfers = True
         return self._step_transfers
 

@@ -46,13 +46,15 @@ class KVReceiver:
             return len(self._cancelled)
 
     def start(self, request_id: str, transfer_id: str, source: str, block_ids: list[int], num_tokens: int,
-              start: int = 0) -> None:
-        """Pull prompt tokens [start, num_tokens) into `block_ids` (the ones before are already there)."""
+              start: int = 0, residual_slot: int | None = None) -> None:
+        """Pull prompt tokens [start, num_tokens) into `block_ids` (the ones before are already there)
+        and, for KIVI, the newest ones into ring slot `residual_slot`."""
         cancel = threading.Event()
         with self._lock:
             self._cancelled[request_id] = cancel
         threading.Thread(target=self._load,
-                         args=(request_id, transfer_id, source, list(block_ids), num_tokens, start, cancel),
+                         args=(request_id, transfer_id, source, list(block_ids), num_tokens, start, residual_slot,
+                               cancel),
                          name="kvflow-kv-recv", daemon=True).start()
 
     def cancel(self, request_id: str) -> None:
@@ -75,7 +77,7 @@ class KVReceiver:
 
     # ---------------------------------------------------------------- thread
     def _load(self, request_id: str, transfer_id: str, source: str, block_ids: list[int], num_tokens: int,
-              start: int, cancel: threading.Event) -> None:
+              start: int, residual_slot: int | None, cancel: threading.Event) -> None:
         started = time.monotonic()
         result = LoadResult(request_id)
         shm: shared_memory.SharedMemory | None = None
@@ -105,7 +107,7 @@ class KVReceiver:
                                                offset=layer.offset)
                     if cancel.is_set():
                         raise ProtocolError("cancelled")
-                    self.spec.scatter(self.caches[layer.index], block_ids, raw, start)
+                    self.spec.scatter(self.caches[layer.index], block_ids, raw, start, num_tokens, residual_slot)
                     del raw
                     result.payload_bytes += header.layer_nbytes
                 result.extra = expect(channel.recv(done_limit(num_tokens)), Done)
@@ -134,7 +136,7 @@ class KVReceiver:
         if mine != theirs:
             raise ProtocolError(f"KV mismatch: this instance expects (layers, tokens, start, KV format) = {mine}, "
                                 f"the prefill instance sends {theirs}")
-        if header.layer_nbytes != spec.wire_nbytes(num_tokens - start):
+        if header.layer_nbytes != spec.wire_nbytes(num_tokens, start):
             raise ProtocolError(f"layer size {header.layer_nbytes} does not match the shape")
 
 

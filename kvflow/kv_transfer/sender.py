@@ -4,7 +4,9 @@ instance that pulls them, layer by layer, then hand the blocks back to the engin
 The engine thread registers transfers (`expect` when the step computing a prompt's last chunk
 starts, `layer_done` after each layer, `complete` once the first token is sampled) and frees the
 blocks `collect` returns. Puller connections are served on threads, which only read the blocks
-of transfers the engine has not freed; the engine frees nothing a puller may still read.
+of transfers the engine has not freed; the engine frees nothing a puller may still read. A KIVI
+sequence's newest tokens are in its ring slot, not its blocks, and the slot is freed with the
+request: the engine thread copies those rows out as each layer is written (`layer_done`, `complete`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class _Transfer:
     transfer_id: str
     block_ids: list[int]
     num_tokens: int
+    residual_slot: int | None = None  # KIVI: the request's ring slot while it runs
+    residual: list[torch.Tensor | None] = field(default_factory=list)  # KIVI: each layer's ring rows, once copied
     layers_ready: int = 0
     done: Done | None = None
     failed: str | None = None
@@ -65,10 +69,11 @@ class KVSender:
         threading.Thread(target=self._accept_loop, name="kvflow-kv-sender", daemon=True).start()
 
     # ------------------------------------------------------------ engine thread
-    def expect(self, transfer_id: str, block_ids: list[int], num_tokens: int) -> None:
+    def expect(self, transfer_id: str, block_ids: list[int], num_tokens: int,
+               residual_slot: int | None = None) -> None:
         """The step about to run computes this prompt's last chunk: pullers may start on its layers."""
         with self._cond:
-            transfer = _Transfer(transfer_id, list(block_ids), num_tokens)
+            transfer = _Transfer(transfer_id, list(block_ids), num_tokens, residual_slot)
             self._transfers[transfer_id] = transfer
             self._in_step.append(transfer)
             self._cond.notify_all()
@@ -76,32 +81,47 @@ class KVSender:
     def layer_done(self, layer: int) -> None:
         with self._cond:
             for transfer in self._in_step:
+                self._copy_residual(transfer, layer + 1)
                 transfer.layers_ready = layer + 1
             self._cond.notify_all()
 
     def end_step(self) -> None:
         with self._cond:
             for transfer in self._in_step:
+                self._copy_residual(transfer, self.num_layers)
                 transfer.layers_ready = self.num_layers
             self._in_step.clear()
             self._cond.notify_all()
 
-    def complete(self, transfer_id: str, block_ids: list[int], num_tokens: int, done: Done) -> bool:
+    def complete(self, transfer_id: str, block_ids: list[int], num_tokens: int, done: Done,
+                 residual_slot: int | None = None) -> bool:
         """The request finished with its first token: the sender takes its blocks (True), unless its
-        puller already gave up on it (False: the engine frees them now)."""
+        puller already gave up on it (False: the engine frees them now). `residual_slot`: its KIVI ring
+        slot, still its own until this returns."""
         with self._cond:
             if transfer_id in self._abandoned:
                 self._abandoned.discard(transfer_id)
                 return False
             transfer = self._transfers.get(transfer_id)
             if transfer is None:  # whole-request mode, or registered by no earlier step
-                transfer = self._transfers[transfer_id] = _Transfer(transfer_id, list(block_ids), num_tokens)
+                transfer = _Transfer(transfer_id, list(block_ids), num_tokens, residual_slot)
+                self._transfers[transfer_id] = transfer
+            self._copy_residual(transfer, self.num_layers)
             transfer.layers_ready = self.num_layers
             transfer.done = done
             transfer.held = True
             transfer.finished_at = time.monotonic()
             self._cond.notify_all()
             return True
+
+    def _copy_residual(self, transfer: _Transfer, num_layers: int) -> None:
+        """Copy the ring rows of the transfer's first `num_layers` layers not copied yet (engine thread)."""
+        while len(transfer.residual) < num_layers:
+            layer = len(transfer.residual)
+            rows = None
+            if transfer.residual_slot is not None:
+                rows = self.spec.gather_residual(self.caches[layer], transfer.residual_slot, transfer.num_tokens)
+            transfer.residual.append(rows)
 
     def fail(self, transfer_id: str, reason: str) -> None:
         """The request ended without a first token (aborted): pullers get `Failed`."""
@@ -176,7 +196,7 @@ class KVSender:
             start = pull.start  # an n > 1 sibling whose puller shares the first tokens with its leader
             if not 0 <= start <= transfer.num_tokens:
                 raise ProtocolError(f"pull starts at token {start} of {transfer.num_tokens}")
-            nbytes = self.spec.wire_nbytes(transfer.num_tokens - start)
+            nbytes = self.spec.wire_nbytes(transfer.num_tokens, start)
             if self.config.transport == "shm":
                 shm = shared_memory.SharedMemory(create=True, size=max(1, nbytes * self.num_layers))
             channel.send(Header(transfer.transfer_id, self.num_layers, transfer.num_tokens, self.spec.wire_format,
@@ -185,7 +205,8 @@ class KVSender:
                 self._wait(transfer, lambda t, n=layer: t.layers_ready > n)
                 if self.config.layer_send_delay_s:
                     time.sleep(self.config.layer_send_delay_s)
-                raw = self.spec.gather(self.caches[layer], transfer.block_ids, transfer.num_tokens, start)
+                raw = self.spec.gather(self.caches[layer], transfer.block_ids, transfer.num_tokens, start,
+                                       transfer.residual[layer])
                 if shm is not None:
                     offset = layer * nbytes
                     torch.frombuffer(shm.buf, dtype=torch.uint8, count=nbytes, offset=offset).copy_(raw)

@@ -8,7 +8,8 @@ request asked for: the first token's, the prompt's). The puller installs the KV 
 `Ack`, after which the prefill side may free its blocks. A `Pull` may skip the first `start`
 prompt tokens: an n > 1 sibling on the decode side shares them with its leader. Tensors are never
 pickled: a layer travels as raw bytes, per token, in the KV-cache spec's wire layout
-(kvflow/attention/kv_spec.py: per component, [2 (k, v), kv_heads, tokens, width]).
+(kvflow/attention/kv_spec.py: per component, [2 (k, v), kv_heads, tokens, width]; for KIVI, the
+tokens still dense in the sequence's ring follow in the model's dtype).
 """
 
 from __future__ import annotations

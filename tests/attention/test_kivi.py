@@ -114,7 +114,9 @@ def test_spec_counts_codes_meta_and_ring():
     assert codes.shape == (2, 4, 3, 32, 16) and codes.dtype == torch.uint8
     assert meta.shape == (2, 4, 3, 32, 4) and meta.dtype == torch.float16
     assert ring.shape == (2, 8, 3, 160, 64) and ring.dtype == torch.bfloat16
-    assert not kivi2.transferable and kivi2.wire_format != kivi4.wire_format
+    assert kivi2.transferable and kivi2.wire_format != kivi4.wire_format
+    other_r = KVCacheSpec.for_format("kivi2", 30, 3, 64, 32, torch.bfloat16, residual_tokens=64, residual_slots=8)
+    assert other_r.wire_format != kivi2.wire_format  # R decides which tokens travel dense: both sides must agree
     assert TorchNativeBackend.supports(kivi2) and kivi2.kivi_bits == 2 and kivi4.kivi_bits == 4
     with pytest.raises(ValueError, match="multiples of 32"):
         KVCacheSpec.for_format("kivi4", 2, 2, 64, 16, torch.float32)

@@ -97,3 +97,49 @@ def test_bad_specs_are_refused():
     with pytest.raises(ValueError, match="whole number of tokens"):
         spec = KVCacheSpec.dense(1, 1, 8, 4, torch.float32)
         spec.scatter(torch.zeros(2, 2, 1, 4, 8), [0, 1], torch.zeros(7, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("num_tokens, start", [(20, 0), (100, 0), (130, 32), (161, 64), (200, 96)])
+def test_kivi_transfer_moves_codes_below_q_and_the_ring_rows(num_tokens, start):
+    """A KIVI prompt crosses as its blocks' codes and meta for positions [start, Q) and its ring rows
+    [Q, n) in the model's dtype (Q = kivi.quantised_length); they land in the other side's blocks (of
+    another size) and ring slot at the same cache indices, and nothing else is written."""
+    residual, window = 64, 96
+    src_spec = KVCacheSpec.for_format("kivi4", 1, 2, 64, 32, torch.float32, residual_tokens=residual,
+                                      residual_slots=3)
+    dst_spec = KVCacheSpec.for_format("kivi4", 1, 2, 64, 64, torch.float32, residual_tokens=residual,
+                                      residual_slots=2)
+    assert src_spec.wire_format == dst_spec.wire_format and src_spec.residual_window == window
+    torch.manual_seed(0)
+    src = src_spec.allocate(8, "cpu")[0]
+    for part in src:
+        part.copy_(torch.randint(0, 200, part.shape).to(part.dtype))
+    src_blocks, slot = [5, 1, 7, 0, 3, 2, 6], 2
+    q = max(0, 32 * ((num_tokens - residual) // 32))
+    assert src_spec.wire_split(num_tokens) == q
+    residual_rows = src_spec.gather_residual(src, slot, num_tokens)
+    data = src_spec.gather(src, src_blocks, num_tokens, start, residual_rows)
+    per_token = 2 * 2 * (32 + 8)  # keys and values, 2 kv heads, 32 code bytes + 4 fp16 meta
+    assert data.numel() == src_spec.wire_nbytes(num_tokens, start) == (
+        (q - start) * per_token + (num_tokens - q) * 2 * 2 * 64 * 4)
+
+    dst = dst_spec.allocate(5, "cpu")[0]
+    dst_blocks, dst_slot = [4, 0, 2, 1], 1
+    dst_spec.scatter(dst, dst_blocks, data, start, num_tokens, dst_slot)
+    for i in range(2):  # codes and meta: positions [start, Q) at the same cache index, the rest untouched
+        src_tokens = src[i][:, src_blocks].transpose(1, 2).reshape(2, 2, -1, src[i].shape[-1])
+        dst_tokens = dst[i][:, dst_blocks].transpose(1, 2).reshape(2, 2, -1, dst[i].shape[-1])
+        assert torch.equal(dst_tokens[:, :, start:q], src_tokens[:, :, start:q])
+        assert not dst_tokens[:, :, :start].any() and not dst_tokens[:, :, q:].any()
+        assert not dst[i][:, 3].any()  # a block not in the table
+    ring_src, ring_dst = src[2][:, slot], dst[2][:, dst_slot]
+    written = torch.zeros(window, dtype=torch.bool)
+    for p in range(q, num_tokens):
+        assert torch.equal(ring_dst[:, :, p % window], ring_src[:, :, p % window])
+        written[p % window] = True
+    assert not ring_dst[:, :, ~written].any() and not dst[2][:, 0].any()
+    # Without the ring rows, or from past Q, a KIVI transfer is refused.
+    with pytest.raises(ValueError, match="ring rows"):
+        src_spec.gather(src, src_blocks, num_tokens, start)
+    with pytest.raises(ValueError, match="ring slot"):
+        dst_spec.scatter(dst, dst_blocks, data, start)

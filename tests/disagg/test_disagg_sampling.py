@@ -143,3 +143,26 @@ def test_prompt_logprobs_equal_colocated(llama_dir):
     assert_same(run_disaggregated(prefill, decode, groups), expected)
     prefill.close()
     decode.close()
+
+
+def test_n_group_on_a_kivi_cache_equals_colocated(llama64_dir):
+    """KIVI: siblings share only their leader's wholly quantised blocks (below Q), so each pulls the
+    rest (for the 200-token prompt with R = 32: no codes at all, only the ring rows [160, 200)) into
+    its own ring slot, and all equal colocated KIVI sampling."""
+    batch = prompts([200, 70], seed=8)
+    params = SamplingParams(n=3, seed=42, temperature=1.0, top_p=0.95, max_tokens=24, ignore_eos=True)
+    engine = dict(kv_cache_dtype="kivi4", kv_residual_tokens=32, block_size=32, max_model_len=256,
+                  max_num_batched_tokens=2048)
+    colocated = make_core(llama64_dir, **engine)
+    groups = fan_out(colocated, batch, [params] * len(batch))
+    expected = run_colocated(colocated, groups)
+    prefill = make_core(llama64_dir, KVTransferConfig(role="prefill", transport="shm"), **engine)
+    decode = make_core(llama64_dir, KVTransferConfig(role="decode", mode="layerwise"), **engine)
+    assert_same(run_disaggregated(prefill, decode, groups), expected)
+    leader, *siblings = [spec.request_id for spec in groups[0]]
+    payload = {load.request_id: load.payload_bytes for load in decode.drain_events().loads}
+    cfg = decode.config.model
+    ring_rows = 2 * cfg.num_layers * cfg.num_kv_heads * 40 * cfg.head_dim * 4  # [160, 200) in fp32
+    assert all(payload[s] == ring_rows for s in siblings) and payload[leader] > ring_rows, payload
+    prefill.close()
+    decode.close()

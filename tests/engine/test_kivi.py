@@ -190,18 +190,6 @@ def test_bad_settings_are_refused_before_any_work(llama64_dir, llama_dir):
     assert kv.num_free_residual_slots == llm.engine.config.scheduler.max_num_seqs
 
 
-def test_kivi_is_refused_with_kv_transfer(llama64_dir):
-    from kvflow.engine.core import EngineCore
-
-    class _Connector:  # never reached: the check comes first
-        pass
-
-    config = EngineConfig.create(str(llama64_dir), dtype="float32", kv_cache_dtype="kivi2", block_size=32,
-                                 num_blocks=8)
-    with pytest.raises(ValueError, match="kv_cache_dtype kivi2 cannot be exchanged between instances"):
-        EngineCore(config, connector=_Connector())
-
-
 @pytest.mark.parametrize("residual", [512, 32])
 def test_snapkv_on_a_kivi_cache(llama64_dir, residual):
     """KIVI + SnapKV: with R above every context, SnapKV reads and compacts through the ring alone and

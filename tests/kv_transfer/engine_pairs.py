@@ -30,9 +30,11 @@ def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
 
 
 def assert_all_blocks_free(*cores: EngineCore) -> None:
+    """No KV block, and no KIVI ring slot, is still held."""
     for core in cores:
         leaked = core.kv.num_blocks - core.kv.num_free_blocks
         assert leaked == 0, f"{leaked} blocks leaked"
+        assert core.kv.num_free_residual_slots == core.runner.kv_spec.residual_slots
 
 
 def greedy(max_tokens: int) -> SamplingParams:

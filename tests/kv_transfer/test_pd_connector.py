@@ -237,3 +237,58 @@ def test_fp8_kv_transfers_with_a_given_scale_and_refuses_calibrated_ones(llama_d
                                         kv_scale=0.02)
     for tokens, payload in payloads.items():
         assert payload == 2 * cfg.num_layers * tokens * cfg.num_kv_heads * cfg.head_dim  # a byte each
+
+
+KIVI_LENGTHS = [5, 31, 33, 70, 100, 129, 200]  # with R = 32: Q = 0, 0, 0, 32, 64, 96, 160
+
+
+@pytest.mark.parametrize("fmt, residual, transport, mode, decode_block_size, lengths, step_tokens", [
+    # One prompt in four chunks: earlier chunks filled the ring; the last chunk's step streams each layer.
+    ("kivi4", 32, "tcp", "layerwise", 64, [200], 64),
+    ("kivi2", 32, "shm", "whole", 32, KIVI_LENGTHS, 1024),
+    ("kivi4", 128, "tcp", "layerwise", 32, KIVI_LENGTHS, 1024),
+])
+def test_kivi_kv_moves_codes_and_its_ring(llama64_dir, fmt, residual, transport, mode, decode_block_size, lengths,
+                                          step_tokens):
+    """A KIVI cache crosses as its codes and meta below Q and its ring rows [Q, n) in the model's dtype;
+    decoding after the transfer (groups quantised on the decode side as it goes) equals colocated KIVI
+    decoding token for token, on another block size, and every block and ring slot comes back.
+    (KIVI's prefill attends to its own chunk densely, so both sides must chunk the prompts alike:
+    one prompt, or a step budget that holds them all.)"""
+    engine = dict(kv_cache_dtype=fmt, kv_residual_tokens=residual, block_size=32, max_model_len=256,
+                  max_num_batched_tokens=step_tokens)
+    batch, params = prompts(lengths, seed=3), greedy(40)
+    expected = run_colocated(make_core(llama64_dir, **engine), batch, params)
+    prefill = make_core(llama64_dir, KVTransferConfig(role="prefill", transport=transport, mode=mode), **engine)
+    engine["block_size"] = decode_block_size
+    decode = make_core(llama64_dir, KVTransferConfig(role="decode", transport=transport, mode=mode), **engine)
+    for i, ids in enumerate(batch):
+        submit(prefill, decode, f"r{i}", ids, params)
+    assert drive(prefill, decode) == expected
+    assert decode.scheduler.num_kv_load_failures == 0
+    cfg = decode.config.model
+    bits = {"kivi4": 4, "kivi2": 2}[fmt]
+    for load in decode.drain_events().loads:
+        n = len(batch[int(load.request_id[1:])])
+        q = max(0, 32 * ((n - residual) // 32))
+        per_head = q * (cfg.head_dim * bits // 8 + cfg.head_dim // 16 * 2) + (n - q) * cfg.head_dim * 4  # fp32 ring
+        assert load.payload_bytes == 2 * cfg.num_layers * cfg.num_kv_heads * per_head
+    assert_all_blocks_free(prefill, decode)
+    prefill.close()
+    decode.close()
+
+
+def test_kivi_instances_with_another_residual_window_do_not_exchange_kv(llama64_dir):
+    """R decides which tokens travel dense, so it is part of the wire format: a decode instance with
+    another R fails the load (the prefill side's KV is never spliced in) and computes the prompt itself."""
+    engine = dict(kv_cache_dtype="kivi4", block_size=32, max_model_len=256)
+    batch, params = prompts([100], seed=4), greedy(8)
+    expected = run_colocated(make_core(llama64_dir, **engine, kv_residual_tokens=64), batch, params)
+    prefill = make_core(llama64_dir, KVTransferConfig(role="prefill"), **engine, kv_residual_tokens=32)
+    decode = make_core(llama64_dir, KVTransferConfig(role="decode"), **engine, kv_residual_tokens=64)
+    submit(prefill, decode, "r0", batch[0], params)
+    assert drive(prefill, decode) == expected
+    assert decode.scheduler.num_kv_load_failures == 1
+    assert_all_blocks_free(prefill, decode)
+    prefill.close()
+    decode.close()
