@@ -51,6 +51,9 @@ __all__ = [
     "apply_min_p",
     "apply_penalties",
     "apply_top_k_top_p",
+    "exponential_race",
+    "penalised_logits",
+    "random_row_probs",
     "token_counts",
 ]
 
@@ -394,7 +397,7 @@ def advance_generator(
         _seeded_draw(vocab_size, device, generator)
 
 
-def _exponential_race(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def exponential_race(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Sample one id per row: ``argmax(probs / q)`` with ``q ~ Exp(1)``.
 
     Seeded rows draw their own ``q`` so the result depends only on their own
@@ -416,6 +419,55 @@ def _exponential_race(probs: torch.Tensor, generators: Sequence[torch.Generator 
     return (probs / q).argmax(dim=-1)
 
 
+def penalised_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Stages 2-4 (blocked ids, then penalties) on float logits: what greedy rows take the argmax of.
+
+    Shared with the rejection sampler, so a verified row is penalised exactly as a sampled one.
+    """
+    x = logits
+    if batch.any_blocked:
+        x = apply_blocked_tokens(x, batch.blocked_token_ids)
+    if batch.any_penalty:
+        x = apply_penalties(
+            x,
+            batch.output_token_ids,
+            batch.prompt_token_ids,
+            batch.presence_penalty,
+            batch.frequency_penalty,
+            batch.repetition_penalty,
+        )
+    return x
+
+
+def random_row_probs(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Stage 6 up to the draw: ``[R, V]`` probs of the ``batch.random_rows`` of penalised logits ``x``.
+
+    Temperature -> top-k -> top-p -> min-p -> softmax; when the batch mixes greedy and random rows,
+    only the random rows are gathered into these stages.  Shared with the rejection sampler, whose
+    target p and draft q must both be exactly this distribution.
+    """
+    device = x.device
+    partial = batch.any_greedy
+    rows = batch.random_rows.to(device)
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device)
+        return t[rows] if partial else t
+
+    sub = pick(x)
+    if batch.any_temperature:
+        sub = sub / pick(batch.temperature).unsqueeze(1)
+    if batch.any_top_k or batch.any_top_p:
+        sub = apply_top_k_top_p(
+            sub,
+            pick(batch.top_k) if batch.any_top_k else None,
+            pick(batch.top_p) if batch.any_top_p else None,
+        )
+    if batch.any_min_p:
+        sub = apply_min_p(sub, pick(batch.min_p))
+    return sub.softmax(dim=-1)
+
+
 class Sampler:
     """Stateless batched sampler; see the module docstring for the stage order."""
 
@@ -428,18 +480,7 @@ class Sampler:
         logits = logits.float()  # no-op for float32; upcasts bf16/fp16
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.any_logprobs else None
 
-        x = logits
-        if batch.any_blocked:
-            x = apply_blocked_tokens(x, batch.blocked_token_ids)
-        if batch.any_penalty:
-            x = apply_penalties(
-                x,
-                batch.output_token_ids,
-                batch.prompt_token_ids,
-                batch.presence_penalty,
-                batch.frequency_penalty,
-                batch.repetition_penalty,
-            )
+        x = penalised_logits(logits, batch)
 
         if batch.all_greedy:
             token_ids = x.argmax(dim=-1)
@@ -460,34 +501,13 @@ class Sampler:
 
     @staticmethod
     def _sample_random_rows(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Greedy rows -> argmax; the rest go through temperature/truncation/race.
-
-        When the batch mixes greedy and random rows, only the random rows are
-        gathered into the truncation stages.
-        """
+        """Greedy rows -> argmax; the rest go through temperature/truncation (``random_row_probs``) and the race."""
         device = x.device
         partial = batch.any_greedy
         rows = batch.random_rows.to(device)
-
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(device)
-            return t[rows] if partial else t
-
-        sub = pick(x)
-        if batch.any_temperature:
-            sub = sub / pick(batch.temperature).unsqueeze(1)
-        if batch.any_top_k or batch.any_top_p:
-            sub = apply_top_k_top_p(
-                sub,
-                pick(batch.top_k) if batch.any_top_k else None,
-                pick(batch.top_p) if batch.any_top_p else None,
-            )
-        if batch.any_min_p:
-            sub = apply_min_p(sub, pick(batch.min_p))
-
-        probs = sub.softmax(dim=-1)
+        probs = random_row_probs(x, batch)
         generators = [batch.generators[i] for i in rows.tolist()] if partial else batch.generators
-        sampled = _exponential_race(probs, generators)
+        sampled = exponential_race(probs, generators)
         if not partial:
             return sampled
 
