@@ -241,11 +241,79 @@ inline void kivi_row_ps(const uint8_t* row, int64_t bits, __m512* out) {
   }
 }
 
-// One thread's scratch beyond the online softmax: the group-folded queries q·s [rows, D] and Σ q·z
-// [rows] and sixteen key rows (fp32 codes, or dense rows of T).
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// bf16 queries with head_dim a multiple of 64 take bf16 dot products on the codes (`vdpbf16ps`, as a
+// bf16 cache does): 2- and 4-bit codes are exact in bf16, so a key row costs a table lookup instead of
+// a widening to fp32, and a query head half the multiply-adds. The price is q·s, the query with the
+// group's key scales folded in, rounded to bf16 (a relative 2^-9 per channel, as a bf16 cache's keys
+// are rounded; Σ q·z stays fp32). The codes come out of the lookup in "kivi order", not channel order
+// (the query is permuted to match, once per group): per 64 channels, kivi4 [0, 2, .., 62 | 1, 3, .., 63],
+// kivi2 [0, 4, .., 60 | 1, 5, .., 61] and [2, 6, .., 62 | 3, 7, .., 63].
+template <typename T, int C>
+constexpr bool kKiviBf16 = std::is_same_v<T, c10::BFloat16> && C % 4 == 0;
+
+// bf16(i & (2^bits - 1)) for i < 32: `vpermw` indexes with a word's low 5 bits, so a word holding a
+// code in its low bits and other codes' bits above them still finds its code's bf16.
+struct KiviBf16Tables {
+  alignas(64) uint16_t t[2][32];  // [kivi2, kivi4]
+  KiviBf16Tables() {
+    for (int i = 0; i < 32; ++i) {
+      t[0][i] = c10::BFloat16(static_cast<float>(i & 3)).x;
+      t[1][i] = c10::BFloat16(static_cast<float>(i & 15)).x;
+    }
+  }
+};
+inline __m512i kivi_bf16_table(int64_t bits) {
+  static const KiviBf16Tables tables;
+  return _mm512_load_si512(tables.t[bits == 4]);
+}
+
+// 64 channels of a packed row (32 bytes of kivi4, 16 of kivi2) -> two vectors of 32 bf16 codes in kivi order.
+template <int Bits>
+inline void kivi_codes64_bf16(const uint8_t* p, __m512i table, __m512i* out) {
+  if constexpr (Bits == 4) {  // a word per byte: low nibble (channel 2i) as it is, high one shifted down
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    out[0] = _mm512_permutexvar_epi16(w, table);
+    out[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+  } else {  // the 16 bytes in both halves, shifted by 0 | 2 and 4 | 6 bits
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    const __m512i s01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    out[0] = _mm512_permutexvar_epi16(_mm512_srlv_epi16(w, s01), table);
+    out[1] = _mm512_permutexvar_epi16(_mm512_srlv_epi16(w, _mm512_add_epi16(s01, _mm512_set1_epi16(4))), table);
+  }
+}
+
+// 64 fp32 channels v[0..3] in channel order -> two vectors of 32 bf16 in kivi order.
+template <int Bits>
+inline void kivi_order_bf16(const __m512* v, __m512i* out) {
+  if constexpr (Bits == 4) {
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    out[0] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(v[2], even, v[3]), _mm512_permutex2var_ps(v[0], even, v[1]));
+    out[1] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(v[2], odd, v[3]), _mm512_permutex2var_ps(v[0], odd, v[1]));
+  } else {
+    // Per 32 channels [4i (i < 8) | 4i + 1] (and + 2, + 3), then the two halves' lows and highs joined.
+    const __m512i by4 = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
+    const __m512i lows = _mm512_set_epi32(23, 22, 21, 20, 19, 18, 17, 16, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i highs = _mm512_add_epi32(lows, _mm512_set1_epi32(8));
+    for (int k = 0; k < 2; ++k) {
+      const __m512i idx = _mm512_add_epi32(by4, _mm512_set1_epi32(2 * k));
+      const __m512 t0 = _mm512_permutex2var_ps(v[0], idx, v[1]), t1 = _mm512_permutex2var_ps(v[2], idx, v[3]);
+      out[k] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(t0, highs, t1), _mm512_permutex2var_ps(t0, lows, t1));
+    }
+  }
+}
+#else
+template <typename T, int C>
+constexpr bool kKiviBf16 = false;
+#endif
+
+// One thread's scratch beyond the online softmax: the group-folded queries q·s [rows, D] (fp32 in
+// channel order, or bf16 in kivi order) and Σ q·z [rows] and sixteen key rows (fp32 codes, bf16 codes
+// in kivi order, or dense rows of T).
 struct KiviScratch {
-  std::vector<float> qs, qz, keys;
-  KiviScratch(int64_t rows, int64_t D) : qs(rows * D), qz(rows), keys(16 * D) {}
+  std::vector<float> qs, qz, keys, tile_acc;
+  KiviScratch(int64_t rows, int64_t D) : qs(rows * D), qz(rows), keys(16 * D), tile_acc(rows * (D + D / 2)) {}
 };
 
 // An item's fixed facts (kivi's ItemView).
@@ -271,6 +339,41 @@ inline __attribute__((always_inline)) void kivi_prefetch_block(const KiviCache<T
   }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// Scores of keys [lo, hi) of one key group (from offset o of `block`) for the rows whose bf16
+// group-folded queries (kivi order) and Σ q·z are in k: sixteen keys at a time, their codes looked up
+// as bf16 once for all rows, then dot products as for a bf16 cache.
+template <typename T, int C>
+void kivi_group_scores_bf16(const KiviCache<T>& c, const KiviItem& x, const uint8_t* codes, int64_t lo, int64_t hi,
+                            int64_t a, __m512 scale_v, OnlineSoftmax& s, KiviScratch& k) {
+  constexpr int64_t D = 16 * C;
+  const __m512i table = kivi_bf16_table(c.bits);
+  auto* rows = reinterpret_cast<c10::BFloat16*>(k.keys.data());  // sixteen rows of D bf16 codes
+  for (int64_t c0 = lo; c0 < hi; c0 += 16) {
+    const int64_t n = std::min<int64_t>(16, hi - c0);
+    const uint8_t* src = codes + (c0 - lo) * c.row_bytes;
+    for (int64_t j = 0; j < n; ++j) {
+      for (int i = 0; i < C / 4; ++i) {
+        __m512i v[2];
+        if (c.bits == 4) kivi_codes64_bf16<4>(src + j * c.row_bytes + 32 * i, table, v);
+        else kivi_codes64_bf16<2>(src + j * c.row_bytes + 16 * i, table, v);
+        _mm512_storeu_si512(rows + j * D + 64 * i, v[0]);
+        _mm512_storeu_si512(rows + j * D + 64 * i + 32, v[1]);
+      }
+    }
+    for (int64_t r = 0; r < x.head_rows; ++r) {
+      const int mm = static_cast<int>(std::min<int64_t>(n, x.pos[x.query(r)] + 1 - c0));
+      if (mm <= 0) continue;
+      __m512 dots[16];
+      key_dots16<c10::BFloat16, c10::BFloat16, C>(reinterpret_cast<const c10::BFloat16*>(k.qs.data() + r * D), rows,
+                                                  mm, dots);
+      const __m512 sc = _mm512_mul_ps(_mm512_add_ps(sum_lanes16(dots), _mm512_set1_ps(k.qz[r])), scale_v);
+      _mm512_mask_storeu_ps(s.scores + r * kKeyTile + (c0 - a), static_cast<__mmask16>((1u << mm) - 1u), sc);
+    }
+  }
+}
+#endif
+
 // Scores of key tile [a, e) for kv head g into s.scores (row r = i * group + h, column j - a); keys past
 // a query's own position are skipped. The tile lies in one part: quantised (below Q) or dense.
 template <typename T, int C>
@@ -294,13 +397,27 @@ void kivi_tile_scores(const KiviCache<T>& c, const KiviItem& x, const T* q, int6
       for (int64_t r = 0; r < x.head_rows; ++r) {  // the queries with the group's scales folded in
         if (x.pos[x.query(r)] < lo) continue;
         const T* qr = q_row(r);
-        __m512 z = _mm512_setzero_ps();
+        __m512 z = _mm512_setzero_ps(), qs[C];
         for (int i = 0; i < C; ++i) {
           const __m512 qv = load16(qr + 16 * i);
-          _mm512_storeu_ps(k.qs.data() + r * D + 16 * i, _mm512_mul_ps(qv, sv[i]));
+          qs[i] = _mm512_mul_ps(qv, sv[i]);
           z = _mm512_fmadd_ps(qv, zv[i], z);
         }
         k.qz[r] = _mm512_reduce_add_ps(z);
+        if constexpr (kKiviBf16<T, C>) {
+          __m512i qb[C / 2];
+          for (int i = 0; i < C / 4; ++i) {
+            if (c.bits == 4) kivi_order_bf16<4>(qs + 4 * i, qb + 2 * i);
+            else kivi_order_bf16<2>(qs + 4 * i, qb + 2 * i);
+          }
+          for (int i = 0; i < C / 2; ++i) _mm512_storeu_si512(k.qs.data() + r * D + 16 * i, qb[i]);
+        } else {
+          for (int i = 0; i < C; ++i) _mm512_storeu_ps(k.qs.data() + r * D + 16 * i, qs[i]);
+        }
+      }
+      if constexpr (kKiviBf16<T, C>) {
+        kivi_group_scores_bf16<T, C>(c, x, c.code_row(0, block, g, o0 + (lo - g0)), lo, hi, a, scale_v, s, k);
+        continue;
       }
       for (int64_t c0 = lo; c0 < hi; c0 += 16) {
         const int64_t n = std::min<int64_t>(16, hi - c0);
@@ -362,6 +479,116 @@ void kivi_tile_softmax(const KiviItem& x, int64_t base, int64_t a, int64_t e, in
   }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// Value codes of tokens t, t + 1 (rows ra, rb) for 64 channels -> four vectors of bf16 pairs
+// (token t's code, token t + 1's) in pair order: a dword lane per channel, out[0], out[1] the first 32
+// channels' (one value group), out[2], out[3] the next 32's; kivi_pair_channel says which channel.
+template <int Bits>
+inline void kivi_pair_codes64(const uint8_t* ra, const uint8_t* rb, __m512i table, __m512i* out) {
+  if constexpr (Bits == 4) {  // bytes interleaved so that each half of the result is one group's
+    const __m256i pa = _mm256_permute4x64_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ra)), 0xd8);
+    const __m256i pb = _mm256_permute4x64_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)), 0xd8);
+    const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(pa, pb));
+    const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(pa, pb));
+    out[0] = _mm512_permutexvar_epi16(w0, table);
+    out[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w0, 4), table);
+    out[2] = _mm512_permutexvar_epi16(w1, table);
+    out[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w1, 4), table);
+  } else {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ra));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rb));
+    const __m512i s01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    const __m512i s23 = _mm512_add_epi16(s01, _mm512_set1_epi16(4));
+    for (int h = 0; h < 2; ++h) {
+      const __m128i ab = h == 0 ? _mm_unpacklo_epi8(a, b) : _mm_unpackhi_epi8(a, b);
+      const __m512i w = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(ab));
+      out[2 * h] = _mm512_permutexvar_epi16(_mm512_srlv_epi16(w, s01), table);
+      out[2 * h + 1] = _mm512_permutexvar_epi16(_mm512_srlv_epi16(w, s23), table);
+    }
+  }
+}
+
+// The channel (of 64) of lane l (< 64) of kivi_pair_codes64's vectors.
+inline int kivi_pair_channel(int64_t bits, int l) {
+  const int v = l / 16, i = l % 16;
+  if (bits == 4) return 32 * (v / 2) + 2 * i + v % 2;
+  return 32 * (v / 2) + 4 * (i % 8) + 2 * (v % 2) + i / 8;
+}
+
+// kivi_tile_values for a quantised tile with bf16 queries (head_dim a multiple of 64): out = Σ_t p_t
+// (c_t s_t + z_t) per value group is computed as Σ_t (p_t s_t) c_t + Σ_t p_t z_t, the first with bf16
+// dot products over pairs of tokens (`vdpbf16ps`: codes exact, the weights p_t s_t rounded to bf16, as
+// flash attention rounds its P for P·V), the second in fp32. Per query head and key that is half the
+// multiply-adds of fp32 rows, and no row is dequantised. Sixteen tokens at a time (aligned: they lie
+// in one block), those outside a row's keys weighted 0; each row's sums stay in pair order until the
+// tile's end.
+template <typename T, int C>
+void kivi_tile_values_bf16(const KiviCache<T>& c, const KiviItem& x, int64_t g, int64_t base, int64_t a, int64_t e,
+                           int64_t window, OnlineSoftmax& s, KiviScratch& k) {
+  constexpr int64_t D = 16 * C, G = D / kKiviGroup;  // G value groups
+  const int64_t rows = x.head_rows, mw = c.meta_width;
+  const __m512i table = kivi_bf16_table(c.bits);
+  float* tacc = k.tile_acc.data();           // [rows, D] in pair order
+  float* zacc = tacc + rows * D;             // [rows, G, 16]: Σ p z per group, by token lane
+  std::fill_n(tacc, rows * (D + 16 * G), 0.f);
+  auto* pairs = reinterpret_cast<__m512i*>(k.keys.data());  // 8 pairs x C vectors (stored unaligned)
+  for (int64_t c0 = a / 16 * 16; c0 < e; c0 += 16) {
+    const int64_t block = x.seq.table[c0 / c.block_size], o = c0 % c.block_size;
+    const uint8_t* codes = c.code_row(1, block, g, o);
+    for (int p = 0; p < 8; ++p)
+      for (int i = 0; i < C / 4; ++i) {
+        __m512i v[4];
+        const uint8_t* ra = codes + 2 * p * c.row_bytes + i * (c.bits == 4 ? 32 : 16);
+        if (c.bits == 4) kivi_pair_codes64<4>(ra, ra + c.row_bytes, table, v);
+        else kivi_pair_codes64<2>(ra, ra + c.row_bytes, table, v);
+        for (int q = 0; q < 4; ++q) _mm512_storeu_si512(pairs + p * C + 4 * i + q, v[q]);
+      }
+    // The sixteen tokens' scales and zeros per group, token lanes: meta rows are [s_0..s_G-1, z_0..].
+    __m512 sc[G], zc[G];
+    {
+      alignas(64) float m[16 * 2 * G];
+      const c10::Half* mp = c.value_meta(block, g, o);
+      for (int64_t j = 0; j < 16; ++j)
+        for (int64_t u = 0; u < 2 * G; ++u) m[u * 16 + j] = static_cast<float>(mp[j * mw + u]);
+      for (int64_t u = 0; u < G; ++u) {
+        sc[u] = _mm512_load_ps(m + u * 16);
+        zc[u] = _mm512_load_ps(m + (G + u) * 16);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pos = x.pos[x.query(r)];
+      const int64_t from = std::max({a, c0, first_key(pos, window)}), to = std::min({e, c0 + 16, pos + 1});
+      if (from >= to) continue;
+      const __mmask16 mask = static_cast<__mmask16>(((1u << (to - c0)) - 1u) & ~((1u << (from - c0)) - 1u));
+      const __m512 pv = _mm512_maskz_loadu_ps(mask, s.scores + r * kKeyTile + (c0 - a));
+      alignas(64) uint32_t w[G * 8];  // per group, 8 bf16 pairs (p_t s_t, p_t+1 s_t+1)
+      for (int64_t u = 0; u < G; u += 2) {
+        const __m512 w0 = _mm512_maskz_mul_ps(mask, pv, sc[u]), w1 = _mm512_maskz_mul_ps(mask, pv, sc[u + 1]);
+        _mm512_store_si512(w + u * 8, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+        float* z = zacc + (r * G + u) * 16;
+        _mm512_storeu_ps(z, _mm512_mask3_fmadd_ps(pv, zc[u], _mm512_loadu_ps(z), mask));
+        _mm512_storeu_ps(z + 16, _mm512_mask3_fmadd_ps(pv, zc[u + 1], _mm512_loadu_ps(z + 16), mask));
+      }
+      __m512 acc[C];
+      for (int i = 0; i < C; ++i) acc[i] = _mm512_loadu_ps(tacc + r * D + 16 * i);
+      for (int p = (from - c0) / 2; p <= (to - c0 - 1) / 2; ++p)
+        for (int i = 0; i < C; ++i)  // vector i holds value group i / 2 (of 64 channels i / 4)
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(pairs + p * C + i),
+                                    (__m512bh)_mm512_set1_epi32(static_cast<int>(w[(i / 2) * 8 + p])));
+      for (int i = 0; i < C; ++i) _mm512_storeu_ps(tacc + r * D + 16 * i, acc[i]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // back to channel order, with the zeros' sums, into the row's sum
+    float* out = s.acc + (base + r) * D;
+    for (int64_t u = 0; u < G; ++u) {
+      const float zs = _mm512_reduce_add_ps(_mm512_loadu_ps(zacc + (r * G + u) * 16));
+      for (int64_t d = 0; d < kKiviGroup; ++d) out[u * kKiviGroup + d] += zs;
+    }
+    for (int64_t l = 0; l < D; ++l) out[l / 64 * 64 + kivi_pair_channel(c.bits, l % 64)] += tacc[r * D + l];
+  }
+}
+#endif
+
 // The weighted values of key tile [a, e) added to kv head g's rows: sixteen value rows at a time as
 // fp32 (quantised ones dequantised, c * s + z), shared by every row.
 template <typename T, int C>
@@ -369,6 +596,11 @@ void kivi_tile_values(const KiviCache<T>& c, const KiviItem& x, int64_t g, int64
                       int64_t window, OnlineSoftmax& s, KiviScratch& k) {
   constexpr int64_t D = 16 * C;
   const bool quantised = a < x.seq.quantised;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if constexpr (kKiviBf16<T, C>) {
+    if (quantised) return kivi_tile_values_bf16<T, C>(c, x, g, base, a, e, window, s, k);
+  }
+#endif
   const int64_t* table = x.seq.table + a / c.block_size;  // the block of key c0 + j, at offset o
   int64_t o = a % c.block_size;
   for (int64_t c0 = a; c0 < e; c0 += 16) {
