@@ -15,7 +15,8 @@
 // q·k = Σ_d (q_d s_d) c_d + Σ_d q_d z_d, so a key's codes only need widening (to fp32, in channel
 // order, once for all the query heads of its kv head). Values are dequantised as the reference does
 // (c * s + z in fp32) sixteen rows at a time into fp32 rows that every query head of the kv head
-// weights. No dequantised copy of a sequence's cache is made.
+// weights. No dequantised copy of a sequence's cache is made. With bf16 queries and head_dim a
+// multiple of 64, both sides run bf16 dot products on the codes instead (kKiviBf16, below).
 
 constexpr int64_t kKiviGroup = 32;  // tokens per key group, channels per value group (kivi.KIVI_GROUP)
 
