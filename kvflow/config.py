@@ -376,6 +376,56 @@ class SchedulerConfig:
             raise ValueError(f"policy must be one of {', '.join(QUEUE_POLICIES)}; got {self.policy!r}")
 
 
+# Speculative decoding (kvflow/worker/spec_decode/): who proposes the tokens the model verifies.
+SPECULATIVE_METHODS = ("draft", "ngram")
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: each step a proposer guesses up to `num_speculative_tokens` next tokens
+    of every decoding request, the model scores them all in one pass, and rejection sampling keeps a
+    prefix of them so that outputs are distributed exactly as without speculation (greedy outputs are
+    the same tokens). Off (`speculative_method` None) by default; requests may opt out
+    (`SamplingParams.speculative`)."""
+
+    # "ngram": prompt lookup (the last n tokens matched earlier in prompt + output; what followed is
+    # proposed), n from `prompt_lookup_max` down to `prompt_lookup_min`. "draft": a small model with
+    # the target's vocabulary (`speculative_model`).
+    speculative_method: str | None = None
+    speculative_model: str | None = None
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    # The adaptive rule: proposals verified per step across the batch. A verification step costs
+    # about a decode step while the step is small (the weights are read once for all positions) and
+    # grows with its tokens once it is large; so each of B decoding requests verifies at most
+    # min(K, budget // B) proposals: all K alone, fewer as the batch grows, none past `budget` requests.
+    speculative_token_budget: int = 32
+
+    def __post_init__(self) -> None:
+        method = self.speculative_method
+        if method is not None and method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}; got {method!r}")
+        if method == "draft" and not self.speculative_model:
+            raise ValueError("speculative_method draft needs speculative_model (a model directory with the "
+                             "target's vocabulary)")
+        if self.speculative_model and method != "draft":
+            raise ValueError(f"speculative_model is for speculative_method draft, not {method}")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
+                             f"got {self.num_speculative_tokens}")
+        if self.speculative_token_budget < 0:
+            raise ValueError(f"speculative_token_budget must be >= 0, got {self.speculative_token_budget}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative_method is not None
+
+
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
@@ -452,6 +502,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     device: str = "cpu"
     seed: int = 0
     # Set when this engine is a prefill or decode instance of a disaggregated deployment.
@@ -476,6 +527,14 @@ class EngineConfig:
             )
         if self.kv_policy_allowed() is not None and self.cache.kv_policy != "none":
             raise ValueError(f"kv_policy={self.cache.kv_policy}: {self.kv_policy_allowed()}")
+        if self.speculative.enabled:
+            # A verification step writes KV for every proposal and keeps the accepted ones; KIVI would
+            # quantise groups holding rejected tokens, and a KV policy would keep or score them.
+            if self.cache.kv_cache_dtype in KIVI_CACHE_DTYPES:
+                raise ValueError(f"speculative decoding does not support kv_cache_dtype {self.cache.kv_cache_dtype} "
+                                 "yet: use int8 or fp8_e4m3")
+            if self.cache.kv_policy != "none":
+                raise ValueError(f"speculative decoding does not support kv_policy={self.cache.kv_policy} yet")
 
     def kv_policy_allowed(self) -> str | None:
         """Why this engine cannot run a KV policy (None: it can). A policy drops or skips KV, so it needs
@@ -498,7 +557,8 @@ class EngineConfig:
         **kwargs: Any,
     ) -> EngineConfig:
         """Build from flat keyword arguments (the offline API and CLI use this)."""
-        parts: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}, RunnerConfig: {}}
+        parts: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}, RunnerConfig: {},
+                                             SpeculativeConfig: {}}
         for key, value in kwargs.items():
             for part in parts:
                 if key in {f.name for f in fields(part)}:
@@ -515,6 +575,7 @@ class EngineConfig:
             cache=CacheConfig(**parts[CacheConfig]),
             scheduler=SchedulerConfig(**parts[SchedulerConfig]),
             runner=RunnerConfig(**parts[RunnerConfig]),
+            speculative=SpeculativeConfig(**parts[SpeculativeConfig]),
             device=device,
             seed=seed,
         )

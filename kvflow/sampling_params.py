@@ -90,6 +90,7 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     # Names are checked by the engine against its policies (kvflow.config.KV_POLICIES) on arrival.
     "kv_policy": ("None or a KV policy name (none, streaming, h2o, snapkv, quest)", lambda v: v is None or v != ""),
     "kv_budget": ("None or an integer >= 1 (tokens kept or read)", lambda v: v is None or v >= 1),
+    "speculative": ("a bool", lambda v: True),
 }
 
 # Numeric fields where a bool must not be silently read as 0/1.
@@ -164,6 +165,8 @@ class SamplingParams(BaseModel):
     # This request's KV policy and budget instead of the engine's (`--kv-policy`, `--kv-budget`).
     kv_policy: str | None = None
     kv_budget: int | None = None
+    # False: this request is never speculated on, even on an engine with speculative decoding.
+    speculative: bool = True
 
     @field_validator("*", mode="wrap")
     @classmethod

@@ -65,6 +65,7 @@ INVALID_VALUES: list[tuple[str, Any, str]] = [
     ("kv_policy", 3, "KV policy name"),
     ("kv_budget", 0, ">= 1"),
     ("kv_budget", True, ">= 1"),
+    ("speculative", "maybe", "bool"),
 ]
 
 

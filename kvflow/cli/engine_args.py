@@ -38,14 +38,22 @@ _HELP = {
     "decode_gemv": "bf16 CPU with AVX512-BF16: a second copy of the weights for a faster decode GEMV "
                    "(steps of <= 4 tokens)",
     "attention_backend": "auto (Triton kernels on CUDA, torch-native + C++ forward on CPU), torch or triton",
+    "speculative_method": "speculative decoding: ngram (prompt lookup) or draft (a small model, "
+                          "--speculative-model); outputs keep the model's distribution (greedy: the same tokens)",
+    "speculative_model": "draft: a model directory with the target's vocabulary",
+    "num_speculative_tokens": "tokens proposed per request and step (default 4)",
+    "prompt_lookup_min": "ngram: shortest suffix matched earlier in the prompt and output (default 1)",
+    "prompt_lookup_max": "ngram: longest suffix matched (default 4; longer matches are tried first)",
+    "speculative_token_budget": "proposals verified per step across the batch: each of B decoding requests "
+                                "verifies at most budget // B (default 32; speculation turns off past 32 requests)",
 }
 
 
 def _engine_parts() -> tuple[type, ...]:
     """The config dataclasses whose fields are engine flags (imported here: kvflow.config needs torch)."""
-    from kvflow.config import CacheConfig, RunnerConfig, SchedulerConfig
+    from kvflow.config import CacheConfig, RunnerConfig, SchedulerConfig, SpeculativeConfig
 
-    return CacheConfig, SchedulerConfig, RunnerConfig
+    return CacheConfig, SchedulerConfig, RunnerConfig, SpeculativeConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -293,6 +293,16 @@ class KVCacheManager:
         request.kv_altered = True
         request.kv_prefix_floor = 0  # KIVI: the new blocks start a sequence of their own
 
+    def trim(self, request: Request) -> None:
+        """Give back the blocks past those of the request's computed tokens (speculative decoding: the
+        KV of rejected proposals), as a step that computed only those would have left it. None of them
+        is indexed: only blocks of computed tokens are."""
+        keep = self.blocks_needed(request.num_computed_tokens - request.kv_shift)
+        if len(request.block_ids) > keep:
+            extra = request.block_ids[keep:]
+            del request.block_ids[keep:]
+            self.pool.release(list(reversed(extra)))
+
     def free(self, request: Request) -> None:
         """Return a request's blocks (full cached blocks stay reusable until evicted)."""
         self.release(self.detach(request))

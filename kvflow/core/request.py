@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from kvflow.core.kv_policy import KVPolicy
 
 
+# Derives a seeded request's draft generator from its seed (any fixed odd constant would do).
+_DRAFT_SEED_MIX = 0x9E3779B97F4A7C15
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -111,6 +115,16 @@ class Request:
         self.kv_prefix_floor = 0
         # Positions its KV policy evicted since its last step: its ring rotates by as many (kivi.py).
         self.kv_ring_shift = 0
+        # Speculative decoding: the tokens proposed to follow its last one, verified in its next step
+        # (with a draft model: its q for each, [K, V]); how many of its tokens the draft model's KV
+        # cache holds; the generator a seeded request's draft proposals draw from (its own, so the
+        # target's draws stay in a fixed order).
+        self.spec_token_ids: list[int] = []
+        self.spec_draft_probs: torch.Tensor | None = None
+        self.spec_draft_computed = 0
+        self.spec_generator: torch.Generator | None = None
+        if seed is not None:
+            self.spec_generator = torch.Generator().manual_seed((seed ^ _DRAFT_SEED_MIX) % 2**64)
 
     @property
     def num_tokens(self) -> int:

@@ -12,6 +12,11 @@ running decodes wait for it (vLLM v0's scheduler, the colocated baseline of Dist
 KV that is loaded rather than computed (from a prefill instance, from a tier) comes through the
 engine's KV connector: a waiting request it loads for gets blocks, waits in `receiving` while its
 KV arrives, and then runs like any other, from the first token the load did not cover.
+
+Speculative decoding is the same rule with a longer chunk: a decoding request that holds proposals
+(`Request.spec_token_ids`, from the runner's proposer) computes its last token and them in one
+chunk; `update` then counts as computed only the last token and the accepted proposals, and gives
+back the blocks of the rejected ones.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+import torch
 
 from kvflow.config import SchedulerConfig
 from kvflow.core.kv_cache_manager import KVCacheManager
@@ -49,6 +56,25 @@ class SchedulerOutput:
 
 
 @dataclass
+class SpecDecodeStats:
+    """Speculative decoding so far (cumulative, like vLLM's `spec_decode_*` counters)."""
+
+    num_drafts: int = 0  # verification steps of one request with at least one proposal
+    num_draft_tokens: int = 0  # proposals verified
+    num_accepted_tokens: int = 0  # proposals accepted
+    accepted_per_position: list[int] = field(default_factory=list)  # [j]: drafts whose proposal j was accepted
+
+    def record(self, num_proposed: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_proposed
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_position) < num_proposed:
+            self.accepted_per_position.extend([0] * (num_proposed - len(self.accepted_per_position)))
+        for j in range(num_accepted):
+            self.accepted_per_position[j] += 1
+
+
+@dataclass
 class SchedulerEvents:
     """What changed outside the steps' own outputs since the last `drain_events`."""
 
@@ -61,8 +87,17 @@ class SchedulerEvents:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 connector: KVConnector | None = None) -> None:
+                 connector: KVConnector | None = None, speculative: bool = False, lookahead: int = 0,
+                 spec_token_budget: int = 0) -> None:
+        """`speculative`: the runner proposes tokens (speculative decoding) for requests that allow it;
+        `lookahead`: cache entries a proposing request needs past its step's tokens (a draft model's KV
+        for its proposals); `spec_token_budget`: proposals verified per step across the batch."""
         self.config = config
+        self.speculative = speculative
+        self.lookahead = lookahead
+        self.spec_token_budget = spec_token_budget
+        self._per_request = 0  # this step's proposals per decoding request (`_proposals_per_request`)
+        self.spec_stats = SpecDecodeStats()
         self.kv = kv
         self.max_model_len = max_model_len
         self.connector = connector
@@ -177,6 +212,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self.collect_loads(out)
+        self._per_request = self._proposals_per_request()
         budget = self.config.max_num_batched_tokens
         if not self.config.mixed_batching and self.waiting and not out.loaded:
             self._admit_waiting(out, budget)  # prompts alone, if any can start
@@ -188,6 +224,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             remaining = request.num_tokens - request.num_computed_tokens
+            proposals = self._proposals(request, remaining, min(budget, 1 + self._per_request))
+            if proposals and self._allocate(request, 1 + len(proposals)):
+                out.chunks.append(self._chunk(request, 1 + len(proposals), proposals, request.spec_draft_probs))
+                budget -= 1 + len(proposals)
+                i += 1
+                continue  # (without room for its proposals, it decodes one token as usual)
             n = self._chunk_tokens(request, min(remaining, budget))
             if n < remaining and not chunked:
                 i += 1
@@ -249,15 +291,49 @@ class Scheduler:
 
     def _allocate(self, request: Request, n: int) -> bool:
         spare = 0 if request.kv_policy is None else request.kv_policy.spare_blocks(request, n)
+        if (self.lookahead and self._may_speculate(request) and request.num_computed_tokens + n >= request.num_tokens
+                and self.kv.allocate(request, n + self.lookahead, spare)):
+            return True  # room for the draft's KV of its next proposals too (else it proposes nothing)
         return self.kv.allocate(request, n, spare)
 
-    @staticmethod
-    def _chunk(request: Request, n: int) -> ScheduledChunk:
+    def _chunk(self, request: Request, n: int, proposals: list[int] | None = None,
+               draft_probs: torch.Tensor | None = None) -> ScheduledChunk:
         start = request.num_computed_tokens
         op = None if request.kv_policy is None else request.kv_policy.op(request, start, n)
         slot = -1 if request.kv_residual_slot is None else request.kv_residual_slot
         ring_shift, request.kv_ring_shift = request.kv_ring_shift, 0  # the runner rotates the ring this step
-        return ScheduledChunk(request, start, n, request.kv_shift, op, slot, request.kv_prefix_floor, ring_shift)
+        k = len(proposals or [])
+        probs = None if draft_probs is None or not k else draft_probs[:k]
+        room = len(request.block_ids) * self.kv.block_size - (start + n - request.kv_shift)
+        # Past the adaptive rule's batch size, nothing is proposed (a draft model's steps cost too).
+        propose = self._may_speculate(request) and room >= self.lookahead and self._per_request > 0
+        return ScheduledChunk(request, start, n, request.kv_shift, op, slot, request.kv_prefix_floor, ring_shift,
+                              proposals or [], probs, propose)
+
+    # Speculative decoding's seam: who gets proposals, how many are verified, what is kept.
+    def _may_speculate(self, request: Request) -> bool:
+        """Requests whose KV a policy keeps or scores, and a prefill instance's (one token), are not
+        speculated on; a request may opt out (`SamplingParams.speculative`)."""
+        return (self.speculative and request.params.speculative and request.kv_policy is None
+                and request.kv_transfer is None)
+
+    def _proposals_per_request(self) -> int:
+        """The adaptive rule (SpeculativeConfig.speculative_token_budget): B decoding requests that may
+        speculate verify at most budget // B proposals each, so a large batch turns speculation down,
+        then off (and back on as the batch shrinks)."""
+        if not self.speculative:
+            return 0
+        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1 and self._may_speculate(r))
+        return self.spec_token_budget // max(1, decoding)
+
+    def _proposals(self, request: Request, remaining: int, budget: int) -> list[int]:
+        """The proposals a decoding request verifies this step: as many as fit the step's budget, its
+        output cap (the step emits the accepted ones and one more) and the context."""
+        if remaining != 1 or not request.spec_token_ids:
+            return []
+        room = min(budget - 1, request.max_output_tokens - request.num_output_tokens - 1,
+                   self.max_model_len - request.num_tokens)
+        return request.spec_token_ids[:max(0, room)]
 
     def _start_load(self, request: Request, num_tokens: int) -> bool:
         """Give the request blocks for the tokens to load and the next one, then start the load (an
@@ -310,6 +386,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        request.spec_token_ids, request.spec_draft_probs, request.spec_draft_computed = [], None, 0
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -326,14 +403,20 @@ class Scheduler:
             assert isinstance(request, Request)
             if request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            request.num_computed_tokens += chunk.num_tokens
+            tokens = result.sampled.get(request.request_id)
+            proposed = len(chunk.spec_token_ids)
+            if proposed:  # the last token's KV and the accepted proposals' are kept; the rest is rolled back
+                accepted = len(tokens) - 1 if tokens else 0
+                request.num_computed_tokens += chunk.num_tokens - proposed + accepted
+                self.spec_stats.record(proposed, accepted)
+            else:
+                request.num_computed_tokens += chunk.num_tokens
             cached_before = request.num_cached_blocks
             self.kv.cache_full_blocks(request)
             if request.num_cached_blocks > cached_before:
                 self.policy.on_blocks_cached(request, request.num_cached_blocks)
             if request.kv_policy is not None:
                 request.kv_policy.after_step(request, self.kv, chunk, result)
-            tokens = result.sampled.get(request.request_id)
             if not tokens:
                 continue
             logprobs = result.logprobs.get(request.request_id)
@@ -346,4 +429,11 @@ class Scheduler:
                     break
             if status is not None:
                 self.finish_request(request.request_id, status)
+                continue
+            if proposed or chunk.propose:
+                self.kv.trim(request)  # the rejected proposals' blocks, and the draft's lookahead, go back
+            rid = request.request_id
+            request.spec_token_ids = result.spec_token_ids.get(rid, [])
+            request.spec_draft_probs = result.spec_draft_probs.get(rid)
+            request.spec_draft_computed = result.spec_draft_computed.get(rid, request.spec_draft_computed)
         return kept

@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import Any
 
 import msgspec
@@ -286,6 +287,11 @@ class DisaggEngine(AsyncEngine):
             kv_cache_usage=1 - free / blocks if blocks else 0.0, prefix_cache_hit_rate=prefix.hit_rate,
             num_preemptions=sum(e.num_preemptions for e in engines), num_free_blocks=free, num_blocks=blocks,
             num_kv_load_failures=sum(e.num_kv_load_failures for e in engines),
+            spec_num_drafts=sum(e.spec_num_drafts for e in engines),
+            spec_num_draft_tokens=sum(e.spec_num_draft_tokens for e in engines),
+            spec_num_accepted_tokens=sum(e.spec_num_accepted_tokens for e in engines),
+            spec_accepted_per_position=[sum(column) for column in zip_longest(
+                *(e.spec_accepted_per_position for e in engines), fillvalue=0)],
         )
         return CoreStats(engine, queried, hits)
 

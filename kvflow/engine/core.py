@@ -55,6 +55,11 @@ class EngineStats:
     num_blocks: int
     # Disaggregated serving: requests whose KV load failed, so the prompt was computed locally.
     num_kv_load_failures: int = 0
+    # Speculative decoding, cumulative (core/scheduler.py's SpecDecodeStats).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)
 
 
 class EngineCore:
@@ -77,7 +82,11 @@ class EngineCore:
                                  "exchanged between instances (each calibrates its own): give --kv-scale")
             connector.register_kv_caches(self.runner.kv_spec, self.runner.kv_caches)
             self.runner.step_hooks = connector
-        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len, connector)
+        spec = config.speculative
+        lookahead = spec.num_speculative_tokens if spec.speculative_method == "draft" else 0
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len, connector,
+                                   speculative=spec.enabled, lookahead=lookahead,
+                                   spec_token_budget=spec.speculative_token_budget)
         self.num_steps = 0
         # Keep what each step computed for the step log of `kvflow serve --step-log` (which
         # `kvflow profile --serve` fits latency models to).
@@ -196,6 +205,7 @@ class EngineCore:
         return self.scheduler.drain_events()
 
     def stats(self) -> EngineStats:
+        spec = self.scheduler.spec_stats
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -205,6 +215,10 @@ class EngineCore:
             num_free_blocks=self.kv.num_free_blocks,
             num_blocks=self.kv.num_blocks,
             num_kv_load_failures=self.scheduler.num_kv_load_failures,
+            spec_num_drafts=spec.num_drafts,
+            spec_num_draft_tokens=spec.num_draft_tokens,
+            spec_num_accepted_tokens=spec.num_accepted_tokens,
+            spec_accepted_per_position=list(spec.accepted_per_position),
         )
 
     def close(self) -> None:

@@ -72,9 +72,15 @@ class ServerMetrics:
             tuple(float(2**k) for k in range(10, 34, 2)))
         self.kv_load_fallbacks = counter(
             "kv_load_fallbacks", "Decode-side loads that failed, so the prompt was recomputed there.")
+        self.spec_drafts = counter("spec_decode_num_drafts", "Speculative verifications (one request, one step).")
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Speculative tokens proposed and verified.")
+        self.spec_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Speculative tokens accepted.")
+        self._spec_per_position = counter("spec_decode_num_accepted_tokens_per_pos",
+                                          "Speculative tokens accepted, by position in the proposal.", ("position",))
+        self._last_per_position: list[int] = []
         self._label = model_name
-        # Preemptions, prefix queries, prefix hits, KV load fallbacks: cumulative in the core.
-        self._last_core = (0, 0, 0, 0)
+        # Preemptions, prefix queries, prefix hits, KV load fallbacks, speculative counts: cumulative in the core.
+        self._last_core = (0, 0, 0, 0, 0, 0, 0)
         self.engine_healthy.set(1)
 
     def finished(self, reason: str) -> None:
@@ -91,12 +97,19 @@ class ServerMetrics:
         self.kv_cache_blocks.set(engine.num_blocks)
         self.prefix_cache_hit_rate.set(engine.prefix_cache_hit_rate)
         now = (engine.num_preemptions, stats.prefix_queried_tokens, stats.prefix_hit_tokens,
-               engine.num_kv_load_failures)
-        counters = (self.preemptions, self.prefix_queries, self.prefix_hits, self.kv_load_fallbacks)
+               engine.num_kv_load_failures, engine.spec_num_drafts, engine.spec_num_draft_tokens,
+               engine.spec_num_accepted_tokens)
+        counters = (self.preemptions, self.prefix_queries, self.prefix_hits, self.kv_load_fallbacks,
+                    self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens)
         for metric, new, old in zip(counters, now, self._last_core):
             if new > old:
                 metric.inc(new - old)
         self._last_core = now
+        for position, count in enumerate(engine.spec_accepted_per_position):
+            old = self._last_per_position[position] if position < len(self._last_per_position) else 0
+            if count > old:
+                self._spec_per_position.labels(self._label, str(position)).inc(count - old)
+        self._last_per_position = list(engine.spec_accepted_per_position)
 
     def kv_transferred(self, payload_bytes: int, wire_bytes: int, seconds: float) -> None:
         self.kv_transfers.inc()

@@ -51,6 +51,7 @@ class SamplingFields(_Request):
     # kvflow extensions (`extra_body`): this request's KV policy and budget instead of the server's.
     kv_policy: str | None = None
     kv_budget: int | None = Field(None, ge=1)
+    speculative: bool = True  # false: never speculate on this request (a server with speculative decoding)
 
 
 class CompletionRequest(SamplingFields):

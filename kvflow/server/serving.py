@@ -56,7 +56,7 @@ def sampling_params(ctx: ServerContext, req: SamplingFields, max_tokens: int | N
         stop=req.stop, stop_token_ids=req.stop_token_ids, max_tokens=max_tokens, min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
         skip_special_tokens=req.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-        kv_policy=req.kv_policy, kv_budget=req.kv_budget,
+        kv_policy=req.kv_policy, kv_budget=req.kv_budget, speculative=req.speculative,
     )
     try:
         return SamplingParams(**values)

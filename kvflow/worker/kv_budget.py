@@ -12,8 +12,9 @@ from kvflow.config import EngineConfig
 logger = logging.getLogger(__name__)
 
 
-def num_kv_blocks(config: EngineConfig, spec: KVCacheSpec) -> int:
-    """`num_blocks` if given; else what `kv_cache_memory` (or the default budget) holds."""
+def num_kv_blocks(config: EngineConfig, spec: KVCacheSpec, extra_bytes_per_block: int = 0) -> int:
+    """`num_blocks` if given; else what `kv_cache_memory` (or the default budget) holds, each block
+    also costing `extra_bytes_per_block` (a draft model's KV of the same tokens, paged alongside)."""
     cache = config.cache
     if cache.num_blocks is not None:
         return cache.num_blocks
@@ -25,7 +26,8 @@ def num_kv_blocks(config: EngineConfig, spec: KVCacheSpec) -> int:
     blocks_per_seq = -(-max_model_len // spec.block_size)
     # More blocks than every running sequence at full length could use is wasted memory.
     useful = blocks_per_seq * config.scheduler.max_num_seqs
-    num_blocks = min(spec.num_blocks(budget), useful)
+    num_blocks = min(spec.num_blocks(budget) if not extra_bytes_per_block else
+                     max(0, budget - spec.fixed_bytes) // (spec.bytes_per_block + extra_bytes_per_block), useful)
     if num_blocks < 1:
         ring = ""
         if spec.residual_slots:

@@ -2,8 +2,8 @@
 
 The step's chunks are reordered so single-token chunks (decodes) come first, which lets the
 attention backend treat them as one batched decode. Logits are computed only where they are
-needed: the last token of each chunk that samples, and prompt positions whose logprobs were
-asked for.
+needed: the last token of each chunk that samples (every verified position of a chunk that
+carries speculative proposals), and prompt positions whose logprobs were asked for.
 """
 
 from __future__ import annotations
@@ -20,21 +20,23 @@ from kvflow.attention.kv_quant import kv_scales_set
 from kvflow.attention.kv_spec import KVCacheSpec
 from kvflow.attention.policy_step import PolicyStep, QuestRows, SnapJob
 from kvflow.config import EngineConfig
-from kvflow.model.cpu_kernels import CpuForward, CpuForwardUnsupported, cpu_kernels_available, decode_gemv_available
+from kvflow.model.cpu_kernels import (
+    CPU_FORWARD_MAX_CHUNK,
+    CpuForward,
+    CpuForwardUnsupported,
+    cpu_kernels_available,
+    decode_gemv_available,
+)
 from kvflow.model.linear import DenseLinear, LinearMethod, PrepackedLinear, prepack_available
 from kvflow.model.loader import load_model
 from kvflow.worker.kv_budget import num_kv_blocks
+from kvflow.worker.rejection_sampler import RejectionSampler, VerificationBatch
 from kvflow.worker.sampler import Sampler, SamplingBatch
+from kvflow.worker.spec_decode import draft_kv_bytes_per_block, make_proposer
 from kvflow.worker.step import RunnerOutput, ScheduledChunk, SequenceView, StepHooks, TokenLogprobs
+from kvflow.worker.step_inputs import paged_step_inputs
 
 logger = logging.getLogger(__name__)
-
-#: Steps with a prefill chunk longer than this run the PyTorch modules even when the C++ CPU
-#: forward is on. Its attention works on query tiles of 8 and beats SDPA's flash kernel at every
-#: length measured (bf16 TTFT, C++ vs modules: `135m` 163 vs 212 ms at 256 tokens, 837 vs 1,052 at
-#: 1,024, 2,077 vs 2,399 at 2,000; `500m` 13.2 vs 13.8 s at 4,096), but its lead shrinks with
-#: length, so longer chunks stay with SDPA. Both paths share the KV cache.
-CPU_FORWARD_MAX_CHUNK = 4096
 
 
 class ModelRunner:
@@ -59,7 +61,8 @@ class ModelRunner:
                              f"cannot read a {self.kv_spec.wire_format} KV cache in the {self.kv_spec.layout} layout")
         if config.cache.kv_policy == "quest":  # Quest's per-block key bounds live beside the cache
             self.kv_spec = dataclasses.replace(self.kv_spec, key_bounds_dtype=model.dtype)
-        self.num_blocks = num_kv_blocks(config, self.kv_spec)
+        draft_bytes = draft_kv_bytes_per_block(config)  # a draft model's KV shares the budget
+        self.num_blocks = num_kv_blocks(config, self.kv_spec, draft_bytes)
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         self.key_bounds: list[torch.Tensor] | None = None
         if self.kv_spec.key_bounds_dtype is not None:
@@ -77,6 +80,10 @@ class ModelRunner:
             except CpuForwardUnsupported as exc:
                 logger.info("%s; running the PyTorch modules", exc)
         self.sampler = Sampler()
+        # Speculative decoding: who proposes each step's tokens, and what keeps or rejects them.
+        self.proposer = make_proposer(config, self.num_blocks, self.device, use_cpu_kernels)
+        self.num_speculative_tokens = config.speculative.num_speculative_tokens
+        self.rejection_sampler = RejectionSampler()
         # fp8 without a given scale: the PyTorch backend calibrates on the first step that stores KV,
         # and the C++ forward (which only reads scales) waits for it.
         self._kv_scales_set = kv_scales_set(self.kv_spec, self.kv_caches)
@@ -182,43 +189,14 @@ class ModelRunner:
         query_lens: list[int] = []
         shifts: list[int] = []
         for c in chunks:
-            token_ids.extend(c.request.all_token_ids[c.start : c.start + c.num_tokens])
+            known = c.num_tokens - len(c.spec_token_ids)
+            token_ids.extend(c.request.all_token_ids[c.start : c.start + known])
+            token_ids.extend(c.spec_token_ids)
             seq_lens.append(c.start + c.num_tokens - c.kv_shift)
             query_lens.append(c.num_tokens)
             shifts.append(c.kv_shift)
-        max_blocks = max(len(c.request.block_ids) for c in chunks)
-        tables = [c.request.block_ids + [0] * (max_blocks - len(c.request.block_ids)) for c in chunks]
-
-        dev = self.device
-        seq_lens_t = torch.tensor(seq_lens, dtype=torch.long, device=dev)
-        query_lens_t = torch.tensor(query_lens, dtype=torch.long, device=dev)
-        query_start_loc = torch.zeros(len(chunks) + 1, dtype=torch.long, device=dev)
-        torch.cumsum(query_lens_t, 0, out=query_start_loc[1:])
-        block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
-        num_tokens = len(token_ids)
-        seq_index = torch.repeat_interleave(torch.arange(len(chunks), device=dev), query_lens_t, output_size=num_tokens)
-        kv_positions = (seq_lens_t - query_lens_t)[seq_index] + (
-            torch.arange(num_tokens, device=dev) - query_start_loc[:-1][seq_index]
-        )
-        positions = kv_positions
-        if any(shifts):
-            positions = kv_positions + torch.tensor(shifts, dtype=torch.long, device=dev)[seq_index]
-        slot_mapping = block_tables[seq_index, kv_positions // bs] * bs + kv_positions % bs
-        num_decodes = sum(1 for n in query_lens if n == 1)
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping,
-            seq_lens=seq_lens_t,
-            query_lens=query_lens_t,
-            query_start_loc=query_start_loc,
-            block_tables=block_tables,
-            num_decodes=num_decodes,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            block_size=bs,
-            token_seq_index=seq_index,
-            seq_lens_list=seq_lens,
-            query_lens_list=query_lens,
-        )
+        positions, kv_positions, meta, tables = paged_step_inputs(
+            seq_lens, query_lens, [c.request.block_ids for c in chunks], bs, self.device, shifts)
         if self.kv_spec.kivi_bits:
             # In cache indices, as the blocks hold them (evictions and SnapKV's compaction shift positions).
             starts = [c.start - c.kv_shift for c in chunks]
@@ -227,8 +205,9 @@ class ModelRunner:
                     rotate_rings(self.kv_caches, c.kv_residual_slot, c.kv_ring_shift)
             meta.kivi = KiviStep.build(self.kv_spec.kivi_bits, self.kv_spec.residual_tokens, bs,
                                        [c.kv_residual_slot for c in chunks], starts, seq_lens,
-                                       [c.kv_prefix_floor for c in chunks], query_start_loc.tolist(), tables, dev)
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+                                       [c.kv_prefix_floor for c in chunks], meta.query_start_loc.tolist(), tables,
+                                       self.device)
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         return input_ids, positions, kv_positions, meta
 
     def _sample(self, chunks: list[ScheduledChunk], hidden: torch.Tensor, meta: AttentionMetadata) -> RunnerOutput:
@@ -238,9 +217,12 @@ class ModelRunner:
         sample_reqs: list[SequenceView] = []
         prompt_rows: list[int] = []
         prompt_targets: list[tuple[SequenceView, int]] = []  # (request, position of the predicted token)
+        verify: list[tuple[int, ScheduledChunk]] = []
         for i, c in enumerate(chunks):
             request = c.request
-            if c.samples:
+            if c.samples and c.spec_token_ids:
+                verify.append((i, c))
+            elif c.samples:
                 sample_rows.append(starts[i + 1] - 1)
                 sample_reqs.append(request)
             if request.params.prompt_logprobs is not None:
@@ -254,8 +236,7 @@ class ModelRunner:
                     prompt_targets.append((request, pos + 1))
 
         if sample_reqs:
-            rows = hidden[sample_rows]
-            logits = self.cpu_forward.logits(rows) if self.cpu_forward is not None else self.model.compute_logits(rows)
+            logits = self._logits(hidden[sample_rows])
             batch = SamplingBatch.from_params(
                 [r.params for r in sample_reqs],
                 generators=[r.generator for r in sample_reqs],
@@ -290,4 +271,48 @@ class ModelRunner:
                     top.indices[row, :k].tolist() if k else [], top.values[row, :k].tolist() if k else [],
                 )
                 out.prompt_logprobs.setdefault(request.request_id, []).append(entry)
+        if verify:
+            self._verify(verify, starts, hidden, out)
+        if self.proposer is not None:
+            self._propose(chunks, out)
         return out
+
+    def _logits(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.cpu_forward.logits(rows) if self.cpu_forward is not None else self.model.compute_logits(rows)
+
+    def _verify(self, verify: list[tuple[int, ScheduledChunk]], starts: list[int], hidden: torch.Tensor,
+                out: RunnerOutput) -> None:
+        """Chunks carrying K proposals: score their last K + 1 positions at once, keep what rejection
+        sampling accepts and one more token (the correction, or the bonus after K accepted)."""
+        rows: list[int] = []
+        for i, c in verify:
+            rows.extend(range(starts[i + 1] - 1 - len(c.spec_token_ids), starts[i + 1]))
+        requests = [c.request for _, c in verify]
+        batch = VerificationBatch.build(
+            [r.params for r in requests], [r.generator for r in requests], [r.output_token_ids for r in requests],
+            [r.prompt_token_ids for r in requests], [c.spec_token_ids for _, c in verify],
+            [r.eos_token_ids for r in requests])
+        probs = [c.spec_draft_probs for _, c in verify]
+        draft_probs = torch.cat(probs) if all(p is not None for p in probs) else None  # None: point masses
+        result = self.rejection_sampler(self._logits(hidden[rows]), batch, draft_probs)
+        for n, request in enumerate(requests):
+            out.sampled[request.request_id] = result.token_ids[n]
+            if result.logprobs[n] is not None:
+                out.logprobs[request.request_id] = result.logprobs[n]
+
+    def _propose(self, chunks: list[ScheduledChunk], out: RunnerOutput) -> None:
+        """Proposals for the next step of each request the scheduler asked them for."""
+        asking = [c.request for c in chunks if c.propose and c.request.request_id in out.sampled]
+        if not asking:
+            return
+        assert self.proposer is not None
+        proposals = self.proposer.propose(asking, [out.sampled[r.request_id] for r in asking],
+                                          self.num_speculative_tokens)
+        for n, request in enumerate(asking):
+            rid = request.request_id
+            if proposals.draft_computed is not None:
+                out.spec_draft_computed[rid] = proposals.draft_computed[n]
+            if proposals.token_ids[n]:
+                out.spec_token_ids[rid] = proposals.token_ids[n]
+                if proposals.draft_probs is not None and proposals.draft_probs[n] is not None:
+                    out.spec_draft_probs[rid] = proposals.draft_probs[n]

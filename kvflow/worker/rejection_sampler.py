@@ -85,34 +85,45 @@ class VerificationBatch:
         ):
             if len(seq) != b:
                 raise ValueError(f"{name} must have {b} entries, got {len(seq)}")
-        row_params: list[SamplingParams] = []
-        row_gens: list[torch.Generator | None] = []
-        row_outputs: list[list[int]] = []
-        row_prompts: list[list[int]] = []
-        row_blocked: list[list[int]] = []
-        for p, g, out, prompt, drafts, eos in zip(
-            params, generators, output_token_ids, prompt_token_ids, draft_token_ids, eos_token_ids
-        ):
-            penalised = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-            stop_ids = ([] if p.ignore_eos else list(eos)) + list(p.stop_token_ids)
-            for j in range(len(drafts) + 1):
-                row_params.append(p)
-                row_gens.append(g)
-                row_outputs.append(out + drafts[:j] if penalised and j > 0 else out)
-                row_prompts.append(prompt)
-                row_blocked.append(stop_ids if len(out) + j < p.min_tokens else [])
-        sampling = SamplingBatch.from_params(
-            row_params,
-            generators=row_gens,
-            output_token_ids=row_outputs,
-            prompt_token_ids=row_prompts,
-            blocked_token_ids=row_blocked,
-        )
+        rows = [(i, j) for i, drafts in enumerate(draft_token_ids) for j in range(len(drafts) + 1)]
+        sampling = position_rows(params, generators, output_token_ids, prompt_token_ids, draft_token_ids,
+                                 eos_token_ids, rows)
         return cls(
             draft_token_ids=[list(d) for d in draft_token_ids],
             sampling=sampling,
             num_logprobs=[p.logprobs for p in params],
         )
+
+
+def position_rows(
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    output_token_ids: Sequence[list[int]],
+    prompt_token_ids: Sequence[list[int]],
+    draft_token_ids: Sequence[list[int]],
+    eos_token_ids: Sequence[Sequence[int]],
+    rows: Sequence[tuple[int, int]],
+) -> SamplingBatch:
+    """One sampling row per (request i, position j): the token after request i's outputs plus
+    drafts[:j] (`VerificationBatch.build`'s rows; a draft model samples its proposal j from the same
+    row, so p and q are processed alike)."""
+    row_params: list[SamplingParams] = []
+    row_outputs: list[list[int]] = []
+    row_blocked: list[list[int]] = []
+    for i, j in rows:
+        p, out, drafts = params[i], output_token_ids[i], draft_token_ids[i]
+        penalised = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+        stop_ids = ([] if p.ignore_eos else list(eos_token_ids[i])) + list(p.stop_token_ids)
+        row_params.append(p)
+        row_outputs.append(out + list(drafts[:j]) if penalised and j > 0 else out)
+        row_blocked.append(stop_ids if len(out) + j < p.min_tokens else [])
+    return SamplingBatch.from_params(
+        row_params,
+        generators=[generators[i] for i, _ in rows],
+        output_token_ids=row_outputs,
+        prompt_token_ids=[prompt_token_ids[i] for i, _ in rows],
+        blocked_token_ids=row_blocked,
+    )
 
 
 def _probs_of_penalised(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -4,8 +4,9 @@
 The scheduler hands the runner `ScheduledChunk`s: a run of one sequence's tokens whose KV is
 computed this step. A sequence is anything that offers `SequenceView` (the core's `Request`
 does). The runner answers with a `RunnerOutput`: for each sequence whose chunk reached the end of
-its known tokens, the tokens sampled after it, as a list (one today; several when a step verifies
-speculative tokens), with their logprobs where asked for.
+its known tokens, the tokens sampled after it, as a list (one, or several when the step verified
+speculative tokens: the accepted proposals and one more), with their logprobs where asked for, and,
+with speculative decoding, the tokens proposed for the sequence's next step.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class SequenceView(Protocol):
     params: SamplingParams
     generator: torch.Generator | None
     prompt_logprobs: list[TokenLogprobs | None]
+    eos_token_ids: tuple[int, ...]
+    # Speculative decoding with a draft model: the generator its proposals draw from (seeded
+    # requests), and how many of its tokens the draft's KV cache holds.
+    spec_generator: torch.Generator | None
+    spec_draft_computed: int
 
     @property
     def num_tokens(self) -> int: ...
@@ -82,7 +88,13 @@ class ScheduledChunk:
 
     KIVI (kvflow/attention/kivi.py): `kv_residual_slot`, the ring slot of the request's newest
     tokens; `kv_prefix_floor`, the cache entries it found quantised in the prefix cache;
-    `kv_ring_shift`, positions evicted since its last step (its ring rotates by as many first)."""
+    `kv_ring_shift`, positions evicted since its last step (its ring rotates by as many first).
+
+    Speculative decoding: `spec_token_ids` are proposals verified this step; they follow the
+    request's known tokens and `num_tokens` counts them (a decode verifying K proposals computes
+    K + 1 tokens), with `spec_draft_probs` [K, V] the draft model's q for them (None: point-mass
+    proposals, as prompt lookup's). `propose`: the runner proposes tokens for the request's next step
+    (a draft model's KV for them fits the blocks the request holds)."""
 
     request: SequenceView
     start: int
@@ -92,11 +104,14 @@ class ScheduledChunk:
     kv_residual_slot: int = -1
     kv_prefix_floor: int = 0
     kv_ring_shift: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_draft_probs: torch.Tensor | None = None
+    propose: bool = False
 
     @property
     def samples(self) -> bool:
         """The chunk reaches the end of the known tokens, so its last logits give a new token."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        return self.start + self.num_tokens - len(self.spec_token_ids) == self.request.num_tokens
 
 
 @dataclass
@@ -108,6 +123,10 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # this step's prompt positions
     # H2O: the attention mass each of the request's blocks took this step (summed over layers, heads).
     kv_block_mass: dict[str, list[float]] = field(default_factory=dict)
+    # Speculative decoding: tokens proposed for each request's next step (chunks with `propose`).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    spec_draft_probs: dict[str, torch.Tensor] = field(default_factory=dict)  # a draft model's q for them
+    spec_draft_computed: dict[str, int] = field(default_factory=dict)  # tokens whose draft KV is valid now
 
 
 class StepHooks(Protocol):
