@@ -166,6 +166,43 @@ def _cmd_kv_capacity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_spec_decode(args: argparse.Namespace) -> int:
+    from kvflow.bench.spec_decode import (
+        format_spec_report,
+        format_verify_cost,
+        measure_verify_cost,
+        run_spec_bench,
+        save_report,
+    )
+
+    _set_threads(args.threads)
+    model = args.model
+    if model is None:
+        from kvflow.assets import default_model_path
+
+        model = str(default_model_path())
+    if args.verify_cost:
+        report = measure_verify_cost(model, args.dtype or "bfloat16", tuple(args.num_speculative_tokens),
+                                     tuple(args.batch), context_len=args.context_len, steps=args.steps,
+                                     repeats=args.repeats)
+        print(format_verify_cost(report))
+    else:
+        if "draft" in args.method and not args.speculative_model:
+            from kvflow.assets import default_draft_path
+
+            args.speculative_model = str(default_draft_path())
+        report = run_spec_bench(model, args.dtype or "float32", args.workload, tuple(args.method),
+                                tuple(args.num_speculative_tokens), tuple(args.batch), max_tokens=args.max_tokens,
+                                prompt_len=args.prompt_len, repeats=args.repeats, num_prompts=args.num_prompts,
+                                speculative_model=args.speculative_model, prompt_lookup_min=args.prompt_lookup_min,
+                                prompt_lookup_max=args.prompt_lookup_max)
+        print(format_spec_report(report))
+    if args.out:
+        save_report(report, Path(args.out))
+        print(f"saved {args.out}")
+    return 0 if report.get("outputs_equal") is not False else 1
+
+
 def _cmd_attention(args: argparse.Namespace) -> int:
     import torch
 
@@ -346,6 +383,35 @@ def configure(bench: argparse.ArgumentParser) -> None:
     kc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     kc.add_argument("--output", help="JSON path")
     kc.set_defaults(func=_cmd_kv_capacity)
+
+    sd = sub.add_parser("spec-decode", help="speculative decoding: tokens/s with and without it, acceptance, "
+                                            "mean accepted length; or (--verify-cost) one verification step's cost")
+    sd.add_argument("--model", help="model directory (default: the shipped tiny)")
+    sd.add_argument("--dtype", choices=_DTYPES, help="default float32 (bfloat16 with --verify-cost)")
+    sd.add_argument("--workload", choices=["code", "edit"], default="code",
+                    help="code: complete functions of held-out stdlib modules; edit: rewrite a function the "
+                         "prompt contains (the output copies the prompt)")
+    sd.add_argument("--method", nargs="+", choices=["none", "ngram", "draft"], default=["none", "ngram"],
+                    help="configurations; the ratios and the greedy-output check are against none")
+    sd.add_argument("--speculative-model", help="draft model for --method draft (default: the shipped tiny-draft)")
+    sd.add_argument("--num-speculative-tokens", nargs="+", type=int, default=[2, 4, 6], metavar="K",
+                    help="proposals per step, one configuration per K and method")
+    sd.add_argument("--prompt-lookup-min", type=int, default=1)
+    sd.add_argument("--prompt-lookup-max", type=int, default=4)
+    sd.add_argument("--batch", nargs="+", type=int, default=[1], help="sequences at once (e.g. 1 4 16 64)")
+    sd.add_argument("--num-prompts", type=int, default=8,
+                    help="prompts per run, in groups of --batch (at least one group): batch 1 runs them one by one")
+    sd.add_argument("--max-tokens", type=int, default=128, help="greedy tokens per sequence (EOS ignored)")
+    sd.add_argument("--prompt-len", type=int, default=256, help="most tokens per prompt")
+    sd.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    sd.add_argument("--verify-cost", action="store_true",
+                    help="instead: time a step verifying K proposals per sequence against a decode step "
+                         "(random prompts; e.g. on `kvflow bench make-model --shape 500m`)")
+    sd.add_argument("--context-len", type=int, default=512, help="--verify-cost: prompt tokens per sequence")
+    sd.add_argument("--steps", type=int, default=10, help="--verify-cost: steps timed per K and repeat")
+    sd.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    sd.add_argument("--out", help="JSON path")
+    sd.set_defaults(func=_cmd_spec_decode)
 
     gg = sub.add_parser("to-gguf", help="convert a model directory to GGUF for llama.cpp")
     gg.add_argument("--model", required=True, help="model directory (HF format)")
