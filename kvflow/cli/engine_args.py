@@ -45,7 +45,7 @@ _HELP = {
     "prompt_lookup_min": "ngram: shortest suffix matched earlier in the prompt and output (default 1)",
     "prompt_lookup_max": "ngram: longest suffix matched (default 4; longer matches are tried first)",
     "speculative_token_budget": "proposals verified per step across the batch: each of B decoding requests "
-                                "verifies at most budget // B (default 32; speculation turns off past 32 requests)",
+                                "verifies at most budget // B (default 16; speculation turns off past 16 requests)",
 }
 
 

@@ -292,13 +292,25 @@ class ModelRunner:
             [r.params for r in requests], [r.generator for r in requests], [r.output_token_ids for r in requests],
             [r.prompt_token_ids for r in requests], [c.spec_token_ids for _, c in verify],
             [r.eos_token_ids for r in requests])
-        probs = [c.spec_draft_probs for _, c in verify]
-        draft_probs = torch.cat(probs) if all(p is not None for p in probs) else None  # None: point masses
+        draft_probs = self._draft_probs([c for _, c in verify])
         result = self.rejection_sampler(self._logits(hidden[rows]), batch, draft_probs)
         for n, request in enumerate(requests):
             out.sampled[request.request_id] = result.token_ids[n]
             if result.logprobs[n] is not None:
                 out.logprobs[request.request_id] = result.logprobs[n]
+
+    @staticmethod
+    def _draft_probs(chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        """The q rows of a verification (None: every proposal is a point mass, as prompt lookup's and a
+        draft's greedy ones are; where only some are, theirs become one-hot rows)."""
+        probs = [c.spec_draft_probs for c in chunks]
+        some = next((p for p in probs if p is not None), None)
+        if some is None:
+            return None
+        rows = [p if p is not None else torch.nn.functional.one_hot(
+                    torch.tensor(c.spec_token_ids, device=some.device), some.shape[-1]).to(some.dtype)
+                for p, c in zip(probs, chunks)]
+        return torch.cat(rows)
 
     def _propose(self, chunks: list[ScheduledChunk], out: RunnerOutput) -> None:
         """Proposals for the next step of each request the scheduler asked them for."""

@@ -57,7 +57,7 @@ def reference() -> list[list[list[int]]]:
 @pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu_kernels", "torch_modules"])
 @pytest.mark.parametrize("method, k", [("ngram", 1), ("ngram", 4), ("ngram", 7), ("draft", 1), ("draft", 5)])
 def test_greedy_outputs_equal_no_speculation(reference, cpu_kernels, method, k):
-    llm = _llm(method, num_speculative_tokens=k, cpu_kernels=cpu_kernels)
+    llm = _llm(method, num_speculative_tokens=k, cpu_kernels=cpu_kernels, speculative_token_budget=64)
     assert _generate(llm, PROMPTS, GREEDY) == reference
     stats = llm.engine.core.stats()
     # Proposals were made, verified and mostly kept: speculation really ran.

@@ -35,7 +35,7 @@ def test_speculative_decode_instance_equals_colocated(batch, mode, k):
     expected = run_colocated(make_core(model), batch, params)
     prefill = make_core(model, KVTransferConfig(role="prefill", mode=mode))
     decode = make_core(model, KVTransferConfig(role="decode", mode=mode), block_size=8,
-                       speculative_method="ngram", num_speculative_tokens=k)
+                       speculative_method="ngram", num_speculative_tokens=k, speculative_token_budget=64)
     for i, ids in enumerate(batch):
         submit(prefill, decode, f"r{i}", ids, params)
     assert drive(prefill, decode) == expected
@@ -61,6 +61,23 @@ def test_both_instances_configured_for_speculation(batch):
         submit(prefill, decode, f"r{i}", ids, params)
     assert drive(prefill, decode) == expected
     assert prefill.stats().spec_num_drafts == 0 and decode.stats().spec_num_accepted_tokens > 0
+    assert_all_blocks_free(prefill, decode)
+    prefill.close()
+    decode.close()
+
+
+def test_draft_model_on_the_decode_instance(batch):
+    """A decode instance speculating with the shipped draft: the draft computes its own KV of each
+    pulled prompt (none came over the wire) on its first proposal, and greedy tokens stay the same."""
+    model, params = default_model_path(), greedy(32)
+    expected = run_colocated(make_core(model), batch, params)
+    prefill = make_core(model, KVTransferConfig(role="prefill"))
+    decode = make_core(model, KVTransferConfig(role="decode"), speculative_method="draft",
+                       speculative_model=str(model.parent / "tiny-draft"), num_speculative_tokens=4)
+    for i, ids in enumerate(batch):
+        submit(prefill, decode, f"r{i}", ids, params)
+    assert drive(prefill, decode) == expected
+    assert decode.scheduler.num_kv_load_failures == 0 and decode.stats().spec_num_accepted_tokens > 0
     assert_all_blocks_free(prefill, decode)
     prefill.close()
     decode.close()

@@ -27,6 +27,7 @@ from kvflow.config import EngineConfig, ModelConfig
 from kvflow.model.cpu_kernels import CPU_FORWARD_MAX_CHUNK, CpuForward, CpuForwardUnsupported
 from kvflow.model.linear import DenseLinear, PrepackedLinear, prepack_available
 from kvflow.model.loader import load_model
+from kvflow.sampling_params import SamplingParams
 from kvflow.worker.rejection_sampler import position_rows, processed_probs
 from kvflow.worker.sampler import exponential_race
 from kvflow.worker.spec_decode import Proposals
@@ -93,6 +94,9 @@ class DraftProposer:
         tokens: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         active = [i for i, n in enumerate(counts) if n > 0]
+        # Greedy requests with nothing that changes the argmax (penalties, blocked ids) propose the
+        # argmax of the draft's logits and need no q: the rejection sampler ignores q for greedy rows.
+        plain = [_plain_greedy(r.params, len(out) + k) for r, out in zip(requests, outputs)]
         # Pass 1: the tokens whose draft KV is missing (at least the newest), then the first proposal.
         begins = {i: min(requests[i].spec_draft_computed, len(histories[i]) - 1) for i in active}
         feed = {i: histories[i][begins[i]:] for i in active}
@@ -102,19 +106,23 @@ class DraftProposer:
                 break
             ends = [len(histories[i]) + j for i in rows]  # cache entries after this pass
             logits = self._forward([feed[i] for i in rows], ends, [requests[i].block_ids for i in rows])
-            batch = position_rows([requests[i].params for i in rows], [requests[i].spec_generator for i in rows],
-                                  [outputs[i] for i in rows], [requests[i].prompt_token_ids for i in rows],
-                                  [tokens[i] for i in rows], [requests[i].eos_token_ids for i in rows],
-                                  [(n, j) for n in range(len(rows))])
-            q = processed_probs(logits, batch)  # greedy rows: one-hot at the argmax
-            picked = q.argmax(dim=-1)
-            random = batch.random_rows.tolist()
-            if random:  # greedy rows draw nothing, as in the samplers
-                picked[random] = exponential_race(q[random], [batch.generators[n] for n in random])
+            if all(plain[i] for i in rows):  # the argmax is the proposal; q is not needed (greedy rows)
+                picked, q = logits.argmax(dim=-1), None
+            else:
+                batch = position_rows([requests[i].params for i in rows], [requests[i].spec_generator for i in rows],
+                                      [outputs[i] for i in rows], [requests[i].prompt_token_ids for i in rows],
+                                      [tokens[i] for i in rows], [requests[i].eos_token_ids for i in rows],
+                                      [(n, j) for n in range(len(rows))])
+                q = processed_probs(logits, batch)  # greedy rows: one-hot at the argmax
+                picked = q.argmax(dim=-1)
+                random = batch.random_rows.tolist()
+                if random:  # greedy rows draw nothing, as in the samplers
+                    picked[random] = exponential_race(q[random], [batch.generators[n] for n in random])
             for n, i in enumerate(rows):
                 token = int(picked[n])
                 tokens[i].append(token)
-                probs[i].append(q[n])
+                if not plain[i]:
+                    probs[i].append(q[n])
                 feed[i] = [token]
         return Proposals(tokens, [torch.stack(p) if p else None for p in probs],
                          [len(h) - 1 for h in histories])
@@ -138,3 +146,9 @@ class DraftProposer:
         unsorted = torch.empty_like(logits)
         unsorted[torch.tensor(order, device=logits.device)] = logits
         return unsorted
+
+
+def _plain_greedy(params: SamplingParams, outputs_after: int) -> bool:
+    """Greedy, no penalties, and no EOS/stop blocking up to `outputs_after` outputs (min_tokens)."""
+    return (params.greedy and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0 and outputs_after >= params.min_tokens)
