@@ -1,9 +1,11 @@
 """A server with speculative decoding (n-gram prompt lookup) exports the speculative counters:
 drafts, proposed and accepted tokens, accepted tokens per position; a request that opts out
-(`"speculative": false` in the body) moves none of them."""
+(`"speculative": false` in the body) moves none of them; a streamed request (several tokens per
+step arrive as deltas) gives the same text, with stop strings inside an accepted run."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -55,5 +57,24 @@ def test_speculative_counters_after_a_request(tmp_path):
         assert drafts <= proposed <= 4 * drafts and accepted <= proposed
         assert per_pos == accepted  # each accepted token counted once, at its position
         assert 'position="0"' in next(iter(values[COUNTERS[3]]))
+        text = r.json()["choices"][0]["text"]
+        assert _streamed(proc.url, body) == text
+        stop = text[len(text) // 2: len(text) // 2 + 3]  # inside what the run accepted
+        want = text[:text.index(stop)]
+        assert _streamed(proc.url, {**body, "stop": [stop]}) == want
+        plain = httpx.post(f"{proc.url}/v1/completions", json={**body, "stop": [stop], "speculative": False},
+                           timeout=60)
+        assert plain.json()["choices"][0]["text"] == want
     finally:
         proc.stop()
+
+
+def _streamed(url: str, body: dict) -> str:
+    """The text of a streamed completion, its deltas joined."""
+    parts = []
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                parts.extend(choice["text"] for choice in json.loads(line[6:])["choices"])
+    return "".join(parts)
