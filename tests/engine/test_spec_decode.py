@@ -234,3 +234,15 @@ def test_the_adaptive_rule_turns_speculation_down_then_off(reference):
             got = outputs[f"r{i}"]
             assert len(got) >= 40 and got == want[0][len(want[0]) - len(got):]
         assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_min_tokens_and_penalties_with_speculation(method):
+    """EOS blocked under min_tokens and a repetition penalty apply at every verified position (and to
+    the draft's proposals): greedy tokens equal those without speculation."""
+    params = SamplingParams(temperature=0.0, max_tokens=32, min_tokens=12, repetition_penalty=1.3)
+    want = _generate(_llm(None), PROMPTS, params)
+    llm = _llm(method)
+    assert _generate(llm, PROMPTS, params) == want
+    assert llm.engine.core.stats().spec_num_accepted_tokens > 0
+    _assert_no_leaks(llm)

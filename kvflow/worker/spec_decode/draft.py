@@ -96,7 +96,7 @@ class DraftProposer:
         active = [i for i, n in enumerate(counts) if n > 0]
         # Greedy requests with nothing that changes the argmax (penalties, blocked ids) propose the
         # argmax of the draft's logits and need no q: the rejection sampler ignores q for greedy rows.
-        plain = [_plain_greedy(r.params, len(out) + k) for r, out in zip(requests, outputs)]
+        plain = [_plain_greedy(r.params, len(out)) for r, out in zip(requests, outputs)]
         # Pass 1: the tokens whose draft KV is missing (at least the newest), then the first proposal.
         begins = {i: min(requests[i].spec_draft_computed, len(histories[i]) - 1) for i in active}
         feed = {i: histories[i][begins[i]:] for i in active}
@@ -131,8 +131,8 @@ class DraftProposer:
         """The draft's logits after each sequence's `feeds` tokens, which end its first `ends` entries."""
         order = sorted(range(len(feeds)), key=lambda n: len(feeds[n]) != 1)  # decodes first
         query_lens = [len(feeds[n]) for n in order]
-        positions, _, meta, _ = paged_step_inputs([ends[n] for n in order], query_lens,
-                                                             [tables[n] for n in order], self.block_size, self.device)
+        positions, _, meta, _ = paged_step_inputs([ends[n] for n in order], query_lens, [tables[n] for n in order],
+                                                  self.block_size, self.device)
         input_ids = torch.tensor([t for n in order for t in feeds[n]], dtype=torch.long, device=self.device)
         last = meta.query_start_loc[1:] - 1
         if self.cpu_forward is not None and meta.max_query_len <= CPU_FORWARD_MAX_CHUNK:
@@ -148,7 +148,7 @@ class DraftProposer:
         return unsorted
 
 
-def _plain_greedy(params: SamplingParams, outputs_after: int) -> bool:
-    """Greedy, no penalties, and no EOS/stop blocking up to `outputs_after` outputs (min_tokens)."""
+def _plain_greedy(params: SamplingParams, num_outputs: int) -> bool:
+    """Greedy, no penalties, and no EOS/stop blocking from here on (`num_outputs` >= min_tokens)."""
     return (params.greedy and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
-            and params.presence_penalty == 0.0 and outputs_after >= params.min_tokens)
+            and params.presence_penalty == 0.0 and num_outputs >= params.min_tokens)
