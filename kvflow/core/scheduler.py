@@ -305,8 +305,9 @@ class Scheduler:
         k = len(proposals or [])
         probs = None if draft_probs is None or not k else draft_probs[:k]
         room = len(request.block_ids) * self.kv.block_size - (start + n - request.kv_shift)
-        # Past the adaptive rule's batch size, nothing is proposed (a draft model's steps cost too).
-        propose = self._may_speculate(request) and room >= self.lookahead and self._per_request > 0
+        # Propose what the adaptive rule lets a step verify now: nothing past its batch size (a draft
+        # model's steps cost too).
+        propose = self._per_request if self._may_speculate(request) and room >= self.lookahead else 0
         return ScheduledChunk(request, start, n, request.kv_shift, op, slot, request.kv_prefix_floor, ring_shift,
                               proposals or [], probs, propose)
 

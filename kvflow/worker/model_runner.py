@@ -314,13 +314,14 @@ class ModelRunner:
 
     def _propose(self, chunks: list[ScheduledChunk], out: RunnerOutput) -> None:
         """Proposals for the next step of each request the scheduler asked them for."""
-        asking = [c.request for c in chunks if c.propose and c.request.request_id in out.sampled]
+        asking = [c for c in chunks if c.propose and c.request.request_id in out.sampled]
         if not asking:
             return
         assert self.proposer is not None
-        proposals = self.proposer.propose(asking, [out.sampled[r.request_id] for r in asking],
-                                          self.num_speculative_tokens)
-        for n, request in enumerate(asking):
+        counts = [min(c.propose, self.num_speculative_tokens) for c in asking]
+        requests = [c.request for c in asking]
+        proposals = self.proposer.propose(requests, [out.sampled[r.request_id] for r in requests], counts)
+        for n, request in enumerate(requests):
             rid = request.request_id
             if proposals.draft_computed is not None:
                 out.spec_draft_computed[rid] = proposals.draft_computed[n]

@@ -93,8 +93,8 @@ class ScheduledChunk:
     Speculative decoding: `spec_token_ids` are proposals verified this step; they follow the
     request's known tokens and `num_tokens` counts them (a decode verifying K proposals computes
     K + 1 tokens), with `spec_draft_probs` [K, V] the draft model's q for them (None: point-mass
-    proposals, as prompt lookup's). `propose`: the runner proposes tokens for the request's next step
-    (a draft model's KV for them fits the blocks the request holds)."""
+    proposals, as prompt lookup's). `propose`: how many tokens the runner proposes for the request's
+    next step (0: none; at most the engine's K; a draft model's KV for them fits the request's blocks)."""
 
     request: SequenceView
     start: int
@@ -106,7 +106,7 @@ class ScheduledChunk:
     kv_ring_shift: int = 0
     spec_token_ids: list[int] = field(default_factory=list)
     spec_draft_probs: torch.Tensor | None = None
-    propose: bool = False
+    propose: int = 0
 
     @property
     def samples(self) -> bool:

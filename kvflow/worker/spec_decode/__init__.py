@@ -29,8 +29,10 @@ class Proposals:
 
 
 class Proposer(Protocol):
-    def propose(self, requests: Sequence[SequenceView], new_tokens: Sequence[list[int]], k: int) -> Proposals:
-        """Up to `k` tokens to follow each request's tokens and this step's `new_tokens` (not yet appended)."""
+    def propose(self, requests: Sequence[SequenceView], new_tokens: Sequence[list[int]],
+                counts: Sequence[int]) -> Proposals:
+        """Up to `counts[i]` tokens to follow request i's tokens and this step's `new_tokens[i]` (not yet
+        appended)."""
         ...
 
 

@@ -85,11 +85,12 @@ class DraftProposer:
                 pass
 
     @torch.inference_mode()
-    def propose(self, requests: Sequence[SequenceView], new_tokens: Sequence[list[int]], k: int) -> Proposals:
-        """Up to k proposals per request, after its tokens and `new_tokens` (this step's, not yet
-        appended), each with its q row; fewer near the end of the context."""
+    def propose(self, requests: Sequence[SequenceView], new_tokens: Sequence[list[int]],
+                counts: Sequence[int]) -> Proposals:
+        """Up to `counts[i]` proposals for request i, after its tokens and `new_tokens[i]` (this step's,
+        not yet appended), each with its q row; fewer near the end of the context."""
         histories = [r.all_token_ids + new for r, new in zip(requests, new_tokens)]
-        counts = [max(0, min(k, self.max_model_len - len(h))) for h in histories]
+        counts = [max(0, min(k, self.max_model_len - len(h))) for k, h in zip(counts, histories)]
         outputs = [r.output_token_ids + new for r, new in zip(requests, new_tokens)]
         tokens: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]

@@ -22,8 +22,10 @@ class NgramProposer:
             raise ValueError(f"prompt lookup needs 1 <= min <= max, got {min_n} and {max_n}")
         self.min_n, self.max_n = min_n, max_n
 
-    def propose(self, requests: Sequence[SequenceView], new_tokens: Sequence[list[int]], k: int) -> Proposals:
-        return Proposals([self.propose_one(r.all_token_ids + new, k) for r, new in zip(requests, new_tokens)])
+    def propose(self, requests: Sequence[SequenceView], new_tokens: Sequence[list[int]],
+                counts: Sequence[int]) -> Proposals:
+        return Proposals([self.propose_one(r.all_token_ids + new, k)
+                          for r, new, k in zip(requests, new_tokens, counts)])
 
     def propose_one(self, token_ids: Sequence[int], k: int) -> list[int]:
         """Up to k tokens (none when no suffix of length min_n..max_n occurred before)."""

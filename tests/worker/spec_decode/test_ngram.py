@@ -43,7 +43,7 @@ def test_matches_the_naive_reference(seed):
         k = rng.randint(1, 6)
         assert proposer.propose_one(tokens, k) == naive(tokens, k, min_n, max_n)
     requests = [SimpleNamespace(all_token_ids=[1, 2]), SimpleNamespace(all_token_ids=[3])]
-    proposals = proposer.propose(requests, [[1], []], 2)  # this step's new tokens count too
+    proposals = proposer.propose(requests, [[1], []], [2, 2])  # this step's new tokens count too
     assert proposals.token_ids == [naive([1, 2, 1], 2, min_n, max_n), []] and proposals.draft_probs is None
 
 
