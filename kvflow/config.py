@@ -1,7 +1,8 @@
 """One validated engine configuration: a tree of frozen dataclasses, checked at construction.
 
 `ModelConfig` is parsed from a Hugging Face `config.json` (both the transformers-4 spelling,
-`rope_scaling` + `rope_theta`, and the transformers-5 one, `rope_parameters`). The other parts
+`rope_scaling` + `rope_theta`, and the transformers-5 one, `rope_parameters`), or from a GGUF file's
+metadata turned into that dict (`kvflow/gguf_config.py`). The other parts
 hold cache and scheduler knobs. Every check raises `ValueError` naming the field and its range.
 """
 
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from kvflow.gguf_config import hf_config_from_gguf, is_gguf_path
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -104,16 +107,30 @@ class ModelConfig:
     dtype: torch.dtype = torch.float32
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Where the tokenizer comes from when not from `path` itself: a directory (or a GGUF file).
+    tokenizer: str | None = None
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.path
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto", max_model_len: int | None = None
+        cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto", max_model_len: int | None = None,
+        tokenizer: str | os.PathLike | None = None,
     ) -> ModelConfig:
-        config_path = Path(path) / "config.json"
-        if not config_path.is_file():
-            raise ValueError(f"model directory {path} has no config.json")
-        hf = json.loads(config_path.read_text())
-        return cls.from_hf_dict(hf, str(path), dtype=dtype, max_model_len=max_model_len)
+        """From a Hugging Face directory's config.json, or a llama-architecture GGUF file's metadata."""
+        if tokenizer is not None and not (Path(tokenizer).is_dir() or is_gguf_path(tokenizer)):
+            raise ValueError(f"tokenizer {tokenizer} is neither a directory nor a .gguf file")
+        if is_gguf_path(path):
+            hf = hf_config_from_gguf(path)
+        else:
+            config_path = Path(path) / "config.json"
+            if not config_path.is_file():
+                raise ValueError(f"model directory {path} has no config.json")
+            hf = json.loads(config_path.read_text())
+        cfg = cls.from_hf_dict(hf, str(path), dtype=dtype, max_model_len=max_model_len)
+        return replace(cfg, tokenizer=str(tokenizer)) if tokenizer is not None else cfg
 
     @classmethod
     def from_hf_dict(
@@ -554,6 +571,7 @@ class EngineConfig:
         max_model_len: int | None = None,
         device: str = "cpu",
         seed: int = 0,
+        tokenizer: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> EngineConfig:
         """Build from flat keyword arguments (the offline API and CLI use this)."""
@@ -567,11 +585,11 @@ class EngineConfig:
             else:
                 allowed = sorted(
                     {f.name for p in parts for f in fields(p)}
-                    | {"dtype", "max_model_len", "device", "seed"}
+                    | {"dtype", "max_model_len", "device", "seed", "tokenizer"}
                 )
                 raise ValueError(f"unknown engine argument {key!r}; allowed: {', '.join(allowed)}")
         return cls(
-            model=ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len),
+            model=ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len, tokenizer=tokenizer),
             cache=CacheConfig(**parts[CacheConfig]),
             scheduler=SchedulerConfig(**parts[SchedulerConfig]),
             runner=RunnerConfig(**parts[RunnerConfig]),

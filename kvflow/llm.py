@@ -20,6 +20,9 @@ Message = Mapping[str, Any]
 class LLM:
     """Runs batches of prompts to completion with continuous batching over a paged KV cache.
 
+    `model` is a Hugging Face model directory or a llama-architecture `.gguf` file; `tokenizer=DIR`
+    (or a `.gguf` file) replaces the model's own tokenizer.
+
     Engine keyword arguments: `max_num_seqs`, `max_num_batched_tokens`, `enable_chunked_prefill`,
     `block_size`, `kv_cache_memory` (GiB), `num_blocks`, `enable_prefix_caching`, `policy`.
     """

@@ -58,8 +58,10 @@ def _engine_parts() -> tuple[type, ...]:
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Model and engine flags shared by every command that runs the engine."""
-    parser.add_argument("--model", help="Hugging Face model directory (config.json, *.safetensors, tokenizer); "
-                        "default: the shipped tiny model")
+    parser.add_argument("--model", help="Hugging Face model directory (config.json, *.safetensors, tokenizer) or a "
+                        "llama-architecture .gguf file; default: the shipped tiny model")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (or .gguf file) to use instead of "
+                        "the model's own")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     parser.add_argument("--device", default="cpu")
@@ -79,6 +81,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
+    if getattr(args, "tokenizer", None) is not None:
+        kwargs["tokenizer"] = args.tokenizer
     for part in _engine_parts():
         for f in dataclasses.fields(part):
             value = getattr(args, f.name, None)

@@ -98,7 +98,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                  seed=args.seed, **engine_kwargs(args))
     if args.step_log:
         config = dataclasses.replace(config, step_log=str(Path(args.step_log).resolve()))
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(config.model.tokenizer_path)
     name = args.served_model_name or args.model or Path(model).name  # the shipped model is "tiny"
     if args.disagg or args.deployment or args.ray_address:
         from kvflow.disagg.router import DisaggEngine

@@ -27,7 +27,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Any | None = None, load_tokenizer_: bool = True) -> None:
         self.config = config
         if tokenizer is None and load_tokenizer_:
-            tokenizer = load_tokenizer(config.model.path)
+            tokenizer = load_tokenizer(config.model.tokenizer_path)
         self.tokenizer = tokenizer
         self.core = EngineCore(config)
         self.inputs = InputProcessor(config, self.tokenizer, self.core.kv.num_blocks)

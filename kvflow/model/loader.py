@@ -1,7 +1,8 @@
-"""Hugging Face model directory -> our model, tokenizer and generation defaults.
+"""Hugging Face model directory (or GGUF file) -> our model, tokenizer and generation defaults.
 
 Weights are read with safetensors only (memory-mapped, one tensor at a time). A directory that
 holds only pickle weights (`*.bin`, `*.pt`, `*.pth`) is refused: unpickling runs arbitrary code.
+A `.gguf` path is read by `kvflow/model/gguf/` (weights, tokenizer) and its metadata.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from kvflow.config import ModelConfig
+from kvflow.gguf_config import generation_config_from_gguf, is_gguf_path
 from kvflow.model.layers import RotaryEmbedding
 from kvflow.model.registry import model_class
 
@@ -50,7 +52,14 @@ def safetensors_files(path: str | Path) -> list[Path]:
     raise ValueError(f"{root} has no *.safetensors weights")
 
 
-def iter_weights(path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, Any]]:
+    """(HF name, tensor in `dtype`) pairs; a GGUF file's block-format weights come as QuantizedWeight."""
+    if is_gguf_path(path):
+        from kvflow.model.gguf import iter_gguf_weights
+
+        for name, weight in iter_gguf_weights(path):
+            yield name, weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
+        return
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
@@ -75,7 +84,12 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
 
 
 def load_tokenizer(path: str | Path) -> Any | None:
-    """The directory's tokenizer via transformers, or None when it ships none (token-id prompts only)."""
+    """The directory's tokenizer via transformers (a GGUF file's: from its metadata), or None when it
+    ships none (token-id prompts only)."""
+    if is_gguf_path(path):
+        from kvflow.model.gguf import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(path)
     root = Path(path)
     if not any((root / name).exists() for name in TOKENIZER_FILES):
         return None
@@ -85,6 +99,8 @@ def load_tokenizer(path: str | Path) -> Any | None:
 
 
 def load_generation_config(path: str | Path) -> dict[str, Any]:
+    if is_gguf_path(path):
+        return generation_config_from_gguf(path)
     file = Path(path) / "generation_config.json"
     return json.loads(file.read_text()) if file.is_file() else {}
 

@@ -1,0 +1,207 @@
+"""A GGUF file's metadata as the Hugging Face config and generation config it stands for.
+
+It sits at the bottom layer, below `kvflow.config`, so that `ModelConfig.from_pretrained("x.gguf")`
+reads a GGUF file the way it reads a `config.json`: one dict, parsed by the same `from_hf_dict`.
+The weights, the tokenizer and the writer live in `kvflow/model/gguf/`. Only llama-architecture
+files are read (Llama, Mistral and their fine-tunes: what llama.cpp's converter writes as "llama").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+# GGUF architecture -> the Hugging Face architecture kvflow runs it as.
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+
+# general.file_type -> the model dtype "auto" picks. Quantised files compute in float32: their
+# float tensors (norms, and any left unquantised) are F32 in llama.cpp's own files.
+_FILE_TYPE_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
+
+# llama.cpp's sampling keys (general.sampling.*) -> generation_config.json's names.
+_SAMPLING_KEYS = {
+    "temp": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "penalty_repeat": "repetition_penalty",
+}
+
+# The tensor llama.cpp writes in place of llama3 rope-scaling metadata: one factor per frequency.
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
+
+
+def is_gguf_path(path: str | os.PathLike) -> bool:
+    """A path names a GGUF file by its suffix (a directory never does)."""
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def open_gguf(path: str | os.PathLike) -> Any:
+    """`gguf.GGUFReader` over the file (copy-on-write memmap: tensors are zero-copy and writable),
+    with one clear error for a missing, truncated or foreign file."""
+    from gguf import GGUFReader
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"GGUF file {file} does not exist")
+    try:
+        reader = GGUFReader(file, mode="c")
+    except Exception as exc:  # the reader raises ValueError, IndexError or struct errors on bad bytes
+        raise ValueError(f"{file} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    size = file.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ValueError(f"{file} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, "
+                             f"the file has {size}")
+    return reader
+
+
+def read_metadata(reader: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every key/value of the file as Python values (strings, numbers, lists), except `skip`.
+    float32 scalars come back as the shortest decimal that rounds to them (1e-05, not 9.99999974e-06)."""
+    import numpy as np
+    from gguf import GGUFValueType
+
+    out = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key in skip:
+            continue
+        value = f.contents()
+        if f.types == [GGUFValueType.FLOAT32]:
+            value = float(str(np.float32(value)))
+        out[key] = value
+    return out
+
+
+def gguf_architecture(meta: dict[str, Any], path: str | os.PathLike) -> str:
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; kvflow reads "
+                         f"{', '.join(GGUF_ARCHITECTURES)}-architecture files (Llama, Mistral and their fine-tunes)")
+    return str(arch)
+
+
+def hf_config_from_gguf(path: str | os.PathLike) -> dict[str, Any]:
+    """The `config.json` dict a llama-architecture GGUF file stands for; ValueError for anything else."""
+    reader = open_gguf(path)
+    meta = read_metadata(reader, skip=("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+                                       "tokenizer.ggml.token_type"))
+    arch = gguf_architecture(meta, path)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def key(name: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{name}", default)
+
+    if key("expert_count", 0):
+        raise ValueError(f"{path}: mixture-of-experts GGUF files ({key('expert_count')} experts) are not supported")
+    for required in ("embedding_length", "block_count", "feed_forward_length", "attention.head_count"):
+        if key(required) is None:
+            raise ValueError(f"{path}: GGUF metadata lacks {arch}.{required}")
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
+    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length") or hidden // heads)
+    rope_dim = key("rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise ValueError(f"{path}: rotary embedding over {rope_dim} of {head_dim} head dimensions (partial rotary) "
+                         "is not supported")
+    if key("attention.value_length") not in (None, head_dim):
+        raise ValueError(f"{path}: value heads of {key('attention.value_length')} != key heads of {head_dim}")
+    file_type = meta.get("general.file_type")
+    hf: dict[str, Any] = {
+        "architectures": [GGUF_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),  # ggml dims: [hidden, vocab]
+        "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(key("attention.head_count_kv") or heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        "max_position_embeddings": int(key("context_length", 2048)),
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "mlp_bias": "blk.0.ffn_up.bias" in tensors,
+        "dtype": _FILE_TYPE_DTYPES.get(int(file_type), "float32") if file_type is not None else "float32",
+    }
+    scaling = _rope_scaling(meta, arch, tensors, head_dim, hf["rope_theta"], path)
+    if scaling is not None:
+        hf["rope_scaling"] = scaling
+    hf.update(_special_ids(meta))
+    return hf
+
+
+def _rope_scaling(meta: dict[str, Any], arch: str, tensors: dict[str, Any], head_dim: int, theta: float,
+                  path: str | os.PathLike) -> dict[str, Any] | None:
+    """Rope scaling from `{arch}.rope.scaling.*`, or llama3's from the per-frequency factors in
+    `rope_freqs.weight` (llama.cpp's converter writes llama3 scaling only as that tensor)."""
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if ROPE_FREQS_TENSOR in tensors:
+        return llama3_rope_from_factors(tensors[ROPE_FREQS_TENSOR].data, head_dim, theta, path)
+    if kind == "none" or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    return {"rope_type": str(kind)}  # RopeConfig refuses it with the supported list
+
+
+def llama3_rope_from_factors(factors: Any, head_dim: int, theta: float, path: str | os.PathLike) -> dict[str, Any]:
+    """Llama 3's rope scaling parameters that reproduce llama.cpp's per-frequency factors.
+
+    Each frequency f_i = theta^(-2i/d) (wavelength w_i = 2π / f_i) is divided by a factor: 1 above
+    the high-frequency cut-off, `factor` below the low one, and 1 / ((1 - s)/factor + s) between,
+    where s = (original / w - low) / (high - low) is affine in 1/w. The blended factors give that
+    affine map (a / w + b) and `factor`; the cut-offs follow (w_low = -a / b, w_high = a / (1 - b)),
+    and any (low, high, original) with those cut-offs gives the same frequencies: with high - low
+    = 3 (Llama 3.1's 1 and 4), original = 3a and low = -3b.
+    """
+    values = [float(v) for v in list(factors.reshape(-1))]
+    if len(values) != head_dim // 2:
+        raise ValueError(f"{path}: {ROPE_FREQS_TENSOR} has {len(values)} factors, expected {head_dim // 2}")
+    factor = max(values)
+    if factor <= 1.0:
+        return {"rope_type": "default"}
+    wavelens = [2 * math.pi * theta ** (2 * i / head_dim) for i in range(head_dim // 2)]
+    blended = [(1 / w, (1 / v - 1 / factor) / (1 - 1 / factor)) for v, w in zip(values, wavelens)
+               if 1.0 + 1e-6 < v < factor * (1 - 1e-6)]
+    if len(blended) < 2:
+        raise ValueError(f"{path}: {ROPE_FREQS_TENSOR} does not follow llama3 rope scaling (fewer than two "
+                         "blended frequencies to recover its parameters from)")
+    n = len(blended)
+    mx, my = sum(x for x, _ in blended) / n, sum(y for _, y in blended) / n
+    a = sum((x - mx) * (y - my) for x, y in blended) / sum((x - mx) ** 2 for x, _ in blended)
+    b = my - a * mx
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": -3 * b, "high_freq_factor": 3 - 3 * b,
+            "original_max_position_embeddings": 3 * a}
+
+
+def _special_ids(meta: dict[str, Any]) -> dict[str, Any]:
+    """bos and every end-of-generation id (eos, eot, eom), as config.json spells them."""
+    out: dict[str, Any] = {}
+    if (bos := meta.get("tokenizer.ggml.bos_token_id")) is not None:
+        out["bos_token_id"] = int(bos)
+    eos = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                  "tokenizer.ggml.eom_token_id") if meta.get(k) is not None]
+    if eos:
+        out["eos_token_id"] = sorted(set(eos)) if len(set(eos)) > 1 else eos[0]
+    if (pad := meta.get("tokenizer.ggml.padding_token_id")) is not None:
+        out["pad_token_id"] = int(pad)
+    return out
+
+
+def generation_config_from_gguf(path: str | os.PathLike) -> dict[str, Any]:
+    """The `generation_config.json` dict of a GGUF file: special ids and llama.cpp's sampling defaults."""
+    meta = read_metadata(open_gguf(path), skip=("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                                                "tokenizer.ggml.scores", "tokenizer.ggml.token_type"))
+    out = _special_ids(meta)
+    for key, name in _SAMPLING_KEYS.items():
+        if (value := meta.get(f"general.sampling.{key}")) is not None:
+            out[name] = value
+    if out.get("temperature") == 0.0:
+        out["do_sample"] = False
+    return out
