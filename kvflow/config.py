@@ -107,6 +107,9 @@ class ModelConfig:
     dtype: torch.dtype = torch.float32
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Linear weights in a quantised format: stored so (a kvflow-quantised checkpoint's
+    # `quantization_config`) or quantised as they load (`--quantization`); None: as the checkpoint's dtype.
+    quantization: QuantizationConfig | None = None
     # Where the tokenizer comes from when not from `path` itself: a directory (or a GGUF file).
     tokenizer: str | None = None
 
@@ -192,7 +195,21 @@ class ModelConfig:
             dtype=torch_dtype,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
+            quantization=QuantizationConfig.from_hf(hf.get("quantization_config"), path),
         )
+
+    def with_quantization(self, requested: QuantizationConfig) -> ModelConfig:
+        """This model quantised at load as `requested` (`--quantization`). A checkpoint already quantised
+        takes only a request for its own format, which changes nothing."""
+        current = self.quantization
+        if current is None or current.on_load:
+            return replace(self, quantization=requested)
+        if (requested.format, requested.bits, requested.group_size) == (current.format, current.bits,
+                                                                      current.group_size):
+            return self
+        raise ValueError(f"{self.path} is already quantised ({current.describe()}); quantization="
+                         f"{requested.describe()} would quantise it again: load it as it is, or quantise "
+                         "its dense checkpoint")
 
 
 def _sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, ...]:
@@ -207,6 +224,131 @@ def _sliding_windows(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[in
         first = int(hf.get("max_window_layers", num_layers))
         return tuple(int(window) if i >= first else None for i in range(num_layers))
     return tuple(None for _ in range(num_layers))
+
+
+# Weight formats (kvflow/model/quant/formats.py holds their table: blocks, bytes, quantisers, kernels).
+QUANT_FORMATS = ("q8_0", "q4_0", "q4_k", "int8", "bipolar")
+# The code bits and group (weights sharing a scale along K) each format fixes; None: the whole row.
+_FIXED_QUANT = {"q8_0": (8, 32), "q4_0": (4, 32), "q4_k": (4, 256), "int8": (8, None)}
+# bipolar: bits 2..8 and a group that is a multiple of 8 (whole bytes of each bit plane).
+BIPOLAR_DEFAULT_BITS, BIPOLAR_DEFAULT_GROUP = 4, 64
+# `quantization_config.quant_method` of the checkpoints kvflow writes (kvflow/model/quant/checkpoint.py).
+QUANT_METHOD = "kvflow"
+_QUANT_KEYS = ("quant_method", "format", "bits", "group_size", "activation_bits")
+_SUPPORTED_QUANT = (f"checkpoints quantised by kvflow (quant_method '{QUANT_METHOD}': {', '.join(QUANT_FORMATS)}; "
+                    f"`kvflow quantize`), GGUF files (Q8_0, Q4_0, Q4_K blocks run as stored), or a dense "
+                    f"checkpoint quantised at load (--quantization {'|'.join(QUANT_FORMATS)})")
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """Linear weights in one of `QUANT_FORMATS` (the embedding and the LM head stay in the model's dtype).
+
+    `bits` and `group_size` are filled in from the format where it fixes them (bipolar: 4 and 64 by
+    default); `activation_bits` picks how activations meet the weights: int8 with 8 runs W8A8
+    (dynamic per-token int8 activations), bipolar with A runs the A-bit bit-plane variant; None keeps
+    float activations. `on_load`: the checkpoint is dense and is quantised (round to nearest) as it loads.
+    """
+
+    format: str
+    bits: int | None = None
+    group_size: int | None = None
+    activation_bits: int | None = None
+    on_load: bool = False
+
+    def __post_init__(self) -> None:
+        fmt = self.format
+        if fmt not in QUANT_FORMATS:
+            raise ValueError(f"quantization format must be one of {', '.join(QUANT_FORMATS)}; got {fmt!r}")
+        if fmt in _FIXED_QUANT:
+            bits, group = _FIXED_QUANT[fmt]
+            if self.bits not in (None, bits):
+                raise ValueError(f"{fmt} stores {bits}-bit codes; got bits={self.bits} (bipolar takes 2..8)")
+            if self.group_size not in (None, group):
+                what = f"blocks of {group}" if group else "one scale per output channel"
+                raise ValueError(f"{fmt} has {what}; got group_size={self.group_size} (bipolar takes any "
+                                 "multiple of 8)")
+        else:
+            bits = BIPOLAR_DEFAULT_BITS if self.bits is None else self.bits
+            group = BIPOLAR_DEFAULT_GROUP if self.group_size is None else self.group_size
+            if not 2 <= bits <= 8:
+                raise ValueError(f"bipolar bits must be in [2, 8], got {bits}")
+            if group < 8 or group % 8:
+                raise ValueError(f"bipolar group_size must be a positive multiple of 8, got {group}")
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "group_size", group)
+        act = self.activation_bits
+        if act is not None:
+            if fmt == "int8" and act != 8:
+                raise ValueError(f"int8 weights take activation_bits 8 (W8A8) or none (W8A16), got {act}")
+            if fmt == "bipolar" and not 2 <= act <= 8:
+                raise ValueError(f"bipolar activation_bits must be in [2, 8], got {act}")
+            if fmt in ("q8_0", "q4_0", "q4_k"):
+                raise ValueError(f"{fmt} runs with float activations; activation_bits is for int8 (8: W8A8) "
+                                 "and bipolar (2..8)")
+
+    @property
+    def params(self) -> dict[str, int]:
+        """What the format's quantiser takes (kvflow/model/quant/formats.py)."""
+        return {"bits": self.bits, "group_size": self.group_size} if self.format == "bipolar" else {}
+
+    def describe(self) -> str:
+        extra = f" {self.bits}-bit, group {self.group_size}" if self.format == "bipolar" else ""
+        act = f", {self.activation_bits}-bit activations" if self.activation_bits else ""
+        return f"{self.format}{extra}{act}"
+
+    @classmethod
+    def from_hf(cls, qc: Any, path: str = "") -> QuantizationConfig | None:
+        """A config.json's `quantization_config`: kvflow's own, else refused with what is supported."""
+        if qc is None:
+            return None
+        where = f"{path}: " if path else ""
+        if not isinstance(qc, dict):
+            raise ValueError(f"{where}quantization_config must be an object, got {qc!r}")
+        method = qc.get("quant_method")
+        if method != QUANT_METHOD:
+            what = ("GPTQ with act-order (desc_act)" if method == "gptq" and qc.get("desc_act")
+                    else f"quantization_config.quant_method {method!r}")
+            raise ValueError(f"{where}{what} is not supported. kvflow loads {_SUPPORTED_QUANT}")
+        unknown = sorted(set(qc) - set(_QUANT_KEYS))
+        if unknown:
+            raise ValueError(f"{where}quantization_config has keys kvflow does not write: {', '.join(unknown)} "
+                             f"(it writes {', '.join(_QUANT_KEYS)})")
+        if "format" not in qc:
+            raise ValueError(f"{where}quantization_config names no format (one of {', '.join(QUANT_FORMATS)})")
+        return cls(qc["format"], qc.get("bits"), qc.get("group_size"), qc.get("activation_bits"))
+
+    def to_hf(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"quant_method": QUANT_METHOD, "format": self.format, "bits": self.bits,
+                               "group_size": self.group_size}
+        if self.activation_bits is not None:
+            out["activation_bits"] = self.activation_bits
+        return out
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How a checkpoint's weights become the model's: `quantization` quantises a dense checkpoint's
+    linear layers as they load (round to nearest, like vLLM's `--quantization` for formats that need no
+    calibration); a checkpoint that is already quantised loads as stored."""
+
+    quantization: str | None = None
+    quantization_bits: int | None = None
+    quantization_group_size: int | None = None
+    quantization_activation_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        self.quantization_config()
+
+    def quantization_config(self) -> QuantizationConfig | None:
+        if self.quantization is None:
+            if (self.quantization_bits, self.quantization_group_size, self.quantization_activation_bits) != (
+                    None, None, None):
+                raise ValueError("quantization_bits, quantization_group_size and quantization_activation_bits "
+                                 "need a quantization format")
+            return None
+        return QuantizationConfig(self.quantization, self.quantization_bits, self.quantization_group_size,
+                                  self.quantization_activation_bits, on_load=True)
 
 
 # KV-cache formats (kvflow/attention/kv_spec.py says what a block of each holds): "auto" keeps the
@@ -520,6 +662,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    # Weights quantised at load; the result is `model.quantization` (which the loader reads).
+    load: LoadConfig = field(default_factory=LoadConfig)
     device: str = "cpu"
     seed: int = 0
     # Set when this engine is a prefill or decode instance of a disaggregated deployment.
@@ -532,6 +676,9 @@ class EngineConfig:
     step_log: str | None = None
 
     def __post_init__(self) -> None:
+        requested = self.load.quantization_config()
+        if requested is not None:
+            object.__setattr__(self, "model", self.model.with_quantization(requested))
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if not self.scheduler.enable_chunked_prefill and (
@@ -576,7 +723,7 @@ class EngineConfig:
     ) -> EngineConfig:
         """Build from flat keyword arguments (the offline API and CLI use this)."""
         parts: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}, RunnerConfig: {},
-                                             SpeculativeConfig: {}}
+                                             SpeculativeConfig: {}, LoadConfig: {}}
         for key, value in kwargs.items():
             for part in parts:
                 if key in {f.name for f in fields(part)}:
@@ -594,6 +741,7 @@ class EngineConfig:
             scheduler=SchedulerConfig(**parts[SchedulerConfig]),
             runner=RunnerConfig(**parts[RunnerConfig]),
             speculative=SpeculativeConfig(**parts[SpeculativeConfig]),
+            load=LoadConfig(**parts[LoadConfig]),
             device=device,
             seed=seed,
         )
