@@ -1,0 +1,34 @@
+// Python bindings of kvflow's quantised-weight CPU kernels (cpu_quant.h), built as their own
+// extension by kvflow/model/quant/kernels.py.
+#include <torch/extension.h>
+
+#include "cpu_quant.h"
+
+namespace {
+
+at::Tensor quant_linear_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales,
+                           const std::string& format, int64_t N, int64_t K, const std::string& mode,
+                           const std::string& path, bool scalar, int64_t tile_rows) {
+  TORCH_CHECK(mode == "exact" || mode == "q8", "quant_linear: mode is exact or q8, not ", mode);
+  return kvflow_quant::quant_linear(x, weight, scales.value_or(at::Tensor()), format, N, K, mode == "q8", path,
+                                    scalar, tile_rows);
+}
+
+at::Tensor dequantize_op(const at::Tensor& weight, const std::optional<at::Tensor>& scales, const std::string& format,
+                         int64_t N, int64_t K) {
+  return kvflow_quant::dequantize(weight, scales.value_or(at::Tensor()), format, N, K);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_linear", &quant_linear_op, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("scales"),
+        pybind11::arg("format"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("mode") = "exact",
+        pybind11::arg("path") = "auto", pybind11::arg("scalar") = false, pybind11::arg("tile_rows") = 1024,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("dequantize", &dequantize_op, pybind11::arg("weight"), pybind11::arg("scales"), pybind11::arg("format"),
+        pybind11::arg("N"), pybind11::arg("K"));
+  m.attr("has_avx512") = kvflow_quant::kHasAvx512;
+  m.attr("has_bf16_gemm") = kvflow_quant::kHasBf16Gemm;
+  m.attr("gemv_rows") = kvflow_quant::kGemvRows;
+}

@@ -1,0 +1,705 @@
+// kvflow's CPU kernels for quantised linear weights: y = x · Wᵀ with W held in GGUF's q8_0, q4_0
+// or q4_k blocks (llama.cpp's bytes unchanged, one row of blocks per output feature) or as int8
+// with one fp32 scale per output feature. x is fp32 or bf16 [M, K]; y has x's dtype.
+//
+// Decode (a few rows, `kGemvRows` at most per pass) is a GEMV that streams each weight row's blocks
+// once and is bound by memory bandwidth; it has two arithmetics:
+//   exact: the activations stay fp32; each block is dequantised into registers and multiplied
+//          with fp32 fused multiply-adds. Only fp32 rounding separates it from the product of
+//          the dequantised weights (the precise mode).
+//   q8:    llama.cpp's own approach: each activation row is quantised to int8 per block of 32
+//          (one fp32 scale per block, round to nearest even), and the weights' integer codes are
+//          multiplied with VNNI int8 dot products (`vpdpbusd`), int32 per block, then scaled. The
+//          result is the dequantised weights times the *quantised* activations, so it is not bit-
+//          equal to dequantise-then-fp32: each activation moves by at most half its block's step.
+//          For int8 weights this is W8A8: one dynamic symmetric scale per token, int32 over all K.
+// `vpdpbusd` multiplies unsigned by signed bytes in groups of four. The q4 codes are unsigned
+// nibbles already; q8_0/int8 codes get +128 (xor 0x80). The offsets (q4_0's 8, the +128) come back
+// out through the accumulator's start value: each int32 lane starts at −offset · Σ of its four
+// activation codes, so the lane ends at Σ code·activation with the weight's true signed code.
+//
+// Prefill (more rows) dequantises tiles of W into x's dtype and multiplies them with at::mm
+// (oneDNN), or for bf16 with a register-blocked `vdpbf16ps` kernel over each thread's own
+// dequantised tile; `gemm_path` picks by measurement (see the bench `quant-gemv`).
+//
+// Everything has a plain scalar version (the `scalar` entries), compiled everywhere and used where
+// the CPU lacks AVX-512 F/BW/VNNI; tests call it directly.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && \
+    defined(__F16C__)
+#define KVFLOW_QUANT_AVX512 1
+#else
+#define KVFLOW_QUANT_AVX512 0
+#endif
+
+namespace kvflow_quant {
+
+constexpr int64_t kGemvRows = 8;  // a GEMV pass multiplies at most this many activation rows
+
+enum class Format { kQ8_0, kQ4_0, kQ4_K, kInt8 };
+
+struct Layout {
+  int64_t block;  // values per block (int8: 1, a row has no blocks)
+  int64_t bytes;  // bytes per block
+};
+
+inline Layout layout(Format f) {
+  switch (f) {
+    case Format::kQ8_0: return {32, 34};   // fp16 d, int8 q[32]
+    case Format::kQ4_0: return {32, 18};   // fp16 d, q[16]: low nibbles values 0..15, high 16..31
+    case Format::kQ4_K: return {256, 144}; // fp16 d, fp16 dmin, 12 B of 6-bit scales/mins, 128 B nibbles
+    case Format::kInt8: return {1, 1};
+  }
+  return {1, 1};
+}
+
+inline Format parse_format(const std::string& name) {
+  if (name == "q8_0") return Format::kQ8_0;
+  if (name == "q4_0") return Format::kQ4_0;
+  if (name == "q4_k") return Format::kQ4_K;
+  if (name == "int8") return Format::kInt8;
+  TORCH_CHECK(false, "quant_linear: unknown format ", name, " (q8_0, q4_0, q4_k, int8)");
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+// q4_k's 6-bit scale and min of sub-block j (llama.cpp's get_scale_min_k4): bytes 0..3 hold the
+// low six bits of scales 0..3, bytes 4..7 those of mins 0..3; bytes 8..11 the low four bits of
+// scales/mins 4..7, whose top two bits are the top bits of bytes 0..3 / 4..7.
+inline void q4k_scale_min(const uint8_t* s, int j, int& sc, int& mn) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    mn = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// A q4_k super-block's eight sub-block scales (d·sc) and mins (dmin·m) in fp32.
+inline void q4k_scales(const uint8_t* block, float* scale, float* min) {
+  const float d = half_at(block), dmin = half_at(block + 2);
+  for (int j = 0; j < 8; ++j) {
+    int sc, mn;
+    q4k_scale_min(block + 4, j, sc, mn);
+    scale[j] = d * static_cast<float>(sc);
+    min[j] = dmin * static_cast<float>(mn);
+  }
+}
+
+// One weight row in fp32 (`scale`: int8's row scale; unused by the block formats).
+inline void dequantize_row(Format f, const uint8_t* row, float scale, int64_t K, float* out) {
+  const Layout lay = layout(f);
+  switch (f) {
+    case Format::kQ8_0:
+      for (int64_t b = 0; b < K / 32; ++b) {
+        const uint8_t* p = row + b * lay.bytes;
+        const float d = half_at(p);
+        const int8_t* q = reinterpret_cast<const int8_t*>(p + 2);
+        for (int i = 0; i < 32; ++i) out[b * 32 + i] = d * static_cast<float>(q[i]);
+      }
+      break;
+    case Format::kQ4_0:
+      for (int64_t b = 0; b < K / 32; ++b) {
+        const uint8_t* p = row + b * lay.bytes;
+        const float d = half_at(p);
+        for (int i = 0; i < 16; ++i) {
+          out[b * 32 + i] = d * static_cast<float>((p[2 + i] & 0xF) - 8);
+          out[b * 32 + 16 + i] = d * static_cast<float>((p[2 + i] >> 4) - 8);
+        }
+      }
+      break;
+    case Format::kQ4_K:
+      for (int64_t b = 0; b < K / 256; ++b) {
+        const uint8_t* p = row + b * lay.bytes;
+        float sc[8], mn[8];
+        q4k_scales(p, sc, mn);
+        const uint8_t* q = p + 16;
+        float* o = out + b * 256;
+        for (int j = 0; j < 4; ++j, q += 32, o += 64) {
+          for (int i = 0; i < 32; ++i) o[i] = sc[2 * j] * static_cast<float>(q[i] & 0xF) - mn[2 * j];
+          for (int i = 0; i < 32; ++i) o[32 + i] = sc[2 * j + 1] * static_cast<float>(q[i] >> 4) - mn[2 * j + 1];
+        }
+      }
+      break;
+    case Format::kInt8: {
+      const int8_t* q = reinterpret_cast<const int8_t*>(row);
+      for (int64_t i = 0; i < K; ++i) out[i] = scale * static_cast<float>(q[i]);
+      break;
+    }
+  }
+}
+
+// Round to the nearest bf16 (ties to even), NaN kept quiet: as c10::BFloat16, vectorisable.
+inline uint16_t bf16_round(float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float bf16_value(uint16_t h) { return __builtin_bit_cast(float, static_cast<uint32_t>(h) << 16); }
+
+// ----------------------------------------------------------------------------- activations
+// The activation rows as the GEMV reads them, K padded with zeros to Kp (a multiple of 64).
+struct Activations {
+  int64_t rows = 0, K = 0, Kp = 0;
+  std::vector<float> x;          // [rows, Kp] fp32 (exact mode)
+  std::vector<float> block_sum;  // [rows, Kp/32] fp32 Σx per 32-block (exact q4_k's mins)
+  // q8 mode
+  bool per_token = false;        // one scale per row (int8 W8A8), else one per 32-block
+  std::vector<int8_t> q;         // [rows, Kp] codes
+  std::vector<float> d;          // [rows, Kp/32] or [rows] (per token) scales, 0 in the padding
+  std::vector<float> lane_d;     // [rows, Kp/4] d of each int32 lane (4 codes) of a VNNI dot
+  std::vector<float> dsum;       // [rows, Kp/32] d·Σq per block: the block's Σx as the kernels see it
+  std::vector<int32_t> init;     // [rows, Kp/4] −offset·Σ of the lane's four codes (see the top)
+  std::vector<int32_t> qsum;     // [rows] Σq of the row (per-token W8A8)
+};
+
+inline int64_t padded(int64_t K) { return (K + 63) / 64 * 64; }
+
+// x [rows, K] (fp32 or bf16, contiguous) into fp32 rows padded with zeros.
+inline void load_rows(const at::Tensor& x, int64_t row0, int64_t rows, Activations& a) {
+  const int64_t K = x.size(1);
+  a.rows = rows, a.K = K, a.Kp = padded(K);
+  a.x.assign(rows * a.Kp, 0.f);
+  for (int64_t m = 0; m < rows; ++m) {
+    float* dst = a.x.data() + m * a.Kp;
+    if (x.scalar_type() == at::kFloat) {
+      std::memcpy(dst, x.data_ptr<float>() + (row0 + m) * K, K * sizeof(float));
+    } else {
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + (row0 + m) * K;
+      for (int64_t k = 0; k < K; ++k) dst[k] = bf16_value(src[k]);
+    }
+  }
+}
+
+inline void block_sums(Activations& a) {
+  const int64_t nb = a.Kp / 32;
+  a.block_sum.assign(a.rows * nb, 0.f);
+  for (int64_t m = 0; m < a.rows; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      float s = 0.f;
+      for (int i = 0; i < 32; ++i) s += a.x[m * a.Kp + b * 32 + i];
+      a.block_sum[m * nb + b] = s;
+    }
+}
+
+// Symmetric int8 codes of a group: d = max|x| / 127, q = round-to-nearest-even(x / d).
+inline float quantize_group(const float* x, int64_t n, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.f;
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(std::nearbyint(x[i] * id));
+  return d;
+}
+
+// q8 mode: quantise a.x per 32-block or per token; `offset` is the weight code offset the VNNI dot
+// removes through its start value (128 for q8_0/int8, 8 for q4_0, 0 for q4_k).
+inline void quantize_rows(Activations& a, bool per_token, int32_t offset) {
+  const int64_t Kp = a.Kp, ng = per_token ? 1 : Kp / 32;
+  a.per_token = per_token;
+  a.q.assign(a.rows * Kp, 0);
+  a.d.assign(a.rows * ng, 0.f);
+  a.lane_d.assign(a.rows * Kp / 4, 0.f);
+  a.dsum.assign(a.rows * Kp / 32, 0.f);
+  a.init.assign(a.rows * Kp / 4, 0);
+  a.qsum.assign(a.rows, 0);
+  for (int64_t m = 0; m < a.rows; ++m) {
+    const float* x = a.x.data() + m * Kp;
+    int8_t* q = a.q.data() + m * Kp;
+    float* d = a.d.data() + m * ng;
+    if (per_token) {
+      d[0] = quantize_group(x, a.K, q);
+    } else {
+      for (int64_t b = 0; b < Kp / 32; ++b) d[b] = quantize_group(x + b * 32, 32, q + b * 32);
+    }
+    int32_t total = 0;
+    for (int64_t l = 0; l < Kp / 4; ++l) {
+      const int32_t s = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
+      a.init[m * Kp / 4 + l] = -offset * s;
+      a.lane_d[m * Kp / 4 + l] = d[per_token ? 0 : l / 8];
+      total += s;
+    }
+    a.qsum[m] = total;
+    for (int64_t b = 0; b < Kp / 32; ++b) {
+      int32_t s = 0;
+      for (int i = 0; i < 32; ++i) s += q[b * 32 + i];
+      a.dsum[m * Kp / 32 + b] = d[per_token ? 0 : b] * static_cast<float>(s);
+    }
+  }
+}
+
+// Where a GEMV writes: y [.., N] fp32 or bf16, rows from `row0`.
+struct Output {
+  float* f = nullptr;
+  at::BFloat16* h = nullptr;
+  int64_t N = 0, row0 = 0;
+  void put(int64_t m, int64_t n, float v) const {
+    const int64_t i = (row0 + m) * N + n;
+    if (f) f[i] = v; else h[i] = at::BFloat16(v);
+  }
+};
+
+struct Weights {
+  Format format;
+  const uint8_t* data;  // [N, row_bytes]
+  const float* scales;  // int8: [N]
+  int64_t N, K, row_bytes;
+  const uint8_t* row(int64_t n) const { return data + n * row_bytes; }
+};
+
+// ----------------------------------------------------------------------------- scalar GEMV
+inline void gemv_scalar_exact(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
+  std::vector<float> row(a.Kp, 0.f);
+  for (int64_t n = n0; n < n1; ++n) {
+    dequantize_row(w.format, w.row(n), w.scales ? w.scales[n] : 1.f, w.K, row.data());
+    for (int64_t m = 0; m < a.rows; ++m) {
+      const float* x = a.x.data() + m * a.Kp;
+      float s = 0.f;
+      for (int64_t k = 0; k < w.K; ++k) s += row[k] * x[k];
+      out.put(m, n, s);
+    }
+  }
+}
+
+// GCC 12.2 at -O3 with AVX512-VNNI vectorises a signed-by-signed int8 dot product loop into
+// `vpdpbusd`, which takes one side as unsigned: wrong sums (a 10-line C loop shows it; -O1, or
+// -mno-avx512vnni, gives the right ones). The scalar kernels are the reference for CPUs without
+// those units, so their integer dot products stay out of the vectoriser.
+#if defined(__GNUC__) && !defined(__clang__)
+#define KVFLOW_QUANT_NO_VECTORIZE __attribute__((noinline, optimize("no-tree-vectorize")))
+#else
+#define KVFLOW_QUANT_NO_VECTORIZE __attribute__((noinline))
+#endif
+
+KVFLOW_QUANT_NO_VECTORIZE inline int32_t dot_i8(const int8_t* a, const int8_t* b, int64_t n) {
+  int32_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<int32_t>(a[i]) * static_cast<int32_t>(b[i]);
+  return s;
+}
+
+// Integer dot products per block, scaled per block, as the VNNI kernels compute them.
+inline void gemv_scalar_q8(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
+  const int64_t Kp = a.Kp, K = w.K;
+  int8_t code[32];  // a block's (q4_k: a sub-block's) integer codes, signed as they mean
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = w.row(n);
+    for (int64_t m = 0; m < a.rows; ++m) {
+      const int8_t* q = a.q.data() + m * Kp;
+      const float* d = a.d.data() + m * (a.per_token ? 1 : Kp / 32);
+      float acc = 0.f;
+      if (w.format == Format::kInt8) {
+        const int32_t dot = dot_i8(reinterpret_cast<const int8_t*>(r), q, K);
+        out.put(m, n, d[0] * w.scales[n] * static_cast<float>(dot));
+        continue;
+      }
+      if (w.format == Format::kQ4_K) {
+        for (int64_t b = 0; b < K / 256; ++b) {
+          const uint8_t* p = r + b * 144;
+          float sc[8], mn[8];
+          q4k_scales(p, sc, mn);
+          for (int j = 0; j < 8; ++j) {
+            const uint8_t* nib = p + 16 + (j / 2) * 32;
+            for (int i = 0; i < 32; ++i) code[i] = static_cast<int8_t>(j % 2 ? nib[i] >> 4 : nib[i] & 0xF);
+            const int64_t s = b * 8 + j;
+            acc += sc[j] * d[s] * static_cast<float>(dot_i8(code, q + s * 32, 32)) - mn[j] * a.dsum[m * Kp / 32 + s];
+          }
+        }
+      } else {
+        for (int64_t b = 0; b < K / 32; ++b) {
+          const uint8_t* p = r + b * layout(w.format).bytes;
+          for (int i = 0; i < 32; ++i)
+            code[i] = w.format == Format::kQ8_0 ? static_cast<int8_t>(p[2 + i])
+                                                : static_cast<int8_t>((i < 16 ? p[2 + i] & 0xF : p[i - 14] >> 4) - 8);
+          acc += half_at(p) * d[b] * static_cast<float>(dot_i8(code, q + b * 32, 32));
+        }
+      }
+      out.put(m, n, acc);
+    }
+  }
+}
+
+#if KVFLOW_QUANT_AVX512
+// ----------------------------------------------------------------------------- AVX-512 GEMV
+inline float h2f(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline __m512 halves(float lo, float hi) { return _mm512_insertf32x8(_mm512_set1_ps(lo), _mm256_set1_ps(hi), 1); }
+
+inline float reduce256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// The weight codes of two 32-value blocks (or sub-blocks) as 64 unsigned bytes in value order, and
+// the scale of each int32 lane: the per-format part of the q8-mode GEMV.
+template <int M>
+inline void q8_accumulate(__m512i codes, __m512 lane_scale, const Activations& a, int64_t k, __m512* acc) {
+  for (int m = 0; m < M; ++m) {
+    const int64_t base = m * a.Kp + k;
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.init.data() + base / 4), codes,
+                                            _mm512_loadu_si512(a.q.data() + base));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(lane_scale, _mm512_loadu_ps(a.lane_d.data() + base / 4)),
+                             acc[m]);
+  }
+}
+
+template <int M>
+void gemv_q8_avx512(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t K = w.K, nb = K / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = w.row(n);
+    __m512 acc[M];
+    __m256 macc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps(), macc[m] = _mm256_setzero_ps();
+    switch (w.format) {
+      case Format::kQ8_0:
+        for (int64_t b = 0; b < nb; b += 2) {
+          const uint8_t* p = r + b * 34;
+          const bool pair = b + 1 < nb;
+          const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+          const __m256i hi = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 36)) : _mm256_setzero_si256();
+          const __m512i codes = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), flip);
+          q8_accumulate<M>(codes, halves(h2f(p), pair ? h2f(p + 34) : 0.f), a, b * 32, acc);
+        }
+        break;
+      case Format::kQ4_0:
+        for (int64_t b = 0; b < nb; b += 2) {
+          const uint8_t* p = r + b * 18;
+          const bool pair = b + 1 < nb;
+          const __m128i qa = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2));
+          const __m128i qb = pair ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 20)) : _mm_setzero_si128();
+          const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(qa), qb, 1);
+          __m512i v = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4), 1), low4);
+          v = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));  // [lo a, hi a, lo b, hi b]
+          q8_accumulate<M>(v, halves(h2f(p), pair ? h2f(p + 18) : 0.f), a, b * 32, acc);
+        }
+        break;
+      case Format::kQ4_K:
+        for (int64_t b = 0; b < K / 256; ++b) {
+          const uint8_t* p = r + b * 144;
+          alignas(32) float sc[8], mn[8];
+          q4k_scales(p, sc, mn);
+          const __m512 scales = _mm512_castps256_ps512(_mm256_load_ps(sc));
+          const __m256 mins = _mm256_load_ps(mn);
+          for (int j = 0; j < 4; ++j) {
+            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * j));
+            const __m512i v = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4), 1), low4);
+            const __m512i pick = _mm512_inserti64x4(_mm512_set1_epi32(2 * j), _mm256_set1_epi32(2 * j + 1), 1);
+            q8_accumulate<M>(v, _mm512_permutexvar_ps(pick, scales), a, b * 256 + 64 * j, acc);
+          }
+          for (int m = 0; m < M; ++m)
+            macc[m] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a.dsum.data() + m * a.Kp / 32 + b * 8), macc[m]);
+        }
+        break;
+      case Format::kInt8: {
+        __m512i iacc[M];
+        for (int m = 0; m < M; ++m) iacc[m] = _mm512_setzero_si512();
+        for (int64_t k = 0; k < K; k += 64) {
+          const __mmask64 mask = K - k >= 64 ? ~0ull : (1ull << (K - k)) - 1;
+          const __m512i codes = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, r + k), flip);
+          for (int m = 0; m < M; ++m)
+            iacc[m] = _mm512_dpbusd_epi32(iacc[m], codes, _mm512_loadu_si512(a.q.data() + m * a.Kp + k));
+        }
+        for (int m = 0; m < M; ++m) {
+          const int32_t dot = _mm512_reduce_add_epi32(iacc[m]) - 128 * a.qsum[m];
+          out.put(m, n, a.d[m] * w.scales[n] * static_cast<float>(dot));
+        }
+        continue;
+      }
+    }
+    for (int m = 0; m < M; ++m) out.put(m, n, _mm512_reduce_add_ps(acc[m]) - reduce256(macc[m]));
+  }
+}
+
+inline __m512 widen_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+inline __m512 widen_u8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+
+// Σ w·x over 32 values (two vectors of sixteen) of each row, times `scale`, into acc.
+template <int M>
+inline void exact_accumulate(__m512 w0, __m512 w1, __m512 scale, const Activations& a, int64_t k, __m512* acc) {
+  for (int m = 0; m < M; ++m) {
+    const float* x = a.x.data() + m * a.Kp + k;
+    const __m512 t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(x)));
+    acc[m] = _mm512_fmadd_ps(t, scale, acc[m]);
+  }
+}
+
+template <int M>
+void gemv_exact_avx512(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m512i eight = _mm512_set1_epi32(8);
+  const int64_t K = w.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = w.row(n);
+    __m512 acc[M];
+    __m256 macc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps(), macc[m] = _mm256_setzero_ps();
+    float row_scale = 1.f;
+    switch (w.format) {
+      case Format::kQ8_0:
+        for (int64_t b = 0; b < K / 32; ++b) {
+          const uint8_t* p = r + b * 34;
+          exact_accumulate<M>(widen_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2))),
+                              widen_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 18))),
+                              _mm512_set1_ps(h2f(p)), a, b * 32, acc);
+        }
+        break;
+      case Format::kQ4_0:
+        for (int64_t b = 0; b < K / 32; ++b) {
+          const uint8_t* p = r + b * 18;
+          const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2));
+          const __m512 w0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(q, low4)), eight));
+          const __m512 w1 = _mm512_cvtepi32_ps(
+              _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low4)), eight));
+          exact_accumulate<M>(w0, w1, _mm512_set1_ps(h2f(p)), a, b * 32, acc);
+        }
+        break;
+      case Format::kQ4_K:
+        for (int64_t b = 0; b < K / 256; ++b) {
+          const uint8_t* p = r + b * 144;
+          alignas(32) float sc[8], mn[8];
+          q4k_scales(p, sc, mn);
+          for (int j = 0; j < 4; ++j) {
+            const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 + 32 * j));
+            const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 + 32 * j));
+            exact_accumulate<M>(widen_u8(_mm_and_si128(q0, low4)), widen_u8(_mm_and_si128(q1, low4)),
+                                _mm512_set1_ps(sc[2 * j]), a, b * 256 + 64 * j, acc);
+            exact_accumulate<M>(widen_u8(_mm_and_si128(_mm_srli_epi16(q0, 4), low4)),
+                                widen_u8(_mm_and_si128(_mm_srli_epi16(q1, 4), low4)),
+                                _mm512_set1_ps(sc[2 * j + 1]), a, b * 256 + 64 * j + 32, acc);
+          }
+          const __m256 mins = _mm256_load_ps(mn);
+          for (int m = 0; m < M; ++m)
+            macc[m] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a.block_sum.data() + m * a.Kp / 32 + b * 8), macc[m]);
+        }
+        break;
+      case Format::kInt8:
+        for (int64_t k = 0; k < K; k += 16) {
+          const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+          const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, r + k)));
+          for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(a.x.data() + m * a.Kp + k), acc[m]);
+        }
+        row_scale = w.scales[n];
+        break;
+    }
+    for (int m = 0; m < M; ++m) out.put(m, n, row_scale * _mm512_reduce_add_ps(acc[m]) - reduce256(macc[m]));
+  }
+}
+
+template <bool Q8>
+void gemv_avx512(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
+  switch (a.rows) {
+#define KVFLOW_QUANT_ROWS(M) \
+  case M: Q8 ? gemv_q8_avx512<M>(w, a, out, n0, n1) : gemv_exact_avx512<M>(w, a, out, n0, n1); break;
+    KVFLOW_QUANT_ROWS(1) KVFLOW_QUANT_ROWS(2) KVFLOW_QUANT_ROWS(3) KVFLOW_QUANT_ROWS(4)
+    KVFLOW_QUANT_ROWS(5) KVFLOW_QUANT_ROWS(6) KVFLOW_QUANT_ROWS(7) KVFLOW_QUANT_ROWS(8)
+#undef KVFLOW_QUANT_ROWS
+    default: TORCH_CHECK(false, "quant GEMV: ", a.rows, " rows in one pass");
+  }
+}
+#endif  // KVFLOW_QUANT_AVX512
+
+constexpr bool kHasAvx512 = KVFLOW_QUANT_AVX512;
+
+inline int32_t code_offset(Format f) {
+  switch (f) {
+    case Format::kQ8_0: case Format::kInt8: return 128;
+    case Format::kQ4_0: return 8;
+    case Format::kQ4_K: return 0;
+  }
+  return 0;
+}
+
+// y[row0 : row0 + rows] of the GEMV, parallel over N.
+inline void gemv(const Weights& w, const at::Tensor& x, int64_t row0, int64_t rows, bool q8, bool scalar,
+                 const Output& out) {
+  Activations a;
+  load_rows(x, row0, rows, a);
+  if (q8) {
+    quantize_rows(a, w.format == Format::kInt8, code_offset(w.format));
+  } else if (w.format == Format::kQ4_K) {
+    block_sums(a);
+  }
+  const Output o{out.f, out.h, out.N, row0};
+  at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
+#if KVFLOW_QUANT_AVX512
+    if (!scalar) {
+      q8 ? gemv_avx512<true>(w, a, o, n0, n1) : gemv_avx512<false>(w, a, o, n0, n1);
+      return;
+    }
+#endif
+    q8 ? gemv_scalar_q8(w, a, o, n0, n1) : gemv_scalar_exact(w, a, o, n0, n1);
+  });
+}
+
+
+// ----------------------------------------------------------------------------- batched GEMM
+// Rows [n0, n1) of W dequantised into `f32` (fp32) or, where `b16` is given, rounded to bf16 there.
+inline void dequantize_rows(const Weights& w, int64_t n0, int64_t n1, int64_t stride, float* f32, uint16_t* b16) {
+  std::vector<float> row(b16 ? w.K : 0);
+  for (int64_t n = n0; n < n1; ++n) {
+    float* dst = b16 ? row.data() : f32 + (n - n0) * stride;
+    dequantize_row(w.format, w.row(n), w.scales ? w.scales[n] : 1.f, w.K, dst);
+    if (b16) {
+      uint16_t* out = b16 + (n - n0) * stride;
+      for (int64_t k = 0; k < w.K; ++k) out[k] = bf16_round(row[k]);
+    }
+  }
+}
+
+// y = x · Wᵀ by tiles of W dequantised into x's dtype, each multiplied by at::mm (oneDNN).
+inline at::Tensor gemm_mm(const Weights& w, const at::Tensor& x, int64_t tile_rows) {
+  const int64_t M = x.size(0), N = w.N, K = w.K, T = std::min(N, tile_rows);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor tile = at::empty({T, K}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += T) {
+    const int64_t t = std::min(T, N - n0);
+    at::parallel_for(0, t, 16, [&](int64_t i0, int64_t i1) {
+      if (bf16) {
+        dequantize_rows(w, n0 + i0, n0 + i1, K, nullptr,
+                        reinterpret_cast<uint16_t*>(tile.data_ptr<at::BFloat16>()) + i0 * K);
+      } else {
+        dequantize_rows(w, n0 + i0, n0 + i1, K, tile.data_ptr<float>() + i0 * K, nullptr);
+      }
+    });
+    const at::Tensor part = tile.narrow(0, 0, t).t();
+    if (t == N) at::mm_out(y, x, part);
+    else y.narrow(1, n0, t).copy_(at::mm(x, part));
+  }
+  return y;
+}
+
+#if KVFLOW_QUANT_AVX512 && defined(__AVX512BF16__)
+constexpr bool kHasBf16Gemm = true;
+
+// y = x · Wᵀ for bf16 x: each thread dequantises 16 rows of W at a time into its own bf16 tile (in
+// L1/L2) and multiplies it with every row of x, 4 x 4 outputs per register block (`vdpbf16ps`,
+// fp32 sums, one bf16 rounding at the end). W is read once; x (bf16, padded) stays in cache.
+inline at::Tensor gemm_bf16(const Weights& w, const at::Tensor& x) {
+  const int64_t M = x.size(0), N = w.N, K = w.K, Kp = (K + 31) / 32 * 32;
+  std::vector<uint16_t> xb(M * Kp, 0);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m) std::memcpy(xb.data() + m * Kp, src + m * K, K * 2);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint16_t> tile(16 * Kp, 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * 16, rows = std::min<int64_t>(16, N - n0);
+      dequantize_rows(w, n0, n0 + rows, Kp, nullptr, tile.data());
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const uint16_t* xr[4];
+        for (int i = 0; i < 4; ++i) xr[i] = xb.data() + std::min(m0 + i, M - 1) * Kp;
+        for (int64_t j0 = 0; j0 < rows; j0 += 4) {
+          const uint16_t* wr[4];
+          for (int j = 0; j < 4; ++j) wr[j] = tile.data() + (j0 + j) * Kp;  // rows past N are zeros
+          __m512 acc[4][4];
+          for (auto& row : acc)
+            for (auto& v : row) v = _mm512_setzero_ps();
+          for (int64_t k = 0; k < Kp; k += 32) {
+            __m512bh wv[4];
+            for (int j = 0; j < 4; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wr[j] + k);
+            for (int i = 0; i < 4; ++i) {
+              const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[i] + k);
+              for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+            }
+          }
+          for (int i = 0; i < 4 && m0 + i < M; ++i)
+            for (int j = 0; j < 4 && j0 + j < rows; ++j) yp[(m0 + i) * N + n0 + j0 + j] = at::BFloat16(_mm512_reduce_add_ps(acc[i][j]));
+        }
+      }
+    }
+  });
+  return y;
+}
+#else
+constexpr bool kHasBf16Gemm = false;
+
+inline at::Tensor gemm_bf16(const Weights&, const at::Tensor&) {
+  TORCH_CHECK(false, "quant GEMM: this build has no AVX512-BF16");
+}
+#endif
+
+// ----------------------------------------------------------------------------- entry
+// y = x · Wᵀ. `q8`: quantised activations in the GEMV (see the top). `path`: "auto" (GEMV up to
+// kGemvRows rows, else the GEMM), "gemv" (any rows, kGemvRows per pass), "mm" or "bf16" (the two
+// GEMMs). `scalar`: the plain kernels whatever the CPU has.
+inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales,
+                               const std::string& format_name, int64_t N, int64_t K, bool q8,
+                               const std::string& path, bool scalar, int64_t tile_rows) {
+  const Format format = parse_format(format_name);
+  const Layout lay = layout(format);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "quant_linear: x must be [M, ", K, "]");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "quant_linear: x must be float32 or bfloat16, not ", x_in.scalar_type());
+  TORCH_CHECK(K % lay.block == 0, "quant_linear: ", format_name, " needs K a multiple of ", lay.block, ", not ", K);
+  const int64_t row_bytes = K / lay.block * lay.bytes;
+  TORCH_CHECK(weight.is_contiguous() && weight.element_size() == 1 && weight.numel() == N * row_bytes,
+              "quant_linear: ", format_name, " weight must be ", N, " contiguous rows of ", row_bytes, " bytes");
+  const bool int8 = format == Format::kInt8;
+  TORCH_CHECK(!int8 || (scales.defined() && scales.scalar_type() == at::kFloat && scales.numel() == N &&
+                        scales.is_contiguous()),
+              "quant_linear: int8 needs fp32 scales [N]");
+  const at::Tensor x = x_in.contiguous();
+  const Weights w{format, static_cast<const uint8_t*>(weight.data_ptr()), int8 ? scales.data_ptr<float>() : nullptr,
+                  N, K, row_bytes};
+  const int64_t M = x.size(0);
+  const bool gemv_path = path == "gemv" || (path == "auto" && (M <= kGemvRows || scalar));
+  if (!gemv_path) {
+    const bool own = path == "bf16" || (path == "auto" && kHasBf16Gemm && x.scalar_type() == at::kBFloat16);
+    TORCH_CHECK(path == "auto" || path == "mm" || path == "bf16", "quant_linear: unknown path ", path);
+    TORCH_CHECK(!own || x.scalar_type() == at::kBFloat16, "quant_linear: the bf16 GEMM takes bf16 x");
+    return own ? gemm_bf16(w, x) : gemm_mm(w, x, tile_rows);
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  Output out;
+  out.N = N;
+  if (y.scalar_type() == at::kFloat) out.f = y.data_ptr<float>(); else out.h = y.data_ptr<at::BFloat16>();
+  for (int64_t row0 = 0; row0 < M; row0 += kGemvRows) gemv(w, x, row0, std::min(kGemvRows, M - row0), q8, scalar, out);
+  return y;
+}
+
+// W in fp32 [N, K] (tests and reference paths).
+inline at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scales, const std::string& format_name,
+                             int64_t N, int64_t K) {
+  const Format format = parse_format(format_name);
+  const Layout lay = layout(format);
+  TORCH_CHECK(K % lay.block == 0 && weight.is_contiguous() && weight.numel() == N * (K / lay.block * lay.bytes),
+              "dequantize: weight shape");
+  const Weights w{format, static_cast<const uint8_t*>(weight.data_ptr()),
+                  format == Format::kInt8 ? scales.data_ptr<float>() : nullptr, N, K, K / lay.block * lay.bytes};
+  at::Tensor out = at::empty({N, K}, at::kFloat);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    dequantize_rows(w, n0, n1, K, out.data_ptr<float>() + n0 * K, nullptr);
+  });
+  return out;
+}
+
+}  // namespace kvflow_quant

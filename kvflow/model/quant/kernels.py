@@ -1,0 +1,140 @@
+"""C++ CPU kernels for quantised linear weights (kvflow/csrc/cpu_quant.h): `quant_matmul(x, qw)`.
+
+`y = x · Wᵀ` for W in GGUF's q8_0, q4_0, q4_k blocks (llama.cpp's bytes as `QuantizedWeight` holds
+them) or int8 with per-output-channel scales, x fp32 or bf16 [..., K]. A few rows (decode) run a
+GEMV that streams each weight row once (AVX-512 VNNI where the CPU has it); more rows (prefill)
+dequantise tiles of W to bf16 and multiply them (see cpu_quant.h).
+
+`activation` chooses the GEMV's arithmetic: "exact" keeps fp32 activations (the result is the
+dequantised weights' product up to fp32 rounding); "q8" is llama.cpp's own approach, quantising each
+activation row to int8 per 32-value block (int8 weights: per token, i.e. W8A8) for VNNI integer
+dot products, so each activation moves by up to half its block's quantisation step. Rows beyond the
+GEMV's batch always take the dequantised bf16/fp32 GEMM, whatever `activation` says.
+
+The extension is its own build (cpu_quant.cpp), compiled on first use like the C++ forward's
+(kvflow/model/cpu_kernels.py, whose flags and CPU fingerprint it reuses) and cached under
+``$KVFLOW_CACHE/cpu_quant/<hash>``; without a compiler or ninja, or when the build fails, a warning
+says why and `quant_matmul` raises `QuantKernelUnsupported`, so callers take their torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from kvflow.model import cpu_kernels
+from kvflow.model.quant.weights import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+SOURCE = cpu_kernels.CSRC / "cpu_quant.cpp"
+#: Formats these kernels run; the others (bipolar) have only their torch path so far.
+FORMATS = ("q8_0", "q4_0", "q4_k", "int8")
+ACTIVATIONS = ("exact", "q8")
+_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_k": 256, "int8": 1}
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+class QuantKernelUnsupported(Exception):
+    """These kernels cannot run this weight, input or machine; the caller takes its torch path."""
+
+
+def local_includes(source: Path) -> list[Path]:
+    """The headers beside `source` that it includes, directly or through another one, sorted."""
+    seen: set[Path] = set()
+    pending = [source]
+    while pending:
+        for name in _INCLUDE.findall(pending.pop().read_text()):
+            path = source.parent / name
+            if path.exists() and path not in seen:
+                seen.add(path)
+                pending.append(path)
+    return sorted(seen)
+
+
+def build_dir() -> Path:
+    """Where this source and its headers, compiled with these flags for this CPU and torch, live."""
+    key = hashlib.sha256()
+    for path in (SOURCE, *local_includes(SOURCE)):
+        key.update(path.read_bytes())
+    for part in (" ".join(cpu_kernels.CFLAGS), torch.__version__, cpu_kernels._cpu_flags()):
+        key.update(part.encode())
+    root = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow"))
+    return root / "cpu_quant" / key.hexdigest()[:16]
+
+
+@functools.cache
+def load_extension() -> ModuleType | None:
+    """The compiled extension, or None (with the reason logged) where it cannot be built."""
+    try:
+        from torch.utils.cpp_extension import load, verify_ninja_availability
+
+        verify_ninja_availability()
+        directory = build_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        if not (directory / "kvflow_cpu_quant.so").exists():
+            logger.info("compiling kvflow's quantised-weight CPU kernels once into %s", directory)
+        return load(
+            name="kvflow_cpu_quant", sources=[str(SOURCE)], extra_cflags=cpu_kernels.CFLAGS,
+            extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False,
+        )
+    except Exception as e:  # noqa: BLE001 - any build failure means: the callers' torch path
+        logger.warning("kvflow's quantised-weight CPU kernels are unavailable; quantised linear layers take "
+                       "their torch path instead: %s", e)
+        return None
+
+
+def unsupported_reason(qw: QuantizedWeight, x_dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why `quant_matmul` cannot run this weight with activations of `x_dtype`; None where it can."""
+    if qw.format not in FORMATS:
+        return f"the CPU quantised kernels run {', '.join(FORMATS)}, not {qw.format}"
+    if x_dtype not in (torch.float32, torch.bfloat16):
+        return f"the CPU quantised kernels take float32 or bfloat16 activations, not {x_dtype}"
+    if qw.in_features % _BLOCK[qw.format]:
+        return f"{qw.format} needs in_features a multiple of {_BLOCK[qw.format]}, not {qw.in_features}"
+    if load_extension() is None:
+        return "kvflow's quantised-weight CPU kernels could not be built on this machine (see the warning logged)"
+    return None
+
+
+def _weight_tensors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if qw.format == "int8":
+        return qw.data["qweight"], qw.data["scales"]
+    return qw.data["blocks"], None
+
+
+def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, activation: str = "exact", *, path: str = "auto",
+                 scalar: bool = False, tile_rows: int = 1024) -> torch.Tensor:
+    """`x · Wᵀ` for x [..., K] (fp32 or bf16, CPU), in x's dtype; raises QuantKernelUnsupported where the
+    kernels cannot run it. `path` ("auto", "gemv", "mm", "bf16") and `scalar` (the plain kernels that
+    CPUs without AVX-512 run) exist for tests and benchmarks; `tile_rows`: the "mm" GEMM's tile."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
+    reason = unsupported_reason(qw, x.dtype)
+    if reason is None and x.device.type != "cpu":
+        reason = f"the quantised kernels run on the CPU, not {x.device}"
+    if reason is not None:
+        raise QuantKernelUnsupported(reason)
+    ext = load_extension()
+    assert ext is not None  # unsupported_reason checked
+    weight, scales = _weight_tensors(qw)
+    n, k = qw.shape
+    flat = x.reshape(-1, k)
+    y = ext.quant_linear(flat, weight.contiguous(), scales, qw.format, n, k, activation, path, scalar, tile_rows)
+    return y.view(*x.shape[:-1], n)
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    """The weight in fp32 [N, K], dequantised by the C++ kernels' own decoder."""
+    ext = load_extension()
+    if ext is None or qw.format not in FORMATS:
+        raise QuantKernelUnsupported(unsupported_reason(qw) or "no build")
+    weight, scales = _weight_tensors(qw)
+    return ext.dequantize(weight.contiguous(), scales, qw.format, *qw.shape)
