@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("OpenAI-compatible HTTP server", "serve"),
     "bench": ("benchmarks: reference models, limits, throughput, serving load", "bench"),
     "train": ("train the tokenizer, a small Llama model and its distilled draft", "train"),
+    "quantize": ("quantise a model's weights (GGUF q8_0/q4_0/q4_k, int8, bipolar-INT; RTN or AWQ)", "quantize"),
     "eval": ("quality harness: held-out perplexity, passkey and multi-key retrieval accuracy", "eval"),
     "profile": ("measure this machine's iteration latency and fit a latency model", "profile"),
     "simulate": ("simulate a workload on profiled instances (or replay a recorded run)", "simulate"),

@@ -82,9 +82,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                             "tokens where --block-size is not a multiple of 32; writes a table and a figure of "
                             "accuracy against KV bytes (kv_compare.json/.png in --out; each method's results in a "
                             "folder of --out named after it, '+' and '@' as '-')")
+    group.add_argument("--compare-weights", type=_list_of(str, "--compare-weights"), default=None, metavar="METHODS",
+                       help="evaluate quantised copies of --model (comma-separated): dense, q8_0, q4_0, q4_k, int8, "
+                            "bipolarN (N = 2..8) or a range bipolar2..8, each optionally +awq (calibrated on the "
+                            "train split); writes a table and a figure of accuracy against bits per weight "
+                            "(weight_compare.json/.png in --out; quantised models in --out/models/)")
     group.add_argument("--rerun", action="store_true",
-                       help="with --compare-kv: evaluate every method again instead of reusing results saved in "
-                            "its folder with the same settings")
+                       help="with --compare-kv or --compare-weights: evaluate every method again instead of "
+                            "reusing results saved in its folder with the same settings")
     group.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     group.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
@@ -107,8 +112,12 @@ def _run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.compare_kv and args.compare_weights:
+        raise SystemExit("error: --compare-kv and --compare-weights are separate evaluations; run them one at a time")
     if args.compare_kv:
         return _compare_kv(args, config)
+    if args.compare_weights:
+        return _compare_weights(args, config)
     if args.kv_budget_fraction is not None:
         args = _with_policy_budget(args)
     args = _with_kivi_block_size(args)
@@ -204,6 +213,42 @@ def _compare_kv(args: argparse.Namespace, config) -> int:
     print(format_comparison(rows, baseline=methods[0].name))
     json_path, png_path = save_comparison(rows, out, f"{Path(model).name}: accuracy against KV bytes per token "
                                                      f"(model dtype {args.dtype})")
+    print(f"wrote {json_path}, {png_path}")
+    return 0
+
+
+def _compare_weights(args: argparse.Namespace, config) -> int:
+    from kvflow.eval.data import calibration_tokens, resolve_split
+    from kvflow.eval.weight_compare import (
+        compare_weight_methods,
+        format_weight_comparison,
+        parse_weight_methods,
+        save_weight_comparison,
+    )
+
+    try:
+        methods = parse_weight_methods(args.compare_weights)
+    except ValueError as exc:
+        raise SystemExit(f"error: --compare-weights: {exc}") from None
+    if args.draft is not None or getattr(args, "quantization", None):
+        raise SystemExit("error: --compare-weights quantises the model itself; drop --draft / --quantization")
+    model = model_path(args)
+    out = args.out or Path("eval_results") / f"{Path(model).name or 'model'}-weights"
+
+    def calibration():
+        import torch
+
+        from kvflow.model.loader import load_tokenizer
+
+        ids = calibration_tokens(load_tokenizer(model), resolve_split(model, args.heldout_percent,
+                                                                      args.max_source_files), 64, 512, args.seed)
+        return torch.from_numpy(ids)
+
+    rows = compare_weight_methods(lambda d: make_llm(argparse.Namespace(**{**vars(args), "model": d})), model,
+                                  methods, config, out, calibration, reuse=not args.rerun,
+                                  log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_weight_comparison(rows))
+    json_path, png_path = save_weight_comparison(rows, out, f"{Path(model).name}: accuracy against bits per weight")
     print(f"wrote {json_path}, {png_path}")
     return 0
 

@@ -105,3 +105,28 @@ def _tokenizer_digest(tokenizer: Any) -> str | None:
     if backend is None:
         return None
     return hashlib.sha1(backend.to_str().encode("utf-8")).hexdigest()
+
+
+def calibration_tokens(tokenizer: Any, split: CorpusSplit, samples: int, length: int, seed: int = 0) -> np.ndarray:
+    """`samples` windows of `length` tokens from the TRAIN split (never the held-out text the quality
+    figures score), for calibrating quantisation (`kvflow quantize --method awq`). Documents are drawn
+    in a seeded order and tokenized only until enough tokens exist; each window starts at a seeded
+    offset of the stream. int64 [samples, length]."""
+    train, _ = split.documents()
+    if not train:
+        raise ValueError("the corpus' train split is empty: no calibration text")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train))
+    need = samples * length * 4  # enough text that windows rarely overlap
+    pieces, have = [], 0
+    for start in range(0, len(order), 64):
+        piece = token_stream(tokenizer, [train[i] for i in order[start:start + 64]])
+        pieces.append(piece)
+        have += len(piece)
+        if have >= need:
+            break
+    stream = np.concatenate(pieces)
+    if len(stream) < length:
+        raise ValueError(f"the train split holds {len(stream)} tokens, fewer than one window of {length}")
+    starts = rng.integers(0, len(stream) - length + 1, size=samples)
+    return np.stack([stream[s:s + length] for s in starts]).astype(np.int64)

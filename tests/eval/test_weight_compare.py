@@ -1,0 +1,60 @@
+"""`kvflow eval --compare-weights`: strict entries, a quantised model made once and reused, the table and figure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvflow.eval.weight_compare import (
+    WeightMethod,
+    format_weight_comparison,
+    parse_weight_methods,
+    quantised_model,
+    save_weight_comparison,
+)
+
+TINY = "kvflow/assets/tiny"
+
+
+def test_entries_parse_strictly_and_ranges_expand() -> None:
+    methods = parse_weight_methods(["dense", "q4_k+awq", "bipolar2..4", "bipolar3+awq"])
+    assert [m.name for m in methods] == ["dense", "q4_k+awq", "bipolar2", "bipolar3", "bipolar4", "bipolar3+awq"]
+    assert methods[2] == WeightMethod("bipolar", 2, False) and methods[2].params == {"bits": 2}
+    assert methods[1].folder == "q4_k-awq"
+    for bad, message in (("q3_k", "is not"), ("bipolar9", "2 to 8"), ("bipolar5..3", "2 to 8"),
+                         ("dense+awq", "nothing to calibrate"), ("int8,int8", "is not")):
+        with pytest.raises(ValueError, match=message):
+            parse_weight_methods([bad])
+    with pytest.raises(ValueError, match="repeat"):
+        parse_weight_methods(["int8", "int8"])
+
+
+def test_quantised_model_is_made_once_and_reused(tmp_path) -> None:
+    calls = []
+    folder = tmp_path / "models" / "q8_0"
+    path, report = quantised_model(TINY, WeightMethod("q8_0"), folder, lambda: calls.append(1))
+    assert path == str(folder) and report["format"] == "q8_0" and report["bits_per_weight"] == pytest.approx(8.5)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    again, _ = quantised_model(TINY, WeightMethod("q8_0"), folder, lambda: calls.append(1))
+    assert again == path and (folder / "model.safetensors").stat().st_mtime_ns == stamp and not calls
+    assert quantised_model(TINY, WeightMethod(), tmp_path / "d", lambda: None) == (TINY, {})
+
+
+def test_table_and_figure(tmp_path) -> None:
+    rows = [
+        {"method": "dense", "format": "dense", "bits": None, "awq": False, "bits_per_weight": 32,
+         "model_bits_per_weight": 32, "weight_error": 0.0, "fallbacks": [], "perplexity": 10.0, "passkey": 1.0,
+         "multikey": 0.5},
+        *({"method": f"bipolar{n}{'+awq' if awq else ''}", "format": "bipolar", "bits": n, "awq": awq,
+           "bits_per_weight": n + 1.0, "model_bits_per_weight": 12.0, "weight_error": 0.5 / n, "fallbacks": [],
+           "perplexity": 10.0 + 8 / n - awq, "passkey": 0.5, "multikey": None}
+          for n in (2, 4) for awq in (False, True)),
+        {"method": "q4_k", "format": "q4_k", "bits": None, "awq": False, "bits_per_weight": 4.5,
+         "model_bits_per_weight": 11.7, "weight_error": 0.07, "fallbacks": ["q4_0"], "perplexity": 10.3,
+         "passkey": 1.0, "multikey": 0.5},
+    ]
+    table = format_weight_comparison(rows)
+    assert "+3.00%" in table and "q4_0" in table and "bipolar2+awq" in table
+    json_path, png_path = save_weight_comparison(rows, tmp_path, "tiny")
+    assert json.loads(json_path.read_text()) == rows and png_path.stat().st_size > 10_000
