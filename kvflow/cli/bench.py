@@ -166,6 +166,14 @@ def _cmd_kv_capacity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quant_gemv(args: argparse.Namespace) -> int:
+    from kvflow.bench.quant_gemv import format_rows, run
+
+    print(format_rows(run(args.shape, args.rows, tuple(args.formats), args.seconds, args.threads,
+                          stream_mib=args.stream_mib), args.rows))
+    return 0
+
+
 def _cmd_spec_decode(args: argparse.Namespace) -> int:
     from kvflow.bench.spec_decode import (
         format_spec_report,
@@ -412,6 +420,18 @@ def configure(bench: argparse.ArgumentParser) -> None:
     sd.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     sd.add_argument("--out", help="JSON path")
     sd.set_defaults(func=_cmd_spec_decode)
+
+    qg = sub.add_parser("quant-gemv", help="quantised-weight CPU kernels (q8_0, q4_0, q4_k, int8) against the "
+                                           "bf16 GEMVs, on each matrix of one layer: µs per call and GB/s")
+    qg.add_argument("--shape", choices=sorted(SHAPES), default="135m")
+    qg.add_argument("--rows", type=int, default=1, help="activation rows (above 8: the prefill GEMM)")
+    qg.add_argument("--formats", nargs="+", choices=["q8_0", "q4_0", "q4_k", "int8"],
+                    default=["q8_0", "q4_0", "q4_k", "int8"])
+    qg.add_argument("--seconds", type=float, default=0.3, help="timing per method and matrix")
+    qg.add_argument("--stream-mib", type=int, default=96,
+                    help="bf16 MiB of weight copies each method cycles through (above the last-level cache)")
+    qg.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    qg.set_defaults(func=_cmd_quant_gemv)
 
     gg = sub.add_parser("to-gguf", help="convert a model directory to GGUF for llama.cpp")
     gg.add_argument("--model", required=True, help="model directory (HF format)")

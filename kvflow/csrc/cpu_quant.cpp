@@ -29,6 +29,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize_op, pybind11::arg("weight"), pybind11::arg("scales"), pybind11::arg("format"),
         pybind11::arg("N"), pybind11::arg("K"));
   m.attr("has_avx512") = kvflow_quant::kHasAvx512;
-  m.attr("has_bf16_gemm") = kvflow_quant::kHasBf16Gemm;
   m.attr("gemv_rows") = kvflow_quant::kGemvRows;
 }

@@ -19,8 +19,9 @@
 // activation codes, so the lane ends at Σ code·activation with the weight's true signed code.
 //
 // Prefill (more rows) dequantises tiles of W into x's dtype and multiplies them with at::mm
-// (oneDNN), or for bf16 with a register-blocked `vdpbf16ps` kernel over each thread's own
-// dequantised tile; `gemm_path` picks by measurement (see the bench `quant-gemv`).
+// (oneDNN). Measured against a register-blocked `vdpbf16ps` kernel over each thread's own
+// dequantised 16-row tile (`135m` layer shapes, 64 rows, one thread), at::mm was 2.3-5x faster,
+// so that kernel was dropped; the tiles reach 0.70-0.82x of bf16 oneDNN on a packed weight.
 //
 // Everything has a plain scalar version (the `scalar` entries), compiled everywhere and used where
 // the CPU lacks AVX-512 F/BW/VNNI; tests call it directly.
@@ -596,61 +597,10 @@ inline at::Tensor gemm_mm(const Weights& w, const at::Tensor& x, int64_t tile_ro
   return y;
 }
 
-#if KVFLOW_QUANT_AVX512 && defined(__AVX512BF16__)
-constexpr bool kHasBf16Gemm = true;
-
-// y = x · Wᵀ for bf16 x: each thread dequantises 16 rows of W at a time into its own bf16 tile (in
-// L1/L2) and multiplies it with every row of x, 4 x 4 outputs per register block (`vdpbf16ps`,
-// fp32 sums, one bf16 rounding at the end). W is read once; x (bf16, padded) stays in cache.
-inline at::Tensor gemm_bf16(const Weights& w, const at::Tensor& x) {
-  const int64_t M = x.size(0), N = w.N, K = w.K, Kp = (K + 31) / 32 * 32;
-  std::vector<uint16_t> xb(M * Kp, 0);
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  for (int64_t m = 0; m < M; ++m) std::memcpy(xb.data() + m * Kp, src + m * K, K * 2);
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint16_t> tile(16 * Kp, 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * 16, rows = std::min<int64_t>(16, N - n0);
-      dequantize_rows(w, n0, n0 + rows, Kp, nullptr, tile.data());
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const uint16_t* xr[4];
-        for (int i = 0; i < 4; ++i) xr[i] = xb.data() + std::min(m0 + i, M - 1) * Kp;
-        for (int64_t j0 = 0; j0 < rows; j0 += 4) {
-          const uint16_t* wr[4];
-          for (int j = 0; j < 4; ++j) wr[j] = tile.data() + (j0 + j) * Kp;  // rows past N are zeros
-          __m512 acc[4][4];
-          for (auto& row : acc)
-            for (auto& v : row) v = _mm512_setzero_ps();
-          for (int64_t k = 0; k < Kp; k += 32) {
-            __m512bh wv[4];
-            for (int j = 0; j < 4; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wr[j] + k);
-            for (int i = 0; i < 4; ++i) {
-              const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[i] + k);
-              for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
-            }
-          }
-          for (int i = 0; i < 4 && m0 + i < M; ++i)
-            for (int j = 0; j < 4 && j0 + j < rows; ++j) yp[(m0 + i) * N + n0 + j0 + j] = at::BFloat16(_mm512_reduce_add_ps(acc[i][j]));
-        }
-      }
-    }
-  });
-  return y;
-}
-#else
-constexpr bool kHasBf16Gemm = false;
-
-inline at::Tensor gemm_bf16(const Weights&, const at::Tensor&) {
-  TORCH_CHECK(false, "quant GEMM: this build has no AVX512-BF16");
-}
-#endif
-
 // ----------------------------------------------------------------------------- entry
 // y = x · Wᵀ. `q8`: quantised activations in the GEMV (see the top). `path`: "auto" (GEMV up to
-// kGemvRows rows, else the GEMM), "gemv" (any rows, kGemvRows per pass), "mm" or "bf16" (the two
-// GEMMs). `scalar`: the plain kernels whatever the CPU has.
+// kGemvRows rows, else the GEMM), "gemv" (any rows, kGemvRows per pass) or "mm" (the GEMM).
+// `scalar`: the plain kernels whatever the CPU has (the GEMV for any rows).
 inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales,
                                const std::string& format_name, int64_t N, int64_t K, bool q8,
                                const std::string& path, bool scalar, int64_t tile_rows) {
@@ -673,10 +623,8 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight,
   const int64_t M = x.size(0);
   const bool gemv_path = path == "gemv" || (path == "auto" && (M <= kGemvRows || scalar));
   if (!gemv_path) {
-    const bool own = path == "bf16" || (path == "auto" && kHasBf16Gemm && x.scalar_type() == at::kBFloat16);
-    TORCH_CHECK(path == "auto" || path == "mm" || path == "bf16", "quant_linear: unknown path ", path);
-    TORCH_CHECK(!own || x.scalar_type() == at::kBFloat16, "quant_linear: the bf16 GEMM takes bf16 x");
-    return own ? gemm_bf16(w, x) : gemm_mm(w, x, tile_rows);
+    TORCH_CHECK(path == "auto" || path == "mm", "quant_linear: unknown path ", path);
+    return gemm_mm(w, x, tile_rows);
   }
   at::Tensor y = at::empty({M, N}, x.options());
   Output out;

@@ -3,13 +3,13 @@
 `y = x · Wᵀ` for W in GGUF's q8_0, q4_0, q4_k blocks (llama.cpp's bytes as `QuantizedWeight` holds
 them) or int8 with per-output-channel scales, x fp32 or bf16 [..., K]. A few rows (decode) run a
 GEMV that streams each weight row once (AVX-512 VNNI where the CPU has it); more rows (prefill)
-dequantise tiles of W to bf16 and multiply them (see cpu_quant.h).
+dequantise tiles of W into x's dtype and multiply them with oneDNN (see cpu_quant.h).
 
 `activation` chooses the GEMV's arithmetic: "exact" keeps fp32 activations (the result is the
 dequantised weights' product up to fp32 rounding); "q8" is llama.cpp's own approach, quantising each
 activation row to int8 per 32-value block (int8 weights: per token, i.e. W8A8) for VNNI integer
 dot products, so each activation moves by up to half its block's quantisation step. Rows beyond the
-GEMV's batch always take the dequantised bf16/fp32 GEMM, whatever `activation` says.
+GEMV's batch (8) always take the dequantised-tile GEMM, whatever `activation` says.
 
 The extension is its own build (cpu_quant.cpp), compiled on first use like the C++ forward's
 (kvflow/model/cpu_kernels.py, whose flags and CPU fingerprint it reuses) and cached under
@@ -113,7 +113,7 @@ def _weight_tensors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | N
 def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, activation: str = "exact", *, path: str = "auto",
                  scalar: bool = False, tile_rows: int = 1024) -> torch.Tensor:
     """`x · Wᵀ` for x [..., K] (fp32 or bf16, CPU), in x's dtype; raises QuantKernelUnsupported where the
-    kernels cannot run it. `path` ("auto", "gemv", "mm", "bf16") and `scalar` (the plain kernels that
+    kernels cannot run it. `path` ("auto", "gemv", "mm") and `scalar` (the plain kernels that
     CPUs without AVX-512 run) exist for tests and benchmarks; `tile_rows`: the "mm" GEMM's tile."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
