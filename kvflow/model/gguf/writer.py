@@ -170,10 +170,18 @@ def _convert(hf: str, value: torch.Tensor | QuantizedWeight, heads: int | None) 
         if value.format not in GGUF_BLOCK_TYPES:
             raise ValueError(f"{hf}: format {value.format} has no GGUF block type; GGUF stores "
                              f"{', '.join(GGUF_BLOCK_TYPES)}")
+        import gguf
+
+        kind = GGUF_BLOCK_TYPES[value.format][0]
+        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
         blocks = value.data["blocks"]
+        expected = (value.out_features, value.in_features // block * nbytes)
+        if value.in_features % block or tuple(blocks.shape) != expected or blocks.dtype != torch.uint8:
+            raise ValueError(f"{hf}: {value.format} of shape {value.shape} needs in_features divisible by {block} and "
+                             f"uint8 blocks of shape {expected}; got {tuple(blocks.shape)} {blocks.dtype}")
         if heads is not None:
             blocks = blocks[rope_row_order(value.out_features, heads, to_gguf=True)]
-        return GGUF_BLOCK_TYPES[value.format][0], blocks.contiguous().numpy()
+        return kind, blocks.contiguous().numpy()
     tensor = value.detach().cpu()
     if heads is not None:
         tensor = tensor[rope_row_order(tensor.shape[0], heads, to_gguf=True)]

@@ -1,0 +1,120 @@
+"""The engine on GGUF files: kvflow's greedy tokens from a GGUF file equal those from the directory,
+and llama.cpp (llama-cpp-python) loads the files kvflow writes and greedily decodes the same tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvflow import LLM, SamplingParams
+from kvflow.model.gguf import iter_gguf_weights, write_gguf
+
+PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\nclass ", "The pass key is 40217. Remember it."]
+STEPS = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
+
+
+def greedy(model: str | Path, **kwargs) -> list[list[int]]:
+    llm = LLM(model=str(model), num_blocks=64, **kwargs)
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def tiny_greedy(tiny_dir) -> list[list[int]]:
+    return greedy(tiny_dir)
+
+
+def test_greedy_tokens_from_gguf_equal_the_directorys(tiny_f32_gguf, tiny_greedy):
+    assert greedy(tiny_f32_gguf) == tiny_greedy
+
+
+def test_cli_generate_and_tokenizer_flag(tiny_f32_gguf, tiny_dir, capsys):
+    from kvflow.cli import main
+
+    args = ["generate", "--model", str(tiny_f32_gguf), "--prompt", PROMPTS[0], "--max-tokens", "8",
+            "--temperature", "0", "--ignore-eos", "--json"]
+    assert main(args) == 0
+    from_metadata = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(args + ["--tokenizer", str(tiny_dir)]) == 0
+    from_dir = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert from_metadata["token_ids"] == from_dir["token_ids"] and from_metadata["text"] == from_dir["text"]
+
+
+def test_tokenizer_argument_replaces_the_models_own(tiny_f32_gguf, llama_dir):
+    llm = LLM(model=str(tiny_f32_gguf), tokenizer=str(llama_dir), num_blocks=16)
+    assert llm.get_tokenizer().vocab_size < 1000  # the 512-token tokenizer of the parity tests' model
+    with pytest.raises(ValueError, match="neither a directory nor a .gguf file"):
+        LLM(model=str(tiny_f32_gguf), tokenizer=str(llama_dir / "config.json"))
+
+
+# ------------------------------------------------------------------ llama.cpp
+def llamacpp_greedy(path: Path, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """llama.cpp's greedy tokens and the logits each was chosen from."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the bench peer) is not installed")
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, seed=0, logits_all=True, verbose=False)
+    model.eval(prompt)
+    tokens, logits = [], []
+    for _ in range(steps):
+        row = np.array(model.scores[model.n_tokens - 1], dtype=np.float64)
+        tokens.append(int(row.argmax()))
+        logits.append(row)
+        model.eval([tokens[-1]])
+    return tokens, logits
+
+
+def assert_same_greedy(ours: list[int], theirs: list[int], logits: list[np.ndarray], tie: float) -> None:
+    """Equal up to the first step where llama.cpp's top two logits are within `tie` (a near-tie that
+    summation order may flip); nothing is compared after it."""
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            gap = logits[step][b] - logits[step][a]
+            assert gap < tie, f"step {step}: llama.cpp picks {b}, kvflow {a}, logit gap {gap:.4f} >= {tie}"
+            return
+
+
+@pytest.mark.parametrize("fixture", ["tiny_f32_gguf", "llama_gguf"])
+def test_llama_cpp_loads_the_f32_file_and_decodes_the_same_tokens(fixture, request, tiny_dir, tiny_greedy):
+    path = request.getfixturevalue(fixture)
+    llm = LLM(model=str(path), num_blocks=64)
+    tokenizer = llm.get_tokenizer()
+    ours = tiny_greedy if fixture == "tiny_f32_gguf" else [
+        o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    matched = 0
+    for prompt, our_tokens in zip(PROMPTS, ours):
+        theirs, logits = llamacpp_greedy(path, tokenizer.encode(prompt), STEPS)
+        assert_same_greedy(our_tokens, theirs, logits, tie=1e-3)
+        matched += our_tokens == theirs
+    assert matched >= 2
+
+
+@pytest.fixture(scope="module")
+def llama_gguf(llama_dir, tmp_path_factory) -> Path:
+    """The parity tests' tiny random Llama: untied head, llama3 rope (rope_freqs), GPT-2 pre-tokenizer."""
+    from safetensors.torch import load_file
+
+    return write_gguf(tmp_path_factory.mktemp("llama") / "llama.gguf", llama_dir,
+                      load_file(str(llama_dir / "model.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def q8_dense_gguf(tiny_q8_gguf, tiny_dir, tmp_path_factory) -> Path:
+    """The dense model the Q8_0 file stands for: its blocks dequantised by gguf's reference code."""
+    return write_gguf(tmp_path_factory.mktemp("q8dense") / "q8-dense.gguf", tiny_dir,
+                      dict(iter_gguf_weights(tiny_q8_gguf, dequantize=True)))
+
+
+def test_llama_cpp_on_the_q8_0_file_matches_kvflow_on_its_dequantised_weights(tiny_q8_gguf, q8_dense_gguf):
+    """llama.cpp reads our Q8_0 blocks (and the q/k permutation of quantised rows) as we mean them.
+    It also rounds activations to 8 bits for its dot products, so ties are looser than F32's."""
+    llm = LLM(model=str(q8_dense_gguf), num_blocks=64)
+    tokenizer = llm.get_tokenizer()
+    ours = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    matched = 0
+    for prompt, our_tokens in zip(PROMPTS, ours):
+        theirs, logits = llamacpp_greedy(tiny_q8_gguf, tokenizer.encode(prompt), STEPS)
+        assert_same_greedy(our_tokens, theirs, logits, tie=0.1)
+        matched += our_tokens == theirs
+    assert matched >= 2
