@@ -109,14 +109,26 @@ def tokenizer_metadata(tokenizer: str | os.PathLike | Any, vocab_size: int,
     for i in range(len(meta.tokens), vocab_size):  # rows the model has and the tokenizer never emits
         meta.tokens.append(f"[PAD{i}]")
         meta.token_types.append(UNUSED)
+        if meta.scores:
+            meta.scores.append(-1000.0)
     meta.special_ids = dict(special.special_token_ids)
     extra_eos = sorted(set(eos_token_ids) - {meta.special_ids.get("eos")})
     if extra_eos:
         meta.special_ids["eot"] = extra_eos[0]
-    meta.add_special = {k: v for k, v in special.add_special_token.items() if k in ("bos", "eos")}
+    meta.add_special = _adds_special_tokens(root, meta.special_ids)
     template = special.chat_template
     meta.chat_template = template if isinstance(template, str) else None
     return meta
+
+
+def _adds_special_tokens(root: Path, special_ids: dict[str, int]) -> dict[str, bool]:
+    """Whether encoding a text adds BOS / EOS, as the tokenizer itself does it (configs disagree on
+    where to say so, and llama.cpp assumes BOS for SentencePiece when the file is silent)."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(root)).encode("a")
+    return {kind: bool(ids) and kind in special_ids and ids[0 if kind == "bos" else -1] == special_ids[kind]
+            for kind in ("bos", "eos")}
 
 
 def _is_byte_level(tokenizer_json: dict[str, Any]) -> bool:

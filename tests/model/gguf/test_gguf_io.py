@@ -186,3 +186,41 @@ def test_writer_refuses_what_llama_cpp_cannot_load(tiny_dir, tiny_weights, tiny_
         write_gguf(tmp_path / "c.gguf", tiny_dir, dict(tiny_weights, **{name: bad}))
     with pytest.raises(ValueError, match="no GGUF block type"):
         write_gguf(tmp_path / "d.gguf", tiny_dir, dict(tiny_weights, **{name: QuantizedWeight("int8", (256, 704), {})}))
+
+
+# ------------------------------------------------------------------ SentencePiece
+SPM_TEXTS = ["def fibonacci(n):\n    return n", "Hello world 12345  spaces\ttab", "naïve café 你好\n\n  x"]
+
+
+@pytest.fixture(scope="module")
+def spm_gguf(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random Llama with `kvflow bench make-model`'s SentencePiece tokenizer (byte fallback),
+    written to GGUF as tokenizer.ggml.model "llama" with its scores."""
+    pytest.importorskip("sentencepiece", reason="the SentencePiece tokenizer needs sentencepiece (kvflow[bench])")
+    from safetensors.torch import load_file
+
+    from kvflow.bench.make_model import train_sentencepiece_tokenizer
+    from tests.model_utils import make_tiny_model
+
+    root = tmp_path_factory.mktemp("spm")
+    model = make_tiny_model("llama", root / "model", tokenizer=False, vocab_size=1024, rope_scaling=None)
+    train_sentencepiece_tokenizer(model, vocab_size=1000)  # fewer tokens than rows: the rest is padding
+    return model, write_gguf(root / "spm.gguf", model, load_file(str(model / "model.safetensors")))
+
+
+def test_sentencepiece_tokenizer_round_trips(spm_gguf):
+    model, path = spm_gguf
+    ours, theirs = AutoTokenizer.from_pretrained(model), tokenizer_from_gguf(path)
+    for text in SPM_TEXTS:
+        ids = ours.encode(text)
+        assert theirs.encode(text) == ids and theirs.decode(ids) == ours.decode(ids), text
+
+
+def test_llama_cpp_tokenizes_the_sentencepiece_file_like_the_directory(spm_gguf):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the bench peer) is not installed")
+    model, path = spm_gguf
+    ours = AutoTokenizer.from_pretrained(model)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False)
+    for text in SPM_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=ours.encode("a")[0] == ours.bos_token_id, special=True) == \
+            ours.encode(text), text
