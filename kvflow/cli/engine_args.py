@@ -44,6 +44,13 @@ _HELP = {
     "num_speculative_tokens": "tokens proposed per request and step (default 4)",
     "prompt_lookup_min": "ngram: shortest suffix matched earlier in the prompt and output (default 1)",
     "prompt_lookup_max": "ngram: longest suffix matched (default 4; longer matches are tried first)",
+    "quantization": "quantise a dense checkpoint's linear layers as they load (round to nearest): q8_0, q4_0, "
+                    "q4_k (llama.cpp's blocks), int8 (per output channel) or bipolar (n-bit bipolar-INT); the "
+                    "embedding and LM head stay dense. A kvflow-quantised directory loads quantised without it",
+    "quantization_bits": "bipolar: bits per weight, 2..8 (default 4); the other formats fix their own",
+    "quantization_group_size": "bipolar: weights per scale and offset along K, a multiple of 8 (default 64)",
+    "quantization_activation_bits": "int8: 8 runs W8A8 (per-token int8 activations; default W8A16); bipolar: "
+                                    "2..8 runs the A-bit bit-plane variant (default float activations)",
     "speculative_token_budget": "proposals verified per step across the batch: each of B decoding requests "
                                 "verifies at most budget // B (default 16; speculation turns off past 16 requests)",
 }
@@ -51,9 +58,9 @@ _HELP = {
 
 def _engine_parts() -> tuple[type, ...]:
     """The config dataclasses whose fields are engine flags (imported here: kvflow.config needs torch)."""
-    from kvflow.config import CacheConfig, RunnerConfig, SchedulerConfig, SpeculativeConfig
+    from kvflow.config import CacheConfig, LoadConfig, RunnerConfig, SchedulerConfig, SpeculativeConfig
 
-    return CacheConfig, SchedulerConfig, RunnerConfig, SpeculativeConfig
+    return CacheConfig, SchedulerConfig, RunnerConfig, SpeculativeConfig, LoadConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

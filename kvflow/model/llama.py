@@ -4,7 +4,7 @@ The four differ only in switches carried by `ModelConfig`: q/k/v bias (Qwen2), p
 RMSNorm (Qwen3), sliding-window layers (Mistral, Qwen2), tied embeddings and RoPE scaling.
 q/k/v and gate/up projections are fused at load time. All tokens of a step arrive flat
 ([num_tokens, hidden]); attention goes through the backend, over caches the KV-cache spec lays out.
-Every projection and the LM head is a `Linear` whose method (dense, prepacked, ...) is chosen at load.
+Every projection and the LM head is a `Linear` whose method (dense, prepacked, quantised) is chosen at load.
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ import torch.nn as nn
 from kvflow.attention.backend import AttentionBackend, AttentionMetadata
 from kvflow.config import ModelConfig
 from kvflow.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
-from kvflow.model.linear import Linear, LinearMethod, linear_layers
+from kvflow.model.linear import DenseLinear, Linear, LinearMethod, linear_layers
+from kvflow.model.quant.formats import concat_rows, dequantize
+from kvflow.model.quant.linear_methods import QuantizedLinear
+from kvflow.model.quant.weights import QuantizedWeight
+
+# (layer name, dense weight) -> that weight quantised, or None to keep it dense (`--quantization`).
+LoadQuantizer = Callable[[str, torch.Tensor], "QuantizedWeight | None"]
 
 
 class Attention(nn.Module):
@@ -114,18 +120,31 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = Linear.sharing(self.embed_tokens.weight)
 
     def use_linear_method(self, method: LinearMethod) -> int:
-        """Give every projection and the LM head this method; returns how many layers took it. (The
+        """Give every projection and the LM head that holds its weight as loaded (dense) this method;
+        returns how many layers took it. Layers loaded quantised keep their format's method. (The
         embedding lookup keeps a tied head's plain matrix: a method only replaces the head's view of it.)"""
-        layers = linear_layers(self)
+        layers = [layer for layer in linear_layers(self) if isinstance(layer.method, DenseLinear)]
         for layer in layers:
             layer.use(method)
         return len(layers)
 
     # ---------------------------------------------------------------- weights
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face tensors in, fusing q/k/v and gate/up; every parameter must be set."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
+                     quantize: LoadQuantizer | None = None) -> None:
+        """Copy Hugging Face tensors in, fusing q/k/v and gate/up; every parameter must be set.
+
+        A `QuantizedWeight` (a quantised checkpoint, a GGUF file) goes to the `Linear` that owns its
+        name, which then runs it through the format's `QuantizedLinear`; shards of a fused layer are
+        concatenated along N (every format quantises rows independently). A fused layer whose shards
+        come in different formats, or partly dense, is dequantised and stays dense. `quantize(layer,
+        tensor)` (`--quantization`) turns each dense linear weight into a QuantizedWeight as it arrives
+        (None: that layer stays dense). A linear weight is allocated only when a dense tensor arrives for
+        it (the loader leaves them on meta), so a quantised layer never holds a dense copy."""
         params = dict(self.named_parameters())
+        linears = {f"{name}.weight": m for name, m in self.named_modules() if isinstance(m, Linear)}
+        device = self.norm.weight.device
         loaded: set[str] = set()
+        pending: dict[str, dict[int, QuantizedWeight]] = {}  # linear weight -> its quantised shards by row offset
         cfg = self.config
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         fused = {
@@ -135,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
             "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
             "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size),
         }
-        for hf_name, tensor in weights:
+        for hf_name, value in weights:
             name = hf_name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
@@ -153,15 +172,29 @@ class LlamaForCausalLM(nn.Module):
             param = params.get(target)
             if param is None:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {cfg.architecture}")
-            dest = param.data if shard is None else param.data.narrow(0, shard[0], shard[1])
-            if dest.shape != tensor.shape:
+            rows = param.shape[0] if shard is None else shard[1]
+            expected = (rows, *param.shape[1:])
+            if quantize is not None and target in linears and isinstance(value, torch.Tensor):
+                quantized = quantize(target.removesuffix(".weight"), value)
+                value = value if quantized is None else quantized
+            if tuple(value.shape) != expected:
                 raise ValueError(
-                    f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                    f"checkpoint tensor {hf_name!r} has shape {tuple(value.shape)}, expected {expected}"
                 )
-            dest.copy_(tensor)
+            if isinstance(value, QuantizedWeight):
+                if target not in linears:
+                    raise ValueError(f"checkpoint tensor {hf_name!r} is quantised ({value.format}) but "
+                                     f"{target} is not a linear layer's weight")
+                pending.setdefault(target, {})[0 if shard is None else shard[0]] = value
+            else:
+                param = self._materialise(target, param, device, params)
+                dest = param.data if shard is None else param.data.narrow(0, shard[0], shard[1])
+                dest.copy_(value)
             loaded.add(target)
             if shard is not None:
                 loaded.add(f"{target}:{shard[0]}")
+        for target, shards in pending.items():
+            self._install_quantized(target, linears[target], shards, params, device)
         expected_shards = {
             f"{n}:{off}"
             for n in params
@@ -171,3 +204,33 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted((set(params) - loaded) | (expected_shards - loaded))
         if missing:
             raise ValueError(f"checkpoint at {cfg.path} is missing weights: {', '.join(missing[:8])}")
+
+    def _materialise(self, target: str, param: nn.Parameter, device: torch.device,
+                     params: dict[str, nn.Parameter]) -> nn.Parameter:
+        """A linear weight still on meta gets its memory when the first dense tensor arrives for it."""
+        if not param.is_meta:
+            return param
+        owner, attr = target.rsplit(".", 1)
+        fresh = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
+        setattr(self.get_submodule(owner), attr, fresh)
+        params[target] = fresh
+        return fresh
+
+    def _install_quantized(self, target: str, layer: Linear, shards: dict[int, QuantizedWeight],
+                           params: dict[str, nn.Parameter], device: torch.device) -> None:
+        """The layer runs its quantised shards, concatenated; or, where some shard was dense or the
+        formats differ, holds them all dequantised."""
+        ordered = [shards[offset] for offset in sorted(shards)]
+        param = params[target]
+        same = len({(s.format, s.in_features, tuple(sorted(s.params.items()))) for s in ordered}) == 1
+        if param.is_meta and same:
+            weight = concat_rows(ordered)
+            weight = QuantizedWeight(weight.format, weight.shape, {k: t.to(device) for k, t in weight.data.items()},
+                                     weight.params)
+            qcfg = self.config.quantization  # its activation bits apply to weights of its format
+            act_bits = qcfg.activation_bits if qcfg is not None and qcfg.format == weight.format else None
+            layer.use(QuantizedLinear(weight, act_bits))
+            return
+        param = self._materialise(target, param, device, params)
+        for offset, shard in shards.items():
+            param.data.narrow(0, offset, shard.out_features).copy_(dequantize(shard))

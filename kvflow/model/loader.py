@@ -3,6 +3,12 @@
 Weights are read with safetensors only (memory-mapped, one tensor at a time). A directory that
 holds only pickle weights (`*.bin`, `*.pt`, `*.pth`) is refused: unpickling runs arbitrary code.
 A `.gguf` path is read by `kvflow/model/gguf/` (weights, tokenizer) and its metadata.
+
+Quantised weights: a directory written by kvflow (`quantization_config.quant_method` "kvflow", layout
+in `kvflow/model/quant/checkpoint.py`) yields its quantised linear weights as `QuantizedWeight`s, as
+a GGUF file does for its block formats; `--quantization` quantises a dense checkpoint's linear
+weights one by one as they load. Linear weights are left unallocated until a dense tensor arrives for
+them, so a quantised layer never holds (nor briefly allocates) a dense copy.
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from kvflow.config import ModelConfig
 from kvflow.gguf_config import generation_config_from_gguf, is_gguf_path
 from kvflow.model.layers import RotaryEmbedding
+from kvflow.model.linear import linear_layers
+from kvflow.model.quant.checkpoint import load_time_quantizer, read_safetensors
 from kvflow.model.registry import model_class
 
 logger = logging.getLogger(__name__)
@@ -53,7 +60,8 @@ def safetensors_files(path: str | Path) -> list[Path]:
 
 
 def iter_weights(path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, Any]]:
-    """(HF name, tensor in `dtype`) pairs; a GGUF file's block-format weights come as QuantizedWeight."""
+    """(HF name, tensor in `dtype`) pairs; quantised weights (a GGUF file's block formats, a kvflow-quantised
+    directory's) come as QuantizedWeight."""
     if is_gguf_path(path):
         from kvflow.model.gguf import iter_gguf_weights
 
@@ -61,24 +69,30 @@ def iter_weights(path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, An
             yield name, weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
         return
     for file in safetensors_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name).to(dtype)
+        yield from read_safetensors(file, dtype)
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """Build the model without initialising weights (meta device), then fill it from safetensors."""
+    """Build the model without initialising weights (meta device), then fill it from the checkpoint."""
     device = torch.device(device)
     cls = model_class(cfg)
     with torch.device("meta"):
-        model = cls(cfg)
-    model = model.to_empty(device=device).to(cfg.dtype)
+        model = cls(cfg).to(cfg.dtype)
+    # Linear weights stay on meta (allocated by load_weights when a dense tensor arrives for one).
+    deferred = [(layer, layer.weight) for layer in linear_layers(model)]
+    for layer, _ in deferred:
+        del layer.weight
+    model = model.to_empty(device=device)
+    for layer, weight in deferred:
+        layer.weight = weight
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):  # non-persistent tables were lost on meta
             fresh = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope).to(device)
             module.cos, module.sin = fresh.cos, fresh.sin
+    quantization = cfg.quantization
+    quantize = load_time_quantizer(quantization) if quantization is not None and quantization.on_load else None
     with torch.no_grad():
-        model.load_weights(iter_weights(cfg.path, cfg.dtype))
+        model.load_weights(iter_weights(cfg.path, cfg.dtype), quantize=quantize)
     model.finish_loading()
     return model.eval().requires_grad_(False)
 

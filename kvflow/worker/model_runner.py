@@ -27,7 +27,7 @@ from kvflow.model.cpu_kernels import (
     cpu_kernels_available,
     decode_gemv_available,
 )
-from kvflow.model.linear import DenseLinear, LinearMethod, PrepackedLinear, prepack_available
+from kvflow.model.linear import DenseLinear, LinearMethod, PrepackedLinear, linear_layers, prepack_available
 from kvflow.model.loader import load_model
 from kvflow.worker.kv_budget import num_kv_blocks
 from kvflow.worker.rejection_sampler import RejectionSampler, VerificationBatch
@@ -89,11 +89,16 @@ class ModelRunner:
         self._kv_scales_set = kv_scales_set(self.kv_spec, self.kv_caches)
 
     def _linear_method(self, use_cpu_kernels: bool) -> LinearMethod:
-        """bf16 on a CPU with oneDNN: prepacked weights (bit-identical, faster), with the decode GEMV's
-        copies where the C++ forward will use them; else the weights as loaded."""
+        """The method of the layers loaded dense (quantised ones keep their format's method, chosen at
+        load): bf16 on a CPU with oneDNN, prepacked weights (bit-identical, faster), with the decode
+        GEMV's copies where the C++ forward will use them (not where a quantised layer keeps that
+        forward from running); else the weights as loaded."""
         runner = self.config.runner
         if runner.prepack_weights and prepack_available(self.device, self.model_config.dtype):
-            return PrepackedLinear(decode_copy=use_cpu_kernels and runner.decode_gemv and decode_gemv_available())
+            forward_runs = all(layer.method.cpu_kernel_weights(layer) is not None
+                               for layer in linear_layers(self.model) if not isinstance(layer.method, DenseLinear))
+            return PrepackedLinear(decode_copy=use_cpu_kernels and forward_runs and runner.decode_gemv
+                                   and decode_gemv_available())
         return DenseLinear()
 
     # ---------------------------------------------------------------- execute

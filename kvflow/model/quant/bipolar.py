@@ -11,8 +11,8 @@ matmuls recombined with powers of two, and a binary matmul of Â±1 vectors is K â
 
 Layout (`QuantizedWeight` data, every tensor with N first so row shards concatenate):
   ``planes``  uint8 [N, n, K/8]: plane i of row r, bit j of byte c is b_i of weight 8c + j;
-  ``scales``, ``offsets`` [N, K/G]: fp16 where every group's value is a normal fp16 number (the
-  usual case: 32/G bits per weight each), else fp32. params: ``bits``, ``group_size``.
+  ``scales``, ``offsets`` [N, K/G]: fp16 where every group's scale is a normal fp16 number (the
+  usual case: 16/G bits per weight each), else fp32. params: ``bits``, ``group_size``.
 Default group size 64: it divides every width of the shipped models (256, 704; q4_k's 256 does not
 divide 704) and costs 0.5 bit per weight in fp16 scale + offset, so 4-bit bipolar is 4.5 bits per
 weight like q4_0 and q4_k.
@@ -80,12 +80,13 @@ def odd_values(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- quantise / dequantise
-def _param_dtype(*groups: torch.Tensor) -> torch.dtype:
-    """fp16 when every value is zero or a normal fp16 number, else fp32."""
-    for t in groups:
-        a = t.abs()
-        if bool(((a > 0) & (a < _FP16_TINY)).any()) or bool((a > _FP16_MAX).any()):
-            return torch.float32
+def _param_dtype(scale: torch.Tensor, offset: torch.Tensor) -> torch.dtype:
+    """fp16 when every scale is zero or a normal fp16 number (relative error 2^-11) and no offset
+    overflows it; else fp32. (A subnormal offset is off by at most 2^-25, far below any normal scale.)"""
+    a = scale.abs()
+    if bool(((a > 0) & (a < _FP16_TINY)).any()) or bool((a > _FP16_MAX).any()) or bool(
+            (offset.abs() > _FP16_MAX).any()):
+        return torch.float32
     return torch.float16
 
 
@@ -99,7 +100,7 @@ def quantize_bipolar(w: torch.Tensor, bits: int = 4, group_size: int = DEFAULT_G
     g = w.detach().float().reshape(n, k // group_size, group_size)
     lo, hi = g.amin(-1), g.amax(-1)
     offset, scale = (hi + lo) / 2, (hi - lo) / (2 * top)
-    dtype = _param_dtype(offset, scale)
+    dtype = _param_dtype(scale, offset)
     scale, offset = scale.to(dtype), offset.to(dtype)
     s, o = scale.float()[..., None], offset.float()[..., None]
     safe = torch.where(s > 0, s, torch.ones_like(s))

@@ -1,0 +1,117 @@
+"""Quantised linear methods: a layer holds its `QuantizedWeight` as buffers and computes x·Wᵀ from it.
+
+No dense copy of the weight is kept (that is the point: memory). Each method's computation is a
+*kernel* `(x [M, K], weight, bias) -> [M, N]` looked up per call by (method name, device type):
+the reference kernels here run on any device (GGUF blocks: dequantise, then `F.linear`; int8: codes
+times activations, then scales; bipolar: one ±1 matmul per bit plane), and faster ones (the C++ CPU
+kernels, a Triton bit-plane kernel) replace them with `register_kernel`, without touching the
+model or the loader. `cpu_kernel_weights` is None for now: the C++ CPU forward then declines the
+model and the runner takes the PyTorch modules, which run these methods.
+
+Which layers: every projection a checkpoint gives quantised (or that `--quantization` quantises at
+load). The embedding and the LM head stay in the model's dtype unless a checkpoint (a GGUF file)
+hands the head over quantised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kvflow.model.linear import CpuKernelWeights, Linear, LinearMethod
+from kvflow.model.quant import bipolar, int8
+from kvflow.model.quant.formats import get_format
+from kvflow.model.quant.weights import QuantizedWeight
+
+LinearKernel = Callable[[torch.Tensor, QuantizedWeight, "torch.Tensor | None"], torch.Tensor]
+_KERNELS: dict[tuple[str, str], LinearKernel] = {}
+BUFFER_PREFIX = "quant_"
+
+
+def register_kernel(method: str, device_type: str, kernel: LinearKernel) -> None:
+    """Run `method` (a `QuantizedLinear.name`, e.g. "q4_k" or "int8-w8a8") with `kernel` on
+    `device_type` ("cpu", "cuda") instead of its reference computation."""
+    _KERNELS[(method, device_type)] = kernel
+
+
+def unregister_kernel(method: str, device_type: str) -> None:
+    _KERNELS.pop((method, device_type), None)
+
+
+def kernel_for(method: str, device_type: str) -> LinearKernel | None:
+    return _KERNELS.get((method, device_type))
+
+
+def _gguf_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dequantise the blocks (float32, transient), then the dense product."""
+    return F.linear(x, get_format(qw.format).dequantize(qw).to(x.dtype), bias)
+
+
+class QuantizedLinear(LinearMethod):
+    """A layer's weight in one format of `formats.FORMATS`, with the reference kernel of its family."""
+
+    def __init__(self, weight: QuantizedWeight, activation_bits: int | None = None) -> None:
+        fmt = get_format(weight.format)
+        self.format = weight.format
+        self.shape = weight.shape
+        self.params = dict(weight.params)
+        self.keys = tuple(weight.data)
+        self.activation_bits = activation_bits
+        self._pending: QuantizedWeight | None = weight
+        if fmt.family == "gguf":
+            if activation_bits is not None:
+                raise ValueError(f"{weight.format} runs with float activations (activation_bits must be None)")
+            self.name, self.reference = weight.format, _gguf_reference
+        elif fmt.family == "int8":
+            if activation_bits not in (None, 8):
+                raise ValueError(f"int8 weights run with float (W8A16) or int8 (W8A8) activations, "
+                                 f"not {activation_bits}-bit")
+            self.name = "int8-w8a8" if activation_bits == 8 else "int8-w8a16"
+            self.reference = int8.linear_w8a8 if activation_bits == 8 else int8.linear_w8a16
+        else:
+            if activation_bits is None:
+                self.name, self.reference = "bipolar", bipolar.bitplane_linear
+            else:
+                if activation_bits not in bipolar.BITS:
+                    raise ValueError(f"bipolar activation bits must be in [2, 8], got {activation_bits}")
+                a_bits = activation_bits
+                self.name = f"bipolar-a{a_bits}"
+
+                def abit(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+                    return bipolar.bitplane_linear_abit(x, qw, bias, a_bits)
+
+                self.reference = abit
+
+    def process_weights(self, layer: Linear) -> None:
+        """Register the format's tensors as the layer's buffers and drop its dense weight."""
+        qw = self._pending
+        if qw is None:
+            raise RuntimeError("a QuantizedLinear holds one layer's weight: make one per layer")
+        if (layer.out_features, layer.in_features) != tuple(qw.shape):
+            raise ValueError(f"a {qw.shape[0]}x{qw.shape[1]} {qw.format} weight cannot go on a "
+                             f"{layer.out_features}x{layer.in_features} layer")
+        for key, tensor in qw.data.items():
+            layer.register_buffer(BUFFER_PREFIX + key, tensor)
+        if "weight" in layer._parameters:
+            del layer.weight  # a shared matrix (a tied head's) lives on in its owner
+        self._pending = None
+
+    def weight(self, layer: Linear) -> QuantizedWeight:
+        """The layer's weight, over its buffers (wherever `.to()` moved them)."""
+        return QuantizedWeight(self.format, self.shape, {k: getattr(layer, BUFFER_PREFIX + k) for k in self.keys},
+                               self.params)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, layer.in_features)
+        kernel = kernel_for(self.name, flat.device.type) or self.reference
+        out = kernel(flat, self.weight(layer), layer.bias)
+        return out.view(*x.shape[:-1], layer.out_features)
+
+    def cpu_kernel_weights(self, layer: Linear) -> CpuKernelWeights | None:
+        return None
+
+
+def is_quantized(layer: Linear) -> bool:
+    return isinstance(layer.method, QuantizedLinear)
