@@ -224,3 +224,12 @@ def test_llama_cpp_tokenizes_the_sentencepiece_file_like_the_directory(spm_gguf)
     for text in SPM_TEXTS:
         assert llm.tokenize(text.encode(), add_bos=ours.encode("a")[0] == ours.bos_token_id, special=True) == \
             ours.encode(text), text
+
+
+def test_a_model_config_with_linear_rope_scaling_round_trips(tiny_dir, tiny_weights, tmp_path):
+    from kvflow.config import RopeConfig
+
+    cfg = dataclasses.replace(ModelConfig.from_pretrained(tiny_dir), rope=RopeConfig(theta=5e5, rope_type="linear",
+                                                                                     factor=2.5))
+    path = write_gguf(tmp_path / "linear.gguf", cfg, tiny_weights)
+    assert ModelConfig.from_pretrained(path).rope == cfg.rope
