@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kvflow.bench.bitplane import IMPLS as BITPLANE_IMPLS
 from kvflow.bench.make_model import SHAPES, TOKENIZERS
 
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -172,6 +173,30 @@ def _cmd_quant_gemv(args: argparse.Namespace) -> int:
     print(format_rows(run(args.shape, args.rows, tuple(args.formats), args.seconds, args.threads,
                           stream_mib=args.stream_mib), args.rows))
     return 0
+
+
+def _cmd_bitplane(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from kvflow.bench.bitplane import format_results, inaccurate, run, save_results
+    from kvflow.bench.quant_gemv import layer_matrices
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        print(f"the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for Triton's interpreter), got {device}")
+        return 2
+    results = run(layer_matrices(args.shape), tuple(args.bits), tuple(args.rows), args.group, tuple(args.impl),
+                  device, getattr(torch, args.dtype), args.repeats, args.stream_mib)
+    print(format_results(results))
+    if args.output:
+        save_results(results, Path(args.output), device, args.shape, args.group, getattr(torch, args.dtype))
+        print(f"saved {args.output}")
+    bad = inaccurate(results)
+    for r in bad:
+        print(f"INACCURATE: {r.impl} {r.matrix} n={r.bits} M={r.rows}: relative error {r.rel_err:.2e}")
+    return 1 if bad else 0
 
 
 def _cmd_spec_decode(args: argparse.Namespace) -> int:
@@ -432,6 +457,21 @@ def configure(bench: argparse.ArgumentParser) -> None:
                     help="bf16 MiB of weight copies each method cycles through (above the last-level cache)")
     qg.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     qg.set_defaults(func=_cmd_quant_gemv)
+
+    bp = sub.add_parser("bitplane", help="the Triton bit-plane kernels (bipolar weights) against torch's bf16 "
+                                         "matmul on each matrix of one layer: µs, GB/s, error")
+    bp.add_argument("--shape", choices=sorted(SHAPES), default="500m")
+    bp.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="bipolar weight widths")
+    bp.add_argument("--rows", type=int, nargs="+", default=[1, 16, 256], help="activation rows M")
+    bp.add_argument("--group", type=int, default=64, help="bipolar group size")
+    bp.add_argument("--impl", nargs="+", choices=BITPLANE_IMPLS, default=list(BITPLANE_IMPLS))
+    bp.add_argument("--device", help="default: cuda when available")
+    bp.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="activations and the dense weight")
+    bp.add_argument("--repeats", type=int, default=20, help="timed passes over the weight copies")
+    bp.add_argument("--stream-mib", type=float, default=256,
+                    help="MiB of bf16 weight copies each method cycles through (above the GPU's L2)")
+    bp.add_argument("--output", help="JSON file for the results")
+    bp.set_defaults(func=_cmd_bitplane)
 
     gg = sub.add_parser("to-gguf", help="convert a model directory to GGUF for llama.cpp")
     gg.add_argument("--model", required=True, help="model directory (HF format)")
