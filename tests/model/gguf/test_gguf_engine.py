@@ -106,6 +106,19 @@ def q8_dense_gguf(tiny_q8_gguf, tiny_dir, tmp_path_factory) -> Path:
                       dict(iter_gguf_weights(tiny_q8_gguf, dequantize=True)))
 
 
+def test_q8_0_file_runs_quantised_and_matches_its_dequantised_weights(tiny_q8_gguf, q8_dense_gguf):
+    """The blocks stay blocks (QuantizedLinear on every projection) and decode like the dense model
+    they stand for."""
+    from kvflow.model.linear import linear_layers
+    from kvflow.model.quant.linear_methods import is_quantized
+
+    llm = LLM(model=str(tiny_q8_gguf), num_blocks=64)
+    layers = linear_layers(llm.engine.core.runner.model)
+    assert sum(is_quantized(layer) for layer in layers) == 4 * 4  # qkv, o, gate_up, down in each of 4 layers
+    ours = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert ours == greedy(q8_dense_gguf)
+
+
 def test_llama_cpp_on_the_q8_0_file_matches_kvflow_on_its_dequantised_weights(tiny_q8_gguf, q8_dense_gguf):
     """llama.cpp reads our Q8_0 blocks (and the q/k permutation of quantised rows) as we mean them.
     It also rounds activations to 8 bits for its dot products, so ties are looser than F32's."""
