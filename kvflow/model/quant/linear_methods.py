@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kvflow.model.linear import CpuKernelWeights, Linear, LinearMethod
-from kvflow.model.quant import bipolar, int8
+from kvflow.model.quant import bipolar, bitplane_cuda, int8
 from kvflow.model.quant.formats import get_format
 from kvflow.model.quant.weights import QuantizedWeight
 
@@ -42,6 +42,11 @@ def unregister_kernel(method: str, device_type: str) -> None:
 
 def kernel_for(method: str, device_type: str) -> LinearKernel | None:
     return _KERNELS.get((method, device_type))
+
+
+# On CUDA the bipolar methods run the Triton bit-plane kernels (the torch references where Triton is missing).
+for _method, _kernel in bitplane_cuda.method_kernels().items():
+    register_kernel(_method, "cuda", _kernel)
 
 
 def _gguf_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
