@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kvflow import LLM, SamplingParams
-from kvflow.model.gguf import iter_gguf_weights, write_gguf
+from kvflow.model.gguf import iter_gguf_weights, tokenizer_from_gguf, write_gguf
 
 PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\nclass ", "The pass key is 40217. Remember it."]
 STEPS = 16
@@ -76,12 +76,10 @@ def assert_same_greedy(ours: list[int], theirs: list[int], logits: list[np.ndarr
 
 
 @pytest.mark.parametrize("fixture", ["tiny_f32_gguf", "llama_gguf"])
-def test_llama_cpp_loads_the_f32_file_and_decodes_the_same_tokens(fixture, request, tiny_dir, tiny_greedy):
+def test_llama_cpp_loads_the_f32_file_and_decodes_the_same_tokens(fixture, request, tiny_greedy):
     path = request.getfixturevalue(fixture)
-    llm = LLM(model=str(path), num_blocks=64)
-    tokenizer = llm.get_tokenizer()
-    ours = tiny_greedy if fixture == "tiny_f32_gguf" else [
-        o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    tokenizer = tokenizer_from_gguf(path)
+    ours = tiny_greedy if fixture == "tiny_f32_gguf" else greedy(path)
     matched = 0
     for prompt, our_tokens in zip(PROMPTS, ours):
         theirs, logits = llamacpp_greedy(path, tokenizer.encode(prompt), STEPS)
@@ -106,7 +104,12 @@ def q8_dense_gguf(tiny_q8_gguf, tiny_dir, tmp_path_factory) -> Path:
                       dict(iter_gguf_weights(tiny_q8_gguf, dequantize=True)))
 
 
-def test_q8_0_file_runs_quantised_and_matches_its_dequantised_weights(tiny_q8_gguf, q8_dense_gguf):
+@pytest.fixture(scope="module")
+def q8_dense_greedy(q8_dense_gguf) -> list[list[int]]:
+    return greedy(q8_dense_gguf)
+
+
+def test_q8_0_file_runs_quantised_and_matches_its_dequantised_weights(tiny_q8_gguf, q8_dense_greedy):
     """The blocks stay blocks (QuantizedLinear on every projection) and decode like the dense model
     they stand for."""
     from kvflow.model.linear import linear_layers
@@ -116,17 +119,15 @@ def test_q8_0_file_runs_quantised_and_matches_its_dequantised_weights(tiny_q8_gg
     layers = linear_layers(llm.engine.core.runner.model)
     assert sum(is_quantized(layer) for layer in layers) == 4 * 4  # qkv, o, gate_up, down in each of 4 layers
     ours = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    assert ours == greedy(q8_dense_gguf)
+    assert ours == q8_dense_greedy
 
 
-def test_llama_cpp_on_the_q8_0_file_matches_kvflow_on_its_dequantised_weights(tiny_q8_gguf, q8_dense_gguf):
+def test_llama_cpp_on_the_q8_0_file_matches_kvflow_on_its_dequantised_weights(tiny_q8_gguf, q8_dense_greedy):
     """llama.cpp reads our Q8_0 blocks (and the q/k permutation of quantised rows) as we mean them.
     It also rounds activations to 8 bits for its dot products, so ties are looser than F32's."""
-    llm = LLM(model=str(q8_dense_gguf), num_blocks=64)
-    tokenizer = llm.get_tokenizer()
-    ours = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    tokenizer = tokenizer_from_gguf(tiny_q8_gguf)
     matched = 0
-    for prompt, our_tokens in zip(PROMPTS, ours):
+    for prompt, our_tokens in zip(PROMPTS, q8_dense_greedy):
         theirs, logits = llamacpp_greedy(tiny_q8_gguf, tokenizer.encode(prompt), STEPS)
         assert_same_greedy(our_tokens, theirs, logits, tie=0.1)
         matched += our_tokens == theirs
