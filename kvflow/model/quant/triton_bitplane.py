@@ -146,12 +146,17 @@ def _bitplane_abit_kernel(
             u = tl.load(u_rows + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0).to(tl.int32)
             x_sum += tl.sum(2 * u - ((1 << A_BITS) - 1), axis=1)
             byte_ptrs = plane_rows + (k0 // 8 + offs_kb)[None, :]
-            for i in tl.static_range(BITS):
-                w_signs = (2 * _plane_bits(byte_ptrs + i * stride_pi, n_mask, BLOCK_N, BLOCK_K) - 1).to(tl.int8)
-                w_signs = tl.trans(w_signs)
-                for j in tl.static_range(A_BITS):
-                    a_signs = (2 * ((u >> j) & 1) - 1).to(tl.int8)
-                    dots += tl.dot(a_signs, w_signs, out_dtype=tl.int32) << (i + j)
+            # Horner over the activation planes, top first: part = 2·part + Σ_i 2^i (2A_j − 1)·(2B_i − 1)ᵀ.
+            # A runtime loop, so one activation plane and the n weight planes are live at a time (an
+            # unrolled A x n nest keeps every plane of both in registers and spills).
+            part = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            for jj in range(A_BITS):
+                a_signs = (2 * ((u >> (A_BITS - 1 - jj)) & 1) - 1).to(tl.int8)
+                part = part * 2
+                for i in tl.static_range(BITS):
+                    w_signs = (2 * _plane_bits(byte_ptrs + i * stride_pi, n_mask, BLOCK_N, BLOCK_K) - 1).to(tl.int8)
+                    part += tl.dot(a_signs, tl.trans(w_signs), out_dtype=tl.int32) << i
+            dots += part
         scale = tl.load(scales_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
         offset = tl.load(offsets_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
         acc += dots.to(tl.float32) * scale[None, :] + x_sum.to(tl.float32)[:, None] * offset[None, :]
@@ -207,17 +212,14 @@ def launch_config(m: int, n: int, qw: QuantizedWeight, dtype: torch.dtype, devic
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     if dtype == torch.float32 or abit:
         block_m = min(block_m, 32)
-    if capability is None:
-        block_n = 32
-    else:
-        block_n = 128 if block_m >= 128 else 64
-    block_k = _block_k(group, 64 if abit else 128)
+    block_n = 32 if capability is None else 64  # 128 spills: a tile holds two fp32 accumulators
+    block_k = _block_k(group, 64)  # a 128x64 16-bit x tile per pipeline stage: 16 KiB of shared memory
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     if num_splits is None:
         sms = multiprocessor_count(device)
         num_splits = 1 if sms is None or programs >= sms else min(num_groups, triton.cdiv(2 * sms, programs))
     per_split = triton.cdiv(num_groups, max(1, min(num_splits, num_groups)))
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
     return BitplaneLaunch(block_m, block_n, block_k, per_split, triton.cdiv(num_groups, per_split), num_warps,
                           3, dot_precision(dtype, capability))
 

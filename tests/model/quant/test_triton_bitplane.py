@@ -157,3 +157,23 @@ def test_unsupported_inputs_say_why():
         tb.bitplane_linear_triton(x, qw8, None)
     with pytest.raises(ValueError, match=r"in \[2, 8\]"):
         tb.bitplane_linear_abit_triton(torch.zeros(1, 64), _random_codes(8, 64, 2, 32, seed=0)[1], None, 9)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_ampere_and_hopper_without_16_bit_spills():
+    """The launches the wrappers make for a 500m matrix compile to cubins (kvflow.model.quant.
+    triton_bitplane_check, in a process without TRITON_INTERPRET), with no 16-bit register spills."""
+    import subprocess
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        if not os.path.exists(get_ptxas(90).path):
+            pytest.skip("triton's NVIDIA backend has no ptxas")
+    except ImportError:
+        pytest.skip("triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run([sys.executable, "-m", "kvflow.model.quant.triton_bitplane_check", "--arch", "80", "90",
+                             "--dtype", "bfloat16", "--bits", "2", "8", "--rows", "1", "256"],
+                            env=env, capture_output=True, text=True, timeout=900)
+    log = result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.returncode == 0 and "24/24 launches compile" in result.stdout, log
