@@ -38,6 +38,8 @@ fp32 (the reference, `bitplane_linear_abit`, in fp64).
 Decode (few rows, few output tiles) is split along K so every SM streams planes: programs write fp32
 partial sums that torch adds (deterministic, no atomics). Group sizes must be multiples of 16 (32 for
 the A-bit variant: int8 MMA's K); `check_supported` says why not, and callers take the torch path.
+`python -m kvflow.model.quant.triton_bitplane_check` compiles every launch for sm_80/sm_90 without a
+GPU (registers, spills, shared memory); speed needs one (`kvflow bench bitplane`, run by .ci/gpu).
 """
 
 from __future__ import annotations
@@ -202,8 +204,9 @@ def _block_k(group: int, cap: int) -> int:
 
 def launch_config(m: int, n: int, qw: QuantizedWeight, dtype: torch.dtype, device: torch.device,
                   abit: bool = False, num_splits: int | None = None) -> BitplaneLaunch:
-    """Output tiles sized to the rows (16 for decode, up to 128 for prefill; fp32's "tf32x3" dots take
-    ~3x the registers, so at most 32 rows there), and, when those tiles leave SMs idle, the groups
+    """Output tiles of 64 columns by rows sized to M (16 for decode, up to 128 for prefill; fp32's
+    "tf32x3" dots take ~3x the registers, and the A-bit kernel's int32 sums more, so at most 32 rows
+    there), and, when those tiles leave SMs idle, the groups
     split so about two programs run per SM. `num_splits` forces a split (tests, benchmarks).
     Under the interpreter (no capability): small tiles, no split unless forced."""
     group = qw.params["group_size"]
