@@ -373,14 +373,28 @@ at::Tensor decode_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&
 }
 #endif
 
+// linear_f32: fp32 weights times a few rows, each row computed alike whatever the rows beside it.
+#include "cpu_gemv_f32.h"
+
+// True where an fp32 step of x's rows takes linear_f32 over this plain weight.
+inline bool small_f32(const at::Tensor& x, const at::Tensor& weight, bool packed) {
+  return kHasLinearF32 && !packed && x.size(0) <= kSmallRowsF32 && x.scalar_type() == at::kFloat &&
+         weight.scalar_type() == at::kFloat && weight.dim() == 2 && weight.is_contiguous();
+}
+
 // ----------------------------------------------------------------------------- linear
 // The same two ops the Python model calls: oneDNN's packed linear or at::linear; for decode
-// steps, the GEMV above where the weight has a row-blocked copy.
+// steps, the GEMV above where the weight has a row-blocked copy, and fp32 steps of a few rows
+// linear_f32.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool packed,
                   const at::Tensor& blocked = at::Tensor()) {
   if (blocked.defined() && x.size(0) <= kDecodeRows) {
     RECORD_FUNCTION("kvflow::decode_linear", std::vector<c10::IValue>());
     return decode_linear(x.contiguous(), blocked, bias);
+  }
+  if (small_f32(x, weight, packed)) {
+    RECORD_FUNCTION("kvflow::linear_f32", std::vector<c10::IValue>());
+    return linear_f32(x, weight, bias);
   }
   std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
   if (!packed) return at::linear(x, weight, b);
@@ -586,6 +600,9 @@ class CpuModel {
   bool packed_;
   float scale_;
 };
+
+// draft_greedy: a draft model's greedy proposals for a whole speculative pass in one call.
+#include "cpu_draft.h"
 
 // Single kernels, exposed for the tests that compare each one with a plain PyTorch reference.
 // Returns (x + delta, RMSNorm(x + delta)); x itself is left unchanged.
@@ -910,7 +927,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("seq_index"), pybind11::arg("slot_mapping"), pybind11::arg("block_tables"),
            pybind11::arg("layer_done") = pybind11::none(), pybind11::arg("kv_positions") = pybind11::none(),
            pybind11::arg("before_attention") = pybind11::none(), pybind11::arg("after_attention") = pybind11::none(),
-           pybind11::arg("kivi") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
+           pybind11::arg("kivi") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("draft_greedy", &draft_greedy, pybind11::arg("feed_ids"), pybind11::arg("feed_lens"), pybind11::arg("starts"),
+           pybind11::arg("counts"), pybind11::arg("block_tables"), pybind11::arg("block_size"), pybind11::arg("head"),
+           pybind11::arg("head_bias"), pybind11::arg("head_packed"), pybind11::arg("head_blocked"),
+           pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_op);
   m.def("rope_and_store", &rope_and_store_op, pybind11::arg("qkv"), pybind11::arg("positions"),
         pybind11::arg("slots"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("q_norm"),
@@ -936,6 +957,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("window_blocks"), pybind11::arg("block_size"), pybind11::arg("scale"));
   m.def("silu_and_mul", &silu_and_mul_op);
   m.def("decode_linear", &decode_linear_op);
+  m.def("linear_f32", [](const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+    return linear_f32(x, weight, optional_weight(bias));
+  });
+  // The forward's own linear (the LM head of CpuForward.logits goes through it, as draft_greedy's does).
+  m.def("linear", [](const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool packed,
+                     const at::Tensor& blocked) {
+    return linear(x, weight, optional_weight(bias), packed, optional_weight(blocked));
+  }, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("packed"),
+     pybind11::arg("blocked"));
+  m.attr("small_rows_f32") = kHasLinearF32 ? kSmallRowsF32 : 0;
   m.attr("has_decode_gemv") = kHasDecodeGemv;
   m.attr("decode_rows") = kDecodeRows;
 }

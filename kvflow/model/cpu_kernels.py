@@ -194,10 +194,9 @@ class CpuForward:
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, packed, rings, kv_spec.kivi_bits,
         )
         self._ext = ext
-        self._no_bias = empty
         self._compute_logits = model.compute_logits
         head = model.lm_head.method.cpu_kernel_weights(model.lm_head)
-        self._blocked_head: torch.Tensor | None = head.decode_copy if head is not None else None
+        self._head = head  # the LM head in the C++ forward's terms (None: its method has none)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor,
@@ -240,9 +239,35 @@ class CpuForward:
         """kv_policy_ops.fold_key_bounds in C++: one call per layer and step."""
         self._ext.fold_key_bounds(bounds, keys, slot_block, slot_offset)
 
+    @property
+    def has_draft_greedy(self) -> bool:
+        """True where `draft_greedy` can run (the LM head has C++ kernel weights)."""
+        return self._head is not None
+
+    def draft_greedy(self, feeds: list[list[int]], starts: list[int], counts: list[int], tables: list[list[int]],
+                     block_size: int) -> list[list[int]]:
+        """A draft model's greedy proposals for a speculative pass in one C++ call (csrc/cpu_draft.h):
+        sequence i's `feeds[i]` follow the `starts[i]` entries its cache holds; it proposes `counts[i]`
+        (>= 1) tokens, each the argmax of `logits` after the last, writing the KV of all but the last.
+        The same steps, kernels and KV writes as running the forward, `logits` and an argmax per step."""
+        head = self._head
+        assert head is not None, "the LM head has no C++ kernel weights (has_draft_greedy)"
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        out = self._model.draft_greedy(
+            torch.tensor([t for f in feeds for t in f], dtype=torch.long),
+            torch.tensor([len(f) for f in feeds], dtype=torch.long), torch.tensor(starts, dtype=torch.long),
+            torch.tensor(counts, dtype=torch.long), padded, block_size, head.weight, _or_empty(head.bias),
+            head.packed, _or_empty(head.decode_copy)).tolist()
+        return [row[:n] for row, n in zip(out, counts)]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of these rows: the decode GEMV for a few rows where the LM head has its
-        copy, else the model's own `compute_logits`."""
-        if self._blocked_head is not None and hidden.size(0) <= self._ext.decode_rows:
-            return self._ext.decode_linear(hidden.contiguous(), self._blocked_head, self._no_bias).float()
-        return self._compute_logits(hidden)
+        """fp32 logits of these rows through the forward's own `linear` (the decode GEMV for a few rows
+        where the LM head has its copy, `linear_f32` for a few fp32 rows, else the op the model's
+        `compute_logits` runs), the very call `draft_greedy` makes; the model's `compute_logits` where
+        the head's method has no C++ weights."""
+        head = self._head
+        if head is None:
+            return self._compute_logits(hidden)
+        return self._ext.linear(hidden.contiguous(), head.weight, _or_empty(head.bias), head.packed,
+                                _or_empty(head.decode_copy)).float()

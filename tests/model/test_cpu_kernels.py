@@ -357,7 +357,7 @@ def test_engine_decodes_with_the_gemv_copies_and_agrees_with_onednn(tiny_models)
         llm = LLM(model=str(tiny_models["llama"]), dtype="bfloat16", num_blocks=64, decode_gemv=gemv)
         runner = llm.engine.core.runner
         has_copy = runner.model.layers[0].mlp.gate_up_proj.blocked_weight is not None
-        assert has_copy == gemv and (runner.cpu_forward._blocked_head is not None) == gemv
+        assert has_copy == gemv and (runner.cpu_forward._head.decode_copy is not None) == gemv
         runs[gemv] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         if gemv:
             hidden = torch.randn(3, runner.model.config.hidden_size).bfloat16()

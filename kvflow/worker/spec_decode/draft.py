@@ -83,6 +83,9 @@ class DraftProposer:
                 self.cpu_forward = CpuForward(self.model, self.kv_spec, self.kv_caches)
             except CpuForwardUnsupported:
                 pass
+        # Plain greedy requests' passes run in one C++ call (`CpuForward.draft_greedy`) where it can run
+        # the draft; the per-step path gives the same proposals and KV (tests switch this off to check).
+        self.fused_greedy = self.cpu_forward is not None and self.cpu_forward.has_draft_greedy
 
     @torch.inference_mode()
     def propose(self, requests: Sequence[SequenceView], new_tokens: Sequence[list[int]],
@@ -95,16 +98,40 @@ class DraftProposer:
         tokens: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         active = [i for i, n in enumerate(counts) if n > 0]
-        # Greedy requests with nothing that changes the argmax (penalties, blocked ids) propose the
-        # argmax of the draft's logits and need no q: the rejection sampler ignores q for greedy rows.
-        plain = [_plain_greedy(r.params, len(out)) for r, out in zip(requests, outputs)]
-        # Pass 1: the tokens whose draft KV is missing (at least the newest), then the first proposal.
+        # Each pass first runs the draft over the tokens whose draft KV is missing (at least the newest).
         begins = {i: min(requests[i].spec_draft_computed, len(histories[i]) - 1) for i in active}
+        # Greedy requests with nothing that changes the argmax (penalties, blocked ids) propose the
+        # argmax of the draft's logits and need no q (the rejection sampler ignores q for greedy rows):
+        # their whole pass is one C++ call where the C++ forward runs the draft.
+        fused: list[int] = []
+        if self.fused_greedy:
+            fused = [i for i in active if _plain_greedy(requests[i].params, len(outputs[i]))
+                     and len(histories[i]) - begins[i] <= CPU_FORWARD_MAX_CHUNK]
+        if fused:
+            assert self.cpu_forward is not None
+            picked = self.cpu_forward.draft_greedy([histories[i][begins[i]:] for i in fused],
+                                                   [begins[i] for i in fused], [counts[i] for i in fused],
+                                                   [requests[i].block_ids for i in fused], self.block_size)
+            for i, row in zip(fused, picked):
+                tokens[i] = row
+        taken = set(fused)
+        self._stepwise(requests, [i for i in active if i not in taken], histories, outputs, counts, begins, tokens,
+                       probs)
+        # The draft's KV now holds each proposing request's history (the last token is fed again next
+        # pass: one entry of slack); the others' is as it was.
+        computed = [len(h) - 1 if n > 0 else min(r.spec_draft_computed, len(h) - 1)
+                    for r, h, n in zip(requests, histories, counts)]
+        return Proposals(tokens, [torch.stack(p) if p else None for p in probs], computed)
+
+    def _stepwise(self, requests: Sequence[SequenceView], active: list[int], histories: list[list[int]],
+                  outputs: list[list[int]], counts: list[int], begins: dict[int, int], tokens: list[list[int]],
+                  probs: list[list[torch.Tensor]]) -> None:
+        """Proposals one batched draft step at a time, each sampled from its processed q (kept for the
+        rejection sampler); greedy rows take the argmax. Appends to `tokens[i]` and `probs[i]`."""
+        plain = {i: _plain_greedy(requests[i].params, len(outputs[i])) for i in active}
         feed = {i: histories[i][begins[i]:] for i in active}
-        for j in range(max(counts, default=0)):
+        for j in range(max((counts[i] for i in active), default=0)):
             rows = [i for i in active if counts[i] > j]
-            if not rows:
-                break
             ends = [len(histories[i]) + j for i in rows]  # cache entries after this pass
             logits = self._forward([feed[i] for i in rows], ends, [requests[i].block_ids for i in rows])
             if all(plain[i] for i in rows):  # the argmax is the proposal; q is not needed (greedy rows)
@@ -125,8 +152,6 @@ class DraftProposer:
                 if not plain[i]:
                     probs[i].append(q[n])
                 feed[i] = [token]
-        return Proposals(tokens, [torch.stack(p) if p else None for p in probs],
-                         [len(h) - 1 for h in histories])
 
     def _forward(self, feeds: list[list[int]], ends: list[int], tables: list[list[int]]) -> torch.Tensor:
         """The draft's logits after each sequence's `feeds` tokens, which end its first `ends` entries."""
