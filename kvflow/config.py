@@ -586,6 +586,7 @@ class SpeculativeConfig:
 
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+QUANT_ACTIVATIONS = ("exact", "q8")
 
 
 @dataclass(frozen=True)
@@ -606,10 +607,17 @@ class RunnerConfig:
     # CPU; "torch" or "triton" force one. Triton on CPU runs only under TRITON_INTERPRET=1 (tests),
     # and turns the C++ forward off, since that forward has its own attention.
     attention_backend: str = "auto"
+    # Weights in GGUF's q8_0 / q4_0 / q4_k: "exact" keeps the activations in float (the dequantised
+    # weights' product up to fp32 rounding); "q8" rounds them to int8 per block of 32 as llama.cpp
+    # does, for VNNI integer dot products. Not speed-only: a lossy option (each activation moves by
+    # up to half its block's step). int8 weights choose at load (quantization_activation_bits).
+    quant_activations: str = "exact"
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.quant_activations not in QUANT_ACTIVATIONS:
+            raise ValueError(f"quant_activations must be one of {QUANT_ACTIVATIONS}, got {self.quant_activations!r}")
 
 
 KV_TRANSFER_ROLES = ("prefill", "decode")

@@ -597,8 +597,31 @@ inline at::Tensor gemm_mm(const Weights& w, const at::Tensor& x, int64_t tile_ro
   return y;
 }
 
+// q8 mode above the GEMV's rows: the activation rows as the GEMV's integer arithmetic sees them
+// (d·q per 32-block, or per token for int8), in x's dtype, for the dequantised-tile GEMM. So a row's
+// result is the same arithmetic's whatever the number of rows in its step (up to fp32 summation
+// order, and x's dtype where that is bf16).
+inline at::Tensor q8_activations(const at::Tensor& x, bool per_token) {
+  at::Tensor out = at::empty_like(x);
+  const int64_t K = x.size(1);
+  const bool f32 = x.scalar_type() == at::kFloat;
+  at::parallel_for(0, x.size(0), 1, [&](int64_t m0, int64_t m1) {
+    Activations a;
+    for (int64_t m = m0; m < m1; ++m) {
+      load_rows(x, m, 1, a);
+      quantize_rows(a, per_token, 0);
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = a.d[per_token ? 0 : k / 32] * static_cast<float>(a.q[k]);
+        if (f32) out.data_ptr<float>()[m * K + k] = v; else out.data_ptr<at::BFloat16>()[m * K + k] = at::BFloat16(v);
+      }
+    }
+  });
+  return out;
+}
+
 // ----------------------------------------------------------------------------- entry
-// y = x · Wᵀ. `q8`: quantised activations in the GEMV (see the top). `path`: "auto" (GEMV up to
+// y = x · Wᵀ. `q8`: quantised activations (see the top; the GEMM multiplies the rows as the GEMV's
+// integer arithmetic sees them, q8_activations). `path`: "auto" (GEMV up to
 // kGemvRows rows, else the GEMM), "gemv" (any rows, kGemvRows per pass) or "mm" (the GEMM).
 // `scalar`: the plain kernels whatever the CPU has (the GEMV for any rows).
 inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales,
@@ -624,7 +647,7 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight,
   const bool gemv_path = path == "gemv" || (path == "auto" && (M <= kGemvRows || scalar));
   if (!gemv_path) {
     TORCH_CHECK(path == "auto" || path == "mm", "quant_linear: unknown path ", path);
-    return gemm_mm(w, x, tile_rows);
+    return gemm_mm(w, q8 ? q8_activations(x, int8) : x, tile_rows);
   }
   at::Tensor y = at::empty({M, N}, x.options());
   Output out;

@@ -29,8 +29,9 @@ from kvflow.model.cpu_kernels import (
 )
 from kvflow.model.linear import DenseLinear, LinearMethod, PrepackedLinear, linear_layers, prepack_available
 from kvflow.model.loader import load_model
+from kvflow.model.quant.linear_methods import use_activations
 from kvflow.worker.kv_budget import num_kv_blocks
-from kvflow.worker.rejection_sampler import RejectionSampler, VerificationBatch
+from kvflow.worker.rejection_sampler import RejectionSampler, VerificationBatch, plain_greedy, verify_plain_greedy
 from kvflow.worker.sampler import Sampler, SamplingBatch
 from kvflow.worker.spec_decode import draft_kv_bytes_per_block, make_proposer
 from kvflow.worker.step import RunnerOutput, ScheduledChunk, SequenceView, StepHooks, TokenLogprobs
@@ -50,6 +51,10 @@ class ModelRunner:
         use_cpu_kernels = (runner.cpu_kernels and runner.attention_backend != "triton"
                            and cpu_kernels_available(self.device, config.model.dtype))
         self.model.use_linear_method(self._linear_method(use_cpu_kernels))
+        mode = runner.quant_activations
+        if not use_activations(linear_layers(self.model), mode) and mode != "exact":
+            logger.info("quant_activations=%s changes nothing here: no layer holds q8_0, q4_0 or q4_k weights",
+                        mode)
         self.backend = get_backend(self.device, runner.attention_backend)
         model = config.model
         self.kv_spec = KVCacheSpec.for_format(config.cache.kv_cache_dtype, model.num_layers, model.num_kv_heads,
@@ -293,6 +298,12 @@ class ModelRunner:
         for i, c in verify:
             rows.extend(range(starts[i + 1] - 1 - len(c.spec_token_ids), starts[i + 1]))
         requests = [c.request for _, c in verify]
+        if all(r.params.logprobs is None and plain_greedy(r.params, len(r.output_token_ids)) for r in requests):
+            # Only argmaxes decide (no q, no draws, no penalties): the greedy path of the sampler, direct.
+            tokens = verify_plain_greedy(self._logits(hidden[rows]), [c.spec_token_ids for _, c in verify])
+            for request, emitted in zip(requests, tokens):
+                out.sampled[request.request_id] = emitted
+            return
         batch = VerificationBatch.build(
             [r.params for r in requests], [r.generator for r in requests], [r.output_token_ids for r in requests],
             [r.prompt_token_ids for r in requests], [c.spec_token_ids for _, c in verify],

@@ -9,7 +9,8 @@ dequantise tiles of W into x's dtype and multiply them with oneDNN (see cpu_quan
 dequantised weights' product up to fp32 rounding); "q8" is llama.cpp's own approach, quantising each
 activation row to int8 per 32-value block (int8 weights: per token, i.e. W8A8) for VNNI integer
 dot products, so each activation moves by up to half its block's quantisation step. Rows beyond the
-GEMV's batch (8) always take the dequantised-tile GEMM, whatever `activation` says.
+GEMV's batch (8) take the dequantised-tile GEMM; in "q8" mode it multiplies the activation rows as the
+integer arithmetic sees them (d·q), so a row's result does not depend on how many rows share its call.
 
 The extension is its own build (cpu_quant.cpp), compiled on first use like the C++ forward's
 (kvflow/model/cpu_kernels.py, whose flags and CPU fingerprint it reuses) and cached under
@@ -105,8 +106,8 @@ def unsupported_reason(qw: QuantizedWeight, x_dtype: torch.dtype = torch.bfloat1
 
 
 def _weight_tensors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if qw.format == "int8":
-        return qw.data["qweight"], qw.data["scales"]
+    if qw.format == "int8":  # scales in fp32 whatever a module's `.to(dtype)` made of them (N values)
+        return qw.data["qweight"], qw.data["scales"].float().contiguous()
     return qw.data["blocks"], None
 
 

@@ -8,6 +8,14 @@ kernels, a Triton bit-plane kernel) replace them with `register_kernel`, without
 model or the loader. `cpu_kernel_weights` is None for now: the C++ CPU forward then declines the
 model and the runner takes the PyTorch modules, which run these methods.
 
+On CPU, q8_0 / q4_0 / q4_k / int8 run the C++ kernels of `kernels.py` (`quant_matmul`) wherever
+`kernels.unsupported_reason` allows (else the reference, said once in the log). Activations: the GGUF
+block formats keep them in float by default ("exact": the kernels equal the reference up to fp32
+rounding); `use_activations("q8")` (the engine's `--quant-activations q8`) switches a layer to
+llama.cpp's arithmetic, activations rounded to int8 per block of 32 (method "q8_0-a8" etc., a lossy
+option whose reference rounds the activations the same way). int8 weights choose at load: W8A16
+(float activations, "exact") or W8A8 (per-token int8 activations, the kernels' "q8" mode).
+
 Which layers: every projection a checkpoint gives quantised (or that `--quantization` quantises at
 load). The embedding and the LM head stay in the model's dtype unless a checkpoint (a GGUF file)
 hands the head over quantised.
@@ -15,15 +23,19 @@ hands the head over quantised.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from kvflow.config import QUANT_ACTIVATIONS
 from kvflow.model.linear import CpuKernelWeights, Linear, LinearMethod
-from kvflow.model.quant import bipolar, bitplane_cuda, int8
+from kvflow.model.quant import bipolar, bitplane_cuda, int8, kernels
 from kvflow.model.quant.formats import get_format
 from kvflow.model.quant.weights import QuantizedWeight
+
+logger = logging.getLogger(__name__)
 
 LinearKernel = Callable[[torch.Tensor, QuantizedWeight, "torch.Tensor | None"], torch.Tensor]
 _KERNELS: dict[tuple[str, str], LinearKernel] = {}
@@ -52,6 +64,58 @@ for _method, _kernel in bitplane_cuda.method_kernels().items():
 def _gguf_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """Dequantise the blocks (float32, transient), then the dense product."""
     return F.linear(x, get_format(qw.format).dequantize(qw).to(x.dtype), bias)
+
+
+ACTIVATION_MODES = QUANT_ACTIVATIONS  # of the GGUF block formats: float, or llama.cpp's int8 blocks of 32
+Q8_BLOCK = 32
+
+
+def q8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as llama.cpp's q8 blocks see it, in fp32: per block of 32 along K, d = max|x| / 127 and
+    x̂ = d · round(x · (1/d)) (ties to even), the very fp32 operations of the C++ kernels."""
+    x32 = x.float()
+    k = x32.shape[-1]
+    groups = F.pad(x32, (0, -k % Q8_BLOCK)).unflatten(-1, (-1, Q8_BLOCK))
+    d = groups.abs().amax(dim=-1, keepdim=True) / 127.0
+    inverse = torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), 0.0)
+    return (torch.round(groups * inverse) * d).flatten(-2)[..., :k]
+
+
+def _gguf_q8_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """llama.cpp's arithmetic: the activations rounded to int8 blocks, times the dequantised weights (fp32)."""
+    out = F.linear(q8_activations(x), get_format(qw.format).dequantize(qw)).to(x.dtype)
+    return out if bias is None else out + bias
+
+
+_declined: set[tuple[str, str]] = set()
+
+
+def _cpu_kernel(activation: str, reference: LinearKernel) -> LinearKernel:
+    """The C++ kernels in `activation` mode where they run the weight and input, else `reference` (logged
+    once per format and reason)."""
+
+    def kernel(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        reason = kernels.unsupported_reason(qw, x.dtype)
+        if reason is None:
+            out = kernels.quant_matmul(x, qw, activation)
+            return out if bias is None else out + bias
+        if (qw.format, reason) not in _declined:
+            _declined.add((qw.format, reason))
+            logger.info("%s layers take the torch reference on CPU: %s", qw.format, reason)
+        return reference(x, qw, bias)
+
+    return kernel
+
+
+def _register_cpu_kernels() -> None:
+    for fmt in ("q8_0", "q4_0", "q4_k"):
+        register_kernel(fmt, "cpu", _cpu_kernel("exact", _gguf_reference))
+        register_kernel(f"{fmt}-a8", "cpu", _cpu_kernel("q8", _gguf_q8_reference))
+    register_kernel("int8-w8a16", "cpu", _cpu_kernel("exact", int8.linear_w8a16))
+    register_kernel("int8-w8a8", "cpu", _cpu_kernel("q8", int8.linear_w8a8))
+
+
+_register_cpu_kernels()
 
 
 class QuantizedLinear(LinearMethod):
@@ -89,6 +153,17 @@ class QuantizedLinear(LinearMethod):
 
                 self.reference = abit
 
+    def use_activations(self, mode: str) -> bool:
+        """GGUF block formats: "exact" (float activations) or "q8" (llama.cpp's int8 blocks of 32, lossy).
+        False (nothing changed) for the other families, whose activations are chosen at load."""
+        if mode not in ACTIVATION_MODES:
+            raise ValueError(f"quantised activations are one of {', '.join(ACTIVATION_MODES)}, not {mode!r}")
+        if get_format(self.format).family != "gguf":
+            return False
+        self.name, self.reference = ((f"{self.format}-a8", _gguf_q8_reference) if mode == "q8"
+                                     else (self.format, _gguf_reference))
+        return True
+
     def process_weights(self, layer: Linear) -> None:
         """Register the format's tensors as the layer's buffers and drop its dense weight."""
         qw = self._pending
@@ -120,3 +195,8 @@ class QuantizedLinear(LinearMethod):
 
 def is_quantized(layer: Linear) -> bool:
     return isinstance(layer.method, QuantizedLinear)
+
+
+def use_activations(layers: list[Linear], mode: str) -> int:
+    """Every GGUF-format quantised layer of `layers` to activation `mode` (see the top); how many changed."""
+    return sum(layer.method.use_activations(mode) for layer in layers if is_quantized(layer))

@@ -124,6 +124,23 @@ def test_gemm_paths_agree_with_the_reference(fmt, n, k, path):
     check(y, expected, rounding(xd, w) + 2.0 ** -8 * (np.abs(xd) @ np.abs(w).T))
 
 
+@pytest.mark.parametrize("fmt,n,k", [("q8_0", 37, 96), ("q4_0", 21, 320), ("q4_k", 37, 512), ("int8", 37, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q8_rows_beyond_the_gemv_take_the_gemvs_arithmetic(fmt, n, k, dtype):
+    """A prefill's rows in q8 mode go through the GEMM with the activations as the GEMV rounds them: each
+    row's result is the quantised row times the weights, whatever the number of rows."""
+    qw, w = make_weight(fmt, n, k)
+    x = activations(24, k, dtype)
+    xq, _ = quantized_activations(x.float().numpy(), per_token=fmt == "int8")
+    y = kernels.quant_matmul(x, qw, "q8", tile_rows=16)
+    slack = rounding(xq, w)
+    if dtype == torch.bfloat16:  # the GEMM's bf16 copies of W and of the rounded activations
+        slack = slack + 2.0 ** -7 * (np.abs(xq) @ np.abs(w).T)
+    check(y, xq @ w.T, slack)
+    rows = torch.cat([kernels.quant_matmul(x[i : i + 3], qw, "q8") for i in range(0, 24, 3)])
+    check(y, rows.double().numpy(), 2 * slack)
+
+
 def test_leading_dimensions_and_the_kernels_own_dequantiser():
     qw, w = make_weight("q4_0", 16, 64)
     x = activations(6, 64, torch.float32).view(2, 3, 64)

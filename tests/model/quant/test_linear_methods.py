@@ -3,13 +3,24 @@ of its dequantised weight computes, and runs a registered kernel in place of its
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kvflow.config import RunnerConfig
 from kvflow.model.linear import Linear
+from kvflow.model.quant import kernels
 from kvflow.model.quant.formats import dequantize, quantize
-from kvflow.model.quant.linear_methods import QuantizedLinear, register_kernel, unregister_kernel
+from kvflow.model.quant.linear_methods import (
+    QuantizedLinear,
+    kernel_for,
+    q8_activations,
+    register_kernel,
+    unregister_kernel,
+    use_activations,
+)
 
 CASES = [("q8_0", {}, None), ("q4_0", {}, None), ("q4_k", {}, None), ("int8", {}, None), ("int8", {}, 8),
          ("bipolar", {"bits": 3, "group_size": 32}, None), ("bipolar", {"bits": 4, "group_size": 64}, 6)]
@@ -61,11 +72,15 @@ def test_a_registered_kernel_replaces_the_reference():
         calls.append(qw.format)
         return x @ dequantize(qw).t()
 
+    registered = kernel_for("q8_0", "cpu")  # the C++ kernel, put back afterwards
     register_kernel("q8_0", "cpu", kernel)
     try:
         out = layer(torch.ones(2, 256))
-    finally:
         unregister_kernel("q8_0", "cpu")
+        assert torch.allclose(layer(torch.ones(2, 256)), out)  # the reference again
+    finally:
+        if registered is not None:
+            register_kernel("q8_0", "cpu", registered)
     assert calls == ["q8_0"] and torch.allclose(out, torch.ones(2, 256) @ dense.t())
 
 
@@ -75,3 +90,75 @@ def test_a_method_fits_only_its_own_layer():
         Linear(256, 32).use(QuantizedLinear(qw))
     with pytest.raises(ValueError, match="float activations"):
         QuantizedLinear(qw, activation_bits=8)
+
+
+# ----------------------------------------------------------------------------- the C++ CPU kernels
+#: (format, activation bits at load, activation mode): every method the C++ kernels run on CPU.
+CPU_CASES = [("q8_0", None, "exact"), ("q4_0", None, "exact"), ("q4_k", None, "exact"), ("q8_0", None, "q8"),
+             ("q4_0", None, "q8"), ("q4_k", None, "q8"), ("int8", None, "exact"), ("int8", 8, "exact")]
+needs_kernels = pytest.mark.skipif(kernels.load_extension() is None, reason="the C++ quantised kernels cannot build")
+
+
+@needs_kernels
+@pytest.mark.parametrize(("fmt", "act_bits", "mode"), CPU_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_layers_run_the_cpp_kernels_equal_to_their_reference(fmt, act_bits, mode, dtype, monkeypatch):
+    """Decode rows (the GEMV) and a prefill's (the GEMM) go through `quant_matmul` in the method's mode and
+    give its torch reference's result up to fp32 rounding (bf16: one rounding of the output and of W)."""
+    layer, dense = _layer(fmt, {}, act_bits)
+    assert layer.method.use_activations(mode) == (fmt != "int8")
+    expected_mode = "q8" if mode == "q8" or act_bits == 8 else "exact"
+    calls = []
+    real = kernels.quant_matmul
+
+    def spy(x, qw, activation="exact", **kw):
+        calls.append(activation)
+        return real(x, qw, activation, **kw)
+
+    monkeypatch.setattr(kernels, "quant_matmul", spy)
+    layer = layer.to(dtype)
+    qw = layer.method.weight(layer)
+    for rows in (3, 20):
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        got = layer(x)
+        reference = layer.method.reference(x, qw, layer.bias)
+        if dtype == torch.float32:
+            assert torch.allclose(got, reference, rtol=1e-5, atol=1e-5)
+        else:
+            assert float((got.float() - reference.float()).norm() / reference.float().norm()) < 8e-3
+        exact = F.linear(x.double(), dense.double(), layer.bias.double())  # the q8 bound: activations moved
+        assert float((got.double() - exact).norm() / exact.norm()) < (0.01 if expected_mode == "q8" else 8e-3)
+    assert calls == [expected_mode] * 2
+
+
+@needs_kernels
+def test_inputs_the_kernels_cannot_run_take_the_reference_logged_once(caplog):
+    layer, dense = _layer("q4_k", {}, None)
+    layer = layer.to(torch.float16)
+    x = torch.randn(2, 256).half()
+    with caplog.at_level(logging.INFO, logger="kvflow.model.quant.linear_methods"):
+        first, second = layer(x), layer(x)
+    assert torch.equal(first, second)
+    assert torch.allclose(first.float(), F.linear(x.float(), dense, layer.bias.float()), rtol=0.01, atol=0.02)
+    assert caplog.text.count("take the torch reference") == 1 and "float16" in caplog.text
+
+
+def test_activation_modes_are_checked():
+    layer, _ = _layer("q8_0", {}, None)
+    assert layer.method.use_activations("q8") and layer.method.name == "q8_0-a8"
+    assert layer.method.use_activations("exact") and layer.method.name == "q8_0"
+    with pytest.raises(ValueError, match="exact, q8"):
+        layer.method.use_activations("q4")
+    bipolar_layer, _ = _layer("bipolar", {"bits": 3, "group_size": 32}, None)
+    assert use_activations([layer, bipolar_layer], "q8") == 1 and bipolar_layer.method.name == "bipolar"
+    with pytest.raises(ValueError, match="quant_activations"):
+        RunnerConfig(quant_activations="int4")
+
+
+def test_q8_activations_round_each_block_of_32_to_int8():
+    x = torch.tensor([[0.5, -1.27, 0.004] + [0.0] * 29 + [2.0, 1.0] + [0.0] * 30])
+    got = q8_activations(x)
+    d0, d1 = 1.27 / 127, 2.0 / 127
+    assert torch.allclose(got[0, :3], torch.tensor([round(0.5 / d0) * d0, -1.27, 0.0]), atol=1e-7)
+    assert torch.allclose(got[0, 32:34], torch.tensor([2.0, round(1.0 / d1) * d1]), atol=1e-7)
+    assert (got[0, 3:32] == 0).all()
