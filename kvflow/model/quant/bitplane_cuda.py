@@ -1,5 +1,5 @@
 """The CUDA kernels of the bipolar linear methods ("bipolar", "bipolar-a2".."bipolar-a8"): the Triton
-bit-plane kernels (triton_bitplane.py) when Triton is importable and supports the weight, else the
+bit-plane kernels (triton/bitplane.py) when Triton is importable and supports the weight, else the
 torch references (`bipolar.bitplane_linear`, `bitplane_linear_abit`), saying why once in the log.
 
 This module imports no Triton itself (Triton is the optional `gpu` extra): the kernels' module is
@@ -27,7 +27,7 @@ Kernel = Callable[[torch.Tensor, QuantizedWeight, "torch.Tensor | None"], torch.
 def triton_kernels() -> ModuleType | None:
     """triton_bitplane, or None (logged once) where Triton cannot be imported."""
     try:
-        from kvflow.model.quant import triton_bitplane
+        from kvflow.model.quant.triton import bitplane as triton_bitplane
     except ImportError as exc:
         logger.warning("bipolar weights run the torch bit-plane reference on CUDA: Triton is not importable "
                        "(%s); pip install 'kvflow[gpu]' for the Triton kernels", exc)

@@ -19,13 +19,14 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="the bit-plane kernels need Triton (pip install 'kvflow[gpu]')")
 
 from kvflow.model.linear import Linear  # noqa: E402
-from kvflow.model.quant import bipolar, bitplane_cuda, triton_bitplane  # noqa: E402
+from kvflow.model.quant import bipolar, bitplane_cuda  # noqa: E402
 from kvflow.model.quant.linear_methods import (  # noqa: E402
     QuantizedLinear,
     kernel_for,
     register_kernel,
     unregister_kernel,
 )
+from kvflow.model.quant.triton import bitplane as triton_bitplane  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -78,8 +79,8 @@ def test_a_layer_runs_the_triton_kernel(on_device, monkeypatch, act_bits):
 
 def test_without_triton_the_reference_runs_and_says_so_once(on_device, monkeypatch, caplog):
     bitplane_cuda.triton_kernels.cache_clear()
-    monkeypatch.setitem(sys.modules, "kvflow.model.quant.triton_bitplane", None)  # import fails ...
-    monkeypatch.delattr(sys.modules["kvflow.model.quant"], "triton_bitplane")  # ... also `from package import`
+    monkeypatch.setitem(sys.modules, "kvflow.model.quant.triton.bitplane", None)  # import fails ...
+    monkeypatch.delattr(sys.modules["kvflow.model.quant.triton"], "bitplane")  # ... also `from package import`
     try:
         layer = _layer(2, 32, None)
         x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0)).to(DEVICE)

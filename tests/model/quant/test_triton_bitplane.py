@@ -1,4 +1,4 @@
-"""The Triton bit-plane kernels (kvflow/model/quant/triton_bitplane.py) against exact integer
+"""The Triton bit-plane kernels (kvflow/model/quant/triton/bitplane.py) against exact integer
 references (bipolar.bitplane_matmul_int, popcount_matmul) and an fp64 product of the dequantised
 weights. Without a GPU they run under Triton's interpreter, so shapes stay small."""
 
@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="the bit-plane kernels need Triton (pip install 'kvflow[gpu]')")
 
 from kvflow.model.quant import bipolar as bp  # noqa: E402
-from kvflow.model.quant import triton_bitplane as tb  # noqa: E402
+from kvflow.model.quant.triton import bitplane as tb  # noqa: E402
 from kvflow.model.quant.weights import QuantizedWeight  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -162,7 +162,7 @@ def test_unsupported_inputs_say_why():
 @pytest.mark.slow
 def test_kernels_compile_for_ampere_and_hopper_without_16_bit_spills():
     """The launches the wrappers make for a 500m matrix compile to cubins (kvflow.model.quant.
-    triton_bitplane_check, in a process without TRITON_INTERPRET), with no 16-bit register spills."""
+    triton/compile_check.py, in a process without TRITON_INTERPRET), with no 16-bit register spills."""
     import subprocess
 
     try:
@@ -172,7 +172,7 @@ def test_kernels_compile_for_ampere_and_hopper_without_16_bit_spills():
     except ImportError:
         pytest.skip("triton's NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    result = subprocess.run([sys.executable, "-m", "kvflow.model.quant.triton_bitplane_check", "--arch", "80", "90",
+    result = subprocess.run([sys.executable, "-m", "kvflow.model.quant.triton.compile_check", "--arch", "80", "90",
                              "--dtype", "bfloat16", "--bits", "2", "8", "--rows", "1", "256"],
                             env=env, capture_output=True, text=True, timeout=900)
     log = result.stdout[-3000:] + result.stderr[-2000:]

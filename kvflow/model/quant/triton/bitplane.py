@@ -38,7 +38,7 @@ fp32 (the reference, `bitplane_linear_abit`, in fp64).
 Decode (few rows, few output tiles) is split along K so every SM streams planes: programs write fp32
 partial sums that torch adds (deterministic, no atomics). Group sizes must be multiples of 16 (32 for
 the A-bit variant: int8 MMA's K); `check_supported` says why not, and callers take the torch path.
-`python -m kvflow.model.quant.triton_bitplane_check` compiles every launch for sm_80/sm_90 without a
+`python -m kvflow.model.quant.triton.compile_check` compiles every launch for sm_80/sm_90 without a
 GPU (registers, spills, shared memory); speed needs one (`kvflow bench bitplane`, run by .ci/gpu).
 """
 

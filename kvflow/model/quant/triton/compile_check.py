@@ -1,4 +1,4 @@
-"""Compile the bit-plane kernels (triton_bitplane.py) for NVIDIA GPUs on a machine without one.
+"""Compile the bit-plane kernels (bitplane.py) for NVIDIA GPUs on a machine without one.
 
 The interpreter tests run the kernels' Python, not the compiler: a launch can pass them and still
 fail to compile, spill registers or overflow shared memory. This calls the real wrappers on CPU
@@ -6,7 +6,7 @@ tensors of a 500m-shaped matrix (qkv: 1152 x 896, groups of 64) with the launch 
 pick for each GPU, catches the launches and compiles them to cubins through Triton's NVIDIA backend
 (the machinery of kvflow.attention.triton.compile_check), reading registers and spills from ptxas.
 
-    python -m kvflow.model.quant.triton_bitplane_check [--arch 80 90] [--dtype bfloat16 float32] [--bits 2 4 8]
+    python -m kvflow.model.quant.triton.compile_check [--arch 80 90] [--dtype bfloat16 float32] [--bits 2 4 8]
 
 Exits non-zero if a launch fails to compile, exceeds shared memory, or spills in 16-bit (fp32, the
 exactness mode, may spill: reported). TRITON_INTERPRET must be unset.
@@ -24,7 +24,8 @@ from unittest import mock
 import torch
 
 from kvflow.attention.triton.compile_check import MAX_SHARED_BYTES, _capture_launches, _compile
-from kvflow.model.quant import bipolar, triton_bitplane
+from kvflow.model.quant import bipolar
+from kvflow.model.quant.triton import bitplane as triton_bitplane
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SCHEDULES = ("fused", "planewise", "a8")
