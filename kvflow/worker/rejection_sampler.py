@@ -32,7 +32,8 @@ from kvflow.sampling_params import SamplingParams
 from kvflow.worker.sampler import SamplingBatch, exponential_race, penalised_logits, random_row_probs
 from kvflow.worker.step import TokenLogprobs
 
-__all__ = ["RejectionOutput", "RejectionSampler", "VerificationBatch", "processed_probs"]
+__all__ = ["RejectionOutput", "RejectionSampler", "VerificationBatch", "plain_greedy", "processed_probs",
+           "verify_plain_greedy"]
 
 
 @dataclass
@@ -145,6 +146,32 @@ def processed_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if logits.dim() != 2 or logits.shape[0] != batch.batch_size:
         raise ValueError(f"logits must have shape [{batch.batch_size}, V], got {tuple(logits.shape)}")
     return _probs_of_penalised(penalised_logits(logits.float(), batch), batch)
+
+
+def plain_greedy(params: SamplingParams, num_outputs: int) -> bool:
+    """Greedy, no penalties, and no EOS/stop blocking from here on (`num_outputs` >= min_tokens): every
+    position's processed logits are the raw ones, so its token is their argmax."""
+    return (params.greedy and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0 and num_outputs >= params.min_tokens)
+
+
+def verify_plain_greedy(target_logits: torch.Tensor, draft_token_ids: Sequence[list[int]]) -> list[list[int]]:
+    """What `RejectionSampler` emits for requests that are all `plain_greedy` (rows as in
+    `VerificationBatch`): the proposals while each equals the argmax of its row, then the argmax at the
+    first mismatch (or the bonus row). The same argmaxes, without building the sampling rows, the
+    penalty and probability stages they would skip, or the per-row tensors of the general path."""
+    best = target_logits.argmax(dim=-1).tolist()
+    tokens: list[list[int]] = []
+    start = 0
+    for drafts in draft_token_ids:
+        a = 0
+        while a < len(drafts) and drafts[a] == best[start + a]:
+            a += 1
+        tokens.append(list(drafts[:a]) + [best[start + a]])
+        start += len(drafts) + 1
+    if start != target_logits.shape[0]:
+        raise ValueError(f"target_logits must have sum(K_i + 1) = {start} rows, got {target_logits.shape[0]}")
+    return tokens
 
 
 @dataclass

@@ -329,3 +329,35 @@ def test_empty_residual_falls_back_to_p() -> None:
     rejected = [t[0] for t, a in zip(out.token_ids, out.num_accepted) if a == 0]
     assert abs(len(rejected) / n - 0.5) < 5 * np.sqrt(0.25 / n)
     assert chi2_pvalue(rejected, p_ref) > 1e-3
+
+
+def test_plain_greedy_verification_equals_the_sampler() -> None:
+    """`verify_plain_greedy` (the runner's path when every request is plain greedy) emits what the
+    rejection sampler does, on rows with every first-mismatch position, ties in the argmax included."""
+    from kvflow.worker.rejection_sampler import plain_greedy, verify_plain_greedy
+
+    gen = torch.Generator().manual_seed(7)
+    params = SamplingParams(temperature=0.0)
+    assert plain_greedy(params, 0) and not plain_greedy(SamplingParams(temperature=0.0, min_tokens=2), 1)
+    assert not plain_greedy(SamplingParams(temperature=0.0, repetition_penalty=1.1), 5)
+    assert not plain_greedy(SamplingParams(temperature=0.8), 5)
+    drafts: list[list[int]] = []
+    rows = []
+    for i in range(12):
+        k = i % 5  # K = 0 too: a plain decode row
+        logits = torch.randn(k + 1, V, generator=gen)
+        if i % 3 == 0:
+            logits[:, 3] = logits.max(dim=-1).values  # a tie: the first maximum wins, as in argmax
+        best = logits.argmax(-1).tolist()
+        d = best[:k]
+        if k and i % 2:
+            bad = i % k
+            d[bad] = (d[bad] + 1) % V
+        drafts.append(d)
+        rows.append(logits)
+    target = torch.cat(rows)
+    batch = VerificationBatch.build([params] * len(drafts), [None] * len(drafts), [[]] * len(drafts),
+                                    [[1, 2]] * len(drafts), drafts, [[0]] * len(drafts))
+    assert verify_plain_greedy(target, drafts) == RejectionSampler()(target, batch).token_ids
+    with pytest.raises(ValueError):
+        verify_plain_greedy(target[:-1], drafts)

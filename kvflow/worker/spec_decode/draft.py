@@ -27,8 +27,7 @@ from kvflow.config import EngineConfig, ModelConfig
 from kvflow.model.cpu_kernels import CPU_FORWARD_MAX_CHUNK, CpuForward, CpuForwardUnsupported
 from kvflow.model.linear import DenseLinear, PrepackedLinear, prepack_available
 from kvflow.model.loader import load_model
-from kvflow.sampling_params import SamplingParams
-from kvflow.worker.rejection_sampler import position_rows, processed_probs
+from kvflow.worker.rejection_sampler import plain_greedy, position_rows, processed_probs
 from kvflow.worker.sampler import exponential_race
 from kvflow.worker.spec_decode import Proposals
 from kvflow.worker.step import SequenceView
@@ -105,7 +104,7 @@ class DraftProposer:
         # their whole pass is one C++ call where the C++ forward runs the draft.
         fused: list[int] = []
         if self.fused_greedy:
-            fused = [i for i in active if _plain_greedy(requests[i].params, len(outputs[i]))
+            fused = [i for i in active if plain_greedy(requests[i].params, len(outputs[i]))
                      and len(histories[i]) - begins[i] <= CPU_FORWARD_MAX_CHUNK]
         if fused:
             assert self.cpu_forward is not None
@@ -128,7 +127,7 @@ class DraftProposer:
                   probs: list[list[torch.Tensor]]) -> None:
         """Proposals one batched draft step at a time, each sampled from its processed q (kept for the
         rejection sampler); greedy rows take the argmax. Appends to `tokens[i]` and `probs[i]`."""
-        plain = {i: _plain_greedy(requests[i].params, len(outputs[i])) for i in active}
+        plain = {i: plain_greedy(requests[i].params, len(outputs[i])) for i in active}
         feed = {i: histories[i][begins[i]:] for i in active}
         for j in range(max((counts[i] for i in active), default=0)):
             rows = [i for i in active if counts[i] > j]
@@ -173,8 +172,3 @@ class DraftProposer:
         unsorted[torch.tensor(order, device=logits.device)] = logits
         return unsorted
 
-
-def _plain_greedy(params: SamplingParams, num_outputs: int) -> bool:
-    """Greedy, no penalties, and no EOS/stop blocking from here on (`num_outputs` >= min_tokens)."""
-    return (params.greedy and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
-            and params.presence_penalty == 0.0 and num_outputs >= params.min_tokens)
