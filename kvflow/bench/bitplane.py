@@ -1,4 +1,4 @@
-"""`kvflow bench bitplane`: the Triton bit-plane kernels (kvflow/model/quant/triton_bitplane.py) on one
+"""`kvflow bench bitplane`: the Triton bit-plane kernels (kvflow/model/quant/triton/bitplane.py) on one
 decoder layer's matrices of a reference shape, against torch's bf16 matmul of the same product.
 
 For each matrix (qkv, o, gate_up, down), weight width n and activation rows M: torch's `F.linear`
@@ -104,7 +104,7 @@ def bench_matrix(name: str, n: int, k: int, bits: int, rows: int, group: int, im
                  device: torch.device, dtype: torch.dtype, repeats: int, stream_mib: float,
                  seed: int = 0) -> list[BitplaneResult]:
     """One (matrix, n, M) case: every impl, timed on weight copies filling `stream_mib`."""
-    from kvflow.model.quant import triton_bitplane as tb  # needs triton: imported only to run
+    from kvflow.model.quant.triton import bitplane as tb  # needs triton: imported only to run
 
     gen = torch.Generator(device=device).manual_seed(seed)
     w = torch.randn(n, k, generator=gen, device=device) * 0.02
