@@ -440,12 +440,22 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 
 }  // namespace
 
+// Quantised projections (q8_0, q4_0, q4_k, int8): cpu_quant.h's kernels.
+#include "cpu_quant_forward.h"
+
 // ----------------------------------------------------------------------------- the model
 struct LayerWeights {
   at::Tensor input_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, post_norm, gate_up, gate_up_bias, down, down_bias;
   at::Tensor qkv_blocked, o_blocked, gate_up_blocked, down_blocked;  // decode GEMV copies (undefined: none)
   int64_t window;  // sliding window in tokens; 0 = full attention
+  QuantProjection qkv_q, o_q, gate_up_q, down_q;  // quantised projections (undefined: float weights)
 };
+
+// A layer's projection: the quantised kernels where it has quantised weights, else `linear`.
+inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool packed,
+                          const at::Tensor& blocked, const QuantProjection& quant) {
+  return quant.defined() ? quant_project(x, quant, bias) : linear(x, weight, bias, packed, blocked);
+}
 
 class CpuModel {
  public:
@@ -472,10 +482,18 @@ class CpuModel {
     TORCH_CHECK(cos_.scalar_type() == at::kFloat && sin_.scalar_type() == at::kFloat, "CpuModel: rotary tables must be fp32");
     for (size_t i = 0; i < layers.size(); ++i) {
       const auto& w = layers[i];
-      TORCH_CHECK(w.size() == 16, "CpuModel: a layer has 16 weight slots");
+      TORCH_CHECK(w.size() == 16 || w.size() == 24, "CpuModel: a layer has 16 weight slots, or 24 with its "
+                  "projections' quantisation specs and scales");
       auto o = [&](int k) { return optional_weight(w[k]); };
       layers_.push_back({w[0], w[1], o(2), o(3), o(4), w[5], o(6), w[7], w[8], o(9), w[10], o(11),
                          o(12), o(13), o(14), o(15), windows[i]});
+      if (w.size() == 24) {  // (spec, scales) of qkv, o, gate_up, down; codes in their weight slots
+        LayerWeights& lw = layers_.back();
+        lw.qkv_q = quant_projection(o(16), w[1], o(17));
+        lw.o_q = quant_projection(o(18), w[5], o(19));
+        lw.gate_up_q = quant_projection(o(20), w[8], o(21));
+        lw.down_q = quant_projection(o(22), w[10], o(23));
+      }
       TORCH_CHECK(kHasDecodeGemv || !layers_.back().qkv_blocked.defined(), "CpuModel: no decode GEMV in this build");
     }
   }
@@ -523,7 +541,7 @@ class CpuModel {
       at::Tensor& cache = kv_caches_[l];
       const at::Tensor scales = quantised_ ? kv_scales_[l] : at::Tensor();
       KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.input_norm, normed, eps_); });
-      at::Tensor qkv = linear(normed, w.qkv, w.qkv_bias, packed_, w.qkv_blocked);
+      at::Tensor qkv = project(normed, w.qkv, w.qkv_bias, packed_, w.qkv_blocked, w.qkv_q);
       if (kivi_bits_) {
         TORCH_CHECK(!before_attention, "CpuModel: Quest's reduced reads do not run over a KIVI cache");
         kivi_layer(l, qkv, positions, seq_index, kv_positions, block_tables, step_kv, step_slots, *kivi, q, attn);
@@ -552,12 +570,12 @@ class CpuModel {
         });
         if (after_attention) after_attention(static_cast<int64_t>(l), q);
       }
-      delta = linear(attn.view({tokens, num_heads_ * head_dim_}), w.o, w.o_bias, packed_, w.o_blocked);
+      delta = project(attn.view({tokens, num_heads_ * head_dim_}), w.o, w.o_bias, packed_, w.o_blocked, w.o_q);
       KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.post_norm, normed, eps_); });
-      at::Tensor gate_up = linear(normed, w.gate_up, w.gate_up_bias, packed_, w.gate_up_blocked);
+      at::Tensor gate_up = project(normed, w.gate_up, w.gate_up_bias, packed_, w.gate_up_blocked, w.gate_up_q);
       at::Tensor act = at::empty({tokens, gate_up.size(1) / 2}, residual.options());
       KVFLOW_RUN(dtype, "silu_and_mul", [&] { silu_and_mul<scalar_t>(gate_up, act); });
-      delta = linear(act, w.down, w.down_bias, packed_, w.down_blocked);
+      delta = project(act, w.down, w.down_bias, packed_, w.down_blocked, w.down_q);
       if (layer_done) layer_done(static_cast<int64_t>(l));
     }
     KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, final_norm_, normed, eps_); });

@@ -7,7 +7,8 @@ file, a new torch or a different CPU never picks up a stale or illegal build. Bu
 and ninja (a kvflow dependency); where either is missing, or the build fails, the engine logs why
 and runs the PyTorch modules instead, which compute the same model. It runs a model whose linear
 layers' methods all give it their weights (`LinearMethod.cpu_kernel_weights`), plainly or all
-oneDNN-prepacked, over a dense, int8, fp8 or KIVI (kivi4, kivi2) KV cache in the head-major layout; for
+oneDNN-prepacked (quantised projections: q8_0, q4_0, q4_k, int8 codes on cpu_quant.h's kernels),
+over a dense, int8, fp8 or KIVI (kivi4, kivi2) KV cache in the head-major layout; for
 any other model or cache `CpuForward` raises `CpuForwardUnsupported`, and the runner logs why and takes
 the modules.
 """
@@ -116,6 +117,20 @@ def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
     return torch.empty(0) if t is None else t
 
 
+#: Quantised formats as csrc/cpu_quant_forward.h numbers them.
+_QUANT_FORMATS = ("q8_0", "q4_0", "q4_k", "int8")
+
+
+def quant_slots(weights: CpuKernelWeights) -> list[torch.Tensor]:
+    """A projection's quantisation (spec int64 [format, N, K, q8], int8 scales) as the C++ forward takes
+    it (cpu_quant_forward.h); two empty tensors for float weights."""
+    q = weights.quant
+    if q is None:
+        return [torch.empty(0), torch.empty(0)]
+    spec = torch.tensor([_QUANT_FORMATS.index(q.format), q.shape[0], q.shape[1], int(q.q8)], dtype=torch.long)
+    return [spec, _or_empty(q.scales)]
+
+
 def quest_select_cpp(ext: ModuleType, q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor,
                      kv_lens: list[int], read_blocks: list[int], sink_blocks: list[int], window_blocks: list[int],
                      block_size: int, scale: float) -> tuple[torch.Tensor, list[int]]:
@@ -173,7 +188,11 @@ class CpuForward:
             attn, mlp = layer.self_attn, layer.mlp
             qkv, o, gate_up, down = (_kernel_weights(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                                    mlp.down_proj))
-            kinds.update(w.packed for w in (qkv, o, gate_up, down))
+            kinds.update(w.packed for w in (qkv, o, gate_up, down) if w.quant is None)
+            quantised = [w for w in (qkv, o, gate_up, down) if w.quant is not None]
+            if quantised and cfg.dtype not in (torch.float32, torch.bfloat16):
+                raise CpuForwardUnsupported(f"the C++ forward runs quantised weights with float32 or bfloat16 "
+                                            f"activations, not {cfg.dtype}")
             q_norm = attn.q_norm.weight.detach() if attn.q_norm is not None else empty
             k_norm = attn.k_norm.weight.detach() if attn.k_norm is not None else empty
             layers.append([
@@ -182,11 +201,12 @@ class CpuForward:
                 _or_empty(gate_up.bias), down.weight, _or_empty(down.bias),
                 _or_empty(qkv.decode_copy), _or_empty(o.decode_copy), _or_empty(gate_up.decode_copy),
                 _or_empty(down.decode_copy),
+                *(slot for w in (qkv, o, gate_up, down) for slot in quant_slots(w)),
             ])
             windows.append(attn.sliding_window or 0)
         if len(kinds) > 1:
             raise CpuForwardUnsupported("the C++ forward runs plain or prepacked weights, not a mix of both")
-        packed = kinds.pop()
+        packed = kinds.pop() if kinds else False  # every projection quantised: no float ones to pack
         rotary = model.layers[0].self_attn.rotary
         self._model: Any = ext.CpuModel(
             model.embed_tokens.weight.detach(), layers, windows, model.norm.weight.detach(),
@@ -196,6 +216,8 @@ class CpuForward:
         self._ext = ext
         self._compute_logits = model.compute_logits
         head = model.lm_head.method.cpu_kernel_weights(model.lm_head)
+        if head is not None and head.quant is not None:
+            head = None  # a quantised head (a GGUF file's): the model's compute_logits, on the same kernels
         self._head = head  # the LM head in the C++ forward's terms (None: its method has none)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,

@@ -25,13 +25,24 @@ import torch.nn.functional as F
 
 
 @dataclass
+class QuantKernelSpec:
+    """A quantised weight in the C++ forward's terms (csrc/cpu_quant_forward.h); `weight` holds its codes."""
+
+    format: str  # "q8_0", "q4_0", "q4_k" (llama.cpp's blocks) or "int8"
+    shape: tuple[int, int]  # [N, K]
+    scales: torch.Tensor | None  # int8: fp32 [N]
+    q8: bool  # activations rounded to int8 (llama.cpp's blocks of 32; int8 weights: W8A8)
+
+
+@dataclass
 class CpuKernelWeights:
     """A layer's weights as the C++ CPU forward takes them."""
 
-    weight: torch.Tensor  # plain [N, K], or oneDNN-packed when `packed`
+    weight: torch.Tensor  # plain [N, K], or oneDNN-packed when `packed`, or a quantised weight's codes
     bias: torch.Tensor | None
     decode_copy: torch.Tensor | None  # the decode GEMV's row-blocked copy (`block_rows`), if kept
     packed: bool
+    quant: QuantKernelSpec | None = None  # quantised weights: what the codes are
 
 
 class LinearMethod:

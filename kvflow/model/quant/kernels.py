@@ -105,10 +105,11 @@ def unsupported_reason(qw: QuantizedWeight, x_dtype: torch.dtype = torch.bfloat1
     return None
 
 
-def _weight_tensors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+def kernel_tensors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The codes (contiguous bytes) and, for int8, the fp32 row scales, as the kernels read them."""
     if qw.format == "int8":  # scales in fp32 whatever a module's `.to(dtype)` made of them (N values)
-        return qw.data["qweight"], qw.data["scales"].float().contiguous()
-    return qw.data["blocks"], None
+        return qw.data["qweight"].contiguous(), qw.data["scales"].float().contiguous()
+    return qw.data["blocks"].contiguous(), None
 
 
 def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, activation: str = "exact", *, path: str = "auto",
@@ -125,7 +126,7 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, activation: str = "exact"
         raise QuantKernelUnsupported(reason)
     ext = load_extension()
     assert ext is not None  # unsupported_reason checked
-    weight, scales = _weight_tensors(qw)
+    weight, scales = kernel_tensors(qw)
     n, k = qw.shape
     flat = x.reshape(-1, k)
     y = ext.quant_linear(flat, weight.contiguous(), scales, qw.format, n, k, activation, path, scalar, tile_rows)
@@ -137,5 +138,5 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     ext = load_extension()
     if ext is None or qw.format not in FORMATS:
         raise QuantKernelUnsupported(unsupported_reason(qw) or "no build")
-    weight, scales = _weight_tensors(qw)
+    weight, scales = kernel_tensors(qw)
     return ext.dequantize(weight.contiguous(), scales, qw.format, *qw.shape)

@@ -5,8 +5,9 @@ No dense copy of the weight is kept (that is the point: memory). Each method's c
 the reference kernels here run on any device (GGUF blocks: dequantise, then `F.linear`; int8: codes
 times activations, then scales; bipolar: one ±1 matmul per bit plane), and faster ones (the C++ CPU
 kernels, a Triton bit-plane kernel) replace them with `register_kernel`, without touching the
-model or the loader. `cpu_kernel_weights` is None for now: the C++ CPU forward then declines the
-model and the runner takes the PyTorch modules, which run these methods.
+model or the loader. `cpu_kernel_weights` gives the C++ CPU forward the codes of the formats its
+quantised projections run (the same kernels, csrc/cpu_quant_forward.h); for the others (bipolar) it is
+None, the forward declines the model and the runner takes the PyTorch modules, which run every method.
 
 On CPU, q8_0 / q4_0 / q4_k / int8 run the C++ kernels of `kernels.py` (`quant_matmul`) wherever
 `kernels.unsupported_reason` allows (else the reference, said once in the log). Activations: the GGUF
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kvflow.config import QUANT_ACTIVATIONS
-from kvflow.model.linear import CpuKernelWeights, Linear, LinearMethod
+from kvflow.model.linear import CpuKernelWeights, Linear, LinearMethod, QuantKernelSpec
 from kvflow.model.quant import bipolar, bitplane_cuda, int8, kernels
 from kvflow.model.quant.formats import get_format
 from kvflow.model.quant.weights import QuantizedWeight
@@ -190,7 +191,16 @@ class QuantizedLinear(LinearMethod):
         return out.view(*x.shape[:-1], layer.out_features)
 
     def cpu_kernel_weights(self, layer: Linear) -> CpuKernelWeights | None:
-        return None
+        """The codes and what they are, for the C++ forward's quantised projections (the same kernels and
+        mode as `apply` on CPU); None where those kernels cannot run the weight (bipolar, a K they
+        cannot block, no build): the forward then declines the model."""
+        qw = self.weight(layer)
+        if kernels.unsupported_reason(qw, torch.float32) is not None:
+            return None
+        codes, scales = kernels.kernel_tensors(qw)
+        q8 = self.name.endswith("-a8") or self.name == "int8-w8a8"
+        return CpuKernelWeights(codes, _detached(layer.bias), None, packed=False,
+                                quant=QuantKernelSpec(self.format, tuple(self.shape), scales, q8))
 
 
 def is_quantized(layer: Linear) -> bool:
@@ -200,3 +210,7 @@ def is_quantized(layer: Linear) -> bool:
 def use_activations(layers: list[Linear], mode: str) -> int:
     """Every GGUF-format quantised layer of `layers` to activation `mode` (see the top); how many changed."""
     return sum(layer.method.use_activations(mode) for layer in layers if is_quantized(layer))
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()

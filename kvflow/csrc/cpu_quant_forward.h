@@ -1,0 +1,49 @@
+// Quantised projections in the C++ forward (included by cpu_model.cpp): a layer whose linear method is
+// QuantizedLinear (q8_0, q4_0, q4_k, int8) hands the forward its codes plus a spec, and each of its
+// projections runs cpu_quant.h's kernels: the decode GEMV for up to kGemvRows rows (each weight row's
+// blocks streamed once, AVX-512 VNNI where the CPU has it), the dequantised-tile GEMM above. The same
+// call `QuantizedLinear.apply` makes on the PyTorch modules path, so both paths compute alike.
+//
+// How Python passes one (kvflow/model/cpu_kernels.py, `quant_slots`): per projection a `spec` tensor,
+// int64 [format, N, K, q8] (format: 0 q8_0, 1 q4_0, 2 q4_k, 3 int8, as kvflow_quant::Format), and
+// int8's fp32 row scales (empty for the block formats), beside the codes in the weight's own slot.
+#pragma once
+
+#include "cpu_quant.h"
+
+struct QuantProjection {
+  at::Tensor codes, scales;  // codes undefined: a float projection (the forward's `linear`)
+  std::string format;
+  int64_t N = 0, K = 0;
+  bool q8 = false;  // activations rounded to int8 (llama.cpp's blocks; int8 weights: W8A8)
+  bool defined() const { return codes.defined(); }
+};
+
+// The projection of `codes` described by `spec` (undefined spec: none, a float projection).
+inline QuantProjection quant_projection(const at::Tensor& spec, const at::Tensor& codes, const at::Tensor& scales) {
+  QuantProjection p;
+  if (!spec.defined() || spec.numel() == 0) return p;
+  TORCH_CHECK(spec.scalar_type() == at::kLong && spec.numel() == 4, "CpuModel: a quantised projection's spec is int64 "
+              "[format, N, K, q8]");
+  const int64_t* s = spec.data_ptr<int64_t>();
+  static const char* const kNames[] = {"q8_0", "q4_0", "q4_k", "int8"};
+  TORCH_CHECK(s[0] >= 0 && s[0] < 4, "CpuModel: unknown quantised format ", s[0]);
+  p.format = kNames[s[0]];
+  p.N = s[1], p.K = s[2], p.q8 = s[3] != 0;
+  p.codes = codes.contiguous();
+  p.scales = scales.defined() && scales.numel() > 0 ? scales.contiguous() : at::Tensor();
+  const kvflow_quant::Layout lay = kvflow_quant::layout(kvflow_quant::parse_format(p.format));
+  TORCH_CHECK(p.K % lay.block == 0 && p.codes.element_size() == 1 && p.codes.numel() == p.N * (p.K / lay.block) * lay.bytes,
+              "CpuModel: ", p.format, " codes do not hold ", p.N, " rows of ", p.K, " values");
+  TORCH_CHECK(p.format != "int8" || (p.scales.defined() && p.scales.scalar_type() == at::kFloat && p.scales.numel() == p.N),
+              "CpuModel: int8 codes need fp32 scales [N]");
+  return p;
+}
+
+// y = x · Wᵀ + b with the quantised kernels, in x's dtype (fp32 or bf16).
+inline at::Tensor quant_project(const at::Tensor& x, const QuantProjection& p, const at::Tensor& bias) {
+  RECORD_FUNCTION("kvflow::quant_linear", std::vector<c10::IValue>());
+  at::Tensor y = kvflow_quant::quant_linear(x, p.codes, p.scales, p.format, p.N, p.K, p.q8, "auto", false, 1024);
+  if (bias.defined()) y.add_(bias);
+  return y;
+}
