@@ -18,7 +18,8 @@ import torch
 from kvflow.bench.throughput import make_prompts
 
 #: ATen ops that do the matrix work; everything else is attention glue, elementwise or overhead.
-MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"})
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
+                        "kvflow::decode_linear", "kvflow::linear_f32"})  # the last two: the C++ forward's GEMVs
 
 
 @dataclass
