@@ -11,6 +11,11 @@ for a request's first `Request.spec_draft_computed` tokens; each proposal pass f
 over the tokens after those (the whole prompt the first time, then the tokens the last verification
 kept), then K - 1 single-token steps. KV the draft wrote for its own proposals is recomputed next
 pass: the pass that follows a verification sees which of them were kept.
+
+**Plain greedy requests** (their proposal is the argmax, no q needed) run the whole pass in one C++
+call where the C++ forward runs the draft (`CpuForward.draft_greedy`, csrc/cpu_draft.h): per step,
+Python's metadata, forward call, LM head and argmax cost ~4x the draft's own arithmetic. The others
+(sampled, penalised) take the per-step path, which makes the same steps.
 """
 
 from __future__ import annotations
