@@ -31,6 +31,7 @@ import torch
 from kvflow.bench.cpu_idle import wait_for_idle_cpu
 from kvflow.bench.limits import MachineLimits, measure_limits
 from kvflow.bench.make_model import llama_param_count, to_torch_dtype
+from kvflow.gguf_config import hf_config_from_gguf, is_gguf_path, open_gguf
 
 WORKLOADS: tuple[str, ...] = ("offline", "single")
 
@@ -262,7 +263,10 @@ def _cpu_seconds() -> float:
 
 
 def _load_model_config(model_dir: Path) -> dict[str, Any]:
-    """config.json of a model directory, with a clear error when it is not one."""
+    """config.json of a model directory (a GGUF file: the config its metadata gives), with a clear error
+    when it is neither."""
+    if is_gguf_path(model_dir):
+        return hf_config_from_gguf(model_dir)
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
@@ -393,6 +397,8 @@ def run_throughput(
 
     params = llama_param_count(cfg)
     weight_bytes = params * to_torch_dtype(dtype).itemsize
+    if is_gguf_path(model_dir):  # the file's tensors as stored (quantised blocks), what a decode step reads
+        weight_bytes = sum(int(t.n_bytes) for t in open_gguf(model_dir).tensors)
     walls = m.walls
     wall_s = statistics.median(walls)
     out_tokens, in_tokens = n * output_len, n * input_len

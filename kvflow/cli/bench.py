@@ -349,7 +349,8 @@ def configure(bench: argparse.ArgumentParser) -> None:
     at.set_defaults(func=_cmd_attention)
 
     tp = sub.add_parser("throughput", help="offline / single-stream throughput of backends")
-    tp.add_argument("--model", required=True, help="model directory (HF format)")
+    tp.add_argument("--model", required=True, help="model directory (HF format) or a llama-architecture .gguf "
+                    "file (llama.cpp then runs the same file)")
     tp.add_argument("--backend", nargs="+", default=["kvflow"],
                     help="kvflow, hf, vllm, llamacpp (one or more; a peer that is not installed is skipped)")
     tp.add_argument(

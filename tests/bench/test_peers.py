@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from kvflow.bench.limits import MachineLimits
-from kvflow.bench.make_model import make_model
+from kvflow.bench.make_model import llama_param_count, make_model
 from kvflow.bench.peers import measure_peer, peer_python
 from kvflow.bench.peers.to_gguf import ensure_gguf, gguf_cache_path
 from kvflow.bench.throughput import BackendUnavailable, plan_prompts, run_throughput
@@ -377,3 +377,23 @@ def test_make_model_sentencepiece_tokenizer(tmp_path: Path) -> None:
     assert not (path / "tokenizer.model").exists() and not (path / "tokenizer.json").exists()
     with pytest.raises(ValueError, match="unknown tokenizer"):
         make_model("tiny", tmp_path / "x", tokenizer="wordpiece")
+
+
+def test_a_gguf_model_is_the_file_llamacpp_runs(fakes: Path, record: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """--model file.gguf: the config (vocabulary, parameters) and the decode floor's weight bytes come from
+    the file, and llama.cpp loads that very file (no conversion)."""
+    from gguf import GGUFReader
+    from safetensors.torch import load_file
+
+    from kvflow.assets import default_model_path
+    from kvflow.model.gguf import write_gguf
+
+    shipped = default_model_path()  # a model with a tokenizer GGUF can hold
+    gguf = write_gguf(tmp_path / "tiny.gguf", shipped, load_file(str(shipped / "model.safetensors")))
+    monkeypatch.setenv("PYTHONPATH", str(fakes / "lcpp_only"))
+    r = run_throughput(gguf, "llamacpp", "single", input_len=4, output_len=2, python=PY, limits=LIMITS)
+    assert r["peer"]["gguf"] == str(gguf.resolve())
+    assert next(e for e in _events(record) if "load" in e)["kwargs"]["model_path"] == str(gguf.resolve())
+    assert r["params"] == llama_param_count(json.loads((shipped / "config.json").read_text()))
+    assert r["limit"]["weight_bytes"] == sum(int(t.n_bytes) for t in GGUFReader(gguf).tensors)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kvflow.bench.throughput import BackendUnavailable, Measurement, PromptPlan
+from kvflow.gguf_config import is_gguf_path
 
 WORKER = Path(__file__).with_name("worker.py")
 PACKAGES = {"vllm": "vllm", "llamacpp": "llama_cpp"}
@@ -183,7 +184,8 @@ def measure_peer(
 
     ``engine_kwargs`` go to ``vllm.LLM`` / ``llama_cpp.Llama``, except ``kv_cache_memory`` (GiB,
     vLLM: its KV budget, default 4 as ``VLLM_CPU_KVCACHE_SPACE``) and, for llama.cpp, ``gguf``
-    (a ready file) and ``convert_script`` (the converter, see ``to_gguf``), which are kvflow's.
+    (a ready file; default: ``model_dir`` itself where it is a .gguf file, else its conversion) and
+    ``convert_script`` (the converter, see ``to_gguf``), which are kvflow's.
     """
     interpreter = peer_python(name, python)
     check_peer(name, interpreter)
@@ -199,6 +201,8 @@ def measure_peer(
         from kvflow.bench.peers.to_gguf import ensure_gguf
 
         gguf, script = kwargs.pop("gguf", None), kwargs.pop("convert_script", None)
+        if gguf is None and is_gguf_path(model_dir):  # the very file kvflow runs
+            gguf = Path(model_dir).resolve()
         job["gguf"] = extra["gguf"] = str(gguf or ensure_gguf(model_dir, dtype, interpreter, script))
         extra["batching"] = "none: llama-cpp-python generates one prompt at a time"
     job["engine_kwargs"] = kwargs
