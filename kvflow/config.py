@@ -560,7 +560,7 @@ class SpeculativeConfig:
     # about a decode step while the step is small (the weights are read once for all positions) and
     # grows with its tokens once it is large; so each of B decoding requests verifies at most
     # min(K, budget // B) proposals: all K alone, fewer as the batch grows, none past `budget` requests.
-    speculative_token_budget: int = 16
+    speculative_token_budget: int = 8
 
     def __post_init__(self) -> None:
         method = self.speculative_method

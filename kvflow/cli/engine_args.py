@@ -54,7 +54,7 @@ _HELP = {
     "quantization_activation_bits": "int8: 8 runs W8A8 (per-token int8 activations; default W8A16); bipolar: "
                                     "2..8 runs the A-bit bit-plane variant (default float activations)",
     "speculative_token_budget": "proposals verified per step across the batch: each of B decoding requests "
-                                "verifies at most budget // B (default 16; speculation turns off past 16 requests)",
+                                "verifies at most budget // B (default 8; speculation turns off past 8 requests)",
 }
 
 

@@ -130,10 +130,10 @@ def test_stop_tokens_and_stop_strings_inside_an_accepted_run(reference, method):
 def test_seeded_sampling_is_reproducible_and_n_works(method):
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, max_tokens=32, seed=7, n=3, ignore_eos=True,
                             repetition_penalty=1.1)
-    first_llm = _llm(method)
+    first_llm = _llm(method, speculative_token_budget=64)  # n = 3 x the prompts: past the default budget
     first = _generate(first_llm, PROMPTS, params)
     assert first_llm.engine.core.stats().spec_num_accepted_tokens > 0
-    second = _generate(_llm(method), PROMPTS, params)
+    second = _generate(_llm(method, speculative_token_budget=64), PROMPTS, params)
     assert first == second
     assert all(len({tuple(c) for c in group}) > 1 for group in first)  # n = 3: a seed each
 
