@@ -210,7 +210,7 @@ def test_the_drafts_kv_shares_the_memory_budget():
 
 
 def test_the_adaptive_rule_turns_speculation_down_then_off(reference):
-    """speculative_token_budget S: B decoding requests verify at most S // B proposals each, and
+    """speculative_token_budget S: B requests verify at most S // B proposals each, and
     propose nothing past S requests; greedy outputs stay the same either way."""
     prompts = PROMPTS * 2  # 10 requests
     for budget, most in ((40, 4), (20, 2), (10, 1), (9, 0)):
