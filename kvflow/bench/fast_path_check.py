@@ -6,6 +6,9 @@ the plain PyTorch modules, but the C++ kernels sum in a different order. Two che
 - **fp32, strict**: greedy outputs of the C++ forward equal the plain path's token for token.
   At fp32 a changed summation order moves logits by about 1e-6, far below any real margin, so
   any difference here is a bug.
+  Not where a layer rounds its activations to int8 (W8A8, llama.cpp's q8 blocks): a 1e-6 change
+  of an input can cross a rounding boundary and move an output by a quantisation step (measured:
+  0.01-0.02 nats on a random-weight `135m`), so that check is near-ties only too.
 - **the bench's dtype (bf16), near-ties only**: every sequence is equal up to its first
   difference, and there the plain path itself was undecided: the optimised path's token is
   among the plain path's top 5 with a log-probability within `NEAR_TIE_NATS` of the best.
@@ -52,6 +55,13 @@ def fast_path_active(llm: Any) -> bool:
     return runner.cpu_forward is not None or runner.model.lm_head.method.name != "dense"
 
 
+def rounds_activations(llm: Any) -> bool:
+    """Whether any linear layer of the engine's model rounds its activations (see the module doc)."""
+    from kvflow.model.linear import linear_layers
+
+    return any(layer.method.rounds_activations for layer in linear_layers(llm.engine.core.runner.model))
+
+
 def _greedy(llm: Any, prompts: list[list[int]], max_tokens: int, top: int | None) -> list[Any]:
     from kvflow.sampling_params import SamplingParams
 
@@ -70,8 +80,10 @@ def compare_with_plain(
     fast: list[list[int]], strict: bool,
 ) -> FastPathCheck:  # fmt: skip
     """Greedy-decode `prompts` on the plain path and compare with `fast` (see the module doc);
-    raises RuntimeError naming the prompts whose outputs differ beyond what is allowed."""
+    raises RuntimeError naming the prompts whose outputs differ beyond what is allowed. `strict` is
+    dropped for a model whose layers round their activations."""
     llm = _engine(model_dir, dtype, engine_kwargs, **_PLAIN)
+    strict = strict and not rounds_activations(llm)
     reference = _greedy(llm, prompts, len(fast[0]), None if strict else _TOP)
     del llm
     gc.collect()

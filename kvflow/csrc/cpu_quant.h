@@ -22,6 +22,8 @@
 // (oneDNN). Measured against a register-blocked `vdpbf16ps` kernel over each thread's own
 // dequantised 16-row tile (`135m` layer shapes, 64 rows, one thread), at::mm was 2.3-5x faster,
 // so that kernel was dropped; the tiles reach 0.70-0.82x of bf16 oneDNN on a packed weight.
+// int8 weights with q8 activations (W8A8) are the exception: their rows go through oneDNN's int8
+// GEMM on the codes themselves (gemm_int8), about twice bf16's speed.
 //
 // Everything has a plain scalar version (the `scalar` entries), compiled everywhere and used where
 // the CPU lacks AVX-512 F/BW/VNNI; tests call it directly.
@@ -619,6 +621,37 @@ inline at::Tensor q8_activations(const at::Tensor& x, bool per_token) {
   return out;
 }
 
+// int8 weights with int8 activations (W8A8) above the GEMV's rows: each row's per-token int8 codes
+// (quantize_group, as the GEMV rounds them) times the weight codes in oneDNN's int8 GEMM
+// (at::_int_mm: VNNI `vpdpbusd`, twice bf16's multiply-adds per instruction), int32 exact, then
+// scaled by the token's and the channel's scales in the GEMV's order, so a row's result is the
+// GEMV's bit for bit whatever the rows in its step. This is what makes W8A8 pay off in a batch: the
+// dequantised-tile GEMM above runs at bf16's speed at best.
+inline at::Tensor gemm_int8(const Weights& w, const at::Tensor& x) {
+  const int64_t M = x.size(0), N = w.N, K = w.K;
+  at::Tensor codes = at::empty({M, K}, at::kChar);
+  std::vector<float> d(M);
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    Activations row;
+    for (int64_t m = m0; m < m1; ++m) {
+      load_rows(x, m, 1, row);
+      d[m] = quantize_group(row.x.data(), K, codes.data_ptr<int8_t>() + m * K);
+    }
+  });
+  const at::Tensor weight = at::from_blob(const_cast<uint8_t*>(w.data), {N, K}, at::kChar);
+  const at::Tensor acc = at::_int_mm(codes, weight.t());
+  at::Tensor y = at::empty({M, N}, x.options());
+  Output out;
+  out.N = N;
+  if (y.scalar_type() == at::kFloat) out.f = y.data_ptr<float>(); else out.h = y.data_ptr<at::BFloat16>();
+  const int32_t* a = acc.data_ptr<int32_t>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = 0; n < N; ++n) out.put(m, n, d[m] * w.scales[n] * static_cast<float>(a[m * N + n]));
+  });
+  return y;
+}
+
 // ----------------------------------------------------------------------------- entry
 // y = x · Wᵀ. `q8`: quantised activations (see the top; the GEMM multiplies the rows as the GEMV's
 // integer arithmetic sees them, q8_activations). `path`: "auto" (GEMV up to
@@ -647,6 +680,7 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight,
   const bool gemv_path = path == "gemv" || (path == "auto" && (M <= kGemvRows || scalar));
   if (!gemv_path) {
     TORCH_CHECK(path == "auto" || path == "mm", "quant_linear: unknown path ", path);
+    if (q8 && int8) return gemm_int8(w, x);
     return gemm_mm(w, q8 ? q8_activations(x, int8) : x, tile_rows);
   }
   at::Tensor y = at::empty({M, N}, x.options());

@@ -49,6 +49,9 @@ class LinearMethod:
     """How a `Linear` holds its weight and computes `x W^T + b`."""
 
     name = "abstract"
+    # Whether the method rounds its inputs (int8 activations): then a one-ulp change of an input can move
+    # an output by a quantisation step, so two summation orders no longer agree to fp32 rounding.
+    rounds_activations = False
 
     def process_weights(self, layer: Linear) -> None:
         """Once, after the checkpoint's weights are loaded: convert what the method needs. Never change

@@ -154,6 +154,10 @@ class QuantizedLinear(LinearMethod):
 
                 self.reference = abit
 
+    @property
+    def rounds_activations(self) -> bool:  # type: ignore[override]
+        return self.activation_bits is not None or self.name.endswith("-a8")
+
     def use_activations(self, mode: str) -> bool:
         """GGUF block formats: "exact" (float activations) or "q8" (llama.cpp's int8 blocks of 32, lossy).
         False (nothing changed) for the other families, whose activations are chosen at load."""

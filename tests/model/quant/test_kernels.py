@@ -141,6 +141,19 @@ def test_q8_rows_beyond_the_gemv_take_the_gemvs_arithmetic(fmt, n, k, dtype):
     check(y, rows.double().numpy(), 2 * slack)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_w8a8_rows_beyond_the_gemv_equal_the_gemv_bit_for_bit(dtype):
+    """W8A8 prefill rows run the int8 GEMM on the codes (exact int32 sums, scaled in the GEMV's order),
+    so each row equals the GEMV's result exactly, not merely within the dequantised-tile GEMM's rounding."""
+    qw, w = make_weight("int8", 37, 100)
+    x = activations(40, 100, dtype)
+    y = kernels.quant_matmul(x, qw, "q8")
+    gemv = kernels.quant_matmul(x, qw, "q8", path="gemv")
+    assert torch.equal(y, gemv)
+    xq, _ = quantized_activations(x.float().numpy(), per_token=True)
+    check(y, xq @ w.T, rounding(xq, w))
+
+
 def test_leading_dimensions_and_the_kernels_own_dequantiser():
     qw, w = make_weight("q4_0", 16, 64)
     x = activations(6, 64, torch.float32).view(2, 3, 64)

@@ -161,6 +161,18 @@ def test_activation_modes_are_checked():
         RunnerConfig(quant_activations="int4")
 
 
+def test_methods_say_whether_they_round_their_activations():
+    """What the bench's fast-path check relaxes its fp32 strictness on (kvflow/bench/fast_path_check.py)."""
+    layer, _ = _layer("q8_0", {}, None)
+    assert not layer.method.rounds_activations
+    layer.method.use_activations("q8")
+    assert layer.method.rounds_activations
+    assert _layer("int8", {}, 8)[0].method.rounds_activations
+    assert not _layer("int8", {}, None)[0].method.rounds_activations
+    assert _layer("bipolar", {"bits": 4, "group_size": 64}, 6)[0].method.rounds_activations
+    assert not Linear(8, 8).method.rounds_activations
+
+
 def test_q8_activations_round_each_block_of_32_to_int8():
     x = torch.tensor([[0.5, -1.27, 0.004] + [0.0] * 29 + [2.0, 1.0] + [0.0] * 30])
     got = q8_activations(x)
