@@ -512,6 +512,12 @@ class CacheConfig:
 
 # Waiting-queue policies (kvflow/core/policies.py defines one class per name).
 QUEUE_POLICIES = ("fcfs", "priority", "lpm")
+# How a batch handed over at once is ordered (kvflow/core/policies.py): as it came, or BatchLLM's
+# prefix-tree groups; "auto" groups a batch of at least `prefix_tree_min_batch` requests.
+BATCH_POLICIES = ("fcfs", "prefix-tree", "auto")
+# What limits admission: at most `max_num_seqs` running (vLLM's rule), or the KV cache alone (keeping
+# `kv_watermark` of it free); "auto": the KV cache while a prefix-tree plan orders the queue.
+ADMISSION_RULES = ("auto", "seqs", "memory")
 
 
 @dataclass(frozen=True)
@@ -525,6 +531,18 @@ class SchedulerConfig:
     # Prompt chunks and decodes share a step. Off: a step that can admit a waiting prompt computes
     # prompts only and running decodes wait (vLLM v0's scheduler; DistServe's colocated baseline).
     mixed_batching: bool = True
+    # lpm: a waiting request is passed over at most this many times before it is taken next, so a
+    # stream of prefix hits cannot starve a request nothing is cached for.
+    starvation_limit: int = 32
+    # BatchLLM (kvflow/core/policies.py, PrefixTreePolicy): requests that arrive together are grouped
+    # by shared prefix (kvflow/core/prefix_tree.py), each group's prefix computed once and held until
+    # its last member finishes, decode-heavy groups first. The offline API defaults to "auto".
+    batch_policy: str = "fcfs"
+    prefix_tree_min_batch: int = 32
+    admission: str = "auto"
+    # Memory admission: a request is admitted only if this fraction of the KV blocks stays free after
+    # it, room for the running requests' next tokens (fewer preemptions).
+    kv_watermark: float = 0.05
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -533,6 +551,24 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.policy not in QUEUE_POLICIES:
             raise ValueError(f"policy must be one of {', '.join(QUEUE_POLICIES)}; got {self.policy!r}")
+        if self.batch_policy not in BATCH_POLICIES:
+            raise ValueError(f"batch_policy must be one of {', '.join(BATCH_POLICIES)}; got {self.batch_policy!r}")
+        if self.batch_policy == "prefix-tree" and self.policy != "fcfs":
+            raise ValueError(f"batch_policy prefix-tree orders the queue itself; it cannot combine with policy "
+                             f"{self.policy} (use policy fcfs, or batch_policy fcfs)")
+        if self.admission not in ADMISSION_RULES:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSION_RULES)}; got {self.admission!r}")
+        if not 0.0 <= self.kv_watermark < 1.0:
+            raise ValueError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
+        if self.starvation_limit < 0:
+            raise ValueError(f"starvation_limit must be >= 0, got {self.starvation_limit}")
+        if self.prefix_tree_min_batch < 1:
+            raise ValueError(f"prefix_tree_min_batch must be >= 1, got {self.prefix_tree_min_batch}")
+
+    @property
+    def groups_batches(self) -> bool:
+        """Whether the queue may group batches by prefix (prefix-tree, or auto under plain fcfs)."""
+        return self.batch_policy == "prefix-tree" or (self.batch_policy == "auto" and self.policy == "fcfs")
 
 
 # Speculative decoding (kvflow/worker/spec_decode/): who proposes the tokens the model verifies.
@@ -603,6 +639,10 @@ class RunnerConfig:
     # weight matrix for a decode GEMV that streams it faster than oneDNN (steps of <= 4 tokens).
     # Costs the weights' size again in memory; off = oneDNN for every step.
     decode_gemv: bool = True
+    # Decodes that share leading KV blocks (prefix caching) read them once per group instead of once
+    # per sequence, in the C++ forward and the Triton backend (kvflow/attention/shared_prefix.py;
+    # equal up to fp32 summation order). Off = each decode reads its whole context.
+    shared_prefix_attention: bool = True
     # Attention backend: "auto" = Triton kernels on CUDA, torch-native (plus the C++ forward) on
     # CPU; "torch" or "triton" force one. Triton on CPU runs only under TRITON_INTERPRET=1 (tests),
     # and turns the C++ forward off, since that forward has its own attention.

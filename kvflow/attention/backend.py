@@ -25,6 +25,7 @@ from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 if TYPE_CHECKING:
     from kvflow.attention.kivi import KiviStep
     from kvflow.attention.policy_step import PolicyStep
+    from kvflow.attention.shared_prefix import SharedPrefixGroups
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class AttentionMetadata:
     policy: PolicyStep | None = None
     # KIVI's per-step bookkeeping (which groups are quantised, what goes to the ring; kivi.py).
     kivi: KiviStep | None = None
+    # Decodes that share leading KV blocks, for kernels that read those blocks once per group
+    # (shared_prefix.py); None when the runner's shared_prefix_attention is off or no group exists.
+    shared_prefix: SharedPrefixGroups | None = None
 
     @property
     def num_seqs(self) -> int:

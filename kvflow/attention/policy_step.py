@@ -117,6 +117,7 @@ class PolicyStep:
         view = dataclasses.replace(
             meta, block_tables=tables, seq_lens=torch.tensor(seq_lens_list, dtype=torch.long, device=q.device),
             seq_lens_list=seq_lens_list, max_seq_len=max(seq_lens_list), extra={}, policy=None,
+            shared_prefix=None,  # Quest rows read other blocks than their tables' shared ones
         )
         backend.prepare(view)
         if self.block_mass is not None:

@@ -37,6 +37,8 @@ _HELP = {
     "cpu_kernels": "CPU: run each step's decoder stack as one C++ call (compiled on first use)",
     "decode_gemv": "bf16 CPU with AVX512-BF16: a second copy of the weights for a faster decode GEMV "
                    "(steps of <= 4 tokens)",
+    "shared_prefix_attention": "decodes that share prefix-cached KV blocks read them once per group (C++ forward, "
+                               "Triton); off: each decode reads its whole context",
     "quant_activations": "q8_0/q4_0/q4_k weights: exact (float activations, default) or q8 (llama.cpp's "
                          "arithmetic: activations rounded to int8 per block of 32; lossy, faster decode)",
     "attention_backend": "auto (Triton kernels on CUDA, torch-native + C++ forward on CPU), torch or triton",

@@ -225,21 +225,49 @@ constexpr int64_t kItemsPerThread = 4;
 // was slower (it evicts the lines in use).
 constexpr int64_t kPrefetchBlocks = 2;
 
+// Shared-prefix attention (kvflow/attention/shared_prefix.py): decodes whose block tables start with
+// the same physical blocks read those keys and values once for the whole group. A group is one query
+// tile whose rows are every member's query heads, over the shared keys (all visible to every member:
+// the shared run ends before each member's position); each member's own keys are items of its own,
+// and the two parts are merged by log-sum-exp like a split decode's chunks. The scores are the same
+// dot products, so the result equals the unshared one up to fp32 summation order.
+struct SharedPrefix {
+  const int64_t* groups = nullptr;   // [count, 3]: members [groups[3g], groups[3g + 1]) share groups[3g + 2] blocks
+  const int64_t* members = nullptr;  // the members' decode tokens (flat indices)
+  int64_t count = 0, block_size = 0;
+};
+
+// The groups from their tensors (groups [G, 3], members [N]: contiguous int64); undefined: none.
+inline SharedPrefix shared_prefix_of(const at::Tensor& groups, const at::Tensor& members, int64_t block_size) {
+  if (!groups.defined() || groups.numel() == 0) return {};
+  TORCH_CHECK(groups.scalar_type() == at::kLong && groups.is_contiguous() && groups.dim() == 2 && groups.size(1) == 3 &&
+                  members.defined() && members.scalar_type() == at::kLong && members.is_contiguous(),
+              "paged_attention: shared-prefix groups are contiguous int64 groups [G, 3] and members [N]");
+  const int64_t* g = groups.data_ptr<int64_t>();
+  for (int64_t k = 0; k < groups.size(0); ++k)
+    TORCH_CHECK(0 <= g[3 * k] && g[3 * k] <= g[3 * k + 1] && g[3 * k + 1] <= members.numel(),
+                "paged_attention: a shared-prefix group's members lie in `members`");
+  return {g, members.data_ptr<int64_t>(), groups.size(0), block_size};
+}
+
 struct QueryTile {
-  int64_t t0, count;  // tokens [t0, t0 + count)
-  int64_t lo, hi;     // the keys any of them sees: [first_key of t0, position of the last]
+  int64_t t0, count;  // tokens [t0, t0 + count), or a shared-prefix group's members[0 .. count)
+  int64_t lo, hi;     // the keys any of them sees: [first_key of t0, position of the last]; a group: its shared run
+  const int64_t* members = nullptr;  // a shared-prefix group's tokens (their shared run is [lo, hi])
+  int64_t token(int64_t i) const { return members ? members[i] : t0 + i; }
 };
 
 // One work item: a tile's queries for kv heads [g0, g1) over keys [k0, k1). A decode item covers
-// every kv head (their rows of a block are one contiguous run of the cache); a prefill tile has an
-// item per kv head (its 8 queries' rows already share each key and value). The chunks of a split
-// decode token write their unnormalised result to slot `partial`; other items (-1) see all their
-// keys and store the output themselves.
+// every kv head (their rows of a block are one contiguous run of the cache); a prefill tile or a
+// shared-prefix group has an item per kv head (its queries' rows already share each key and value).
+// The chunks of a split decode token write their unnormalised result to slot `partial`; a group's
+// chunk c writes each member's rows to the member's slot first_slot[member] + c (its chunks come
+// before the member's own); other items (-1) see all their keys and store the output themselves.
 struct AttentionItem {
   int64_t tile, g0, g1, k0, k1, partial;
 };
 
-// A split decode token: its chunks' results are in slots [first, first + chunks).
+// A split decode token (or a shared-prefix member): its chunks' results are in slots [first, first + chunks).
 struct ChunkedToken {
   int64_t tile, first, chunks;
 };
@@ -248,6 +276,7 @@ struct AttentionPlan {
   std::vector<QueryTile> tiles;
   std::vector<AttentionItem> items;  // most expensive first: the order in which threads take them
   std::vector<ChunkedToken> chunked;
+  std::vector<int64_t> first_slot;  // per token: a shared-prefix member's first partial slot
   int64_t partials = 0;
 };
 
@@ -261,31 +290,78 @@ inline int64_t decode_chunk(int64_t decode_keys, int64_t threads, int64_t forced
   return std::max<int64_t>(1, (share + kMinChunk - 1) / kMinChunk) * kMinChunk;
 }
 
+// Items for keys [k0, k1) of tile i, cut at multiples of `chunk`, each writing slot `slot++` (its
+// index among the token's chunks, for a shared-prefix group).
+inline void push_chunks(AttentionPlan& plan, int64_t i, int64_t g0, int64_t g1, int64_t k0, int64_t k1, int64_t chunk,
+                        int64_t& slot) {
+  for (int64_t a = k0, e; a < k1; a = e) {
+    e = std::min(k1, (a / chunk + 1) * chunk);
+    plan.items.push_back({i, g0, g1, a, e, slot++});
+  }
+}
+
+// Each member's own keys start after its group's shared run (0: not a member). Checks that every
+// member is a decode token in one group only, at a position after the shared run.
+inline std::vector<int64_t> own_key_starts(const SharedPrefix& shared, const int64_t* pos, int64_t tokens) {
+  std::vector<int64_t> from(tokens, 0);
+  for (int64_t g = 0; g < shared.count; ++g) {
+    const int64_t* grp = shared.groups + 3 * g;
+    TORCH_CHECK(grp[2] >= 1 && grp[1] - grp[0] >= 2, "paged_attention: a shared-prefix group has >= 2 members and "
+                "shares >= 1 block");
+    for (int64_t k = grp[0]; k < grp[1]; ++k) {
+      const int64_t t = shared.members[k];
+      TORCH_CHECK(t >= 0 && t < tokens && from[t] == 0 && pos[t] >= grp[2] * shared.block_size,
+                  "paged_attention: a shared-prefix member is a token in one group, after the shared blocks");
+      from[t] = grp[2] * shared.block_size;
+    }
+  }
+  return from;
+}
+
 AttentionPlan plan_attention(const int64_t* seq, const int64_t* pos, int64_t tokens, int64_t num_kv_heads,
-                             int64_t window, int64_t forced_chunk) {
+                             int64_t window, int64_t forced_chunk, const SharedPrefix& shared = {}) {
   AttentionPlan plan;
+  const std::vector<int64_t> from = own_key_starts(shared, pos, tokens);
   int64_t decode_keys = 0;
   for (int64_t t = 0; t < tokens;) {
     int64_t count = 1;
     while (count < kQueryTile && t + count < tokens && seq[t + count] == seq[t] && pos[t + count] == pos[t] + count) ++count;
     plan.tiles.push_back({t, count, first_key(pos[t], window), pos[t + count - 1]});
-    if (count == 1) decode_keys += pos[t] - first_key(pos[t], window) + 1;
+    if (count == 1) decode_keys += pos[t] - std::max(from[t], first_key(pos[t], window)) + 1;
+    for (int64_t i = 0; i < count; ++i)
+      TORCH_CHECK(count == 1 || from[t + i] == 0, "paged_attention: a shared-prefix member is a decode token");
     t += count;
   }
+  const int64_t tiles = static_cast<int64_t>(plan.tiles.size());
+  for (int64_t g = 0; g < shared.count; ++g) {  // the groups' tiles follow the tokens' own
+    const int64_t* grp = shared.groups + 3 * g;
+    plan.tiles.push_back({shared.members[grp[0]], grp[1] - grp[0], 0, grp[2] * shared.block_size - 1,
+                          shared.members + grp[0]});
+    decode_keys += grp[2] * shared.block_size;  // read once for the group
+  }
   const int64_t chunk = decode_chunk(decode_keys, at::get_num_threads(), forced_chunk);
-  for (int64_t i = 0; i < static_cast<int64_t>(plan.tiles.size()); ++i) {
+  if (shared.count > 0) plan.first_slot.assign(tokens, -1);
+  for (int64_t i = 0; i < tiles; ++i) {
     const QueryTile& tile = plan.tiles[i];
+    const int64_t t = tile.t0;
     if (tile.count > 1) {
       for (int64_t g = 0; g < num_kv_heads; ++g) plan.items.push_back({i, g, g + 1, tile.lo, tile.hi + 1, -1});
-    } else if (tile.hi - tile.lo + 1 <= chunk) {
+    } else if (from[t] == 0 && tile.hi - tile.lo + 1 <= chunk) {
       plan.items.push_back({i, 0, num_kv_heads, tile.lo, tile.hi + 1, -1});
-    } else {  // chunk boundaries at multiples of `chunk`
+    } else {  // chunk boundaries at multiples of `chunk`; a member's slots start with its group's chunks
       plan.chunked.push_back({i, plan.partials, 0});
-      for (int64_t k0 = tile.lo, k1; k0 <= tile.hi; k0 = k1) {
-        k1 = std::min(tile.hi + 1, (k0 / chunk + 1) * chunk);
-        plan.items.push_back({i, 0, num_kv_heads, k0, k1, plan.partials++});
+      if (from[t] > 0) {
+        plan.first_slot[t] = plan.partials;
+        plan.partials += (from[t] - 1) / chunk + 1;  // its group's chunks of [0, from) (chunk may be INT64_MAX)
       }
+      push_chunks(plan, i, 0, num_kv_heads, std::max(tile.lo, from[t]), tile.hi + 1, chunk, plan.partials);
       plan.chunked.back().chunks = plan.partials - plan.chunked.back().first;
+    }
+  }
+  for (int64_t i = tiles; i < static_cast<int64_t>(plan.tiles.size()); ++i) {
+    for (int64_t g = 0; g < num_kv_heads; ++g) {
+      int64_t c = 0;
+      push_chunks(plan, i, g, g + 1, 0, plan.tiles[i].hi + 1, chunk, c);
     }
   }
   // Longest first, so that the last items the threads pick up are short.
@@ -331,14 +407,14 @@ struct ItemView {
   const PagedAttentionView<T, KV>& v;
   const QueryTile& tile;
   const AttentionItem& it;
-  const int64_t* table;  // the sequence's block table
-  const int64_t* pos;    // positions of the tile's queries
+  const int64_t* table;  // the sequence's block table (a shared-prefix group: its first member's)
   int64_t head_rows;     // rows per kv head: count * group
 
   ItemView(const PagedAttentionView<T, KV>& v_, const QueryTile& tile_, const AttentionItem& it_)
-      : v(v_), tile(tile_), it(it_), table(v_.tables + v_.seq[tile_.t0] * v_.table_stride), pos(v_.pos + tile_.t0),
+      : v(v_), tile(tile_), it(it_), table(v_.tables + v_.seq[tile_.t0] * v_.table_stride),
         head_rows(tile_.count * v_.group) {}
   int64_t rows() const { return (it.g1 - it.g0) * head_rows; }
+  int64_t position(int64_t i) const { return v.pos[tile.token(i)]; }  // of the tile's query i
   int64_t query(int64_t r) const { return r % head_rows / v.group; }  // row r's query in the tile
   int64_t head(int64_t r) const { return (it.g0 + r / head_rows) * v.group + r % v.group; }  // and query head
   // The keys of block b within [a, e): [block_start, block_end).
@@ -422,12 +498,12 @@ void tile_scores(const ItemView<T, KV>& x, int64_t a, int64_t e, float scale, On
           }
         }
         for (int64_t i = 0; i < x.tile.count; ++i) {
-          const int m = static_cast<int>(std::min<int64_t>({16, j1 - c, x.pos[i] + 1 - c}));
+          const int m = static_cast<int>(std::min<int64_t>({16, j1 - c, x.position(i) + 1 - c}));
           if (m <= 0) continue;
           const int64_t r0 = (g - x.it.g0) * x.head_rows + i * group;
           for (int64_t h = 0; h < group; ++h) {
             __m512 dots[16];
-            const T* qh = v.q + ((x.tile.t0 + i) * v.num_heads + g * group + h) * D;
+            const T* qh = v.q + (x.tile.token(i) * v.num_heads + g * group + h) * D;
             if constexpr (kBf16Codes<T, KV>) {
               key_dots16<T, T, C>(qh, reinterpret_cast<const T*>(s.wide), m, dots);
             } else if constexpr (PagedAttentionView<T, KV>::kQuantised) {
@@ -450,8 +526,8 @@ template <typename T, typename KV, int C>
 void tile_softmax(const ItemView<T, KV>& x, int64_t a, int64_t e, int64_t window, OnlineSoftmax& s) {
   constexpr int64_t D = 16 * C;
   for (int64_t r = 0; r < x.rows(); ++r) {
-    const int64_t i = x.query(r);
-    const int64_t from = std::max(a, first_key(x.pos[i], window)), to = std::min(e, x.pos[i] + 1);
+    const int64_t at = x.position(x.query(r));
+    const int64_t from = std::max(a, first_key(at, window)), to = std::min(e, at + 1);
     if (from >= to) continue;
     float* p = s.scores + r * kKeyTile + (from - a);
     const float mx = max_of(p, to - from);
@@ -512,7 +588,8 @@ void tile_values(const ItemView<T, KV>& x, int64_t a, int64_t e, int64_t window,
           vf = s.wide;
         }
         for (int64_t i = 0; i < x.tile.count; ++i) {
-          const int64_t from = std::max(c, first_key(x.pos[i], window)), to = std::min(c + n, x.pos[i] + 1);
+          const int64_t at = x.position(i);
+          const int64_t from = std::max(c, first_key(at, window)), to = std::min(c + n, at + 1);
           if (from >= to) continue;
           for (int64_t r = (g - x.it.g0) * x.head_rows + i * v.group, h = 0; h < v.group; ++h, ++r)
             add_weighted_values<C>(s.acc + r * D, s.scores + r * kKeyTile + (c - a), vf, from - c, to - c);
@@ -566,23 +643,35 @@ void merge_chunks(const float* acc, const float* m, const float* l, int64_t chun
 // sixteen keys. (The generic loop spends most of its time converting each row into an fp32 buffer
 // and reducing every dot product on its own; at the `135m` offline decode shape the first version
 // of this kernel was 2.2–2.6x faster in bf16.) `forced_chunk` > 0 fixes the decode chunk (tests).
+// `shared`: shared-prefix groups of decode tokens (no window), whose shared keys are read once per group.
 template <typename T, typename KV, int C>
 void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& kv_scales,
                          const at::Tensor& block_tables, const at::Tensor& seq_index, const at::Tensor& positions,
-                         float scale, int64_t window, at::Tensor& out, int64_t forced_chunk) {
+                         float scale, int64_t window, at::Tensor& out, int64_t forced_chunk, const SharedPrefix& shared) {
   constexpr int64_t D = 16 * C;
   const PagedAttentionView<T, KV> v(q, kv_cache, kv_scales, block_tables, seq_index, positions, out);
   const int64_t H = v.num_heads, group = v.group;
-  const AttentionPlan plan = plan_attention(v.seq, v.pos, v.tokens, v.num_kv_heads, window, forced_chunk);
+  const AttentionPlan plan = plan_attention(v.seq, v.pos, v.tokens, v.num_kv_heads, window, forced_chunk, shared);
   // The chunks' results, a slot per chunk of H rows: sums [partials, H, D], maxima and sums [partials, H].
   std::vector<float> part_acc(plan.partials * H * D), part_m(plan.partials * H), part_l(plan.partials * H);
+  int64_t rows = std::max(kQueryTile * group, H);  // the scratch of the largest tile: a group's may be larger
+  for (const QueryTile& tile : plan.tiles) rows = std::max(rows, tile.count * group);
   const int64_t items = static_cast<int64_t>(plan.items.size());
   alignas(64) std::atomic<int64_t> next{0};  // a cache line of its own: the locals beside it are read by all
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
-    OnlineSoftmax s(std::max(kQueryTile * group, H), D);
+    OnlineSoftmax s(rows, D);
     for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const ItemView<T, KV> x(v, plan.tiles[plan.items[k].tile], plan.items[k]);
       attend_item<T, KV, C>(x, scale, window, s);
+      if (x.tile.members) {  // a shared-prefix group's chunk: each member's rows to the member's slot
+        for (int64_t r = 0; r < x.rows(); ++r) {
+          const int64_t slot = (plan.first_slot[x.tile.token(x.query(r))] + x.it.partial) * H + x.head(r);
+          std::copy_n(s.acc + r * D, D, part_acc.data() + slot * D);
+          part_m[slot] = s.m[r];
+          part_l[slot] = s.l[r];
+        }
+        continue;
+      }
       if (x.it.partial >= 0) {  // a chunk of a decode token (all kv heads: H rows): kept for the merge
         std::copy_n(s.acc, H * D, part_acc.data() + x.it.partial * H * D);
         std::copy_n(s.m, H, part_m.data() + x.it.partial * H);
@@ -609,13 +698,17 @@ void paged_attention_vec(const at::Tensor& q, const at::Tensor& kv_cache, const 
 // One work item is a (token, kv head) pair: the group's query heads share every key and value
 // load. Scores, softmax and the weighted sum stay in fp32; the output is rounded once. KV is the
 // cache's element type (T, or int8_t with `kv_scales`; an undefined tensor for a dense cache).
+// Shared-prefix groups (`shared`) are a saving of the vectorised kernel only; this loop computes each
+// token over all its keys, which gives the same result.
 template <typename T, typename KV = T>
 void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& kv_scales,
                      const at::Tensor& block_tables, const at::Tensor& seq_index, const at::Tensor& positions,
-                     float scale, int64_t window, at::Tensor& out, int64_t decode_chunk = 0) {
+                     float scale, int64_t window, at::Tensor& out, int64_t decode_chunk = 0,
+                     const SharedPrefix& shared = {}) {
+  TORCH_CHECK(window <= 0 || shared.count == 0, "paged_attention: shared-prefix groups need full attention");
 #if defined(__AVX512F__)
   const auto vec = [&](auto kernel) {
-    kernel(q, kv_cache, kv_scales, block_tables, seq_index, positions, scale, window, out, decode_chunk);
+    kernel(q, kv_cache, kv_scales, block_tables, seq_index, positions, scale, window, out, decode_chunk, shared);
   };
   switch (q.size(2)) {  // the common head sizes take the hand-vectorised kernel
     case 32: return vec(paged_attention_vec<T, KV, 2>);

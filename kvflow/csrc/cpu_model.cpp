@@ -511,13 +511,21 @@ class CpuModel {
   // mass, SnapKV's selection and copy).
   // `kivi` (a KIVI cache): the step's KiviStep tensors (cpu_kernels.kivi_step_tensors); each layer
   // attends over the cache as it was, then quantises the completed groups and writes the ring.
+  // `shared_prefix`: [groups, members], decodes whose leading blocks are read once per group
+  // (cpu_attention.h's SharedPrefix); the step's own tables only (not Quest's reduced ones, not KIVI).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& seq_index,
                      const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                      const std::function<void(int64_t)>& layer_done, const std::optional<at::Tensor>& kv_positions_in,
                      const std::function<std::vector<at::Tensor>(int64_t, const at::Tensor&)>& before_attention,
                      const std::function<void(int64_t, const at::Tensor&)>& after_attention,
-                     const std::optional<std::vector<at::Tensor>>& kivi) {
+                     const std::optional<std::vector<at::Tensor>>& kivi,
+                     const std::optional<std::vector<at::Tensor>>& shared_prefix = std::nullopt) {
     const int64_t tokens = input_ids.size(0);
+    TORCH_CHECK(!shared_prefix || (shared_prefix->size() == 2 && kivi_bits_ == 0),
+                "CpuModel: shared_prefix is [groups, members], over a paged (not KIVI) cache");
+    const SharedPrefix shared = shared_prefix ? shared_prefix_of((*shared_prefix)[0], (*shared_prefix)[1],
+                                                                 kv_caches_[0].size(3))
+                                              : SharedPrefix{};
     TORCH_CHECK((kivi_bits_ > 0) == kivi.has_value(), "CpuModel: a KIVI cache's step needs its KiviStep, others none");
     const at::Tensor kv_positions = kv_positions_in.has_value() ? *kv_positions_in : positions;
     for (const auto* t : {&input_ids, &positions, &seq_index, &slot_mapping, &block_tables, &kv_positions}) {
@@ -565,7 +573,7 @@ class CpuModel {
         KVFLOW_RUN(dtype, "paged_attention", [&] {
           KVFLOW_KV_DISPATCH(kv_type_, scalar_t, [&] {
             paged_attention<scalar_t, kv_t>(q, cache, scales, tables, seq_index, key_positions, scale_, w.window,
-                                            attn);
+                                            attn, 0, reads.empty() ? shared : SharedPrefix{});
           });
         });
         if (after_attention) after_attention(static_cast<int64_t>(l), q);
@@ -649,15 +657,20 @@ at::Tensor rope_and_store_op(const at::Tensor& qkv, const at::Tensor& positions,
 
 // decode_chunk > 0 fixes the keys per decode chunk of the vectorised kernel (tests); 0 lets it choose.
 // kv_scales: the fp32 scales of an int8 or fp8 kv_cache (None or an empty tensor for a dense one).
+// shared_groups, shared_members: shared-prefix groups of decode tokens (cpu_attention.h's SharedPrefix).
 at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                               const at::Tensor& seq_index, const at::Tensor& positions, double scale, int64_t window,
-                              int64_t decode_chunk, const std::optional<at::Tensor>& kv_scales) {
+                              int64_t decode_chunk, const std::optional<at::Tensor>& kv_scales,
+                              const std::optional<at::Tensor>& shared_groups,
+                              const std::optional<at::Tensor>& shared_members) {
   at::Tensor out = at::empty_like(q);
   const at::Tensor scales = kv_scales ? optional_weight(*kv_scales) : at::Tensor();
+  const SharedPrefix shared = shared_prefix_of(shared_groups.value_or(at::Tensor()),
+                                               shared_members.value_or(at::Tensor()), kv_cache.size(3));
   KVFLOW_DISPATCH(q.scalar_type(), "paged_attention", [&] {
     KVFLOW_KV_DISPATCH(kv_cache.scalar_type(), scalar_t, [&] {
       paged_attention<scalar_t, kv_t>(q, kv_cache, scales, block_tables, seq_index, positions,
-                                      static_cast<float>(scale), window, out, decode_chunk);
+                                      static_cast<float>(scale), window, out, decode_chunk, shared);
     });
   });
   return out;
@@ -945,7 +958,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("seq_index"), pybind11::arg("slot_mapping"), pybind11::arg("block_tables"),
            pybind11::arg("layer_done") = pybind11::none(), pybind11::arg("kv_positions") = pybind11::none(),
            pybind11::arg("before_attention") = pybind11::none(), pybind11::arg("after_attention") = pybind11::none(),
-           pybind11::arg("kivi") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>())
+           pybind11::arg("kivi") = pybind11::none(), pybind11::arg("shared_prefix") = pybind11::none(),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("draft_greedy", &draft_greedy, pybind11::arg("feed_ids"), pybind11::arg("feed_lens"), pybind11::arg("starts"),
            pybind11::arg("counts"), pybind11::arg("block_tables"), pybind11::arg("block_size"), pybind11::arg("head"),
            pybind11::arg("head_bias"), pybind11::arg("head_packed"), pybind11::arg("head_blocked"),
@@ -957,7 +971,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("num_kv_heads"), pybind11::arg("head_dim"), pybind11::arg("kv_scales") = pybind11::none());
   m.def("paged_attention", &paged_attention_op, pybind11::arg("q"), pybind11::arg("kv_cache"),
         pybind11::arg("block_tables"), pybind11::arg("seq_index"), pybind11::arg("positions"), pybind11::arg("scale"),
-        pybind11::arg("window"), pybind11::arg("decode_chunk") = 0, pybind11::arg("kv_scales") = pybind11::none());
+        pybind11::arg("window"), pybind11::arg("decode_chunk") = 0, pybind11::arg("kv_scales") = pybind11::none(),
+        pybind11::arg("shared_groups") = pybind11::none(), pybind11::arg("shared_members") = pybind11::none());
   m.def("kivi_attention", &kivi_attention_op, pybind11::arg("q"), pybind11::arg("codes"), pybind11::arg("meta"),
         pybind11::arg("ring"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("block_tables"),
         pybind11::arg("seq_index"), pybind11::arg("positions"), pybind11::arg("step"), pybind11::arg("bits"),

@@ -31,6 +31,7 @@ import torch.nn as nn
 from kvflow.attention.kivi import KiviStep
 from kvflow.attention.kv_policy_ops import block_attention_mass
 from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
+from kvflow.attention.shared_prefix import SharedPrefixGroups
 from kvflow.model.linear import CpuKernelWeights, Linear
 
 logger = logging.getLogger(__name__)
@@ -226,16 +227,20 @@ class CpuForward:
                  kv_positions: torch.Tensor | None = None,
                  before_attention: Callable[[int, torch.Tensor], list[torch.Tensor]] | None = None,
                  after_attention: Callable[[int, torch.Tensor], None] | None = None,
-                 kivi: KiviStep | None = None, query_start: torch.Tensor | None = None) -> torch.Tensor:
+                 kivi: KiviStep | None = None, query_start: torch.Tensor | None = None,
+                 shared_prefix: SharedPrefixGroups | None = None) -> torch.Tensor:
         """Final-norm hidden states [T, hidden] of a step's flat tokens (see AttentionMetadata);
         `layer_hook(l)` runs after each layer l; `kv_positions`: each token's cache index where a KV
         policy dropped tokens before it (default: its position). A KV policy's per-layer work runs
         around each layer's attention with its queries: `before_attention(l, q)` may return
         [block_tables, kv_positions] to attend with instead; `after_attention(l, q)` follows it. A KIVI
-        cache needs the step's `kivi` bookkeeping and each sequence's first flat token (`query_start`)."""
+        cache needs the step's `kivi` bookkeeping and each sequence's first flat token (`query_start`).
+        `shared_prefix`: decodes whose shared leading blocks attention reads once per group (not with
+        Quest's reduced tables from `before_attention`)."""
         step = None if kivi is None else kivi_step_tensors(kivi, query_start)
+        shared = None if shared_prefix is None else [shared_prefix.groups, shared_prefix.members]
         return self._model.forward(input_ids, positions, seq_index, slot_mapping, block_tables, layer_hook,
-                                   kv_positions, before_attention, after_attention, step)
+                                   kv_positions, before_attention, after_attention, step, shared)
 
     def quest_select(self, q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, kv_lens: list[int],
                      read_blocks: list[int], sink_blocks: list[int], window_blocks: list[int], block_size: int,

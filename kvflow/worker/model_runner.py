@@ -84,6 +84,11 @@ class ModelRunner:
                 self.cpu_forward = CpuForward(self.model, self.kv_spec, self.kv_caches)
             except CpuForwardUnsupported as exc:
                 logger.info("%s; running the PyTorch modules", exc)
+        # Shared-prefix groups are found only where this runner's attention reads them (the C++
+        # forward's paged path, the Triton backend), and never for KIVI caches.
+        self._shared_prefix = (runner.shared_prefix_attention and not self.kv_spec.kivi_bits
+                               and (self.cpu_forward is not None or self.backend.name == "triton"))
+        self._sliding_window = max((w for w in model.sliding_windows if w), default=None)
         self.sampler = Sampler()
         # Speculative decoding: who proposes each step's tokens, and what keeps or rejects them.
         self.proposer = make_proposer(config, self.num_blocks, self.device, use_cpu_kernels)
@@ -132,7 +137,8 @@ class ModelRunner:
 
                 kivi = {} if meta.kivi is None else {"kivi": meta.kivi, "query_start": meta.query_start_loc}
                 hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping,
-                                          meta.block_tables, hook, kv_positions, before, after, **kivi)
+                                          meta.block_tables, hook, kv_positions, before, after, **kivi,
+                                          shared_prefix=meta.shared_prefix)
             else:
                 self.backend.prepare(meta)
                 if policy is not None and policy.block_mass is not None:
@@ -206,7 +212,8 @@ class ModelRunner:
             query_lens.append(c.num_tokens)
             shifts.append(c.kv_shift)
         positions, kv_positions, meta, tables = paged_step_inputs(
-            seq_lens, query_lens, [c.request.block_ids for c in chunks], bs, self.device, shifts)
+            seq_lens, query_lens, [c.request.block_ids for c in chunks], bs, self.device, shifts,
+            shared_prefix=self._shared_prefix, sliding_window=self._sliding_window)
         if self.kv_spec.kivi_bits:
             # In cache indices, as the blocks hold them (evictions and SnapKV's compaction shift positions).
             starts = [c.start - c.kv_shift for c in chunks]
