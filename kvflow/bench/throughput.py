@@ -4,6 +4,10 @@ Every backend gets the same seeded random prompts, decodes greedily for exactly 
 tokens (EOS ignored) and is timed by the same code here, so the numbers differ only by engine.
 Each result is also set against this machine's physical floor (see ``limits``).
 
+The shared-prefix workloads (``fewshot``, ``docqa``, ``noshare``; ``shared_prefix_workloads``)
+give each request its own output length, carried to every backend as a list of ``max_tokens``, and
+report the batch's prefix plan (``kvflow.core.prefix_tree``: R_saving and its multi-level optimum).
+
 Backends live in a registry (``BACKENDS``: name -> loader). kvflow and HF load in this process;
 the peers (vLLM, llama.cpp) need package sets of their own, so each runs the same prompt plan in
 a worker under its own interpreter (``kvflow.bench.peers``) with the same timing loop.
@@ -31,9 +35,21 @@ import torch
 from kvflow.bench.cpu_idle import wait_for_idle_cpu
 from kvflow.bench.limits import MachineLimits, measure_limits
 from kvflow.bench.make_model import llama_param_count, to_torch_dtype
+from kvflow.bench.shared_prefix_workloads import SHARED_PREFIX_WORKLOADS, SharedPrefixSizes, make_batch
+from kvflow.core.prefix_tree import plan_prefix_groups
 from kvflow.gguf_config import hf_config_from_gguf, is_gguf_path, open_gguf
 
-WORKLOADS: tuple[str, ...] = ("offline", "single")
+WORKLOADS: tuple[str, ...] = ("offline", "single", *SHARED_PREFIX_WORKLOADS)
+#: The block size the prefix plan of a backend that reports none is computed with (kvflow's default).
+DEFAULT_PLAN_BLOCK_SIZE = 16
+
+#: Output lengths of one generate call: one for every prompt, or one per prompt.
+MaxTokens = int | Sequence[int]
+
+
+def per_prompt(max_tokens: MaxTokens, n: int) -> list[int]:
+    """``max_tokens`` as one length per prompt."""
+    return [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
 
 
 class BackendUnavailable(RuntimeError):
@@ -41,9 +57,10 @@ class BackendUnavailable(RuntimeError):
 
 
 class Backend(Protocol):
-    """A loaded engine: greedy-decode token-id prompts for exactly ``max_tokens`` tokens."""
+    """A loaded engine: greedy-decode token-id prompts for exactly ``max_tokens`` tokens (one
+    length for all, or one per prompt)."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: MaxTokens) -> list[list[int]]:
         """Return the generated token ids of each prompt, in input order."""
         ...
 
@@ -75,8 +92,14 @@ class _HFBackend:
         self.model.generation_config.eos_token_id = None
         self.model.generation_config.pad_token_id = 0
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
-        """One batched ``generate`` call; prompts of unequal length are left-padded."""
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: MaxTokens) -> list[list[int]]:
+        """One batched ``generate`` call; prompts of unequal length are left-padded. Per-prompt
+        lengths: every row decodes to the longest and is cut (``generate`` has one length), so HF
+        computes more tokens than it is credited with."""
+        lengths = per_prompt(max_tokens, len(prompts))
+        if len(set(lengths)) > 1:
+            self.report_extra = {"hf_note": "one batched generate to the longest max_tokens; rows cut"}
+        max_tokens = max(lengths)
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -91,7 +114,7 @@ class _HFBackend:
                 min_new_tokens=max_tokens,
                 do_sample=False,
             )
-        return out[:, width:].tolist()
+        return [row[:n] for row, n in zip(out[:, width:].tolist(), lengths)]
 
     def close(self) -> None:
         """Drop the model."""
@@ -110,11 +133,47 @@ class _KVFlowBackend:
         self._sampling_params = SamplingParams
         self.llm = LLM(model=str(model_dir), dtype=dtype, **dict(engine_kwargs))
         self._load_args = (model_dir, dtype, dict(engine_kwargs))
+        self._peak_blocks = 0
+        self._kv = self._watch_kv_blocks()
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
-        """One ``LLM.generate`` call over all prompts."""
-        params = self._sampling_params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    def _watch_kv_blocks(self) -> Any:
+        """Sample the KV blocks held after every ``schedule`` (where blocks are taken), for the
+        peak; the engine keeps no peak itself. One attribute read per step; None where the engine
+        core is not in this process."""
+        core = getattr(self.llm.engine, "core", None)
+        kv, scheduler = getattr(core, "kv", None), getattr(core, "scheduler", None)
+        if kv is None or not callable(getattr(scheduler, "schedule", None)):
+            return None
+        schedule = scheduler.schedule
+
+        def schedule_and_sample(*args: Any, **kwargs: Any) -> Any:
+            out = schedule(*args, **kwargs)
+            self._peak_blocks = max(self._peak_blocks, kv.num_blocks - kv.num_free_blocks)
+            return out
+
+        scheduler.schedule = schedule_and_sample
+        return kv
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: MaxTokens) -> list[list[int]]:
+        """One ``LLM.generate`` call over all prompts (one ``SamplingParams`` per prompt when the
+        lengths differ)."""
+        lengths = per_prompt(max_tokens, len(prompts))
+        make = self._sampling_params
+        if len(set(lengths)) == 1:
+            params: Any = make(max_tokens=lengths[0], temperature=0.0, ignore_eos=True)
+        else:
+            params = [make(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
+        self._peak_blocks = 0
+        stats = self._kv.stats if self._kv is not None else None
+        queried, hits = (stats.queried_tokens, stats.hit_tokens) if stats is not None else (0, 0)
         outs = self.llm.generate([list(p) for p in prompts], params, use_tqdm=False)
+        if self._kv is not None:
+            self.call_stats = {
+                "peak_kv_blocks": self._peak_blocks, "kv_blocks": self._kv.num_blocks,
+                "block_size": self._kv.block_size,
+                "prefix_queried_tokens": stats.queried_tokens - queried if stats is not None else None,
+                "prefix_hit_tokens": stats.hit_tokens - hits if stats is not None else None,
+            }  # fmt: skip
         return [list(o.outputs[0].token_ids) for o in outs]
 
     def close(self) -> None:
@@ -145,7 +204,13 @@ class PromptPlan:
     warmup_tokens: int
     probes: list[list[list[int]]]  # one 1-prompt batch per repeat, each generating 1 token
     timed: list[list[list[int]]]  # one batch per repeat, each generating output_len tokens
-    output_len: int
+    output_len: int  # shared-prefix workloads: the longest of timed_max_tokens
+    # Shared-prefix workloads: per repeat, each prompt's own output length (None: output_len).
+    timed_max_tokens: list[list[int]] | None = None
+
+    def max_tokens(self, repeat: int) -> MaxTokens:
+        """What timed call ``repeat`` generates."""
+        return self.output_len if self.timed_max_tokens is None else self.timed_max_tokens[repeat]
 
 
 @dataclass
@@ -284,9 +349,20 @@ def _timed(fn: Callable[..., list[list[int]]], *args: object) -> tuple[float, li
 
 def plan_prompts(
     workload: str, num_prompts: int, input_len: int, output_len: int, vocab_size: int,
-    seed: int = 0, repeats: int = 1, warmup: bool = True,
+    seed: int = 0, repeats: int = 1, warmup: bool = True, shared_prefix: SharedPrefixSizes | None = None,
 ) -> PromptPlan:  # fmt: skip
-    """The prompt ids of every call of one run (see ``make_prompts`` streams)."""
+    """The prompt ids of every call of one run (see ``make_prompts`` streams).
+
+    Shared-prefix workloads ignore ``num_prompts``, ``input_len`` and ``output_len``: their sizes
+    are ``shared_prefix``'s; the warm-up is 4 requests of another batch of the same workload."""
+    if workload in SHARED_PREFIX_WORKLOADS:
+        sizes = (shared_prefix or SharedPrefixSizes()).resolve(workload)
+        batches = [make_batch(workload, sizes, vocab_size, seed, r) for r in range(repeats)]
+        warm = make_batch(workload, sizes, vocab_size, seed, _WARMUP_STREAM).prompts[:4] if warmup else None
+        return PromptPlan(
+            warmup=warm, warmup_tokens=4, probes=[], timed=[b.prompts for b in batches],
+            output_len=max(max(b.max_tokens) for b in batches), timed_max_tokens=[b.max_tokens for b in batches],
+        )  # fmt: skip
     n = num_prompts if workload == "offline" else 1
     return PromptPlan(
         warmup=make_prompts(min(4, n), input_len, vocab_size, seed, _WARMUP_STREAM) if warmup else None,
@@ -305,6 +381,7 @@ def _measure_in_process(
 ) -> Measurement:  # fmt: skip
     """Load the engine here and time the plan's calls (``kvflow.bench.peers.worker`` mirrors this)."""
     rss_per_run = reset_peak_rss()
+    call_stats: list[dict[str, Any]] = []
     start = time.perf_counter()
     engine = loader(model_dir, dtype, dict(engine_kwargs))
     load_s = time.perf_counter() - start
@@ -319,9 +396,11 @@ def _measure_in_process(
         walls: list[float] = []
         outputs: list[list[int]] = []  # of repeat 0: the set every backend is compared on
         for r, prompts in enumerate(plan.timed):
-            wall, out = _timed(engine.generate, prompts, plan.output_len)
+            wall, out = _timed(engine.generate, prompts, plan.max_tokens(r))
             walls.append(wall)
             outputs = out if r == 0 else outputs
+            if getattr(engine, "call_stats", None) is not None:
+                call_stats.append(engine.call_stats)
         cpu_util = (_cpu_seconds() - cpu0) / (
             (time.perf_counter() - section0) * torch.get_num_threads()
         )
@@ -329,6 +408,13 @@ def _measure_in_process(
     finally:
         engine.close()
         extra = dict(getattr(engine, "report_extra", {}))
+        if call_stats:  # kvflow: KV blocks and prefix-cache hits of each timed call
+            extra["kv"] = {"kv_blocks": call_stats[0]["kv_blocks"], "block_size": call_stats[0]["block_size"],
+                           "peak_kv_blocks": max(c["peak_kv_blocks"] for c in call_stats),
+                           "peak_kv_blocks_all": [c["peak_kv_blocks"] for c in call_stats],
+                           "peak_measured": "blocks held by requests, sampled after every schedule",
+                           "prefix_hit_tokens_all": [c["prefix_hit_tokens"] for c in call_stats],
+                           "prefix_queried_tokens_all": [c["prefix_queried_tokens"] for c in call_stats]}
         del engine
         gc.collect()
     return Measurement(
@@ -353,6 +439,7 @@ def run_throughput(
     limits: MachineLimits | None = None,
     wait_idle_s: float = 0.0,
     python: Mapping[str, str] | None = None,
+    shared_prefix: SharedPrefixSizes | None = None,
 ) -> dict[str, Any]:
     """Load ``backend``, run ``workload`` and return its measurements as a dict.
 
@@ -365,6 +452,11 @@ def run_throughput(
     ``wait_idle_s`` > 0 the timed part first waits up to that long for idle CPUs.
     ``python[backend]`` is the interpreter of a peer backend's worker (default: its
     ``KVFLOW_<NAME>_PYTHON`` variable, else this interpreter).
+    fewshot / docqa / noshare: one generate call over the workload's batch (sizes from
+    ``shared_prefix``; ``num_prompts``, ``input_len`` and ``output_len`` unused), each request with
+    its own ``max_tokens``; the report adds ``prefix_plan`` (R_saving of the one-level plan and of
+    a multi-level tree, at the engine's block size) and, for kvflow, ``kv`` (peak blocks held, the
+    budget, prefix-cache hits).
     Returned ``token_ids`` hold the generated ids, for agreement checks between backends.
     """
     if workload not in WORKLOADS:
@@ -375,8 +467,10 @@ def run_throughput(
     entry = get_backend(backend)
     cfg = _load_model_config(model_dir)
     limits = limits if limits is not None else measure_limits()
-    n = num_prompts if workload == "offline" else 1
-    plan = plan_prompts(workload, n, input_len, output_len, int(cfg["vocab_size"]), seed, repeats, warmup)
+    shared = workload in SHARED_PREFIX_WORKLOADS
+    plan = plan_prompts(workload, num_prompts if workload == "offline" else 1, input_len, output_len,
+                        int(cfg["vocab_size"]), seed, repeats, warmup, shared_prefix)
+    n = len(plan.timed[0])
     kwargs = dict(engine_kwargs or {})
     if isinstance(entry, PeerBackend):
         m = entry.measure(
@@ -387,12 +481,13 @@ def run_throughput(
         m = _measure_in_process(entry, model_dir, dtype, kwargs, plan, seed, wait_idle_s)
     outputs = m.outputs
 
-    lengths = sorted({len(o) for o in outputs})
-    if len(outputs) != n or lengths != [output_len] or len(m.walls) != repeats:
+    expected = per_prompt(plan.max_tokens(0), n)
+    if len(outputs) != n or [len(o) for o in outputs] != expected or len(m.walls) != repeats:
+        lengths = sorted({len(o) for o in outputs})
         raise RuntimeError(
             f"backend {backend!r} returned {len(outputs)} outputs of lengths {lengths} "
-            f"({len(m.walls)} timed runs); expected {n} of exactly {output_len} tokens "
-            f"({repeats} timed runs)"
+            f"({len(m.walls)} timed runs); expected {n} of exactly "
+            f"{output_len if not shared else 'their own max_tokens'} tokens ({repeats} timed runs)"
         )
 
     params = llama_param_count(cfg)
@@ -401,15 +496,15 @@ def run_throughput(
         weight_bytes = sum(int(t.n_bytes) for t in open_gguf(model_dir).tensors)
     walls = m.walls
     wall_s = statistics.median(walls)
-    out_tokens, in_tokens = n * output_len, n * input_len
+    out_tokens, in_tokens = sum(expected), sum(len(p) for p in plan.timed[0])
     result: dict[str, Any] = {
         "backend": backend,
         "workload": workload,
         "model": str(model_dir),
         "params": params,
         "num_prompts": n,
-        "input_len": input_len,
-        "output_len": output_len,
+        "input_len": input_len if not shared else in_tokens / n,  # shared-prefix workloads: the mean
+        "output_len": output_len if not shared else out_tokens / n,
         "dtype": dtype,
         "seed": seed,
         "repeats": repeats,
@@ -431,9 +526,27 @@ def run_throughput(
         "token_ids_sha256": hashlib.sha256(json.dumps(outputs).encode()).hexdigest(),
         **m.extra,
     }
-    if workload == "offline":
+    if shared:
+        result["shared_prefix_sizes"] = (shared_prefix or SharedPrefixSizes()).resolve(workload).__dict__
+        # The prefix plan at the block size the engine shares KV in (a backend that reports none:
+        # kvflow's default); same structure in every repeat, so repeat 0's.
+        bs = (m.extra.get("kv") or {}).get("block_size") or (m.extra.get("peer") or {}).get("block_size")
+        prefix = plan_prefix_groups(plan.timed[0], bs or DEFAULT_PLAN_BLOCK_SIZE)
+        result["prefix_plan"] = {
+            "block_size": prefix.block_size, "block_size_from": "engine" if bs else "kvflow default",
+            "saving_ratio": prefix.saving_ratio, "optimal_saving_ratio": prefix.optimal_saving_ratio,
+            "logical_prefix_tokens": prefix.logical_prefix_tokens,
+            "processed_prefix_tokens": prefix.processed_prefix_tokens,
+            "optimal_processed_tokens": prefix.optimal_processed_tokens,
+            "groups": sum(len(g.members) > 1 for g in prefix.groups),
+            "singletons": sum(len(g.members) == 1 for g in prefix.groups),
+        }  # fmt: skip
+    if workload == "offline" or shared:
         # Prompt and output tokens each cost 2·params FLOPs; the output-token ceiling is the
-        # output share of the token ceiling.
+        # output share of the token ceiling. Shared prefixes: the tokens a multi-level tree still
+        # computes (an engine that shares them can approach this ceiling, never pass it).
+        if shared:
+            in_tokens -= result["prefix_plan"]["logical_prefix_tokens"] - prefix.optimal_processed_tokens
         ceiling = limits.tokens_per_s_ceiling(params, dtype) * out_tokens / (out_tokens + in_tokens)
         result["limit"] = {"output_tok_s_ceiling": ceiling}
         result["fraction_of_limit"] = result["output_tok_s"] / ceiling

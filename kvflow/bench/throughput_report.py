@@ -48,11 +48,17 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _saving(run: dict[str, Any]) -> str:
+    """The batch's prefix plan: one-level R_saving (multi-level optimum)."""
+    plan = run.get("prefix_plan")
+    return f"{plan['saving_ratio']:.2f} ({plan['optimal_saving_ratio']:.2f})" if plan else "-"
+
+
 def format_table(runs: list[dict[str, Any]]) -> str:
     """Plain-text table of runs (no progress bars, fixed columns) for terminals and logs."""
     header = [
         "backend", "workload", "out tok/s", "total tok/s", "wall s", "ms/tok", "decode ms",
-        "ttft ms", "peak RSS MiB", "cpu %", "% of limit", "vs",
+        "ttft ms", "peak RSS MiB", "cpu %", "% of limit", "R_saving (opt)", "KV peak/blocks", "vs",
     ]  # fmt: skip
     rows = [header]
     for r in runs:
@@ -70,6 +76,8 @@ def format_table(runs: list[dict[str, Any]]) -> str:
                 _fmt(r["peak_rss_mib"], ".0f"),
                 _fmt(100 * r["cpu_util"], ".0f"),
                 _fmt(100 * r["fraction_of_limit"], ".1f"),
+                _saving(r),
+                f"{r['kv']['peak_kv_blocks']}/{r['kv']['kv_blocks']}" if r.get("kv") else "-",
                 vs or "-",
             ]
         )

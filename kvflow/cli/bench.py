@@ -75,6 +75,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _cmd_throughput(args: argparse.Namespace) -> int:
+    from kvflow.bench.shared_prefix_workloads import SharedPrefixSizes
     from kvflow.bench.throughput_report import run_many
 
     _set_threads(args.threads)
@@ -99,6 +100,11 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         wait_idle_s=args.wait_idle,
         python=python,
+        shared_prefix=SharedPrefixSizes(
+            groups=args.groups, group_requests=args.group_requests, shared_tokens=args.shared_tokens,
+            suffix_tokens=args.suffix_tokens, output_min=args.output_min, output_max=args.output_max,
+            length_scale=args.length_scale,
+        ),
     )
     return 0 if report["runs"] else 1
 
@@ -354,8 +360,14 @@ def configure(bench: argparse.ArgumentParser) -> None:
     tp.add_argument("--backend", nargs="+", default=["kvflow"],
                     help="kvflow, hf, vllm, llamacpp (one or more; a peer that is not installed is skipped)")
     tp.add_argument(
-        "--workload", nargs="+", choices=["offline", "single"], default=["offline", "single"]
-    )
+        "--workload", nargs="+", choices=["offline", "single", "fewshot", "docqa", "noshare"],
+        default=["offline", "single"],
+        help="offline: --num-prompts x --input-len random tokens, --output-len each; single: one of them; "
+        "fewshot: G groups x R requests sharing a P-token prefix, S tokens of their own, outputs 64-512; "
+        "docqa: G documents (P/2-2P tokens) x R questions (S/2-2S), outputs 32-256; noshare: fewshot's "
+        "lengths, nothing shared. The last three are shuffled, with per-request output lengths; their full "
+        "size (fewshot/noshare 64x16, P=1024, S=32; docqa 16x32) takes hours here: see --length-scale",
+    )  # fmt: skip
     tp.add_argument("--num-prompts", type=int, default=64, help="offline batch (single uses 1)")
     tp.add_argument("--input-len", type=int, default=128)
     tp.add_argument("--output-len", type=int, default=128)
@@ -387,6 +399,15 @@ def configure(bench: argparse.ArgumentParser) -> None:
         "KVFLOW_VLLM_PYTHON / KVFLOW_LLAMACPP_PYTHON, else this one). Peer keywords: "
         "vllm:kv_cache_memory=GIB, llamacpp:gguf=FILE, llamacpp:convert_script=PATH",
     )
+    sp = tp.add_argument_group("shared-prefix workloads (fewshot, docqa, noshare); default: each workload's own")
+    sp.add_argument("--groups", type=int, help="G: groups / documents (fewshot 64, docqa 16)")
+    sp.add_argument("--group-requests", type=int, help="R: requests per group / questions per document (16, 32)")
+    sp.add_argument("--shared-tokens", type=int, help="P: shared prefix tokens (docqa: documents in [P/2, 2P]; 1024)")
+    sp.add_argument("--suffix-tokens", type=int, help="S: each request's own tokens (docqa: in [S/2, 2S]; 32)")
+    sp.add_argument("--output-min", type=int, help="shortest output (fewshot 64, docqa 32)")
+    sp.add_argument("--output-max", type=int, help="longest output (fewshot 512, docqa 256)")
+    sp.add_argument("--length-scale", type=float, default=1.0,
+                    help="multiply the default P, S and output lengths not given (e.g. 0.125 on a 2-core CPU)")
     tp.add_argument("--output", help="JSON path (default bench_results/throughput-MODEL-TIME.json)")
     tp.set_defaults(func=_cmd_throughput)
 

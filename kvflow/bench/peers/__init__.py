@@ -208,6 +208,10 @@ def measure_peer(
     job["engine_kwargs"] = kwargs
     raw = run_worker(interpreter, job, _timeout_s())
     extra["version"] = raw.get("version")
+    if raw.get("info"):  # the engine's cache settings (vLLM: block size, prefix caching, blocks)
+        extra["info"] = raw["info"]
+        if isinstance(raw["info"].get("block_size"), int):
+            extra["block_size"] = raw["info"]["block_size"]
     return Measurement(
         load_s=raw["load_s"], walls=raw["walls"], ttfts=raw["ttfts"], outputs=raw["outputs"],
         cpu_util=raw["cpu_util"], peak_rss_mib=raw["peak_rss_mib"], peak_rss_scope="process tree",

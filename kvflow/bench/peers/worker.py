@@ -51,13 +51,23 @@ class _VLLMEngine:
         self._detokenize = not kwargs["skip_tokenizer_init"]
         self.llm = LLM(model=job["model"], dtype=job["dtype"], **kwargs)
 
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        """One ``LLM.generate`` call over all prompts, like kvflow's backend."""
-        params = self._params(
-            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=self._detokenize
-        )
+    def generate(self, prompts: list[list[int]], max_tokens: int | list[int]) -> list[list[int]]:
+        """One ``LLM.generate`` call over all prompts, like kvflow's backend (a list of sampling
+        params, one per prompt, when their lengths differ)."""
+        lengths = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+
+        def make(n: int) -> Any:
+            return self._params(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=self._detokenize)
+
+        params = make(lengths[0]) if len(set(lengths)) == 1 else [make(n) for n in lengths]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
+
+    def info(self) -> dict[str, Any]:
+        """The cache settings the engine runs with (prefix caching is on by default in vLLM v1)."""
+        cache = getattr(getattr(getattr(self.llm, "llm_engine", None), "vllm_config", None), "cache_config", None)
+        names = ("block_size", "enable_prefix_caching", "num_gpu_blocks", "num_cpu_blocks", "cpu_kvcache_space_bytes")
+        return {k: getattr(cache, k) for k in names if isinstance(getattr(cache, k, None), (int, float, bool))}
 
     def close(self) -> None:
         """Stop the engine-core processes (the parent kills any the worker leaves behind)."""
@@ -82,16 +92,18 @@ class _LlamaCppEngine:
         kwargs.setdefault("verbose", False)
         self.llm = Llama(model_path=job["gguf"], **kwargs)
 
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        """Greedy (temp 0) for exactly ``max_tokens``: ``Llama.generate`` never stops at EOS."""
+    def generate(self, prompts: list[list[int]], max_tokens: int | list[int]) -> list[list[int]]:
+        """Greedy (temp 0) for exactly ``max_tokens`` (one for all, or per prompt): ``Llama.generate``
+        never stops at EOS."""
+        lengths = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
         outs = []
-        for prompt in prompts:
+        for prompt, limit in zip(prompts, lengths):
             self.llm.reset()  # no prefix reuse from the previous prompt, as for every backend
             tokens: list[int] = []
             gen = self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True)
             for token in gen:
                 tokens.append(int(token))
-                if len(tokens) >= max_tokens:
+                if len(tokens) >= limit:
                     break
             gen.close()
             outs.append(tokens)
@@ -161,7 +173,7 @@ def _load_cpu_idle() -> Any:
     return module
 
 
-def _timed(engine: Any, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+def _timed(engine: Any, prompts: list[list[int]], max_tokens: int | list[int]) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
     out = engine.generate(prompts, max_tokens)
     return time.perf_counter() - start, out
@@ -181,18 +193,20 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         cpu0, section0 = _tree_cpu_seconds(), time.perf_counter()
         ttfts = [_timed(engine, probe, 1)[0] for probe in plan["probes"]]
         walls, outputs = [], []
+        per_prompt = plan.get("timed_max_tokens")  # shared-prefix workloads: each request's own
         for r, prompts in enumerate(plan["timed"]):
-            wall, out = _timed(engine, prompts, plan["output_len"])
+            wall, out = _timed(engine, prompts, per_prompt[r] if per_prompt else plan["output_len"])
             walls.append(wall)
             outputs = out if r == 0 else outputs
         section_s, cpu_s = time.perf_counter() - section0, _tree_cpu_seconds() - cpu0
         peak_rss = _tree_peak_rss_mib()
+        info = engine.info() if hasattr(engine, "info") else {}
     finally:
         engine.close()
     return {
         "load_s": load_s, "walls": walls, "ttfts": ttfts, "outputs": outputs,
         "cpu_util": cpu_s / (section_s * job["threads"]), "peak_rss_mib": peak_rss,
-        "load_avg": load_avg, "idle_before": idle_before, "pid": os.getpid(),
+        "load_avg": load_avg, "idle_before": idle_before, "pid": os.getpid(), "info": info,
     }  # fmt: skip
 
 
