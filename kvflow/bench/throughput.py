@@ -526,6 +526,10 @@ def run_throughput(
         "token_ids_sha256": hashlib.sha256(json.dumps(outputs).encode()).hexdigest(),
         **m.extra,
     }
+    info = (m.extra.get("peer") or {}).get("info") or {}
+    if "kv" not in result and isinstance(info.get("num_gpu_blocks"), int):  # vLLM: its budget, no peak
+        result["kv"] = {"kv_blocks": info["num_gpu_blocks"], "block_size": info.get("block_size"),
+                        "peak_kv_blocks": None, "peak_measured": "not measured (vLLM exposes no peak here)"}
     if shared:
         result["shared_prefix_sizes"] = (shared_prefix or SharedPrefixSizes()).resolve(workload).__dict__
         # The prefix plan at the block size the engine shares KV in (a backend that reports none:

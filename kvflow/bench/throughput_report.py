@@ -77,7 +77,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
                 _fmt(100 * r["cpu_util"], ".0f"),
                 _fmt(100 * r["fraction_of_limit"], ".1f"),
                 _saving(r),
-                f"{r['kv']['peak_kv_blocks']}/{r['kv']['kv_blocks']}" if r.get("kv") else "-",
+                f"{_fmt(r['kv']['peak_kv_blocks'], 'd')}/{r['kv']['kv_blocks']}" if r.get("kv") else "-",
                 vs or "-",
             ]
         )

@@ -149,7 +149,7 @@ class _Out:
 
 class LLM:
     def __init__(self, model, dtype="auto", **kwargs):
-        cache = type("Cache", (), {"block_size": 32, "enable_prefix_caching": True})()
+        cache = type("Cache", (), {"block_size": 32, "enable_prefix_caching": True, "num_gpu_blocks": 99})()
         self.llm_engine = type("E", (), {"vllm_config": type("V", (), {"cache_config": cache})()})()
 
     def generate(self, prompts, params, use_tqdm=True):
@@ -173,7 +173,8 @@ def test_vllm_worker_gets_each_requests_length(tiny_model: Path, tmp_path: Path,
     plan = plan_prompts("fewshot", 1, 1, 1, 512, shared_prefix=SMALL)
     calls = [json.loads(line) for line in record.read_text().splitlines()]
     assert calls == [[4] * 4, plan.timed_max_tokens[0]]  # warm-up, then the timed batch
-    assert r["peer"]["info"] == {"block_size": 32, "enable_prefix_caching": True}
+    assert r["peer"]["info"] == {"block_size": 32, "enable_prefix_caching": True, "num_gpu_blocks": 99}
+    assert r["kv"]["kv_blocks"] == 99 and r["kv"]["peak_kv_blocks"] is None
     assert (r["prefix_plan"]["block_size"], r["prefix_plan"]["block_size_from"]) == (32, "engine")
 
 
