@@ -50,6 +50,7 @@ class SharedPrefixGroups:
     groups: torch.Tensor  # [G, 3] int64: (first member, end of members, shared blocks)
     members: torch.Tensor  # [N] int64
     max_members: int  # the largest group's size (the Triton kernel's tile height)
+    max_shared_blocks: int  # the longest shared run (the Triton kernel's split count, without a device sync)
 
     @property
     def num_groups(self) -> int:
@@ -82,7 +83,7 @@ def find_shared_prefixes(block_ids: Sequence[Sequence[int]], seq_lens: Sequence[
         flat.extend(members)
     return SharedPrefixGroups(torch.tensor(rows, dtype=torch.long, device=device),
                               torch.tensor(flat, dtype=torch.long, device=device),
-                              max(len(m) for m, _ in groups))
+                              max(len(m) for m, _ in groups), max(p for _, p in groups))
 
 
 def _best_groups(members: list[int], depth: int, block_ids: Sequence[Sequence[int]], limits: list[int],

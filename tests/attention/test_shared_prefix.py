@@ -29,7 +29,7 @@ def test_identical_tables_share_every_block_before_the_query():
     tables = [[5, 6, 7, 8]] * 3
     found = find_shared_prefixes(tables, [13, 13, 13], 3, BS)  # position 12: block 3 holds it
     assert _groups(found) == [([0, 1, 2], 3)]
-    assert found.max_members == 3 and found.num_groups == 1
+    assert found.max_members == 3 and found.max_shared_blocks == 3 and found.num_groups == 1
     # Position 11 (last slot of block 2): blocks 0-1 only are wholly before it.
     assert _groups(find_shared_prefixes(tables, [12, 13, 13], 3, BS)) == [([0, 1, 2], 2)]
 

@@ -1,5 +1,6 @@
 """The Triton attention backend: store_kv, then flash-decoding for the decodes and varlen
-FlashAttention-2 prefill for the prefill chunks, all over the torch-native paged cache layout,
+FlashAttention-2 prefill for the prefill chunks (decodes that share prefix-cached blocks read them
+once per group: decode.py), all over the torch-native paged cache layout,
 dense, int8 or fp8_e4m3 (codes and scales; kv_quant.py). Like the torch-native backend, attention
 reads keys and values as the cache holds them, the step's own included: they are stored first. An
 fp8 cache whose scales are not set yet gets them calibrated (kv_quant.calibrate_fp8, in PyTorch)
@@ -20,7 +21,7 @@ from kvflow.attention.backend import AttentionMetadata
 from kvflow.attention.kivi import store_kivi
 from kvflow.attention.kv_quant import calibrate_fp8
 from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
-from kvflow.attention.triton.decode import decode_attention
+from kvflow.attention.triton.decode import decode_attention, own_key_starts
 from kvflow.attention.triton.kivi import kivi_attention
 from kvflow.attention.triton.kv_store import store_kv
 from kvflow.attention.triton.prefill import prefill_attention
@@ -47,6 +48,8 @@ class TritonBackend:
         in) makes the wrapper read it from the tensor."""
         nd = meta.num_decodes
         meta.extra["triton_decode_max_len"] = max(meta.seq_lens_list[:nd]) if nd and meta.seq_lens_list else None
+        if meta.shared_prefix is not None:  # where each group member's own keys start, for every layer
+            meta.extra["triton_key_starts"] = own_key_starts(meta.shared_prefix, nd, meta.block_size)
 
     def forward(
         self,
@@ -74,7 +77,8 @@ class TritonBackend:
         if nd:
             decode_attention(
                 q[:nd], kv_cache, meta.seq_lens[:nd], meta.block_tables[:nd], scale, sliding_window,
-                max_seq_len=meta.extra["triton_decode_max_len"], out=out[:nd],
+                max_seq_len=meta.extra["triton_decode_max_len"], out=out[:nd], shared=meta.shared_prefix,
+                key_starts=meta.extra.get("triton_key_starts"),
             )
         if meta.num_prefills:
             prefill_attention(

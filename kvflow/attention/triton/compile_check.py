@@ -125,6 +125,7 @@ def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[]
     engine uses (windowed or not, split or not, dense, int8, fp8 or KIVI cache), at this dtype and
     head size. fp8 compiles with the GPU's fp8 conversions where it has them (sm_89 and later), else
     with the integer ones (_common.fp8_native)."""
+    from kvflow.attention.shared_prefix import MAX_GROUP_MEMBERS, SharedPrefixGroups
     from kvflow.attention.triton import decode_attention, prefill_attention, store_kv
     from kvflow.attention.triton.kivi import kivi_decode_attention, kivi_prefill_attention
 
@@ -149,10 +150,15 @@ def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[]
             "split": lambda: decode_attention(q_decode, kv_cache, seq_lens, block_tables, 0.1, max_seq_len=900),
             "split-window": lambda: decode_attention(q_decode, kv_cache, seq_lens, block_tables, 0.1, 64,
                                                      num_splits=4),
+            "shared": lambda: decode_attention(q_decode, kv_cache, seq_lens, block_tables, 0.1, max_seq_len=900,
+                                               shared=shared),
         }
         return [(name + suffix, calls[name]) for name in names]
 
-    quantised = ("store", "causal", "window", "nosplit", "split-window")  # the split variant differs only in count
+    # Shared-prefix groups at their tallest tile (MAX_GROUP_MEMBERS members' query heads).
+    shared = SharedPrefixGroups(torch.tensor([[0, 2, 16]]), torch.tensor([0, 1]), MAX_GROUP_MEMBERS, 16)
+
+    quantised = ("store", "causal", "window", "nosplit", "split-window", "shared")  # split differs only in count
 
     def kivi_launches(bits: int) -> list[tuple[str, Callable[[], Any]]]:
         """KIVI (32-token blocks, R = 128): prefill and decode over codes, meta and ring (store_kivi is PyTorch)."""
@@ -173,7 +179,7 @@ def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[]
         }
         return [(f"{name}-kivi{bits}", call) for name, call in calls.items()]
 
-    return (launches(cache, "", ("store", "causal", "window", "nosplit", "split", "split-window"))
+    return (launches(cache, "", ("store", "causal", "window", "nosplit", "split", "split-window", "shared"))
             + launches(int8, "-int8", quantised) + launches(fp8, "-fp8", quantised)
             + kivi_launches(4) + kivi_launches(2))
 
@@ -185,7 +191,8 @@ def check(archs: list[int], dtypes: list[str], head_dims: list[int], multiproces
     from kvflow.attention.triton import decode, kivi, kv_store, prefill
 
     kernels = [kv_store._store_kv_kernel, prefill._prefill_kernel, decode._decode_split_kernel,
-               decode._decode_merge_kernel, kivi._kivi_prefill_kernel, kivi._kivi_decode_kernel]
+               decode._decode_shared_kernel, decode._decode_merge_kernel, kivi._kivi_prefill_kernel,
+               kivi._kivi_decode_kernel]
     if not all(hasattr(k, "_pack_args") for k in kernels):
         raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET is set): unset it to compile them")
     reports = []

@@ -8,7 +8,11 @@ partial, normalised output and its log2-sum-exp per split to fp32 scratch; kerne
 splits by their LSE. With one split, kernel 1 writes the final output directly (no scratch, no
 merge): the "non-split" variant. The split count is a runtime argument, not a constexpr, so a
 server whose batch and context lengths change every step does not compile a kernel per count
-(the merge compiles one per power of two). An int8 cache (INT8) is read as codes, its scales
+(the merge compiles one per power of two). Shared-prefix groups (kvflow/attention/shared_prefix.py:
+decodes whose tables start with the same blocks) add a kernel over (group, kv head, shared split)
+that reads the shared keys once for all members' query heads, stacked as rows of one tile, and
+writes each member's partial result to extra split slots; each member's own splits then cover only
+the keys after the shared run, and kernel 2 merges both. An int8 cache (INT8) is read as codes, its scales
 folded into the scores and softmax weights; an fp8 cache (FP8) as codes converted in registers,
 its kv head's key scale folded into the scores' scale and its value scale into the (partial)
 output (_common.py).
@@ -21,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kvflow.attention.kv_spec import LayerKV
+from kvflow.attention.shared_prefix import SharedPrefixGroups
 from kvflow.attention.triton._common import (
     FP8,
     INT8,
@@ -41,7 +46,7 @@ from kvflow.attention.triton._common import (
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, out_ptr, lse_ptr, seq_lens_ptr, bt_ptr,
+    q_ptr, out_ptr, lse_ptr, seq_lens_ptr, bt_ptr, key_start_ptr,
     cache_ptr, scale_ptr,
     stride_ckv, stride_cblk, stride_ch, stride_coff,
     stride_skv, stride_sblk, stride_sh, stride_soff,
@@ -51,7 +56,7 @@ def _decode_split_kernel(
     stride_bt, qk_scale, block_size, window, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     USE_WINDOW: tl.constexpr, LSE_NATURAL: tl.constexpr, INT8: tl.constexpr, FP8: tl.constexpr,
-    FP8_NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    FP8_NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SHARED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -60,6 +65,8 @@ def _decode_split_kernel(
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
+    if SHARED:  # a shared-prefix member's own keys follow its group's shared run (0: not a member)
+        lo = tl.load(key_start_ptr + seq)
     # This split's chunk of the visible keys [lo, seq_len), a whole number of key tiles.
     chunk = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
@@ -101,6 +108,71 @@ def _decode_split_kernel(
     tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
     tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_shared_kernel(
+    q_ptr, out_ptr, lse_ptr, groups_ptr, members_ptr, bt_ptr,
+    cache_ptr, scale_ptr,
+    stride_ckv, stride_cblk, stride_ch, stride_coff,
+    stride_skv, stride_sblk, stride_sh, stride_soff,
+    stride_qt, stride_qh,
+    stride_ob, stride_oh, stride_os,  # out: [B, H, S, D]
+    stride_lb, stride_lh, stride_ls,  # lse: [B, H, S]
+    stride_bt, qk_scale, block_size, num_splits, first_slot,
+    GROUP: tl.constexpr, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, INT8: tl.constexpr, FP8: tl.constexpr,
+    FP8_NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One shared-prefix group's shared keys for one kv head: row r of the tile is member r // GROUP's
+    query head r % GROUP, so each K/V tile, loaded once, serves every member. Writes each member's
+    partial output and log2-sum-exp to split slot `first_slot` + split (all keys are visible to all
+    members: the shared run ends before each member's position)."""
+    group = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    first = tl.load(groups_ptr + 3 * group)
+    count = tl.load(groups_ptr + 3 * group + 1) - first
+    keys = tl.load(groups_ptr + 3 * group + 2) * block_size
+    chunk = tl.cdiv(tl.cdiv(keys, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, keys)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < count * GROUP
+    seqs = tl.load(members_ptr + first + offs_r // GROUP, mask=r_mask, other=0)
+    heads = kv_head * GROUP + offs_r % GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seqs[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=r_mask[:, None], other=0.0)
+    bt_row = bt_ptr + tl.load(members_ptr + first) * stride_bt  # every member's table starts with these blocks
+    kv_base = cache_ptr + kv_head * stride_ch
+    scale_base = scale_ptr + kv_head * stride_sh
+    k_head_scale, v_head_scale = load_head_scales(scale_base, stride_skv, FP8)
+    if FP8:
+        qk_scale = qk_scale * k_head_scale
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        k, v, k_scale, v_scale = load_kv_tile(
+            kv_base, scale_base, bt_row, offs_n, n_mask, offs_d, block_size,
+            stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, INT8,
+        )
+        s = tile_scores(q, k, k_scale, qk_scale, INT8, FP8, FP8_NATIVE, PRECISION)  # [R, N], log2 units
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_i, l_i, acc = online_softmax_step(s, codes_to(v, q.dtype, FP8, FP8_NATIVE), v_scale, m_i, l_i, acc,
+                                            INT8, PRECISION)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # an empty split: out 0, lse -inf, as in the split kernel
+    out = acc / l_safe[:, None]
+    if FP8:
+        out = out * v_head_scale
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    slot = first_slot + split
+    tl.store(out_ptr + seqs[:, None] * stride_ob + heads[:, None] * stride_oh + slot * stride_os + offs_d[None, :],
+             out, mask=r_mask[:, None])
+    tl.store(lse_ptr + seqs * stride_lb + heads * stride_lh + slot * stride_ls, lse, mask=r_mask)
 
 
 @triton.jit
@@ -157,6 +229,8 @@ def decode_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     block_n: int | None = None,
+    shared: SharedPrefixGroups | None = None,
+    key_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query token per sequence (q: [B, num_heads, head_dim], row b = sequence b of
     `seq_lens`/`block_tables`, whose keys include the query's own, already stored by `store_kv`).
@@ -165,7 +239,8 @@ def decode_attention(
 
     Returns (out [B, num_heads, head_dim], lse [B, num_heads] fp32, natural log). `num_splits=None`
     picks `default_num_splits` for this batch and device; `max_seq_len` (host int) avoids a device
-    sync.
+    sync. `shared`: shared-prefix groups among these sequences (no sliding window), whose shared
+    keys are read once per group; `key_starts` is `own_key_starts` of them, if already made.
     """
     num_seqs, num_heads, head_dim = q.shape
     q, kv, scales, kind, out, lse = check_inputs(q, kv_cache, out, lse)
@@ -181,34 +256,67 @@ def decode_attention(
     group = num_heads // num_kv_heads
     capability = device_capability(q.device)
     config = decode_launch_config(head_dim, q.dtype, capability)
-    common = dict(
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        USE_WINDOW=sliding_window is not None, INT8=kind == INT8, FP8=kind == FP8,
+    common = dict(  # the split and the shared-prefix kernels'
+        GROUP=group, HEAD_DIM=head_dim, INT8=kind == INT8, FP8=kind == FP8,
         FP8_NATIVE=kind == FP8 and fp8_native(capability), BLOCK_N=block_n or config.block_n,
         PRECISION=config.precision, num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    split_opts = dict(common, BLOCK_G=max(16, triton.next_power_of_2(group)), USE_WINDOW=sliding_window is not None)
     cache_args = cache_pointers(kv, scales, kind)
     scalars = (block_tables.stride(0), scale * LOG2E, kv.shape[3], sliding_window or 0, num_splits)
     grid = (num_seqs, num_kv_heads, num_splits)
-    if num_splits == 1:  # write the final result directly
+    if shared is not None and sliding_window is not None:
+        raise ValueError("shared-prefix groups need full attention (no sliding window)")
+    if shared is not None and key_starts is None:
+        key_starts = own_key_starts(shared, num_seqs, kv.shape[3])
+    starts = key_starts if shared is not None else seq_lens  # not read without groups
+    if num_splits == 1 and shared is None:  # write the final result directly
         _decode_split_kernel[grid](
-            q, out, lse, seq_lens, block_tables, *cache_args,
+            q, out, lse, seq_lens, block_tables, starts, *cache_args,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), 0, lse.stride(0), lse.stride(1), 0,
-            *scalars, LSE_NATURAL=True, **common,
+            *scalars, LSE_NATURAL=True, SHARED=False, **split_opts,
         )
         return out, lse
-    part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    shared_splits = 0
+    if shared is not None:
+        shared_splits = default_num_splits(shared.max_shared_blocks * kv.shape[3], shared.num_groups, num_kv_heads,
+                                           multiprocessor_count(q.device))
+    total = num_splits + shared_splits
+    part_out = torch.empty(num_seqs, num_heads, total, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(num_seqs, num_heads, total, dtype=torch.float32, device=q.device)
     _decode_split_kernel[grid](
-        q, part_out, part_lse, seq_lens, block_tables, *cache_args,
+        q, part_out, part_lse, seq_lens, block_tables, starts, *cache_args,
         q.stride(0), q.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        *scalars, LSE_NATURAL=False, **common,
+        *scalars, LSE_NATURAL=False, SHARED=shared is not None, **split_opts,
     )
+    if shared is not None:
+        # Sequences outside every group weigh nothing in the shared slots; members' are written below.
+        part_out[:, :, num_splits:].zero_()
+        part_lse[:, :, num_splits:].fill_(float("-inf"))
+        # Rows: every member's query heads; twice the warps from 64 rows of 64 (else registers spill).
+        block_r = max(16, triton.next_power_of_2(shared.max_members * group))
+        _decode_shared_kernel[(shared.num_groups, num_kv_heads, shared_splits)](
+            q, part_out, part_lse, shared.groups, shared.members, block_tables, *cache_args,
+            q.stride(0), q.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
+            part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+            block_tables.stride(0), scale * LOG2E, kv.shape[3], shared_splits, num_splits,
+            BLOCK_R=block_r, **dict(common, num_warps=8 if block_r * head_dim >= 4096 else config.num_warps),
+        )
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out, part_lse, out, lse,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), total,
+        BLOCK_S=triton.next_power_of_2(total), HEAD_DIM=head_dim,
     )
     return out, lse
+
+
+def own_key_starts(shared: SharedPrefixGroups, num_seqs: int, block_size: int) -> torch.Tensor:
+    """[num_seqs] int64: where each decode's own keys start, after its group's shared run (0: in no
+    group). Made on the groups' device without a sync (the backend makes it once per step)."""
+    starts = torch.zeros(num_seqs, dtype=torch.long, device=shared.members.device)
+    counts = shared.groups[:, 1] - shared.groups[:, 0]
+    starts[shared.members] = torch.repeat_interleave(shared.groups[:, 2] * block_size, counts,
+                                                     output_size=shared.members.numel())
+    return starts
