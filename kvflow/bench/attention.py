@@ -33,6 +33,9 @@ Every result carries its largest deviation from ``naive`` (else from ``sdpa``), 
 kernel shows (an int8 implementation is checked against ``naive`` over its dequantised cache, so
 its error is the kernel's, not the quantisation's; GB/s count the bytes each format reads).
 ``check_targets`` turns a GPU run into pass/fail against the Triton kernels' goals.
+
+``SharedPrefixCase`` (``--shared-prefix``): decodes in groups that share prefix-cached blocks, timed
+with the kernel's shared-prefix groups and without (kvflow/attention/shared_prefix.py).
 """
 
 from __future__ import annotations
@@ -536,8 +539,112 @@ def peak_extra_mib(case: AttentionCase, name: str) -> float:
     return float(value)
 
 
+@dataclass
+class SharedPrefixCase:
+    """Decode over `batch` sequences in groups of `group_size` that share `shared_tokens` of prefix
+    (whole blocks, the same physical ones, as prefix caching leaves them), each followed by its own
+    keys: `own_min` to `own_max` tokens, spread evenly over a group. What shared-prefix attention
+    saves: the same kernel with the groups shared_prefix.py finds and without them."""
+
+    batch: int
+    group_size: int
+    shared_tokens: int
+    own_min: int
+    own_max: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        from kvflow.attention.shared_prefix import find_shared_prefixes
+
+        if self.shared_tokens % self.block_size or self.group_size < 2 or self.own_min < 1:
+            raise ValueError("a shared prefix of whole blocks, groups of >= 2 and >= 1 own token each")
+        gen = torch.Generator().manual_seed(0)
+        bs, g = self.block_size, self.group_size
+        owns = [self.own_min + (self.own_max - self.own_min) * (i % g) // max(1, g - 1) for i in range(self.batch)]
+        self.seq_lens = [self.shared_tokens + n for n in owns]
+        shared_blocks, own_blocks = self.shared_tokens // bs, [-(-n // bs) for n in owns]
+        num_blocks = -(-self.batch // g) * shared_blocks + sum(own_blocks)
+        order = iter(torch.randperm(num_blocks, generator=gen).tolist())
+        tables: list[list[int]] = []
+        for i, n in enumerate(own_blocks):
+            prefix = [next(order) for _ in range(shared_blocks)] if i % g == 0 else tables[i - 1][:shared_blocks]
+            tables.append(prefix + [next(order) for _ in range(n)])
+        width = max(len(t) for t in tables)
+        self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.device)
+        self.kv_cache = torch.randn(2, num_blocks, self.num_kv_heads, bs, self.head_dim,
+                                    generator=gen).to(self.dtype).to(self.device)
+        self.q = torch.randn(self.batch, self.num_heads, self.head_dim, generator=gen).to(self.dtype).to(self.device)
+        self.positions = torch.tensor(self.seq_lens, device=self.device) - 1
+        self.seq_index = torch.arange(self.batch, device=self.device)
+        self.groups = find_shared_prefixes(tables, self.seq_lens, self.batch, bs, self.device)
+
+    def reference(self) -> torch.Tensor:
+        """fp32 attention of each query over its sequence's keys, gathered through its table."""
+        out = torch.empty(self.q.shape, dtype=torch.float32, device=self.device)
+        group = self.num_heads // self.num_kv_heads
+        for b, n in enumerate(self.seq_lens):
+            blocks = self.block_tables[b, : -(-n // self.block_size)]
+            k, v = (self.kv_cache[i][blocks].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[:, :n]
+                    .float().repeat_interleave(group, 0) for i in (0, 1))
+            scores = (self.q[b].float()[:, None] @ k.transpose(1, 2))[:, 0] * self.head_dim**-0.5
+            out[b] = (scores.softmax(-1)[:, None] @ v)[:, 0]
+        return out
+
+    def kv_bytes(self) -> float:
+        """K and V bytes of every sequence's context, as if each read its own (the work both
+        implementations do; the shared one reads fewer)."""
+        elt = torch.empty(0, dtype=self.dtype).element_size()
+        return 2.0 * sum(self.seq_lens) * self.num_kv_heads * self.head_dim * elt
+
+
+def shared_prefix_implementations(device: torch.device) -> dict[str, Callable[[SharedPrefixCase], torch.Tensor]]:
+    """Each decode kernel of `device` without the case's groups and with them ("-shared")."""
+    if device.type == "cuda":
+        from kvflow.attention.triton import decode_attention
+
+        def triton(c: SharedPrefixCase, shared: bool) -> torch.Tensor:
+            return decode_attention(c.q, c.kv_cache, c.positions + 1, c.block_tables, c.head_dim**-0.5,
+                                    max_seq_len=max(c.seq_lens), shared=c.groups if shared else None)[0]
+
+        return {"triton": lambda c: triton(c, False), "triton-shared": lambda c: triton(c, True)}
+    from kvflow.model.cpu_kernels import load_extension
+
+    ext = load_extension()
+    if ext is None:
+        return {}
+
+    def cpu(c: SharedPrefixCase, shared: bool) -> torch.Tensor:
+        groups = {"shared_groups": c.groups.groups, "shared_members": c.groups.members} if shared else {}
+        return ext.paged_attention(c.q, c.kv_cache, c.block_tables, c.seq_index, c.positions, c.head_dim**-0.5, 0,
+                                   **groups)
+
+    return {"kvflow-cpu": lambda c: cpu(c, False), "kvflow-cpu-shared": lambda c: cpu(c, True)}
+
+
+def run_shared_prefix_case(case: SharedPrefixCase, repeats: int) -> list[AttentionResult]:
+    """Time the decode kernels with and without the case's groups; each result's error is against the
+    fp32 reference, its GB/s the case's whole contexts per second (n: the longest context)."""
+    reference = case.reference()
+    results = []
+    for name, fn in shared_prefix_implementations(case.device).items():
+        err = float((fn(case).float() - reference).abs().max())
+        seconds = _time(lambda fn=fn: fn(case), case.device, repeats)
+        results.append(AttentionResult(
+            implementation=name, kind="decode", batch=case.batch, seq_len=max(case.seq_lens),
+            num_heads=case.num_heads, num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
+            dtype=str(case.dtype).removeprefix("torch."), ms=seconds * 1e3, tflops=None,
+            gbs=case.kv_bytes() / seconds / 1e9, max_abs_err=err, reference="fp32",
+        ))
+    return results
+
+
 def format_results(results: list[AttentionResult]) -> str:
-    head = (f"{'kind':<8} {'impl':<15} {'B':>3} {'n':>6} {'H/KVH':>6} {'D':>4} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} "
+    head = (f"{'kind':<8} {'impl':<17} {'B':>3} {'n':>6} {'H/KVH':>6} {'D':>4} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} "
             f"{'max err':>9} {'+MiB':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
@@ -545,7 +652,7 @@ def format_results(results: list[AttentionResult]) -> str:
         gb = f"{r.gbs:.1f}" if r.gbs is not None else "-"
         err = f"{r.max_abs_err:.2e}" if r.max_abs_err is not None else "-"
         mem = f"{r.peak_extra_mib:.1f}" if r.peak_extra_mib is not None else "-"
-        lines.append(f"{r.kind:<8} {r.implementation:<15} {r.batch:>3} {r.seq_len:>6} "
+        lines.append(f"{r.kind:<8} {r.implementation:<17} {r.batch:>3} {r.seq_len:>6} "
                      f"{f'{r.num_heads}/{r.num_kv_heads}':>6} {r.head_dim:>4} {r.ms:>9.3f} {tf:>8} {gb:>7} "
                      f"{err:>9} {mem:>8}")
     return "\n".join(lines)

@@ -256,6 +256,8 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     )
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.shared_prefix is not None:
+        return _shared_prefix_attention(args, device)
     impls = available(device, tuple(args.impl))
     missing = sorted(set(args.impl) - set(impls))
     if missing:
@@ -279,6 +281,30 @@ def _cmd_attention(args: argparse.Namespace) -> int:
         checks = check_targets(results)
         print(format_checks(checks))
         return 0 if checks and all(c.passed for c in checks) else 1
+    return 0
+
+
+def _shared_prefix_attention(args: argparse.Namespace, device) -> int:
+    """`bench attention --shared-prefix`: decodes sharing a prefix, with and without shared-prefix groups."""
+    import torch
+
+    from kvflow.bench.attention import SharedPrefixCase, format_results, run_shared_prefix_case, save_results
+
+    results = []
+    for batch in args.batch:
+        for heads in args.heads:
+            num_heads, _, num_kv_heads = heads.partition("/")
+            case = SharedPrefixCase(batch, args.group_size, args.shared_prefix, *args.own_tokens, int(num_heads),
+                                    int(num_kv_heads or num_heads), args.head_dim, args.block_size,
+                                    getattr(torch, args.dtype), device)
+            results += run_shared_prefix_case(case, args.repeats)
+    print(format_results(results))
+    for plain, shared in zip(results[::2], results[1::2]):
+        print(f"B={plain.batch} {plain.num_heads}/{plain.num_kv_heads}: {shared.implementation} "
+              f"{plain.ms / shared.ms:.2f}x {plain.implementation}")
+    if args.output:
+        save_results(results, Path(args.output), device)
+        print(f"saved {args.output}")
     return 0
 
 
@@ -348,6 +374,12 @@ def configure(bench: argparse.ArgumentParser) -> None:
     at.add_argument("--memory", action="store_true",
                     help="CPU: also measure the peak memory each call adds (one fresh process per call)")
     at.add_argument("--output", help="JSON path")
+    at.add_argument("--shared-prefix", type=int, metavar="TOKENS",
+                    help="instead: decodes in groups sharing TOKENS of prefix-cached KV (whole blocks), timed with "
+                         "shared-prefix attention and without (--batch, --heads, --head-dim, --dtype apply)")
+    at.add_argument("--group-size", type=int, default=16, help="--shared-prefix: sequences per group")
+    at.add_argument("--own-tokens", type=int, nargs=2, default=[32, 512], metavar=("MIN", "MAX"),
+                    help="--shared-prefix: each sequence's own tokens after the prefix, spread over a group")
     at.add_argument("--check-targets", action="store_true",
                     help="then check the Triton kernels' goals (accuracy; prefill within 1.3x of SDPA's flash "
                          "backend from 4k tokens; split decode faster than non-split from 8k keys); exit 1 "
