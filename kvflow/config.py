@@ -737,6 +737,9 @@ class EngineConfig:
                 f"({self.model.max_model_len}) when chunked prefill is disabled, "
                 f"got {self.scheduler.max_num_batched_tokens}"
             )
+        if self.scheduler.batch_policy == "prefix-tree" and not self.cache.enable_prefix_caching:
+            raise ValueError("batch_policy prefix-tree shares each group's prefix through the prefix cache: "
+                             "enable_prefix_caching must be on")
         if self.kv_policy_allowed() is not None and self.cache.kv_policy != "none":
             raise ValueError(f"kv_policy={self.cache.kv_policy}: {self.kv_policy_allowed()}")
         if self.speculative.enabled:

@@ -24,7 +24,10 @@ class LLM:
     (or a `.gguf` file) replaces the model's own tokenizer.
 
     Engine keyword arguments: `max_num_seqs`, `max_num_batched_tokens`, `enable_chunked_prefill`,
-    `block_size`, `kv_cache_memory` (GiB), `num_blocks`, `enable_prefix_caching`, `policy`.
+    `block_size`, `kv_cache_memory` (GiB), `num_blocks`, `enable_prefix_caching`, `policy`, and
+    `batch_policy`: offline, a batch of at least `prefix_tree_min_batch` (32) prompts is grouped by
+    shared prefix (BatchLLM, "auto", the default here); "fcfs" runs it in order, "prefix-tree" groups
+    every batch.
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class LLM:
         device: str = "cpu",
         **engine_kwargs: Any,
     ) -> None:
+        engine_kwargs.setdefault("batch_policy", "auto")
         config = EngineConfig.create(
             model, dtype=dtype, max_model_len=max_model_len, device=device, seed=seed, **engine_kwargs
         )

@@ -31,7 +31,17 @@ _HELP = {
     "max_num_seqs": "most sequences in one step",
     "max_num_batched_tokens": "token budget of one step",
     "enable_chunked_prefill": "split long prompts over several steps",
-    "policy": "waiting-queue policy: fcfs, priority (lowest value first) or lpm (longest cached prefix first)",
+    "policy": "waiting-queue policy: fcfs, priority (lowest value first) or lpm (longest cached prefix first; "
+              "--starvation-limit bounds the wait)",
+    "starvation_limit": "lpm: times the oldest waiting request may be passed over before it goes next "
+                        "(default 32)",
+    "batch_policy": "how a batch arriving at once is ordered: fcfs, prefix-tree (BatchLLM: grouped by shared "
+                    "prefix, each prefix computed once and held until its group ends, decode-heavy groups first) "
+                    "or auto (prefix-tree for batches of at least --prefix-tree-min-batch; the offline default)",
+    "prefix_tree_min_batch": "batch_policy auto: the smallest batch grouped by prefix (default 32)",
+    "admission": "what limits admission: seqs (--max-num-seqs running), memory (the KV cache alone, keeping "
+                 "--kv-watermark free) or auto (memory while a prefix-tree plan orders the queue)",
+    "kv_watermark": "memory admission: fraction of KV blocks left free after an admission (default 0.05)",
     "mixed_batching": "prompt chunks and decodes share steps (off: prompts run alone, as in vLLM v0)",
     "prepack_weights": "bf16 on CPU: prepack linear weights for oneDNN (same outputs, faster)",
     "cpu_kernels": "CPU: run each step's decoder stack as one C++ call (compiled on first use)",

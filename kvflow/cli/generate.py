@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from kvflow.cli.engine_args import add_engine_args, add_sampling_args, make_llm, print_outputs, sampling_params
@@ -25,4 +26,10 @@ def run(args: argparse.Namespace) -> int:
     llm = make_llm(args)
     outputs = llm.generate(prompts, sampling_params(llm, args), use_tqdm=len(prompts) > 1)
     print_outputs(outputs, args.json)
+    stats = llm.engine.stats()
+    if stats.prefix_tree_batches:  # on stderr: stdout holds the outputs (--json parses it)
+        print(f"prefix tree: {stats.prefix_tree_groups} groups share a prefix, R_saving "
+              f"{stats.prefix_tree_saving_ratio:.1%} (a multi-level tree: "
+              f"{stats.prefix_tree_optimal_saving_ratio:.1%}); peak KV blocks {stats.peak_used_blocks} of "
+              f"{stats.num_blocks}", file=sys.stderr)
     return 0

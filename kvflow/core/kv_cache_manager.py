@@ -71,10 +71,14 @@ class BlockPool:
         # Freed blocks in eviction order (the first entry is handed out first), after the fresh ones.
         self._free: OrderedDict[int, None] = OrderedDict()
         self._index: dict[int, int] = {}  # block hash -> block id
+        self.peak_used = 0  # most blocks held by requests (or pins) at once
 
     @property
     def num_free(self) -> int:
         return self.num_blocks - len(self.blocks) + len(self._free)
+
+    def _note_usage(self) -> None:
+        self.peak_used = max(self.peak_used, self.num_blocks - self.num_free)
 
     @property
     def num_cached(self) -> int:
@@ -96,6 +100,7 @@ class BlockPool:
                     self._evict(block)
             block.ref_cnt = 1
             ids.append(block.block_id)
+        self._note_usage()
         return ids
 
     def touch(self, block_ids: Sequence[int]) -> None:
@@ -105,12 +110,15 @@ class BlockPool:
             if block.ref_cnt == 0:
                 del self._free[block_id]
             block.ref_cnt += 1
+        self._note_usage()
 
-    def release(self, block_ids: Sequence[int]) -> None:
+    def release(self, block_ids: Sequence[int], evict: bool = False) -> None:
         """Drop one reference per block; a block reaching zero joins the tail of the free queue.
 
         Callers pass a request's blocks last-first, so a request's tail is evicted before its
-        head, which other requests are more likely to share.
+        head, which other requests are more likely to share. `evict`: a block reaching zero leaves
+        the prefix index and goes to the head of the queue instead (its content is known to be done
+        with: a prefix group's last member finished), so it is handed out before any cached block.
         """
         for block_id in block_ids:
             block = self.blocks[block_id]
@@ -119,6 +127,10 @@ class BlockPool:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self._free[block_id] = None
+                if evict:
+                    if block.block_hash is not None:
+                        self._evict(block)
+                    self._free.move_to_end(block_id, last=False)
 
     def register(self, block_id: int, block_hash: int, tokens: tuple[int, ...], parent_id: int | None,
                  salt: str | None = None) -> int:
@@ -211,6 +223,31 @@ class KVCacheManager:
         if not self.enable_prefix_caching or request.skip_prefix_cache:
             return 0
         return len(self._cached_prefix(request)) * self.block_size
+
+    def pin_prefix(self, request: Request, num_blocks: int) -> list[int] | None:
+        """Take a reference on the first `num_blocks` cached blocks of the request's prompt, so they stay
+        cached whoever else frees them (a prefix group's shared blocks, held by its policy until the group
+        is done); None, and nothing taken, unless all of them are cached."""
+        if not self.enable_prefix_caching or request.skip_prefix_cache or num_blocks <= 0:
+            return None
+        hits = self._cached_prefix(request)
+        if len(hits) < num_blocks:
+            return None
+        pinned = hits[:num_blocks]
+        self.pool.touch(pinned)
+        return pinned
+
+    def unpin(self, block_ids: list[int]) -> None:
+        """Drop `pin_prefix`'s references; blocks nobody else holds leave the cache at once (not to LRU)."""
+        self.pool.release(list(reversed(block_ids)), evict=True)
+
+    @property
+    def peak_used_blocks(self) -> int:
+        """The most blocks held at once since the engine started (or `reset_peak`)."""
+        return self.pool.peak_used
+
+    def reset_peak(self) -> None:
+        self.pool.peak_used = self.pool.num_blocks - self.pool.num_free
 
     def _cached_prefix(self, request: Request, min_compute: int = 1) -> list[int]:
         """The indexed blocks of the request's longest cached prefix, leaving at least `min_compute` tokens."""

@@ -107,7 +107,7 @@ class Scheduler:
         self.cancelling: dict[str, Request] = {}
         self.num_kv_load_failures = 0
         self.events = SchedulerEvents()
-        self.policy: QueuePolicy = make_policy(config.policy)
+        self.policy: QueuePolicy = make_policy(config.policy, config)
         self.policy.attach(kv)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -127,7 +127,6 @@ class Scheduler:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        self.policy.on_finish(request)
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status == RequestStatus.RECEIVING:
@@ -137,6 +136,7 @@ class Scheduler:
             request.status = status
             assert self.connector is not None
             self.connector.cancel_load(request_id)
+            self.policy.on_finish(request)
             return request
         else:
             try:
@@ -146,6 +146,7 @@ class Scheduler:
         request.status = status
         if not self._hand_over_blocks(request):
             self.kv.free(request)
+        self.policy.on_finish(request)  # after its blocks went back: a policy may drop what nobody holds now
         return request
 
     def _hand_over_blocks(self, request: Request) -> bool:
@@ -254,9 +255,10 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         chunked = self.config.enable_chunked_prefill
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) + len(self.receiving) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self._may_admit_more():
             request = self.policy.pop_next(self.waiting)
-            if not self._ready(request):
+            memory = self._memory_admission()  # (popping may have planned a batch)
+            if not self._ready(request) or not self.policy.ready(request):
                 skipped.append(request)
                 continue
             if self.connector is not None:
@@ -270,7 +272,8 @@ class Scheduler:
                 self._attach_cached_prefix(request)
             remaining = request.num_tokens - request.num_computed_tokens
             n = self._chunk_tokens(request, min(remaining, budget))
-            if (n < remaining and not chunked) or not self._allocate(request, n):
+            if (n < remaining and not chunked) or not self._within_watermark(request, n, memory) or \
+                    not self._allocate(request, n):
                 # Give back any prefix blocks it matched, so a waiting request holds no blocks.
                 self.kv.free(request)
                 request.num_computed_tokens = 0
@@ -283,6 +286,28 @@ class Scheduler:
             out.chunks.append(self._chunk(request, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    # Admission: by running sequences (max_num_seqs, vLLM's rule) or by KV memory (BatchLLM's
+    # memory-centric token batching: as many sequences as the cache holds, so decode-heavy steps carry
+    # larger batches, with a watermark of free blocks left for the running requests' growth).
+    @property
+    def _num_admitted(self) -> int:
+        return len(self.running) + len(self.receiving)
+
+    def _may_admit_more(self) -> bool:
+        return self._memory_admission() or self._num_admitted < self.config.max_num_seqs
+
+    def _memory_admission(self) -> bool:
+        rule = self.config.admission
+        return rule == "memory" or (rule == "auto" and self.policy.memory_admission)
+
+    def _within_watermark(self, request: Request, n: int, memory: bool) -> bool:
+        """Memory admission: the cache keeps `kv_watermark` of its blocks free after this request's first
+        chunk (always true for the first running request, which must be able to start)."""
+        if not memory or not self.running:
+            return True
+        needed = self.kv.blocks_needed(request.num_computed_tokens - request.kv_shift + n) - len(request.block_ids)
+        return self.kv.num_free_blocks - max(0, needed) >= self.config.kv_watermark * self.kv.num_blocks
 
     # The KV policy's seam (kv_policy.py): chunk sizes, spare blocks, the runner's work, eviction.
     @staticmethod

@@ -292,6 +292,7 @@ class DisaggEngine(AsyncEngine):
             spec_num_accepted_tokens=sum(e.spec_num_accepted_tokens for e in engines),
             spec_accepted_per_position=[sum(column) for column in zip_longest(
                 *(e.spec_accepted_per_position for e in engines), fillvalue=0)],
+            peak_used_blocks=sum(e.peak_used_blocks for e in engines),
         )
         return CoreStats(engine, queried, hits)
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from kvflow.config import EngineConfig, resolve_kv_policy
 from kvflow.core.kv_cache_manager import KVCacheManager
 from kvflow.core.kv_policy import make_kv_policy
+from kvflow.core.policies import PrefixTreeStats
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.scheduler import Scheduler, SchedulerEvents, SchedulerOutput
 from kvflow.kv_transfer.base import KVConnector
@@ -60,6 +62,14 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_position: list[int] = field(default_factory=list)
+    # The most KV blocks held at once (requests and pinned prefixes) since the engine started.
+    peak_used_blocks: int = 0
+    # BatchLLM's prefix-tree plans (batch_policy prefix-tree/auto), cumulative: batches planned, groups
+    # sharing a prefix, R_saving and the multi-level tree's optimum (kvflow/core/policies.py).
+    prefix_tree_batches: int = 0
+    prefix_tree_groups: int = 0
+    prefix_tree_saving_ratio: float = 0.0
+    prefix_tree_optimal_saving_ratio: float = 0.0
 
 
 class EngineCore:
@@ -219,7 +229,17 @@ class EngineCore:
             spec_num_draft_tokens=spec.num_draft_tokens,
             spec_num_accepted_tokens=spec.num_accepted_tokens,
             spec_accepted_per_position=list(spec.accepted_per_position),
+            peak_used_blocks=self.kv.peak_used_blocks,
+            **self._prefix_tree_stats(),
         )
+
+    def _prefix_tree_stats(self) -> dict[str, Any]:
+        tree = getattr(self.scheduler.policy, "stats", None)
+        if not isinstance(tree, PrefixTreeStats):
+            return {}
+        return {"prefix_tree_batches": tree.batches, "prefix_tree_groups": tree.groups,
+                "prefix_tree_saving_ratio": tree.saving_ratio,
+                "prefix_tree_optimal_saving_ratio": tree.optimal_saving_ratio}
 
     def close(self) -> None:
         if self.connector is not None:

@@ -24,8 +24,11 @@ def num_kv_blocks(config: EngineConfig, spec: KVCacheSpec, extra_bytes_per_block
         budget = default_kv_cache_bytes(config.device)
     max_model_len = config.model.max_model_len
     blocks_per_seq = -(-max_model_len // spec.block_size)
-    # More blocks than every running sequence at full length could use is wasted memory.
-    useful = blocks_per_seq * config.scheduler.max_num_seqs
+    # More blocks than every running sequence at full length could use is wasted memory (unless admission
+    # is bounded by the cache itself, not by max_num_seqs).
+    sched = config.scheduler
+    memory_bound = sched.admission == "memory" or (sched.admission == "auto" and sched.batch_policy == "prefix-tree")
+    useful = spec.num_blocks(budget) if memory_bound else blocks_per_seq * sched.max_num_seqs
     num_blocks = min(spec.num_blocks(budget) if not extra_bytes_per_block else
                      max(0, budget - spec.fixed_bytes) // (spec.bytes_per_block + extra_bytes_per_block), useful)
     if num_blocks < 1:
