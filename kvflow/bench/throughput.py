@@ -137,12 +137,15 @@ class _KVFlowBackend:
         self._kv = self._watch_kv_blocks()
 
     def _watch_kv_blocks(self) -> Any:
-        """Sample the KV blocks held after every ``schedule`` (where blocks are taken), for the
-        peak; the engine keeps no peak itself. One attribute read per step; None where the engine
-        core is not in this process."""
+        """The engine core's KV cache manager, for the peak of blocks held during each call: its own
+        ``peak_used_blocks`` (counted at allocation), or in an engine without one, the blocks held
+        sampled after every ``schedule`` (where blocks are taken; one attribute read per step). None
+        where the engine core is not in this process."""
         core = getattr(self.llm.engine, "core", None)
         kv, scheduler = getattr(core, "kv", None), getattr(core, "scheduler", None)
-        if kv is None or not callable(getattr(scheduler, "schedule", None)):
+        if kv is None or hasattr(kv, "reset_peak"):
+            return kv
+        if not callable(getattr(scheduler, "schedule", None)):
             return None
         schedule = scheduler.schedule
 
@@ -164,12 +167,17 @@ class _KVFlowBackend:
         else:
             params = [make(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
         self._peak_blocks = 0
+        if hasattr(self._kv, "reset_peak"):
+            self._kv.reset_peak()
         stats = self._kv.stats if self._kv is not None else None
         queried, hits = (stats.queried_tokens, stats.hit_tokens) if stats is not None else (0, 0)
         outs = self.llm.generate([list(p) for p in prompts], params, use_tqdm=False)
         if self._kv is not None:
             self.call_stats = {
-                "peak_kv_blocks": self._peak_blocks, "kv_blocks": self._kv.num_blocks,
+                "peak_kv_blocks": getattr(self._kv, "peak_used_blocks", self._peak_blocks),
+                "peak_measured": "the engine's peak_used_blocks" if hasattr(self._kv, "reset_peak")
+                else "blocks held by requests, sampled after every schedule",
+                "kv_blocks": self._kv.num_blocks,
                 "block_size": self._kv.block_size,
                 "prefix_queried_tokens": stats.queried_tokens - queried if stats is not None else None,
                 "prefix_hit_tokens": stats.hit_tokens - hits if stats is not None else None,
@@ -412,7 +420,7 @@ def _measure_in_process(
             extra["kv"] = {"kv_blocks": call_stats[0]["kv_blocks"], "block_size": call_stats[0]["block_size"],
                            "peak_kv_blocks": max(c["peak_kv_blocks"] for c in call_stats),
                            "peak_kv_blocks_all": [c["peak_kv_blocks"] for c in call_stats],
-                           "peak_measured": "blocks held by requests, sampled after every schedule",
+                           "peak_measured": call_stats[0]["peak_measured"],
                            "prefix_hit_tokens_all": [c["prefix_hit_tokens"] for c in call_stats],
                            "prefix_queried_tokens_all": [c["prefix_queried_tokens"] for c in call_stats]}
         del engine
