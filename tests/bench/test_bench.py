@@ -150,7 +150,7 @@ def test_kvflow_fast_path_is_checked_before_timing(
     from kvflow.model.cpu_kernels import CpuForward
 
     honest = CpuForward.__call__
-    monkeypatch.setattr(CpuForward, "__call__", lambda self, *a: honest(self, *a).roll(1, -1))
+    monkeypatch.setattr(CpuForward, "__call__", lambda self, *a, **kw: honest(self, *a, **kw).roll(1, -1))
     with pytest.raises(RuntimeError, match="changed greedy outputs"):
         run_throughput(tiny_model, "kvflow", "single", input_len=8, output_len=4, limits=small_limits)
 
