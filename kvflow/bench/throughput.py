@@ -133,29 +133,12 @@ class _KVFlowBackend:
         self._sampling_params = SamplingParams
         self.llm = LLM(model=str(model_dir), dtype=dtype, **dict(engine_kwargs))
         self._load_args = (model_dir, dtype, dict(engine_kwargs))
-        self._peak_blocks = 0
         self._kv = self._watch_kv_blocks()
 
     def _watch_kv_blocks(self) -> Any:
-        """The engine core's KV cache manager, for the peak of blocks held during each call: its own
-        ``peak_used_blocks`` (counted at allocation), or in an engine without one, the blocks held
-        sampled after every ``schedule`` (where blocks are taken; one attribute read per step). None
-        where the engine core is not in this process."""
-        core = getattr(self.llm.engine, "core", None)
-        kv, scheduler = getattr(core, "kv", None), getattr(core, "scheduler", None)
-        if kv is None or hasattr(kv, "reset_peak"):
-            return kv
-        if not callable(getattr(scheduler, "schedule", None)):
-            return None
-        schedule = scheduler.schedule
-
-        def schedule_and_sample(*args: Any, **kwargs: Any) -> Any:
-            out = schedule(*args, **kwargs)
-            self._peak_blocks = max(self._peak_blocks, kv.num_blocks - kv.num_free_blocks)
-            return out
-
-        scheduler.schedule = schedule_and_sample
-        return kv
+        """The engine core's KV cache manager (its `peak_used_blocks`, counted at allocation, gives the
+        peak of blocks held during each call); None where the engine core is not in this process."""
+        return getattr(getattr(self.llm.engine, "core", None), "kv", None)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: MaxTokens) -> list[list[int]]:
         """One ``LLM.generate`` call over all prompts (one ``SamplingParams`` per prompt when the
@@ -166,17 +149,15 @@ class _KVFlowBackend:
             params: Any = make(max_tokens=lengths[0], temperature=0.0, ignore_eos=True)
         else:
             params = [make(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
-        self._peak_blocks = 0
-        if hasattr(self._kv, "reset_peak"):
+        if self._kv is not None:
             self._kv.reset_peak()
         stats = self._kv.stats if self._kv is not None else None
         queried, hits = (stats.queried_tokens, stats.hit_tokens) if stats is not None else (0, 0)
         outs = self.llm.generate([list(p) for p in prompts], params, use_tqdm=False)
         if self._kv is not None:
             self.call_stats = {
-                "peak_kv_blocks": getattr(self._kv, "peak_used_blocks", self._peak_blocks),
-                "peak_measured": "the engine's peak_used_blocks" if hasattr(self._kv, "reset_peak")
-                else "blocks held by requests, sampled after every schedule",
+                "peak_kv_blocks": self._kv.peak_used_blocks,
+                "peak_measured": "the engine's peak_used_blocks",
                 "kv_blocks": self._kv.num_blocks,
                 "block_size": self._kv.block_size,
                 "prefix_queried_tokens": stats.queried_tokens - queried if stats is not None else None,

@@ -302,9 +302,9 @@ def test_long_prefill_chunks_take_the_modules_and_decodes_the_cpp_forward(tiny_m
     calls = {"cpp": 0}
     honest = cpu_kernels.CpuForward.__call__
 
-    def counting(self, *args):
+    def counting(self, *args, **kwargs):
         calls["cpp"] += 1
-        return honest(self, *args)
+        return honest(self, *args, **kwargs)
 
     monkeypatch.setattr(cpu_kernels.CpuForward, "__call__", counting)
     llm = LLM(model=str(tiny_models["llama"]), dtype="float32", num_blocks=128, enable_chunked_prefill=False)
