@@ -627,27 +627,85 @@ inline at::Tensor q8_activations(const at::Tensor& x, bool per_token) {
 // scaled by the token's and the channel's scales in the GEMV's order, so a row's result is the
 // GEMV's bit for bit whatever the rows in its step. This is what makes W8A8 pay off in a batch: the
 // dequantised-tile GEMM above runs at bf16's speed at best.
+// Row m of x (fp32 or bf16) as per-token int8 codes, exactly as quantize_group rounds them (max|x|
+// is order-free, and x · (1/d) rounds to nearest even in both); returns d. `buf`: K floats of scratch.
+inline float quantize_token(const at::Tensor& x, int64_t m, int64_t K, float* buf, int8_t* q) {
+  const float* row = buf;
+  if (x.scalar_type() == at::kFloat) {
+    row = x.data_ptr<float>() + m * K;
+  } else {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K;
+    int64_t k = 0;
+#if KVFLOW_QUANT_AVX512
+    for (; k + 16 <= K; k += 16)  // bf16 is fp32's top half
+      _mm512_storeu_ps(buf + k, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))), 16)));
+#endif
+    for (; k < K; ++k) buf[k] = bf16_value(src[k]);
+  }
+#if KVFLOW_QUANT_AVX512
+  __m512 mx = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K - k)) - 1);
+  mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, row + k)));
+  const float d = _mm512_reduce_max_ps(mx) / 127.f;
+  const __m512 id = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  for (k = 0; k + 16 <= K; k += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + k), id))));
+  _mm_mask_storeu_epi8(q + k, tail,
+                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(tail, row + k), id))));
+  return d;
+#else
+  return quantize_group(row, K, q);
+#endif
+}
+
+// y[m, :] = d · s[n] · acc[m, n] (in the GEMV's order: (d · s) · acc), in y's dtype.
+inline void scale_row(const int32_t* acc, float d, const float* s, int64_t N, float* f, at::BFloat16* h) {
+  int64_t n = 0;
+#if KVFLOW_QUANT_AVX512
+  const __m512 dv = _mm512_set1_ps(d);
+  for (; n + 16 <= N; n += 16) {
+    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(dv, _mm512_loadu_ps(s + n)),
+                                   _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + n)));
+    if (f) {
+      _mm512_storeu_ps(f + n, v);
+    } else {
+#if defined(__AVX512BF16__)  // round to nearest even, as at::BFloat16 (the values are finite)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + n), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, v);
+      for (int i = 0; i < 16; ++i) h[n + i] = at::BFloat16(tmp[i]);
+#endif
+    }
+  }
+#endif
+  for (; n < N; ++n) {
+    const float v = d * s[n] * static_cast<float>(acc[n]);
+    if (f) f[n] = v; else h[n] = at::BFloat16(v);
+  }
+}
+
 inline at::Tensor gemm_int8(const Weights& w, const at::Tensor& x) {
   const int64_t M = x.size(0), N = w.N, K = w.K;
   at::Tensor codes = at::empty({M, K}, at::kChar);
   std::vector<float> d(M);
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    Activations row;
-    for (int64_t m = m0; m < m1; ++m) {
-      load_rows(x, m, 1, row);
-      d[m] = quantize_group(row.x.data(), K, codes.data_ptr<int8_t>() + m * K);
-    }
+    std::vector<float> buf(K);
+    for (int64_t m = m0; m < m1; ++m) d[m] = quantize_token(x, m, K, buf.data(), codes.data_ptr<int8_t>() + m * K);
   });
   const at::Tensor weight = at::from_blob(const_cast<uint8_t*>(w.data), {N, K}, at::kChar);
   const at::Tensor acc = at::_int_mm(codes, weight.t());
   at::Tensor y = at::empty({M, N}, x.options());
-  Output out;
-  out.N = N;
-  if (y.scalar_type() == at::kFloat) out.f = y.data_ptr<float>(); else out.h = y.data_ptr<at::BFloat16>();
+  const bool f32 = y.scalar_type() == at::kFloat;
   const int32_t* a = acc.data_ptr<int32_t>();
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
-      for (int64_t n = 0; n < N; ++n) out.put(m, n, d[m] * w.scales[n] * static_cast<float>(a[m * N + n]));
+      scale_row(a + m * N, d[m], w.scales, N, f32 ? y.data_ptr<float>() + m * N : nullptr,
+                f32 ? nullptr : y.data_ptr<at::BFloat16>() + m * N);
   });
   return y;
 }
