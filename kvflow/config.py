@@ -775,6 +775,8 @@ class EngineConfig:
         """Build from flat keyword arguments (the offline API and CLI use this)."""
         parts: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}, RunnerConfig: {},
                                              SpeculativeConfig: {}, LoadConfig: {}}
+        if "max_num_seqs" in kwargs and "admission" not in kwargs:
+            kwargs = {**kwargs, "admission": "seqs"}  # a limit the user sets is a limit, prefix tree or not
         for key, value in kwargs.items():
             for part in parts:
                 if key in {f.name for f in fields(part)}:

@@ -40,7 +40,8 @@ _HELP = {
                     "or auto (prefix-tree for batches of at least --prefix-tree-min-batch; the offline default)",
     "prefix_tree_min_batch": "batch_policy auto: the smallest batch grouped by prefix (default 32)",
     "admission": "what limits admission: seqs (--max-num-seqs running), memory (the KV cache alone, keeping "
-                 "--kv-watermark free) or auto (memory while a prefix-tree plan orders the queue)",
+                 "--kv-watermark free) or auto (memory while a prefix-tree plan orders the queue; seqs when "
+                 "--max-num-seqs is given)",
     "kv_watermark": "memory admission: fraction of KV blocks left free after an admission (default 0.05)",
     "mixed_batching": "prompt chunks and decodes share steps (off: prompts run alone, as in vLLM v0)",
     "prepack_weights": "bf16 on CPU: prepack linear weights for oneDNN (same outputs, faster)",

@@ -237,9 +237,12 @@ class KVCacheManager:
         self.pool.touch(pinned)
         return pinned
 
-    def unpin(self, block_ids: list[int]) -> None:
-        """Drop `pin_prefix`'s references; blocks nobody else holds leave the cache at once (not to LRU)."""
-        self.pool.release(list(reversed(block_ids)), evict=True)
+    def unpin(self, block_ids: list[int], keep: int = 0) -> None:
+        """Drop `pin_prefix`'s references. Past the first `keep` blocks, those nobody else holds leave the
+        cache at once (not to LRU); the first `keep` (still wanted: another group shares them) go back to
+        the free queue's LRU order like any freed cached block."""
+        self.pool.release(list(reversed(block_ids[keep:])), evict=True)
+        self.pool.release(list(reversed(block_ids[:keep])))
 
     @property
     def peak_used_blocks(self) -> int:

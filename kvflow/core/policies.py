@@ -51,6 +51,11 @@ class QueuePolicy:
         """Whether admission should be limited by the KV cache rather than max_num_seqs now."""
         return False
 
+    def relieve_memory(self) -> bool:
+        """The cache is too full for the scheduler to make progress: give back any blocks the policy
+        holds (pinned prefixes). True if some came back (the scheduler then tries again)."""
+        return False
+
 
 class FCFSPolicy(QueuePolicy):
     """First come, first served (preempted requests were put back at the front)."""
@@ -104,7 +109,7 @@ class _Group:
     """One prefix group of a planned batch: its members share `prefix_blocks` full blocks of prompt."""
 
     prefix_blocks: int
-    key: int  # the shared tokens' hash: the output-length history's key
+    tokens: tuple[int, ...]  # the shared prefix
     remaining: int  # members not finished
     leader: Request | None = None  # the member computing the prefix (before it is pinned)
     pinned: list[int] | None = None  # the prefix's blocks, held by the policy until the last member ends
@@ -139,8 +144,11 @@ class PrefixTreePolicy(QueuePolicy):
     - **groups**: a group's first member to start (its leader) computes the shared prefix; the others
       wait (`ready`) until those blocks are cached, then take them from the prefix cache, so the prefix
       is computed once. The policy then pins the blocks (a reference of its own), so they stay cached
-      between members however full the cache gets, and unpins them when the group's last member ends,
-      evicting them at once instead of leaving them to LRU.
+      between members, and unpins them when the group's last member ends, evicting them at once
+      instead of leaving them to LRU (except leading blocks a group still to start shares). While
+      members wait, the leaders of the next groups start, so several prefixes may be pinned at once;
+      when the cache is then too full for any progress, the scheduler asks for them back
+      (`relieve_memory`: unpinned to the LRU order, members start from what is still cached).
     - **decode-ratio order**: groups whose requests spend the larger share of their tokens decoding
       start first, so their long decodes overlap the later groups' prefill chunks (mixed batching).
       A request's output length is its `max_tokens`, or the mean output of earlier requests of the
@@ -218,7 +226,7 @@ class PrefixTreePolicy(QueuePolicy):
             ratios = {id(r): self._decode_ratio(r, prefix_len, len(members), key) for r in members}
             members.sort(key=lambda r: -ratios[id(r)])
             if prefix_len >= block_size and len(members) > 1:
-                group = _Group(prefix_len // block_size, key, len(members))
+                group = _Group(prefix_len // block_size, tuple(members[0].prompt_token_ids[:prefix_len]), len(members))
                 self._groups.update((r.request_id, group) for r in members)
                 self.stats.groups += 1
             out.append((sum(ratios.values()) / len(members), min(arrival[id(r)] for r in members), members))
@@ -239,9 +247,11 @@ class PrefixTreePolicy(QueuePolicy):
         if group.leader is None or group.leader is request:
             group.leader = request
             return True
-        if self._pin(group, request):  # the prefix may be cached already (an earlier batch)
-            return True
         leader = group.leader
+        if leader.num_computed_tokens < group.prefix_blocks * self.kv.block_size:
+            return False  # (no lookup until the leader has the prefix: this runs for every waiting member)
+        if self._pin(group, request):  # (or the leader found it cached: no new block to report)
+            return True
         if leader.num_computed_tokens >= leader.num_prompt_tokens:
             group.pinned = []  # its prompt is computed but not shareable (e.g. KIVI's ring): nothing to wait for
             return True
@@ -265,13 +275,36 @@ class PrefixTreePolicy(QueuePolicy):
             return
         group.remaining -= 1
         if request.status != RequestStatus.FINISHED_ABORTED:
-            count, tokens = self._history.get(group.key, (0, 0))
-            self._history[group.key] = (count + 1, tokens + request.num_output_tokens)
+            key = hash(group.tokens)
+            count, tokens = self._history.get(key, (0, 0))
+            self._history[key] = (count + 1, tokens + request.num_output_tokens)
         if group.leader is request and group.pinned is None:
             group.leader = None  # another member computes the prefix
-        if group.remaining == 0 and group.pinned is not None:
-            self.kv.unpin(group.pinned)
+        if group.remaining == 0 and group.pinned:
+            # Evicted at once, except the leading blocks a group still to pin shares (an outer prefix,
+            # a system prompt): those go back to the cache's LRU order for that group's leader to find.
+            waiting = {id(g): g for g in self._groups.values() if g.pinned is None}.values()
+            keep = max((_common_blocks(group, g, self.kv.block_size) for g in waiting), default=0)
+            self.kv.unpin(group.pinned, keep=keep)
             group.pinned = None
+
+    def relieve_memory(self) -> bool:
+        """Unpin every group's prefix (to the cache's LRU order, not evicted): pins are an optimisation
+        and must never stop the engine, e.g. when every group's leader has pinned its prefix and no
+        member's first chunk fits beside them. Members then start from whatever is still cached."""
+        pinned = {id(g): g for g in self._groups.values() if g.pinned}
+        for group in pinned.values():
+            self.kv.unpin(group.pinned, keep=group.prefix_blocks)
+            group.pinned = []
+        return bool(pinned)
+
+
+def _common_blocks(a: _Group, b: _Group, block_size: int) -> int:
+    """Leading whole blocks two groups' prefixes share."""
+    n, limit = 0, min(len(a.tokens), len(b.tokens))
+    while n < limit and a.tokens[n] == b.tokens[n]:
+        n += 1
+    return n // block_size
 
 
 POLICIES: dict[str, type[QueuePolicy]] = {"fcfs": FCFSPolicy, "priority": PriorityPolicy,

@@ -236,6 +236,8 @@ class Scheduler:
                 i += 1
                 continue
             while not self._allocate(request, n):
+                if self.policy.relieve_memory():
+                    continue  # the policy's pinned blocks came back first
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -278,6 +280,8 @@ class Scheduler:
                 self.kv.free(request)
                 request.num_computed_tokens = 0
                 self.waiting.appendleft(request)
+                if not self._num_admitted and self.policy.relieve_memory():
+                    continue  # nothing runs to free blocks: the policy's pins must, or no step ever comes
                 break
             request.status = RequestStatus.RUNNING
             if request.scheduled_time is None:

@@ -62,7 +62,8 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_position: list[int] = field(default_factory=list)
-    # The most KV blocks held at once (requests and pinned prefixes) since the engine started.
+    # The most KV blocks held at once (requests and pinned prefixes) since the engine started (a
+    # disaggregated router reports the sum of its instances' peaks).
     peak_used_blocks: int = 0
     # BatchLLM's prefix-tree plans (batch_policy prefix-tree/auto), cumulative: batches planned, groups
     # sharing a prefix, R_saving and the multi-level tree's optimum (kvflow/core/policies.py).

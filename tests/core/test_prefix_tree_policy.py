@@ -163,6 +163,55 @@ def test_memory_admission_runs_more_than_max_num_seqs_and_keeps_the_watermark():
     assert peaks["seqs"] <= 4 < peaks["memory"]
 
 
+def test_pinned_prefixes_give_way_when_nothing_else_can_run():
+    """Every group's leader pins its prefix; the members' first chunks then fit only if the pins give
+    their blocks back (a cache of 16 blocks, three groups): the batch must still finish, with no leak."""
+    scheduler = make_scheduler(num_blocks=16, max_num_batched_tokens=64)
+    for g in range(3):
+        shared = [100 * (g + 1) + i for i in range(16)]
+        scheduler.add_request(Request(f"g{g}a", shared + [1], SamplingParams(max_tokens=1)))
+        scheduler.add_request(Request(f"g{g}b", shared + [2] * 28, SamplingParams(max_tokens=1)))
+    steps = run(scheduler)
+    assert len(steps) < 20 and not scheduler.waiting
+    assert scheduler.kv.num_free_blocks == scheduler.kv.num_blocks
+
+
+def test_an_outer_prefix_another_group_still_needs_stays_cached():
+    """Two groups under one 8-token system prompt: when the first group ends, its blocks past the system
+    prompt leave the cache, the system prompt's stay for the second group's leader."""
+    system = list(range(500, 508))
+    policy = PrefixTreePolicy()
+    kv = KVCacheManager(num_blocks=64, block_size=BS)
+    policy.attach(kv)
+    from kvflow.core.policies import _common_blocks, _Group
+
+    a = _Group(4, tuple(system + [1] * 8), 1)
+    b = _Group(4, tuple(system + [2] * 8), 1)
+    assert _common_blocks(a, b, BS) == 2
+    leader = Request("a0", list(a.tokens) + [9], SamplingParams(max_tokens=1))
+    kv.allocate(leader, leader.num_tokens)
+    leader.num_computed_tokens = leader.num_tokens
+    kv.cache_full_blocks(leader)
+    a.pinned = kv.pin_prefix(leader, 4)
+    kv.free(leader)
+    policy._groups = {"a0": a, "b0": b}
+    leader.status = RequestStatus.FINISHED_LENGTH
+    policy.on_finish(leader)
+    probe = Request("p", system + [2] * 8 + [3], SamplingParams(max_tokens=1))
+    assert kv.cached_prefix_tokens(probe) == 8  # the system prompt, not a's own blocks
+    assert kv.cached_prefix_tokens(Request("q", list(a.tokens) + [3], SamplingParams(max_tokens=1))) == 8
+
+
+def test_an_explicit_max_num_seqs_keeps_admission_by_sequences():
+    from kvflow.assets import default_model_path
+    from kvflow.config import EngineConfig
+
+    model = str(default_model_path())
+    assert EngineConfig.create(model, batch_policy="prefix-tree", max_num_seqs=4).scheduler.admission == "seqs"
+    assert EngineConfig.create(model, batch_policy="prefix-tree").scheduler.admission == "auto"
+    assert EngineConfig.create(model, max_num_seqs=4, admission="memory").scheduler.admission == "memory"
+
+
 def test_lpm_passes_over_the_oldest_request_at_most_its_limit():
     """A request nothing is cached for, ahead of a stream of prefix hits, starts after max_skips others."""
     kv = KVCacheManager(num_blocks=256, block_size=BS)
