@@ -34,9 +34,17 @@ import torch
 
 #: Most members per group: the C++ kernel keeps a group's members x group-size query rows (scores
 #: of a 256-key tile, running sums) in one thread's scratch, and the Triton kernel in one program's
-#: registers; 16 members keep that within L2 (CPU) and a program's registers (GPU) for GQA groups
-#: up to 8, and already divide the shared reads by 16.
+#: registers and shared memory; 16 members already divide the shared reads by 16. The tile's rows
+#: are capped too (MAX_GROUP_ROWS), so a large GQA group takes fewer members (`max_members`).
 MAX_GROUP_MEMBERS = 16
+#: Most rows of a group's tile (members x query heads per kv head): the Triton kernel's fp32 tile of
+#: 128 rows x head_dim 128 needs more shared memory than an A100 or H100 has (compile_check), 64 fit.
+MAX_GROUP_ROWS = 64
+
+
+def max_members(query_heads_per_kv: int) -> int:
+    """Members per group for a model with this GQA group size (at least 2: a group of one shares nothing)."""
+    return max(2, min(MAX_GROUP_MEMBERS, MAX_GROUP_ROWS // max(1, query_heads_per_kv)))
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,8 @@ class SharedPrefixGroups:
 
 def find_shared_prefixes(block_ids: Sequence[Sequence[int]], seq_lens: Sequence[int], num_decodes: int,
                          block_size: int, device: torch.device | str = "cpu",
-                         sliding_window: int | None = None) -> SharedPrefixGroups | None:
+                         sliding_window: int | None = None, query_heads_per_kv: int = 1,
+                         ) -> SharedPrefixGroups | None:
     """The groups of this step's decodes that share leading blocks (module docstring), or None
     where there are none (or a sliding window is in use)."""
     if sliding_window:
@@ -74,7 +83,8 @@ def find_shared_prefixes(block_ids: Sequence[Sequence[int]], seq_lens: Sequence[
     for candidates in by_first.values():
         if len(candidates) > 1:
             found.extend(_best_groups(candidates, 0, block_ids, limits, seq_lens, block_size)[1])
-    groups = [(part, shared) for members, shared in found for part in _cut(members)]
+    limit = max_members(query_heads_per_kv)
+    groups = [(part, shared) for members, shared in found for part in _cut(members, limit)]
     if not groups:
         return None
     rows, flat = [], []
@@ -127,9 +137,9 @@ def _group_cost(members: list[int], shared: int, own: dict[int, int]) -> int:
     return shared + sum(own[i] - shared for i in members)
 
 
-def _cut(members: list[int]) -> list[list[int]]:
-    """A group cut into near-equal consecutive parts of at most MAX_GROUP_MEMBERS (each >= 2)."""
-    parts = -(-len(members) // MAX_GROUP_MEMBERS)
+def _cut(members: list[int], limit: int = MAX_GROUP_MEMBERS) -> list[list[int]]:
+    """A group cut into near-equal consecutive parts of at most `limit` members (each >= 2)."""
+    parts = -(-len(members) // limit)
     size, extra = divmod(len(members), parts)
     out, start = [], 0
     for p in range(parts):

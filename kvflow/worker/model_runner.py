@@ -213,7 +213,8 @@ class ModelRunner:
             shifts.append(c.kv_shift)
         positions, kv_positions, meta, tables = paged_step_inputs(
             seq_lens, query_lens, [c.request.block_ids for c in chunks], bs, self.device, shifts,
-            shared_prefix=self._shared_prefix, sliding_window=self._sliding_window)
+            shared_prefix=self._shared_prefix, sliding_window=self._sliding_window,
+            query_heads_per_kv=self.model_config.num_heads // self.model_config.num_kv_heads)
         if self.kv_spec.kivi_bits:
             # In cache indices, as the blocks hold them (evictions and SnapKV's compaction shift positions).
             starts = [c.start - c.kv_shift for c in chunks]

@@ -12,7 +12,7 @@ from kvflow.attention.shared_prefix import find_shared_prefixes
 
 def paged_step_inputs(seq_lens: list[int], query_lens: list[int], block_ids: list[list[int]], block_size: int,
                       device: torch.device, shifts: list[int] | None = None, shared_prefix: bool = False,
-                      sliding_window: int | None = None,
+                      sliding_window: int | None = None, query_heads_per_kv: int = 1,
                       ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[list[int]]]:
     """Each sequence computes its last `query_lens[i]` of `seq_lens[i]` cache entries (single-token
     sequences first, so the backend can batch them as decodes). Returns the tokens' positions (cache
@@ -53,5 +53,5 @@ def paged_step_inputs(seq_lens: list[int], query_lens: list[int], block_ids: lis
     )
     if shared_prefix:
         meta.shared_prefix = find_shared_prefixes(block_ids, seq_lens, meta.num_decodes, block_size, device,
-                                                  sliding_window)
+                                                  sliding_window, query_heads_per_kv)
     return positions, kv_positions, meta, tables

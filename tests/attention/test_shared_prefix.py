@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from kvflow.attention.shared_prefix import MAX_GROUP_MEMBERS, SharedPrefixGroups, find_shared_prefixes
+from kvflow.attention.shared_prefix import (
+    MAX_GROUP_MEMBERS,
+    MAX_GROUP_ROWS,
+    SharedPrefixGroups,
+    find_shared_prefixes,
+    max_members,
+)
 from kvflow.worker.step_inputs import paged_step_inputs
 
 BS = 4  # block size
@@ -88,6 +94,17 @@ def test_large_groups_are_cut_into_near_equal_parts():
     found = _groups(find_shared_prefixes(tables, _lens(tables), n, BS))
     assert [len(m) for m, _ in found] == [10, 9]
     assert [i for m, _ in found for i in m] == list(range(n)) and {p for _, p in found} == {2}
+
+
+def test_a_large_gqa_group_takes_fewer_members_per_group():
+    """A group's tile is members x query heads per kv head rows, at most MAX_GROUP_ROWS: with 8 query
+    heads per kv head, 8 members (the Triton kernel's fp32 tile of 128 rows did not fit shared memory)."""
+    n = 12
+    tables = [[1, 2, 100 + i] for i in range(n)]
+    assert max_members(8) == MAX_GROUP_ROWS // 8 == 8 and max_members(1) == MAX_GROUP_MEMBERS and max_members(64) == 2
+    found = _groups(find_shared_prefixes(tables, _lens(tables), n, BS, query_heads_per_kv=8))
+    assert [len(m) for m, _ in found] == [6, 6]
+    assert [len(m) for m, _ in _groups(find_shared_prefixes(tables, _lens(tables), n, BS))] == [12]
 
 
 def test_step_inputs_build_groups_only_when_asked():

@@ -125,7 +125,7 @@ def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[]
     engine uses (windowed or not, split or not, dense, int8, fp8 or KIVI cache), at this dtype and
     head size. fp8 compiles with the GPU's fp8 conversions where it has them (sm_89 and later), else
     with the integer ones (_common.fp8_native)."""
-    from kvflow.attention.shared_prefix import MAX_GROUP_MEMBERS, SharedPrefixGroups
+    from kvflow.attention.shared_prefix import SharedPrefixGroups, max_members
     from kvflow.attention.triton import decode_attention, prefill_attention, store_kv
     from kvflow.attention.triton.kivi import kivi_decode_attention, kivi_prefill_attention
 
@@ -138,6 +138,7 @@ def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[]
     q_prefill = torch.zeros(200, num_heads, head_dim, dtype=dtype)
     qsl = torch.tensor([0, 100, 200])
     q_decode = torch.zeros(2, num_heads, head_dim, dtype=dtype)
+    q_decode_gqa8 = torch.zeros(2, 8 * num_kv_heads, head_dim, dtype=dtype)  # the largest GQA group we plan for
     kv = torch.zeros(4, num_kv_heads, head_dim, dtype=dtype)
     def launches(kv_cache: Any, suffix: str, names: tuple[str, ...]) -> list[tuple[str, Callable[[], Any]]]:
         calls = {
@@ -152,11 +153,17 @@ def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[]
                                                      num_splits=4),
             "shared": lambda: decode_attention(q_decode, kv_cache, seq_lens, block_tables, 0.1, max_seq_len=900,
                                                shared=shared),
+            # 8 query heads per kv head: detection then allows 8 members (64 rows).
+            "shared-gqa8": lambda: decode_attention(q_decode_gqa8, kv_cache, seq_lens, block_tables, 0.1,
+                                                    max_seq_len=900, shared=shared_gqa8),
         }
         return [(name + suffix, calls[name]) for name in names]
 
-    # Shared-prefix groups at their tallest tile (MAX_GROUP_MEMBERS members' query heads).
-    shared = SharedPrefixGroups(torch.tensor([[0, 2, 16]]), torch.tensor([0, 1]), MAX_GROUP_MEMBERS, 16)
+    # Shared-prefix groups at their tallest tiles: as many members as detection allows a GQA group.
+    def groups(query_heads_per_kv: int) -> SharedPrefixGroups:
+        return SharedPrefixGroups(torch.tensor([[0, 2, 16]]), torch.tensor([0, 1]), max_members(query_heads_per_kv), 16)
+
+    shared, shared_gqa8 = groups(num_heads // num_kv_heads), groups(8)
 
     quantised = ("store", "causal", "window", "nosplit", "split-window", "shared")  # split differs only in count
 
@@ -179,7 +186,8 @@ def _scenarios(dtype: torch.dtype, head_dim: int) -> list[tuple[str, Callable[[]
         }
         return [(f"{name}-kivi{bits}", call) for name, call in calls.items()]
 
-    return (launches(cache, "", ("store", "causal", "window", "nosplit", "split", "split-window", "shared"))
+    return (launches(cache, "", ("store", "causal", "window", "nosplit", "split", "split-window", "shared",
+                                 "shared-gqa8"))
             + launches(int8, "-int8", quantised) + launches(fp8, "-fp8", quantised)
             + kivi_launches(4) + kivi_launches(2))
 

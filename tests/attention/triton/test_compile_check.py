@@ -30,7 +30,7 @@ def _ptxas_available() -> bool:
 # KIVI ones (kivi4 and kivi2 differ only in how codes unpack) a windowed prefill and split decode.
 VARIANTS = ("store", "causal", "window", "nosplit", "split", "split-window",
             "store-int8", "window-int8", "split-window-int8", "store-fp8", "window-fp8",
-            "window-kivi4", "split-window-kivi2")
+            "window-kivi4", "split-window-kivi2", "shared-gqa8")
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not installed")
@@ -56,8 +56,11 @@ def test_kernels_compile_for_ampere_and_hopper(tmp_path):
         ("store_kv_kernel", "store-fp8"), ("prefill_kernel", "window-fp8"),
         ("kivi_prefill_kernel", "window-kivi4"), ("kivi_decode_kernel", "split-window-kivi2"),
         ("decode_merge_kernel", "split-window-kivi2"),
+        # shared-prefix groups at the tallest tile detection allows (8 query heads per kv head)
+        ("decode_split_kernel", "shared-gqa8"), ("decode_shared_kernel", "shared-gqa8"),
+        ("decode_merge_kernel", "shared-gqa8"),
     }
-    assert len(reports) == 2 * 2 * 17  # arches x dtypes x launches
+    assert len(reports) == 2 * 2 * 20  # arches x dtypes x launches
     for r in reports:
         if "INT8" in r["constexprs"]:
             fp8 = r["variant"].endswith("fp8")
