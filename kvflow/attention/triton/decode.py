@@ -45,6 +45,38 @@ from kvflow.attention.triton._common import (
 
 
 @triton.jit
+def _attend_keys(
+    q, kv_base, scale_base, bt_row, start, end, offs_d, qk_scale, v_head_scale, block_size,
+    stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, INT8: tl.constexpr, FP8: tl.constexpr,
+    FP8_NATIVE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The query rows `q` [ROWS, D] over keys [start, end) of the table row `bt_row`, all visible: the
+    normalised output [ROWS, D] and its log2-sum-exp [ROWS]. An empty range gives out 0 and lse -inf,
+    which weighs nothing in the merge (both decode kernels' partial results)."""
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        k, v, k_scale, v_scale = load_kv_tile(
+            kv_base, scale_base, bt_row, offs_n, n_mask, offs_d, block_size,
+            stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, INT8,
+        )
+        s = tile_scores(q, k, k_scale, qk_scale, INT8, FP8, FP8_NATIVE, PRECISION)  # [ROWS, N], log2 units
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_i, l_i, acc = online_softmax_step(s, codes_to(v, q.dtype, FP8, FP8_NATIVE), v_scale, m_i, l_i, acc,
+                                            INT8, PRECISION)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if FP8:  # sum_j p_j (scale * code_j) = scale * sum_j p_j code_j
+        out = out * v_head_scale
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    return out, lse
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, out_ptr, lse_ptr, seq_lens_ptr, bt_ptr, key_start_ptr,
     cache_ptr, scale_ptr,
@@ -83,26 +115,11 @@ def _decode_split_kernel(
     k_head_scale, v_head_scale = load_head_scales(scale_base, stride_skv, FP8)
     if FP8:
         qk_scale = qk_scale * k_head_scale
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        k, v, k_scale, v_scale = load_kv_tile(
-            kv_base, scale_base, bt_ptr + seq * stride_bt, offs_n, n_mask, offs_d, block_size,
-            stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, INT8,
-        )
-        s = tile_scores(q, k, k_scale, qk_scale, INT8, FP8, FP8_NATIVE, PRECISION)  # [G, N], log2 units
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_i, l_i, acc = online_softmax_step(s, codes_to(v, q.dtype, FP8, FP8_NATIVE), v_scale, m_i, l_i, acc,
-                                            INT8, PRECISION)
-    # An empty split (short context) stores out = 0, lse = -inf: it weighs nothing in the merge.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    if FP8:  # sum_j p_j (scale * code_j) = scale * sum_j p_j code_j
-        out = out * v_head_scale
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    out, lse = _attend_keys(  # an empty split (short context): out 0, lse -inf
+        q, kv_base, scale_base, bt_ptr + seq * stride_bt, start, end, offs_d, qk_scale, v_head_scale, block_size,
+        stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff,
+        BLOCK_G, HEAD_DIM, INT8, FP8, FP8_NATIVE, BLOCK_N, PRECISION,
+    )
     if LSE_NATURAL:
         lse = lse * 0.6931471805599453
     tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
@@ -150,25 +167,11 @@ def _decode_shared_kernel(
     k_head_scale, v_head_scale = load_head_scales(scale_base, stride_skv, FP8)
     if FP8:
         qk_scale = qk_scale * k_head_scale
-    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
-    for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        k, v, k_scale, v_scale = load_kv_tile(
-            kv_base, scale_base, bt_row, offs_n, n_mask, offs_d, block_size,
-            stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff, INT8,
-        )
-        s = tile_scores(q, k, k_scale, qk_scale, INT8, FP8, FP8_NATIVE, PRECISION)  # [R, N], log2 units
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_i, l_i, acc = online_softmax_step(s, codes_to(v, q.dtype, FP8, FP8_NATIVE), v_scale, m_i, l_i, acc,
-                                            INT8, PRECISION)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # an empty split: out 0, lse -inf, as in the split kernel
-    out = acc / l_safe[:, None]
-    if FP8:
-        out = out * v_head_scale
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    out, lse = _attend_keys(
+        q, kv_base, scale_base, bt_row, start, end, offs_d, qk_scale, v_head_scale, block_size,
+        stride_ckv, stride_cblk, stride_coff, stride_skv, stride_sblk, stride_soff,
+        BLOCK_R, HEAD_DIM, INT8, FP8, FP8_NATIVE, BLOCK_N, PRECISION,
+    )
     slot = first_slot + split
     tl.store(out_ptr + seqs[:, None] * stride_ob + heads[:, None] * stride_oh + slot * stride_os + offs_d[None, :],
              out, mask=r_mask[:, None])
