@@ -31,7 +31,8 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
         request_rate=args.request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
         random_input_len=args.random_input_len, random_output_len=args.random_output_len,
         random_range_ratio=args.random_range_ratio, shared_prefix_len=args.shared_prefix_len,
-        num_prefix_groups=args.num_prefix_groups, trace_file=args.trace_file,
+        num_prefix_groups=args.num_prefix_groups, num_sessions=args.num_sessions, num_turns=args.num_turns,
+        first_turn_len=args.first_turn_len, turn_input_len=args.turn_input_len, trace_file=args.trace_file,
         trace_time_scale=args.trace_time_scale, max_input_len=args.max_input_len,
         max_output_len=args.max_output_len, goodput_ms=parse_goodput(args.goodput or []),
         percentiles=parse_percentiles(args.percentiles), ignore_eos=args.ignore_eos,
@@ -114,17 +115,21 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     load = sp.add_argument_group("load")
     load.add_argument("--dataset", choices=DATASETS, default="random")
     load.add_argument("--num-prompts", type=int,
-                      help=f"requests to send (default {DEFAULT_NUM_PROMPTS}; trace: all rows)")
+                      help=f"requests to send (default {DEFAULT_NUM_PROMPTS}; trace: all rows; "
+                      "multi-turn: not used)")
     load.add_argument("--request-rate", type=_rate,
-                      help="mean arrivals per second, or inf (default: inf; trace: its own timestamps)")
+                      help="mean arrivals per second, or inf (default: inf; trace: its own timestamps; "
+                      "multi-turn: session starts per second)")
     load.add_argument("--burstiness", type=float, default=1.0,
                       help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, >1 more regular")
-    load.add_argument("--max-concurrency", type=int, help="most requests in flight at once")
+    load.add_argument("--max-concurrency", type=int,
+                      help="most requests in flight at once (multi-turn: most sessions alive at once)")
     load.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
 
     ds = sp.add_argument_group("datasets")
     ds.add_argument("--random-input-len", type=int, default=256, help="prompt tokens (shared-prefix: suffix)")
-    ds.add_argument("--random-output-len", type=int, default=128, help="output tokens (max_tokens)")
+    ds.add_argument("--random-output-len", type=int, default=128,
+                    help="output tokens (max_tokens; multi-turn: of every turn)")
     ds.add_argument("--random-range-ratio", type=float, default=0.0,
                     help="lengths uniform in [len*(1-r), len*(1+r)]")
     ds.add_argument("--shared-prefix-len", type=int, default=512, help="tokens of each group's prefix")
@@ -134,6 +139,12 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                     help="multiply trace inter-arrival times (0.5 = twice the rate)")
     ds.add_argument("--max-input-len", type=int, help="clip trace prompt lengths")
     ds.add_argument("--max-output-len", type=int, help="clip trace output lengths")
+    ds.add_argument("--num-sessions", type=int, default=48, help="multi-turn: chat sessions")
+    ds.add_argument("--num-turns", type=int, default=4, help="multi-turn: turns per session")
+    ds.add_argument("--first-turn-len", type=int, default=1536,
+                    help="multi-turn: prompt tokens of a session's first turn (system prompt + document)")
+    ds.add_argument("--turn-input-len", type=int, default=128,
+                    help="multi-turn: new user tokens of each later turn (after the resent history)")
 
     rep = sp.add_argument_group("report")
     rep.add_argument("--goodput", nargs="+", metavar="KEY:MS",

@@ -1,8 +1,9 @@
 """``kvflow bench serve``: a load generator for any OpenAI-compatible server.
 
-It replays a request stream (random lengths, shared prefixes, or an Azure-format trace) at a
-chosen arrival process, streams every response, and reports TTFT / TPOT / ITL / E2E, throughput
-and goodput, so kvflow's server and its peers (vLLM, ...) are measured by the same client code.
+It replays a request stream (random lengths, shared prefixes, an Azure-format trace, or multi-turn
+chat sessions) at a chosen arrival process, streams every response, and reports TTFT / TPOT / ITL /
+E2E, throughput and goodput, so kvflow's server and its peers (vLLM, ...) are measured by the same
+client code.
 
 Modules, one job each:
 
@@ -10,6 +11,7 @@ Modules, one job each:
 * ``trace``     the Azure LLM inference trace CSV (``TIMESTAMP,ContextTokens,GeneratedTokens``);
 * ``prompts``   text prompts of an exact token count under the served model's tokenizer;
 * ``datasets``  request streams: random, shared-prefix, trace;
+* ``sessions``  the multi-turn dataset: chat sessions resending their history, turn after turn;
 * ``sse``       incremental server-sent-events parsing;
 * ``client``    one streamed request -> timings (aiohttp);
 * ``runner``    the whole run: discovery, probe, schedule, concurrency cap, progress;

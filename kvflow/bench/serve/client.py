@@ -64,6 +64,11 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     arrival_s: float = 0.0  # scheduled send time
     start_s: float = 0.0  # actual send time (later than arrival when the concurrency cap waits)
+    session: int | None = None  # multi-turn: the chat session (0-based), None elsewhere
+    turn: int | None = None  # multi-turn: the turn within its session (1-based), None elsewhere
+    # The generated text (completions: ``text``; chat: ``content``), which the next turn of a
+    # chat session resends; kept out of the JSON record, which holds timings, not text.
+    generated_text: str = field(default="", repr=False)
 
     @property
     def tpot_s(self) -> float | None:
@@ -80,6 +85,7 @@ class RequestResult:
             "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
             "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s,
             "itl_s": self.itl_s, "arrival_s": self.arrival_s, "start_s": self.start_s,
+            "session": self.session, "turn": self.turn,
         }
 
 
@@ -87,7 +93,8 @@ def build_payload(target: Target, req: SampleRequest, ignore_eos: bool | None = 
     """The JSON body of a streamed completions or chat request for ``req``."""
     body: dict[str, Any] = {"model": target.model, "stream": True, "stream_options": {"include_usage": True}}
     if target.api == "chat":
-        body["messages"] = [{"role": "user", "content": req.prompt}]
+        turns = req.messages or (("user", req.prompt),)
+        body["messages"] = [{"role": role, "content": content} for role, content in turns]
         body["max_completion_tokens"] = req.output_len
     else:
         body["prompt"] = req.prompt
@@ -101,10 +108,20 @@ def build_payload(target: Target, req: SampleRequest, ignore_eos: bool | None = 
 
 
 def _choice_text(choice: dict[str, Any], api: Api) -> str:
-    """The text a streamed choice carries (``text`` for completions, ``delta.content`` for chat)."""
+    """The text a streamed choice carries (``text`` for completions, ``delta.content`` for chat).
+
+    Reasoning text counts too: it is output the server had to generate, so it ends the TTFT.
+    """
     if api == "chat":
         delta = choice.get("delta") or {}
         return (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+    return choice.get("text") or ""
+
+
+def _choice_content(choice: dict[str, Any], api: Api) -> str:
+    """The answer text of a streamed choice, without reasoning: what a chat history keeps."""
+    if api == "chat":
+        return (choice.get("delta") or {}).get("content") or ""
     return choice.get("text") or ""
 
 
@@ -116,6 +133,7 @@ async def send_request(
     payload = build_payload(target, req, ignore_eos)
     decoder = SSEDecoder()
     chunks = 0
+    pieces: list[str] = []
     first_choice: float | None = None
     done = False
     start = last = time.perf_counter()
@@ -143,6 +161,7 @@ async def send_request(
                     choices = obj.get("choices") or []
                     if choices and first_choice is None:
                         first_choice = now
+                    pieces.extend(_choice_content(c, target.api) for c in choices)
                     if any(_choice_text(c, target.api) for c in choices):
                         if chunks == 0:
                             result.ttft_s = now - start
@@ -167,6 +186,7 @@ async def send_request(
         result.ttft_s = first_choice - start
     if result.output_tokens == 0:
         result.output_tokens = max(chunks, 1)
+    result.generated_text = "".join(pieces)
     result.success = True
     return result
 

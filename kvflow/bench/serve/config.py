@@ -19,7 +19,10 @@ DEFAULT_NUM_PROMPTS = 200
 
 @dataclass
 class ServeBenchConfig:
-    """Everything that defines a run. ``request_rate`` None: inf, or the trace's own timing."""
+    """Everything that defines a run. ``request_rate`` None: inf, or the trace's own timing.
+
+    For ``multi-turn`` the rate is of session starts and ``max_concurrency`` counts sessions.
+    """
 
     base_url: str = "http://127.0.0.1:8000"
     endpoint: str = "/v1/completions"
@@ -36,6 +39,10 @@ class ServeBenchConfig:
     random_range_ratio: float = 0.0
     shared_prefix_len: int = 512
     num_prefix_groups: int = 4
+    num_sessions: int = 48
+    num_turns: int = 4
+    first_turn_len: int = 1536
+    turn_input_len: int = 128
     trace_file: str | None = None
     trace_time_scale: float = 1.0
     max_input_len: int | None = None
@@ -69,6 +76,9 @@ class ServeBenchConfig:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.dataset == "trace" and not self.trace_file:
             raise ValueError("--dataset trace needs --trace-file CSV")
+        if self.dataset == "multi-turn" and self.num_prompts is not None:
+            raise ValueError("--dataset multi-turn sends --num-sessions x --num-turns requests; "
+                             "--num-prompts does not apply")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError(f"--num-prompts must be >= 1, got {self.num_prompts}")
         if self.request_rate is not None and not self.request_rate > 0:
@@ -77,9 +87,10 @@ class ServeBenchConfig:
             raise ValueError(f"--burstiness must be > 0, got {self.burstiness}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
-        for name in ("random_input_len", "random_output_len", "shared_prefix_len", "num_prefix_groups"):
+        for name in ("random_input_len", "random_output_len", "shared_prefix_len", "num_prefix_groups",
+                     "num_sessions", "num_turns", "first_turn_len", "turn_input_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_input_len", "max_output_len"):
             value = getattr(self, name)
             if value is not None and value < 1:

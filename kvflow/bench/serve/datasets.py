@@ -1,13 +1,15 @@
 """Request streams: what each request asks for (prompt text, prompt and output lengths).
 
-Three shapes of traffic, each seeded so every server under test gets the same requests:
+Four shapes of traffic, each seeded so every server under test gets the same requests:
 
 * ``random``: independent prompts; lengths uniform around a mean (``range_ratio``), so there is
   no accidental prefix sharing and batching sees realistic length spread;
 * ``shared-prefix``: a few groups of prompts that share a long prefix (system prompt, few-shot
   examples, a document), the case a prefix cache is for;
 * ``trace``: lengths (and, in ``runner``, arrival times) of a real service's log, clipped so they
-  fit a small model's context.
+  fit a small model's context;
+* ``multi-turn``: chat sessions resending their growing history each turn; its requests depend on
+  the server's answers, so they are built while the run goes (``sessions``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from kvflow.bench.serve.prompts import PromptBuilder
 from kvflow.bench.serve.trace import TraceRow
 
-DATASETS: tuple[str, ...] = ("random", "shared-prefix", "trace")
+DATASETS: tuple[str, ...] = ("random", "shared-prefix", "trace", "multi-turn")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class SampleRequest:
     prompt_len: int
     output_len: int
     group: int | None = None  # shared-prefix group, None elsewhere
+    # Chat endpoint: the whole conversation as (role, content) pairs, the last one ``prompt``'s
+    # user turn; None sends ``prompt`` as a single user message.
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 def sample_lengths(mean: int, range_ratio: float, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -7,13 +7,16 @@
   ms); a throughput that counts only useful work, since a fast server that misses its latency
   targets serves nobody. A request with one output token has no TPOT and meets any TPOT SLO.
 * SLO attainment: the fraction of all requests sent (failed ones miss every SLO) meeting each SLO,
-  and all of them.
+  and all of them;
+* multi-turn runs: TTFT and E2E of first turns apart from later ones (a later turn's prefix is the
+  session's history: whether the server still has its KV, or must recompute it, shows there and
+  nowhere else), prompt tokens per turn and the sessions / turns completed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -97,8 +100,8 @@ def summarize(
     slos_ms = dict(slos_ms or {})
     ok = [r for r in results if r.success]
     n_out = sum(r.output_tokens for r in ok)
-    n_in = sum(r.prompt_tokens if r.prompt_tokens is not None else r.prompt_len for r in ok)
-    per_s = (lambda x: x / duration_s) if duration_s > 0 else (lambda x: math.nan)
+    n_in = sum(prompt_tokens(r) for r in ok)
+    per_s = _per_second(duration_s)
     summary: dict[str, Any] = {
         "num_requests": len(results),
         "completed": len(ok),
@@ -129,7 +132,54 @@ def summarize(
             "request_goodput": per_s(good),
             "attainment": attainment,
         }
+    if any(r.turn is not None for r in results):
+        summary["multi_turn"] = multi_turn_summary(results, duration_s, percentiles)
     return summary
+
+
+def prompt_tokens(result: RequestResult) -> int:
+    """A request's prompt tokens: the server's count (usage) when it gave one, else the client's."""
+    return result.prompt_tokens if result.prompt_tokens is not None else result.prompt_len
+
+
+def _per_second(duration_s: float) -> Callable[[float], float]:
+    return (lambda x: x / duration_s) if duration_s > 0 else (lambda x: math.nan)
+
+
+def multi_turn_summary(
+    results: Sequence[RequestResult], duration_s: float, percentiles: Sequence[float] = DEFAULT_PERCENTILES
+) -> dict[str, Any]:
+    """Per-turn figures of a multi-turn run (records with ``session`` / ``turn``; others ignored).
+
+    A session is completed when all its turns succeeded (the sender records the turns it never
+    sent after a failure as failed). Throughputs count every successful turn, as the overall ones.
+    """
+    turns = [r for r in results if r.turn is not None]
+    ok = [r for r in turns if r.success]
+    first = [r for r in ok if r.turn == 1]
+    later = [r for r in ok if r.turn is not None and r.turn >= 2]
+    by_session: dict[int | None, list[RequestResult]] = {}
+    for r in turns:
+        by_session.setdefault(r.session, []).append(r)
+    max_turn = max((r.turn for r in turns if r.turn is not None), default=0)
+    by_turn = [[prompt_tokens(r) for r in ok if r.turn == t] for t in range(1, max_turn + 1)]
+    n_out = sum(r.output_tokens for r in ok)
+    n_in = sum(prompt_tokens(r) for r in ok)
+    per_s = _per_second(duration_s)
+    return {
+        "sessions": len(by_session),
+        "sessions_completed": sum(1 for rs in by_session.values() if all(r.success for r in rs)),
+        "turns": len(turns),
+        "turns_completed": len(ok),
+        "ttft_ms_first_turn": distribution([r.ttft_s for r in first], percentiles),
+        "ttft_ms_later_turns": distribution([r.ttft_s for r in later], percentiles),
+        "e2e_ms_first_turn": distribution([r.e2e_s for r in first], percentiles),
+        "e2e_ms_later_turns": distribution([r.e2e_s for r in later], percentiles),
+        "output_throughput": per_s(n_out),
+        "total_token_throughput": per_s(n_in + n_out),
+        "mean_prompt_tokens": n_in / len(ok) if ok else math.nan,
+        "mean_prompt_tokens_by_turn": [sum(v) / len(v) if v else math.nan for v in by_turn],
+    }
 
 
 def _error_counts(results: Sequence[RequestResult], width: int = 120) -> dict[str, int]:

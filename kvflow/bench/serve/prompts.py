@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,10 +98,37 @@ class PromptBuilder:
         else:
             tail = self._sample(self.first_pool, 1) + self._sample(self.pool, need - 1)
             keep = 1  # the first word stays: it was chosen to be one token at the start
+        n, words = self._fit(num_tokens, prefix, tail, keep, lambda ws: self.count(" ".join(ws)))
+        return Prompt(text=" ".join(words), words=tuple(words), num_tokens=n)
+
+    def continuation(self, num_tokens: int) -> Prompt:
+        """Words of ``num_tokens`` tokens to append after a space to other text (a later chat turn).
+
+        Counted as ``" " + text``: that is how they are encoded inside the longer prompt, where a
+        whitespace pre-tokenizer keeps them apart from whatever text comes before.
+        """
+        if num_tokens < 1:
+            raise ValueError(f"a continuation needs at least 1 token, got {num_tokens}")
+        tail = self._sample(self.pool, num_tokens)
+        n, words = self._fit(num_tokens, [], tail, 1, lambda ws: self.count(" " + " ".join(ws)))
+        return Prompt(text=" ".join(words), words=tuple(words), num_tokens=n)
+
+    def _fit(
+        self,
+        num_tokens: int,
+        prefix: list[str],
+        tail: list[str],
+        keep: int,
+        measure: Callable[[list[str]], int],
+    ) -> tuple[int, list[str]]:
+        """Grow or trim ``tail`` (never below ``keep`` words) until ``measure(prefix + tail)`` hits.
+
+        Returns the closest (count, words) found; a miss is counted in ``inexact`` and logged once.
+        """
         best: tuple[int, list[str]] | None = None
         for _ in range(_MAX_REPAIRS):
             words = prefix + tail
-            n = self.count(" ".join(words))
+            n = measure(words)
             if best is None or abs(n - num_tokens) < abs(best[0] - num_tokens):
                 best = (n, words)
             if n == num_tokens:
@@ -122,4 +149,4 @@ class PromptBuilder:
             if self.inexact == 1:
                 log.warning("could not build a prompt of exactly %d tokens (got %d); "
                             "this tokenizer merges across spaces", num_tokens, n)
-        return Prompt(text=" ".join(words), words=tuple(words), num_tokens=n)
+        return n, words

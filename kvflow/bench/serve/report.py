@@ -112,6 +112,8 @@ def format_table(doc: dict[str, Any]) -> str:
             if p == 50:
                 continue  # the median, already shown
             line(f"P{p:g} {name} (ms)", dist.get(percentile_key(p)))
+    if s.get("multi_turn"):
+        rows.extend(_multi_turn_rows(s["multi_turn"], s.get("percentiles", []), width))
     server = doc.get("server") or {}
     if server.get("kv_transfers"):
         title("KV transfer (server side)")
@@ -129,3 +131,27 @@ def format_table(doc: dict[str, Any]) -> str:
     if short > 0:
         rows.append(f"Note: {short} requested output tokens were not generated (EOS honoured?)")
     return "\n".join(rows)
+
+
+def _multi_turn_rows(m: dict[str, Any], percentiles: list[float], width: int) -> list[str]:
+    """The multi-turn section: session counts, prompt growth, and TTFT / E2E of turn 1 vs later."""
+    rows = [f"{' Multi-turn sessions ':-^{width}}"]
+
+    def line(name: str, value: Any, digits: int = 2) -> None:
+        rows.append(f"{name:<36}{_fmt(value, digits):>16}")
+
+    line("Sessions completed", f"{m['sessions_completed']} / {m['sessions']}")
+    line("Turns completed", f"{m['turns_completed']} / {m['turns']}")
+    line("Output token throughput (tok/s)", m["output_throughput"])
+    line("Total token throughput (tok/s)", m["total_token_throughput"])
+    line("Mean prompt tokens per turn", m["mean_prompt_tokens"], 1)
+    by_turn = m.get("mean_prompt_tokens_by_turn") or []
+    for t in sorted({1, len(by_turn)} if by_turn else set()):
+        line(f"Mean prompt tokens, turn {t}", by_turn[t - 1], 1)
+    rows.append(f"{'':<28}{'turn 1':>12}{'turns >= 2':>12}")
+    for metric, name in (("ttft", "TTFT"), ("e2e", "E2E")):
+        first, later = m[f"{metric}_ms_first_turn"], m[f"{metric}_ms_later_turns"]
+        keys = [("mean", "Mean"), *((percentile_key(p), f"P{p:g}") for p in percentiles)]
+        for key, label in keys:
+            rows.append(f"{label + ' ' + name + ' (ms)':<28}{_fmt(first.get(key)):>12}{_fmt(later.get(key)):>12}")
+    return rows

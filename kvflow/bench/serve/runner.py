@@ -11,6 +11,9 @@ Order of work, and why:
    rejects ``ignore_eos`` gets the run without it, with a warning;
 4. each request sleeps until its arrival time, then waits for a slot when ``--max-concurrency``
    is set (TTFT starts when it is actually sent; the wait is kept as ``start_s - arrival_s``).
+   ``multi-turn`` schedules sessions instead of requests (``sessions``): each takes a slot for its
+   life and sends its turns one after another; its probe is a prompt of its own, so no session's
+   document is in the prefix cache before its first turn.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from kvflow.bench.serve.datasets import (
 from kvflow.bench.serve.metrics import summarize
 from kvflow.bench.serve.prompts import PromptBuilder
 from kvflow.bench.serve.server_metrics import run_figures, scrape
+from kvflow.bench.serve.sessions import SessionPlan, build_sessions, send_sessions
 from kvflow.bench.serve.trace import load_trace, trace_offsets
 
 Log = Callable[[str], None]
@@ -80,6 +84,8 @@ def load_tokenizer(path: str) -> Any:
 
 def build_requests(cfg: ServeBenchConfig, tokenizer: Any) -> tuple[list[SampleRequest], np.ndarray]:
     """The run's requests and their arrival offsets (s), both from ``cfg.seed`` only."""
+    if cfg.dataset == "multi-turn":
+        raise ValueError("multi-turn requests depend on the server's answers: use build_session_plans")
     data_rng = np.random.default_rng([cfg.seed, 0])
     arrival_rng = np.random.default_rng([cfg.seed, 1])
     builder = PromptBuilder(tokenizer, data_rng)
@@ -105,6 +111,28 @@ def build_requests(cfg: ServeBenchConfig, tokenizer: Any) -> tuple[list[SampleRe
         rate = math.inf if cfg.request_rate is None else cfg.request_rate
         offsets = arrival_offsets(len(requests), rate, cfg.burstiness, arrival_rng)
     return requests, offsets
+
+
+def build_session_plans(
+    cfg: ServeBenchConfig, tokenizer: Any
+) -> tuple[list[SessionPlan], np.ndarray, SampleRequest]:
+    """Multi-turn: the sessions, their start offsets (s) and a probe request, all from ``cfg.seed``.
+
+    The probe's prompt is built after the sessions from the same stream, so it changes nothing
+    about them; it is a few tokens, less than a KV block, so it leaves nothing in the server's
+    prefix cache that a session could hit.
+    """
+    data_rng = np.random.default_rng([cfg.seed, 0])
+    arrival_rng = np.random.default_rng([cfg.seed, 1])
+    builder = PromptBuilder(tokenizer, data_rng)
+    plans = build_sessions(
+        builder, cfg.num_sessions, cfg.num_turns, cfg.first_turn_len, cfg.turn_input_len,
+        cfg.random_output_len, cfg.random_range_ratio, data_rng,
+    )
+    rate = math.inf if cfg.request_rate is None else cfg.request_rate
+    offsets = arrival_offsets(len(plans), rate, cfg.burstiness, arrival_rng)
+    probe_prompt = builder.build(min(cfg.first_turn_len, _PROBE_TOKENS))
+    return plans, offsets, SampleRequest(probe_prompt.text, probe_prompt.num_tokens, _PROBE_TOKENS)
 
 
 async def probe(session: aiohttp.ClientSession, target: Target, req: SampleRequest, log: Log) -> Target:
@@ -177,20 +205,34 @@ async def run_async(cfg: ServeBenchConfig, log: Log = _stderr) -> dict[str, Any]
             raise RuntimeError(f"{cfg.base_url}/v1/models lists no model; pass --model")
         tokenizer_path = resolve_tokenizer_path(cfg.tokenizer, models, model)
         log(f"model {model!r}, tokenizer {tokenizer_path}, {cfg.url}")
-        requests, offsets = build_requests(cfg, load_tokenizer(tokenizer_path))
+        tokenizer = load_tokenizer(tokenizer_path)
+        plans: list[SessionPlan] = []
+        if cfg.dataset == "multi-turn":
+            plans, offsets, probe_req = build_session_plans(cfg, tokenizer)
+        else:
+            requests, offsets = build_requests(cfg, tokenizer)
+            probe_req = requests[0]
         target = Target(
             url=cfg.url, api="chat" if cfg.api == "chat" else "completions", model=model,
             api_key=cfg.api_key, ignore_eos=cfg.ignore_eos, temperature=cfg.temperature,
             extra_body=dict(cfg.extra_body),
         )
         if cfg.probe:
-            target = await probe(session, target, requests[0], log)
-        log(f"sending {len(requests)} requests ({cfg.dataset}, rate {cfg.rate_label()}, "
-            f"max concurrency {cfg.max_concurrency or 'none'})")
+            target = await probe(session, target, probe_req, log)
         before = await scrape(session, cfg.base_url)
-        results, duration = await send_all(
-            session, target, requests, offsets, cfg.max_concurrency, cfg.progress
-        )
+        if plans:
+            log(f"sending {len(plans)} sessions x {cfg.num_turns} turns ({cfg.dataset}, prompts from "
+                f"{cfg.first_turn_len} to ~{_last_turn_len(cfg)} tokens, session rate {cfg.rate_label()}, "
+                f"max concurrent sessions {cfg.max_concurrency or 'none'})")
+            results, duration = await send_sessions(
+                session, target, plans, offsets, cfg.max_concurrency, cfg.progress
+            )
+        else:
+            log(f"sending {len(requests)} requests ({cfg.dataset}, rate {cfg.rate_label()}, "
+                f"max concurrency {cfg.max_concurrency or 'none'})")
+            results, duration = await send_all(
+                session, target, requests, offsets, cfg.max_concurrency, cfg.progress
+            )
         server = None
         if before is not None:  # a kvflow server
             await asyncio.sleep(0.5)  # transfer acknowledgements reach the front a step after the tokens
@@ -214,6 +256,11 @@ async def run_async(cfg: ServeBenchConfig, log: Log = _stderr) -> dict[str, Any]
         "server": server,
         "requests": [r.to_dict() for r in results],
     }
+
+
+def _last_turn_len(cfg: ServeBenchConfig) -> int:
+    """Expected prompt tokens of a session's last turn (mean output lengths; no special tokens)."""
+    return cfg.first_turn_len + (cfg.num_turns - 1) * (cfg.random_output_len + cfg.turn_input_len)
 
 
 def run(cfg: ServeBenchConfig, log: Log = _stderr) -> dict[str, Any]:
