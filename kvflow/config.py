@@ -359,6 +359,11 @@ class LoadConfig:
 # sequence's newest kv_residual_tokens tokens in the model's dtype.
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "int8", "fp8_e4m3", "kivi4", "kivi2")
 KIVI_CACHE_DTYPES = ("kivi4", "kivi2")
+# KV offload tiers (kvflow/kv_transfer/offload/): how the file tier does its I/O (auto: direct where the
+# file system supports O_DIRECT; buffered: through the page cache), and when a tier hit is loaded
+# (auto: when the performance model says loading beats recomputing; always: every hit, for measuring).
+KV_OFFLOAD_IO = ("auto", "direct", "buffered")
+KV_OFFLOAD_LOAD_RULES = ("auto", "always")
 # KIVI's group: tokens per key group (per channel), channels per value group (kvflow/attention/kivi.py).
 KIVI_GROUP = 32
 
@@ -481,6 +486,14 @@ class CacheConfig:
     # KIVI (kivi4, kivi2): the newest tokens of each sequence kept in the model's dtype, R (a
     # multiple of 32; older ones are quantised 32 at a time).
     kv_residual_tokens: int = 128
+    # KV offload (kvflow/kv_transfer/offload/): full cached blocks are also kept in a file tier under
+    # this directory (and, with kv_offload_host_size, a host-memory tier in front of it), which outlive
+    # the working pool and the server; a prefix hit there is loaded instead of recomputed.
+    kv_offload_dir: str | None = None
+    kv_offload_size: float = 16.0  # GiB the file tier may hold (at most the free disk space)
+    kv_offload_host_size: float = 0.0  # GiB of the host-memory tier (0: none)
+    kv_offload_io: str = "auto"
+    kv_offload_load: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size is None:
@@ -508,6 +521,32 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        self._check_offload()
+
+    @property
+    def kv_offload(self) -> bool:
+        """Whether KV offload tiers are on (a file tier, a host tier or both)."""
+        return self.kv_offload_dir is not None or self.kv_offload_host_size > 0
+
+    def _check_offload(self) -> None:
+        if self.kv_offload_io not in KV_OFFLOAD_IO:
+            raise ValueError(f"kv_offload_io must be one of {', '.join(KV_OFFLOAD_IO)}, got {self.kv_offload_io!r}")
+        if self.kv_offload_load not in KV_OFFLOAD_LOAD_RULES:
+            raise ValueError(f"kv_offload_load must be one of {', '.join(KV_OFFLOAD_LOAD_RULES)}, "
+                             f"got {self.kv_offload_load!r}")
+        if not self.kv_offload_size > 0 or not self.kv_offload_host_size >= 0:
+            raise ValueError(f"kv_offload_size must be > 0 GiB and kv_offload_host_size >= 0 GiB; got "
+                             f"{self.kv_offload_size} and {self.kv_offload_host_size}")
+        if self.kv_offload_dir is not None and not str(self.kv_offload_dir).strip():
+            raise ValueError("kv_offload_dir must name a directory")
+        if not self.kv_offload:
+            return
+        if not self.enable_prefix_caching:
+            raise ValueError("KV offload keeps prefix-cached blocks: enable_prefix_caching must be on")
+        if self.kv_cache_dtype in KIVI_CACHE_DTYPES:
+            raise ValueError(f"KV offload does not support kv_cache_dtype {self.kv_cache_dtype} yet (a KIVI "
+                             "sequence's newest tokens live outside its blocks): use auto, a dense dtype, int8 "
+                             "or fp8_e4m3")
 
 
 # Waiting-queue policies (kvflow/core/policies.py defines one class per name).
@@ -740,6 +779,9 @@ class EngineConfig:
         if self.scheduler.batch_policy == "prefix-tree" and not self.cache.enable_prefix_caching:
             raise ValueError("batch_policy prefix-tree shares each group's prefix through the prefix cache: "
                              "enable_prefix_caching must be on")
+        if self.kv_transfer is not None and self.cache.kv_offload:
+            raise ValueError("a prefill or decode instance cannot have KV offload tiers yet (an engine has one KV "
+                             "connector)")
         if self.kv_policy_allowed() is not None and self.cache.kv_policy != "none":
             raise ValueError(f"kv_policy={self.cache.kv_policy}: {self.kv_policy_allowed()}")
         if self.speculative.enabled:
@@ -759,6 +801,8 @@ class EngineConfig:
             return "the model has sliding-window layers, which KV policies do not support"
         if self.kv_transfer is not None:
             return "KV policies do not support disaggregated prefill/decode instances"
+        if self.cache.kv_offload:
+            return "KV policies do not support KV offload tiers (a policy changes what a block holds)"
         return None
 
     @classmethod

@@ -49,6 +49,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's blocks that no request holds, as vLLM's `LLM.reset_prefix_cache`
+        does (KV offload tiers keep theirs); returns how many blocks were dropped."""
+        return self.engine.reset_prefix_cache()
+
     def default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()
 

@@ -232,6 +232,49 @@ class KVCacheSpec:
     def num_blocks_of(self, layer: LayerKV) -> int:
         return self.parts(layer)[0].shape[1]
 
+    # ------------------------------------------------------- whole blocks (offload tiers)
+    @property
+    def block_record_bytes(self) -> int:
+        """Bytes of one block's KV as `gather_blocks` lays it out: every layer's per-token components."""
+        return self.block_size * self.bytes_per_token
+
+    def _block_parts(self, caches: list[LayerKV]) -> list[tuple[int, torch.Tensor]]:
+        """(byte offset in a block record, the part viewed as bytes [2, blocks, kv_heads, block_size, bytes])
+        for each layer's per-token components, in record order."""
+        if self.kivi_bits or self.key_bounds_dtype is not None:
+            raise ValueError("a block record holds a block's per-token KV alone; KIVI's ring rows and Quest's key "
+                             "bounds live outside the blocks")
+        out, offset = [], 0
+        for layer in caches:
+            for component, part in zip(self.components, self.parts(layer)):
+                if component.per_token:
+                    out.append((offset, part.view(torch.uint8)))
+                    offset += 2 * self.num_kv_heads * self.block_size * component.bytes_per_head
+        return out
+
+    def gather_blocks(self, caches: list[LayerKV], block_ids: list[int], out: torch.Tensor) -> None:
+        """Copy whole blocks into `out` (uint8 [len(block_ids), block_record_bytes], on any device): a
+        record holds, layer by layer, each per-token component's [2, kv_heads, block_size, width] rows."""
+        if tuple(out.shape) != (len(block_ids), self.block_record_bytes) or out.dtype != torch.uint8:
+            raise ValueError(f"gather_blocks needs a uint8 [{len(block_ids)}, {self.block_record_bytes}] buffer")
+        parts = self._block_parts(caches)
+        ids = torch.tensor(block_ids, dtype=torch.long, device=parts[0][1].device)
+        for offset, part in parts:
+            rows = part.index_select(1, ids).transpose(0, 1)  # [n, 2, H, bs, bytes]
+            nbytes = rows[0].numel()
+            out[:, offset:offset + nbytes].unflatten(1, rows.shape[1:]).copy_(rows, non_blocking=True)
+
+    def scatter_blocks(self, caches: list[LayerKV], block_ids: list[int], data: torch.Tensor) -> None:
+        """Write `gather_blocks` records (uint8 [len(block_ids), block_record_bytes]) into `block_ids`."""
+        if tuple(data.shape) != (len(block_ids), self.block_record_bytes) or data.dtype != torch.uint8:
+            raise ValueError(f"scatter_blocks needs uint8 [{len(block_ids)}, {self.block_record_bytes}] records")
+        parts = self._block_parts(caches)
+        ids = torch.tensor(block_ids, dtype=torch.long, device=parts[0][1].device)
+        for offset, part in parts:
+            shape = (len(block_ids), 2, *part.shape[2:])
+            rows = data[:, offset:offset + math.prod(shape[1:])].unflatten(1, shape[1:]).to(part.device)
+            part.index_copy_(1, ids, rows.transpose(0, 1))
+
     # ------------------------------------------------------- per-token transfer
     @property
     def wire_format(self) -> str:

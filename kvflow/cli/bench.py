@@ -242,6 +242,24 @@ def _cmd_spec_decode(args: argparse.Namespace) -> int:
     return 0 if report.get("outputs_equal") is not False else 1
 
 
+def _cmd_kv_offload(args: argparse.Namespace) -> int:
+    from kvflow.bench.kv_offload import OffloadBenchConfig, format_table, run, save
+
+    cfg = OffloadBenchConfig(model=args.model, lengths=tuple(args.lengths), tiers=tuple(args.tiers),
+                             repeats=args.repeats, dtype=args.dtype or "auto", block_size=args.block_size,
+                             threads=args.threads, restart_prompts=args.restart_prompts, restart_len=args.restart_len,
+                             offload_dir=args.offload_dir, out_dir=None if args.no_save else args.out_dir)
+    try:
+        result = run(cfg, log=lambda line: print(line, flush=True))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(format_table(result))
+    if cfg.out_dir:
+        for path in save(result, cfg.out_dir):
+            print(f"saved {path}")
+    return 0
+
+
 def _cmd_attention(args: argparse.Namespace) -> int:
     import torch
 
@@ -499,6 +517,25 @@ def configure(bench: argparse.ArgumentParser) -> None:
     sd.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     sd.add_argument("--out", help="JSON path")
     sd.set_defaults(func=_cmd_spec_decode)
+
+    ko = sub.add_parser("kv-offload", help="KV offload tiers: TTFT of loading a prefix vs recomputing it per "
+                                           "tier and prefix length (the break-even), and after a restart")
+    ko.add_argument("--model", required=True, help="model directory (e.g. `kvflow bench make-model --shape 135m`)")
+    ko.add_argument("--lengths", nargs="+", type=int, default=[16, 32, 64, 128, 256, 512, 1024, 2048],
+                    help="prefix lengths in tokens")
+    ko.add_argument("--tiers", nargs="+", default=["file-direct", "file-cached", "file-cold", "host"],
+                    help="file-direct (O_DIRECT), file-cached (buffered, in the page cache), file-cold (buffered, "
+                         "dropped from the page cache) and host (the host-memory tier)")
+    ko.add_argument("--repeats", type=int, default=3, help="prompts per length; medians are reported")
+    ko.add_argument("--dtype", choices=_DTYPES, help="default: the model's")
+    ko.add_argument("--block-size", type=int, default=16)
+    ko.add_argument("--restart-prompts", type=int, default=8, help="prompts timed after a restart (0: skip)")
+    ko.add_argument("--restart-len", type=int, default=2048, help="tokens per restart prompt")
+    ko.add_argument("--offload-dir", help="where the file tier's temporary folders go (default: the system's)")
+    ko.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ko.add_argument("--out-dir", default="bench_results/kv_offload", help="JSON result and plot")
+    ko.add_argument("--no-save", action="store_true")
+    ko.set_defaults(func=_cmd_kv_offload)
 
     qg = sub.add_parser("quant-gemv", help="quantised-weight CPU kernels (q8_0, q4_0, q4_k, int8) against the "
                                            "bf16 GEMVs, on each matrix of one layer: µs per call and GB/s")

@@ -15,6 +15,8 @@ variant or KV format, or a tenant that must not share) never share blocks. The e
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,10 +51,16 @@ class PrefixCacheStats:
 
 def hash_block(parent_hash: int | None, tokens: Sequence[int], salt: str | None = None) -> int:
     """Chain a block's tokens onto its parent's hash; the first block of a salted request chains onto
-    its salt instead. (Hashes only need to agree within the process that holds the prefix index.)"""
-    if parent_hash is None and salt:
-        parent_hash = hash(("salt", salt))
-    return hash((parent_hash, tuple(tokens)))
+    its salt instead. A 64-bit BLAKE2b digest, not Python's `hash` (whose strings are salted per
+    process): the same prefix has the same hashes in every process, so a KV offload tier written by
+    one server run (kvflow/kv_transfer/offload/) is found by the next."""
+    digest = hashlib.blake2b(digest_size=8)
+    if parent_hash is not None:
+        digest.update(parent_hash.to_bytes(8, "little", signed=True))
+    elif salt:
+        digest.update(b"salt:" + salt.encode() + b"\0")
+    digest.update(array("q", tokens).tobytes())
+    return int.from_bytes(digest.digest(), "little", signed=True)
 
 
 class BlockPool:
@@ -160,6 +168,16 @@ class BlockPool:
             return None  # hash collision, stale parent or another salt: treat as a miss
         return block_id
 
+    def drop_free_cached(self) -> int:
+        """Evict every cached block nobody holds (vLLM's `reset_prefix_cache`); returns how many."""
+        dropped = 0
+        for block_id in self._free:
+            block = self.blocks[block_id]
+            if block.block_hash is not None:
+                self._evict(block)
+                dropped += 1
+        return dropped
+
     def _evict(self, block: KVBlock) -> None:
         if self._index.get(block.block_hash) == block.block_id:
             del self._index[block.block_hash]
@@ -243,6 +261,11 @@ class KVCacheManager:
         the free queue's LRU order like any freed cached block."""
         self.pool.release(list(reversed(block_ids[keep:])), evict=True)
         self.pool.release(list(reversed(block_ids[:keep])))
+
+    def reset_prefix_cache(self) -> int:
+        """Forget the cached prefixes of blocks no request holds (benchmarks measure cold prefixes so);
+        returns how many blocks were dropped. Blocks in use stay indexed."""
+        return self.pool.drop_free_cached()
 
     @property
     def peak_used_blocks(self) -> int:

@@ -9,9 +9,10 @@ recomputed (prompt + output so far) later. Its output continues unchanged.
 With `mixed_batching` off, a step that can admit a waiting prompt computes prompts only and the
 running decodes wait for it (vLLM v0's scheduler, the colocated baseline of DistServe).
 
-KV that is loaded rather than computed (from a prefill instance, from a tier) comes through the
-engine's KV connector: a waiting request it loads for gets blocks, waits in `receiving` while its
-KV arrives, and then runs like any other, from the first token the load did not cover.
+KV that is loaded rather than computed (from a prefill instance, from an offload tier) comes through
+the engine's KV connector: a waiting request first takes the working pool's prefix hit; if the
+connector can load KV past it, the request gets blocks, waits in `receiving` (holding no step) while
+its KV arrives, and then runs like any other, from the first token the load did not cover.
 
 Speculative decoding is the same rule with a longer chunk: a decoding request that holds proposals
 (`Request.spec_token_ids`, from the runner's proposer) computes its last token and them in one
@@ -263,15 +264,15 @@ class Scheduler:
             if not self._ready(request) or not self.policy.ready(request):
                 skipped.append(request)
                 continue
+            if request.num_computed_tokens == 0:
+                self._attach_cached_prefix(request)
             if self.connector is not None:
                 to_load = self.connector.num_tokens_to_load(request)
-                if to_load:
+                if to_load > request.num_computed_tokens:
                     if not self._start_load(request, to_load):
                         self.waiting.appendleft(request)
                         break
                     continue
-            if request.num_computed_tokens == 0:
-                self._attach_cached_prefix(request)
             remaining = request.num_tokens - request.num_computed_tokens
             n = self._chunk_tokens(request, min(remaining, budget))
             if (n < remaining and not chunked) or not self._within_watermark(request, n, memory) or \
@@ -369,9 +370,9 @@ class Scheduler:
         return request.spec_token_ids[:max(0, room)]
 
     def _start_load(self, request: Request, num_tokens: int) -> bool:
-        """Give the request blocks for the tokens to load and the next one, then start the load (an
-        n > 1 sibling shares its loaded leader's full prompt blocks and loads only the rest)."""
-        start = self._share_leader_blocks(request)
+        """Give the request blocks for the tokens to load and the next one, then start the load of those
+        after the ones it has (a prefix hit, or an n > 1 sibling's share of its loaded leader's blocks)."""
+        start = request.num_computed_tokens
         if not self.kv.allocate(request, num_tokens + 1 - start):
             self.kv.free(request)
             request.num_computed_tokens = 0

@@ -22,6 +22,7 @@ from kvflow.core.policies import PrefixTreeStats
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.scheduler import Scheduler, SchedulerEvents, SchedulerOutput
 from kvflow.kv_transfer.base import KVConnector
+from kvflow.kv_transfer.offload.connector import OffloadStats
 from kvflow.worker.model_runner import ModelRunner
 from kvflow.worker.sampler import advance_generator
 from kvflow.worker.step import RunnerOutput, TokenLogprobs
@@ -71,6 +72,8 @@ class EngineStats:
     prefix_tree_groups: int = 0
     prefix_tree_saving_ratio: float = 0.0
     prefix_tree_optimal_saving_ratio: float = 0.0
+    # KV offload tiers (kvflow/kv_transfer/offload/): lookups, loads, writes, and each tier's counters.
+    kv_offload: OffloadStats | None = None
 
 
 class EngineCore:
@@ -89,8 +92,9 @@ class EngineCore:
             raise ValueError(f"kv_policy={config.cache.kv_policy}: KV policies do not support KV connectors")
         if connector is not None:
             if not spec.transferable:
-                raise ValueError(f"kv_cache_dtype {spec.kv_dtype} with calibrated scales cannot be "
-                                 "exchanged between instances (each calibrates its own): give --kv-scale")
+                raise ValueError(f"kv_cache_dtype {spec.kv_dtype} with calibrated scales cannot be exchanged "
+                                 "between instances or kept in an offload tier (each run calibrates its own): "
+                                 "give --kv-scale")
             connector.register_kv_caches(self.runner.kv_spec, self.runner.kv_caches)
             self.runner.step_hooks = connector
         spec = config.speculative
@@ -231,6 +235,7 @@ class EngineCore:
             spec_num_accepted_tokens=spec.num_accepted_tokens,
             spec_accepted_per_position=list(spec.accepted_per_position),
             peak_used_blocks=self.kv.peak_used_blocks,
+            kv_offload=None if self.connector is None else self.connector.stats_snapshot(),
             **self._prefix_tree_stats(),
         )
 

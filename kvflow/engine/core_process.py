@@ -93,7 +93,7 @@ class _CoreLoop:
         from kvflow.engine.core import EngineCore
         from kvflow.kv_transfer.base import make_connector
 
-        self.core = EngineCore(config, make_connector(config.kv_transfer))
+        self.core = EngineCore(config, make_connector(config))
         self.inbox, self.outbox, self.encoder = inbox, outbox, encoder
         self.parent_pid = parent_pid
         self.decoder = msgspec.msgpack.Decoder(ToCore, dec_hook=dec_hook)

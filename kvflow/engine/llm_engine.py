@@ -18,9 +18,13 @@ from kvflow.core.request import RequestStatus
 from kvflow.engine.core import EngineCore, EngineStats
 from kvflow.engine.input_processor import InputProcessor, build_core_requests
 from kvflow.engine.output_processor import OutputProcessor
+from kvflow.kv_transfer.base import make_connector
 from kvflow.model.loader import load_tokenizer
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
+
+#: How long a step that had nothing to compute while KV loads were in flight waits before the next.
+_LOAD_POLL_S = 0.001
 
 
 class LLMEngine:
@@ -29,7 +33,7 @@ class LLMEngine:
         if tokenizer is None and load_tokenizer_:
             tokenizer = load_tokenizer(config.model.tokenizer_path)
         self.tokenizer = tokenizer
-        self.core = EngineCore(config)
+        self.core = EngineCore(config, make_connector(config))
         self.inputs = InputProcessor(config, self.tokenizer, self.core.kv.num_blocks)
         self.outputs = OutputProcessor(self.tokenizer)
 
@@ -91,6 +95,10 @@ class LLMEngine:
             self.core.abort_request(core_id)
         return output
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the working pool's cached prefixes that no request holds (offload tiers keep theirs)."""
+        return self.core.kv.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.outputs.has_unfinished_requests()
 
@@ -104,7 +112,11 @@ class LLMEngine:
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for every request that progressed."""
-        processed = self.outputs.process(self.core.step())
+        steps = self.core.num_steps
+        outputs = self.core.step()
+        if not outputs and self.core.num_steps == steps and self.core.transfers_pending:
+            time.sleep(_LOAD_POLL_S)  # only KV loads in flight: let them run rather than spin
+        processed = self.outputs.process(outputs)
         for core_id, stop in processed.stopped:
             self.core.abort_request(core_id, RequestStatus.FINISHED_STOPPED, stop)
         return processed.request_outputs

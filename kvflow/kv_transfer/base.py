@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
-from kvflow.config import KVTransferConfig
+from kvflow.config import EngineConfig
 from kvflow.kv_transfer.wire import KVTransferParams
 from kvflow.sampling_params import SamplingParams
 from kvflow.worker.step import ScheduledChunk, TokenLogprobs
@@ -34,6 +34,11 @@ class ConnectorRequest(Protocol):
     request_id: str
     kv_transfer: KVTransferParams | None  # the transfer the request's KV goes out under or comes in from
     block_ids: list[int]
+    block_hashes: list[int]  # its full blocks' prefix-cache hashes, as far as computed (kv_cache_manager.py)
+    all_token_ids: list[int]
+    num_computed_tokens: int
+    num_cached_tokens: int  # prompt tokens not computed here (prefix hits, loads): reported as cached
+    skip_prefix_cache: bool
     kv_residual_slot: int | None  # KIVI: the ring slot holding its newest tokens (kvflow/attention/kivi.py)
     params: SamplingParams
     output_logprobs: list[TokenLogprobs]
@@ -41,6 +46,9 @@ class ConnectorRequest(Protocol):
 
     @property
     def num_prompt_tokens(self) -> int: ...
+
+    @property
+    def num_tokens(self) -> int: ...
 
     @property
     def output_token_ids(self) -> list[int]: ...
@@ -106,13 +114,16 @@ class KVConnector:
 
     # ---------------------------------------------------------- scheduler side
     def num_tokens_to_load(self, request: ConnectorRequest) -> int:
-        """Prompt tokens whose KV this connector will load for a waiting request (0: none; it computes
-        them). The scheduler then gives the request blocks for them plus one more token."""
+        """How many of a waiting request's first tokens will have KV once this connector has loaded what
+        it holds (0, or at most `request.num_computed_tokens`: nothing to load; it computes them). The
+        scheduler asks after attaching the working pool's prefix hit, and then gives the request blocks
+        for those tokens plus one more."""
         return 0
 
     def start_load(self, request: ConnectorRequest, start: int = 0) -> None:
         """Load tokens [start, num_tokens_to_load) into the request's blocks (the ones before `start`
-        are shared with another request already); the result comes back through `collect`."""
+        are there already: a prefix hit, or shared with an n > 1 sibling); the result comes back
+        through `collect`."""
         raise NotImplementedError(f"{type(self).__name__} loads no KV")
 
     def cancel_load(self, request_id: str) -> None:
@@ -146,14 +157,24 @@ class KVConnector:
     def end_step(self) -> None:
         """After the forward pass (also when it failed)."""
 
+    def stats_snapshot(self) -> Any:
+        """The connector's own counters for the engine's stats (None: it keeps none)."""
+        return None
+
     def close(self) -> None:
         """Stop threads and listeners."""
 
 
-def make_connector(config: KVTransferConfig | None) -> KVConnector | None:
-    """The connector an engine config asks for (None: none). Only prefill/decode transfer exists so far."""
-    if config is None:
-        return None
-    from kvflow.kv_transfer.pd_connector import PDConnector
+def make_connector(config: EngineConfig) -> KVConnector | None:
+    """The connector an engine config asks for (None: none): prefill/decode transfer for an instance of
+    a disaggregated deployment, else the offload tiers when they are on."""
+    if config.kv_transfer is not None:
+        from kvflow.kv_transfer.pd_connector import PDConnector
 
-    return PDConnector(config)
+        return PDConnector(config.kv_transfer)
+    if config.cache.kv_offload:
+        from kvflow.kv_transfer.offload.connector import OffloadConnector
+        from kvflow.model.fingerprint import model_fingerprint
+
+        return OffloadConnector(config.cache, model_fingerprint(config), str(config.model.path))
+    return None

@@ -16,6 +16,7 @@ from prometheus_client import (
 )
 
 from kvflow.engine.messages import CoreStats
+from kvflow.kv_transfer.offload.connector import OffloadStats
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -79,6 +80,7 @@ class ServerMetrics:
                                           "Speculative tokens accepted, by position in the proposal.", ("position",))
         self._last_per_position: list[int] = []
         self._label = model_name
+        self.kv_offload = _OffloadMetrics(r, model_name)
         # Preemptions, prefix queries, prefix hits, KV load fallbacks, speculative counts: cumulative in the core.
         self._last_core = (0, 0, 0, 0, 0, 0, 0)
         self.engine_healthy.set(1)
@@ -110,6 +112,8 @@ class ServerMetrics:
             if count > old:
                 self._spec_per_position.labels(self._label, str(position)).inc(count - old)
         self._last_per_position = list(engine.spec_accepted_per_position)
+        if engine.kv_offload is not None:
+            self.kv_offload.update(engine.kv_offload)
 
     def kv_transferred(self, payload_bytes: int, wire_bytes: int, seconds: float) -> None:
         self.kv_transfers.inc()
@@ -122,3 +126,61 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _OffloadMetrics:
+    """KV offload tiers (kvflow/kv_transfer/offload/): the connector's counters and each tier's."""
+
+    _COUNTERS = (("lookups", "Requests looked up in the offload tiers."),
+                 ("queried_blocks", "Blocks past the working pool's prefix hit looked up in the offload tiers."),
+                 ("found_blocks", "Looked-up blocks an offload tier held (hits)."),
+                 ("missed_blocks", "Looked-up blocks no offload tier held (misses)."),
+                 ("loads", "Loads from the offload tiers started."),
+                 ("failed_loads", "Loads from the offload tiers that read nothing (the prompt was recomputed)."),
+                 ("skipped_loads", "Tier hits left to recompute because loading would be slower."),
+                 ("dropped_write_blocks", "Completed blocks not written to a tier (writer behind, or a write failed)."))
+    _TIER_COUNTERS = (("hit_blocks", "Blocks loaded from the tier."),
+                      ("blocks_written", "Blocks written to the tier."),
+                      ("bytes_read", "Bytes read from the tier."),
+                      ("bytes_written", "Bytes written to the tier."),
+                      ("read_seconds", "Seconds spent reading from the tier."),
+                      ("write_seconds", "Seconds spent writing to the tier."),
+                      ("evicted_blocks", "Blocks evicted from the tier (LRU)."),
+                      ("errors", "Failed reads, writes and checks (each logged)."))
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        labels = ["model_name"]
+        self._label = model_name
+        self._counters = {name: Counter(f"kvflow:kv_offload_{name}", doc, labels, registry=registry)
+                          for name, doc in self._COUNTERS}
+        self._tier_counters = {name: Counter(f"kvflow:kv_offload_tier_{name}", doc, labels + ["tier"],
+                                             registry=registry)
+                               for name, doc in self._TIER_COUNTERS}
+        self._load_queue = Gauge("kvflow:kv_offload_load_queue", "Loads from the offload tiers in flight.", labels,
+                                 registry=registry)
+        self._write_queue = Gauge("kvflow:kv_offload_write_queue_bytes", "Staged KV bytes waiting to be written.",
+                                  labels, registry=registry)
+        self._stored = Gauge("kvflow:kv_offload_tier_stored_bytes", "Bytes an offload tier holds.",
+                             labels + ["tier"], registry=registry)
+        self._capacity = Gauge("kvflow:kv_offload_tier_capacity_bytes", "Bytes an offload tier may hold.",
+                               labels + ["tier"], registry=registry)
+        self._last: dict[tuple[str, str], float] = {}
+
+    def _advance(self, counter: Counter, key: tuple[str, str], value: float, *labels: str) -> None:
+        old = self._last.get(key, 0.0)
+        if value > old:
+            counter.labels(self._label, *labels).inc(value - old)
+        self._last[key] = value
+
+    def update(self, stats: OffloadStats) -> None:
+        values = {name: getattr(stats, name, 0) for name, _ in self._COUNTERS}
+        values["missed_blocks"] = stats.queried_blocks - stats.found_blocks
+        for name, counter in self._counters.items():
+            self._advance(counter, ("", name), values[name])
+        self._load_queue.labels(self._label).set(stats.load_queue)
+        self._write_queue.labels(self._label).set(stats.write_queue_bytes)
+        for tier in stats.tiers:
+            for name, counter in self._tier_counters.items():
+                self._advance(counter, (tier.name, name), getattr(tier, name), tier.name)
+            self._stored.labels(self._label, tier.name).set(tier.stored_bytes)
+            self._capacity.labels(self._label, tier.name).set(tier.capacity_bytes)

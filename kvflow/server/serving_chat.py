@@ -21,6 +21,7 @@ from kvflow.server.protocol import (
     ChatMessageOut,
     ChatStreamChoice,
     DeltaMessage,
+    PromptTokensDetails,
     UsageInfo,
 )
 from kvflow.server.serving import ServerContext
@@ -78,9 +79,11 @@ async def full_response(ctx: ServerContext, req: ChatCompletionRequest, request_
                                             stop_reason=c.stop_reason))
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     prompt_tokens = len(out.prompt_token_ids)
+    details = PromptTokensDetails(cached_tokens=out.num_cached_tokens)
     return ChatCompletionResponse(id=request_id, created=ctx.created, model=ctx.served_model_name, choices=choices,
                                   usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                                  total_tokens=prompt_tokens + completion_tokens))
+                                                  total_tokens=prompt_tokens + completion_tokens,
+                                                  prompt_tokens_details=details))
 
 
 async def stream_chunks(ctx: ServerContext, req: ChatCompletionRequest, request_id: str,
@@ -94,6 +97,7 @@ async def stream_chunks(ctx: ServerContext, req: ChatCompletionRequest, request_
     usage = UsageInfo()
     async for _, out in serving.merge(ctx, streams):
         usage.prompt_tokens = len(out.prompt_token_ids)
+        usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=out.num_cached_tokens)
         choices = []
         for c in out.outputs:
             usage.completion_tokens += len(c.token_ids)

@@ -15,6 +15,7 @@ from kvflow.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptTokensDetails,
     UsageInfo,
 )
 from kvflow.server.serving import ServerContext
@@ -60,9 +61,10 @@ def start(ctx: ServerContext, req: CompletionRequest) -> tuple[str, list, list]:
 async def full_response(ctx: ServerContext, req: CompletionRequest, request_id: str,
                         streams: list) -> CompletionResponse:
     outputs = await serving.collect(ctx, streams)
-    choices, completion_tokens, prompt_tokens = [], 0, 0
+    choices, completion_tokens, prompt_tokens, cached_tokens = [], 0, 0, 0
     for p, out in enumerate(outputs):
         prompt_tokens += len(out.prompt_token_ids)
+        cached_tokens += out.num_cached_tokens
         for c in out.outputs:
             completion_tokens += len(c.token_ids)
             text, logprobs = c.text, None
@@ -77,7 +79,8 @@ async def full_response(ctx: ServerContext, req: CompletionRequest, request_id: 
                                             finish_reason=c.finish_reason, stop_reason=c.stop_reason))
     return CompletionResponse(id=request_id, created=ctx.created, model=ctx.served_model_name, choices=choices,
                               usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                              total_tokens=prompt_tokens + completion_tokens))
+                                              total_tokens=prompt_tokens + completion_tokens,
+                                              prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens)))
 
 
 async def stream_chunks(ctx: ServerContext, req: CompletionRequest, request_id: str,
@@ -87,10 +90,12 @@ async def stream_chunks(ctx: ServerContext, req: CompletionRequest, request_id: 
     prompt_lps: dict[int, list[PositionLogprobs | None]] = {}
     usage = UsageInfo()
     seen_prompts: set[int] = set()
+    cached: dict[int, int] = {}
     async for p, out in serving.merge(ctx, streams):
         if p not in seen_prompts:
             seen_prompts.add(p)
             usage.prompt_tokens += len(out.prompt_token_ids)
+        cached[p] = max(cached.get(p, 0), out.num_cached_tokens)
         if out.prompt_logprobs:
             prompt_lps.setdefault(p, []).extend(out.prompt_logprobs)
         choices = []
@@ -115,6 +120,7 @@ async def stream_chunks(ctx: ServerContext, req: CompletionRequest, request_id: 
                                      choices=choices)
     if req.stream_options is not None and req.stream_options.include_usage:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=sum(cached.values()))
         yield CompletionResponse(id=request_id, created=ctx.created, model=ctx.served_model_name, choices=[],
                                  usage=usage)
 

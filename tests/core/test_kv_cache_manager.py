@@ -177,3 +177,19 @@ def test_kivi_prefix_hit_leaves_out_the_blocks_still_dense():
     # n > 1 siblings share the same way.
     sibling = make_request("s", list(range(200)))
     assert kv.share_prefix(sibling, a, 6) == 4 * 32
+
+
+def test_reset_prefix_cache_drops_only_blocks_nobody_holds():
+    kv = KVCacheManager(num_blocks=8, block_size=2)
+    held = Request("held", [1, 2, 3, 4, 5], SamplingParams())
+    done = Request("done", [6, 7, 8, 9, 10], SamplingParams())
+    for request in (held, done):
+        assert kv.allocate(request, 5)
+        request.num_computed_tokens = 5
+        kv.cache_full_blocks(request)
+    kv.free(done)
+    assert kv.reset_prefix_cache() == 2  # done's two full blocks; held's stay indexed
+    again = Request("again", [6, 7, 8, 9, 10], SamplingParams())
+    assert kv.match_prefix(again) == 0
+    twin = Request("twin", [1, 2, 3, 4, 5], SamplingParams())
+    assert kv.match_prefix(twin) == 4

@@ -21,7 +21,8 @@ def make_core(model: Path, transfer: KVTransferConfig | None = None, **engine: o
     args = dict(dtype="float32", block_size=4, num_blocks=96, max_model_len=128)
     args.update(engine)
     config = EngineConfig.create(str(model), **args)
-    return EngineCore(dataclasses.replace(config, kv_transfer=transfer), make_connector(transfer))
+    config = dataclasses.replace(config, kv_transfer=transfer)
+    return EngineCore(config, make_connector(config))
 
 
 def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
