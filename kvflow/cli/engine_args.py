@@ -28,6 +28,16 @@ _HELP = {
     "kv_sink_tokens": "first tokens always kept or read (attention sinks)",
     "kv_window": "newest tokens always kept or read (snapkv: its observation window, default 32; streaming: "
                  "budget - sinks; h2o: half of budget - sinks; quest: 0)",
+    "kv_offload_dir": "KV offload: keep completed KV blocks in a file tier under this directory (local SSD), "
+                      "behind the working pool and across restarts; a prefix found there is loaded, not recomputed",
+    "kv_offload_size": "KV offload: GiB the file tier may hold (default 16; at most the disk's free space), least "
+                       "recently used evicted first",
+    "kv_offload_host_size": "KV offload: GiB of a host-memory tier in front of the file tier (default 0: none; "
+                            "on a GPU, pinned host memory)",
+    "kv_offload_io": "KV offload file tier: direct (O_DIRECT), buffered (through the page cache) or auto (direct "
+                     "where the file system supports it)",
+    "kv_offload_load": "KV offload: auto (load a tier hit when the measured load time beats recomputing it) or "
+                       "always",
     "max_num_seqs": "most sequences in one step",
     "max_num_batched_tokens": "token budget of one step",
     "enable_chunked_prefill": "split long prompts over several steps",

@@ -172,3 +172,37 @@ def test_offload_settings_are_checked():
         CacheConfig(kv_offload_dir="/tmp/x", kv_offload_io="mmap")
     with pytest.raises(ValueError, match="kv_offload_size"):
         CacheConfig(kv_offload_dir="/tmp/x", kv_offload_size=0)
+
+
+def test_a_full_disk_drops_writes_and_answers_requests(llama_dir, reference, tmp_path, monkeypatch, caplog):
+    import errno
+
+    from kvflow.kv_transfer.offload import file_tier as file_tier_module
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file_tier_module.os, "write", full)
+    llm = LLM(model=str(llama_dir), num_blocks=24, kv_offload_dir=str(tmp_path), **ENGINE, **ALWAYS)
+    first = _conversations()
+    want, prompts = _two_turns(reference, first)
+    out1 = _generate(llm, first)
+    _wait_written(llm)
+    out2 = [_generate(llm, [p])[0] for p in prompts[len(first):]]
+    assert out1 + out2 == want
+    stats = llm.engine.stats().kv_offload
+    assert stats.dropped_write_blocks > 0 and stats.loads == 0 and stats.tiers[0].stored_bytes == 0
+    assert "No space left" in caplog.text
+    assert not list(tmp_path.rglob("*.tmp"))
+    _assert_no_leak(llm)
+
+
+def test_an_unusable_folder_serves_without_the_file_tier(llama_dir, reference, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    llm = LLM(model=str(llama_dir), num_blocks=24, kv_offload_dir=str(blocker / "kv"), **ENGINE)
+    assert "cannot use" in caplog.text
+    first = _conversations(2)
+    assert _generate(llm, first) == _generate(reference, first)
+    assert llm.engine.stats().kv_offload.tiers == []
+    _assert_no_leak(llm)
