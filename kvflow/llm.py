@@ -49,6 +49,17 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def close(self) -> None:
+        """Release what outlives a call: the KV offload tiers' I/O threads (their staged blocks are written
+        first). Offline runs need not call it; a process that ends closes the engine too."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def reset_prefix_cache(self) -> int:
         """Drop the prefix cache's blocks that no request holds, as vLLM's `LLM.reset_prefix_cache`
         does (KV offload tiers keep theirs); returns how many blocks were dropped."""

@@ -99,7 +99,7 @@ def _wait_for_writes(llm: Any, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         connector.collect()
-        if connector.stats.write_queue_bytes == 0:
+        if connector.stats_snapshot().write_queue_bytes == 0:
             return
         time.sleep(0.005)
     raise TimeoutError("the offload writer did not catch up")
@@ -150,7 +150,7 @@ def break_even(cfg: OffloadBenchConfig, log: Callable[[str], None] = print) -> l
                 if row["tier"] == tier:
                     row["model_break_even_tokens"] = None if predicted is None else predicted * cfg.block_size
                     row["loaded_blocks"] = stats.loaded_blocks
-            connector.close()
+            llm.close()
     return rows
 
 
@@ -180,7 +180,7 @@ def _restart_worker(cfg_dict: dict[str, Any], folder: str | None, mode: str, que
     times = [_ttft(llm, prompt) for prompt in prompts]
     if folder is not None and mode == "fill":
         _wait_for_writes(llm)
-        llm.engine.core.connector.close()
+    llm.close()
     stats = llm.engine.stats().kv_offload
     queue.put({"ttft_s": times, "loaded_blocks": 0 if stats is None else stats.loaded_blocks})
 

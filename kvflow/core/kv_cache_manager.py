@@ -313,7 +313,8 @@ class KVCacheManager:
         request.num_cached_blocks = len(block_ids)
         request.indexed_parent_id = block_ids[-1]
         request.num_computed_tokens = len(block_ids) * self.block_size
-        request.num_cached_tokens = max(request.num_cached_tokens, request.num_computed_tokens)
+        request.num_cached_tokens = max(request.num_cached_tokens,
+                                        min(request.num_computed_tokens, request.num_prompt_tokens))
         request.kv_prefix_floor = request.num_computed_tokens
         return request.num_computed_tokens
 

@@ -269,7 +269,7 @@ class Scheduler:
             if self.connector is not None:
                 to_load = self.connector.num_tokens_to_load(request)
                 if to_load > request.num_computed_tokens:
-                    if not self._start_load(request, to_load):
+                    if not self._start_load(request, to_load, memory):
                         self.waiting.appendleft(request)
                         break
                     continue
@@ -369,11 +369,13 @@ class Scheduler:
                    self.max_model_len - request.num_tokens)
         return request.spec_token_ids[:max(0, room)]
 
-    def _start_load(self, request: Request, num_tokens: int) -> bool:
+    def _start_load(self, request: Request, num_tokens: int, memory: bool = False) -> bool:
         """Give the request blocks for the tokens to load and the next one, then start the load of those
-        after the ones it has (a prefix hit, or an n > 1 sibling's share of its loaded leader's blocks)."""
+        after the ones it has (a prefix hit, or an n > 1 sibling's share of its loaded leader's blocks).
+        `memory`: admission by KV memory, whose watermark a load respects like a computed prompt."""
         start = request.num_computed_tokens
-        if not self.kv.allocate(request, num_tokens + 1 - start):
+        if not self._within_watermark(request, num_tokens + 1 - start, memory) or \
+                not self.kv.allocate(request, num_tokens + 1 - start):
             self.kv.free(request)
             request.num_computed_tokens = 0
             return False  # admission control: it waits (its KV stays where it is)

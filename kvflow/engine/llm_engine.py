@@ -95,6 +95,10 @@ class LLMEngine:
             self.core.abort_request(core_id)
         return output
 
+    def close(self) -> None:
+        """Stop the engine's KV connector (offload tiers: write what is staged, stop the I/O threads)."""
+        self.core.close()
+
     def reset_prefix_cache(self) -> int:
         """Drop the working pool's cached prefixes that no request holds (offload tiers keep theirs)."""
         return self.core.kv.reset_prefix_cache()

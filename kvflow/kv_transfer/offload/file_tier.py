@@ -24,6 +24,7 @@ capacity to what is stored, each with a log line.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import mmap
@@ -54,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 _FOLDER_PREFIX = "kvflow-kv-"
 _TMP_SUFFIX = ".tmp"
+_LOCK_NAME = "lock"
+#: After a full disk, how long the tier waits before it looks at the free space again.
+_RECHECK_FULL_S = 60.0
 
 
 @dataclass
@@ -97,6 +101,7 @@ class FileTier:
         self.folder.mkdir(parents=True, exist_ok=True)
         if not os.access(self.folder, os.R_OK | os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "no read and write permission", str(self.folder))
+        self._lock_file = self._take_lock()
         self._write_manifest()
         self._log_other_tiers()
         if io == "direct" and not supports_direct_io(self.folder):
@@ -108,6 +113,9 @@ class FileTier:
         self._index: dict[int, tuple[str, int]] = {}  # block hash -> (chunk file name, slot)
         self._used = 0
         self._buffers = threading.local()  # each I/O thread's aligned buffer
+        self._configured = capacity_bytes
+        self._full_since: float | None = None
+        self._warned_small = False
         self.stats = TierStats(self.name)
         self._scan()
         free = shutil.disk_usage(self.folder).free
@@ -123,6 +131,18 @@ class FileTier:
                     len(self._chunks), self._used / 2**30, self.capacity / 2**30)
 
     # --------------------------------------------------------------- start-up
+    def _take_lock(self) -> int:
+        """Hold the folder for this process: two servers writing one tier would delete each other's files
+        (OSError if another process holds it; the lock goes with the process)."""
+        fd = os.open(self.folder / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OSError(errno.EBUSY, "another process is using this tier (give each server its own "
+                          "--kv-offload-dir)", str(self.folder)) from None
+        return fd
+
     def _write_manifest(self) -> None:
         manifest = self.folder / "manifest.json"
         if not manifest.exists():
@@ -216,45 +236,70 @@ class FileTier:
             self._buffers.buffer = buffer
         return buffer
 
-    def write(self, blocks: list[BlockEntry], records: torch.Tensor) -> None:
-        """Write one chunk file of `blocks` (uint8 records [n, record_bytes] on the CPU)."""
+    def write(self, blocks: list[BlockEntry], records: torch.Tensor) -> int:
+        """Write one chunk file of `blocks` (uint8 records [n, record_bytes] on the CPU); returns the blocks
+        stored (0: the chunk is larger than the tier). OSError if the write failed (nothing is left of it)."""
         started = time.perf_counter()
         header = ChunkHeader(self._digest, self.identity.block_size, self.identity.record_bytes, tuple(blocks))
         size = header.file_bytes
         with self._lock:
+            self._recheck_disk()
             if size > self.capacity:
-                return
+                if not self._warned_small:
+                    self._warned_small = True
+                    logger.warning("KV offload: a chunk of %d blocks (%.1f MiB) does not fit the file tier (%.1f "
+                                   "MiB); such chunks are not stored", len(blocks), size / 2**20, self.capacity / 2**20)
+                return 0
             self._evict_to(self.capacity - size)
         buffer = self._buffer(size)
         view = torch.frombuffer(buffer, dtype=torch.uint8, count=size)
         view[:header.header_bytes].copy_(torch.frombuffer(bytearray(header.encode()), dtype=torch.uint8))
         slots = view[header.header_bytes:].view(len(blocks), header.slot_bytes)
         slots[:, :header.record_bytes].copy_(records)
+        del view, slots
         name = f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}{SUFFIX}"
         path = self.folder / name
         tmp = path.with_name(name + _TMP_SUFFIX)
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if self.direct else 0)
-            fd = os.open(tmp, flags, 0o600)
-            try:
-                written = os.write(fd, memoryview(buffer)[:size])
-                if written != size:
-                    raise OSError(errno.ENOSPC, f"short write ({written} of {size} bytes)", str(tmp))
-            finally:
-                os.close(fd)
+            self._write_file(tmp, memoryview(buffer)[:size])
             os.replace(tmp, path)
-        except OSError:
+        except OSError as exc:
             tmp.unlink(missing_ok=True)
-            self.stats.errors += 1
-            with self._lock:  # a full disk: hold what is stored now, so later writes evict first
-                self.capacity = min(self.capacity, self._used)
-                self.stats.capacity_bytes = self.capacity
+            with self._lock:
+                self.stats.errors += 1
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # hold what is stored now; look again later
+                    self.capacity = min(self.capacity, self._used)
+                    self.stats.capacity_bytes = self.capacity
+                    self._full_since = time.monotonic()
             raise
         with self._lock:
             self._add(name, _Chunk(header, path))
-        self.stats.blocks_written += len(blocks)
-        self.stats.bytes_written += size
-        self.stats.write_seconds += time.perf_counter() - started
+            self.stats.blocks_written += len(blocks)
+            self.stats.bytes_written += size
+            self.stats.write_seconds += time.perf_counter() - started
+        return len(blocks)
+
+    def _write_file(self, path: Path, data: memoryview) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if self.direct else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            done = 0
+            while done < len(data):  # a write may be short (e.g. past 2 GiB); O_DIRECT keeps 4 KiB steps
+                written = os.write(fd, data[done:])
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, "no progress writing", str(path))
+                done += written
+        finally:
+            os.close(fd)
+
+    def _recheck_disk(self) -> None:
+        """After a full disk, give the tier back the room the disk has again (once a minute, under the lock)."""
+        if self._full_since is None or time.monotonic() - self._full_since < _RECHECK_FULL_S:
+            return
+        self._full_since = None
+        free = shutil.disk_usage(self.folder).free
+        self.capacity = min(self._configured, self._used + free)
+        self.stats.capacity_bytes = self.capacity
 
     # ------------------------------------------------------------------- read
     def read(self, expected: list[Expected], out: torch.Tensor) -> int:
@@ -277,8 +322,9 @@ class FileTier:
             done += got
             if got < count:
                 break
-        self.stats.hit_blocks += done
-        self.stats.read_seconds += time.perf_counter() - started
+        with self._lock:
+            self.stats.hit_blocks += done
+            self.stats.read_seconds += time.perf_counter() - started
         return done
 
     def _read_run(self, chunk: _Chunk, name: str, slot: int, expected: list[Expected], out: torch.Tensor) -> int:
@@ -295,12 +341,17 @@ class FileTier:
             if got != nbytes:
                 raise ChunkFormatError(f"truncated ({got} of {nbytes} bytes at {offset})")
         except (OSError, ChunkFormatError) as exc:
-            logger.warning("KV offload: cannot read %s (%s); its blocks are misses from now on", chunk.path, exc)
-            self.stats.errors += 1
             with self._lock:
-                self._drop(name, delete=isinstance(exc, ChunkFormatError))
+                gone = name not in self._chunks  # evicted while this read opened it: a plain miss
+                if not gone:
+                    self.stats.errors += 1
+                    self._drop(name, delete=True)  # an unreadable file is useless and would hold its room
+            if not gone:
+                logger.warning("KV offload: cannot read %s (%s); its blocks are misses from now on", chunk.path,
+                               exc)
             return 0
-        self.stats.bytes_read += nbytes
+        with self._lock:
+            self.stats.bytes_read += nbytes
         slots = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes).view(len(expected), header.slot_bytes)
         for i, want in enumerate(expected):
             entry = header.blocks[slot + i]
@@ -310,8 +361,8 @@ class FileTier:
             if record_crc(record) != entry.crc:
                 logger.warning("KV offload: block %d of %s fails its checksum; deleting the file", slot + i,
                                chunk.path)
-                self.stats.errors += 1
                 with self._lock:
+                    self.stats.errors += 1
                     self._drop(name, delete=True)
                 return i
             out[i].copy_(slots[i, :header.record_bytes])
@@ -342,3 +393,6 @@ class FileTier:
         if buffer is not None:
             buffer.close()
             self._buffers.buffer = None
+        if self._lock_file is not None:
+            os.close(self._lock_file)  # releases the folder
+            self._lock_file = None

@@ -32,26 +32,33 @@ class HostTier:
     def contains(self, key: int) -> bool:
         return key in self._blocks
 
-    def write(self, blocks: list[BlockEntry], records: torch.Tensor) -> None:
+    def write(self, blocks: list[BlockEntry], records: torch.Tensor) -> int:
+        """Store copies of the records (one allocation per block, so evicting a block frees it); returns
+        how many blocks it holds of these."""
         started = time.perf_counter()
-        copies = records.to("cpu", copy=True)
-        if self.pin_memory:
-            copies = copies.pin_memory()
-        with self._lock:
-            for entry, record in zip(blocks, copies):
-                if self.capacity_blocks < 1:
-                    return
+        stored = 0
+        for entry, record in zip(blocks, records):
+            if self.capacity_blocks < 1:
+                break
+            with self._lock:
                 if entry.key in self._blocks:
                     self._blocks.move_to_end(entry.key)
+                    stored += 1
                     continue
+            copy = torch.empty(self.record_bytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+            copy.copy_(record)
+            with self._lock:
                 while len(self._blocks) >= self.capacity_blocks:
                     self._blocks.popitem(last=False)
                     self.stats.evicted_blocks += 1
-                self._blocks[entry.key] = (entry, record)
+                self._blocks[entry.key] = (entry, copy)
                 self.stats.blocks_written += 1
                 self.stats.bytes_written += self.record_bytes
-            self._update_stored()
-        self.stats.write_seconds += time.perf_counter() - started
+                self._update_stored()
+            stored += 1
+        with self._lock:
+            self.stats.write_seconds += time.perf_counter() - started
+        return stored
 
     def read(self, expected: list[Expected], out: torch.Tensor) -> int:
         started = time.perf_counter()
@@ -64,9 +71,10 @@ class HostTier:
                 self._blocks.move_to_end(want.key)
             out[i].copy_(found[1], non_blocking=True)
             count += 1
-        self.stats.hit_blocks += count
-        self.stats.bytes_read += count * self.record_bytes
-        self.stats.read_seconds += time.perf_counter() - started
+        with self._lock:
+            self.stats.hit_blocks += count
+            self.stats.bytes_read += count * self.record_bytes
+            self.stats.read_seconds += time.perf_counter() - started
         return count
 
     def probe_bandwidth(self, nbytes: int = 16 << 20) -> float:

@@ -79,8 +79,9 @@ class Tier(Protocol):
 
     def contains(self, key: int) -> bool: ...
 
-    def write(self, blocks: list[BlockEntry], records: torch.Tensor) -> None:
-        """Store blocks (their entries, uint8 records [n, record_bytes]); OSError if it could not."""
+    def write(self, blocks: list[BlockEntry], records: torch.Tensor) -> int:
+        """Store blocks (their entries, uint8 records [n, record_bytes]); returns how many it holds now
+        (fewer: no room); OSError if a write failed."""
         ...
 
     def read(self, expected: list[Expected], out: torch.Tensor) -> int:

@@ -48,7 +48,7 @@ def _wait_written(llm: LLM, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         connector.collect()  # hands staged blocks to the writer
-        if connector.stats.write_queue_bytes == 0:
+        if connector.stats_snapshot().write_queue_bytes == 0:
             return
         time.sleep(0.01)
     raise TimeoutError("the writer did not catch up")
@@ -206,3 +206,90 @@ def test_an_unusable_folder_serves_without_the_file_tier(llama_dir, reference, t
     assert _generate(llm, first) == _generate(reference, first)
     assert llm.engine.stats().kv_offload.tiers == []
     _assert_no_leak(llm)
+
+
+def test_a_failed_step_writes_nothing_to_the_tier(llama_dir, reference, tmp_path):
+    """A forward that fails has written garbage KV into the blocks it was computing: none of it may reach
+    the tier, even when the connector is closed (and flushed) right after."""
+    prompt = _conversations(1)[0]
+    llm = LLM(model=str(llama_dir), num_blocks=64, kv_offload_dir=str(tmp_path), **ENGINE, **ALWAYS)
+    runner = llm.engine.core.runner
+    real = runner.cpu_forward, runner.model
+
+    def garbage_then_fail(*args, **kwargs):
+        for layer in runner.kv_caches:
+            layer.normal_()  # what a half-finished forward leaves behind
+        raise RuntimeError("simulated failure inside the forward pass")
+
+    runner.cpu_forward, runner.model = None, garbage_then_fail
+    with pytest.raises(RuntimeError, match="simulated"):
+        llm.generate([{"prompt_token_ids": prompt}], GREEDY, use_tqdm=False)
+    runner.cpu_forward, runner.model = real
+    llm.close()
+    assert not list(tmp_path.rglob(f"*{SUFFIX}"))
+    with LLM(model=str(llama_dir), num_blocks=64, kv_offload_dir=str(tmp_path), **ENGINE, **ALWAYS) as again:
+        assert _generate(again, [prompt]) == _generate(reference, [prompt])
+        assert again.engine.stats().kv_offload.loaded_blocks == 0
+
+
+def test_a_loader_that_fails_unexpectedly_still_ends_the_load(llama_dir, reference, tmp_path, monkeypatch):
+    from kvflow.kv_transfer.offload import io_threads
+
+    llm = LLM(model=str(llama_dir), num_blocks=24, kv_offload_dir=str(tmp_path), **ENGINE, **ALWAYS)
+    first = _conversations()
+    want, prompts = _two_turns(reference, first)
+    out1 = _generate(llm, first)
+    _wait_written(llm)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("pinned memory exhausted")
+
+    monkeypatch.setattr(io_threads, "staging", broken)
+    out2 = [_generate(llm, [p])[0] for p in prompts[len(first):]]
+    assert out1 + out2 == want
+    stats = llm.engine.stats().kv_offload
+    assert stats.failed_loads >= len(first) - 2 and stats.load_queue == 0
+    assert all(thread.is_alive() for thread in llm.engine.core.connector.io._threads)
+    _assert_no_leak(llm)
+    llm.close()
+
+
+def test_per_request_state_is_gone_after_aborted_loads(llama_dir, tmp_path, monkeypatch):
+    llm = LLM(model=str(llama_dir), num_blocks=24, kv_offload_dir=str(tmp_path), **ENGINE, **ALWAYS)
+    prompts = _conversations(3)
+    _generate(llm, prompts)
+    _wait_written(llm)
+    _generate(llm, _conversations(5, seed=1))
+    release = threading.Event()
+    real_read = FileTier.read
+
+    def slow_read(self, expected, out):
+        release.wait(10)
+        return real_read(self, expected, out)
+
+    monkeypatch.setattr(FileTier, "read", slow_read)
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", {"prompt_token_ids": prompt + [1]}, GREEDY)
+    engine.step()
+    assert engine.core.scheduler.receiving
+    for i in range(len(prompts)):
+        engine.abort_request(f"r{i}")
+    release.set()
+    deadline = time.monotonic() + 10
+    while engine.core.scheduler.cancelling and time.monotonic() < deadline:
+        engine.step()
+    connector = engine.core.connector
+    assert not connector._no_load and not connector._looked_up and not connector._planned and not connector._loads
+    _assert_no_leak(llm)
+    llm.close()
+
+
+def test_two_engines_cannot_share_a_tier_folder(llama_dir, tmp_path, caplog):
+    with LLM(model=str(llama_dir), num_blocks=24, kv_offload_dir=str(tmp_path), **ENGINE) as first:
+        second = LLM(model=str(llama_dir), num_blocks=24, kv_offload_dir=str(tmp_path), **ENGINE)
+        assert "another process is using this tier" in caplog.text
+        assert second.engine.stats().kv_offload.tiers == [] and first.engine.stats().kv_offload.tiers
+        second.close()
+    with LLM(model=str(llama_dir), num_blocks=24, kv_offload_dir=str(tmp_path), **ENGINE) as third:
+        assert third.engine.stats().kv_offload.tiers  # the first one's close released the folder

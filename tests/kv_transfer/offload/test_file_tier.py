@@ -100,6 +100,7 @@ def test_a_restart_with_a_smaller_size_evicts_the_oldest(tmp_path):
     for i in range(3):
         tier.write(*_chunk(10 * i))
     os.utime(_files(tier)[0], (1, 1))  # the oldest use
+    tier.close()
     smaller = FileTier(tmp_path, IDENTITY, 2 * FILE_BYTES, "buffered")
     assert smaller.stats.stored_bytes <= 2 * FILE_BYTES and len(_files(smaller)) == 2
     assert not smaller.contains(0)
@@ -127,6 +128,7 @@ def test_damaged_files_are_deleted_at_start(tmp_path, damage, caplog):
     (path,) = _files(tier)
     data = path.read_bytes()
     path.write_bytes(data[:ALIGN + 100] if damage == "truncate" else b"\0" * 8 + data[8:])
+    tier.close()
     with caplog.at_level(logging.WARNING):
         reopened = FileTier(tmp_path, IDENTITY, 1 << 30, "buffered")
     assert not reopened.contains(1) and not path.exists()
@@ -204,4 +206,20 @@ def test_a_folder_without_permission_is_refused(tmp_path):
 def test_bandwidth_probe_leaves_nothing_behind(tmp_path):
     tier = FileTier(tmp_path, IDENTITY, 1 << 30, "auto")
     assert tier.probe_bandwidth(1 << 20) > 0
-    assert [p.name for p in tier.folder.iterdir()] == ["manifest.json"]
+    assert sorted(p.name for p in tier.folder.iterdir()) == ["lock", "manifest.json"]
+
+
+def test_one_process_at_a_time(tmp_path):
+    first = FileTier(tmp_path, IDENTITY, 1 << 30, "buffered")
+    with pytest.raises(OSError, match="another process"):
+        FileTier(tmp_path, IDENTITY, 1 << 30, "buffered")
+    first.close()
+    FileTier(tmp_path, IDENTITY, 1 << 30, "buffered").close()
+
+
+def test_a_chunk_larger_than_the_tier_is_not_stored_and_says_so(tmp_path, caplog):
+    tier = FileTier(tmp_path, IDENTITY, FILE_BYTES - 1, "buffered")
+    with caplog.at_level(logging.WARNING):
+        assert tier.write(*_chunk(1)) == 0
+        assert tier.write(*_chunk(5)) == 0
+    assert caplog.text.count("does not fit") == 1 and not _files(tier)
