@@ -359,8 +359,8 @@ class LoadConfig:
 # sequence's newest kv_residual_tokens tokens in the model's dtype.
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "int8", "fp8_e4m3", "kivi4", "kivi2")
 KIVI_CACHE_DTYPES = ("kivi4", "kivi2")
-# KV offload tiers (kvflow/kv_transfer/offload/): how the file tier does its I/O (auto: direct where the
-# file system supports O_DIRECT; buffered: through the page cache), and when a tier hit is loaded
+# KV offload tiers (kvflow/kv_transfer/offload/): how the file tier does its I/O (direct: O_DIRECT;
+# buffered: through the page cache; auto: whichever a read probe finds faster), and when a tier hit is loaded
 # (auto: when the performance model says loading beats recomputing; always: every hit, for measuring).
 KV_OFFLOAD_IO = ("auto", "direct", "buffered")
 KV_OFFLOAD_LOAD_RULES = ("auto", "always")

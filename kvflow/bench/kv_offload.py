@@ -146,10 +146,13 @@ def break_even(cfg: OffloadBenchConfig, log: Callable[[str], None] = print) -> l
             model_tier = "host" if tier == "host" else "file"
             predicted = connector.cost.break_even_blocks(model_tier)
             stats = connector.stats_snapshot()
+            staged_tokens = max(1, sum(t.blocks_written for t in stats.tiers[-1:]) * cfg.block_size)
             for row in rows:
                 if row["tier"] == tier:
                     row["model_break_even_tokens"] = None if predicted is None else predicted * cfg.block_size
                     row["loaded_blocks"] = stats.loaded_blocks
+                    # The engine thread's share of the write path: copying completed blocks out.
+                    row["stage_ms_per_1k_tokens"] = stats.stage_seconds * 1e3 / staged_tokens * 1000
             llm.close()
     return rows
 
@@ -237,9 +240,13 @@ def format_table(result: OffloadBenchResult) -> str:
         lines.append(f"{row['tier']:12s} {row['prefix_tokens']:7d} {row['recompute_s'] * 1e3:13.1f} "
                      f"{row['load_s'] * 1e3:9.1f} {row['speedup']:7.2f}x")
     for tier, tokens in result.break_even_tokens.items():
-        model = next((r.get("model_break_even_tokens") for r in result.rows if r["tier"] == tier), None)
-        lines.append(f"break-even {tier}: measured {tokens if tokens is not None else '-'} tokens, the engine's "
-                     f"model {model if model is not None else '-'} tokens")
+        row = next((r for r in result.rows if r["tier"] == tier), {})
+        model = row.get("model_break_even_tokens")
+        shortest = min((r["prefix_tokens"] for r in result.rows if r["tier"] == tier), default=0)
+        measured = "-" if tokens is None else (f"<= {tokens}" if tokens == shortest else str(tokens))
+        lines.append(f"break-even {tier}: measured {measured} tokens, the engine's model "
+                     f"{model if model is not None else '-'} tokens; staging copy "
+                     f"{row.get('stage_ms_per_1k_tokens', 0):.2f} ms per 1k tokens written")
     if result.restart:
         r = result.restart
         lines.append(f"restart ({r['prompts']} prompts of {r['prompt_tokens']} tokens): TTFT median with the file "

@@ -32,7 +32,8 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
         random_input_len=args.random_input_len, random_output_len=args.random_output_len,
         random_range_ratio=args.random_range_ratio, shared_prefix_len=args.shared_prefix_len,
         num_prefix_groups=args.num_prefix_groups, num_sessions=args.num_sessions, num_turns=args.num_turns,
-        first_turn_len=args.first_turn_len, turn_input_len=args.turn_input_len, trace_file=args.trace_file,
+        first_turn_len=args.first_turn_len, turn_input_len=args.turn_input_len, think_time=args.think_time,
+        trace_file=args.trace_file,
         trace_time_scale=args.trace_time_scale, max_input_len=args.max_input_len,
         max_output_len=args.max_output_len, goodput_ms=parse_goodput(args.goodput or []),
         percentiles=parse_percentiles(args.percentiles), ignore_eos=args.ignore_eos,
@@ -145,6 +146,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                     help="multi-turn: prompt tokens of a session's first turn (system prompt + document)")
     ds.add_argument("--turn-input-len", type=int, default=128,
                     help="multi-turn: new user tokens of each later turn (after the resent history)")
+    ds.add_argument("--think-time", type=float, default=0.0,
+                    help="multi-turn: mean seconds a user takes between an answer and the next turn "
+                         "(exponential, seeded; default 0: at once)")
 
     rep = sp.add_argument_group("report")
     rep.add_argument("--goodput", nargs="+", metavar="KEY:MS",

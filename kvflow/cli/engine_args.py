@@ -34,8 +34,8 @@ _HELP = {
                        "recently used evicted first",
     "kv_offload_host_size": "KV offload: GiB of a host-memory tier in front of the file tier (default 0: none; "
                             "on a GPU, pinned host memory)",
-    "kv_offload_io": "KV offload file tier: direct (O_DIRECT), buffered (through the page cache) or auto (direct "
-                     "where the file system supports it)",
+    "kv_offload_io": "KV offload file tier: direct (O_DIRECT), buffered (through the page cache) or auto (whichever "
+                     "reads a cold file faster when the tier opens)",
     "kv_offload_load": "KV offload: auto (load a tier hit when the measured load time beats recomputing it) or "
                        "always",
     "max_num_seqs": "most sequences in one step",

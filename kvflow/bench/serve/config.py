@@ -43,6 +43,7 @@ class ServeBenchConfig:
     num_turns: int = 4
     first_turn_len: int = 1536
     turn_input_len: int = 128
+    think_time: float = 0.0  # multi-turn: mean seconds between an answer and the next turn (exponential)
     trace_file: str | None = None
     trace_time_scale: float = 1.0
     max_input_len: int | None = None
@@ -95,6 +96,8 @@ class ServeBenchConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if not self.think_time >= 0:
+            raise ValueError(f"--think-time must be >= 0 s, got {self.think_time}")
         if not 0 <= self.random_range_ratio < 1:
             raise ValueError(f"--random-range-ratio must be in [0, 1), got {self.random_range_ratio}")
         if not self.trace_time_scale >= 0:

@@ -44,7 +44,7 @@ from kvflow.bench.serve.datasets import (
 from kvflow.bench.serve.metrics import summarize
 from kvflow.bench.serve.prompts import PromptBuilder
 from kvflow.bench.serve.server_metrics import run_figures, scrape
-from kvflow.bench.serve.sessions import SessionPlan, build_sessions, send_sessions
+from kvflow.bench.serve.sessions import SessionPlan, add_think_times, build_sessions, send_sessions
 from kvflow.bench.serve.trace import load_trace, trace_offsets
 
 Log = Callable[[str], None]
@@ -129,6 +129,7 @@ def build_session_plans(
         builder, cfg.num_sessions, cfg.num_turns, cfg.first_turn_len, cfg.turn_input_len,
         cfg.random_output_len, cfg.random_range_ratio, data_rng,
     )
+    plans = add_think_times(plans, cfg.think_time, np.random.default_rng([cfg.seed, 2]))
     rate = math.inf if cfg.request_rate is None else cfg.request_rate
     offsets = arrival_offsets(len(plans), rate, cfg.burstiness, arrival_rng)
     probe_prompt = builder.build(min(cfg.first_turn_len, _PROBE_TOKENS))

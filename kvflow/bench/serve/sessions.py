@@ -12,7 +12,9 @@ assistant messages on the chat endpoint). With greedy decoding and ``ignore_eos`
 answers the same on every server, so the prompts agree too.
 
 Each session holds one ``--max-concurrency`` slot from its first turn to its last, and sends a
-turn only after the previous one's stream has ended; sessions run concurrently. A failed turn
+turn only after the previous one's stream has ended (and, with ``--think-time``, after the user's
+think time: many sessions then stay open while few requests run, as in a chat service, so the
+server's KV cache sees far more conversations than it runs); sessions run concurrently. A failed turn
 ends its session: its later turns are recorded as failed ("not sent"), so every run has
 ``num_sessions * num_turns`` records and a failure counts against goodput as a miss.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ class SessionPlan:
     first: Prompt
     user_turns: tuple[Prompt, ...]  # new user words of turns 2..T
     output_lens: tuple[int, ...]  # max_tokens of turns 1..T
+    think_s: tuple[float, ...] = ()  # seconds the user takes before turns 2..T (none: at once)
 
     @property
     def num_turns(self) -> int:
@@ -77,6 +81,17 @@ def build_sessions(
         users = tuple(builder.continuation(turn_input_len) for _ in range(num_turns - 1))
         plans.append(SessionPlan(s, first, users, tuple(int(n) for n in outs[s])))
     return plans
+
+
+def add_think_times(plans: list[SessionPlan], mean_s: float, rng: np.random.Generator) -> list[SessionPlan]:
+    """Give every later turn a user's think time: exponential with mean ``mean_s`` (0: none), from its
+    own seeded stream, so the prompts are the same with and without think time."""
+    if mean_s < 0:
+        raise ValueError(f"think time must be >= 0 s, got {mean_s}")
+    if mean_s == 0:
+        return plans
+    return [dataclasses.replace(p, think_s=tuple(float(t) for t in rng.exponential(mean_s, p.num_turns - 1)))
+            for p in plans]
 
 
 def next_turn(plan: SessionPlan, prev: SampleRequest, answer: str, answer_tokens: int, turn: int) -> SampleRequest:
@@ -128,6 +143,9 @@ async def run_session(
             break
         if turn < plan.num_turns:
             req = next_turn(plan, req, result.generated_text, result.output_tokens, turn + 1)
+            if plan.think_s:  # the user reads and types; the next turn arrives when it is sent
+                await asyncio.sleep(plan.think_s[turn - 1])
+                ready = time.perf_counter() - t0
     failed = len(results)
     for turn in range(failed + 1, plan.num_turns + 1):
         results.append(RequestResult(

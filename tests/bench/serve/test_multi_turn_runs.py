@@ -180,3 +180,19 @@ def test_cli_prints_the_per_turn_table(tok_dir: Path) -> None:
     assert any(line.split()[:3] == ["Mean", "prompt", "tokens,"] and line.endswith("17.0") for line in lines)
     header = next(i for i, line in enumerate(lines) if line.split() == ["turn", "1", "turns", ">=", "2"])
     assert lines[header + 1].split()[:3] == ["Mean", "TTFT", "(ms)"]
+
+
+def test_think_time_spaces_a_session_turns_and_not_its_ttft(tok_dir: Path) -> None:
+    with RecordingStub(ttft=lambda w, m: 0.01, itl=lambda w, m: 0.002) as stub:
+        cfg = _config(stub, tok_dir, num_sessions=2, num_turns=3, think_time=0.15)
+        doc = run(cfg, _quiet)
+        timeline = list(stub.timeline)
+    plans, _, _ = build_session_plans(cfg, load_tokenizer(str(tok_dir)))
+    sessions = _by_session(plans, timeline)
+    for plan in plans:
+        assert len(plan.think_s) == 2
+        entries = sessions[plan.index]
+        for k in (1, 2):
+            assert entries[k].received - entries[k - 1].last_chunk >= plan.think_s[k - 1] - 0.005
+    later = [r for r in doc["requests"] if r["turn"] > 1]
+    assert all(r["ttft_s"] < 0.1 for r in later)  # the wait is the user's, not the server's

@@ -182,3 +182,18 @@ def test_cli_parses_the_multi_turn_flags(tmp_path: Path) -> None:
     bad = build_parser("bench").parse_args(["bench", "serve", "--dataset", "multi-turn", "--num-turns", "0"])
     with pytest.raises(ValueError, match="--num-turns must be >= 1"):
         config_from_args(bad)
+
+
+def test_think_times_are_seeded_and_leave_the_prompts_alone():
+    import numpy as np
+
+    from kvflow.bench.serve.sessions import SessionPlan, add_think_times
+
+    plans = [SessionPlan(i, None, (), (4, 4, 4)) for i in range(3)]  # type: ignore[arg-type]
+    assert add_think_times(plans, 0.0, np.random.default_rng(0)) == plans
+    a = add_think_times(plans, 2.0, np.random.default_rng([0, 2]))
+    b = add_think_times(plans, 2.0, np.random.default_rng([0, 2]))
+    assert a == b and all(len(p.think_s) == 2 and all(t >= 0 for t in p.think_s) for p in a)
+    assert [(p.index, p.output_lens) for p in a] == [(p.index, p.output_lens) for p in plans]
+    means = add_think_times([SessionPlan(0, None, (), (1,) * 2001)], 2.0, np.random.default_rng(1))  # type: ignore[arg-type]
+    assert abs(np.mean(means[0].think_s) - 2.0) < 0.2

@@ -293,3 +293,26 @@ def test_two_engines_cannot_share_a_tier_folder(llama_dir, tmp_path, caplog):
         second.close()
     with LLM(model=str(llama_dir), num_blocks=24, kv_offload_dir=str(tmp_path), **ENGINE) as third:
         assert third.engine.stats().kv_offload.tiers  # the first one's close released the folder
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (.ci/gpu runs it)")
+@pytest.mark.parametrize("tiers", [dict(kv_offload_io="direct"), dict(kv_offload_host_size=0.01)])
+def test_on_gpu_loads_equal_computing_everything(llama_dir, tmp_path, tiers):
+    """The GPU path: staging through pinned memory, copies timed by CUDA events, loads scattered on the
+    device; outputs equal the same GPU engine computing everything."""
+    cuda = dict(ENGINE, device="cuda", num_blocks=24)
+    reference = LLM(model=str(llama_dir), **{**cuda, "num_blocks": 256}, enable_prefix_caching=False)
+    first = _conversations()
+    want, prompts = _two_turns(reference, first)
+    with LLM(model=str(llama_dir), **cuda, kv_offload_dir=str(tmp_path), **tiers, **ALWAYS) as llm:
+        out1 = _generate(llm, first)
+        _wait_written(llm)
+        out2 = []
+        for prompt in prompts[len(first):]:
+            out2.append(_generate(llm, [prompt])[0])
+            _wait_written(llm)
+        assert out1 + out2 == want
+        stats = llm.engine.stats().kv_offload
+        assert stats.loaded_blocks >= (len(first) - 2) * 10 and stats.failed_loads == 0
+        assert llm.engine.core.connector.cost.seconds_per_token is not None  # CUDA events were read
+        _assert_no_leak(llm)
