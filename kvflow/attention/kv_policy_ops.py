@@ -101,7 +101,7 @@ def quest_bounds(q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, nu
     times `scale`: [R, H, nb] fp32, -inf past a row's `num_blocks` (the C++ CPU kernel
     `quest_bounds` computes the same, reading the bounds in place)."""
     r, num_heads, head_dim = q.shape
-    kvh = bounds.shape[2]
+    kvh = bounds.shape[1]
     qg = q.float().view(r, kvh, num_heads // kvh, head_dim)
     # One matmul: [q⁺, q⁻] · [max, min] over 2·D is Σ_d max(q_d·min_d, q_d·max_d).
     both = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], dim=-1)  # [R, KVH, G, 2D]

@@ -15,6 +15,7 @@ from kvflow.attention.kv_policy_ops import (
     allocate_key_bounds,
     block_attention_mass,
     compact_tokens,
+    quest_bounds,
     quest_select,
     read_keys,
     snapkv_select,
@@ -246,6 +247,26 @@ def test_block_mass_matches_the_full_attention_matrix_and_the_backend(fmt):
     torch.testing.assert_close(meta.extra["block_mass"], mass, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(8, 4), (6, 1), (4, 2), (8, 8)])
+def test_quest_bounds_equal_a_loop_over_heads_and_blocks(num_heads, num_kv_heads):
+    """Σ_d max(q_d·min_d, q_d·max_d) per query head and block, by loops, for any GQA shape (the other
+    tests' 2 KV heads equal the bounds' min/max axis, which once hid a wrong axis)."""
+    gen = torch.Generator().manual_seed(num_heads * 10 + num_kv_heads)
+    head_dim, blocks, rows, per_row = 16, 12, 2, 5
+    bounds = torch.randn(blocks, num_kv_heads, 2, head_dim, generator=gen).sort(dim=2).values
+    q = torch.randn(rows, num_heads, head_dim, generator=gen)
+    tables = torch.randint(0, blocks, (rows, per_row), generator=gen)
+    num_blocks = torch.tensor([per_row, 3])
+    got = quest_bounds(q, bounds, tables, num_blocks, 0.5)
+    group = num_heads // num_kv_heads
+    for r in range(rows):
+        for h in range(num_heads):
+            for j in range(per_row):
+                lo, hi = bounds[tables[r, j], h // group]
+                want = 0.5 * torch.maximum(q[r, h] * lo, q[r, h] * hi).sum() if j < num_blocks[r] else -math.inf
+                assert math.isclose(float(got[r, h, j]), float(want), rel_tol=1e-5, abs_tol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_quest_bounds_kernel_matches_pytorch(dtype):
     """The C++ CPU kernel the engine and the benchmark use scores blocks as the PyTorch reference does
@@ -259,7 +280,7 @@ def test_cpp_quest_bounds_kernel_matches_pytorch(dtype):
 
     gen = torch.Generator().manual_seed(1)
     for head_dim in (64, 40):
-        bounds = torch.randn(30, 2, 2, head_dim, generator=gen).sort(dim=2).values.to(dtype)
+        bounds = torch.randn(30, 3, 2, head_dim, generator=gen).sort(dim=2).values.to(dtype)  # 3 KV heads
         q = torch.randn(3, 6, head_dim, generator=gen).to(dtype)
         tables = torch.randint(0, 30, (3, 9), generator=gen)
         num_blocks = torch.tensor([9, 4, 1])

@@ -257,7 +257,7 @@ def multiprocessor_count(device: torch.device) -> int | None:
 
 
 def prefill_launch_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None,
-                          int8: bool = False, fp8: bool = False) -> LaunchConfig:
+                          int8: bool = False, fp8: bool = False, kivi: bool = False) -> LaunchConfig:
     """FlashAttention-2's tiling for 16-bit inputs: 128 query rows per program (64 before Ampere
     or past head_dim 128), 64-key tiles (32 past head_dim 128), 8 warps for the large tiles. fp32's
     "tf32x3" dots take about three times the registers, so fp32 gets 32 (16) query rows; it is the
@@ -265,7 +265,10 @@ def prefill_launch_config(head_dim: int, dtype: torch.dtype, capability: tuple[i
     every (arch, dtype, head_dim) for sm_80/sm_90 and checks from ptxas's report that no 16-bit
     launch spills registers and none overflows shared memory. An int8 or fp8 cache's K/V tiles are
     converted in registers (fp8 by integer arithmetic before sm_89), which before Hopper makes 16-bit
-    launches with head_dim >= 128 spill: there the key tiles are halved.
+    launches with head_dim >= 128 spill: there the key tiles are halved. An int8 cache's (codes times
+    a per-token scale) spills on Hopper too under the Triton of torch 2.11 (3.6: 152 bytes at 128x64
+    on an H200; 3.9 does not), so int8 halves them on every GPU. `kivi`: KIVI's tiles (its caller
+    also halves the query rows).
     The interpreter (capability None) uses the same tiles as Hopper."""
     if dtype == torch.float32:
         block_m, block_n = (32, 64) if head_dim <= 128 else (16, 32)
@@ -277,7 +280,8 @@ def prefill_launch_config(head_dim: int, dtype: torch.dtype, capability: tuple[i
         block_n = 64 if head_dim <= 128 else 32
         num_warps = 8 if block_m * head_dim >= 128 * 64 else 4
         num_stages = 3 if head_dim <= 128 else 2
-        if (int8 or fp8) and head_dim >= 128 and capability is not None and capability < (9, 0):
+        converted = int8 or fp8 or kivi
+        if converted and head_dim >= 128 and capability is not None and (capability < (9, 0) or int8):
             block_n //= 2
     return LaunchConfig(block_m, block_n, num_warps, num_stages, dot_precision(dtype, capability))
 

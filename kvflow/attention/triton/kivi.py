@@ -404,7 +404,7 @@ def kivi_prefill_attention(
         max_query_len = int(torch.diff(query_start_loc[first_seq:]).max().item())
     if max_query_len <= 0:
         return out, lse
-    config = prefill_launch_config(head_dim, q.dtype, device_capability(q.device), int8=True)
+    config = prefill_launch_config(head_dim, q.dtype, device_capability(q.device), kivi=True)
     # Dequantising a tile's keys and values in registers costs as much as int8's conversion and more:
     # 128 query rows spill on sm_80 at head_dim 128 and 64 rows at 256 (compile_check); half as many do not.
     rows = config.block_m if head_dim < 128 else min(config.block_m, 64 if head_dim == 128 else 32)

@@ -10,10 +10,14 @@ import torch
 from kvflow import LLM, SamplingParams
 from kvflow.attention.backend import get_backend
 
+# The Triton backend runs where Triton runs: compiled on a GPU, interpreted on a CPU (conftest); both
+# engines of a comparison run on the same device.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _generate(model_dir, backend: str, prompts: list[list[int]], **kw) -> tuple[list[list[int]], LLM]:
-    llm = LLM(model=str(model_dir), dtype="float32", num_blocks=48, block_size=8, attention_backend=backend,
-              cpu_kernels=False, max_num_batched_tokens=64, enable_prefix_caching=True, **kw)
+    llm = LLM(model=str(model_dir), dtype="float32", device=DEVICE, num_blocks=48, block_size=8,
+              attention_backend=backend, cpu_kernels=False, max_num_batched_tokens=64, enable_prefix_caching=True, **kw)
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs], llm
@@ -141,8 +145,9 @@ def test_engine_kivi_matches_torch_backend(llama_head64, fmt):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
     outs = {}
     for backend in ("torch", "triton"):
-        llm = LLM(model=llama_head64, dtype="float32", num_blocks=32, block_size=32, attention_backend=backend,
-                  cpu_kernels=False, max_num_batched_tokens=64, enable_prefix_caching=True, kv_cache_dtype=fmt,
+        llm = LLM(model=llama_head64, dtype="float32", device=DEVICE, num_blocks=32, block_size=32,
+                  attention_backend=backend, cpu_kernels=False, max_num_batched_tokens=64,
+                  enable_prefix_caching=True, kv_cache_dtype=fmt,
                   kv_residual_tokens=32)
         assert llm.engine.core.runner.backend.name == {"torch": "torch_native"}.get(backend, backend)
         first = llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
