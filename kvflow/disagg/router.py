@@ -261,7 +261,10 @@ class DisaggEngine(AsyncEngine):
     # ---------------------------------------------------------------- output
     def _on_instance_outputs(self, instance: Instance, message: StepOutputs) -> None:
         instance.stats = message.stats
-        self.metrics.update_core(self._combined_stats())
+        combined = self._combined_stats()
+        self.metrics.update_core(combined)
+        self.metrics.cache_config(self.config.cache, combined.engine.num_blocks)  # blocks of all live instances
+        self.metrics.steps(message.step_tokens)  # prefill instances' steps too
         finished = [output.request_id for output in message.outputs if output.finished]
         instance.in_flight.difference_update(finished)
         if instance.role == "prefill":

@@ -103,6 +103,7 @@ class EngineCore:
                                    speculative=spec.enabled, lookahead=lookahead,
                                    spec_token_budget=spec.speculative_token_budget)
         self.num_steps = 0
+        self.last_step_tokens = 0  # tokens the last step computed (prompt chunks, decodes, proposals verified)
         # Keep what each step computed for the step log of `kvflow serve --step-log` (which
         # `kvflow profile --serve` fits latency models to).
         self.record_shapes = config.step_log is not None
@@ -142,6 +143,7 @@ class EngineCore:
         new_prompt_logprobs = self._record_prompt_logprobs(sched, result)
         kept = self.scheduler.update(sched, result)
         self.num_steps += 1
+        self.last_step_tokens = sched.num_tokens
         now = time.monotonic()
 
         for chunk in sched.chunks:

@@ -98,7 +98,10 @@ class _CoreLoop:
         self.parent_pid = parent_pid
         self.decoder = msgspec.msgpack.Decoder(ToCore, dec_hook=dec_hook)
         self.requests: dict[str, Any] = {}  # core id -> Request not yet reported as scheduled
-        self.stats_dirty = False
+        # True: the first stats go out right after READY, so the server's gauges (KV blocks, cache
+        # config) are filled before the first request, not after it.
+        self.stats_dirty = True
+        self.step_tokens: list[int] = []  # tokens of each step since the last message
         # KV-transfer events not sent yet: loads (core id, KV bytes, wire bytes, s), sends (transfer id, s).
         self.kv_loads: list[tuple[str, int, int, float]] = []
         self.kv_sent: list[tuple[str, float]] = []
@@ -144,6 +147,8 @@ class _CoreLoop:
                 started = time.perf_counter()
                 outputs = self.core.step()
                 stalled = self.core.num_steps == steps and not outputs
+                if self.core.num_steps > steps:
+                    self.step_tokens.append(self.core.last_step_tokens)
                 events = self.core.drain_events()
                 self.kv_loads += [(r.request_id, r.payload_bytes, r.wire_bytes, r.seconds) for r in events.loads]
                 self.kv_sent += [(r.transfer_id, r.exposed_seconds) for r in events.sent]
@@ -178,8 +183,8 @@ class _CoreLoop:
                 del self.requests[core_id]
         kv_stats = self.core.kv.stats
         stats = CoreStats(self.core.stats(), kv_stats.queried_tokens, kv_stats.hit_tokens)
-        self._send(StepOutputs(outputs, scheduled, stats, self.kv_loads, self.kv_sent))
-        self.kv_loads, self.kv_sent = [], []
+        self._send(StepOutputs(outputs, scheduled, stats, self.kv_loads, self.kv_sent, self.step_tokens))
+        self.kv_loads, self.kv_sent, self.step_tokens = [], [], []
         self.stats_dirty = False
 
     def _send(self, message: FromCore) -> None:

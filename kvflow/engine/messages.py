@@ -54,6 +54,10 @@ class StepOutputs(msgspec.Struct, tag="outputs"):
     kv_transfers: list[tuple[str, int, int, float]] = []
     # Prefill instance: transfers acknowledged since the last message (transfer id, exposed seconds).
     kv_sent: list[tuple[str, float]] = []
+    # Tokens each engine step computed since the last message (prompt chunks, decodes, speculative
+    # proposals verified), for kvflow:iteration_tokens_total; a step without outputs sends none, so its
+    # count rides with the next message.
+    step_tokens: list[int] = []
 
 
 class CoreFailed(msgspec.Struct, tag="error"):

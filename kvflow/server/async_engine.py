@@ -42,6 +42,7 @@ class _Timing:
     last_token: float | None = None
     num_generated: int = 0
     queued_seen: bool = False
+    scheduled: float | None = None  # the core's clock: first scheduled (of its first sequence)
 
 
 class RequestStream:
@@ -183,10 +184,20 @@ class AsyncEngine:
             self.metrics.finished(finish_reason)
             self.metrics.e2e.observe(time.monotonic() - timing.arrival)
             self.metrics.request_generation_tokens.observe(timing.num_generated)
+            # vLLM's phases: prefill (first scheduled to first token), decode (first to last token),
+            # inference (first scheduled to last token); only for a request that got a token.
+            first, last, scheduled = timing.first_token, timing.last_token, timing.scheduled
+            if first is not None and last is not None:
+                self.metrics.decode_time.observe(last - first)
+                if scheduled is not None:
+                    self.metrics.prefill_time.observe(max(0.0, first - scheduled))
+                    self.metrics.inference_time.observe(max(0.0, last - scheduled))
 
     # ---------------------------------------------------------------- output
     def _on_outputs(self, message: StepOutputs) -> None:
         self.metrics.update_core(message.stats)
+        self.metrics.cache_config(self.config.cache, message.stats.engine.num_blocks)
+        self.metrics.steps(message.step_tokens)
         self._process_outputs(message)
 
     def _process_outputs(self, message: StepOutputs) -> None:
@@ -195,6 +206,7 @@ class AsyncEngine:
             timing = self._timing.get(self.outputs.request_id_of(core_id) or "")
             if timing is not None and not timing.queued_seen:
                 timing.queued_seen = True
+                timing.scheduled = scheduled
                 self.metrics.queue_time.observe(max(0.0, scheduled - timing.arrival))
         processed = self.outputs.process(message.outputs)
         self._finish_core([(core_id, RequestStatus.FINISHED_STOPPED.value, stop)
@@ -221,6 +233,7 @@ class AsyncEngine:
             self.metrics.request_prompt_tokens.observe(timing.num_prompt_tokens)
         elif timing.last_token is not None:
             self.metrics.itl.observe(now - timing.last_token)
+            self.metrics.tpot.observe(now - timing.last_token)
         timing.last_token = now
         timing.num_generated += new_tokens
         self.metrics.generation_tokens.inc(new_tokens)

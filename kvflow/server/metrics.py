@@ -1,11 +1,15 @@
 """Prometheus metrics, named like vLLM's (`vllm:` -> `kvflow:`) so existing dashboards adapt.
 
 Gauges come from the scheduler stats the engine core sends with every step; latencies are
-measured on the API side when outputs arrive (what a client sees, minus the network).
+measured on the API side when outputs arrive (what a client sees, minus the network), except that
+the phases which start at a request's first scheduling (queue, prefill, inference time) take that
+moment from the core (same monotonic clock on one host).
 One registry per server, so several servers can live in one test process.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from prometheus_client import (
     CollectorRegistry,
@@ -15,16 +19,44 @@ from prometheus_client import (
     generate_latest,
 )
 
+from kvflow.config import CacheConfig
 from kvflow.engine.messages import CoreStats
 from kvflow.kv_transfer.offload.connector import OffloadStats
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+# CacheConfig fields that vLLM's cache_config_info names differently (kvflow's name -> vLLM's).
+_VLLM_CACHE_LABELS = {"kv_cache_dtype": "cache_dtype", "num_blocks": "num_gpu_blocks_override"}
+
+
+def iteration_token_buckets(max_num_batched_tokens: int | None = None) -> tuple[float, ...]:
+    """vLLM's buckets for tokens per step (eager mode: 1, 8, 16, ... powers of two) up to the first power
+    of two >= the step budget; without one, up to 16384 as vLLM's list."""
+    top = max_num_batched_tokens or 16384
+    buckets, bound = [1.0], 8
+    while bound < top:
+        buckets.append(float(bound))
+        bound *= 2
+    buckets.append(float(bound))
+    return tuple(buckets)
+
+
+def cache_config_labels(cache: CacheConfig, num_blocks: int) -> dict[str, str]:
+    """Labels of kvflow:cache_config_info: every CacheConfig field as a string (as vLLM's
+    `metrics_info`), under vLLM's name where it has one, plus the KV blocks the engine has
+    (`num_gpu_blocks`, whatever the device) and whether KV offload tiers are on (`kv_offload`; the
+    file tier's folder is left out: a path is no dashboard's business)."""
+    labels = {_VLLM_CACHE_LABELS.get(field.name, field.name): str(getattr(cache, field.name))
+              for field in dataclasses.fields(cache) if field.name != "kv_offload_dir"}
+    labels["kv_offload"] = str(cache.kv_offload)
+    labels["num_gpu_blocks"] = str(num_blocks)
+    return labels
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_num_batched_tokens: int | None = None) -> None:
+        """`max_num_batched_tokens`: the engine's step budget, the top of the iteration-tokens buckets."""
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
@@ -57,6 +89,20 @@ class ServerMetrics:
                              _LATENCY_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.", _LATENCY_BUCKETS)
+        # vLLM v1's per-request phases, observed when a request finishes (one with no token has no prefill or decode).
+        self.prefill_time = histogram("request_prefill_time_seconds", "First scheduled to first token.",
+                                      _LATENCY_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds", "First token to last token.", _LATENCY_BUCKETS)
+        self.inference_time = histogram("request_inference_time_seconds", "First scheduled to last token.",
+                                        _LATENCY_BUCKETS)
+        # vLLM v1's TPOT: one observation per output after a request's first (the same values as the
+        # inter-token latency, which vLLM later renamed it to; several speculative tokens are one output).
+        self.tpot = histogram("time_per_output_token_seconds", "Time between successive outputs of a request "
+                              "(vLLM v1's TPOT; the same as inter_token_latency_seconds).", _LATENCY_BUCKETS)
+        self.iteration_tokens = histogram(
+            "iteration_tokens_total", "Tokens each engine step computed: prompt chunks, decodes and "
+            "speculative proposals verified (prefix-cache hits and loaded KV are not computed).",
+            iteration_token_buckets(max_num_batched_tokens))
         self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt length per request.", _TOKEN_BUCKETS)
         self.request_generation_tokens = histogram(
             "request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS)
@@ -83,6 +129,9 @@ class ServerMetrics:
         self.kv_offload = _OffloadMetrics(r, model_name)
         # Preemptions, prefix queries, prefix hits, KV load fallbacks, speculative counts: cumulative in the core.
         self._last_core = (0, 0, 0, 0, 0, 0, 0)
+        self._cache_info: Gauge | None = None
+        self._cache_key: tuple[CacheConfig, int] | None = None
+        self._cache_labels: dict[str, str] = {}
         self.engine_healthy.set(1)
 
     def finished(self, reason: str) -> None:
@@ -114,6 +163,26 @@ class ServerMetrics:
         self._last_per_position = list(engine.spec_accepted_per_position)
         if engine.kv_offload is not None:
             self.kv_offload.update(engine.kv_offload)
+
+    def steps(self, step_tokens: list[int]) -> None:
+        """The token counts of engine steps (StepOutputs.step_tokens)."""
+        for tokens in step_tokens:
+            self.iteration_tokens.observe(tokens)
+
+    def cache_config(self, cache: CacheConfig, num_blocks: int) -> None:
+        """Set kvflow:cache_config_info (a gauge at 1 whose labels are the cache config, as vLLM's); cheap
+        to call with every step: it changes the series only when the KV block count does."""
+        key = (cache, num_blocks)
+        if key == self._cache_key:
+            return
+        labels = cache_config_labels(cache, num_blocks)
+        if self._cache_info is None:
+            self._cache_info = Gauge("kvflow:cache_config_info", "Information of the engine's cache config.",
+                                     ["model_name", *labels], registry=self.registry)
+        else:
+            self._cache_info.remove(self._label, *self._cache_labels.values())
+        self._cache_info.labels(self._label, *labels.values()).set(1)
+        self._cache_key, self._cache_labels = key, labels
 
     def kv_transferred(self, payload_bytes: int, wire_bytes: int, seconds: float) -> None:
         self.kv_transfers.inc()
