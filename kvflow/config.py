@@ -37,6 +37,15 @@ _DTYPES = {
 }
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content. A malformed file raises ValueError naming the file, line and column (json's own
+    message names neither the file nor what was being read)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """Map a user-facing dtype name to a torch dtype, with a clear error for anything else."""
     if isinstance(name, torch.dtype):
@@ -131,7 +140,7 @@ class ModelConfig:
             config_path = Path(path) / "config.json"
             if not config_path.is_file():
                 raise ValueError(f"model directory {path} has no config.json")
-            hf = json.loads(config_path.read_text())
+            hf = read_json(config_path)
         cfg = cls.from_hf_dict(hf, str(path), dtype=dtype, max_model_len=max_model_len)
         return replace(cfg, tokenizer=str(tokenizer)) if tokenizer is not None else cfg
 

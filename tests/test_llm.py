@@ -213,7 +213,7 @@ def test_cli_generate(llama_dir, capsys):
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["prompt"] == "hello" and len(record["token_ids"]) <= 5
     assert cli_main(["generate", "--model", str(llama_dir), "--prompt", "hi", "--top-p", "3"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p: must be in (0, 1], got 3.0" in capsys.readouterr().err
 
 
 def test_cache_salt_separates_prefix_cache_hits(llama_dir):

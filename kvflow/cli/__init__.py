@@ -29,23 +29,43 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each flag's default (`(default: 8000)`), except where there is none (None, an off
+    switch's False, "") or the help already says it (so an environment variable's value, e.g. --api-key's, is
+    never printed). A flag without help text shows nothing: give it one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is argparse.SUPPRESS or default is False or default == ""
+                or not action.option_strings or "default" in text.lower()):
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser with every command listed, and the arguments of `command` alone (None: of none)."""
+    """The parser with every command listed, and the arguments of `command` alone (None: of none). Each
+    command's parser sets `command_parser` to itself (main reports unknown arguments with it)."""
     parser = argparse.ArgumentParser(prog="kvflow", description="LLM inference engine")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, module) in COMMANDS.items():
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        command_parser.set_defaults(command_parser=command_parser)
         if name == command:
             importlib.import_module(f"kvflow.cli.{module}").configure(command_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; a ValueError from it is one line on stderr and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    args, unknown = build_parser(command).parse_known_args(argv)
+    command_parser = args.__dict__.pop("command_parser")  # the commands see only their own arguments
+    if unknown:  # with the command's usage, not the top level's (argparse's parse_args would give that)
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"kvflow: error: {exc}", file=sys.stderr)
         return 2

@@ -84,7 +84,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
         backend_kwargs = parse_backend_args(args.backend_arg)
         python = parse_python_args(args.python)
     except argparse.ArgumentTypeError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"kvflow: error: {e}") from None
     report = run_many(
         Path(args.model),
         backends=args.backend,
@@ -118,7 +118,7 @@ def _cmd_to_gguf(args: argparse.Namespace) -> int:
     try:
         convert_to_gguf(args.model, out, args.dtype, peer_python("llamacpp", args.python), args.convert_script)
     except (BackendUnavailable, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"kvflow: error: {e}") from None
     print(f"wrote {out}")
     return 0
 
@@ -151,7 +151,7 @@ def _cmd_kv_capacity(args: argparse.Namespace) -> int:
 
     unknown = [f for f in args.kv_cache_dtype if f not in KV_CACHE_DTYPES]
     if unknown:
-        raise SystemExit(f"error: unknown --kv-cache-dtype {', '.join(unknown)}; "
+        raise SystemExit(f"kvflow: error: unknown --kv-cache-dtype {', '.join(unknown)}; "
                          f"choose from {', '.join(KV_CACHE_DTYPES)}")
     if args.threads:
         import torch
@@ -252,7 +252,7 @@ def _cmd_kv_offload(args: argparse.Namespace) -> int:
     try:
         result = run(cfg, log=lambda line: print(line, flush=True))
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit(f"kvflow: error: {exc}") from None
     print(format_table(result))
     if cfg.out_dir:
         for path in save(result, cfg.out_dir):

@@ -53,11 +53,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"kvflow: error: {e}") from None
     try:
         doc = run(cfg)
     except (RuntimeError, ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"kvflow: error: {e}") from None
     print(format_table(doc))
     if cfg.result_dir:
         path = save_result(doc, cfg.result_dir, result_stem(doc))
@@ -77,7 +77,7 @@ def _cmd_serve_plot(args: argparse.Namespace) -> int:
     try:
         docs = [load_result(path) for path in args.results]
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"kvflow: error: {e}") from None
     out = plot_compare(docs, args.out, title=args.title)
     print(f"plot: {out}", file=sys.stderr)
     return 0

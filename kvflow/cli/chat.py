@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvflow.cli.engine_args import add_engine_args, add_sampling_args, make_llm, sampling_params
+from kvflow.cli.engine_args import add_engine_args, add_sampling_args, check_sampling_args, make_llm, sampling_params
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_sampling_args(args)  # before the model loads
     llm = make_llm(args)
     params = sampling_params(llm, args)
     messages: list[dict[str, str]] = []

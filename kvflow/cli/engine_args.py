@@ -96,7 +96,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "the model's own")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
     group = parser.add_argument_group("engine")
     for part in _engine_parts():
@@ -132,9 +132,9 @@ def model_path(args: argparse.Namespace) -> str:
     try:
         path = Path(default_model_path())
     except FileNotFoundError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit(f"kvflow: error: {exc}") from None
     if not (path / "config.json").is_file():
-        raise SystemExit(f"error: the default model at {path} is missing; pass --model DIR")
+        raise SystemExit(f"kvflow: error: the default model at {path} is missing; pass --model DIR")
     return str(path)
 
 
@@ -146,30 +146,70 @@ def make_llm(args: argparse.Namespace):
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64, help="most tokens generated per completion")
     parser.add_argument("--temperature", type=float, default=None, help="default: the model's generation config")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--min-p", type=float, default=None)
     parser.add_argument("--repetition-penalty", type=float, default=None)
-    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--n", type=int, default=1, help="completions per prompt")
     parser.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object per output")
 
 
-def sampling_params(llm, args: argparse.Namespace):
-    params = llm.default_sampling_params().model_dump()
-    for key in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "n", "stop"):
-        value = getattr(args, key)
-        if value is not None:
-            params[key] = value
-    params["seed"] = args.sample_seed
-    params["ignore_eos"] = args.ignore_eos
+#: SamplingParams fields set by a sampling flag, and the flag (where it is not the field's name).
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "n", "stop")
+_SAMPLING_FLAGS = {"seed": "--sample-seed"}
+
+
+def _given_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling values the command line sets (flags left out keep the model's defaults)."""
+    given = {key: getattr(args, key) for key in _SAMPLING_FIELDS if getattr(args, key) is not None}
+    given["seed"] = args.sample_seed
+    given["ignore_eos"] = args.ignore_eos
+    return given
+
+
+def _sampling_error(exc: Exception, given: dict[str, Any]) -> ValueError:
+    """pydantic's ValidationError (several lines, the input repeated, a documentation URL) as one line
+    per bad value, naming the flag that set it: `--temperature: must be a finite number >= 0 ...`."""
+    lines = []
+    for error in exc.errors():  # type: ignore[attr-defined]
+        cause = error.get("ctx", {}).get("error")
+        text = str(cause) if cause is not None else error["msg"]
+        field = str(error["loc"][0]) if error.get("loc") else ""
+        if field in given:
+            text = text.removeprefix(f"{field} ")
+            lines.append(f"{_SAMPLING_FLAGS.get(field, '--' + field.replace('_', '-'))}: {text}")
+        else:
+            lines.append(f"the model's default sampling parameters (generation_config.json): {text}")
+    return ValueError("; ".join(lines))
+
+
+def _sampling(params: dict[str, Any], given: dict[str, Any]):
+    from pydantic import ValidationError
+
     from kvflow.sampling_params import SamplingParams
 
-    return SamplingParams(**params)
+    try:
+        return SamplingParams(**params)
+    except ValidationError as exc:
+        raise _sampling_error(exc, given) from None
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """Validate the sampling flags on their own, before the model loads, so a bad value fails at once
+    rather than after the load (seconds to minutes)."""
+    given = _given_sampling(args)
+    _sampling(given, given)
+
+
+def sampling_params(llm, args: argparse.Namespace):
+    """The model's default sampling parameters with the command line's on top; ValueError names a bad flag."""
+    given = _given_sampling(args)
+    return _sampling({**llm.default_sampling_params().model_dump(), **given}, given)
 
 
 def print_outputs(outputs, as_json: bool) -> None:

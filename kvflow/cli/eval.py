@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
     from kvflow.eval.runner import EvalConfig, run_eval
 
     if args.kv_budget_fraction is not None and not 0 < args.kv_budget_fraction <= 1:
-        raise SystemExit(f"error: --kv-budget-fraction must be in (0, 1], got {args.kv_budget_fraction}")
+        raise SystemExit(f"kvflow: error: --kv-budget-fraction must be in (0, 1], got {args.kv_budget_fraction}")
     config = EvalConfig(
         tasks=args.tasks, lengths=args.lengths, depths=args.depths, trials=args.trials, pairs=args.pairs,
         multikey_lengths=args.multikey_lengths, queries=args.queries, ppl_context=args.ppl_context,
@@ -113,7 +113,8 @@ def _run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     if args.compare_kv and args.compare_weights:
-        raise SystemExit("error: --compare-kv and --compare-weights are separate evaluations; run them one at a time")
+        raise SystemExit("kvflow: error: --compare-kv and --compare-weights are separate evaluations; "
+                         "run them one at a time")
     if args.compare_kv:
         return _compare_kv(args, config)
     if args.compare_weights:
@@ -164,7 +165,7 @@ def _with_policy_budget(args: argparse.Namespace) -> argparse.Namespace:
     from kvflow.eval.kv_budget import min_kv_budget
 
     if args.kv_policy in (None, "none"):
-        raise SystemExit("error: --kv-budget-fraction sets each request's budget for the engine's KV policy; "
+        raise SystemExit("kvflow: error: --kv-budget-fraction sets each request's budget for the engine's KV policy; "
                          "add --kv-policy streaming|h2o|snapkv|quest")
     if args.kv_budget is not None:
         return args
@@ -172,7 +173,7 @@ def _with_policy_budget(args: argparse.Namespace) -> argparse.Namespace:
     try:
         floor = min_kv_budget(args.kv_policy, knobs["kv_sink_tokens"], knobs["kv_window"])
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit(f"kvflow: error: {exc}") from None
     return argparse.Namespace(**{**vars(args), "kv_budget": floor})
 
 
@@ -184,15 +185,15 @@ def _compare_kv(args: argparse.Namespace, config) -> int:
     try:
         methods = parse_methods(args.compare_kv)
     except ValueError as exc:
-        raise SystemExit(f"error: --compare-kv: {exc}") from None
+        raise SystemExit(f"kvflow: error: --compare-kv: {exc}") from None
     if args.draft is not None:
-        raise SystemExit("error: --compare-kv and --draft are separate evaluations; run them one at a time")
+        raise SystemExit("kvflow: error: --compare-kv and --draft are separate evaluations; run them one at a time")
     clashing = [flag for flag, value in (("--kv-cache-dtype", args.kv_cache_dtype), ("--kv-budget", args.kv_budget),
                                          ("--kv-budget-fraction", args.kv_budget_fraction))
                 if value is not None] + (["--kv-policy"] if args.kv_policy not in (None, "none") else [])
     if clashing:
-        raise SystemExit(f"error: --compare-kv sets each method's format, policy and budget (e.g. int8+snapkv@0.25); "
-                         f"drop {', '.join(clashing)}")
+        raise SystemExit(f"kvflow: error: --compare-kv sets each method's format, policy and budget "
+                         f"(e.g. int8+snapkv@0.25); drop {', '.join(clashing)}")
     model = model_path(args)
     out = args.out or Path("eval_results") / f"{Path(model).name or 'model'}-kv"
     knobs = _policy_knobs(args)
@@ -229,9 +230,9 @@ def _compare_weights(args: argparse.Namespace, config) -> int:
     try:
         methods = parse_weight_methods(args.compare_weights)
     except ValueError as exc:
-        raise SystemExit(f"error: --compare-weights: {exc}") from None
+        raise SystemExit(f"kvflow: error: --compare-weights: {exc}") from None
     if args.draft is not None or getattr(args, "quantization", None):
-        raise SystemExit("error: --compare-weights quantises the model itself; drop --draft / --quantization")
+        raise SystemExit("kvflow: error: --compare-weights quantises the model itself; drop --draft / --quantization")
     model = model_path(args)
     out = args.out or Path("eval_results") / f"{Path(model).name or 'model'}-weights"
 
@@ -264,4 +265,4 @@ def _check_engines(methods: list[KVMethod], namespace_for: Callable[[KVMethod], 
             EngineConfig.create(model_path(ns), dtype=ns.dtype, max_model_len=ns.max_model_len, device=ns.device,
                                 seed=ns.seed, **engine_kwargs(ns))
         except (ValueError, TypeError) as exc:
-            raise SystemExit(f"error: --compare-kv {method.name}: {exc}") from None
+            raise SystemExit(f"kvflow: error: --compare-kv {method.name}: {exc}") from None

@@ -6,7 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvflow.cli.engine_args import add_engine_args, add_sampling_args, make_llm, print_outputs, sampling_params
+from kvflow.cli.engine_args import (
+    add_engine_args,
+    add_sampling_args,
+    check_sampling_args,
+    make_llm,
+    print_outputs,
+    sampling_params,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     if args.prompts_file:
         prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
-        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts-file FILE")
+        raise SystemExit("kvflow: error: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    check_sampling_args(args)  # before the model loads
     llm = make_llm(args)
     outputs = llm.generate(prompts, sampling_params(llm, args), use_tqdm=len(prompts) > 1)
     print_outputs(outputs, args.json)

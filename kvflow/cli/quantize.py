@@ -39,11 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from kvflow.model.quant.quantize_model import quantize_checkpoint
 
     if args.out is None and args.gguf is None:
-        raise SystemExit("error: give --out DIR (a kvflow model directory) and/or --gguf FILE")
+        raise SystemExit("kvflow: error: give --out DIR (a kvflow model directory) and/or --gguf FILE")
     model = model_path(args)
     params = {k: v for k, v in (("bits", args.bits), ("group_size", args.group)) if v is not None}
     if params and args.format != "bipolar":
-        raise SystemExit(f"error: --bits and --group apply to bipolar; {args.format} has a fixed layout")
+        raise SystemExit(f"kvflow: error: --bits and --group apply to bipolar; {args.format} has a fixed layout")
     calibration = _calibration(model, args) if args.method == "awq" else None
     report = quantize_checkpoint(model, args.format, params=params, method=args.method, calibration=calibration,
                                  out_dir=args.out, gguf_path=args.gguf, progress=_progress(args.no_progress))
@@ -68,7 +68,7 @@ def _calibration(model: str, args: argparse.Namespace):
 
     tokenizer = load_tokenizer(model)
     if tokenizer is None:
-        raise SystemExit(f"error: --method awq calibrates on text, and {model} ships no tokenizer")
+        raise SystemExit(f"kvflow: error: --method awq calibrates on text, and {model} ships no tokenizer")
     print(f"calibration: {args.calibration_samples} x {args.calibration_length} tokens of the train split",
           file=sys.stderr)
     ids = calibration_tokens(tokenizer, resolve_split(model), args.calibration_samples, args.calibration_length,

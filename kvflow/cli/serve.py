@@ -1,18 +1,27 @@
 """`kvflow serve`: build the engine config, start uvicorn, and shut down cleanly on SIGTERM.
 
+Startup order: the server's socket is bound first, so a taken address fails in a moment rather than
+after the model has loaded; then the app's lifespan starts the engine (a failure is one line, exit 1);
+then uvicorn listens on that same socket. Until then connections are refused.
+
 Shutdown order on SIGTERM / Ctrl-C: uvicorn stops accepting connections and lets in-flight
 responses finish (up to --shutdown-timeout, then cancels them, which aborts their requests);
-the app's lifespan then stops the engine-core process. The process exits 0.
+the app's lifespan then stops the engine-core process. The process exits 0. A signal before
+the engine is ready stops it at once (exit 128 + the signal's number).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import gc
 import logging
 import os
 import signal
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +31,12 @@ from kvflow.disagg.deployment import PLACEMENT_STRATEGIES, DeploymentSpec
 
 DEFAULT_MAX_WAITING = 1024
 
+logger = logging.getLogger(__name__)
+
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port)")
     parser.add_argument("--api-key", default=os.environ.get("KVFLOW_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $KVFLOW_API_KEY)")
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: --model)")
@@ -34,7 +45,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-request-bytes", type=int, default=8 << 20, help="larger bodies get 413")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds to let in-flight requests finish after SIGTERM")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="kvflow's and uvicorn's log level (debug: an engine that fails to start logs why in full)")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                         help="log every HTTP request")
     parser.add_argument("--step-log", default=None, metavar="FILE",
@@ -80,7 +92,52 @@ def _deployment(args: argparse.Namespace) -> DeploymentSpec:
                                       args.ray_placement_strategy)
 
 
+def _address(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound but not yet listening (connections are refused until the engine is ready):
+    a taken address fails here, at once, rather than after the model has loaded, and uvicorn later listens
+    on this very socket. SystemExit with one line where it cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses a TIME_WAIT port
+        sock.bind((host, port))
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        raise SystemExit(_bind_error(host, port, exc)) from None
+    return sock
+
+
+def _bind_error(host: str, port: int, exc: BaseException) -> str:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    hint = " (another server is running there; stop it or pass another --port)" \
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE else ""
+    return f"kvflow: error: cannot listen on {_address(host, port)}: {reason}{hint}"
+
+
+def _first_lines(exc: BaseException) -> str:
+    """An engine's start failure in one line: its message up to the traceback an engine core sends along."""
+    lines = []
+    for line in str(exc).splitlines():
+        if line.startswith("Traceback (most recent call last)"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines) or type(exc).__name__
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    if args.max_waiting_requests < 0:
+        raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
+    with contextlib.closing(bind_socket(args.host, args.port)) as sock:
+        return _serve(args, sock)
+
+
+def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     import uvicorn
 
     from kvflow.config import EngineConfig
@@ -90,9 +147,6 @@ def run_serve(args: argparse.Namespace) -> int:
     from kvflow.server.metrics import ServerMetrics
     from kvflow.server.serving import ServerContext
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    if args.max_waiting_requests < 0:
-        raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
     model = model_path(args)
     config = EngineConfig.create(model, dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
                                  seed=args.seed, **engine_kwargs(args))
@@ -112,14 +166,49 @@ def run_serve(args: argparse.Namespace) -> int:
         engine = AsyncEngine(config, tokenizer, ServerMetrics(name), args.max_waiting_requests)
     ctx = ServerContext(engine, tokenizer, name, model, config.model.max_model_len)
     app = build_app(ctx, api_key=args.api_key, max_body_bytes=args.max_request_bytes)
-    server = uvicorn.Server(uvicorn.Config(
+    server = _engine_first_server(app, uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
-        timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=5,
+        timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=5, lifespan="off",
     ))
     _after_uvicorn_signals(server)
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    except Exception as exc:
+        if not server.started and isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            print(_bind_error(args.host, args.port, exc), file=sys.stderr)  # taken between our bind and listen
+            return 1
+        if server.engine_ready:
+            raise  # a crash while serving: its traceback
+        logger.debug("the engine failed to start", exc_info=True)  # --log-level debug: the whole story
+        print(f"kvflow: error: {_first_lines(exc)}", file=sys.stderr)
+        return 1
     gc.freeze()  # skip the interpreter's final full collection: seconds with torch loaded, for nothing
     return 0 if server.started else 1
+
+
+def _engine_first_server(app: Any, config: Any) -> Any:
+    """A uvicorn.Server inside the app's lifespan (uvicorn's own lifespan is off): the engine starts, or fails
+    with its own error rather than uvicorn's traceback of the lifespan, before uvicorn takes the signals and
+    listens; it stops after uvicorn has drained. `engine_ready`: the lifespan's startup finished. The app's
+    lifespan yields no state."""
+    import uvicorn
+
+    class EngineFirstServer(uvicorn.Server):
+        engine_ready = False
+
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+            async with app.router.lifespan_context(app):
+                self.engine_ready = True
+                await super().serve(sockets=sockets)
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and sockets:  # uvicorn names the address only for sockets it bound itself
+                host, port = sockets[0].getsockname()[:2]
+                logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)",
+                                                        _address(host, port))
+
+    return EngineFirstServer(config)
 
 
 def _after_uvicorn_signals(server: Any) -> None:

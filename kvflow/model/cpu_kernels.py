@@ -3,7 +3,11 @@
 The extension is compiled on first use with the machine's own instruction set (`-march=native`)
 and cached under ``$KVFLOW_CACHE`` (default ``~/.cache/kvflow``) in a folder named by a hash of
 the source and its headers, the flags, the torch version and the CPU's feature flags, so a changed
-file, a new torch or a different CPU never picks up a stale or illegal build. Building needs a C++ compiler
+file, a new torch or a different CPU never picks up a stale or illegal build, and by a hash of the
+source folder's path, so two checkouts on one machine keep a build each (torch's build.ninja names
+the source path: sharing a folder, each would rebuild the other's). The compile takes about a minute,
+once; it is announced on stderr with its progress (a process's logging may not be set up, as in the
+engine-core process). Building needs a C++ compiler
 and ninja (a kvflow dependency); where either is missing, or the build fails, the engine logs why
 and runs the PyTorch modules instead, which compute the same model. It runs a model whose linear
 layers' methods all give it their weights (`LinearMethod.cpu_kernel_weights`), plainly or all
@@ -20,10 +24,13 @@ import hashlib
 import logging
 import os
 import platform
+import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.nn as nn
@@ -38,6 +45,10 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCE = CSRC / "cpu_model.cpp"  # includes the headers beside it (cpu_attention.h)
+EXTENSION = "kvflow_cpu_model"
+LIBRARY = f"{EXTENSION}.so"  # what torch's load() leaves in the build folder
+#: Seconds between "still compiling" lines while the kernels build.
+PROGRESS_INTERVAL = 10.0
 # -ffp-contract=off: PyTorch rounds `a * b` before adding `c`; a fused multiply-add would not.
 # -fopenmp: at::parallel_for is inline and runs serially without it (libgomp is torch's own).
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
@@ -62,30 +73,69 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
-    """Where this source, compiled for this CPU and torch, lives."""
+    """Where this source, compiled for this CPU and torch, lives: one folder per content and per checkout."""
     key = hashlib.sha256()
     sources = [path.read_bytes() for path in (SOURCE, *sorted(CSRC.glob("*.h")))]
     for part in (*sources, " ".join(CFLAGS).encode(), torch.__version__.encode(), _cpu_flags().encode()):
         key.update(part)
+    where = hashlib.sha256(str(CSRC.resolve()).encode()).hexdigest()[:8]
     root = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow"))
-    return root / "cpu_model" / key.hexdigest()[:16]
+    return root / "cpu_model" / f"{key.hexdigest()[:16]}-{where}"
+
+
+def _build(directory: Path) -> ModuleType:
+    """torch's JIT build of the extension into `directory` (a no-op load where it is built and current)."""
+    from torch.utils.cpp_extension import load
+
+    return load(name=EXTENSION, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=str(directory), verbose=False)
+
+
+def build_announced(directory: Path, build: Callable[[Path], ModuleType], stream: TextIO | None = None,
+                    interval: float = PROGRESS_INTERVAL) -> ModuleType:
+    """`build(directory)`; where the folder holds no library yet, say on `stream` (stderr) that the kernels
+    compile, once and for about a minute, then every `interval` s that they still do, then how long it took,
+    so a first start is not a silent minute. Silent when the library is there (a load from the cache)."""
+    if (directory / LIBRARY).exists():
+        return build(directory)
+    out = sys.stderr if stream is None else stream
+
+    def say(message: str) -> None:
+        print(f"kvflow: {message}", file=out, flush=True)
+
+    say(f"compiling the C++ CPU kernels for this machine, once (about a minute) into {directory}")
+    start = time.monotonic()
+    done = threading.Event()
+
+    def progress() -> None:
+        while not done.wait(interval):
+            say(f"still compiling the C++ CPU kernels... {time.monotonic() - start:.0f} s")
+
+    reporter = threading.Thread(target=progress, name="kvflow-kernel-build-progress", daemon=True)
+    reporter.start()
+    built = False
+    try:
+        module = build(directory)
+        built = True
+    finally:
+        done.set()
+        reporter.join()
+        seconds = time.monotonic() - start
+        say(f"compiled the C++ CPU kernels in {seconds:.0f} s" if built
+            else f"compiling the C++ CPU kernels failed after {seconds:.0f} s")
+    return module
 
 
 @functools.cache
 def load_extension() -> ModuleType | None:
     """The compiled extension, or None (with the reason logged) where it cannot be built."""
     try:
-        from torch.utils.cpp_extension import load, verify_ninja_availability
+        from torch.utils.cpp_extension import verify_ninja_availability
 
         verify_ninja_availability()
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        if not (directory / "kvflow_cpu_model.so").exists():
-            logger.info("compiling kvflow's CPU kernels once (about a minute) into %s", directory)
-        return load(
-            name="kvflow_cpu_model", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-            build_directory=str(directory), verbose=False,
-        )
+        return build_announced(directory, _build)
     except Exception as e:  # noqa: BLE001 - any build failure means: run the PyTorch modules
         logger.warning("kvflow's C++ CPU kernels are unavailable, running the PyTorch modules instead: %s", e)
         return None

@@ -13,7 +13,6 @@ them, so a quantised layer never holds (nor briefly allocates) a dense copy.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kvflow.config import ModelConfig
+from kvflow.config import ModelConfig, read_json
 from kvflow.gguf_config import generation_config_from_gguf, is_gguf_path
 from kvflow.model.layers import RotaryEmbedding
 from kvflow.model.linear import linear_layers
@@ -40,7 +39,7 @@ def safetensors_files(path: str | Path) -> list[Path]:
     root = Path(path)
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         files = sorted({root / name for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -116,7 +115,7 @@ def load_generation_config(path: str | Path) -> dict[str, Any]:
     if is_gguf_path(path):
         return generation_config_from_gguf(path)
     file = Path(path) / "generation_config.json"
-    return json.loads(file.read_text()) if file.is_file() else {}
+    return read_json(file) if file.is_file() else {}
 
 
 def eos_token_ids(cfg: ModelConfig, generation_config: dict[str, Any], tokenizer: Any | None) -> tuple[int, ...]:
