@@ -75,8 +75,9 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
         lambda v: all(t >= 0 for t in v),
     ),
     "max_tokens": (
-        "None (until the context is full) or an integer >= 1",
-        lambda v: v is None or v >= 1,
+        "None (until the context is full) or an integer >= 1 (0 only with prompt_logprobs: score the prompt, "
+        "generate nothing)",
+        lambda v: v is None or v >= 0,
     ),
     "min_tokens": ("an integer >= 0", lambda v: v >= 0),
     "ignore_eos": ("a bool", lambda v: True),
@@ -112,6 +113,29 @@ _NUMERIC_FIELDS: frozenset[str] = frozenset(
         "kv_budget",
     }
 )
+
+
+def _check_prompt_only(name: str, value: Any, others: dict[str, Any]) -> None:
+    """``max_tokens=0`` asks for the prompt's logprobs and no output (vLLM's and the legacy OpenAI API's
+    ``echo`` with ``max_tokens: 0``, which lm-eval's loglikelihood sends); without ``prompt_logprobs``
+    such a request would compute nothing anyone reads, so it is refused as a likely mistake.
+
+    Checked on both fields, like ``_check_min_le_max``: at construction ``prompt_logprobs`` precedes
+    ``max_tokens`` (so ``max_tokens`` sees it and the error names it); on assignment ``others`` holds
+    every other field.
+    """
+    if name == "max_tokens":
+        max_tokens, prompt_logprobs = value, others.get("prompt_logprobs")
+        known = "prompt_logprobs" in others
+    else:
+        max_tokens, prompt_logprobs = others.get("max_tokens"), value
+        known = "max_tokens" in others
+    if not known or max_tokens != 0 or prompt_logprobs is not None:
+        return
+    if name == "max_tokens":
+        raise ValueError(f"max_tokens must be {_RULES['max_tokens'][0]}, got max_tokens=0 with prompt_logprobs=None")
+    raise ValueError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] while max_tokens is 0 "
+                     "(a request that only scores its prompt), got None")
 
 
 def _check_min_le_max(name: str, value: int | None, others: dict[str, Any]) -> None:
@@ -155,11 +179,13 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = 1.0
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
+    # (prompt_logprobs precedes max_tokens so that, at construction, max_tokens' check sees it.)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # 0: no output, only the prompt's logprobs (needs prompt_logprobs); the engine skips sampling.
     max_tokens: int | None = 16
     min_tokens: int = 0
     ignore_eos: bool = False
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # This request's KV policy and budget instead of the engine's (`--kv-policy`, `--kv-budget`).
@@ -194,9 +220,16 @@ class SamplingParams(BaseModel):
             raise ValueError(message)
         if name in ("min_tokens", "max_tokens"):
             _check_min_le_max(name, coerced, info.data)
+        if name in ("max_tokens", "prompt_logprobs"):
+            _check_prompt_only(name, coerced, info.data)
         if name == "top_k" and coerced == -1:
             return 0
         return coerced
+
+    @property
+    def prompt_only(self) -> bool:
+        """True for ``max_tokens=0``: the request scores its prompt (``prompt_logprobs``) and generates nothing."""
+        return self.max_tokens == 0
 
     @property
     def greedy(self) -> bool:

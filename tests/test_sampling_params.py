@@ -120,6 +120,28 @@ def test_min_tokens_must_not_exceed_max_tokens() -> None:
     assert params.min_tokens == 1000
 
 
+def test_max_tokens_zero_only_scores_the_prompt() -> None:
+    """max_tokens=0 is a prompt-logprobs-only request (echo with max_tokens 0); alone it is a mistake."""
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    assert params.prompt_only and not SamplingParams().prompt_only
+    with pytest.raises(ValueError, match=r"max_tokens must be .*>= 1 \(0 only with prompt_logprobs") as exc:
+        SamplingParams(max_tokens=0)
+    assert exc.value.errors()[0]["loc"] == ("max_tokens",)
+    with pytest.raises(ValueError, match="min_tokens must be <= max_tokens"):
+        SamplingParams(max_tokens=0, prompt_logprobs=1, min_tokens=1)
+    # On assignment too, from either side, and a refused assignment changes nothing.
+    with pytest.raises(ValueError, match="prompt_logprobs must be an integer in .* while max_tokens is 0"):
+        params.prompt_logprobs = None
+    assert params.prompt_logprobs == 0
+    other = SamplingParams()
+    with pytest.raises(ValueError, match="max_tokens must be"):
+        other.max_tokens = 0
+    assert other.max_tokens == 16
+    other.prompt_logprobs = 5
+    other.max_tokens = 0
+    assert other.prompt_only
+
+
 def test_defaults() -> None:
     p = SamplingParams()
     assert (p.n, p.temperature, p.top_k, p.top_p, p.min_p, p.seed) == (1, 1.0, 0, 1.0, 0.0, None)

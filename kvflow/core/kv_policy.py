@@ -159,7 +159,7 @@ class SnapKVPolicy(KVPolicy):
 
     def chunk_tokens(self, request: Request, n: int) -> int:
         """Leave the prompt's last chunk at least the observation window (when the step's budget allows)."""
-        rest = request.num_tokens - request.num_computed_tokens
+        rest = request.num_tokens_to_compute - request.num_computed_tokens
         if self.compacted or n >= rest:
             return n
         shortfall = self.settings.window - (rest - n)

@@ -1,8 +1,9 @@
 """The state of one sequence inside the engine core.
 
-The scheduler's whole view of a request is `num_tokens - num_computed_tokens`: the tokens whose
-KV still has to be computed. A prompt chunk, a decode step, a prefix-cache hit and a request
-resumed after preemption are all the same rule.
+The scheduler's whole view of a request is `num_tokens_to_compute - num_computed_tokens`: the tokens
+whose KV still has to be computed. A prompt chunk, a decode step, a prefix-cache hit and a request
+resumed after preemption are all the same rule. (`num_tokens_to_compute` is `num_tokens`, except for
+a request that only scores its prompt: see `prompt_only`.)
 """
 
 from __future__ import annotations
@@ -129,6 +130,25 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def prompt_only(self) -> bool:
+        """max_tokens=0: the request scores its prompt (prompt logprobs) and generates nothing."""
+        return self.params.prompt_only
+
+    @property
+    def num_tokens_to_compute(self) -> int:
+        """How many of its tokens need KV before the request is done (or samples its next token).
+
+        All of them, except for a prompt-only request, which finishes when its prompt logprobs are
+        scored, with nothing sampled: the last prompt token's KV and logits predict nothing it asked
+        for, so it computes one token fewer; an n > 1 sibling computes none (only the leader's prompt
+        logprobs are reported), nor does a request that asked for no prompt logprobs."""
+        if not self.prompt_only:
+            return self.num_tokens
+        if self.leader is not None or self.params.prompt_logprobs is None:
+            return 0
+        return self.num_prompt_tokens - 1
 
     @property
     def num_prompt_tokens(self) -> int:

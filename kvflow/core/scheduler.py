@@ -46,6 +46,9 @@ class SchedulerOutput:
     # Requests whose KV arrived since the last step and which came with new tokens (a decode
     # instance's first token): their outputs go out with this step's.
     loaded: list[Request] = field(default_factory=list)
+    # Requests finished on admission with nothing to compute (prompt-only: a one-token prompt, an
+    # n > 1 sibling): their outputs go out with this step's.
+    finished: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -225,7 +228,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            remaining = request.num_tokens - request.num_computed_tokens
+            remaining = request.num_tokens_to_compute - request.num_computed_tokens
             proposals = self._proposals(request, remaining, min(budget, 1 + self._per_request))
             if proposals and self._allocate(request, 1 + len(proposals)):
                 out.chunks.append(self._chunk(request, 1 + len(proposals), proposals, request.spec_draft_probs))
@@ -264,6 +267,9 @@ class Scheduler:
             if not self._ready(request) or not self.policy.ready(request):
                 skipped.append(request)
                 continue
+            if request.num_computed_tokens >= request.num_tokens_to_compute:
+                self._finish_uncomputed(request, out)
+                continue
             if request.num_computed_tokens == 0:
                 self._attach_cached_prefix(request)
             if self.connector is not None:
@@ -273,7 +279,7 @@ class Scheduler:
                         self.waiting.appendleft(request)
                         break
                     continue
-            remaining = request.num_tokens - request.num_computed_tokens
+            remaining = request.num_tokens_to_compute - request.num_computed_tokens
             n = self._chunk_tokens(request, min(remaining, budget))
             if (n < remaining and not chunked) or not self._within_watermark(request, n, memory) or \
                     not self._allocate(request, n):
@@ -291,6 +297,14 @@ class Scheduler:
             out.chunks.append(self._chunk(request, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def _finish_uncomputed(self, request: Request, out: SchedulerOutput) -> None:
+        """A prompt-only request that needs no KV (its prompt is one token, or it is an n > 1 sibling,
+        whose leader reports the prompt logprobs) is done as soon as it is admitted: no blocks, no step."""
+        if request.scheduled_time is None:
+            request.scheduled_time = time.monotonic()
+        self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
+        out.finished.append(request)
 
     # Admission: by running sequences (max_num_seqs, vLLM's rule) or by KV memory (BatchLLM's
     # memory-centric token batching: as many sequences as the cache holds, so decode-heavy steps carry
@@ -343,10 +357,10 @@ class Scheduler:
 
     # Speculative decoding's seam: who gets proposals, how many are verified, what is kept.
     def _may_speculate(self, request: Request) -> bool:
-        """Requests whose KV a policy keeps or scores, and a prefill instance's (one token), are not
-        speculated on; a request may opt out (`SamplingParams.speculative`)."""
+        """Requests whose KV a policy keeps or scores, a prefill instance's (one token) and prompt-only ones
+        (nothing sampled) are not speculated on; a request may opt out (`SamplingParams.speculative`)."""
         return (self.speculative and request.params.speculative and request.kv_policy is None
-                and request.kv_transfer is None)
+                and request.kv_transfer is None and not request.prompt_only)
 
     def _proposals_per_request(self) -> int:
         """The adaptive rule (SpeculativeConfig.speculative_token_budget): B requests that may speculate
@@ -388,10 +402,13 @@ class Scheduler:
         return True
 
     def _ready(self, request: Request) -> bool:
-        """An n > 1 sibling waits until its leader has computed (or loaded) the prompt it will share."""
+        """An n > 1 sibling waits until its leader has computed (or loaded) the prompt it will share; a
+        prompt-only sibling, until its leader has finished."""
         leader = request.leader
         if leader is None or leader.finished:
             return True
+        if request.prompt_only:
+            return False  # it computes nothing: it finishes after the leader, whose output carries the prompt logprobs
         if leader.status == RequestStatus.RECEIVING:
             return False
         if leader.status != RequestStatus.RUNNING:
@@ -453,6 +470,11 @@ class Scheduler:
                 self.policy.on_blocks_cached(request, request.num_cached_blocks)
             if request.kv_policy is not None:
                 request.kv_policy.after_step(request, self.kv, chunk, result)
+            if request.prompt_only and request.num_computed_tokens >= request.num_tokens_to_compute:
+                # Its prompt logprobs are scored (this step's chunk never reached the last token, so
+                # nothing was sampled): done, its blocks go back now.
+                self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
+                continue
             if not tokens:
                 continue
             logprobs = result.logprobs.get(request.request_id)

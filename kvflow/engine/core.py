@@ -134,7 +134,7 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()
-        outputs = self._loaded_outputs(sched.loaded)
+        outputs = self._loaded_outputs(sched.loaded) + self._uncomputed_outputs(sched.finished)
         if sched.is_empty:
             return outputs
         if self.record_shapes:
@@ -213,6 +213,20 @@ class EngineCore:
             if request.finished:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason
+            outputs.append(out)
+        return outputs
+
+    @staticmethod
+    def _uncomputed_outputs(finished: list[Request]) -> list[EngineCoreOutput]:
+        """Prompt-only requests the scheduler finished on admission, with nothing to compute: a one-token
+        prompt's logprobs are just token 0's None; an n > 1 sibling reports none (its leader does)."""
+        outputs = []
+        for request in finished:
+            out = EngineCoreOutput(request.request_id, finish_reason=request.status.finish_reason,
+                                   stop_reason=request.stop_reason)
+            if request.params.prompt_logprobs is not None and request.leader is None and not request.prompt_logprobs:
+                request.prompt_logprobs.append(None)
+                out.new_prompt_logprobs = [None]
             outputs.append(out)
         return outputs
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_serializer
+from pydantic_core import PydanticCustomError
 
 MAX_N = 128  # most completions one request may ask for (also capped by --max-num-seqs)
 
@@ -56,11 +57,23 @@ class SamplingFields(_Request):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False  # (before max_tokens, whose check reads it)
+    # 0 only with echo: the prompt (and its logprobs) alone, as vLLM and the legacy OpenAI API allow
+    # (lm-eval's loglikelihood requests).
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_needs_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """Without echo, `max_tokens: 0` would return nothing at all: refused, naming the field, as vLLM does."""
+        if value == 0 and not info.data.get("echo"):
+            raise PydanticCustomError(
+                "invalid_value", "Input should be at least 1 (0 only with echo: the prompt and its logprobs, "
+                "no completion)")
+        return value
 
 
 class TextPart(_Request):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -70,6 +71,7 @@ def start(ctx: ServerContext, req: ChatCompletionRequest) -> tuple[str, list]:
 
 async def full_response(ctx: ServerContext, req: ChatCompletionRequest, request_id: str,
                         streams: list) -> ChatCompletionResponse:
+    created = int(time.time())  # this request's, as OpenAI's `created` (taken as the request starts)
     (out,) = await serving.collect(ctx, streams)
     choices = []
     for c in out.outputs:
@@ -80,7 +82,7 @@ async def full_response(ctx: ServerContext, req: ChatCompletionRequest, request_
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     prompt_tokens = len(out.prompt_token_ids)
     details = PromptTokensDetails(cached_tokens=out.num_cached_tokens)
-    return ChatCompletionResponse(id=request_id, created=ctx.created, model=ctx.served_model_name, choices=choices,
+    return ChatCompletionResponse(id=request_id, created=created, model=ctx.served_model_name, choices=choices,
                                   usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens,
                                                   prompt_tokens_details=details))
@@ -88,8 +90,10 @@ async def full_response(ctx: ServerContext, req: ChatCompletionRequest, request_
 
 async def stream_chunks(ctx: ServerContext, req: ChatCompletionRequest, request_id: str,
                         streams: list) -> AsyncIterator[ChatCompletionChunk]:
+    created = int(time.time())  # one value for every chunk of this response, as OpenAI and vLLM send
+
     def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=request_id, created=ctx.created, model=ctx.served_model_name,
+        return ChatCompletionChunk(id=request_id, created=created, model=ctx.served_model_name,
                                    choices=choices, usage=usage)
 
     # OpenAI opens every choice with a role-only delta.

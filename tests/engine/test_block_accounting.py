@@ -12,7 +12,7 @@ from kvflow.sampling_params import SamplingParams
 add = st.tuples(
     st.just("add"),
     st.integers(1, 40),  # prompt length
-    st.integers(1, 12),  # max_tokens
+    st.integers(0, 12),  # max_tokens (0: prompt logprobs only, nothing sampled)
     st.integers(1, 3),  # n
     st.booleans(),  # shares a prefix with earlier prompts
     st.sampled_from([None, "streaming", "h2o", "snapkv"]),  # the request's own KV policy
@@ -50,7 +50,8 @@ def test_every_block_comes_back(llama_dir, script, num_blocks, budget, engine_po
             _, length, max_tokens, n, share, kv_policy, kv_budget = action
             prompt = (shared[:length] if share else [(7 * i + j) % 400 + 3 for j in range(length)])
             params = SamplingParams(temperature=0.8, seed=i, max_tokens=max_tokens, n=n, ignore_eos=True,
-                                    kv_policy=kv_policy, kv_budget=kv_budget)
+                                    kv_policy=kv_policy, kv_budget=kv_budget,
+                                    prompt_logprobs=0 if max_tokens == 0 else None)
             engine.add_request(f"r{i}", prompt, params)
             added.append(f"r{i}")
         elif action[0] == "step":
@@ -96,7 +97,8 @@ def test_kivi_blocks_and_ring_slots_come_back(llama64_dir, script, num_blocks, b
             length *= 3
             prompt = (shared[:length] if share else [(7 * i + j) % 400 + 3 for j in range(length)])
             engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.8, seed=i, max_tokens=max_tokens * 4,
-                                                              n=n, ignore_eos=True))
+                                                              n=n, ignore_eos=True,
+                                                              prompt_logprobs=0 if max_tokens == 0 else None))
             added.append(f"r{i}")
         elif action[0] == "step":
             for _ in range(action[1]):
