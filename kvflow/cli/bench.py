@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,23 @@ def _cmd_kv_offload(args: argparse.Namespace) -> int:
         for path in save(result, cfg.out_dir):
             print(f"saved {path}")
     return 0
+
+
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from kvflow.bench.soak import SoakConfig, format_report, passed, run_soak
+
+    cfg = SoakConfig(args.base_url.rstrip("/"), num_requests=args.num_requests, concurrency=args.concurrency,
+                     seed=args.seed, api_key=args.api_key, model=args.model, max_tokens=args.max_tokens,
+                     pids=args.pid or [])
+    result = run_soak(cfg)
+    print(format_report(result))
+    ok = passed(result, args.max_memory_growth)
+    print("verdict:", "passed" if ok else "FAILED")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(f"saved {args.out}")
+    return 0 if ok else 1
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
@@ -536,6 +554,22 @@ def configure(bench: argparse.ArgumentParser) -> None:
     ko.add_argument("--out-dir", default="bench_results/kv_offload", help="JSON result and plot")
     ko.add_argument("--no-save", action="store_true")
     ko.set_defaults(func=_cmd_kv_offload)
+
+    sk = sub.add_parser("soak", help="reliability soak of a live server: a seeded mix of requests, abandoned streams, "
+                                     "client timeouts and malformed bodies; no 5xx, no leaked KV, bounded memory")
+    sk.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
+    sk.add_argument("--num-requests", type=int, default=1000)
+    sk.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    sk.add_argument("--seed", type=int, default=0)
+    sk.add_argument("--model", help="model id to send (default: the server's first)")
+    sk.add_argument("--api-key", default=os.environ.get("KVFLOW_API_KEY"), help="default: $KVFLOW_API_KEY")
+    sk.add_argument("--max-tokens", type=int, default=32, help="most tokens a well-formed request asks for")
+    sk.add_argument("--pid", type=int, action="append",
+                    help="server process whose memory (with its children's) is sampled; repeatable")
+    sk.add_argument("--max-memory-growth", type=float, default=64.0,
+                    help="MiB a process may grow over the run's second half before the soak fails")
+    sk.add_argument("--out", default="bench_results/soak.json", help="JSON result")
+    sk.set_defaults(func=_cmd_soak)
 
     qg = sub.add_parser("quant-gemv", help="quantised-weight CPU kernels (q8_0, q4_0, q4_k, int8) against the "
                                            "bf16 GEMVs, on each matrix of one layer: µs per call and GB/s")

@@ -41,7 +41,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $KVFLOW_API_KEY)")
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: --model)")
     parser.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING,
-                        help="sequences that may wait beyond --max-num-seqs; more get 503 + Retry-After")
+                        help="sequences (prompts x n) admitted but not yet started that may wait at once; more "
+                             "get 503 + Retry-After, a request with more sequences than this a 400")
     parser.add_argument("--max-request-bytes", type=int, default=8 << 20, help="larger bodies get 413")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds to let in-flight requests finish after SIGTERM")
@@ -131,8 +132,8 @@ def _first_lines(exc: BaseException) -> str:
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    if args.max_waiting_requests < 0:
-        raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
+    if args.max_waiting_requests < 1:
+        raise ValueError(f"--max-waiting-requests must be >= 1, got {args.max_waiting_requests}")
     with contextlib.closing(bind_socket(args.host, args.port)) as sock:
         return _serve(args, sock)
 
@@ -154,16 +155,16 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         config = dataclasses.replace(config, step_log=str(Path(args.step_log).resolve()))
     tokenizer = load_tokenizer(config.model.tokenizer_path)
     name = args.served_model_name or args.model or Path(model).name  # the shipped model is "tiny"
+    metrics = ServerMetrics(name, config.scheduler.max_num_batched_tokens)  # the step-size buckets end there
     if args.disagg or args.deployment or args.ray_address:
         from kvflow.disagg.router import DisaggEngine
 
         transfer = KVTransferConfig(transport=args.kv_transport, mode=args.kv_transfer_mode,
                                     timeout_s=args.kv_transfer_timeout, host=args.kv_host)
-        engine = DisaggEngine(config, tokenizer, ServerMetrics(name), args.max_waiting_requests,
-                              _deployment(args), transfer, args.pin_cores, args.ray_address,
-                              args.ray_placement_timeout)
+        engine = DisaggEngine(config, tokenizer, metrics, args.max_waiting_requests, _deployment(args), transfer,
+                              args.pin_cores, args.ray_address, args.ray_placement_timeout)
     else:
-        engine = AsyncEngine(config, tokenizer, ServerMetrics(name), args.max_waiting_requests)
+        engine = AsyncEngine(config, tokenizer, metrics, args.max_waiting_requests)
     ctx = ServerContext(engine, tokenizer, name, model, config.model.max_model_len)
     app = build_app(ctx, api_key=args.api_key, max_body_bytes=args.max_request_bytes)
     server = _engine_first_server(app, uvicorn.Config(

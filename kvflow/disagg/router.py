@@ -203,7 +203,10 @@ class DisaggEngine(AsyncEngine):
         if not decodes:
             raise EngineDeadError(self.dead_reason or "no decode instance")
         prefill: Instance | None = None
-        for candidate in sorted(self._live("prefill"), key=lambda i: len(i.in_flight)):
+        # A prompt-only request (max_tokens 0: prompt logprobs) has no decode phase: its decode instance
+        # scores the prompt itself, and no KV is handed over.
+        prefills = [] if specs[0].params.prompt_only else sorted(self._live("prefill"), key=lambda i: len(i.in_flight))
+        for candidate in prefills:
             assert candidate.client is not None
             prefill_specs, decode_specs = instance_specs(specs, attempt, candidate.client.kv_address)
             try:

@@ -74,6 +74,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
     except BaseException as exc:  # report the cause before dying, then exit non-zero
         outbox.send(encoder.encode(CoreFailed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")))
         outbox.close(linger=2000)
+        if parent_pid is not None:  # a spawned child: the parent reports it (one line, traceback at debug)
+            raise SystemExit(1) from None
         raise
     finally:
         ctx.destroy(linger=2000)

@@ -6,6 +6,7 @@ then either stream SSE chunks or await the whole answer while watching for a cli
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -59,6 +60,7 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
         try:
             yield
         finally:
+            ctx.preprocess.shutdown()
             await ctx.engine.shutdown()
             logger.info("engine core stopped")
 
@@ -70,7 +72,7 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
 
     @app.post("/v1/completions", response_model=None, responses=_stream_doc(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        request_id, _, streams = serving_completions.start(ctx, body)
+        request_id, _, streams = await serving_completions.start(ctx, body)
         if body.stream:
             chunks = serving_completions.stream_chunks(ctx, body, request_id, streams)
             return EngineStreamingResponse(ctx, streams, sse(chunks))
@@ -83,7 +85,7 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
 
     @app.post("/v1/chat/completions", response_model=None, responses=_stream_doc(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        request_id, streams = serving_chat.start(ctx, body)
+        request_id, streams = await serving_chat.start(ctx, body)
         if body.stream:
             chunks = serving_chat.stream_chunks(ctx, body, request_id, streams)
             return EngineStreamingResponse(ctx, streams, sse(chunks))
@@ -95,7 +97,8 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=ctx.served_model_name, created=ctx.created, root=ctx.model_path,
+        # `root` names the model as clients know it, never the server's disk path.
+        return ModelList(data=[ModelCard(id=ctx.served_model_name, created=ctx.created, root=ctx.served_model_name,
                                          max_model_len=ctx.max_model_len)])
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
@@ -120,12 +123,14 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         ctx.check_model(body.model)
         if isinstance(body, TokenizeChatRequest):
-            tokens = serving_chat.render_chat(ctx, body.messages, body.add_generation_prompt)[1]
+            tokens = (await ctx.preprocess.run(serving_chat.render_chat, ctx, body.messages,
+                                               body.add_generation_prompt, False))[1]
         else:
             if ctx.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer")
             check_utf8(body.prompt, "prompt")
-            tokens = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = await ctx.preprocess.run(
+                functools.partial(ctx.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens))
         return TokenizeResponse(count=len(tokens), max_model_len=ctx.max_model_len, tokens=tokens)
 
     @app.post("/detokenize")
@@ -137,7 +142,7 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
-        return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens))
+        return DetokenizeResponse(prompt=await ctx.preprocess.run(ctx.tokenizer.decode, body.tokens))
 
     return app
 
@@ -168,14 +173,22 @@ class EngineStreamingResponse(StreamingResponse):
             abort_all(self._ctx, self._streams)
 
 
+#: Routes outside /v1/ that need the API key too: they run the tokenizer on a client's text (unguarded,
+#: a stranger could keep the server's tokenisation pool busy). /health, /metrics, /version stay open.
+GUARDED_PATHS = frozenset({"/tokenize", "/detokenize"})
+
+
 class ApiKeyMiddleware:
-    """Every /v1/* route needs `Authorization: Bearer <key>` (constant-time comparison)."""
+    """Every /v1/* route and /tokenize, /detokenize need `Authorization: Bearer <key>` (constant-time
+    comparison)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path.startswith("/v1/") or path.rstrip("/") in GUARDED_PATHS) \
+                and scope["method"] != "OPTIONS":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 response = JSONResponse(error_body(401, "invalid or missing API key (Authorization: Bearer ...)",

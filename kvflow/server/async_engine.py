@@ -79,13 +79,15 @@ class AsyncEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.metrics = metrics
+        if max_waiting_requests < 1:
+            raise ValueError(f"--max-waiting-requests must be >= 1 (every request waits before its first step), "
+                             f"got {max_waiting_requests}")
         self.max_waiting_requests = max_waiting_requests
         self.core = CoreClient(config, self._on_outputs, self._on_death)
         self.inputs: InputProcessor | None = None
         self.outputs = OutputProcessor(tokenizer)
         self._streams: dict[str, RequestStream] = {}
         self._timing: dict[str, _Timing] = {}
-        self._num_seqs = 0
 
     async def start(self) -> None:
         try:
@@ -115,6 +117,23 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
+    @property
+    def num_waiting_seqs(self) -> int:
+        """Sequences admitted here that the core has not scheduled yet: what `--max-waiting-requests`
+        bounds. Running ones are bounded by the engine (max_num_seqs, KV memory); counting those too
+        made the flag useless wherever memory, not max_num_seqs, limits the batch."""
+        return sum(stream.num_seqs for request_id, stream in self._streams.items()
+                   if not self._timing[request_id].queued_seen)
+
+    def never_admitted(self, num_seqs: int) -> str | None:
+        """Why a request of `num_seqs` sequences could never be admitted (even on an idle server),
+        or None: a 400 for the client, not a 503 it would retry forever."""
+        if num_seqs > self.max_waiting_requests:
+            return (f"this request has {num_seqs} sequences (prompts x n), more than the "
+                    f"{self.max_waiting_requests} that may wait to start at once (--max-waiting-requests): "
+                    "it could never be admitted; send fewer prompts or a smaller n")
+        return None
+
     # ---------------------------------------------------------------- intake
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, cache_salt: str | None = None) -> RequestStream:
@@ -122,12 +141,15 @@ class AsyncEngine:
         if self.dead_reason is not None or self.inputs is None:
             raise EngineDeadError(self.dead_reason or "the engine is not running")
         self.inputs.validate(prompt_token_ids, params)
-        capacity = self.config.scheduler.max_num_seqs + self.max_waiting_requests
-        if self._num_seqs + params.n > capacity:
+        never = self.never_admitted(params.n)
+        if never is not None:
+            raise ValueError(never)
+        waiting = self.num_waiting_seqs
+        if waiting + params.n > self.max_waiting_requests:
             self.metrics.rejected("overloaded")
             raise OverloadedError(
-                f"the server is overloaded: {self._num_seqs} sequences in flight, "
-                f"at most {capacity} (--max-num-seqs + --max-waiting-requests)"
+                f"the server is overloaded: {waiting} sequences are waiting to start, "
+                f"at most {self.max_waiting_requests} (--max-waiting-requests)"
             )
         arrival = time.monotonic()
         specs = self.inputs.make_specs(prompt_token_ids, params, arrival, cache_salt=cache_salt)
@@ -136,7 +158,6 @@ class AsyncEngine:
         stream = RequestStream(request_id, params.n)
         self._streams[request_id] = stream
         self._timing[request_id] = _Timing(arrival, len(prompt_token_ids))
-        self._num_seqs += params.n
         try:
             self._send_specs(specs)
         except EngineDeadError:
@@ -179,7 +200,6 @@ class AsyncEngine:
         timing = self._timing.pop(request_id, None)
         if stream is None:
             return
-        self._num_seqs -= stream.num_seqs
         if finish_reason is not None and timing is not None:
             self.metrics.finished(finish_reason)
             self.metrics.e2e.observe(time.monotonic() - timing.arrival)

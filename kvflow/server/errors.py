@@ -78,7 +78,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return _UNION_HINTS[param], param  # pydantic reports one error per union member: say it once
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     where = f"{'.'.join(loc)}: " if loc else ""
-    return f"{where}{first.get('msg', 'invalid value')}{more}", param
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")  # our validators' own words
+    return f"{where}{message}{more}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:

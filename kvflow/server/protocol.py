@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_serializer
-from pydantic_core import PydanticCustomError
 
 MAX_N = 128  # most completions one request may ask for (also capped by --max-num-seqs)
 
@@ -70,9 +69,8 @@ class CompletionRequest(SamplingFields):
     def _zero_needs_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
         """Without echo, `max_tokens: 0` would return nothing at all: refused, naming the field, as vLLM does."""
         if value == 0 and not info.data.get("echo"):
-            raise PydanticCustomError(
-                "invalid_value", "Input should be at least 1 (0 only with echo: the prompt and its logprobs, "
-                "no completion)")
+            raise ValueError("Input should be at least 1 (0 only with echo: the prompt and its logprobs, "
+                             "no completion)")
         return value
 
 

@@ -5,9 +5,11 @@ streams, folding deltas into a final output, disconnect watching, SSE framing, l
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -16,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from kvflow.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from kvflow.sampling_params import SamplingParams
-from kvflow.server.async_engine import AsyncEngine, RequestStream
+from kvflow.server.async_engine import AsyncEngine, OverloadedError, RequestStream
 from kvflow.server.errors import APIError, error_body, to_api_error
 from kvflow.server.protocol import SamplingFields
 
@@ -24,9 +26,39 @@ T = TypeVar("T")
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
+class Preprocessor:
+    """Request work that can take long — tokenising, chat templates, detokenising — on a bounded pool
+    of threads, off the event loop: a 7 MB prompt took 8 s to tokenise, and on the loop it stalled
+    /health and every stream for that long (the tokenizers release the GIL; Python code between
+    their calls gives the loop its turn every switch interval). At most `max_pending` jobs run or
+    wait; more are refused with 503 + Retry-After (load that passes), like the engine's queue."""
+
+    def __init__(self, workers: int = 2, max_pending: int = 256) -> None:
+        self.workers, self.max_pending = workers, max_pending
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvflow-preprocess")
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pending >= self.max_pending:
+            raise OverloadedError(f"the server is overloaded: {self._pending} requests are being tokenised, "
+                                  f"at most {self.max_pending}")
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        finally:
+            self._pending -= 1
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 @dataclass
 class ServerContext:
-    """What the routes share: the engine and the model's identity."""
+    """What the routes share: the engine, the model's identity, the pool for slow request work."""
 
     engine: AsyncEngine
     tokenizer: Any
@@ -34,6 +66,7 @@ class ServerContext:
     model_path: str
     max_model_len: int
     created: int = field(default_factory=lambda: int(time.time()))
+    preprocess: Preprocessor = field(default_factory=Preprocessor)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:
@@ -67,8 +100,40 @@ def sampling_params(ctx: ServerContext, req: SamplingFields, max_tokens: int | N
                        code="invalid_value") from None
 
 
-def check_room(ctx: ServerContext, num_prompt_tokens: int, max_tokens: int | None) -> None:
-    """Like OpenAI: asking for more tokens than the context leaves is an error, not a silent cap."""
+#: The first probe of `check_text_length` reads this many characters per token of context (English
+#: text averages about 4); each further probe doubles it.
+_PROBE_CHARS_PER_TOKEN = 4
+
+
+def check_text_length(ctx: ServerContext, text: str, what: str = "prompt") -> None:
+    """Refuse a text that cannot fit the context before tokenising all of it: tokenise growing
+    prefixes (cut at a space), and stop as soon as one holds more tokens than the context. The work
+    is then bounded by the context, not by the text (up to the 8 MiB body limit); a text that fits
+    costs at most about twice one full tokenisation."""
+    limit, tokenizer = ctx.max_model_len, ctx.tokenizer
+    probe = (limit + 1) * _PROBE_CHARS_PER_TOKEN
+    while tokenizer is not None and probe < len(text):
+        cut = text.rfind(" ", probe - 256, probe)  # a word boundary: the prefix tokenises as in the whole
+        prefix = text[:cut if cut > 0 else probe]
+        count = len(tokenizer.encode(prefix, add_special_tokens=False))
+        if count > limit:
+            raise APIError(
+                400, f"This model's maximum context length is {limit} tokens. However, the {what} has more than "
+                f"{count} tokens (that many in its first {len(prefix)} of {len(text)} characters). Please reduce "
+                f"the {what}.", param="messages" if what == "conversation" else "prompt",
+                code="context_length_exceeded")
+        probe *= 2
+
+
+def check_room(ctx: ServerContext, num_prompt_tokens: int, max_tokens: int | None, what: str = "prompt") -> None:
+    """Like OpenAI: asking for more tokens than the context leaves is an error, not a silent cap. A prompt
+    that fills the context is refused here too, with the same code as one found too long from a prefix
+    (`check_text_length`), whatever its length."""
+    if num_prompt_tokens >= ctx.max_model_len:
+        raise APIError(
+            400, f"This model's maximum context length is {ctx.max_model_len} tokens. However, the {what} has "
+            f"{num_prompt_tokens} tokens, leaving no room for the completion. Please reduce the {what}.",
+            param="messages" if what == "conversation" else "prompt", code="context_length_exceeded")
     if max_tokens is not None and num_prompt_tokens + max_tokens > ctx.max_model_len:
         raise APIError(
             400, f"This model's maximum context length is {ctx.max_model_len} tokens. However, you requested "
@@ -78,7 +143,12 @@ def check_room(ctx: ServerContext, num_prompt_tokens: int, max_tokens: int | Non
 
 def start_requests(ctx: ServerContext, base_id: str, prompts: list[tuple[str | None, list[int]]],
                    params: SamplingParams, cache_salt: str | None = None) -> list[RequestStream]:
-    """Admit every prompt or none: a refusal half way aborts the ones already admitted."""
+    """Admit every prompt or none: a refusal half way aborts the ones already admitted. A request
+    the server could never admit (more sequences than may wait at once) is a 400, not a 503 that
+    clients would retry forever."""
+    never = ctx.engine.never_admitted(len(prompts) * params.n)
+    if never is not None:
+        raise APIError(400, never, param="prompt" if len(prompts) > 1 else "n", code="request_too_large")
     streams: list[RequestStream] = []
     try:
         for i, (text, ids) in enumerate(prompts):

@@ -28,9 +28,12 @@ from kvflow.server.protocol import (
 from kvflow.server.serving import ServerContext
 
 
-def render_chat(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool) -> tuple[str, list[int]]:
+def render_chat(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool,
+                check_length: bool = True) -> tuple[str, list[int]]:
     """Apply the tokenizer's chat template, then tokenise the text without adding special tokens
-    (the template writes them), exactly as `apply_chat_template(tokenize=True)` does offline."""
+    (the template writes them), exactly as `apply_chat_template(tokenize=True)` does offline.
+    Slow for big conversations: callers run it on the preprocessing pool. `check_length`: refuse a
+    conversation past the context before tokenising all of it (not for /tokenize, which counts)."""
     tokenizer = ctx.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
@@ -46,13 +49,16 @@ def render_chat(ctx: ServerContext, messages: list[ChatMessage], add_generation_
     except Exception as exc:  # jinja errors: the template refused these messages
         raise APIError(400, f"the chat template failed on these messages: {exc}", param="messages") from None
     check_utf8(text, "messages")
+    if check_length:
+        serving.check_text_length(ctx, text, "conversation")
     ids = tokenizer.encode(text, add_special_tokens=False)
     if not ids:
         raise APIError(400, "the rendered conversation is empty", param="messages")
     return text, ids
 
 
-def start(ctx: ServerContext, req: ChatCompletionRequest) -> tuple[str, list]:
+async def start(ctx: ServerContext, req: ChatCompletionRequest) -> tuple[str, list]:
+    """Validate and admit (templating and tokenising on the preprocessing pool)."""
     ctx.check_model(req.model)
     if req.tools:
         raise APIError(400, "tools are not supported", param="tools")
@@ -60,9 +66,9 @@ def start(ctx: ServerContext, req: ChatCompletionRequest) -> tuple[str, list]:
         raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    text, ids = render_chat(ctx, req.messages, req.add_generation_prompt)
+    text, ids = await ctx.preprocess.run(render_chat, ctx, req.messages, req.add_generation_prompt)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    serving.check_room(ctx, len(ids), max_tokens)
+    serving.check_room(ctx, len(ids), max_tokens, "conversation")
     params = serving.sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     salt = check_cache_salt(req.cache_salt) if req.cache_salt is not None else None

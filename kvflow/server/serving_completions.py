@@ -38,21 +38,23 @@ def _prompts(ctx: ServerContext, req: CompletionRequest) -> list[tuple[str | Non
     for item in items:
         if isinstance(item, str):
             check_utf8(item, "prompt")
+            serving.check_text_length(ctx, item)
         text, ids = inputs.tokenize_prompt(item)
         serving.check_room(ctx, len(ids), req.max_tokens if "max_tokens" in req.model_fields_set else None)
         prompts.append((text, ids))
     return prompts
 
 
-def start(ctx: ServerContext, req: CompletionRequest) -> tuple[str, list, list]:
-    """Validate and admit; every error here is an HTTP status, raised before any response starts."""
+async def start(ctx: ServerContext, req: CompletionRequest) -> tuple[str, list, list]:
+    """Validate and admit; every error here is an HTTP status, raised before any response starts.
+    Tokenising runs on the preprocessing pool, off the event loop."""
     ctx.check_model(req.model)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of must equal n (beam search and best-of sampling are not supported)",
                        param="best_of")
-    prompts = _prompts(ctx, req)
+    prompts = await ctx.preprocess.run(_prompts, ctx, req)
     params = serving.sampling_params(ctx, req, req.max_tokens, req.logprobs, _echo_logprobs(req))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     salt = check_cache_salt(req.cache_salt) if req.cache_salt is not None else None

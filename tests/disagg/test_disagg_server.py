@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -53,11 +54,28 @@ def seeded_choices(url: str) -> list[dict]:
     return sorted(r.json()["choices"], key=lambda c: c["index"])
 
 
+def _score_prompt(url: str) -> dict:
+    """echo + max_tokens 0: the prompt's logprobs and no completion (a prompt-only request)."""
+    body = {"prompt": "the cat sat on the mat", "max_tokens": 0, "echo": True, "logprobs": 1, "n": 2}
+    start = time.monotonic()
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - start < 10  # no KV hand-over to wait for (it would time out)
+    return r.json()
+
+
 def test_n_seeded_sampling_and_prompt_logprobs_match_colocated(start):
     colocated = start()
     expected = seeded_choices(colocated.url)
+    expected_scores = _score_prompt(colocated.url)
     colocated.stop()
     srv = start("--disagg", "--prefill", "1", "--decode", "1")
+    scores = _score_prompt(srv.url)
+    assert [c["text"] for c in scores["choices"]] == [c["text"] for c in expected_scores["choices"]]
+    assert scores["usage"]["completion_tokens"] == 0
+    for g, e in zip(scores["choices"], expected_scores["choices"]):
+        assert g["logprobs"]["tokens"] == e["logprobs"]["tokens"] and g["finish_reason"] == "length"
+        assert g["logprobs"]["token_logprobs"][1:] == pytest.approx(e["logprobs"]["token_logprobs"][1:], abs=1e-5)
     got = seeded_choices(srv.url)
     assert len(got) == len(expected) == 3 and len({c["text"] for c in got}) == 3  # a seed each
     for g, e in zip(got, expected):

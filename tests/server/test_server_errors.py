@@ -6,6 +6,10 @@ Also: API keys (401), overload (503 + Retry-After) on a server with a tiny queue
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -29,7 +33,10 @@ CASES = [
     ("empty-prompt", COMPLETIONS, {"prompt": ""}, 400, "invalid_request_error", None, "invalid_value"),
     ("empty-prompt-list", COMPLETIONS, {"prompt": []}, 400, "invalid_request_error", "prompt", None),
     ("token-outside-vocab", COMPLETIONS, {"prompt": [1, 99999]}, 400, "invalid_request_error", None, "invalid_value"),
-    ("prompt-over-context", COMPLETIONS, {"prompt": LONG}, 400, "invalid_request_error", None, "invalid_value"),
+    ("prompt-over-context", COMPLETIONS, {"prompt": LONG}, 400, "invalid_request_error", "prompt",
+     "context_length_exceeded"),
+    ("prompt-fills-context", COMPLETIONS, {"prompt": list(range(3, 131))}, 400, "invalid_request_error", "prompt",
+     "context_length_exceeded"),
     ("max-tokens-over-context", COMPLETIONS, {"prompt": "hi", "max_tokens": 1000}, 400, "invalid_request_error",
      "max_tokens", "context_length_exceeded"),
     ("max-tokens-zero", COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, 400, "invalid_request_error", "max_tokens",
@@ -65,7 +72,7 @@ CASES = [
     ("chat-unknown-model", CHAT, {"messages": HI, "model": "nope"}, 404, "not_found_error", "model",
      "model_not_found"),
     ("chat-over-context", CHAT, {"messages": [{"role": "user", "content": LONG}]}, 400, "invalid_request_error",
-     None, "invalid_value"),
+     "messages", "context_length_exceeded"),
     ("detokenize-outside-vocab", "/detokenize", {"tokens": [-1]}, 400, "invalid_request_error", "tokens", None),
     ("unknown-route", "/v1/embeddings", {"input": "hi"}, 404, "not_found_error", None, None),
     ("body-too-large", COMPLETIONS, {"prompt": "x" * (2 << 20)}, 413, "invalid_request_error", None,
@@ -118,18 +125,23 @@ def test_api_key_and_overload(start_server):
         assert http.get("/health").status_code == 200  # not under /v1
         assert http.get("/v1/models", headers=auth).status_code == 200
 
-        # One running + one waiting fill this server; the third gets 503 + Retry-After.
-        body = {"prompt": "hi", "max_tokens": 480, "ignore_eos": True, "stream": True}
-        streams = [http.stream("POST", COMPLETIONS, json=body, headers=auth) for _ in range(2)]
-        responses = [s.__enter__() for s in streams]
+        # The core is frozen, so nothing starts: one request waits (the most --max-waiting-requests 1
+        # allows), the next gets 503 + Retry-After; both finish once the core runs again.
+        core = srv.core_pid()
+        os.kill(core, signal.SIGSTOP)
+        body = {"prompt": "hi", "max_tokens": 8, "ignore_eos": True}
         try:
-            assert [r.status_code for r in responses] == [200, 200]
-            r = http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 1}, headers=auth)
-            assert_error(r, 503, "service_unavailable", None, "overloaded")
-            assert int(r.headers["Retry-After"]) >= 1
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(http.post, COMPLETIONS, json=body, headers=auth)
+                time.sleep(0.5)  # it reaches the API process and is sent to the frozen core
+                r = http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 1}, headers=auth)
+                assert_error(r, 503, "service_unavailable", None, "overloaded")
+                assert "1 sequences are waiting to start, at most 1" in r.json()["error"]["message"]
+                assert int(r.headers["Retry-After"]) >= 1
+                os.kill(core, signal.SIGCONT)
+                assert waiting.result().status_code == 200
         finally:
-            for s in streams:
-                s.__exit__(None, None, None)  # disconnect: both are aborted, their slots freed
+            os.kill(core, signal.SIGCONT)
         for _ in range(50):
             r = http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 1}, headers=auth)
             if r.status_code == 200:

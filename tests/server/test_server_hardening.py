@@ -1,0 +1,172 @@
+"""What a hostile client found (issue "Server hardening"): slow request work off the event loop,
+the tokenizer routes behind the API key, 400 for requests that can never be admitted, and
+`--max-waiting-requests` bounding the requests that wait."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.server.test_server_errors import assert_error
+
+COMPLETIONS = "/v1/completions"
+#: How long /health may take while another request's slow work runs (the loop is free: a few ms).
+HEALTH_BOUND_S = 0.5
+
+
+def _while_running(url: str, work: Callable[[], Any]) -> tuple[Any, float, float]:
+    """Run `work` in a thread while polling /health; returns its result, its seconds, and the slowest
+    /health answer meanwhile."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        start = time.monotonic()
+        try:
+            result["value"] = work()
+        finally:
+            result["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    slowest = 0.0
+    with httpx.Client(base_url=url, timeout=30) as http:
+        while thread.is_alive():
+            start = time.monotonic()
+            assert http.get("/health").status_code == 200
+            slowest = max(slowest, time.monotonic() - start)
+            time.sleep(0.02)
+    thread.join()
+    return result["value"], result["seconds"], slowest
+
+
+def test_a_huge_prompt_is_refused_without_stalling_the_server(start_server):
+    """A 7 MB prompt (under an 8 MiB body limit) is a 400 in well under a second, since only prefixes
+    are tokenised, and /health and a concurrent stream keep answering meanwhile (it took 8.4 s, with
+    everything stalled, when the whole prompt was tokenised on the event loop)."""
+    srv = start_server("--max-request-bytes", str(8 << 20))
+    huge = {"prompt": "a " * 3_500_000, "max_tokens": 1}
+    chunk_times: list[float] = []
+    started = threading.Event()
+
+    def consume() -> None:
+        body = {"prompt": "hello", "max_tokens": 120, "ignore_eos": True, "stream": True, "temperature": 0}
+        with httpx.stream("POST", srv.url + COMPLETIONS, json=body, timeout=60) as stream:
+            for line in stream.iter_lines():
+                if line:
+                    chunk_times.append(time.monotonic())
+                    started.set()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    assert started.wait(30)
+    sent = time.monotonic()
+    response, seconds, slowest = _while_running(srv.url, lambda: httpx.post(srv.url + COMPLETIONS, json=huge,
+                                                                            timeout=60))
+    consumer.join()
+    error = assert_error(response, 400, "invalid_request_error", "prompt", "context_length_exceeded")
+    assert "maximum context length is 128 tokens" in error["message"]
+    assert seconds < 3.0, f"the refusal took {seconds:.1f} s"
+    assert slowest < HEALTH_BOUND_S, f"/health took {slowest:.2f} s while the prompt was refused"
+    gaps = [b - a for a, b in zip(chunk_times, chunk_times[1:]) if b > sent]
+    assert gaps, "the stream ended before the huge request was sent"
+    assert max(gaps) < 1.0, f"the stream stalled for {max(gaps):.2f} s"
+
+
+def test_a_long_conversation_is_refused_before_full_tokenisation(start_server):
+    srv = start_server("--max-request-bytes", str(8 << 20))
+    messages = [{"role": "user", "content": "b " * 2_000_000}]
+    start = time.monotonic()
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=60)
+    assert_error(r, 400, "invalid_request_error", "messages", "context_length_exceeded")
+    assert time.monotonic() - start < 3.0
+
+
+def test_tokenize_runs_off_the_loop_and_needs_the_api_key(start_server, model_dir):
+    """With --api-key, /tokenize and /detokenize are 401 without it (an unauthenticated 7 MB
+    /tokenize held the server for 12.7 s); with it, a 1 MB text is tokenised off the event loop:
+    /health answers meanwhile, and the count is the tokenizer's."""
+    from transformers import AutoTokenizer
+
+    srv = start_server("--api-key", "sekret", "--max-request-bytes", str(4 << 20))
+    text = "hello world " * 90_000
+    for path, body in (("/tokenize", {"prompt": text}), ("/detokenize", {"tokens": [1, 2, 3]})):
+        r = httpx.post(srv.url + path, json=body, timeout=30)
+        assert_error(r, 401, "authentication_error", None, "invalid_api_key")
+    auth = {"Authorization": "Bearer sekret"}
+    response, _, slowest = _while_running(srv.url, lambda: httpx.post(
+        srv.url + "/tokenize", json={"prompt": text}, headers=auth, timeout=120))
+    assert response.status_code == 200, response.text
+    want = AutoTokenizer.from_pretrained(str(model_dir)).encode(text)
+    assert response.json()["count"] == len(want) and response.json()["tokens"][:50] == want[:50]
+    assert slowest < HEALTH_BOUND_S, f"/health took {slowest:.2f} s during /tokenize"
+    r = httpx.post(srv.url + "/detokenize", json={"tokens": want[:5]}, headers=auth, timeout=30)
+    assert r.status_code == 200 and r.json()["prompt"].startswith("hello")
+
+
+def test_a_request_that_can_never_be_admitted_is_a_400_not_a_503(start_server):
+    """More prompts (or n) than may ever wait at once: 400 with the reason, which clients do not retry
+    (the OpenAI client retries 503s); a request within the bound is served, and nothing leaks."""
+    srv = start_server("--max-waiting-requests", "8")
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        r = http.post(COMPLETIONS, json={"prompt": ["x"] * 9, "max_tokens": 1})
+        error = assert_error(r, 400, "invalid_request_error", "prompt", "request_too_large")
+        assert "9 sequences" in error["message"] and "--max-waiting-requests" in error["message"]
+        r = http.post(COMPLETIONS, json={"prompt": "x", "n": 9, "max_tokens": 1})
+        assert_error(r, 400, "invalid_request_error", "n", "request_too_large")
+        r = http.post(COMPLETIONS, json={"prompt": ["x"] * 8, "max_tokens": 1})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 8
+        assert 'reason="overloaded"' not in http.get("/metrics").text
+
+
+def test_max_waiting_requests_alone_bounds_the_requests_that_wait(start_server):
+    """With the default --max-num-seqs, --max-waiting-requests 1 refuses a burst with 503 +
+    Retry-After once a request waits (a 16-token step budget lets one 100-token prompt start at a
+    time); before, the bound counted running sequences too (128 + 1) and never refused. Every
+    admitted request completes, and the KV cache empties."""
+    srv = start_server("--max-waiting-requests", "1", "--max-num-batched-tokens", "16")
+    body = {"prompt": [5 + i % 50 for i in range(100)], "max_tokens": 8, "ignore_eos": True}
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def send() -> None:
+        r = httpx.post(srv.url + COMPLETIONS, json=body, timeout=120)
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r.status_code for r in results)
+    assert 200 in codes and 503 in codes, codes
+    assert set(codes) <= {200, 503}
+    for r in results:
+        if r.status_code == 503:
+            error = assert_error(r, 503, "service_unavailable", None, "overloaded")
+            assert "waiting to start, at most 1" in error["message"] and int(r.headers["Retry-After"]) >= 1
+        else:
+            assert len(r.json()["choices"][0]["text"]) > 0 or r.json()["usage"]["completion_tokens"] == 8
+    metrics = httpx.get(srv.url + "/metrics").text
+    usage = [line for line in metrics.splitlines() if line.startswith("kvflow:kv_cache_usage_perc")]
+    assert usage and float(usage[0].split()[-1]) == 0.0
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_max_waiting_requests_below_one_is_refused(start_server, value):
+    with pytest.raises(RuntimeError, match="max-waiting-requests must be >= 1"):
+        start_server("--max-waiting-requests", value)
+
+
+def test_models_does_not_show_the_server_path(start_server, model_dir):
+    """`root` is the model as clients name it, not the server's directory."""
+    srv = start_server("--served-model-name", "tiny-llama")
+    r = httpx.get(srv.url + "/v1/models", timeout=10)
+    assert str(model_dir) not in r.text
+    card = r.json()["data"][0]
+    assert card["id"] == card["root"] == "tiny-llama"
