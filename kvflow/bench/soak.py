@@ -37,6 +37,7 @@ class SoakConfig:
     max_tokens: int = 32
     pids: list[int] = field(default_factory=list)
     settle_timeout: float = 60.0
+    duration: float = 0.0  # > 0: starts spread over this many seconds (Poisson arrivals); 0: back to back
 
 
 @dataclass
@@ -183,6 +184,18 @@ class Soak:
         kinds, weights = zip(*MIX.items())
         return self.rng.choices(kinds, weights, k=self.config.num_requests)
 
+    def _arrivals(self) -> list[float]:
+        """Seconds after the start at which each request is sent: a seeded Poisson process of rate
+        num_requests / duration, or all at once (the concurrency cap paces them)."""
+        n, duration = self.config.num_requests, self.config.duration
+        if duration <= 0:
+            return [0.0] * n
+        rng, t, times = random.Random(self.config.seed + 1), 0.0, []
+        for _ in range(n):
+            t += rng.expovariate(n / duration)
+            times.append(t)
+        return times
+
     def _body(self, chat: bool, stream: bool) -> tuple[str, dict[str, Any]]:
         rng, words = self.rng, ["alpha", "beta", "gamma", "delta", "the", "a", "cat", "runs", "42", "!"]
         text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))  # short: fits small contexts
@@ -248,11 +261,12 @@ class Soak:
             semaphore = asyncio.Semaphore(cfg.concurrency)
             start = time.monotonic()
 
-            async def bounded(kind: str) -> None:
+            async def bounded(kind: str, at: float) -> None:
+                await asyncio.sleep(max(0.0, start + at - time.monotonic()))
                 async with semaphore:
                     self.outcomes.append(await self._one(session, kind))
 
-            await asyncio.gather(*(bounded(kind) for kind in self._plan()))
+            await asyncio.gather(*(bounded(kind, at) for kind, at in zip(self._plan(), self._arrivals())))
             duration = time.monotonic() - start
             idle, settled_after = await self._settle(session)
             stop.set()

@@ -266,7 +266,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
 
     cfg = SoakConfig(args.base_url.rstrip("/"), num_requests=args.num_requests, concurrency=args.concurrency,
                      seed=args.seed, api_key=args.api_key, model=args.model, max_tokens=args.max_tokens,
-                     pids=args.pid or [])
+                     pids=args.pid or [], duration=args.duration)
     result = run_soak(cfg)
     print(format_report(result))
     ok = passed(result, args.max_memory_growth)
@@ -560,6 +560,8 @@ def configure(bench: argparse.ArgumentParser) -> None:
     sk.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
     sk.add_argument("--num-requests", type=int, default=1000)
     sk.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    sk.add_argument("--duration", type=float, default=0.0,
+                    help="spread the requests over this many seconds (seeded Poisson arrivals); 0: back to back")
     sk.add_argument("--seed", type=int, default=0)
     sk.add_argument("--model", help="model id to send (default: the server's first)")
     sk.add_argument("--api-key", default=os.environ.get("KVFLOW_API_KEY"), help="default: $KVFLOW_API_KEY")
