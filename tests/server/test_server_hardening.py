@@ -12,11 +12,26 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.server.server_utils import ServerProcess
 from tests.server.test_server_errors import assert_error
 
 COMPLETIONS = "/v1/completions"
 #: How long /health may take while another request's slow work runs (the loop is free: a few ms).
 HEALTH_BOUND_S = 0.5
+AUTH = {"Authorization": "Bearer sekret"}
+
+
+@pytest.fixture(scope="module")
+def srv(model_dir, tmp_path_factory):
+    """One server for the module (starting one costs seconds): an API key, an 8 MiB body limit, at most
+    2 sequences waiting, a 16-token step budget (one 100-token prompt starts at a time), a served name."""
+    proc = ServerProcess(model_dir, tmp_path_factory.mktemp("hardening") / "serve.log", "--api-key", "sekret",
+                         "--max-request-bytes", str(8 << 20), "--max-waiting-requests", "2",
+                         "--max-num-batched-tokens", "16", "--served-model-name", "tiny-llama")
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop(timeout=10)
 
 
 def _while_running(url: str, work: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -34,7 +49,7 @@ def _while_running(url: str, work: Callable[[], Any]) -> tuple[Any, float, float
     thread = threading.Thread(target=run)
     thread.start()
     slowest = 0.0
-    with httpx.Client(base_url=url, timeout=30) as http:
+    with httpx.Client(base_url=url, timeout=30) as http:  # /health needs no API key
         while thread.is_alive():
             start = time.monotonic()
             assert http.get("/health").status_code == 200
@@ -44,18 +59,17 @@ def _while_running(url: str, work: Callable[[], Any]) -> tuple[Any, float, float
     return result["value"], result["seconds"], slowest
 
 
-def test_a_huge_prompt_is_refused_without_stalling_the_server(start_server):
+def test_a_huge_prompt_is_refused_without_stalling_the_server(srv):
     """A 7 MB prompt (under an 8 MiB body limit) is a 400 in well under a second, since only prefixes
     are tokenised, and /health and a concurrent stream keep answering meanwhile (it took 8.4 s, with
     everything stalled, when the whole prompt was tokenised on the event loop)."""
-    srv = start_server("--max-request-bytes", str(8 << 20))
     huge = {"prompt": "a " * 3_500_000, "max_tokens": 1}
     chunk_times: list[float] = []
     started = threading.Event()
 
     def consume() -> None:
         body = {"prompt": "hello", "max_tokens": 120, "ignore_eos": True, "stream": True, "temperature": 0}
-        with httpx.stream("POST", srv.url + COMPLETIONS, json=body, timeout=60) as stream:
+        with httpx.stream("POST", srv.url + COMPLETIONS, json=body, headers=AUTH, timeout=60) as stream:
             for line in stream.iter_lines():
                 if line:
                     chunk_times.append(time.monotonic())
@@ -66,7 +80,7 @@ def test_a_huge_prompt_is_refused_without_stalling_the_server(start_server):
     assert started.wait(30)
     sent = time.monotonic()
     response, seconds, slowest = _while_running(srv.url, lambda: httpx.post(srv.url + COMPLETIONS, json=huge,
-                                                                            timeout=60))
+                                                                            headers=AUTH, timeout=60))
     consumer.join()
     error = assert_error(response, 400, "invalid_request_error", "prompt", "context_length_exceeded")
     assert "maximum context length is 128 tokens" in error["message"]
@@ -77,27 +91,26 @@ def test_a_huge_prompt_is_refused_without_stalling_the_server(start_server):
     assert max(gaps) < 1.0, f"the stream stalled for {max(gaps):.2f} s"
 
 
-def test_a_long_conversation_is_refused_before_full_tokenisation(start_server):
-    srv = start_server("--max-request-bytes", str(8 << 20))
+def test_a_long_conversation_is_refused_before_full_tokenisation(srv):
     messages = [{"role": "user", "content": "b " * 2_000_000}]
     start = time.monotonic()
-    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=60)
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, headers=AUTH,
+                   timeout=60)
     assert_error(r, 400, "invalid_request_error", "messages", "context_length_exceeded")
     assert time.monotonic() - start < 3.0
 
 
-def test_tokenize_runs_off_the_loop_and_needs_the_api_key(start_server, model_dir):
+def test_tokenize_runs_off_the_loop_and_needs_the_api_key(srv, model_dir):
     """With --api-key, /tokenize and /detokenize are 401 without it (an unauthenticated 7 MB
     /tokenize held the server for 12.7 s); with it, a 1 MB text is tokenised off the event loop:
     /health answers meanwhile, and the count is the tokenizer's."""
     from transformers import AutoTokenizer
 
-    srv = start_server("--api-key", "sekret", "--max-request-bytes", str(4 << 20))
     text = "hello world " * 90_000
     for path, body in (("/tokenize", {"prompt": text}), ("/detokenize", {"tokens": [1, 2, 3]})):
         r = httpx.post(srv.url + path, json=body, timeout=30)
         assert_error(r, 401, "authentication_error", None, "invalid_api_key")
-    auth = {"Authorization": "Bearer sekret"}
+    auth = AUTH
     response, _, slowest = _while_running(srv.url, lambda: httpx.post(
         srv.url + "/tokenize", json={"prompt": text}, headers=auth, timeout=120))
     assert response.status_code == 200, response.text
@@ -108,37 +121,42 @@ def test_tokenize_runs_off_the_loop_and_needs_the_api_key(start_server, model_di
     assert r.status_code == 200 and r.json()["prompt"].startswith("hello")
 
 
-def test_a_request_that_can_never_be_admitted_is_a_400_not_a_503(start_server):
+def test_a_request_that_can_never_be_admitted_is_a_400_not_a_503(srv):
     """More prompts (or n) than may ever wait at once: 400 with the reason, which clients do not retry
-    (the OpenAI client retries 503s); a request within the bound is served, and nothing leaks."""
-    srv = start_server("--max-waiting-requests", "8")
-    with httpx.Client(base_url=srv.url, timeout=60) as http:
-        r = http.post(COMPLETIONS, json={"prompt": ["x"] * 9, "max_tokens": 1})
+    (the OpenAI client retries 503s); a request within the bound is served."""
+    with httpx.Client(base_url=srv.url, headers=AUTH, timeout=60) as http:
+        rejected = _overloaded(http)
+        r = http.post(COMPLETIONS, json={"prompt": ["x"] * 3, "max_tokens": 1})
         error = assert_error(r, 400, "invalid_request_error", "prompt", "request_too_large")
-        assert "9 sequences" in error["message"] and "--max-waiting-requests" in error["message"]
-        r = http.post(COMPLETIONS, json={"prompt": "x", "n": 9, "max_tokens": 1})
+        assert "3 sequences" in error["message"] and "--max-waiting-requests" in error["message"]
+        r = http.post(COMPLETIONS, json={"prompt": "x", "n": 3, "max_tokens": 1})
         assert_error(r, 400, "invalid_request_error", "n", "request_too_large")
-        r = http.post(COMPLETIONS, json={"prompt": ["x"] * 8, "max_tokens": 1})
-        assert r.status_code == 200 and len(r.json()["choices"]) == 8
-        assert 'reason="overloaded"' not in http.get("/metrics").text
+        r = http.post(COMPLETIONS, json={"prompt": ["x"] * 2, "max_tokens": 1})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+        assert _overloaded(http) == rejected  # none of these was a 503
 
 
-def test_max_waiting_requests_alone_bounds_the_requests_that_wait(start_server):
-    """With the default --max-num-seqs, --max-waiting-requests 1 refuses a burst with 503 +
-    Retry-After once a request waits (a 16-token step budget lets one 100-token prompt start at a
-    time); before, the bound counted running sequences too (128 + 1) and never refused. Every
+def _overloaded(http: httpx.Client) -> float:
+    lines = [line for line in http.get("/metrics").text.splitlines()
+             if line.startswith("kvflow:request_rejected_total") and 'reason="overloaded"' in line]
+    return sum(float(line.split()[-1]) for line in lines)
+
+
+def test_max_waiting_requests_alone_bounds_the_requests_that_wait(srv):
+    """With the default --max-num-seqs, --max-waiting-requests 2 refuses a burst with 503 +
+    Retry-After once two requests wait (a 16-token step budget lets one 100-token prompt start at a
+    time); before, the bound counted running sequences too (128 + 2) and never refused. Every
     admitted request completes, and the KV cache empties."""
-    srv = start_server("--max-waiting-requests", "1", "--max-num-batched-tokens", "16")
     body = {"prompt": [5 + i % 50 for i in range(100)], "max_tokens": 8, "ignore_eos": True}
     results: list[httpx.Response] = []
     lock = threading.Lock()
 
     def send() -> None:
-        r = httpx.post(srv.url + COMPLETIONS, json=body, timeout=120)
+        r = httpx.post(srv.url + COMPLETIONS, json=body, headers=AUTH, timeout=120)
         with lock:
             results.append(r)
 
-    threads = [threading.Thread(target=send) for _ in range(6)]
+    threads = [threading.Thread(target=send) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -149,7 +167,7 @@ def test_max_waiting_requests_alone_bounds_the_requests_that_wait(start_server):
     for r in results:
         if r.status_code == 503:
             error = assert_error(r, 503, "service_unavailable", None, "overloaded")
-            assert "waiting to start, at most 1" in error["message"] and int(r.headers["Retry-After"]) >= 1
+            assert "waiting to start, at most 2" in error["message"] and int(r.headers["Retry-After"]) >= 1
         else:
             assert len(r.json()["choices"][0]["text"]) > 0 or r.json()["usage"]["completion_tokens"] == 8
     metrics = httpx.get(srv.url + "/metrics").text
@@ -163,10 +181,9 @@ def test_max_waiting_requests_below_one_is_refused(start_server, value):
         start_server("--max-waiting-requests", value)
 
 
-def test_models_does_not_show_the_server_path(start_server, model_dir):
+def test_models_does_not_show_the_server_path(srv, model_dir):
     """`root` is the model as clients name it, not the server's directory."""
-    srv = start_server("--served-model-name", "tiny-llama")
-    r = httpx.get(srv.url + "/v1/models", timeout=10)
+    r = httpx.get(srv.url + "/v1/models", headers=AUTH, timeout=10)
     assert str(model_dir) not in r.text
     card = r.json()["data"][0]
     assert card["id"] == card["root"] == "tiny-llama"
