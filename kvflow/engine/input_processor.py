@@ -132,10 +132,14 @@ class InputProcessor:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         max_len = self.config.model.max_model_len
         n = len(prompt_token_ids)
-        if n >= max_len:
+        # A prompt-only request (max_tokens 0: prompt logprobs) needs no room for output: it computes
+        # its prompt but the last token, so a whole context of prompt is scored.
+        limit = max_len if params.prompt_only else max_len - 1
+        if n > limit:
             raise ValueError(
                 f"prompt has {n} tokens but the model's context (max_model_len) is {max_len}: "
-                f"the prompt must be at most {max_len - 1} tokens to leave room for output"
+                f"the prompt must be at most {limit} tokens"
+                + ("" if params.prompt_only else " to leave room for output")
             )
         capacity = self.num_kv_blocks * self.config.cache.block_size
         if n + 1 > capacity:

@@ -244,7 +244,12 @@ class AsyncEngine:
     def _record(self, output: RequestOutput, now: float) -> None:
         timing = self._timing.get(output.request_id)
         new_tokens = sum(len(c.token_ids) for c in output.outputs)
-        if timing is None or not new_tokens:
+        if timing is None:
+            return
+        if not new_tokens:
+            if output.finished and timing.first_token is None:  # prompt-only (max_tokens 0): scored, nothing made
+                self.metrics.prompt_tokens.inc(timing.num_prompt_tokens)
+                self.metrics.request_prompt_tokens.observe(timing.num_prompt_tokens)
             return
         if timing.first_token is None:
             timing.first_token = now

@@ -129,7 +129,7 @@ def check_room(ctx: ServerContext, num_prompt_tokens: int, max_tokens: int | Non
     """Like OpenAI: asking for more tokens than the context leaves is an error, not a silent cap. A prompt
     that fills the context is refused here too, with the same code as one found too long from a prefix
     (`check_text_length`), whatever its length."""
-    if num_prompt_tokens >= ctx.max_model_len:
+    if num_prompt_tokens > ctx.max_model_len - (0 if max_tokens == 0 else 1):  # max_tokens 0: prompt scoring
         raise APIError(
             400, f"This model's maximum context length is {ctx.max_model_len} tokens. However, the {what} has "
             f"{num_prompt_tokens} tokens, leaving no room for the completion. Please reduce the {what}.",

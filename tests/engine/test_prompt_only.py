@@ -124,3 +124,19 @@ def test_max_tokens_zero_needs_prompt_logprobs(llm):
     with pytest.raises(ValueError, match="max_tokens must be .*0 only with prompt_logprobs"):
         llm.generate([PROMPT], {"max_tokens": 0}, use_tqdm=False)
     assert_idle(llm)
+
+
+def test_a_whole_context_of_prompt_can_be_scored(llama_dir):
+    """A prompt-only request needs no room for output: a prompt of exactly max_model_len tokens is
+    scored (HF's logprobs), while a generating request of that length is refused."""
+    llm = LLM(model=str(llama_dir), dtype="float32", block_size=4, num_blocks=64, max_model_len=32)
+    prompt = [(7 * i) % 200 + 3 for i in range(32)]
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=0, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    ref = hf_prompt_logprobs(llama_dir, prompt)
+    got = [out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))]
+    assert got == pytest.approx([ref[i - 1, prompt[i]].item() for i in range(1, len(prompt))], abs=1e-4)
+    assert out.outputs[0].token_ids == []
+    with pytest.raises(ValueError, match="at most 31 tokens"):
+        llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert_idle(llm)

@@ -194,9 +194,17 @@ def test_echo_max_tokens_zero_streamed_batched_and_without_logprobs(http, tiny_o
         assert_offsets_follow_text(prompt, choice["logprobs"])
         assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
             [want[i][ids[i]].logprob for i in range(1, len(ids))], abs=1e-4)
+    before = _prompt_tokens_total(http)
     plain = post(http, prompt=PROMPTS[1], max_tokens=0, echo=True)
     assert [(c["text"], c["logprobs"], c["finish_reason"]) for c in plain["choices"]] == [(PROMPTS[1], None, "length")]
     assert plain["usage"]["completion_tokens"] == 0
+    # A prompt-only request's prompt is counted in /metrics though it makes no token.
+    assert _prompt_tokens_total(http) == before + plain["usage"]["prompt_tokens"]
+
+
+def _prompt_tokens_total(http) -> float:
+    lines = [line for line in http.get("/metrics").text.splitlines() if line.startswith("kvflow:prompt_tokens_total")]
+    return float(lines[0].split()[-1])
 
 
 @pytest.mark.parametrize("stream_it", [False, True])
