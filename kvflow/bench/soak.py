@@ -196,8 +196,8 @@ class Soak:
             times.append(t)
         return times
 
-    def _body(self, chat: bool, stream: bool) -> tuple[str, dict[str, Any]]:
-        rng, words = self.rng, ["alpha", "beta", "gamma", "delta", "the", "a", "cat", "runs", "42", "!"]
+    def _body(self, rng: random.Random, chat: bool, stream: bool) -> tuple[str, dict[str, Any]]:
+        words = ["alpha", "beta", "gamma", "delta", "the", "a", "cat", "runs", "42", "!"]
         text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))  # short: fits small contexts
         body: dict[str, Any] = {"model": self.model, "max_tokens": rng.randint(1, self.config.max_tokens),
                                 "n": rng.choice([1, 1, 1, 2, 3]), "temperature": rng.choice([0.0, 0.7, 1.0]),
@@ -210,8 +210,9 @@ class Soak:
             body["logprobs"] = rng.randint(0, 3)
         return "/v1/completions", body
 
-    async def _one(self, session: aiohttp.ClientSession, kind: str) -> Outcome:
-        base, start, rng = self.config.base_url, time.monotonic(), self.rng
+    async def _one(self, session: aiohttp.ClientSession, kind: str, index: int) -> Outcome:
+        # Each request draws from its own seeded generator: the mix does not depend on scheduling.
+        base, start, rng = self.config.base_url, time.monotonic(), random.Random(self.config.seed * 1_000_003 + index)
         status, code = 0, None
         try:
             if kind == "malformed":
@@ -219,7 +220,7 @@ class Soak:
                 async with session.post(base + path, data=raw, headers=self._headers()) as r:
                     status, code = r.status, await _error_code(r)
             elif kind in ("complete", "chat", "abandon_wait"):
-                path, body = self._body(kind == "chat", stream=False)
+                path, body = self._body(rng, kind == "chat", stream=False)
                 timeout = aiohttp.ClientTimeout(total=rng.uniform(0.02, 0.3)) if kind == "abandon_wait" else None
                 try:
                     async with session.post(base + path, json=body, headers=self._headers(), timeout=timeout) as r:
@@ -227,7 +228,7 @@ class Soak:
                 except TimeoutError:
                     status = 0  # gave up on purpose: the server must abort it
             else:
-                path, body = self._body(rng.random() < 0.3, stream=True)
+                path, body = self._body(rng, rng.random() < 0.3, stream=True)
                 keep = rng.randint(1, 4) if kind == "abandon_stream" else None
                 async with session.post(base + path, json=body, headers=self._headers()) as r:
                     status = r.status
@@ -261,12 +262,13 @@ class Soak:
             semaphore = asyncio.Semaphore(cfg.concurrency)
             start = time.monotonic()
 
-            async def bounded(kind: str, at: float) -> None:
+            async def bounded(index: int, kind: str, at: float) -> None:
                 await asyncio.sleep(max(0.0, start + at - time.monotonic()))
                 async with semaphore:
-                    self.outcomes.append(await self._one(session, kind))
+                    self.outcomes.append(await self._one(session, kind, index))
 
-            await asyncio.gather(*(bounded(kind, at) for kind, at in zip(self._plan(), self._arrivals())))
+            await asyncio.gather(*(bounded(i, kind, at)
+                                   for i, (kind, at) in enumerate(zip(self._plan(), self._arrivals()))))
             duration = time.monotonic() - start
             idle, settled_after = await self._settle(session)
             stop.set()
@@ -348,7 +350,8 @@ def format_report(result: dict[str, Any]) -> str:
 def passed(result: dict[str, Any], max_growth_mib: float = 64.0) -> bool:
     """The soak's verdict: no 5xx but overload, every refusal an error body, idle with an empty cache,
     and no process growing more than `max_growth_mib` over the second half."""
-    codes_ok = result["refusals_without_error_body"] == 0 and not result["unexpected_refusals"]
+    codes_ok = (result["refusals_without_error_body"] == 0 and not result["unexpected_refusals"]
+                and result["stream_errors"] == 0)  # an error event inside a 200 stream is a failure too
     growth_ok = all(m["second_half_growth_mib"] <= max_growth_mib for m in result["memory"].values())
     return (not result["server_errors"] and codes_ok and result["idle_after"]
             and result["kv_cache_usage_after"] == 0.0 and growth_ok and result["client_errors"] == 0)

@@ -88,6 +88,7 @@ class AsyncEngine:
         self.outputs = OutputProcessor(tokenizer)
         self._streams: dict[str, RequestStream] = {}
         self._timing: dict[str, _Timing] = {}
+        self._waiting_seqs = 0  # see num_waiting_seqs
 
     async def start(self) -> None:
         try:
@@ -119,11 +120,23 @@ class AsyncEngine:
 
     @property
     def num_waiting_seqs(self) -> int:
-        """Sequences admitted here that the core has not scheduled yet: what `--max-waiting-requests`
-        bounds. Running ones are bounded by the engine (max_num_seqs, KV memory); counting those too
-        made the flag useless wherever memory, not max_num_seqs, limits the batch."""
-        return sum(stream.num_seqs for request_id, stream in self._streams.items()
-                   if not self._timing[request_id].queued_seen)
+        """Sequences of requests admitted here that the core has not started yet (none of their
+        sequences scheduled): what `--max-waiting-requests` bounds. Running ones are bounded by the
+        engine (max_num_seqs, KV memory); counting those too made the flag useless wherever memory,
+        not max_num_seqs, limits the batch. A started request's siblings and preempted sequences that
+        wait again in the core are not counted: the flag bounds admission, not the core's queue."""
+        return self._waiting_seqs
+
+    def check_admission(self, num_seqs: int) -> None:
+        """Raise OverloadedError when `num_seqs` more sequences would exceed the waiting bound (a 503
+        with Retry-After: load that passes). Checked for a whole request before any of it is admitted."""
+        waiting = self._waiting_seqs
+        if waiting + num_seqs > self.max_waiting_requests:
+            self.metrics.rejected("overloaded")
+            raise OverloadedError(
+                f"the server is overloaded: {waiting} sequences are waiting to start, "
+                f"at most {self.max_waiting_requests} (--max-waiting-requests)"
+            )
 
     def never_admitted(self, num_seqs: int) -> str | None:
         """Why a request of `num_seqs` sequences could never be admitted (even on an idle server),
@@ -144,13 +157,7 @@ class AsyncEngine:
         never = self.never_admitted(params.n)
         if never is not None:
             raise ValueError(never)
-        waiting = self.num_waiting_seqs
-        if waiting + params.n > self.max_waiting_requests:
-            self.metrics.rejected("overloaded")
-            raise OverloadedError(
-                f"the server is overloaded: {waiting} sequences are waiting to start, "
-                f"at most {self.max_waiting_requests} (--max-waiting-requests)"
-            )
+        self.check_admission(params.n)
         arrival = time.monotonic()
         specs = self.inputs.make_specs(prompt_token_ids, params, arrival, cache_salt=cache_salt)
         self.outputs.add_request(request_id, prompt, prompt_token_ids, params,
@@ -158,6 +165,7 @@ class AsyncEngine:
         stream = RequestStream(request_id, params.n)
         self._streams[request_id] = stream
         self._timing[request_id] = _Timing(arrival, len(prompt_token_ids))
+        self._waiting_seqs += params.n
         try:
             self._send_specs(specs)
         except EngineDeadError:
@@ -200,6 +208,8 @@ class AsyncEngine:
         timing = self._timing.pop(request_id, None)
         if stream is None:
             return
+        if timing is not None and not timing.queued_seen:
+            self._waiting_seqs -= stream.num_seqs
         if finish_reason is not None and timing is not None:
             self.metrics.finished(finish_reason)
             self.metrics.e2e.observe(time.monotonic() - timing.arrival)
@@ -223,9 +233,11 @@ class AsyncEngine:
     def _process_outputs(self, message: StepOutputs) -> None:
         now = time.monotonic()
         for core_id, scheduled in message.scheduled_times.items():
-            timing = self._timing.get(self.outputs.request_id_of(core_id) or "")
+            request_id = self.outputs.request_id_of(core_id) or ""
+            timing = self._timing.get(request_id)
             if timing is not None and not timing.queued_seen:
                 timing.queued_seen = True
+                self._waiting_seqs -= self._streams[request_id].num_seqs  # started: no longer waiting
                 timing.scheduled = scheduled
                 self.metrics.queue_time.observe(max(0.0, scheduled - timing.arrival))
         processed = self.outputs.process(message.outputs)

@@ -33,8 +33,9 @@ class Preprocessor:
     their calls gives the loop its turn every switch interval). At most `max_pending` jobs run or
     wait; more are refused with 503 + Retry-After (load that passes), like the engine's queue."""
 
-    def __init__(self, workers: int = 2, max_pending: int = 256) -> None:
-        self.workers, self.max_pending = workers, max_pending
+    def __init__(self, workers: int = 2, max_pending: int = 256,
+                 on_reject: Callable[[], None] | None = None) -> None:
+        self.workers, self.max_pending, self.on_reject = workers, max_pending, on_reject
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvflow-preprocess")
         self._pending = 0
 
@@ -44,6 +45,8 @@ class Preprocessor:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._pending >= self.max_pending:
+            if self.on_reject is not None:
+                self.on_reject()
             raise OverloadedError(f"the server is overloaded: {self._pending} requests are being tokenised, "
                                   f"at most {self.max_pending}")
         self._pending += 1
@@ -67,6 +70,10 @@ class ServerContext:
     max_model_len: int
     created: int = field(default_factory=lambda: int(time.time()))
     preprocess: Preprocessor = field(default_factory=Preprocessor)
+
+    def __post_init__(self) -> None:
+        if self.preprocess.on_reject is None:  # its 503s count as the engine queue's do
+            self.preprocess.on_reject = lambda: self.engine.metrics.rejected("overloaded")
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:
@@ -149,6 +156,7 @@ def start_requests(ctx: ServerContext, base_id: str, prompts: list[tuple[str | N
     never = ctx.engine.never_admitted(len(prompts) * params.n)
     if never is not None:
         raise APIError(400, never, param="prompt" if len(prompts) > 1 else "n", code="request_too_large")
+    ctx.engine.check_admission(len(prompts) * params.n)  # all or none: no batch admitted half, then aborted
     streams: list[RequestStream] = []
     try:
         for i, (text, ids) in enumerate(prompts):
