@@ -239,8 +239,9 @@ class Soak:
                         async for line in r.content:
                             if line.startswith(b"data:"):
                                 chunks += 1
-                                if b'"error"' in line:
-                                    code = "stream_error"
+                                error = _event_error_code(line)  # parsed: a token "error" in logprobs is not one
+                                if error is not None:
+                                    code = "stream_error:" + error
                             if keep is not None and chunks >= keep:
                                 r.close()  # hang up mid-stream
                                 status = 0
@@ -302,7 +303,9 @@ class Soak:
             "server_errors": [vars(o) for o in server_errors],
             "overloaded_503": sum(o.status == 503 and o.code == "overloaded" for o in self.outcomes),
             "client_errors": sum(o.status == -1 for o in self.outcomes),
-            "stream_errors": sum(o.code == "stream_error" for o in self.outcomes),
+            "stream_errors": sum((o.code or "").startswith("stream_error") for o in self.outcomes),
+            "stream_error_codes": dict(Counter(o.code for o in self.outcomes
+                                               if (o.code or "").startswith("stream_error"))),
             "refusals_without_error_body": sum(o.code == "no_error_body" for o in self.outcomes),
             # A well-formed request refused with a 4xx is a bug in the server (or in this mix).
             "unexpected_refusals": [vars(o) for o in self.outcomes
@@ -325,6 +328,21 @@ async def _error_code(response: aiohttp.ClientResponse) -> str | None:
         return "no_error_body"
 
 
+def _event_error_code(line: bytes) -> str | None:
+    """The code of an SSE error event (`data: {"error": {...}}`); None for any other event."""
+    payload = line.split(b":", 1)[1].strip()
+    if payload == b"[DONE]":
+        return None
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        return "unparsable_event"
+    error = event.get("error") if isinstance(event, dict) else None
+    if error is None:
+        return None
+    return str(error.get("code") or error.get("type")) if isinstance(error, dict) else "error"
+
+
 def run_soak(config: SoakConfig) -> dict[str, Any]:
     return asyncio.run(Soak(config).run())
 
@@ -336,7 +354,8 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"  {kind:<15} {dict(sorted(counts.items()))}")
     lines.append(f"5xx other than 503 overloaded: {len(result['server_errors'])}; 503 overloaded: "
                  f"{result['overloaded_503']}; connection errors: {result['client_errors']}; "
-                 f"error events in streams: {result['stream_errors']}; refusals without an OpenAI error "
+                 f"error events in streams: {result['stream_errors']} {result['stream_error_codes'] or ''}; "
+                 f"refusals without an OpenAI error "
                  f"body: {result['refusals_without_error_body']}; well-formed requests refused: "
                  f"{len(result['unexpected_refusals'])}")
     lines.append(f"idle afterwards: {result['idle_after']} (after {result['settled_seconds']:.1f} s), "

@@ -72,3 +72,14 @@ def test_memory_sampler_follows_children():
         subprocess.run(["pkill", "-P", str(parent.pid)])
         parent.kill()
         parent.wait()
+
+
+def test_error_events_are_told_from_tokens_named_error():
+    """A streamed chunk whose logprobs hold a token "error" is not an error event (it was once counted)."""
+    from kvflow.bench.soak import _event_error_code
+
+    chunk = b'data: {"choices": [{"text": "x", "logprobs": {"top_logprobs": [{"error": -1.5}]}}]}'
+    assert _event_error_code(chunk) is None
+    assert _event_error_code(b"data: [DONE]") is None
+    assert _event_error_code(b'data: {"error": {"message": "m", "code": "engine_dead"}}') == "engine_dead"
+    assert _event_error_code(b"data: {not json") == "unparsable_event"
