@@ -22,6 +22,8 @@ from typing import Any
 
 import aiohttp
 
+from kvflow.bench.serve.server_metrics import scrape
+
 #: Kinds of request in the mix, with their weights.
 MIX = {"complete": 30, "chat": 10, "stream": 20, "abandon_stream": 15, "abandon_wait": 10, "malformed": 15}
 
@@ -153,17 +155,8 @@ class MemorySampler:
 
 
 async def _metrics(session: aiohttp.ClientSession, base_url: str) -> dict[str, float]:
-    async with session.get(f"{base_url}/metrics") as r:
-        text = await r.text()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            try:
-                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-            except ValueError:
-                pass
-    return values
+    """The server's kvflow series (label sets summed): the serve bench's scraper."""
+    return await scrape(session, base_url) or {}
 
 
 class Soak:

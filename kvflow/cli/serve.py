@@ -165,7 +165,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
                               args.pin_cores, args.ray_address, args.ray_placement_timeout)
     else:
         engine = AsyncEngine(config, tokenizer, metrics, args.max_waiting_requests)
-    ctx = ServerContext(engine, tokenizer, name, model, config.model.max_model_len)
+    ctx = ServerContext(engine, tokenizer, name, config.model.max_model_len)
     app = build_app(ctx, api_key=args.api_key, max_body_bytes=args.max_request_bytes)
     server = _engine_first_server(app, uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,

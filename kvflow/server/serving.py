@@ -39,10 +39,6 @@ class Preprocessor:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvflow-preprocess")
         self._pending = 0
 
-    @property
-    def pending(self) -> int:
-        return self._pending
-
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._pending >= self.max_pending:
             if self.on_reject is not None:
@@ -66,7 +62,6 @@ class ServerContext:
     engine: AsyncEngine
     tokenizer: Any
     served_model_name: str
-    model_path: str
     max_model_len: int
     created: int = field(default_factory=lambda: int(time.time()))
     preprocess: Preprocessor = field(default_factory=Preprocessor)
@@ -124,12 +119,16 @@ def check_text_length(ctx: ServerContext, text: str, what: str = "prompt") -> No
         prefix = text[:cut if cut > 0 else probe]
         count = len(tokenizer.encode(prefix, add_special_tokens=False))
         if count > limit:
-            raise APIError(
-                400, f"This model's maximum context length is {limit} tokens. However, the {what} has more than "
-                f"{count} tokens (that many in its first {len(prefix)} of {len(text)} characters). Please reduce "
-                f"the {what}.", param="messages" if what == "conversation" else "prompt",
-                code="context_length_exceeded")
+            raise _too_long(ctx, what, f"more than {count} tokens (that many in its first {len(prefix)} of "
+                                       f"{len(text)} characters)")
         probe *= 2
+
+
+def _too_long(ctx: ServerContext, what: str, size: str) -> APIError:
+    """The 400 for a prompt (or a chat's conversation) that does not fit the context."""
+    return APIError(400, f"This model's maximum context length is {ctx.max_model_len} tokens. However, the {what} "
+                    f"has {size}. Please reduce the {what}.", param="messages" if what == "conversation" else "prompt",
+                    code="context_length_exceeded")
 
 
 def check_room(ctx: ServerContext, num_prompt_tokens: int, max_tokens: int | None, what: str = "prompt") -> None:
@@ -137,10 +136,7 @@ def check_room(ctx: ServerContext, num_prompt_tokens: int, max_tokens: int | Non
     that fills the context is refused here too, with the same code as one found too long from a prefix
     (`check_text_length`), whatever its length."""
     if num_prompt_tokens > ctx.max_model_len - (0 if max_tokens == 0 else 1):  # max_tokens 0: prompt scoring
-        raise APIError(
-            400, f"This model's maximum context length is {ctx.max_model_len} tokens. However, the {what} has "
-            f"{num_prompt_tokens} tokens, leaving no room for the completion. Please reduce the {what}.",
-            param="messages" if what == "conversation" else "prompt", code="context_length_exceeded")
+        raise _too_long(ctx, what, f"{num_prompt_tokens} tokens, leaving no room for the completion")
     if max_tokens is not None and num_prompt_tokens + max_tokens > ctx.max_model_len:
         raise APIError(
             400, f"This model's maximum context length is {ctx.max_model_len} tokens. However, you requested "
