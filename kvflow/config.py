@@ -377,8 +377,8 @@ KV_OFFLOAD_LOAD_RULES = ("auto", "always")
 KIVI_GROUP = 32
 
 # KV policies (kvflow/core/kv_policy.py defines one class per name; docs/kv_cache.md): what a
-# sequence keeps of its KV (streaming, h2o, snapkv evict) or reads each decode step (quest).
-KV_POLICIES = ("none", "streaming", "h2o", "snapkv", "quest")
+# sequence keeps of its KV (streaming, h2o, snapkv evict) or reads each decode step (quest, specontext).
+KV_POLICIES = ("none", "streaming", "h2o", "snapkv", "quest", "specontext")
 
 # SnapKV's observation window (the last prompt queries whose attention selects what is kept).
 SNAPKV_DEFAULT_WINDOW = 32
@@ -388,7 +388,7 @@ def kv_policy_window(policy: str, budget: int, sink_tokens: int, window: int | N
     """The recent window a policy keeps (or reads) when `--kv-window` is not given: streaming keeps
     everything the budget leaves after the sinks; h2o splits the rest evenly between heavy hitters
     and recent tokens (H2O's default); snapkv observes its last 32 prompt queries; quest always
-    reads only the newest block."""
+    reads only the newest block, and so does specontext."""
     if window is not None:
         return window
     if policy == "streaming":
@@ -425,6 +425,9 @@ def resolve_kv_policy(cache: CacheConfig, policy: str | None = None,
     if name == "quest" and cache.kv_policy != "quest":
         raise ValueError("request kv_policy quest needs the engine started with --kv-policy quest (which keeps "
                          "each block's key bounds)")
+    if name == "specontext" and not cache.has_retrieval_head:
+        raise ValueError("request kv_policy specontext needs the engine started with --kv-policy specontext or "
+                         "--retrieval-model (which load the retrieval head and keep its keys)")
     assert budget is not None
     return KVPolicySettings(name, budget, cache.kv_sink_tokens,
                             kv_policy_window(name, budget, cache.kv_sink_tokens, cache.kv_window))
@@ -487,6 +490,10 @@ class CacheConfig:
     # with kv_policy "none" the budget is the default of requests that choose a policy.
     kv_policy: str = "none"
     kv_budget: int | None = None
+    # SpeContext: the retrieval head directory (kvflow/model/retrieval_head.py) that selects what each
+    # decode reads; None: the shipped one, for the shipped model with kv_policy specontext. Given with
+    # another policy, requests may still choose specontext.
+    retrieval_model: str | None = None
     # Attention sinks: the first tokens, always kept (streaming, h2o) or read (quest).
     kv_sink_tokens: int = 4
     # Recent tokens always kept or read (SnapKV: its observation window); None: per policy
@@ -531,6 +538,11 @@ class CacheConfig:
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         self._check_offload()
+
+    @property
+    def has_retrieval_head(self) -> bool:
+        """Whether the engine loads a retrieval head (so requests may choose kv_policy specontext)."""
+        return self.kv_policy == "specontext" or self.retrieval_model is not None
 
     @property
     def kv_offload(self) -> bool:

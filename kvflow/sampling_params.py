@@ -89,7 +89,8 @@ _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "skip_special_tokens": ("a bool", lambda v: True),
     "include_stop_str_in_output": ("a bool", lambda v: True),
     # Names are checked by the engine against its policies (kvflow.config.KV_POLICIES) on arrival.
-    "kv_policy": ("None or a KV policy name (none, streaming, h2o, snapkv, quest)", lambda v: v is None or v != ""),
+    "kv_policy": ("None or a KV policy name (none, streaming, h2o, snapkv, quest, specontext)",
+                  lambda v: v is None or v != ""),
     "kv_budget": ("None or an integer >= 1 (tokens kept or read)", lambda v: v is None or v >= 1),
     "speculative": ("a bool", lambda v: True),
 }

@@ -1,7 +1,9 @@
 """The models that ship inside the package, so kvflow runs with nothing downloaded.
 
 `tiny` is a ~4M-parameter Llama trained by `kvflow train --preset tiny` on CPython's own docs and
-standard library (see docs/models.md); `tiny-draft` is its distilled draft model.
+standard library (see docs/models.md); `tiny-draft` is its distilled draft model, and
+`tiny-retrieval` the retrieval head SpeContext selects `tiny`'s context with (distilled from its
+attention by `kvflow train --preset tiny-retrieval`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent
 DEFAULT_MODEL = "tiny"
 DEFAULT_DRAFT = "tiny-draft"
+DEFAULT_RETRIEVAL = "tiny-retrieval"
 
 
 def shipped_model_path(name: str) -> Path:
@@ -29,3 +32,8 @@ def default_model_path() -> Path:
 
 def default_draft_path() -> Path:
     return shipped_model_path(DEFAULT_DRAFT)
+
+
+def default_retrieval_path() -> Path:
+    """The retrieval head `--kv-policy specontext` uses for the shipped model."""
+    return shipped_model_path(DEFAULT_RETRIEVAL)

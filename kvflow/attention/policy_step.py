@@ -7,7 +7,8 @@ selection), and each attention layer calls it around the backend:
     step.after_attention(layer, q, kv_cache, meta_l, backend, scale)       # H2O mass, SnapKV copy
 
 A Quest row reads a reduced block table (its chosen blocks, in order) as if it were a shorter
-sequence, so every backend reads block subsets with its ordinary decode kernel. The C++ CPU
+sequence, so every backend reads block subsets with its ordinary decode kernel; a SpeContext row
+reads its buffer blocks and newest blocks the same way, in every layer (its selection is global). The C++ CPU
 forward calls the same work through its `before_attention` / `after_attention` hooks
 (`cpu_reads`, `after_attention`), so the choices are the same on every path.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -56,6 +58,23 @@ class SnapJob:
     dest: torch.Tensor  # block ids the kept tokens are written to
 
 
+class LayerLoads(Protocol):
+    """KV moved into place ahead of the forward (SpeContext's buffer loads, kvflow/worker/retrieval_keys.py)."""
+
+    def wait(self, layer: int) -> None:
+        """Return once layer `layer`'s moves are done (raise if they failed)."""
+
+
+@dataclass
+class SpeContextReads:
+    """Decode rows that read their SpeContext buffer and window blocks, the same in every layer."""
+
+    rows: list[int]
+    tables: torch.Tensor  # [R, width]: buffer blocks, then window blocks
+    lens: list[int]  # context length over them
+    loads: LayerLoads
+
+
 @dataclass
 class PolicyStep:
     key_bounds: list[torch.Tensor] | None = None  # per layer, Quest's per-block key min/max
@@ -63,12 +82,14 @@ class PolicyStep:
     h2o_rows: list[int] = field(default_factory=list)  # decode rows whose block mass is wanted
     block_mass: torch.Tensor | None = None  # [num_decodes, max_blocks], summed over layers and heads
     snaps: list[SnapJob] = field(default_factory=list)
+    specontext: SpeContextReads | None = None
     select_fn: SelectFn = quest_select  # Quest's choice: PyTorch, or the C++ CPU kernel
     mass_fn: MassFn = block_attention_mass  # H2O's block mass where the backend gives none: PyTorch or C++
     # Per step, made on first use: Quest rows, their tables and context lengths; for cpu_reads the
     # two buffers handed to the kernel.
     _quest_rows: tuple[torch.Tensor, torch.Tensor, list[int]] | None = field(default=None, repr=False)
     _cpu_buffers: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _specontext_view: AttentionMetadata | None = field(default=None, repr=False)
 
     def _quest_choice(self, layer: int, q: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
@@ -85,13 +106,32 @@ class PolicyStep:
                                       quest.sink_blocks, quest.window_blocks, meta.block_size, scale)
         return rows, chosen, lens
 
+    def _reduced_reads(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
+                       scale: float) -> tuple[list[int], torch.Tensor, list[int]] | None:
+        """Every row that reads a reduced table in this layer (Quest's choice, SpeContext's buffer and
+        window): (rows, tables [R, width], context lengths); None where all read everything. A
+        SpeContext row waits here for its buffer's moves of this layer."""
+        if self.specontext is not None:
+            self.specontext.loads.wait(layer)
+        quest = self._quest_choice(layer, q, meta, scale)
+        if self.specontext is None:
+            return None if quest is None else (self.quest.rows, quest[1], quest[2])
+        sc = self.specontext
+        if quest is None:
+            return sc.rows, sc.tables, sc.lens
+        width = max(quest[1].shape[1], sc.tables.shape[1])
+        tables = torch.zeros(len(self.quest.rows) + len(sc.rows), width, dtype=sc.tables.dtype, device=q.device)
+        tables[: len(self.quest.rows), : quest[1].shape[1]] = quest[1]
+        tables[len(self.quest.rows) :, : sc.tables.shape[1]] = sc.tables
+        return self.quest.rows + sc.rows, tables, quest[2] + sc.lens
+
     def cpu_reads(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, kv_positions: torch.Tensor,
                   scale: float) -> list[torch.Tensor]:
         """The C++ forward's `before_attention`: [] or [block_tables, kv_positions] for this layer
         (decodes come first in a step, one token each, so a Quest row's token is its row). The two
         tensors handed back are the same buffers every layer (the kernel has read them before the
         next layer writes them)."""
-        choice = self._quest_choice(layer, q, meta, scale)
+        choice = self._reduced_reads(layer, q, meta, scale)
         if choice is None:
             return []
         rows, chosen, lens = choice
@@ -104,15 +144,20 @@ class PolicyStep:
 
     def layer_metadata(self, layer: int, q: torch.Tensor, kv_cache: LayerKV, meta: AttentionMetadata,
                        backend: AttentionBackend, scale: float) -> AttentionMetadata:
-        """The metadata this layer attends with: Quest rows get their chosen blocks."""
-        choice = self._quest_choice(layer, q, meta, scale)
+        """The metadata this layer attends with: Quest rows get their chosen blocks, SpeContext rows
+        their buffer and window blocks."""
+        reuse = self.specontext is not None and self.quest is None  # the same reads in every layer
+        if reuse and self._specontext_view is not None:
+            self.specontext.loads.wait(layer)
+            return self._specontext_view
+        choice = self._reduced_reads(layer, q, meta, scale)
         if choice is None:
             return meta
         rows, chosen, lens = choice
         tables = meta.block_tables.clone()
-        tables[rows, : chosen.shape[1]] = chosen
+        tables[rows, : chosen.shape[1]] = chosen  # (a reduced table is never wider than the row's own)
         seq_lens_list = list(meta.seq_lens_list)
-        for r, n in zip(self.quest.rows, lens):
+        for r, n in zip(rows, lens):
             seq_lens_list[r] = n
         view = dataclasses.replace(
             meta, block_tables=tables, seq_lens=torch.tensor(seq_lens_list, dtype=torch.long, device=q.device),
@@ -122,6 +167,8 @@ class PolicyStep:
         backend.prepare(view)
         if self.block_mass is not None:
             view.extra["block_mass"] = self.block_mass
+        if reuse:
+            self._specontext_view = view
         return view
 
     def after_attention(self, layer: int, q: torch.Tensor, kv_cache: LayerKV, meta: AttentionMetadata,

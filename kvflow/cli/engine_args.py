@@ -22,9 +22,13 @@ _HELP = {
     "kv_scale": "fp8_e4m3: the scale of every layer's keys and values (default: calibrated from the first "
                 "prompt)",
     "kv_policy": "what each sequence keeps of its KV: none, streaming (sinks + recent window), h2o (heavy "
-                 "hitters + recent), snapkv (prompt tokens chosen by its last queries) or quest (reads only the "
-                 "best blocks each decode step); requests may override it",
-    "kv_budget": "tokens each sequence keeps (streaming, h2o, snapkv) or reads per decode step (quest)",
+                 "hitters + recent), snapkv (prompt tokens chosen by its last queries), quest (reads only the "
+                 "best blocks each decode step) or specontext (a retrieval head distilled from the model chooses "
+                 "the tokens every layer reads each decode step); requests may override it",
+    "kv_budget": "tokens each sequence keeps (streaming, h2o, snapkv) or reads per decode step (quest, "
+                 "specontext)",
+    "retrieval_model": "specontext: the retrieval head directory (default: the shipped one, for the shipped "
+                       "model); with another --kv-policy, lets requests choose specontext",
     "kv_sink_tokens": "first tokens always kept or read (attention sinks)",
     "kv_window": "newest tokens always kept or read (snapkv: its observation window, default 32; streaming: "
                  "budget - sinks; h2o: half of budget - sinks; quest: 0)",

@@ -12,13 +12,18 @@ One object per request (`make_kv_policy`), from `--kv-policy` or the request's o
   (and stay in the prefix cache: their KV is exact).
 - `quest`: nothing is freed; each decode step reads only `budget` tokens' worth of blocks per layer,
   those with the largest bound on q·k (the first two layers read all).
+- `specontext` (SpeContext): nothing is freed; each decode step, a retrieval head distilled from
+  the model chooses, per KV head, the tokens every layer reads (one global selection), moved into
+  buffer blocks the request holds besides its table (only what changed since the last step), read
+  with the newest block(s): `budget` tokens per step.
 
 Rules every policy keeps (docs/kv_cache.md):
 - Positions are never renumbered: a token keeps its position for the rotary embedding, and sits
   at cache index position - `request.kv_shift` (what was dropped before it).
 - KV computed after a request's cache was altered depends on what was dropped, so from then on its
   blocks are private: none is registered in the prefix index or shared with an n > 1 sibling.
-  Blocks registered before stay valid for everyone.
+  Blocks registered before stay valid for everyone. A decode that reads a subset (quest,
+  specontext) alters its request the same way: the token's KV depends on what was read.
 - Eviction works in whole blocks; the block receiving tokens is never evicted.
 The worker side (selection by attention, copies, Quest's reads) is kvflow/attention/policy_step.py.
 """
@@ -195,11 +200,63 @@ class QuestPolicy(KVPolicy):
             return None
         window_blocks = 1 + _blocks(s.window, bs) if s.window else 1
         read = max(s.budget // bs, self.sink_blocks + window_blocks)
+        request.kv_altered = True  # this token's KV is computed from a subset of the context: never shared
         return KVPolicyOp("quest", budget=s.budget, window=s.window, read_blocks=read,
                           sink_blocks=self.sink_blocks, window_blocks=window_blocks)
 
 
-_POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (StreamingPolicy, H2OPolicy, SnapKVPolicy, QuestPolicy)}
+class SpeContextPolicy(KVPolicy):
+    """Reads `buffer_tokens` entries per KV head (the sinks and the retrieval head's best, a whole
+    number of blocks) and the newest `window_blocks` blocks. The buffer blocks are the request's
+    spare blocks, held from its first sparse decode until it ends or is preempted; what they hold
+    is reported by the runner each step and handed back with the next op (so the runner moves only
+    the difference). Its own blocks are never altered, so they stay in the prefix cache."""
+
+    name = "specontext"
+
+    def __init__(self, settings: KVPolicySettings, block_size: int) -> None:
+        super().__init__(settings, block_size)
+        bs = block_size
+        self.window_blocks = 1 + _blocks(settings.window, bs) if settings.window else 1
+        self.buffer_blocks = max(1, settings.budget // bs - self.window_blocks)
+        self.buffer_tokens = self.buffer_blocks * bs
+        self.reset()
+
+    def reset(self) -> None:
+        self.held = None  # [kv_heads, buffer_tokens] entries per buffer slot (None: an empty buffer)
+        self.verified = 0  # entries whose retrieval keys the runner has checked against the tokens
+        self.steps = self.moved = self.kept = 0  # sparse decodes, and (head, token) pairs moved / kept
+
+    def _sparse(self, start: int, n: int) -> bool:
+        """A decode whose older entries (before the window blocks) outnumber the buffer's slots."""
+        blocks = _blocks(start + n, self.block_size)
+        return n == 1 and (blocks - self.window_blocks) * self.block_size > self.buffer_tokens
+
+    def spare_blocks(self, request: Request, n: int) -> int:
+        return self.buffer_blocks if self._sparse(request.num_computed_tokens, n) else 0
+
+    def op(self, request: Request, start: int, n: int) -> KVPolicyOp | None:
+        if not self._sparse(start, n):
+            return None
+        s = self.settings
+        request.kv_altered = True  # this token's KV is computed from a subset of the context: never shared
+        return KVPolicyOp("specontext", budget=self.buffer_tokens, window=s.window, sink_tokens=s.sink_tokens,
+                          window_blocks=self.window_blocks, read_blocks=self.buffer_blocks + self.window_blocks,
+                          dest_block_ids=request.kv_spare_blocks[: self.buffer_blocks], buffer_tokens=self.held,
+                          verified_tokens=self.verified)
+
+    def after_step(self, request: Request, kv: KVCacheManager, chunk: ScheduledChunk, result: RunnerOutput) -> None:
+        done = result.kv_specontext.get(request.request_id)
+        if done is None:
+            return
+        self.held, self.verified = done.buffer_tokens, done.verified_tokens
+        self.steps += 1
+        self.moved += done.moved_tokens
+        self.kept += done.kept_tokens
+
+
+_POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (StreamingPolicy, H2OPolicy, SnapKVPolicy, QuestPolicy,
+                                                             SpeContextPolicy)}
 
 
 def make_kv_policy(settings: KVPolicySettings | None, block_size: int) -> KVPolicy | None:

@@ -266,3 +266,4 @@ class EngineCore:
     def close(self) -> None:
         if self.connector is not None:
             self.connector.close()
+        self.runner.close()

@@ -18,7 +18,7 @@ from kvflow.attention.kivi import KiviStep, rotate_rings
 from kvflow.attention.kv_policy_ops import allocate_key_bounds, update_key_bounds
 from kvflow.attention.kv_quant import kv_scales_set
 from kvflow.attention.kv_spec import KVCacheSpec
-from kvflow.attention.policy_step import PolicyStep, QuestRows, SnapJob
+from kvflow.attention.policy_step import PolicyStep, QuestRows, SnapJob, SpeContextReads
 from kvflow.config import EngineConfig
 from kvflow.model.cpu_kernels import (
     CPU_FORWARD_MAX_CHUNK,
@@ -32,6 +32,14 @@ from kvflow.model.loader import load_model
 from kvflow.model.quant.linear_methods import use_activations
 from kvflow.worker.kv_budget import num_kv_blocks
 from kvflow.worker.rejection_sampler import RejectionSampler, VerificationBatch, plain_greedy, verify_plain_greedy
+from kvflow.worker.retrieval_keys import (
+    ElasticLoader,
+    RetrievalKeyCache,
+    StepLoads,
+    engine_retrieval_head,
+    plan_specontext,
+    retrieval_key_bytes_per_token,
+)
 from kvflow.worker.sampler import Sampler, SamplingBatch
 from kvflow.worker.spec_decode import draft_kv_bytes_per_block, make_proposer
 from kvflow.worker.step import RunnerOutput, ScheduledChunk, SequenceView, StepHooks, TokenLogprobs
@@ -67,8 +75,17 @@ class ModelRunner:
         if config.cache.kv_policy == "quest":  # Quest's per-block key bounds live beside the cache
             self.kv_spec = dataclasses.replace(self.kv_spec, key_bounds_dtype=model.dtype)
         draft_bytes = draft_kv_bytes_per_block(config)  # a draft model's KV shares the budget
-        self.num_blocks = num_kv_blocks(config, self.kv_spec, draft_bytes)
+        # SpeContext: the retrieval head's keys are paged beside the cache and share the budget too.
+        self.retrieval_head = engine_retrieval_head(config, self.device)
+        retrieval_bytes = 0 if self.retrieval_head is None else (
+            retrieval_key_bytes_per_token(self.retrieval_head) * self.block_size)
+        self.num_blocks = num_kv_blocks(config, self.kv_spec, draft_bytes + retrieval_bytes)
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
+        self.retrieval_keys: RetrievalKeyCache | None = None
+        self.loader: ElasticLoader | None = None
+        if self.retrieval_head is not None:
+            self.retrieval_keys = RetrievalKeyCache(self.retrieval_head, self.num_blocks, self.block_size, self.device)
+            self.loader = ElasticLoader(self.device)
         self.key_bounds: list[torch.Tensor] | None = None
         if self.kv_spec.key_bounds_dtype is not None:
             self.key_bounds = allocate_key_bounds(model.num_layers, self.num_blocks, model.num_kv_heads,
@@ -98,6 +115,11 @@ class ModelRunner:
         # and the C++ forward (which only reads scales) waits for it.
         self._kv_scales_set = kv_scales_set(self.kv_spec, self.kv_caches)
 
+    def close(self) -> None:
+        """Stop the runner's helper threads (SpeContext's loader)."""
+        if self.loader is not None:
+            self.loader.close()
+
     def _linear_method(self, use_cpu_kernels: bool) -> LinearMethod:
         """The method of the layers loaded dense (quantised ones keep their format's method, chosen at
         load): bf16 on a CPU with oneDNN, prepacked weights (bit-identical, faster), with the decode
@@ -116,7 +138,13 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledChunk]) -> RunnerOutput:
         chunks = sorted(scheduled, key=lambda c: c.num_tokens != 1)  # stable: decodes first
         input_ids, positions, kv_positions, meta = self._prepare_inputs(chunks)
-        policy = self._policy_step(chunks, meta)
+        windows = None
+        if self.retrieval_keys is not None:  # every computed token's retrieval key, before anyone scores
+            windows = self.retrieval_keys.chunk_windows(chunks)
+            self.retrieval_keys.store(windows, positions, meta.slot_mapping)
+        specontext: dict = {}
+        policy = self._policy_step(chunks, meta, positions, windows, specontext)
+        loads = policy.specontext.loads if policy is not None and policy.specontext is not None else None
         hooks, hook = self.step_hooks, None
         if hooks is not None and hooks.begin_step(chunks):
             hook = hooks.layer_done
@@ -130,7 +158,8 @@ class ModelRunner:
                     def after(layer: int, q: torch.Tensor) -> None:
                         policy.after_attention(layer, q, caches[layer], meta, None, scale)
 
-                if policy is not None and policy.quest is not None:  # only Quest reads other tables
+                if policy is not None and (policy.quest is not None or policy.specontext is not None):
+                    # (only Quest and SpeContext read other tables)
 
                     def before(layer: int, q: torch.Tensor) -> list[torch.Tensor]:
                         return policy.cpu_reads(layer, q, meta, kv_positions, scale)
@@ -147,18 +176,24 @@ class ModelRunner:
         finally:
             if hooks is not None:
                 hooks.end_step()
+            if isinstance(loads, StepLoads):
+                loads.wait_all()  # nothing may still write a buffer once the step is over
         if self.key_bounds is not None:
             fold = self.cpu_forward.fold_key_bounds if self.cpu_forward is not None else None
             update_key_bounds(self.key_bounds, self.kv_caches, meta.slot_mapping, self.block_size, fold)
         out = self._sample(chunks, hidden, meta)
+        out.kv_specontext = specontext
         if policy is not None and policy.block_mass is not None:
             for row in policy.h2o_rows:
                 nb = -(-meta.seq_lens_list[row] // self.block_size)
                 out.kv_block_mass[chunks[row].request.request_id] = policy.block_mass[row, :nb].tolist()
         return out
 
-    def _policy_step(self, chunks: list[ScheduledChunk], meta: AttentionMetadata) -> PolicyStep | None:
-        """The KV-policy work of this step's chunks for the attention layers, if any."""
+    def _policy_step(self, chunks: list[ScheduledChunk], meta: AttentionMetadata, positions: torch.Tensor,
+                     windows: torch.Tensor | None, specontext: dict) -> PolicyStep | None:
+        """The KV-policy work of this step's chunks for the attention layers, if any (SpeContext's
+        selections are made and their loads started here, ahead of the forward; what each request's
+        policy keeps goes into `specontext`)."""
         ops = [(i, c.kv_op) for i, c in enumerate(chunks) if c.kv_op is not None]
         if not ops:
             return None
@@ -166,6 +201,7 @@ class ModelRunner:
         if self.cpu_forward is not None:
             step.select_fn, step.mass_fn = self.cpu_forward.quest_select, self.cpu_forward.block_mass
         quest = QuestRows([], [], [], [])
+        specontext_rows: list[int] = []
         for i, op in ops:
             if op.name == "quest":
                 if self.key_bounds is None:
@@ -176,12 +212,24 @@ class ModelRunner:
                 quest.window_blocks.append(op.window_blocks)
             elif op.name == "h2o":
                 step.h2o_rows.append(i)
+            elif op.name == "specontext":
+                if self.retrieval_keys is None:
+                    raise ValueError("kv_policy specontext needs the engine started with a retrieval head "
+                                     "(--kv-policy specontext or --retrieval-model)")
+                specontext_rows.append(i)
             elif op.name == "snapkv":
                 window = min(op.window, chunks[i].num_tokens)
                 dest = torch.tensor(op.dest_block_ids, dtype=torch.long, device=self.device)
                 step.snaps.append(SnapJob(i, op.budget, window, dest))
         if quest.rows:
             step.quest = quest
+        if specontext_rows:
+            assert self.retrieval_keys is not None and self.loader is not None and windows is not None
+            plans, tables, lens, results = plan_specontext(
+                self.retrieval_keys, chunks, specontext_rows, windows, positions, meta.query_start_loc.tolist(),
+                meta.block_tables, self.block_size)
+            step.specontext = SpeContextReads(specontext_rows, tables, lens, self.loader.start(self.kv_caches, plans))
+            specontext.update(results)
         if step.h2o_rows:
             step.block_mass = torch.zeros(meta.num_decodes, meta.block_tables.shape[1], dtype=torch.float32,
                                           device=self.device)

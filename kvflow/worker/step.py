@@ -66,7 +66,12 @@ class KVPolicyOp:
       its `window_blocks` newest ones and the best others by Quest's bound;
     - "h2o": a decode whose per-block attention mass is reported (`RunnerOutput.kv_block_mass`);
     - "snapkv": the chunk that ends the prompt: after attending, keep `budget` prompt tokens per
-      layer and kv head, chosen by the chunk's last `window` queries, copied into `dest_block_ids`.
+      layer and kv head, chosen by the chunk's last `window` queries, copied into `dest_block_ids`;
+    - "specontext": a decode whose KV heads each read `budget` entries chosen by the retrieval head
+      (the first `sink_tokens` always), moved into its buffer blocks `dest_block_ids`, then its newest
+      `window_blocks` blocks; `buffer_tokens` [kv_heads, budget] is what the buffer holds (entry per
+      slot, -1 empty; None: nothing yet), and entries before `verified_tokens` have checked
+      retrieval keys (the runner reports both back, `RunnerOutput.kv_specontext`).
     """
 
     name: str
@@ -74,8 +79,22 @@ class KVPolicyOp:
     window: int = 0
     read_blocks: int = 0
     sink_blocks: int = 0
+    sink_tokens: int = 0
     window_blocks: int = 0
     dest_block_ids: list[int] = field(default_factory=list)
+    buffer_tokens: torch.Tensor | None = None
+    verified_tokens: int = 0
+
+
+@dataclass
+class SpeContextResult:
+    """A SpeContext decode's step: what its buffer holds now, and what moved."""
+
+    buffer_tokens: torch.Tensor  # [kv_heads, budget] entries, per slot
+    verified_tokens: int  # entries whose retrieval keys are checked
+    moved_tokens: int  # (KV head, token) pairs loaded into the buffer this step
+    kept_tokens: int  # pairs already there (the overlap with the previous step's selection)
+    recomputed_keys: int  # retrieval keys that did not match the tokens and were recomputed
 
 
 @dataclass
@@ -123,6 +142,7 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # this step's prompt positions
     # H2O: the attention mass each of the request's blocks took this step (summed over layers, heads).
     kv_block_mass: dict[str, list[float]] = field(default_factory=dict)
+    kv_specontext: dict[str, SpeContextResult] = field(default_factory=dict)  # SpeContext decodes' selections
     # Speculative decoding: tokens proposed for each request's next step (chunks with `propose`).
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     spec_draft_probs: dict[str, torch.Tensor] = field(default_factory=dict)  # a draft model's q for them

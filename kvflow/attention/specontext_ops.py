@@ -1,0 +1,96 @@
+"""SpeContext's tensor work on the paged cache: score the context with the retrieval head's keys,
+choose the tokens each KV head reads, and move only what changed into the sequence's buffer.
+
+A SpeContext sequence keeps all its KV in its blocks (nothing is evicted, so its blocks stay exact
+and shareable through the prefix cache) and owns a few extra *buffer* blocks. For each decode step:
+
+1. `retrieval_scores`: the retrieval head's query for the new token against the keys of every
+   candidate token (past the sinks, before the window blocks): per KV head, the max over the head's
+   query heads of their softmax, so one KV head's selection serves every query head of its group;
+2. `select_tokens`: the sinks plus the best-scored candidates, `K` per KV head (K = buffer slots);
+3. `elastic_plan`: against what the buffer already holds, the tokens to bring in (selected now,
+   not before) and the slots they go to (those whose token left the selection) — SpeContext's
+   elastic loading: the selection changes little from step to step, and only the difference moves;
+4. `load_into_buffer`: one layer's copies, keys and values and every per-token component.
+
+Every target layer then reads the same reduced table, buffer blocks followed by the window blocks,
+with its ordinary decode kernel (buffer slot s of KV head h holds a token head h chose; the heads'
+slots are independent in the cache layout, and decode attention does not care where a key sits).
+Checked against naive references in tests/attention/test_specontext_ops.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvflow.attention.kv_spec import LayerKV
+
+
+def retrieval_scores(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [KVH, G, D] (one token's retrieval queries), keys [L, KVH, D] (its candidates') ->
+    [KVH, L] scores: per KV head, the max over its G query heads of softmax(q·k * scale)."""
+    logits = torch.einsum("hgd,lhd->hgl", q.float(), keys.float()) * scale
+    return torch.softmax(logits, dim=-1).amax(dim=1)
+
+
+def select_tokens(scores: torch.Tensor, k: int, sink_tokens: int) -> torch.Tensor:
+    """The K cache entries each KV head reads besides its window: the first `sink_tokens` entries
+    always, then the best-scored others. `scores` [KVH, L] covers entries [0, L) (L >= K, sinks
+    included). Returns [KVH, K] entries, ascending."""
+    kvh, length = scores.shape
+    if k > length:
+        raise ValueError(f"cannot select {k} tokens among {length}")
+    sinks = min(sink_tokens, k)
+    ranked = scores.clone()
+    ranked[:, :sinks] = float("inf")
+    return ranked.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def elastic_plan(held: torch.Tensor | None, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """What moves into a buffer that holds `held` [KVH, K] (entry per slot, -1: empty; None: a new
+    buffer) so that it holds the set `selected` [KVH, K]: the tokens selected and not held go to
+    the slots whose entry is not selected, in order. Returns (heads, slots, entries) of the moves
+    (1-D, equal length) and the buffer's new contents [KVH, K]."""
+    if held is None:
+        held = torch.full_like(selected, -1)
+    kvh, k = selected.shape
+    stays = torch.stack([torch.isin(held[h], selected[h]) for h in range(kvh)])  # [KVH, K] slots kept
+    arrives = torch.stack([~torch.isin(selected[h], held[h]) for h in range(kvh)])  # [KVH, K] entries new
+    heads, slots, entries = [], [], []
+    contents = held.clone()
+    for h in range(kvh):
+        free = (~stays[h]).nonzero().flatten()
+        new = selected[h][arrives[h]]
+        assert len(free) == len(new), "a buffer holds K distinct entries and K are selected"
+        heads.append(torch.full_like(free, h))
+        slots.append(free)
+        entries.append(new)
+        contents[h, free] = new
+    return torch.cat(heads), torch.cat(slots), torch.cat(entries), contents
+
+
+def load_into_buffer(kv_cache: LayerKV, table: torch.Tensor, heads: torch.Tensor, entries: torch.Tensor,
+                     buffer_blocks: torch.Tensor, slots: torch.Tensor) -> None:
+    """One layer's moves: entry `entries[i]` of the sequence (through its block `table`), KV head
+    `heads[i]`, into slot `slots[i]` of its `buffer_blocks`; keys and values and every per-token
+    component (codes and their scales alike; per-head scales are shared)."""
+    if not len(heads):
+        return
+    parts = (kv_cache,) if isinstance(kv_cache, torch.Tensor) else tuple(kv_cache)
+    bs = parts[0].shape[3]
+    src_block, src_off = table[entries // bs], entries % bs
+    dst_block, dst_off = buffer_blocks[slots // bs], slots % bs
+    for part in parts:
+        if part.dim() == 5:  # [2, blocks, KVH, bs, width]: stored per token
+            part[:, dst_block, heads, dst_off] = part[:, src_block, heads, src_off]
+
+
+def reduced_table(buffer_blocks: torch.Tensor, table: torch.Tensor, num_entries: int, window_blocks: int,
+                  block_size: int) -> tuple[torch.Tensor, int]:
+    """The table a SpeContext decode reads: its buffer blocks, then its newest `window_blocks` blocks
+    (the last holds the new token); and the context length over it."""
+    nb = -(-num_entries // block_size)
+    window = table[nb - window_blocks : nb]
+    length = len(buffer_blocks) * block_size + num_entries - (nb - window_blocks) * block_size
+    return torch.cat([buffer_blocks, window]), length

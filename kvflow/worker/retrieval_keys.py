@@ -1,0 +1,250 @@
+"""SpeContext on the worker: the retrieval head's key cache, and each step's selection and loads.
+
+**Key cache.** The retrieval head's keys live beside the target's cache, per KV block and slot
+([blocks, block_size, kv_heads, head_dim] fp32, a few percent of the target's bytes per token;
+counted in the memory budget), written for every token an engine with a retrieval head computes, so
+a block found in the prefix cache has its keys too. A key is a pure function of the token window
+and the position, so each slot also records the window and position it was computed from;
+before a sequence is scored, the entries not yet checked for it are compared with its own tokens and
+recomputed where they differ (KV that arrived by another path, a block reused since) — a wrong key
+can only cost a worse selection, but none is ever used.
+
+**A step.** For each SpeContext decode: score its candidates with the head's query for the new
+token, select K entries per KV head, plan the elastic move against what its buffer holds, and hand
+the moves to the loader, which copies them layer by layer ahead of the forward (a thread on CPU, a
+side stream on CUDA); layer l's attention waits only for layer l's copies.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from kvflow.attention.kv_spec import LayerKV
+from kvflow.attention.specontext_ops import (
+    elastic_plan,
+    load_into_buffer,
+    reduced_table,
+    retrieval_scores,
+    select_tokens,
+)
+from kvflow.model.retrieval_head import RetrievalHead
+from kvflow.worker.step import KVPolicyOp, ScheduledChunk, SpeContextResult
+
+
+def retrieval_key_bytes_per_token(head: RetrievalHead) -> int:
+    """Bytes the key cache holds per token: the keys (fp32), their token window and position (int32)."""
+    c = head.config
+    return 4 * (c.num_kv_heads * c.head_dim + c.window + 1)
+
+
+class RetrievalKeyCache:
+    def __init__(self, head: RetrievalHead, num_blocks: int, block_size: int, device: torch.device) -> None:
+        c = head.config
+        self.head = head
+        self.block_size = block_size
+        self.window = c.window
+        self.keys = torch.zeros(num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=torch.float32,
+                                device=device)
+        # What each slot's key was computed from: -2 marks a slot never written (no real window holds -2).
+        self.windows = torch.full((num_blocks, block_size, c.window), -2, dtype=torch.int32, device=device)
+        self.positions = torch.full((num_blocks, block_size), -1, dtype=torch.int32, device=device)
+
+    def chunk_windows(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+        """[T, window] token windows of the step's tokens, in the step's order (proposals included)."""
+        rows = []
+        w = self.window
+        for c in chunks:
+            tokens = c.request.all_token_ids
+            known = c.num_tokens - len(c.spec_token_ids)
+            lo = max(0, c.start - (w - 1))
+            ids = [-1] * (w - 1 - (c.start - lo)) + tokens[lo : c.start + known] + list(c.spec_token_ids)
+            rows.append(torch.tensor(ids, dtype=torch.long).unfold(0, w, 1))
+        return torch.cat(rows).to(self.keys.device)
+
+    def store(self, windows: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Compute and write the keys of tokens with these windows [T, w], positions and slots."""
+        block, offset = slot_mapping // self.block_size, slot_mapping % self.block_size
+        self.keys[block, offset] = self.head.keys(windows, positions)
+        self.windows[block, offset] = windows.to(torch.int32)
+        self.positions[block, offset] = positions.to(torch.int32)
+
+    def verify(self, table: torch.Tensor, token_ids: list[int], start: int, end: int) -> int:
+        """Make the keys of entries [start, end) of a sequence (positions = entries: SpeContext never
+        shifts) match its tokens, recomputing those that do not; returns how many were recomputed."""
+        if end <= start:
+            return 0
+        w, bs = self.window, self.block_size
+        lo = max(0, start - (w - 1))
+        ids = torch.tensor([-1] * (w - 1 - (start - lo)) + token_ids[lo:end], dtype=torch.long)
+        windows = ids.unfold(0, w, 1).to(self.keys.device)  # [end - start, w]
+        entries = torch.arange(start, end, device=self.keys.device)
+        block, offset = table[entries // bs], entries % bs
+        wrong = (self.windows[block, offset] != windows.to(torch.int32)).any(-1) | (self.positions[block, offset]
+                                                                                   != entries.to(torch.int32))
+        if not bool(wrong.any()):
+            return 0
+        slots = block[wrong] * bs + offset[wrong]
+        self.store(windows[wrong], entries[wrong], slots)
+        return int(wrong.sum())
+
+    def candidate_keys(self, table: torch.Tensor, length: int) -> torch.Tensor:
+        """Keys of entries [0, length) of a sequence: [length, kv_heads, head_dim]."""
+        nb = -(-length // self.block_size)
+        return self.keys[table[:nb]].flatten(0, 1)[:length]
+
+
+@dataclass
+class SpeContextRow:
+    """One decode row's selection this step."""
+
+    row: int  # index among the step's sequences
+    table: torch.Tensor  # its block table
+    buffer: torch.Tensor  # its buffer block ids
+    moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (heads, slots, entries)
+
+
+class ElasticLoader:
+    """Runs a step's buffer moves layer by layer ahead of the forward; `wait(layer)` returns when
+    that layer's are done (CPU: a worker thread, torch's copies release the GIL; CUDA: a side
+    stream the compute stream waits on per layer)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvflow-specontext") if device.type != "cuda" else None
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, kv_caches: list[LayerKV], rows: list[SpeContextRow]) -> StepLoads:
+        loads = StepLoads(len(kv_caches), self._stream)
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))  # last step's KV is written
+            with torch.cuda.stream(self._stream):
+                for layer, cache in enumerate(kv_caches):
+                    _copy_layer(cache, rows)
+                    loads.cuda_events[layer].record(self._stream)
+            return loads
+        assert self._pool is not None
+        self._pool.submit(loads.run, kv_caches, rows)
+        return loads
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _copy_layer(cache: LayerKV, rows: list[SpeContextRow]) -> None:
+    for r in rows:
+        heads, slots, entries = r.moves
+        load_into_buffer(cache, r.table, heads, entries, r.buffer, slots)
+
+
+class StepLoads:
+    """One step's moves in flight."""
+
+    def __init__(self, num_layers: int, stream: torch.cuda.Stream | None) -> None:
+        self.done = [threading.Event() for _ in range(num_layers)]
+        self.cuda_events = [torch.cuda.Event() for _ in range(num_layers)] if stream is not None else []
+        self.error: BaseException | None = None
+
+    def run(self, kv_caches: list[LayerKV], rows: list[SpeContextRow]) -> None:
+        try:
+            with torch.inference_mode():
+                for layer, cache in enumerate(kv_caches):
+                    _copy_layer(cache, rows)
+                    self.done[layer].set()
+        except BaseException as exc:  # surfaced to the forward, which waits on it
+            self.error = exc
+            for event in self.done:
+                event.set()
+
+    def wait(self, layer: int) -> None:
+        if self.cuda_events:
+            torch.cuda.current_stream().wait_event(self.cuda_events[layer])
+            return
+        self.done[layer].wait()
+        if self.error is not None:
+            raise RuntimeError("SpeContext's buffer loads failed") from self.error
+
+    def wait_all(self) -> None:
+        """Every layer's moves are done (the step's end: nothing may still write the buffers)."""
+        if self.cuda_events:
+            self.cuda_events[-1].synchronize()
+            return
+        for layer in range(len(self.done)):
+            self.wait(layer)
+
+
+Plan = tuple[list["SpeContextRow"], torch.Tensor, list[int], dict[str, SpeContextResult]]
+
+
+def plan_specontext(keys: RetrievalKeyCache, chunks: Sequence[ScheduledChunk], rows: list[int],
+                    windows: torch.Tensor, positions: torch.Tensor, token_starts: list[int],
+                    block_tables: torch.Tensor, block_size: int) -> Plan:
+    """Each SpeContext decode row's selection, moves and reduced read. Returns the rows' moves, their
+    reduced tables [R, max], context lengths over them, and what each request's policy keeps
+    (its buffer's new contents, entries verified, tokens moved)."""
+    head = keys.head
+    plans: list[SpeContextRow] = []
+    tables: list[torch.Tensor] = []
+    lens: list[int] = []
+    results: dict[str, SpeContextResult] = {}
+    for row in rows:
+        chunk = chunks[row]
+        op: KVPolicyOp = chunk.kv_op  # type: ignore[assignment]
+        request = chunk.request
+        num_entries = chunk.start + 1  # this token included (SpeContext never shifts)
+        table = block_tables[row]
+        nb = -(-num_entries // block_size)
+        candidates = (nb - op.window_blocks) * block_size
+        recomputed = keys.verify(table, request.all_token_ids, op.verified_tokens, candidates)
+        t = token_starts[row]
+        q = head.queries(windows[t : t + 1], positions[t : t + 1])[0]  # [KVH, G, D]
+        scores = retrieval_scores(q, keys.candidate_keys(table, candidates), head.scale)
+        selected = select_tokens(scores, op.budget, op.sink_tokens)
+        held = op.buffer_tokens.to(selected.device) if op.buffer_tokens is not None else None
+        heads, slots, entries, contents = elastic_plan(held, selected)
+        buffer = torch.tensor(op.dest_block_ids, dtype=torch.long, device=table.device)
+        plans.append(SpeContextRow(row, table, buffer, (heads, slots, entries)))
+        reduced, length = reduced_table(buffer, table, num_entries, op.window_blocks, block_size)
+        tables.append(reduced)
+        lens.append(length)
+        kept = 0 if held is None else int(op.budget * held.shape[0] - len(entries))
+        results[request.request_id] = SpeContextResult(contents.cpu(), max(candidates, op.verified_tokens),
+                                                       len(entries), kept, recomputed)
+    width = max(len(t) for t in tables)
+    padded = torch.zeros(len(tables), width, dtype=torch.long, device=block_tables.device)
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = t
+    return plans, padded, lens, results
+
+
+def engine_retrieval_head(config, device: torch.device) -> RetrievalHead | None:
+    """The retrieval head an engine loads: `--retrieval-model`, or, for `--kv-policy specontext` on
+    the shipped model, the shipped one. None: no SpeContext on this engine. Raises ValueError when
+    the head cannot serve the model (another KV-head layout or vocabulary)."""
+    from pathlib import Path
+
+    from kvflow.assets import default_model_path, default_retrieval_path
+    from kvflow.model.retrieval_head import load_retrieval_head
+
+    cache, model = config.cache, config.model
+    path = cache.retrieval_model
+    if path is None:
+        if cache.kv_policy != "specontext":
+            return None
+        if Path(model.path).resolve() != default_model_path().resolve():
+            raise ValueError("kv_policy specontext needs --retrieval-model DIR, a retrieval head distilled from this "
+                             f"model ({model.path}): train one with `kvflow train --preset tiny-retrieval --teacher "
+                             "MODEL_DIR` (only the shipped tiny has one built in)")
+        path = str(default_retrieval_path())
+    head = load_retrieval_head(path, device)
+    c = head.config
+    if c.num_kv_heads != model.num_kv_heads or c.vocab_size != model.vocab_size:
+        raise ValueError(f"the retrieval head {path} scores {c.num_kv_heads} KV heads over a vocabulary of "
+                         f"{c.vocab_size}; the model has {model.num_kv_heads} KV heads and {model.vocab_size} "
+                         "tokens: distil one from this model (`kvflow train --preset tiny-retrieval --teacher DIR`)")
+    return head
