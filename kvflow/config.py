@@ -382,13 +382,16 @@ KV_POLICIES = ("none", "streaming", "h2o", "snapkv", "quest", "specontext")
 
 # SnapKV's observation window (the last prompt queries whose attention selects what is kept).
 SNAPKV_DEFAULT_WINDOW = 32
+# SpeContext's recent window: the newest tokens every decode reads besides the selection (the shipped
+# retrieval head was trained to score only tokens older than this: kvflow/train/retrieval.py).
+SPECONTEXT_DEFAULT_WINDOW = 32
 
 
 def kv_policy_window(policy: str, budget: int, sink_tokens: int, window: int | None) -> int:
     """The recent window a policy keeps (or reads) when `--kv-window` is not given: streaming keeps
     everything the budget leaves after the sinks; h2o splits the rest evenly between heavy hitters
     and recent tokens (H2O's default); snapkv observes its last 32 prompt queries; quest always
-    reads only the newest block, and so does specontext."""
+    reads only the newest block; specontext reads the newest 32 tokens' blocks."""
     if window is not None:
         return window
     if policy == "streaming":
@@ -397,6 +400,8 @@ def kv_policy_window(policy: str, budget: int, sink_tokens: int, window: int | N
         return (budget - sink_tokens) // 2
     if policy == "snapkv":
         return SNAPKV_DEFAULT_WINDOW
+    if policy == "specontext":
+        return min(SPECONTEXT_DEFAULT_WINDOW, budget - sink_tokens)
     return 0
 
 

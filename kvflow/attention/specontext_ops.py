@@ -70,20 +70,25 @@ def elastic_plan(held: torch.Tensor | None, selected: torch.Tensor) -> tuple[tor
     return torch.cat(heads), torch.cat(slots), torch.cat(entries), contents
 
 
-def load_into_buffer(kv_cache: LayerKV, table: torch.Tensor, heads: torch.Tensor, entries: torch.Tensor,
-                     buffer_blocks: torch.Tensor, slots: torch.Tensor) -> None:
-    """One layer's moves: entry `entries[i]` of the sequence (through its block `table`), KV head
-    `heads[i]`, into slot `slots[i]` of its `buffer_blocks`; keys and values and every per-token
-    component (codes and their scales alike; per-head scales are shared)."""
+def load_into_buffer(kv_cache: LayerKV, heads: torch.Tensor, src_block: torch.Tensor, src_offset: torch.Tensor,
+                     dst_block: torch.Tensor, dst_offset: torch.Tensor) -> None:
+    """One layer's moves (of any number of sequences at once): the token at (src_block[i],
+    src_offset[i]) of KV head heads[i] into (dst_block[i], dst_offset[i]); keys and values and every
+    per-token component (codes and their scales alike; per-head scales are shared)."""
     if not len(heads):
         return
     parts = (kv_cache,) if isinstance(kv_cache, torch.Tensor) else tuple(kv_cache)
-    bs = parts[0].shape[3]
-    src_block, src_off = table[entries // bs], entries % bs
-    dst_block, dst_off = buffer_blocks[slots // bs], slots % bs
     for part in parts:
         if part.dim() == 5:  # [2, blocks, KVH, bs, width]: stored per token
-            part[:, dst_block, heads, dst_off] = part[:, src_block, heads, src_off]
+            part[:, dst_block, heads, dst_offset] = part[:, src_block, heads, src_offset]
+
+
+def buffer_moves(table: torch.Tensor, heads: torch.Tensor, slots: torch.Tensor, entries: torch.Tensor,
+                 buffer_blocks: torch.Tensor, block_size: int) -> tuple[torch.Tensor, ...]:
+    """One sequence's moves (`elastic_plan`'s heads, slots, entries) as cache coordinates for
+    `load_into_buffer`: (heads, src_block, src_offset, dst_block, dst_offset)."""
+    return (heads, table[entries // block_size], entries % block_size, buffer_blocks[slots // block_size],
+            slots % block_size)
 
 
 def reduced_table(buffer_blocks: torch.Tensor, table: torch.Tensor, num_entries: int, window_blocks: int,

@@ -243,6 +243,25 @@ def _cmd_spec_decode(args: argparse.Namespace) -> int:
     return 0 if report.get("outputs_equal") is not False else 1
 
 
+def _cmd_specontext(args: argparse.Namespace) -> int:
+    from kvflow.bench.specontext import format_report, run_specontext_bench, save_report
+
+    _set_threads(args.threads)
+    model = args.model
+    if model is None:
+        from kvflow.assets import default_model_path
+
+        model = str(default_model_path())
+    results = run_specontext_bench(model, args.dtype or "float32", tuple(args.batch), args.prompt_len,
+                                   args.max_tokens, args.budget, tuple(args.method), args.repeats,
+                                   args.retrieval_model, hf=not args.no_hf)
+    print(format_report(results))
+    if args.out:
+        save_report(results, Path(args.out))
+        print(f"saved {args.out}")
+    return 0
+
+
 def _cmd_kv_offload(args: argparse.Namespace) -> int:
     from kvflow.bench.kv_offload import OffloadBenchConfig, format_table, run, save
 
@@ -535,6 +554,24 @@ def configure(bench: argparse.ArgumentParser) -> None:
     sd.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     sd.add_argument("--out", help="JSON path")
     sd.set_defaults(func=_cmd_spec_decode)
+
+    sc = sub.add_parser("specontext", help="SpeContext: decode throughput of long outputs over long contexts "
+                                           "against full attention, Quest at the same budget and HF generate")
+    sc.add_argument("--model", help="model directory (default: the shipped tiny)")
+    sc.add_argument("--dtype", choices=_DTYPES, help="default float32")
+    sc.add_argument("--retrieval-model", help="retrieval head (default: the shipped one for tiny; a random-weight "
+                                              "head of the model's layout otherwise, for costs only)")
+    sc.add_argument("--method", nargs="+", choices=["full", "quest", "specontext"],
+                    default=["full", "quest", "specontext"])
+    sc.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    sc.add_argument("--prompt-len", type=int, default=2048)
+    sc.add_argument("--max-tokens", type=int, default=2048, help="greedy tokens per sequence (EOS ignored)")
+    sc.add_argument("--budget", type=int, default=256, help="kv_budget of quest and specontext (tokens read per step)")
+    sc.add_argument("--repeats", type=int, default=1, help="interleaved rounds; medians are reported")
+    sc.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
+    sc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    sc.add_argument("--out", help="JSON path")
+    sc.set_defaults(func=_cmd_specontext)
 
     ko = sub.add_parser("kv-offload", help="KV offload tiers: TTFT of loading a prefix vs recomputing it per "
                                            "tier and prefix length (the break-even), and after a restart")

@@ -34,7 +34,7 @@ from kvflow.core.kv_cache_manager import KVCacheManager
 from kvflow.core.policies import QueuePolicy, make_policy
 from kvflow.core.request import Request, RequestStatus
 from kvflow.kv_transfer.base import KVConnector, LoadResult, SentRecord
-from kvflow.worker.step import RunnerOutput, ScheduledChunk
+from kvflow.worker.step import RunnerOutput, ScheduledChunk, SpeContextResult
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,25 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+
+@dataclass
+class SpeContextStats:
+    """SpeContext's sparse decodes so far (cumulative): how much of each selection was already in the
+    buffer (kept) and how much moved in, in (KV head, token) pairs and in bytes."""
+
+    steps: int = 0
+    moved_tokens: int = 0
+    kept_tokens: int = 0
+    moved_bytes: int = 0
+    recomputed_keys: int = 0
+
+    def record(self, result: SpeContextResult) -> None:
+        self.steps += 1
+        self.moved_tokens += result.moved_tokens
+        self.kept_tokens += result.kept_tokens
+        self.moved_bytes += result.moved_bytes
+        self.recomputed_keys += result.recomputed_keys
 
 
 @dataclass
@@ -102,6 +121,7 @@ class Scheduler:
         self.spec_token_budget = spec_token_budget
         self._per_request = 0  # this step's proposals per decoding request (`_proposals_per_request`)
         self.spec_stats = SpecDecodeStats()
+        self.specontext_stats = SpeContextStats()
         self.kv = kv
         self.max_model_len = max_model_len
         self.connector = connector
@@ -451,6 +471,8 @@ class Scheduler:
         """Advance computed counts, append each request's sampled tokens up to its first stop, finish
         requests. Returns how many of its sampled tokens each request kept."""
         kept: dict[str, int] = {}
+        for done in result.kv_specontext.values():
+            self.specontext_stats.record(done)
         for chunk in out.chunks:
             request = chunk.request
             assert isinstance(request, Request)

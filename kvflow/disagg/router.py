@@ -299,6 +299,11 @@ class DisaggEngine(AsyncEngine):
             spec_accepted_per_position=[sum(column) for column in zip_longest(
                 *(e.spec_accepted_per_position for e in engines), fillvalue=0)],
             peak_used_blocks=sum(e.peak_used_blocks for e in engines),
+            specontext_steps=sum(e.specontext_steps for e in engines),
+            specontext_moved_tokens=sum(e.specontext_moved_tokens for e in engines),
+            specontext_kept_tokens=sum(e.specontext_kept_tokens for e in engines),
+            specontext_moved_bytes=sum(e.specontext_moved_bytes for e in engines),
+            specontext_recomputed_keys=sum(e.specontext_recomputed_keys for e in engines),
         )
         return CoreStats(engine, queried, hits)
 

@@ -74,6 +74,13 @@ class EngineStats:
     prefix_tree_optimal_saving_ratio: float = 0.0
     # KV offload tiers (kvflow/kv_transfer/offload/): lookups, loads, writes, and each tier's counters.
     kv_offload: OffloadStats | None = None
+    # SpeContext (--kv-policy specontext), cumulative: sparse decodes, (KV head, token) pairs moved into
+    # buffers and already there, the bytes moved, retrieval keys found stale and recomputed.
+    specontext_steps: int = 0
+    specontext_moved_tokens: int = 0
+    specontext_kept_tokens: int = 0
+    specontext_moved_bytes: int = 0
+    specontext_recomputed_keys: int = 0
 
 
 class EngineCore:
@@ -236,7 +243,7 @@ class EngineCore:
         return self.scheduler.drain_events()
 
     def stats(self) -> EngineStats:
-        spec = self.scheduler.spec_stats
+        spec, sc = self.scheduler.spec_stats, self.scheduler.specontext_stats
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -252,6 +259,8 @@ class EngineCore:
             spec_accepted_per_position=list(spec.accepted_per_position),
             peak_used_blocks=self.kv.peak_used_blocks,
             kv_offload=None if self.connector is None else self.connector.stats_snapshot(),
+            specontext_steps=sc.steps, specontext_moved_tokens=sc.moved_tokens, specontext_kept_tokens=sc.kept_tokens,
+            specontext_moved_bytes=sc.moved_bytes, specontext_recomputed_keys=sc.recomputed_keys,
             **self._prefix_tree_stats(),
         )
 

@@ -79,6 +79,6 @@ def budget_rule(cache: CacheConfig, fraction: float) -> KVBudgetRule:
     check_fraction(fraction)
     if cache.kv_policy == "none":
         raise ValueError("kv_budget_fraction sets each request's budget for the engine's KV policy; start the "
-                         "engine with kv_policy streaming, h2o, snapkv or quest")
+                         "engine with kv_policy streaming, h2o, snapkv, quest or specontext")
     return KVBudgetRule(cache.kv_policy, float(fraction),
                         min_kv_budget(cache.kv_policy, cache.kv_sink_tokens, cache.kv_window))

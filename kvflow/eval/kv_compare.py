@@ -60,6 +60,21 @@ def key_bounds_ratio(model: str, dtype: str, block_size: int = 16) -> float:
     return spec.key_bounds_bytes_per_block / block_size / spec.bytes_per_token
 
 
+def retrieval_keys_ratio(model: str, dtype: str, retrieval_model: str | None = None) -> float:
+    """SpeContext's retrieval keys (with the window and position each was computed from) per token,
+    relative to the model's dense KV: memory SpeContext adds on top of the cache."""
+    from pathlib import Path
+
+    from kvflow.assets import default_retrieval_path
+    from kvflow.config import EngineConfig
+    from kvflow.model.retrieval_head import RetrievalHeadConfig
+
+    cfg = EngineConfig.create(model, dtype=dtype).model
+    head = RetrievalHeadConfig.from_dir(Path(retrieval_model) if retrieval_model else default_retrieval_path())
+    dense = KVCacheSpec.for_format("auto", cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, cfg.dtype)
+    return head.key_cache_bytes_per_token / dense.bytes_per_token
+
+
 def compare_kv_methods(make_llm: Callable[[KVMethod], Any], model: str, dtype: str, methods: list[KVMethod],
                        config: EvalConfig, out: Path, reuse: bool = True, log: Callable[[str], None] | None = None,
                        policy_knobs: dict[str, Any] | None = None, block_size: int = 16) -> list[dict[str, Any]]:
@@ -71,7 +86,10 @@ def compare_kv_methods(make_llm: Callable[[KVMethod], Any], model: str, dtype: s
     knobs = policy_knobs or {}
     sizes = {fmt: kv_bytes_per_token(model, dtype, fmt, KVMethod(fmt).block_size(block_size) or block_size)
              for fmt in dict.fromkeys(m.kv_cache_dtype for m in methods)}
-    bounds = key_bounds_ratio(model, dtype, block_size) if any(m.kv_policy == "quest" for m in methods) else 0.0
+    extra = {"quest": key_bounds_ratio(model, dtype, block_size) if any(m.kv_policy == "quest" for m in methods)
+             else 0.0,
+             "specontext": retrieval_keys_ratio(model, dtype, knobs.get("retrieval_model"))
+             if any(m.kv_policy == "specontext" for m in methods) else 0.0}
     rows = []
     for method in methods:
         folder = out / method.folder
@@ -90,7 +108,7 @@ def compare_kv_methods(make_llm: Callable[[KVMethod], Any], model: str, dtype: s
             del llm
         elif log:
             log(f"--- {method.name}: reusing {folder / 'results.json'}")
-        rows.append(_summary(method, result, *sizes[method.kv_cache_dtype], bounds))
+        rows.append(_summary(method, result, *sizes[method.kv_cache_dtype], extra.get(method.kv_policy, 0.0)))
     return rows
 
 
@@ -155,7 +173,8 @@ def format_comparison(rows: list[dict[str, Any]], baseline: str = "auto") -> str
     if any(r["kv_policy"] != "none" for r in rows):
         lines.append("KV kept / read: bytes per token relative to the model's dtype (format x budget fraction; "
                      "quest keeps all KV plus its key bounds, and reads the fraction of the KV and every block's "
-                     "bounds per decode step)")
+                     "bounds per decode step; specontext keeps all KV plus its retrieval keys, and reads the "
+                     "fraction)")
         lines.append(PPL_PREFILL_NOTE)
     return "\n".join(lines)
 

@@ -26,7 +26,8 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def plot_x(row: dict[str, Any]) -> float:
-    """Where a row sits on the KV-bytes axis: bytes kept, or for quest (which keeps all) bytes read."""
+    """Where a row sits on the KV-bytes axis: bytes kept, or for quest and specontext (which keep all)
+    bytes read."""
     return row["kv_kept_ratio"] if row["kv_policy"] in (*EVICTING, "none") else row["kv_read_ratio"]
 
 
@@ -45,7 +46,8 @@ def save_comparison(rows: list[dict[str, Any]], out: Path, title: str) -> tuple[
               ("multikey", "multi-key recall")]
     fig, axes = plt.subplots(1, 3, figsize=(17 if policies else 15, 4.4))
     try:
-        plain_markers, policy_markers = "oPX*hvp<>", {"streaming": "s", "h2o": "^", "snapkv": "D", "quest": "o"}
+        plain_markers, policy_markers = "oPX*hvp<>", {"streaming": "s", "h2o": "^", "snapkv": "D", "quest": "o",
+                                                       "specontext": "*"}
         for i, (name, series) in enumerate(_series(rows).items()):
             policy = series[0]["kv_policy"]
             marker = plain_markers[i % len(plain_markers)] if policy == "none" else policy_markers[policy]
@@ -72,7 +74,7 @@ def save_comparison(rows: list[dict[str, Any]], out: Path, title: str) -> tuple[
                 ax.ticklabel_format(axis="y", useOffset=False)
             ax.grid(alpha=0.3)
         if policies:
-            axes[0].set_title("scored in prefill: h2o, snapkv, quest not shown", fontsize=8)
+            axes[0].set_title("scored in prefill: h2o, snapkv, quest, specontext not shown", fontsize=8)
             legend = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
             fig.suptitle(title, fontsize=10)
             fig.tight_layout(rect=(0, 0, 0.81, 1))

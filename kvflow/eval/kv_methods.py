@@ -50,9 +50,10 @@ class KVMethod:
     def kv_ratios(self, format_ratio: float, bounds_ratio: float = 0.0) -> tuple[float, float]:
         """(KV bytes kept, KV bytes read per decode step), per token, relative to the model's dtype:
         evicting policies keep and read the fraction; quest keeps everything plus its key bounds
-        (`bounds_ratio`, per token) and reads the fraction of the KV (and every block's bounds)."""
+        (`bounds_ratio`, per token) and reads the fraction of the KV (and every block's bounds);
+        specontext keeps everything (plus its retrieval keys, `bounds_ratio` too) and reads the fraction."""
         share = 1.0 if self.fraction is None else self.fraction
-        if self.kv_policy == "quest":
+        if self.kv_policy in ("quest", "specontext"):
             return format_ratio + bounds_ratio, format_ratio * share
         kept = format_ratio * (share if self.kv_policy in EVICTING else 1.0)
         return kept, format_ratio * share

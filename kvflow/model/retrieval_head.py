@@ -4,8 +4,10 @@ target model should read (docs/kv_cache.md, "SpeContext").
 A full draft model is far more than scoring needs: SpeContext keeps only the embedding and the
 query/key projections of one attention. Ours is that, made small on purpose:
 
-- a factorised embedding (`embed_dim` wide, not the draft's hidden size: the tied 4096 x 128
-  embedding alone is half of `tiny-draft`);
+- the embedding is the target's own (shared, as EAGLE-style drafts share it: nothing more is held),
+  projected to `embed_dim` per token; an own embedding would be most of the head (the tied
+  4096 x 128 embedding is half of `tiny-draft`) and, narrow enough to be cheap, too narrow to tell
+  tokens apart, which matching a query to its context needs;
 - each query and key reads a short window of tokens (the token and the `window - 1` before it),
   concatenated and projected: the only context mixing, and what lets a key at a value's digits know
   the word before them (`kv["word"] = 1234`), as the target's induction heads do;
@@ -33,9 +35,10 @@ ARCHITECTURE = "KVFlowRetrievalHead"
 
 @dataclass(frozen=True)
 class RetrievalHeadConfig:
-    vocab_size: int
+    vocab_size: int  # the target's
+    hidden_size: int  # the target's embedding width (the head reads the target's embedding)
     num_kv_heads: int  # the target's: one selection per target KV head
-    embed_dim: int = 16
+    embed_dim: int = 32  # each token's embedding projected to this
     window: int = 8
     query_heads_per_kv: int = 2  # a KV head's score is the max over these
     head_dim: int = 32
@@ -57,6 +60,12 @@ class RetrievalHeadConfig:
         fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         return cls(**fields)
 
+    @property
+    def key_cache_bytes_per_token(self) -> int:
+        """Bytes the engine keeps per token for this head (kvflow/worker/retrieval_keys.py): the keys
+        (fp32), and the token window and position each was computed from (int32)."""
+        return 4 * (self.num_kv_heads * self.head_dim + self.window + 1)
+
     def to_json(self) -> dict:
         return {"architectures": [ARCHITECTURE], **asdict(self)}
 
@@ -71,11 +80,15 @@ def token_windows(ids: torch.Tensor, window: int, before: torch.Tensor | None = 
 
 
 class RetrievalHead(nn.Module):
+    """Call `attach_embedding` with the target's embedding matrix before use (it is not a parameter
+    of the head: neither trained, saved nor counted)."""
+
     def __init__(self, config: RetrievalHeadConfig) -> None:
         super().__init__()
         self.config = config
         c = config
-        self.embed = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.embedding: torch.Tensor | None = None
+        self.token_proj = nn.Linear(c.hidden_size, c.embed_dim, bias=False)
         self.q_proj = nn.Linear(c.window * c.embed_dim, c.num_kv_heads * c.query_heads_per_kv * c.head_dim, bias=False)
         self.k_proj = nn.Linear(c.window * c.embed_dim, c.num_kv_heads * c.head_dim, bias=False)
         exponents = torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim
@@ -86,12 +99,25 @@ class RetrievalHead(nn.Module):
         return self.config.head_dim**-0.5
 
     def num_parameters(self) -> int:
+        """The head's own parameters (the shared embedding is the target's)."""
         return sum(p.numel() for p in self.parameters())
+
+    def attach_embedding(self, weight: torch.Tensor) -> None:
+        """The target's token embedding [vocab_size, hidden_size] (read, never copied or changed)."""
+        c = self.config
+        if tuple(weight.shape) != (c.vocab_size, c.hidden_size):
+            raise ValueError(f"the retrieval head reads a {c.vocab_size} x {c.hidden_size} embedding; the model's "
+                             f"is {tuple(weight.shape)[0]} x {tuple(weight.shape)[1]}: distil a head from this model "
+                             "(`kvflow train --preset tiny-retrieval --teacher DIR`)")
+        self.embedding = weight.detach()
 
     def _features(self, windows: torch.Tensor) -> torch.Tensor:
         """[..., window] ids (-1: before the sequence) -> [..., window * embed_dim]."""
-        vectors = self.embed(windows.clamp(min=0)) * (windows >= 0)[..., None].to(self.embed.weight.dtype)
-        return vectors.flatten(-2)
+        if self.embedding is None:
+            raise RuntimeError("attach_embedding(the target's embedding) before scoring")
+        w = self.token_proj.weight
+        vectors = self.token_proj(self.embedding[windows.clamp(min=0)].to(w.dtype))
+        return (vectors * (windows >= 0)[..., None].to(w.dtype)).flatten(-2)
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotary embedding (rotate-half, as Llama) of x [..., T, heads, head_dim] at positions [..., T]."""
@@ -116,8 +142,9 @@ class RetrievalHead(nn.Module):
         return q.unflatten(-2, (c.num_kv_heads, c.query_heads_per_kv))
 
 
-def load_retrieval_head(path: str | Path, device: torch.device | str = "cpu") -> RetrievalHead:
-    """A retrieval head directory -> the module in fp32 (its work is tiny; precision is free)."""
+def load_retrieval_head(path: str | Path, embedding: torch.Tensor, device: torch.device | str = "cpu") -> RetrievalHead:
+    """A retrieval head directory -> the module in fp32 (its work is tiny; precision is free), reading
+    `embedding`, the target's."""
     from safetensors.torch import load_file
 
     config = RetrievalHeadConfig.from_dir(path)
@@ -132,7 +159,9 @@ def load_retrieval_head(path: str | Path, device: torch.device | str = "cpu") ->
         raise ValueError(f"{file} does not match its config.json: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")
     head.load_state_dict(state)
-    return head.to(device).eval()
+    head = head.to(device).eval()
+    head.attach_embedding(embedding)
+    return head
 
 
 def save_retrieval_head(head: RetrievalHead, path: str | Path) -> None:

@@ -125,6 +125,14 @@ class ServerMetrics:
         self._spec_per_position = counter("spec_decode_num_accepted_tokens_per_pos",
                                           "Speculative tokens accepted, by position in the proposal.", ("position",))
         self._last_per_position: list[int] = []
+        self.specontext = (
+            counter("specontext_sparse_steps", "SpeContext decodes that read a selection (one request, one step)."),
+            counter("specontext_moved_tokens", "SpeContext (KV head, token) pairs moved into buffers (the set "
+                    "difference from the last step's selection)."),
+            counter("specontext_kept_tokens", "SpeContext (KV head, token) pairs already in the buffer when selected "
+                    "again (the step-to-step overlap)."),
+            counter("specontext_moved_bytes", "KV bytes SpeContext moved into buffers, every layer."))
+        self._last_specontext = (0, 0, 0, 0)
         self._label = model_name
         self.kv_offload = _OffloadMetrics(r, model_name)
         # Preemptions, prefix queries, prefix hits, KV load fallbacks, speculative counts: cumulative in the core.
@@ -156,6 +164,12 @@ class ServerMetrics:
             if new > old:
                 metric.inc(new - old)
         self._last_core = now
+        specontext = (engine.specontext_steps, engine.specontext_moved_tokens, engine.specontext_kept_tokens,
+                      engine.specontext_moved_bytes)
+        for metric, new, old in zip(self.specontext, specontext, self._last_specontext):
+            if new > old:
+                metric.inc(new - old)
+        self._last_specontext = specontext
         for position, count in enumerate(engine.spec_accepted_per_position):
             old = self._last_per_position[position] if position < len(self._last_per_position) else 0
             if count > old:

@@ -35,13 +35,16 @@ class RetrievalPreset:
     name: str
     teacher: str  # default teacher directory ("tiny": the shipped model); --teacher overrides
     stage: StageSchedule
-    embed_dim: int = 16
+    embed_dim: int = 32
     window: int = 8
     query_heads_per_kv: int = 2
     head_dim: int = 32
     mix: TaskMix = field(default_factory=lambda: TaskMix(plain=0.3, passkey=0.35, multikey=0.35))
     sink_tokens: int = 4  # always read: not trained on
-    recent_tokens: int = 16  # the newest block, always read: not trained on
+    # Not trained on: the newest tokens, which every decode reads anyway (the engine's default specontext
+    # window, kvflow.config.SPECONTEXT_DEFAULT_WINDOW, is as long: tokens it leaves to the head must be
+    # ones the head learned to score).
+    recent_tokens: int = 32
     eval_batches: int = 4
     eval_budgets: tuple[int, ...] = (64, 128, 256)
     max_source_files: int | None = None
@@ -161,11 +164,13 @@ def run_retrieval_training(preset: RetrievalPreset, teacher_dir: Path, out_dir: 
 
     torch.manual_seed(preset.seed)
     config = RetrievalHeadConfig(
-        vocab_size=tc.vocab_size, num_kv_heads=tc.num_key_value_heads, embed_dim=preset.embed_dim,
+        vocab_size=tc.vocab_size, hidden_size=tc.hidden_size, num_kv_heads=tc.num_key_value_heads,
+        embed_dim=preset.embed_dim,
         window=preset.window, query_heads_per_kv=preset.query_heads_per_kv, head_dim=preset.head_dim,
         rope_theta=float(getattr(tc, "rope_theta", None) or tc.rope_parameters["rope_theta"]),
         max_position_embeddings=tc.max_position_embeddings, target=str(teacher_dir.name))
     head = RetrievalHead(config)
+    head.attach_embedding(teacher.get_input_embeddings().weight)  # shared, frozen: the target's own
     stage = preset.stage
     optimizer = make_optimizer(head, stage)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))

@@ -38,7 +38,6 @@ from kvflow.worker.retrieval_keys import (
     StepLoads,
     engine_retrieval_head,
     plan_specontext,
-    retrieval_key_bytes_per_token,
 )
 from kvflow.worker.sampler import Sampler, SamplingBatch
 from kvflow.worker.spec_decode import draft_kv_bytes_per_block, make_proposer
@@ -76,9 +75,9 @@ class ModelRunner:
             self.kv_spec = dataclasses.replace(self.kv_spec, key_bounds_dtype=model.dtype)
         draft_bytes = draft_kv_bytes_per_block(config)  # a draft model's KV shares the budget
         # SpeContext: the retrieval head's keys are paged beside the cache and share the budget too.
-        self.retrieval_head = engine_retrieval_head(config, self.device)
+        self.retrieval_head = engine_retrieval_head(config, self.device, self.model.embed_tokens.weight)
         retrieval_bytes = 0 if self.retrieval_head is None else (
-            retrieval_key_bytes_per_token(self.retrieval_head) * self.block_size)
+            self.retrieval_head.config.key_cache_bytes_per_token * self.block_size)
         self.num_blocks = num_kv_blocks(config, self.kv_spec, draft_bytes + retrieval_bytes)
         self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         self.retrieval_keys: RetrievalKeyCache | None = None
@@ -225,10 +224,10 @@ class ModelRunner:
             step.quest = quest
         if specontext_rows:
             assert self.retrieval_keys is not None and self.loader is not None and windows is not None
-            plans, tables, lens, results = plan_specontext(
+            moves, tables, lens, results = plan_specontext(
                 self.retrieval_keys, chunks, specontext_rows, windows, positions, meta.query_start_loc.tolist(),
-                meta.block_tables, self.block_size)
-            step.specontext = SpeContextReads(specontext_rows, tables, lens, self.loader.start(self.kv_caches, plans))
+                meta.block_tables, self.block_size, self.kv_spec.bytes_per_token // self.kv_spec.num_kv_heads)
+            step.specontext = SpeContextReads(specontext_rows, tables, lens, self.loader.start(self.kv_caches, moves))
             specontext.update(results)
         if step.h2o_rows:
             step.block_mass = torch.zeros(meta.num_decodes, meta.block_tables.shape[1], dtype=torch.float32,

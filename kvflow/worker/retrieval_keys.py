@@ -26,6 +26,7 @@ import torch
 
 from kvflow.attention.kv_spec import LayerKV
 from kvflow.attention.specontext_ops import (
+    buffer_moves,
     elastic_plan,
     load_into_buffer,
     reduced_table,
@@ -34,12 +35,6 @@ from kvflow.attention.specontext_ops import (
 )
 from kvflow.model.retrieval_head import RetrievalHead
 from kvflow.worker.step import KVPolicyOp, ScheduledChunk, SpeContextResult
-
-
-def retrieval_key_bytes_per_token(head: RetrievalHead) -> int:
-    """Bytes the key cache holds per token: the keys (fp32), their token window and position (int32)."""
-    c = head.config
-    return 4 * (c.num_kv_heads * c.head_dim + c.window + 1)
 
 
 class RetrievalKeyCache:
@@ -99,13 +94,24 @@ class RetrievalKeyCache:
 
 
 @dataclass
-class SpeContextRow:
-    """One decode row's selection this step."""
+class StepMoves:
+    """Every SpeContext row's moves of one step, as cache coordinates (the same in every layer):
+    token `src_block[i], src_offset[i]` of KV head `heads[i]` goes to `dst_block[i], dst_offset[i]`."""
 
-    row: int  # index among the step's sequences
-    table: torch.Tensor  # its block table
-    buffer: torch.Tensor  # its buffer block ids
-    moves: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (heads, slots, entries)
+    heads: torch.Tensor
+    src_block: torch.Tensor
+    src_offset: torch.Tensor
+    dst_block: torch.Tensor
+    dst_offset: torch.Tensor
+
+    @classmethod
+    def gather(cls, rows: list[tuple[torch.Tensor, ...]]) -> StepMoves:
+        """From each row's `buffer_moves`."""
+        return cls(*(torch.cat(column) for column in zip(*rows)))
+
+    def apply(self, cache: LayerKV) -> None:
+        """One layer's moves, one indexed copy per cache component."""
+        load_into_buffer(cache, self.heads, self.src_block, self.src_offset, self.dst_block, self.dst_offset)
 
 
 class ElasticLoader:
@@ -118,28 +124,22 @@ class ElasticLoader:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvflow-specontext") if device.type != "cuda" else None
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def start(self, kv_caches: list[LayerKV], rows: list[SpeContextRow]) -> StepLoads:
+    def start(self, kv_caches: list[LayerKV], moves: StepMoves) -> StepLoads:
         loads = StepLoads(len(kv_caches), self._stream)
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # last step's KV is written
             with torch.cuda.stream(self._stream):
                 for layer, cache in enumerate(kv_caches):
-                    _copy_layer(cache, rows)
+                    moves.apply(cache)
                     loads.cuda_events[layer].record(self._stream)
             return loads
         assert self._pool is not None
-        self._pool.submit(loads.run, kv_caches, rows)
+        self._pool.submit(loads.run, kv_caches, moves)
         return loads
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-
-
-def _copy_layer(cache: LayerKV, rows: list[SpeContextRow]) -> None:
-    for r in rows:
-        heads, slots, entries = r.moves
-        load_into_buffer(cache, r.table, heads, entries, r.buffer, slots)
 
 
 class StepLoads:
@@ -150,11 +150,11 @@ class StepLoads:
         self.cuda_events = [torch.cuda.Event() for _ in range(num_layers)] if stream is not None else []
         self.error: BaseException | None = None
 
-    def run(self, kv_caches: list[LayerKV], rows: list[SpeContextRow]) -> None:
+    def run(self, kv_caches: list[LayerKV], moves: StepMoves) -> None:
         try:
             with torch.inference_mode():
                 for layer, cache in enumerate(kv_caches):
-                    _copy_layer(cache, rows)
+                    moves.apply(cache)
                     self.done[layer].set()
         except BaseException as exc:  # surfaced to the forward, which waits on it
             self.error = exc
@@ -178,17 +178,18 @@ class StepLoads:
             self.wait(layer)
 
 
-Plan = tuple[list["SpeContextRow"], torch.Tensor, list[int], dict[str, SpeContextResult]]
+Plan = tuple[StepMoves, torch.Tensor, list[int], dict[str, SpeContextResult]]
 
 
 def plan_specontext(keys: RetrievalKeyCache, chunks: Sequence[ScheduledChunk], rows: list[int],
                     windows: torch.Tensor, positions: torch.Tensor, token_starts: list[int],
-                    block_tables: torch.Tensor, block_size: int) -> Plan:
+                    block_tables: torch.Tensor, block_size: int, bytes_per_head_token: int) -> Plan:
     """Each SpeContext decode row's selection, moves and reduced read. Returns the rows' moves, their
     reduced tables [R, max], context lengths over them, and what each request's policy keeps
-    (its buffer's new contents, entries verified, tokens moved)."""
+    (its buffer's new contents, entries verified, tokens moved; `bytes_per_head_token`: the KV of one
+    token of one KV head, every layer)."""
     head = keys.head
-    plans: list[SpeContextRow] = []
+    moves: list[tuple[torch.Tensor, ...]] = []
     tables: list[torch.Tensor] = []
     lens: list[int] = []
     results: dict[str, SpeContextResult] = {}
@@ -208,28 +209,30 @@ def plan_specontext(keys: RetrievalKeyCache, chunks: Sequence[ScheduledChunk], r
         held = op.buffer_tokens.to(selected.device) if op.buffer_tokens is not None else None
         heads, slots, entries, contents = elastic_plan(held, selected)
         buffer = torch.tensor(op.dest_block_ids, dtype=torch.long, device=table.device)
-        plans.append(SpeContextRow(row, table, buffer, (heads, slots, entries)))
+        moves.append(buffer_moves(table, heads, slots, entries, buffer, block_size))
         reduced, length = reduced_table(buffer, table, num_entries, op.window_blocks, block_size)
         tables.append(reduced)
         lens.append(length)
         kept = 0 if held is None else int(op.budget * held.shape[0] - len(entries))
         results[request.request_id] = SpeContextResult(contents.cpu(), max(candidates, op.verified_tokens),
-                                                       len(entries), kept, recomputed)
+                                                       len(entries), len(entries) * bytes_per_head_token, kept,
+                                                       recomputed)
     width = max(len(t) for t in tables)
     padded = torch.zeros(len(tables), width, dtype=torch.long, device=block_tables.device)
     for i, t in enumerate(tables):
         padded[i, : len(t)] = t
-    return plans, padded, lens, results
+    return StepMoves.gather(moves), padded, lens, results
 
 
-def engine_retrieval_head(config, device: torch.device) -> RetrievalHead | None:
-    """The retrieval head an engine loads: `--retrieval-model`, or, for `--kv-policy specontext` on
-    the shipped model, the shipped one. None: no SpeContext on this engine. Raises ValueError when
-    the head cannot serve the model (another KV-head layout or vocabulary)."""
+def engine_retrieval_head(config, device: torch.device, embedding: torch.Tensor) -> RetrievalHead | None:
+    """The retrieval head an engine loads, reading the model's `embedding`: `--retrieval-model`, or,
+    for `--kv-policy specontext` on the shipped model, the shipped one. None: no SpeContext on this
+    engine. Raises ValueError when the head cannot serve the model (another KV-head layout,
+    vocabulary or embedding width)."""
     from pathlib import Path
 
     from kvflow.assets import default_model_path, default_retrieval_path
-    from kvflow.model.retrieval_head import load_retrieval_head
+    from kvflow.model.retrieval_head import RetrievalHeadConfig, load_retrieval_head
 
     cache, model = config.cache, config.model
     path = cache.retrieval_model
@@ -241,10 +244,9 @@ def engine_retrieval_head(config, device: torch.device) -> RetrievalHead | None:
                              f"model ({model.path}): train one with `kvflow train --preset tiny-retrieval --teacher "
                              "MODEL_DIR` (only the shipped tiny has one built in)")
         path = str(default_retrieval_path())
-    head = load_retrieval_head(path, device)
-    c = head.config
-    if c.num_kv_heads != model.num_kv_heads or c.vocab_size != model.vocab_size:
-        raise ValueError(f"the retrieval head {path} scores {c.num_kv_heads} KV heads over a vocabulary of "
-                         f"{c.vocab_size}; the model has {model.num_kv_heads} KV heads and {model.vocab_size} "
-                         "tokens: distil one from this model (`kvflow train --preset tiny-retrieval --teacher DIR`)")
-    return head
+    c = RetrievalHeadConfig.from_dir(path)
+    if c.num_kv_heads != model.num_kv_heads:
+        raise ValueError(f"the retrieval head {path} scores {c.num_kv_heads} KV heads; the model has "
+                         f"{model.num_kv_heads}: distil one from this model (`kvflow train --preset tiny-retrieval "
+                         "--teacher DIR`)")
+    return load_retrieval_head(path, embedding, device)

@@ -93,6 +93,7 @@ class SpeContextResult:
     buffer_tokens: torch.Tensor  # [kv_heads, budget] entries, per slot
     verified_tokens: int  # entries whose retrieval keys are checked
     moved_tokens: int  # (KV head, token) pairs loaded into the buffer this step
+    moved_bytes: int  # their KV, every layer
     kept_tokens: int  # pairs already there (the overlap with the previous step's selection)
     recomputed_keys: int  # retrieval keys that did not match the tokens and were recomputed
 

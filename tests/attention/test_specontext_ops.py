@@ -13,6 +13,7 @@ import torch
 from kvflow.attention.kv_quant import store_fp8, store_int8
 from kvflow.attention.kv_spec import KVCacheSpec
 from kvflow.attention.specontext_ops import (
+    buffer_moves,
     elastic_plan,
     load_into_buffer,
     reduced_table,
@@ -92,7 +93,7 @@ def test_elastic_loading_moves_exactly_the_difference_and_the_buffer_equals_a_fr
         selected = select_tokens(scores, k, 2)
         heads, slots, entries, contents = elastic_plan(held, selected)
         before = {(h, s): _token(cache, int(buffer[s // BS]), h, s % BS) for h in range(kvh) for s in range(k)}
-        load_into_buffer(cache, table, heads, entries, buffer, slots)
+        load_into_buffer(cache, *buffer_moves(table, heads, slots, entries, buffer, BS))
         for h in range(kvh):
             new = set(selected[h].tolist()) - (set() if held is None else set(held[h].tolist()))
             moved = {int(e) for hh, e in zip(heads.tolist(), entries.tolist()) if hh == h}

@@ -118,3 +118,35 @@ def test_quest_reads_only_past_its_budget(sinks, window, read, sink_blocks, wind
     assert (op.name, op.read_blocks, op.sink_blocks, op.window_blocks) == ("quest", read, sink_blocks,
                                                                             window_blocks)
     assert request.kv_shift == 0 and len(request.block_ids) == 5  # nothing freed
+
+
+def test_specontext_holds_its_buffer_and_hands_back_what_the_runner_reported():
+    """Sparse once the entries before the window blocks outnumber the buffer's slots; the buffer
+    blocks are taken once and held (outside the table), what the runner says they hold comes back
+    with the next op, and everything is returned (and forgotten) when the request's blocks go."""
+    import torch
+
+    from kvflow.worker.step import SpeContextResult
+
+    kv = KVCacheManager(64, BS)
+    request = _request(kv, "specontext", 12, 11, kv_window=0)  # 3 blocks: 2 of buffer (8 slots), 1 of window
+    policy = request.kv_policy
+    assert (policy.buffer_blocks, policy.buffer_tokens, policy.window_blocks) == (2, 8, 1)
+    assert _compute(kv, request, 11).kv_op is None  # prefill reads everything
+    assert _compute(kv, request, 1).kv_op is None  # 12 entries: the 2 blocks before the window fit the buffer
+    op = _compute(kv, request, 1).kv_op  # 13 entries: 3 blocks (12 entries) before the window
+    assert op is not None and op.name == "specontext" and op.buffer_tokens is None and op.verified_tokens == 0
+    assert len(request.kv_spare_blocks) == 2 and op.dest_block_ids == request.kv_spare_blocks
+    assert not set(request.kv_spare_blocks) & set(request.block_ids)
+    assert request.kv_altered  # a sparse decode's KV is never shared
+    held = torch.arange(16).view(2, 8)
+    start = request.num_computed_tokens
+    chunk = ScheduledChunk(request, start, 1, 0, policy.op(request, start, 1))
+    result = RunnerOutput(kv_specontext={"r": SpeContextResult(held, 16, 5, 5 * 64, 11, 0)})
+    policy.after_step(request, kv, chunk, result)
+    following = policy.op(request, request.num_computed_tokens + 1, 1)
+    assert torch.equal(following.buffer_tokens, held) and following.verified_tokens == 16
+    assert following.dest_block_ids == op.dest_block_ids  # the same buffer
+    assert (policy.steps, policy.moved, policy.kept) == (1, 5, 11)
+    kv.free(request)
+    assert kv.num_free_blocks == kv.num_blocks and policy.held is None and policy.verified == 0

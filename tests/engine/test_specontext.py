@@ -23,9 +23,10 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def head_dir(tmp_path_factory, llama_dir) -> str:
-    """A random retrieval head for the test model (vocabulary 512, 2 KV heads)."""
+    """A random retrieval head for the test model (vocabulary 512, hidden size 64, 2 KV heads)."""
     torch.manual_seed(3)
-    head = RetrievalHead(RetrievalHeadConfig(vocab_size=512, num_kv_heads=2, embed_dim=8, window=3, head_dim=16))
+    head = RetrievalHead(RetrievalHeadConfig(vocab_size=512, hidden_size=64, num_kv_heads=2, embed_dim=8, window=3,
+                                             head_dim=16))
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0.0, 0.5)  # scores far from uniform, so top-K has no near-ties
@@ -95,13 +96,15 @@ def _hf(path: str):
     return load_hf_with_attention(path, "kvflow_specontext", _attention)
 
 
-def _reference_greedy(llama_dir, head_dir: str, prompt: list[int], budget: int, sinks: int) -> list[int]:
+def _reference_greedy(llama_dir, head_dir: str, prompt: list[int], budget: int, sinks: int, window: int) -> list[int]:
     from kvflow.model.retrieval_head import load_retrieval_head
 
     model = _hf(str(llama_dir))
     ids = list(prompt)
-    _REF.update(head=load_retrieval_head(head_dir), prompt=len(prompt), k=(budget // BS - 1) * BS, sinks=sinks,
-                window_blocks=1, heads=model.config.num_attention_heads, ids=ids)
+    window_blocks = 1 + -(-window // BS)  # the query's block and the window's
+    _REF.update(head=load_retrieval_head(head_dir, model.get_input_embeddings().weight), prompt=len(prompt),
+                k=(budget // BS - window_blocks) * BS, sinks=sinks, window_blocks=window_blocks,
+                heads=model.config.num_attention_heads, ids=ids)
     with torch.no_grad():
         for _ in range(MAX_TOKENS):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
@@ -110,20 +113,21 @@ def _reference_greedy(llama_dir, head_dir: str, prompt: list[int], budget: int, 
 
 def _llm(llama_dir, head_dir, cpu_kernels=True, **kwargs) -> LLM:  # noqa: F811
     args = dict(model=str(llama_dir), dtype="float32", cpu_kernels=cpu_kernels, block_size=BS, num_blocks=160,
-                max_num_batched_tokens=512, kv_policy="specontext", kv_budget=12, retrieval_model=head_dir)
+                max_num_batched_tokens=512, kv_policy="specontext", kv_budget=12, kv_window=0, retrieval_model=head_dir)
     return LLM(**{**args, **kwargs})
 
 
-@pytest.mark.parametrize("budget,sinks", [(12, 4), (16, 0)])
+@pytest.mark.parametrize("budget,sinks,window", [(12, 4, 0), (16, 0, 0), (24, 2, 6)])
 def test_greedy_matches_hf_reading_the_reference_selection(llama_dir, head_dir, cpu_kernels, budget,  # noqa: F811
-                                                           sinks):
+                                                           sinks, window):
     """The C++ forward and the PyTorch modules both generate exactly what HF does when each decode
-    query of each KV head sees only the reference selection and the newest block."""
-    llm = _llm(llama_dir, head_dir, cpu_kernels, kv_budget=budget, kv_sink_tokens=sinks)
+    query of each KV head sees only the reference selection and the newest blocks."""
+    llm = _llm(llama_dir, head_dir, cpu_kernels, kv_budget=budget, kv_sink_tokens=sinks, kv_window=window)
     prompts = [p for p in mixed_prompts(5, count=6) if len(p) > 16] + [mixed_prompts(9, count=6)[5] * 2]
     for prompt in prompts:
         out = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
-        assert out == _reference_greedy(llama_dir, head_dir, prompt, budget, sinks), f"{len(prompt)}-token prompt"
+        want = _reference_greedy(llama_dir, head_dir, prompt, budget, sinks, window)
+        assert out == want, f"{len(prompt)}-token prompt"
     kv = llm.engine.core.kv
     assert kv.num_free_blocks == kv.num_blocks
 
@@ -172,7 +176,9 @@ def test_stale_retrieval_keys_are_recomputed_from_the_tokens(llama_dir, head_dir
     keys = llm.engine.core.runner.retrieval_keys
     keys.keys.normal_()  # every cached key is now wrong, but its recorded window still says it is right...
     keys.windows.fill_(-2)  # ...unless the record is gone too, as for a block whose KV was loaded
+    before = llm.engine.core.stats().specontext_recomputed_keys
     assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == want
+    assert llm.engine.core.stats().specontext_recomputed_keys > before
 
 
 def test_requests_choose_specontext_on_an_engine_with_a_retrieval_head(llama_dir, head_dir):
@@ -180,7 +186,7 @@ def test_requests_choose_specontext_on_an_engine_with_a_retrieval_head(llama_dir
     engine_wide = _llm(llama_dir, head_dir).generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     llm = _llm(llama_dir, head_dir, kv_policy="none", kv_budget=None)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, kv_policy="specontext",
-                            kv_budget=12)
+                            kv_budget=12)  # (the engine's window, 0, applies)
     assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == engine_wide
     plain = LLM(model=str(llama_dir), dtype="float32", block_size=BS, num_blocks=64)
     with pytest.raises(ValueError, match="needs the engine started with --kv-policy specontext or --retrieval-model"):
@@ -188,10 +194,14 @@ def test_requests_choose_specontext_on_an_engine_with_a_retrieval_head(llama_dir
 
 
 def test_a_retrieval_head_that_does_not_fit_the_model_is_refused(llama_dir, tmp_path):
-    other = RetrievalHead(RetrievalHeadConfig(vocab_size=512, num_kv_heads=1))
+    other = RetrievalHead(RetrievalHeadConfig(vocab_size=512, hidden_size=64, num_kv_heads=1))
     save_retrieval_head(other, tmp_path / "one-head")
-    with pytest.raises(ValueError, match="scores 1 KV heads over a vocabulary of 512; the model has 2 KV heads"):
+    with pytest.raises(ValueError, match="scores 1 KV heads; the model has 2"):
         _llm(llama_dir, str(tmp_path / "one-head"))
+    wider = RetrievalHead(RetrievalHeadConfig(vocab_size=512, hidden_size=128, num_kv_heads=2))
+    save_retrieval_head(wider, tmp_path / "wider")
+    with pytest.raises(ValueError, match="reads a 512 x 128 embedding; the model's is 512 x 64"):
+        _llm(llama_dir, str(tmp_path / "wider"))
     with pytest.raises(ValueError, match="is not a retrieval head"):
         _llm(llama_dir, str(llama_dir))
     with pytest.raises(ValueError, match="needs --retrieval-model DIR"):
@@ -209,9 +219,16 @@ def test_a_long_generation_keeps_its_buffer_and_leaks_nothing(tmp_path, head_dir
 
     make_tokenizer(model, vocab_size=512)
     llm = LLM(model=str(model), dtype="float32", block_size=16, num_blocks=300, kv_policy="specontext",
-              kv_budget=256, retrieval_model=head_dir)
+              kv_budget=256, kv_window=0, retrieval_model=head_dir)
     params = SamplingParams(temperature=0.8, seed=1, max_tokens=3000, ignore_eos=True)
     out = llm.generate([mixed_prompts(1, count=6)[5]], params, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 3000
     kv = llm.engine.core.kv
     assert kv.num_free_blocks == kv.num_blocks
+    stats = llm.engine.core.stats()
+    assert stats.specontext_steps > 2500
+    # Each sparse step selects K = 240 entries (15 blocks) per KV head: those already in the buffer stay,
+    # only the others move (the first step fills it).
+    assert stats.specontext_moved_tokens + stats.specontext_kept_tokens == stats.specontext_steps * 2 * 240
+    assert 2 * 240 <= stats.specontext_moved_tokens < stats.specontext_steps * 2 * 240
+    assert stats.specontext_moved_bytes == stats.specontext_moved_tokens * 2 * 2 * 16 * 4  # K and V, layers, fp32

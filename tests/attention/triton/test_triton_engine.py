@@ -161,3 +161,23 @@ def test_engine_kivi_matches_torch_backend(llama_head64, fmt):
         assert got.outputs[0].token_ids == tokens
         for a, b, tok in zip(expected.outputs[0].logprobs, got.outputs[0].logprobs, tokens):
             assert abs(a[tok].logprob - b[tok].logprob) < 1e-4
+
+
+def test_engine_specontext_matches_torch_backend(tiny_models, tmp_path):
+    """SpeContext's buffer and window blocks through Triton's decode kernel, its loads on a side
+    stream on a GPU (a thread on CPU): the same tokens as the torch backend, every block back."""
+    from kvflow.model.retrieval_head import RetrievalHead, RetrievalHeadConfig, save_retrieval_head
+
+    torch.manual_seed(5)
+    save_retrieval_head(RetrievalHead(RetrievalHeadConfig(vocab_size=512, hidden_size=64, num_kv_heads=2)),
+                        tmp_path / "head")
+    prompts = [[(5 * i) % 300 + 3 for i in range(70)], [(7 * i) % 300 + 3 for i in range(45)]]
+    kw = dict(kv_policy="specontext", kv_budget=24, retrieval_model=str(tmp_path / "head"))
+    expected, _ = _generate(tiny_models["llama"], "torch", prompts, **kw)
+    unlimited, _ = _generate(tiny_models["llama"], "torch", prompts)
+    got, llm = _generate(tiny_models["llama"], "triton", prompts, **kw)
+    assert got == expected
+    assert expected != unlimited, "the budget did not bind"
+    assert llm.engine.core.stats().specontext_steps > 0
+    kv = llm.engine.core.kv
+    assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
