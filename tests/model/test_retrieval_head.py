@@ -37,7 +37,7 @@ def test_the_shipped_head_fits_tiny_and_is_a_tenth_of_the_draft():
 
 
 def test_specontext_alone_uses_the_shipped_head_on_tiny():
-    llm = LLM(kv_policy="specontext", kv_budget=48, num_blocks=64)
+    llm = LLM(str(default_model_path()), kv_policy="specontext", kv_budget=80, num_blocks=64)
     out = llm.generate(["def add(a, b):\n    " * 12], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 24
     assert llm.engine.core.stats().specontext_steps > 0
