@@ -64,6 +64,9 @@ class LayerLoads(Protocol):
     def wait(self, layer: int) -> None:
         """Return once layer `layer`'s moves are done (raise if they failed)."""
 
+    def wait_all(self) -> None:
+        """Return once every layer's moves are done."""
+
 
 @dataclass
 class SpeContextReads:

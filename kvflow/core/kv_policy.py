@@ -210,7 +210,8 @@ class SpeContextPolicy(KVPolicy):
     number of blocks) and the newest `window_blocks` blocks. The buffer blocks are the request's
     spare blocks, held from its first sparse decode until it ends or is preempted; what they hold
     is reported by the runner each step and handed back with the next op (so the runner moves only
-    the difference). Its own blocks are never altered, so they stay in the prefix cache."""
+    the difference). Nothing is freed: the prompt's blocks stay in the prefix cache (those its sparse
+    decodes complete are private, like Quest's)."""
 
     name = "specontext"
 
@@ -225,7 +226,6 @@ class SpeContextPolicy(KVPolicy):
     def reset(self) -> None:
         self.held = None  # [kv_heads, buffer_tokens] entries per buffer slot (None: an empty buffer)
         self.verified = 0  # entries whose retrieval keys the runner has checked against the tokens
-        self.steps = self.moved = self.kept = 0  # sparse decodes, and (head, token) pairs moved / kept
 
     def _sparse(self, start: int, n: int) -> bool:
         """A decode whose older entries (before the window blocks) outnumber the buffer's slots."""
@@ -250,9 +250,6 @@ class SpeContextPolicy(KVPolicy):
         if done is None:
             return
         self.held, self.verified = done.buffer_tokens, done.verified_tokens
-        self.steps += 1
-        self.moved += done.moved_tokens
-        self.kept += done.kept_tokens
 
 
 _POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (StreamingPolicy, H2OPolicy, SnapKVPolicy, QuestPolicy,

@@ -35,7 +35,6 @@ from kvflow.worker.rejection_sampler import RejectionSampler, VerificationBatch,
 from kvflow.worker.retrieval_keys import (
     ElasticLoader,
     RetrievalKeyCache,
-    StepLoads,
     engine_retrieval_head,
     plan_specontext,
 )
@@ -175,7 +174,7 @@ class ModelRunner:
         finally:
             if hooks is not None:
                 hooks.end_step()
-            if isinstance(loads, StepLoads):
+            if loads is not None:
                 loads.wait_all()  # nothing may still write a buffer once the step is over
         if self.key_bounds is not None:
             fold = self.cpu_forward.fold_key_bounds if self.cpu_forward is not None else None

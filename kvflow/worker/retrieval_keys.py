@@ -126,6 +126,7 @@ class ElasticLoader:
 
     def start(self, kv_caches: list[LayerKV], moves: StepMoves) -> StepLoads:
         loads = StepLoads(len(kv_caches), self._stream)
+        loads.moves = moves  # alive until the step ends: the side stream may still read them
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # last step's KV is written
             with torch.cuda.stream(self._stream):
@@ -149,6 +150,7 @@ class StepLoads:
         self.done = [threading.Event() for _ in range(num_layers)]
         self.cuda_events = [torch.cuda.Event() for _ in range(num_layers)] if stream is not None else []
         self.error: BaseException | None = None
+        self.moves: StepMoves | None = None
 
     def run(self, kv_caches: list[LayerKV], moves: StepMoves) -> None:
         try:

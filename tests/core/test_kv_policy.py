@@ -147,6 +147,5 @@ def test_specontext_holds_its_buffer_and_hands_back_what_the_runner_reported():
     following = policy.op(request, request.num_computed_tokens + 1, 1)
     assert torch.equal(following.buffer_tokens, held) and following.verified_tokens == 16
     assert following.dest_block_ids == op.dest_block_ids  # the same buffer
-    assert (policy.steps, policy.moved, policy.kept) == (1, 5, 11)
     kv.free(request)
     assert kv.num_free_blocks == kv.num_blocks and policy.held is None and policy.verified == 0
