@@ -134,6 +134,10 @@ class PolicyStep:
         (decodes come first in a step, one token each, so a Quest row's token is its row). The two
         tensors handed back are the same buffers every layer (the kernel has read them before the
         next layer writes them)."""
+        fixed = self.specontext is not None and self.quest is None  # the same reads in every layer
+        if fixed and self._cpu_buffers is not None:
+            self.specontext.loads.wait(layer)
+            return list(self._cpu_buffers)
         choice = self._reduced_reads(layer, q, meta, scale)
         if choice is None:
             return []

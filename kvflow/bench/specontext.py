@@ -86,7 +86,9 @@ def _timed(llm: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any
     before = core.stats()
     first: dict[str, float] = {}
     start = time.perf_counter()
-    request_ids = [llm.engine.add_request({"prompt_token_ids": p}, params) for p in prompts]
+    request_ids = [f"sc-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(request_ids, prompts):
+        llm.engine.add_request(rid, {"prompt_token_ids": p}, params)
     outputs: dict[str, list[int]] = {}
     while llm.engine.has_unfinished_requests():
         for out in llm.engine.step():
