@@ -63,8 +63,6 @@ def key_bounds_ratio(model: str, dtype: str, block_size: int = 16) -> float:
 def retrieval_keys_ratio(model: str, dtype: str, retrieval_model: str | None = None) -> float:
     """SpeContext's retrieval keys (with the window and position each was computed from) per token,
     relative to the model's dense KV: memory SpeContext adds on top of the cache."""
-    from pathlib import Path
-
     from kvflow.assets import default_retrieval_path
     from kvflow.config import EngineConfig
     from kvflow.model.retrieval_head import RetrievalHeadConfig
@@ -97,19 +95,38 @@ def compare_kv_methods(make_llm: Callable[[KVMethod], Any], model: str, dtype: s
         engine = {"kv_cache_dtype": method.kv_cache_dtype, "kv_policy": method.kv_policy}
         if method.kv_policy != "none":
             engine.update({k: knobs[k] for k in POLICY_KNOBS if k in knobs})
+        # A SpeContext result holds for the retrieval head it was measured with (a retrained one is new).
+        head = _retrieval_head_digest(knobs.get("retrieval_model")) if method.kv_policy == "specontext" else None
         result = _load(folder / "results.json", run_config, engine) if reuse else None
+        if result is not None and head is not None and _read(folder / "retrieval_head.sha256") != head:
+            result = None
         if result is None:
             if log:
                 log(f"--- {method.name}")
             llm = make_llm(method)
             evaluated = run_eval(llm, run_config, log=log)
             save_results(evaluated, folder)
+            if head is not None:
+                (folder / "retrieval_head.sha256").write_text(head)
             result = evaluated.to_dict(samples=False)
             del llm
         elif log:
             log(f"--- {method.name}: reusing {folder / 'results.json'}")
         rows.append(_summary(method, result, *sizes[method.kv_cache_dtype], extra.get(method.kv_policy, 0.0)))
     return rows
+
+
+def _retrieval_head_digest(retrieval_model: str | None) -> str:
+    import hashlib
+
+    from kvflow.assets import default_retrieval_path
+
+    path = Path(retrieval_model) if retrieval_model else default_retrieval_path()
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def _load(path: Path, config: EvalConfig, engine: dict[str, Any]) -> dict[str, Any] | None:

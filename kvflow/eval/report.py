@@ -28,7 +28,7 @@ def engine_summary(engine: dict[str, Any]) -> str:
 
 #: Said wherever perplexity stands next to a KV policy's retrieval numbers, so nobody reads "no loss".
 PPL_PREFILL_NOTE = ("note: perplexity is computed in prefill, so it does not show the loss of decode-time KV "
-                    "policies (h2o, snapkv, quest; streaming acts only between prefill chunks)")
+                    "policies (h2o, snapkv, quest, specontext; streaming acts only between prefill chunks)")
 
 
 def policy_summary(result: EvalResult) -> str | None:

@@ -230,3 +230,9 @@ def test_kivi_rows_report_the_ring_per_context_length(tmp_path):
     plain = _summary(parse_method("int8"), {**result, "engine": {"cache": {"kv_cache_dtype": "int8"}}}, 1088, dense)
     assert plain["kv_ring_tokens"] == 0 and plain["kv_kept_ratio_by_length"] == {"512": 1088 / dense,
                                                                                    "2048": 1088 / dense}
+
+
+def test_specontext_keeps_all_its_kv_plus_its_keys_and_reads_the_fraction():
+    method = parse_method("specontext@0.25")
+    assert (method.kv_policy, method.fraction, method.folder) == ("specontext", 0.25, "specontext-0.25")
+    assert method.kv_ratios(0.5, 0.07) == pytest.approx((0.57, 0.125))
