@@ -111,6 +111,60 @@ inline void rows_to_float(const KV* src, const float* scales, int64_t scale_step
   }
 }
 
+// Shared-prefix attention (kvflow/attention/shared_prefix.py): decodes whose block tables start with
+// the same physical blocks read those keys and values once for the whole group. A group is one query
+// tile whose rows are every member's query heads, over the shared keys (all visible to every member:
+// the shared run ends before each member's position); each member's own keys are items of its own,
+// and the two parts are merged by log-sum-exp like a split decode's chunks. The scores are the same
+// dot products, so the result equals the unshared one up to fp32 summation order.
+struct SharedPrefix {
+  const int64_t* groups = nullptr;   // [count, 3]: members [groups[3g], groups[3g + 1]) share groups[3g + 2] blocks
+  const int64_t* members = nullptr;  // the members' decode tokens (flat indices)
+  int64_t count = 0, block_size = 0;
+};
+
+// The groups from their tensors (groups [G, 3], members [N]: contiguous int64); undefined: none.
+inline SharedPrefix shared_prefix_of(const at::Tensor& groups, const at::Tensor& members, int64_t block_size) {
+  if (!groups.defined() || groups.numel() == 0) return {};
+  TORCH_CHECK(groups.scalar_type() == at::kLong && groups.is_contiguous() && groups.dim() == 2 && groups.size(1) == 3 &&
+                  members.defined() && members.scalar_type() == at::kLong && members.is_contiguous(),
+              "paged_attention: shared-prefix groups are contiguous int64 groups [G, 3] and members [N]");
+  const int64_t* g = groups.data_ptr<int64_t>();
+  for (int64_t k = 0; k < groups.size(0); ++k)
+    TORCH_CHECK(0 <= g[3 * k] && g[3 * k] <= g[3 * k + 1] && g[3 * k + 1] <= members.numel(),
+                "paged_attention: a shared-prefix group's members lie in `members`");
+  return {g, members.data_ptr<int64_t>(), groups.size(0), block_size};
+}
+
+// Each member's own keys start after its group's shared run (0: not a member). Checks that every
+// member is a decode token in one group only, at a position after the shared run.
+inline std::vector<int64_t> own_key_starts(const SharedPrefix& shared, const int64_t* pos, int64_t tokens) {
+  std::vector<int64_t> from(tokens, 0);
+  for (int64_t g = 0; g < shared.count; ++g) {
+    const int64_t* grp = shared.groups + 3 * g;
+    TORCH_CHECK(grp[2] >= 1 && grp[1] - grp[0] >= 2, "paged_attention: a shared-prefix group has >= 2 members and "
+                "shares >= 1 block");
+    for (int64_t k = grp[0]; k < grp[1]; ++k) {
+      const int64_t t = shared.members[k];
+      TORCH_CHECK(t >= 0 && t < tokens && from[t] == 0 && pos[t] >= grp[2] * shared.block_size,
+                  "paged_attention: a shared-prefix member is a token in one group, after the shared blocks");
+      from[t] = grp[2] * shared.block_size;
+    }
+  }
+  return from;
+}
+
+// The checks plan_attention makes of shared-prefix groups, for the generic loop (which reads each
+// token's keys itself and needs no plan): an invalid group is refused there as here, never computed.
+inline void check_shared_prefix(const SharedPrefix& shared, const int64_t* seq, const int64_t* pos, int64_t tokens) {
+  const std::vector<int64_t> from = own_key_starts(shared, pos, tokens);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const bool in_run = (t > 0 && seq[t - 1] == seq[t] && pos[t - 1] + 1 == pos[t]) ||
+                        (t + 1 < tokens && seq[t + 1] == seq[t] && pos[t + 1] == pos[t] + 1);
+    TORCH_CHECK(!in_run || from[t] == 0, "paged_attention: a shared-prefix member is a decode token");
+  }
+}
+
 #if defined(__AVX512F__)
 // v[0..15] -> one vector whose lane j is the sum of v[j]'s lanes: a transpose-and-add tree, 45
 // shuffles and adds for 16 dot products instead of 16 separate horizontal reductions.
@@ -225,31 +279,6 @@ constexpr int64_t kItemsPerThread = 4;
 // was slower (it evicts the lines in use).
 constexpr int64_t kPrefetchBlocks = 2;
 
-// Shared-prefix attention (kvflow/attention/shared_prefix.py): decodes whose block tables start with
-// the same physical blocks read those keys and values once for the whole group. A group is one query
-// tile whose rows are every member's query heads, over the shared keys (all visible to every member:
-// the shared run ends before each member's position); each member's own keys are items of its own,
-// and the two parts are merged by log-sum-exp like a split decode's chunks. The scores are the same
-// dot products, so the result equals the unshared one up to fp32 summation order.
-struct SharedPrefix {
-  const int64_t* groups = nullptr;   // [count, 3]: members [groups[3g], groups[3g + 1]) share groups[3g + 2] blocks
-  const int64_t* members = nullptr;  // the members' decode tokens (flat indices)
-  int64_t count = 0, block_size = 0;
-};
-
-// The groups from their tensors (groups [G, 3], members [N]: contiguous int64); undefined: none.
-inline SharedPrefix shared_prefix_of(const at::Tensor& groups, const at::Tensor& members, int64_t block_size) {
-  if (!groups.defined() || groups.numel() == 0) return {};
-  TORCH_CHECK(groups.scalar_type() == at::kLong && groups.is_contiguous() && groups.dim() == 2 && groups.size(1) == 3 &&
-                  members.defined() && members.scalar_type() == at::kLong && members.is_contiguous(),
-              "paged_attention: shared-prefix groups are contiguous int64 groups [G, 3] and members [N]");
-  const int64_t* g = groups.data_ptr<int64_t>();
-  for (int64_t k = 0; k < groups.size(0); ++k)
-    TORCH_CHECK(0 <= g[3 * k] && g[3 * k] <= g[3 * k + 1] && g[3 * k + 1] <= members.numel(),
-                "paged_attention: a shared-prefix group's members lie in `members`");
-  return {g, members.data_ptr<int64_t>(), groups.size(0), block_size};
-}
-
 struct QueryTile {
   int64_t t0, count;  // tokens [t0, t0 + count), or a shared-prefix group's members[0 .. count)
   int64_t lo, hi;     // the keys any of them sees: [first_key of t0, position of the last]; a group: its shared run
@@ -298,24 +327,6 @@ inline void push_chunks(AttentionPlan& plan, int64_t i, int64_t g0, int64_t g1, 
     e = std::min(k1, (a / chunk + 1) * chunk);
     plan.items.push_back({i, g0, g1, a, e, slot++});
   }
-}
-
-// Each member's own keys start after its group's shared run (0: not a member). Checks that every
-// member is a decode token in one group only, at a position after the shared run.
-inline std::vector<int64_t> own_key_starts(const SharedPrefix& shared, const int64_t* pos, int64_t tokens) {
-  std::vector<int64_t> from(tokens, 0);
-  for (int64_t g = 0; g < shared.count; ++g) {
-    const int64_t* grp = shared.groups + 3 * g;
-    TORCH_CHECK(grp[2] >= 1 && grp[1] - grp[0] >= 2, "paged_attention: a shared-prefix group has >= 2 members and "
-                "shares >= 1 block");
-    for (int64_t k = grp[0]; k < grp[1]; ++k) {
-      const int64_t t = shared.members[k];
-      TORCH_CHECK(t >= 0 && t < tokens && from[t] == 0 && pos[t] >= grp[2] * shared.block_size,
-                  "paged_attention: a shared-prefix member is a token in one group, after the shared blocks");
-      from[t] = grp[2] * shared.block_size;
-    }
-  }
-  return from;
 }
 
 AttentionPlan plan_attention(const int64_t* seq, const int64_t* pos, int64_t tokens, int64_t num_kv_heads,
@@ -718,6 +729,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::
   }
 #endif
   const PagedAttentionView<T, KV> v(q, kv_cache, kv_scales, block_tables, seq_index, positions, out);
+  if (shared.count > 0) check_shared_prefix(shared, v.seq, v.pos, v.tokens);
   const int64_t num_heads = v.num_heads, head_dim = v.head_dim, num_kv_heads = v.num_kv_heads;
   const int64_t block_size = v.block_size, group = v.group;
   at::parallel_for(0, v.tokens * num_kv_heads, 1, [&](int64_t begin, int64_t end) {

@@ -143,11 +143,21 @@ inline float dot(const float* a, const float* b, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
     return _mm512_reduce_add_ps(acc);
   }
-#endif
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
   return sum;
+#else
+  // The generic build: eight partial sums in an order fixed here, so every instantiation (a dense or an
+  // int8 cache's rope_and_store) rounds alike; `omp simd reduction` leaves the order to each inlined copy.
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+#endif
 }
 
 // ----------------------------------------------------------------------------- RMSNorm
@@ -714,7 +724,11 @@ void quest_bounds_kernel(const at::Tensor& q, const at::Tensor& bounds, const at
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = bounds.size(1), nb = tables.size(1), group = heads / kv_heads;
   const int64_t block_stride = kv_heads * 2 * dim;  // elements of one block's bounds
+#ifdef __AVX512F__
   const int64_t chunks = dim / 16;  // whole 16-lane vectors; the rest (dim % 16) is summed in scalars
+#else
+  const int64_t chunks = 0;  // the generic build (no AVX-512): every lane in the scalar loop
+#endif
   constexpr int64_t kPrefetch = 4;  // blocks ahead
   const T* qp = q.data_ptr<T>();
   const T* bp = bounds.data_ptr<T>();
@@ -725,17 +739,21 @@ void quest_bounds_kernel(const at::Tensor& q, const at::Tensor& bounds, const at
   const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(nb / 64, at::get_num_threads()));
   const int64_t run_len = (nb + runs - 1) / runs;
   at::parallel_for(0, rows * runs, 1, [&](int64_t begin, int64_t end) {
+#ifdef __AVX512F__
     std::vector<__m512> qpos(heads * chunks), qneg(heads * chunks);
+#endif
     std::vector<float> tail_q(heads * dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / runs, j0 = (item % runs) * run_len, j1 = std::min(nb, j0 + run_len);
       const T* qrow = qp + r * heads * dim;
       for (int64_t h = 0; h < heads; ++h) {
+#ifdef __AVX512F__
         for (int64_t c = 0; c < chunks; ++c) {
           const __m512 x = load16(qrow + h * dim + 16 * c);
           qpos[h * chunks + c] = _mm512_max_ps(x, _mm512_setzero_ps());
           qneg[h * chunks + c] = _mm512_min_ps(x, _mm512_setzero_ps());
         }
+#endif
         for (int64_t d = 16 * chunks; d < dim; ++d) tail_q[h * dim + d] = static_cast<float>(qrow[h * dim + d]);
       }
       const int64_t n = std::min(np[r], nb);
@@ -756,12 +774,15 @@ void quest_bounds_kernel(const at::Tensor& q, const at::Tensor& bounds, const at
           const T* hi = lo + dim;
           for (int64_t g = 0; g < group; ++g) {
             const int64_t h = k * group + g;
+            float sum = 0.f;
+#ifdef __AVX512F__
             __m512 acc = _mm512_setzero_ps();
             for (int64_t c = 0; c < chunks; ++c) {
               acc = _mm512_fmadd_ps(qpos[h * chunks + c], load16(hi + 16 * c), acc);
               acc = _mm512_fmadd_ps(qneg[h * chunks + c], load16(lo + 16 * c), acc);
             }
-            float sum = _mm512_reduce_add_ps(acc);
+            sum = _mm512_reduce_add_ps(acc);
+#endif
             for (int64_t d = 16 * chunks; d < dim; ++d) {
               const float x = tail_q[h * dim + d];
               sum += x * static_cast<float>(x > 0.f ? hi[d] : lo[d]);
@@ -805,7 +826,9 @@ void block_mass_kernel(const at::Tensor& q, const at::Tensor& kv_cache, const at
   float* op = out.data_ptr<float>();
   at::parallel_for(0, rows * v.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s;
+#ifdef __AVX512F__
     std::vector<__m512> qv(chunks);
+#endif
     for (int64_t rk = begin; rk < end; ++rk) {
       const int64_t r = rk / v.num_kv_heads, g = rk % v.num_kv_heads, n = lens[r];
       const int64_t* table = v.tables + r * v.table_stride;
@@ -813,14 +836,22 @@ void block_mass_kernel(const at::Tensor& q, const at::Tensor& kv_cache, const at
       std::fill(mass, mass + nb, 0.f);
       s.resize(n);
       for (int64_t h = g * v.group; h < (g + 1) * v.group; ++h) {
-        for (int64_t c = 0; c < chunks; ++c) qv[c] = load16(v.q + (r * v.num_heads + h) * dim + 16 * c);
+        const T* qrow = v.q + (r * v.num_heads + h) * dim;
+#ifdef __AVX512F__
+        for (int64_t c = 0; c < chunks; ++c) qv[c] = load16(qrow + 16 * c);
+#endif
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < n; ++j) {
           const int64_t b = j / v.block_size;
           const KV* key = v.block_rows(v.keys, table, b, g, j);
+#ifdef __AVX512F__
           __m512 acc = _mm512_setzero_ps();
           for (int64_t c = 0; c < chunks; ++c) acc = _mm512_fmadd_ps(load16(key + 16 * c), qv[c], acc);
           float dot = _mm512_reduce_add_ps(acc);
+#else  // the generic build: the same products, summed in order
+          float dot = 0.f;
+          for (int64_t d = 0; d < dim; ++d) dot += static_cast<float>(qrow[d]) * static_cast<float>(key[d]);
+#endif
           if constexpr (PagedAttentionView<T, KV>::kTokenScales) dot *= *v.scale_rows(v.key_scales, table, b, g, j);
           if constexpr (PagedAttentionView<T, KV>::kHeadScales) dot *= v.key_scales[g];
           s[j] = dot * scale;

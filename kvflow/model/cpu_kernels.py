@@ -15,6 +15,12 @@ oneDNN-prepacked (quantised projections: q8_0, q4_0, q4_k, int8 codes on cpu_qua
 over a dense, int8, fp8 or KIVI (kivi4, kivi2) KV cache in the head-major layout; for
 any other model or cache `CpuForward` raises `CpuForwardUnsupported`, and the runner logs why and takes
 the modules.
+
+``KVFLOW_CPU_ISA`` picks the instruction set instead of this machine's: ``avx2`` (x86-64-v3: AVX2 and
+FMA, no AVX-512, the baseline of the x86-64 container image) or ``generic`` (the architecture's
+baseline, x86-64 or armv8-a: every kernel takes its plain C++ loops, as on an edge box without
+AVX-512). Such a portable build is keyed by the ISA instead of this CPU's flags, so a build made on
+one machine (a container image's build stage) loads on another.
 """
 
 from __future__ import annotations
@@ -51,7 +57,38 @@ LIBRARY = f"{EXTENSION}.so"  # what torch's load() leaves in the build folder
 PROGRESS_INTERVAL = 10.0
 # -ffp-contract=off: PyTorch rounds `a * b` before adding `c`; a fused multiply-add would not.
 # -fopenmp: at::parallel_for is inline and runs serially without it (libgomp is torch's own).
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+ISA_ENV = "KVFLOW_CPU_ISA"
+#: -march of each portable ISA per machine architecture (``native``: -march=native, everywhere).
+PORTABLE_MARCH = {"x86_64": {"avx2": "x86-64-v3", "generic": "x86-64"},
+                  "aarch64": {"generic": "armv8-a"}, "arm64": {"generic": "armv8-a"}}
+
+
+def cpu_isa() -> str:
+    """The ISA the kernels are built for: ``$KVFLOW_CPU_ISA``, default ``native``."""
+    return os.environ.get(ISA_ENV, "").strip().lower() or "native"
+
+
+def march(isa: str, machine: str | None = None) -> str:
+    """-march for `isa` on `machine` (default: this one); ValueError naming the choices when unknown."""
+    if isa == "native":
+        return "native"
+    machine = machine or platform.machine()
+    choices = PORTABLE_MARCH.get(machine, {})
+    if isa not in choices:
+        raise ValueError(f"{ISA_ENV}={isa!r} is not an ISA for {machine}; choose from "
+                         f"{', '.join(['native', *choices])}")
+    return choices[isa]
+
+
+def _march_or_native() -> str:
+    try:
+        return march(cpu_isa())
+    except ValueError as e:
+        logger.warning("%s; building for this machine (-march=native)", e)
+        return "native"
+
+
+CFLAGS = ["-O3", f"-march={_march_or_native()}", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -72,11 +109,17 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def isa_key() -> str:
+    """What a build depends on of the CPU: its feature flags for a native build, else the portable -march."""
+    native = "-march=native" in CFLAGS
+    return _cpu_flags() if native else next(f for f in CFLAGS if f.startswith("-march="))
+
+
 def build_dir() -> Path:
     """Where this source, compiled for this CPU and torch, lives: one folder per content and per checkout."""
     key = hashlib.sha256()
     sources = [path.read_bytes() for path in (SOURCE, *sorted(CSRC.glob("*.h")))]
-    for part in (*sources, " ".join(CFLAGS).encode(), torch.__version__.encode(), _cpu_flags().encode()):
+    for part in (*sources, " ".join(CFLAGS).encode(), torch.__version__.encode(), isa_key().encode()):
         key.update(part)
     where = hashlib.sha256(str(CSRC.resolve()).encode()).hexdigest()[:8]
     root = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow"))

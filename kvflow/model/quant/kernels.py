@@ -65,7 +65,7 @@ def build_dir() -> Path:
     key = hashlib.sha256()
     for path in (SOURCE, *local_includes(SOURCE)):
         key.update(path.read_bytes())
-    for part in (" ".join(cpu_kernels.CFLAGS), torch.__version__, cpu_kernels._cpu_flags()):
+    for part in (" ".join(cpu_kernels.CFLAGS), torch.__version__, cpu_kernels.isa_key()):
         key.update(part.encode())
     root = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow"))
     return root / "cpu_quant" / key.hexdigest()[:16]
