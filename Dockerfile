@@ -74,6 +74,11 @@ COPY --from=build /opt/kvflow/venv /opt/kvflow/venv
 COPY --from=build --chown=10001:10001 /opt/kvflow/cache /opt/kvflow/cache
 USER 10001:10001
 WORKDIR /home/kvflow
+# Fail the build unless the runtime loads the prebuilt kernels as its own user, with no compiler:
+# torch's loader reruns ninja, which must find the build current (same paths, same ninja), or
+# it would try to compile and the server would fall back to the slower PyTorch modules.
+RUN python -c "from kvflow.model import cpu_kernels; from kvflow.model.quant import kernels; \
+assert cpu_kernels.load_extension() is not None and kernels.load_extension() is not None, 'kernels do not load'"
 # /models: user model directories or .gguf files (--model /models/NAME); the KV offload tier's files.
 VOLUME ["/models", "/var/lib/kvflow/kv-offload"]
 EXPOSE 8000

@@ -280,6 +280,41 @@ def _cmd_kv_offload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edge_command(args: argparse.Namespace) -> str:
+    """The `kvflow bench edge` command line that reproduces `args` (saved beside the results)."""
+    import shlex
+
+    words = ["kvflow", "bench", "edge", "--model", *args.model, "--formats", *args.formats, "--limits", *args.limits,
+             "--engines", *args.engines, "--input-len", args.input_len, "--output-len", args.output_len,
+             "--repeats", args.repeats, "--seed", args.seed, "--memory-limiter", args.memory_limiter,
+             "--watts-per-core", args.watts_per_core]
+    for flag, value in (("--kv-cache-memory", args.kv_cache_memory), ("--kvflow-isa", args.kvflow_isa),
+                        ("--python", args.python)):
+        if value is not None:
+            words += [flag, value]
+    return shlex.join(str(w) for w in words)
+
+
+def _cmd_edge(args: argparse.Namespace) -> int:
+    from kvflow.bench.edge import EdgeLimit, format_report, parse_model, run_edge, save_edge
+
+    try:
+        models = [parse_model(m) for m in args.model]
+        limits = [EdgeLimit.parse(text) for text in args.limits]
+        report = run_edge(models, args.formats, limits, args.engines, input_len=args.input_len,
+                          output_len=args.output_len, repeats=args.repeats, seed=args.seed, python=args.python,
+                          limiter=args.memory_limiter, kv_cache_gib=args.kv_cache_memory,
+                          watts_per_core=args.watts_per_core, kvflow_isa=args.kvflow_isa,
+                          log=lambda line: print(line, flush=True))
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"kvflow: error: {exc}") from None
+    print(format_report(report))
+    if not args.no_save:
+        for path in save_edge(report, Path(args.out_dir), _edge_command(args)):
+            print(f"saved {path}")
+    return 0 if report["runs"] and all(r["status"] == "ok" for r in report["runs"]) else 1
+
+
 def _cmd_soak(args: argparse.Namespace) -> int:
     from kvflow.bench.soak import SoakConfig, format_report, passed, run_soak
 
@@ -591,6 +626,33 @@ def configure(bench: argparse.ArgumentParser) -> None:
     ko.add_argument("--out-dir", default="bench_results/kv_offload", help="JSON result and plot")
     ko.add_argument("--no-save", action="store_true")
     ko.set_defaults(func=_cmd_kv_offload)
+
+    ed = sub.add_parser("edge", help="a model under a small box's limits (cores by affinity, memory by a cgroup "
+                                     "or an RSS watchdog): tokens/s, TTFT, CPU%%/RAM%% of the limit, peak RSS, "
+                                     "energy; kvflow and llama.cpp under the same limits (docs/edge.md)")
+    ed.add_argument("--model", nargs="+", default=["tiny"],
+                    help="tiny (the shipped model), NAME=DIR or DIR (e.g. `kvflow bench make-model --shape 135m`)")
+    ed.add_argument("--formats", nargs="+", default=["bf16"], choices=("bf16", "q8_0", "q4_0"),
+                    help="weight formats; both engines read the same GGUF file")
+    ed.add_argument("--limits", nargs="+", default=["1x1"], help="CORESxGIB limits, e.g. 1x2 2x4")
+    ed.add_argument("--engines", nargs="+", default=["kvflow", "llamacpp"], choices=("kvflow", "llamacpp"))
+    ed.add_argument("--input-len", type=int, default=128, help="prompt tokens")
+    ed.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
+    ed.add_argument("--repeats", type=int, default=2, help="timed requests per run; medians are reported")
+    ed.add_argument("--seed", type=int, default=0)
+    ed.add_argument("--memory-limiter", choices=("auto", "cgroup", "watchdog"), default="auto",
+                    help="auto: a memory cgroup where one can be made, else the RSS watchdog")
+    ed.add_argument("--kv-cache-memory", type=float, default=None,
+                    help="kvflow's KV cache in GiB (default: 1/8 of the memory limit, at most 0.25)")
+    ed.add_argument("--watts-per-core", type=float, default=3.75,
+                    help="W per busy core for the energy estimate where RAPL is not readable")
+    ed.add_argument("--python", help="llama.cpp's interpreter (default KVFLOW_LLAMACPP_PYTHON, else this one)")
+    ed.add_argument("--kvflow-isa", choices=("native", "avx2", "generic"), default=None,
+                    help="ISA of kvflow's C++ kernels in the runs (KVFLOW_CPU_ISA; avx2: the x86 container image's "
+                         "build, generic: an edge box without AVX-512; default: as the environment sets it)")
+    ed.add_argument("--out-dir", default="bench_results/edge", help="edge.json and edge.png")
+    ed.add_argument("--no-save", action="store_true")
+    ed.set_defaults(func=_cmd_edge)
 
     sk = sub.add_parser("soak", help="reliability soak of a live server: a seeded mix of requests, abandoned streams, "
                                      "client timeouts and malformed bodies; no 5xx, no leaked KV, bounded memory")

@@ -71,8 +71,11 @@ def test_kernels_are_built_for_a_baseline_isa_kvflow_knows():
     assert isas == {"base-amd64": "avx2", "base-arm64": "generic"}
     assert cpu_kernels.march("avx2", "x86_64") == "x86-64-v3"
     assert cpu_kernels.march("generic", "aarch64") == "armv8-a"
-    build = next(r for r in of("RUN") if "load_extension()" in r)
+    build, runtime = [r for r in of("RUN") if "load_extension()" in r]  # compiled; then loaded, compiler-less
     assert "cpu_kernels.load_extension()" in build and "kernels.load_extension()" in build
+    order = [word if word != "RUN" else rest for word, rest in instructions()]
+    assert order.index("USER") < order.index(runtime)  # as the server's user (the loader's lock file)
+    assert "AS runtime" in next(r for w, r in reversed(instructions()[: order.index(runtime)]) if w == "FROM")
     cache = next(e for e in of("ENV") if "KVFLOW_CACHE=" in e).split("KVFLOW_CACHE=", 1)[1].split()[0]
     assert any(c.startswith(f"--from=build --chown=10001:10001 {cache} {cache}") for c in of("COPY"))
     venv = next(e for e in of("ENV") if "VIRTUAL_ENV=" in e).split("VIRTUAL_ENV=", 1)[1].split()[0]

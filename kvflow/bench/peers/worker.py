@@ -190,7 +190,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             engine.generate(plan["warmup"], plan["warmup_tokens"])
         idle_before = _load_cpu_idle().wait_for_idle_cpu(job["wait_idle_s"]) if job["wait_idle_s"] > 0 else None
         load_avg = os.getloadavg()[0]
-        cpu0, section0 = _tree_cpu_seconds(), time.perf_counter()
+        cpu0, section0, wall0 = _tree_cpu_seconds(), time.perf_counter(), time.time()
         ttfts = [_timed(engine, probe, 1)[0] for probe in plan["probes"]]
         walls, outputs = [], []
         per_prompt = plan.get("timed_max_tokens")  # shared-prefix workloads: each request's own
@@ -199,6 +199,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             walls.append(wall)
             outputs = out if r == 0 else outputs
         section_s, cpu_s = time.perf_counter() - section0, _tree_cpu_seconds() - cpu0
+        section_wall = [wall0, time.time()]  # wall-clock bounds (energy counters read by the parent)
         peak_rss = _tree_peak_rss_mib()
         info = engine.info() if hasattr(engine, "info") else {}
     finally:
@@ -207,6 +208,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "load_s": load_s, "walls": walls, "ttfts": ttfts, "outputs": outputs,
         "cpu_util": cpu_s / (section_s * job["threads"]), "peak_rss_mib": peak_rss,
         "load_avg": load_avg, "idle_before": idle_before, "pid": os.getpid(), "info": info,
+        "cpu_s": cpu_s, "section_s": section_s, "section_wall": section_wall,
     }  # fmt: skip
 
 
