@@ -6,8 +6,8 @@ counted in the memory budget), written for every token an engine with a retrieva
 a block found in the prefix cache has its keys too. A key is a pure function of the token window
 and the position, so each slot also records the window and position it was computed from;
 before a sequence is scored, the entries not yet checked for it are compared with its own tokens and
-recomputed where they differ (KV that arrived by another path, a block reused since) — a wrong key
-can only cost a worse selection, but none is ever used.
+recomputed where they differ (KV that arrived by another path, a block reused since): a stale key
+is never scored.
 
 **A step.** For each SpeContext decode: score its candidates with the head's query for the new
 token, select K entries per KV head, plan the elastic move against what its buffer holds, and hand
