@@ -153,8 +153,9 @@ def vocab_size(path: Path) -> int:
 
 # ------------------------------------------------------------------------------------------ one run
 def _job(engine: str, gguf: Path, limit: EdgeLimit, plan: dict[str, Any], seed: int, context_len: int,
-         kv_cache_gib: float) -> dict[str, Any]:
-    job: dict[str, Any] = {"backend": engine, "threads": limit.cores, "seed": seed, "plan": plan, "wait_idle_s": 0.0}
+         kv_cache_gib: float, wait_idle_s: float = 0.0) -> dict[str, Any]:
+    job: dict[str, Any] = {"backend": engine, "threads": limit.cores, "seed": seed, "plan": plan,
+                           "wait_idle_s": wait_idle_s}
     if engine == "kvflow":
         job.update(model=str(gguf), dtype="bfloat16",
                    engine_kwargs={"kv_cache_memory": kv_cache_gib, "max_model_len": context_len, "max_num_seqs": 4})
@@ -174,7 +175,7 @@ def _command(engine: str, python: str | None) -> list[str]:
 def run_limited(engine: str, case: ModelCase, gguf: Path, limit: EdgeLimit, plan: dict[str, Any], *,
                 seed: int = 0, context_len: int, kv_cache_gib: float, python: str | None = None,
                 limiter: str = "auto", rapl: Rapl | None = None, watts_per_core: float = DEFAULT_WATTS_PER_CORE,
-                kvflow_isa: str | None = None, timeout_s: float = 1800.0) -> dict[str, Any]:
+                kvflow_isa: str | None = None, wait_idle_s: float = 0.0, timeout_s: float = 1800.0) -> dict[str, Any]:
     """One engine on one model under `limit`, in a child process; the run's figures (or why it failed).
     `kvflow_isa`: KVFLOW_CPU_ISA for kvflow's kernels (e.g. ``avx2``, the container image's build; None: as set)."""
     from kvflow.model import cpu_kernels
@@ -185,7 +186,7 @@ def run_limited(engine: str, case: ModelCase, gguf: Path, limit: EdgeLimit, plan
         env[cpu_kernels.ISA_ENV] = kvflow_isa
     with tempfile.TemporaryDirectory(prefix="kvflow-edge-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_path.write_text(json.dumps(_job(engine, gguf, limit, plan, seed, context_len, kv_cache_gib)))
+        job_path.write_text(json.dumps(_job(engine, gguf, limit, plan, seed, context_len, kv_cache_gib, wait_idle_s)))
         mem = memory_limit(limit.memory_bytes, f"kvflow-edge-{os.getpid()}-{time.monotonic_ns()}", limiter)
         base = {"engine": engine, "model": case.name, "format": case.fmt, "gguf": str(gguf),
                 "limit": asdict(limit), "limit_label": limit.label, "cpus": cpus, "memory_limiter": mem.method}
@@ -249,7 +250,7 @@ def summarise(r: dict[str, Any], limit: EdgeLimit, plan: dict[str, Any], monitor
         "energy_j": joules, "energy_j_per_token": joules / section_tokens, "energy_source": source,
         "tokens_per_s_per_core": output_tokens / e2e / limit.cores,
         "tokens_per_s_per_gib": output_tokens / e2e / limit.memory_gib,
-        "load_avg": r.get("load_avg"),
+        "load_avg": r.get("load_avg"), "idle_before": r.get("idle_before"),
     }  # fmt: skip
 
 
@@ -294,8 +295,9 @@ def run_edge(models: Sequence[tuple[str, Path]], formats: Sequence[str], limits:
              engines: Sequence[str] = ENGINES, *, input_len: int = 128, output_len: int = 128, repeats: int = 2,
              seed: int = 0, python: str | None = None, limiter: str = "auto", kv_cache_gib: float | None = None,
              watts_per_core: float = DEFAULT_WATTS_PER_CORE, cache_dir: Path | None = None,
-             kvflow_isa: str | None = None, log: Any = print) -> dict[str, Any]:
-    """Every engine on every model and format under every limit; the report (runs in the order made)."""
+             kvflow_isa: str | None = None, wait_idle_s: float = 0.0, log: Any = print) -> dict[str, Any]:
+    """Every engine on every model and format under every limit; the report (runs in the order made).
+    `wait_idle_s`: each run waits up to this long for idle CPUs before its timed section (a shared machine)."""
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -314,6 +316,8 @@ def run_edge(models: Sequence[tuple[str, Path]], formats: Sequence[str], limits:
         except BackendUnavailable as e:
             skipped["llamacpp"] = str(e)
             log(f"llamacpp skipped: {str(e).splitlines()[0]}")
+    if "kvflow" in engines:
+        build_kernels(kvflow_isa, log)
     runs = []
     context_len = input_len + output_len + 16
     for name, path in models:
@@ -328,12 +332,25 @@ def run_edge(models: Sequence[tuple[str, Path]], formats: Sequence[str], limits:
                         continue
                     run = run_limited(engine, case, gguf, limit, plan, seed=seed, context_len=context_len,
                                       kv_cache_gib=kv, python=python, limiter=limiter, rapl=rapl,
-                                      watts_per_core=watts_per_core, kvflow_isa=kvflow_isa)
+                                      watts_per_core=watts_per_core, kvflow_isa=kvflow_isa, wait_idle_s=wait_idle_s)
                     runs.append(run)
                     log(format_run(run))
     return {"benchmark": "edge", "machine": machine_info(), "rapl": [str(d) for d in rapl.domains] if rapl else None,
-            "workload": {"input_len": input_len, "output_len": output_len, "repeats": repeats, "seed": seed},
+            "workload": {"input_len": input_len, "output_len": output_len, "repeats": repeats, "seed": seed,
+                         "wait_idle_s": wait_idle_s},
             "skipped": skipped, "runs": runs, "ratios": ratios(runs)}
+
+
+def build_kernels(isa: str | None = None, log: Any = print) -> None:
+    """Compile kvflow's C++ kernels for `isa` before any limited run, outside the limits, as the container
+    image does at build time: a child must load them, not count a compiler in its memory and time."""
+    from kvflow.model import cpu_kernels
+
+    env = dict(os.environ) if isa is None else {**os.environ, cpu_kernels.ISA_ENV: isa}
+    code = ("from kvflow.model import cpu_kernels as c; from kvflow.model.quant import kernels as k; "
+            "import sys; sys.exit(0 if c.load_extension() is not None and k.load_extension() is not None else 1)")
+    if subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).returncode != 0:
+        log("kvflow's C++ kernels did not build: its runs take the PyTorch modules")
 
 
 def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -287,7 +287,7 @@ def _edge_command(args: argparse.Namespace) -> str:
     words = ["kvflow", "bench", "edge", "--model", *args.model, "--formats", *args.formats, "--limits", *args.limits,
              "--engines", *args.engines, "--input-len", args.input_len, "--output-len", args.output_len,
              "--repeats", args.repeats, "--seed", args.seed, "--memory-limiter", args.memory_limiter,
-             "--watts-per-core", args.watts_per_core]
+             "--watts-per-core", args.watts_per_core, "--wait-idle", args.wait_idle]
     for flag, value in (("--kv-cache-memory", args.kv_cache_memory), ("--kvflow-isa", args.kvflow_isa),
                         ("--python", args.python)):
         if value is not None:
@@ -304,7 +304,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
         report = run_edge(models, args.formats, limits, args.engines, input_len=args.input_len,
                           output_len=args.output_len, repeats=args.repeats, seed=args.seed, python=args.python,
                           limiter=args.memory_limiter, kv_cache_gib=args.kv_cache_memory,
-                          watts_per_core=args.watts_per_core, kvflow_isa=args.kvflow_isa,
+                          watts_per_core=args.watts_per_core, kvflow_isa=args.kvflow_isa, wait_idle_s=args.wait_idle,
                           log=lambda line: print(line, flush=True))
     except (ValueError, OSError) as exc:
         raise SystemExit(f"kvflow: error: {exc}") from None
@@ -650,6 +650,8 @@ def configure(bench: argparse.ArgumentParser) -> None:
     ed.add_argument("--kvflow-isa", choices=("native", "avx2", "generic"), default=None,
                     help="ISA of kvflow's C++ kernels in the runs (KVFLOW_CPU_ISA; avx2: the x86 container image's "
                          "build, generic: an edge box without AVX-512; default: as the environment sets it)")
+    ed.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help="each run waits up to S seconds for idle CPUs before its timed section (shared machines)")
     ed.add_argument("--out-dir", default="bench_results/edge", help="edge.json and edge.png")
     ed.add_argument("--no-save", action="store_true")
     ed.set_defaults(func=_cmd_edge)
