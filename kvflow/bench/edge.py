@@ -182,7 +182,7 @@ def run_limited(engine: str, case: ModelCase, gguf: Path, limit: EdgeLimit, plan
 
     cpus = pick_cpus(limit.cores)
     env = dict(os.environ, OMP_NUM_THREADS=str(limit.cores), MKL_NUM_THREADS=str(limit.cores))
-    if kvflow_isa is not None:
+    if kvflow_isa is not None and engine == "kvflow":
         env[cpu_kernels.ISA_ENV] = kvflow_isa
     with tempfile.TemporaryDirectory(prefix="kvflow-edge-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"

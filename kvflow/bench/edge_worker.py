@@ -26,8 +26,12 @@ class KVFlowEngine:
 
         self._params = SamplingParams
         self.llm = LLM(model=job["model"], dtype=job["dtype"], **job["engine_kwargs"])
+        from kvflow.model import cpu_kernels
+
         runner = getattr(getattr(self.llm.engine, "core", None), "runner", None)
-        self._info = {"cpu_kernels": getattr(runner, "cpu_forward", None) is not None} if runner is not None else {}
+        self._info = {"cpu_isa": cpu_kernels.cpu_isa(), "kernel_march": cpu_kernels.CFLAGS[1]}
+        if runner is not None:
+            self._info["cpu_kernels"] = getattr(runner, "cpu_forward", None) is not None
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         params = self._params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)

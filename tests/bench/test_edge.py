@@ -211,3 +211,35 @@ def test_models_are_named_and_checked(tmp_path):
     assert edge.parse_model(f"mine={tmp_path}") == ("mine", Path(tmp_path))
     with pytest.raises(ValueError, match="format"):
         edge.run_edge([("tiny", Path(tmp_path))], ["q2_k"], [edge.EdgeLimit(1, 1)])
+
+
+def test_the_isa_threads_and_idle_wait_reach_the_child(tmp_path, monkeypatch):
+    """--kvflow-isa sets KVFLOW_CPU_ISA for kvflow's child only; threads and --wait-idle go in its job."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_popen(args, env, preexec_fn, **kwargs):
+        seen["args"], seen["env"] = args, env
+        seen["job"] = json.loads(Path(args[-2]).read_text())
+        raise Stop
+
+    monkeypatch.setattr(edge.subprocess, "Popen", fake_popen)
+    name, path = edge.parse_model("tiny")
+    case = edge.ModelCase(name, path, "bf16")
+    plan = edge.make_plan(edge.vocab_size(path), 8, 4, 1, 0)
+    for engine in ("kvflow", "llamacpp"):
+        with pytest.raises(Stop):
+            edge.run_limited(engine, case, tmp_path / "m.gguf", edge.EdgeLimit(1, 1), plan, context_len=32,
+                             kv_cache_gib=0.05, kvflow_isa="generic", wait_idle_s=5.0, limiter="watchdog",
+                             python=sys.executable)
+        assert seen["env"]["OMP_NUM_THREADS"] == "1"
+        assert seen["job"]["threads"] == 1 and seen["job"]["wait_idle_s"] == 5.0 and seen["job"]["backend"] == engine
+        if engine == "kvflow":
+            assert seen["env"]["KVFLOW_CPU_ISA"] == "generic"
+            assert seen["args"][1:3] == ["-m", "kvflow.bench.edge_worker"]
+            assert seen["job"]["engine_kwargs"]["kv_cache_memory"] == 0.05
+        else:
+            assert seen["env"].get("KVFLOW_CPU_ISA") == os.environ.get("KVFLOW_CPU_ISA")
+            assert seen["args"][1].endswith("peers/worker.py") and seen["job"]["gguf"] == str(tmp_path / "m.gguf")
