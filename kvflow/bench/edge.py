@@ -172,6 +172,25 @@ def _command(engine: str, python: str | None) -> list[str]:
     return [peer_python("llamacpp", python), str(WORKER)]
 
 
+def drop_page_cache(path: Path) -> bool:
+    """Evict `path` from the page cache (POSIX_FADV_DONTNEED after an fsync), so that the next run reads it
+    again and its memory cgroup is charged for the pages: a cgroup charges a cached page to whoever read
+    it first (the parent that wrote the GGUF), and a run mapping pages charged elsewhere could hold more
+    than its limit resident without a kill. False where the kernel does not offer it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
+    except (OSError, AttributeError):
+        return False
+    finally:
+        os.close(fd)
+
+
 def run_limited(engine: str, case: ModelCase, gguf: Path, limit: EdgeLimit, plan: dict[str, Any], *,
                 seed: int = 0, context_len: int, kv_cache_gib: float, python: str | None = None,
                 limiter: str = "auto", rapl: Rapl | None = None, watts_per_core: float = DEFAULT_WATTS_PER_CORE,
@@ -192,6 +211,7 @@ def run_limited(engine: str, case: ModelCase, gguf: Path, limit: EdgeLimit, plan
                 "limit": asdict(limit), "limit_label": limit.label, "cpus": cpus, "memory_limiter": mem.method}
         if engine == "kvflow":
             base["kvflow_isa"] = env.get(cpu_kernels.ISA_ENV, "native")
+        base["cold_start"] = drop_page_cache(gguf)  # the model is read from disk, into this run's cgroup
         start = time.perf_counter()
         try:
             proc = subprocess.Popen([*_command(engine, python), str(job_path), str(result_path)], env=env,

@@ -243,3 +243,30 @@ def test_the_isa_threads_and_idle_wait_reach_the_child(tmp_path, monkeypatch):
         else:
             assert seen["env"].get("KVFLOW_CPU_ISA") == os.environ.get("KVFLOW_CPU_ISA")
             assert seen["args"][1].endswith("peers/worker.py") and seen["job"]["gguf"] == str(tmp_path / "m.gguf")
+
+
+MAPPER = ("import mmap, sys; f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); "
+          "print(sum(m[i] for i in range(0, len(m), 4096)))")
+
+
+def test_a_run_is_charged_for_the_model_file_it_maps(tmp_path):
+    """A page cache page is charged to the cgroup that read it first: a model file the parent wrote would map
+    into a limited child for free. drop_page_cache makes the child read it, inside its own limit."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(96 * 2**20))  # in the page cache, charged to this process's group
+
+    def mapped_peak(drop: bool) -> int:
+        limit = _cgroup_or_skip(2**30)
+        try:
+            if drop:
+                assert edge.drop_page_cache(model)
+            proc = subprocess.run([sys.executable, "-c", MAPPER, str(model)], capture_output=True, text=True,
+                                  preexec_fn=child_setup(pick_cpus(1), limit), timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            return limit.peak_bytes()
+        finally:
+            limit.close()
+
+    model.read_bytes()  # cached again
+    assert mapped_peak(drop=False) < 60 * 2**20  # the interpreter only: the file's pages are charged elsewhere
+    assert mapped_peak(drop=True) > 96 * 2**20  # read from disk into this group

@@ -19,7 +19,7 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUSTOMIZATIONS = ["base", "overlays/edge", "overlays/hpa", "overlays/disagg"]
-#: K3s' current minor and the schemas' newest: what a small cluster runs today and tomorrow.
+#: An older minor small clusters still run, and the newest the shipped schemas cover.
 K8S_VERSIONS = ["1.31.0", "1.37.0"]
 KUBECTL = shutil.which("kubectl")
 
