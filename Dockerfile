@@ -20,10 +20,13 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # Raspberry Pi 5, Graviton) takes the generic loops. The same value must be set when the kernels
 # are built and when they are loaded: it is part of their cache key.
 FROM ${PYTHON_IMAGE} AS base-amd64
-ENV KVFLOW_CPU_ISA=avx2
+ENV KVFLOW_CPU_ISA=avx2 KVFLOW_REQUIRE_KERNELS=1
 
+# arm64: not built or tested yet. kvflow/csrc includes <immintrin.h> and x86 prefetches outside its
+# AVX-512 guards, so the kernels are expected not to compile for arm64 today; the image then runs
+# the PyTorch modules (the same model, slower) instead of failing to build (docs/edge.md).
 FROM ${PYTHON_IMAGE} AS base-arm64
-ENV KVFLOW_CPU_ISA=generic
+ENV KVFLOW_CPU_ISA=generic KVFLOW_REQUIRE_KERNELS=0
 
 # hadolint ignore=DL3006
 FROM base-${TARGETARCH} AS base
@@ -52,10 +55,12 @@ COPY kvflow ./kvflow
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c requirements-lock.txt ".${KVFLOW_EXTRAS}" \
  && python -c "import kvflow, torch; print('kvflow', kvflow.__version__, 'torch', torch.__version__)"
 # Compile both extensions (the C++ forward and the quantised-weight kernels) now, and fail the
-# build if either is missing: a container must never fall back to a minute-long first-use build.
-RUN python -c "from kvflow.model import cpu_kernels; from kvflow.model.quant import kernels; \
-assert cpu_kernels.load_extension() is not None and kernels.load_extension() is not None, 'kernel build failed'; \
-print('kernels for', cpu_kernels.CFLAGS[1], 'in', cpu_kernels.build_dir())"
+# build if either is missing (KVFLOW_REQUIRE_KERNELS=1): a container must never fall back to a
+# minute-long first-use build.
+RUN python -c "import os; from kvflow.model import cpu_kernels; from kvflow.model.quant import kernels; \
+ok = cpu_kernels.load_extension() is not None and kernels.load_extension() is not None; \
+assert ok or os.environ['KVFLOW_REQUIRE_KERNELS'] == '0', 'kernel build failed'; \
+print('kernels for', cpu_kernels.CFLAGS[1], 'in', cpu_kernels.build_dir(), 'built' if ok else 'NOT BUILT')"
 
 FROM base AS runtime
 # libgomp1: the kernels' OpenMP runtime (the compiler is left behind in the build stage).
@@ -77,8 +82,9 @@ WORKDIR /home/kvflow
 # Fail the build unless the runtime loads the prebuilt kernels as its own user, with no compiler:
 # torch's loader reruns ninja, which must find the build current (same paths, same ninja), or
 # it would try to compile and the server would fall back to the slower PyTorch modules.
-RUN python -c "from kvflow.model import cpu_kernels; from kvflow.model.quant import kernels; \
-assert cpu_kernels.load_extension() is not None and kernels.load_extension() is not None, 'kernels do not load'"
+RUN python -c "import os; from kvflow.model import cpu_kernels; from kvflow.model.quant import kernels; \
+ok = cpu_kernels.load_extension() is not None and kernels.load_extension() is not None; \
+assert ok or os.environ['KVFLOW_REQUIRE_KERNELS'] == '0', 'kernels do not load'"
 # /models: user model directories or .gguf files (--model /models/NAME); the KV offload tier's files.
 VOLUME ["/models", "/var/lib/kvflow/kv-offload"]
 EXPOSE 8000

@@ -65,14 +65,18 @@ def test_installs_from_the_lock_with_the_cpu_torch_wheel():
 def test_kernels_are_built_for_a_baseline_isa_kvflow_knows():
     from kvflow.model import cpu_kernels
 
-    isas = {stage: env.split("=", 1)[1] for stage, env in zip(
+    isas = {stage: env.split("=", 1)[1].split()[0] for stage, env in zip(
         [s.split(" AS ")[1] for s in of("FROM") if " AS base-" in s],
         [e for e in of("ENV") if e.startswith("KVFLOW_CPU_ISA=")])}
     assert isas == {"base-amd64": "avx2", "base-arm64": "generic"}
+    required = [e.split("KVFLOW_REQUIRE_KERNELS=", 1)[1] for e in of("ENV") if "KVFLOW_REQUIRE_KERNELS=" in e]
+    assert required == ["1", "0"]  # amd64 must have its kernels; arm64 (untested) may run the modules
     assert cpu_kernels.march("avx2", "x86_64") == "x86-64-v3"
     assert cpu_kernels.march("generic", "aarch64") == "armv8-a"
     build, runtime = [r for r in of("RUN") if "load_extension()" in r]  # compiled; then loaded, compiler-less
-    assert "cpu_kernels.load_extension()" in build and "kernels.load_extension()" in build
+    for step in (build, runtime):
+        assert "cpu_kernels.load_extension()" in step and "kernels.load_extension()" in step
+        assert "assert ok or os.environ['KVFLOW_REQUIRE_KERNELS'] == '0'" in step
     order = [word if word != "RUN" else rest for word, rest in instructions()]
     assert order.index("USER") < order.index(runtime)  # as the server's user (the loader's lock file)
     assert "AS runtime" in next(r for w, r in reversed(instructions()[: order.index(runtime)]) if w == "FROM")
