@@ -10,8 +10,6 @@ import math
 import pytest
 import torch
 
-from kvflow.attention.kv_quant import store_fp8, store_int8
-from kvflow.attention.kv_spec import KVCacheSpec
 from kvflow.attention.specontext_ops import (
     buffer_moves,
     elastic_plan,
@@ -20,8 +18,7 @@ from kvflow.attention.specontext_ops import (
     retrieval_scores,
     select_tokens,
 )
-
-BS = 4
+from tests.attention.test_kv_policy_ops import BS, _cache, _fill
 
 
 def test_scores_are_the_max_over_query_heads_of_their_softmax():
@@ -53,23 +50,6 @@ def test_selection_is_the_sinks_then_the_best_scored(k, sinks):
 def test_selecting_more_than_there_is_is_refused():
     with pytest.raises(ValueError, match="cannot select 9 tokens among 8"):
         select_tokens(torch.rand(1, 8), 9, 0)
-
-
-def _cache(fmt: str, num_blocks: int, kvh: int, d: int):
-    spec = KVCacheSpec.for_format(fmt, 1, kvh, d, BS, torch.float32, 0.05 if fmt == "fp8_e4m3" else None)
-    return spec.allocate(num_blocks, "cpu")[0]
-
-
-def _fill(cache, table: list[int], n: int, kvh: int, d: int, gen: torch.Generator) -> None:
-    k, v = torch.randn(n, kvh, d, generator=gen), torch.randn(n, kvh, d, generator=gen)
-    slots = torch.tensor([table[i // BS] * BS + i % BS for i in range(n)])
-    sb, so = slots // BS, slots % BS
-    if isinstance(cache, torch.Tensor):
-        cache[0][sb, :, so], cache[1][sb, :, so] = k, v
-    elif cache[0].dtype == torch.int8:
-        store_int8(cache, k, v, sb, so)
-    else:
-        store_fp8(cache, k, v, sb, so)
 
 
 def _token(cache, block: int, head: int, offset: int) -> list[torch.Tensor]:
