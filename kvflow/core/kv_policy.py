@@ -241,7 +241,7 @@ class SpeContextPolicy(KVPolicy):
         s = self.settings
         request.kv_altered = True  # this token's KV is computed from a subset of the context: never shared
         return KVPolicyOp("specontext", budget=self.buffer_tokens, window=s.window, sink_tokens=s.sink_tokens,
-                          window_blocks=self.window_blocks, read_blocks=self.buffer_blocks + self.window_blocks,
+                          window_blocks=self.window_blocks,
                           dest_block_ids=request.kv_spare_blocks[: self.buffer_blocks], buffer_tokens=self.held,
                           verified_tokens=self.verified)
 
