@@ -136,6 +136,11 @@ inline void exp_inplace(float* x, int64_t n) {
 }
 
 // Dot product in fp32 (explicit fused multiply-adds: a summation order of our own either way).
+#ifndef __AVX512F__
+// The generic build keeps one out-of-line copy: inlined, each caller's `omp simd reduction` chose its
+// own summation order, so a dense and an int8 cache's rope_and_store normalised keys differently.
+__attribute__((noinline))
+#endif
 inline float dot(const float* a, const float* b, int64_t n) {
 #ifdef __AVX512F__
   if (n % 16 == 0) {
@@ -143,21 +148,11 @@ inline float dot(const float* a, const float* b, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
     return _mm512_reduce_add_ps(acc);
   }
+#endif
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
   return sum;
-#else
-  // The generic build: eight partial sums in an order fixed here, so every instantiation (a dense or an
-  // int8 cache's rope_and_store) rounds alike; `omp simd reduction` leaves the order to each inlined copy.
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-#endif
 }
 
 // ----------------------------------------------------------------------------- RMSNorm
