@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvflow.bench.peers.worker import tree_pids
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 POWERCAP = Path("/sys/class/powercap")
 MEMORY_LIMITERS = ("auto", "cgroup", "watchdog")
@@ -37,25 +39,6 @@ def pick_cpus(cores: int, allowed: set[int] | None = None) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------ process trees
-def tree_pids(root: int) -> list[int]:
-    """`root` and all its live descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo.extend(children.get(pid, []))
-    return pids
-
-
 def tree_rss_bytes(root: int) -> int:
     """Resident memory of `root`'s process tree now (sum of VmRSS)."""
     total = 0

@@ -120,8 +120,10 @@ class _LlamaCppEngine:
 ENGINES = {"vllm": _VLLMEngine, "llamacpp": _LlamaCppEngine}
 
 
-def _tree_pids() -> list[int]:
-    """This process and all its descendants (vLLM runs its engine core in child processes)."""
+def tree_pids(root: int | None = None) -> list[int]:
+    """`root` (default: this process) and all its live descendants (vLLM runs its engine core in
+    child processes). Standard library only: this file runs in the peers' own environments, and
+    kvflow.bench.edge_limits uses it too."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -131,7 +133,7 @@ def _tree_pids() -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    pids, todo = [], [os.getpid()]
+    pids, todo = [], [os.getpid() if root is None else root]
     while todo:
         pid = todo.pop()
         pids.append(pid)
@@ -142,7 +144,7 @@ def _tree_pids() -> list[int]:
 def _tree_cpu_seconds() -> float:
     """User + system CPU time of the live process tree."""
     total = 0
-    for pid in _tree_pids():
+    for pid in tree_pids():
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -155,7 +157,7 @@ def _tree_cpu_seconds() -> float:
 def _tree_peak_rss_mib() -> float:
     """Sum of each live process's peak RSS (VmHWM): an upper bound on the tree's peak."""
     total_kib = 0
-    for pid in _tree_pids():
+    for pid in tree_pids():
         try:
             with open(f"/proc/{pid}/status") as f:
                 total_kib += next((int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")), 0)
