@@ -108,7 +108,8 @@ def test_ray_deployment_matches_colocated_and_gives_everything_back(ray_start, r
     expected = complete_all(colocated.url)
     colocated.stop()
     srv = ray_start("--disagg", "--ray-address", ray_head.address, "--prefill", "1", "--decode", "2")
-    assert ray_head.used_cpus() == 3  # one bundle per instance, reserved by the placement group
+    # One bundle per instance, reserved by the placement group (`ray status` reports it with a lag).
+    assert wait_until(lambda: ray_head.used_cpus() == 3, timeout=30), ray_head.used_cpus()
     assert complete_all(srv.url) == expected
     assert metric(srv.url, "kvflow:kv_transfers_total") == 4
     assert metric(srv.url, "kvflow:kv_load_fallbacks_total") == 0
