@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 from kvflow.version import __version__
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "LoRARequest", "__version__"]
 
 if TYPE_CHECKING:
     from kvflow.config import EngineConfig
     from kvflow.llm import LLM
+    from kvflow.lora_request import LoRARequest
     from kvflow.outputs import CompletionOutput, RequestOutput
     from kvflow.sampling_params import SamplingParams
 
@@ -20,6 +21,7 @@ _LAZY = {
     "EngineConfig": "kvflow.config",
     "RequestOutput": "kvflow.outputs",
     "CompletionOutput": "kvflow.outputs",
+    "LoRARequest": "kvflow.lora_request",
 }
 
 

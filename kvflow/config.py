@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -725,6 +726,60 @@ class RunnerConfig:
             raise ValueError(f"quant_activations must be one of {QUANT_ACTIVATIONS}, got {self.quant_activations!r}")
 
 
+MAX_LORA_RANK_LIMIT = 256
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (kvflow/model/lora.py, kvflow/worker/lora_manager.py): requests name an adapter
+    (PEFT's format) and run it beside the base model and other adapters in the same step.
+
+    `max_loras` adapters are resident in a step's slots (distinct adapters among running requests; a
+    request for another waits, it is never refused); up to `max_cpu_loras` more stay loaded in host
+    memory (least recently used dropped first) and are read from disk again when needed."""
+
+    enable_lora: bool = False
+    # "NAME=DIR" entries served from the start (the offline API also takes a {name: dir} mapping).
+    lora_modules: tuple[str, ...] = ()
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # default: max(max_loras, 16)
+
+    def __post_init__(self) -> None:
+        modules = self.lora_modules
+        if isinstance(modules, str):
+            modules = (modules,)
+        elif isinstance(modules, Mapping):
+            modules = tuple(f"{name}={path}" for name, path in modules.items())
+        modules = tuple(str(m) for m in modules)
+        names: set[str] = set()
+        for entry in modules:
+            name, sep, path = entry.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"lora_modules entries are NAME=DIR, got {entry!r}")
+            if name in names:
+                raise ValueError(f"lora_modules names {name!r} twice")
+            names.add(name)
+        object.__setattr__(self, "lora_modules", modules)
+        if modules and not self.enable_lora:
+            raise ValueError("lora_modules needs enable_lora (--enable-lora)")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if not 1 <= self.max_lora_rank <= MAX_LORA_RANK_LIMIT:
+            raise ValueError(f"max_lora_rank must be in [1, {MAX_LORA_RANK_LIMIT}], got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+    @property
+    def modules(self) -> dict[str, str]:
+        """The adapters served from the start, name -> directory."""
+        return dict(entry.split("=", 1) for entry in self.lora_modules)
+
+    @property
+    def host_slots(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else max(self.max_loras, 16)
+
+
 KV_TRANSFER_ROLES = ("prefill", "decode")
 KV_TRANSPORTS = ("tcp", "shm")
 KV_TRANSFER_MODES = ("whole", "layerwise")
@@ -775,6 +830,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     # Weights quantised at load; the result is `model.quantization` (which the loader reads).
     load: LoadConfig = field(default_factory=LoadConfig)
     device: str = "cpu"
@@ -818,6 +874,9 @@ class EngineConfig:
                                  "yet: use int8 or fp8_e4m3")
             if self.cache.kv_policy != "none":
                 raise ValueError(f"speculative decoding does not support kv_policy={self.cache.kv_policy} yet")
+        if self.lora.enable_lora and self.kv_transfer is not None:
+            raise ValueError("LoRA adapters are not served by disaggregated prefill/decode instances yet "
+                             "(the prefill instance would need each adapter too): serve them colocated")
 
     def kv_policy_allowed(self) -> str | None:
         """Why this engine cannot run a KV policy (None: it can). A policy drops or skips KV, so it needs
@@ -844,7 +903,7 @@ class EngineConfig:
     ) -> EngineConfig:
         """Build from flat keyword arguments (the offline API and CLI use this)."""
         parts: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}, RunnerConfig: {},
-                                             SpeculativeConfig: {}, LoadConfig: {}}
+                                             SpeculativeConfig: {}, LoadConfig: {}, LoRAConfig: {}}
         if "max_num_seqs" in kwargs and "admission" not in kwargs:
             kwargs = {**kwargs, "admission": "seqs"}  # a limit the user sets is a limit, prefix tree or not
         for key, value in kwargs.items():
@@ -865,6 +924,7 @@ class EngineConfig:
             runner=RunnerConfig(**parts[RunnerConfig]),
             speculative=SpeculativeConfig(**parts[SpeculativeConfig]),
             load=LoadConfig(**parts[LoadConfig]),
+            lora=LoRAConfig(**parts[LoRAConfig]),
             device=device,
             seed=seed,
         )

@@ -9,12 +9,14 @@ from tqdm.auto import tqdm
 
 from kvflow.config import EngineConfig
 from kvflow.engine.llm_engine import LLMEngine
+from kvflow.lora_request import LoRARequest
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 
 Prompt = str | list[int] | Mapping[str, Any]
 Params = SamplingParams | Mapping[str, Any]
 Message = Mapping[str, Any]
+Lora = LoRARequest | str
 
 
 class LLM:
@@ -25,6 +27,8 @@ class LLM:
 
     Engine keyword arguments: `max_num_seqs`, `max_num_batched_tokens`, `enable_chunked_prefill`,
     `block_size`, `kv_cache_memory` (GiB), `num_blocks`, `enable_prefix_caching`, `policy`, and
+    `enable_lora`, `lora_modules` ({name: dir}), `max_loras`, `max_lora_rank`, `max_cpu_loras`: LoRA
+    adapters per request (`generate(..., lora_request=...)`); and
     `batch_policy`: offline, a batch of at least `prefix_tree_min_batch` (32) prompts is grouped by
     shared prefix (BatchLLM, "auto", the default here); "fcfs" runs it in order, "prefix-tree" groups
     every batch.
@@ -73,8 +77,12 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: Params | Sequence[Params] | None = None,
         use_tqdm: bool = True,
+        lora_request: Lora | Sequence[Lora] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order.
+
+        `lora_request` (an engine with `enable_lora=True`): the LoRA adapter of every prompt, or one per
+        prompt, each a `LoRARequest(name, id, path)` or the name of a loaded adapter (None: the base).
 
         A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": [...]}, which
         may add {"cache_salt": "..."}: KV is then shared only with prompts of the same salt. A single
@@ -90,13 +98,22 @@ class LLM:
         else:
             params_list = [self.engine.to_sampling_params(sampling_params)] * len(prompt_list)
 
+        if isinstance(lora_request, Sequence) and not isinstance(lora_request, str):
+            if len(lora_request) != len(prompt_list):
+                raise ValueError(f"got {len(lora_request)} lora requests for {len(prompt_list)} prompts")
+            loras = list(lora_request)
+        else:
+            loras = [lora_request] * len(prompt_list)
+
         tokenized = [self.engine.tokenize_prompt(p) for p in prompt_list]
         salts = [self.engine.inputs.cache_salt_of(p) for p in prompt_list]
         for (_, ids), params in zip(tokenized, params_list):
             self.engine.validate(ids, params)
+        for lora in dict.fromkeys(loras):  # each adapter checked (and loaded) before any request starts
+            self.engine.loras.resolve(lora)
 
         request_ids = []
-        for (text, ids), params, salt in zip(tokenized, params_list, salts):
+        for (text, ids), params, salt, lora in zip(tokenized, params_list, salts, loras):
             request_id = f"offline-{self._counter}"
             self._counter += 1
             prompt: dict[str, Any] = {"prompt_token_ids": ids}
@@ -104,7 +121,7 @@ class LLM:
                 prompt["prompt"] = text
             if salt is not None:
                 prompt["cache_salt"] = salt
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, lora_request=lora)
             request_ids.append(request_id)
         return self._run(request_ids, use_tqdm)
 

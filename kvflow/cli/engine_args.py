@@ -80,6 +80,12 @@ _HELP = {
     "quantization_group_size": "bipolar: weights per scale and offset along K, a multiple of 8 (default 64)",
     "quantization_activation_bits": "int8: 8 runs W8A8 (per-token int8 activations; default W8A16); bipolar: "
                                     "2..8 runs the A-bit bit-plane variant (default float activations)",
+    "enable_lora": "serve LoRA adapters (PEFT's format) per request, beside the base model in the same steps",
+    "lora_modules": "adapters served from the start, NAME=DIR ... (the API's `model` field selects one by NAME)",
+    "max_loras": "adapters resident at once (default 4): requests for another wait for a free slot",
+    "max_lora_rank": "largest adapter rank served (default 16); slots are sized for it",
+    "max_cpu_loras": "adapters kept loaded in host memory, least recently used dropped first (default "
+                     "max(max_loras, 16))",
     "speculative_token_budget": "proposals verified per step across the batch: each of B decoding requests "
                                 "verifies at most budget // B (default 8; speculation turns off past 8 requests)",
 }
@@ -87,9 +93,9 @@ _HELP = {
 
 def _engine_parts() -> tuple[type, ...]:
     """The config dataclasses whose fields are engine flags (imported here: kvflow.config needs torch)."""
-    from kvflow.config import CacheConfig, LoadConfig, RunnerConfig, SchedulerConfig, SpeculativeConfig
+    from kvflow.config import CacheConfig, LoadConfig, LoRAConfig, RunnerConfig, SchedulerConfig, SpeculativeConfig
 
-    return CacheConfig, SchedulerConfig, RunnerConfig, SpeculativeConfig, LoadConfig
+    return CacheConfig, SchedulerConfig, RunnerConfig, SpeculativeConfig, LoadConfig, LoRAConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +116,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             hint = hints[f.name]
             if hint is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP.get(f.name))
+                continue
+            if typing.get_origin(hint) is tuple:  # a list of values: --lora-modules a=DIR b=DIR
+                group.add_argument(flag, nargs="+", default=None, metavar="VALUE", help=_HELP.get(f.name))
                 continue
             base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
             group.add_argument(flag, type=base, default=None, help=_HELP.get(f.name))

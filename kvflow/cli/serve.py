@@ -39,6 +39,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port)")
     parser.add_argument("--api-key", default=os.environ.get("KVFLOW_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $KVFLOW_API_KEY)")
+    parser.add_argument("--allow-runtime-lora", action="store_true",
+                        help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --api-key and "
+                             "--enable-lora)")
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: --model)")
     parser.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING,
                         help="sequences (prompts x n) admitted but not yet started that may wait at once; more "
@@ -156,7 +159,13 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     tokenizer = load_tokenizer(config.model.tokenizer_path)
     name = args.served_model_name or args.model or Path(model).name  # the shipped model is "tiny"
     metrics = ServerMetrics(name, config.scheduler.max_num_batched_tokens)  # the step-size buckets end there
+    if args.allow_runtime_lora and not (args.api_key and config.lora.enable_lora):
+        raise ValueError("--allow-runtime-lora needs --api-key (loading adapters changes what every client is "
+                         "served) and --enable-lora")
     if args.disagg or args.deployment or args.ray_address:
+        if config.lora.enable_lora:
+            raise ValueError("--enable-lora is not supported with disaggregated serving yet (each prefill "
+                             "instance would need the adapters too): serve adapters from one engine")
         from kvflow.disagg.router import DisaggEngine
 
         transfer = KVTransferConfig(transport=args.kv_transport, mode=args.kv_transfer_mode,
@@ -166,7 +175,8 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     else:
         engine = AsyncEngine(config, tokenizer, metrics, args.max_waiting_requests)
     ctx = ServerContext(engine, tokenizer, name, config.model.max_model_len)
-    app = build_app(ctx, api_key=args.api_key, max_body_bytes=args.max_request_bytes)
+    app = build_app(ctx, api_key=args.api_key, max_body_bytes=args.max_request_bytes,
+                    allow_runtime_lora=args.allow_runtime_lora)
     server = _engine_first_server(app, uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
         timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=5, lifespan="off",

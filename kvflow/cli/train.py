@@ -19,6 +19,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", type=Path, default=None,
                         help="retrieval presets: the model whose attention is distilled (default: the preset's, "
                              "the shipped tiny for tiny-retrieval)")
+    tune = parser.add_argument_group("fine-tuning (--finetune): a variant of a trained model on one corpus slice")
+    tune.add_argument("--finetune", action="store_true", help="fine-tune --from DIR instead of training a preset")
+    tune.add_argument("--from", dest="base", type=Path, default=None,
+                      help="the model to fine-tune (default: the shipped tiny)")
+    tune.add_argument("--method", choices=("lora", "top-layers"), default="lora",
+                      help="lora: a PEFT LoRA adapter; top-layers: a full model with only its top layers trained")
+    tune.add_argument("--slice", choices=("prose", "code"), default="code",
+                      help="the corpus slice to train on: prose (pydoc topics) or code (the standard library)")
+    tune.add_argument("--steps", type=int, default=200)
+    tune.add_argument("--lora-rank", type=int, default=8)
+    tune.add_argument("--lora-alpha", type=int, default=16)
+    tune.add_argument("--top-layers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
@@ -28,6 +40,8 @@ def _run(args: argparse.Namespace) -> int:
     from kvflow.train.presets import PRESETS
     from kvflow.train.retrieval import RETRIEVAL_PRESETS, run_retrieval_training
 
+    if args.finetune:
+        return _finetune(args)
     if args.preset in RETRIEVAL_PRESETS:
         preset = RETRIEVAL_PRESETS[args.preset]
         teacher = args.teacher
@@ -50,4 +64,17 @@ def _run(args: argparse.Namespace) -> int:
 
     report = run_training(PRESETS[args.preset], args.out, show_progress=not args.no_progress, threads=args.threads)
     print(json.dumps({k: report[k] for k in ("teacher", "draft", "corpus", "command_wall_seconds")}, indent=2))
+    return 0
+
+def _finetune(args: argparse.Namespace) -> int:
+    """`--finetune`: writes the variant to --out (a PEFT adapter directory, or a model directory)."""
+    from kvflow.assets import default_model_path
+    from kvflow.train.finetune import FinetuneSettings, run_finetune
+
+    settings = FinetuneSettings(slice=args.slice, method=args.method, steps=args.steps, lora_rank=args.lora_rank,
+                                lora_alpha=args.lora_alpha, top_layers=args.top_layers)
+    base = Path(args.base) if args.base is not None else Path(default_model_path())
+    report = run_finetune(base, args.out, settings, show_progress=not args.no_progress, threads=args.threads)
+    print(json.dumps({k: report[k] for k in ("trainable_parameters", "heldout_perplexity_before",
+                                             "heldout_perplexity_after", "command_wall_seconds")}, indent=2))
     return 0

@@ -203,10 +203,11 @@ class KVCacheManager:
         self._uses_slots = residual_slots > 0
 
     def salt(self, request: Request) -> str | None:
-        """The salt a request's blocks are indexed under: the KV format and the request's own salt."""
-        if not self.kv_format:
-            return request.cache_salt
-        return f"{self.kv_format}|{request.cache_salt}" if request.cache_salt else self.kv_format
+        """The salt a request's blocks are indexed under: the KV format, its LoRA adapter (name and digest)
+        and the request's own salt."""
+        parts = [part for part in (self.kv_format, request.lora and f"lora:{request.lora.key}", request.cache_salt)
+                 if part]
+        return "|".join(parts) or None
 
     @property
     def num_blocks(self) -> int:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvflow.kv_transfer.wire import KVTransferParams
+from kvflow.lora_request import AdapterRef
 from kvflow.sampling_params import SamplingParams
 from kvflow.worker.step import TokenLogprobs
 
@@ -65,6 +66,7 @@ class Request:
         priority: int = 0,
         kv_transfer: KVTransferParams | None = None,
         cache_salt: str | None = None,
+        lora: AdapterRef | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -102,6 +104,8 @@ class Request:
         self.kv_transfer = kv_transfer
         # Chained into its prefix blocks' hashes: requests with different salts never share KV blocks.
         self.cache_salt = cache_salt
+        # The LoRA adapter it runs with (None: the base model); its key salts its KV blocks too.
+        self.lora = lora
         # KV policy (kv_policy.py): what it keeps or reads of this request's KV; None keeps all.
         self.kv_policy: KVPolicy | None = None
         # Positions dropped from the front of the cache by the policy: position p sits at index p - kv_shift.

@@ -111,11 +111,13 @@ class SchedulerEvents:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
                  connector: KVConnector | None = None, speculative: bool = False, lookahead: int = 0,
-                 spec_token_budget: int = 0) -> None:
+                 spec_token_budget: int = 0, max_loras: int = 0) -> None:
         """`speculative`: the runner proposes tokens (speculative decoding) for requests that allow it;
         `lookahead`: cache entries a proposing request needs past its step's tokens (a draft model's KV
-        for its proposals); `spec_token_budget`: proposals verified per step across the batch."""
+        for its proposals); `spec_token_budget`: proposals verified per step across the batch;
+        `max_loras`: distinct LoRA adapters the running requests may use at once (the runner's slots)."""
         self.config = config
+        self.max_loras = max_loras
         self.speculative = speculative
         self.lookahead = lookahead
         self.spec_token_budget = spec_token_budget
@@ -281,10 +283,13 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         chunked = self.config.enable_chunked_prefill
         skipped: list[Request] = []
+        adapters = {r.lora.key for r in self.running if r.lora is not None}
+        held: list[bool] = [False]  # a LoRA request waits for a slot: adapter requests behind it wait too
         while self.waiting and budget > 0 and self._may_admit_more():
             request = self.policy.pop_next(self.waiting)
             memory = self._memory_admission()  # (popping may have planned a batch)
-            if not self._ready(request) or not self.policy.ready(request):
+            if not self._ready(request) or not self.policy.ready(request) or not self._adapter_fits(
+                    request, adapters, held):
                 skipped.append(request)
                 continue
             if request.num_computed_tokens >= request.num_tokens_to_compute:
@@ -313,10 +318,25 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             if request.scheduled_time is None:
                 request.scheduled_time = time.monotonic()
+            if request.lora is not None:
+                adapters.add(request.lora.key)
             self.running.append(request)
             out.chunks.append(self._chunk(request, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def _adapter_fits(self, request: Request, adapters: set[str], held: list[bool]) -> bool:
+        """A request for a LoRA adapter that no running request uses waits while every slot is taken: it is
+        passed over, never refused. Requests behind it for the base model go ahead; those for adapters
+        wait too (`held`), so the running adapters drain and free a slot for it instead of keeping
+        every slot busy with newer requests forever."""
+        lora = request.lora
+        if lora is None:
+            return True
+        if held[0] or (lora.key not in adapters and len(adapters) >= self.max_loras):
+            held[0] = True
+            return False
+        return True
 
     def _finish_uncomputed(self, request: Request, out: SchedulerOutput) -> None:
         """A prompt-only request that needs no KV (its prompt is one token, or it is an n > 1 sibling,

@@ -454,7 +454,22 @@ struct LayerWeights {
   at::Tensor qkv_blocked, o_blocked, gate_up_blocked, down_blocked;  // decode GEMV copies (undefined: none)
   int64_t window;  // sliding window in tokens; 0 = full attention
   QuantProjection qkv_q, o_q, gate_up_q, down_q;  // quantised projections (undefined: float weights)
+  // LoRA slots (kvflow/model/lora.py): A [S, R, K] and B [S, N, R] of qkv, o, gate_up, down; undefined: none.
+  at::Tensor lora[8];
 };
+
+// LoRA: out[start:end] += (x[start:end] · A[slot]ᵀ) · B[slot]ᵀ for each (slot, start, end) run, the very
+// ops of lora.py's SlotAdapter.add, so both paths agree bit for bit. Tokens outside every run: the base alone.
+inline void add_lora(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                     const at::Tensor& runs) {
+  if (!runs.defined() || !a.defined()) return;
+  RECORD_FUNCTION("kvflow::lora", std::vector<c10::IValue>());
+  const int64_t* r = runs.data_ptr<int64_t>();
+  for (int64_t i = 0; i < runs.size(0); ++i) {
+    const int64_t slot = r[3 * i], start = r[3 * i + 1], n = r[3 * i + 2] - start;
+    out.narrow(0, start, n).add_(at::mm(at::mm(x.narrow(0, start, n), a[slot].t()), b[slot].t()));
+  }
+}
 
 // A layer's projection: the quantised kernels where it has quantised weights, else `linear`.
 inline at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool packed,
@@ -503,6 +518,20 @@ class CpuModel {
     }
   }
 
+  // LoRA slots per layer: [A, B] of qkv, o, gate_up and down (LoRASlots.cpp_tensors), read in place each step.
+  void set_lora(const std::vector<std::vector<at::Tensor>>& slots) {
+    TORCH_CHECK(slots.size() == layers_.size(), "CpuModel: LoRA slots for every layer");
+    for (size_t l = 0; l < slots.size(); ++l) {
+      TORCH_CHECK(slots[l].size() == 8, "CpuModel: a layer's LoRA slots are [A, B] of its four projections");
+      for (int k = 0; k < 8; ++k) {
+        TORCH_CHECK(slots[l][k].dim() == 3 && slots[l][k].is_contiguous() &&
+                    slots[l][k].scalar_type() == embed_.scalar_type(), "CpuModel: LoRA slots are contiguous "
+                    "[S, R, K] / [S, N, R] tensors of the model's dtype");
+        layers_[l].lora[k] = slots[l][k];
+      }
+    }
+  }
+
   // input_ids, positions, seq_index, slot_mapping: [T] int64; block_tables: [B, max_blocks] int64.
   // kv_positions: [T] int64, each token's index in its sequence's cache (its position, less what a
   // KV policy dropped before it; positions alone drive the rotary embedding). Undefined: positions.
@@ -518,14 +547,21 @@ class CpuModel {
   // attends over the cache as it was, then quantises the completed groups and writes the ring.
   // `shared_prefix`: [groups, members], decodes whose leading blocks are read once per group
   // (cpu_attention.h's SharedPrefix); the step's own tables only (not Quest's reduced ones, not KIVI).
+  // `lora_runs`: [R, 3] int64 (slot, start, end): runs of tokens that add a LoRA slot's delta to every projection.
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& seq_index,
                      const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                      const std::function<void(int64_t)>& layer_done, const std::optional<at::Tensor>& kv_positions_in,
                      const std::function<std::vector<at::Tensor>(int64_t, const at::Tensor&)>& before_attention,
                      const std::function<void(int64_t, const at::Tensor&)>& after_attention,
                      const std::optional<std::vector<at::Tensor>>& kivi,
-                     const std::optional<std::vector<at::Tensor>>& shared_prefix = std::nullopt) {
+                     const std::optional<std::vector<at::Tensor>>& shared_prefix = std::nullopt,
+                     const std::optional<at::Tensor>& lora_runs_in = std::nullopt) {
     const int64_t tokens = input_ids.size(0);
+    const at::Tensor lora_runs = lora_runs_in.has_value() ? *lora_runs_in : at::Tensor();
+    TORCH_CHECK(!lora_runs.defined() || (lora_runs.scalar_type() == at::kLong && lora_runs.is_contiguous() &&
+                                         lora_runs.dim() == 2 && lora_runs.size(1) == 3),
+                "CpuModel: lora_runs is a contiguous [R, 3] int64 tensor");
+    TORCH_CHECK(!lora_runs.defined() || layers_.front().lora[0].defined(), "CpuModel: lora_runs without LoRA slots");
     TORCH_CHECK(!shared_prefix || (shared_prefix->size() == 2 && kivi_bits_ == 0),
                 "CpuModel: shared_prefix is [groups, members], over a paged (not KIVI) cache");
     const SharedPrefix shared = shared_prefix ? shared_prefix_of((*shared_prefix)[0], (*shared_prefix)[1],
@@ -555,6 +591,7 @@ class CpuModel {
       const at::Tensor scales = quantised_ ? kv_scales_[l] : at::Tensor();
       KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.input_norm, normed, eps_); });
       at::Tensor qkv = project(normed, w.qkv, w.qkv_bias, packed_, w.qkv_blocked, w.qkv_q);
+      add_lora(qkv, normed, w.lora[0], w.lora[1], lora_runs);
       if (kivi_bits_) {
         TORCH_CHECK(!before_attention, "CpuModel: Quest's reduced reads do not run over a KIVI cache");
         kivi_layer(l, qkv, positions, seq_index, kv_positions, block_tables, step_kv, step_slots, *kivi, q, attn);
@@ -583,12 +620,16 @@ class CpuModel {
         });
         if (after_attention) after_attention(static_cast<int64_t>(l), q);
       }
-      delta = project(attn.view({tokens, num_heads_ * head_dim_}), w.o, w.o_bias, packed_, w.o_blocked, w.o_q);
+      const at::Tensor attn_flat = attn.view({tokens, num_heads_ * head_dim_});
+      delta = project(attn_flat, w.o, w.o_bias, packed_, w.o_blocked, w.o_q);
+      add_lora(delta, attn_flat, w.lora[2], w.lora[3], lora_runs);
       KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.post_norm, normed, eps_); });
       at::Tensor gate_up = project(normed, w.gate_up, w.gate_up_bias, packed_, w.gate_up_blocked, w.gate_up_q);
+      add_lora(gate_up, normed, w.lora[4], w.lora[5], lora_runs);
       at::Tensor act = at::empty({tokens, gate_up.size(1) / 2}, residual.options());
       KVFLOW_RUN(dtype, "silu_and_mul", [&] { silu_and_mul<scalar_t>(gate_up, act); });
       delta = project(act, w.down, w.down_bias, packed_, w.down_blocked, w.down_q);
+      add_lora(delta, act, w.lora[6], w.lora[7], lora_runs);
       if (layer_done) layer_done(static_cast<int64_t>(l));
     }
     KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, final_norm_, normed, eps_); });
@@ -985,7 +1026,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("layer_done") = pybind11::none(), pybind11::arg("kv_positions") = pybind11::none(),
            pybind11::arg("before_attention") = pybind11::none(), pybind11::arg("after_attention") = pybind11::none(),
            pybind11::arg("kivi") = pybind11::none(), pybind11::arg("shared_prefix") = pybind11::none(),
-           pybind11::call_guard<pybind11::gil_scoped_release>())
+           pybind11::arg("lora_runs") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("set_lora", &CpuModel::set_lora)
       .def("draft_greedy", &draft_greedy, pybind11::arg("feed_ids"), pybind11::arg("feed_lens"), pybind11::arg("starts"),
            pybind11::arg("counts"), pybind11::arg("block_tables"), pybind11::arg("block_size"), pybind11::arg("head"),
            pybind11::arg("head_bias"), pybind11::arg("head_packed"), pybind11::arg("head_blocked"),

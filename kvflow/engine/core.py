@@ -23,6 +23,7 @@ from kvflow.core.request import Request, RequestStatus
 from kvflow.core.scheduler import Scheduler, SchedulerEvents, SchedulerOutput
 from kvflow.kv_transfer.base import KVConnector
 from kvflow.kv_transfer.offload.connector import OffloadStats
+from kvflow.worker.lora_manager import AdapterLoadError
 from kvflow.worker.model_runner import ModelRunner
 from kvflow.worker.sampler import advance_generator
 from kvflow.worker.step import RunnerOutput, TokenLogprobs
@@ -108,7 +109,8 @@ class EngineCore:
         lookahead = spec.num_speculative_tokens if spec.speculative_method == "draft" else 0
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len, connector,
                                    speculative=spec.enabled, lookahead=lookahead,
-                                   spec_token_budget=spec.speculative_token_budget)
+                                   spec_token_budget=spec.speculative_token_budget,
+                                   max_loras=config.lora.max_loras if config.lora.enable_lora else 0)
         self.num_steps = 0
         self.last_step_tokens = 0  # tokens the last step computed (prompt chunks, decodes, proposals verified)
         # Keep what each step computed for the step log of `kvflow serve --step-log` (which
@@ -146,7 +148,10 @@ class EngineCore:
             return outputs
         if self.record_shapes:
             self.last_shape = self._step_shape(sched)
-        result = self.runner.execute(sched.chunks)
+        try:
+            result = self.runner.execute(sched.chunks)
+        except AdapterLoadError as e:  # nothing ran: other requests run next step, these end here
+            return outputs + self._adapter_failures(sched, e)
         new_prompt_logprobs = self._record_prompt_logprobs(sched, result)
         kept = self.scheduler.update(sched, result)
         self.num_steps += 1
@@ -174,6 +179,20 @@ class EngineCore:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason
             outputs.append(out)
+        return outputs
+
+    def _adapter_failures(self, sched: SchedulerOutput, error: AdapterLoadError) -> list[EngineCoreOutput]:
+        """Finish (aborted) the requests whose LoRA adapter could not be loaded: its files changed or went
+        away since it was registered. No other request is touched; none ran with other weights."""
+        outputs = []
+        for chunk in sched.chunks:
+            request = chunk.request
+            if request.lora is None or request.lora.key not in error.keys or request.finished:
+                continue
+            logger.error("request %s: %s", request.request_id, error.keys[request.lora.key])
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ABORTED)
+            outputs.append(EngineCoreOutput(request.request_id, finish_reason=RequestStatus.FINISHED_ABORTED.value,
+                                            stop_reason=f"LoRA adapter {request.lora.name!r} could not be loaded"))
         return outputs
 
     @staticmethod

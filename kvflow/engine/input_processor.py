@@ -18,6 +18,7 @@ import msgspec
 from kvflow.config import EngineConfig, resolve_kv_policy
 from kvflow.core.request import Request
 from kvflow.kv_transfer.wire import KVTransferParams
+from kvflow.lora_request import AdapterRef
 from kvflow.model.loader import eos_token_ids, load_generation_config
 from kvflow.sampling_params import SamplingParams
 
@@ -40,6 +41,7 @@ class CoreRequestSpec(msgspec.Struct):
     priority: int = 0
     kv_transfer: KVTransferParams | None = None
     cache_salt: str | None = None
+    lora: AdapterRef | None = None
 
 
 def build_core_requests(specs: list[CoreRequestSpec]) -> list[Request]:
@@ -50,7 +52,7 @@ def build_core_requests(specs: list[CoreRequestSpec]) -> list[Request]:
         built[spec.request_id] = Request(
             spec.request_id, spec.prompt_token_ids, spec.params, spec.eos_token_ids,
             spec.arrival_time, spec.max_model_len, leader=leader, seed=spec.seed, priority=spec.priority,
-            kv_transfer=spec.kv_transfer, cache_salt=spec.cache_salt,
+            kv_transfer=spec.kv_transfer, cache_salt=spec.cache_salt, lora=spec.lora,
         )
     return list(built.values())
 
@@ -159,7 +161,7 @@ class InputProcessor:
     # --------------------------------------------------------------- fan-out
     def make_specs(
         self, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float | None = None,
-        priority: int = 0, cache_salt: str | None = None,
+        priority: int = 0, cache_salt: str | None = None, lora: AdapterRef | None = None,
     ) -> list[CoreRequestSpec]:
         """One spec per sequence: `n > 1` siblings share the leader's prompt blocks; seeds are seed + index."""
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -176,6 +178,7 @@ class InputProcessor:
                 seed=None if params.seed is None else params.seed + index,
                 priority=priority,
                 cache_salt=cache_salt,
+                lora=lora,
             ))
         return specs
 

@@ -17,8 +17,10 @@ from kvflow.config import EngineConfig
 from kvflow.core.request import RequestStatus
 from kvflow.engine.core import EngineCore, EngineStats
 from kvflow.engine.input_processor import InputProcessor, build_core_requests
+from kvflow.engine.lora_registry import LoRARegistry
 from kvflow.engine.output_processor import OutputProcessor
 from kvflow.kv_transfer.base import make_connector
+from kvflow.lora_request import LoRARequest
 from kvflow.model.loader import load_tokenizer
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
@@ -35,6 +37,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.core = EngineCore(config, make_connector(config))
         self.inputs = InputProcessor(config, self.tokenizer, self.core.kv.num_blocks)
+        self.loras = LoRARegistry(config)
         self.outputs = OutputProcessor(self.tokenizer)
 
     @classmethod
@@ -76,14 +79,17 @@ class LLMEngine:
         params: SamplingParams | Mapping[str, Any] | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | str | None = None,
     ) -> None:
-        """Validate everything first; only then does the request touch the engine."""
+        """Validate everything first; only then does the request touch the engine. `lora_request`: the
+        LoRA adapter to run it with (a `LoRARequest`, or the name of a loaded adapter)."""
         params = self.to_sampling_params(params)
         text, ids = self.tokenize_prompt(prompt)
         salt = self.inputs.cache_salt_of(prompt)
         self.validate(ids, params)
+        lora = self.loras.resolve(lora_request)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        specs = self.inputs.make_specs(ids, params, arrival, priority, salt)
+        specs = self.inputs.make_specs(ids, params, arrival, priority, salt, lora)
         self.outputs.add_request(request_id, text, ids, params, [s.request_id for s in specs], arrival)
         for request in build_core_requests(specs):
             self.core.add_request(request)

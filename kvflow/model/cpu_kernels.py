@@ -46,6 +46,7 @@ from kvflow.attention.kv_policy_ops import block_attention_mass
 from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 from kvflow.attention.shared_prefix import SharedPrefixGroups
 from kvflow.model.linear import CpuKernelWeights, Linear
+from kvflow.model.lora import LoRASlots
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,11 @@ class CpuForward:
     it must be rebuilt if either is replaced.
     """
 
-    def __init__(self, model: nn.Module, kv_spec: KVCacheSpec, kv_caches: list[LayerKV]) -> None:
+    def __init__(self, model: nn.Module, kv_spec: KVCacheSpec, kv_caches: list[LayerKV],
+                 lora: LoRASlots | None = None) -> None:
+        """`lora`: the model's adapter slots (kvflow/model/lora.py); the forward reads them in place."""
+        if not getattr(model, "runs_cpu_forward", True):  # e.g. a long-conv model: no attention to run
+            raise CpuForwardUnsupported(f"the C++ forward runs attention decoders, not {type(model).__name__}")
         ext = load_extension()
         if ext is None:
             raise RuntimeError("kvflow's C++ CPU kernels are not available on this machine")
@@ -307,6 +312,8 @@ class CpuForward:
             rotary.cos.contiguous(), rotary.sin.contiguous(), codes, scales,
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, packed, rings, kv_spec.kivi_bits,
         )
+        if lora is not None:
+            self._model.set_lora(lora.cpp_tensors())
         self._ext = ext
         self._compute_logits = model.compute_logits
         head = model.lm_head.method.cpu_kernel_weights(model.lm_head)
@@ -321,7 +328,8 @@ class CpuForward:
                  before_attention: Callable[[int, torch.Tensor], list[torch.Tensor]] | None = None,
                  after_attention: Callable[[int, torch.Tensor], None] | None = None,
                  kivi: KiviStep | None = None, query_start: torch.Tensor | None = None,
-                 shared_prefix: SharedPrefixGroups | None = None) -> torch.Tensor:
+                 shared_prefix: SharedPrefixGroups | None = None,
+                 lora_runs: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
         """Final-norm hidden states [T, hidden] of a step's flat tokens (see AttentionMetadata);
         `layer_hook(l)` runs after each layer l; `kv_positions`: each token's cache index where a KV
         policy dropped tokens before it (default: its position). A KV policy's per-layer work runs
@@ -329,11 +337,13 @@ class CpuForward:
         [block_tables, kv_positions] to attend with instead; `after_attention(l, q)` follows it. A KIVI
         cache needs the step's `kivi` bookkeeping and each sequence's first flat token (`query_start`).
         `shared_prefix`: decodes whose shared leading blocks attention reads once per group (not with
-        Quest's reduced tables from `before_attention`)."""
+        Quest's reduced tables from `before_attention`). `lora_runs`: (slot, start, end) runs of tokens
+        that add an adapter slot's delta to every projection (LoRASlots.set_runs)."""
         step = None if kivi is None else kivi_step_tensors(kivi, query_start)
         shared = None if shared_prefix is None else [shared_prefix.groups, shared_prefix.members]
+        runs = torch.tensor(lora_runs, dtype=torch.long).view(-1, 3) if lora_runs else None
         return self._model.forward(input_ids, positions, seq_index, slot_mapping, block_tables, layer_hook,
-                                   kv_positions, before_attention, after_attention, step, shared)
+                                   kv_positions, before_attention, after_attention, step, shared, runs)
 
     def quest_select(self, q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, kv_lens: list[int],
                      read_blocks: list[int], sink_blocks: list[int], window_blocks: list[int], block_size: int,

@@ -3,9 +3,11 @@
 Every projection of the model (and the LM head) is a `Linear`, whose `method` holds and applies its
 weight: `DenseLinear` (the weight as loaded, `F.linear`: the reference), `PrepackedLinear` (oneDNN's
 blocked layout on CPU, see below). Quantised weights and adapter-augmented layers are further
-methods. The C++ CPU forward asks each layer's method for its weights in a form it can run
-(`cpu_kernel_weights`); a method that has none makes the runner take the PyTorch modules, which
-run any method.
+methods. A LoRA adapter is not a method but an addition after any of them (`Linear.adapter`, see
+kvflow/model/lora.py): the low-rank delta is the same whether the base weight is dense, prepacked or
+quantised, so adapters compose with every format. The C++ CPU forward asks each layer's method for
+its weights in a form it can run (`cpu_kernel_weights`); a method that has none makes the runner
+take the PyTorch modules, which run any method.
 
 oneDNN prepacking: profiling the `135m` single stream showed matrix-vector products taking about
 64% of a decode step. Plain `F.linear` on bf16 weights streams them from memory at about 10 GB/s,
@@ -18,10 +20,14 @@ once, after loading. PyTorch's inductor uses the same two ops when it freezes a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from kvflow.model.lora import SlotAdapter
 
 
 @dataclass
@@ -114,6 +120,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.method: LinearMethod = DenseLinear()
+        # LoRA slots (kvflow/model/lora.py): adds each token's adapter delta to the method's output.
+        self.adapter: SlotAdapter | None = None
 
     @classmethod
     def sharing(cls, weight: nn.Parameter) -> Linear:
@@ -128,7 +136,10 @@ class Linear(nn.Module):
         self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        out = self.method.apply(self, x)
+        if self.adapter is not None:
+            self.adapter.add(x, out)
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -35,11 +35,13 @@ from kvflow.server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
     VersionResponse,
 )
 from kvflow.server.serving import ServerContext, sse, until_disconnect
@@ -52,7 +54,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: int = 8 << 20) -> FastAPI:
+def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: int = 8 << 20,
+              allow_runtime_lora: bool = False) -> FastAPI:
+    """`allow_runtime_lora`: add /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes); they
+    change what every client is served, so they exist only behind an API key."""
+    if allow_runtime_lora and not api_key:
+        raise ValueError("--allow-runtime-lora needs --api-key: loading adapters changes what every client is served")
+    if allow_runtime_lora and not ctx.engine.loras.enabled:
+        raise ValueError("--allow-runtime-lora needs --enable-lora")
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await ctx.engine.start()
@@ -97,9 +106,34 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        # `root` names the model as clients know it, never the server's disk path.
-        return ModelList(data=[ModelCard(id=ctx.served_model_name, created=ctx.created, root=ctx.served_model_name,
-                                         max_model_len=ctx.max_model_len)])
+        # `root` names the model as clients know it, never the server's disk path; adapters name their parent.
+        base = ctx.served_model_name
+        cards = [ModelCard(id=base, created=ctx.created, root=base, max_model_len=ctx.max_model_len)]
+        if ctx.engine.loras.enabled:
+            cards += [ModelCard(id=ref.name, created=ctx.created, root=ref.name, parent=base,
+                                max_model_len=ctx.max_model_len) for ref in ctx.engine.loras.refs()]
+        return ModelList(data=cards)
+
+    if allow_runtime_lora:
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+            if body.lora_name == ctx.served_model_name:
+                raise APIError(400, f"`{body.lora_name}` is the base model's name", param="lora_name")
+            try:
+                ref = await ctx.preprocess.run(ctx.engine.loras.add, body.lora_name, body.lora_path)
+            except ValueError as e:
+                raise APIError(400, str(e), param="lora_path", code="invalid_adapter") from None
+            logger.info("loaded LoRA adapter %s (digest %s)", ref.name, ref.digest)
+            return Response(f"Success: LoRA adapter '{ref.name}' added successfully.", media_type="text/plain")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+            try:
+                ref = ctx.engine.loras.remove(body.lora_name)
+            except LookupError as e:
+                raise APIError(404, str(e).strip("'\""), param="lora_name", code="model_not_found") from None
+            logger.info("unloaded LoRA adapter %s", ref.name)
+            return Response(f"Success: LoRA adapter '{ref.name}' removed successfully.", media_type="text/plain")
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health() -> Response:

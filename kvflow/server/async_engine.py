@@ -21,8 +21,10 @@ from kvflow.config import EngineConfig
 from kvflow.core.request import RequestStatus
 from kvflow.engine.core_client import CoreClient, EngineDeadError
 from kvflow.engine.input_processor import CoreRequestSpec, InputProcessor
+from kvflow.engine.lora_registry import LoRARegistry
 from kvflow.engine.messages import StepOutputs
 from kvflow.engine.output_processor import OutputKind, OutputProcessor
+from kvflow.lora_request import AdapterRef
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 from kvflow.server.metrics import ServerMetrics
@@ -83,6 +85,7 @@ class AsyncEngine:
             raise ValueError(f"--max-waiting-requests must be >= 1 (every request waits before its first step), "
                              f"got {max_waiting_requests}")
         self.max_waiting_requests = max_waiting_requests
+        self.loras = LoRARegistry(config)  # adapters are checked here, before the core ever starts
         self.core = CoreClient(config, self._on_outputs, self._on_death)
         self.inputs: InputProcessor | None = None
         self.outputs = OutputProcessor(tokenizer)
@@ -149,7 +152,8 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------- intake
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, cache_salt: str | None = None) -> RequestStream:
+                    params: SamplingParams, cache_salt: str | None = None,
+                    lora: AdapterRef | None = None) -> RequestStream:
         """Validate, admit and send one request; raises ValueError / OverloadedError / EngineDeadError."""
         if self.dead_reason is not None or self.inputs is None:
             raise EngineDeadError(self.dead_reason or "the engine is not running")
@@ -159,7 +163,7 @@ class AsyncEngine:
             raise ValueError(never)
         self.check_admission(params.n)
         arrival = time.monotonic()
-        specs = self.inputs.make_specs(prompt_token_ids, params, arrival, cache_salt=cache_salt)
+        specs = self.inputs.make_specs(prompt_token_ids, params, arrival, cache_salt=cache_salt, lora=lora)
         self.outputs.add_request(request_id, prompt, prompt_token_ids, params,
                                  [s.request_id for s in specs], arrival, OutputKind.DELTA)
         stream = RequestStream(request_id, params.n)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from kvflow.lora_request import AdapterRef
 from kvflow.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from kvflow.sampling_params import SamplingParams
 from kvflow.server.async_engine import AsyncEngine, OverloadedError, RequestStream
@@ -70,10 +71,23 @@ class ServerContext:
         if self.preprocess.on_reject is None:  # its 503s count as the engine queue's do
             self.preprocess.on_reject = lambda: self.engine.metrics.rejected("overloaded")
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served_model_name:
+    def check_model(self, model: str | None) -> AdapterRef | None:
+        """The request's `model`: the base (None, or the served name), or a loaded LoRA adapter's name (its
+        ref); anything else is a 404 in OpenAI's format."""
+        if model is None or model == self.served_model_name:
+            return None
+        loras = self.engine.loras
+        ref = loras.get(model) if loras.enabled else None
+        if ref is None:
+            names = [self.served_model_name, *(r.name for r in loras.refs())] if loras.enabled else \
+                [self.served_model_name]
             raise APIError(404, f"The model `{model}` does not exist; this server serves "
-                           f"`{self.served_model_name}`", param="model", code="model_not_found")
+                           f"{', '.join(f'`{n}`' for n in names)}", param="model", code="model_not_found")
+        return ref
+
+    def model_name(self, model: str | None) -> str:
+        """The `model` a response names: the adapter asked for, else the served model."""
+        return model if model is not None and self.engine.loras.get(model) is not None else self.served_model_name
 
 
 def sampling_params(ctx: ServerContext, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
@@ -145,7 +159,8 @@ def check_room(ctx: ServerContext, num_prompt_tokens: int, max_tokens: int | Non
 
 
 def start_requests(ctx: ServerContext, base_id: str, prompts: list[tuple[str | None, list[int]]],
-                   params: SamplingParams, cache_salt: str | None = None) -> list[RequestStream]:
+                   params: SamplingParams, cache_salt: str | None = None,
+                   lora: AdapterRef | None = None) -> list[RequestStream]:
     """Admit every prompt or none: a refusal half way aborts the ones already admitted. A request
     the server could never admit (more sequences than may wait at once) is a 400, not a 503 that
     clients would retry forever."""
@@ -157,7 +172,7 @@ def start_requests(ctx: ServerContext, base_id: str, prompts: list[tuple[str | N
     try:
         for i, (text, ids) in enumerate(prompts):
             request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-            streams.append(ctx.engine.add_request(request_id, text, ids, params, cache_salt))
+            streams.append(ctx.engine.add_request(request_id, text, ids, params, cache_salt, lora))
     except BaseException:
         for stream in streams:
             ctx.engine.abort(stream.request_id)

@@ -59,7 +59,7 @@ def render_chat(ctx: ServerContext, messages: list[ChatMessage], add_generation_
 
 async def start(ctx: ServerContext, req: ChatCompletionRequest) -> tuple[str, list]:
     """Validate and admit (templating and tokenising on the preprocessing pool)."""
-    ctx.check_model(req.model)
+    lora = ctx.check_model(req.model)
     if req.tools:
         raise APIError(400, "tools are not supported", param="tools")
     if req.response_format and req.response_format.get("type", "text") != "text":
@@ -72,7 +72,7 @@ async def start(ctx: ServerContext, req: ChatCompletionRequest) -> tuple[str, li
     params = serving.sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     salt = check_cache_salt(req.cache_salt) if req.cache_salt is not None else None
-    return request_id, serving.start_requests(ctx, request_id, [(text, ids)], params, salt)
+    return request_id, serving.start_requests(ctx, request_id, [(text, ids)], params, salt, lora)
 
 
 async def full_response(ctx: ServerContext, req: ChatCompletionRequest, request_id: str,
@@ -88,7 +88,7 @@ async def full_response(ctx: ServerContext, req: ChatCompletionRequest, request_
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     prompt_tokens = len(out.prompt_token_ids)
     details = PromptTokensDetails(cached_tokens=out.num_cached_tokens)
-    return ChatCompletionResponse(id=request_id, created=created, model=ctx.served_model_name, choices=choices,
+    return ChatCompletionResponse(id=request_id, created=created, model=ctx.model_name(req.model), choices=choices,
                                   usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens,
                                                   prompt_tokens_details=details))
@@ -99,7 +99,7 @@ async def stream_chunks(ctx: ServerContext, req: ChatCompletionRequest, request_
     created = int(time.time())  # one value for every chunk of this response, as OpenAI and vLLM send
 
     def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=request_id, created=created, model=ctx.served_model_name,
+        return ChatCompletionChunk(id=request_id, created=created, model=ctx.model_name(req.model),
                                    choices=choices, usage=usage)
 
     # OpenAI opens every choice with a role-only delta.

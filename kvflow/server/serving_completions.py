@@ -48,7 +48,7 @@ def _prompts(ctx: ServerContext, req: CompletionRequest) -> list[tuple[str | Non
 async def start(ctx: ServerContext, req: CompletionRequest) -> tuple[str, list, list]:
     """Validate and admit; every error here is an HTTP status, raised before any response starts.
     Tokenising runs on the preprocessing pool, off the event loop."""
-    ctx.check_model(req.model)
+    lora = ctx.check_model(req.model)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -58,7 +58,7 @@ async def start(ctx: ServerContext, req: CompletionRequest) -> tuple[str, list, 
     params = serving.sampling_params(ctx, req, req.max_tokens, req.logprobs, _echo_logprobs(req))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     salt = check_cache_salt(req.cache_salt) if req.cache_salt is not None else None
-    return request_id, prompts, serving.start_requests(ctx, request_id, prompts, params, salt)
+    return request_id, prompts, serving.start_requests(ctx, request_id, prompts, params, salt, lora)
 
 
 async def full_response(ctx: ServerContext, req: CompletionRequest, request_id: str,
@@ -85,7 +85,7 @@ async def full_response(ctx: ServerContext, req: CompletionRequest, request_id: 
                     logprobs = _merge_logprobs(prompt_lps, logprobs)
             choices.append(CompletionChoice(index=p * req.n + c.index, text=prompt_text + c.text, logprobs=logprobs,
                                             finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-    return CompletionResponse(id=request_id, created=created, model=ctx.served_model_name, choices=choices,
+    return CompletionResponse(id=request_id, created=created, model=ctx.model_name(req.model), choices=choices,
                               usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                               total_tokens=prompt_tokens + completion_tokens,
                                               prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens)))
@@ -136,11 +136,11 @@ async def stream_chunks(ctx: ServerContext, req: CompletionRequest, request_id: 
             choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
                                             finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         if choices:
-            yield CompletionResponse(id=request_id, created=created, model=ctx.served_model_name, choices=choices)
+            yield CompletionResponse(id=request_id, created=created, model=ctx.model_name(req.model), choices=choices)
     if req.stream_options is not None and req.stream_options.include_usage:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=sum(cached.values()))
-        yield CompletionResponse(id=request_id, created=created, model=ctx.served_model_name, choices=[],
+        yield CompletionResponse(id=request_id, created=created, model=ctx.model_name(req.model), choices=[],
                                  usage=usage)
 
 

@@ -31,6 +31,7 @@ from kvflow.model.linear import DenseLinear, LinearMethod, PrepackedLinear, line
 from kvflow.model.loader import load_model
 from kvflow.model.quant.linear_methods import use_activations
 from kvflow.worker.kv_budget import num_kv_blocks
+from kvflow.worker.lora_manager import LoRAManager
 from kvflow.worker.rejection_sampler import RejectionSampler, VerificationBatch, plain_greedy, verify_plain_greedy
 from kvflow.worker.retrieval_keys import (
     ElasticLoader,
@@ -57,6 +58,8 @@ class ModelRunner:
         use_cpu_kernels = (runner.cpu_kernels and runner.attention_backend != "triton"
                            and cpu_kernels_available(self.device, config.model.dtype))
         self.model.use_linear_method(self._linear_method(use_cpu_kernels))
+        # Multi-LoRA: adapter slots on every projection, filled per step by the manager.
+        self.lora = LoRAManager(config, self.model) if config.lora.enable_lora else None
         mode = runner.quant_activations
         if not use_activations(linear_layers(self.model), mode) and mode != "exact":
             logger.info("quant_activations=%s changes nothing here: no layer holds q8_0, q4_0 or q4_k weights",
@@ -96,7 +99,8 @@ class ModelRunner:
         self.cpu_forward: CpuForward | None = None
         if use_cpu_kernels:
             try:
-                self.cpu_forward = CpuForward(self.model, self.kv_spec, self.kv_caches)
+                self.cpu_forward = CpuForward(self.model, self.kv_spec, self.kv_caches,
+                                              None if self.lora is None else self.lora.slots)
             except CpuForwardUnsupported as exc:
                 logger.info("%s; running the PyTorch modules", exc)
         # Shared-prefix groups are found only where this runner's attention reads them (the C++
@@ -134,7 +138,9 @@ class ModelRunner:
     # ---------------------------------------------------------------- execute
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledChunk]) -> RunnerOutput:
-        chunks = sorted(scheduled, key=lambda c: c.num_tokens != 1)  # stable: decodes first
+        # Stable: decodes first; with LoRA, grouped by adapter (one run of tokens per adapter's decodes).
+        chunks = sorted(scheduled, key=(lambda c: c.num_tokens != 1) if self.lora is None else self.lora.order_key)
+        lora_runs = None if self.lora is None else self.lora.prepare(chunks)
         input_ids, positions, kv_positions, meta = self._prepare_inputs(chunks)
         windows = None
         if self.retrieval_keys is not None:  # every computed token's retrieval key, before anyone scores
@@ -165,7 +171,7 @@ class ModelRunner:
                 kivi = {} if meta.kivi is None else {"kivi": meta.kivi, "query_start": meta.query_start_loc}
                 hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping,
                                           meta.block_tables, hook, kv_positions, before, after, **kivi,
-                                          shared_prefix=meta.shared_prefix)
+                                          shared_prefix=meta.shared_prefix, lora_runs=lora_runs)
             else:
                 self.backend.prepare(meta)
                 if policy is not None and policy.block_mass is not None:

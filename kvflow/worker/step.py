@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from kvflow.lora_request import AdapterRef
 from kvflow.sampling_params import SamplingParams
 
 
@@ -45,6 +46,8 @@ class SequenceView(Protocol):
     # requests), and how many of its tokens the draft's KV cache holds.
     spec_generator: torch.Generator | None
     spec_draft_computed: int
+    # The LoRA adapter it runs with (None: the base model alone).
+    lora: AdapterRef | None
 
     @property
     def num_tokens(self) -> int: ...
