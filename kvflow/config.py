@@ -24,7 +24,11 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "LongConvForCausalLM",
 )
+# Long-convolution language models (kvflow/model/longconv/): no attention; each layer convolves its
+# input with a learned kernel as long as the context, so what a KV block holds is that input.
+LONGCONV_ARCHITECTURE = "LongConvForCausalLM"
 
 _DTYPES = {
     "float32": torch.float32,
@@ -92,6 +96,31 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class LongConvConfig:
+    """The sequence mixer of a long-convolution model ("Simple Hardware-Efficient Long Convolutions",
+    Fu et al. 2023): per channel a causal kernel of `kernel_length` taps, learned directly and kept
+    smooth by squashing (k <- sign(k)·max(|k| - squash_lambda, 0)) after an optional moving average of
+    `smooth_width` taps (1: none). Tokens further back than the kernel reaches contribute nothing."""
+
+    kernel_length: int
+    squash_lambda: float = 0.0
+    smooth_width: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kernel_length < 1:
+            raise ValueError(f"longconv kernel_length must be >= 1, got {self.kernel_length}")
+        if not self.squash_lambda >= 0:
+            raise ValueError(f"longconv squash_lambda must be >= 0, got {self.squash_lambda}")
+        if self.smooth_width < 1 or self.smooth_width % 2 == 0:
+            raise ValueError(f"longconv smooth_width must be an odd number >= 1, got {self.smooth_width}")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], max_positions: int) -> LongConvConfig:
+        return cls(kernel_length=int(hf.get("kernel_length", max_positions)),
+                   squash_lambda=float(hf.get("squash_lambda", 0.0)), smooth_width=int(hf.get("smooth_width", 1)))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shape of a decoder-only model, independent of where its weights live."""
 
@@ -122,6 +151,10 @@ class ModelConfig:
     quantization: QuantizationConfig | None = None
     # Where the tokenizer comes from when not from `path` itself: a directory (or a GGUF file).
     tokenizer: str | None = None
+    # A long-convolution model's mixer (None: attention). Such a model has no heads; its KV cache holds
+    # each layer's conv inputs, hidden_size values per token, which the KV-cache spec describes as one
+    # kv head of width hidden_size / 2 in each of its two planes (kvflow/attention/conv_history.py).
+    longconv: LongConvConfig | None = None
 
     @property
     def tokenizer_path(self) -> str:
@@ -160,9 +193,14 @@ class ModelConfig:
                 f"unsupported architecture {archs or hf.get('model_type')!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        num_heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         num_layers = int(hf["num_hidden_layers"])
+        if arch == LONGCONV_ARCHITECTURE:
+            if hidden % 2:
+                raise ValueError(f"a long-conv model's hidden_size must be even (its conv history is split in "
+                                 f"two planes), got {hidden}")
+            hf = {**hf, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": hidden // 2}
+        num_heads = int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim") or hidden // num_heads
         is_qwen2 = arch == "Qwen2ForCausalLM"
         is_qwen3 = arch == "Qwen3ForCausalLM"
@@ -206,6 +244,8 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             quantization=QuantizationConfig.from_hf(hf.get("quantization_config"), path),
+            longconv=(LongConvConfig.from_hf(hf, int(hf.get("max_position_embeddings", 2048)))
+                      if arch == LONGCONV_ARCHITECTURE else None),
         )
 
     def with_quantization(self, requested: QuantizationConfig) -> ModelConfig:
@@ -369,6 +409,7 @@ class LoadConfig:
 # sequence's newest kv_residual_tokens tokens in the model's dtype.
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "int8", "fp8_e4m3", "kivi4", "kivi2")
 KIVI_CACHE_DTYPES = ("kivi4", "kivi2")
+_DENSE_KV = ("bfloat16", "float16", "float32")
 # KV offload tiers (kvflow/kv_transfer/offload/): how the file tier does its I/O (direct: O_DIRECT;
 # buffered: through the page cache; auto: whichever a read probe finds faster), and when a tier hit is loaded
 # (auto: when the performance model says loading beats recomputing; always: every hit, for measuring).
@@ -864,6 +905,9 @@ class EngineConfig:
         if self.kv_transfer is not None and self.cache.kv_offload:
             raise ValueError("a prefill or decode instance cannot have KV offload tiers yet (an engine has one KV "
                              "connector)")
+        if self.model.longconv is not None and self.cache.kv_cache_dtype not in ("auto", *_DENSE_KV):
+            raise ValueError(f"kv_cache_dtype={self.cache.kv_cache_dtype}: a long-conv model keeps its conv inputs "
+                             f"as computed; use auto or one of {', '.join(_DENSE_KV)}")
         if self.kv_policy_allowed() is not None and self.cache.kv_policy != "none":
             raise ValueError(f"kv_policy={self.cache.kv_policy}: {self.kv_policy_allowed()}")
         if self.speculative.enabled:
@@ -884,6 +928,8 @@ class EngineConfig:
         count positions in the cache) and KV that stays on this instance."""
         if any(w is not None for w in self.model.sliding_windows):
             return "the model has sliding-window layers, which KV policies do not support"
+        if self.model.longconv is not None:
+            return "a long-conv model convolves every earlier token's input, so none may be dropped or skipped"
         if self.kv_transfer is not None:
             return "KV policies do not support disaggregated prefill/decode instances"
         if self.cache.kv_offload:

@@ -24,6 +24,10 @@ formats (`--kv-cache-dtype`, `kvflow.config.KV_CACHE_DTYPES`) map to specs in `f
                                            ring [2, slots, kv_heads, R + 32, head_dim] of the model's
                                            dtype holding each running sequence's newest tokens (kivi.py)
 
+A long-conv model (no attention; kvflow/model/longconv/) keeps per layer and token its conv input,
+hidden_size values, in the dense format with one kv head of width hidden_size / 2: the first half of
+the channels in the keys plane, the second in the values plane (conv_history.py reads and writes it).
+
 A component held per kv head rather than per token (`per_token=False`), or per running sequence
 (`residual=True`, KIVI's ring), is a fixed amount of memory per layer, outside the blocks. KV
 transfer does not move per-head scales (both sides must have the same, which is why the wire format

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from kvflow.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from kvflow.config import LONGCONV_ARCHITECTURE, SUPPORTED_ARCHITECTURES, ModelConfig
 from kvflow.model.llama import LlamaForCausalLM
+from kvflow.model.longconv.model import LongConvForCausalLM
 
-# All four share one implementation; their differences are switches in ModelConfig.
+# The attention models share one implementation; their differences are switches in ModelConfig.
 MODEL_CLASSES: dict[str, type[nn.Module]] = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}
+MODEL_CLASSES[LONGCONV_ARCHITECTURE] = LongConvForCausalLM
 
 
 def model_class(cfg: ModelConfig) -> type[nn.Module]:
