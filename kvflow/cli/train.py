@@ -1,6 +1,8 @@
-"""`kvflow train --preset tiny|smoke --out DIR` (a model and its distilled draft), or
+"""`kvflow train --preset tiny|smoke --out DIR` (a model and its distilled draft), `--preset tiny-longconv`
+(a long-convolution model on tiny's data),
 `kvflow train --preset tiny-retrieval [--teacher DIR]` (SpeContext's retrieval head, distilled from a
-trained model's attention)."""
+trained model's attention), or `kvflow train --finetune [--from DIR] --method lora|top-layers --slice
+prose|code --out DIR` (a fine-tuned variant to serve beside its base)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from kvflow.train.longconv import LONGCONV_PRESETS
     from kvflow.train.presets import PRESETS
     from kvflow.train.retrieval import RETRIEVAL_PRESETS
 
-    parser.add_argument("--preset", choices=sorted([*PRESETS, *RETRIEVAL_PRESETS]), default="tiny")
+    parser.add_argument("--preset", choices=sorted([*PRESETS, *RETRIEVAL_PRESETS, *LONGCONV_PRESETS]), default="tiny")
     parser.add_argument("--out", type=Path, default=Path("models/train"),
                         help="output folder: <out>/<preset>, <out>/<preset>-draft, <out>/work (checkpoints)")
     parser.add_argument("--teacher", type=Path, default=None,
@@ -37,6 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from kvflow.train.longconv import LONGCONV_PRESETS, run_longconv_training
     from kvflow.train.presets import PRESETS
     from kvflow.train.retrieval import RETRIEVAL_PRESETS, run_retrieval_training
 
@@ -57,6 +61,10 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({k: report[k] for k in ("parameters", "final_loss", "heldout_captured_mass",
                                                  "command_wall_seconds")}, indent=2))
         return 0
+    if args.preset in LONGCONV_PRESETS and args.teacher is None:  # a long-conv model (kvflow/train/longconv.py)
+        report = run_longconv_training(LONGCONV_PRESETS[args.preset], args.out, not args.no_progress, args.threads)
+        print(json.dumps({k: report[k] for k in ("model", "corpus", "command_wall_seconds")}, indent=2))
+        return 0
     if args.teacher is not None:
         print(f"kvflow: error: --teacher is for the retrieval presets ({', '.join(RETRIEVAL_PRESETS)})")
         return 2
@@ -65,6 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     report = run_training(PRESETS[args.preset], args.out, show_progress=not args.no_progress, threads=args.threads)
     print(json.dumps({k: report[k] for k in ("teacher", "draft", "corpus", "command_wall_seconds")}, indent=2))
     return 0
+
 
 def _finetune(args: argparse.Namespace) -> int:
     """`--finetune`: writes the variant to --out (a PEFT adapter directory, or a model directory)."""
