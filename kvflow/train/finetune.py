@@ -52,6 +52,7 @@ class FinetuneSettings:
     top_layers: int = 1
     seed: int = 0
     eval_tokens: int = 16384  # held-out tokens per slice in the report
+    max_source_files: int | None = None  # the standard library's first N files only (tests)
 
     def __post_init__(self) -> None:
         if self.slice not in SLICES:
@@ -93,7 +94,7 @@ def run_finetune(base: Path, out: Path, settings: FinetuneSettings, show_progres
     started = time.time()
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    docs = cpython_documents()
+    docs = cpython_documents(settings.max_source_files)
     streams: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     work = out.parent / f"{out.name}.work"
     for name, keep in SLICES.items():

@@ -298,3 +298,33 @@ def test_every_policy_finishes_everything_and_gives_every_block_back(policy: str
         step(s)
     assert s.num_unfinished == 0
     assert_blocks_back(s)
+
+
+def _lora_request(rid: str, adapter: str | None, max_tokens: int = 3) -> Request:
+    from kvflow.lora_request import AdapterRef
+
+    ref = None if adapter is None else AdapterRef(adapter, f"/adapters/{adapter}", "d1g3st")
+    return Request(rid, [1, 2, 3], SamplingParams(max_tokens=max_tokens), eos_token_ids=(2,), lora=ref)
+
+
+def test_at_most_max_loras_adapters_run_and_the_rest_queue_fairly():
+    """Two slots, requests for three adapters: the third adapter's request waits (never refused), base
+    requests behind it go ahead, adapter requests behind it wait too, so a slot frees for it."""
+    kv = KVCacheManager(64, 4, True)
+    s = Scheduler(SchedulerConfig(), kv, max_model_len=1024, max_loras=2)
+    order = [("a1", "A", 3), ("b1", "B", 3), ("c1", "C", 2), ("base", None, 2), ("a2", "A", 2)]
+    for rid, adapter, n in order:
+        s.add_request(_lora_request(rid, adapter, n))
+    first = step(s)
+    assert [c.request.request_id for c in first.chunks] == ["a1", "b1", "base"]
+    started = {c.request.request_id: 0 for c in first.chunks}
+    steps = 1
+    while s.num_unfinished:
+        out = step(s)
+        assert len({c.request.lora.key for c in out.chunks if c.request.lora is not None}) <= 2
+        for c in out.chunks:
+            started.setdefault(c.request.request_id, steps)
+        steps += 1
+    # a2 (adapter A, running when it arrived) did not overtake c1, which waited for a slot.
+    assert started["c1"] <= started["a2"]
+    assert_blocks_back(s)
