@@ -5,7 +5,9 @@
 `direct_conv` is the definition, O(N·K): the reference the others are tested against (in fp64).
 `fft_conv` zero-pads both to an FFT size of at least N + K - 1 (so the circular convolution the FFT
 computes has no wrap-around) and multiplies spectra: O(N log N) with torch.fft.
-`butterfly_conv` (butterfly.py) computes the same FFTs as dense matrix products (FlashButterfly).
+`butterfly_conv` (butterfly.py) computes the same FFTs as dense matrix products (FlashButterfly);
+"triton" runs them fused in one GPU program per row (triton_butterfly.py) where the FFT fits on
+chip (N + K - 1 <= 4096), and the three-pass butterfly beyond.
 
 The kernel a layer applies is its learned one smoothed and squashed (`effective_kernel`); a model
 computes that once after loading, since neither depends on the input.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CONV_METHODS = ("fft", "butterfly", "direct")
+CONV_METHODS = ("fft", "butterfly", "direct", "triton")
 
 
 def squash(k: torch.Tensor, lam: float) -> torch.Tensor:
@@ -83,4 +85,12 @@ def causal_conv(u: torch.Tensor, k: torch.Tensor, method: str = "fft") -> torch.
         return butterfly_conv(u, k)
     if method == "direct":
         return direct_conv(u, k)
+    if method == "triton":
+        from kvflow.model.longconv.triton_butterfly import MAX_SIZE, triton_butterfly_conv
+
+        if fft_size(u.shape[-1], min(u.shape[-1], k.shape[1])) <= MAX_SIZE:
+            return triton_butterfly_conv(u, k)
+        from kvflow.model.longconv.butterfly import butterfly_conv
+
+        return butterfly_conv(u, k)
     raise ValueError(f"long-conv method must be one of {', '.join(CONV_METHODS)}, got {method!r}")
