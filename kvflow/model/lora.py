@@ -15,17 +15,21 @@ diagonal (shard j's rows read only shard j's columns), with the scale folded int
 (zeros add exact zeros, so padding changes no output). A step's tokens come grouped in runs of one
 slot (`LoRASlots.set_runs`); each projection adds, run by run, two small matmuls to the base output,
 whatever the base method is (dense, prepacked, quantised). The C++ CPU forward runs the same two
-products per run on the same slot tensors (csrc/cpu_model.cpp, `add_lora`).
+products per run on the same slot tensors (csrc/cpu_model.cpp, `add_lora`); on CUDA, one launch of
+the Triton shrink and expand kernels covers every run (lora_triton.py).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -33,6 +37,8 @@ import torch.nn as nn
 
 from kvflow.config import ModelConfig
 from kvflow.model.linear import Linear
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -216,6 +222,11 @@ class SlotAdapter:
         self.owner, self.a, self.b = owner, a, b
 
     def add(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        tiles = self.owner.tiles
+        if tiles is not None:  # CUDA: one segmented shrink and one expand for every run (lora_triton.py)
+            self.owner.kernels.lora_add(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), self.a, self.b,
+                                        tiles)
+            return
         for slot, start, end in self.owner.runs:
             rows = x[start:end]
             out[start:end] += torch.mm(torch.mm(rows, self.a[slot].t()), self.b[slot].t())
@@ -232,9 +243,11 @@ class LoRASlots:
         cfg: ModelConfig = model.config
         self.config, self.num_slots, self.max_rank = cfg, num_slots, max_rank
         self.runs: list[tuple[int, int, int]] = []
+        self.tiles: torch.Tensor | None = None  # the runs as the Triton kernels' tiles (CUDA only)
         self.projections: list[dict[str, SlotAdapter]] = []
         dtype = model.norm.weight.dtype
         device = model.norm.weight.device
+        self.kernels = _triton_kernels() if device.type == "cuda" else None
         for layer in model.layers:
             per_layer = {}
             for sublayer, projection in PROJECTIONS:
@@ -272,8 +285,21 @@ class LoRASlots:
     def set_runs(self, runs: list[tuple[int, int, int]]) -> None:
         """(slot, first token, end token) of each run of the next forward's flat tokens that uses a slot."""
         self.runs = runs
+        if self.kernels is not None:
+            self.tiles = self.kernels.run_tiles(runs, self.projections[0]["qkv_proj"].a.device) if runs else None
 
     def cpp_tensors(self) -> list[list[torch.Tensor]]:
         """Per layer [A, B] of qkv, o, gate_up and down: the C++ forward's LoRA slots (the same storage)."""
         return [[t for _, projection in PROJECTIONS for t in (layer[projection].a, layer[projection].b)]
                 for layer in self.projections]
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType | None:
+    """lora_triton, or None (said once) where Triton cannot be imported: the torch products run instead."""
+    try:
+        from kvflow.model import lora_triton
+    except ImportError as e:
+        logger.warning("LoRA runs torch matmuls on CUDA: Triton is not importable (%s); pip install 'kvflow[gpu]'", e)
+        return None
+    return lora_triton
