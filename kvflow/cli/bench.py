@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,46 @@ def _cmd_specontext(args: argparse.Namespace) -> int:
     print(format_report(results))
     if args.out:
         save_report(results, Path(args.out))
+        print(f"saved {args.out}")
+    return 0
+
+
+def _cmd_lora(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from kvflow.bench.lora import format_report, run_lora_bench
+
+    model = args.model
+    if model is None:
+        from kvflow.assets import default_model_path
+
+        model = str(default_model_path())
+    with tempfile.TemporaryDirectory(prefix="kvflow-bench-lora-") as adapters:
+        report = run_lora_bench(model, args.dtype or "bfloat16", args.batch, args.adapters, args.rank, args.prompt_len,
+                                args.max_tokens, args.repeats, Path(adapters), args.threads)
+    report["command"] = "kvflow bench lora " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "lora"] else [])
+    print(format_report(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"saved {args.out}")
+    return 0
+
+
+def _cmd_longconv(args: argparse.Namespace) -> int:
+    from kvflow.bench.longconv import run_longconv_bench, save_report
+
+    _set_threads(args.threads)
+    result = run_longconv_bench(args.shape, tuple(args.lengths), tuple(args.contexts), args.repeats, args.direct_max,
+                                args.attention_max, args.max_factor, args.dtype, decode=not args.no_decode)
+    print(json.dumps(result["state_bytes_per_token"]))
+    if args.out:
+        command = (f"kvflow bench longconv --shape {args.shape} --lengths {' '.join(map(str, args.lengths))} "
+                   f"--contexts {' '.join(map(str, args.contexts))} --direct-max {args.direct_max} --attention-max "
+                   f"{args.attention_max} --max-factor {args.max_factor} --dtype {args.dtype} --repeats {args.repeats}"
+                   + (" --no-decode" if args.no_decode else "")
+                   + (f" --threads {args.threads}" if args.threads else ""))
+        save_report(result, Path(args.out), command)
         print(f"saved {args.out}")
     return 0
 
@@ -607,6 +648,35 @@ def configure(bench: argparse.ArgumentParser) -> None:
     sc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     sc.add_argument("--out", help="JSON path")
     sc.set_defaults(func=_cmd_specontext)
+
+    lo = sub.add_parser("lora", help="multi-LoRA: a batch spread over N adapters against the base model alone "
+                                     "(output tokens/s, each configuration its own engine)")
+    lo.add_argument("--model", help="model directory (default: the shipped tiny)")
+    lo.add_argument("--dtype", choices=_DTYPES, help="default bfloat16")
+    lo.add_argument("--batch", type=int, default=32, help="requests in the batch")
+    lo.add_argument("--adapters", type=int, default=8, help="adapters the batch is spread over (all resident)")
+    lo.add_argument("--rank", type=int, default=16, help="rank of every adapted projection")
+    lo.add_argument("--prompt-len", type=int, default=128)
+    lo.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per request (EOS ignored)")
+    lo.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    lo.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    lo.add_argument("--out", help="JSON path")
+    lo.set_defaults(func=_cmd_lora)
+
+    lc = sub.add_parser("longconv", help="long-conv models: prefill by torch FFT, FlashButterfly and direct "
+                                         "against attention, decode tokens/s vs context, state bytes per token")
+    lc.add_argument("--shape", choices=sorted(SHAPES), default="135m")
+    lc.add_argument("--lengths", nargs="+", type=int, default=[2048, 8192, 32768], help="prefill tokens")
+    lc.add_argument("--contexts", nargs="+", type=int, default=[512, 2048, 8192, 32768], help="decode contexts")
+    lc.add_argument("--direct-max", type=int, default=2048, help="longest prefill the O(N^2) direct sum runs")
+    lc.add_argument("--attention-max", type=int, default=8192, help="longest prefill SDPA runs")
+    lc.add_argument("--max-factor", type=int, default=64, help="FlashButterfly's largest DFT matrix")
+    lc.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="decode weights and cache")
+    lc.add_argument("--repeats", type=int, default=3)
+    lc.add_argument("--no-decode", action="store_true")
+    lc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    lc.add_argument("--out", help="JSON path")
+    lc.set_defaults(func=_cmd_longconv)
 
     ko = sub.add_parser("kv-offload", help="KV offload tiers: TTFT of loading a prefix vs recomputing it per "
                                            "tier and prefix length (the break-even), and after a restart")
