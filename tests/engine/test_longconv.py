@@ -123,3 +123,16 @@ def test_bfloat16_runs(longconv_dir):
     llm = LLM(model=str(longconv_dir), dtype="bfloat16", block_size=4, num_blocks=256)
     out = llm.generate([prompts(8)[3]], GREEDY, use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == MAX_TOKENS
+
+
+def test_ngram_speculation_keeps_greedy_outputs(longconv_dir, references):
+    """A verification step writes history for every proposal; rejected ones are overwritten before any read.
+    (This random model's greedy outputs fall into cycles, which prompt lookup then proposes.)"""
+    batch = prompts(9, count=4)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    llm = engine(longconv_dir, speculative_method="ngram", num_speculative_tokens=4)
+    outputs = llm.generate(batch, params, use_tqdm=False)
+    for prompt, out in zip(batch, outputs):
+        assert out.outputs[0].token_ids == reference_greedy(references.model, prompt, 40)
+    stats = llm.engine.core.stats()
+    assert stats.spec_num_drafts > 0 and 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens

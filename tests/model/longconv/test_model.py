@@ -155,3 +155,26 @@ def test_history_layout(model):
     torch.testing.assert_close(read_history(cache, slots, 10), u)
     with pytest.raises(ValueError, match="needs a dense cache"):
         write_history((cache, cache), torch.tensor([0]), u[:1])
+
+
+def test_history_moves_with_the_spec_transfer(model):
+    """KV transfer's gather/scatter (P/D, offload) move a long-conv history like any KV: a sequence prefilled in
+    one cache and moved to other blocks of another cache (another block size too) decodes as if never moved."""
+    cfg = model.config
+    ids = torch.randint(3, 500, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    src = KVCacheSpec.for_format("auto", cfg.num_layers, 1, cfg.head_dim, 8, cfg.dtype)
+    dst = KVCacheSpec.for_format("auto", cfg.num_layers, 1, cfg.head_dim, 4, cfg.dtype)
+    assert src.wire_format == dst.wire_format
+    a, b = src.allocate(6, "cpu"), dst.allocate(12, "cpu")
+    table_a, table_b = [5, 2, 4, 1], [11, 3, 9, 1, 7, 2, 10, 4]
+    with torch.no_grad():
+        _, _, meta, _ = paged_step_inputs([24], [24], [table_a], 8, torch.device("cpu"))
+        model(torch.tensor(ids[:24]), None, a, meta)
+        for layer_a, layer_b in zip(a, b):
+            dst.scatter(layer_b, table_b, src.gather(layer_a, table_a, 24))
+        out = []
+        for t in range(24, 30):
+            _, _, meta, _ = paged_step_inputs([t + 1], [1], [table_b], 4, torch.device("cpu"))
+            out.append(model(torch.tensor([ids[t]]), None, b, meta))
+    full = model.full_forward(torch.tensor([ids]))[0, 24:]
+    torch.testing.assert_close(torch.cat(out), full, rtol=1e-5, atol=1e-5)
