@@ -82,6 +82,13 @@ class EngineStats:
     specontext_kept_tokens: int = 0
     specontext_moved_bytes: int = 0
     specontext_recomputed_keys: int = 0
+    # Multi-LoRA: adapter slots, the adapters of running and waiting requests (names), and cumulative
+    # loads into slots and from disk (kvflow/worker/lora_manager.py).
+    lora_max: int = 0
+    lora_running: list[str] = field(default_factory=list)
+    lora_waiting: list[str] = field(default_factory=list)
+    lora_slot_loads: int = 0
+    lora_disk_loads: int = 0
 
 
 class EngineCore:
@@ -280,8 +287,20 @@ class EngineCore:
             kv_offload=None if self.connector is None else self.connector.stats_snapshot(),
             specontext_steps=sc.steps, specontext_moved_tokens=sc.moved_tokens, specontext_kept_tokens=sc.kept_tokens,
             specontext_moved_bytes=sc.moved_bytes, specontext_recomputed_keys=sc.recomputed_keys,
-            **self._prefix_tree_stats(),
+            **self._prefix_tree_stats(), **self._lora_stats(),
         )
+
+    def _lora_stats(self) -> dict[str, Any]:
+        lora = self.runner.lora
+        if lora is None:
+            return {}
+
+        def names(requests) -> list[str]:
+            return sorted({r.lora.name for r in requests if r.lora is not None})
+
+        return {"lora_max": len(lora.slot_keys), "lora_running": names(self.scheduler.running),
+                "lora_waiting": names(self.scheduler.waiting), "lora_slot_loads": lora.stats.slot_loads,
+                "lora_disk_loads": lora.stats.disk_loads}
 
     def _prefix_tree_stats(self) -> dict[str, Any]:
         tree = getattr(self.scheduler.policy, "stats", None)

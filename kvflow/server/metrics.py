@@ -10,6 +10,7 @@ One registry per server, so several servers can live in one test process.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,6 +21,7 @@ from prometheus_client import (
 )
 
 from kvflow.config import CacheConfig
+from kvflow.engine.core import EngineStats
 from kvflow.engine.messages import CoreStats
 from kvflow.kv_transfer.offload.connector import OffloadStats
 
@@ -133,6 +135,16 @@ class ServerMetrics:
                     "again (the step-to-step overlap)."),
             counter("specontext_moved_bytes", "KV bytes SpeContext moved into buffers, every layer."))
         self._last_specontext = (0, 0, 0, 0)
+        # vLLM's lora_requests_info: one series at the time of the last update, its labels the adapters.
+        self._lora_info = Gauge("kvflow:lora_requests_info", "LoRA adapters of running and waiting requests "
+                                "(labels; the value is the update's Unix time), and the adapter slots.",
+                                ["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+                                registry=r)
+        self._lora_labels: tuple[str, str, str] | None = None
+        self.lora_loads = (
+            counter("lora_slot_loads", "LoRA adapters written into a slot (the step needed one not resident)."),
+            counter("lora_disk_loads", "LoRA adapters read from disk (first use, or after leaving host memory)."))
+        self._last_lora = (0, 0)
         self._label = model_name
         self.kv_offload = _OffloadMetrics(r, model_name)
         # Preemptions, prefix queries, prefix hits, KV load fallbacks, speculative counts: cumulative in the core.
@@ -177,6 +189,21 @@ class ServerMetrics:
         self._last_per_position = list(engine.spec_accepted_per_position)
         if engine.kv_offload is not None:
             self.kv_offload.update(engine.kv_offload)
+        if engine.lora_max:
+            self._update_lora(engine)
+
+    def _update_lora(self, engine: EngineStats) -> None:
+        labels = (str(engine.lora_max), ",".join(engine.lora_running), ",".join(engine.lora_waiting))
+        if labels != self._lora_labels:
+            if self._lora_labels is not None:
+                self._lora_info.remove(self._label, *self._lora_labels)
+            self._lora_labels = labels
+        self._lora_info.labels(self._label, *labels).set(time.time())
+        now = (engine.lora_slot_loads, engine.lora_disk_loads)
+        for metric, new, old in zip(self.lora_loads, now, self._last_lora):
+            if new > old:
+                metric.inc(new - old)
+        self._last_lora = now
 
     def steps(self, step_tokens: list[int]) -> None:
         """The token counts of engine steps (StepOutputs.step_tokens)."""

@@ -64,6 +64,11 @@ def test_model_field_selects_the_adapter(start_server, model_dir, adapters):
     ref = merged_hf_model(model_dir, adapters["sql"])
     assert offline[0].outputs[0].token_ids == hf_greedy(ref, PROMPT_IDS, 6)
 
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    info = next(line for line in metrics.splitlines() if line.startswith("kvflow:lora_requests_info{"))
+    assert 'max_lora="1"' in info
+    slot_loads = next(line for line in metrics.splitlines() if line.startswith("kvflow:lora_slot_loads_total{"))
+    assert float(slot_loads.split()[-1]) >= 2  # one slot, two adapters: each written into it at least once
     r = complete(server.url, "nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
     assert "`sql`" in r.json()["error"]["message"]
