@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -79,40 +80,56 @@ class LongConv(nn.Module):
         y = causal_conv(_wide(u).transpose(1, 2), self.kernel_taps(), method).transpose(1, 2)
         return self._gate(x, u, g, y)
 
-    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, method: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, plan: HistoryPlan, method: str) -> torch.Tensor:
         """x [T, H] flat (decodes first) -> [T, H]; stores the step's conv inputs in the cache first."""
         u, g = self.in_proj(x).chunk(2, dim=-1)
-        write_history(kv_cache, meta.slot_mapping, u)
+        write_history(kv_cache, plan.slot_mapping, u)
         taps = self.kernel_taps()
         y = torch.empty(u.shape, dtype=taps.dtype, device=u.device)
-        nd = meta.num_decodes
-        if nd:
-            y[:nd] = self._decode(kv_cache, meta, taps)
-        starts = meta.query_start_loc.tolist() if meta.num_prefills else []
-        for i in range(nd, meta.num_seqs):
-            lo, hi, seq_len = starts[i], starts[i + 1], meta.seq_lens_list[i]
-            slots = history_slots(meta.block_tables[i], torch.arange(seq_len, device=u.device), meta.block_size)
+        if plan.decodes:
+            by_lag = taps[:, :plan.decode_width].T  # [width, H]: tap j, the weight of the input j tokens back
+            for b0, b1, slots, valid in plan.decodes:  # y_t = Σ_j k_j ⊙ u_{t-j}, a batch of decodes at once
+                history = read_history(kv_cache, slots, self.hidden_size).to(taps.dtype) * valid
+                y[b0:b1] = (history * by_lag).sum(1)
+        for lo, hi, slots in plan.prefills:
             history = read_history(kv_cache, slots, self.hidden_size).to(taps.dtype)  # [seq_len, H], chunk included
-            y[lo:hi] = causal_conv(history.T, taps, method).T[seq_len - (hi - lo):]
+            y[lo:hi] = causal_conv(history.T, taps, method).T[slots.shape[0] - (hi - lo):]
         return self._gate(x, u, g, y)
 
-    def _decode(self, cache: torch.Tensor, meta: AttentionMetadata, taps: torch.Tensor) -> torch.Tensor:
-        """y_t = Σ_{j < min(t+1, K)} k_j ⊙ u_{t-j} for each decode, over its history in the cache."""
-        nd, h = meta.num_decodes, self.hidden_size
-        lens = meta.seq_lens[:nd]
-        width = min(max(meta.seq_lens_list[:nd]), taps.shape[1])
-        tap = torch.arange(width, device=lens.device)
-        out = torch.empty(nd, h, dtype=taps.dtype, device=taps.device)
-        step = max(1, DECODE_GATHER_ELEMENTS // (width * h))
-        weights = taps[:, :width].T  # [width, H]: tap j
-        for b0 in range(0, nd, step):
-            b1 = min(nd, b0 + step)
-            pos = lens[b0:b1, None] - 1 - tap[None, :]  # [b, width]: the position tap j reads
-            valid = pos >= 0
-            slots = history_slots(meta.block_tables[b0:b1], pos.clamp(min=0), meta.block_size)
-            hist = read_history(cache, slots, h).to(taps.dtype) * valid[..., None]
-            out[b0:b1] = (hist * weights).sum(1)
-        return out
+
+@dataclass
+class HistoryPlan:
+    """Which cache slots each sequence's history occupies this step: the same for every layer, so the model
+    computes it once per step. Decodes read their last min(length, kernel_length) inputs, newest first
+    ([b, width] slots, `valid` masking positions before a sequence's start), in groups bounded by
+    DECODE_GATHER_ELEMENTS; a prefill chunk reads its whole sequence so far, its own tokens included."""
+
+    slot_mapping: torch.Tensor
+    decode_width: int = 0
+    decodes: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    prefills: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, meta: AttentionMetadata, kernel_length: int, hidden: int) -> HistoryPlan:
+        plan = cls(meta.slot_mapping)
+        nd, device = meta.num_decodes, meta.slot_mapping.device
+        if nd:
+            width = min(max(meta.seq_lens_list[:nd]), kernel_length)
+            lag = torch.arange(width, device=device)
+            step = max(1, DECODE_GATHER_ELEMENTS // (width * hidden))
+            plan.decode_width = width
+            for b0 in range(0, nd, step):
+                b1 = min(nd, b0 + step)
+                pos = meta.seq_lens[b0:b1, None] - 1 - lag[None, :]  # [b, width]: the position lag j reads
+                slots = history_slots(meta.block_tables[b0:b1], pos.clamp(min=0), meta.block_size)
+                plan.decodes.append((b0, b1, slots, (pos >= 0)[..., None]))
+        if meta.num_prefills:
+            starts = meta.query_start_loc.tolist()
+            for i in range(nd, meta.num_seqs):
+                positions = torch.arange(meta.seq_lens_list[i], device=device)
+                plan.prefills.append((starts[i], starts[i + 1],
+                                      history_slots(meta.block_tables[i], positions, meta.block_size)))
+        return plan
 
 
 class LongConvLayer(nn.Module):
@@ -127,8 +144,8 @@ class LongConvLayer(nn.Module):
         x = x + self.conv.forward_full(self.conv_norm(x), method)
         return x + self.mlp(self.mlp_norm(x))
 
-    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, method: str) -> torch.Tensor:
-        x = x + self.conv(self.conv_norm(x), kv_cache, meta, method)
+    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, plan: HistoryPlan, method: str) -> torch.Tensor:
+        x = x + self.conv(self.conv_norm(x), kv_cache, plan, method)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -155,8 +172,9 @@ class LongConvForCausalLM(nn.Module):
                 layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
         """The engine's step (see the module docstring); `layer_hook(l)` runs once layer l has stored its history."""
         x = self.embed_tokens(input_ids)
+        plan = HistoryPlan.build(meta, self.config.longconv.kernel_length, self.config.hidden_size)
         for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
-            x = layer(x, cache, meta, self.conv_method)
+            x = layer(x, cache, plan, self.conv_method)
             if layer_hook is not None:
                 layer_hook(i)
         return self.norm(x)
