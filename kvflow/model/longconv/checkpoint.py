@@ -19,9 +19,10 @@ def longconv_hf_config(vocab_size: int, hidden_size: int, num_layers: int, inter
                        max_position_embeddings: int, kernel_length: int | None = None, squash_lambda: float = 0.0,
                        smooth_width: int = 1, tie_word_embeddings: bool = True, rms_norm_eps: float = 1e-5,
                        dtype: str = "float32", **tokens: Any) -> dict[str, Any]:
-    """config.json's content; `tokens`: bos_token_id, eos_token_id, pad_token_id."""
+    """config.json's content; `tokens`: bos_token_id, eos_token_id, pad_token_id. No `model_type`: transformers
+    knows none for it, and one it does not know makes AutoTokenizer warn on every load."""
     return {
-        "architectures": [LONGCONV_ARCHITECTURE], "model_type": "longconv", "vocab_size": vocab_size,
+        "architectures": [LONGCONV_ARCHITECTURE], "vocab_size": vocab_size,
         "hidden_size": hidden_size, "num_hidden_layers": num_layers, "intermediate_size": intermediate_size,
         "max_position_embeddings": max_position_embeddings,
         "kernel_length": kernel_length or max_position_embeddings, "squash_lambda": squash_lambda,
