@@ -18,9 +18,12 @@ matrix small (at most `max_factor`, a few KiB) so each pass streams the data onc
 memory. The factors of a plan are as even as possible: the work per element is their sum (dense
 DFTs of size N_i), against log2(M) radix-2 steps for an FFT — more arithmetic, all of it in matmuls.
 
-Inputs and outputs are real: the first pass multiplies a real matrix by the real and imaginary
-parts of F (two real matmuls), and the last inverse pass keeps only the real part of its product
-(again two). Sizes are powers of two at least N + K - 1 (any length N is zero-padded).
+Inputs and outputs are real, which `butterfly_conv` uses to halve the work: two channels ride one
+complex sequence (z = u_a + i·u_b, "two real FFTs for one"), and their spectra are told apart by
+U_a = (Z + conj(Z(-f)))/2, U_b = (Z - conj(Z(-f)))/2i, where Z(-f) is a fixed gather in the plan's
+transposed order (`ButterflyPlan.negate`). The pair's outputs come back as the real and imaginary
+parts of one inverse DFT. (`butterfly_idft_real` is the unpaired inverse: the real part of its last
+pass takes two real matmuls.) Sizes are powers of two at least N + K - 1 (any N is zero-padded).
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ class ButterflyPlan:
     factors: tuple[int, ...]
     dfts: tuple[torch.Tensor, ...]  # F_Ni [Ni, Ni], F[n, k] = ω_Ni^(n·k)
     twiddles: tuple[torch.Tensor, ...]  # per pass but the last: [Ni, Ni+1·…·Nlast]
+    negate: torch.Tensor  # [M]: where the frequency -f of the frequency at each position sits
+
+
+def frequency_order(factors: tuple[int, ...]) -> torch.Tensor:
+    """The frequency at each position of `butterfly_dft`'s output: position k1·(M/N1) + q holds
+    k1 + N1·f_rest(q), recursively (k1 + N1·k2 for two passes)."""
+    order = torch.arange(factors[-1])
+    for f in reversed(factors[:-1]):
+        order = (torch.arange(f)[:, None] + f * order[None, :]).reshape(-1)
+    return order
 
 
 def split_factors(size: int, max_factor: int = DEFAULT_MAX_FACTOR) -> tuple[int, ...]:
@@ -84,7 +97,11 @@ def butterfly_plan(size: int, max_factor: int = DEFAULT_MAX_FACTOR, device: str 
     for f in factors[:-1]:
         rest //= f
         twiddles.append(_twiddles(f, rest, dtype, device))
-    return ButterflyPlan(size, factors, dfts, tuple(twiddles))
+    freq = frequency_order(factors)
+    position = torch.empty_like(freq)
+    position[freq] = torch.arange(size)
+    negate = position[(-freq) % size].to(device)
+    return ButterflyPlan(size, factors, dfts, tuple(twiddles), negate)
 
 
 def _left(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -127,16 +144,40 @@ def butterfly_idft_real(x: torch.Tensor, plan: ButterflyPlan, level: int = 0) ->
     return (torch.matmul(f.real, d.real) - torch.matmul(f.imag, d.imag)).reshape(x.shape)
 
 
+def butterfly_idft(x: torch.Tensor, plan: ButterflyPlan, level: int = 0) -> torch.Tensor:
+    """M times the inverse of `butterfly_dft` (complex in, complex out, natural order)."""
+    f = plan.dfts[level].conj()
+    if level == len(plan.factors) - 1:
+        return torch.matmul(x, f)
+    n1 = plan.factors[level]
+    c = x.reshape(*x.shape[:-1], n1, x.shape[-1] // n1)
+    d = butterfly_idft(c, plan, level + 1) * plan.twiddles[level].conj()
+    return torch.matmul(f, d).reshape(x.shape)
+
+
+def _paired_spectrum(x: torch.Tensor, plan: ButterflyPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """For real rows x [..., 2P, M]: Z, the DFT of rows 2p + i·rows 2p+1, and conj(Z(-f)) ([..., P, M] each)."""
+    z = butterfly_dft(torch.complex(x[..., 0::2, :], x[..., 1::2, :]), plan)
+    return z, z[..., plan.negate].conj()
+
+
 def butterfly_conv(u: torch.Tensor, k: torch.Tensor, max_factor: int = DEFAULT_MAX_FACTOR) -> torch.Tensor:
     """`u` [..., H, N] convolved causally with `k` [H, K] through FlashButterfly DFTs (fp32, or fp64 for fp64
-    inputs); the output has u's dtype."""
+    inputs), two channels per complex DFT; the output has u's dtype."""
     _check(u, k)
-    n = u.shape[-1]
+    n, h = u.shape[-1], u.shape[-2]
     taps = min(n, k.shape[1])
     m = fft_size(n, taps)
     real = torch.float64 if u.dtype == torch.float64 else torch.float32
     plan = butterfly_plan(m, max_factor, str(u.device), torch.complex128 if real == torch.float64 else torch.complex64)
-    u_pad = torch.nn.functional.pad(u.to(real), (0, m - n))
-    k_pad = torch.nn.functional.pad(k[:, :taps].to(real), (0, m - taps))
-    spectrum = butterfly_dft(u_pad, plan) * butterfly_dft(k_pad, plan)
-    return (butterfly_idft_real(spectrum, plan)[..., :n] / m).to(u.dtype)
+    odd = h % 2  # an odd channel count gets a zero channel to pair with
+    u_pad = torch.nn.functional.pad(u.to(real), (0, m - n, 0, odd))
+    k_pad = torch.nn.functional.pad(k[:, :taps].to(real), (0, m - taps, 0, odd))
+    z, z_neg = _paired_spectrum(u_pad, plan)
+    kz, kz_neg = _paired_spectrum(k_pad, plan)
+    k_a, k_b = (kz + kz_neg) / 2, (kz - kz_neg) * -0.5j  # each channel's own kernel spectrum
+    # The pair's output spectrum Y_a + i·Y_b = U_a·K_a + i·U_b·K_b, with U_a, U_b from Z as above:
+    w = z * ((k_a + k_b) / 2) + z_neg * ((k_a - k_b) / 2)
+    y = butterfly_idft(w, plan)[..., :n] / m  # [..., H/2, N]: y_a + i·y_b
+    out = torch.stack((y.real, y.imag), dim=-2).reshape(*u.shape[:-2], h + odd, n)
+    return out[..., :h, :].to(u.dtype)
