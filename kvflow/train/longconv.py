@@ -118,7 +118,7 @@ def run_longconv_training(preset: LongConvPreset, out_dir: Path, show_progress: 
         if (tokenizer_dir / extra).is_file() and not (model_dir / extra).is_file():
             (model_dir / extra).write_text((tokenizer_dir / extra).read_text())
     report = {
-        "preset": asdict(preset),
+        "preset": {**asdict(preset), "heldout_percent": data.heldout_percent},  # what `kvflow eval` holds out
         "model": {**asdict(result), "parameters": sum(p.numel() for p in model.parameters()),
                   "kernel_parameters": sum(layer.conv.kernel.numel() for layer in model.layers)},
         "corpus": {"train_documents": len(train_docs), "heldout_documents": len(heldout_docs),
