@@ -787,20 +787,7 @@ class LoRAConfig:
     max_cpu_loras: int | None = None  # default: max(max_loras, 16)
 
     def __post_init__(self) -> None:
-        modules = self.lora_modules
-        if isinstance(modules, str):
-            modules = (modules,)
-        elif isinstance(modules, Mapping):
-            modules = tuple(f"{name}={path}" for name, path in modules.items())
-        modules = tuple(str(m) for m in modules)
-        names: set[str] = set()
-        for entry in modules:
-            name, sep, path = entry.partition("=")
-            if not sep or not name.strip() or not path.strip():
-                raise ValueError(f"lora_modules entries are NAME=DIR, got {entry!r}")
-            if name in names:
-                raise ValueError(f"lora_modules names {name!r} twice")
-            names.add(name)
+        modules = named_dirs(self.lora_modules, "lora_modules")
         object.__setattr__(self, "lora_modules", modules)
         if modules and not self.enable_lora:
             raise ValueError("lora_modules needs enable_lora (--enable-lora)")
@@ -819,6 +806,41 @@ class LoRAConfig:
     @property
     def host_slots(self) -> int:
         return self.max_cpu_loras if self.max_cpu_loras is not None else max(self.max_loras, 16)
+
+
+def named_dirs(entries: Any, what: str) -> tuple[str, ...]:
+    """NAME=DIR entries (a string, a sequence of them, or a {name: dir} mapping) as a checked tuple of strings."""
+    if isinstance(entries, str):
+        entries = (entries,)
+    elif isinstance(entries, Mapping):
+        entries = tuple(f"{name}={path}" for name, path in entries.items())
+    entries = tuple(str(e) for e in entries)
+    names: set[str] = set()
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"{what} entries are NAME=DIR, got {entry!r}")
+        if name in names:
+            raise ValueError(f"{what} names {name!r} twice")
+        names.add(name)
+    return entries
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """BlockLLM's block zoo (kvflow/model/block_zoo.py): full fine-tuned variants of the base model served
+    by the same engine, each layer they did not change stored once (the base's) and run once per step for
+    every request that reaches it; requests choose a variant by name (the API's `model` field)."""
+
+    # "NAME=DIR" model directories (the offline API also takes a {name: dir} mapping).
+    variant: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "variant", named_dirs(self.variant, "variant"))
+
+    @property
+    def variants(self) -> dict[str, str]:
+        return dict(entry.split("=", 1) for entry in self.variant)
 
 
 KV_TRANSFER_ROLES = ("prefill", "decode")
@@ -872,6 +894,7 @@ class EngineConfig:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
     # Weights quantised at load; the result is `model.quantization` (which the loader reads).
     load: LoadConfig = field(default_factory=LoadConfig)
     device: str = "cpu"
@@ -918,6 +941,8 @@ class EngineConfig:
                                  "yet: use int8 or fp8_e4m3")
             if self.cache.kv_policy != "none":
                 raise ValueError(f"speculative decoding does not support kv_policy={self.cache.kv_policy} yet")
+        if self.zoo.variant and self.kv_transfer is not None:
+            raise ValueError("model variants (--variant) are not served by disaggregated prefill/decode instances yet")
         if self.lora.enable_lora and self.kv_transfer is not None:
             raise ValueError("LoRA adapters are not served by disaggregated prefill/decode instances yet "
                              "(the prefill instance would need each adapter too): serve them colocated")
@@ -949,7 +974,7 @@ class EngineConfig:
     ) -> EngineConfig:
         """Build from flat keyword arguments (the offline API and CLI use this)."""
         parts: dict[type, dict[str, Any]] = {CacheConfig: {}, SchedulerConfig: {}, RunnerConfig: {},
-                                             SpeculativeConfig: {}, LoadConfig: {}, LoRAConfig: {}}
+                                             SpeculativeConfig: {}, LoadConfig: {}, LoRAConfig: {}, ZooConfig: {}}
         if "max_num_seqs" in kwargs and "admission" not in kwargs:
             kwargs = {**kwargs, "admission": "seqs"}  # a limit the user sets is a limit, prefix tree or not
         for key, value in kwargs.items():
@@ -971,6 +996,7 @@ class EngineConfig:
             speculative=SpeculativeConfig(**parts[SpeculativeConfig]),
             load=LoadConfig(**parts[LoadConfig]),
             lora=LoRAConfig(**parts[LoRAConfig]),
+            zoo=ZooConfig(**parts[ZooConfig]),
             device=device,
             seed=seed,
         )

@@ -28,7 +28,8 @@ class LLM:
     Engine keyword arguments: `max_num_seqs`, `max_num_batched_tokens`, `enable_chunked_prefill`,
     `block_size`, `kv_cache_memory` (GiB), `num_blocks`, `enable_prefix_caching`, `policy`, and
     `enable_lora`, `lora_modules` ({name: dir}), `max_loras`, `max_lora_rank`, `max_cpu_loras`: LoRA
-    adapters per request (`generate(..., lora_request=...)`); and
+    adapters per request (`generate(..., lora_request=...)`); `variant` ({name: dir}): BlockLLM's block zoo
+    of fine-tuned variants (`generate(..., variant=...)`); and
     `batch_policy`: offline, a batch of at least `prefix_tree_min_batch` (32) prompts is grouped by
     shared prefix (BatchLLM, "auto", the default here); "fcfs" runs it in order, "prefix-tree" groups
     every batch.
@@ -78,11 +79,14 @@ class LLM:
         sampling_params: Params | Sequence[Params] | None = None,
         use_tqdm: bool = True,
         lora_request: Lora | Sequence[Lora] | None = None,
+        variant: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order.
 
         `lora_request` (an engine with `enable_lora=True`): the LoRA adapter of every prompt, or one per
         prompt, each a `LoRARequest(name, id, path)` or the name of a loaded adapter (None: the base).
+        `variant` (an engine with `variant={name: dir}`): the block zoo's variant of every prompt, or one
+        per prompt (None: the base).
 
         A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": [...]}, which
         may add {"cache_salt": "..."}: KV is then shared only with prompts of the same salt. A single
@@ -98,22 +102,20 @@ class LLM:
         else:
             params_list = [self.engine.to_sampling_params(sampling_params)] * len(prompt_list)
 
-        if isinstance(lora_request, Sequence) and not isinstance(lora_request, str):
-            if len(lora_request) != len(prompt_list):
-                raise ValueError(f"got {len(lora_request)} lora requests for {len(prompt_list)} prompts")
-            loras = list(lora_request)
-        else:
-            loras = [lora_request] * len(prompt_list)
+        loras = _per_prompt(lora_request, len(prompt_list), "lora requests")
+        variants = _per_prompt(variant, len(prompt_list), "variants")
 
         tokenized = [self.engine.tokenize_prompt(p) for p in prompt_list]
         salts = [self.engine.inputs.cache_salt_of(p) for p in prompt_list]
         for (_, ids), params in zip(tokenized, params_list):
             self.engine.validate(ids, params)
         for lora in dict.fromkeys(loras):  # each adapter checked (and loaded) before any request starts
-            self.engine.loras.resolve(lora)
+            self.engine.registry.resolve(lora)
+        for name in dict.fromkeys(variants):
+            self.engine.registry.variant(name)
 
         request_ids = []
-        for (text, ids), params, salt, lora in zip(tokenized, params_list, salts, loras):
+        for (text, ids), params, salt, lora, name in zip(tokenized, params_list, salts, loras, variants):
             request_id = f"offline-{self._counter}"
             self._counter += 1
             prompt: dict[str, Any] = {"prompt_token_ids": ids}
@@ -121,7 +123,7 @@ class LLM:
                 prompt["prompt"] = text
             if salt is not None:
                 prompt["cache_salt"] = salt
-            self.engine.add_request(request_id, prompt, params, lora_request=lora)
+            self.engine.add_request(request_id, prompt, params, lora_request=lora, variant=name)
             request_ids.append(request_id)
         return self._run(request_ids, use_tqdm)
 
@@ -185,3 +187,12 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty string, list of token ids, or list of prompts")
     return list(prompts)
+
+
+def _per_prompt(value: Any, n: int, what: str) -> list[Any]:
+    """One value for every prompt, or a list with one per prompt."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != n:
+            raise ValueError(f"got {len(value)} {what} for {n} prompts")
+        return list(value)
+    return [value] * n

@@ -1,5 +1,5 @@
-"""Which LoRA adapter a request runs with: `LoRARequest` (what a user names) and `AdapterRef` (what the
-engine runs: the adapter's files pinned by a digest of their bytes).
+"""Which LoRA adapter or model variant a request runs with: `LoRARequest` (what a user names) and
+`AdapterRef` (what the engine runs: the files pinned by a digest of their bytes).
 
 The digest is the adapter's identity everywhere below the API: the scheduler counts distinct adapters
 by it, the prefix cache salts KV blocks with it, and the runner keys its resident slots and host copies
@@ -27,11 +27,13 @@ class LoRARequest:
 
 
 class AdapterRef(msgspec.Struct, frozen=True):
-    """A validated adapter: its name, its directory and the BLAKE2b digest of its weight and config files."""
+    """A validated adapter: its name, its directory and the BLAKE2b digest of its weight and config files.
+    `kind`: "lora" (a LoRA adapter) or "variant" (a full fine-tuned model of the block zoo)."""
 
     name: str
     path: str
     digest: str
+    kind: str = "lora"
 
     @property
     def key(self) -> str:

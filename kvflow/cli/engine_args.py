@@ -86,6 +86,8 @@ _HELP = {
     "max_lora_rank": "largest adapter rank served (default 16); slots are sized for it",
     "max_cpu_loras": "adapters kept loaded in host memory, least recently used dropped first (default "
                      "max(max_loras, 16))",
+    "variant": "BlockLLM's block zoo: fine-tuned variants of the model served beside it, NAME=DIR ... (each layer "
+               "a variant did not change is stored and run once, the base's; the API's `model` field selects one)",
     "speculative_token_budget": "proposals verified per step across the batch: each of B decoding requests "
                                 "verifies at most budget // B (default 8; speculation turns off past 8 requests)",
 }
@@ -93,9 +95,17 @@ _HELP = {
 
 def _engine_parts() -> tuple[type, ...]:
     """The config dataclasses whose fields are engine flags (imported here: kvflow.config needs torch)."""
-    from kvflow.config import CacheConfig, LoadConfig, LoRAConfig, RunnerConfig, SchedulerConfig, SpeculativeConfig
+    from kvflow.config import (
+        CacheConfig,
+        LoadConfig,
+        LoRAConfig,
+        RunnerConfig,
+        SchedulerConfig,
+        SpeculativeConfig,
+        ZooConfig,
+    )
 
-    return CacheConfig, SchedulerConfig, RunnerConfig, SpeculativeConfig, LoadConfig, LoRAConfig
+    return CacheConfig, SchedulerConfig, RunnerConfig, SpeculativeConfig, LoadConfig, LoRAConfig, ZooConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

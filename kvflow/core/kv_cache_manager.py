@@ -203,10 +203,10 @@ class KVCacheManager:
         self._uses_slots = residual_slots > 0
 
     def salt(self, request: Request) -> str | None:
-        """The salt a request's blocks are indexed under: the KV format, its LoRA adapter (name and digest)
-        and the request's own salt."""
-        parts = [part for part in (self.kv_format, request.lora and f"lora:{request.lora.key}", request.cache_salt)
-                 if part]
+        """The salt a request's blocks are indexed under: the KV format, its model variant and LoRA adapter
+        (name and digest of each) and the request's own salt."""
+        parts = [part for part in (self.kv_format, request.variant and f"variant:{request.variant.key}",
+                                   request.lora and f"lora:{request.lora.key}", request.cache_salt) if part]
         return "|".join(parts) or None
 
     @property

@@ -67,6 +67,7 @@ class Request:
         kv_transfer: KVTransferParams | None = None,
         cache_salt: str | None = None,
         lora: AdapterRef | None = None,
+        variant: AdapterRef | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -104,8 +105,10 @@ class Request:
         self.kv_transfer = kv_transfer
         # Chained into its prefix blocks' hashes: requests with different salts never share KV blocks.
         self.cache_salt = cache_salt
-        # The LoRA adapter it runs with (None: the base model); its key salts its KV blocks too.
+        # The LoRA adapter and the block zoo's variant it runs with (None: the base model); their keys salt its
+        # KV blocks too.
         self.lora = lora
+        self.variant = variant
         # KV policy (kv_policy.py): what it keeps or reads of this request's KV; None keeps all.
         self.kv_policy: KVPolicy | None = None
         # Positions dropped from the front of the cache by the policy: position p sits at index p - kv_shift.

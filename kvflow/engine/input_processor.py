@@ -42,6 +42,7 @@ class CoreRequestSpec(msgspec.Struct):
     kv_transfer: KVTransferParams | None = None
     cache_salt: str | None = None
     lora: AdapterRef | None = None
+    variant: AdapterRef | None = None
 
 
 def build_core_requests(specs: list[CoreRequestSpec]) -> list[Request]:
@@ -53,6 +54,7 @@ def build_core_requests(specs: list[CoreRequestSpec]) -> list[Request]:
             spec.request_id, spec.prompt_token_ids, spec.params, spec.eos_token_ids,
             spec.arrival_time, spec.max_model_len, leader=leader, seed=spec.seed, priority=spec.priority,
             kv_transfer=spec.kv_transfer, cache_salt=spec.cache_salt, lora=spec.lora,
+            variant=spec.variant,
         )
     return list(built.values())
 
@@ -162,6 +164,7 @@ class InputProcessor:
     def make_specs(
         self, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float | None = None,
         priority: int = 0, cache_salt: str | None = None, lora: AdapterRef | None = None,
+        variant: AdapterRef | None = None,
     ) -> list[CoreRequestSpec]:
         """One spec per sequence: `n > 1` siblings share the leader's prompt blocks; seeds are seed + index."""
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -179,6 +182,7 @@ class InputProcessor:
                 priority=priority,
                 cache_salt=cache_salt,
                 lora=lora,
+                variant=variant,
             ))
         return specs
 

@@ -17,7 +17,7 @@ from kvflow.config import EngineConfig
 from kvflow.core.request import RequestStatus
 from kvflow.engine.core import EngineCore, EngineStats
 from kvflow.engine.input_processor import InputProcessor, build_core_requests
-from kvflow.engine.lora_registry import LoRARegistry
+from kvflow.engine.model_registry import ModelRegistry
 from kvflow.engine.output_processor import OutputProcessor
 from kvflow.kv_transfer.base import make_connector
 from kvflow.lora_request import LoRARequest
@@ -37,7 +37,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.core = EngineCore(config, make_connector(config))
         self.inputs = InputProcessor(config, self.tokenizer, self.core.kv.num_blocks)
-        self.loras = LoRARegistry(config)
+        self.registry = ModelRegistry(config)
         self.outputs = OutputProcessor(self.tokenizer)
 
     @classmethod
@@ -80,16 +80,21 @@ class LLMEngine:
         arrival_time: float | None = None,
         priority: int = 0,
         lora_request: LoRARequest | str | None = None,
+        variant: str | None = None,
     ) -> None:
         """Validate everything first; only then does the request touch the engine. `lora_request`: the
-        LoRA adapter to run it with (a `LoRARequest`, or the name of a loaded adapter)."""
+        LoRA adapter to run it with (a `LoRARequest`, or the name of a loaded adapter); `variant`: the block
+        zoo's variant (`variant=` engine argument) to run it with instead of the base."""
         params = self.to_sampling_params(params)
         text, ids = self.tokenize_prompt(prompt)
         salt = self.inputs.cache_salt_of(prompt)
         self.validate(ids, params)
-        lora = self.loras.resolve(lora_request)
+        lora = self.registry.resolve(lora_request)
+        model = self.registry.variant(variant)
+        if lora is not None and model is not None:
+            raise ValueError("a request runs a LoRA adapter or a model variant, not both")
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        specs = self.inputs.make_specs(ids, params, arrival, priority, salt, lora)
+        specs = self.inputs.make_specs(ids, params, arrival, priority, salt, lora, model)
         self.outputs.add_request(request_id, text, ids, params, [s.request_id for s in specs], arrival)
         for request in build_core_requests(specs):
             self.core.add_request(request)

@@ -1,4 +1,8 @@
-"""The adapters an engine serves, by name: what the OpenAI `model` field and `LoRARequest` resolve to.
+"""The models an engine serves besides its base, by name: LoRA adapters and the block zoo's variants,
+what the OpenAI `model` field and `LoRARequest` resolve to.
+
+Variants (`--variant NAME=DIR`) are fixed at start; each is named by the digest of its files
+(block_zoo.variant_digest), the same key the runner's zoo gives its blocks.
 
 An adapter is validated against the base model once, when it is registered (at start from
 `--lora-modules`, at run time through the offline API or the server's load endpoint): a wrong base,
@@ -14,6 +18,7 @@ import threading
 
 from kvflow.config import EngineConfig
 from kvflow.lora_request import AdapterRef, LoRARequest
+from kvflow.model.block_zoo import variant_digest
 from kvflow.model.lora import read_adapter
 
 
@@ -21,13 +26,15 @@ class UnknownAdapterError(LookupError):
     """A request names an adapter that is not registered (the server answers 404)."""
 
 
-class LoRARegistry:
+class ModelRegistry:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.enabled = config.lora.enable_lora
         self._refs: dict[str, AdapterRef] = {}
         self._parents: dict[str, str] = {}
         self._lock = threading.Lock()  # the server's load/unload endpoints run beside request intake
+        self._variants = {name: AdapterRef(name, str(path), variant_digest(path), "variant")
+                          for name, path in config.zoo.variants.items()}
         for name, path in config.lora.modules.items():
             self.add(name, path)
 
@@ -37,6 +44,8 @@ class LoRARegistry:
             raise ValueError("LoRA adapters need an engine started with enable_lora (--enable-lora)")
         if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
             raise ValueError(f"an adapter name is a non-empty string without spaces, got {name!r}")
+        if name in self._variants:
+            raise ValueError(f"{name!r} names a model variant (--variant); choose another adapter name")
         with self._lock:
             if name in self._refs:
                 raise ValueError(f"an adapter named {name!r} is already loaded (from {self._refs[name].path}); "
@@ -58,10 +67,22 @@ class LoRARegistry:
         return ref
 
     def get(self, name: str) -> AdapterRef | None:
-        return self._refs.get(name)
+        """The adapter or variant called `name`, if any."""
+        return self._refs.get(name) or self._variants.get(name)
 
     def refs(self) -> list[AdapterRef]:
-        return list(self._refs.values())
+        """Every variant, then every adapter (what /v1/models lists besides the base)."""
+        return [*self._variants.values(), *self._refs.values()]
+
+    def variant(self, name: str | None) -> AdapterRef | None:
+        """A request's block-zoo variant by name (None: the base)."""
+        if name is None:
+            return None
+        ref = self._variants.get(name)
+        if ref is None:
+            raise UnknownAdapterError(f"no model variant named {name!r}; variants: "
+                                      f"{', '.join(sorted(self._variants)) or 'none (start with --variant NAME=DIR)'}")
+        return ref
 
     def resolve(self, lora: LoRARequest | str | None) -> AdapterRef | None:
         """A request's adapter: None (the base), a registered name, or a `LoRARequest` (registered on first

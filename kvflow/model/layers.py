@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -10,6 +11,9 @@ import torch.nn.functional as F
 
 from kvflow.config import RopeConfig
 from kvflow.model.linear import Linear
+
+if TYPE_CHECKING:
+    from kvflow.model.block_zoo import RowRoutes
 
 
 class RMSNorm(nn.Module):
@@ -19,8 +23,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # A block zoo (kvflow/model/block_zoo.py): variants whose own norm replaces this one for their rows.
+        self.routes: RowRoutes | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = self.routes.active() if self.routes is not None else None
+        if active:
+            return self.routes.apply(x, active, self.normalise, lambda block, rows: block.normalise(rows))
+        return self.normalise(x)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

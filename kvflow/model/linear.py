@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from kvflow.model.block_zoo import RowRoutes
     from kvflow.model.lora import SlotAdapter
 
 
@@ -122,6 +123,8 @@ class Linear(nn.Module):
         self.method: LinearMethod = DenseLinear()
         # LoRA slots (kvflow/model/lora.py): adds each token's adapter delta to the method's output.
         self.adapter: SlotAdapter | None = None
+        # A block zoo (kvflow/model/block_zoo.py): variants whose own layer replaces this one for their rows.
+        self.routes: RowRoutes | None = None
 
     @classmethod
     def sharing(cls, weight: nn.Parameter) -> Linear:
@@ -136,7 +139,12 @@ class Linear(nn.Module):
         self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.method.apply(self, x)
+        active = self.routes.active() if self.routes is not None else None
+        if active:
+            out = self.routes.apply(x, active, lambda rows: self.method.apply(self, rows),
+                                    lambda block, rows: block.method.apply(block, rows))
+        else:
+            out = self.method.apply(self, x)
         if self.adapter is not None:
             self.adapter.add(x, out)
         return out

@@ -60,7 +60,7 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
     change what every client is served, so they exist only behind an API key."""
     if allow_runtime_lora and not api_key:
         raise ValueError("--allow-runtime-lora needs --api-key: loading adapters changes what every client is served")
-    if allow_runtime_lora and not ctx.engine.loras.enabled:
+    if allow_runtime_lora and not ctx.engine.registry.enabled:
         raise ValueError("--allow-runtime-lora needs --enable-lora")
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -109,9 +109,8 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
         # `root` names the model as clients know it, never the server's disk path; adapters name their parent.
         base = ctx.served_model_name
         cards = [ModelCard(id=base, created=ctx.created, root=base, max_model_len=ctx.max_model_len)]
-        if ctx.engine.loras.enabled:
-            cards += [ModelCard(id=ref.name, created=ctx.created, root=ref.name, parent=base,
-                                max_model_len=ctx.max_model_len) for ref in ctx.engine.loras.refs()]
+        cards += [ModelCard(id=ref.name, created=ctx.created, root=ref.name, parent=base,
+                            max_model_len=ctx.max_model_len) for ref in ctx.engine.registry.refs()]
         return ModelList(data=cards)
 
     if allow_runtime_lora:
@@ -120,7 +119,7 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
             if body.lora_name == ctx.served_model_name:
                 raise APIError(400, f"`{body.lora_name}` is the base model's name", param="lora_name")
             try:
-                ref = await ctx.preprocess.run(ctx.engine.loras.add, body.lora_name, body.lora_path)
+                ref = await ctx.preprocess.run(ctx.engine.registry.add, body.lora_name, body.lora_path)
             except ValueError as e:
                 raise APIError(400, str(e), param="lora_path", code="invalid_adapter") from None
             logger.info("loaded LoRA adapter %s (digest %s)", ref.name, ref.digest)
@@ -129,7 +128,7 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
         @app.post("/v1/unload_lora_adapter")
         async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
             try:
-                ref = ctx.engine.loras.remove(body.lora_name)
+                ref = ctx.engine.registry.remove(body.lora_name)
             except LookupError as e:
                 raise APIError(404, str(e).strip("'\""), param="lora_name", code="model_not_found") from None
             logger.info("unloaded LoRA adapter %s", ref.name)

@@ -21,8 +21,8 @@ from kvflow.config import EngineConfig
 from kvflow.core.request import RequestStatus
 from kvflow.engine.core_client import CoreClient, EngineDeadError
 from kvflow.engine.input_processor import CoreRequestSpec, InputProcessor
-from kvflow.engine.lora_registry import LoRARegistry
 from kvflow.engine.messages import StepOutputs
+from kvflow.engine.model_registry import ModelRegistry
 from kvflow.engine.output_processor import OutputKind, OutputProcessor
 from kvflow.lora_request import AdapterRef
 from kvflow.outputs import RequestOutput
@@ -85,7 +85,7 @@ class AsyncEngine:
             raise ValueError(f"--max-waiting-requests must be >= 1 (every request waits before its first step), "
                              f"got {max_waiting_requests}")
         self.max_waiting_requests = max_waiting_requests
-        self.loras = LoRARegistry(config)  # adapters are checked here, before the core ever starts
+        self.registry = ModelRegistry(config)  # adapters are checked here, before the core ever starts
         self.core = CoreClient(config, self._on_outputs, self._on_death)
         self.inputs: InputProcessor | None = None
         self.outputs = OutputProcessor(tokenizer)
@@ -163,7 +163,9 @@ class AsyncEngine:
             raise ValueError(never)
         self.check_admission(params.n)
         arrival = time.monotonic()
-        specs = self.inputs.make_specs(prompt_token_ids, params, arrival, cache_salt=cache_salt, lora=lora)
+        variant = lora if lora is not None and lora.kind == "variant" else None  # the `model` field names either
+        specs = self.inputs.make_specs(prompt_token_ids, params, arrival, cache_salt=cache_salt,
+                                       lora=None if variant is not None else lora, variant=variant)
         self.outputs.add_request(request_id, prompt, prompt_token_ids, params,
                                  [s.request_id for s in specs], arrival, OutputKind.DELTA)
         stream = RequestStream(request_id, params.n)

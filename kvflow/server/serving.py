@@ -72,22 +72,20 @@ class ServerContext:
             self.preprocess.on_reject = lambda: self.engine.metrics.rejected("overloaded")
 
     def check_model(self, model: str | None) -> AdapterRef | None:
-        """The request's `model`: the base (None, or the served name), or a loaded LoRA adapter's name (its
-        ref); anything else is a 404 in OpenAI's format."""
+        """The request's `model`: the base (None, or the served name), or a LoRA adapter's or model variant's
+        name (its ref); anything else is a 404 in OpenAI's format."""
         if model is None or model == self.served_model_name:
             return None
-        loras = self.engine.loras
-        ref = loras.get(model) if loras.enabled else None
+        ref = self.engine.registry.get(model)
         if ref is None:
-            names = [self.served_model_name, *(r.name for r in loras.refs())] if loras.enabled else \
-                [self.served_model_name]
+            names = [self.served_model_name, *(r.name for r in self.engine.registry.refs())]
             raise APIError(404, f"The model `{model}` does not exist; this server serves "
                            f"{', '.join(f'`{n}`' for n in names)}", param="model", code="model_not_found")
         return ref
 
     def model_name(self, model: str | None) -> str:
-        """The `model` a response names: the adapter asked for, else the served model."""
-        return model if model is not None and self.engine.loras.get(model) is not None else self.served_model_name
+        """The `model` a response names: the adapter or variant asked for, else the served model."""
+        return model if model is not None and self.engine.registry.get(model) is not None else self.served_model_name
 
 
 def sampling_params(ctx: ServerContext, req: SamplingFields, max_tokens: int | None, logprobs: int | None,

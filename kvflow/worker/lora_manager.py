@@ -54,12 +54,6 @@ class LoRAManager:
         self._clock = itertools.count(1)
         self.stats = LoRAStats()
 
-    @staticmethod
-    def order_key(chunk: ScheduledChunk) -> tuple[bool, str]:
-        """Decodes first (as without LoRA), grouped by adapter so each adapter's decodes are one run."""
-        ref = chunk.request.lora
-        return chunk.num_tokens != 1, "" if ref is None else ref.key
-
     def prepare(self, chunks: Sequence[ScheduledChunk]) -> list[tuple[int, int, int]]:
         """Place this step's adapters in slots and set the (slot, start, end) runs of its flat tokens (in
         `chunks`' order); returns the runs."""

@@ -20,6 +20,7 @@ from kvflow.attention.kv_quant import kv_scales_set
 from kvflow.attention.kv_spec import KVCacheSpec
 from kvflow.attention.policy_step import PolicyStep, QuestRows, SnapJob, SpeContextReads
 from kvflow.config import EngineConfig
+from kvflow.model.block_zoo import BlockZoo
 from kvflow.model.cpu_kernels import (
     CPU_FORWARD_MAX_CHUNK,
     CpuForward,
@@ -54,10 +55,18 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
         self.model = load_model(config.model, self.device)
+        # BlockLLM's block zoo: the variants' own layers, hashed against the base's before any method repacks them.
+        self.zoo = BlockZoo.load(self.model, config.zoo.variants, self.device, load_model) if config.zoo.variant \
+            else None
         runner = config.runner
-        use_cpu_kernels = (runner.cpu_kernels and runner.attention_backend != "triton"
+        use_cpu_kernels = (runner.cpu_kernels and runner.attention_backend != "triton" and self.zoo is None
                            and cpu_kernels_available(self.device, config.model.dtype))
-        self.model.use_linear_method(self._linear_method(use_cpu_kernels))
+        if self.zoo is not None and runner.cpu_kernels:
+            logger.info("a block zoo runs on the PyTorch modules (the C++ forward has one weight set per layer)")
+        method = self._linear_method(use_cpu_kernels)
+        self.model.use_linear_method(method)
+        if self.zoo is not None:
+            self.zoo.use_linear_method(method)
         # Multi-LoRA: adapter slots on every projection, filled per step by the manager.
         self.lora = LoRAManager(config, self.model) if config.lora.enable_lora else None
         mode = runner.quant_activations
@@ -138,9 +147,12 @@ class ModelRunner:
     # ---------------------------------------------------------------- execute
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledChunk]) -> RunnerOutput:
-        # Stable: decodes first; with LoRA, grouped by adapter (one run of tokens per adapter's decodes).
-        chunks = sorted(scheduled, key=(lambda c: c.num_tokens != 1) if self.lora is None else self.lora.order_key)
+        # Stable: decodes first; with variants or LoRA, grouped by model (one run of tokens per model's decodes).
+        chunks = sorted(scheduled, key=(lambda c: c.num_tokens != 1) if self.lora is None and self.zoo is None
+                        else _model_order)
         lora_runs = None if self.lora is None else self.lora.prepare(chunks)
+        if self.zoo is not None:
+            self.zoo.set_runs(variant_runs(chunks))
         input_ids, positions, kv_positions, meta = self._prepare_inputs(chunks)
         windows = None
         if self.retrieval_keys is not None:  # every computed token's retrieval key, before anyone scores
@@ -405,3 +417,27 @@ class ModelRunner:
                 out.spec_token_ids[rid] = proposals.token_ids[n]
                 if proposals.draft_probs is not None and proposals.draft_probs[n] is not None:
                     out.spec_draft_probs[rid] = proposals.draft_probs[n]
+
+
+def _model_order(chunk: ScheduledChunk) -> tuple[bool, str, str]:
+    """Decodes first (as always), then by variant and adapter, so each model's decodes are one run of rows."""
+    request = chunk.request
+    return (chunk.num_tokens != 1, "" if request.variant is None else request.variant.key,
+            "" if request.lora is None else request.lora.key)
+
+
+def variant_runs(chunks: list[ScheduledChunk]) -> dict[str, list[tuple[int, int]]]:
+    """Variant key -> (start, end) runs of the step's flat tokens (chunks in execution order)."""
+    runs: dict[str, list[tuple[int, int]]] = {}
+    start = 0
+    for chunk in chunks:
+        end = start + chunk.num_tokens
+        ref = chunk.request.variant
+        if ref is not None:
+            own = runs.setdefault(ref.key, [])
+            if own and own[-1][1] == start:
+                own[-1] = (own[-1][0], end)
+            else:
+                own.append((start, end))
+        start = end
+    return runs

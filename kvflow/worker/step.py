@@ -46,8 +46,9 @@ class SequenceView(Protocol):
     # requests), and how many of its tokens the draft's KV cache holds.
     spec_generator: torch.Generator | None
     spec_draft_computed: int
-    # The LoRA adapter it runs with (None: the base model alone).
+    # The LoRA adapter it runs with (None: the base model alone), and the block zoo's variant (None: the base).
     lora: AdapterRef | None
+    variant: AdapterRef | None
 
     @property
     def num_tokens(self) -> int: ...

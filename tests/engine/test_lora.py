@@ -69,11 +69,11 @@ def test_mixed_batch_equals_peft_merged_models(llama_dir, adapters, cpu_kernels)
 
 def test_lora_request_loads_on_first_use_and_base_is_unchanged(llama_dir, adapters):
     llm = LLM(model=str(llama_dir), dtype="float32", enable_lora=True, max_loras=1)
-    assert llm.engine.loras.refs() == []
+    assert llm.engine.registry.refs() == []
     out = llm.generate(PROMPTS[:1], GREEDY, lora_request=LoRARequest("qv", 7, str(adapters["qv"])), use_tqdm=False)
     assert out[0].outputs[0].token_ids == hf_greedy(_reference(str(llama_dir), str(adapters["qv"])), PROMPTS[0],
                                                    MAX_TOKENS)
-    assert [r.name for r in llm.engine.loras.refs()] == ["qv"]
+    assert [r.name for r in llm.engine.registry.refs()] == ["qv"]
     base = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
     assert base[0].outputs[0].token_ids == hf_greedy(_reference(str(llama_dir), None), PROMPTS[0], MAX_TOKENS)
 
@@ -173,7 +173,7 @@ def test_bad_adapters_are_refused_at_load_with_the_reason(llama_dir, tiny_models
         llm.generate(PROMPTS[:1], GREEDY, lora_request=LoRARequest(kind, 1, str(path)), use_tqdm=False)
     with pytest.raises(ValueError, match=expected):
         LLM(model=str(llama_dir), dtype="float32", enable_lora=True, lora_modules={kind: str(path)})
-    assert llm.engine.loras.refs() == [] and not llm.engine.has_unfinished_requests()
+    assert llm.engine.registry.refs() == [] and not llm.engine.has_unfinished_requests()
     assert llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == hf_greedy(
         _reference(str(llama_dir), None), PROMPTS[0], MAX_TOKENS)
 
