@@ -285,6 +285,28 @@ def _cmd_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from kvflow.bench.zoo import format_report, run_zoo_bench
+
+    model = args.model
+    if model is None:
+        from kvflow.assets import default_model_path
+
+        model = str(default_model_path())
+    with tempfile.TemporaryDirectory(prefix="kvflow-bench-zoo-") as work:
+        report = run_zoo_bench(Path(model), tuple(args.variants), args.changed_layers, args.requests, args.prompt_len,
+                               args.max_tokens, args.dtype or "bfloat16", Path(work), args.cores)
+    report["command"] = "kvflow bench zoo " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "zoo"] else [])
+    print(format_report(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"saved {args.out}")
+    return 0
+
+
 def _cmd_longconv(args: argparse.Namespace) -> int:
     from kvflow.bench.longconv import run_longconv_bench, save_report
 
@@ -662,6 +684,19 @@ def configure(bench: argparse.ArgumentParser) -> None:
     lo.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     lo.add_argument("--out", help="JSON path")
     lo.set_defaults(func=_cmd_lora)
+
+    zo = sub.add_parser("zoo", help="BlockLLM's block zoo: N variants in one engine against N engines (memory, "
+                                    "throughput, p95 latency at a fixed request mix)")
+    zo.add_argument("--model", help="base model directory (default: the shipped tiny)")
+    zo.add_argument("--dtype", choices=_DTYPES, help="default bfloat16")
+    zo.add_argument("--variants", nargs="+", type=int, default=[2, 4, 8], metavar="N")
+    zo.add_argument("--changed-layers", type=int, default=1, help="top decoder layers each variant changes")
+    zo.add_argument("--requests", type=int, default=4, help="requests per variant")
+    zo.add_argument("--prompt-len", type=int, default=64)
+    zo.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per request (EOS ignored)")
+    zo.add_argument("--cores", type=int, help="cores shared by the processes (default: all)")
+    zo.add_argument("--out", help="JSON path")
+    zo.set_defaults(func=_cmd_zoo)
 
     lc = sub.add_parser("longconv", help="long-conv models: prefill by torch FFT, FlashButterfly and direct "
                                          "against attention, decode tokens/s vs context, state bytes per token")

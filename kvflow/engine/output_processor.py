@@ -201,6 +201,8 @@ class OutputProcessor:
         metrics = {"arrival_time": state.arrival_time}
         if state.first_token_time is not None:
             metrics["first_token_time"] = state.first_token_time
+        if state.finished:
+            metrics["finished_time"] = time.monotonic()  # (monotonic, like arrival_time)
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
