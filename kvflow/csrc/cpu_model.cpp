@@ -26,6 +26,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <map>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -500,23 +501,19 @@ class CpuModel {
     TORCH_CHECK(kivi_bits_ > 0 || kv_scales_.size() == (quantised_ ? kv_caches_.size() : 0),
                 "CpuModel: an int8 KV cache needs one scales tensor per layer, a dense one none");
     TORCH_CHECK(cos_.scalar_type() == at::kFloat && sin_.scalar_type() == at::kFloat, "CpuModel: rotary tables must be fp32");
-    for (size_t i = 0; i < layers.size(); ++i) {
-      const auto& w = layers[i];
-      TORCH_CHECK(w.size() == 16 || w.size() == 24, "CpuModel: a layer has 16 weight slots, or 24 with its "
-                  "projections' quantisation specs and scales");
-      auto o = [&](int k) { return optional_weight(w[k]); };
-      layers_.push_back({w[0], w[1], o(2), o(3), o(4), w[5], o(6), w[7], w[8], o(9), w[10], o(11),
-                         o(12), o(13), o(14), o(15), windows[i]});
-      if (w.size() == 24) {  // (spec, scales) of qkv, o, gate_up, down; codes in their weight slots
-        LayerWeights& lw = layers_.back();
-        lw.qkv_q = quant_projection(o(16), w[1], o(17));
-        lw.o_q = quant_projection(o(18), w[5], o(19));
-        lw.gate_up_q = quant_projection(o(20), w[8], o(21));
-        lw.down_q = quant_projection(o(22), w[10], o(23));
-      }
-      TORCH_CHECK(kHasDecodeGemv || !layers_.back().qkv_blocked.defined(), "CpuModel: no decode GEMV in this build");
-    }
+    for (size_t i = 0; i < layers.size(); ++i) layers_.push_back(make_layer(layers[i], windows[i]));
+    alternatives_.resize(layers_.size());
   }
+
+  // Block zoo (kvflow/model/block_zoo.py): `variant`'s own weights for `layer` (the constructor's slot layout),
+  // used for the rows of that variant's runs; its other layers are the base's.
+  void set_variant_layer(int64_t layer, int64_t variant, const std::vector<at::Tensor>& weights) {
+    TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()), "CpuModel: no layer ", layer);
+    alternatives_[layer][variant] = make_layer(weights, layers_[layer].window);
+  }
+
+  // Block zoo: `variant`'s own final norm.
+  void set_variant_final_norm(int64_t variant, const at::Tensor& weight) { final_norms_[variant] = weight; }
 
   // LoRA slots per layer: [A, B] of qkv, o, gate_up and down (LoRASlots.cpp_tensors), read in place each step.
   void set_lora(const std::vector<std::vector<at::Tensor>>& slots) {
@@ -530,6 +527,23 @@ class CpuModel {
         layers_[l].lora[k] = slots[l][k];
       }
     }
+  }
+
+  // A layer from its weight slots: 16 tensors, or 24 with its projections' quantisation specs and scales.
+  static LayerWeights make_layer(const std::vector<at::Tensor>& w, int64_t window) {
+    TORCH_CHECK(w.size() == 16 || w.size() == 24, "CpuModel: a layer has 16 weight slots, or 24 with its "
+                "projections' quantisation specs and scales");
+    auto o = [&](int k) { return optional_weight(w[k]); };
+    LayerWeights lw{w[0], w[1], o(2), o(3), o(4), w[5], o(6), w[7], w[8], o(9), w[10], o(11),
+                    o(12), o(13), o(14), o(15), window};
+    if (w.size() == 24) {  // (spec, scales) of qkv, o, gate_up, down; codes in their weight slots
+      lw.qkv_q = quant_projection(o(16), w[1], o(17));
+      lw.o_q = quant_projection(o(18), w[5], o(19));
+      lw.gate_up_q = quant_projection(o(20), w[8], o(21));
+      lw.down_q = quant_projection(o(22), w[10], o(23));
+    }
+    TORCH_CHECK(kHasDecodeGemv || !lw.qkv_blocked.defined(), "CpuModel: no decode GEMV in this build");
+    return lw;
   }
 
   // input_ids, positions, seq_index, slot_mapping: [T] int64; block_tables: [B, max_blocks] int64.
@@ -548,6 +562,8 @@ class CpuModel {
   // `shared_prefix`: [groups, members], decodes whose leading blocks are read once per group
   // (cpu_attention.h's SharedPrefix); the step's own tables only (not Quest's reduced ones, not KIVI).
   // `lora_runs`: [R, 3] int64 (slot, start, end): runs of tokens that add a LoRA slot's delta to every projection.
+  // `zoo_runs`: [R, 3] int64 (variant, start, end), sorted by start: runs of tokens whose variant's own layers
+  // (set_variant_layer) and final norm replace the base's; attention runs once over every token.
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& seq_index,
                      const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                      const std::function<void(int64_t)>& layer_done, const std::optional<at::Tensor>& kv_positions_in,
@@ -555,8 +571,13 @@ class CpuModel {
                      const std::function<void(int64_t, const at::Tensor&)>& after_attention,
                      const std::optional<std::vector<at::Tensor>>& kivi,
                      const std::optional<std::vector<at::Tensor>>& shared_prefix = std::nullopt,
-                     const std::optional<at::Tensor>& lora_runs_in = std::nullopt) {
+                     const std::optional<at::Tensor>& lora_runs_in = std::nullopt,
+                     const std::optional<at::Tensor>& zoo_runs_in = std::nullopt) {
     const int64_t tokens = input_ids.size(0);
+    const at::Tensor zoo_runs = zoo_runs_in.has_value() ? *zoo_runs_in : at::Tensor();
+    TORCH_CHECK(!zoo_runs.defined() || (zoo_runs.scalar_type() == at::kLong && zoo_runs.is_contiguous() &&
+                                        zoo_runs.dim() == 2 && zoo_runs.size(1) == 3),
+                "CpuModel: zoo_runs is a contiguous [R, 3] int64 tensor");
     const at::Tensor lora_runs = lora_runs_in.has_value() ? *lora_runs_in : at::Tensor();
     TORCH_CHECK(!lora_runs.defined() || (lora_runs.scalar_type() == at::kLong && lora_runs.is_contiguous() &&
                                          lora_runs.dim() == 2 && lora_runs.size(1) == 3),
@@ -589,8 +610,9 @@ class CpuModel {
       const LayerWeights& w = layers_[l];
       at::Tensor& cache = kv_caches_[l];
       const at::Tensor scales = quantised_ ? kv_scales_[l] : at::Tensor();
-      KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.input_norm, normed, eps_); });
-      at::Tensor qkv = project(normed, w.qkv, w.qkv_bias, packed_, w.qkv_blocked, w.qkv_q);
+      const std::vector<Span> spans = layer_spans(l, zoo_runs, tokens);
+      norm_spans(residual, delta, normed, spans, &LayerWeights::input_norm);
+      at::Tensor qkv = project_spans(normed, spans, Projection::kQkv);
       add_lora(qkv, normed, w.lora[0], w.lora[1], lora_runs);
       if (kivi_bits_) {
         TORCH_CHECK(!before_attention, "CpuModel: Quest's reduced reads do not run over a KIVI cache");
@@ -621,22 +643,110 @@ class CpuModel {
         if (after_attention) after_attention(static_cast<int64_t>(l), q);
       }
       const at::Tensor attn_flat = attn.view({tokens, num_heads_ * head_dim_});
-      delta = project(attn_flat, w.o, w.o_bias, packed_, w.o_blocked, w.o_q);
+      delta = project_spans(attn_flat, spans, Projection::kO);
       add_lora(delta, attn_flat, w.lora[2], w.lora[3], lora_runs);
-      KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, w.post_norm, normed, eps_); });
-      at::Tensor gate_up = project(normed, w.gate_up, w.gate_up_bias, packed_, w.gate_up_blocked, w.gate_up_q);
+      norm_spans(residual, delta, normed, spans, &LayerWeights::post_norm);
+      at::Tensor gate_up = project_spans(normed, spans, Projection::kGateUp);
       add_lora(gate_up, normed, w.lora[4], w.lora[5], lora_runs);
       at::Tensor act = at::empty({tokens, gate_up.size(1) / 2}, residual.options());
       KVFLOW_RUN(dtype, "silu_and_mul", [&] { silu_and_mul<scalar_t>(gate_up, act); });
-      delta = project(act, w.down, w.down_bias, packed_, w.down_blocked, w.down_q);
+      delta = project_spans(act, spans, Projection::kDown);
       add_lora(delta, act, w.lora[6], w.lora[7], lora_runs);
       if (layer_done) layer_done(static_cast<int64_t>(l));
     }
-    KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, final_norm_, normed, eps_); });
+    // The final norm: each variant's own where it has one (a block zoo), else the base's.
+    std::vector<std::pair<Span, at::Tensor>> norms;
+    for (const Span& span : final_spans(zoo_runs, tokens)) {
+      const auto own = span.variant >= 0 ? final_norms_.find(span.variant) : final_norms_.end();
+      norms.emplace_back(span, own == final_norms_.end() ? final_norm_ : own->second);
+    }
+    for (const auto& [span, weight] : norms) {
+      at::Tensor res = norms.size() == 1 ? residual : residual.narrow(0, span.start, span.count);
+      at::Tensor out = norms.size() == 1 ? normed : normed.narrow(0, span.start, span.count);
+      const at::Tensor d = norms.size() == 1 || !delta.defined() ? delta : delta.narrow(0, span.start, span.count);
+      KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(res, d, weight, out, eps_); });
+    }
     return normed;
   }
 
  private:
+  // Block zoo: a run of rows computed with one layer's weights (the base's, or a variant's own).
+  struct Span {
+    int64_t start, count;
+    const LayerWeights* weights;
+    int64_t variant;  // -1: the base
+  };
+  enum class Projection { kQkv, kO, kGateUp, kDown };
+
+  // Layer l's spans over [0, tokens): each zoo run whose variant has its own layer l, the base for the rest
+  // (one span for everything when no run in the step has one).
+  std::vector<Span> layer_spans(size_t l, const at::Tensor& runs, int64_t tokens) const {
+    std::vector<Span> spans;
+    int64_t at = 0;
+    if (runs.defined()) {
+      const int64_t* r = runs.data_ptr<int64_t>();
+      for (int64_t i = 0; i < runs.size(0); ++i) {
+        const auto own = alternatives_[l].find(r[3 * i]);
+        if (own == alternatives_[l].end()) continue;
+        if (r[3 * i + 1] > at) spans.push_back({at, r[3 * i + 1] - at, &layers_[l], -1});
+        spans.push_back({r[3 * i + 1], r[3 * i + 2] - r[3 * i + 1], &own->second, r[3 * i]});
+        at = r[3 * i + 2];
+      }
+    }
+    if (at < tokens) spans.push_back({at, tokens - at, &layers_[l], -1});
+    return spans;
+  }
+
+  // The final norm's spans: one per zoo run (its variant), the base between them.
+  std::vector<Span> final_spans(const at::Tensor& runs, int64_t tokens) const {
+    std::vector<Span> spans;
+    int64_t at = 0;
+    if (runs.defined() && !final_norms_.empty()) {
+      const int64_t* r = runs.data_ptr<int64_t>();
+      for (int64_t i = 0; i < runs.size(0); ++i) {
+        if (!final_norms_.count(r[3 * i])) continue;
+        if (r[3 * i + 1] > at) spans.push_back({at, r[3 * i + 1] - at, nullptr, -1});
+        spans.push_back({r[3 * i + 1], r[3 * i + 2] - r[3 * i + 1], nullptr, r[3 * i]});
+        at = r[3 * i + 2];
+      }
+    }
+    if (at < tokens) spans.push_back({at, tokens - at, nullptr, -1});
+    return spans;
+  }
+
+  // residual += delta; normed = RMSNorm(residual) with each span's norm weight (`which` of its layer).
+  void norm_spans(at::Tensor& residual, const at::Tensor& delta, at::Tensor& normed, const std::vector<Span>& spans,
+                  at::Tensor LayerWeights::*which) const {
+    const auto dtype = residual.scalar_type();
+    if (spans.size() == 1) {
+      KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(residual, delta, spans[0].weights->*which,
+                                                                     normed, eps_); });
+      return;
+    }
+    for (const Span& span : spans) {
+      at::Tensor res = residual.narrow(0, span.start, span.count), out = normed.narrow(0, span.start, span.count);
+      const at::Tensor d = delta.defined() ? delta.narrow(0, span.start, span.count) : delta;
+      KVFLOW_RUN(dtype, "add_rms_norm", [&] { add_rms_norm<scalar_t>(res, d, span.weights->*which, out, eps_); });
+    }
+  }
+
+  // A projection of x's rows, each span through its layer's weights (one call where there is one span).
+  at::Tensor project_spans(const at::Tensor& x, const std::vector<Span>& spans, Projection which) const {
+    auto one = [&](const at::Tensor& rows, const LayerWeights& w) {
+      switch (which) {
+        case Projection::kQkv: return project(rows, w.qkv, w.qkv_bias, packed_, w.qkv_blocked, w.qkv_q);
+        case Projection::kO: return project(rows, w.o, w.o_bias, packed_, w.o_blocked, w.o_q);
+        case Projection::kGateUp:
+          return project(rows, w.gate_up, w.gate_up_bias, packed_, w.gate_up_blocked, w.gate_up_q);
+        default: return project(rows, w.down, w.down_bias, packed_, w.down_blocked, w.down_q);
+      }
+    };
+    if (spans.size() == 1) return one(x, *spans[0].weights);
+    std::vector<at::Tensor> parts;
+    for (const Span& span : spans) parts.push_back(one(x.narrow(0, span.start, span.count), *span.weights));
+    return at::cat(parts, 0);
+  }
+
   // One layer's rotary embedding, KIVI attention (over the cache as it was) and store, in that order:
   // a long chunk's ring writes may wrap onto positions its own queries still read.
   void kivi_layer(size_t l, const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& seq_index,
@@ -667,6 +777,8 @@ class CpuModel {
   at::ScalarType kv_type_;
   bool quantised_ = false;
   std::vector<LayerWeights> layers_;
+  std::vector<std::map<int64_t, LayerWeights>> alternatives_;  // block zoo: per layer, variant -> its own weights
+  std::map<int64_t, at::Tensor> final_norms_;  // block zoo: variant -> its own final norm
   int64_t num_heads_, num_kv_heads_, head_dim_;
   float eps_;
   bool packed_;
@@ -1026,8 +1138,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("layer_done") = pybind11::none(), pybind11::arg("kv_positions") = pybind11::none(),
            pybind11::arg("before_attention") = pybind11::none(), pybind11::arg("after_attention") = pybind11::none(),
            pybind11::arg("kivi") = pybind11::none(), pybind11::arg("shared_prefix") = pybind11::none(),
-           pybind11::arg("lora_runs") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>())
+           pybind11::arg("lora_runs") = pybind11::none(), pybind11::arg("zoo_runs") = pybind11::none(),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("set_lora", &CpuModel::set_lora)
+      .def("set_variant_layer", &CpuModel::set_variant_layer)
+      .def("set_variant_final_norm", &CpuModel::set_variant_final_norm)
       .def("draft_greedy", &draft_greedy, pybind11::arg("feed_ids"), pybind11::arg("feed_lens"), pybind11::arg("starts"),
            pybind11::arg("counts"), pybind11::arg("block_tables"), pybind11::arg("block_size"), pybind11::arg("head"),
            pybind11::arg("head_bias"), pybind11::arg("head_packed"), pybind11::arg("head_blocked"),

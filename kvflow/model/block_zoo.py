@@ -98,6 +98,9 @@ class BlockZoo:
     model: nn.Module
     variants: dict[str, VariantInfo] = field(default_factory=dict)
     step_runs: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    # The variants' own blocks: (key, layer index) -> decoder layer, key -> final norm.
+    layers: dict[tuple[str, int], nn.Module] = field(default_factory=dict)
+    final_norms: dict[str, nn.Module] = field(default_factory=dict)
     _keys: dict[str, str] = field(default_factory=dict)  # variant name -> key
     _blocks: list[nn.Module] = field(default_factory=list)  # the variants' own modules (for linear methods)
 
@@ -130,10 +133,12 @@ class BlockZoo:
             unique = 0
             for i in own:
                 zoo._adopt(model.layers[i], variant.layers[i], key)
+                zoo.layers[(key, i)] = variant.layers[i]
                 unique += _bytes(variant.layers[i])
             own_norm = norm_digest != base_norm
             if own_norm:
                 zoo._adopt(model.norm, variant.norm, key)
+                zoo.final_norms[key] = variant.norm
                 unique += _bytes(variant.norm)
             zoo.variants[name] = VariantInfo(name, str(path), identity, own, own_norm, unique, full_bytes)
             zoo._keys[name] = key
@@ -152,6 +157,10 @@ class BlockZoo:
 
     def key(self, name: str) -> str:
         return self._keys[name]
+
+    def index(self, key: str) -> int:
+        """A variant's number (its order of registration), as the C++ forward names variants."""
+        return list(self._keys.values()).index(key)
 
     def use_linear_method(self, method: LinearMethod) -> None:
         """The variants' own projections take the base's method (prepacked weights, say), as the base's did."""

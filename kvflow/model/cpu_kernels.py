@@ -45,6 +45,7 @@ from kvflow.attention.kivi import KiviStep
 from kvflow.attention.kv_policy_ops import block_attention_mass
 from kvflow.attention.kv_spec import KVCacheSpec, LayerKV
 from kvflow.attention.shared_prefix import SharedPrefixGroups
+from kvflow.model.block_zoo import BlockZoo
 from kvflow.model.linear import CpuKernelWeights, Linear
 from kvflow.model.lora import LoRASlots
 
@@ -207,6 +208,30 @@ def _kernel_weights(layer: Linear) -> CpuKernelWeights:
     return weights
 
 
+def _layer_slots(layer: nn.Module, cfg: Any, kinds: set[bool]) -> list[torch.Tensor]:
+    """A decoder layer's weights as the C++ forward's 16 (or 24, quantised) slots; adds to `kinds` whether its
+    float projections are prepacked."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, o, gate_up, down = (_kernel_weights(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                           mlp.down_proj))
+    kinds.update(w.packed for w in (qkv, o, gate_up, down) if w.quant is None)
+    quantised = [w for w in (qkv, o, gate_up, down) if w.quant is not None]
+    if quantised and cfg.dtype not in (torch.float32, torch.bfloat16):
+        raise CpuForwardUnsupported(f"the C++ forward runs quantised weights with float32 or bfloat16 "
+                                    f"activations, not {cfg.dtype}")
+    empty = torch.empty(0)
+    q_norm = attn.q_norm.weight.detach() if attn.q_norm is not None else empty
+    k_norm = attn.k_norm.weight.detach() if attn.k_norm is not None else empty
+    return [
+        layer.input_layernorm.weight.detach(), qkv.weight, _or_empty(qkv.bias), q_norm, k_norm, o.weight,
+        _or_empty(o.bias), layer.post_attention_layernorm.weight.detach(), gate_up.weight,
+        _or_empty(gate_up.bias), down.weight, _or_empty(down.bias),
+        _or_empty(qkv.decode_copy), _or_empty(o.decode_copy), _or_empty(gate_up.decode_copy),
+        _or_empty(down.decode_copy),
+        *(slot for w in (qkv, o, gate_up, down) for slot in quant_slots(w)),
+    ]
+
+
 def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
     """The C++ side takes an empty tensor for "none"."""
     return torch.empty(0) if t is None else t
@@ -257,8 +282,9 @@ class CpuForward:
     """
 
     def __init__(self, model: nn.Module, kv_spec: KVCacheSpec, kv_caches: list[LayerKV],
-                 lora: LoRASlots | None = None) -> None:
-        """`lora`: the model's adapter slots (kvflow/model/lora.py); the forward reads them in place."""
+                 lora: LoRASlots | None = None, zoo: BlockZoo | None = None) -> None:
+        """`lora`: the model's adapter slots (kvflow/model/lora.py); the forward reads them in place. `zoo`:
+        variants whose own layers replace the base's for their rows (kvflow/model/block_zoo.py)."""
         if not getattr(model, "runs_cpu_forward", True):  # e.g. a long-conv model: no attention to run
             raise CpuForwardUnsupported(f"the C++ forward runs attention decoders, not {type(model).__name__}")
         ext = load_extension()
@@ -279,30 +305,16 @@ class CpuForward:
         scales = [parts[1] for parts in layer_parts if len(parts) > 1]
         rings = [parts[2] for parts in layer_parts if len(parts) > 2]
         cfg = model.config
-        empty = torch.empty(0)
         layers: list[list[torch.Tensor]] = []
         windows: list[int] = []
         kinds: set[bool] = set()
+        if zoo is not None and zoo.variants and cfg.qk_norm:
+            raise CpuForwardUnsupported("the C++ forward runs a block zoo's variants without per-head q/k norms")
         for layer in model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv, o, gate_up, down = (_kernel_weights(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
-                                                                   mlp.down_proj))
-            kinds.update(w.packed for w in (qkv, o, gate_up, down) if w.quant is None)
-            quantised = [w for w in (qkv, o, gate_up, down) if w.quant is not None]
-            if quantised and cfg.dtype not in (torch.float32, torch.bfloat16):
-                raise CpuForwardUnsupported(f"the C++ forward runs quantised weights with float32 or bfloat16 "
-                                            f"activations, not {cfg.dtype}")
-            q_norm = attn.q_norm.weight.detach() if attn.q_norm is not None else empty
-            k_norm = attn.k_norm.weight.detach() if attn.k_norm is not None else empty
-            layers.append([
-                layer.input_layernorm.weight.detach(), qkv.weight, _or_empty(qkv.bias), q_norm, k_norm, o.weight,
-                _or_empty(o.bias), layer.post_attention_layernorm.weight.detach(), gate_up.weight,
-                _or_empty(gate_up.bias), down.weight, _or_empty(down.bias),
-                _or_empty(qkv.decode_copy), _or_empty(o.decode_copy), _or_empty(gate_up.decode_copy),
-                _or_empty(down.decode_copy),
-                *(slot for w in (qkv, o, gate_up, down) for slot in quant_slots(w)),
-            ])
-            windows.append(attn.sliding_window or 0)
+            layers.append(_layer_slots(layer, cfg, kinds))
+            windows.append(layer.self_attn.sliding_window or 0)
+        variant_layers = [] if zoo is None else [(layer_idx, zoo.index(key), _layer_slots(block, cfg, kinds))
+                                                 for (key, layer_idx), block in zoo.layers.items()]
         if len(kinds) > 1:
             raise CpuForwardUnsupported("the C++ forward runs plain or prepacked weights, not a mix of both")
         packed = kinds.pop() if kinds else False  # every projection quantised: no float ones to pack
@@ -314,6 +326,12 @@ class CpuForward:
         )
         if lora is not None:
             self._model.set_lora(lora.cpp_tensors())
+        for layer_idx, variant, slots in variant_layers:
+            self._model.set_variant_layer(layer_idx, variant, slots)
+        if zoo is not None:
+            for key, norm in zoo.final_norms.items():
+                self._model.set_variant_final_norm(zoo.index(key), norm.weight.detach())
+        self._zoo = zoo
         self._ext = ext
         self._compute_logits = model.compute_logits
         head = model.lm_head.method.cpu_kernel_weights(model.lm_head)
@@ -329,7 +347,8 @@ class CpuForward:
                  after_attention: Callable[[int, torch.Tensor], None] | None = None,
                  kivi: KiviStep | None = None, query_start: torch.Tensor | None = None,
                  shared_prefix: SharedPrefixGroups | None = None,
-                 lora_runs: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
+                 lora_runs: list[tuple[int, int, int]] | None = None,
+                 zoo_runs: dict[str, list[tuple[int, int]]] | None = None) -> torch.Tensor:
         """Final-norm hidden states [T, hidden] of a step's flat tokens (see AttentionMetadata);
         `layer_hook(l)` runs after each layer l; `kv_positions`: each token's cache index where a KV
         policy dropped tokens before it (default: its position). A KV policy's per-layer work runs
@@ -338,12 +357,17 @@ class CpuForward:
         cache needs the step's `kivi` bookkeeping and each sequence's first flat token (`query_start`).
         `shared_prefix`: decodes whose shared leading blocks attention reads once per group (not with
         Quest's reduced tables from `before_attention`). `lora_runs`: (slot, start, end) runs of tokens
-        that add an adapter slot's delta to every projection (LoRASlots.set_runs)."""
+        that add an adapter slot's delta to every projection (LoRASlots.set_runs); `zoo_runs`: variant key ->
+        runs of tokens its own layers compute (BlockZoo.set_runs)."""
         step = None if kivi is None else kivi_step_tensors(kivi, query_start)
         shared = None if shared_prefix is None else [shared_prefix.groups, shared_prefix.members]
         runs = torch.tensor(lora_runs, dtype=torch.long).view(-1, 3) if lora_runs else None
+        zoo = None
+        if zoo_runs:
+            rows = sorted((start, end, self._zoo.index(key)) for key, spans in zoo_runs.items() for start, end in spans)
+            zoo = torch.tensor([(v, start, end) for start, end, v in rows], dtype=torch.long).view(-1, 3)
         return self._model.forward(input_ids, positions, seq_index, slot_mapping, block_tables, layer_hook,
-                                   kv_positions, before_attention, after_attention, step, shared, runs)
+                                   kv_positions, before_attention, after_attention, step, shared, runs, zoo)
 
     def quest_select(self, q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, kv_lens: list[int],
                      read_blocks: list[int], sink_blocks: list[int], window_blocks: list[int], block_size: int,

@@ -59,10 +59,8 @@ class ModelRunner:
         self.zoo = BlockZoo.load(self.model, config.zoo.variants, self.device, load_model) if config.zoo.variant \
             else None
         runner = config.runner
-        use_cpu_kernels = (runner.cpu_kernels and runner.attention_backend != "triton" and self.zoo is None
+        use_cpu_kernels = (runner.cpu_kernels and runner.attention_backend != "triton"
                            and cpu_kernels_available(self.device, config.model.dtype))
-        if self.zoo is not None and runner.cpu_kernels:
-            logger.info("a block zoo runs on the PyTorch modules (the C++ forward has one weight set per layer)")
         method = self._linear_method(use_cpu_kernels)
         self.model.use_linear_method(method)
         if self.zoo is not None:
@@ -109,7 +107,7 @@ class ModelRunner:
         if use_cpu_kernels:
             try:
                 self.cpu_forward = CpuForward(self.model, self.kv_spec, self.kv_caches,
-                                              None if self.lora is None else self.lora.slots)
+                                              None if self.lora is None else self.lora.slots, self.zoo)
             except CpuForwardUnsupported as exc:
                 logger.info("%s; running the PyTorch modules", exc)
         # Shared-prefix groups are found only where this runner's attention reads them (the C++
@@ -151,8 +149,10 @@ class ModelRunner:
         chunks = sorted(scheduled, key=(lambda c: c.num_tokens != 1) if self.lora is None and self.zoo is None
                         else _model_order)
         lora_runs = None if self.lora is None else self.lora.prepare(chunks)
+        zoo_runs = None
         if self.zoo is not None:
-            self.zoo.set_runs(variant_runs(chunks))
+            zoo_runs = variant_runs(chunks)
+            self.zoo.set_runs(zoo_runs)
         input_ids, positions, kv_positions, meta = self._prepare_inputs(chunks)
         windows = None
         if self.retrieval_keys is not None:  # every computed token's retrieval key, before anyone scores
@@ -183,7 +183,7 @@ class ModelRunner:
                 kivi = {} if meta.kivi is None else {"kivi": meta.kivi, "query_start": meta.query_start_loc}
                 hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping,
                                           meta.block_tables, hook, kv_positions, before, after, **kivi,
-                                          shared_prefix=meta.shared_prefix, lora_runs=lora_runs)
+                                          shared_prefix=meta.shared_prefix, lora_runs=lora_runs, zoo_runs=zoo_runs)
             else:
                 self.backend.prepare(meta)
                 if policy is not None and policy.block_mass is not None:

@@ -16,6 +16,7 @@ from kvflow import LLM, SamplingParams
 from kvflow.model.block_zoo import module_digest
 from kvflow.model.layers import RMSNorm
 from kvflow.model.linear import Linear
+from tests.model.test_parity import cpu_kernels  # noqa: F401 - a fixture
 from tests.model_utils import hf_greedy, load_hf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -43,8 +44,11 @@ def variants(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
             "all": make_variant(llama_dir, root / "all", (0, 1), seed=2)}
 
 
-def test_mixed_batch_equals_each_variant_alone(llama_dir, variants):
-    zoo = LLM(model=str(llama_dir), dtype="float32", variant={k: str(v) for k, v in variants.items()})
+def test_mixed_batch_equals_each_variant_alone(llama_dir, variants, cpu_kernels):  # noqa: F811
+    """The C++ forward (per-span weights in each layer) and the PyTorch modules (RowRoutes) alike."""
+    zoo = LLM(model=str(llama_dir), dtype="float32", cpu_kernels=cpu_kernels,
+              variant={k: str(v) for k, v in variants.items()})
+    assert (zoo.engine.core.runner.cpu_forward is not None) == cpu_kernels
     names = ["top", None, "all", "top", "all"]
     outs = zoo.generate(PROMPTS, GREEDY, variant=names, use_tqdm=False)
     for prompt, name, out in zip(PROMPTS, names, outs):
