@@ -189,3 +189,24 @@ def test_lora_needs_enable_lora_and_known_names(llama_dir, adapters):
         llm.generate(PROMPTS[:1], GREEDY, lora_request="nope", use_tqdm=False)
     with pytest.raises(ValueError, match="NAME=DIR"):
         LLM(model=str(llama_dir), dtype="float32", enable_lora=True, lora_modules=("nodir",))
+
+
+@pytest.mark.parametrize("engine", [
+    {"max_num_batched_tokens": 6},  # chunked prefill: a prompt's chunks and other requests' decodes share steps
+    {"num_blocks": 12, "block_size": 4, "max_num_seqs": 4},  # preemption: recomputed under the same adapter
+    {"speculative_method": "ngram", "num_speculative_tokens": 3},  # verification runs the adapter too
+])
+def test_adapters_compose_with_the_engine(llama_dir, adapters, engine):
+    llm = LLM(model=str(llama_dir), dtype="float32", enable_lora=True, max_loras=2,
+              lora_modules={name: str(path) for name, path in adapters.items()}, **engine)
+    loras = ["all", "qv", None, "all"]
+    prompts = [p * 2 for p in PROMPTS]
+    outs = llm.generate(prompts, GREEDY, lora_request=loras, use_tqdm=False)
+    for prompt, lora, out in zip(prompts, loras, outs):
+        ref = _reference(str(llama_dir), None if lora is None else str(adapters[lora]))
+        assert out.outputs[0].token_ids == hf_greedy(ref, prompt, MAX_TOKENS)
+    if "num_blocks" in engine:
+        assert llm.engine.stats().num_preemptions > 0
+    kv = llm.engine.core.kv
+    llm.reset_prefix_cache()
+    assert kv.num_free_blocks == kv.num_blocks
