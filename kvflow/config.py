@@ -941,6 +941,9 @@ class EngineConfig:
                                  "yet: use int8 or fp8_e4m3")
             if self.cache.kv_policy != "none":
                 raise ValueError(f"speculative decoding does not support kv_policy={self.cache.kv_policy} yet")
+        if (self.lora.enable_lora or self.zoo.variant) and self.model.longconv is not None:
+            raise ValueError("LoRA adapters and model variants are served for attention models; "
+                             f"{self.model.architecture} has no q/k/v/o projections to adapt")
         if self.zoo.variant and self.kv_transfer is not None:
             raise ValueError("model variants (--variant) are not served by disaggregated prefill/decode instances yet")
         if self.lora.enable_lora and self.kv_transfer is not None:
