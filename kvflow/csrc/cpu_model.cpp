@@ -459,16 +459,25 @@ struct LayerWeights {
   at::Tensor lora[8];
 };
 
-// LoRA: out[start:end] += (x[start:end] · A[slot]ᵀ) · B[slot]ᵀ for each (slot, start, end) run, the very
+// LoRA: out[start:end] += (x[start:end] · A[slot]ᵀ) · B[:, slot]ᵀ for each (slot, start, end) run, the very
 // ops of lora.py's SlotAdapter.add, so both paths agree bit for bit. Tokens outside every run: the base alone.
+// With `onehot` [T, S] (a step using many slots or runs), every slot at once: t = x · A_allᵀ viewed as
+// [T, S, W] and masked to each row's slot (exact zeros elsewhere), then out += t · B_allᵀ (B is [N, S, W]).
 inline void add_lora(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                     const at::Tensor& runs) {
+                     const at::Tensor& runs, const at::Tensor& onehot) {
   if (!runs.defined() || !a.defined()) return;
   RECORD_FUNCTION("kvflow::lora", std::vector<c10::IValue>());
+  if (onehot.defined()) {
+    const int64_t slots = a.size(0), width = a.size(1);
+    at::Tensor t = at::mm(x, a.view({slots * width, a.size(2)}).t()).view({-1, slots, width});
+    t.mul_(onehot.unsqueeze(2));
+    out.add_(at::mm(t.view({-1, slots * width}), b.view({b.size(0), slots * width}).t()));
+    return;
+  }
   const int64_t* r = runs.data_ptr<int64_t>();
   for (int64_t i = 0; i < runs.size(0); ++i) {
     const int64_t slot = r[3 * i], start = r[3 * i + 1], n = r[3 * i + 2] - start;
-    out.narrow(0, start, n).add_(at::mm(at::mm(x.narrow(0, start, n), a[slot].t()), b[slot].t()));
+    out.narrow(0, start, n).add_(at::mm(at::mm(x.narrow(0, start, n), a[slot].t()), b.select(1, slot).t()));
   }
 }
 
@@ -519,7 +528,8 @@ class CpuModel {
   void set_lora(const std::vector<std::vector<at::Tensor>>& slots) {
     TORCH_CHECK(slots.size() == layers_.size(), "CpuModel: LoRA slots for every layer");
     for (size_t l = 0; l < slots.size(); ++l) {
-      TORCH_CHECK(slots[l].size() == 8, "CpuModel: a layer's LoRA slots are [A, B] of its four projections");
+      TORCH_CHECK(slots[l].size() == 8, "CpuModel: a layer's LoRA slots are [A [S, W, K], B [N, S, W]] of its four "
+                  "projections");
       for (int k = 0; k < 8; ++k) {
         TORCH_CHECK(slots[l][k].dim() == 3 && slots[l][k].is_contiguous() &&
                     slots[l][k].scalar_type() == embed_.scalar_type(), "CpuModel: LoRA slots are contiguous "
@@ -561,7 +571,8 @@ class CpuModel {
   // attends over the cache as it was, then quantises the completed groups and writes the ring.
   // `shared_prefix`: [groups, members], decodes whose leading blocks are read once per group
   // (cpu_attention.h's SharedPrefix); the step's own tables only (not Quest's reduced ones, not KIVI).
-  // `lora_runs`: [R, 3] int64 (slot, start, end): runs of tokens that add a LoRA slot's delta to every projection.
+  // `lora`: [runs] or [runs, onehot]: runs [R, 3] int64 (slot, start, end) of tokens that add a LoRA slot's delta to
+  // every projection; onehot [T, S] (model dtype): compute every slot at once (add_lora).
   // `zoo_runs`: [R, 3] int64 (variant, start, end), sorted by start: runs of tokens whose variant's own layers
   // (set_variant_layer) and final norm replace the base's; attention runs once over every token.
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& seq_index,
@@ -571,14 +582,19 @@ class CpuModel {
                      const std::function<void(int64_t, const at::Tensor&)>& after_attention,
                      const std::optional<std::vector<at::Tensor>>& kivi,
                      const std::optional<std::vector<at::Tensor>>& shared_prefix = std::nullopt,
-                     const std::optional<at::Tensor>& lora_runs_in = std::nullopt,
+                     const std::optional<std::vector<at::Tensor>>& lora_in = std::nullopt,
                      const std::optional<at::Tensor>& zoo_runs_in = std::nullopt) {
     const int64_t tokens = input_ids.size(0);
     const at::Tensor zoo_runs = zoo_runs_in.has_value() ? *zoo_runs_in : at::Tensor();
     TORCH_CHECK(!zoo_runs.defined() || (zoo_runs.scalar_type() == at::kLong && zoo_runs.is_contiguous() &&
                                         zoo_runs.dim() == 2 && zoo_runs.size(1) == 3),
                 "CpuModel: zoo_runs is a contiguous [R, 3] int64 tensor");
-    const at::Tensor lora_runs = lora_runs_in.has_value() ? *lora_runs_in : at::Tensor();
+    TORCH_CHECK(!lora_in || lora_in->size() == 1 || lora_in->size() == 2, "CpuModel: lora is [runs] or [runs, onehot]");
+    const at::Tensor lora_runs = lora_in ? (*lora_in)[0] : at::Tensor();
+    const at::Tensor lora_onehot = lora_in && lora_in->size() == 2 ? (*lora_in)[1] : at::Tensor();
+    TORCH_CHECK(!lora_onehot.defined() || (lora_onehot.dim() == 2 && lora_onehot.size(0) == tokens &&
+                                           lora_onehot.scalar_type() == embed_.scalar_type()),
+                "CpuModel: lora onehot is [T, S] of the model's dtype");
     TORCH_CHECK(!lora_runs.defined() || (lora_runs.scalar_type() == at::kLong && lora_runs.is_contiguous() &&
                                          lora_runs.dim() == 2 && lora_runs.size(1) == 3),
                 "CpuModel: lora_runs is a contiguous [R, 3] int64 tensor");
@@ -613,7 +629,7 @@ class CpuModel {
       const std::vector<Span> spans = layer_spans(l, zoo_runs, tokens);
       norm_spans(residual, delta, normed, spans, &LayerWeights::input_norm);
       at::Tensor qkv = project_spans(normed, spans, Projection::kQkv);
-      add_lora(qkv, normed, w.lora[0], w.lora[1], lora_runs);
+      add_lora(qkv, normed, w.lora[0], w.lora[1], lora_runs, lora_onehot);
       if (kivi_bits_) {
         TORCH_CHECK(!before_attention, "CpuModel: Quest's reduced reads do not run over a KIVI cache");
         kivi_layer(l, qkv, positions, seq_index, kv_positions, block_tables, step_kv, step_slots, *kivi, q, attn);
@@ -644,14 +660,14 @@ class CpuModel {
       }
       const at::Tensor attn_flat = attn.view({tokens, num_heads_ * head_dim_});
       delta = project_spans(attn_flat, spans, Projection::kO);
-      add_lora(delta, attn_flat, w.lora[2], w.lora[3], lora_runs);
+      add_lora(delta, attn_flat, w.lora[2], w.lora[3], lora_runs, lora_onehot);
       norm_spans(residual, delta, normed, spans, &LayerWeights::post_norm);
       at::Tensor gate_up = project_spans(normed, spans, Projection::kGateUp);
-      add_lora(gate_up, normed, w.lora[4], w.lora[5], lora_runs);
+      add_lora(gate_up, normed, w.lora[4], w.lora[5], lora_runs, lora_onehot);
       at::Tensor act = at::empty({tokens, gate_up.size(1) / 2}, residual.options());
       KVFLOW_RUN(dtype, "silu_and_mul", [&] { silu_and_mul<scalar_t>(gate_up, act); });
       delta = project_spans(act, spans, Projection::kDown);
-      add_lora(delta, act, w.lora[6], w.lora[7], lora_runs);
+      add_lora(delta, act, w.lora[6], w.lora[7], lora_runs, lora_onehot);
       if (layer_done) layer_done(static_cast<int64_t>(l));
     }
     // The final norm: each variant's own where it has one (a block zoo), else the base's.
@@ -1138,7 +1154,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("layer_done") = pybind11::none(), pybind11::arg("kv_positions") = pybind11::none(),
            pybind11::arg("before_attention") = pybind11::none(), pybind11::arg("after_attention") = pybind11::none(),
            pybind11::arg("kivi") = pybind11::none(), pybind11::arg("shared_prefix") = pybind11::none(),
-           pybind11::arg("lora_runs") = pybind11::none(), pybind11::arg("zoo_runs") = pybind11::none(),
+           pybind11::arg("lora") = pybind11::none(), pybind11::arg("zoo_runs") = pybind11::none(),
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("set_lora", &CpuModel::set_lora)
       .def("set_variant_layer", &CpuModel::set_variant_layer)

@@ -56,6 +56,8 @@ PROJECTIONS: tuple[tuple[str, str], ...] = (("self_attn", "qkv_proj"), ("self_at
                                             ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 _SHARDS = {"qkv_proj": 3, "o_proj": 1, "gate_up_proj": 2, "down_proj": 1}
 _SUBLAYER = {projection: sublayer for sublayer, projection in PROJECTIONS}
+#: A step with more runs than this, or using at least half the slots, computes every slot at once.
+BATCHED_RUNS = 4
 _TENSOR = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
                      r"\.lora_([AB])(?:\.default)?\.weight$")
 
@@ -215,21 +217,33 @@ def read_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: str = 
 
 
 class SlotAdapter:
-    """A projection's adapters in every slot: A [S, shards·R, in], B [S, out, shards·R]; `add` applies the
-    step's runs (set on the owning `LoRASlots`) to a base output in place."""
+    """A projection's adapters in every slot: A [S, W, in] and B [out, S, W] (W = shards·R); `add` applies
+    the step's runs (set on the owning `LoRASlots`) to a base output in place.
+
+    B is laid out with the slots inside each output row so that both ways of computing a step read it
+    in place: per run, slot s's B is the strided view B[:, s]; all slots at once (`onehot`), B is one
+    [out, S·W] matrix. The second way costs one pair of matmuls whatever the number of runs, each row
+    computed against every slot's A and the columns of other slots zeroed (exact zeros), so it is
+    chosen when a step uses many slots or many runs (`LoRASlots.set_runs`)."""
 
     def __init__(self, owner: LoRASlots, a: torch.Tensor, b: torch.Tensor) -> None:
         self.owner, self.a, self.b = owner, a, b
 
     def add(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        tiles = self.owner.tiles
-        if tiles is not None:  # CUDA: one segmented shrink and one expand for every run (lora_triton.py)
-            self.owner.kernels.lora_add(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), self.a, self.b,
-                                        tiles)
+        owner = self.owner
+        if owner.tiles is not None:  # CUDA: one segmented shrink and one expand for every run (lora_triton.py)
+            owner.kernels.lora_add(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), self.a,
+                                   self.b.permute(1, 0, 2), owner.tiles)
             return
-        for slot, start, end in self.owner.runs:
+        if owner.onehot is not None:
+            slots, width = self.a.shape[0], self.a.shape[1]
+            t = torch.mm(x, self.a.view(slots * width, -1).t()).view(-1, slots, width)
+            t.mul_(owner.onehot.unsqueeze(2))
+            out += torch.mm(t.view(-1, slots * width), self.b.view(self.b.shape[0], -1).t())
+            return
+        for slot, start, end in owner.runs:
             rows = x[start:end]
-            out[start:end] += torch.mm(torch.mm(rows, self.a[slot].t()), self.b[slot].t())
+            out[start:end] += torch.mm(torch.mm(rows, self.a[slot].t()), self.b[:, slot].t())
 
 
 class LoRASlots:
@@ -244,6 +258,7 @@ class LoRASlots:
         self.config, self.num_slots, self.max_rank = cfg, num_slots, max_rank
         self.runs: list[tuple[int, int, int]] = []
         self.tiles: torch.Tensor | None = None  # the runs as the Triton kernels' tiles (CUDA only)
+        self.onehot: torch.Tensor | None = None  # [T, S]: each row's slot, where a step runs every slot at once
         self.projections: list[dict[str, SlotAdapter]] = []
         dtype = model.norm.weight.dtype
         device = model.norm.weight.device
@@ -254,7 +269,7 @@ class LoRASlots:
                 linear: Linear = getattr(getattr(layer, sublayer), projection)
                 width = _SHARDS[projection] * max_rank
                 a = torch.zeros(num_slots, width, linear.in_features, dtype=dtype, device=device)
-                b = torch.zeros(num_slots, linear.out_features, width, dtype=dtype, device=device)
+                b = torch.zeros(linear.out_features, num_slots, width, dtype=dtype, device=device)
                 linear.adapter = per_layer[projection] = SlotAdapter(self, a, b)
             self.projections.append(per_layer)
 
@@ -274,22 +289,36 @@ class LoRASlots:
                 offset, rows, _ = shard_shapes(self.config, projection)[shard]
                 rank = a.shape[0]
                 target.a[slot, shard * r: shard * r + rank].copy_(a)
-                target.b[slot, offset: offset + rows, shard * r: shard * r + rank].copy_(b)
+                target.b[offset: offset + rows, slot, shard * r: shard * r + rank].copy_(b)
 
     def clear(self, slot: int) -> None:
         for layer in self.projections:
             for p in layer.values():
                 p.a[slot].zero_()
-                p.b[slot].zero_()
+                p.b[:, slot].zero_()
 
-    def set_runs(self, runs: list[tuple[int, int, int]]) -> None:
-        """(slot, first token, end token) of each run of the next forward's flat tokens that uses a slot."""
+    def set_runs(self, runs: list[tuple[int, int, int]], num_tokens: int) -> torch.Tensor | None:
+        """(slot, first token, end token) of each run of the next forward's `num_tokens` flat tokens that uses a
+        slot. Returns the step's one-hot [T, S] row-to-slot matrix where it runs every slot at once (many
+        slots or runs in the step: BATCHED_SLOTS), else None (a pair of matmuls per run)."""
         self.runs = runs
+        self.onehot = None
+        device = self.projections[0]["qkv_proj"].a.device
         if self.kernels is not None:
-            self.tiles = self.kernels.run_tiles(runs, self.projections[0]["qkv_proj"].a.device) if runs else None
+            self.tiles = self.kernels.run_tiles(runs, device) if runs else None
+            return None
+        slots = {slot for slot, _, _ in runs}
+        if len(runs) > BATCHED_RUNS or 2 * len(slots) >= self.num_slots > 1:
+            onehot = torch.zeros(num_tokens, self.num_slots, dtype=self.projections[0]["qkv_proj"].a.dtype,
+                                 device=device)
+            for slot, start, end in runs:
+                onehot[start:end, slot] = 1
+            self.onehot = onehot
+        return self.onehot
 
     def cpp_tensors(self) -> list[list[torch.Tensor]]:
-        """Per layer [A, B] of qkv, o, gate_up and down: the C++ forward's LoRA slots (the same storage)."""
+        """Per layer [A [S, W, K], B [N, S, W]] of qkv, o, gate_up and down: the C++ forward's LoRA slots (the
+        same storage)."""
         return [[t for _, projection in PROJECTIONS for t in (layer[projection].a, layer[projection].b)]
                 for layer in self.projections]
 

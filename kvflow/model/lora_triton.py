@@ -69,13 +69,14 @@ def run_tiles(runs: list[tuple[int, int, int]], device: torch.device) -> torch.T
 
 def lora_add(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor) -> None:
     """out[rows] += (x[rows] · A[slot]ᵀ) · B[slot]ᵀ for every tile (slot, start, end); x [M, K], out [M, N],
-    A [S, R, K], B [S, N, R], all contiguous in their last dimension."""
+    A [S, R, K], B [S, N, R] (any strides but the last: LoRASlots holds B as [N, S, R] and passes a permuted view),
+    all contiguous in their last dimension."""
     if tiles.numel() == 0:
         return
     m, k = x.shape
     n, r = b.shape[1], a.shape[1]
-    x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
-    assert out.stride(1) == 1, "lora_add writes rows of a row-major output"
+    x, a = x.contiguous(), a.contiguous()
+    assert out.stride(1) == 1 and b.stride(2) == 1, "row-major output rows; B's ranks contiguous"
     block_r = max(16, triton.next_power_of_2(r))
     t = torch.empty(m, r, dtype=torch.float32, device=x.device)
     num_tiles = tiles.shape[0]

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from kvflow.config import EngineConfig
@@ -54,9 +55,10 @@ class LoRAManager:
         self._clock = itertools.count(1)
         self.stats = LoRAStats()
 
-    def prepare(self, chunks: Sequence[ScheduledChunk]) -> list[tuple[int, int, int]]:
+    def prepare(self, chunks: Sequence[ScheduledChunk]) -> tuple[list[tuple[int, int, int]], torch.Tensor | None]:
         """Place this step's adapters in slots and set the (slot, start, end) runs of its flat tokens (in
-        `chunks`' order); returns the runs."""
+        `chunks`' order); returns the runs and, where the step computes every slot at once, its one-hot
+        row-to-slot matrix (LoRASlots.set_runs)."""
         refs: dict[str, AdapterRef] = {}
         for chunk in chunks:
             ref = chunk.request.lora
@@ -78,8 +80,7 @@ class LoRAManager:
                 else:
                     runs.append((slot, start, end))
             start = end
-        self.slots.set_runs(runs)
-        return runs
+        return runs, self.slots.set_runs(runs, start)
 
     def _place(self, refs: dict[str, AdapterRef]) -> dict[str, int]:
         now = next(self._clock)
