@@ -40,12 +40,17 @@ def tokens(response: httpx.Response, model_dir: Path) -> list[int]:
     return tok.encode(response.json()["choices"][0]["text"], add_special_tokens=False)
 
 
-def test_model_field_selects_the_adapter(start_server, model_dir, adapters):
+def test_model_field_selects_the_adapter(start_server, model_dir, adapters, tmp_path):
+    from tests.engine.test_block_zoo import make_variant
+
+    variant = make_variant(model_dir, tmp_path / "variant", (1,), seed=5, final_norm=True)
     server = start_server("--enable-lora", "--max-loras", "1", "--lora-modules", f"sql={adapters['sql']}",
-                          f"chat={adapters['chat']}")
+                          f"chat={adapters['chat']}", "--variant", f"top={variant}")
     models = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
     base = models[0]["id"]
-    assert [(m["id"], m["parent"]) for m in models] == [(base, None), ("sql", base), ("chat", base)]
+    assert [(m["id"], m["parent"]) for m in models] == [(base, None), ("top", base), ("sql", base), ("chat", base)]
+    top = complete(server.url, "top")
+    assert top.status_code == 200 and top.json()["model"] == "top", top.text
     assert all(str(adapters["sql"]) not in str(m) for m in models)  # never the server's disk paths
     texts = {}
     for name in ("sql", "chat", None, base):
@@ -61,6 +66,9 @@ def test_model_field_selects_the_adapter(start_server, model_dir, adapters):
     offline = llm.generate([PROMPT_IDS] * 2, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                            lora_request=["sql", "chat"], use_tqdm=False)
     assert [o.outputs[0].text for o in offline] == [texts["sql"], texts["chat"]]
+    alone = LLM(model=str(variant), dtype="float32").generate([PROMPT_IDS], SamplingParams(
+        temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0].outputs[0].text
+    assert top.json()["choices"][0]["text"] == alone != texts[None]
     ref = merged_hf_model(model_dir, adapters["sql"])
     assert offline[0].outputs[0].token_ids == hf_greedy(ref, PROMPT_IDS, 6)
 
