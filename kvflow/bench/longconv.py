@@ -9,10 +9,11 @@ Three measurements, each on seeded random weights (speed does not depend on thei
   it one attention layer's causal SDPA over the same N tokens (the 135m shape's 9 query and 3 kv heads
   of 64), up to `--attention-max` (O(N²)). The rest of a layer (projections, MLP) costs the same in
   both families to within 10%, so the mixers are what differ; ×layers gives the whole model's share.
-* **decode**: one decode step of the whole model (PyTorch modules, batch 1) at each context length,
-  its history / KV filled with random values (a step's cost does not depend on them) — the
-  long-conv model's vectorised history sum against the attention model's paged attention, both
-  through the same module path (the runner's C++ forward would speed up attention's projections).
+* **decode**: one decode step of the whole model (PyTorch modules, batch 1, bf16 weights prepacked
+  for oneDNN as the engine loads them) at each context length, its history / KV filled with random
+  values (a step's cost does not depend on them) — the long-conv model's vectorised history sum
+  against the attention model's paged attention (torch-native backend), both through the same
+  module path (the engine runs attention models through its C++ forward, which is faster still).
 * **state**: bytes each token occupies in the paged cache (the KV-cache spec's count) for both.
 
 Each figure is the median of `--repeats` runs; the machine is shared, so ratios of runs made moments
@@ -123,6 +124,7 @@ def _decode_step(model: torch.nn.Module, cfg: Any, context: int, block_size: int
 
 def bench_decode(shape: str, contexts: list[int], repeats: int, dtype: str) -> list[dict[str, Any]]:
     from kvflow.config import ModelConfig
+    from kvflow.model.linear import PrepackedLinear, prepack_available
     from kvflow.model.llama import LlamaForCausalLM
     from kvflow.model.longconv.checkpoint import build_longconv
     from kvflow.model.longconv.model import init_weights
@@ -140,6 +142,9 @@ def bench_decode(shape: str, contexts: list[int], repeats: int, dtype: str) -> l
             p.normal_(0, 0.02)
     attn_model = attn_model.to(torch_dtype).eval()
     attn_model.finish_loading()
+    if prepack_available(torch.device("cpu"), torch_dtype):  # the engine's bf16 weights: oneDNN-prepacked
+        for model in (conv_model, attn_model):
+            model.use_linear_method(PrepackedLinear())
     rows = []
     for context in contexts:
         for name, model in (("long-conv", conv_model), ("attention", attn_model)):
