@@ -15,6 +15,10 @@ Three measurements, each on seeded random weights (speed does not depend on thei
   against the attention model's paged attention (torch-native backend), both through the same
   module path (the engine runs attention models through its C++ forward, which is faster still).
 * **state**: bytes each token occupies in the paged cache (the KV-cache spec's count) for both.
+* **engine prefill** (`--engine-lengths`): the time to first token of one N-token prompt through
+  the whole engine (`LLM.generate`, one chunk, no prefix cache), both models saved as directories
+  and loaded as a user would: the long-conv model on the PyTorch modules (FFT prefill), the attention
+  model on whatever the engine picks (its C++ forward up to 4,096-token chunks, SDPA beyond).
 
 Each figure is the median of `--repeats` runs; the machine is shared, so ratios of runs made moments
 apart mean more than absolute times.
@@ -155,10 +159,42 @@ def bench_decode(shape: str, contexts: list[int], repeats: int, dtype: str) -> l
     return rows
 
 
+def bench_engine_prefill(shape: str, lengths: list[int], repeats: int, dtype: str) -> list[dict[str, Any]]:
+    import tempfile
+
+    from kvflow import LLM, SamplingParams
+    from kvflow.bench.make_model import make_model
+    from kvflow.model.longconv.checkpoint import build_longconv, save_longconv
+    from kvflow.model.longconv.model import init_weights
+
+    rows = []
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    with tempfile.TemporaryDirectory(prefix="kvflow-longconv-") as tmp:
+        for n in lengths:
+            context = n + 64
+            hf = longconv_config(shape, context, dtype)
+            conv = build_longconv(hf)
+            init_weights(conv, 0)
+            conv_dir = save_longconv(conv.to(getattr(torch, dtype)), hf, Path(tmp) / f"longconv-{n}")
+            del conv
+            attn_dir = make_model(shape, Path(tmp) / f"attention-{n}", dtype=dtype,
+                                  overrides={"max_position_embeddings": context})
+            vocab = SHAPES[shape]["vocab_size"]
+            prompt = torch.randint(3, min(1000, vocab), (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            for name, path in (("long-conv", conv_dir), ("attention", attn_dir)):
+                llm = LLM(model=str(path), dtype=dtype, max_num_batched_tokens=max(n, 2048),
+                          enable_prefix_caching=False, kv_cache_memory=2.0)
+                ms = median_ms(partial(llm.generate, [prompt], params, use_tqdm=False), repeats)
+                rows.append({"tokens": n, "model": name, "ttft_ms": round(ms, 1)})
+                print(f"engine prefill {n:>6} tokens  {name:<10} {ms / 1000:8.2f} s to the first token", flush=True)
+                del llm
+    return rows
+
+
 def run_longconv_bench(shape: str = "135m", lengths: tuple[int, ...] = (2048, 8192, 32768),
                        contexts: tuple[int, ...] = (512, 2048, 8192, 32768), repeats: int = 3, direct_max: int = 2048,
                        attention_max: int = 8192, max_factor: int = 64, dtype: str = "bfloat16",
-                       decode: bool = True) -> dict[str, Any]:
+                       decode: bool = True, engine_lengths: tuple[int, ...] = ()) -> dict[str, Any]:
     conv_hf, attn_hf = longconv_config(shape, 2048, dtype), attention_config(shape, 2048, dtype)
     result: dict[str, Any] = {
         "shape": shape, "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -167,6 +203,8 @@ def run_longconv_bench(shape: str = "135m", lengths: tuple[int, ...] = (2048, 81
     }
     if decode:
         result["decode"] = bench_decode(shape, list(contexts), repeats, dtype)
+    if engine_lengths:
+        result["engine_prefill"] = bench_engine_prefill(shape, list(engine_lengths), repeats, dtype)
     return result
 
 

@@ -312,13 +312,15 @@ def _cmd_longconv(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     result = run_longconv_bench(args.shape, tuple(args.lengths), tuple(args.contexts), args.repeats, args.direct_max,
-                                args.attention_max, args.max_factor, args.dtype, decode=not args.no_decode)
+                                args.attention_max, args.max_factor, args.dtype, decode=not args.no_decode,
+                                engine_lengths=tuple(args.engine_lengths))
     print(json.dumps(result["state_bytes_per_token"]))
     if args.out:
         command = (f"kvflow bench longconv --shape {args.shape} --lengths {' '.join(map(str, args.lengths))} "
                    f"--contexts {' '.join(map(str, args.contexts))} --direct-max {args.direct_max} --attention-max "
                    f"{args.attention_max} --max-factor {args.max_factor} --dtype {args.dtype} --repeats {args.repeats}"
                    + (" --no-decode" if args.no_decode else "")
+                   + (f" --engine-lengths {' '.join(map(str, args.engine_lengths))}" if args.engine_lengths else "")
                    + (f" --threads {args.threads}" if args.threads else ""))
         save_report(result, Path(args.out), command)
         print(f"saved {args.out}")
@@ -709,6 +711,8 @@ def configure(bench: argparse.ArgumentParser) -> None:
     lc.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="decode weights and cache")
     lc.add_argument("--repeats", type=int, default=3)
     lc.add_argument("--no-decode", action="store_true")
+    lc.add_argument("--engine-lengths", nargs="*", type=int, default=[],
+                    help="also time the first token of one prompt of each length through the whole engine")
     lc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     lc.add_argument("--out", help="JSON path")
     lc.set_defaults(func=_cmd_longconv)

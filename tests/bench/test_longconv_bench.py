@@ -16,7 +16,8 @@ def test_bench_longconv_toy(monkeypatch, tmp_path):
     monkeypatch.setitem(SHAPES, "toy", TOY)
     out = tmp_path / "longconv.json"
     assert main(["bench", "longconv", "--shape", "toy", "--lengths", "64", "300", "--contexts", "20", "70",
-                 "--direct-max", "64", "--attention-max", "64", "--repeats", "1", "--out", str(out)]) == 0
+                 "--direct-max", "64", "--attention-max", "64", "--repeats", "1", "--engine-lengths", "40",
+                 "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["command"].startswith("kvflow bench longconv --shape toy")
     # bf16: long conv holds H values per token and layer; attention keys and values of 2 kv heads of 8.
@@ -27,4 +28,6 @@ def test_bench_longconv_toy(monkeypatch, tmp_path):
     assert {(r["context"], r["model"]) for r in result["decode"]} == {(c, m) for c in (20, 70)
                                                                       for m in ("long-conv", "attention")}
     assert all(r["tokens_per_s"] > 0 for r in result["decode"])
+    assert {(r["tokens"], r["model"]) for r in result["engine_prefill"]} == {(40, "long-conv"), (40, "attention")}
+    assert result["command"].endswith("--engine-lengths 40")
     assert bench.bytes_per_token(bench.longconv_config("toy", 64, "float32")) == 2 * 32 * 4
