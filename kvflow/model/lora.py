@@ -56,8 +56,12 @@ PROJECTIONS: tuple[tuple[str, str], ...] = (("self_attn", "qkv_proj"), ("self_at
                                             ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 _SHARDS = {"qkv_proj": 3, "o_proj": 1, "gate_up_proj": 2, "down_proj": 1}
 _SUBLAYER = {projection: sublayer for sublayer, projection in PROJECTIONS}
-#: A step with more runs than this, or using at least half the slots, computes every slot at once.
+#: A step of at most BATCHED_MAX_TOKENS tokens (decodes, short chunks) with more runs than BATCHED_RUNS, or using
+#: at least half the slots, computes every slot at once: a pair of matmuls per run costs more in calls than
+#: the masked columns cost in FLOPs. A longer step (a prompt chunk) computes per run, where masking would
+#: multiply the FLOPs by the number of slots.
 BATCHED_RUNS = 4
+BATCHED_MAX_TOKENS = 256
 _TENSOR = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
                      r"\.lora_([AB])(?:\.default)?\.weight$")
 
@@ -239,11 +243,10 @@ class SlotAdapter:
             slots, width = self.a.shape[0], self.a.shape[1]
             t = torch.mm(x, self.a.view(slots * width, -1).t()).view(-1, slots, width)
             t.mul_(owner.onehot.unsqueeze(2))
-            out += torch.mm(t.view(-1, slots * width), self.b.view(self.b.shape[0], -1).t())
+            out.addmm_(t.view(-1, slots * width), self.b.view(self.b.shape[0], -1).t())
             return
         for slot, start, end in owner.runs:
-            rows = x[start:end]
-            out[start:end] += torch.mm(torch.mm(rows, self.a[slot].t()), self.b[:, slot].t())
+            out[start:end].addmm_(torch.mm(x[start:end], self.a[slot].t()), self.b[:, slot].t())
 
 
 class LoRASlots:
@@ -299,8 +302,8 @@ class LoRASlots:
 
     def set_runs(self, runs: list[tuple[int, int, int]], num_tokens: int) -> torch.Tensor | None:
         """(slot, first token, end token) of each run of the next forward's `num_tokens` flat tokens that uses a
-        slot. Returns the step's one-hot [T, S] row-to-slot matrix where it runs every slot at once (many
-        slots or runs in the step: BATCHED_SLOTS), else None (a pair of matmuls per run)."""
+        slot. Returns the step's one-hot [T, S] row-to-slot matrix where it runs every slot at once (a short
+        step with many slots or runs: BATCHED_RUNS, BATCHED_MAX_TOKENS), else None (a pair of matmuls per run)."""
         self.runs = runs
         self.onehot = None
         device = self.projections[0]["qkv_proj"].a.device
@@ -308,7 +311,7 @@ class LoRASlots:
             self.tiles = self.kernels.run_tiles(runs, device) if runs else None
             return None
         slots = {slot for slot, _, _ in runs}
-        if len(runs) > BATCHED_RUNS or 2 * len(slots) >= self.num_slots > 1:
+        if num_tokens <= BATCHED_MAX_TOKENS and (len(runs) > BATCHED_RUNS or 2 * len(slots) >= self.num_slots > 1):
             onehot = torch.zeros(num_tokens, self.num_slots, dtype=self.projections[0]["qkv_proj"].a.dtype,
                                  device=device)
             for slot, start, end in runs:
