@@ -50,6 +50,9 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 class LongConv(nn.Module):
+    """The sequence mixer: in-projection to the conv input u and the gate g, the long convolution of u
+    with a skip D·u, the SiLU gate, the out-projection. Its per-token state is u (the history)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         assert cfg.longconv is not None
@@ -114,8 +117,8 @@ class HistoryPlan:
     """Which cache slots each sequence's history occupies this step: the same for every layer, so the model
     computes it once per step. Decodes read their last min(length, kernel_length) inputs, newest first
     ([b, width] slots, `valid` masking positions before a sequence's start, None where every one is
-    long enough), in groups bounded by
-    DECODE_GATHER_ELEMENTS; a prefill chunk reads its whole sequence so far, its own tokens included."""
+    long enough), in groups bounded by DECODE_GATHER_ELEMENTS; a prefill chunk reads its whole sequence
+    so far, its own tokens included."""
 
     slot_mapping: torch.Tensor
     decode_width: int = 0
@@ -147,6 +150,8 @@ class HistoryPlan:
 
 
 class LongConvLayer(nn.Module):
+    """Pre-norm residual block: the long-conv mixer, then Llama's gated MLP."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.conv_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
