@@ -88,10 +88,19 @@ def _twiddles(n1: int, rest: int, dtype: torch.dtype, device: torch.device | str
     return torch.polar(torch.ones_like(phase), phase).to(device=device, dtype=dtype)
 
 
-@lru_cache(maxsize=64)
 def butterfly_plan(size: int, max_factor: int = DEFAULT_MAX_FACTOR, device: str = "cpu",
                    dtype: torch.dtype = torch.complex64) -> ButterflyPlan:
-    factors = split_factors(size, max_factor)
+    """The plan of an FFT size with factors as even as possible, each <= max_factor."""
+    return plan_from_factors(split_factors(size, max_factor), device, dtype)
+
+
+@lru_cache(maxsize=64)
+def plan_from_factors(factors: tuple[int, ...], device: str = "cpu",
+                      dtype: torch.dtype = torch.complex64) -> ButterflyPlan:
+    """The plan of the FFT of size prod(factors), passes in that order (powers of two)."""
+    size = math.prod(factors)
+    if size & (size - 1):
+        raise ValueError(f"butterfly factors must be powers of two, got {factors}")
     dfts = tuple(dft_matrix(f, dtype, device) for f in factors)
     twiddles, rest = [], size
     for f in factors[:-1]:

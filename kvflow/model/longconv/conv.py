@@ -6,8 +6,9 @@
 `fft_conv` zero-pads both to an FFT size of at least N + K - 1 (so the circular convolution the FFT
 computes has no wrap-around) and multiplies spectra: O(N log N) with torch.fft.
 `butterfly_conv` (butterfly.py) computes the same FFTs as dense matrix products (FlashButterfly);
-"triton" runs them fused in one GPU program per row (triton_butterfly.py) where the FFT fits on
-chip (N + K - 1 <= 4096), and the three-pass butterfly beyond.
+"triton" runs them in Triton (triton_butterfly.py): fused in one GPU program per row where the FFT
+fits on chip (N + K - 1 <= 4096), in three kernels (the three-pass form) up to 262,144, and by
+butterfly.py's matmuls beyond.
 
 The kernel a layer applies is its learned one smoothed and squashed (`effective_kernel`); a model
 computes that once after loading, since neither depends on the input.
@@ -86,10 +87,13 @@ def causal_conv(u: torch.Tensor, k: torch.Tensor, method: str = "fft") -> torch.
     if method == "direct":
         return direct_conv(u, k)
     if method == "triton":
-        from kvflow.model.longconv.triton_butterfly import MAX_SIZE, triton_butterfly_conv
+        from kvflow.model.longconv import triton_butterfly as tb
 
-        if fft_size(u.shape[-1], min(u.shape[-1], k.shape[1])) <= MAX_SIZE:
-            return triton_butterfly_conv(u, k)
+        m = fft_size(u.shape[-1], min(u.shape[-1], k.shape[1]))
+        if m <= tb.MAX_SIZE:
+            return tb.triton_butterfly_conv(u, k)
+        if m <= tb.MAX_THREE_PASS:
+            return tb.triton_butterfly_conv_three_pass(u, k)
         from kvflow.model.longconv.butterfly import butterfly_conv
 
         return butterfly_conv(u, k)

@@ -31,10 +31,14 @@ def test_sizes():
     assert triton_fft_size(1, 1) == 256 and triton_fft_size(2048, 2048) == 4096
     with pytest.raises(ValueError, match="three-pass"):
         triton_fft_size(2049, 2049)
+    from kvflow.model.longconv.triton_butterfly import three_pass_factors
+
+    with pytest.raises(ValueError, match="three-pass Triton butterfly takes FFT sizes"):
+        three_pass_factors(4096)
 
 
 def test_triton_method_in_the_model_falls_back_beyond_the_chip():
-    """causal_conv's "triton" method: the fused kernel where the FFT fits, the three-pass butterfly beyond."""
+    """causal_conv's "triton" method: the fused kernel where the FFT fits, the three-pass kernels beyond."""
     from kvflow.model.longconv.conv import causal_conv
 
     for n in (200, 3000):
@@ -43,3 +47,17 @@ def test_triton_method_in_the_model_falls_back_beyond_the_chip():
         ref = direct_conv(u.double(), k.double())
         out = causal_conv(u.to(DEVICE), k.to(DEVICE), "triton").cpu().double()
         assert (out - ref).abs().max() <= 2e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("n,taps", [(2049, 2049), (4000, 1000), (5000, 5000)])
+def test_three_pass_equals_direct_fp64(n, taps):
+    """FFT sizes above 4096: outer column pass, fused inner two-pass sub-rows, outer inverse."""
+    from kvflow.model.longconv.triton_butterfly import three_pass_factors, triton_butterfly_conv_three_pass
+
+    g = torch.Generator().manual_seed(n)
+    u = torch.randn(1, 3, n, generator=g, dtype=torch.float64)
+    k = torch.randn(3, taps, generator=g, dtype=torch.float64)
+    ref = direct_conv(u, k)
+    out = triton_butterfly_conv_three_pass(u.float().to(DEVICE), k.float().to(DEVICE)).cpu().double()
+    assert (out - ref).abs().max() <= 2e-5 * ref.abs().max()
+    assert three_pass_factors(8192) == (16, 32, 16) and three_pass_factors(1 << 18) == (64, 64, 64)
