@@ -7,7 +7,7 @@
 computes has no wrap-around) and multiplies spectra: O(N log N) with torch.fft.
 `butterfly_conv` (butterfly.py) computes the same FFTs as dense matrix products (FlashButterfly);
 "triton" runs them in Triton (triton_butterfly.py): fused in one GPU program per row where the FFT
-fits on chip (N + K - 1 <= 4096), in three kernels (the three-pass form) up to 262,144, and by
+fits on chip (N + K - 1 <= 2048), in three kernels (the three-pass form) up to 65,536, and by
 butterfly.py's matmuls beyond.
 
 The kernel a layer applies is its learned one smoothed and squashed (`effective_kernel`); a model

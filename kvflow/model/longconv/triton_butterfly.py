@@ -7,15 +7,20 @@ spectrum (precomputed once per kernel by butterfly.py, in the same transposed or
 row DFT, the conjugate twiddles and the real part of the inverse column DFT, then stores the first
 N outputs. Complex products are pairs of real `tl.dot`s in full fp32 ("ieee": TF32 would cost ~3
 decimal digits). Every DFT matrix is at least 16×16 (tl.dot's smallest tile), so M >= 256; one
-program holds a row in registers, so M <= 4096 (N up to 2,048 with a full-length kernel).
+program holds a row in registers, so M <= 2048 (N up to 1,024 with a full-length kernel).
 
-Longer rows take the three-pass form, M = N1·R with R = N2·N3 <= 4096, in three kernels: the
+Longer rows take the three-pass form, M = N1·R with R = N2·N3 <= 1024, in three kernels: the
 outer column DFT of length N1 with its twiddles (`_outer_forward`, a block of columns per program),
 then per (row, k1) the fused two-pass DFT of the length-R sub-row, the product with the kernel's
 spectrum and the inverse, complex in and out (`_inner_conv`), then the conjugate twiddles and the
 real part of the inverse column DFT (`_outer_inverse`). Between the passes the row lives in global
 memory (2 × M complex values per row), once each way: the form for sequences longer than on-chip
-memory. M up to 64·4096 = 262,144 (N up to 131,072 with a full-length kernel).
+memory. M up to 64·1024 = 65,536 (N up to 32,768 with a full-length kernel); beyond, butterfly.py.
+
+Tile sizes come from compiling every launch for sm_90 without a GPU (attention/triton/compile_check's
+capture and compile): a program keeps about a dozen fp32 tiles live, so at 64×64 even 32 warps spilled
+9–15 KB per program to local memory, while 64×32 tiles spill ~11 KB at 16 warps and 32×32 under 1 KB at
+8; hence the limits above. Speed on a GPU is unmeasured (no GPU was available to this work).
 
 Tested on CPU under TRITON_INTERPRET=1 against an fp64 direct convolution.
 """
@@ -29,8 +34,9 @@ import triton.language as tl
 from kvflow.model.longconv.butterfly import butterfly_dft, butterfly_plan, plan_from_factors
 from kvflow.model.longconv.conv import _check, fft_size
 
-MIN_SIZE, MAX_SIZE = 256, 4096
-MAX_THREE_PASS = 64 * MAX_SIZE
+MIN_SIZE, MAX_SIZE = 256, 2048  # the fused kernel's FFT sizes
+MAX_INNER = 1024  # the three-pass form's sub-row R = N2·N3
+MAX_THREE_PASS = 64 * MAX_INNER
 _BLOCK_COLS = 64  # columns of the [N1, R] view an outer-pass program takes
 
 
@@ -153,11 +159,17 @@ def _outer_inverse(br_ptr, bi_ptr, y_ptr, f1r_ptr, f1i_ptr, tr_ptr, ti_ptr, N, N
     tl.store(y_ptr + row * N + idx, out, mask=idx < N)
 
 
+def _warps(tile: int) -> int:
+    """Warps for a program holding [tile]-element fp32 tiles: about a dozen live at once, so more threads
+    for bigger tiles (4 warps for 64x64 spilled ~220 KB per program when compiled for sm_90)."""
+    return max(4, min(32, tile // 128))
+
+
 def three_pass_factors(m: int) -> tuple[int, int, int]:
-    """(N1, N2, N3) for an FFT size above MAX_SIZE: N1 >= 16 and R = N2·N3 <= MAX_SIZE, each >= 16."""
+    """(N1, N2, N3) for an FFT size above MAX_SIZE: N1 >= 16 and R = N2·N3 <= MAX_INNER, each >= 16."""
     if not MAX_SIZE < m <= MAX_THREE_PASS:
         raise ValueError(f"the three-pass Triton butterfly takes FFT sizes in ({MAX_SIZE}, {MAX_THREE_PASS}], got {m}")
-    n1 = max(16, m // MAX_SIZE)
+    n1 = max(16, m // MAX_INNER)
     r = m // n1
     n2 = 1 << ((r.bit_length() - 1 + 1) // 2)
     return n1, n2, r // n2
@@ -168,7 +180,7 @@ def _split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def triton_butterfly_conv_three_pass(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """`u` [..., H, N] convolved causally with `k` [H, K] by the three-pass kernels (FFT sizes above 4096)."""
+    """`u` [..., H, N] convolved causally with `k` [H, K] by the three-pass kernels (FFT sizes above 2048)."""
     _check(u, k)
     n, h = u.shape[-1], u.shape[-2]
     taps = min(n, k.shape[1])
@@ -186,9 +198,11 @@ def triton_butterfly_conv_three_pass(u: torch.Tensor, k: torch.Tensor) -> torch.
     (t0r, t0i), (t1r, t1i) = (_split(t) for t in plan.twiddles)
     block = min(_BLOCK_COLS, r)
     grid = (rows.shape[0], r // block)
-    _outer_forward[grid](rows, br, bi, f1r, f1i, t0r, t0i, n, N1=n1, R=r, BLOCK=block)
-    _inner_conv[(rows.shape[0] * n1,)](br, bi, kr, ki, f2r, f2i, f3r, f3i, t1r, t1i, h, N1=n1, N2=n2, N3=n3)
-    _outer_inverse[grid](br, bi, out, f1r, f1i, t0r, t0i, n, N1=n1, R=r, BLOCK=block)
+    outer_warps = _warps(n1 * block)
+    _outer_forward[grid](rows, br, bi, f1r, f1i, t0r, t0i, n, N1=n1, R=r, BLOCK=block, num_warps=outer_warps)
+    _inner_conv[(rows.shape[0] * n1,)](br, bi, kr, ki, f2r, f2i, f3r, f3i, t1r, t1i, h, N1=n1, N2=n2, N3=n3,
+                                       num_warps=_warps(r))
+    _outer_inverse[grid](br, bi, out, f1r, f1i, t0r, t0i, n, N1=n1, R=r, BLOCK=block, num_warps=outer_warps)
     return out.view(u.shape).to(u.dtype)
 
 
@@ -226,5 +240,5 @@ def triton_butterfly_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     f1, f2, tw = plan.dfts[0], plan.dfts[1], plan.twiddles[0]
     _conv_kernel[(rows.shape[0],)](
         rows, out, kr, ki, f1.real.contiguous(), f1.imag.contiguous(), f2.real.contiguous(), f2.imag.contiguous(),
-        tw.real.contiguous(), tw.imag.contiguous(), h, n, N1=n1, N2=n2)
+        tw.real.contiguous(), tw.imag.contiguous(), h, n, N1=n1, N2=n2, num_warps=_warps(m))
     return out.view(u.shape).to(u.dtype)

@@ -17,7 +17,7 @@ from kvflow.model.longconv.triton_butterfly import triton_butterfly_conv, triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("n,taps", [(1, 1), (5, 5), (100, 100), (129, 40), (300, 300), (1000, 1000), (2048, 2048)])
+@pytest.mark.parametrize("n,taps", [(1, 1), (5, 5), (100, 100), (129, 40), (300, 300), (1000, 1000), (1024, 1025)])
 def test_equals_direct_fp64(n, taps):
     g = torch.Generator().manual_seed(n)
     u = torch.randn(2, 3, n, generator=g, dtype=torch.float64)
@@ -28,13 +28,13 @@ def test_equals_direct_fp64(n, taps):
 
 
 def test_sizes():
-    assert triton_fft_size(1, 1) == 256 and triton_fft_size(2048, 2048) == 4096
+    assert triton_fft_size(1, 1) == 256 and triton_fft_size(1024, 1025) == 2048
     with pytest.raises(ValueError, match="three-pass"):
-        triton_fft_size(2049, 2049)
+        triton_fft_size(1024, 1026)
     from kvflow.model.longconv.triton_butterfly import three_pass_factors
 
     with pytest.raises(ValueError, match="three-pass Triton butterfly takes FFT sizes"):
-        three_pass_factors(4096)
+        three_pass_factors(2048)
 
 
 def test_triton_method_in_the_model_falls_back_beyond_the_chip():
@@ -51,7 +51,7 @@ def test_triton_method_in_the_model_falls_back_beyond_the_chip():
 
 @pytest.mark.parametrize("n,taps", [(2049, 2049), (4000, 1000), (5000, 5000)])
 def test_three_pass_equals_direct_fp64(n, taps):
-    """FFT sizes above 4096: outer column pass, fused inner two-pass sub-rows, outer inverse."""
+    """FFT sizes above 2048: outer column pass, fused inner two-pass sub-rows, outer inverse."""
     from kvflow.model.longconv.triton_butterfly import three_pass_factors, triton_butterfly_conv_three_pass
 
     g = torch.Generator().manual_seed(n)
@@ -60,4 +60,4 @@ def test_three_pass_equals_direct_fp64(n, taps):
     ref = direct_conv(u, k)
     out = triton_butterfly_conv_three_pass(u.float().to(DEVICE), k.float().to(DEVICE)).cpu().double()
     assert (out - ref).abs().max() <= 2e-5 * ref.abs().max()
-    assert three_pass_factors(8192) == (16, 32, 16) and three_pass_factors(1 << 18) == (64, 64, 64)
+    assert three_pass_factors(4096) == (16, 16, 16) and three_pass_factors(1 << 16) == (64, 32, 32)
