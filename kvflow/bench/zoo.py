@@ -1,15 +1,17 @@
-"""``kvflow bench zoo``: N fine-tuned variants served by one engine (BlockLLM's block zoo) against N engines,
-one per variant, as a deployment without a zoo would run them.
+"""``kvflow bench zoo``: N fine-tuned variants served by one engine (BlockLLM's block zoo) against N
+engines, one per variant, as a deployment without a zoo would run them.
 
 The variants are written here from the base model: a copy with its top ``--changed-layers`` decoder
 layers perturbed (what `kvflow train --finetune --method top-layers` produces; the values do not matter
 for cost). Each configuration runs in processes of its own, started and loaded first, then released
 together: ``zoo`` is one process serving every variant, ``separate`` is N processes, one engine each,
-each with cores // N torch threads (N processes with all cores each would only oversubscribe them).
-The request mix is fixed: ``--requests`` per variant, random prompts of ``--prompt-len`` tokens, greedy
-``--max-tokens`` tokens each (EOS ignored), all arriving at once. Reported per configuration: wall time,
-output tokens/s, request latency p50 / p95 (arrival to last token, as BlockLLM reports it), peak RSS
-summed over its processes, and the weight bytes each variant adds.
+each with cores // N torch threads (N processes with all cores each would only oversubscribe them). The
+request mix is fixed: ``--requests`` per variant, random prompts of ``--prompt-len`` tokens, greedy
+``--max-tokens`` tokens each (EOS ignored), all arriving at once. KV memory is the same in all: 0.25 GiB
+per separate engine, N times that for the zoo (the engines' default, 30% of memory each, would not fit
+N). Reported per configuration: wall time, output tokens/s, request latency p50 / p95 (arrival to last
+token, as BlockLLM reports it), peak RSS summed over its processes, and the weight bytes each variant
+adds.
 """
 
 from __future__ import annotations
@@ -80,16 +82,20 @@ def _run_processes(jobs: list[tuple[list[str], int]]) -> tuple[float, list[dict[
 
 
 def run_zoo_bench(model: Path, counts: tuple[int, ...], changed_layers: int, requests: int, prompt_len: int,
-                  max_tokens: int, dtype: str, work: Path, cores: int | None = None) -> dict[str, Any]:
+                  max_tokens: int, dtype: str, work: Path, cores: int | None = None,
+                  kv_gib: float = 0.25) -> dict[str, Any]:
     cores = cores or os.cpu_count() or 1
     results = []
     for n in counts:
         variants = {f"v{i}": str(write_variant(model, work / f"v{i}", changed_layers, seed=i)) for i in range(n)}
         common = ["--model", str(model), "--dtype", dtype, "--requests", str(requests), "--prompt-len",
                   str(prompt_len), "--max-tokens", str(max_tokens)]
-        zoo_args = [*common, "--variant", *(f"{k}={v}" for k, v in variants.items()), "--serve", *variants]
+        # The same KV memory in all: each separate engine gets kv_gib, the zoo n times that.
+        zoo_args = [*common, "--variant", *(f"{k}={v}" for k, v in variants.items()), "--serve", *variants,
+                    "--kv-cache-memory", str(n * kv_gib)]
         zoo_wall, zoo_reports = _run_processes([(zoo_args, cores)])
-        separate = [([*common, "--model", path, "--serve", "base"], max(1, cores // n)) for path in variants.values()]
+        separate = [([*common, "--model", path, "--serve", "base", "--kv-cache-memory", str(kv_gib)],
+                     max(1, cores // n)) for path in variants.values()]
         sep_wall, sep_reports = _run_processes(separate)
         row = {"variants": n}
         for label, wall, reports in (("zoo", zoo_wall, zoo_reports), ("separate", sep_wall, sep_reports)):

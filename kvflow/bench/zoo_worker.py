@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--kv-cache-memory", type=float, default=0.25, help="GiB of KV cache")
     args = parser.parse_args()
 
     import torch
@@ -28,7 +29,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from kvflow import LLM, SamplingParams
 
-    llm = LLM(model=args.model, dtype=args.dtype, enable_prefix_caching=False, variant=tuple(args.variant))
+    llm = LLM(model=args.model, dtype=args.dtype, enable_prefix_caching=False, variant=tuple(args.variant),
+              kv_cache_memory=args.kv_cache_memory)
     vocab = llm.engine.config.model.vocab_size
     gen = torch.Generator().manual_seed(0)
     names = [None if name == "base" else name for name in args.serve for _ in range(args.requests)]
