@@ -28,7 +28,8 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 # Subpackages that are one optional feature each: their own files import the extra at the top; the
 # rest of kvflow imports them only lazily, where the feature is chosen (with a message naming the extra).
-OPTIONAL_SUBPACKAGES = {"kvflow.attention.triton": "gpu", "kvflow.model.quant.triton": "gpu"}
+OPTIONAL_SUBPACKAGES = {"kvflow.attention.triton": "gpu", "kvflow.model.quant.triton": "gpu",
+                        "kvflow.model.triton": "gpu", "kvflow.model.longconv.triton": "gpu"}
 # Peers benchmarked in their own virtualenvs (kvflow bench throughput --python ...): never kvflow's dependencies.
 PEER_MODULES = {"vllm", "llama_cpp"}
 # What only the tools (bench, profile, simulate, plan, eval, train) and the tests use: `kvflow serve` must not

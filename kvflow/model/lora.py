@@ -16,7 +16,7 @@ diagonal (shard j's rows read only shard j's columns), with the scale folded int
 slot (`LoRASlots.set_runs`); each projection adds, run by run, two small matmuls to the base output,
 whatever the base method is (dense, prepacked, quantised). The C++ CPU forward runs the same two
 products per run on the same slot tensors (csrc/cpu_model.cpp, `add_lora`); on CUDA, one launch of
-the Triton shrink and expand kernels covers every run (lora_triton.py).
+the Triton shrink and expand kernels covers every run (model/triton/lora.py).
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class SlotAdapter:
 
     def add(self, x: torch.Tensor, out: torch.Tensor) -> None:
         owner = self.owner
-        if owner.tiles is not None:  # CUDA: one segmented shrink and one expand for every run (lora_triton.py)
+        if owner.tiles is not None:  # CUDA: one segmented shrink and one expand for every run (model/triton/lora.py)
             owner.kernels.lora_add(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), self.a,
                                    self.b.permute(1, 0, 2), owner.tiles)
             return
@@ -330,7 +330,7 @@ class LoRASlots:
 def _triton_kernels() -> ModuleType | None:
     """lora_triton, or None (said once) where Triton cannot be imported: the torch products run instead."""
     try:
-        from kvflow.model import lora_triton
+        from kvflow.model.triton import lora as lora_triton
     except ImportError as e:
         logger.warning("LoRA runs torch matmuls on CUDA: Triton is not importable (%s); pip install 'kvflow[gpu]'", e)
         return None

@@ -1,4 +1,4 @@
-"""The Triton multi-LoRA kernels (kvflow/model/lora_triton.py) against the per-run torch products in fp64.
+"""The Triton multi-LoRA kernels (kvflow/model/triton/lora.py) against the per-run torch products in fp64.
 Without a GPU they run under Triton's interpreter (fp32), so shapes stay small."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import: jit reads it then
 pytest.importorskip("triton", reason="the LoRA kernels need Triton (pip install 'kvflow[gpu]')")
 
-from kvflow.model import lora_triton  # noqa: E402
+from kvflow.model.triton import lora as lora_triton  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

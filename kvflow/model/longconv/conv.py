@@ -6,7 +6,7 @@
 `fft_conv` zero-pads both to an FFT size of at least N + K - 1 (so the circular convolution the FFT
 computes has no wrap-around) and multiplies spectra: O(N log N) with torch.fft.
 `butterfly_conv` (butterfly.py) computes the same FFTs as dense matrix products (FlashButterfly);
-"triton" runs them in Triton (triton_butterfly.py): fused in one GPU program per row where the FFT
+"triton" runs them in Triton (triton/butterfly.py): fused in one GPU program per row where the FFT
 fits on chip (N + K - 1 <= 2048), in three kernels (the three-pass form) up to 65,536, and by
 butterfly.py's matmuls beyond.
 
@@ -87,7 +87,7 @@ def causal_conv(u: torch.Tensor, k: torch.Tensor, method: str = "fft") -> torch.
     if method == "direct":
         return direct_conv(u, k)
     if method == "triton":
-        from kvflow.model.longconv import triton_butterfly as tb
+        from kvflow.model.longconv.triton import butterfly as tb
 
         m = fft_size(u.shape[-1], min(u.shape[-1], k.shape[1]))
         if m <= tb.MAX_SIZE:

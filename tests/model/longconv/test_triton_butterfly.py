@@ -12,7 +12,7 @@ if not torch.cuda.is_available():  # before triton's first import: triton.jit re
 pytest.importorskip("triton")
 
 from kvflow.model.longconv.conv import direct_conv  # noqa: E402
-from kvflow.model.longconv.triton_butterfly import triton_butterfly_conv, triton_fft_size  # noqa: E402
+from kvflow.model.longconv.triton.butterfly import triton_butterfly_conv, triton_fft_size  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -31,7 +31,7 @@ def test_sizes():
     assert triton_fft_size(1, 1) == 256 and triton_fft_size(1024, 1025) == 2048
     with pytest.raises(ValueError, match="three-pass"):
         triton_fft_size(1024, 1026)
-    from kvflow.model.longconv.triton_butterfly import three_pass_factors
+    from kvflow.model.longconv.triton.butterfly import three_pass_factors
 
     with pytest.raises(ValueError, match="three-pass Triton butterfly takes FFT sizes"):
         three_pass_factors(2048)
@@ -52,7 +52,7 @@ def test_triton_method_in_the_model_falls_back_beyond_the_chip():
 @pytest.mark.parametrize("n,taps", [(2049, 2049), (4000, 1000), (5000, 5000)])
 def test_three_pass_equals_direct_fp64(n, taps):
     """FFT sizes above 2048: outer column pass, fused inner two-pass sub-rows, outer inverse."""
-    from kvflow.model.longconv.triton_butterfly import three_pass_factors, triton_butterfly_conv_three_pass
+    from kvflow.model.longconv.triton.butterfly import three_pass_factors, triton_butterfly_conv_three_pass
 
     g = torch.Generator().manual_seed(n)
     u = torch.randn(1, 3, n, generator=g, dtype=torch.float64)
