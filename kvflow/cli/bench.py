@@ -217,11 +217,7 @@ def _cmd_spec_decode(args: argparse.Namespace) -> int:
     )
 
     _set_threads(args.threads)
-    model = args.model
-    if model is None:
-        from kvflow.assets import default_model_path
-
-        model = str(default_model_path())
+    model = _model_or_default(args.model)
     if args.verify_cost:
         report = measure_verify_cost(model, args.dtype or "bfloat16", tuple(args.num_speculative_tokens),
                                      tuple(args.batch), context_len=args.context_len, steps=args.steps,
@@ -244,15 +240,30 @@ def _cmd_spec_decode(args: argparse.Namespace) -> int:
     return 0 if report.get("outputs_equal") is not False else 1
 
 
+def _model_or_default(model: str | None) -> str:
+    """--model, else the shipped tiny."""
+    if model is not None:
+        return model
+    from kvflow.assets import default_model_path
+
+    return str(default_model_path())
+
+
+def _finish_report(report: dict[str, Any], text: str, name: str, out: str | None) -> None:
+    """Record the command line in `report`, print `text`, and save the report as JSON at `out` (if given)."""
+    report["command"] = f"kvflow bench {name} " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", name] else [])
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+        print(f"saved {out}")
+
+
 def _cmd_specontext(args: argparse.Namespace) -> int:
     from kvflow.bench.specontext import format_report, run_specontext_bench, save_report
 
     _set_threads(args.threads)
-    model = args.model
-    if model is None:
-        from kvflow.assets import default_model_path
-
-        model = str(default_model_path())
+    model = _model_or_default(args.model)
     results = run_specontext_bench(model, args.dtype or "float32", tuple(args.batch), args.prompt_len,
                                    args.max_tokens, args.budget, tuple(args.method), args.repeats,
                                    args.retrieval_model, hf=not args.no_hf)
@@ -268,20 +279,11 @@ def _cmd_lora(args: argparse.Namespace) -> int:
 
     from kvflow.bench.lora import format_report, run_lora_bench
 
-    model = args.model
-    if model is None:
-        from kvflow.assets import default_model_path
-
-        model = str(default_model_path())
+    model = _model_or_default(args.model)
     with tempfile.TemporaryDirectory(prefix="kvflow-bench-lora-") as adapters:
         report = run_lora_bench(model, args.dtype or "bfloat16", args.batch, args.adapters, args.rank, args.prompt_len,
                                 args.max_tokens, args.repeats, Path(adapters), args.threads)
-    report["command"] = "kvflow bench lora " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "lora"] else [])
-    print(format_report(report))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"saved {args.out}")
+    _finish_report(report, format_report(report), "lora", args.out)
     return 0
 
 
@@ -290,20 +292,11 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
     from kvflow.bench.zoo import format_report, run_zoo_bench
 
-    model = args.model
-    if model is None:
-        from kvflow.assets import default_model_path
-
-        model = str(default_model_path())
+    model = _model_or_default(args.model)
     with tempfile.TemporaryDirectory(prefix="kvflow-bench-zoo-") as work:
         report = run_zoo_bench(Path(model), tuple(args.variants), args.changed_layers, args.requests, args.prompt_len,
                                args.max_tokens, args.dtype or "bfloat16", Path(work), args.cores)
-    report["command"] = "kvflow bench zoo " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "zoo"] else [])
-    print(format_report(report))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"saved {args.out}")
+    _finish_report(report, format_report(report), "zoo", args.out)
     return 0
 
 

@@ -102,7 +102,6 @@ class BlockZoo:
     layers: dict[tuple[str, int], nn.Module] = field(default_factory=dict)
     final_norms: dict[str, nn.Module] = field(default_factory=dict)
     _keys: dict[str, str] = field(default_factory=dict)  # variant name -> key
-    _blocks: list[nn.Module] = field(default_factory=list)  # the variants' own modules (for linear methods)
 
     @classmethod
     def load(cls, model: nn.Module, variants: dict[str, str], device: torch.device,
@@ -153,7 +152,6 @@ class BlockZoo:
                 if module.routes is None:
                     module.routes = RowRoutes(self)
                 module.routes.alternatives[key] = own[name]
-                self._blocks.append(own[name])
 
     def key(self, name: str) -> str:
         return self._keys[name]
@@ -164,9 +162,10 @@ class BlockZoo:
 
     def use_linear_method(self, method: LinearMethod) -> None:
         """The variants' own projections take the base's method (prepacked weights, say), as the base's did."""
-        for module in self._blocks:
-            if isinstance(module, Linear):
-                module.use(method)
+        for block in self.layers.values():
+            for module in block.modules():
+                if isinstance(module, Linear):
+                    module.use(method)
 
     def set_runs(self, runs: dict[str, list[tuple[int, int]]]) -> None:
         """Variant key -> (start, end) runs of the next forward's flat tokens (the base's rows are the rest)."""
