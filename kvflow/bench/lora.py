@@ -11,6 +11,11 @@ Every repeat runs every configuration once, in an order rotated from repeat to r
 best run (the target is checked on the best runs: other jobs on a shared machine only add time). The adapters are
 random (PEFT's format, written here: a model without adapters of its own needs no download), with
 B large enough that outputs differ from the base's, which the report checks.
+
+With ``device="cuda"`` every engine runs on the GPU, LoRA by the Triton shrink/expand kernels
+(kvflow/model/triton/lora.py); the bench checks that it does (the model's parameters on CUDA, the
+slots holding the kernels, and the kernels called during the untimed warm-up round) rather than
+report a silent fallback.
 """
 
 from __future__ import annotations
@@ -58,8 +63,40 @@ def _prompts(vocab: int, batch: int, prompt_len: int, seed: int) -> list[list[in
     return [torch.randint(10, vocab, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
 
 
+def _runner(llm: Any) -> Any:
+    return llm.engine.core.runner
+
+
+def check_on_device(llm: Any, device: str, lora: bool) -> None:
+    """Raise unless the engine's model lives on `device` and, with LoRA on CUDA, its slots run the Triton kernels."""
+    runner = _runner(llm)
+    wrong = {str(p.device) for p in runner.model.parameters() if p.device.type != torch.device(device).type}
+    if wrong:
+        raise RuntimeError(f"the engine was asked for {device} but model parameters are on {sorted(wrong)}")
+    if lora and torch.device(device).type == "cuda":
+        slots = runner.lora.slots
+        if slots.kernels is None:
+            raise RuntimeError("LoRA on CUDA without the Triton kernels (kvflow/model/triton/lora.py not importable): "
+                               "the torch products would run instead")
+        if slots.projections[0]["qkv_proj"].a.device.type != "cuda":
+            raise RuntimeError("the LoRA slots are not on CUDA")
+
+
+class _CountingKernels:
+    """The Triton LoRA module with its `lora_add` launches counted (the warm-up round only)."""
+
+    def __init__(self, kernels: Any) -> None:
+        self.kernels, self.calls = kernels, 0
+        self.run_tiles = kernels.run_tiles
+
+    def lora_add(self, *args: Any) -> None:
+        self.calls += 1
+        self.kernels.lora_add(*args)
+
+
 def run_lora_bench(model: str | Path, dtype: str, batch: int, num_adapters: int, rank: int, prompt_len: int,
-                   max_tokens: int, repeats: int, adapter_dir: Path, threads: int | None = None) -> dict[str, Any]:
+                   max_tokens: int, repeats: int, adapter_dir: Path, threads: int | None = None,
+                   device: str = "cpu") -> dict[str, Any]:
     from kvflow import LLM, SamplingParams
     from kvflow.config import ModelConfig
 
@@ -82,7 +119,13 @@ def run_lora_bench(model: str | Path, dtype: str, batch: int, num_adapters: int,
     engines = {}
     for label, spec in configs.items():
         engines[label] = LLM(model=str(model), dtype=dtype, enable_prefix_caching=False, max_num_seqs=batch,
-                             max_model_len=prompt_len + max_tokens + 8, **spec["engine"])
+                             max_model_len=prompt_len + max_tokens + 8, device=device, **spec["engine"])
+        check_on_device(engines[label], device, bool(spec["engine"]))
+    counting: dict[str, _CountingKernels] = {}  # the engines whose LoRA runs the Triton kernels (CUDA)
+    for label, spec in configs.items():
+        slots = _runner(engines[label]).lora.slots if spec["engine"] else None
+        if slots is not None and slots.kernels is not None:
+            counting[label] = slots.kernels = _CountingKernels(slots.kernels)
     seconds: dict[str, list[float]] = {label: [] for label in configs}
     outputs: dict[str, list[list[int]]] = {}
     labels = list(configs)
@@ -95,6 +138,9 @@ def run_lora_bench(model: str | Path, dtype: str, batch: int, num_adapters: int,
             if r:
                 seconds[label].append(elapsed)
             outputs[label] = [o.outputs[0].token_ids for o in outs]
+        if not r:
+            for label, counter in counting.items():  # timed rounds call the kernels directly
+                _runner(engines[label]).lora.slots.kernels = counter.kernels
     generated = batch * max_tokens
     # The median, and the best run: on a shared machine other jobs only ever add time, so the best of a few
     # interleaved rounds is the least disturbed estimate of each configuration's own cost.
@@ -106,8 +152,16 @@ def run_lora_bench(model: str | Path, dtype: str, batch: int, num_adapters: int,
         entry["vs_base"] = entry["output_tok_s"] / base["output_tok_s"]
         entry["vs_base_best"] = entry["best_tok_s"] / base["best_tok_s"]
     lora_label = f"lora-{num_adapters}"
+    on_gpu: dict[str, Any] = {}
+    if torch.device(device).type == "cuda":
+        on_gpu["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    if counting:
+        on_gpu["triton_lora_calls_warmup"] = {label: c.calls for label, c in counting.items()}
+        if not counting[lora_label].calls:
+            raise RuntimeError(f"{lora_label} never called the Triton LoRA kernels its slots hold")
     return {
-        "model": str(model), "dtype": dtype, "batch": batch, "adapters": num_adapters, "rank": rank,
+        "model": str(model), "device": device, **on_gpu, "dtype": dtype, "batch": batch, "adapters": num_adapters,
+        "rank": rank,
         "prompt_len": prompt_len, "max_tokens": max_tokens, "repeats": repeats,
         "threads": torch.get_num_threads(), "results": results,
         "lora_base_equals_base": outputs["lora-base"] == outputs["base"],
@@ -117,7 +171,8 @@ def run_lora_bench(model: str | Path, dtype: str, batch: int, num_adapters: int,
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"kvflow bench lora: {report['model']} ({report['dtype']}), batch {report['batch']}, "
+    lines = [f"kvflow bench lora: {report['model']} ({report['dtype']}, {report.get('device', 'cpu')}"
+             + (f": {report['gpu']}" if "gpu" in report else "") + f"), batch {report['batch']}, "
              f"{report['adapters']} adapters of rank {report['rank']}, prompt {report['prompt_len']}, "
              f"{report['max_tokens']} output tokens, median of {report['repeats']}",
              f"{'config':12} {'median s':>9} {'out tok/s':>10} {'vs base':>8} {'best s':>7} {'best tok/s':>10} "
@@ -128,4 +183,6 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"lora-base outputs equal base: {report['lora_base_equals_base']}; requests whose output the "
                  f"adapters changed: {report['adapters_change_outputs']}/{report['batch']}; target >= "
                  f"{report['target_vs_base']}x base (best runs): {'met' if report['target_met'] else 'MISSED'}")
+    if "triton_lora_calls_warmup" in report:
+        lines.append(f"Triton LoRA kernel launches in the warm-up round: {report['triton_lora_calls_warmup']}")
     return "\n".join(lines)

@@ -279,10 +279,24 @@ def _cmd_lora(args: argparse.Namespace) -> int:
 
     from kvflow.bench.lora import format_report, run_lora_bench
 
-    model = _model_or_default(args.model)
-    with tempfile.TemporaryDirectory(prefix="kvflow-bench-lora-") as adapters:
-        report = run_lora_bench(model, args.dtype or "bfloat16", args.batch, args.adapters, args.rank, args.prompt_len,
-                                args.max_tokens, args.repeats, Path(adapters), args.threads)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("kvflow bench lora --device cuda: no CUDA device (torch.cuda.is_available() is False)")
+            return 2
+    dtype = args.dtype or "bfloat16"
+    with tempfile.TemporaryDirectory(prefix="kvflow-bench-lora-") as work:
+        if args.model is None and args.shape:
+            from kvflow.bench.make_model import make_model
+
+            model = str(make_model(args.shape, Path(work) / f"model-{args.shape}", dtype=dtype))
+        else:
+            model = _model_or_default(args.model)
+        report = run_lora_bench(model, dtype, args.batch, args.adapters, args.rank, args.prompt_len,
+                                args.max_tokens, args.repeats, Path(work) / "adapters", args.threads, args.device)
+    if args.model is None and args.shape:
+        report["model"] = f"random-weight {args.shape} (kvflow bench make-model --shape {args.shape}, seed 0)"
     _finish_report(report, format_report(report), "lora", args.out)
     return 0
 
@@ -303,10 +317,19 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 def _cmd_longconv(args: argparse.Namespace) -> int:
     from kvflow.bench.longconv import run_longconv_bench, save_report
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("kvflow bench longconv --device cuda: no CUDA device (torch.cuda.is_available() is False)")
+            return 2
+        if not args.no_decode or args.engine_lengths:
+            print("--device cuda times the prefill only (decode and --engine-lengths time the CPU module path)")
     _set_threads(args.threads)
     result = run_longconv_bench(args.shape, tuple(args.lengths), tuple(args.contexts), args.repeats, args.direct_max,
                                 args.attention_max, args.max_factor, args.dtype, decode=not args.no_decode,
-                                engine_lengths=tuple(args.engine_lengths))
+                                engine_lengths=tuple(args.engine_lengths), device=args.device,
+                                conv_dtype=args.conv_dtype)
     print(json.dumps(result["state_bytes_per_token"]))
     if args.out:
         command = (f"kvflow bench longconv --shape {args.shape} --lengths {' '.join(map(str, args.lengths))} "
@@ -314,10 +337,13 @@ def _cmd_longconv(args: argparse.Namespace) -> int:
                    f"{args.attention_max} --max-factor {args.max_factor} --dtype {args.dtype} --repeats {args.repeats}"
                    + (" --no-decode" if args.no_decode else "")
                    + (f" --engine-lengths {' '.join(map(str, args.engine_lengths))}" if args.engine_lengths else "")
-                   + (f" --threads {args.threads}" if args.threads else ""))
+                   + (f" --threads {args.threads}" if args.threads else "")
+                   + (f" --device {args.device}" if args.device != "cpu" else "")
+                   + (f" --conv-dtype {args.conv_dtype}" if args.conv_dtype != "float32" else ""))
         save_report(result, Path(args.out), command)
         print(f"saved {args.out}")
-    return 0
+    failed = [r for r in result["prefill"] if "error" in r]
+    return 1 if failed else 0
 
 
 def _cmd_kv_offload(args: argparse.Namespace) -> int:
@@ -668,7 +694,11 @@ def configure(bench: argparse.ArgumentParser) -> None:
 
     lo = sub.add_parser("lora", help="multi-LoRA: a batch spread over N adapters against the base model alone "
                                      "(output tokens/s, each configuration its own engine)")
-    lo.add_argument("--model", help="model directory (default: the shipped tiny)")
+    lo.add_argument("--model", help="model directory (default: the shipped tiny, or --shape's)")
+    lo.add_argument("--shape", choices=sorted(SHAPES),
+                    help="without --model: a seeded random-weight model of this shape, written to a temp dir")
+    lo.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: every engine on the GPU, LoRA by the Triton kernels (checked)")
     lo.add_argument("--dtype", choices=_DTYPES, help="default bfloat16")
     lo.add_argument("--batch", type=int, default=32, help="requests in the batch")
     lo.add_argument("--adapters", type=int, default=8, help="adapters the batch is spread over (all resident)")
@@ -707,6 +737,10 @@ def configure(bench: argparse.ArgumentParser) -> None:
     lc.add_argument("--engine-lengths", nargs="*", type=int, default=[],
                     help="also time the first token of one prompt of each length through the whole engine")
     lc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    lc.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: the prefill part on the GPU, with the Triton FlashButterfly (decode skipped)")
+    lc.add_argument("--conv-dtype", choices=_DTYPES, default="float32",
+                    help="u and the kernel of the timed convolutions (each method computes in fp32)")
     lc.add_argument("--out", help="JSON path")
     lc.set_defaults(func=_cmd_longconv)
 

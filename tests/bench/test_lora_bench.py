@@ -34,3 +34,21 @@ def test_bench_reports_every_configuration(llama_dir, tmp_path, capsys):
     assert main(["bench", "lora", "--model", str(llama_dir), "--dtype", "float32", "--batch", "2", "--adapters", "2",
                  "--rank", "2", "--prompt-len", "4", "--max-tokens", "2", "--repeats", "1", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["adapters"] == 2
+
+
+def test_bench_shape_builds_a_model(monkeypatch, tmp_path, capsys):
+    """--shape without --model writes a random-weight model of that shape; --device cuda without CUDA says so."""
+    import torch
+
+    from kvflow.bench.make_model import SHAPES, TEST_SHAPES
+
+    monkeypatch.setitem(SHAPES, "toy", TEST_SHAPES["tiny"])
+    out = tmp_path / "r.json"
+    assert main(["bench", "lora", "--shape", "toy", "--device", "cpu", "--dtype", "float32", "--batch", "2",
+                 "--adapters", "2", "--rank", "2", "--prompt-len", "4", "--max-tokens", "2", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"].startswith("random-weight toy") and report["device"] == "cpu"
+    if not torch.cuda.is_available():
+        assert main(["bench", "lora", "--shape", "toy", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().out
