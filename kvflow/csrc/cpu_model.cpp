@@ -457,7 +457,7 @@ struct LayerWeights {
   at::Tensor qkv_blocked, o_blocked, gate_up_blocked, down_blocked;  // decode GEMV copies (undefined: none)
   int64_t window;  // sliding window in tokens; 0 = full attention
   QuantProjection qkv_q, o_q, gate_up_q, down_q;  // quantised projections (undefined: float weights)
-  // LoRA slots (kvflow/model/lora.py): A [S, R, K] and B [S, N, R] of qkv, o, gate_up, down; undefined: none.
+  // LoRA slots (kvflow/model/lora.py): A [S, W, K] and B [S, W, N] of qkv, o, gate_up, down; undefined: none.
   at::Tensor lora[8];
 };
 
@@ -508,12 +508,12 @@ class CpuModel {
   void set_lora(const std::vector<std::vector<at::Tensor>>& slots) {
     TORCH_CHECK(slots.size() == layers_.size(), "CpuModel: LoRA slots for every layer");
     for (size_t l = 0; l < slots.size(); ++l) {
-      TORCH_CHECK(slots[l].size() == 8, "CpuModel: a layer's LoRA slots are [A [S, W, K], B [N, S, W]] of its four "
+      TORCH_CHECK(slots[l].size() == 8, "CpuModel: a layer's LoRA slots are [A [S, W, K], B [S, W, N]] of its four "
                   "projections");
       for (int k = 0; k < 8; ++k) {
         TORCH_CHECK(slots[l][k].dim() == 3 && slots[l][k].is_contiguous() &&
                     slots[l][k].scalar_type() == embed_.scalar_type(), "CpuModel: LoRA slots are contiguous "
-                    "[S, R, K] / [S, N, R] tensors of the model's dtype");
+                    "[S, W, K] / [S, W, N] tensors of the model's dtype");
         layers_[l].lora[k] = slots[l][k];
       }
     }
@@ -551,8 +551,7 @@ class CpuModel {
   // attends over the cache as it was, then quantises the completed groups and writes the ring.
   // `shared_prefix`: [groups, members], decodes whose leading blocks are read once per group
   // (cpu_attention.h's SharedPrefix); the step's own tables only (not Quest's reduced ones, not KIVI).
-  // `lora`: [runs] or [runs, onehot]: runs [R, 3] int64 (slot, start, end) of tokens that add a LoRA slot's delta to
-  // every projection; onehot [T, S] (model dtype): compute every slot at once (add_lora).
+  // `lora_runs`: [R, 3] int64 (slot, start, end) of tokens that add a LoRA slot's delta to every projection (add_lora).
   // `zoo_runs`: [R, 3] int64 (variant, start, end), sorted by start: runs of tokens whose variant's own layers
   // (set_variant_layer) and final norm replace the base's; attention runs once over every token.
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& seq_index,
@@ -562,19 +561,14 @@ class CpuModel {
                      const std::function<void(int64_t, const at::Tensor&)>& after_attention,
                      const std::optional<std::vector<at::Tensor>>& kivi,
                      const std::optional<std::vector<at::Tensor>>& shared_prefix = std::nullopt,
-                     const std::optional<std::vector<at::Tensor>>& lora_in = std::nullopt,
+                     const std::optional<at::Tensor>& lora_in = std::nullopt,
                      const std::optional<at::Tensor>& zoo_runs_in = std::nullopt) {
     const int64_t tokens = input_ids.size(0);
     const at::Tensor zoo_runs = zoo_runs_in.has_value() ? *zoo_runs_in : at::Tensor();
     TORCH_CHECK(!zoo_runs.defined() || (zoo_runs.scalar_type() == at::kLong && zoo_runs.is_contiguous() &&
                                         zoo_runs.dim() == 2 && zoo_runs.size(1) == 3),
                 "CpuModel: zoo_runs is a contiguous [R, 3] int64 tensor");
-    TORCH_CHECK(!lora_in || lora_in->size() == 1 || lora_in->size() == 2, "CpuModel: lora is [runs] or [runs, onehot]");
-    const at::Tensor lora_runs = lora_in ? (*lora_in)[0] : at::Tensor();
-    const at::Tensor lora_onehot = lora_in && lora_in->size() == 2 ? (*lora_in)[1] : at::Tensor();
-    TORCH_CHECK(!lora_onehot.defined() || (lora_onehot.dim() == 2 && lora_onehot.size(0) == tokens &&
-                                           lora_onehot.scalar_type() == embed_.scalar_type()),
-                "CpuModel: lora onehot is [T, S] of the model's dtype");
+    const at::Tensor lora_runs = lora_in.has_value() ? *lora_in : at::Tensor();
     TORCH_CHECK(!lora_runs.defined() || (lora_runs.scalar_type() == at::kLong && lora_runs.is_contiguous() &&
                                          lora_runs.dim() == 2 && lora_runs.size(1) == 3),
                 "CpuModel: lora_runs is a contiguous [R, 3] int64 tensor");
@@ -609,7 +603,7 @@ class CpuModel {
       const std::vector<Span> spans = layer_spans(l, zoo_runs, tokens);
       norm_spans(residual, delta, normed, spans, &LayerWeights::input_norm);
       at::Tensor qkv = project_spans(normed, spans, Projection::kQkv);
-      add_lora(qkv, normed, w.lora[0], w.lora[1], lora_runs, lora_onehot);
+      add_lora(qkv, normed, w.lora[0], w.lora[1], lora_runs);
       if (kivi_bits_) {
         TORCH_CHECK(!before_attention, "CpuModel: Quest's reduced reads do not run over a KIVI cache");
         kivi_layer(l, qkv, positions, seq_index, kv_positions, block_tables, step_kv, step_slots, *kivi, q, attn);
@@ -640,14 +634,14 @@ class CpuModel {
       }
       const at::Tensor attn_flat = attn.view({tokens, num_heads_ * head_dim_});
       delta = project_spans(attn_flat, spans, Projection::kO);
-      add_lora(delta, attn_flat, w.lora[2], w.lora[3], lora_runs, lora_onehot);
+      add_lora(delta, attn_flat, w.lora[2], w.lora[3], lora_runs);
       norm_spans(residual, delta, normed, spans, &LayerWeights::post_norm);
       at::Tensor gate_up = project_spans(normed, spans, Projection::kGateUp);
-      add_lora(gate_up, normed, w.lora[4], w.lora[5], lora_runs, lora_onehot);
+      add_lora(gate_up, normed, w.lora[4], w.lora[5], lora_runs);
       at::Tensor act = at::empty({tokens, gate_up.size(1) / 2}, residual.options());
       KVFLOW_RUN(dtype, "silu_and_mul", [&] { silu_and_mul<scalar_t>(gate_up, act); });
       delta = project_spans(act, spans, Projection::kDown);
-      add_lora(delta, act, w.lora[6], w.lora[7], lora_runs, lora_onehot);
+      add_lora(delta, act, w.lora[6], w.lora[7], lora_runs);
       if (layer_done) layer_done(static_cast<int64_t>(l));
     }
     // The final norm: each variant's own where it has one (a block zoo), else the base's.

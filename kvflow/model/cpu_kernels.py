@@ -347,7 +347,7 @@ class CpuForward:
                  after_attention: Callable[[int, torch.Tensor], None] | None = None,
                  kivi: KiviStep | None = None, query_start: torch.Tensor | None = None,
                  shared_prefix: SharedPrefixGroups | None = None,
-                 lora_runs: list[tuple[int, int, int]] | None = None, lora_onehot: torch.Tensor | None = None,
+                 lora_runs: list[tuple[int, int, int]] | None = None,
                  zoo_runs: dict[str, list[tuple[int, int]]] | None = None) -> torch.Tensor:
         """Final-norm hidden states [T, hidden] of a step's flat tokens (see AttentionMetadata);
         `layer_hook(l)` runs after each layer l; `kv_positions`: each token's cache index where a KV
@@ -357,13 +357,12 @@ class CpuForward:
         cache needs the step's `kivi` bookkeeping and each sequence's first flat token (`query_start`).
         `shared_prefix`: decodes whose shared leading blocks attention reads once per group (not with
         Quest's reduced tables from `before_attention`). `lora_runs`: (slot, start, end) runs of tokens
-        that add an adapter slot's delta to every projection (LoRASlots.set_runs), or with `lora_onehot` [T, S]
-        every slot at once; `zoo_runs`: variant key ->
+        that add an adapter slot's delta to every projection (LoRASlots.set_runs; the C++ kernel of
+        csrc/cpu_lora.h); `zoo_runs`: variant key ->
         runs of tokens its own layers compute (BlockZoo.set_runs)."""
         step = None if kivi is None else kivi_step_tensors(kivi, query_start)
         shared = None if shared_prefix is None else [shared_prefix.groups, shared_prefix.members]
-        runs = torch.tensor(lora_runs, dtype=torch.long).view(-1, 3) if lora_runs else None
-        lora = None if runs is None else ([runs] if lora_onehot is None else [runs, lora_onehot])
+        lora = torch.tensor(lora_runs, dtype=torch.long).view(-1, 3) if lora_runs else None
         zoo = None
         if zoo_runs:
             rows = sorted((start, end, self._zoo.index(key)) for key, spans in zoo_runs.items() for start, end in spans)

@@ -221,14 +221,16 @@ def read_adapter(path: str | Path, cfg: ModelConfig, max_rank: int, name: str = 
 
 
 class SlotAdapter:
-    """A projection's adapters in every slot: A [S, W, in] and B [out, S, W] (W = shards·R); `add` applies
-    the step's runs (set on the owning `LoRASlots`) to a base output in place.
+    """A projection's adapters in every slot: A [S, W, in] and B [S, W, out] (W = shards·R; B as the
+    right-hand factor, so a slot's output columns are contiguous); `add` applies the step's runs (set on
+    the owning `LoRASlots`) to a base output in place.
 
-    B is laid out with the slots inside each output row so that both ways of computing a step read it
-    in place: per run, slot s's B is the strided view B[:, s]; all slots at once (`onehot`), B is one
-    [out, S·W] matrix. The second way costs one pair of matmuls whatever the number of runs, each row
-    computed against every slot's A and the columns of other slots zeroed (exact zeros), so it is
-    chosen when a step uses many slots or many runs (`LoRASlots.set_runs`)."""
+    Every way of computing a step reads B in place: per run, slot s's B is the [W, out] matrix B[s]; all
+    slots at once (`onehot`), B is one [S·W, out] matrix; the C++ kernel (csrc/cpu_lora.h) and the Triton
+    expand read a slot's rows of output columns contiguously. The second way costs one pair of matmuls
+    whatever the number of runs, each row computed against every slot's A and the columns of other slots
+    zeroed (exact zeros), so the modules choose it when a step uses many slots or many runs
+    (`LoRASlots.set_runs`)."""
 
     def __init__(self, owner: LoRASlots, a: torch.Tensor, b: torch.Tensor) -> None:
         self.owner, self.a, self.b = owner, a, b
@@ -236,17 +238,17 @@ class SlotAdapter:
     def add(self, x: torch.Tensor, out: torch.Tensor) -> None:
         owner = self.owner
         if owner.tiles is not None:  # CUDA: one segmented shrink and one expand for every run (model/triton/lora.py)
-            owner.kernels.lora_add(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), self.a,
-                                   self.b.permute(1, 0, 2), owner.tiles)
+            owner.kernels.lora_add(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), self.a, self.b,
+                                   owner.tiles)
             return
         if owner.onehot is not None:
             slots, width = self.a.shape[0], self.a.shape[1]
             t = torch.mm(x, self.a.view(slots * width, -1).t()).view(-1, slots, width)
             t.mul_(owner.onehot.unsqueeze(2))
-            out.addmm_(t.view(-1, slots * width), self.b.view(self.b.shape[0], -1).t())
+            out.addmm_(t.view(-1, slots * width), self.b.view(slots * width, -1))
             return
         for slot, start, end in owner.runs:
-            out[start:end].addmm_(torch.mm(x[start:end], self.a[slot].t()), self.b[:, slot].t())
+            out[start:end].addmm_(torch.mm(x[start:end], self.a[slot].t()), self.b[slot])
 
 
 class LoRASlots:
@@ -272,7 +274,7 @@ class LoRASlots:
                 linear: Linear = getattr(getattr(layer, sublayer), projection)
                 width = _SHARDS[projection] * max_rank
                 a = torch.zeros(num_slots, width, linear.in_features, dtype=dtype, device=device)
-                b = torch.zeros(linear.out_features, num_slots, width, dtype=dtype, device=device)
+                b = torch.zeros(num_slots, width, linear.out_features, dtype=dtype, device=device)
                 linear.adapter = per_layer[projection] = SlotAdapter(self, a, b)
             self.projections.append(per_layer)
 
@@ -292,13 +294,13 @@ class LoRASlots:
                 offset, rows, _ = shard_shapes(self.config, projection)[shard]
                 rank = a.shape[0]
                 target.a[slot, shard * r: shard * r + rank].copy_(a)
-                target.b[offset: offset + rows, slot, shard * r: shard * r + rank].copy_(b)
+                target.b[slot, shard * r: shard * r + rank, offset: offset + rows].copy_(b.t())
 
     def clear(self, slot: int) -> None:
         for layer in self.projections:
             for p in layer.values():
                 p.a[slot].zero_()
-                p.b[:, slot].zero_()
+                p.b[slot].zero_()
 
     def set_runs(self, runs: list[tuple[int, int, int]], num_tokens: int) -> torch.Tensor | None:
         """(slot, first token, end token) of each run of the next forward's `num_tokens` flat tokens that uses a
@@ -320,7 +322,7 @@ class LoRASlots:
         return self.onehot
 
     def cpp_tensors(self) -> list[list[torch.Tensor]]:
-        """Per layer [A [S, W, K], B [N, S, W]] of qkv, o, gate_up and down: the C++ forward's LoRA slots (the
+        """Per layer [A [S, W, K], B [S, W, N]] of qkv, o, gate_up and down: the C++ forward's LoRA slots (the
         same storage)."""
         return [[t for _, projection in PROJECTIONS for t in (layer[projection].a, layer[projection].b)]
                 for layer in self.projections]

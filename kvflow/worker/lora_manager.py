@@ -55,10 +55,9 @@ class LoRAManager:
         self._clock = itertools.count(1)
         self.stats = LoRAStats()
 
-    def prepare(self, chunks: Sequence[ScheduledChunk]) -> tuple[list[tuple[int, int, int]], torch.Tensor | None]:
+    def prepare(self, chunks: Sequence[ScheduledChunk]) -> list[tuple[int, int, int]]:
         """Place this step's adapters in slots and set the (slot, start, end) runs of its flat tokens (in
-        `chunks`' order); returns the runs and, where the step computes every slot at once, its one-hot
-        row-to-slot matrix (LoRASlots.set_runs)."""
+        `chunks`' order) on the modules (LoRASlots.set_runs); returns the runs (the C++ forward's)."""
         refs: dict[str, AdapterRef] = {}
         for chunk in chunks:
             ref = chunk.request.lora
@@ -80,7 +79,8 @@ class LoRAManager:
                 else:
                     runs.append((slot, start, end))
             start = end
-        return runs, self.slots.set_runs(runs, start)
+        self.slots.set_runs(runs, start)
+        return runs
 
     def _place(self, refs: dict[str, AdapterRef]) -> dict[str, int]:
         now = next(self._clock)

@@ -148,7 +148,7 @@ class ModelRunner:
         # Stable: decodes first; with variants or LoRA, grouped by model (one run of tokens per model's decodes).
         chunks = sorted(scheduled, key=(lambda c: c.num_tokens != 1) if self.lora is None and self.zoo is None
                         else _model_order)
-        lora_runs, lora_onehot = (None, None) if self.lora is None else self.lora.prepare(chunks)
+        lora_runs = None if self.lora is None else self.lora.prepare(chunks)
         zoo_runs = None
         if self.zoo is not None:
             zoo_runs = variant_runs(chunks)
@@ -184,7 +184,7 @@ class ModelRunner:
                 hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping,
                                           meta.block_tables, hook, kv_positions, before, after, **kivi,
                                           shared_prefix=meta.shared_prefix, lora_runs=lora_runs,
-                                          lora_onehot=lora_onehot, zoo_runs=zoo_runs)
+                                          zoo_runs=zoo_runs)
             else:
                 self.backend.prepare(meta)
                 if policy is not None and policy.block_mass is not None:

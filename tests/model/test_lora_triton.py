@@ -31,11 +31,11 @@ def test_lora_add_matches_per_run_products(m, k, n, r, runs):
     slots = 3
     x = torch.randn(m, k, generator=g)
     a = torch.randn(slots, r, k, generator=g) * 0.1
-    b = torch.randn(slots, n, r, generator=g) * 0.1
+    b = torch.randn(slots, r, n, generator=g) * 0.1
     out = torch.randn(m, n, generator=g)
     expected = out.double().clone()
     for slot, start, end in runs:
-        expected[start:end] += x[start:end].double() @ a[slot].double().t() @ b[slot].double().t()
+        expected[start:end] += x[start:end].double() @ a[slot].double().t() @ b[slot].double()
     got = out.to(DEVICE).clone()
     tiles = lora_triton.run_tiles(runs, DEVICE)
     lora_triton.lora_add(x.to(DEVICE), got, a.to(DEVICE), b.to(DEVICE), tiles)

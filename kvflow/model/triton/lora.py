@@ -2,7 +2,7 @@
 
 A step's tokens come in runs that share an adapter slot (kvflow/model/lora.py). Each run is cut into
 tiles of `BLOCK_M` rows; `_shrink` computes t = x · A[slot]ᵀ for a tile ([rows, R], fp32, R = the
-slot's stacked rank), `_expand` adds t · B[slot]ᵀ into the base output for a tile and a block of
+slot's stacked rank), `_expand` adds t · B[slot] into the base output for a tile and a block of
 output columns. Every (rows, columns) block of the output belongs to one program, so the addition
 needs no atomics. The slot index is read per tile, so one launch serves every adapter of the step.
 
@@ -41,7 +41,7 @@ def _shrink(x_ptr, a_ptr, t_ptr, tiles_ptr, K, R, stride_xm, stride_as, stride_a
 
 
 @triton.jit
-def _expand(t_ptr, b_ptr, out_ptr, tiles_ptr, N, R, stride_tm, stride_bs, stride_bn, stride_om,
+def _expand(t_ptr, b_ptr, out_ptr, tiles_ptr, N, R, stride_tm, stride_bs, stride_br, stride_om,
             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,7 +52,7 @@ def _expand(t_ptr, b_ptr, out_ptr, tiles_ptr, N, R, stride_tm, stride_bs, stride
     ranks = tl.arange(0, BLOCK_R)
     t = tl.load(t_ptr + rows[:, None] * stride_tm + ranks[None, :], mask=(rows[:, None] < end) & (ranks[None, :] < R),
                 other=0.0)
-    b = tl.load(b_ptr + slot * stride_bs + cols[None, :] * stride_bn + ranks[:, None],
+    b = tl.load(b_ptr + slot * stride_bs + ranks[:, None] * stride_br + cols[None, :],
                 mask=(cols[None, :] < N) & (ranks[:, None] < R), other=0.0).to(tl.float32)
     delta = tl.dot(t, b)
     mask = (rows[:, None] < end) & (cols[None, :] < N)
@@ -68,15 +68,15 @@ def run_tiles(runs: list[tuple[int, int, int]], device: torch.device) -> torch.T
 
 
 def lora_add(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor) -> None:
-    """out[rows] += (x[rows] · A[slot]ᵀ) · B[slot]ᵀ for every tile (slot, start, end); x [M, K], out [M, N],
-    A [S, R, K], B [S, N, R] (any strides but the last: LoRASlots holds B as [N, S, R] and passes a permuted view),
-    all contiguous in their last dimension."""
+    """out[rows] += (x[rows] · A[slot]ᵀ) · B[slot] for every tile (slot, start, end); x [M, K], out [M, N],
+    A [S, R, K], B [S, R, N] (LoRASlots' layout: a slot's output columns contiguous, so the expand's loads
+    coalesce), each contiguous in its last dimension."""
     if tiles.numel() == 0:
         return
     m, k = x.shape
-    n, r = b.shape[1], a.shape[1]
+    n, r = b.shape[2], a.shape[1]
     x, a = x.contiguous(), a.contiguous()
-    assert out.stride(1) == 1 and b.stride(2) == 1, "row-major output rows; B's ranks contiguous"
+    assert out.stride(1) == 1 and b.stride(2) == 1, "row-major output rows; B's output columns contiguous"
     block_r = max(16, triton.next_power_of_2(r))
     t = torch.empty(m, r, dtype=torch.float32, device=x.device)
     num_tiles = tiles.shape[0]
