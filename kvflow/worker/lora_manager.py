@@ -18,7 +18,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 
 from kvflow.config import EngineConfig
