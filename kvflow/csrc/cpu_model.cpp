@@ -569,6 +569,8 @@ class CpuModel {
                                         zoo_runs.dim() == 2 && zoo_runs.size(1) == 3),
                 "CpuModel: zoo_runs is a contiguous [R, 3] int64 tensor");
     const at::Tensor lora_runs = lora_in.has_value() ? *lora_in : at::Tensor();
+    const int64_t q_cols = num_heads_ * head_dim_, kv_cols = num_kv_heads_ * head_dim_;
+    const LoRAShards qkv_shards = {0, q_cols, q_cols + kv_cols, q_cols + 2 * kv_cols};
     TORCH_CHECK(!lora_runs.defined() || (lora_runs.scalar_type() == at::kLong && lora_runs.is_contiguous() &&
                                          lora_runs.dim() == 2 && lora_runs.size(1) == 3),
                 "CpuModel: lora_runs is a contiguous [R, 3] int64 tensor");
@@ -603,7 +605,7 @@ class CpuModel {
       const std::vector<Span> spans = layer_spans(l, zoo_runs, tokens);
       norm_spans(residual, delta, normed, spans, &LayerWeights::input_norm);
       at::Tensor qkv = project_spans(normed, spans, Projection::kQkv);
-      add_lora(qkv, normed, w.lora[0], w.lora[1], lora_runs);
+      add_lora(qkv, normed, w.lora[0], w.lora[1], lora_runs, qkv_shards);
       if (kivi_bits_) {
         TORCH_CHECK(!before_attention, "CpuModel: Quest's reduced reads do not run over a KIVI cache");
         kivi_layer(l, qkv, positions, seq_index, kv_positions, block_tables, step_kv, step_slots, *kivi, q, attn);
@@ -634,14 +636,14 @@ class CpuModel {
       }
       const at::Tensor attn_flat = attn.view({tokens, num_heads_ * head_dim_});
       delta = project_spans(attn_flat, spans, Projection::kO);
-      add_lora(delta, attn_flat, w.lora[2], w.lora[3], lora_runs);
+      add_lora(delta, attn_flat, w.lora[2], w.lora[3], lora_runs, {0, delta.size(1)});
       norm_spans(residual, delta, normed, spans, &LayerWeights::post_norm);
       at::Tensor gate_up = project_spans(normed, spans, Projection::kGateUp);
-      add_lora(gate_up, normed, w.lora[4], w.lora[5], lora_runs);
+      add_lora(gate_up, normed, w.lora[4], w.lora[5], lora_runs, {0, gate_up.size(1) / 2, gate_up.size(1)});
       at::Tensor act = at::empty({tokens, gate_up.size(1) / 2}, residual.options());
       KVFLOW_RUN(dtype, "silu_and_mul", [&] { silu_and_mul<scalar_t>(gate_up, act); });
       delta = project_spans(act, spans, Projection::kDown);
-      add_lora(delta, act, w.lora[6], w.lora[7], lora_runs);
+      add_lora(delta, act, w.lora[6], w.lora[7], lora_runs, {0, delta.size(1)});
       if (layer_done) layer_done(static_cast<int64_t>(l));
     }
     // The final norm: each variant's own where it has one (a block zoo), else the base's.
@@ -1172,6 +1174,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return linear(x, weight, optional_weight(bias), packed, optional_weight(blocked));
   }, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("packed"),
      pybind11::arg("blocked"));
+  // The forward's LoRA delta (cpu_lora.h), in place on `out`; for tests against a reference.
+  m.def("add_lora", [](at::Tensor out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                       const at::Tensor& runs, const std::vector<int64_t>& shard_cols) {
+    add_lora(out, x, a, b, runs, shard_cols);
+  }, pybind11::arg("out"), pybind11::arg("x"), pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("runs"),
+     pybind11::arg("shard_cols"));
+  m.attr("lora_fused_max_rows") = kLoRAFusedMaxRows;
   m.attr("small_rows_f32") = kHasLinearF32 ? kSmallRowsF32 : 0;
   m.attr("has_decode_gemv") = kHasDecodeGemv;
   m.attr("decode_rows") = kDecodeRows;

@@ -6,6 +6,10 @@ slot's stacked rank), `_expand` adds t · B[slot] into the base output for a til
 output columns. Every (rows, columns) block of the output belongs to one program, so the addition
 needs no atomics. The slot index is read per tile, so one launch serves every adapter of the step.
 
+Both products run in fp32 on tensor cores: "tf32x3" (~1e-6) for an fp32 model, whose outputs must match the
+CPU's, plain tf32 for 16-bit models (their inputs are exact in tf32), "ieee" under the interpreter
+(attention's `dot_precision`).
+
 This module imports triton at the top (the optional `gpu` extra); lora.py imports it only on CUDA.
 """
 
@@ -15,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.attention.triton._common import device_capability, dot_precision
+
 BLOCK_M = 16
 BLOCK_K = 32
 BLOCK_N = 32
@@ -22,7 +28,7 @@ BLOCK_N = 32
 
 @triton.jit
 def _shrink(x_ptr, a_ptr, t_ptr, tiles_ptr, K, R, stride_xm, stride_as, stride_ar, stride_tm,
-            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     slot = tl.load(tiles_ptr + tile * 3)
     start = tl.load(tiles_ptr + tile * 3 + 1)
@@ -36,13 +42,13 @@ def _shrink(x_ptr, a_ptr, t_ptr, tiles_ptr, K, R, stride_xm, stride_as, stride_a
                     other=0.0).to(tl.float32)
         a = tl.load(a_ptr + slot * stride_as + ranks[None, :] * stride_ar + ks[:, None],
                     mask=(ranks[None, :] < R) & (ks[:, None] < K), other=0.0).to(tl.float32)
-        acc += tl.dot(x, a)
+        acc += tl.dot(x, a, input_precision=PRECISION)
     tl.store(t_ptr + rows[:, None] * stride_tm + ranks[None, :], acc, mask=(rows[:, None] < end) & (ranks[None, :] < R))
 
 
 @triton.jit
 def _expand(t_ptr, b_ptr, out_ptr, tiles_ptr, N, R, stride_tm, stride_bs, stride_br, stride_om,
-            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.load(tiles_ptr + tile * 3)
@@ -54,7 +60,7 @@ def _expand(t_ptr, b_ptr, out_ptr, tiles_ptr, N, R, stride_tm, stride_bs, stride
                 other=0.0)
     b = tl.load(b_ptr + slot * stride_bs + ranks[:, None] * stride_br + cols[None, :],
                 mask=(cols[None, :] < N) & (ranks[:, None] < R), other=0.0).to(tl.float32)
-    delta = tl.dot(t, b)
+    delta = tl.dot(t, b, input_precision=PRECISION)
     mask = (rows[:, None] < end) & (cols[None, :] < N)
     out = out_ptr + rows[:, None] * stride_om + cols[None, :]
     base = tl.load(out, mask=mask, other=0.0).to(tl.float32)
@@ -79,8 +85,11 @@ def lora_add(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     assert out.stride(1) == 1 and b.stride(2) == 1, "row-major output rows; B's output columns contiguous"
     block_r = max(16, triton.next_power_of_2(r))
     t = torch.empty(m, r, dtype=torch.float32, device=x.device)
+    precision = dot_precision(x.dtype, device_capability(x.device))
     num_tiles = tiles.shape[0]
     _shrink[(num_tiles,)](x, a, t, tiles, k, r, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
-                          BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=BLOCK_K)
+                          BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
+                          PRECISION=precision)
     _expand[(num_tiles, triton.cdiv(n, BLOCK_N))](t, b, out, tiles, n, r, t.stride(0), b.stride(0), b.stride(1),
-                                                   out.stride(0), BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_N=BLOCK_N)
+                                                   out.stride(0), BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
+                                                   PRECISION=precision)
