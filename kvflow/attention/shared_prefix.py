@@ -65,12 +65,21 @@ class SharedPrefixGroups:
         return self.groups.shape[0]
 
 
+#: On a GPU, the fewest tokens of reads a step's groups must save (Σ (members − 1) · shared tokens) for the
+#: Triton kernel to take them. Measured on one H200 (bf16, 32/8 heads of 128, groups of 16, docs/benchmarks.md
+#: "BatchLLM"): the split decode without groups reads the cache at 1.4-2.7 TB/s, and the grouped kernel
+#: was slower at 61,440 tokens saved (0.44x, 0.60x) and faster at 245,760 (1.14x). The CPU kernel gains
+#: from any group (its reads are not what it waits on least), so no floor there.
+GPU_MIN_SAVED_TOKENS = 160_000
+
+
 def find_shared_prefixes(block_ids: Sequence[Sequence[int]], seq_lens: Sequence[int], num_decodes: int,
                          block_size: int, device: torch.device | str = "cpu",
                          sliding_window: int | None = None, query_heads_per_kv: int = 1,
-                         ) -> SharedPrefixGroups | None:
+                         min_saved_tokens: int = 0) -> SharedPrefixGroups | None:
     """The groups of this step's decodes that share leading blocks (module docstring), or None
-    where there are none (or a sliding window is in use)."""
+    where there are none, where they would save fewer than `min_saved_tokens` tokens of reads, or where
+    a sliding window is in use."""
     if sliding_window:
         return None
     # Whole blocks before each decode's query position: the most it can share.
@@ -85,7 +94,7 @@ def find_shared_prefixes(block_ids: Sequence[Sequence[int]], seq_lens: Sequence[
             found.extend(_best_groups(candidates, 0, block_ids, limits, seq_lens, block_size)[1])
     limit = max_members(query_heads_per_kv)
     groups = [(part, shared) for members, shared in found for part in _cut(members, limit)]
-    if not groups:
+    if not groups or sum((len(m) - 1) * shared for m, shared in groups) * block_size < min_saved_tokens:
         return None
     rows, flat = [], []
     for members, shared in groups:

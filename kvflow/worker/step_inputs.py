@@ -7,19 +7,21 @@ from __future__ import annotations
 import torch
 
 from kvflow.attention.backend import AttentionMetadata
-from kvflow.attention.shared_prefix import find_shared_prefixes
+from kvflow.attention.shared_prefix import GPU_MIN_SAVED_TOKENS, find_shared_prefixes
 
 
 def paged_step_inputs(seq_lens: list[int], query_lens: list[int], block_ids: list[list[int]], block_size: int,
                       device: torch.device, shifts: list[int] | None = None, shared_prefix: bool = False,
                       sliding_window: int | None = None, query_heads_per_kv: int = 1,
+                      shared_prefix_min_saved: int | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[list[int]]]:
     """Each sequence computes its last `query_lens[i]` of `seq_lens[i]` cache entries (single-token
     sequences first, so the backend can batch them as decodes). Returns the tokens' positions (cache
     index plus the sequence's `shifts`: what its KV policy dropped before it), cache indices, the
     metadata and the padded block tables. `shared_prefix`: also find the decodes that share leading
     blocks (shared_prefix.py; the caller knows whether its attention can use them), none where the
-    model has a `sliding_window` in any layer."""
+    model has a `sliding_window` in any layer, or where they save fewer tokens of reads than
+    `shared_prefix_min_saved` (default: GPU_MIN_SAVED_TOKENS on CUDA, none elsewhere)."""
     max_blocks = max(len(ids) for ids in block_ids)
     tables = [ids + [0] * (max_blocks - len(ids)) for ids in block_ids]
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.long, device=device)
@@ -52,6 +54,8 @@ def paged_step_inputs(seq_lens: list[int], query_lens: list[int], block_ids: lis
         query_lens_list=query_lens,
     )
     if shared_prefix:
-        meta.shared_prefix = find_shared_prefixes(block_ids, seq_lens, meta.num_decodes, block_size, device,
-                                                  sliding_window, query_heads_per_kv)
+        meta.shared_prefix = find_shared_prefixes(
+            block_ids, seq_lens, meta.num_decodes, block_size, device, sliding_window, query_heads_per_kv,
+            min_saved_tokens=shared_prefix_min_saved if shared_prefix_min_saved is not None
+            else GPU_MIN_SAVED_TOKENS if torch.device(device).type == "cuda" else 0)
     return positions, kv_positions, meta, tables

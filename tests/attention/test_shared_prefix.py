@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvflow.attention.shared_prefix import (
+    GPU_MIN_SAVED_TOKENS,
     MAX_GROUP_MEMBERS,
     MAX_GROUP_ROWS,
     SharedPrefixGroups,
@@ -118,3 +119,14 @@ def test_step_inputs_build_groups_only_when_asked():
     assert meta.shared_prefix.groups.dtype == torch.long and meta.shared_prefix.members.dtype == torch.long
     _, _, meta, _ = paged_step_inputs(*args, shared_prefix=True, sliding_window=8)
     assert meta.shared_prefix is None
+    _, _, meta, _ = paged_step_inputs(*args, shared_prefix=True, shared_prefix_min_saved=9)  # saves 2 · 4 = 8
+    assert meta.shared_prefix is None
+
+
+def test_groups_that_save_too_few_reads_are_dropped():
+    """`min_saved_tokens`: Σ (members − 1) · shared tokens must reach it (the GPU's floor, GPU_MIN_SAVED_TOKENS);
+    the default (the CPU's) takes any group."""
+    tables = [[5, 6, 7, 8]] * 3  # three members sharing 3 blocks of 4: 2 · 12 = 24 tokens saved
+    assert _groups(find_shared_prefixes(tables, [13, 13, 13], 3, BS, min_saved_tokens=24)) == [([0, 1, 2], 3)]
+    assert find_shared_prefixes(tables, [13, 13, 13], 3, BS, min_saved_tokens=25) is None
+    assert GPU_MIN_SAVED_TOKENS > 61_440  # both slower cases measured on an H200 saved that many
