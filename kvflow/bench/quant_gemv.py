@@ -84,9 +84,10 @@ def time_us(fns: list[Callable[[], object]], min_seconds: float) -> float:
 
 
 def bench_matrix(name: str, n: int, k: int, rows: int, formats: list[str], min_seconds: float,
-                 gen: torch.Generator, stream_bytes: int) -> list[Row]:
-    """One matrix: bf16 baselines then each format and mode (decode) or GEMM path (prefill), each
-    over as many copies of its weight as fill `stream_bytes`."""
+                 gen: torch.Generator, stream_bytes: int, gemv_kernels: tuple[str, ...] = ("auto",)) -> list[Row]:
+    """One matrix: bf16 baselines then each format and mode (decode: with each of `gemv_kernels`, those
+    that cover the format) or GEMM path (prefill), each over as many copies of its weight as fill
+    `stream_bytes`."""
     copies = max(1, -(-stream_bytes // (n * k * 2)))
     dense = [(torch.randn(n, k, generator=gen) * 0.02).bfloat16() for _ in range(copies)]
     x = torch.randn(rows, k, generator=gen).bfloat16()
@@ -106,12 +107,13 @@ def bench_matrix(name: str, n: int, k: int, rows: int, formats: list[str], min_s
         qws = [random_weight(fmt, n, k, gen) for _ in range(copies)]
         if kernels.unsupported_reason(qws[0]) is not None:
             continue
-        variants = [("", mode, "auto") for mode in kernels.ACTIVATIONS] if decode else \
-            [("gemm-", "exact", "mm")]
-        for prefix, mode, path in variants:
-            cases.append((f"{fmt} {prefix}{mode if decode else path}", qws[0].nbytes(),
-                          [lambda qw=qw, mode=mode, path=path: kernels.quant_matmul(x, qw, mode, path=path)
-                           for qw in qws]))
+        names = [g for g in gemv_kernels if g != "avx2" or fmt in kernels.AVX2_FORMATS]
+        variants = [(f" [{g}]" if gemv_kernels != ("auto",) else "", mode, "auto", g)
+                    for mode in kernels.ACTIVATIONS for g in names] if decode else [("", "exact", "mm", "auto")]
+        for suffix, mode, path, gemv in variants:
+            cases.append((f"{fmt} {'gemm-' if not decode else ''}{mode if decode else path}{suffix}", qws[0].nbytes(),
+                          [lambda qw=qw, mode=mode, path=path, gemv=gemv:
+                           kernels.quant_matmul(x, qw, mode, path=path, kernel=gemv) for qw in qws]))
     base_method = "bf16 block_rows" if any(c[0] == "bf16 block_rows" for c in cases) else "bf16 onednn"
     results = [Row(name, n, k, method, us, nbytes / us / 1e3, None)
                for method, nbytes, fn in cases for us in [time_us(fn, min_seconds)]]
@@ -122,21 +124,23 @@ def bench_matrix(name: str, n: int, k: int, rows: int, formats: list[str], min_s
 
 
 def run(shape: str, rows: int = 1, formats: tuple[str, ...] = kernels.FORMATS, min_seconds: float = 0.3,
-        threads: int | None = None, seed: int = 0, stream_mib: int = 96) -> list[Row]:
+        threads: int | None = None, seed: int = 0, stream_mib: int = 96,
+        gemv_kernels: tuple[str, ...] = ("auto",)) -> list[Row]:
     """Every matrix of one layer of `shape`; `stream_mib`: the bf16 bytes each method cycles through
-    (above the last-level cache, so weights come from memory)."""
+    (above the last-level cache, so weights come from memory); `gemv_kernels`: the decode GEMV's kernels
+    to time side by side (kernels.quant_matmul's `kernel`)."""
     if threads:
         torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
     results: list[Row] = []
     for name, (n, k) in layer_matrices(shape).items():
-        results += bench_matrix(name, n, k, rows, list(formats), min_seconds, gen, stream_mib << 20)
+        results += bench_matrix(name, n, k, rows, list(formats), min_seconds, gen, stream_mib << 20, gemv_kernels)
     return results
 
 
 def format_rows(results: list[Row], rows: int) -> str:
-    lines = [f"{'matrix':8} {'N x K':>11} {'method':18} {'µs/call':>9} {'GB/s':>7} {'speed vs bf16 baseline':>22}"]
+    lines = [f"{'matrix':8} {'N x K':>11} {'method':24} {'µs/call':>9} {'GB/s':>7} {'speed vs bf16 baseline':>22}"]
     for r in results:
         ratio = f"{r.vs_gemv:.2f}x" if r.vs_gemv is not None else "-"
-        lines.append(f"{r.matrix:8} {f'{r.n}x{r.k}':>11} {r.method:18} {r.us:9.1f} {r.gb_s:7.1f} {ratio:>22}")
+        lines.append(f"{r.matrix:8} {f'{r.n}x{r.k}':>11} {r.method:24} {r.us:9.1f} {r.gb_s:7.1f} {ratio:>22}")
     return "\n".join(lines)

@@ -179,7 +179,7 @@ def _cmd_quant_gemv(args: argparse.Namespace) -> int:
     from kvflow.bench.quant_gemv import format_rows, run
 
     print(format_rows(run(args.shape, args.rows, tuple(args.formats), args.seconds, args.threads,
-                          stream_mib=args.stream_mib), args.rows))
+                          stream_mib=args.stream_mib, gemv_kernels=tuple(args.kernels)), args.rows))
     return 0
 
 
@@ -820,6 +820,8 @@ def configure(bench: argparse.ArgumentParser) -> None:
     qg.add_argument("--stream-mib", type=int, default=96,
                     help="bf16 MiB of weight copies each method cycles through (above the last-level cache)")
     qg.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    qg.add_argument("--kernels", nargs="+", choices=["auto", "avx512", "avx2", "scalar"], default=["auto"],
+                    help="the decode GEMV's kernels to time side by side (avx2: q8_0 and q4_0 only)")
     qg.set_defaults(func=_cmd_quant_gemv)
 
     bp = sub.add_parser("bitplane", help="the Triton bit-plane kernels (bipolar weights) against torch's bf16 "

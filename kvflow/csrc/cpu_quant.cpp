@@ -8,10 +8,10 @@ namespace {
 
 at::Tensor quant_linear_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales,
                            const std::string& format, int64_t N, int64_t K, const std::string& mode,
-                           const std::string& path, bool scalar, int64_t tile_rows) {
+                           const std::string& path, const std::string& kernel, int64_t tile_rows) {
   TORCH_CHECK(mode == "exact" || mode == "q8", "quant_linear: mode is exact or q8, not ", mode);
   return kvflow_quant::quant_linear(x, weight, scales.value_or(at::Tensor()), format, N, K, mode == "q8", path,
-                                    scalar, tile_rows);
+                                    kernel, tile_rows);
 }
 
 at::Tensor dequantize_op(const at::Tensor& weight, const std::optional<at::Tensor>& scales, const std::string& format,
@@ -24,10 +24,11 @@ at::Tensor dequantize_op(const at::Tensor& weight, const std::optional<at::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear_op, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("scales"),
         pybind11::arg("format"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("mode") = "exact",
-        pybind11::arg("path") = "auto", pybind11::arg("scalar") = false, pybind11::arg("tile_rows") = 1024,
+        pybind11::arg("path") = "auto", pybind11::arg("kernel") = "auto", pybind11::arg("tile_rows") = 1024,
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("dequantize", &dequantize_op, pybind11::arg("weight"), pybind11::arg("scales"), pybind11::arg("format"),
         pybind11::arg("N"), pybind11::arg("K"));
   m.attr("has_avx512") = kvflow_quant::kHasAvx512;
+  m.attr("kernels") = kvflow_quant::kernels_built();
   m.attr("gemv_rows") = kvflow_quant::kGemvRows;
 }

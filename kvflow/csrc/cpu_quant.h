@@ -26,7 +26,7 @@
 // GEMM on the codes themselves (gemm_int8), about twice bf16's speed.
 //
 // Everything has a plain scalar version (the `scalar` entries), compiled everywhere and used where
-// the CPU lacks AVX-512 F/BW/VNNI; tests call it directly.
+// the CPU lacks AVX-512 F/BW/VNNI (AVX2 has kernels of its own for q8_0 and q4_0); tests call each.
 #pragma once
 
 #include <torch/extension.h>
@@ -43,8 +43,13 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && \
-    defined(__F16C__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KVFLOW_QUANT_AVX2 1
+#else
+#define KVFLOW_QUANT_AVX2 0
+#endif
+#if KVFLOW_QUANT_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
+    defined(__AVX512VL__)
 #define KVFLOW_QUANT_AVX512 1
 #else
 #define KVFLOW_QUANT_AVX512 0
@@ -342,21 +347,138 @@ inline void gemv_scalar_q8(const Weights& w, const Activations& a, const Output&
   }
 }
 
-#if KVFLOW_QUANT_AVX512
-// ----------------------------------------------------------------------------- AVX-512 GEMV
+#if KVFLOW_QUANT_AVX2
+// ----------------------------------------------------------------------------- AVX2 GEMV
+// 256-bit kernels for q8_0 and q4_0, llama.cpp's arithmetic shape: one 32-value block at a time, its
+// codes widened once for every activation row, an integer dot per block (q8) or fp32 multiply-adds
+// (exact), scaled once per block. For the container's baseline (x86-64-v3: AVX2, no AVX-512) and edge
+// boxes without AVX-512, which otherwise run the scalar loops: 7-10x those on this project's Zen 4
+// (`kvflow bench quant-gemv --kernels avx512 avx2 scalar`), 0.7-0.95x the AVX-512 kernels there, so an
+// AVX-512 build keeps those.
 inline float h2f(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
   return _cvtsh_ss(h);
 }
 
-inline __m512 halves(float lo, float hi) { return _mm512_insertf32x8(_mm512_set1_ps(lo), _mm256_set1_ps(hi), 1); }
-
 inline float reduce256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+
+// Σ over eight int32 lanes of unsigned `u` times signed `s` bytes, four products a lane.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));  // |pair sums| < 2^15 here
+#endif
+}
+
+// A q4_0 block's 32 codes (0..15) as unsigned bytes in value order: low nibbles, then high ones.
+inline __m256i q4_codes(const uint8_t* p) {
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2));
+  return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1),
+                          _mm256_set1_epi8(0x0F));
+}
+
+// q8 mode. q4_0: Σ (c − 8) q = Σ c q − 8 Σ q, the second term as each int32 lane's start value (a.init),
+// exact as in the AVX-512 kernel.
+// q8_0: signed by signed through |c| (a code of −128 reads as the unsigned byte 128) and q with c's sign.
+template <int M>
+void gemv_q8_avx2(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
+  const int64_t nb = w.K / 32, Kp = a.Kp, nbp = Kp / 32;
+  const bool q4 = w.format == Format::kQ4_0;
+  const int64_t bytes = q4 ? 18 : 34;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = w.row(n);
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* p = r + b * bytes;
+      const float dw = h2f(p);
+      if (q4) {
+        const __m256i codes = q4_codes(p);
+        for (int m = 0; m < M; ++m) {
+          const int64_t base = m * Kp + b * 32;
+          const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + base));
+          const __m256i init = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.init.data() + base / 4));
+          acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d[m * nbp + b]),
+                                   _mm256_cvtepi32_ps(_mm256_add_epi32(dot_u8s8(codes, y), init)), acc[m]);
+        }
+      } else {
+        const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+        const __m256i magnitude = _mm256_sign_epi8(codes, codes);
+        for (int m = 0; m < M; ++m) {
+          const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * Kp + b * 32));
+          acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d[m * nbp + b]),
+                                   _mm256_cvtepi32_ps(dot_u8s8(magnitude, _mm256_sign_epi8(y, codes))), acc[m]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) out.put(m, n, reduce256(acc[m]));
+  }
+}
+
+// Exact mode: each block's codes widened to fp32 in four vectors of eight, times the fp32 activations.
+template <int M>
+void gemv_exact_avx2(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
+  const int64_t nb = w.K / 32, Kp = a.Kp;
+  const bool q4 = w.format == Format::kQ4_0;
+  const int64_t bytes = q4 ? 18 : 34;
+  const __m256i eight = _mm256_set1_epi32(8);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = w.row(n);
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* p = r + b * bytes;
+      __m256 wv[4];
+      if (q4) {
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2));
+        const __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+        wv[0] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo), eight));
+        wv[1] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), eight));
+        wv[2] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi), eight));
+        wv[3] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), eight));
+      } else {
+        for (int i = 0; i < 4; ++i)
+          wv[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 + 8 * i))));
+      }
+      const __m256 scale = _mm256_set1_ps(h2f(p));
+      for (int m = 0; m < M; ++m) {
+        const float* x = a.x.data() + m * Kp + b * 32;
+        __m256 t = _mm256_mul_ps(wv[0], _mm256_loadu_ps(x));
+        t = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(x + 8), t);
+        t = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(x + 16), t);
+        t = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(x + 24), t);
+        acc[m] = _mm256_fmadd_ps(t, scale, acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) out.put(m, n, reduce256(acc[m]));
+  }
+}
+
+template <bool Q8>
+void gemv_avx2(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
+  switch (a.rows) {
+#define KVFLOW_QUANT_ROWS(M) \
+  case M: Q8 ? gemv_q8_avx2<M>(w, a, out, n0, n1) : gemv_exact_avx2<M>(w, a, out, n0, n1); break;
+    KVFLOW_QUANT_ROWS(1) KVFLOW_QUANT_ROWS(2) KVFLOW_QUANT_ROWS(3) KVFLOW_QUANT_ROWS(4)
+    KVFLOW_QUANT_ROWS(5) KVFLOW_QUANT_ROWS(6) KVFLOW_QUANT_ROWS(7) KVFLOW_QUANT_ROWS(8)
+#undef KVFLOW_QUANT_ROWS
+    default: TORCH_CHECK(false, "quant GEMV: ", a.rows, " rows in one pass");
+  }
+}
+#endif  // KVFLOW_QUANT_AVX2
+
+#if KVFLOW_QUANT_AVX512
+// ----------------------------------------------------------------------------- AVX-512 GEMV
+inline __m512 halves(float lo, float hi) { return _mm512_insertf32x8(_mm512_set1_ps(lo), _mm256_set1_ps(hi), 1); }
 
 // The weight codes of two 32-value blocks (or sub-blocks) as 64 unsigned bytes in value order, and
 // the scale of each int32 lane: the per-format part of the q8-mode GEMV.
@@ -530,6 +652,37 @@ void gemv_avx512(const Weights& w, const Activations& a, const Output& out, int6
 
 constexpr bool kHasAvx512 = KVFLOW_QUANT_AVX512;
 
+// The GEMV kernels: the best this build has for a format ("auto"), or one forced (tests, benchmarks).
+enum class Kernel { kAuto, kAvx512, kAvx2, kScalar };
+
+inline bool avx2_covers(Format f) { return f == Format::kQ8_0 || f == Format::kQ4_0; }
+
+// What this build compiled, best first.
+inline std::vector<std::string> kernels_built() {
+  std::vector<std::string> names;
+  if (KVFLOW_QUANT_AVX512) names.push_back("avx512");
+  if (KVFLOW_QUANT_AVX2) names.push_back("avx2");
+  names.push_back("scalar");
+  return names;
+}
+
+inline Kernel pick_kernel(const std::string& name, Format f) {
+  if (name == "scalar") return Kernel::kScalar;
+  if (name == "avx512") {
+    TORCH_CHECK(KVFLOW_QUANT_AVX512, "quant GEMV: this build has no AVX-512 kernels");
+    return Kernel::kAvx512;
+  }
+  if (name == "avx2") {
+    TORCH_CHECK(KVFLOW_QUANT_AVX2 && avx2_covers(f), "quant GEMV: the AVX2 kernels cover q8_0 and q4_0 in builds "
+                "with AVX2, FMA and F16C");
+    return Kernel::kAvx2;
+  }
+  TORCH_CHECK(name == "auto", "quant GEMV: kernel is auto, avx512, avx2 or scalar, not ", name);
+  // Auto: AVX-512 where built; else AVX2 for the formats it covers; else the scalar loops.
+  if (KVFLOW_QUANT_AVX512) return Kernel::kAvx512;
+  return KVFLOW_QUANT_AVX2 && avx2_covers(f) ? Kernel::kAvx2 : Kernel::kScalar;
+}
+
 inline int32_t code_offset(Format f) {
   switch (f) {
     case Format::kQ8_0: case Format::kInt8: return 128;
@@ -540,7 +693,7 @@ inline int32_t code_offset(Format f) {
 }
 
 // y[row0 : row0 + rows] of the GEMV, parallel over N.
-inline void gemv(const Weights& w, const at::Tensor& x, int64_t row0, int64_t rows, bool q8, bool scalar,
+inline void gemv(const Weights& w, const at::Tensor& x, int64_t row0, int64_t rows, bool q8, Kernel kernel,
                  const Output& out) {
   Activations a;
   load_rows(x, row0, rows, a);
@@ -552,8 +705,14 @@ inline void gemv(const Weights& w, const at::Tensor& x, int64_t row0, int64_t ro
   const Output o{out.f, out.h, out.N, row0};
   at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
 #if KVFLOW_QUANT_AVX512
-    if (!scalar) {
+    if (kernel == Kernel::kAvx512) {
       q8 ? gemv_avx512<true>(w, a, o, n0, n1) : gemv_avx512<false>(w, a, o, n0, n1);
+      return;
+    }
+#endif
+#if KVFLOW_QUANT_AVX2
+    if (kernel == Kernel::kAvx2) {
+      q8 ? gemv_avx2<true>(w, a, o, n0, n1) : gemv_avx2<false>(w, a, o, n0, n1);
       return;
     }
 #endif
@@ -714,10 +873,11 @@ inline at::Tensor gemm_int8(const Weights& w, const at::Tensor& x) {
 // y = x · Wᵀ. `q8`: quantised activations (see the top; the GEMM multiplies the rows as the GEMV's
 // integer arithmetic sees them, q8_activations). `path`: "auto" (GEMV up to
 // kGemvRows rows, else the GEMM), "gemv" (any rows, kGemvRows per pass) or "mm" (the GEMM).
-// `scalar`: the plain kernels whatever the CPU has (the GEMV for any rows).
+// `kernel`: the GEMV's kernels (pick_kernel; "scalar": the plain loops whatever the CPU has, and the GEMV
+// for any rows).
 inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales,
                                const std::string& format_name, int64_t N, int64_t K, bool q8,
-                               const std::string& path, bool scalar, int64_t tile_rows) {
+                               const std::string& path, const std::string& kernel_name, int64_t tile_rows) {
   const Format format = parse_format(format_name);
   const Layout lay = layout(format);
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "quant_linear: x must be [M, ", K, "]");
@@ -735,6 +895,8 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight,
   const Weights w{format, static_cast<const uint8_t*>(weight.data_ptr()), int8 ? scales.data_ptr<float>() : nullptr,
                   N, K, row_bytes};
   const int64_t M = x.size(0);
+  const Kernel kernel = pick_kernel(kernel_name, format);
+  const bool scalar = kernel == Kernel::kScalar;
   const bool gemv_path = path == "gemv" || (path == "auto" && (M <= kGemvRows || scalar));
   if (!gemv_path) {
     TORCH_CHECK(path == "auto" || path == "mm", "quant_linear: unknown path ", path);
@@ -745,7 +907,7 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight,
   Output out;
   out.N = N;
   if (y.scalar_type() == at::kFloat) out.f = y.data_ptr<float>(); else out.h = y.data_ptr<at::BFloat16>();
-  for (int64_t row0 = 0; row0 < M; row0 += kGemvRows) gemv(w, x, row0, std::min(kGemvRows, M - row0), q8, scalar, out);
+  for (int64_t row0 = 0; row0 < M; row0 += kGemvRows) gemv(w, x, row0, std::min(kGemvRows, M - row0), q8, kernel, out);
   return y;
 }
 

@@ -43,7 +43,7 @@ inline QuantProjection quant_projection(const at::Tensor& spec, const at::Tensor
 // y = x · Wᵀ + b with the quantised kernels, in x's dtype (fp32 or bf16).
 inline at::Tensor quant_project(const at::Tensor& x, const QuantProjection& p, const at::Tensor& bias) {
   RECORD_FUNCTION("kvflow::quant_linear", std::vector<c10::IValue>());
-  at::Tensor y = kvflow_quant::quant_linear(x, p.codes, p.scales, p.format, p.N, p.K, p.q8, "auto", false, 1024);
+  at::Tensor y = kvflow_quant::quant_linear(x, p.codes, p.scales, p.format, p.N, p.K, p.q8, "auto", "auto", 1024);
   if (bias.defined()) y.add_(bias);
   return y;
 }

@@ -39,6 +39,8 @@ SOURCE = cpu_kernels.CSRC / "cpu_quant.cpp"
 #: Formats these kernels run; the others (bipolar) have only their torch path so far.
 FORMATS = ("q8_0", "q4_0", "q4_k", "int8")
 ACTIVATIONS = ("exact", "q8")
+#: The formats the AVX2 GEMV kernels cover (others run the AVX-512 or the scalar ones).
+AVX2_FORMATS = ("q8_0", "q4_0")
 _BLOCK = {"q8_0": 32, "q4_0": 32, "q4_k": 256, "int8": 1}
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
@@ -113,10 +115,11 @@ def kernel_tensors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, activation: str = "exact", *, path: str = "auto",
-                 scalar: bool = False, tile_rows: int = 1024) -> torch.Tensor:
+                 kernel: str = "auto", tile_rows: int = 1024) -> torch.Tensor:
     """`x · Wᵀ` for x [..., K] (fp32 or bf16, CPU), in x's dtype; raises QuantKernelUnsupported where the
-    kernels cannot run it. `path` ("auto", "gemv", "mm") and `scalar` (the plain kernels that
-    CPUs without AVX-512 run) exist for tests and benchmarks; `tile_rows`: the "mm" GEMM's tile."""
+    kernels cannot run it. `path` ("auto", "gemv", "mm") and `kernel` (the GEMV's: "auto", or one of the
+    extension's `kernels`: "avx512", "avx2" for q8_0/q4_0, "scalar" — the plain loops) exist for tests and
+    benchmarks; `tile_rows`: the "mm" GEMM's tile."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
     reason = unsupported_reason(qw, x.dtype)
@@ -129,7 +132,7 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, activation: str = "exact"
     weight, scales = kernel_tensors(qw)
     n, k = qw.shape
     flat = x.reshape(-1, k)
-    y = ext.quant_linear(flat, weight.contiguous(), scales, qw.format, n, k, activation, path, scalar, tile_rows)
+    y = ext.quant_linear(flat, weight.contiguous(), scales, qw.format, n, k, activation, path, kernel, tile_rows)
     return y.view(*x.shape[:-1], n)
 
 

@@ -25,6 +25,16 @@ SHAPES = [("q8_0", 37, 96), ("q8_0", 20, 256), ("q4_0", 37, 96), ("q4_0", 21, 32
           ("q4_k", 18, 256), ("int8", 37, 100), ("int8", 19, 256)]
 
 
+#: Every GEMV kernel this build has (AVX-512, AVX2, the scalar loops), each tested on its own.
+KERNELS = list(ext.kernels) if ext is not None else ["scalar"]
+AVX2_FORMATS = kernels.AVX2_FORMATS
+
+
+def skip_uncovered(kernel: str, fmt: str) -> None:
+    if kernel == "avx2" and fmt not in AVX2_FORMATS:
+        pytest.skip(f"the AVX2 kernels cover {AVX2_FORMATS}")
+
+
 def make_weight(fmt: str, n: int, k: int, seed: int = 0) -> tuple[QuantizedWeight, np.ndarray]:
     """A quantised weight and its fp64 dequantisation by an independent decoder."""
     rng = np.random.default_rng(seed)
@@ -80,14 +90,16 @@ def rounding(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("fmt,n,k", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
-def test_exact_activations_match_the_fp64_product_of_the_dequantised_weights(fmt, n, k, dtype, scalar):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_exact_activations_match_the_fp64_product_of_the_dequantised_weights(fmt, n, k, dtype, kernel):
+    skip_uncovered(kernel, fmt)
+    scalar = kernel == "scalar"
     qw, w = make_weight(fmt, n, k)
     for m in (1, 3, 64):
         x = activations(m, k, dtype)
         xd = x.double().numpy()
         expected = xd @ w.T
-        y = kernels.quant_matmul(x, qw, "exact", scalar=scalar)
+        y = kernels.quant_matmul(x, qw, "exact", kernel=kernel)
         assert y.dtype == dtype and y.shape == (m, n)
         slack = rounding(xd, w)
         if m > ext.gemv_rows and not scalar and dtype == torch.bfloat16:
@@ -97,16 +109,17 @@ def test_exact_activations_match_the_fp64_product_of_the_dequantised_weights(fmt
 
 @pytest.mark.parametrize("fmt,n,k", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
-def test_q8_activations_are_the_quantised_rows_times_the_dequantised_weights(fmt, n, k, dtype, scalar):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_q8_activations_are_the_quantised_rows_times_the_dequantised_weights(fmt, n, k, dtype, kernel):
     """llama.cpp's arithmetic: within half a quantisation step of each activation (the bound), and equal
     to the product with the quantised activations up to fp32 rounding (the integer dot products)."""
+    skip_uncovered(kernel, fmt)
     qw, w = make_weight(fmt, n, k)
     for m in (1, 3, 8):
         x = activations(m, k, dtype)
         xd = x.double().numpy()
         xq, step = quantized_activations(x.float().numpy(), per_token=fmt == "int8")
-        y = kernels.quant_matmul(x, qw, "q8", path="gemv", scalar=scalar)
+        y = kernels.quant_matmul(x, qw, "q8", path="gemv", kernel=kernel)
         slack = rounding(xd, w)
         check(y, xq @ w.T, slack)
         check(y, xd @ w.T, slack + 0.5 * (step @ np.abs(w).T) * (1 + 1e-6))
@@ -172,6 +185,11 @@ def test_unsupported_weights_and_inputs_are_refused_with_a_reason():
     assert "multiple of 256" in kernels.unsupported_reason(odd)
     with pytest.raises(ValueError, match="activation"):
         kernels.quant_matmul(torch.zeros(1, 256), qw, "int4")
+    with pytest.raises(RuntimeError, match="kernel is auto, avx512, avx2 or scalar"):
+        kernels.quant_matmul(torch.zeros(1, 256), qw, kernel="neon")
+    if "avx2" in KERNELS:
+        with pytest.raises(RuntimeError, match="cover q8_0 and q4_0"):
+            kernels.quant_matmul(torch.zeros(1, 256), qw, kernel="avx2")
 
 
 def test_a_failed_build_logs_why_and_refuses(monkeypatch, caplog):
