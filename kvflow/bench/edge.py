@@ -153,12 +153,13 @@ def vocab_size(path: Path) -> int:
 
 # ------------------------------------------------------------------------------------------ one run
 def _job(engine: str, gguf: Path, limit: EdgeLimit, plan: dict[str, Any], seed: int, context_len: int,
-         kv_cache_gib: float, wait_idle_s: float = 0.0) -> dict[str, Any]:
+         kv_cache_gib: float, wait_idle_s: float = 0.0, quant_activations: str = "exact") -> dict[str, Any]:
     job: dict[str, Any] = {"backend": engine, "threads": limit.cores, "seed": seed, "plan": plan,
                            "wait_idle_s": wait_idle_s}
     if engine == "kvflow":
-        job.update(model=str(gguf), dtype="bfloat16",
-                   engine_kwargs={"kv_cache_memory": kv_cache_gib, "max_model_len": context_len, "max_num_seqs": 4})
+        kwargs = {"kv_cache_memory": kv_cache_gib, "max_model_len": context_len, "max_num_seqs": 4,
+                  "quant_activations": quant_activations}
+        job.update(model=str(gguf), dtype="bfloat16", engine_kwargs=kwargs)
     else:
         job.update(gguf=str(gguf), context_len=context_len, engine_kwargs={})
     return job
@@ -194,9 +195,12 @@ def drop_page_cache(path: Path) -> bool:
 def run_limited(engine: str, case: ModelCase, gguf: Path, limit: EdgeLimit, plan: dict[str, Any], *,
                 seed: int = 0, context_len: int, kv_cache_gib: float, python: str | None = None,
                 limiter: str = "auto", rapl: Rapl | None = None, watts_per_core: float = DEFAULT_WATTS_PER_CORE,
-                kvflow_isa: str | None = None, wait_idle_s: float = 0.0, timeout_s: float = 1800.0) -> dict[str, Any]:
+                kvflow_isa: str | None = None, wait_idle_s: float = 0.0, timeout_s: float = 1800.0,
+                quant_activations: str = "exact") -> dict[str, Any]:
     """One engine on one model under `limit`, in a child process; the run's figures (or why it failed).
-    `kvflow_isa`: KVFLOW_CPU_ISA for kvflow's kernels (e.g. ``avx2``, the container image's build; None: as set)."""
+    `kvflow_isa`: KVFLOW_CPU_ISA for kvflow's kernels (e.g. ``avx2``, the container image's build; None: as set).
+    `quant_activations`: kvflow's arithmetic on quantised weights (exact, or q8: llama.cpp's int8 activation
+    blocks; bf16 weights ignore it)."""
     from kvflow.model import cpu_kernels
 
     cpus = pick_cpus(limit.cores)
@@ -205,12 +209,15 @@ def run_limited(engine: str, case: ModelCase, gguf: Path, limit: EdgeLimit, plan
         env[cpu_kernels.ISA_ENV] = kvflow_isa
     with tempfile.TemporaryDirectory(prefix="kvflow-edge-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_path.write_text(json.dumps(_job(engine, gguf, limit, plan, seed, context_len, kv_cache_gib, wait_idle_s)))
+        quant = quant_activations if case.fmt != "bf16" else "exact"
+        job_path.write_text(json.dumps(_job(engine, gguf, limit, plan, seed, context_len, kv_cache_gib, wait_idle_s,
+                                            quant)))
         mem = memory_limit(limit.memory_bytes, f"kvflow-edge-{os.getpid()}-{time.monotonic_ns()}", limiter)
         base = {"engine": engine, "model": case.name, "format": case.fmt, "gguf": str(gguf),
                 "limit": asdict(limit), "limit_label": limit.label, "cpus": cpus, "memory_limiter": mem.method}
         if engine == "kvflow":
             base["kvflow_isa"] = env.get(cpu_kernels.ISA_ENV, "native")
+            base["kvflow_quant_activations"] = quant
         base["cold_start"] = drop_page_cache(gguf)  # the model is read from disk, into this run's cgroup
         start = time.perf_counter()
         try:
@@ -315,9 +322,11 @@ def run_edge(models: Sequence[tuple[str, Path]], formats: Sequence[str], limits:
              engines: Sequence[str] = ENGINES, *, input_len: int = 128, output_len: int = 128, repeats: int = 2,
              seed: int = 0, python: str | None = None, limiter: str = "auto", kv_cache_gib: float | None = None,
              watts_per_core: float = DEFAULT_WATTS_PER_CORE, cache_dir: Path | None = None,
-             kvflow_isa: str | None = None, wait_idle_s: float = 0.0, log: Any = print) -> dict[str, Any]:
+             kvflow_isa: str | None = None, wait_idle_s: float = 0.0, quant_activations: str = "exact",
+             log: Any = print) -> dict[str, Any]:
     """Every engine on every model and format under every limit; the report (runs in the order made).
-    `wait_idle_s`: each run waits up to this long for idle CPUs before its timed section (a shared machine)."""
+    `wait_idle_s`: each run waits up to this long for idle CPUs before its timed section (a shared machine);
+    `quant_activations`: kvflow's arithmetic on q8_0/q4_0 weights (run_limited)."""
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -352,7 +361,8 @@ def run_edge(models: Sequence[tuple[str, Path]], formats: Sequence[str], limits:
                         continue
                     run = run_limited(engine, case, gguf, limit, plan, seed=seed, context_len=context_len,
                                       kv_cache_gib=kv, python=python, limiter=limiter, rapl=rapl,
-                                      watts_per_core=watts_per_core, kvflow_isa=kvflow_isa, wait_idle_s=wait_idle_s)
+                                      watts_per_core=watts_per_core, kvflow_isa=kvflow_isa, wait_idle_s=wait_idle_s,
+                                      quant_activations=quant_activations)
                     runs.append(run)
                     log(format_run(run))
     return {"benchmark": "edge", "machine": machine_info(), "rapl": [str(d) for d in rapl.domains] if rapl else None,
@@ -388,7 +398,9 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_run(r: dict[str, Any]) -> str:
-    engine = r["engine"] + (f" ({r['kvflow_isa']})" if r.get("kvflow_isa", "native") != "native" else "")
+    notes = [r["kvflow_isa"]] if r.get("kvflow_isa", "native") != "native" else []
+    notes += ["q8 act"] if r.get("kvflow_quant_activations", "exact") != "exact" else []
+    engine = r["engine"] + (f" ({', '.join(notes)})" if notes else "")
     head = f"{r['limit_label']:<16} {r['model'] + ' ' + r['format']:<14} {engine:<9}"
     if r["status"] != "ok":
         return f"{head} {r['status']}: {r['error'].splitlines()[-1] if r['error'] else ''}"

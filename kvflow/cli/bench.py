@@ -372,6 +372,8 @@ def _edge_command(args: argparse.Namespace) -> str:
              "--engines", *args.engines, "--input-len", args.input_len, "--output-len", args.output_len,
              "--repeats", args.repeats, "--seed", args.seed, "--memory-limiter", args.memory_limiter,
              "--watts-per-core", args.watts_per_core, "--wait-idle", args.wait_idle]
+    if args.kvflow_quant_activations != "exact":
+        words += ["--kvflow-quant-activations", args.kvflow_quant_activations]
     for flag, value in (("--kv-cache-memory", args.kv_cache_memory), ("--kvflow-isa", args.kvflow_isa),
                         ("--python", args.python)):
         if value is not None:
@@ -389,7 +391,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
                           output_len=args.output_len, repeats=args.repeats, seed=args.seed, python=args.python,
                           limiter=args.memory_limiter, kv_cache_gib=args.kv_cache_memory,
                           watts_per_core=args.watts_per_core, kvflow_isa=args.kvflow_isa, wait_idle_s=args.wait_idle,
-                          log=lambda line: print(line, flush=True))
+                          quant_activations=args.kvflow_quant_activations, log=lambda line: print(line, flush=True))
     except (ValueError, OSError) as exc:
         raise SystemExit(f"kvflow: error: {exc}") from None
     print(format_report(report))
@@ -788,6 +790,9 @@ def configure(bench: argparse.ArgumentParser) -> None:
                          "build, generic: an edge box without AVX-512; default: as the environment sets it)")
     ed.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="each run waits up to S seconds for idle CPUs before its timed section (shared machines)")
+    ed.add_argument("--kvflow-quant-activations", choices=("exact", "q8"), default="exact",
+                    help="kvflow's arithmetic on q8_0/q4_0 weights: exact (float activations) or q8 (int8 blocks "
+                         "of 32, as llama.cpp multiplies them)")
     ed.add_argument("--out-dir", default="bench_results/edge", help="edge.json and edge.png")
     ed.add_argument("--no-save", action="store_true")
     ed.set_defaults(func=_cmd_edge)

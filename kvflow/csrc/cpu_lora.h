@@ -7,7 +7,8 @@
 // of a 135m decode step at 8 adapters. `lora_rows` does a piece of a run (up to kLoRARowsPerTask rows of
 // one slot) in one pass: the shrink t = x · A[s]ᵀ in fp32 registers, A read once for all the rows; the
 // expansion t · B[s] sixteen output columns at a time, B read once for all the rows; the delta added to
-// the output and rounded once.
+// the output and rounded once. Not a standalone header: cpu_model.cpp includes it after cpu_attention.h,
+// whose load16 it uses.
 #pragma once
 
 #include <torch/extension.h>
@@ -34,20 +35,8 @@ constexpr int64_t kLoRARowsPerTask = 8;
 using LoRAShards = std::vector<int64_t>;
 
 #if defined(__AVX512F__)
-// Sixteen values widened to fp32, and stored back rounded to nearest even (as c10's conversions do).
-template <typename T>
-inline __m512 lora_load16(const T* p);
-template <>
-inline __m512 lora_load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-template <>
-inline __m512 lora_load16<c10::BFloat16>(const c10::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-template <>
-inline __m512 lora_load16<c10::Half>(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+// Sixteen values stored from fp32, rounded to nearest even (as c10's conversions do); cpu_attention.h's
+// load16 widens them.
 template <typename T>
 inline void lora_store16(T* p, __m512 v);
 template <>
@@ -74,8 +63,8 @@ void lora_rows(const T* x, T* out, const T* as, const T* bs, int64_t r0, int64_t
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < k16; k += 16) {
-      const __m512 av = lora_load16(a_row + k);
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(av, lora_load16(x + (r0 + r) * K + k), acc[r]);
+      const __m512 av = load16(a_row + k);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(av, load16(x + (r0 + r) * K + k), acc[r]);
     }
     for (int r = 0; r < R; ++r) {
       float sum = _mm512_reduce_add_ps(acc[r]);
@@ -91,12 +80,12 @@ void lora_rows(const T* x, T* out, const T* as, const T* bs, int64_t r0, int64_t
       __m512 acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
       for (int64_t w = w0; w < w0 + rank; ++w) {
-        const __m512 bv = lora_load16(bs + w * N + n);
+        const __m512 bv = load16(bs + w * N + n);
         for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(t[r * width + w]), bv, acc[r]);
       }
       for (int r = 0; r < R; ++r) {
         T* o = out + (r0 + r) * N + n;
-        lora_store16(o, _mm512_add_ps(lora_load16(o), acc[r]));
+        lora_store16(o, _mm512_add_ps(load16(o), acc[r]));
       }
     }
     for (int r = 0; r < R; ++r) {

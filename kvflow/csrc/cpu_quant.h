@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -347,6 +348,24 @@ inline void gemv_scalar_q8(const Weights& w, const Activations& a, const Output&
   }
 }
 
+// f(std::integral_constant<int, M>) for a pass of M = `rows` rows: each SIMD kernel is compiled per row count
+// (its accumulators in registers).
+template <typename F>
+inline void for_rows(int64_t rows, F&& f) {
+  static_assert(kGemvRows == 8, "for_rows covers 1..8 rows");
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: TORCH_CHECK(false, "quant GEMV: ", rows, " rows in one pass");
+  }
+}
+
 #if KVFLOW_QUANT_AVX2
 // ----------------------------------------------------------------------------- AVX2 GEMV
 // 256-bit kernels for q8_0 and q4_0, llama.cpp's arithmetic shape: one 32-value block at a time, its
@@ -465,14 +484,10 @@ void gemv_exact_avx2(const Weights& w, const Activations& a, const Output& out, 
 
 template <bool Q8>
 void gemv_avx2(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
-  switch (a.rows) {
-#define KVFLOW_QUANT_ROWS(M) \
-  case M: Q8 ? gemv_q8_avx2<M>(w, a, out, n0, n1) : gemv_exact_avx2<M>(w, a, out, n0, n1); break;
-    KVFLOW_QUANT_ROWS(1) KVFLOW_QUANT_ROWS(2) KVFLOW_QUANT_ROWS(3) KVFLOW_QUANT_ROWS(4)
-    KVFLOW_QUANT_ROWS(5) KVFLOW_QUANT_ROWS(6) KVFLOW_QUANT_ROWS(7) KVFLOW_QUANT_ROWS(8)
-#undef KVFLOW_QUANT_ROWS
-    default: TORCH_CHECK(false, "quant GEMV: ", a.rows, " rows in one pass");
-  }
+  for_rows(a.rows, [&](auto rows) {
+    constexpr int M = decltype(rows)::value;
+    Q8 ? gemv_q8_avx2<M>(w, a, out, n0, n1) : gemv_exact_avx2<M>(w, a, out, n0, n1);
+  });
 }
 #endif  // KVFLOW_QUANT_AVX2
 
@@ -639,14 +654,10 @@ void gemv_exact_avx512(const Weights& w, const Activations& a, const Output& out
 
 template <bool Q8>
 void gemv_avx512(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
-  switch (a.rows) {
-#define KVFLOW_QUANT_ROWS(M) \
-  case M: Q8 ? gemv_q8_avx512<M>(w, a, out, n0, n1) : gemv_exact_avx512<M>(w, a, out, n0, n1); break;
-    KVFLOW_QUANT_ROWS(1) KVFLOW_QUANT_ROWS(2) KVFLOW_QUANT_ROWS(3) KVFLOW_QUANT_ROWS(4)
-    KVFLOW_QUANT_ROWS(5) KVFLOW_QUANT_ROWS(6) KVFLOW_QUANT_ROWS(7) KVFLOW_QUANT_ROWS(8)
-#undef KVFLOW_QUANT_ROWS
-    default: TORCH_CHECK(false, "quant GEMV: ", a.rows, " rows in one pass");
-  }
+  for_rows(a.rows, [&](auto rows) {
+    constexpr int M = decltype(rows)::value;
+    Q8 ? gemv_q8_avx512<M>(w, a, out, n0, n1) : gemv_exact_avx512<M>(w, a, out, n0, n1);
+  });
 }
 #endif  // KVFLOW_QUANT_AVX512
 

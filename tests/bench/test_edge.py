@@ -270,3 +270,21 @@ def test_a_run_is_charged_for_the_model_file_it_maps(tmp_path):
     model.read_bytes()  # cached again
     assert mapped_peak(drop=False) < 60 * 2**20  # the interpreter only: the file's pages are charged elsewhere
     assert mapped_peak(drop=True) > 96 * 2**20  # read from disk into this group
+
+
+def test_kvflow_can_run_quantised_weights_with_llamacpps_arithmetic():
+    """--kvflow-quant-activations q8 reaches kvflow's engine for q8_0/q4_0 files (bf16 ones run exact), is
+    recorded with each run and in the reproducing command."""
+    from kvflow.cli import build_parser
+    from kvflow.cli.bench import _edge_command
+
+    limit = edge.EdgeLimit.parse("1x2")
+    job = edge._job("kvflow", Path("m.gguf"), limit, {}, 0, 64, 0.25, quant_activations="q8")
+    assert job["engine_kwargs"]["quant_activations"] == "q8"
+    assert edge._job("kvflow", Path("m.gguf"), limit, {}, 0, 64, 0.25)["engine_kwargs"]["quant_activations"] == "exact"
+    assert edge._job("llamacpp", Path("m.gguf"), limit, {}, 0, 64, 0.25, quant_activations="q8")["engine_kwargs"] == {}
+    args = build_parser("bench").parse_args(["bench", "edge", "--formats", "q4_0", "--kvflow-quant-activations", "q8"])
+    assert "--kvflow-quant-activations q8" in _edge_command(args)
+    run = {"engine": "kvflow", "kvflow_isa": "avx2", "kvflow_quant_activations": "q8", "limit_label": "1 core / 2 GiB",
+           "model": "135m", "format": "q4_0", "status": "failed", "error": "x"}
+    assert "kvflow (avx2, q8 act)" in edge.format_run(run)
