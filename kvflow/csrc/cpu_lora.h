@@ -35,8 +35,8 @@ constexpr int64_t kLoRARowsPerTask = 8;
 using LoRAShards = std::vector<int64_t>;
 
 #if defined(__AVX512F__)
-// Sixteen values stored from fp32, rounded to nearest even (as c10's conversions do); cpu_attention.h's
-// load16 widens them.
+// Sixteen values stored from fp32, rounded to nearest even with NaN kept a (quiet) NaN, as c10's
+// conversions do; cpu_attention.h's load16 widens them.
 template <typename T>
 inline void lora_store16(T* p, __m512 v);
 template <>
@@ -45,7 +45,8 @@ template <>
 inline void lora_store16<c10::BFloat16>(c10::BFloat16* p, __m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
 }
 template <>

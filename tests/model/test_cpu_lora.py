@@ -74,3 +74,14 @@ def test_refuses_shards_that_do_not_cover_the_output():
         ext.add_lora(torch.zeros(2, 32), torch.zeros(2, 16), a, b, torch.tensor([(0, 0, 2)]), [0, 16])
     with pytest.raises(RuntimeError, match="multiple of the shards"):
         ext.add_lora(torch.zeros(2, 32), torch.zeros(2, 16), a, b, torch.tensor([(0, 0, 2)]), [0, 10, 20, 32])
+
+
+def test_a_nan_stays_a_nan_in_bf16():
+    """The kernel's own bf16 rounding keeps NaN a NaN (adding the rounding bias must not make it infinite)."""
+    a, b = torch.ones(1, 8, 16, dtype=torch.bfloat16), torch.ones(1, 8, 32, dtype=torch.bfloat16)
+    out = torch.zeros(2, 32, dtype=torch.bfloat16)
+    x = torch.ones(2, 16, dtype=torch.bfloat16)
+    x[1, 3] = float("nan")
+    ext.add_lora(out, x, a, b, torch.tensor([(0, 0, 2)]), [0, 32])
+    assert torch.equal(out[0], torch.full((32,), 128.0, dtype=torch.bfloat16))  # 16 · 8, exact
+    assert out[1].isnan().all()
