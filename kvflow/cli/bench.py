@@ -260,13 +260,42 @@ def _finish_report(report: dict[str, Any], text: str, name: str, out: str | None
 
 
 def _cmd_specontext(args: argparse.Namespace) -> int:
+    import tempfile
+
     from kvflow.bench.specontext import format_report, run_specontext_bench, save_report
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("kvflow bench specontext --device cuda: no CUDA device (torch.cuda.is_available() is False)")
+            return 2
     _set_threads(args.threads)
-    model = _model_or_default(args.model)
-    results = run_specontext_bench(model, args.dtype or "float32", tuple(args.batch), args.prompt_len,
-                                   args.max_tokens, args.budget, tuple(args.method), args.repeats,
-                                   args.retrieval_model, hf=not args.no_hf)
+    dtype = args.dtype or "float32"
+    made = f"random-weight {args.shape} (kvflow bench make-model --shape {args.shape}, seed 0)"
+
+    def checkpoint(partial: dict[str, Any]) -> None:  # what a run cut short still leaves
+        if args.out:
+            save_report({**partial, "model": made if args.model is None and args.shape else partial["model"],
+                         "partial": True}, Path(args.out))
+
+    with tempfile.TemporaryDirectory(prefix="kvflow-bench-specontext-") as work:
+        if args.model is None and args.shape:
+            from kvflow.bench.make_model import main_make_model, shape_params
+
+            # Long enough for every prompt and its outputs (the shape's own context may be shorter).
+            positions = max(shape_params(args.shape)["max_position_embeddings"],
+                            -(-(args.prompt_len + args.max_tokens + 1) // 256) * 256)
+            model = str(main_make_model(args.shape, Path(work) / f"model-{args.shape}", dtype=dtype,
+                                        tokenizer="auto", max_position_embeddings=positions))
+        else:
+            model = _model_or_default(args.model)
+        results = run_specontext_bench(model, dtype, tuple(args.batch), args.prompt_len,
+                                       args.max_tokens, args.budget, tuple(args.method), args.repeats,
+                                       args.retrieval_model, hf=not args.no_hf, device=args.device,
+                                       checkpoint=checkpoint)
+    if args.model is None and args.shape:
+        results["model"] = made
     print(format_report(results))
     if args.out:
         save_report(results, Path(args.out))
@@ -678,7 +707,12 @@ def configure(bench: argparse.ArgumentParser) -> None:
 
     sc = sub.add_parser("specontext", help="SpeContext: decode throughput of long outputs over long contexts "
                                            "against full attention, Quest at the same budget and HF generate")
-    sc.add_argument("--model", help="model directory (default: the shipped tiny)")
+    sc.add_argument("--model", help="model directory (default: the shipped tiny, or --shape's)")
+    sc.add_argument("--shape", choices=sorted(SHAPES),
+                    help="without --model: a seeded random-weight model of this shape (its context stretched to "
+                         "--prompt-len + --max-tokens), written to a temp dir; its retrieval head is random too")
+    sc.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: every engine and HF generate on the GPU, attention by the Triton backend (checked)")
     sc.add_argument("--dtype", choices=_DTYPES, help="default float32")
     sc.add_argument("--retrieval-model", help="retrieval head (default: the shipped one for tiny; a random-weight "
                                               "head of the model's layout otherwise, for costs only)")

@@ -1,5 +1,6 @@
-"""The GPU paths of `kvflow bench longconv` and `kvflow bench lora` (the Triton FlashButterfly timed beside torch's
-FFT; the engines' LoRA through the Triton kernels, counted), run here on CPU under TRITON_INTERPRET=1 at toy sizes
+"""The GPU paths of `kvflow bench longconv`, `kvflow bench lora` and `kvflow bench specontext` (the Triton
+FlashButterfly timed beside torch's FFT; the engines' LoRA through the Triton kernels, counted; every SpeContext
+bench engine on the Triton attention backend), run here on CPU under TRITON_INTERPRET=1 at toy sizes
 (compiled on CUDA by .ci/gpu when a GPU is present)."""
 
 from __future__ import annotations
@@ -71,3 +72,24 @@ def test_lora_bench_runs_the_triton_kernels(monkeypatch, tmp_path):
     calls = report["triton_lora_calls_warmup"]
     assert calls["lora-2"] > 0 and calls["lora-base"] == 0
     assert report["lora_base_equals_base"] is True and report["adapters_change_outputs"] > 0
+
+
+def test_specontext_bench_on_the_triton_backend(monkeypatch, tmp_path):
+    """Every method's engine on the Triton attention backend (as on CUDA, where the bench requires it), warmed up
+    on the timed batch: Quest and SpeContext read their subsets through the Triton decode, SpeContext's counters
+    move, and HF generate runs on the same device. On CPU the interpreter runs the kernels (the C++ forward off)."""
+    import kvflow
+    from kvflow.bench.make_model import make_model
+    from kvflow.bench.specontext import format_report, run_specontext_bench
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(kvflow, "LLM", functools.partial(kvflow.LLM, attention_backend="triton", cpu_kernels=False))
+    model = make_model("tiny", tmp_path / "m", dtype="float32", tokenizer=True)
+    results = run_specontext_bench(str(model), "float32", (2,), prompt_len=80, max_tokens=3, budget=32,
+                                   device=DEVICE, log=lambda _: None)
+    assert results["attention_backend"] == {"full": "triton", "quest": "triton", "specontext": "triton"}
+    rows = {r["method"]: r for r in results["runs"]}
+    assert set(rows) == {"full", "quest", "specontext", "hf-generate"}
+    assert rows["specontext"]["specontext_moved_bytes_per_step"] > 0
+    assert rows["hf-generate"]["output_tokens"] == 2 * 3
+    assert "triton attention" in format_report(results)

@@ -26,3 +26,43 @@ def test_a_small_run_reports_every_method(tmp_path):
     assert "specontext" in text and "vs hf generate" in text
     save_report(results, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["budget"] == 96
+
+
+def test_cli_options():
+    """--device (cpu default, cuda) and --shape (the reference shapes) parse; others are refused."""
+    import pytest
+
+    from kvflow.cli import build_parser
+
+    parser = build_parser("bench")
+    args = parser.parse_args(["bench", "specontext"])
+    assert args.device == "cpu" and args.shape is None
+    args = parser.parse_args(["bench", "specontext", "--device", "cuda", "--shape", "135m", "--batch", "1", "16"])
+    assert args.device == "cuda" and args.shape == "135m" and args.batch == [1, 16]
+    for bad in (["--device", "tpu"], ["--shape", "7b"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "specontext", *bad])
+
+
+def test_cli_shape_builds_a_model(monkeypatch, tmp_path, capsys):
+    """--shape without --model writes a random-weight model of that shape, its context stretched past the
+    shape's own (512) to hold the prompt and its outputs, with a random retrieval head of its layout;
+    --device cuda without CUDA says so and exits 2."""
+    import torch
+
+    from kvflow.bench.make_model import SHAPES, TEST_SHAPES
+    from kvflow.cli import main
+
+    monkeypatch.setitem(SHAPES, "toy", TEST_SHAPES["tiny"])
+    out = tmp_path / "r.json"
+    assert main(["bench", "specontext", "--shape", "toy", "--device", "cpu", "--batch", "1", "--prompt-len", "600",
+                 "--max-tokens", "3", "--budget", "32", "--repeats", "1", "--no-hf", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"].startswith("random-weight toy") and report["device"] == "cpu"
+    assert report["retrieval_model"] == "random weights (costs only)" and "partial" not in report
+    assert set(report["attention_backend"]) == {"full", "quest", "specontext"}
+    assert {r["method"] for r in report["runs"]} == {"full", "quest", "specontext"}
+    assert "random-weight toy" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert main(["bench", "specontext", "--shape", "toy", "--device", "cuda", "--out", str(out)]) == 2
+        assert "no CUDA device" in capsys.readouterr().out
