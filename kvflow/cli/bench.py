@@ -240,6 +240,18 @@ def _cmd_spec_decode(args: argparse.Namespace) -> int:
     return 0 if report.get("outputs_equal") is not False else 1
 
 
+def _no_cuda(bench: str, device: str) -> bool:
+    """True (said on stdout) where `--device cuda` was asked for and torch sees no CUDA device."""
+    if device != "cuda":
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    print(f"kvflow bench {bench} --device cuda: no CUDA device (torch.cuda.is_available() is False)")
+    return True
+
+
 def _model_or_default(model: str | None) -> str:
     """--model, else the shipped tiny."""
     if model is not None:
@@ -264,12 +276,8 @@ def _cmd_specontext(args: argparse.Namespace) -> int:
 
     from kvflow.bench.specontext import format_report, run_specontext_bench, save_report
 
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            print("kvflow bench specontext --device cuda: no CUDA device (torch.cuda.is_available() is False)")
-            return 2
+    if _no_cuda("specontext", args.device):
+        return 2
     _set_threads(args.threads)
     dtype = args.dtype or "float32"
     made = f"random-weight {args.shape} (kvflow bench make-model --shape {args.shape}, seed 0)"
@@ -308,12 +316,8 @@ def _cmd_lora(args: argparse.Namespace) -> int:
 
     from kvflow.bench.lora import format_report, run_lora_bench
 
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            print("kvflow bench lora --device cuda: no CUDA device (torch.cuda.is_available() is False)")
-            return 2
+    if _no_cuda("lora", args.device):
+        return 2
     dtype = args.dtype or "bfloat16"
     with tempfile.TemporaryDirectory(prefix="kvflow-bench-lora-") as work:
         if args.model is None and args.shape:
@@ -346,14 +350,10 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 def _cmd_longconv(args: argparse.Namespace) -> int:
     from kvflow.bench.longconv import run_longconv_bench, save_report
 
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            print("kvflow bench longconv --device cuda: no CUDA device (torch.cuda.is_available() is False)")
-            return 2
-        if not args.no_decode or args.engine_lengths:
-            print("--device cuda times the prefill only (decode and --engine-lengths time the CPU module path)")
+    if _no_cuda("longconv", args.device):
+        return 2
+    if args.device == "cuda" and (not args.no_decode or args.engine_lengths):
+        print("--device cuda times the prefill only (decode and --engine-lengths time the CPU module path)")
     _set_threads(args.threads)
     result = run_longconv_bench(args.shape, tuple(args.lengths), tuple(args.contexts), args.repeats, args.direct_max,
                                 args.attention_max, args.max_factor, args.dtype, decode=not args.no_decode,
