@@ -26,23 +26,36 @@ import torch
 from kvflow.attention.kv_spec import LayerKV
 
 
-def retrieval_scores(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [KVH, G, D] (one token's retrieval queries), keys [L, KVH, D] (its candidates') ->
-    [KVH, L] scores: per KV head, the max over its G query heads of softmax(q·k * scale)."""
-    logits = torch.einsum("hgd,lhd->hgl", q.float(), keys.float()) * scale
-    return torch.softmax(logits, dim=-1).amax(dim=1)
+def retrieval_scores(q: torch.Tensor, keys: torch.Tensor, scale: float,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """q [..., KVH, G, D] (a token's retrieval queries), keys [..., L, KVH, D] (its candidates') ->
+    [..., KVH, L] scores: per KV head, the max over its G query heads of softmax(q·k * scale). With a
+    leading row dimension, `lengths` [R]: each row's candidates are its first lengths[r] keys (the rest
+    padding, scored 0: left out of the softmax)."""
+    logits = torch.einsum("...hgd,...lhd->...hgl", q.float(), keys.float()) * scale
+    if lengths is not None:
+        logits = logits.masked_fill(_padding(lengths, logits.shape[-1])[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1).amax(dim=-2)
 
 
-def select_tokens(scores: torch.Tensor, k: int, sink_tokens: int) -> torch.Tensor:
+def _padding(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[R, width]: True past each row's length."""
+    return torch.arange(width, device=lengths.device) >= lengths[:, None]
+
+
+def select_tokens(scores: torch.Tensor, k: int, sink_tokens: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """The K cache entries each KV head reads besides its window: the first `sink_tokens` entries
-    always, then the best-scored others. `scores` [KVH, L] covers entries [0, L) (L >= K, sinks
-    included). Returns [KVH, K] entries, ascending."""
-    kvh, length = scores.shape
+    always, then the best-scored others. `scores` [..., KVH, L] covers entries [0, L) (L >= K, sinks
+    included; with a leading row dimension, row r's first `lengths[r]` only). Returns [..., KVH, K]
+    entries, ascending."""
+    length = scores.shape[-1] if lengths is None else int(lengths.min())
     if k > length:
         raise ValueError(f"cannot select {k} tokens among {length}")
     sinks = min(sink_tokens, k)
     ranked = scores.clone()
-    ranked[:, :sinks] = float("inf")
+    ranked[..., :sinks] = float("inf")
+    if lengths is not None:
+        ranked.masked_fill_(_padding(lengths, scores.shape[-1])[:, None, :], float("-inf"))
     return ranked.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
@@ -52,22 +65,27 @@ def elastic_plan(held: torch.Tensor | None, selected: torch.Tensor) -> tuple[tor
     buffer) so that it holds the set `selected` [KVH, K]: the tokens selected and not held go to
     the slots whose entry is not selected, in order. Returns (heads, slots, entries) of the moves
     (1-D, equal length) and the buffer's new contents [KVH, K]."""
-    if held is None:
-        held = torch.full_like(selected, -1)
-    kvh, k = selected.shape
-    stays = torch.stack([torch.isin(held[h], selected[h]) for h in range(kvh)])  # [KVH, K] slots kept
-    arrives = torch.stack([~torch.isin(selected[h], held[h]) for h in range(kvh)])  # [KVH, K] entries new
-    heads, slots, entries = [], [], []
+    held = torch.full_like(selected, -1) if held is None else held
+    _, heads, slots, entries, contents = elastic_rows(held[None], selected[None])
+    return heads, slots, entries, contents[0]
+
+
+def elastic_rows(held: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`elastic_plan` for R buffers at once: held [R, KVH, K] (-1: empty), selected [R, KVH, K] (ascending).
+    Returns (rows, heads, slots, entries) of the moves and the new contents [R, KVH, K]. A slot stays
+    where its entry is selected (a binary search in the sorted selection); an entry arrives where no
+    slot holds it (a search in the sorted buffer); the free slots of each (row, head), ascending, take
+    its arriving entries, ascending."""
+    k = selected.shape[-1]
+    stays = selected.gather(-1, torch.searchsorted(selected, held).clamp(max=k - 1)) == held
+    held_sorted = held.sort(dim=-1).values
+    arrives = held_sorted.gather(-1, torch.searchsorted(held_sorted, selected).clamp(max=k - 1)) != selected
+    assert torch.equal((~stays).sum(-1), arrives.sum(-1)), "a buffer holds K distinct entries and K are selected"
+    rows, heads, slots = (~stays).nonzero(as_tuple=True)  # row-major: each (row, head)'s free slots ascending
+    entries = selected[arrives]  # row-major too: each (row, head)'s arriving entries ascending
     contents = held.clone()
-    for h in range(kvh):
-        free = (~stays[h]).nonzero().flatten()
-        new = selected[h][arrives[h]]
-        assert len(free) == len(new), "a buffer holds K distinct entries and K are selected"
-        heads.append(torch.full_like(free, h))
-        slots.append(free)
-        entries.append(new)
-        contents[h, free] = new
-    return torch.cat(heads), torch.cat(slots), torch.cat(entries), contents
+    contents[rows, heads, slots] = entries
+    return rows, heads, slots, entries, contents
 
 
 def load_into_buffer(kv_cache: LayerKV, heads: torch.Tensor, src_block: torch.Tensor, src_offset: torch.Tensor,
@@ -84,11 +102,14 @@ def load_into_buffer(kv_cache: LayerKV, heads: torch.Tensor, src_block: torch.Te
 
 
 def buffer_moves(table: torch.Tensor, heads: torch.Tensor, slots: torch.Tensor, entries: torch.Tensor,
-                 buffer_blocks: torch.Tensor, block_size: int) -> tuple[torch.Tensor, ...]:
-    """One sequence's moves (`elastic_plan`'s heads, slots, entries) as cache coordinates for
-    `load_into_buffer`: (heads, src_block, src_offset, dst_block, dst_offset)."""
-    return (heads, table[entries // block_size], entries % block_size, buffer_blocks[slots // block_size],
-            slots % block_size)
+                 buffer_blocks: torch.Tensor, block_size: int,
+                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Moves (`elastic_plan`'s heads, slots, entries) as cache coordinates for `load_into_buffer`:
+    (heads, src_block, src_offset, dst_block, dst_offset). One sequence's: `table` [blocks] and
+    `buffer_blocks` [n]; several (`elastic_rows`'s `rows`): their tables [R, blocks] and buffers [R, n]."""
+    src, dst = (table[entries // block_size], buffer_blocks[slots // block_size]) if rows is None else \
+        (table[rows, entries // block_size], buffer_blocks[rows, slots // block_size])
+    return heads, src, entries % block_size, dst, slots % block_size
 
 
 def reduced_table(buffer_blocks: torch.Tensor, table: torch.Tensor, num_entries: int, window_blocks: int,

@@ -28,7 +28,7 @@ import torch
 from kvflow.attention.kv_spec import LayerKV
 from kvflow.attention.specontext_ops import (
     buffer_moves,
-    elastic_plan,
+    elastic_rows,
     load_into_buffer,
     reduced_table,
     retrieval_scores,
@@ -205,41 +205,58 @@ def plan_specontext(keys: RetrievalKeyCache, chunks: Sequence[ScheduledChunk], r
     """Each SpeContext decode row's selection, moves and reduced read. Returns the rows' moves, their
     reduced tables [R, max], context lengths over them, and what each request's policy keeps
     (its buffer's new contents, entries verified, tokens moved; `bytes_per_head_token`: the KV of one
-    token of one KV head, every layer)."""
-    head = keys.head
-    moves: list[tuple[torch.Tensor, ...]] = []
-    tables: list[torch.Tensor] = []
-    lens: list[int] = []
-    results: dict[str, SpeContextResult] = {}
+    token of one KV head, every layer). Rows with the same budget and sinks are planned together: one
+    query projection, one scoring product over their candidates (padded to the longest), one top-K,
+    one elastic plan."""
+    groups: dict[tuple[int, int], list[int]] = {}
     for row in rows:
-        chunk = chunks[row]
-        op: KVPolicyOp = chunk.kv_op  # type: ignore[assignment]
-        request = chunk.request
-        num_entries = chunk.start + 1  # this token included (SpeContext never shifts)
-        table = block_tables[row]
-        nb = -(-num_entries // block_size)
-        candidates = (nb - op.window_blocks) * block_size
-        recomputed = keys.verify(table, request.all_token_ids, op.verified_tokens, candidates)
-        t = token_starts[row]
-        q = head.queries(windows[t : t + 1], positions[t : t + 1])[0]  # [KVH, G, D]
-        scores = retrieval_scores(q, keys.candidate_keys(table, candidates), head.scale)
-        selected = select_tokens(scores, op.budget, op.sink_tokens)
-        held = op.buffer_tokens.to(selected.device) if op.buffer_tokens is not None else None
-        heads, slots, entries, contents = elastic_plan(held, selected)
-        buffer = torch.tensor(op.dest_block_ids, dtype=torch.long, device=table.device)
-        moves.append(buffer_moves(table, heads, slots, entries, buffer, block_size))
-        reduced, length = reduced_table(buffer, table, num_entries, op.window_blocks, block_size)
-        tables.append(reduced)
-        lens.append(length)
-        kept = 0 if held is None else int(op.budget * held.shape[0] - len(entries))
-        results[request.request_id] = SpeContextResult(contents.cpu(), max(candidates, op.verified_tokens),
-                                                       len(entries), len(entries) * bytes_per_head_token, kept,
-                                                       recomputed)
+        op: KVPolicyOp = chunks[row].kv_op  # type: ignore[assignment]
+        groups.setdefault((op.budget, op.sink_tokens), []).append(row)
+    moves: list[tuple[torch.Tensor, ...]] = []
+    planned: dict[int, tuple[list[int], int]] = {}  # row -> (reduced table, context length)
+    results: dict[str, SpeContextResult] = {}
+    for (budget, sinks), members in groups.items():
+        moves.append(_plan_rows(keys, chunks, members, budget, sinks, windows, positions, token_starts, block_tables,
+                                block_size, bytes_per_head_token, planned, results))
+    tables = [planned[row][0] for row in rows]
     width = max(len(t) for t in tables)
-    padded = torch.zeros(len(tables), width, dtype=torch.long, device=block_tables.device)
-    for i, t in enumerate(tables):
-        padded[i, : len(t)] = t
-    return StepMoves.gather(moves), padded, lens, results
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=block_tables.device)
+    return StepMoves.gather(moves), padded, [planned[row][1] for row in rows], results
+
+
+def _plan_rows(keys: RetrievalKeyCache, chunks: Sequence[ScheduledChunk], rows: list[int], budget: int, sinks: int,
+               windows: torch.Tensor, positions: torch.Tensor, token_starts: list[int], block_tables: torch.Tensor,
+               block_size: int, bytes_per_head_token: int, planned: dict[int, tuple[list[int], int]],
+               results: dict[str, SpeContextResult]) -> tuple[torch.Tensor, ...]:
+    """plan_specontext for rows sharing a budget and sinks; fills `planned` and `results`, returns the moves."""
+    device = block_tables.device
+    ops: list[KVPolicyOp] = [chunks[row].kv_op for row in rows]  # type: ignore[misc]
+    num_entries = [chunks[row].start + 1 for row in rows]  # this token included (SpeContext never shifts)
+    blocks = [-(-n // block_size) for n in num_entries]
+    candidates = [(nb - op.window_blocks) * block_size for nb, op in zip(blocks, ops)]
+    tables = block_tables[rows]
+    recomputed = [keys.verify(tables[i], chunks[row].request.all_token_ids, ops[i].verified_tokens, candidates[i])
+                  for i, row in enumerate(rows)]
+    starts = torch.tensor([token_starts[row] for row in rows], dtype=torch.long, device=windows.device)
+    q = keys.head.queries(windows[starts], positions[starts])  # [R, KVH, G, D]
+    lengths = torch.tensor(candidates, dtype=torch.long, device=device)
+    span = -(-max(candidates) // block_size)
+    candidate_keys = keys.keys[tables[:, :span]].flatten(1, 2)  # [R, span·bs, KVH, D]
+    scores = retrieval_scores(q, candidate_keys, keys.head.scale, lengths)
+    selected = select_tokens(scores, budget, sinks, lengths)  # [R, KVH, K]
+    held = torch.stack([op.buffer_tokens.to(device) if op.buffer_tokens is not None
+                        else torch.full_like(selected[0], -1) for op in ops])
+    row_idx, heads, slots, entries, contents = elastic_rows(held, selected)
+    buffers = torch.tensor([op.dest_block_ids for op in ops], dtype=torch.long, device=device)
+    moved = torch.bincount(row_idx, minlength=len(rows)).tolist()
+    for i, (row, op) in enumerate(zip(rows, ops)):
+        reduced, length = reduced_table(buffers[i], tables[i], num_entries[i], op.window_blocks, block_size)
+        planned[row] = (reduced.tolist(), length)
+        kept = 0 if op.buffer_tokens is None else int(budget * held.shape[1] - moved[i])
+        results[chunks[row].request.request_id] = SpeContextResult(
+            contents[i].cpu(), max(candidates[i], op.verified_tokens), moved[i], moved[i] * bytes_per_head_token, kept,
+            recomputed[i])
+    return buffer_moves(tables, heads, slots, entries, buffers, block_size, rows=row_idx)
 
 
 def engine_retrieval_head(config, device: torch.device, embedding: torch.Tensor) -> RetrievalHead | None:

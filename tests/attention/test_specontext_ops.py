@@ -95,3 +95,32 @@ def test_a_reduced_table_is_the_buffer_then_the_window_blocks():
     got, length = reduced_table(buffer, table, 22, 2, BS)  # 22 entries: blocks 0..5, the last holds 2
     assert got.tolist() == [11, 12, 4, 8]
     assert length == 2 * BS + (22 - 4 * BS)
+
+
+def test_rows_planned_together_equal_each_planned_alone():
+    """The batched forms (a row dimension, candidates padded to the longest row): scores within fp32
+    rounding of each row's own, the same selection, and the same moves and contents as elastic_plan per row."""
+    from kvflow.attention.specontext_ops import elastic_rows
+
+    gen = torch.Generator().manual_seed(5)
+    kvh, g, d, k = 2, 3, 8, 6
+    lengths = [19, 11, 16]
+    q = torch.randn(len(lengths), kvh, g, d, generator=gen)
+    keys = torch.randn(len(lengths), max(lengths), kvh, d, generator=gen)
+    lens = torch.tensor(lengths)
+    scores = retrieval_scores(q, keys, 0.3, lens)
+    selected = select_tokens(scores, k, 2, lens)
+    held = torch.stack([torch.randperm(n, generator=gen)[:k].expand(kvh, k).clone() for n in lengths])
+    held[1, 0, :2] = -1  # empty slots
+    rows, heads, slots, entries, contents = elastic_rows(held, selected)
+    for r, n in enumerate(lengths):
+        alone = retrieval_scores(q[r], keys[r, :n], 0.3)
+        torch.testing.assert_close(scores[r, :, :n], alone, rtol=1e-6, atol=1e-7)
+        assert (scores[r, :, n:] == 0).all()  # padding is out of the softmax
+        assert torch.equal(selected[r], select_tokens(alone, k, 2))
+        h_alone, s_alone, e_alone, c_alone = elastic_plan(held[r], selected[r])
+        mine = rows == r
+        assert torch.equal(heads[mine], h_alone) and torch.equal(slots[mine], s_alone)
+        assert torch.equal(entries[mine], e_alone) and torch.equal(contents[r], c_alone)
+    with pytest.raises(ValueError, match="cannot select 12 tokens among 11"):
+        select_tokens(scores, 12, 2, lens)
