@@ -860,7 +860,7 @@ def configure(bench: argparse.ArgumentParser) -> None:
                     help="bf16 MiB of weight copies each method cycles through (above the last-level cache)")
     qg.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     qg.add_argument("--kernels", nargs="+", choices=["auto", "avx512", "avx2", "scalar"], default=["auto"],
-                    help="the decode GEMV's kernels to time side by side (avx2: q8_0 and q4_0 only)")
+                    help="the decode GEMV's kernels to time side by side (avx2: q8_0, q4_0 and q4_k)")
     qg.set_defaults(func=_cmd_quant_gemv)
 
     bp = sub.add_parser("bitplane", help="the Triton bit-plane kernels (bipolar weights) against torch's bf16 "

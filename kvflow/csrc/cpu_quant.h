@@ -26,7 +26,7 @@
 // GEMM on the codes themselves (gemm_int8), about twice bf16's speed.
 //
 // Everything has a plain scalar version (the `scalar` entries), compiled everywhere and used where
-// the CPU lacks AVX-512 F/BW/VNNI (AVX2 has kernels of its own for q8_0 and q4_0); tests call each.
+// the CPU lacks AVX-512 F/BW/VNNI (AVX2 has kernels of its own for q8_0, q4_0 and q4_k); tests call each.
 #pragma once
 
 #include <torch/extension.h>
@@ -376,9 +376,9 @@ inline void for_rows(int64_t rows, F&& f) {
 
 #if KVFLOW_QUANT_AVX2
 // ----------------------------------------------------------------------------- AVX2 GEMV
-// 256-bit kernels for q8_0 and q4_0, llama.cpp's arithmetic shape: one 32-value block at a time, its
-// codes widened once for every activation row, an integer dot per block (q8) or fp32 multiply-adds
-// (exact), scaled once per block. For the container's baseline (x86-64-v3: AVX2, no AVX-512) and edge
+// 256-bit kernels for q8_0 and q4_0 (q4_k: gemv_q4k_avx2 below), llama.cpp's arithmetic shape: one
+// 32-value block at a time, its codes widened once for every activation row, an integer dot per block (q8)
+// or fp32 multiply-adds (exact), scaled once per block. For the container's baseline (x86-64-v3: AVX2, no AVX-512) and edge
 // boxes without AVX-512, which otherwise run the scalar loops: 7-10x those on this project's Zen 4
 // (`kvflow bench quant-gemv --kernels avx512 avx2 scalar`), 0.7-0.95x the AVX-512 kernels there, so an
 // AVX-512 build keeps those.
@@ -490,10 +490,65 @@ void gemv_exact_avx2(const Weights& w, const Activations& a, const Output& out, 
   }
 }
 
+// q4_k (llama.cpp's Q4_K, the base of its Q4_K_M): super-blocks of 256 values, eight sub-blocks of 32 with
+// a 6-bit scale and min each (q4k_scales: d·sc and dmin·m in fp32); a value is sc·c − mn, c a nibble. Both
+// modes take the codes unsigned and the mins out as mn · Σx per sub-block (exact: the activations' block
+// sums; q8: their d·Σq, a.dsum), as the AVX-512 kernels do.
+template <bool Q8, int M>
+void gemv_q4k_avx2(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
+  const int64_t Kp = a.Kp, nbp = Kp / 32;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* r = w.row(n);
+    __m256 acc[M], macc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), macc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < w.K / 256; ++b) {
+      const uint8_t* p = r + b * 144;
+      alignas(32) float sc[8], mn[8];
+      q4k_scales(p, sc, mn);
+      for (int pair = 0; pair < 4; ++pair) {  // 32 bytes: sub-block 2·pair in the low nibbles, the next in the high
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * pair));
+        const __m256i halves[2] = {_mm256_and_si256(bytes, low4), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4)};
+        for (int h = 0; h < 2; ++h) {
+          const int j = 2 * pair + h;
+          const int64_t k = b * 256 + 32 * j;
+          if constexpr (Q8) {
+            for (int m = 0; m < M; ++m) {
+              const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * Kp + k));
+              acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(sc[j] * a.d[m * nbp + k / 32]),
+                                       _mm256_cvtepi32_ps(dot_u8s8(halves[h], y)), acc[m]);
+            }
+          } else {
+            const __m128i lo = _mm256_castsi256_si128(halves[h]), hi = _mm256_extracti128_si256(halves[h], 1);
+            const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+            const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+            const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+            const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+            const __m256 scale = _mm256_set1_ps(sc[j]);
+            for (int m = 0; m < M; ++m) {
+              const float* x = a.x.data() + m * Kp + k;
+              __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(x));
+              t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), t);
+              t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x + 16), t);
+              t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x + 24), t);
+              acc[m] = _mm256_fmadd_ps(t, scale, acc[m]);
+            }
+          }
+        }
+      }
+      const __m256 mins = _mm256_load_ps(mn);
+      const float* sums = Q8 ? a.dsum.data() : a.block_sum.data();
+      for (int m = 0; m < M; ++m) macc[m] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(sums + m * nbp + b * 8), macc[m]);
+    }
+    for (int m = 0; m < M; ++m) out.put(m, n, reduce256(acc[m]) - reduce256(macc[m]));
+  }
+}
+
 template <bool Q8>
 void gemv_avx2(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
   for_rows(a.rows, [&](auto rows) {
     constexpr int M = decltype(rows)::value;
+    if (w.format == Format::kQ4_K) return gemv_q4k_avx2<Q8, M>(w, a, out, n0, n1);
     Q8 ? gemv_q8_avx2<M>(w, a, out, n0, n1) : gemv_exact_avx2<M>(w, a, out, n0, n1);
   });
 }
@@ -713,7 +768,7 @@ constexpr bool kHasAvx512 = KVFLOW_QUANT_AVX512;
 // The GEMV kernels: the best this build has for a format ("auto"), or one forced (tests, benchmarks).
 enum class Kernel { kAuto, kAvx512, kAvx2, kScalar };
 
-inline bool avx2_covers(Format f) { return f == Format::kQ8_0 || f == Format::kQ4_0; }
+inline bool avx2_covers(Format f) { return f == Format::kQ8_0 || f == Format::kQ4_0 || f == Format::kQ4_K; }
 
 // What this build compiled, best first.
 inline std::vector<std::string> kernels_built() {
@@ -731,8 +786,8 @@ inline Kernel pick_kernel(const std::string& name, Format f) {
     return Kernel::kAvx512;
   }
   if (name == "avx2") {
-    TORCH_CHECK(KVFLOW_QUANT_AVX2 && avx2_covers(f), "quant GEMV: the AVX2 kernels cover q8_0 and q4_0 in builds "
-                "with AVX2, FMA and F16C");
+    TORCH_CHECK(KVFLOW_QUANT_AVX2 && avx2_covers(f), "quant GEMV: the AVX2 kernels cover q8_0, q4_0 and q4_k in "
+                "builds with AVX2, FMA and F16C");
     return Kernel::kAvx2;
   }
   TORCH_CHECK(name == "auto", "quant GEMV: kernel is auto, avx512, avx2 or scalar, not ", name);

@@ -40,7 +40,7 @@ SOURCE = cpu_kernels.CSRC / "cpu_quant.cpp"
 FORMATS = ("q8_0", "q4_0", "q4_k", "int8")
 ACTIVATIONS = ("exact", "q8")
 #: The formats the AVX2 GEMV kernels cover (others run the AVX-512 or the scalar ones).
-AVX2_FORMATS = ("q8_0", "q4_0")
+AVX2_FORMATS = ("q8_0", "q4_0", "q4_k")
 _BLOCK = {"q8_0": 32, "q4_0": 32, "q4_k": 256, "int8": 1}
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
@@ -118,7 +118,7 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, activation: str = "exact"
                  kernel: str = "auto", tile_rows: int = 1024) -> torch.Tensor:
     """`x · Wᵀ` for x [..., K] (fp32 or bf16, CPU), in x's dtype; raises QuantKernelUnsupported where the
     kernels cannot run it. `path` ("auto", "gemv", "mm") and `kernel` (the GEMV's: "auto", or one of the
-    extension's `kernels`: "avx512", "avx2" for q8_0/q4_0, "scalar" — the plain loops) exist for tests and
+    extension's `kernels`: "avx512", "avx2" for q8_0/q4_0/q4_k, "scalar" — the plain loops) exist for tests and
     benchmarks; `tile_rows`: the "mm" GEMM's tile."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")

@@ -188,8 +188,9 @@ def test_unsupported_weights_and_inputs_are_refused_with_a_reason():
     with pytest.raises(RuntimeError, match="kernel is auto, avx512, avx2 or scalar"):
         kernels.quant_matmul(torch.zeros(1, 256), qw, kernel="neon")
     if "avx2" in KERNELS:
-        with pytest.raises(RuntimeError, match="cover q8_0 and q4_0"):
-            kernels.quant_matmul(torch.zeros(1, 256), qw, kernel="avx2")
+        int8, _ = make_weight("int8", 4, 256)
+        with pytest.raises(RuntimeError, match="cover q8_0, q4_0 and q4_k"):
+            kernels.quant_matmul(torch.zeros(1, 256), int8, kernel="avx2")
 
 
 def test_a_failed_build_logs_why_and_refuses(monkeypatch, caplog):
