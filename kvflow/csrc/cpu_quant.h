@@ -419,7 +419,7 @@ template <int M>
 void gemv_q8_avx2(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
   const int64_t nb = w.K / 32, Kp = a.Kp, nbp = Kp / 32;
   const bool q4 = w.format == Format::kQ4_0;
-  const int64_t bytes = q4 ? 18 : 34;
+  const int64_t bytes = layout(w.format).bytes;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* r = w.row(n);
     __m256 acc[M];
@@ -455,7 +455,7 @@ template <int M>
 void gemv_exact_avx2(const Weights& w, const Activations& a, const Output& out, int64_t n0, int64_t n1) {
   const int64_t nb = w.K / 32, Kp = a.Kp;
   const bool q4 = w.format == Format::kQ4_0;
-  const int64_t bytes = q4 ? 18 : 34;
+  const int64_t bytes = layout(w.format).bytes;
   const __m256i eight = _mm256_set1_epi32(8);
   const __m128i low4 = _mm_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
