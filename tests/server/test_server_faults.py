@@ -66,6 +66,14 @@ def test_disconnects_abort_requests_and_free_kv_blocks(server):
                 await anext(response.aiter_lines())
 
             await asyncio.gather(*(open_one(i) for i in range(12)))
+            # A stream's first line can come before the core's first step has reported its KV use (a
+            # chat's role chunk): wait for a step's report, so the freeze holds blocks to give back.
+            for _ in range(100):
+                text = (await http.get("/metrics")).text
+                if any(line.startswith("kvflow:kv_cache_usage") and float(line.rsplit(" ", 1)[1]) > 0
+                       for line in text.splitlines()):
+                    break
+                await asyncio.sleep(0.05)
             # Frozen a few steps into 100+: the hang-ups, not the ends, must stop the streams.
             os.kill(core, signal.SIGSTOP)
             return (await http.get("/metrics")).text
