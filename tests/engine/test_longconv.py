@@ -96,7 +96,9 @@ def test_logits_equal_the_reference(longconv_dir, references, monkeypatch):
         return original(self, logits, batch)
 
     monkeypatch.setattr(Sampler, "__call__", spy)
-    assert_matches(engine(longconv_dir, max_num_batched_tokens=16), prompts(6, count=4), references)
+    # logprobs=0: the sampler runs (plain greedy requests without logprobs take the runner's argmax directly)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+    assert_matches(engine(longconv_dir, max_num_batched_tokens=16), prompts(6, count=4), references, params)
     model = references.model
     assert len(seen) == 4 * MAX_TOKENS
     with torch.no_grad():

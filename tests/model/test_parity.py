@@ -119,7 +119,9 @@ def test_logits_allclose(arch, tiny_models, references, cpu_kernels, monkeypatch
     monkeypatch.setattr(Sampler, "__call__", spy)
     llm = LLM(model=str(tiny_models[arch]), dtype="float32", cpu_kernels=cpu_kernels, block_size=4, num_blocks=256,
               max_num_batched_tokens=16)
-    assert_matches_hf(llm, arch, mixed_prompts(6, count=4), references)
+    # logprobs=0: the sampler runs (plain greedy requests without logprobs take the runner's argmax directly)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+    assert_matches_hf(llm, arch, mixed_prompts(6, count=4), references, params)
     hf = references.models.get(arch) or load_hf(tiny_models[arch])
     assert len(seen) == 4 * MAX_TOKENS
     with torch.no_grad():
