@@ -56,7 +56,10 @@ RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c requir
  && python -c "import kvflow, torch; print('kvflow', kvflow.__version__, 'torch', torch.__version__)"
 # Compile both extensions (the C++ forward and the quantised-weight kernels) now, and fail the
 # build if either is missing (KVFLOW_REQUIRE_KERNELS=1): a container must never fall back to a
-# minute-long first-use build.
+# minute-long first-use build. Out of /src: there `python -c` would import the source tree, not the
+# installed package, and the kernels' cache key (which includes where kvflow/csrc lies) would not be
+# the runtime's, which then finds no build and has no compiler (seen in the first podman build).
+WORKDIR /opt/kvflow
 RUN python -c "import os; from kvflow.model import cpu_kernels; from kvflow.model.quant import kernels; \
 ok = cpu_kernels.load_extension() is not None and kernels.load_extension() is not None; \
 assert ok or os.environ['KVFLOW_REQUIRE_KERNELS'] == '0', 'kernel build failed'; \

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from kvflow.attention.kv_spec import KVCacheSpec
 from kvflow.config import EngineConfig
@@ -49,13 +50,21 @@ def num_kv_blocks(config: EngineConfig, spec: KVCacheSpec, extra_bytes_per_block
 
 
 def default_kv_cache_bytes(device: str = "cpu") -> int:
-    """A budget that leaves the machine usable: 30% of available memory, at most 4 GiB on CPU."""
+    """A budget that leaves the machine usable: 30% of available memory, at most 4 GiB on CPU. Available
+    is the smaller of the machine's and what this process's memory cgroup still allows: in a container or
+    a Kubernetes pod /proc/meminfo shows the host's memory, and a budget taken from it would have the
+    kernel kill the engine at its first long batch (the `135m` image under a 2 GiB limit did, at start)."""
     if device.startswith("cuda"):
         import torch
 
         free, _ = torch.cuda.mem_get_info()
         return int(free * 0.8)
     available = _mem_available_bytes()
+    room = cgroup_memory_room()
+    if room is not None and room < available:
+        logger.info("KV budget from the memory cgroup's limit: %.2f GiB left of it (the machine has %.2f GiB "
+                    "available)", room / 2**30, available / 2**30)
+        available = room
     return int(min(4 * 2**30, 0.3 * available))
 
 
@@ -68,3 +77,59 @@ def _mem_available_bytes() -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+#: cgroup v1 writes "no limit" as the largest page-aligned int64.
+_V1_UNLIMITED = 2**62
+
+
+def cgroup_memory_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process's memory cgroup, and every cgroup above it, still allows: the smallest of
+    limit − usage + reclaimable file cache (inactive_file) over them; None where none sets a limit or
+    there is no cgroup to read. cgroup v2 (`0::/path`: memory.max, memory.current) and v1 (`N:memory:/path`:
+    memory.limit_in_bytes, memory.usage_in_bytes), each at the process's path or, in a container whose
+    cgroup namespace hides it, at the mount's root."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    rooms: list[int] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            files, base = ("memory.max", "memory.current", "inactive_file"), Path(root)
+        elif "memory" in controllers.split(","):
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            base = Path(root) / "memory"
+        else:
+            continue
+        leaf = base / path.lstrip("/")
+        if not (leaf / files[0]).is_file():
+            leaf = base
+        for folder in (leaf, *leaf.parents):
+            if not folder.is_relative_to(base):
+                break
+            room = _room(folder, *files)
+            if room is not None:
+                rooms.append(room)
+    return min(rooms) if rooms else None
+
+
+def _room(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    try:
+        limit_text = (folder / limit_file).read_text().strip()
+        if limit_text == "max" or int(limit_text) >= _V1_UNLIMITED:
+            return None
+        usage = int((folder / usage_file).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    inactive = 0
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+                break
+    except (OSError, ValueError):
+        pass
+    return max(0, int(limit_text) - usage + inactive)
