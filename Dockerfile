@@ -5,6 +5,7 @@
 #   docker buildx build --platform linux/arm64 -t kvflow:cpu .    # arm64: the generic C++ loops (armv8-a)
 #   docker build --build-arg KVFLOW_EXTRAS=[ray] -t kvflow:cpu-ray .  # for deploy/overlays/disagg
 #   docker run --rm -p 8000:8000 -v kvflow-models:/models -v kvflow-kv:/var/lib/kvflow/kv-offload kvflow:cpu
+#   podman build --format docker --skip-unused-stages=false -t kvflow:cpu .   # podman 4.x (docs/edge.md)
 #
 # Two stages: `build` installs kvflow from requirements-lock.txt with the CPU torch wheel into a
 # virtual environment and compiles the C++ CPU kernels for a stated baseline ISA (KVFLOW_CPU_ISA,
