@@ -444,8 +444,8 @@ inline __attribute__((always_inline)) void prefetch_block(const PagedAttentionVi
   const char* kp = reinterpret_cast<const char*>(v.block_rows(v.keys, table, b, g0, b * v.block_size));
   const char* vp = reinterpret_cast<const char*>(v.block_rows(v.values, table, b, g0, b * v.block_size));
   for (int64_t off = 0; off < bytes; off += 64) {
-    _mm_prefetch(kp + off, _MM_HINT_T1);
-    _mm_prefetch(vp + off, _MM_HINT_T1);
+    __builtin_prefetch(kp + off, 0, 2);  // prefetcht1 on x86
+    __builtin_prefetch(vp + off, 0, 2);
   }
 }
 

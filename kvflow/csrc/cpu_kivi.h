@@ -89,6 +89,7 @@ inline void unpack_kivi_row(const uint8_t* row, int64_t bits, int64_t D, uint8_t
   const int64_t nbytes = D * bits / 8;
   int64_t i = 0;
   if (bits == 4) {
+#if defined(__SSE2__)  // every x86-64; elsewhere (arm64) the byte loop below does the whole row
     const __m128i low = _mm_set1_epi8(0x0f);
     for (; i + 16 <= nbytes; i += 16) {
       const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
@@ -96,11 +97,13 @@ inline void unpack_kivi_row(const uint8_t* row, int64_t bits, int64_t D, uint8_t
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), _mm_unpacklo_epi8(lo, hi));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i + 16), _mm_unpackhi_epi8(lo, hi));
     }
+#endif
     for (; i < nbytes; ++i) {
       out[2 * i] = row[i] & 15;
       out[2 * i + 1] = row[i] >> 4;
     }
   } else {
+#if defined(__SSE2__)
     const __m128i low = _mm_set1_epi8(0x03);
     for (; i + 16 <= nbytes; i += 16) {
       const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
@@ -114,6 +117,7 @@ inline void unpack_kivi_row(const uint8_t* row, int64_t bits, int64_t D, uint8_t
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32), _mm_unpacklo_epi16(a_hi, b_hi));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 48), _mm_unpackhi_epi16(a_hi, b_hi));
     }
+#endif
     for (; i < nbytes; ++i)
       for (int j = 0; j < 4; ++j) out[4 * i + j] = (row[i] >> (2 * j)) & 3;
   }
@@ -335,8 +339,8 @@ inline __attribute__((always_inline)) void kivi_prefetch_block(const KiviCache<T
   for (int h = 0; h < 2; ++h) {
     const char* cp = reinterpret_cast<const char*>(c.code_row(h, block, g, 0));
     const char* mp = reinterpret_cast<const char*>(c.meta[h] + c.row(block, g, 0) * c.meta_width);
-    for (int64_t off = 0; off < code_bytes; off += 64) _mm_prefetch(cp + off, _MM_HINT_T1);
-    for (int64_t off = 0; off < meta_bytes; off += 64) _mm_prefetch(mp + off, _MM_HINT_T1);
+    for (int64_t off = 0; off < code_bytes; off += 64) __builtin_prefetch(cp + off, 0, 2);
+    for (int64_t off = 0; off < meta_bytes; off += 64) __builtin_prefetch(mp + off, 0, 2);
   }
 }
 

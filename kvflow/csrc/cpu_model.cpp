@@ -23,7 +23,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 
+// x86 intrinsics only where there are x86 units: an arm64 build (the image's `generic` ISA) takes
+// the portable loops, and prefetches are GCC's builtin, which is prefetcht0/t1 on x86.
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <map>
@@ -906,7 +910,7 @@ void quest_bounds_kernel(const at::Tensor& q, const at::Tensor& bounds, const at
         if (j + kPrefetch < n) {
           const char* next = reinterpret_cast<const char*>(bp + tp[r * nb + j + kPrefetch] * block_stride);
           for (int64_t off = 0; off < block_stride * static_cast<int64_t>(sizeof(T)); off += 64)
-            _mm_prefetch(next + off, _MM_HINT_T0);
+            __builtin_prefetch(next + off, 0, 3);  // prefetcht0 on x86
         }
         const T* block = bp + tp[r * nb + j] * block_stride;
         for (int64_t k = 0; k < kv_heads; ++k) {

@@ -34,7 +34,9 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>

@@ -85,3 +85,27 @@ def test_load_extension_announces_on_stderr(tmp_path, monkeypatch, capsys):
         cpu_kernels.load_extension.cache_clear()  # the next caller gets the real build back
     err = capsys.readouterr().err
     assert "kvflow: compiling the C++ CPU kernels" in err and "kvflow: compiled the C++ CPU kernels in 0 s" in err
+
+
+CROSS = shutil.which("aarch64-linux-gnu-g++")
+
+
+@pytest.mark.skipif(CROSS is None, reason="no aarch64 cross-compiler (Debian: apt install g++-aarch64-linux-gnu)")
+@pytest.mark.parametrize("source", ["cpu_model.cpp", "cpu_quant.cpp"])
+def test_the_kernels_compile_for_arm64(source, tmp_path):
+    """The arm64 image builds the kernels with the `generic` ISA (-march=armv8-a): every x86 intrinsic must
+    sit behind its guard. Compiled, not run (no arm64 machine here), with this torch's headers."""
+    import subprocess
+    import sysconfig
+
+    import torch.utils.cpp_extension as ext
+
+    includes = [flag for path in ext.include_paths() for flag in ("-isystem", path)]
+    flags = [f for f in cpu_kernels.CFLAGS if not f.startswith(("-march=", "-O"))] + ["-O0"]  # errors, not speed
+    march = cpu_kernels.march("generic", "aarch64")
+    cmd = [CROSS, "-c", "-fPIC", "-std=c++20", *flags, f"-march={march}", "-DTORCH_EXTENSION_NAME=x",
+           *includes, "-isystem", sysconfig.get_paths()["include"], str(cpu_kernels.CSRC / source),
+           "-o", str(tmp_path / "out.o")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (tmp_path / "out.o").read_bytes()[18] == 183  # ELF e_machine EM_AARCH64
