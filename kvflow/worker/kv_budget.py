@@ -79,7 +79,7 @@ def _mem_available_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-#: cgroup v1 writes "no limit" as the largest page-aligned int64.
+#: cgroup v1 writes "no limit" as the largest page-aligned int64 (2^63 - 4096); anything this large is none.
 _V1_UNLIMITED = 2**62
 
 
@@ -95,7 +95,10 @@ def cgroup_memory_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys
         return None
     rooms: list[int] = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
         if controllers == "":
             files, base = ("memory.max", "memory.current", "inactive_file"), Path(root)
         elif "memory" in controllers.split(","):
