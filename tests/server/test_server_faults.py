@@ -66,17 +66,20 @@ def test_disconnects_abort_requests_and_free_kv_blocks(server):
                 await anext(response.aiter_lines())
 
             await asyncio.gather(*(open_one(i) for i in range(12)))
-            # A stream's first line can come before the core's first step has reported its KV use (a
-            # chat's role chunk): wait for a step's report, so the freeze holds blocks to give back.
-            for _ in range(100):
+            # Frozen a few steps into 100+: the hang-ups, not the ends, must stop the streams. A stream's
+            # first line can come before the core's first step has reported its KV use (a chat's role
+            # chunk), and a fast core can finish every stream between a look at the metrics and a freeze:
+            # so freeze now, and let the core run in slices of a few ms until, frozen, it shows blocks held.
+            os.kill(core, signal.SIGSTOP)
+            for _ in range(200):
                 text = (await http.get("/metrics")).text
                 if any(line.startswith("kvflow:kv_cache_usage") and float(line.rsplit(" ", 1)[1]) > 0
                        for line in text.splitlines()):
                     break
-                await asyncio.sleep(0.05)
-            # Frozen a few steps into 100+: the hang-ups, not the ends, must stop the streams.
-            os.kill(core, signal.SIGSTOP)
-            return (await http.get("/metrics")).text
+                os.kill(core, signal.SIGCONT)
+                await asyncio.sleep(0.003)
+                os.kill(core, signal.SIGSTOP)
+            return text
 
     try:
         text = asyncio.run(hang_up_mid_stream())
