@@ -671,10 +671,10 @@ inline void exact_accumulate(__m512 w0, __m512 w1, __m512 scale, const Activatio
 
 #if defined(__AVX512BF16__)
 // Exact mode on q4_0 for bf16 activations (what a bf16 model's layers pass): a block's codes c − 8 (small
-// integers, exact in bf16) looked up as bf16 from their nibbles (`values`: q4_0_bf16_values), then
-// `vdpbf16ps` against the activations as they came: 32 exact products per instruction summed in fp32,
-// against 16 fp32 FMAs after three widening steps per block. The same products as the fp32 path; only the
-// fp32 summation order differs. 7-13% faster per `135m` matrix at one row, back to back with the fp32 path.
+// integers, exact in bf16) as bf16, then `vdpbf16ps` against the activations: 32 exact products per
+// instruction summed in fp32. The same products as the fp32 path; only the fp32 summation order differs.
+// The pair kernel below does two blocks per step; this table (bf16(c − 8) by nibble, for a cross-lane
+// `vpermw`) serves the one-block step a row with an odd number of blocks ends on.
 inline __m512i q4_0_bf16_values() {
   alignas(64) uint16_t table[32];
   for (int i = 0; i < 32; ++i) table[i] = bf16_round(static_cast<float>(i % 16 - 8));
