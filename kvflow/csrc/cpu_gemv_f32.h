@@ -5,11 +5,11 @@
 // verification step K + 1 rows. ATen's fp32 `linear` takes MKL's GEMV for one row but its GEMM for
 // two or more, which repacks the weight on every call: on `tiny` a step over 5 positions cost 3x a
 // step over one, where the weights are read once either way. This kernel streams each block of four
-// weight rows once (four sequential streams, the weight as loaded: no copy) and multiplies it with
-// up to six input rows at a time while the block is in L1.
+// weight rows once (four rows read in lockstep and prefetched ahead, the weight as loaded: no copy)
+// and multiplies it with up to six input rows at a time while the block is in L1.
 //
 // Every output row is computed the same way whatever the number of rows: sixteen-lane fused
-// multiply-adds along K in order, one horizontal sum, then the bias. So a row's result does not
+// multiply-adds along K in order, one fixed tree of horizontal adds, then the bias. So a row's result does not
 // depend on the rows beside it: a verification step's row j is bit for bit what a one-row decode
 // step of the same hidden state gives (ATen's GEMV and GEMM differ in their last bits), and the
 // proposals and KV of a draft do not depend on which requests share its step.
@@ -19,8 +19,6 @@ constexpr int64_t kSmallRowsF32 = 8;  // fp32 steps of at most this many rows ta
 #if defined(__AVX512F__)
 constexpr bool kHasLinearF32 = true;
 
-// Rows [m0, m0 + MR) of x times weight rows [n0, n0 + 4) (the last ones repeated past N; the caller
-// stores only n < N): y = x W^T + b.
 // The sums of the sixteen lanes of each of a, b, c, d, in one vector: a tree of shuffles and adds
 // shared by the four (a third of the instructions of four `_mm512_reduce_add_ps`, which at `tiny`'s
 // K = 256 cost as much as the sixteen multiply-adds along a row). Each sum's order depends on its
@@ -31,14 +29,17 @@ inline __m128 sum_lanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
   // Per 128-bit lane: [a, b, c, d] summed over the lane's four elements.
   const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), high);
   return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
 }
 
+// Rows [m0, m0 + MR) of x times weight rows [n0, n0 + 4) (the last ones repeated past N; the caller
+// stores only n < N): y = x W^T + b.
 // `ahead`: a later block of four rows (contiguous, 4 K floats) to prefetch while this one runs, or
 // null. The four rows are read in lockstep, 64 bytes from each in turn; the hardware prefetchers do
 // not follow that pattern, so without this a weight that is not in cache streams at a third of the
-// bandwidth a sequential read gets (9 vs 25 GB/s for `tiny`'s LM head on one Zen 4 core). Each step
+// bandwidth a sequential read gets (9 vs 17-27 GB/s for `tiny`'s LM head on one Zen 4 core). Each step
 // prefetches the four cache lines of `ahead` the step consumes of this block, so a block is fetched
 // whole while its predecessor is multiplied.
 template <int MR>
