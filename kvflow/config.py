@@ -834,6 +834,9 @@ class ZooConfig:
 
     # "NAME=DIR" model directories (the offline API also takes a {name: dir} mapping).
     variant: tuple[str, ...] = ()
+    # Share the KV of the leading layers a variant did not change with the base (the cache is split into
+    # layer groups; kvflow/core/kv_cache_manager.py). Off: every variant's KV is its own.
+    zoo_share_kv: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", named_dirs(self.variant, "variant"))

@@ -56,6 +56,10 @@ class AttentionMetadata:
     # Decodes that share leading KV blocks, for kernels that read those blocks once per group
     # (shared_prefix.py); None when the runner's shared_prefix_attention is off or no group exists.
     shared_prefix: SharedPrefixGroups | None = None
+    # A cache split into layer groups (kvflow/worker/kv_layer_groups.py): each group's own metadata (its
+    # tables and slots), for layers [g * layers_per_group, (g + 1) * layers_per_group).
+    layer_groups: list[AttentionMetadata] | None = None
+    layers_per_group: int = 0
 
     @property
     def num_seqs(self) -> int:

@@ -342,7 +342,8 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     model = _model_or_default(args.model)
     with tempfile.TemporaryDirectory(prefix="kvflow-bench-zoo-") as work:
         report = run_zoo_bench(Path(model), tuple(args.variants), args.changed_layers, args.requests, args.prompt_len,
-                               args.max_tokens, args.dtype or "bfloat16", Path(work), args.cores)
+                               args.max_tokens, args.dtype or "bfloat16", Path(work), args.cores,
+                               system_prompt_len=args.system_prompt_len)
     _finish_report(report, format_report(report), "zoo", args.out)
     return 0
 
@@ -755,6 +756,9 @@ def configure(bench: argparse.ArgumentParser) -> None:
     zo.add_argument("--requests", type=int, default=4, help="requests per variant")
     zo.add_argument("--prompt-len", type=int, default=64)
     zo.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per request (EOS ignored)")
+    zo.add_argument("--system-prompt-len", type=int, default=0,
+                    help="tokens every prompt starts with, computed before the batch; adds the zoo without KV "
+                         "sharing (zoo-private-kv) to compare the KV held")
     zo.add_argument("--cores", type=int, help="cores shared by the processes (default: all)")
     zo.add_argument("--out", help="JSON path")
     zo.set_defaults(func=_cmd_zoo)

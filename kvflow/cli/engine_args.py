@@ -86,6 +86,8 @@ _HELP = {
     "max_lora_rank": "largest adapter rank served (default 16); slots are sized for it",
     "max_cpu_loras": "adapters kept loaded in host memory, least recently used dropped first (default "
                      "max(max_loras, 16))",
+    "zoo_share_kv": "store the KV of a variant's leading layers that equal the base's once for the base and its "
+                    "variants (the cache is split into layer groups; default on)",
     "variant": "BlockLLM's block zoo: fine-tuned variants of the model served beside it, NAME=DIR ... (each layer "
                "a variant did not change is stored and run once, the base's; the API's `model` field selects one)",
     "speculative_token_budget": "proposals verified per step across the batch: each of B decoding requests "

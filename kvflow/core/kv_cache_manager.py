@@ -18,11 +18,12 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvflow.attention.kivi import shareable_prefix
+from kvflow.core.request import LayerGroupBlocks
 
 if TYPE_CHECKING:
     from kvflow.core.request import Request
@@ -185,14 +186,29 @@ class BlockPool:
 
 
 class KVCacheManager:
-    """Allocates blocks to requests and shares full blocks between them through the prefix index."""
+    """Allocates blocks to requests and shares full blocks between them through the prefix index.
+
+    Layer groups: the cache may be split into G groups of consecutive layers (a block zoo whose variants
+    share their leading layers with the base). A pool entry is then a page holding one group's layers for
+    a block of tokens, and each request has one table per group (`Request.kv_groups` beside its own
+    fields, which are group 0's). Each group indexes its pages under its own salt: a group whose layers a
+    request's variant shares with the base (all of them and every layer below: KV depends on the layers
+    under it) leaves the variant out of it, so the base and its variants read one copy of that KV. A
+    prefix hit may then cover more blocks in some groups than in others: the request computes from the
+    shortest, and the runner stores nothing into the pages it found (they are someone else's, read-only).
+    """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 kv_format: str = "", residual_slots: int = 0, residual_tokens: int = 0) -> None:
-        """`kv_format`: what the blocks hold (`KVCacheSpec.wire_format`), chained into every hash.
+                 kv_format: str = "", residual_slots: int = 0, residual_tokens: int = 0, layer_groups: int = 1,
+                 shared_groups: Mapping[str, int] | None = None) -> None:
+        """`num_blocks`: the pool's entries (pages of one layer group each when `layer_groups` > 1).
+        `kv_format`: what the blocks hold (`KVCacheSpec.wire_format`), chained into every hash.
         `residual_slots`, `residual_tokens`: KIVI's ring (kvflow/attention/kivi.py): a running request
         holds one of its slots, and a prefix hit leaves out the blocks its newest tokens may still be
-        dense in (they are not quantised in the block)."""
+        dense in (they are not quantised in the block). `shared_groups`: variant key -> how many leading
+        layer groups compute the base's KV in that variant."""
+        if layer_groups < 1:
+            raise ValueError(f"layer_groups must be >= 1, got {layer_groups}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
@@ -201,13 +217,27 @@ class KVCacheManager:
         self.residual_tokens = residual_tokens
         self._free_slots = list(range(residual_slots - 1, -1, -1))  # popped from the end: slot 0 first
         self._uses_slots = residual_slots > 0
+        self.layer_groups = layer_groups
+        self.shared_groups = dict(shared_groups or {})
 
-    def salt(self, request: Request) -> str | None:
-        """The salt a request's blocks are indexed under: the KV format, its model variant and LoRA adapter
-        (name and digest of each) and the request's own salt."""
-        parts = [part for part in (self.kv_format, request.variant and f"variant:{request.variant.key}",
-                                   request.lora and f"lora:{request.lora.key}", request.cache_salt) if part]
+    def salt(self, request: Request, group: int = 0) -> str | None:
+        """The salt a request's blocks (of layer `group`) are indexed under: the KV format, its model variant
+        (unless the group's layers compute the base's KV in it) and LoRA adapter (name and digest of each),
+        the request's own salt, and the group where the cache has several."""
+        variant = request.variant
+        if variant is not None and group < self.shared_groups.get(variant.key, 0):
+            variant = None
+        parts = [part for part in (self.kv_format, variant and f"variant:{variant.key}",
+                                   request.lora and f"lora:{request.lora.key}", request.cache_salt,
+                                   self.layer_groups > 1 and f"layers:{group}/{self.layer_groups}") if part]
         return "|".join(parts) or None
+
+    def tables(self, request: Request) -> list[Request | LayerGroupBlocks]:
+        """The request's table of each layer group (itself for group 0: its own fields are that group's)."""
+        missing = self.layer_groups - 1 - len(request.kv_groups)
+        if missing > 0:
+            request.kv_groups.extend(LayerGroupBlocks() for _ in range(missing))
+        return [request, *request.kv_groups]
 
     @property
     def num_blocks(self) -> int:
@@ -217,6 +247,11 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free
 
+    @property
+    def num_token_blocks(self) -> int:
+        """Blocks of tokens (of every layer) the cache holds: its pool entries, or pages of one group each."""
+        return self.pool.num_blocks // self.layer_groups
+
     def usage(self) -> float:
         """Fraction of blocks held by live requests (free-but-cached blocks count as free)."""
         return 1.0 - self.pool.num_free / self.pool.num_blocks
@@ -224,44 +259,56 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def pages_needed(self, request: Request, num_new_tokens: int) -> int:
+        """Pool entries `allocate` would take for `num_new_tokens` more tokens (a block per group)."""
+        blocks = self.blocks_needed(request.num_computed_tokens - request.kv_shift + num_new_tokens)
+        return sum(max(0, blocks - len(table.block_ids)) for table in self.tables(request))
+
     def match_prefix(self, request: Request, min_compute: int = 1) -> int:
         """Attach the longest cached prefix of a waiting request; returns the tokens it covers.
 
         At least `min_compute` tokens (one, or a KV policy's observation window) are always left to
         compute, because the step that computes them is the one that samples the next token.
         """
-        if not self.enable_prefix_caching or request.skip_prefix_cache or request.block_ids:
+        if not self.enable_prefix_caching or request.skip_prefix_cache or self._holds_blocks(request):
             return 0
-        hits = self._cached_prefix(request, min_compute)
+        hits = [self._cached_prefix(request, group, min_compute) for group in range(self.layer_groups)]
+        computed = min(len(h) for h in hits)
         self.stats.queried_tokens += request.num_tokens
-        self.stats.hit_tokens += len(hits) * self.block_size
-        return self._attach(request, hits)
+        self.stats.hit_tokens += computed * self.block_size
+        return self._attach(request, hits, computed)
 
     def cached_prefix_tokens(self, request: Request) -> int:
         """How many of a waiting request's tokens the prefix cache holds now (nothing is taken or counted)."""
         if not self.enable_prefix_caching or request.skip_prefix_cache:
             return 0
-        return len(self._cached_prefix(request)) * self.block_size
+        return min(len(self._cached_prefix(request, group)) for group in range(self.layer_groups)) * self.block_size
 
     def pin_prefix(self, request: Request, num_blocks: int) -> list[int] | None:
-        """Take a reference on the first `num_blocks` cached blocks of the request's prompt, so they stay
-        cached whoever else frees them (a prefix group's shared blocks, held by its policy until the group
-        is done); None, and nothing taken, unless all of them are cached."""
+        """Take a reference on the first `num_blocks` cached blocks of the request's prompt (in every layer
+        group, group after group), so they stay cached whoever else frees them (a prefix group's shared
+        blocks, held by its policy until the group is done); None, and nothing taken, unless all of them are
+        cached."""
         if not self.enable_prefix_caching or request.skip_prefix_cache or num_blocks <= 0:
             return None
-        hits = self._cached_prefix(request)
-        if len(hits) < num_blocks:
-            return None
-        pinned = hits[:num_blocks]
+        pinned: list[int] = []
+        for group in range(self.layer_groups):
+            hits = self._cached_prefix(request, group)
+            if len(hits) < num_blocks:
+                return None
+            pinned.extend(hits[:num_blocks])
         self.pool.touch(pinned)
         return pinned
 
     def unpin(self, block_ids: list[int], keep: int = 0) -> None:
-        """Drop `pin_prefix`'s references. Past the first `keep` blocks, those nobody else holds leave the
-        cache at once (not to LRU); the first `keep` (still wanted: another group shares them) go back to
-        the free queue's LRU order like any freed cached block."""
-        self.pool.release(list(reversed(block_ids[keep:])), evict=True)
-        self.pool.release(list(reversed(block_ids[:keep])))
+        """Drop `pin_prefix`'s references. Past the first `keep` blocks (of each group), those nobody else holds
+        leave the cache at once (not to LRU); the first `keep` (still wanted: another group shares them) go back
+        to the free queue's LRU order like any freed cached block."""
+        per_group = len(block_ids) // self.layer_groups
+        for at in range(0, len(block_ids), max(per_group, 1)):
+            pinned = block_ids[at : at + per_group]
+            self.pool.release(list(reversed(pinned[keep:])), evict=True)
+            self.pool.release(list(reversed(pinned[:keep])))
 
     def reset_prefix_cache(self) -> int:
         """Forget the cached prefixes of blocks no request holds (benchmarks measure cold prefixes so);
@@ -276,16 +323,19 @@ class KVCacheManager:
     def reset_peak(self) -> None:
         self.pool.peak_used = self.pool.num_blocks - self.pool.num_free
 
-    def _cached_prefix(self, request: Request, min_compute: int = 1) -> list[int]:
-        """The indexed blocks of the request's longest cached prefix, leaving at least `min_compute` tokens."""
+    def _cached_prefix(self, request: Request, group: int = 0, min_compute: int = 1) -> list[int]:
+        """The indexed blocks of the request's longest cached prefix in one layer group, leaving at least
+        `min_compute` tokens."""
         tokens = request.all_token_ids
         max_blocks = max(0, len(tokens) - min_compute) // self.block_size
-        self._update_hashes(request, max_blocks)
+        table = self.tables(request)[group]
+        self._update_hashes(request, table, group, max_blocks)
+        salt = self.salt(request, group)
         hits: list[int] = []
         parent: int | None = None
         for i in range(max_blocks):
             chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
-            block_id = self.pool.lookup(request.block_hashes[i], chunk, parent, self.salt(request))
+            block_id = self.pool.lookup(table.block_hashes[i], chunk, parent, salt)
             if block_id is None:
                 break
             hits.append(block_id)
@@ -300,20 +350,26 @@ class KVCacheManager:
         return shareable_prefix(num_blocks * self.block_size, self.residual_tokens, self.block_size) // self.block_size
 
     def share_prefix(self, request: Request, source: Request, num_blocks: int) -> int:
-        """Give `request` the first `num_blocks` full blocks of `source` (n > 1 siblings)."""
+        """Give `request` the first `num_blocks` full blocks of `source` (n > 1 siblings), in every layer group."""
         num_blocks = self._shareable_blocks(num_blocks)
-        if request.block_ids or num_blocks <= 0:
+        if self._holds_blocks(request) or num_blocks <= 0:
             return 0
-        return self._attach(request, source.block_ids[:num_blocks])
+        return self._attach(request, [table.block_ids[:num_blocks] for table in self.tables(source)], num_blocks)
 
-    def _attach(self, request: Request, block_ids: list[int]) -> int:
-        if not block_ids:
+    def _holds_blocks(self, request: Request) -> bool:
+        return bool(request.block_ids) or any(table.block_ids for table in request.kv_groups)
+
+    def _attach(self, request: Request, hits: list[list[int]], computed: int) -> int:
+        """Take the blocks found for each layer group; the request has computed the first `computed` blocks
+        (the shortest group's: in the others, the blocks past it are read, never written)."""
+        if not any(hits):
             return 0
-        self.pool.touch(block_ids)
-        request.block_ids = list(block_ids)
-        request.num_cached_blocks = len(block_ids)
-        request.indexed_parent_id = block_ids[-1]
-        request.num_computed_tokens = len(block_ids) * self.block_size
+        for table, blocks in zip(self.tables(request), hits):
+            self.pool.touch(blocks)
+            table.block_ids = list(blocks)
+            table.num_cached_blocks = len(blocks)
+            table.indexed_parent_id = blocks[-1] if blocks else None
+        request.num_computed_tokens = computed * self.block_size
         request.num_cached_tokens = max(request.num_cached_tokens,
                                         min(request.num_computed_tokens, request.num_prompt_tokens))
         request.kv_prefix_floor = request.num_computed_tokens
@@ -323,16 +379,18 @@ class KVCacheManager:
         """Make room for `num_new_tokens` more tokens of `request` (and hold `spare` blocks for its KV
         policy's work this step); False (and no change) if full."""
         needed = self.blocks_needed(request.num_computed_tokens - request.kv_shift + num_new_tokens)
-        needed -= len(request.block_ids)
+        tables = self.tables(request)
+        missing = [max(0, needed - len(table.block_ids)) for table in tables]
         extra = max(0, spare - len(request.kv_spare_blocks))
-        if max(needed, 0) + extra > self.pool.num_free:
+        if sum(missing) + extra > self.pool.num_free:
             return False
         if self._uses_slots and request.kv_residual_slot is None:
             if not self._free_slots:
                 return False
             request.kv_residual_slot = self._free_slots.pop()
-        if needed > 0:
-            request.block_ids.extend(self.pool.allocate(needed))
+        for table, count in zip(tables, missing):
+            if count:
+                table.block_ids.extend(self.pool.allocate(count))
         if extra:
             request.kv_spare_blocks.extend(self.pool.allocate(extra))
         return True
@@ -340,6 +398,7 @@ class KVCacheManager:
     def evict_block(self, request: Request, index: int) -> None:
         """A KV policy drops the full block at `index` of the request's table: later tokens move one
         block forward in the cache, and the request's KV no longer matches full attention."""
+        self._one_group("a KV policy's eviction")
         if not 0 <= index < len(request.block_ids) - 1:
             raise ValueError(f"block {index} of {len(request.block_ids)} cannot be evicted (the newest block stays)")
         self.pool.release([request.block_ids.pop(index)])
@@ -352,21 +411,29 @@ class KVCacheManager:
     def replace_blocks(self, request: Request, shift: int) -> None:
         """A KV policy has copied what the request keeps into its spare blocks (SnapKV): they become its
         table, its old blocks are released (indexed ones stay cached), and `shift` positions are gone."""
+        self._one_group("a KV policy's compaction")
         old, request.block_ids, request.kv_spare_blocks = request.block_ids, request.kv_spare_blocks, []
         self.release(old)
         request.kv_shift += shift
         request.kv_altered = True
         request.kv_prefix_floor = 0  # KIVI: the new blocks start a sequence of their own
 
+    def _one_group(self, what: str) -> None:
+        if self.layer_groups > 1:
+            raise RuntimeError(f"{what} needs a cache of one layer group (this one has {self.layer_groups})")
+
     def trim(self, request: Request) -> None:
         """Give back the blocks past those of the request's computed tokens (speculative decoding: the
         KV of rejected proposals), as a step that computed only those would have left it. None of them
-        is indexed: only blocks of computed tokens are."""
-        keep = self.blocks_needed(request.num_computed_tokens - request.kv_shift)
-        if len(request.block_ids) > keep:
-            extra = request.block_ids[keep:]
-            del request.block_ids[keep:]
-            self.pool.release(list(reversed(extra)))
+        is indexed: only blocks of computed tokens (and a group's prefix hits, which stay) are."""
+        computed = self.blocks_needed(request.num_computed_tokens - request.kv_shift)
+        for table in self.tables(request):
+            # (With one group, indexed blocks are computed ones; a KV policy's evictions may leave fewer.)
+            keep = max(computed, table.num_cached_blocks) if self.layer_groups > 1 else computed
+            if len(table.block_ids) > keep:
+                extra = table.block_ids[keep:]
+                del table.block_ids[keep:]
+                self.pool.release(list(reversed(extra)))
 
     def free(self, request: Request) -> None:
         """Return a request's blocks (full cached blocks stay reusable until evicted)."""
@@ -383,7 +450,11 @@ class KVCacheManager:
             self._free_slots.append(request.kv_residual_slot)
             request.kv_residual_slot = None
         request.kv_prefix_floor = request.kv_ring_shift = 0
-        block_ids, request.block_ids, request.num_cached_blocks = request.block_ids + request.kv_spare_blocks, [], 0
+        block_ids = request.block_ids + request.kv_spare_blocks
+        for table in request.kv_groups:  # the other layer groups' tables, head first like group 0's
+            block_ids += table.block_ids
+            table.block_ids, table.num_cached_blocks, table.indexed_parent_id = [], 0, None
+        request.block_ids, request.num_cached_blocks, request.indexed_parent_id = [], 0, None
         request.kv_spare_blocks, request.kv_shift, request.kv_altered = [], 0, False
         if request.kv_policy is not None:
             request.kv_policy.reset()
@@ -394,26 +465,28 @@ class KVCacheManager:
         self.pool.release(list(reversed(block_ids)))
 
     def cache_full_blocks(self, request: Request) -> None:
-        """Index every block whose tokens are all computed and not yet indexed."""
+        """Index every block whose tokens are all computed and not yet indexed (in each layer group)."""
         if not self.enable_prefix_caching or request.kv_altered:
             return
         num_full = request.num_computed_tokens // self.block_size
-        if num_full <= request.num_cached_blocks:
-            return
-        self._update_hashes(request, num_full)
         tokens = request.all_token_ids
-        parent = request.indexed_parent_id if request.num_cached_blocks else None
-        for i in range(request.num_cached_blocks, num_full):
-            chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
-            parent = self.pool.register(request.block_ids[i], request.block_hashes[i], chunk, parent,
-                                        self.salt(request))
-        request.indexed_parent_id = parent
-        request.num_cached_blocks = num_full
+        for group, table in enumerate(self.tables(request)):
+            if num_full <= table.num_cached_blocks:
+                continue
+            self._update_hashes(request, table, group, num_full)
+            salt = self.salt(request, group)
+            parent = table.indexed_parent_id if table.num_cached_blocks else None
+            for i in range(table.num_cached_blocks, num_full):
+                chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
+                parent = self.pool.register(table.block_ids[i], table.block_hashes[i], chunk, parent, salt)
+            table.indexed_parent_id = parent
+            table.num_cached_blocks = num_full
 
-    def _update_hashes(self, request: Request, num_blocks: int) -> None:
-        hashes = request.block_hashes
+    def _update_hashes(self, request: Request, table: Request | LayerGroupBlocks, group: int,
+                       num_blocks: int) -> None:
+        hashes = table.block_hashes
         tokens = request.all_token_ids
+        salt = self.salt(request, group)
         for i in range(len(hashes), num_blocks):
             parent = hashes[i - 1] if i else None
-            hashes.append(hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size],
-                                     self.salt(request)))
+            hashes.append(hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size], salt))

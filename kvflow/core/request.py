@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +51,17 @@ class RequestStatus(enum.Enum):
         return self.value if self.finished else None
 
 
+@dataclass
+class LayerGroupBlocks:
+    """A request's block table in one group of layers of a cache split into groups (kv_cache_manager.py),
+    with its prefix-index state: the same fields as the request's own, which are group 0's."""
+
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0
+    indexed_parent_id: int | None = None
+
+
 class Request:
     """One sequence: its tokens, KV blocks, sampling state and outputs."""
 
@@ -81,6 +93,9 @@ class Request:
         self.block_hashes: list[int] = []
         self.num_cached_blocks = 0
         self.indexed_parent_id: int | None = None
+        # A cache split into layer groups (a block zoo sharing its variants' leading layers' KV): the tables of
+        # groups 1.. (the four fields above are group 0's); none while the cache has one group.
+        self.kv_groups: list[LayerGroupBlocks] = []
         # Prompt tokens whose KV came from the prefix cache (or an n > 1 sibling) on admission.
         self.num_cached_tokens = 0
         self.status = RequestStatus.WAITING

@@ -365,8 +365,8 @@ class Scheduler:
         chunk (always true for the first running request, which must be able to start)."""
         if not memory or not self.running:
             return True
-        needed = self.kv.blocks_needed(request.num_computed_tokens - request.kv_shift + n) - len(request.block_ids)
-        return self.kv.num_free_blocks - max(0, needed) >= self.config.kv_watermark * self.kv.num_blocks
+        free_after = self.kv.num_free_blocks - self.kv.pages_needed(request, n)
+        return free_after >= self.config.kv_watermark * self.kv.num_blocks
 
     # The KV policy's seam (kv_policy.py): chunk sizes, spare blocks, the runner's work, eviction.
     @staticmethod

@@ -541,6 +541,8 @@ class CpuModel {
   }
 
   // input_ids, positions, seq_index, slot_mapping: [T] int64; block_tables: [B, max_blocks] int64.
+  // A cache split into G layer groups (kvflow/worker/kv_layer_groups.py): block_tables [G, B, max_blocks]
+  // and slot_mapping [G, T], layer l storing and reading through group l / (L / G)'s.
   // kv_positions: [T] int64, each token's index in its sequence's cache (its position, less what a
   // KV policy dropped before it; positions alone drive the rotary embedding). Undefined: positions.
   // Returns the final-norm hidden states [T, hidden].
@@ -589,6 +591,13 @@ class CpuModel {
     for (const auto* t : {&input_ids, &positions, &seq_index, &slot_mapping, &block_tables, &kv_positions}) {
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "CpuModel: index tensors must be contiguous int64");
     }
+    const int64_t groups = block_tables.dim() == 3 ? block_tables.size(0) : 1;
+    TORCH_CHECK(block_tables.dim() == 2 || (slot_mapping.dim() == 2 && slot_mapping.size(0) == groups &&
+                                            static_cast<int64_t>(layers_.size()) % groups == 0),
+                "CpuModel: layer groups take block_tables [G, B, M] and slot_mapping [G, T], G dividing the layers");
+    TORCH_CHECK(groups == 1 || (!kivi_bits_ && !before_attention && !shared_prefix),
+                "CpuModel: layer groups do not run with KIVI, Quest's reads or shared-prefix attention");
+    const int64_t layers_per_group = static_cast<int64_t>(layers_.size()) / groups;
     at::Tensor residual = at::embedding(embed_, input_ids);  // a fresh tensor: updated in place below
     at::Tensor normed = at::empty_like(residual);
     at::Tensor delta;  // what the previous sublayer adds to the residual stream
@@ -605,6 +614,9 @@ class CpuModel {
     for (size_t l = 0; l < layers_.size(); ++l) {
       const LayerWeights& w = layers_[l];
       at::Tensor& cache = kv_caches_[l];
+      const int64_t group = static_cast<int64_t>(l) / layers_per_group;
+      const at::Tensor block_tables_l = groups > 1 ? block_tables.select(0, group) : block_tables;
+      const at::Tensor slot_mapping_l = groups > 1 ? slot_mapping.select(0, group) : slot_mapping;
       const at::Tensor scales = quantised_ ? kv_scales_[l] : at::Tensor();
       const std::vector<Span> spans = layer_spans(l, zoo_runs, tokens);
       norm_spans(residual, delta, normed, spans, &LayerWeights::input_norm);
@@ -618,7 +630,7 @@ class CpuModel {
       } else {
         KVFLOW_RUN(dtype, "rope_and_store", [&] {
           KVFLOW_KV_DISPATCH(kv_type_, scalar_t, [&] {
-            rope_and_store<scalar_t, kv_t>(qkv, positions, slot_mapping, cos_, sin_, w.q_norm, w.k_norm, eps_, cache,
+            rope_and_store<scalar_t, kv_t>(qkv, positions, slot_mapping_l, cos_, sin_, w.q_norm, w.k_norm, eps_, cache,
                                            scales, q, num_heads_, num_kv_heads_, head_dim_);
           });
         });
@@ -628,7 +640,7 @@ class CpuModel {
                                       reads[0].is_contiguous() && reads[1].scalar_type() == at::kLong &&
                                       reads[1].is_contiguous() && reads[1].size(0) == tokens),
                     "CpuModel: before_attention returns nothing or [block_tables, kv_positions] (contiguous int64)");
-        const at::Tensor& tables = reads.empty() ? block_tables : reads[0];
+        const at::Tensor& tables = reads.empty() ? block_tables_l : reads[0];
         const at::Tensor& key_positions = reads.empty() ? kv_positions : reads[1];
         KVFLOW_RUN(dtype, "paged_attention", [&] {
           KVFLOW_KV_DISPATCH(kv_type_, scalar_t, [&] {

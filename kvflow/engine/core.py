@@ -101,7 +101,8 @@ class EngineCore:
         spec = self.runner.kv_spec
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                                  kv_format=spec.wire_format, residual_slots=spec.residual_slots,
-                                 residual_tokens=spec.residual_tokens)
+                                 residual_tokens=spec.residual_tokens, layer_groups=self.runner.kv_layer_groups,
+                                 shared_groups=self.runner.kv_shared_groups)
         self.connector = connector
         if connector is not None and config.cache.kv_policy != "none":
             raise ValueError(f"kv_policy={config.cache.kv_policy}: KV policies do not support KV connectors")
@@ -129,6 +130,9 @@ class EngineCore:
         params = request.params
         settings = resolve_kv_policy(self.config.cache, params.kv_policy, params.kv_budget)
         request.kv_policy = make_kv_policy(settings, self.config.cache.block_size)
+        if request.kv_policy is not None and self.kv.layer_groups > 1:
+            raise ValueError(f"kv_policy={settings.policy}: this engine shares its variants' KV in layer groups, "
+                             "which KV policies do not read yet (start it with --no-zoo-share-kv)")
         self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED,

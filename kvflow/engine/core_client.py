@@ -60,7 +60,8 @@ class CoreClient:
         self.on_outputs = on_outputs
         self.on_death = on_death
         self.launcher = launcher or LocalCoreLauncher()
-        self.num_blocks = 0
+        self.num_blocks = 0  # blocks of tokens its KV cache holds
+        self.kv_layer_groups = 1
         self.pid: int | None = None
         self.host: str | None = None  # the core's host name (from its READY)
         self.kv_address: str | None = None
@@ -112,6 +113,7 @@ class CoreClient:
                 if isinstance(message, Ready):
                     self.num_blocks, self.pid, self.kv_address = message.num_blocks, message.pid, message.kv_address
                     self.host, self.kv_format = message.host, message.kv_format
+                    self.kv_layer_groups = message.kv_layer_groups
                     break
                 if isinstance(message, CoreFailed):
                     await self.launcher.stop(5)

@@ -110,8 +110,9 @@ class _CoreLoop:
 
     def run(self) -> None:
         connector = self.core.connector
-        self._send(Ready(self.core.kv.num_blocks, os.getpid(), connector.address if connector else None,
-                         socket.gethostname(), self.core.runner.kv_spec.wire_format))
+        kv = self.core.kv
+        self._send(Ready(kv.num_token_blocks, os.getpid(), connector.address if connector else None,
+                         socket.gethostname(), self.core.runner.kv_spec.wire_format, kv.layer_groups))
         try:
             self._loop()
         finally:

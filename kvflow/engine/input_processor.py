@@ -62,10 +62,14 @@ def build_core_requests(specs: list[CoreRequestSpec]) -> list[Request]:
 class InputProcessor:
     """Turns prompts and sampling parameters into validated core request specs."""
 
-    def __init__(self, config: EngineConfig, tokenizer: Any | None, num_kv_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, tokenizer: Any | None, num_kv_blocks: int,
+                 kv_layer_groups: int = 1) -> None:
+        """`num_kv_blocks`: blocks of tokens the engine's KV cache holds; `kv_layer_groups` > 1: the cache is
+        split into layer groups (a block zoo sharing its variants' KV), which KV policies cannot read yet."""
         self.config = config
         self.tokenizer = tokenizer
         self.num_kv_blocks = num_kv_blocks
+        self.kv_layer_groups = kv_layer_groups
         self.generation_config = load_generation_config(config.model.path)
         self.eos_token_ids = eos_token_ids(config.model, self.generation_config, tokenizer)
         self._ids = itertools.count()
@@ -157,6 +161,9 @@ class InputProcessor:
         if params.kv_policy is not None or params.kv_budget is not None:
             settings = resolve_kv_policy(self.config.cache, params.kv_policy, params.kv_budget)
             reason = self.config.kv_policy_allowed()
+            if self.kv_layer_groups > 1:
+                reason = ("this engine shares its variants' KV in layer groups, which KV policies do not read yet "
+                          "(start it with --no-zoo-share-kv)")
             if settings is not None and reason is not None:
                 raise ValueError(f"kv_policy={settings.policy}: {reason}")
 

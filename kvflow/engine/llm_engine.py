@@ -36,7 +36,7 @@ class LLMEngine:
             tokenizer = load_tokenizer(config.model.tokenizer_path)
         self.tokenizer = tokenizer
         self.core = EngineCore(config, make_connector(config))
-        self.inputs = InputProcessor(config, self.tokenizer, self.core.kv.num_blocks)
+        self.inputs = InputProcessor(config, self.tokenizer, self.core.kv.num_token_blocks, self.core.kv.layer_groups)
         self.registry = ModelRegistry(config)
         self.outputs = OutputProcessor(self.tokenizer)
 

@@ -43,6 +43,7 @@ class Ready(msgspec.Struct, tag="ready"):
     kv_address: str | None = None  # a prefill instance: where decode instances pull KV from
     host: str | None = None
     kv_format: str = ""  # what its KV blocks hold (KVCacheSpec.wire_format): instances exchanging KV must agree
+    kv_layer_groups: int = 1  # a cache split into layer groups (a block zoo sharing KV): KV policies are refused
 
 
 class StepOutputs(msgspec.Struct, tag="outputs"):

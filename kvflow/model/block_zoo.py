@@ -14,14 +14,18 @@ layer, in one call, and each variant's own block computes its own rows (`RowRout
 variant in the step changed runs exactly as without a zoo: once, for everyone.
 
 The embedding and the LM head must equal the base's (the step's logits are computed together); a
-variant that changed them is refused. KV blocks are salted by variant (name and digest), so a variant
-never reads KV computed by another model; sharing the KV of the leading layers a variant shares with
-the base would need per-layer block tables, which the cache does not have (see docs/lora.md).
+variant that changed them is refused. KV is shared where it is the base's: a layer's KV depends on that
+layer and every one below it, so a variant whose first own layer is k computes the base's KV in layers
+0..k-1. `kv_layer_groups` splits the cache into groups of g = gcd(L, every variant's k) layers; the groups
+below k/g are indexed without the variant in their salt (kvflow/core/kv_cache_manager.py), so the base and
+its variants hold one copy of a common prefix's KV there; the groups above are salted by variant (name
+and digest), so a variant never reads KV computed by another model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +174,14 @@ class BlockZoo:
     def set_runs(self, runs: dict[str, list[tuple[int, int]]]) -> None:
         """Variant key -> (start, end) runs of the next forward's flat tokens (the base's rows are the rest)."""
         self.step_runs = runs
+
+    def kv_layer_groups(self) -> tuple[int, dict[str, int]]:
+        """How to split the KV cache so each variant shares the KV of the layers below its first own one: the
+        number of layer groups (1: no variant shares any), and variant key -> the leading groups it shares."""
+        num_layers = len(self.model.layers)
+        first_own = {self._keys[name]: min(info.own_layers, default=num_layers) for name, info in self.variants.items()}
+        size = math.gcd(num_layers, *first_own.values())
+        return num_layers // size, {key: k // size for key, k in first_own.items() if k // size}
 
     @property
     def unique_bytes(self) -> int:

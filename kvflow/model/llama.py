@@ -57,6 +57,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
+        if meta.layer_groups is not None:  # a cache split into layer groups: this layer's group's tables
+            meta = meta.layer_groups[self.layer_idx // meta.layers_per_group]
         policy = meta.policy  # KV-policy work (Quest reads, H2O mass, SnapKV selection): policy_step.py
         if policy is not None:
             meta = policy.layer_metadata(self.layer_idx, q, kv_cache, meta, backend, self.scale)

@@ -99,7 +99,7 @@ class AsyncEngine:
         except BaseException:
             await self.core.shutdown()  # reap the process, remove the sockets
             raise
-        self.inputs = InputProcessor(self.config, self.tokenizer, self.core.num_blocks)
+        self.inputs = InputProcessor(self.config, self.tokenizer, self.core.num_blocks, self.core.kv_layer_groups)
 
     async def shutdown(self) -> None:
         for request_id in list(self._streams):

@@ -32,6 +32,7 @@ from kvflow.model.linear import DenseLinear, LinearMethod, PrepackedLinear, line
 from kvflow.model.loader import load_model
 from kvflow.model.quant.linear_methods import use_activations
 from kvflow.worker.kv_budget import num_kv_blocks
+from kvflow.worker.kv_layer_groups import allocate_grouped, group_metadata, group_step_tables, layer_groups_blocker
 from kvflow.worker.lora_manager import LoRAManager
 from kvflow.worker.rejection_sampler import RejectionSampler, VerificationBatch, plain_greedy, verify_plain_greedy
 from kvflow.worker.retrieval_keys import (
@@ -88,7 +89,22 @@ class ModelRunner:
         retrieval_bytes = 0 if self.retrieval_head is None else (
             self.retrieval_head.config.key_cache_bytes_per_token * self.block_size)
         self.num_blocks = num_kv_blocks(config, self.kv_spec, draft_bytes + retrieval_bytes)
-        self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
+        # A block zoo whose variants share their leading layers with the base: the cache in layer groups, whose
+        # pages are the pool's entries (kv_layer_groups.py).
+        self.kv_layer_groups, self.kv_shared_groups = 1, {}
+        if self.zoo is not None and config.zoo.zoo_share_kv:
+            groups, shared = self.zoo.kv_layer_groups()
+            blocker = layer_groups_blocker(config, self.kv_spec, self.backend.name) if groups > 1 else None
+            if blocker is not None:  # one group: only variants that changed no layer (just the final norm) share
+                logger.info("the block zoo's variants keep KV of their own in the layers they share with the "
+                            "base: %s", blocker)
+                groups, shared = 1, {key: 1 for key, n in shared.items() if n == groups}
+            self.kv_layer_groups, self.kv_shared_groups = groups, shared
+        if self.kv_layer_groups > 1:
+            self.num_blocks *= self.kv_layer_groups  # pages: the same bytes
+            self.kv_caches = allocate_grouped(self.kv_spec, self.kv_layer_groups, self.num_blocks, self.device)
+        else:
+            self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         self.retrieval_keys: RetrievalKeyCache | None = None
         self.loader: ElasticLoader | None = None
         if self.retrieval_head is not None:
@@ -98,10 +114,12 @@ class ModelRunner:
         if self.kv_spec.key_bounds_dtype is not None:
             self.key_bounds = allocate_key_bounds(model.num_layers, self.num_blocks, model.num_kv_heads,
                                                   model.head_dim, model.dtype, self.device)
-        spec = self.kv_spec
-        logger.info("KV cache: %s, %d blocks of %d tokens = %d tokens, %.3f GiB (%d bytes per token)", spec.kv_dtype,
-                    self.num_blocks, spec.block_size, self.num_blocks * spec.block_size,
-                    (self.num_blocks * spec.bytes_per_block + spec.fixed_bytes) / 2**30, spec.bytes_per_token)
+        spec, blocks = self.kv_spec, self.num_blocks // self.kv_layer_groups
+        logger.info("KV cache: %s, %d blocks of %d tokens = %d tokens, %.3f GiB (%d bytes per token)%s", spec.kv_dtype,
+                    blocks, spec.block_size, blocks * spec.block_size,
+                    (blocks * spec.bytes_per_block + spec.fixed_bytes) / 2**30, spec.bytes_per_token,
+                    f", in {self.kv_layer_groups} layer groups of {self.num_blocks} pages"
+                    if self.kv_layer_groups > 1 else "")
         self.step_hooks: StepHooks | None = None  # a KV connector's worker side, if it needs one
         self.cpu_forward: CpuForward | None = None
         if use_cpu_kernels:
@@ -113,6 +131,7 @@ class ModelRunner:
         # Shared-prefix groups are found only where this runner's attention reads them (the C++
         # forward's paged path, the Triton backend), and never for KIVI caches.
         self._shared_prefix = (runner.shared_prefix_attention and not self.kv_spec.kivi_bits
+                               and self.kv_layer_groups == 1  # (it groups decodes by one table's blocks)
                                and (self.cpu_forward is not None or self.backend.name == "triton"))
         self._sliding_window = max((w for w in model.sliding_windows if w), default=None)
         self.sampler = Sampler()
@@ -154,6 +173,11 @@ class ModelRunner:
             zoo_runs = variant_runs(chunks)
             self.zoo.set_runs(zoo_runs)
         input_ids, positions, kv_positions, meta = self._prepare_inputs(chunks)
+        block_tables, slot_mapping = meta.block_tables, meta.slot_mapping  # what the C++ forward reads
+        if self.kv_layer_groups > 1:
+            assert meta.token_seq_index is not None
+            block_tables, slot_mapping = group_step_tables(chunks, self.kv_layer_groups, kv_positions,
+                                                           meta.token_seq_index, self.block_size, self.num_blocks)
         windows = None
         if self.retrieval_keys is not None:  # every computed token's retrieval key, before anyone scores
             windows = self.retrieval_keys.chunk_windows(chunks)
@@ -181,12 +205,15 @@ class ModelRunner:
                         return policy.cpu_reads(layer, q, meta, kv_positions, scale)
 
                 kivi = {} if meta.kivi is None else {"kivi": meta.kivi, "query_start": meta.query_start_loc}
-                hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, meta.slot_mapping,
-                                          meta.block_tables, hook, kv_positions, before, after, **kivi,
+                hidden = self.cpu_forward(input_ids, positions, meta.token_seq_index, slot_mapping,
+                                          block_tables, hook, kv_positions, before, after, **kivi,
                                           shared_prefix=meta.shared_prefix, lora_runs=lora_runs,
                                           zoo_runs=zoo_runs)
             else:
                 self.backend.prepare(meta)
+                if self.kv_layer_groups > 1:
+                    group_metadata(meta, block_tables, slot_mapping, self.backend,
+                                   self.model_config.num_layers // self.kv_layer_groups)
                 if policy is not None and policy.block_mass is not None:
                     meta.extra["block_mass"] = policy.block_mass
                 hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend, hook)

@@ -34,3 +34,16 @@ def test_bench_reports_zoo_against_separate_engines(llama_dir, tmp_path):
     assert main(["bench", "zoo", "--model", str(llama_dir), "--dtype", "float32", "--variants", "2", "--requests",
                  "1", "--prompt-len", "4", "--max-tokens", "2", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["results"][0]["variants"] == 2
+
+
+def test_a_system_prompt_shows_the_kv_the_zoo_shares(llama_dir, tmp_path):
+    """Every variant shares layer 0 of 2 with the base: with sharing, the system prompt's layer-0 KV is held once
+    for both variants, so the zoo holds less KV at its peak than the zoo with each variant's KV its own."""
+    report = run_zoo_bench(llama_dir, (2,), changed_layers=1, requests=2, prompt_len=8, max_tokens=4,
+                           dtype="float32", work=tmp_path, system_prompt_len=64)
+    row = report["results"][0]
+    assert row["zoo"]["kv_layer_groups"] == 2 and row["zoo-private-kv"]["kv_layer_groups"] == 1
+    # Peak pages: both variants' four requests hold the 4 system-prompt blocks (and 1 block each of their own
+    # tokens): 4 shared + 2 x 4 own pages + 4 x 2 of the requests, against 2 x 4 x 2 + 4 x 2.
+    assert row["zoo"]["kv_peak_mib"] * 24 == row["zoo-private-kv"]["kv_peak_mib"] * 20
+    assert "zoo-private-kv" in format_report(report)

@@ -7,6 +7,7 @@ import pytest
 from kvflow.core import kv_cache_manager
 from kvflow.core.kv_cache_manager import BlockPool, KVCacheManager
 from kvflow.core.request import Request
+from kvflow.lora_request import AdapterRef
 from kvflow.sampling_params import SamplingParams
 
 
@@ -193,3 +194,82 @@ def test_reset_prefix_cache_drops_only_blocks_nobody_holds():
     assert kv.match_prefix(again) == 0
     twin = Request("twin", [1, 2, 3, 4, 5], SamplingParams())
     assert kv.match_prefix(twin) == 4
+
+
+# ------------------------------------------------------------ layer groups
+def variant_request(rid: str, tokens: list[int], name: str) -> Request:
+    return Request(rid, tokens, SamplingParams(max_tokens=4), variant=AdapterRef(name, f"/{name}", "d1g3st",
+                                                                                   kind="variant"))
+
+
+def test_layer_groups_take_a_page_per_group_and_give_every_page_back():
+    kv = KVCacheManager(num_blocks=12, block_size=4, layer_groups=3)
+    r = make_request("a", list(range(10)))
+    assert kv.num_token_blocks == 4 and kv.pages_needed(r, 10) == 9
+    assert kv.allocate(r, 10)
+    tables = [r.block_ids, *(t.block_ids for t in r.kv_groups)]
+    assert [len(t) for t in tables] == [3, 3, 3] and len({b for t in tables for b in t}) == 9
+    assert kv.num_free_blocks == 3 and kv.pages_needed(r, 13) == 3  # one more block in each group
+    assert not kv.allocate(make_request("b", list(range(8))), 8)  # 6 pages > 3 free: refused, nothing taken
+    assert kv.num_free_blocks == 3
+    kv.free(r)
+    assert kv.num_free_blocks == 12 and all(not t.block_ids for t in r.kv_groups) and not r.block_ids
+
+
+def test_a_variant_shares_the_pages_of_the_groups_below_its_own_layers():
+    """Group 0 computes the base's KV in variant `v` (shared_groups 1); group 1 is its own. Its prefix hit covers
+    the base's blocks in group 0 only, so it computes from the start and reads (never writes) those pages."""
+    v = AdapterRef("v", "/v", "d1g3st", kind="variant")
+    kv = KVCacheManager(num_blocks=32, block_size=4, layer_groups=2, shared_groups={v.key: 1})
+    base = make_request("base", list(range(13)))
+    compute(kv, base)
+    assert kv.pool.num_cached == 6  # 3 full blocks in each group
+    variant = variant_request("v", list(range(13)), "v")
+    assert kv.salt(variant, 0) == kv.salt(base, 0) and kv.salt(variant, 1) != kv.salt(base, 1)
+    assert kv.cached_prefix_tokens(variant) == 0  # not in every group: nothing is computed
+    assert kv.match_prefix(variant) == 0 and variant.num_computed_tokens == 0
+    assert variant.block_ids == base.block_ids[:3] and variant.num_cached_blocks == 3
+    assert variant.kv_groups[0].block_ids == [] and variant.kv_groups[0].num_cached_blocks == 0
+    assert kv.pages_needed(variant, 13) == 1 + 4  # group 0: its last block; group 1: all four
+    compute(kv, variant)
+    assert variant.block_ids[:3] == base.block_ids[:3] and len(variant.kv_groups[0].block_ids) == 4
+    assert kv.pool.num_cached == 9  # group 1's three blocks of the variant; group 0's were the base's
+    # Another request of the base hits both groups; another of the variant too.
+    again = make_request("again", list(range(13)))
+    assert kv.match_prefix(again) == 12 and again.kv_groups[0].block_ids == base.kv_groups[0].block_ids[:3]
+    twin = variant_request("twin", list(range(13)), "v")
+    assert kv.match_prefix(twin) == 12 and twin.block_ids == base.block_ids[:3]
+    assert twin.kv_groups[0].block_ids == variant.kv_groups[0].block_ids[:3]
+    for r in (base, variant, again, twin):
+        kv.free(r)
+    assert kv.num_free_blocks == 32 and all(b.ref_cnt == 0 for b in kv.pool.blocks)
+
+
+def test_layer_groups_trim_keeps_a_groups_prefix_hits_and_pins_span_every_group():
+    v = AdapterRef("v", "/v", "d1g3st", kind="variant")
+    kv = KVCacheManager(num_blocks=32, block_size=4, layer_groups=2, shared_groups={v.key: 1})
+    base = make_request("base", list(range(13)))
+    compute(kv, base)
+    variant = variant_request("v", list(range(13)), "v")
+    kv.match_prefix(variant)
+    kv.trim(variant)  # nothing computed, but group 0's hits are the prompt's KV: they stay
+    assert variant.block_ids == base.block_ids[:3] and variant.kv_groups[0].block_ids == []
+    pinned = kv.pin_prefix(make_request("p", list(range(13))), 2)
+    assert pinned == base.block_ids[:2] + base.kv_groups[0].block_ids[:2]
+    assert kv.pin_prefix(variant_request("q", list(range(13)), "v"), 1) is None  # group 1 holds none of it
+    kv.free(base)
+    kv.free(variant)
+    kv.unpin(pinned, keep=1)  # past the first block of each group: evicted at once
+    assert kv.pool.blocks[pinned[1]].block_hash is None and kv.pool.blocks[pinned[3]].block_hash is None
+    assert kv.pool.blocks[pinned[0]].block_hash is not None and kv.pool.blocks[pinned[2]].block_hash is not None
+    assert kv.num_free_blocks == 32
+
+
+def test_policies_that_rewrite_one_table_are_refused_with_layer_groups():
+    kv = KVCacheManager(num_blocks=8, block_size=2, layer_groups=2)
+    r = make_request("a", list(range(6)))
+    compute(kv, r)
+    with pytest.raises(RuntimeError, match="one layer group"):
+        kv.evict_block(r, 0)
+    with pytest.raises(RuntimeError, match="one layer group"):
+        kv.replace_blocks(r, 2)

@@ -1,19 +1,21 @@
 """BlockLLM's block zoo: variants served from one engine equal each variant loaded alone (and Hugging Face
 on the variant's directory), token for token, in batches mixing the base and several variants; the layers a
-variant did not change are stored once (bytes checked, the base's very tensors); KV is never shared
-across variants; variants that do not fit the base are refused with the reason."""
+variant did not change are stored once (bytes checked, the base's very tensors); the KV of a variant's
+leading layers that equal the base's is stored once for both (the same pages), the KV of the rest never
+shared across models; variants that do not fit the base are refused with the reason."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from kvflow import LLM, SamplingParams
-from kvflow.model.block_zoo import module_digest
+from kvflow.model.block_zoo import BlockZoo, VariantInfo, module_digest
 from kvflow.model.layers import RMSNorm
 from kvflow.model.linear import Linear
 from tests.model.test_parity import cpu_kernels  # noqa: F401 - a fixture
@@ -89,6 +91,52 @@ def test_kv_is_salted_by_variant(llama_dir, variants):
     assert zoo.generate([prompt], GREEDY, variant="top", use_tqdm=False)[0].num_cached_tokens == 24
 
 
+def _run_until_done(engine, outputs: dict[str, list[int]]) -> None:
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_variants_share_the_kv_of_the_base_layers_below_their_own(llama_dir, variants, cpu_kernels,  # noqa: F811
+                                                                   share):
+    """`top` changes layer 1 of 2, `all` layer 0: the cache splits into two groups of one layer. A `top` request
+    arriving while the base decodes the same prompt reads the base's layer-0 pages for the prompt (the very
+    pages, two holders) and keeps its own layer-1 pages; `all` shares nothing. Each still equals its model
+    alone, and every page comes back. With zoo_share_kv off, the cache is one group and nothing is shared."""
+    zoo = LLM(model=str(llama_dir), dtype="float32", block_size=4, cpu_kernels=cpu_kernels, zoo_share_kv=share,
+              variant={k: str(v) for k, v in variants.items()})
+    engine, kv = zoo.engine, zoo.engine.core.kv
+    top_key = engine.registry.variant("top").key
+    assert (kv.layer_groups, kv.shared_groups) == ((2, {top_key: 1}) if share else (1, {}))
+    prompt = list(range(100, 127))  # 6 full blocks of 4, and 3 tokens
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outputs: dict[str, list[int]] = {}
+    engine.add_request("base", prompt, params)
+    while not engine.core.scheduler.running or engine.core.scheduler.running[0].num_output_tokens < 2:
+        engine.step()
+    engine.add_request("top", prompt, params, variant="top")
+    engine.add_request("all", prompt, params, variant="all")
+    engine.step()  # admits both (prefix lookups) and computes their prompts
+    running = {r.variant.name if r.variant else "base": r for r in engine.core.scheduler.running}
+    base, top, other = running["base"], running["top"], running["all"]
+    if share:
+        assert top.block_ids[:6] == base.block_ids[:6]  # layer 0: the base's pages, held by both
+        assert all(kv.pool.blocks[b].ref_cnt == 2 for b in base.block_ids[:6])
+        assert not set(top.kv_groups[0].block_ids) & set(base.kv_groups[0].block_ids)  # layer 1: its own
+        assert top.num_computed_tokens == len(prompt)  # (it computed every token: layer 1 needs layer 0's output)
+    assert not set(other.block_ids) & set(base.block_ids)
+    _run_until_done(engine, outputs)
+    for name in ("base", "top", "all"):
+        directory = llama_dir if name == "base" else variants[name]
+        alone = LLM(model=str(directory), dtype="float32").generate([prompt], params, use_tqdm=False)[0]
+        assert outputs[name] == alone.outputs[0].token_ids, name
+    assert outputs["top"] != outputs["base"]
+    zoo.reset_prefix_cache()
+    assert kv.num_free_blocks == kv.num_blocks
+
+
 def test_bad_variants_are_refused(llama_dir, tiny_models, tmp_path, variants):
     with pytest.raises(ValueError, match="head_dim"):
         LLM(model=str(llama_dir), dtype="float32", variant={"q": str(tiny_models["qwen3"])})
@@ -113,3 +161,66 @@ def test_module_digest_sees_every_tensor():
     with torch.no_grad():
         b.bias[2] += 1e-7
     assert module_digest(a) != module_digest(b)
+
+
+def test_layer_groups_are_the_gcd_of_the_layers_and_each_variants_first_own_layer():
+    def groups(num_layers: int, own: dict[str, tuple[int, ...]]) -> tuple[int, dict[str, int]]:
+        zoo = BlockZoo(SimpleNamespace(layers=[None] * num_layers))
+        for name, layers in own.items():
+            zoo.variants[name] = VariantInfo(name, "/", "d", layers, False, 0, 0)
+            zoo._keys[name] = f"{name}@d"
+        return zoo.kv_layer_groups()
+
+    assert groups(30, {"top2": (28, 29)}) == (15, {"top2@d": 14})  # pages of 2 layers, 14 groups shared
+    assert groups(30, {"a": (28, 29), "b": (20,)}) == (15, {"a@d": 14, "b@d": 10})
+    assert groups(4, {"top": (3,)}) == (4, {"top@d": 3})
+    assert groups(4, {"top": (3,), "first": (0, 3)}) == (4, {"top@d": 3})  # "first" shares nothing
+    assert groups(4, {"first": (0,)}) == (1, {})  # nothing to share: one group
+    assert groups(4, {"norm": ()}) == (1, {"norm@d": 1})  # only its final norm differs: every layer is the base's
+
+
+def test_a_variant_that_changed_no_layer_reads_all_the_base_kv(llama_dir, tmp_path):
+    """Only its final norm differs: its KV is the base's in every layer, so it hits the base's prefix whole."""
+    norm = make_variant(llama_dir, tmp_path / "norm", (), seed=4, final_norm=True)
+    zoo = LLM(model=str(llama_dir), dtype="float32", block_size=4, variant={"norm": str(norm)})
+    assert zoo.engine.core.kv.layer_groups == 1
+    prompt = list(range(100, 125))
+    zoo.generate([prompt], GREEDY, use_tqdm=False)
+    out = zoo.generate([prompt], GREEDY, variant="norm", use_tqdm=False)[0]
+    assert out.num_cached_tokens == 24
+    alone = LLM(model=str(norm), dtype="float32").generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_what_cannot_read_layer_groups_keeps_one_or_is_refused(llama_dir, variants):
+    """An engine with a KV policy keeps one group (the variant's KV its own); one with groups refuses a
+    request's own KV policy, naming the way out, and stays usable."""
+    policy = LLM(model=str(llama_dir), dtype="float32", kv_policy="streaming", kv_budget=32,
+                 variant={"top": str(variants["top"])})
+    assert (policy.engine.core.kv.layer_groups, policy.engine.core.kv.shared_groups) == (1, {})
+    zoo = LLM(model=str(llama_dir), dtype="float32", variant={"top": str(variants["top"])})
+    assert zoo.engine.core.kv.layer_groups == 2
+    with pytest.raises(ValueError, match="no-zoo-share-kv"):
+        zoo.generate(PROMPTS[:1], SamplingParams(max_tokens=4, kv_policy="streaming", kv_budget=32), use_tqdm=False)
+    assert not zoo.engine.has_unfinished_requests()
+    assert len(zoo.generate(PROMPTS[:1], GREEDY, variant="top", use_tqdm=False)[0].outputs[0].token_ids) == 8
+
+
+def test_preemption_with_layer_groups_gives_every_page_back(llama_dir, variants):
+    """A cache of 16 blocks (32 pages of one layer) for requests of 10 blocks each: requests are preempted
+    and recomputed, re-finding their pages in each group, and each output still equals its model alone."""
+    zoo = LLM(model=str(llama_dir), dtype="float32", block_size=4, num_blocks=16,
+              variant={k: str(v) for k, v in variants.items()})
+    kv = zoo.engine.core.kv
+    assert kv.layer_groups == 2 and kv.num_blocks == 32 and kv.num_token_blocks == 16
+    prompt = list(range(100, 127))
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    names = [None, "top", "top", "all", None]
+    outs = zoo.generate([prompt] * len(names), params, variant=names, use_tqdm=False)
+    assert zoo.engine.stats().num_preemptions > 0
+    for name, out in zip(names, outs):
+        directory = llama_dir if name is None else variants[name]
+        alone = LLM(model=str(directory), dtype="float32").generate([prompt], params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids, name
+    zoo.reset_prefix_cache()
+    assert kv.num_free_blocks == kv.num_blocks and all(b.ref_cnt == 0 for b in kv.pool.blocks)

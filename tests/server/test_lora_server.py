@@ -83,6 +83,12 @@ def test_model_field_selects_the_adapter(start_server, model_dir, adapters, tmp_
     chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
                       json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert chat.status_code == 200 and chat.json()["model"] == "chat", chat.text
+    # The variant shares its lower layers' KV with the base (layer groups), which KV policies cannot read: a
+    # request asking for one is refused with the way out, and the server goes on.
+    r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": "top", "prompt": PROMPT_IDS, "max_tokens": 2, "kv_policy": "streaming", "kv_budget": 64})
+    assert r.status_code == 400 and "--no-zoo-share-kv" in r.json()["error"]["message"], r.text
+    assert complete(server.url, "top").json()["choices"][0]["text"] == top.json()["choices"][0]["text"]
     # Runtime loading is off by default: the routes do not exist.
     r = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(adapters["sql"])},
                    timeout=10)
