@@ -379,7 +379,7 @@ class KVCacheManager:
         """Make room for `num_new_tokens` more tokens of `request` (and hold `spare` blocks for its KV
         policy's work this step); False (and no change) if full."""
         needed = self.blocks_needed(request.num_computed_tokens - request.kv_shift + num_new_tokens)
-        tables = self.tables(request)
+        tables = self.tables(request) if self.layer_groups > 1 else [request]
         missing = [max(0, needed - len(table.block_ids)) for table in tables]
         extra = max(0, spare - len(request.kv_spare_blocks))
         if sum(missing) + extra > self.pool.num_free:

@@ -94,7 +94,7 @@ class ModelRunner:
         self.kv_layer_groups, self.kv_shared_groups = 1, {}
         if self.zoo is not None and config.zoo.zoo_share_kv:
             groups, shared = self.zoo.kv_layer_groups()
-            blocker = layer_groups_blocker(config, self.kv_spec, self.backend.name) if groups > 1 else None
+            blocker = layer_groups_blocker(config, self.kv_spec) if groups > 1 else None
             if blocker is not None:  # one group: only variants that changed no layer (just the final norm) share
                 logger.info("the block zoo's variants keep KV of their own in the layers they share with the "
                             "base: %s", blocker)

@@ -54,9 +54,8 @@ def test_layers_alias_the_groups_tensors():
 def test_what_keeps_one_layer_group(llama_dir):
     config = EngineConfig.create(str(llama_dir), dtype="float32")
     spec = KVCacheSpec.dense(2, 2, 8, 4, torch.float32)
-    assert layer_groups_blocker(config, spec, "torch_native") is None
-    assert "triton" in layer_groups_blocker(config, spec, "triton")
+    assert layer_groups_blocker(config, spec) is None
     draft = EngineConfig.create(str(llama_dir), dtype="float32", speculative_method="ngram")
-    assert "speculative" in layer_groups_blocker(draft, spec, "torch_native")
+    assert "speculative" in layer_groups_blocker(draft, spec)
     policy = EngineConfig.create(str(llama_dir), dtype="float32", kv_policy="streaming", kv_budget=64)
-    assert "kv_policy=streaming" in layer_groups_blocker(policy, spec, "torch_native")
+    assert "kv_policy=streaming" in layer_groups_blocker(policy, spec)

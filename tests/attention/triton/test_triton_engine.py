@@ -181,3 +181,28 @@ def test_engine_specontext_matches_torch_backend(tiny_models, tmp_path):
     assert llm.engine.core.stats().specontext_steps > 0
     kv = llm.engine.core.kv
     assert kv.num_free_blocks == kv.num_blocks, "blocks leaked"
+
+
+def test_engine_block_zoo_with_layer_groups_matches_torch_backend(tiny_models, tmp_path):
+    """A variant sharing layer 0 of 2 with the base: the cache in two layer groups, each layer reading its
+    group's tables and slots through Triton's store and attention kernels; a variant's request over the base's
+    cached prompt reads the base's layer-0 pages. Tokens equal the torch-native backend's."""
+    from tests.engine.test_block_zoo import make_variant
+
+    base = tiny_models["llama"]
+    variant = {"top": str(make_variant(base, tmp_path / "top", (1,), seed=1, final_norm=True))}
+    prompts = [[(5 * i) % 300 + 3 for i in range(70)], [(5 * i) % 300 + 3 for i in range(70)], [7, 8, 9]]
+    outputs = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(model=str(base), dtype="float32", device=DEVICE, num_blocks=48, block_size=8,
+                  attention_backend=backend, cpu_kernels=False, max_num_batched_tokens=64, variant=variant)
+        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+        first = llm.generate(prompts[:1], params, use_tqdm=False)  # the base computes the prompt
+        rest = llm.generate(prompts[1:], params, variant=["top", None], use_tqdm=False)
+        kv = llm.engine.core.kv
+        assert llm.engine.core.runner.backend.name == {"torch": "torch_native"}.get(backend, backend)
+        assert kv.layer_groups == 2
+        outputs[backend] = [list(o.outputs[0].token_ids) for o in first + rest]
+        llm.reset_prefix_cache()
+        assert kv.num_free_blocks == kv.num_blocks, "pages leaked"
+    assert outputs["triton"] == outputs["torch"]
