@@ -356,6 +356,12 @@ class KVCacheManager:
             return 0
         return self._attach(request, [table.block_ids[:num_blocks] for table in self.tables(source)], num_blocks)
 
+    def num_cached_blocks(self, request: Request) -> int:
+        """The request's leading blocks indexed in every layer group (a group's prefix hits may reach further)."""
+        if self.layer_groups == 1:
+            return request.num_cached_blocks
+        return min(table.num_cached_blocks for table in self.tables(request))
+
     def _holds_blocks(self, request: Request) -> bool:
         return bool(request.block_ids) or any(table.block_ids for table in request.kv_groups)
 

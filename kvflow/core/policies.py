@@ -188,11 +188,13 @@ class PrefixTreePolicy(QueuePolicy):
         if len(new) < self.min_batch or not self.kv.enable_prefix_caching:
             return
         # Requests share KV only within a cache salt, and only where their blocks stay the prompt's exact
-        # KV and are indexed (no KV policy, prefix caching not skipped): the others are planned alone.
+        # KV and are indexed (no KV policy, prefix caching not skipped): the others are planned alone. In a
+        # cache of layer groups, the top group's salt: the same there means the same KV in every layer.
         by_salt: dict[tuple[bool, str | None], list[Request]] = {}
+        top = self.kv.layer_groups - 1
         for r in new:
             shares = not r.skip_prefix_cache and r.kv_policy is None
-            by_salt.setdefault((shares, self.kv.salt(r)), []).append(r)
+            by_salt.setdefault((shares, self.kv.salt(r, top)), []).append(r)
         arrival = {id(r): i for i, r in enumerate(new)}
         ordered: list[tuple[float, int, list[Request]]] = []
         for (shares, _), requests in by_salt.items():

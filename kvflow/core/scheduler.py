@@ -506,10 +506,11 @@ class Scheduler:
                 self.spec_stats.record(proposed, accepted)
             else:
                 request.num_computed_tokens += chunk.num_tokens
-            cached_before = request.num_cached_blocks
+            cached_before = self.kv.num_cached_blocks(request)
             self.kv.cache_full_blocks(request)
-            if request.num_cached_blocks > cached_before:
-                self.policy.on_blocks_cached(request, request.num_cached_blocks)
+            cached = self.kv.num_cached_blocks(request)
+            if cached > cached_before:
+                self.policy.on_blocks_cached(request, cached)
             if request.kv_policy is not None:
                 request.kv_policy.after_step(request, self.kv, chunk, result)
             if request.prompt_only and request.num_computed_tokens >= request.num_tokens_to_compute:

@@ -224,3 +224,35 @@ def test_preemption_with_layer_groups_gives_every_page_back(llama_dir, variants)
         assert out.outputs[0].token_ids == alone.outputs[0].token_ids, name
     zoo.reset_prefix_cache()
     assert kv.num_free_blocks == kv.num_blocks and all(b.ref_cnt == 0 for b in kv.pool.blocks)
+
+
+def test_prefix_tree_batching_pins_a_groups_prefix_in_every_layer_group(llama_dir, variants):
+    """BatchLLM's prefix-tree policy over a zoo in layer groups: each prefix group's shared blocks are pinned in
+    both groups (pages of layer 0 and of layer 1), outputs equal FCFS's, and every page comes back."""
+    shared = list(range(200, 232))  # 8 blocks of 4
+    prompts = [shared + [i, i + 1, i + 2] for i in range(6)]
+    names = [None, "top", "top", None, "all", "top"]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outs = {}
+    for policy in ("fcfs", "prefix-tree"):
+        zoo = LLM(model=str(llama_dir), dtype="float32", block_size=4, batch_policy=policy,
+                  variant={k: str(v) for k, v in variants.items()})
+        kv = zoo.engine.core.kv
+        assert kv.layer_groups == 2
+        pins: list[list[int]] = []
+        original = kv.pin_prefix
+
+        def pin(request, num_blocks, original=original, pins=pins):
+            pinned = original(request, num_blocks)
+            if pinned is not None:
+                pins.append(pinned)
+            return pinned
+
+        kv.pin_prefix = pin
+        outs[policy] = [o.outputs[0].token_ids for o in zoo.generate(prompts, params, variant=names,
+                                                                      use_tqdm=False)]
+        if policy == "prefix-tree":
+            assert pins and all(len(p) % 2 == 0 and len(p) >= 2 for p in pins)  # the same blocks in each group
+        zoo.reset_prefix_cache()
+        assert kv.num_free_blocks == kv.num_blocks and all(b.ref_cnt == 0 for b in kv.pool.blocks)
+    assert outs["prefix-tree"] == outs["fcfs"]
