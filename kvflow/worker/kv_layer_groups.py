@@ -76,9 +76,10 @@ def group_step_tables(chunks: list[ScheduledChunk], groups: int, kv_positions: t
 
 def group_metadata(meta: AttentionMetadata, block_tables: torch.Tensor, slots: torch.Tensor,
                    backend: AttentionBackend, layers_per_group: int) -> None:
-    """Give `meta` one prepared metadata per layer group, for the PyTorch modules' attention layers."""
-    per_group = []
-    for g in range(block_tables.shape[0]):
+    """Give `meta` (group 0's, prepared) one prepared metadata per layer group, for the PyTorch modules'
+    attention layers: itself for group 0, a copy with the group's tables and slots for each other."""
+    per_group = [meta]
+    for g in range(1, block_tables.shape[0]):
         own = dataclasses.replace(meta, slot_mapping=slots[g], block_tables=block_tables[g], extra={})
         backend.prepare(own)
         per_group.append(own)

@@ -178,6 +178,7 @@ class ModelRunner:
             assert meta.token_seq_index is not None
             block_tables, slot_mapping = group_step_tables(chunks, self.kv_layer_groups, kv_positions,
                                                            meta.token_seq_index, self.block_size, self.num_blocks)
+            meta.block_tables, meta.slot_mapping = block_tables[0], slot_mapping[0]  # meta states group 0
         windows = None
         if self.retrieval_keys is not None:  # every computed token's retrieval key, before anyone scores
             windows = self.retrieval_keys.chunk_windows(chunks)
