@@ -256,6 +256,11 @@ class ModelConfig:
             return replace(self, quantization=requested)
         if (requested.format, requested.bits, requested.group_size) == (current.format, current.bits,
                                                                       current.group_size):
+            if requested.lm_head:
+                raise ValueError(f"{self.path} is stored quantised ({current.describe()}) and its LM head as "
+                                 "stored: --quantization-lm-head quantises the head of a dense checkpoint at load")
+            if requested.activation_bits not in (None, current.activation_bits):  # a runtime choice
+                return replace(self, quantization=replace(current, activation_bits=requested.activation_bits))
             return self
         raise ValueError(f"{self.path} is already quantised ({current.describe()}); quantization="
                          f"{requested.describe()} would quantise it again: load it as it is, or quantise "
@@ -292,7 +297,9 @@ _SUPPORTED_QUANT = (f"checkpoints quantised by kvflow (quant_method '{QUANT_METH
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """Linear weights in one of `QUANT_FORMATS` (the embedding and the LM head stay in the model's dtype).
+    """Linear weights in one of `QUANT_FORMATS` (the embedding stays in the model's dtype; the LM head
+    too unless `lm_head`, which quantises it at load like the projections: a lossy option, as llama.cpp's
+    quantised `output.weight`, that takes the head's matmul off the float path of every decode step).
 
     `bits` and `group_size` are filled in from the format where it fixes them (bipolar: 4 and 64 by
     default); `activation_bits` picks how activations meet the weights: int8 with 8 runs W8A8
@@ -305,9 +312,13 @@ class QuantizationConfig:
     group_size: int | None = None
     activation_bits: int | None = None
     on_load: bool = False
+    lm_head: bool = False
 
     def __post_init__(self) -> None:
         fmt = self.format
+        if self.lm_head and not self.on_load:
+            raise ValueError("a quantised LM head is chosen at load (--quantization-lm-head with --quantization); "
+                             "checkpoints keep theirs as stored")
         if fmt not in QUANT_FORMATS:
             raise ValueError(f"quantization format must be one of {', '.join(QUANT_FORMATS)}; got {fmt!r}")
         if fmt in _FIXED_QUANT:
@@ -345,7 +356,8 @@ class QuantizationConfig:
     def describe(self) -> str:
         extra = f" {self.bits}-bit, group {self.group_size}" if self.format == "bipolar" else ""
         act = f", {self.activation_bits}-bit activations" if self.activation_bits else ""
-        return f"{self.format}{extra}{act}"
+        head = ", LM head quantised" if self.lm_head else ""
+        return f"{self.format}{extra}{act}{head}"
 
     @classmethod
     def from_hf(cls, qc: Any, path: str = "") -> QuantizationConfig | None:
@@ -386,6 +398,7 @@ class LoadConfig:
     quantization_bits: int | None = None
     quantization_group_size: int | None = None
     quantization_activation_bits: int | None = None
+    quantization_lm_head: bool = False
 
     def __post_init__(self) -> None:
         self.quantization_config()
@@ -393,12 +406,12 @@ class LoadConfig:
     def quantization_config(self) -> QuantizationConfig | None:
         if self.quantization is None:
             if (self.quantization_bits, self.quantization_group_size, self.quantization_activation_bits) != (
-                    None, None, None):
-                raise ValueError("quantization_bits, quantization_group_size and quantization_activation_bits "
-                                 "need a quantization format")
+                    None, None, None) or self.quantization_lm_head:
+                raise ValueError("quantization_bits, quantization_group_size, quantization_activation_bits and "
+                                 "quantization_lm_head need a quantization format")
             return None
         return QuantizationConfig(self.quantization, self.quantization_bits, self.quantization_group_size,
-                                  self.quantization_activation_bits, on_load=True)
+                                  self.quantization_activation_bits, on_load=True, lm_head=self.quantization_lm_head)
 
 
 # KV-cache formats (kvflow/attention/kv_spec.py says what a block of each holds): "auto" keeps the

@@ -75,7 +75,10 @@ _HELP = {
     "prompt_lookup_max": "ngram: longest suffix matched (default 4; longer matches are tried first)",
     "quantization": "quantise a dense checkpoint's linear layers as they load (round to nearest): q8_0, q4_0, "
                     "q4_k (llama.cpp's blocks), int8 (per output channel) or bipolar (n-bit bipolar-INT); the "
-                    "embedding and LM head stay dense. A kvflow-quantised directory loads quantised without it",
+                    "embedding and LM head stay dense (see --quantization-lm-head). A kvflow-quantised directory "
+                    "loads quantised without it",
+    "quantization_lm_head": "with --quantization: quantise the LM head too, in the same format and activations "
+                            "(lossy; a tied head keeps the embedding's dense matrix for the lookup)",
     "quantization_bits": "bipolar: bits per weight, 2..8 (default 4); the other formats fix their own",
     "quantization_group_size": "bipolar: weights per scale and offset along K, a multiple of 8 (default 64)",
     "quantization_activation_bits": "int8: 8 runs W8A8 (per-token int8 activations; default W8A16); bipolar: "

@@ -245,7 +245,8 @@ def _compare_weights(args: argparse.Namespace, config) -> int:
                                                                       args.max_source_files), 64, 512, args.seed)
         return torch.from_numpy(ids)
 
-    rows = compare_weight_methods(lambda d: make_llm(argparse.Namespace(**{**vars(args), "model": d})), model,
+    rows = compare_weight_methods(lambda d, overrides: make_llm(argparse.Namespace(**{**vars(args), "model": d,
+                                                                                      **overrides})), model,
                                   methods, config, out, calibration, reuse=not args.rerun,
                                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_weight_comparison(rows))

@@ -78,9 +78,7 @@ at::Tensor draft_greedy(CpuModel& model, const at::Tensor& feed_ids, const at::T
     }
     const at::Tensor hidden = model.forward(ids, pos, seq, slots, block_tables, {}, std::nullopt, {}, {},
                                             std::nullopt);
-    const at::Tensor logits = linear(hidden.index_select(0, last), head, bias, head_packed, blocked)
-                                  .to(at::kFloat);
-    const at::Tensor picked = logits.argmax(-1);
+    const at::Tensor picked = argmax_rows(linear(hidden.index_select(0, last), head, bias, head_packed, blocked));
     const int64_t* best = picked.data_ptr<int64_t>();
     for (size_t r = 0; r < rows.size(); ++r) proposals[rows[r] * steps + j] = best[r];
   }

@@ -794,6 +794,7 @@ class CpuModel {
 };
 
 // draft_greedy: a draft model's greedy proposals for a whole speculative pass in one call.
+#include "cpu_argmax.h"
 #include "cpu_draft.h"
 
 // Single kernels, exposed for the tests that compare each one with a plain PyTorch reference.
@@ -1184,6 +1185,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_f32", [](const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
     return linear_f32(x, weight, optional_weight(bias));
   });
+  // Greedy rows' tokens from the LM head's output in its own dtype (cpu_argmax.h).
+  m.def("argmax_rows", &argmax_rows, pybind11::arg("logits"));
   // The forward's own linear (the LM head of CpuForward.logits goes through it, as draft_greedy's does).
   m.def("linear", [](const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool packed,
                      const at::Tensor& blocked) {

@@ -1059,6 +1059,8 @@ inline void scale_row(const int32_t* acc, float d, const float* s, int64_t N, fl
   }
 }
 
+constexpr int64_t kInt8AccBytes = int64_t{8} << 20;
+
 inline at::Tensor gemm_int8(const Weights& w, const at::Tensor& x) {
   const int64_t M = x.size(0), N = w.N, K = w.K;
   at::Tensor codes = at::empty({M, K}, at::kChar);
@@ -1068,15 +1070,22 @@ inline at::Tensor gemm_int8(const Weights& w, const at::Tensor& x) {
     for (int64_t m = m0; m < m1; ++m) d[m] = quantize_token(x, m, K, buf.data(), codes.data_ptr<int8_t>() + m * K);
   });
   const at::Tensor weight = at::from_blob(const_cast<uint8_t*>(w.data), {N, K}, at::kChar);
-  const at::Tensor acc = at::_int_mm(codes, weight.t());
   at::Tensor y = at::empty({M, N}, x.options());
   const bool f32 = y.scalar_type() == at::kFloat;
-  const int32_t* a = acc.data_ptr<int32_t>();
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      scale_row(a + m * N, d[m], w.scales, N, f32 ? y.data_ptr<float>() + m * N : nullptr,
-                f32 ? nullptr : y.data_ptr<at::BFloat16>() + m * N);
-  });
+  // Output columns in slices whose int32 sums stay under kInt8AccBytes: a 64-row step of a 152k-word
+  // LM head would otherwise sum into 39 MB, a fresh mapping (glibc maps allocations above 32 MB) whose
+  // page faults cost more than its scaling, read back from memory rather than from the cache.
+  const int64_t cols = std::min(N, std::max<int64_t>(64, kInt8AccBytes / (4 * M)) / 64 * 64);
+  for (int64_t n0 = 0; n0 < N; n0 += cols) {
+    const int64_t n = std::min(cols, N - n0);
+    const at::Tensor acc = at::_int_mm(codes, weight.narrow(0, n0, n).t());
+    const int32_t* a = acc.data_ptr<int32_t>();
+    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        scale_row(a + m * n, d[m], w.scales + n0, n, f32 ? y.data_ptr<float>() + m * N + n0 : nullptr,
+                  f32 ? nullptr : y.data_ptr<at::BFloat16>() + m * N + n0);
+    });
+  }
   return y;
 }
 

@@ -3,7 +3,10 @@
 
 An entry is `dense` (the checkpoint as it is), a format (`q8_0`, `q4_0`, `q4_k`, `int8`), bipolar-INT
 with its bits (`bipolar4`; a range `bipolar2..8` expands to seven entries), each optionally `+awq`
-(calibrated, see kvflow/model/quant/awq.py; otherwise round-to-nearest). Each entry's quantised model
+(calibrated, see kvflow/model/quant/awq.py; otherwise round-to-nearest). Two options are run-time
+choices: `+a8` (int8 only: W8A8, per-token int8 activations) and `+head` (the LM head quantised too, in
+the same format: the dense checkpoint is quantised at load, round to nearest, with
+`--quantization-lm-head`, so not with `+awq`). Each entry's quantised model
 is written once under <out>/models/<entry>/ by `kvflow quantize`'s code and reused while its
 quantize_report.json says it was made the same way; its evaluation goes to <out>/<entry>/ as a plain
 `kvflow eval` writes it and is reused when its settings match. The x axis is bits per weight of the
@@ -24,7 +27,8 @@ from kvflow.config import QUANT_FORMATS
 from kvflow.eval.report import save_results
 from kvflow.eval.runner import EvalConfig, run_eval
 
-_ENTRY = re.compile(r"^(dense|q8_0|q4_0|q4_k|int8|bipolar(\d)(?:\.\.(\d))?)(\+awq)?$")
+_ENTRY = re.compile(r"^(dense|q8_0|q4_0|q4_k|int8|bipolar(\d)(?:\.\.(\d))?)((?:\+(?:awq|a8|head))*)$")
+_OPTIONS = ("awq", "a8", "head")  # in the order a name spells them
 #: Settings that must match for a saved evaluation to be reused.
 _SAME_EVAL = ("tasks", "lengths", "depths", "trials", "pairs", "multikey_lengths", "queries", "ppl_context",
               "ppl_tokens", "heldout_percent", "max_source_files", "seed")
@@ -35,15 +39,33 @@ class WeightMethod:
     format: str = "dense"  # "dense" or a name of QUANT_FORMATS
     bits: int | None = None  # bipolar's bits
     awq: bool = False
+    a8: bool = False  # int8 weights with int8 activations (W8A8)
+    head: bool = False  # the LM head quantised at load too
 
     @property
     def name(self) -> str:
         base = f"bipolar{self.bits}" if self.format == "bipolar" else self.format
-        return base + ("+awq" if self.awq else "")
+        return base + "".join(f"+{option}" for option in _OPTIONS if getattr(self, option))
+
+    def engine_overrides(self) -> dict[str, Any]:
+        """Engine settings the run-time options add: W8A8, and quantisation at load for a quantised head."""
+        if not (self.a8 or self.head):
+            return {}
+        out: dict[str, Any] = {"quantization": self.format, "quantization_bits": self.bits}
+        if self.a8:
+            out["quantization_activation_bits"] = 8
+        if self.head:
+            out["quantization_lm_head"] = True
+        return out
 
     @property
     def folder(self) -> str:
         return self.name.replace("+", "-")
+
+    @property
+    def checkpoint_folder(self) -> str:
+        """Where its quantised checkpoint goes: shared by the entries that differ only in run-time options."""
+        return WeightMethod(self.format, self.bits, self.awq).folder
 
     @property
     def params(self) -> dict[str, int]:
@@ -57,17 +79,25 @@ def parse_weight_methods(entries: tuple[str, ...] | list[str]) -> list[WeightMet
         match = _ENTRY.match(entry.strip())
         if match is None:
             raise ValueError(f"{entry!r} is not dense, {', '.join(f for f in QUANT_FORMATS if f != 'bipolar')}, "
-                             "bipolarN (N = 2..8) or bipolarA..B, optionally with +awq")
-        base, low, high, awq = match.groups()
-        if base == "dense" and awq:
-            raise ValueError("dense has nothing to calibrate: drop +awq")
+                             "bipolarN (N = 2..8) or bipolarA..B, optionally with +awq, +a8 (int8) or +head")
+        base, low, high, suffix = match.groups()
+        given = suffix.split("+")[1:]
+        options = {option: option in given for option in _OPTIONS}
+        if len(set(given)) < len(given):
+            raise ValueError(f"{entry!r} repeats an option")
+        if base == "dense" and any(options.values()):
+            raise ValueError("dense has nothing to calibrate or quantise: drop its options")
+        if options["a8"] and base != "int8":
+            raise ValueError(f"{entry!r}: +a8 (int8 activations) is for int8 weights")
+        if options["head"] and options["awq"]:
+            raise ValueError(f"{entry!r}: +head quantises at load (round to nearest); it does not take +awq")
         if low is None:
-            methods.append(WeightMethod(base, None, bool(awq)))
+            methods.append(WeightMethod(base, None, **options))
             continue
         lo, hi = int(low), int(high or low)
         if not 2 <= lo <= hi <= 8:
             raise ValueError(f"{entry!r}: bipolar takes 2 to 8 bits")
-        methods.extend(WeightMethod("bipolar", n, bool(awq)) for n in range(lo, hi + 1))
+        methods.extend(WeightMethod("bipolar", n, **options) for n in range(lo, hi + 1))
     names = [m.name for m in methods]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -98,20 +128,26 @@ def quantised_model(model: str, method: WeightMethod, folder: Path,
     return str(folder), saved
 
 
-def compare_weight_methods(make_llm: Callable[[str], Any], model: str, methods: list[WeightMethod],
+def compare_weight_methods(make_llm: Callable[[str, dict[str, Any]], Any], model: str, methods: list[WeightMethod],
                            config: EvalConfig, out: Path, calibration: Callable[[], Any], reuse: bool = True,
                            log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Quantise (or reuse), evaluate (or reuse) and summarise each method; `make_llm(model_dir)` builds
-    the engine with the command's settings; `calibration()` gives AWQ's token ids (called when needed)."""
+    """Quantise (or reuse), evaluate (or reuse) and summarise each method; `make_llm(model_dir, overrides)`
+    builds the engine with the command's settings and the method's `engine_overrides`; `calibration()`
+    gives AWQ's token ids (called when needed). A `+head` method still writes its round-to-nearest
+    checkpoint (its report gives the projections' bits), but runs the dense one quantised at load: a
+    checkpoint keeps its head as stored, and at load the projections are quantised to the same codes."""
     rows = []
     for method in methods:
-        model_dir, report = quantised_model(model, method, out / "models" / method.folder, calibration, log)
+        model_dir, report = quantised_model(model, method, out / "models" / method.checkpoint_folder, calibration,
+                                            log)
+        if method.head:
+            model_dir = model
         folder = out / method.folder
         result = _load(folder / "results.json", config, model_dir) if reuse else None
         if result is None:
             if log:
                 log(f"--- evaluating {method.name}")
-            llm = make_llm(model_dir)
+            llm = make_llm(model_dir, method.engine_overrides())
             evaluated = run_eval(llm, config, log=log)
             save_results(evaluated, folder)
             result = evaluated.to_dict(samples=False)
@@ -137,6 +173,7 @@ def _summary(method: WeightMethod, report: dict[str, Any], result: dict[str, Any
     ppl = result.get("perplexity") or {}
     return {
         "method": method.name, "format": method.format, "bits": method.bits, "awq": method.awq,
+        "a8": method.a8, "head": method.head,
         "bits_per_weight": report.get("bits_per_weight", dense_bits),
         "model_bits_per_weight": report.get("model_bits_per_weight", dense_bits),
         "weight_error": report.get("weight_error", 0.0),
@@ -161,7 +198,7 @@ def format_weight_comparison(rows: list[dict[str, Any]]) -> str:
                      f"{r['weight_error']:>8.4f} {_num(ppl, '.3f'):>10} {delta:>8} {_num(r['passkey'], '.3f'):>8} "
                      f"{_num(r['multikey'], '.3f'):>9}  {', '.join(r['fallbacks'])}")
     lines.append("bits/w: the quantised projections' storage per weight, scales included; model b/w: every "
-                 "tensor (embedding, norms and LM head stay dense)")
+                 "tensor as stored (embedding, norms and LM head dense; +head adds a quantised copy of a tied head)")
     return "\n".join(lines)
 
 
@@ -180,7 +217,9 @@ def save_weight_comparison(rows: list[dict[str, Any]], out: Path, title: str) ->
               ("multikey", "multi-key recall")]
     series: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        key = ("bipolar" + (" +awq" if r["awq"] else " (rtn)")) if r["format"] == "bipolar" else r["method"]
+        key = r["method"]
+        if r["format"] == "bipolar":
+            key = "bipolar" + (" +awq" if r["awq"] else " (rtn)") + (" +head" if r.get("head") else "")
         series.setdefault(key, []).append(r)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     try:

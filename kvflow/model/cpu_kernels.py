@@ -333,7 +333,7 @@ class CpuForward:
                 self._model.set_variant_final_norm(zoo.index(key), norm.weight.detach())
         self._zoo = zoo
         self._ext = ext
-        self._compute_logits = model.compute_logits
+        self._owner = model  # its `lm_head`, read at each call (compute_logits is its output widened to fp32)
         head = model.lm_head.method.cpu_kernel_weights(model.lm_head)
         if head is not None and head.quant is not None:
             head = None  # a quantised head (a GGUF file's): the model's compute_logits, on the same kernels
@@ -416,13 +416,23 @@ class CpuForward:
             head.packed, _or_empty(head.decode_copy)).tolist()
         return [row[:n] for row, n in zip(out, counts)]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of these rows through the forward's own `linear` (the decode GEMV for a few rows
-        where the LM head has its copy, `linear_f32` for a few fp32 rows, else the op the model's
-        `compute_logits` runs), the very call `draft_greedy` makes; the model's `compute_logits` where
-        the head's method has no C++ weights."""
+    def head_output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's output for these rows, in its own dtype: through the forward's own `linear` (the
+        decode GEMV for a few rows where the head has its copy, `linear_f32` for a few fp32 rows, else the
+        op the model's `compute_logits` runs), the very call `draft_greedy` makes; the model's head
+        itself where its method has no C++ weights (a quantised head: its format's kernels)."""
         head = self._head
         if head is None:
-            return self._compute_logits(hidden)
+            return self._owner.lm_head(hidden)
         return self._ext.linear(hidden.contiguous(), head.weight, _or_empty(head.bias), head.packed,
-                                _or_empty(head.decode_copy)).float()
+                                _or_empty(head.decode_copy))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of these rows (the model's `compute_logits`: the head's output widened)."""
+        return self.head_output(hidden).float()
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
+        """Each row's argmax of its logits, as `logits(hidden).argmax(-1)` gives it (the first maximum; a
+        NaN counts as the maximum), taken on the head's output in its own dtype by csrc/cpu_argmax.h:
+        widening is exact and keeps the order, and the fp32 copy of rows x vocab is never made."""
+        return self._ext.argmax_rows(self.head_output(hidden)).tolist()

@@ -14,18 +14,20 @@ them, so a quantised layer never holds (nor briefly allocates) a dense copy.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from kvflow.config import ModelConfig, read_json
+from kvflow.config import ModelConfig, QuantizationConfig, read_json
 from kvflow.gguf_config import generation_config_from_gguf, is_gguf_path
 from kvflow.model.layers import RotaryEmbedding
-from kvflow.model.linear import linear_layers
+from kvflow.model.linear import DenseLinear, linear_layers
 from kvflow.model.quant.checkpoint import load_time_quantizer, read_safetensors
+from kvflow.model.quant.linear_methods import QuantizedLinear
+from kvflow.model.quant.weights import QuantizedWeight
 from kvflow.model.registry import model_class
 
 logger = logging.getLogger(__name__)
@@ -93,7 +95,24 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
     with torch.no_grad():
         model.load_weights(iter_weights(cfg.path, cfg.dtype), quantize=quantize)
     model.finish_loading()
+    if quantize is not None and quantization.lm_head:
+        quantize_tied_head(model, quantize, quantization)
     return model.eval().requires_grad_(False)
+
+
+def quantize_tied_head(model: nn.Module, quantize: Callable[[str, torch.Tensor], QuantizedWeight | None],
+                       quantization: QuantizationConfig) -> None:
+    """`--quantization-lm-head` on a tied head: `finish_loading` made it a view of the embedding, which the
+    lookup keeps dense; the head alone takes the quantised copy. (An untied head was quantised as it loaded.)"""
+    head = getattr(model, "lm_head", None)
+    if head is None or not isinstance(head.method, DenseLinear):
+        return
+    weight = quantize("lm_head", head.weight.detach())
+    if weight is None:
+        raise ValueError(f"the LM head ({head.out_features}x{head.in_features}) has no {quantization.format} "
+                         "layout: --quantization-lm-head cannot quantise it")
+    act_bits = quantization.activation_bits if weight.format == quantization.format else None
+    head.use(QuantizedLinear(weight, act_bits))
 
 
 def load_tokenizer(path: str | Path) -> Any | None:

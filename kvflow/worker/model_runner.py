@@ -350,7 +350,7 @@ class ModelRunner:
                                for r in sample_reqs):
             # Only argmaxes decide (no draws, penalties or blocked ids): the sampler's greedy path, without
             # building its per-row tensors (a tenth of a 135m q4_0 decode step at one core).
-            best = self._logits(hidden[sample_rows]).argmax(dim=-1).tolist()
+            best = self._greedy_tokens(hidden[sample_rows])
             for request, token in zip(sample_reqs, best):
                 out.sampled[request.request_id] = [token]
         elif sample_reqs:
@@ -397,6 +397,12 @@ class ModelRunner:
 
     def _logits(self, rows: torch.Tensor) -> torch.Tensor:
         return self.cpu_forward.logits(rows) if self.cpu_forward is not None else self.model.compute_logits(rows)
+
+    def _greedy_tokens(self, rows: torch.Tensor) -> list[int]:
+        """The argmax of each row's logits (the C++ forward's takes it without an fp32 copy of the logits)."""
+        if self.cpu_forward is not None:
+            return self.cpu_forward.greedy_tokens(rows)
+        return self.model.compute_logits(rows).argmax(dim=-1).tolist()
 
     def _verify(self, verify: list[tuple[int, ScheduledChunk]], starts: list[int], hidden: torch.Tensor,
                 out: RunnerOutput) -> None:

@@ -30,6 +30,27 @@ def test_entries_parse_strictly_and_ranges_expand() -> None:
         parse_weight_methods(["int8", "int8"])
 
 
+def test_run_time_options_parse_and_become_engine_settings() -> None:
+    """+a8 (int8 W8A8) and +head (the LM head quantised at load) ride on a format's checkpoint: they share
+    its folder, and add the engine settings that make them (checked by building the engine's config)."""
+    from kvflow.config import EngineConfig
+
+    methods = parse_weight_methods(["int8", "int8+a8", "int8+head+a8", "q8_0+head", "bipolar3+head"])
+    assert [m.name for m in methods] == ["int8", "int8+a8", "int8+a8+head", "q8_0+head", "bipolar3+head"]
+    assert {m.checkpoint_folder for m in methods[:3]} == {"int8"} and methods[2].folder == "int8-a8-head"
+    assert methods[0].engine_overrides() == {}
+    assert methods[1].engine_overrides() == {"quantization": "int8", "quantization_bits": None,
+                                             "quantization_activation_bits": 8}
+    assert methods[4].engine_overrides() == {"quantization": "bipolar", "quantization_bits": 3,
+                                             "quantization_lm_head": True}
+    head = EngineConfig.create(TINY, dtype="float32", **methods[2].engine_overrides()).model.quantization
+    assert head.lm_head and head.on_load and head.activation_bits == 8
+    for bad, message in (("q8_0+a8", "for int8 weights"), ("q4_k+awq+head", "does not take"),
+                         ("int8+a8+a8", "repeats"), ("dense+head", "nothing to"), ("int8+fast", "is not")):
+        with pytest.raises(ValueError, match=message):
+            parse_weight_methods([bad])
+
+
 def test_quantised_model_is_made_once_and_reused(tmp_path) -> None:
     calls = []
     folder = tmp_path / "models" / "q8_0"

@@ -89,10 +89,10 @@ def read_safetensors(file: str | Path, dtype: torch.dtype) -> Iterator[tuple[str
 
 def load_time_quantizer(qcfg: QuantizationConfig) -> Callable[[str, torch.Tensor], QuantizedWeight | None]:
     """`--quantization`: (layer name, dense weight) -> its round-to-nearest quantisation, or None where
-    the layer stays dense (the LM head; a width no format of the fallback chain splits)."""
+    the layer stays dense (the LM head unless `qcfg.lm_head`; a width no format of the fallback chain splits)."""
 
     def quantize(layer: str, weight: torch.Tensor) -> QuantizedWeight | None:
-        if layer.split(".")[-1] in UNQUANTIZED_LAYERS:
+        if layer.split(".")[-1] in UNQUANTIZED_LAYERS and not qcfg.lm_head:
             return None
         return quantize_fitting(weight, qcfg.format, **qcfg.params)
 

@@ -167,6 +167,17 @@ def test_int8_w8a8_rows_beyond_the_gemv_equal_the_gemv_bit_for_bit(dtype):
     check(y, xq @ w.T, rounding(xq, w))
 
 
+def test_int8_w8a8_gemm_in_column_slices_equals_the_gemv():
+    """Steps whose int32 sums would pass 8 MB (64 rows of a 33k-wide layer) run the GEMM in column
+    slices (an LM head's vocabulary); every row still equals the GEMV's, slice edges included."""
+    qw, w = make_weight("int8", 33000, 32)
+    x = activations(64, 32, torch.float32)
+    y = kernels.quant_matmul(x, qw, "q8")
+    assert torch.equal(y, kernels.quant_matmul(x, qw, "q8", path="gemv"))
+    xq, _ = quantized_activations(x.float().numpy(), per_token=True)
+    check(y, xq @ w.T, rounding(xq, w))
+
+
 def test_leading_dimensions_and_the_kernels_own_dequantiser():
     qw, w = make_weight("q4_0", 16, 64)
     x = activations(6, 64, torch.float32).view(2, 3, 64)

@@ -18,6 +18,7 @@ from kvflow.assets import default_model_path
 from kvflow.config import EngineConfig, LoadConfig, ModelConfig, QuantizationConfig
 from kvflow.model import loader
 from kvflow.model.linear import linear_layers
+from kvflow.model.quant import int8
 from kvflow.model.quant.checkpoint import COPIED_FILES, save_quantized
 from kvflow.model.quant.formats import dequantize, quantize, quantize_fitting
 from kvflow.model.quant.linear_methods import is_quantized
@@ -163,3 +164,63 @@ def test_quantisation_arguments_are_checked(tmp_path):
         EngineConfig.create(str(qdir), quantization="q4_0")
     same = EngineConfig.create(str(qdir), quantization="q8_0").model.quantization
     assert same is not None and not same.on_load  # its own format: loads as stored
+
+
+def test_quantising_the_lm_head_at_load_leaves_the_tied_embedding_dense():
+    """--quantization-lm-head: the tied head runs int8 W8A8 like the projections (its logits are the int8
+    reference's on its own quantised matrix), the lookup keeps the checkpoint's dense embedding, and the
+    C++ forward and the PyTorch modules pick the same tokens through it."""
+    kwargs = dict(dtype="float32", num_blocks=32, quantization="int8", quantization_activation_bits=8,
+                  quantization_lm_head=True)
+    llm = LLM(model=str(TINY), **kwargs)
+    model = llm.engine.core.runner.model
+    assert model.config.quantization.lm_head
+    assert model.lm_head.method.name == "int8-w8a8"
+    embedding = load_file(str(TINY / "model.safetensors"))["model.embed_tokens.weight"].float()
+    assert torch.equal(model.embed_tokens.weight, embedding)
+    hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    expected = int8.linear_w8a8(hidden, quantize_fitting(embedding, "int8"), None)
+    assert torch.allclose(model.compute_logits(hidden), expected, atol=1e-4, rtol=1e-5)
+    dense = (hidden @ embedding.t())
+    assert not torch.allclose(model.compute_logits(hidden), dense, atol=1e-3)  # the head did change: lossy
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    fast = llm.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.engine.core.runner.cpu_forward is not None
+    plain = LLM(model=str(TINY), cpu_kernels=False, **kwargs)
+    assert plain.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False)[0].outputs[0].token_ids == fast
+
+
+def test_quantising_an_untied_lm_head_at_load(tmp_path):
+    """An untied checkpoint's `lm_head.weight` is quantised as it loads, like any projection."""
+    untied = tmp_path / "untied"
+    untied.mkdir()
+    for name in COPIED_FILES:
+        if (TINY / name).is_file():
+            shutil.copyfile(TINY / name, untied / name)
+    config = {**json.loads((TINY / "config.json").read_text()), "tie_word_embeddings": False}
+    (untied / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(TINY / "model.safetensors"))
+    head = weights["model.embed_tokens.weight"].flip(0).contiguous()  # a head of its own
+    save_file({**weights, "lm_head.weight": head}, str(untied / "model.safetensors"))
+    model = loader.load_model(EngineConfig.create(str(untied), dtype="float32", quantization="q8_0",
+                                                  quantization_lm_head=True).model)
+    assert model.lm_head.method.name == "q8_0"
+    assert torch.equal(dequantize(model.lm_head.method.weight(model.lm_head)),
+                       dequantize(quantize(head.float(), "q8_0")))
+    assert torch.equal(model.embed_tokens.weight, weights["model.embed_tokens.weight"].float())
+    dense_head = loader.load_model(EngineConfig.create(str(untied), dtype="float32", quantization="q8_0").model)
+    assert not is_quantized(dense_head.lm_head)
+
+
+def test_lm_head_quantisation_needs_a_dense_checkpoint_quantised_at_load(tmp_path):
+    with pytest.raises(ValueError, match="need a quantization format"):
+        LoadConfig(quantization_lm_head=True)
+    with pytest.raises(ValueError, match="chosen at load"):
+        QuantizationConfig("int8", lm_head=True)
+    qdir, _ = quantised_dirs(tmp_path, "int8", {})
+    with pytest.raises(ValueError, match="quantises the head of a dense checkpoint"):
+        EngineConfig.create(str(qdir), quantization="int8", quantization_lm_head=True)
+    # A stored int8 checkpoint takes the activations asked for (W8A8 is a runtime choice).
+    w8a8 = EngineConfig.create(str(qdir), quantization="int8", quantization_activation_bits=8).model.quantization
+    assert w8a8.activation_bits == 8 and not w8a8.on_load
