@@ -256,9 +256,10 @@ class ModelConfig:
             return replace(self, quantization=requested)
         if (requested.format, requested.bits, requested.group_size) == (current.format, current.bits,
                                                                       current.group_size):
-            if requested.lm_head:
-                raise ValueError(f"{self.path} is stored quantised ({current.describe()}) and its LM head as "
-                                 "stored: --quantization-lm-head quantises the head of a dense checkpoint at load")
+            if requested.lm_head and not current.lm_head:
+                raise ValueError(f"{self.path} is stored quantised ({current.describe()}) with a dense LM head: "
+                                 "--quantization-lm-head quantises the head of a dense checkpoint at load (or "
+                                 "`kvflow quantize --lm-head` stores it quantised)")
             if requested.activation_bits not in (None, current.activation_bits):  # a runtime choice
                 return replace(self, quantization=replace(current, activation_bits=requested.activation_bits))
             return self
@@ -289,7 +290,7 @@ _FIXED_QUANT = {"q8_0": (8, 32), "q4_0": (4, 32), "q4_k": (4, 256), "int8": (8, 
 BIPOLAR_DEFAULT_BITS, BIPOLAR_DEFAULT_GROUP = 4, 64
 # `quantization_config.quant_method` of the checkpoints kvflow writes (kvflow/model/quant/checkpoint.py).
 QUANT_METHOD = "kvflow"
-_QUANT_KEYS = ("quant_method", "format", "bits", "group_size", "activation_bits")
+_QUANT_KEYS = ("quant_method", "format", "bits", "group_size", "activation_bits", "lm_head")
 _SUPPORTED_QUANT = (f"checkpoints quantised by kvflow (quant_method '{QUANT_METHOD}': {', '.join(QUANT_FORMATS)}; "
                     f"`kvflow quantize`), GGUF files (Q8_0, Q4_0, Q4_K blocks run as stored), or a dense "
                     f"checkpoint quantised at load (--quantization {'|'.join(QUANT_FORMATS)})")
@@ -298,8 +299,9 @@ _SUPPORTED_QUANT = (f"checkpoints quantised by kvflow (quant_method '{QUANT_METH
 @dataclass(frozen=True)
 class QuantizationConfig:
     """Linear weights in one of `QUANT_FORMATS` (the embedding stays in the model's dtype; the LM head
-    too unless `lm_head`, which quantises it at load like the projections: a lossy option, as llama.cpp's
-    quantised `output.weight`, that takes the head's matmul off the float path of every decode step).
+    too unless `lm_head`: quantised like the projections, at load or as `kvflow quantize --lm-head` stored
+    it; a lossy option, as llama.cpp's quantised `output.weight`, that takes the head's matmul off the
+    float path of every decode step).
 
     `bits` and `group_size` are filled in from the format where it fixes them (bipolar: 4 and 64 by
     default); `activation_bits` picks how activations meet the weights: int8 with 8 runs W8A8
@@ -316,9 +318,6 @@ class QuantizationConfig:
 
     def __post_init__(self) -> None:
         fmt = self.format
-        if self.lm_head and not self.on_load:
-            raise ValueError("a quantised LM head is chosen at load (--quantization-lm-head with --quantization); "
-                             "checkpoints keep theirs as stored")
         if fmt not in QUANT_FORMATS:
             raise ValueError(f"quantization format must be one of {', '.join(QUANT_FORMATS)}; got {fmt!r}")
         if fmt in _FIXED_QUANT:
@@ -378,13 +377,18 @@ class QuantizationConfig:
                              f"(it writes {', '.join(_QUANT_KEYS)})")
         if "format" not in qc:
             raise ValueError(f"{where}quantization_config names no format (one of {', '.join(QUANT_FORMATS)})")
-        return cls(qc["format"], qc.get("bits"), qc.get("group_size"), qc.get("activation_bits"))
+        lm_head = qc.get("lm_head", False)
+        if not isinstance(lm_head, bool):
+            raise ValueError(f"{where}quantization_config.lm_head must be true or false, got {lm_head!r}")
+        return cls(qc["format"], qc.get("bits"), qc.get("group_size"), qc.get("activation_bits"), lm_head=lm_head)
 
     def to_hf(self) -> dict[str, Any]:
         out: dict[str, Any] = {"quant_method": QUANT_METHOD, "format": self.format, "bits": self.bits,
                                "group_size": self.group_size}
         if self.activation_bits is not None:
             out["activation_bits"] = self.activation_bits
+        if self.lm_head:
+            out["lm_head"] = True
         return out
 
 

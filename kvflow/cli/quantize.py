@@ -1,4 +1,5 @@
-"""`kvflow quantize --model DIR --format FMT [--bits N] [--group G] [--method rtn|awq] --out DIR [--gguf FILE]`.
+"""`kvflow quantize --model DIR --format FMT [--bits N] [--group G] [--method rtn|awq] [--lm-head] --out DIR
+[--gguf FILE]`.
 
 Quantises a model directory's linear projections (kvflow/model/quant/quantize_model.py) and writes a
 directory kvflow loads (`--model OUT`), and/or a GGUF file llama.cpp loads. `--method awq` calibrates
@@ -30,6 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output model directory")
     parser.add_argument("--gguf", type=Path, default=None,
                         help="also (or only) write a GGUF file here (q8_0, q4_0, q4_k), loadable by llama.cpp")
+    parser.add_argument("--lm-head", action="store_true",
+                        help="quantise the LM head too (lossy; a tied head gets a quantised copy, the embedding "
+                             "stays dense)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 
@@ -46,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"kvflow: error: --bits and --group apply to bipolar; {args.format} has a fixed layout")
     calibration = _calibration(model, args) if args.method == "awq" else None
     report = quantize_checkpoint(model, args.format, params=params, method=args.method, calibration=calibration,
-                                 out_dir=args.out, gguf_path=args.gguf, progress=_progress(args.no_progress))
+                                 out_dir=args.out, gguf_path=args.gguf, lm_head=args.lm_head,
+                                 progress=_progress(args.no_progress))
     fallbacks = sorted({f for f in report.quantized.values() if f != args.format})
     print(f"{args.format} ({args.method}{', ' + json.dumps(params) if params else ''}): "
           f"{len(report.quantized)} projections quantised, {report.bits_per_weight:.2f} bits/weight in them, "

@@ -7,7 +7,8 @@ with its bits (`bipolar4`; a range `bipolar2..8` expands to seven entries), each
 choices: `+a8` (int8 only: W8A8, per-token int8 activations) and `+head` (the LM head quantised too, in
 the same format: the dense checkpoint is quantised at load, round to nearest, with
 `--quantization-lm-head`, so not with `+awq`). Each entry's quantised model
-is written once under <out>/models/<entry>/ by `kvflow quantize`'s code and reused while its
+is written once under <out>/models/<format[-awq]>/ (shared by the entries that differ only in run-time
+options) by `kvflow quantize`'s code and reused while its
 quantize_report.json says it was made the same way; its evaluation goes to <out>/<entry>/ as a plain
 `kvflow eval` writes it and is reused when its settings match. The x axis is bits per weight of the
 quantised projections, scales included (the embedding, norms and LM head stay in the model's dtype

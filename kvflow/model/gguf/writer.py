@@ -144,8 +144,9 @@ def _gguf_tensors(cfg: ModelConfig, weights: Mapping[str, torch.Tensor | Quantiz
     """GGUF name -> (ggml type name, array as the writer takes it), checked against the config."""
     out: dict[str, tuple[str, np.ndarray]] = {}
     for hf, value in weights.items():
-        if "rotary_emb" in hf or (hf == "lm_head.weight" and cfg.tie_word_embeddings):
-            continue
+        if "rotary_emb" in hf or (hf == "lm_head.weight" and cfg.tie_word_embeddings
+                                  and not isinstance(value, QuantizedWeight)):
+            continue  # a tied head is the embedding; a quantised one (`--lm-head`) is written as output.weight
         name = gguf_name(hf)
         if name is None:
             raise ValueError(f"tensor {hf!r} has no place in a llama GGUF file")

@@ -3,7 +3,8 @@
 Layout (what `save_quantized` writes and the loader reads):
 - ``config.json``: the model's Hugging Face config plus ``quantization_config`` =
   ``{"quant_method": "kvflow", "format": ..., "bits": ..., "group_size": ...}`` (and
-  ``"activation_bits"`` where set); `kvflow.config.QuantizationConfig` validates it.
+  ``"activation_bits"`` where set, ``"lm_head": true`` where the head is stored quantised, the config
+  then untied); `kvflow.config.QuantizationConfig` validates it.
 - ``model.safetensors``: dense tensors under their Hugging Face names; a quantised weight ``W`` (e.g.
   ``model.layers.0.self_attn.q_proj.weight``) as one tensor per entry of its data, ``W.<key>``
   (``W.blocks`` for q8_0/q4_0/q4_k, ``W.qweight`` + ``W.scales`` for int8, ``W.planes`` +
@@ -11,7 +12,7 @@ Layout (what `save_quantized` writes and the loader reads):
 - The safetensors header's metadata ``kvflow.quantized`` (JSON) maps each ``W`` to its format,
   shape, params and keys, so a file says what every quantised tensor is; a layer may hold a different
   format than the config names (a fallback, e.g. q4_k -> q4_0 where 256 does not divide K), or stay
-  dense (a layer no format fits, the LM head, the embedding).
+  dense (a layer no format fits, the LM head unless ``lm_head``, the embedding).
 """
 
 from __future__ import annotations

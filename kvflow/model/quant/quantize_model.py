@@ -2,7 +2,10 @@
 
 Every linear projection of the decoder layers is quantised; the embedding, the norms and the LM head
 stay in the checkpoint's dtype (llama.cpp's q4_k_m keeps the head at 6 bits; a small model's head
-is a large share of its weights, but its errors land straight on the logits). A projection whose
+is a large share of its weights, but its errors land straight on the logits), unless `lm_head`
+quantises the head too: a tied head is then written as a quantised `lm_head.weight` of its own (the
+directory's config becomes untied, the embedding stays dense; in a GGUF file, an `output.weight`,
+which llama.cpp reads instead of the embedding). A projection whose
 width the format cannot split takes the format's fallback (`formats.quantize_fitting`), else stays
 dense; the report says which.
 
@@ -13,6 +16,7 @@ checkpoint (awq.py), searched with this very format's quantiser, then rounds.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -43,6 +47,7 @@ class QuantizeReport:
     bits_per_weight: float = 0.0  # over the quantised projections, scales included
     model_bits_per_weight: float = 0.0  # over every tensor (dense ones at their dtype's bits)
     awq_alphas: dict[str, float] = field(default_factory=dict)
+    lm_head: str = "dense"  # "dense", "quantised", or "tied: a quantised copy" (--lm-head)
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
 
@@ -66,11 +71,11 @@ def read_checkpoint(model_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def quantize_checkpoint(model_dir: str | Path, fmt: str, *, params: dict[str, int] | None = None, method: str = "rtn",
                         calibration: torch.Tensor | None = None, out_dir: str | Path | None = None,
-                        gguf_path: str | Path | None = None,
+                        gguf_path: str | Path | None = None, lm_head: bool = False,
                         progress: Callable[[Iterable, str], Iterable] = lambda it, _desc: it) -> QuantizeReport:
-    """Quantise `model_dir`'s projections to `fmt` and write `out_dir` (loadable by kvflow) and/or
-    `gguf_path` (loadable by llama.cpp; GGUF block formats only). `calibration`: token ids
-    [samples, length] for `awq`."""
+    """Quantise `model_dir`'s projections (and with `lm_head` its LM head) to `fmt` and write `out_dir`
+    (loadable by kvflow) and/or `gguf_path` (loadable by llama.cpp; GGUF block formats only).
+    `calibration`: token ids [samples, length] for `awq`."""
     start = time.perf_counter()
     params = dict(params or {})
     get_format(fmt)  # a clear error for an unknown name before any work
@@ -116,9 +121,18 @@ def quantize_checkpoint(model_dir: str | Path, fmt: str, *, params: dict[str, in
             weights[name] = value.to(dtypes[name])
     report.weight_error = (err_num / err_den) ** 0.5 if err_den else 0.0
     report.bits_per_weight = code_bits / code_weights if code_weights else 0.0
+    if lm_head:
+        tied = "lm_head.weight" not in weights
+        head = weights.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
+        qhead = None if head is None else quantize_fitting(head.float(), fmt, **params)
+        if qhead is None:
+            raise ValueError(f"{model_dir}: the LM head has no {fmt} layout (or no head was found); drop --lm-head")
+        weights["lm_head.weight"] = qhead
+        report.quantized["lm_head.weight"] = qhead.format
+        report.lm_head = "tied: a quantised copy" if tied else "quantised"
     total_bits = sum(v.nbytes() * 8 if isinstance(v, QuantizedWeight) else v.numel() * v.element_size() * 8
                      for v in weights.values())
-    total_weights = sum(original[n].numel() for n in weights)
+    total_weights = sum(math.prod(v.shape) for v in weights.values())
     report.model_bits_per_weight = total_bits / total_weights
     if out_dir is not None:
         _write_directory(Path(model_dir), Path(out_dir), weights, report)
@@ -138,6 +152,9 @@ def _write_directory(model_dir: Path, out: Path, weights: dict[str, torch.Tensor
 
     hf = json.loads((model_dir / "config.json").read_text())
     hf["quantization_config"] = {"quant_method": "kvflow", "format": report.format, **report.params}
+    if report.lm_head != "dense":
+        hf["quantization_config"]["lm_head"] = True
+        hf["tie_word_embeddings"] = False  # the head is a tensor of its own now: the quantised copy
     save_quantized(out, hf, weights, copy_from=model_dir)
     if (model_dir / "train_report.json").is_file():  # the corpus split the model was trained on (kvflow eval)
         shutil.copyfile(model_dir / "train_report.json", out / "train_report.json")

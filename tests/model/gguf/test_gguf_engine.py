@@ -132,3 +132,39 @@ def test_llama_cpp_on_the_q8_0_file_matches_kvflow_on_its_dequantised_weights(ti
         assert_same_greedy(our_tokens, theirs, logits, tie=0.1)
         matched += our_tokens == theirs
     assert matched >= 2
+
+
+@pytest.fixture(scope="module")
+def q8_head_files(tiny_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """`kvflow quantize --lm-head` on tiny: a directory and a GGUF file whose tied head is a Q8_0 copy."""
+    from kvflow.model.quant.quantize_model import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("q8head")
+    quantize_checkpoint(tiny_dir, "q8_0", out_dir=root / "dir", gguf_path=root / "head.gguf", lm_head=True)
+    return root / "dir", root / "head.gguf"
+
+
+def test_a_quantised_head_travels_in_the_gguf_file_as_output_weight(q8_head_files):
+    """The GGUF file keeps the embedding and adds output.weight in Q8_0: kvflow reads it back as an untied
+    quantised head and decodes as from the directory."""
+    directory, path = q8_head_files
+    names = {name for name, _ in iter_gguf_weights(path)}
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= names
+    llm = LLM(model=str(path), num_blocks=64)
+    assert llm.engine.core.runner.model.lm_head.method.name == "q8_0"
+    ours = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert ours == greedy(directory)
+
+
+def test_llama_cpp_reads_the_quantised_head(q8_head_files):
+    """llama.cpp takes output.weight over the embedding for the logits; its greedy tokens follow kvflow's
+    on the same file (llama.cpp rounds activations to 8 bits: ties as in the Q8_0 test)."""
+    _, path = q8_head_files
+    tokenizer = tokenizer_from_gguf(path)
+    ours = greedy(path)
+    matched = 0
+    for prompt, our_tokens in zip(PROMPTS, ours):
+        theirs, logits = llamacpp_greedy(path, tokenizer.encode(prompt), STEPS)
+        assert_same_greedy(our_tokens, theirs, logits, tie=0.1)
+        matched += our_tokens == theirs
+    assert matched >= 2

@@ -213,13 +213,14 @@ def test_quantising_an_untied_lm_head_at_load(tmp_path):
     assert not is_quantized(dense_head.lm_head)
 
 
-def test_lm_head_quantisation_needs_a_dense_checkpoint_quantised_at_load(tmp_path):
+def test_lm_head_quantisation_needs_a_quantisation_and_a_head_to_quantise(tmp_path):
     with pytest.raises(ValueError, match="need a quantization format"):
         LoadConfig(quantization_lm_head=True)
-    with pytest.raises(ValueError, match="chosen at load"):
-        QuantizationConfig("int8", lm_head=True)
-    qdir, _ = quantised_dirs(tmp_path, "int8", {})
-    with pytest.raises(ValueError, match="quantises the head of a dense checkpoint"):
+    with pytest.raises(ValueError, match="lm_head must be true or false"):
+        QuantizationConfig.from_hf({"quant_method": "kvflow", "format": "int8", "lm_head": "yes"})
+    assert QuantizationConfig.from_hf({"quant_method": "kvflow", "format": "int8", "lm_head": True}).lm_head
+    qdir, _ = quantised_dirs(tmp_path, "int8", {})  # stored with a dense head
+    with pytest.raises(ValueError, match="with a dense LM head"):
         EngineConfig.create(str(qdir), quantization="int8", quantization_lm_head=True)
     # A stored int8 checkpoint takes the activations asked for (W8A8 is a runtime choice).
     w8a8 = EngineConfig.create(str(qdir), quantization="int8", quantization_activation_bits=8).model.quantization

@@ -62,3 +62,39 @@ def test_refusals(tmp_path) -> None:
     with pytest.raises(ValueError, match="awq needs calibration"):
         quantize_checkpoint(TINY, "q8_0", method="awq", out_dir=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_lm_head_stored_quantised_loads_like_the_head_quantised_at_load(tmp_path):
+    """`kvflow quantize --lm-head`: the tied head is written as a quantised tensor of its own (the config
+    untied, the embedding dense), loads quantised, and computes what `--quantization-lm-head` does at load;
+    the GGUF file carries it as output.weight and reads back quantised."""
+    from kvflow.config import EngineConfig, ModelConfig
+    from kvflow.model import loader
+    from kvflow.model.gguf import iter_gguf_weights
+
+    report = quantize_checkpoint(TINY, "q8_0", out_dir=tmp_path / "q8", gguf_path=tmp_path / "q8.gguf", lm_head=True)
+    assert report.quantized["lm_head.weight"] == "q8_0" and report.lm_head == "tied: a quantised copy"
+    config = json.loads((tmp_path / "q8" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["quantization_config"]["lm_head"] is True
+    stored_cfg = ModelConfig.from_pretrained(tmp_path / "q8", dtype="float32")
+    assert stored_cfg.quantization.lm_head and "LM head quantised" in stored_cfg.quantization.describe()
+    stored = loader.load_model(stored_cfg)
+    at_load = loader.load_model(EngineConfig.create(TINY, dtype="float32", quantization="q8_0",
+                                                    quantization_lm_head=True).model)
+    assert stored.lm_head.method.name == at_load.lm_head.method.name == "q8_0"
+    assert torch.equal(stored.lm_head.method.weight(stored.lm_head).data["blocks"],
+                       at_load.lm_head.method.weight(at_load.lm_head).data["blocks"])
+    assert torch.equal(stored.embed_tokens.weight, at_load.embed_tokens.weight)
+    hidden = torch.randn(3, stored.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(stored.compute_logits(hidden), at_load.compute_logits(hidden))
+    gguf_head = dict(iter_gguf_weights(tmp_path / "q8.gguf"))["lm_head.weight"]
+    assert gguf_head.format == "q8_0"
+    from_gguf = loader.load_model(ModelConfig.from_pretrained(tmp_path / "q8.gguf", dtype="float32"))
+    assert from_gguf.lm_head.method.name == "q8_0"
+    # Asking a stored checkpoint with a dense head for a quantised one is refused; with its own, it loads.
+    plain = quantize_checkpoint(TINY, "q8_0", out_dir=tmp_path / "plain")
+    assert plain.lm_head == "dense"
+    with pytest.raises(ValueError, match="with a dense LM head"):
+        EngineConfig.create(str(tmp_path / "plain"), quantization="q8_0", quantization_lm_head=True)
+    assert EngineConfig.create(str(tmp_path / "q8"), quantization="q8_0",
+                               quantization_lm_head=True).model.quantization.lm_head
