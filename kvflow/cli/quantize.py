@@ -53,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
                                  out_dir=args.out, gguf_path=args.gguf, lm_head=args.lm_head,
                                  progress=_progress(args.no_progress))
     fallbacks = sorted({f for f in report.quantized.values() if f != args.format})
+    projections = sum(name != "lm_head.weight" for name in report.quantized)
+    head = f" and the LM head ({report.lm_head})" if report.lm_head != "dense" else ""
     print(f"{args.format} ({args.method}{', ' + json.dumps(params) if params else ''}): "
-          f"{len(report.quantized)} projections quantised, {report.bits_per_weight:.2f} bits/weight in them, "
+          f"{projections} projections{head} quantised, {report.bits_per_weight:.2f} bits/weight in the projections, "
           f"{report.model_bits_per_weight:.2f} over the whole model; relative weight error "
           f"{report.weight_error:.4f}; {report.seconds:.1f} s")
     if fallbacks:

@@ -16,7 +16,6 @@ checkpoint (awq.py), searched with this very format's quantiser, then rounds.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -132,7 +131,7 @@ def quantize_checkpoint(model_dir: str | Path, fmt: str, *, params: dict[str, in
         report.lm_head = "tied: a quantised copy" if tied else "quantised"
     total_bits = sum(v.nbytes() * 8 if isinstance(v, QuantizedWeight) else v.numel() * v.element_size() * 8
                      for v in weights.values())
-    total_weights = sum(math.prod(v.shape) for v in weights.values())
+    total_weights = sum(t.numel() for t in original.values())  # the model's parameters (a tied head's copy adds bits)
     report.model_bits_per_weight = total_bits / total_weights
     if out_dir is not None:
         _write_directory(Path(model_dir), Path(out_dir), weights, report)
