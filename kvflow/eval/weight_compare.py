@@ -118,7 +118,9 @@ def quantised_model(model: str, method: WeightMethod, folder: Path,
     want = {"format": method.format, "method": "awq" if method.awq else "rtn", "params": method.params}
     if report_file.is_file():
         saved = json.loads(report_file.read_text())
-        if all(saved.get(k) == v for k, v in want.items()) and saved.get("source") == str(Path(model).resolve()):
+        dense_head = saved.get("lm_head", "dense") == "dense"  # its entries' checkpoints keep the head dense
+        if (all(saved.get(k) == v for k, v in want.items()) and dense_head
+                and saved.get("source") == str(Path(model).resolve())):
             return str(folder), saved
     if log:
         log(f"--- quantising {model} as {method.name} into {folder}")

@@ -59,6 +59,11 @@ def test_quantised_model_is_made_once_and_reused(tmp_path) -> None:
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     again, _ = quantised_model(TINY, WeightMethod("q8_0"), folder, lambda: calls.append(1))
     assert again == path and (folder / "model.safetensors").stat().st_mtime_ns == stamp and not calls
+    report_file = folder / "quantize_report.json"  # a checkpoint whose head is quantised is not reused
+    report_file.write_text(json.dumps({**json.loads(report_file.read_text()), "lm_head": "quantised"}))
+    quantised_model(TINY, WeightMethod("q8_0"), folder, lambda: calls.append(1))
+    assert (folder / "model.safetensors").stat().st_mtime_ns != stamp
+    assert json.loads(report_file.read_text())["lm_head"] == "dense"
     assert quantised_model(TINY, WeightMethod(), tmp_path / "d", lambda: None) == (TINY, {})
 
 
