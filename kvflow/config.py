@@ -558,6 +558,13 @@ class CacheConfig:
     # decode reads; None: the shipped one, for the shipped model with kv_policy specontext. Given with
     # another policy, requests may still choose specontext.
     retrieval_model: str | None = None
+    # SpeContext's adaptive memory (kvflow/core/kv_residency.py; CPU, Linux): GiB of physical memory the
+    # KV blocks may occupy. The pool (`kv_cache_memory`, which may then exceed it) becomes address space
+    # whose pages cost memory once written; as sequences grow, a memory model moves the upper layers' KV
+    # of SpeContext sequences' older blocks to a file under `kv_spill_dir` (default: the system's
+    # temporary directory) and gives their pages back, so a long generation fits a small memory.
+    kv_resident_memory: float | None = None
+    kv_spill_dir: str | None = None
     # Attention sinks: the first tokens, always kept (streaming, h2o) or read (quest).
     kv_sink_tokens: int = 4
     # Recent tokens always kept or read (SnapKV: its observation window); None: per policy
@@ -602,6 +609,22 @@ class CacheConfig:
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         self._check_offload()
+        self._check_residency()
+
+    def _check_residency(self) -> None:
+        if self.kv_resident_memory is None:
+            if self.kv_spill_dir is not None:
+                raise ValueError("kv_spill_dir holds what kv_resident_memory moves out of memory: give "
+                                 "--kv-resident-memory too")
+            return
+        if not self.kv_resident_memory > 0:
+            raise ValueError(f"kv_resident_memory must be > 0 GiB, got {self.kv_resident_memory}")
+        if not self.has_retrieval_head:
+            raise ValueError("kv_resident_memory keeps SpeContext sequences' older KV out of memory: it needs "
+                             "--kv-policy specontext (or --retrieval-model)")
+        if self.kv_cache_dtype in KIVI_CACHE_DTYPES:
+            raise ValueError(f"kv_resident_memory does not support kv_cache_dtype {self.kv_cache_dtype} (SpeContext "
+                             "does not read KIVI caches)")
 
     @property
     def has_retrieval_head(self) -> bool:

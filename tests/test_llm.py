@@ -157,6 +157,20 @@ def test_prompt_logprobs_survive_preemption(llama_dir):
         assert [list(e)[0] for e in out.prompt_logprobs[1:]] == prompt[1:]
 
 
+def test_a_sequence_that_outgrows_the_whole_cache_finishes_instead_of_looping(llama_dir):
+    """Alone in a cache too small for its context, a request used to be preempted, recomputed and preempted
+    again forever; it now ends with finish reason "length" once its next token has no block, and its
+    blocks come back; the next request is served as usual."""
+    llm = LLM(model=str(llama_dir), dtype="float32", block_size=4, num_blocks=10)  # 40 tokens in all
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    out = llm.generate([[5, 6, 7, 8, 9, 10]], params, use_tqdm=False)[0].outputs[0]
+    assert (len(out.token_ids), out.finish_reason) == (35, "length")  # 6 + 34 tokens fill it; the 35th is sampled
+    kv = llm.engine.core.kv
+    assert kv.num_free_blocks == kv.num_blocks
+    short = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    assert len(llm.generate([[5, 6, 7]], short, use_tqdm=False)[0].outputs[0].token_ids) == 5
+
+
 def test_chat_applies_the_template(llm):
     messages = [{"role": "user", "content": "hi there"}]
     out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]

@@ -89,16 +89,18 @@ def elastic_rows(held: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Tens
 
 
 def load_into_buffer(kv_cache: LayerKV, heads: torch.Tensor, src_block: torch.Tensor, src_offset: torch.Tensor,
-                     dst_block: torch.Tensor, dst_offset: torch.Tensor) -> None:
+                     dst_block: torch.Tensor, dst_offset: torch.Tensor,
+                     source: tuple[torch.Tensor, ...] | None = None) -> None:
     """One layer's moves (of any number of sequences at once): the token at (src_block[i],
     src_offset[i]) of KV head heads[i] into (dst_block[i], dst_offset[i]); keys and values and every
-    per-token component (codes and their scales alike; per-head scales are shared)."""
+    per-token component (codes and their scales alike; per-head scales are shared). `source`: the
+    per-token components to read from, in the cache's layout (the offload tier's); None: the cache."""
     if not len(heads):
         return
     parts = (kv_cache,) if isinstance(kv_cache, torch.Tensor) else tuple(kv_cache)
-    for part in parts:
-        if part.dim() == 5:  # [2, blocks, KVH, bs, width]: stored per token
-            part[:, dst_block, heads, dst_offset] = part[:, src_block, heads, src_offset]
+    per_token = [part for part in parts if part.dim() == 5]  # [2, blocks, KVH, bs, width]: stored per token
+    for part, src in zip(per_token, per_token if source is None else source, strict=True):
+        part[:, dst_block, heads, dst_offset] = src[:, src_block, heads, src_offset]
 
 
 def buffer_moves(table: torch.Tensor, heads: torch.Tensor, slots: torch.Tensor, entries: torch.Tensor,

@@ -298,10 +298,18 @@ def _cmd_specontext(args: argparse.Namespace) -> int:
                                         tokenizer="auto", max_position_embeddings=positions))
         else:
             model = _model_or_default(args.model)
-        results = run_specontext_bench(model, dtype, tuple(args.batch), args.prompt_len,
-                                       args.max_tokens, args.budget, tuple(args.method), args.repeats,
-                                       args.retrieval_model, hf=not args.no_hf, device=args.device,
-                                       checkpoint=checkpoint)
+        if args.resident_memory is not None:  # the edge setting: one long generation, KV memory capped
+            from kvflow.bench.specontext_edge import format_edge_report, run_edge_bench
+
+            results = run_edge_bench(model, dtype, args.prompt_len, args.max_tokens, args.budget,
+                                     args.resident_memory, args.retrieval_model, args.spill_dir,
+                                     block_size=args.block_size, repeats=args.repeats)
+            format_report = format_edge_report  # noqa: F811 - this run's report
+        else:
+            results = run_specontext_bench(model, dtype, tuple(args.batch), args.prompt_len,
+                                           args.max_tokens, args.budget, tuple(args.method), args.repeats,
+                                           args.retrieval_model, hf=not args.no_hf, device=args.device,
+                                           checkpoint=checkpoint)
     if args.model is None and args.shape:
         results["model"] = made
     print(format_report(results))
@@ -725,6 +733,13 @@ def configure(bench: argparse.ArgumentParser) -> None:
     sc.add_argument("--budget", type=int, default=256, help="kv_budget of quest and specontext (tokens read per step)")
     sc.add_argument("--repeats", type=int, default=1, help="interleaved rounds; medians are reported")
     sc.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
+    sc.add_argument("--resident-memory", type=float, metavar="GIB",
+                    help="the edge setting instead: one long generation with the KV memory capped at GIB — full "
+                         "attention in a cache of that size, SpeContext with --kv-resident-memory GIB (older KV in "
+                         "a file), and both uncapped (--method, --batch and HF do not apply)")
+    sc.add_argument("--spill-dir", help="with --resident-memory: the offload tier's directory (default: temp)")
+    sc.add_argument("--block-size", type=int, help="with --resident-memory: tokens per KV block of every engine "
+                                                   "(default 16; 32 makes 135m's bf16 blocks whole pages)")
     sc.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     sc.add_argument("--out", help="JSON path")
     sc.set_defaults(func=_cmd_specontext)

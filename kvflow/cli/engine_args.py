@@ -29,6 +29,11 @@ _HELP = {
                  "specontext)",
     "retrieval_model": "specontext: the retrieval head directory (default: the shipped one, for the shipped "
                        "model); with another --kv-policy, lets requests choose specontext",
+    "kv_resident_memory": "specontext, CPU (Linux): GiB of memory the KV blocks may occupy; the pool "
+                          "(--kv-cache-memory) may be larger: as sequences grow, the upper layers' KV of their older "
+                          "blocks moves to a file (--kv-spill-dir) and their pages go back to the OS",
+    "kv_spill_dir": "with --kv-resident-memory: directory of the file that holds the moved KV (default: the "
+                    "system's temporary directory; a local SSD)",
     "kv_sink_tokens": "first tokens always kept or read (attention sinks)",
     "kv_window": "newest tokens always kept or read (snapkv: its observation window, default 32; streaming: "
                  "budget - sinks; h2o: half of budget - sinks; quest: 0)",

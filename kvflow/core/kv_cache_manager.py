@@ -38,6 +38,9 @@ class KVBlock:
     tokens: tuple[int, ...] | None = None
     parent_id: int | None = None
     salt: str | None = None
+    # Layers whose pages of this block went back to the OS (SpeContext's adaptive memory,
+    # kvflow/core/kv_residency.py); they get memory again when the block is handed out and written.
+    released_layers: int = 0
 
 
 @dataclass
@@ -72,15 +75,24 @@ class BlockPool:
     once), and a block's record exists from its first allocation on.
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, reuse_first: bool = False) -> None:
+        """`reuse_first`: hand out free blocks outside the prefix cache before never-used ones (a pool whose
+        never-used blocks cost no memory, `--kv-resident-memory`: the memory touched then stays near the most
+        blocks held at once, while cached blocks keep their KV as long as they would anyway)."""
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
+        self.reuse_first = reuse_first
         self.blocks: list[KVBlock] = []  # ids [0, len(blocks)) have been handed out at least once
         # Freed blocks in eviction order (the first entry is handed out first), after the fresh ones.
         self._free: OrderedDict[int, None] = OrderedDict()
         self._index: dict[int, int] = {}  # block hash -> block id
         self.peak_used = 0  # most blocks held by requests (or pins) at once
+        self.released_layers = 0  # sum of the blocks' `released_layers`
+        # With reuse_first: blocks that became free and unindexed (nothing will read their KV again) since
+        # the last `take_dead`, whose memory can go back (kvflow/core/kv_residency.py).
+        self.dead: list[int] = []
+        self._free_uncached: OrderedDict[int, None] = OrderedDict()  # with reuse_first: free, not indexed
 
     @property
     def num_free(self) -> int:
@@ -94,12 +106,17 @@ class BlockPool:
         return len(self._index)
 
     def allocate(self, count: int) -> list[int]:
-        """Take `count` blocks: never-used ones first, then the free queue's head, evicting their cached content."""
+        """Take `count` blocks: never-used ones first (with `reuse_first`, free unindexed ones before them),
+        then the free queue's head, evicting their cached content."""
         if count > self.num_free:
             raise RuntimeError(f"asked for {count} blocks with {self.num_free} free")
         ids = []
         for _ in range(count):
-            if len(self.blocks) < self.num_blocks:
+            if self._free_uncached:
+                block_id, _ = self._free_uncached.popitem(last=False)
+                del self._free[block_id]
+                block = self.blocks[block_id]
+            elif len(self.blocks) < self.num_blocks:
                 block = KVBlock(len(self.blocks))
                 self.blocks.append(block)
             else:
@@ -107,6 +124,8 @@ class BlockPool:
                 block = self.blocks[block_id]
                 if block.block_hash is not None:
                     self._evict(block)
+            self.released_layers -= block.released_layers  # its new owner writes every layer
+            block.released_layers = 0
             block.ref_cnt = 1
             ids.append(block.block_id)
         self._note_usage()
@@ -118,6 +137,7 @@ class BlockPool:
             block = self.blocks[block_id]
             if block.ref_cnt == 0:
                 del self._free[block_id]
+                self._free_uncached.pop(block_id, None)
             block.ref_cnt += 1
         self._note_usage()
 
@@ -140,6 +160,9 @@ class BlockPool:
                     if block.block_hash is not None:
                         self._evict(block)
                     self._free.move_to_end(block_id, last=False)
+                if self.reuse_first and block.block_hash is None:
+                    self.dead.append(block_id)
+                    self._free_uncached[block_id] = None
 
     def register(self, block_id: int, block_hash: int, tokens: tuple[int, ...], parent_id: int | None,
                  salt: str | None = None) -> int:
@@ -169,6 +192,15 @@ class BlockPool:
             return None  # hash collision, stale parent or another salt: treat as a miss
         return block_id
 
+    def release_layers(self, block_id: int, layers: int) -> None:
+        """Record that the pages of `layers` layers of a held block went back to the OS (it leaves the
+        prefix index: its KV is no longer whole)."""
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            self._evict(block)
+        self.released_layers += layers - block.released_layers
+        block.released_layers = layers
+
     def drop_free_cached(self) -> int:
         """Evict every cached block nobody holds (vLLM's `reset_prefix_cache`); returns how many."""
         dropped = 0
@@ -177,7 +209,26 @@ class BlockPool:
             if block.block_hash is not None:
                 self._evict(block)
                 dropped += 1
+                if self.reuse_first:
+                    self.dead.append(block_id)
+                    self._free_uncached[block_id] = None
         return dropped
+
+    def evict_free_cached(self) -> int | None:
+        """Evict the least recently used cached block nobody holds; its id (None: there is none)."""
+        for block_id in self._free:
+            block = self.blocks[block_id]
+            if block.block_hash is not None:
+                self._evict(block)
+                if self.reuse_first:
+                    self._free_uncached[block_id] = None
+                return block_id
+        return None
+
+    def take_dead(self) -> list[int]:
+        """The blocks that became free and unindexed since the last call and still are."""
+        dead, self.dead = self.dead, []
+        return [b for b in dict.fromkeys(dead) if self.blocks[b].ref_cnt == 0 and self.blocks[b].block_hash is None]
 
     def _evict(self, block: KVBlock) -> None:
         if self._index.get(block.block_hash) == block.block_id:
@@ -200,17 +251,17 @@ class KVCacheManager:
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  kv_format: str = "", residual_slots: int = 0, residual_tokens: int = 0, layer_groups: int = 1,
-                 shared_groups: Mapping[str, int] | None = None) -> None:
+                 shared_groups: Mapping[str, int] | None = None, reuse_first: bool = False) -> None:
         """`num_blocks`: the pool's entries (pages of one layer group each when `layer_groups` > 1).
         `kv_format`: what the blocks hold (`KVCacheSpec.wire_format`), chained into every hash.
         `residual_slots`, `residual_tokens`: KIVI's ring (kvflow/attention/kivi.py): a running request
         holds one of its slots, and a prefix hit leaves out the blocks its newest tokens may still be
         dense in (they are not quantised in the block). `shared_groups`: variant key -> how many leading
-        layer groups compute the base's KV in that variant."""
+        layer groups compute the base's KV in that variant. `reuse_first`: see `BlockPool`."""
         if layer_groups < 1:
             raise ValueError(f"layer_groups must be >= 1, got {layer_groups}")
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, reuse_first)
         self.enable_prefix_caching = enable_prefix_caching
         self.kv_format = kv_format
         self.stats = PrefixCacheStats()

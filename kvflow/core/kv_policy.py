@@ -226,6 +226,10 @@ class SpeContextPolicy(KVPolicy):
     def reset(self) -> None:
         self.held = None  # [kv_heads, buffer_tokens] entries per buffer slot (None: an empty buffer)
         self.verified = 0  # entries whose retrieval keys the runner has checked against the tokens
+        # --kv-resident-memory (kvflow/core/kv_residency.py): layers [offload_layer, L) of the first
+        # `offloaded_blocks` blocks are in the offload tier (None: nothing is).
+        self.offload_layer: int | None = None
+        self.offloaded_blocks = 0
 
     def _sparse(self, start: int, n: int) -> bool:
         """A decode whose older entries (before the window blocks) outnumber the buffer's slots."""

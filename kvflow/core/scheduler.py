@@ -31,6 +31,7 @@ import torch
 
 from kvflow.config import SchedulerConfig
 from kvflow.core.kv_cache_manager import KVCacheManager
+from kvflow.core.kv_residency import KVResidency
 from kvflow.core.policies import QueuePolicy, make_policy
 from kvflow.core.request import Request, RequestStatus
 from kvflow.kv_transfer.base import KVConnector, LoadResult, SentRecord
@@ -111,12 +112,15 @@ class SchedulerEvents:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
                  connector: KVConnector | None = None, speculative: bool = False, lookahead: int = 0,
-                 spec_token_budget: int = 0, max_loras: int = 0) -> None:
+                 spec_token_budget: int = 0, max_loras: int = 0, residency: KVResidency | None = None) -> None:
         """`speculative`: the runner proposes tokens (speculative decoding) for requests that allow it;
         `lookahead`: cache entries a proposing request needs past its step's tokens (a draft model's KV
         for its proposals); `spec_token_budget`: proposals verified per step across the batch;
-        `max_loras`: distinct LoRA adapters the running requests may use at once (the runner's slots)."""
+        `max_loras`: distinct LoRA adapters the running requests may use at once (the runner's slots);
+        `residency`: SpeContext's memory model (`--kv-resident-memory`), which plans each step's moves of
+        older KV to the offload tier."""
         self.config = config
+        self.residency = residency
         self.max_loras = max_loras
         self.speculative = speculative
         self.lookahead = lookahead
@@ -237,6 +241,12 @@ class Scheduler:
 
     # --------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
+        out = self._schedule()
+        if self.residency is not None:
+            self.residency.plan(out.chunks)
+        return out
+
+    def _schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self.collect_loads(out)
         self._per_request = self._proposals_per_request()
@@ -264,6 +274,14 @@ class Scheduler:
             while not self._allocate(request, n):
                 if self.policy.relieve_memory():
                     continue  # the policy's pinned blocks came back first
+                if self.running[-1] is request and len(self.running) == 1 and self._outgrows_cache(request, n):
+                    # Alone, it still does not fit: its context has outgrown the whole KV cache. Preempted, it
+                    # would be recomputed and preempted again forever; it ends here, as at max_model_len.
+                    logger.warning("request %s needs more KV blocks than the cache has (%d) after %d tokens: "
+                                   "finished (length)", request.request_id, self.kv.num_blocks, request.num_tokens)
+                    self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
+                    out.finished.append(request)
+                    break
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -379,6 +397,12 @@ class Scheduler:
                 and self.kv.allocate(request, n + self.lookahead, spare)):
             return True  # room for the draft's KV of its next proposals too (else it proposes nothing)
         return self.kv.allocate(request, n, spare)
+
+    def _outgrows_cache(self, request: Request, n: int) -> bool:
+        """Whether `n` more tokens of the request need more blocks than the whole pool has."""
+        spare = 0 if request.kv_policy is None else request.kv_policy.spare_blocks(request, n)
+        tokens = request.num_computed_tokens - request.kv_shift + n
+        return self.kv.blocks_needed(tokens) * self.kv.layer_groups + spare > self.kv.num_blocks
 
     def _chunk(self, request: Request, n: int, proposals: list[int] | None = None,
                draft_probs: torch.Tensor | None = None) -> ScheduledChunk:

@@ -18,6 +18,7 @@ import torch
 from kvflow.config import EngineConfig, resolve_kv_policy
 from kvflow.core.kv_cache_manager import KVCacheManager
 from kvflow.core.kv_policy import make_kv_policy
+from kvflow.core.kv_residency import KVResidency
 from kvflow.core.policies import PrefixTreeStats
 from kvflow.core.request import Request, RequestStatus
 from kvflow.core.scheduler import Scheduler, SchedulerEvents, SchedulerOutput
@@ -82,6 +83,10 @@ class EngineStats:
     specontext_kept_tokens: int = 0
     specontext_moved_bytes: int = 0
     specontext_recomputed_keys: int = 0
+    # --kv-resident-memory (kvflow/core/kv_residency.py): the memory model's count of the KV blocks' memory
+    # now, and the KV moved to the offload tier so far (bytes; cumulative).
+    kv_resident_bytes: int = 0
+    specontext_offloaded_bytes: int = 0
     # Multi-LoRA: adapter slots, the adapters of running and waiting requests (names), and cumulative
     # loads into slots and from disk (kvflow/worker/lora_manager.py).
     lora_max: int = 0
@@ -99,10 +104,16 @@ class EngineCore:
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config)
         spec = self.runner.kv_spec
+        resident = config.cache.kv_resident_memory
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
                                  kv_format=spec.wire_format, residual_slots=spec.residual_slots,
                                  residual_tokens=spec.residual_tokens, layer_groups=self.runner.kv_layer_groups,
-                                 shared_groups=self.runner.kv_shared_groups)
+                                 shared_groups=self.runner.kv_shared_groups, reuse_first=resident is not None)
+        # SpeContext's adaptive memory: what stays in memory, each step (kvflow/core/kv_residency.py).
+        pages = self.runner.kv_residency
+        self.residency = None if pages is None or resident is None else KVResidency(
+            self.kv, spec.num_layers, pages.layer_block_bytes, int(resident * 2**30), pages.release_per_layer_block,
+            pages.touched_bytes)
         self.connector = connector
         if connector is not None and config.cache.kv_policy != "none":
             raise ValueError(f"kv_policy={config.cache.kv_policy}: KV policies do not support KV connectors")
@@ -118,7 +129,8 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv, config.model.max_model_len, connector,
                                    speculative=spec.enabled, lookahead=lookahead,
                                    spec_token_budget=spec.speculative_token_budget,
-                                   max_loras=config.lora.max_loras if config.lora.enable_lora else 0)
+                                   max_loras=config.lora.max_loras if config.lora.enable_lora else 0,
+                                   residency=self.residency)
         self.num_steps = 0
         self.last_step_tokens = 0  # tokens the last step computed (prompt chunks, decodes, proposals verified)
         # Keep what each step computed for the step log of `kvflow serve --step-log` (which
@@ -159,12 +171,14 @@ class EngineCore:
             return outputs
         if self.record_shapes:
             self.last_shape = self._step_shape(sched)
+        self._give_back_memory()
         try:
             result = self.runner.execute(sched.chunks)
         except AdapterLoadError as e:  # nothing ran: other requests run next step, these end here
             return outputs + self._adapter_failures(sched, e)
         new_prompt_logprobs = self._record_prompt_logprobs(sched, result)
         kept = self.scheduler.update(sched, result)
+        self._give_back_memory()  # (what this step finished)
         self.num_steps += 1
         self.last_step_tokens = sched.num_tokens
         now = time.monotonic()
@@ -267,6 +281,14 @@ class EngineCore:
             outputs.append(out)
         return outputs
 
+    def _give_back_memory(self) -> None:
+        """--kv-resident-memory: the pages of blocks the memory model let go (freed, evicted) go back."""
+        if self.residency is not None:
+            released = self.residency.take_released()
+            if released:
+                assert self.runner.kv_residency is not None
+                self.runner.kv_residency.release_blocks(released)
+
     def drain_events(self) -> SchedulerEvents:
         """What happened besides the step outputs since the last call: blocks released outside a
         step, KV loads finished, outgoing KV transfers acknowledged."""
@@ -291,6 +313,8 @@ class EngineCore:
             kv_offload=None if self.connector is None else self.connector.stats_snapshot(),
             specontext_steps=sc.steps, specontext_moved_tokens=sc.moved_tokens, specontext_kept_tokens=sc.kept_tokens,
             specontext_moved_bytes=sc.moved_bytes, specontext_recomputed_keys=sc.recomputed_keys,
+            kv_resident_bytes=0 if self.residency is None else self.residency.resident_bytes,
+            specontext_offloaded_bytes=0 if self.residency is None else self.residency.offloaded_bytes,
             **self._prefix_tree_stats(), **self._lora_stats(),
         )
 

@@ -133,8 +133,12 @@ class ServerMetrics:
                     "difference from the last step's selection)."),
             counter("specontext_kept_tokens", "SpeContext (KV head, token) pairs already in the buffer when selected "
                     "again (the step-to-step overlap)."),
-            counter("specontext_moved_bytes", "KV bytes SpeContext moved into buffers, every layer."))
-        self._last_specontext = (0, 0, 0, 0)
+            counter("specontext_moved_bytes", "KV bytes SpeContext moved into buffers, every layer."),
+            counter("specontext_offloaded_bytes", "KV bytes --kv-resident-memory moved to the offload tier (one "
+                    "layer of one block at a time)."))
+        self._last_specontext = (0, 0, 0, 0, 0)
+        self.kv_resident_bytes = gauge("kv_resident_bytes", "--kv-resident-memory: the memory model's count of the "
+                                       "KV blocks' memory.")
         # vLLM's lora_requests_info: one series at the time of the last update, its labels the adapters.
         self._lora_info = Gauge("kvflow:lora_requests_info", "LoRA adapters of running and waiting requests "
                                 "(labels; the value is the update's Unix time), and the adapter slots.",
@@ -177,7 +181,8 @@ class ServerMetrics:
                 metric.inc(new - old)
         self._last_core = now
         specontext = (engine.specontext_steps, engine.specontext_moved_tokens, engine.specontext_kept_tokens,
-                      engine.specontext_moved_bytes)
+                      engine.specontext_moved_bytes, engine.specontext_offloaded_bytes)
+        self.kv_resident_bytes.set(engine.kv_resident_bytes)
         for metric, new, old in zip(self.specontext, specontext, self._last_specontext):
             if new > old:
                 metric.inc(new - old)

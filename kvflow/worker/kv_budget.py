@@ -24,7 +24,10 @@ def num_kv_blocks(config: EngineConfig, spec: KVCacheSpec, extra_bytes_per_block
     else:
         budget = default_kv_cache_bytes(config.device)
     max_model_len = config.model.max_model_len
-    blocks_per_seq = -(-max_model_len // spec.block_size)
+    table_blocks = -(-max_model_len // spec.block_size)
+    blocks_per_seq = table_blocks
+    if cache.kv_policy == "specontext" and cache.kv_budget:  # its buffer blocks, besides its table
+        blocks_per_seq += cache.kv_budget // spec.block_size
     # More blocks than every running sequence at full length could use is wasted memory (unless admission
     # is bounded by the cache itself, not by max_num_seqs).
     sched = config.scheduler
@@ -41,7 +44,7 @@ def num_kv_blocks(config: EngineConfig, spec: KVCacheSpec, extra_bytes_per_block
             f"kv_cache_memory of {budget / 2**30:.3f} GiB holds no block of {spec.bytes_per_block} bytes{ring}; "
             "raise --kv-cache-memory"
         )
-    if num_blocks < blocks_per_seq:
+    if num_blocks < table_blocks:
         logger.warning(
             "the KV cache holds %d tokens, less than max_model_len %d: long prompts will be refused",
             num_blocks * spec.block_size, max_model_len,

@@ -33,6 +33,7 @@ from kvflow.model.loader import load_model
 from kvflow.model.quant.linear_methods import use_activations
 from kvflow.worker.kv_budget import num_kv_blocks
 from kvflow.worker.kv_layer_groups import allocate_grouped, group_metadata, group_step_tables, layer_groups_blocker
+from kvflow.worker.kv_residency import ReleasableCache, SpillTier, residency_blocker
 from kvflow.worker.lora_manager import LoRAManager
 from kvflow.worker.rejection_sampler import RejectionSampler, VerificationBatch, plain_greedy, verify_plain_greedy
 from kvflow.worker.retrieval_keys import (
@@ -100,16 +101,29 @@ class ModelRunner:
                             "base: %s", blocker)
                 groups, shared = 1, {key: 1 for key, n in shared.items() if n == groups}
             self.kv_layer_groups, self.kv_shared_groups = groups, shared
+        # --kv-resident-memory: a pool whose pages cost memory once written and can go back to the OS, and
+        # the offload tier SpeContext's older KV moves to (kv_residency.py).
+        self.kv_residency: ReleasableCache | None = None
+        if self.kv_layer_groups > 1 and config.cache.kv_resident_memory is not None:
+            raise ValueError("kv_resident_memory releases a block's pages layer by layer: it cannot run on a cache "
+                             "in layer groups (a block zoo sharing KV; give --no-zoo-share-kv)")
         if self.kv_layer_groups > 1:
             self.num_blocks *= self.kv_layer_groups  # pages: the same bytes
             self.kv_caches = allocate_grouped(self.kv_spec, self.kv_layer_groups, self.num_blocks, self.device)
+        elif config.cache.kv_resident_memory is not None:
+            blocker = residency_blocker(self.device, self.kv_spec)
+            if blocker is not None:
+                raise ValueError(blocker)
+            self.kv_residency = ReleasableCache(self.kv_spec, self.num_blocks)
+            self.kv_caches = self.kv_residency.caches
         else:
             self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.device)
         self.retrieval_keys: RetrievalKeyCache | None = None
         self.loader: ElasticLoader | None = None
         if self.retrieval_head is not None:
             self.retrieval_keys = RetrievalKeyCache(self.retrieval_head, self.num_blocks, self.block_size, self.device)
-            self.loader = ElasticLoader(self.device)
+            tier = None if self.kv_residency is None else SpillTier(self.kv_residency, config.cache.kv_spill_dir)
+            self.loader = ElasticLoader(self.device, tier=tier)
         self.key_bounds: list[torch.Tensor] | None = None
         if self.kv_spec.key_bounds_dtype is not None:
             self.key_bounds = allocate_key_bounds(model.num_layers, self.num_blocks, model.num_kv_heads,

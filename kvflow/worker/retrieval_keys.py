@@ -17,11 +17,12 @@ side stream on CUDA); layer l's attention waits only for layer l's copies.
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +36,7 @@ from kvflow.attention.specontext_ops import (
     select_tokens,
 )
 from kvflow.model.retrieval_head import RetrievalHead
+from kvflow.worker.kv_residency import SpillTier
 from kvflow.worker.step import KVPolicyOp, ScheduledChunk, SpeContextResult
 
 
@@ -95,24 +97,77 @@ class RetrievalKeyCache:
 
 
 @dataclass
+class Offload:
+    """A row's older KV in the offload tier (`--kv-resident-memory`, kvflow/core/kv_residency.py): layers
+    [tier_layer, L) of its first `tier_blocks` blocks before the step, [offload_layer, L) of its first
+    `offload_blocks` after it; `table` its blocks."""
+
+    tier_layer: int
+    tier_blocks: int
+    offload_layer: int
+    offload_blocks: int
+    table: list[int]
+
+    def spills(self, layer: int) -> list[int]:
+        """The blocks of `layer` that go to the tier this step."""
+        if layer < self.offload_layer:
+            return []
+        start = self.tier_blocks if layer >= self.tier_layer else 0
+        return self.table[start : self.offload_blocks]
+
+
+@dataclass
 class StepMoves:
     """Every SpeContext row's moves of one step, as cache coordinates (the same in every layer):
-    token `src_block[i], src_offset[i]` of KV head `heads[i]` goes to `dst_block[i], dst_offset[i]`."""
+    token `src_block[i], src_offset[i]` of KV head `heads[i]` goes to `dst_block[i], dst_offset[i]`.
+    With an offload tier: a move reads the tier in layers >= `tier_from[i]` (where its source block's
+    layer is there), and each layer's `offloads` go to the tier once that layer's moves are done."""
 
     heads: torch.Tensor
     src_block: torch.Tensor
     src_offset: torch.Tensor
     dst_block: torch.Tensor
     dst_offset: torch.Tensor
+    tier_from: torch.Tensor | None = None
+    offloads: list[Offload] = field(default_factory=list)
+    _thresholds: list[int] | None = field(default=None, repr=False)
+    _splits: dict[int, tuple[tuple[torch.Tensor, ...], ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def gather(cls, rows: list[tuple[torch.Tensor, ...]]) -> StepMoves:
-        """From each row's `buffer_moves`."""
-        return cls(*(torch.cat(column) for column in zip(*rows)))
+    def gather(cls, rows: list[tuple[torch.Tensor, ...]], offloads: list[Offload] | None = None) -> StepMoves:
+        """From each row's `buffer_moves` (and `tier_from`, when they have it)."""
+        columns = [torch.cat(column) for column in zip(*rows)]
+        return cls(*columns[:5], columns[5] if len(columns) > 5 else None, offloads or [])
 
-    def apply(self, cache: LayerKV) -> None:
-        """One layer's moves, one indexed copy per cache component."""
-        load_into_buffer(cache, self.heads, self.src_block, self.src_offset, self.dst_block, self.dst_offset)
+    def apply(self, layer: int, cache: LayerKV, tier: SpillTier | None = None) -> None:
+        """One layer's moves, one indexed copy per cache component (and source)."""
+        coords = (self.heads, self.src_block, self.src_offset, self.dst_block, self.dst_offset)
+        if tier is None or self.tier_from is None:
+            load_into_buffer(cache, *coords)
+            return
+        from_pool, from_tier = self._split(layer, coords)
+        load_into_buffer(cache, *from_pool)
+        load_into_buffer(cache, *from_tier, source=tier.parts(layer))
+        tier.read_tokens += len(from_tier[0])
+
+    def _split(self, layer: int, coords: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """The moves that read the pool and those that read the tier in `layer`: the same for every layer
+        between two of the rows' thresholds, so made once per such range."""
+        assert self.tier_from is not None
+        if self._thresholds is None:
+            self._thresholds = sorted(set(self.tier_from.tolist()))
+            self._splits = {}
+        key = bisect.bisect_right(self._thresholds, layer)  # how many thresholds are <= layer
+        if key not in self._splits:
+            in_tier = self.tier_from <= layer
+            self._splits[key] = (tuple(c[~in_tier] for c in coords), tuple(c[in_tier] for c in coords))
+        return self._splits[key]
+
+    def offload(self, layer: int, tier: SpillTier | None) -> int:
+        """Move this layer's blocks that leave memory into the tier (after its moves: a move may read
+        them); returns the bytes given back."""
+        blocks = [b for offload in self.offloads for b in offload.spills(layer)]
+        return tier.spill(layer, blocks) if blocks and tier is not None else 0
 
 
 def spare_cpu_core() -> bool:
@@ -132,8 +187,10 @@ class ElasticLoader:
     forward's threads already fill slows every kernel (batch 16 on 2 cores: 0.70x full attention's
     decode with the thread, 0.86x without)."""
 
-    def __init__(self, device: torch.device, overlap: bool | None = None) -> None:
+    def __init__(self, device: torch.device, overlap: bool | None = None, tier: SpillTier | None = None) -> None:
+        """`tier`: the offload tier of `--kv-resident-memory` (moves read from it and blocks go to it)."""
         self.device = device
+        self.tier = tier
         cpu_thread = device.type != "cuda" and (spare_cpu_core() if overlap is None else overlap)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvflow-specontext") if cpu_thread else None
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -145,13 +202,13 @@ class ElasticLoader:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # last step's KV is written
             with torch.cuda.stream(self._stream):
                 for layer, cache in enumerate(kv_caches):
-                    moves.apply(cache)
+                    moves.apply(layer, cache)
                     loads.cuda_events[layer].record(self._stream)
             return loads
         if self._pool is None:
-            loads.run(kv_caches, moves)
+            loads.run(kv_caches, moves, self.tier)
         else:
-            self._pool.submit(loads.run, kv_caches, moves)
+            self._pool.submit(loads.run, kv_caches, moves, self.tier)
         return loads
 
     def close(self) -> None:
@@ -167,17 +224,24 @@ class StepLoads:
         self.cuda_events = [torch.cuda.Event() for _ in range(num_layers)] if stream is not None else []
         self.error: BaseException | None = None
         self.moves: StepMoves | None = None
+        self.offloaded = threading.Event()  # the step's blocks are in the tier (after every layer's moves)
 
-    def run(self, kv_caches: list[LayerKV], moves: StepMoves) -> None:
+    def run(self, kv_caches: list[LayerKV], moves: StepMoves, tier: SpillTier | None = None) -> None:
+        """Every layer's moves in order, each announced when done; then the blocks that leave memory
+        (the forward never reads them: it reads the buffers and the windows)."""
         try:
             with torch.inference_mode():
                 for layer, cache in enumerate(kv_caches):
-                    moves.apply(cache)
+                    moves.apply(layer, cache, tier)
                     self.done[layer].set()
+                for layer in range(len(kv_caches)):
+                    moves.offload(layer, tier)
         except BaseException as exc:  # surfaced to the forward, which waits on it
             self.error = exc
             for event in self.done:
                 event.set()
+        finally:
+            self.offloaded.set()
 
     def wait(self, layer: int) -> None:
         if self.cuda_events:
@@ -194,6 +258,9 @@ class StepLoads:
             return
         for layer in range(len(self.done)):
             self.wait(layer)
+        self.offloaded.wait()
+        if self.error is not None:
+            raise RuntimeError("SpeContext's moves to the offload tier failed") from self.error
 
 
 Plan = tuple[StepMoves, torch.Tensor, list[int], dict[str, SpeContextResult]]
@@ -215,20 +282,22 @@ def plan_specontext(keys: RetrievalKeyCache, chunks: Sequence[ScheduledChunk], r
     moves: list[tuple[torch.Tensor, ...]] = []
     planned: dict[int, tuple[list[int], int]] = {}  # row -> (reduced table, context length)
     results: dict[str, SpeContextResult] = {}
+    offloads: list[Offload] = []
     for (budget, sinks), members in groups.items():
         moves.append(_plan_rows(keys, chunks, members, budget, sinks, windows, positions, token_starts, block_tables,
-                                block_size, bytes_per_head_token, planned, results))
+                                block_size, bytes_per_head_token, planned, results, offloads))
     tables = [planned[row][0] for row in rows]
     width = max(len(t) for t in tables)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=block_tables.device)
-    return StepMoves.gather(moves), padded, [planned[row][1] for row in rows], results
+    return StepMoves.gather(moves, offloads), padded, [planned[row][1] for row in rows], results
 
 
 def _plan_rows(keys: RetrievalKeyCache, chunks: Sequence[ScheduledChunk], rows: list[int], budget: int, sinks: int,
                windows: torch.Tensor, positions: torch.Tensor, token_starts: list[int], block_tables: torch.Tensor,
                block_size: int, bytes_per_head_token: int, planned: dict[int, tuple[list[int], int]],
-               results: dict[str, SpeContextResult]) -> tuple[torch.Tensor, ...]:
-    """plan_specontext for rows sharing a budget and sinks; fills `planned` and `results`, returns the moves."""
+               results: dict[str, SpeContextResult], offloads: list[Offload]) -> tuple[torch.Tensor, ...]:
+    """plan_specontext for rows sharing a budget and sinks; fills `planned`, `results` and `offloads`,
+    returns the moves and, per move, the first layer it reads from the offload tier."""
     device = block_tables.device
     ops: list[KVPolicyOp] = [chunks[row].kv_op for row in rows]  # type: ignore[misc]
     num_entries = [chunks[row].start + 1 for row in rows]  # this token included (SpeContext never shifts)
@@ -256,7 +325,15 @@ def _plan_rows(keys: RetrievalKeyCache, chunks: Sequence[ScheduledChunk], rows: 
         results[chunks[row].request.request_id] = SpeContextResult(
             contents[i].cpu(), max(candidates[i], op.verified_tokens), moved[i], moved[i] * bytes_per_head_token, kept,
             recomputed[i])
-    return buffer_moves(tables, heads, slots, entries, buffers, block_size, rows=row_idx)
+    tier_layer = torch.tensor([op.tier_layer for op in ops], dtype=torch.long, device=device)
+    tier_blocks = torch.tensor([op.tier_blocks for op in ops], dtype=torch.long, device=device)
+    in_tier = entries // block_size < tier_blocks[row_idx]
+    tier_from = torch.where(in_tier, tier_layer[row_idx], torch.iinfo(torch.long).max)
+    offloads.extend(Offload(op.tier_layer, op.tier_blocks, op.offload_layer, op.offload_blocks,
+                            tables[i, : op.offload_blocks].tolist())
+                    for i, op in enumerate(ops) if (op.offload_layer, op.offload_blocks) != (op.tier_layer,
+                                                                                            op.tier_blocks))
+    return (*buffer_moves(tables, heads, slots, entries, buffers, block_size, rows=row_idx), tier_from)
 
 
 def engine_retrieval_head(config, device: torch.device, embedding: torch.Tensor) -> RetrievalHead | None:

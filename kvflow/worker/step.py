@@ -88,6 +88,13 @@ class KVPolicyOp:
     dest_block_ids: list[int] = field(default_factory=list)
     buffer_tokens: torch.Tensor | None = None
     verified_tokens: int = 0
+    # specontext with --kv-resident-memory (kvflow/core/kv_residency.py): layers [tier_layer, L) of the
+    # first `tier_blocks` blocks are in the offload tier before the step (moves read them there), and
+    # [offload_layer, L) of the first `offload_blocks` after it (the runner moves the difference).
+    tier_layer: int = 0
+    tier_blocks: int = 0
+    offload_layer: int = 0
+    offload_blocks: int = 0
 
 
 @dataclass

@@ -66,3 +66,25 @@ def test_cli_shape_builds_a_model(monkeypatch, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "specontext", "--shape", "toy", "--device", "cuda", "--out", str(out)]) == 2
         assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_the_edge_setting_reports_how_far_each_engine_gets_in_the_memory(tmp_path):
+    """`--resident-memory`: full attention in a cache of the cap stops early (finish reason length);
+    SpeContext under the cap generates everything, the same tokens as uncapped, within the cap by the
+    model's count and by the kernel's."""
+    from kvflow.bench.specontext_edge import format_edge_report, run_edge_bench
+
+    cap = 0.0015  # GiB: ~390 of tiny's 4 KiB tokens
+    results = run_edge_bench(str(default_model_path()), "float32", prompt_len=256, max_tokens=400, budget=128,
+                             cap_gib=cap, spill_dir=str(tmp_path), sample_every=8, log=lambda _: None)
+    rows = {r["engine"]: r for r in results["runs"]}
+    assert rows["full, capped"]["finish_reason"] == "length"
+    assert 100 < rows["full, capped"]["output_tokens"] < 400 - 200  # 256 + ~130 tokens fill the cache
+    for name in ("specontext, capped", "specontext", "full"):
+        assert rows[name]["output_tokens"] == 400
+    capped = rows["specontext, capped"]
+    assert results["capped_tokens_equal_uncapped"]
+    assert 0 < capped["peak_measured_bytes"] <= capped["peak_model_bytes"] <= results["cap_bytes"]
+    assert capped["offloaded_bytes"] > 0 and capped["tier_read_entries"] > 0 and capped["over_cap_steps"] == 0
+    assert rows["specontext"]["peak_held_bytes"] > results["cap_bytes"]  # uncapped, it needs more
+    assert "specontext, capped" in format_edge_report(results)

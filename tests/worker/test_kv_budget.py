@@ -57,3 +57,20 @@ def test_default_budget_is_a_share_of_the_cgroups_room(monkeypatch):
     assert default_kv_cache_bytes() == int(0.3 * GIB)
     monkeypatch.setattr(kv_budget, "cgroup_memory_room", lambda: None)
     assert default_kv_cache_bytes() == 4 * GIB  # the CPU cap, from the machine's 20 GiB
+
+
+def test_a_specontext_pool_holds_a_full_length_sequence_and_its_buffer(llama_dir):
+    """The blocks a pool is cut to (every running sequence at max_model_len) count SpeContext's buffer
+    blocks too: without them a sequence near max_model_len could never get its buffer."""
+    from kvflow.attention.kv_spec import KVCacheSpec
+    from kvflow.config import EngineConfig
+    from kvflow.worker.kv_budget import num_kv_blocks
+
+    plain = EngineConfig.create(str(llama_dir), kv_cache_memory=1.0, max_num_seqs=2)
+    m = plain.model
+    spec = KVCacheSpec.dense(m.num_layers, m.num_kv_heads, m.head_dim, 16, m.dtype)
+    table = -(-m.max_model_len // 16)
+    assert num_kv_blocks(plain, spec) == 2 * table
+    sparse = EngineConfig.create(str(llama_dir), kv_cache_memory=1.0, max_num_seqs=2, kv_policy="specontext",
+                                 kv_budget=64)
+    assert num_kv_blocks(sparse, spec) == 2 * (table + 64 // 16)
