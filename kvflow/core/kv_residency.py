@@ -143,7 +143,6 @@ class KVResidency:
                                "SpeContext sequence's older KV in the tier: prompts, full-attention requests and "
                                "the sequences' windows and buffers alone exceed it", self.cap_bytes / 2**30)
         self.threshold = f
-        pool = self.kv.pool
         for row in rows:
             layer = min(row.layer, f)
             if layer == L or row.older == 0:

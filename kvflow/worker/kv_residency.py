@@ -12,9 +12,10 @@ again once written (the block handed to another request).
 **The offload tier.** A file per layer and component with the pool's own layout (block b of layer l
 at the same index), so moving a token in or out is the same indexed copy as any other: `spill`
 copies whole blocks of a layer into it and releases them from the pool; SpeContext's elastic loader
-reads the tokens a selection brings in from it (`kvflow/worker/retrieval_keys.py`). The files are
-sparse (what was never spilled takes no disk), mapped shared, and unlinked as soon as they are mapped,
-so they vanish with the process however it ends.
+reads the tokens a selection brings in from it (`kvflow/worker/retrieval_keys.py`). The files reserve
+their disk at start (the pool's size in all: a full disk is an error then, not a SIGBUS mid-run), are
+mapped shared, and are unlinked as soon as they are mapped, so they vanish with the process however
+it ends.
 
 What is resident is measured, not assumed: `resident_bytes` asks the kernel (`mincore`) which pages
 of the pool have memory, the check of the memory model's count (`kvflow/core/kv_residency.py`).
@@ -163,7 +164,8 @@ class SpillTier:
                 for i, part in enumerate(cache.per_token_parts(layer)):
                     path = folder / f"layer{layer}-{i}.kv"
                     nbytes = part.numel() * part.element_size()
-                    raw = np.memmap(path, dtype=np.uint8, mode="w+", shape=(nbytes,))  # sparse: truncated to size
+                    _reserve(path, nbytes)
+                    raw = np.memmap(path, dtype=np.uint8, mode="r+", shape=(nbytes,))
                     twins.append(torch.from_numpy(raw).view(part.dtype).view(part.shape))
                     path.unlink()
                 self.layers.append(twins)
@@ -188,6 +190,24 @@ class SpillTier:
         released = self.cache.release(layer, block_ids)
         self.released_bytes += released
         return released
+
+
+def _reserve(path: Path, nbytes: int) -> None:
+    """Create `path` with `nbytes` of disk reserved (a write into a mapped file with no room behind it
+    would kill the process with SIGBUS; reserved, a full disk is an error here, at start)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as exc:
+                raise OSError(exc.errno, f"the KV offload tier needs {nbytes / 2**30:.3f} GiB more of disk "
+                                         f"under {path.parent.parent} (a layer's share of --kv-cache-memory): "
+                                         f"{exc.strerror}; free space or give --kv-spill-dir elsewhere") from exc
+        else:
+            os.ftruncate(fd, nbytes)
+    finally:
+        os.close(fd)
 
 
 def filesystem_type(path: Path) -> str | None:

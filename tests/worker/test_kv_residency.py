@@ -130,3 +130,18 @@ def test_a_tier_in_memory_is_called_out(caplog):
         SpillTier(cache, str(shm))
     assert "is on tmpfs, which is memory" in caplog.text
     assert filesystem_type(Path("/proc/self")) == "proc"
+
+
+def test_a_disk_without_room_for_the_tier_is_an_error_at_start(tmp_path, monkeypatch):
+    """The tier reserves its disk when it opens: no room is a clear error then, never a SIGBUS when a
+    spill writes into a mapped page mid-run; nothing is left behind."""
+    import errno
+    import os
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(OSError, match="the KV offload tier needs .* GiB more of disk under"):
+        SpillTier(ReleasableCache(_spec(), 4), str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
