@@ -121,7 +121,7 @@ class StepMoves:
     """Every SpeContext row's moves of one step, as cache coordinates (the same in every layer):
     token `src_block[i], src_offset[i]` of KV head `heads[i]` goes to `dst_block[i], dst_offset[i]`.
     With an offload tier: a move reads the tier in layers >= `tier_from[i]` (where its source block's
-    layer is there), and each layer's `offloads` go to the tier once that layer's moves are done."""
+    layer is there), and the `offloads` go to the tier once every layer's moves are done."""
 
     heads: torch.Tensor
     src_block: torch.Tensor
