@@ -347,6 +347,11 @@ class QuantizationConfig:
                 raise ValueError(f"{fmt} runs with float activations; activation_bits is for int8 (8: W8A8) "
                                  "and bipolar (2..8)")
 
+    def activation_bits_for(self, weight_format: str) -> int | None:
+        """The activation bits a weight of `weight_format` runs with: the configured ones for weights of the
+        configured format, None (float activations) for any other (a checkpoint's other-format tensors)."""
+        return self.activation_bits if weight_format == self.format else None
+
     @property
     def params(self) -> dict[str, int]:
         """What the format's quantiser takes (kvflow/model/quant/formats.py)."""

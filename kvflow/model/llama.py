@@ -229,9 +229,8 @@ class LlamaForCausalLM(nn.Module):
             weight = concat_rows(ordered)
             weight = QuantizedWeight(weight.format, weight.shape, {k: t.to(device) for k, t in weight.data.items()},
                                      weight.params)
-            qcfg = self.config.quantization  # its activation bits apply to weights of its format
-            act_bits = qcfg.activation_bits if qcfg is not None and qcfg.format == weight.format else None
-            layer.use(QuantizedLinear(weight, act_bits))
+            qcfg = self.config.quantization
+            layer.use(QuantizedLinear(weight, None if qcfg is None else qcfg.activation_bits_for(weight.format)))
             return
         param = self._materialise(target, param, device, params)
         for offset, shard in shards.items():

@@ -111,8 +111,7 @@ def quantize_tied_head(model: nn.Module, quantize: Callable[[str, torch.Tensor],
     if weight is None:
         raise ValueError(f"the LM head ({head.out_features}x{head.in_features}) has no {quantization.format} "
                          "layout: --quantization-lm-head cannot quantise it")
-    act_bits = quantization.activation_bits if weight.format == quantization.format else None
-    head.use(QuantizedLinear(weight, act_bits))
+    head.use(QuantizedLinear(weight, quantization.activation_bits_for(weight.format)))
 
 
 def load_tokenizer(path: str | Path) -> Any | None:

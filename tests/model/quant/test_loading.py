@@ -164,6 +164,8 @@ def test_quantisation_arguments_are_checked(tmp_path):
         EngineConfig.create(str(qdir), quantization="q4_0")
     same = EngineConfig.create(str(qdir), quantization="q8_0").model.quantization
     assert same is not None and not same.on_load  # its own format: loads as stored
+    w8a8 = QuantizationConfig("int8", activation_bits=8)  # activation bits go with weights of its format only
+    assert (w8a8.activation_bits_for("int8"), w8a8.activation_bits_for("q8_0")) == (8, None)
 
 
 def test_quantising_the_lm_head_at_load_leaves_the_tied_embedding_dense():
