@@ -2,7 +2,8 @@
 layer's matrices of a reference shape, against the bf16 products the C++ forward runs today.
 
 Each matrix of a decoder layer (qkv, o, gate_up, down) at `135m` or `500m` is multiplied by a few
-activation rows, per format (q8_0, q4_0, q4_k where K allows, int8) and activation mode (exact, q8),
+activation rows, per format (q8_0, q4_0, q4_k where K allows, int8, and bipolar2 ... bipolar8: n-bit bit
+planes in groups of 64, whose GEMV is one masked add per plane) and activation mode (exact, q8),
 next to bf16's oneDNN-prepacked `F.linear` and the C++ forward's `block_rows` decode GEMV. Reported:
 µs per call (median), the weight bytes streamed per µs (GB/s) and the ratio to the bf16 GEMV. With
 `--rows` above the GEMV's batch it compares the prefill GEMM (dequantised tiles through at::mm) with
@@ -27,6 +28,10 @@ from kvflow.model.quant.weights import QuantizedWeight
 
 GEMV_ROWS = 8  # cpu_quant.h's kGemvRows: up to this many rows take the GEMV
 _BLOCK_BYTES = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 144)}
+BIPOLAR_GROUP = 64
+#: What `--formats` takes: the kernels' formats, bipolar by its bits.
+BENCH_FORMATS = ("q8_0", "q4_0", "q4_k", "int8", *(f"bipolar{n}" for n in range(2, 9)))
+DEFAULT_FORMATS = ("q8_0", "q4_0", "q4_k", "int8")
 
 
 @dataclass
@@ -53,6 +58,12 @@ def layer_matrices(shape: str) -> dict[str, tuple[int, int]]:
 
 def random_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> QuantizedWeight:
     """A weight of random codes with small, finite fp16 scales."""
+    if fmt.startswith("bipolar"):
+        bits, groups = int(fmt.removeprefix("bipolar")), k // BIPOLAR_GROUP
+        planes = torch.randint(0, 256, (n, bits, k // 8), dtype=torch.uint8, generator=gen)
+        scales = (torch.rand(n, groups, generator=gen) * 0.01).half()
+        return QuantizedWeight("bipolar", (n, k), {"planes": planes, "scales": scales, "offsets": scales * 0.1},
+                               {"bits": bits, "group_size": BIPOLAR_GROUP})
     if fmt == "int8":
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
         return QuantizedWeight("int8", (n, k), {"qweight": q, "scales": torch.rand(n, generator=gen) * 0.01})
@@ -107,9 +118,10 @@ def bench_matrix(name: str, n: int, k: int, rows: int, formats: list[str], min_s
         qws = [random_weight(fmt, n, k, gen) for _ in range(copies)]
         if kernels.unsupported_reason(qws[0]) is not None:
             continue
-        names = [g for g in gemv_kernels if g != "avx2" or fmt in kernels.AVX2_FORMATS]
+        names = [g for g in gemv_kernels if g in kernels.gemv_kernels(qws[0].format)]
+        modes = ("exact",) if qws[0].format == "bipolar" else kernels.ACTIVATIONS  # bipolar: float activations
         variants = [(f" [{g}]" if gemv_kernels != ("auto",) else "", mode, "auto", g)
-                    for mode in kernels.ACTIVATIONS for g in names] if decode else [("", "exact", "mm", "auto")]
+                    for mode in modes for g in names] if decode else [("", "exact", "mm", "auto")]
         for suffix, mode, path, gemv in variants:
             cases.append((f"{fmt} {'gemm-' if not decode else ''}{mode if decode else path}{suffix}", qws[0].nbytes(),
                           [lambda qw=qw, mode=mode, path=path, gemv=gemv:
@@ -123,7 +135,7 @@ def bench_matrix(name: str, n: int, k: int, rows: int, formats: list[str], min_s
     return results
 
 
-def run(shape: str, rows: int = 1, formats: tuple[str, ...] = kernels.FORMATS, min_seconds: float = 0.3,
+def run(shape: str, rows: int = 1, formats: tuple[str, ...] = DEFAULT_FORMATS, min_seconds: float = 0.3,
         threads: int | None = None, seed: int = 0, stream_mib: int = 96,
         gemv_kernels: tuple[str, ...] = ("auto",)) -> list[Row]:
     """Every matrix of one layer of `shape`; `stream_mib`: the bf16 bytes each method cycles through

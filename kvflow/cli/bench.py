@@ -12,6 +12,8 @@ from typing import Any
 
 from kvflow.bench.bitplane import IMPLS as BITPLANE_IMPLS
 from kvflow.bench.make_model import SHAPES, TOKENIZERS
+from kvflow.bench.quant_gemv import BENCH_FORMATS as QUANT_GEMV_FORMATS
+from kvflow.bench.quant_gemv import DEFAULT_FORMATS as QUANT_GEMV_DEFAULT
 
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -868,18 +870,19 @@ def configure(bench: argparse.ArgumentParser) -> None:
     sk.add_argument("--out", default="bench_results/soak.json", help="JSON result")
     sk.set_defaults(func=_cmd_soak)
 
-    qg = sub.add_parser("quant-gemv", help="quantised-weight CPU kernels (q8_0, q4_0, q4_k, int8) against the "
-                                           "bf16 GEMVs, on each matrix of one layer: µs per call and GB/s")
+    qg = sub.add_parser("quant-gemv", help="quantised-weight CPU kernels (q8_0, q4_0, q4_k, int8, bipolar) against "
+                                           "the bf16 GEMVs, on each matrix of one layer: µs per call and GB/s")
     qg.add_argument("--shape", choices=sorted(SHAPES), default="135m")
     qg.add_argument("--rows", type=int, default=1, help="activation rows (above 8: the prefill GEMM)")
-    qg.add_argument("--formats", nargs="+", choices=["q8_0", "q4_0", "q4_k", "int8"],
-                    default=["q8_0", "q4_0", "q4_k", "int8"])
+    qg.add_argument("--formats", nargs="+", choices=list(QUANT_GEMV_FORMATS), default=list(QUANT_GEMV_DEFAULT),
+                    help="bipolarN: N-bit bipolar weights in groups of 64 (the bit-plane GEMV)")
     qg.add_argument("--seconds", type=float, default=0.3, help="timing per method and matrix")
     qg.add_argument("--stream-mib", type=int, default=96,
                     help="bf16 MiB of weight copies each method cycles through (above the last-level cache)")
     qg.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    qg.add_argument("--kernels", nargs="+", choices=["auto", "avx512", "avx2", "scalar"], default=["auto"],
-                    help="the decode GEMV's kernels to time side by side (avx2: q8_0, q4_0 and q4_k)")
+    qg.add_argument("--kernels", nargs="+", choices=["auto", "avx512", "avx2", "scalar", "planes", "decoded"],
+                    default=["auto"], help="the decode GEMV's kernels to time side by side (avx2: q8_0, q4_0 and "
+                    "q4_k; planes, decoded: bipolar's AVX-512 decomposition and its planes decoded into weights)")
     qg.set_defaults(func=_cmd_quant_gemv)
 
     bp = sub.add_parser("bitplane", help="the Triton bit-plane kernels (bipolar weights) against torch's bf16 "

@@ -1,7 +1,8 @@
-// Python bindings of kvflow's quantised-weight CPU kernels (cpu_quant.h), built as their own
+// Python bindings of kvflow's quantised-weight CPU kernels (cpu_quant.h, cpu_bipolar.h), built as their own
 // extension by kvflow/model/quant/kernels.py.
 #include <torch/extension.h>
 
+#include "cpu_bipolar.h"
 #include "cpu_quant.h"
 
 namespace {
@@ -19,6 +20,12 @@ at::Tensor dequantize_op(const at::Tensor& weight, const std::optional<at::Tenso
   return kvflow_quant::dequantize(weight, scales.value_or(at::Tensor()), format, N, K);
 }
 
+at::Tensor bipolar_linear_op(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& params, int64_t N,
+                             int64_t K, int64_t bits, int64_t group, const std::string& path, const std::string& kernel,
+                             int64_t tile_rows) {
+  return kvflow_bipolar::bipolar_linear(x, planes, params, N, K, bits, group, path, kernel, tile_rows);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -28,6 +35,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("dequantize", &dequantize_op, pybind11::arg("weight"), pybind11::arg("scales"), pybind11::arg("format"),
         pybind11::arg("N"), pybind11::arg("K"));
+  m.def("bipolar_linear", &bipolar_linear_op, pybind11::arg("x"), pybind11::arg("planes"), pybind11::arg("params"),
+        pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("bits"), pybind11::arg("group"),
+        pybind11::arg("path") = "auto", pybind11::arg("kernel") = "auto", pybind11::arg("tile_rows") = 1024,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("bipolar_dequantize", &kvflow_bipolar::dequantize, pybind11::arg("planes"), pybind11::arg("params"),
+        pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("bits"), pybind11::arg("group"));
   m.attr("has_avx512") = kvflow_quant::kHasAvx512;
   m.attr("kernels") = kvflow_quant::kernels_built();
   m.attr("gemv_rows") = kvflow_quant::kGemvRows;

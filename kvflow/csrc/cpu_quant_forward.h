@@ -1,20 +1,25 @@
 // Quantised projections in the C++ forward (included by cpu_model.cpp): a layer whose linear method is
-// QuantizedLinear (q8_0, q4_0, q4_k, int8) hands the forward its codes plus a spec, and each of its
+// QuantizedLinear (q8_0, q4_0, q4_k, int8, bipolar with float activations) hands the forward its codes plus a spec, and each of its
 // projections runs cpu_quant.h's kernels: the decode GEMV for up to kGemvRows rows (each weight row's
 // blocks streamed once, AVX-512 VNNI where the CPU has it), the dequantised-tile GEMM above. The same
 // call `QuantizedLinear.apply` makes on the PyTorch modules path, so both paths compute alike.
 //
+// Bipolar weights (cpu_bipolar.h) run their bit-plane GEMV and dequantised-tile GEMM the same way.
+//
 // How Python passes one (kvflow/model/cpu_kernels.py, `quant_slots`): per projection a `spec` tensor,
-// int64 [format, N, K, q8] (format: 0 q8_0, 1 q4_0, 2 q4_k, 3 int8, as kvflow_quant::Format), and
-// int8's fp32 row scales (empty for the block formats), beside the codes in the weight's own slot.
+// int64 [format, N, K, q8, bits, group] (format: 0 q8_0, 1 q4_0, 2 q4_k, 3 int8, as kvflow_quant::Format,
+// 4 bipolar; bits and group: bipolar's, 0 for the others), and int8's fp32 row scales or bipolar's fp32
+// [N, 2, K/G] group scales and offsets (empty for the block formats), beside the codes (bipolar: its
+// planes) in the weight's own slot.
 #pragma once
 
+#include "cpu_bipolar.h"
 #include "cpu_quant.h"
 
 struct QuantProjection {
   at::Tensor codes, scales;  // codes undefined: a float projection (the forward's `linear`)
   std::string format;
-  int64_t N = 0, K = 0;
+  int64_t N = 0, K = 0, bits = 0, group = 0;  // bits, group: bipolar's
   bool q8 = false;  // activations rounded to int8 (llama.cpp's blocks; int8 weights: W8A8)
   bool defined() const { return codes.defined(); }
 };
@@ -23,15 +28,21 @@ struct QuantProjection {
 inline QuantProjection quant_projection(const at::Tensor& spec, const at::Tensor& codes, const at::Tensor& scales) {
   QuantProjection p;
   if (!spec.defined() || spec.numel() == 0) return p;
-  TORCH_CHECK(spec.scalar_type() == at::kLong && spec.numel() == 4, "CpuModel: a quantised projection's spec is int64 "
-              "[format, N, K, q8]");
+  TORCH_CHECK(spec.scalar_type() == at::kLong && spec.numel() == 6, "CpuModel: a quantised projection's spec is int64 "
+              "[format, N, K, q8, bits, group]");
   const int64_t* s = spec.data_ptr<int64_t>();
-  static const char* const kNames[] = {"q8_0", "q4_0", "q4_k", "int8"};
-  TORCH_CHECK(s[0] >= 0 && s[0] < 4, "CpuModel: unknown quantised format ", s[0]);
+  static const char* const kNames[] = {"q8_0", "q4_0", "q4_k", "int8", "bipolar"};
+  TORCH_CHECK(s[0] >= 0 && s[0] < 5, "CpuModel: unknown quantised format ", s[0]);
   p.format = kNames[s[0]];
-  p.N = s[1], p.K = s[2], p.q8 = s[3] != 0;
+  p.N = s[1], p.K = s[2], p.q8 = s[3] != 0, p.bits = s[4], p.group = s[5];
   p.codes = codes.contiguous();
   p.scales = scales.defined() && scales.numel() > 0 ? scales.contiguous() : at::Tensor();
+  if (p.format == "bipolar") {
+    TORCH_CHECK(!p.q8 && p.scales.defined(), "CpuModel: bipolar projections take float activations and their "
+                "group scales and offsets");
+    kvflow_bipolar::weights_of(p.codes, p.scales, p.N, p.K, p.bits, p.group);  // checks the shapes
+    return p;
+  }
   const kvflow_quant::Layout lay = kvflow_quant::layout(kvflow_quant::parse_format(p.format));
   TORCH_CHECK(p.K % lay.block == 0 && p.codes.element_size() == 1 && p.codes.numel() == p.N * (p.K / lay.block) * lay.bytes,
               "CpuModel: ", p.format, " codes do not hold ", p.N, " rows of ", p.K, " values");
@@ -43,7 +54,9 @@ inline QuantProjection quant_projection(const at::Tensor& spec, const at::Tensor
 // y = x · Wᵀ + b with the quantised kernels, in x's dtype (fp32 or bf16).
 inline at::Tensor quant_project(const at::Tensor& x, const QuantProjection& p, const at::Tensor& bias) {
   RECORD_FUNCTION("kvflow::quant_linear", std::vector<c10::IValue>());
-  at::Tensor y = kvflow_quant::quant_linear(x, p.codes, p.scales, p.format, p.N, p.K, p.q8, "auto", "auto", 1024);
+  at::Tensor y = p.format == "bipolar"
+                     ? kvflow_bipolar::bipolar_linear(x, p.codes, p.scales, p.N, p.K, p.bits, p.group, "auto", "auto", 1024)
+                     : kvflow_quant::quant_linear(x, p.codes, p.scales, p.format, p.N, p.K, p.q8, "auto", "auto", 1024);
   if (bias.defined()) y.add_(bias);
   return y;
 }

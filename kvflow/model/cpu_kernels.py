@@ -238,16 +238,17 @@ def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
 
 
 #: Quantised formats as csrc/cpu_quant_forward.h numbers them.
-_QUANT_FORMATS = ("q8_0", "q4_0", "q4_k", "int8")
+_QUANT_FORMATS = ("q8_0", "q4_0", "q4_k", "int8", "bipolar")
 
 
 def quant_slots(weights: CpuKernelWeights) -> list[torch.Tensor]:
-    """A projection's quantisation (spec int64 [format, N, K, q8], int8 scales) as the C++ forward takes
-    it (cpu_quant_forward.h); two empty tensors for float weights."""
+    """A projection's quantisation (spec int64 [format, N, K, q8, bits, group], int8's scales or bipolar's
+    scales and offsets) as the C++ forward takes it (cpu_quant_forward.h); two empty tensors for float weights."""
     q = weights.quant
     if q is None:
         return [torch.empty(0), torch.empty(0)]
-    spec = torch.tensor([_QUANT_FORMATS.index(q.format), q.shape[0], q.shape[1], int(q.q8)], dtype=torch.long)
+    spec = torch.tensor([_QUANT_FORMATS.index(q.format), q.shape[0], q.shape[1], int(q.q8), q.bits, q.group],
+                        dtype=torch.long)
     return [spec, _or_empty(q.scales)]
 
 

@@ -1,14 +1,16 @@
-"""C++ CPU kernels for quantised linear weights (kvflow/csrc/cpu_quant.h): `quant_matmul(x, qw)`.
+"""C++ CPU kernels for quantised linear weights (kvflow/csrc/cpu_quant.h, cpu_bipolar.h): `quant_matmul(x, qw)`.
 
 `y = x · Wᵀ` for W in GGUF's q8_0, q4_0, q4_k blocks (llama.cpp's bytes as `QuantizedWeight` holds
-them) or int8 with per-output-channel scales, x fp32 or bf16 [..., K]. A few rows (decode) run a
-GEMV that streams each weight row once (AVX-512 VNNI where the CPU has it); more rows (prefill)
-dequantise tiles of W into x's dtype and multiply them with oneDNN (see cpu_quant.h).
+them), int8 with per-output-channel scales, or bipolar bit planes, x fp32 or bf16 [..., K]. A few rows
+(decode) run a GEMV that streams each weight row once (AVX-512 VNNI where the CPU has it; bipolar: one
+masked add per bit plane and 16 weights, no multiplication); more rows (prefill) dequantise tiles of W
+into x's dtype and multiply them with oneDNN (see cpu_quant.h).
 
 `activation` chooses the GEMV's arithmetic: "exact" keeps fp32 activations (the result is the
 dequantised weights' product up to fp32 rounding); "q8" is llama.cpp's own approach, quantising each
 activation row to int8 per 32-value block (int8 weights: per token, i.e. W8A8) for VNNI integer
-dot products, so each activation moves by up to half its block's quantisation step. Rows beyond the
+dot products, so each activation moves by up to half its block's quantisation step. Bipolar runs
+"exact" only (its A-bit variant keeps its torch reference). Rows beyond the
 GEMV's batch (8) take the dequantised-tile GEMM; in "q8" mode it multiplies the activation rows as the
 integer arithmetic sees them (d·q), so a row's result does not depend on how many rows share its call.
 
@@ -36,12 +38,12 @@ from kvflow.model.quant.weights import QuantizedWeight
 logger = logging.getLogger(__name__)
 
 SOURCE = cpu_kernels.CSRC / "cpu_quant.cpp"
-#: Formats these kernels run; the others (bipolar) have only their torch path so far.
-FORMATS = ("q8_0", "q4_0", "q4_k", "int8")
+#: Formats these kernels run.
+FORMATS = ("q8_0", "q4_0", "q4_k", "int8", "bipolar")
 ACTIVATIONS = ("exact", "q8")
 #: The formats the AVX2 GEMV kernels cover (others run the AVX-512 or the scalar ones).
 AVX2_FORMATS = ("q8_0", "q4_0", "q4_k")
-_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_k": 256, "int8": 1}
+_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_k": 256, "int8": 1, "bipolar": 8}
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
@@ -94,6 +96,13 @@ def load_extension() -> ModuleType | None:
         return None
 
 
+def gemv_kernels(fmt: str) -> tuple[str, ...]:
+    """The decode GEMV kernels `quant_matmul`'s `kernel` may name for weights of `fmt` (where this build has them)."""
+    if fmt == "bipolar":
+        return ("auto", "planes", "decoded", "scalar")
+    return ("auto", "avx512", "avx2", "scalar") if fmt in AVX2_FORMATS else ("auto", "avx512", "scalar")
+
+
 def unsupported_reason(qw: QuantizedWeight, x_dtype: torch.dtype = torch.bfloat16) -> str | None:
     """Why `quant_matmul` cannot run this weight with activations of `x_dtype`; None where it can."""
     if qw.format not in FORMATS:
@@ -108,9 +117,13 @@ def unsupported_reason(qw: QuantizedWeight, x_dtype: torch.dtype = torch.bfloat1
 
 
 def kernel_tensors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The codes (contiguous bytes) and, for int8, the fp32 row scales, as the kernels read them."""
+    """The codes (contiguous bytes) and, for int8, the fp32 row scales (bipolar: its planes, and its group
+    scales and offsets as fp32 [N, 2, K/G]), as the kernels read them."""
     if qw.format == "int8":  # scales in fp32 whatever a module's `.to(dtype)` made of them (N values)
         return qw.data["qweight"].contiguous(), qw.data["scales"].float().contiguous()
+    if qw.format == "bipolar":
+        params = torch.stack([qw.data["scales"].float(), qw.data["offsets"].float()], dim=1)
+        return qw.data["planes"].contiguous(), params.contiguous()
     return qw.data["blocks"].contiguous(), None
 
 
@@ -118,10 +131,14 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, activation: str = "exact"
                  kernel: str = "auto", tile_rows: int = 1024) -> torch.Tensor:
     """`x · Wᵀ` for x [..., K] (fp32 or bf16, CPU), in x's dtype; raises QuantKernelUnsupported where the
     kernels cannot run it. `path` ("auto", "gemv", "mm") and `kernel` (the GEMV's: "auto", or one of the
-    extension's `kernels`: "avx512", "avx2" for q8_0/q4_0/q4_k, "scalar" — the plain loops) exist for tests and
-    benchmarks; `tile_rows`: the "mm" GEMM's tile."""
+    extension's `kernels`: "avx512", "avx2" for q8_0/q4_0/q4_k, "scalar" — the plain loops; bipolar: "planes",
+    "decoded" or "scalar", see csrc/cpu_bipolar.h) exist for tests and benchmarks; `tile_rows`: the "mm" GEMM's
+    tile."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
+    if qw.format == "bipolar" and activation != "exact":
+        raise ValueError("bipolar weights run with float activations here (activation='exact'); the A-bit "
+                         "variant has its torch reference only")
     reason = unsupported_reason(qw, x.dtype)
     if reason is None and x.device.type != "cpu":
         reason = f"the quantised kernels run on the CPU, not {x.device}"
@@ -132,7 +149,11 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, activation: str = "exact"
     weight, scales = kernel_tensors(qw)
     n, k = qw.shape
     flat = x.reshape(-1, k)
-    y = ext.quant_linear(flat, weight.contiguous(), scales, qw.format, n, k, activation, path, kernel, tile_rows)
+    if qw.format == "bipolar":
+        y = ext.bipolar_linear(flat, weight, scales, n, k, qw.params["bits"], qw.params["group_size"], path, kernel,
+                               tile_rows)
+    else:
+        y = ext.quant_linear(flat, weight.contiguous(), scales, qw.format, n, k, activation, path, kernel, tile_rows)
     return y.view(*x.shape[:-1], n)
 
 
@@ -142,4 +163,6 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     if ext is None or qw.format not in FORMATS:
         raise QuantKernelUnsupported(unsupported_reason(qw) or "no build")
     weight, scales = kernel_tensors(qw)
+    if qw.format == "bipolar":
+        return ext.bipolar_dequantize(weight, scales, *qw.shape, qw.params["bits"], qw.params["group_size"])
     return ext.dequantize(weight.contiguous(), scales, qw.format, *qw.shape)

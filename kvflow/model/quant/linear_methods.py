@@ -6,10 +6,11 @@ the reference kernels here run on any device (GGUF blocks: dequantise, then `F.l
 times activations, then scales; bipolar: one ±1 matmul per bit plane), and faster ones (the C++ CPU
 kernels, a Triton bit-plane kernel) replace them with `register_kernel`, without touching the
 model or the loader. `cpu_kernel_weights` gives the C++ CPU forward the codes of the formats its
-quantised projections run (the same kernels, csrc/cpu_quant_forward.h); for the others (bipolar) it is
-None, the forward declines the model and the runner takes the PyTorch modules, which run every method.
+quantised projections run (the same kernels, csrc/cpu_quant_forward.h); for the others (bipolar's A-bit
+variant) it is None, the forward declines the model and the runner takes the PyTorch modules, which run
+every method.
 
-On CPU, q8_0 / q4_0 / q4_k / int8 run the C++ kernels of `kernels.py` (`quant_matmul`) wherever
+On CPU, q8_0 / q4_0 / q4_k / int8 / bipolar run the C++ kernels of `kernels.py` (`quant_matmul`) wherever
 `kernels.unsupported_reason` allows (else the reference, said once in the log). Activations: the GGUF
 block formats keep them in float by default ("exact": the kernels equal the reference up to fp32
 rounding); `use_activations("q8")` (the engine's `--quant-activations q8`) switches a layer to
@@ -114,6 +115,7 @@ def _register_cpu_kernels() -> None:
         register_kernel(f"{fmt}-a8", "cpu", _cpu_kernel("q8", _gguf_q8_reference))
     register_kernel("int8-w8a16", "cpu", _cpu_kernel("exact", int8.linear_w8a16))
     register_kernel("int8-w8a8", "cpu", _cpu_kernel("q8", int8.linear_w8a8))
+    register_kernel("bipolar", "cpu", _cpu_kernel("exact", bipolar.bitplane_linear))
 
 
 _register_cpu_kernels()
@@ -196,15 +198,16 @@ class QuantizedLinear(LinearMethod):
 
     def cpu_kernel_weights(self, layer: Linear) -> CpuKernelWeights | None:
         """The codes and what they are, for the C++ forward's quantised projections (the same kernels and
-        mode as `apply` on CPU); None where those kernels cannot run the weight (bipolar, a K they
-        cannot block, no build): the forward then declines the model."""
+        mode as `apply` on CPU); None where those kernels cannot run the weight (bipolar's A-bit variant, a K
+        they cannot block, no build): the forward then declines the model."""
         qw = self.weight(layer)
-        if kernels.unsupported_reason(qw, torch.float32) is not None:
+        if kernels.unsupported_reason(qw, torch.float32) is not None or self.name.startswith("bipolar-a"):
             return None
         codes, scales = kernels.kernel_tensors(qw)
         q8 = self.name.endswith("-a8") or self.name == "int8-w8a8"
+        bits, group = (qw.params["bits"], qw.params["group_size"]) if self.format == "bipolar" else (0, 0)
         return CpuKernelWeights(codes, _detached(layer.bias), None, packed=False,
-                                quant=QuantKernelSpec(self.format, tuple(self.shape), scales, q8))
+                                quant=QuantKernelSpec(self.format, tuple(self.shape), scales, q8, bits, group))
 
 
 def is_quantized(layer: Linear) -> bool:

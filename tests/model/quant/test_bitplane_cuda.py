@@ -37,11 +37,14 @@ def on_device():
     if DEVICE.type == "cuda":
         yield
         return
+    before = {method: kernel_for(method, "cpu") for method in bitplane_cuda.method_kernels()}
     for method, kernel in bitplane_cuda.method_kernels().items():
         register_kernel(method, "cpu", kernel)
     yield
-    for method in bitplane_cuda.method_kernels():
+    for method, kernel in before.items():  # the C++ kernel registered for "bipolar" comes back
         unregister_kernel(method, "cpu")
+        if kernel is not None:
+            register_kernel(method, "cpu", kernel)
 
 
 def _layer(bits: int, group: int, act_bits: int | None) -> Linear:

@@ -47,7 +47,8 @@ def check_same(fast: tuple, plain: tuple, dtype: str) -> None:
 
 @pytest.mark.parametrize(("fmt", "kwargs"), [
     ("q4_k", {}), ("q8_0", {"quant_activations": "q8"}), ("int8", {"quantization_activation_bits": 8}),
-], ids=["q4_k-exact", "q8_0-q8", "int8-w8a8"])
+    ("bipolar", {"quantization_bits": 3}),
+], ids=["q4_k-exact", "q8_0-q8", "int8-w8a8", "bipolar3"])
 def test_the_modules_run_the_kernels_with_the_references_logits(fmt, kwargs, monkeypatch):
     calls = []
     real = kernels.quant_matmul
@@ -58,7 +59,7 @@ def test_the_modules_run_the_kernels_with_the_references_logits(fmt, kwargs, mon
 
     monkeypatch.setattr(kernels, "quant_matmul", spy)
     fast = run(fmt, cpu_kernels=False, **kwargs)
-    assert set(calls) == {"exact" if fmt == "q4_k" else "q8"}
+    assert set(calls) == {"exact" if fmt in ("q4_k", "bipolar") else "q8"}
     monkeypatch.setattr(linear_methods, "_KERNELS", {})  # every method on its torch reference
     check_same(fast, run(fmt, cpu_kernels=False, **kwargs), "float32")
 
@@ -67,12 +68,14 @@ def test_the_modules_run_the_kernels_with_the_references_logits(fmt, kwargs, mon
 FORWARD_CASES = [
     ("q8_0", "float32", {}), ("q4_0", "float32", {}), ("q4_k", "float32", {}), ("int8", "float32", {}),
     ("int8", "float32", {"quantization_activation_bits": 8}), ("q4_0", "float32", {"quant_activations": "q8"}),
-    ("q8_0", "bfloat16", {}),
+    ("q8_0", "bfloat16", {}), ("bipolar", "float32", {"quantization_bits": 3, "quantization_group_size": 32}),
+    ("bipolar", "bfloat16", {"quantization_bits": 4}),
 ]
 
 
 @pytest.mark.parametrize(("fmt", "dtype", "kwargs"), FORWARD_CASES,
-                         ids=["q8_0", "q4_0", "q4_k", "int8-w8a16", "int8-w8a8", "q4_0-q8", "q8_0-bf16"])
+                         ids=["q8_0", "q4_0", "q4_k", "int8-w8a16", "int8-w8a8", "q4_0-q8", "q8_0-bf16", "bipolar3",
+                              "bipolar4-bf16"])
 def test_the_cpp_forward_runs_quantised_layers_like_the_modules(fmt, dtype, kwargs):
     """Every projection on the quantised kernels inside the one-call C++ step: the greedy tokens and logprobs
     of the modules path (which runs the same kernels per layer), within fp32 summation order (bf16: the
@@ -113,9 +116,10 @@ def test_a_model_mixing_dense_and_quantised_layers_runs_in_the_cpp_forward(dtype
     check_same(fast, plain, dtype)
 
 
-def test_formats_the_kernels_cannot_run_decline_the_cpp_forward():
+def test_methods_the_kernels_cannot_run_decline_the_cpp_forward():
+    """A-bit bipolar (activations on the odd grid, popcounts) has its torch reference only."""
     llm = LLM(model=str(TINY), dtype="float32", num_blocks=32, quantization="bipolar", quantization_bits=3,
-              quantization_group_size=32)
+              quantization_group_size=32, quantization_activation_bits=6)
     assert llm.engine.core.runner.cpu_forward is None  # the PyTorch modules run it
     out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(temperature=0.0, max_tokens=3),
                        use_tqdm=False)[0]

@@ -187,9 +187,9 @@ def test_leading_dimensions_and_the_kernels_own_dequantiser():
 
 def test_unsupported_weights_and_inputs_are_refused_with_a_reason():
     qw, _ = make_weight("q4_k", 4, 256)
-    bipolar = QuantizedWeight("bipolar", (4, 256), {"codes": torch.zeros(4, 256, dtype=torch.uint8)}, {"bits": 4})
-    with pytest.raises(kernels.QuantKernelUnsupported, match="not bipolar"):
-        kernels.quant_matmul(torch.zeros(1, 256), bipolar)
+    other = QuantizedWeight("q6_k", (4, 256), {"blocks": torch.zeros(4, 210, dtype=torch.uint8)})
+    with pytest.raises(kernels.QuantKernelUnsupported, match="not q6_k"):
+        kernels.quant_matmul(torch.zeros(1, 256), other)
     with pytest.raises(kernels.QuantKernelUnsupported, match="float16"):
         kernels.quant_matmul(torch.zeros(1, 256, dtype=torch.float16), qw)
     odd = QuantizedWeight("q4_k", (4, 128), {"blocks": torch.zeros(4, 72, dtype=torch.uint8)})
