@@ -2,8 +2,9 @@
 layer's matrices of a reference shape, against the bf16 products the C++ forward runs today.
 
 Each matrix of a decoder layer (qkv, o, gate_up, down) at `135m` or `500m` is multiplied by a few
-activation rows, per format (q8_0, q4_0, q4_k where K allows, int8, and bipolar2 ... bipolar8: n-bit bit
-planes in groups of 64, whose GEMV is one masked add per plane) and activation mode (exact, q8),
+activation rows, per format (q8_0, q4_0, q4_k where K allows, int8; bipolar2 ... bipolar8: n-bit bit
+planes in groups of 64, whose GEMV decodes or decomposes the planes; bipolarN-aA: the same weights with
+activations rounded to A bits, every product a popcount of two planes) and activation mode (exact, q8),
 next to bf16's oneDNN-prepacked `F.linear` and the C++ forward's `block_rows` decode GEMV. Reported:
 µs per call (median), the weight bytes streamed per µs (GB/s) and the ratio to the bf16 GEMV. With
 `--rows` above the GEMV's batch it compares the prefill GEMM (dequantised tiles through at::mm) with
@@ -30,7 +31,8 @@ GEMV_ROWS = 8  # cpu_quant.h's kGemvRows: up to this many rows take the GEMV
 _BLOCK_BYTES = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 144)}
 BIPOLAR_GROUP = 64
 #: What `--formats` takes: the kernels' formats, bipolar by its bits.
-BENCH_FORMATS = ("q8_0", "q4_0", "q4_k", "int8", *(f"bipolar{n}" for n in range(2, 9)))
+BENCH_FORMATS = ("q8_0", "q4_0", "q4_k", "int8", *(f"bipolar{n}" for n in range(2, 9)),
+                 *(f"bipolar{n}-a{a}" for n in range(2, 9) for a in range(2, 9)))
 DEFAULT_FORMATS = ("q8_0", "q4_0", "q4_k", "int8")
 
 
@@ -56,10 +58,15 @@ def layer_matrices(shape: str) -> dict[str, tuple[int, int]]:
             "down": (hidden, inter)}
 
 
+def activation_bits(fmt: str) -> int | None:
+    """The A of a `bipolarN-aA` name (bipolar's A-bit variant); None for float activations."""
+    return int(fmt.split("-a")[1]) if fmt.startswith("bipolar") and "-a" in fmt else None
+
+
 def random_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> QuantizedWeight:
     """A weight of random codes with small, finite fp16 scales."""
     if fmt.startswith("bipolar"):
-        bits, groups = int(fmt.removeprefix("bipolar")), k // BIPOLAR_GROUP
+        bits, groups = int(fmt.removeprefix("bipolar").split("-")[0]), k // BIPOLAR_GROUP
         planes = torch.randint(0, 256, (n, bits, k // 8), dtype=torch.uint8, generator=gen)
         scales = (torch.rand(n, groups, generator=gen) * 0.01).half()
         return QuantizedWeight("bipolar", (n, k), {"planes": planes, "scales": scales, "offsets": scales * 0.1},
@@ -116,16 +123,22 @@ def bench_matrix(name: str, n: int, k: int, rows: int, formats: list[str], min_s
     del dense
     for fmt in formats:
         qws = [random_weight(fmt, n, k, gen) for _ in range(copies)]
-        if kernels.unsupported_reason(qws[0]) is not None:
+        a_bits = activation_bits(fmt)
+        if kernels.unsupported_reason(qws[0], activation_bits=a_bits) is not None:
             continue
-        names = [g for g in gemv_kernels if g in kernels.gemv_kernels(qws[0].format)]
-        modes = ("exact",) if qws[0].format == "bipolar" else kernels.ACTIVATIONS  # bipolar: float activations
-        variants = [(f" [{g}]" if gemv_kernels != ("auto",) else "", mode, "auto", g)
-                    for mode in modes for g in names] if decode else [("", "exact", "mm", "auto")]
-        for suffix, mode, path, gemv in variants:
-            cases.append((f"{fmt} {'gemm-' if not decode else ''}{mode if decode else path}{suffix}", qws[0].nbytes(),
-                          [lambda qw=qw, mode=mode, path=path, gemv=gemv:
-                           kernels.quant_matmul(x, qw, mode, path=path, kernel=gemv) for qw in qws]))
+        names = [g for g in gemv_kernels if g in kernels.gemv_kernels(qws[0].format, a_bits)]
+        if a_bits:  # one kernel for every row count: popcounts of plane pairs
+            variants = [(f" [{g}]" if gemv_kernels != ("auto",) else "", "popcount", "auto", g) for g in names]
+        else:
+            modes = ("exact",) if qws[0].format == "bipolar" else kernels.ACTIVATIONS  # bipolar: float activations
+            variants = [(f" [{g}]" if gemv_kernels != ("auto",) else "", mode, "auto", g)
+                        for mode in modes for g in names] if decode else [("", "gemm-mm", "mm", "auto")]
+        for suffix, label, path, gemv in variants:
+            mode = "exact" if label in ("popcount", "gemm-mm") else label
+            cases.append((f"{fmt} {label}{suffix}", qws[0].nbytes(),
+                          [lambda qw=qw, mode=mode, path=path, gemv=gemv, a_bits=a_bits:
+                           kernels.quant_matmul(x, qw, mode, path=path, kernel=gemv, activation_bits=a_bits)
+                           for qw in qws]))
     base_method = "bf16 block_rows" if any(c[0] == "bf16 block_rows" for c in cases) else "bf16 onednn"
     results = [Row(name, n, k, method, us, nbytes / us / 1e3, None)
                for method, nbytes, fn in cases for us in [time_us(fn, min_seconds)]]

@@ -875,14 +875,16 @@ def configure(bench: argparse.ArgumentParser) -> None:
     qg.add_argument("--shape", choices=sorted(SHAPES), default="135m")
     qg.add_argument("--rows", type=int, default=1, help="activation rows (above 8: the prefill GEMM)")
     qg.add_argument("--formats", nargs="+", choices=list(QUANT_GEMV_FORMATS), default=list(QUANT_GEMV_DEFAULT),
-                    help="bipolarN: N-bit bipolar weights in groups of 64 (the bit-plane GEMV)")
+                    help="bipolarN: N-bit bipolar weights in groups of 64 (the bit-plane GEMV); bipolarN-aA: with "
+                    "activations rounded to A bits (popcounts)", metavar="FORMAT")
     qg.add_argument("--seconds", type=float, default=0.3, help="timing per method and matrix")
     qg.add_argument("--stream-mib", type=int, default=96,
                     help="bf16 MiB of weight copies each method cycles through (above the last-level cache)")
     qg.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    qg.add_argument("--kernels", nargs="+", choices=["auto", "avx512", "avx2", "scalar", "planes", "decoded"],
+    qg.add_argument("--kernels", nargs="+", choices=["auto", "avx512", "avx2", "scalar", "planes", "decoded", "popcnt"],
                     default=["auto"], help="the decode GEMV's kernels to time side by side (avx2: q8_0, q4_0 and "
-                    "q4_k; planes, decoded: bipolar's AVX-512 decomposition and its planes decoded into weights)")
+                    "q4_k; planes, decoded: bipolar's AVX-512 decomposition and its planes decoded into weights; "
+                    "popcnt: A-bit bipolar's AVX512-VPOPCNTDQ kernel)")
     qg.set_defaults(func=_cmd_quant_gemv)
 
     bp = sub.add_parser("bitplane", help="the Triton bit-plane kernels (bipolar weights) against torch's bf16 "

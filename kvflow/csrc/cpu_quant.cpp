@@ -1,8 +1,8 @@
-// Python bindings of kvflow's quantised-weight CPU kernels (cpu_quant.h, cpu_bipolar.h), built as their own
+// Python bindings of kvflow's quantised-weight CPU kernels (cpu_quant.h, cpu_bipolar.h, cpu_bipolar_abit.h), built as their own
 // extension by kvflow/model/quant/kernels.py.
 #include <torch/extension.h>
 
-#include "cpu_bipolar.h"
+#include "cpu_bipolar_abit.h"
 #include "cpu_quant.h"
 
 namespace {
@@ -26,6 +26,11 @@ at::Tensor bipolar_linear_op(const at::Tensor& x, const at::Tensor& planes, cons
   return kvflow_bipolar::bipolar_linear(x, planes, params, N, K, bits, group, path, kernel, tile_rows);
 }
 
+at::Tensor bipolar_linear_abit_op(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& params, int64_t N,
+                                  int64_t K, int64_t bits, int64_t group, int64_t act_bits, const std::string& kernel) {
+  return kvflow_bipolar::bipolar_linear_abit(x, planes, params, N, K, bits, group, act_bits, kernel);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -39,6 +44,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("bits"), pybind11::arg("group"),
         pybind11::arg("path") = "auto", pybind11::arg("kernel") = "auto", pybind11::arg("tile_rows") = 1024,
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("bipolar_linear_abit", &bipolar_linear_abit_op, pybind11::arg("x"), pybind11::arg("planes"),
+        pybind11::arg("params"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("bits"), pybind11::arg("group"),
+        pybind11::arg("act_bits"), pybind11::arg("kernel") = "auto", pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.attr("has_vpopcntdq") = kvflow_bipolar::popcount_vector_built();
   m.def("bipolar_dequantize", &kvflow_bipolar::dequantize, pybind11::arg("planes"), pybind11::arg("params"),
         pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("bits"), pybind11::arg("group"));
   m.attr("has_avx512") = kvflow_quant::kHasAvx512;

@@ -1,19 +1,21 @@
 // Quantised projections in the C++ forward (included by cpu_model.cpp): a layer whose linear method is
-// QuantizedLinear (q8_0, q4_0, q4_k, int8, bipolar with float activations) hands the forward its codes plus a spec, and each of its
+// QuantizedLinear (q8_0, q4_0, q4_k, int8, bipolar) hands the forward its codes plus a spec, and each of its
 // projections runs cpu_quant.h's kernels: the decode GEMV for up to kGemvRows rows (each weight row's
 // blocks streamed once, AVX-512 VNNI where the CPU has it), the dequantised-tile GEMM above. The same
 // call `QuantizedLinear.apply` makes on the PyTorch modules path, so both paths compute alike.
 //
-// Bipolar weights (cpu_bipolar.h) run their bit-plane GEMV and dequantised-tile GEMM the same way.
+// Bipolar weights (cpu_bipolar.h) run their bit-plane GEMV and dequantised-tile GEMM the same way, and
+// with A-bit activations the popcount kernel (cpu_bipolar_abit.h).
 //
 // How Python passes one (kvflow/model/cpu_kernels.py, `quant_slots`): per projection a `spec` tensor,
 // int64 [format, N, K, q8, bits, group] (format: 0 q8_0, 1 q4_0, 2 q4_k, 3 int8, as kvflow_quant::Format,
-// 4 bipolar; bits and group: bipolar's, 0 for the others), and int8's fp32 row scales or bipolar's fp32
+// 4 bipolar; bits and group: bipolar's, 0 for the others; for bipolar, q8 holds the activation bits, 0 for
+// float activations), and int8's fp32 row scales or bipolar's fp32
 // [N, 2, K/G] group scales and offsets (empty for the block formats), beside the codes (bipolar: its
 // planes) in the weight's own slot.
 #pragma once
 
-#include "cpu_bipolar.h"
+#include "cpu_bipolar_abit.h"
 #include "cpu_quant.h"
 
 struct QuantProjection {
@@ -21,6 +23,7 @@ struct QuantProjection {
   std::string format;
   int64_t N = 0, K = 0, bits = 0, group = 0;  // bits, group: bipolar's
   bool q8 = false;  // activations rounded to int8 (llama.cpp's blocks; int8 weights: W8A8)
+  int64_t act_bits = 0;  // bipolar: activations rounded to this many bits (0: float)
   bool defined() const { return codes.defined(); }
 };
 
@@ -38,8 +41,10 @@ inline QuantProjection quant_projection(const at::Tensor& spec, const at::Tensor
   p.codes = codes.contiguous();
   p.scales = scales.defined() && scales.numel() > 0 ? scales.contiguous() : at::Tensor();
   if (p.format == "bipolar") {
-    TORCH_CHECK(!p.q8 && p.scales.defined(), "CpuModel: bipolar projections take float activations and their "
-                "group scales and offsets");
+    p.act_bits = s[3], p.q8 = false;
+    TORCH_CHECK(p.scales.defined() && (p.act_bits == 0 || (p.act_bits >= 2 && p.act_bits <= 8 && p.group % 64 == 0)),
+                "CpuModel: bipolar projections take their group scales and offsets, and float activations or 2..8-bit "
+                "ones (groups of whole 64s)");
     kvflow_bipolar::weights_of(p.codes, p.scales, p.N, p.K, p.bits, p.group);  // checks the shapes
     return p;
   }
@@ -54,9 +59,14 @@ inline QuantProjection quant_projection(const at::Tensor& spec, const at::Tensor
 // y = x · Wᵀ + b with the quantised kernels, in x's dtype (fp32 or bf16).
 inline at::Tensor quant_project(const at::Tensor& x, const QuantProjection& p, const at::Tensor& bias) {
   RECORD_FUNCTION("kvflow::quant_linear", std::vector<c10::IValue>());
-  at::Tensor y = p.format == "bipolar"
-                     ? kvflow_bipolar::bipolar_linear(x, p.codes, p.scales, p.N, p.K, p.bits, p.group, "auto", "auto", 1024)
-                     : kvflow_quant::quant_linear(x, p.codes, p.scales, p.format, p.N, p.K, p.q8, "auto", "auto", 1024);
+  at::Tensor y;
+  if (p.format != "bipolar") {
+    y = kvflow_quant::quant_linear(x, p.codes, p.scales, p.format, p.N, p.K, p.q8, "auto", "auto", 1024);
+  } else if (p.act_bits > 0) {
+    y = kvflow_bipolar::bipolar_linear_abit(x, p.codes, p.scales, p.N, p.K, p.bits, p.group, p.act_bits, "auto");
+  } else {
+    y = kvflow_bipolar::bipolar_linear(x, p.codes, p.scales, p.N, p.K, p.bits, p.group, "auto", "auto", 1024);
+  }
   if (bias.defined()) y.add_(bias);
   return y;
 }

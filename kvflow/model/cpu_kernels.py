@@ -247,7 +247,8 @@ def quant_slots(weights: CpuKernelWeights) -> list[torch.Tensor]:
     q = weights.quant
     if q is None:
         return [torch.empty(0), torch.empty(0)]
-    spec = torch.tensor([_QUANT_FORMATS.index(q.format), q.shape[0], q.shape[1], int(q.q8), q.bits, q.group],
+    rounding = q.activation_bits if q.format == "bipolar" else int(q.q8)  # bipolar: its activation bits
+    spec = torch.tensor([_QUANT_FORMATS.index(q.format), q.shape[0], q.shape[1], rounding, q.bits, q.group],
                         dtype=torch.long)
     return [spec, _or_empty(q.scales)]
 

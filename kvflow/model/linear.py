@@ -41,6 +41,7 @@ class QuantKernelSpec:
     q8: bool  # activations rounded to int8 (llama.cpp's blocks of 32; int8 weights: W8A8)
     bits: int = 0  # bipolar: bits per weight
     group: int = 0  # bipolar: weights per scale and offset
+    activation_bits: int = 0  # bipolar: activations rounded to this many bits per token (0: float)
 
 
 @dataclass

@@ -13,14 +13,14 @@ pytestmark = pytest.mark.skipif(kernels.load_extension() is None, reason="the C+
 
 @pytest.mark.parametrize("rows", [1, 9])
 def test_each_format_is_timed_against_the_bf16_baseline(rows):
-    results = quant_gemv.run("135m", rows=rows, formats=("int8", "bipolar2", "bipolar4"), min_seconds=0.001,
-                             threads=1, stream_mib=1)
+    results = quant_gemv.run("135m", rows=rows, formats=("int8", "bipolar2", "bipolar4", "bipolar2-a8"),
+                             min_seconds=0.001, threads=1, stream_mib=1)
     methods = {r.method for r in results if r.matrix == "qkv"}
     if rows == 1:
-        assert {"int8 exact", "int8 q8", "bipolar2 exact", "bipolar4 exact"} <= methods
+        assert {"int8 exact", "int8 q8", "bipolar2 exact", "bipolar4 exact", "bipolar2-a8 popcount"} <= methods
         assert not any(m.startswith("bipolar") and m.endswith("q8") for m in methods)
     else:
-        assert {"int8 gemm-mm", "bipolar2 gemm-mm", "bipolar4 gemm-mm"} <= methods
+        assert {"int8 gemm-mm", "bipolar2 gemm-mm", "bipolar4 gemm-mm", "bipolar2-a8 popcount"} <= methods
     assert {r.matrix for r in results} == {"qkv", "o", "gate_up", "down"}
     assert all(r.us > 0 and r.gb_s > 0 and r.vs_gemv is not None for r in results)
     # bytes streamed per call: bipolar n bits + fp16 scale and offset per 64 weights
@@ -30,5 +30,7 @@ def test_each_format_is_timed_against_the_bf16_baseline(rows):
 
 
 def test_the_cli_offers_bipolar_by_bits():
-    assert {"bipolar2", "bipolar8"} <= set(quant_gemv.BENCH_FORMATS)
+    assert {"bipolar2", "bipolar8", "bipolar2-a2", "bipolar8-a8"} <= set(quant_gemv.BENCH_FORMATS)
     assert "bipolar2" not in quant_gemv.DEFAULT_FORMATS
+    assert (quant_gemv.activation_bits("bipolar3-a4"), quant_gemv.activation_bits("bipolar3")) == (4, None)
+    assert quant_gemv.random_weight("bipolar3-a4", 8, 128, __import__("torch").Generator()).params["bits"] == 3

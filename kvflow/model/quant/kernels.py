@@ -10,8 +10,9 @@ into x's dtype and multiply them with oneDNN (see cpu_quant.h).
 dequantised weights' product up to fp32 rounding); "q8" is llama.cpp's own approach, quantising each
 activation row to int8 per 32-value block (int8 weights: per token, i.e. W8A8) for VNNI integer
 dot products, so each activation moves by up to half its block's quantisation step. Bipolar runs
-"exact" only (its A-bit variant keeps its torch reference). Rows beyond the
-GEMV's batch (8) take the dequantised-tile GEMM; in "q8" mode it multiplies the activation rows as the
+"exact" (float activations) or, with `activation_bits`, its A-bit variant: activations rounded per token
+onto the odd grid, every product a popcount of two bit planes (csrc/cpu_bipolar_abit.h; groups of whole 64s).
+Rows beyond the GEMV's batch (8) take the dequantised-tile GEMM; in "q8" mode it multiplies the activation rows as the
 integer arithmetic sees them (d·q), so a row's result does not depend on how many rows share its call.
 
 The extension is its own build (cpu_quant.cpp), compiled on first use like the C++ forward's
@@ -96,21 +97,26 @@ def load_extension() -> ModuleType | None:
         return None
 
 
-def gemv_kernels(fmt: str) -> tuple[str, ...]:
+def gemv_kernels(fmt: str, activation_bits: int | None = None) -> tuple[str, ...]:
     """The decode GEMV kernels `quant_matmul`'s `kernel` may name for weights of `fmt` (where this build has them)."""
     if fmt == "bipolar":
-        return ("auto", "planes", "decoded", "scalar")
+        return ("auto", "popcnt", "scalar") if activation_bits else ("auto", "planes", "decoded", "scalar")
     return ("auto", "avx512", "avx2", "scalar") if fmt in AVX2_FORMATS else ("auto", "avx512", "scalar")
 
 
-def unsupported_reason(qw: QuantizedWeight, x_dtype: torch.dtype = torch.bfloat16) -> str | None:
-    """Why `quant_matmul` cannot run this weight with activations of `x_dtype`; None where it can."""
+def unsupported_reason(qw: QuantizedWeight, x_dtype: torch.dtype = torch.bfloat16,
+                       activation_bits: int | None = None) -> str | None:
+    """Why `quant_matmul` cannot run this weight with activations of `x_dtype` (bipolar: rounded to
+    `activation_bits`); None where it can."""
     if qw.format not in FORMATS:
         return f"the CPU quantised kernels run {', '.join(FORMATS)}, not {qw.format}"
     if x_dtype not in (torch.float32, torch.bfloat16):
         return f"the CPU quantised kernels take float32 or bfloat16 activations, not {x_dtype}"
     if qw.in_features % _BLOCK[qw.format]:
         return f"{qw.format} needs in_features a multiple of {_BLOCK[qw.format]}, not {qw.in_features}"
+    if activation_bits and qw.format == "bipolar" and qw.params["group_size"] % 64:
+        return (f"the popcount kernel of A-bit bipolar needs groups of whole 64-bit words, not "
+                f"{qw.params['group_size']}")
     if load_extension() is None:
         return "kvflow's quantised-weight CPU kernels could not be built on this machine (see the warning logged)"
     return None
@@ -128,18 +134,20 @@ def kernel_tensors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, activation: str = "exact", *, path: str = "auto",
-                 kernel: str = "auto", tile_rows: int = 1024) -> torch.Tensor:
+                 kernel: str = "auto", tile_rows: int = 1024, activation_bits: int | None = None) -> torch.Tensor:
     """`x · Wᵀ` for x [..., K] (fp32 or bf16, CPU), in x's dtype; raises QuantKernelUnsupported where the
     kernels cannot run it. `path` ("auto", "gemv", "mm") and `kernel` (the GEMV's: "auto", or one of the
     extension's `kernels`: "avx512", "avx2" for q8_0/q4_0/q4_k, "scalar" — the plain loops; bipolar: "planes",
-    "decoded" or "scalar", see csrc/cpu_bipolar.h) exist for tests and benchmarks; `tile_rows`: the "mm" GEMM's
-    tile."""
+    "decoded" or "scalar", see csrc/cpu_bipolar.h; A-bit: "popcnt" or "scalar") exist for tests and benchmarks;
+    `tile_rows`: the "mm" GEMM's tile. `activation_bits` (bipolar only): the A-bit variant."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
     if qw.format == "bipolar" and activation != "exact":
-        raise ValueError("bipolar weights run with float activations here (activation='exact'); the A-bit "
-                         "variant has its torch reference only")
-    reason = unsupported_reason(qw, x.dtype)
+        raise ValueError("bipolar weights take float activations (activation='exact') or, with activation_bits, "
+                         "their own A-bit rounding")
+    if activation_bits is not None and qw.format != "bipolar":
+        raise ValueError(f"activation_bits is bipolar's A-bit variant; {qw.format} rounds with activation='q8'")
+    reason = unsupported_reason(qw, x.dtype, activation_bits)
     if reason is None and x.device.type != "cpu":
         reason = f"the quantised kernels run on the CPU, not {x.device}"
     if reason is not None:
@@ -149,7 +157,10 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, activation: str = "exact"
     weight, scales = kernel_tensors(qw)
     n, k = qw.shape
     flat = x.reshape(-1, k)
-    if qw.format == "bipolar":
+    if qw.format == "bipolar" and activation_bits:
+        y = ext.bipolar_linear_abit(flat, weight, scales, n, k, qw.params["bits"], qw.params["group_size"],
+                                    activation_bits, kernel)
+    elif qw.format == "bipolar":
         y = ext.bipolar_linear(flat, weight, scales, n, k, qw.params["bits"], qw.params["group_size"], path, kernel,
                                tile_rows)
     else:

@@ -6,9 +6,8 @@ the reference kernels here run on any device (GGUF blocks: dequantise, then `F.l
 times activations, then scales; bipolar: one ±1 matmul per bit plane), and faster ones (the C++ CPU
 kernels, a Triton bit-plane kernel) replace them with `register_kernel`, without touching the
 model or the loader. `cpu_kernel_weights` gives the C++ CPU forward the codes of the formats its
-quantised projections run (the same kernels, csrc/cpu_quant_forward.h); for the others (bipolar's A-bit
-variant) it is None, the forward declines the model and the runner takes the PyTorch modules, which run
-every method.
+quantised projections run (the same kernels, csrc/cpu_quant_forward.h); where those cannot run a weight
+it is None, the forward declines the model and the runner takes the PyTorch modules, which run every method.
 
 On CPU, q8_0 / q4_0 / q4_k / int8 / bipolar run the C++ kernels of `kernels.py` (`quant_matmul`) wherever
 `kernels.unsupported_reason` allows (else the reference, said once in the log). Activations: the GGUF
@@ -92,14 +91,14 @@ def _gguf_q8_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor 
 _declined: set[tuple[str, str]] = set()
 
 
-def _cpu_kernel(activation: str, reference: LinearKernel) -> LinearKernel:
-    """The C++ kernels in `activation` mode where they run the weight and input, else `reference` (logged
-    once per format and reason)."""
+def _cpu_kernel(activation: str, reference: LinearKernel, activation_bits: int | None = None) -> LinearKernel:
+    """The C++ kernels in `activation` mode (bipolar: `activation_bits`) where they run the weight and input,
+    else `reference` (logged once per format and reason)."""
 
     def kernel(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        reason = kernels.unsupported_reason(qw, x.dtype)
+        reason = kernels.unsupported_reason(qw, x.dtype, activation_bits)
         if reason is None:
-            out = kernels.quant_matmul(x, qw, activation)
+            out = kernels.quant_matmul(x, qw, activation, activation_bits=activation_bits)
             return out if bias is None else out + bias
         if (qw.format, reason) not in _declined:
             _declined.add((qw.format, reason))
@@ -116,6 +115,15 @@ def _register_cpu_kernels() -> None:
     register_kernel("int8-w8a16", "cpu", _cpu_kernel("exact", int8.linear_w8a16))
     register_kernel("int8-w8a8", "cpu", _cpu_kernel("q8", int8.linear_w8a8))
     register_kernel("bipolar", "cpu", _cpu_kernel("exact", bipolar.bitplane_linear))
+    for a_bits in bipolar.BITS:
+        register_kernel(f"bipolar-a{a_bits}", "cpu", _cpu_kernel("exact", _abit_reference(a_bits), a_bits))
+
+
+def _abit_reference(a_bits: int) -> LinearKernel:
+    def abit(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        return bipolar.bitplane_linear_abit(x, qw, bias, a_bits)
+
+    return abit
 
 
 _register_cpu_kernels()
@@ -148,13 +156,7 @@ class QuantizedLinear(LinearMethod):
             else:
                 if activation_bits not in bipolar.BITS:
                     raise ValueError(f"bipolar activation bits must be in [2, 8], got {activation_bits}")
-                a_bits = activation_bits
-                self.name = f"bipolar-a{a_bits}"
-
-                def abit(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-                    return bipolar.bitplane_linear_abit(x, qw, bias, a_bits)
-
-                self.reference = abit
+                self.name, self.reference = f"bipolar-a{activation_bits}", _abit_reference(activation_bits)
 
     @property
     def rounds_activations(self) -> bool:  # type: ignore[override]
@@ -198,16 +200,20 @@ class QuantizedLinear(LinearMethod):
 
     def cpu_kernel_weights(self, layer: Linear) -> CpuKernelWeights | None:
         """The codes and what they are, for the C++ forward's quantised projections (the same kernels and
-        mode as `apply` on CPU); None where those kernels cannot run the weight (bipolar's A-bit variant, a K
-        they cannot block, no build): the forward then declines the model."""
+        mode as `apply` on CPU); None where those kernels cannot run the weight (a K they cannot block, A-bit
+        bipolar groups that are not whole 64s, no build): the forward then declines the model."""
         qw = self.weight(layer)
-        if kernels.unsupported_reason(qw, torch.float32) is not None or self.name.startswith("bipolar-a"):
+        bipolar_a_bits = self.activation_bits if self.format == "bipolar" else None
+        if kernels.unsupported_reason(qw, torch.float32, bipolar_a_bits) is not None:
             return None
         codes, scales = kernels.kernel_tensors(qw)
-        q8 = self.name.endswith("-a8") or self.name == "int8-w8a8"
-        bits, group = (qw.params["bits"], qw.params["group_size"]) if self.format == "bipolar" else (0, 0)
-        return CpuKernelWeights(codes, _detached(layer.bias), None, packed=False,
-                                quant=QuantKernelSpec(self.format, tuple(self.shape), scales, q8, bits, group))
+        if self.format == "bipolar":
+            spec = QuantKernelSpec(self.format, tuple(self.shape), scales, False, qw.params["bits"],
+                                   qw.params["group_size"], bipolar_a_bits or 0)
+        else:
+            spec = QuantKernelSpec(self.format, tuple(self.shape), scales,
+                                   self.name.endswith("-a8") or self.name == "int8-w8a8")
+        return CpuKernelWeights(codes, _detached(layer.bias), None, packed=False, quant=spec)
 
 
 def is_quantized(layer: Linear) -> bool:

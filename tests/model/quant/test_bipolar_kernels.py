@@ -1,5 +1,6 @@
 """The bipolar CPU kernels (csrc/cpu_bipolar.h: the masked-add bit-plane GEMV, the dequantised-tile GEMM)
-against an fp64 product of the weights dequantised independently (codes read bit by bit in numpy)."""
+against an fp64 product of the weights dequantised independently (codes read bit by bit in numpy); the
+A-bit popcount kernel (csrc/cpu_bipolar_abit.h) against bipolar.bitplane_linear_abit."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from kvflow.model.quant import bipolar, kernels
+from kvflow.model.quant.weights import QuantizedWeight
 
 ext = kernels.load_extension()
 pytestmark = pytest.mark.skipif(ext is None, reason="the quantised-weight CPU kernels could not be built here")
@@ -115,6 +117,35 @@ def test_lossless_signed_conversion_runs_on_the_kernels():
     assert relative_error(kernels.quant_matmul(x, qw), want) < 2e-6
 
 
-def test_the_a_bit_variant_is_not_run_by_the_kernels():
+def test_bipolar_takes_no_q8_mode():
     with pytest.raises(ValueError, match="float activations"):
         kernels.quant_matmul(torch.zeros(1, 128), weight(4, 128, 3, 64), "q8")
+
+
+# ----------------------------------------------------------------------------- the A-bit variant (popcounts)
+ABIT_KERNELS = (["popcnt", "scalar"] if ext is not None and ext.has_vpopcntdq else ["scalar"])
+
+
+@pytest.mark.parametrize("kernel", ABIT_KERNELS)
+@pytest.mark.parametrize(("bits", "act_bits", "group"), [(2, 2, 64), (3, 8, 64), (5, 4, 128), (8, 8, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_popcount_kernel_equals_the_a_bit_reference(kernel, bits, act_bits, group, dtype):
+    """Exact integer dot products, combined in fp64 like bitplane_linear_abit: equal up to the fp64 summation
+    order, i.e. the same output values but for a rare last-bit tie."""
+    qw = weight(37, 640, bits, group, seed=bits)  # 10 words per row: the vector kernel's masked tail
+    x = torch.randn(5, 640, generator=torch.Generator().manual_seed(act_bits)).to(dtype)
+    x[3] = 0  # a zero row: its scale is 0, so is its output
+    want = bipolar.bitplane_linear_abit(x, qw, None, act_bits)
+    got = kernels.quant_matmul(x, qw, kernel=kernel, activation_bits=act_bits)
+    assert got.dtype == dtype and torch.all(got[3] == 0)
+    ulp = 2 ** -23 if dtype == torch.float32 else 2 ** -8
+    assert torch.allclose(got.double(), want.double(), rtol=ulp, atol=0)
+
+
+def test_a_bit_groups_must_be_whole_words():
+    qw = weight(4, 128, 3, 32)
+    assert "64-bit words" in kernels.unsupported_reason(qw, torch.float32, 4)
+    with pytest.raises(kernels.QuantKernelUnsupported, match="64-bit words"):
+        kernels.quant_matmul(torch.zeros(1, 128), qw, activation_bits=4)
+    with pytest.raises(ValueError, match="bipolar's A-bit"):
+        kernels.quant_matmul(torch.zeros(1, 128), QuantizedWeight("int8", (4, 128), {}), activation_bits=4)

@@ -70,12 +70,13 @@ FORWARD_CASES = [
     ("int8", "float32", {"quantization_activation_bits": 8}), ("q4_0", "float32", {"quant_activations": "q8"}),
     ("q8_0", "bfloat16", {}), ("bipolar", "float32", {"quantization_bits": 3, "quantization_group_size": 32}),
     ("bipolar", "bfloat16", {"quantization_bits": 4}),
+    ("bipolar", "float32", {"quantization_bits": 3, "quantization_activation_bits": 6}),
 ]
 
 
 @pytest.mark.parametrize(("fmt", "dtype", "kwargs"), FORWARD_CASES,
                          ids=["q8_0", "q4_0", "q4_k", "int8-w8a16", "int8-w8a8", "q4_0-q8", "q8_0-bf16", "bipolar3",
-                              "bipolar4-bf16"])
+                              "bipolar4-bf16", "bipolar3-a6"])
 def test_the_cpp_forward_runs_quantised_layers_like_the_modules(fmt, dtype, kwargs):
     """Every projection on the quantised kernels inside the one-call C++ step: the greedy tokens and logprobs
     of the modules path (which runs the same kernels per layer), within fp32 summation order (bf16: the
@@ -117,7 +118,7 @@ def test_a_model_mixing_dense_and_quantised_layers_runs_in_the_cpp_forward(dtype
 
 
 def test_methods_the_kernels_cannot_run_decline_the_cpp_forward():
-    """A-bit bipolar (activations on the odd grid, popcounts) has its torch reference only."""
+    """A-bit bipolar whose groups are not whole 64-bit words has no popcount kernel: its torch reference runs."""
     llm = LLM(model=str(TINY), dtype="float32", num_blocks=32, quantization="bipolar", quantization_bits=3,
               quantization_group_size=32, quantization_activation_bits=6)
     assert llm.engine.core.runner.cpu_forward is None  # the PyTorch modules run it

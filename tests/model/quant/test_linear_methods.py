@@ -52,16 +52,17 @@ def test_a_quantised_layer_computes_its_dequantised_weights_product(fmt, params,
     else:  # activations rounded too: int8 per token, or A-bit bipolar
         rel = float((got.double() - reference).norm() / reference.norm())
         assert rel < {8: 0.01, 6: 0.05}[act_bits]
-    # The C++ forward runs the formats its quantised kernels do; A-bit bipolar makes it decline (the modules run it).
+    # The C++ forward runs every format here on its quantised kernels (bipolar: its planes, fp32 [N, 2, K/G]
+    # scales then offsets, and its activation bits).
     weights = layer.method.cpu_kernel_weights(layer)
-    if fmt == "bipolar" and act_bits is not None:
-        assert weights is None
-    elif kernels.load_extension() is not None:
-        assert weights.quant.format == fmt and weights.quant.shape == (40, 256) and weights.quant.q8 == (act_bits == 8)
+    if kernels.load_extension() is not None:
+        assert weights.quant.format == fmt and weights.quant.shape == (40, 256)
+        assert weights.quant.q8 == (act_bits == 8 and fmt != "bipolar")
         assert weights.weight.dtype == (torch.int8 if fmt == "int8" else torch.uint8)
-        if fmt == "bipolar":  # its planes, and fp32 [N, 2, K/G] scales then offsets
+        if fmt == "bipolar":
             assert (weights.quant.bits, weights.quant.group) == (params["bits"], params["group_size"])
             assert weights.quant.scales.shape == (40, 2, 256 // params["group_size"])
+            assert weights.quant.activation_bits == (act_bits or 0)
 
 
 def test_layers_run_in_bfloat16():
