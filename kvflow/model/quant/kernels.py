@@ -1,10 +1,11 @@
-"""C++ CPU kernels for quantised linear weights (kvflow/csrc/cpu_quant.h, cpu_bipolar.h): `quant_matmul(x, qw)`.
+"""C++ CPU kernels for quantised linear weights (kvflow/csrc/cpu_quant.h, cpu_bipolar.h, cpu_bipolar_abit.h):
+`quant_matmul(x, qw)`.
 
 `y = x · Wᵀ` for W in GGUF's q8_0, q4_0, q4_k blocks (llama.cpp's bytes as `QuantizedWeight` holds
 them), int8 with per-output-channel scales, or bipolar bit planes, x fp32 or bf16 [..., K]. A few rows
-(decode) run a GEMV that streams each weight row once (AVX-512 VNNI where the CPU has it; bipolar: one
-masked add per bit plane and 16 weights, no multiplication); more rows (prefill) dequantise tiles of W
-into x's dtype and multiply them with oneDNN (see cpu_quant.h).
+(decode) run a GEMV that streams each weight row once (AVX-512 VNNI where the CPU has it; bipolar: its
+planes decoded into weights in registers, or decomposed into one masked add per plane); more rows
+(prefill) dequantise tiles of W into x's dtype and multiply them with oneDNN (see cpu_quant.h).
 
 `activation` chooses the GEMV's arithmetic: "exact" keeps fp32 activations (the result is the
 dequantised weights' product up to fp32 rounding); "q8" is llama.cpp's own approach, quantising each
