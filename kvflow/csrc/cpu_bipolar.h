@@ -131,7 +131,7 @@ inline __mmask16 plane_bits(const uint8_t* plane, int64_t k) {
   return _cvtu32_mask16(bits);
 }
 
-// The decomposition, for one or two rows: each row's 16 activations are loaded once and added under each
+// The decomposition (kernel "planes"): each row's 16 activations are loaded once and added under each
 // plane's mask into that plane's accumulator (two sets, alternating by chunk, so that the adds form
 // independent chains); at a group's end the planes are recombined with their powers of two and scaled.
 // The activations read are a.plane_x(m, 0) = 2x, so plane i weighs 2^i.
