@@ -77,6 +77,17 @@ def test_group_sizes_and_the_auto_choice(group, kernel):
     assert relative_error(got, x.double().numpy() @ numpy_dequantized(qw).T) < 2e-6
 
 
+def test_without_a_vector_gemv_every_row_count_takes_the_tiles():
+    """Groups of 24 (not whole 16-lane vectors): "auto" multiplies dequantised tiles even for one row, faster
+    than the scalar GEMV, which stays available when asked for."""
+    qw = weight(20, 96, 3, 24)
+    x = torch.randn(1, 96, generator=torch.Generator().manual_seed(5))
+    auto = kernels.quant_matmul(x, qw)
+    assert torch.equal(auto, kernels.quant_matmul(x, qw, path="mm"))
+    scalar = kernels.quant_matmul(x, qw, kernel="scalar")
+    assert relative_error(scalar, auto.double().numpy()) < 2e-6
+
+
 def test_avx512_refuses_groups_that_are_not_whole_vectors():
     if "planes" not in GEMV_KERNELS:
         pytest.skip("no AVX-512 build")
