@@ -135,9 +135,9 @@ class StepMoves:
 
     @classmethod
     def gather(cls, rows: list[tuple[torch.Tensor, ...]], offloads: list[Offload] | None = None) -> StepMoves:
-        """From each row's `buffer_moves` (and `tier_from`, when they have it)."""
-        columns = [torch.cat(column) for column in zip(*rows)]
-        return cls(*columns[:5], columns[5] if len(columns) > 5 else None, offloads or [])
+        """From each row group's `buffer_moves` and `tier_from` (`_plan_rows`)."""
+        heads, src_block, src_offset, dst_block, dst_offset, tier_from = (torch.cat(column) for column in zip(*rows))
+        return cls(heads, src_block, src_offset, dst_block, dst_offset, tier_from, offloads or [])
 
     def apply(self, layer: int, cache: LayerKV, tier: SpillTier | None = None) -> None:
         """One layer's moves, one indexed copy per cache component (and source)."""
