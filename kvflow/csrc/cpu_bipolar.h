@@ -42,20 +42,22 @@ struct Weights {
   float top() const { return static_cast<float>((1 << bits) - 1); }
 };
 
-// A GEMV pass's activation rows: x itself, x·2^(i+1) for each plane i, and Σx per group (fp32).
+// A GEMV pass's activation rows: x itself, x·2^(i+1) for the first `scaled_planes` planes (only the kernels
+// that read them: the decomposition reads 2x, the scalar loops every plane's), and Σx per group (fp32).
 struct Rows {
-  int64_t rows = 0, K = 0, groups = 0, bits = 0;
+  int64_t rows = 0, K = 0, groups = 0, scaled_planes = 0;
   std::vector<uint16_t> xb;   // [rows, K] x's bf16 bits where x came in as bf16, else empty
   std::vector<float> raw;     // [rows, K]
-  std::vector<float> scaled;  // [rows, bits, K]
+  std::vector<float> scaled;  // [rows, scaled_planes, K]
   std::vector<float> sums;    // [rows, groups]
   const float* x(int64_t m) const { return raw.data() + m * K; }
-  const float* plane_x(int64_t m, int64_t i) const { return scaled.data() + (m * bits + i) * K; }
+  const float* plane_x(int64_t m, int64_t i) const { return scaled.data() + (m * scaled_planes + i) * K; }
 };
 
-inline void load_rows(const at::Tensor& x, int64_t row0, int64_t rows, const Weights& w, Rows& a) {
-  a.rows = rows, a.K = w.K, a.groups = w.K / w.group, a.bits = w.bits;
-  a.scaled.resize(rows * w.bits * w.K);
+inline void load_rows(const at::Tensor& x, int64_t row0, int64_t rows, const Weights& w, int64_t scaled_planes,
+                      Rows& a) {
+  a.rows = rows, a.K = w.K, a.groups = w.K / w.group, a.scaled_planes = scaled_planes;
+  a.scaled.resize(rows * scaled_planes * w.K);
   a.raw.resize(rows * w.K);
   a.sums.assign(rows * a.groups, 0.f);
   if (x.scalar_type() == at::kBFloat16) {
@@ -73,9 +75,9 @@ inline void load_rows(const at::Tensor& x, int64_t row0, int64_t rows, const Wei
       const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + (row0 + m) * w.K;
       for (int64_t k = 0; k < w.K; ++k) row[k] = kvflow_quant::bf16_value(src[k]);
     }
-    for (int64_t i = 0; i < w.bits; ++i) {
+    for (int64_t i = 0; i < scaled_planes; ++i) {
       const float p = static_cast<float>(2 << i);
-      float* dst = a.scaled.data() + (m * w.bits + i) * w.K;
+      float* dst = a.scaled.data() + (m * scaled_planes + i) * w.K;
       for (int64_t k = 0; k < w.K; ++k) dst[k] = row[k] * p;
     }
     for (int64_t k = 0; k < w.K; ++k) a.sums[m * a.groups + k / w.group] += row[k];
@@ -125,13 +127,16 @@ inline bool bf16_runs(const Weights& w, const Rows& a) {
 #endif
 }
 
-#if KVFLOW_QUANT_AVX512
-// Bits k..k+15 of a plane as a mask (k a multiple of 16: two whole bytes).
-inline __mmask16 plane_bits(const uint8_t* plane, int64_t k) {
-  uint16_t bits;
-  std::memcpy(&bits, plane + (static_cast<uint64_t>(k) >> 3), 2);
-  return _cvtu32_mask16(bits);
+// The bits of weights k, k+1, ... of a plane as one Word (k a multiple of its width: whole bytes).
+template <typename Word>
+inline Word plane_word(const uint8_t* plane, int64_t k) {
+  Word bits;
+  std::memcpy(&bits, plane + (static_cast<uint64_t>(k) >> 3), sizeof(Word));
+  return bits;
 }
+
+#if KVFLOW_QUANT_AVX512
+inline __mmask16 plane_bits(const uint8_t* plane, int64_t k) { return _cvtu32_mask16(plane_word<uint16_t>(plane, k)); }
 
 // The decomposition (kernel "planes"): each row's 16 activations are loaded once and added under each
 // plane's mask into that plane's accumulator (two sets, alternating by chunk, so that the adds form
@@ -226,11 +231,7 @@ void gemv_decoded_avx512(const Weights& w, const Rows& a, const Output& out, int
 // summation order differs.
 constexpr int kBf16MaxBits = 5;
 
-inline __mmask32 plane_bits32(const uint8_t* plane, int64_t k) {
-  uint32_t bits;
-  std::memcpy(&bits, plane + (static_cast<uint64_t>(k) >> 3), 4);
-  return _cvtu32_mask32(bits);
-}
+inline __mmask32 plane_bits32(const uint8_t* plane, int64_t k) { return _cvtu32_mask32(plane_word<uint32_t>(plane, k)); }
 
 template <int M, int B>
 void gemv_bf16_avx512(const Weights& w, const Rows& a, const Output& out, int64_t n0, int64_t n1) {
@@ -331,9 +332,9 @@ inline Kernel pick_kernel(const Weights& w, const std::string& name) {
 
 inline void gemv(const Weights& w, const at::Tensor& x, int64_t row0, int64_t rows, const std::string& kernel_name,
                  const Output& out) {
-  Rows a;
-  load_rows(x, row0, rows, w, a);
   const Kernel kernel = pick_kernel(w, kernel_name);
+  Rows a;
+  load_rows(x, row0, rows, w, kernel == Kernel::kScalar ? w.bits : kernel == Kernel::kPlanes ? 1 : 0, a);
   const Output o{out.f, out.h, out.N, row0};
   at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
 #if KVFLOW_QUANT_AVX512

@@ -53,12 +53,6 @@ inline void quantize_bit_rows(const at::Tensor& x, const Weights& w, int64_t bit
   });
 }
 
-inline uint64_t word_at(const uint8_t* plane, int64_t word) {
-  uint64_t v;
-  std::memcpy(&v, plane + word * 8, 8);
-  return v;
-}
-
 // P[word] = Σ_j Σ_i 2^(i+j) · popcount(a_j ⊕ b_i) over one 64-weight word, for every word of a row pair.
 inline void word_products(const BitRows& a, int64_t m, const Weights& w, int64_t n, bool vector, int64_t* P) {
 #if KVFLOW_QUANT_AVX512 && defined(__AVX512VPOPCNTDQ__)
@@ -82,7 +76,7 @@ inline void word_products(const BitRows& a, int64_t m, const Weights& w, int64_t
   for (int64_t word = 0; word < a.words; ++word) {
     int64_t p = 0;
     for (int64_t i = 0; i < w.bits; ++i) {
-      const uint64_t b = word_at(w.plane(n, i), word);
+      const uint64_t b = plane_word<uint64_t>(w.plane(n, i), word * 64);
       for (int64_t j = 0; j < a.bits; ++j) p += static_cast<int64_t>(__builtin_popcountll(a.plane(m, j)[word] ^ b)) << (i + j);
     }
     P[word] = p;
