@@ -14,6 +14,7 @@ from kvflow.bench.bitplane import IMPLS as BITPLANE_IMPLS
 from kvflow.bench.make_model import SHAPES, TOKENIZERS
 from kvflow.bench.quant_gemv import BENCH_FORMATS as QUANT_GEMV_FORMATS
 from kvflow.bench.quant_gemv import DEFAULT_FORMATS as QUANT_GEMV_DEFAULT
+from kvflow.cli.engine_args import add_engine_config_args, engine_kwargs
 
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -133,8 +134,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     report = profile_decode(args.model, args.workload, num_prompts=args.num_prompts, input_len=args.input_len,
                             decode_steps=args.steps, dtype=args.dtype, seed=args.seed, top=args.top,
-                            engine_kwargs={"prepack_weights": args.prepack_weights,
-                                           "cpu_kernels": args.cpu_kernels})
+                            engine_kwargs=engine_kwargs(args))
     print(format_report(report))
     if args.output:
         save_report(report, Path(args.output))
@@ -563,11 +563,9 @@ def configure(bench: argparse.ArgumentParser) -> None:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--top", type=int, default=20, help="ops listed")
     pr.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    pr.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=True,
-                    help="profile the prepacked bf16 path (default) or plain torch linears")
-    pr.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
-                    help="profile the C++ CPU forward (default) or the PyTorch modules")
     pr.add_argument("--output", help="JSON path")
+    # Every engine flag (--quantization int8, --no-cpu-kernels, --kv-cache-dtype ...), as the engine commands take them.
+    add_engine_config_args(pr)
     pr.set_defaults(func=_cmd_profile)
 
     at = sub.add_parser("attention", help="attention kernels alone vs torch SDPA and a naive reference")

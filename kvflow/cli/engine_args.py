@@ -128,6 +128,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+    add_engine_config_args(parser)
+
+
+def add_engine_config_args(parser: argparse.ArgumentParser) -> None:
+    """The engine's own flags, one per config field (default None: the config's default), for commands that
+    define the model flags themselves (`kvflow bench profile`); read back with `engine_kwargs`."""
     group = parser.add_argument_group("engine")
     for part in _engine_parts():
         hints = typing.get_type_hints(part)

@@ -44,3 +44,23 @@ def test_profile_cli_saves_json(llama_dir: Path, tmp_path: Path, capsys):
     linear = "kvflow::decode_linear" if decode_gemv_available() else "mkldnn::_linear_pointwise"
     assert any(op["name"] == linear for op in saved["top_ops"])
     assert "ATen calls/step" in capsys.readouterr().out
+
+
+
+def test_profile_cli_passes_the_engine_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Every engine flag reaches the profiled engine (and nothing else does: unset flags keep the config's
+    defaults)."""
+    import kvflow.bench.profile as profile
+
+    seen: dict = {}
+
+    def fake_profile(model, workload, **kwargs):
+        seen.update(kwargs["engine_kwargs"])
+        raise SystemExit(0)  # stop before any engine is built
+
+    monkeypatch.setattr(profile, "profile_decode", fake_profile)
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "profile", "--model", str(tmp_path), "--quantization", "int8",
+                  "--quantization-activation-bits", "8", "--no-cpu-kernels", "--kv-cache-memory", "0.5"])
+    assert seen == {"quantization": "int8", "quantization_activation_bits": 8, "cpu_kernels": False,
+                    "kv_cache_memory": 0.5}
