@@ -46,7 +46,6 @@ def test_profile_cli_saves_json(llama_dir: Path, tmp_path: Path, capsys):
     assert "ATen calls/step" in capsys.readouterr().out
 
 
-
 def test_profile_cli_passes_the_engine_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Every engine flag reaches the profiled engine (and nothing else does: unset flags keep the config's
     defaults)."""
@@ -59,8 +58,9 @@ def test_profile_cli_passes_the_engine_flags(monkeypatch: pytest.MonkeyPatch, tm
         raise SystemExit(0)  # stop before any engine is built
 
     monkeypatch.setattr(profile, "profile_decode", fake_profile)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:  # an unknown flag would be argparse's exit 2
         cli_main(["bench", "profile", "--model", str(tmp_path), "--quantization", "int8",
                   "--quantization-activation-bits", "8", "--no-cpu-kernels", "--kv-cache-memory", "0.5"])
+    assert stop.value.code == 0
     assert seen == {"quantization": "int8", "quantization_activation_bits": 8, "cpu_kernels": False,
                     "kv_cache_memory": 0.5}
