@@ -15,7 +15,6 @@ a worker under its own interpreter (``kvflow.bench.peers``) with the same timing
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import hashlib
 import json
@@ -38,6 +37,7 @@ from kvflow.bench.make_model import llama_param_count, to_torch_dtype
 from kvflow.bench.shared_prefix_workloads import SHARED_PREFIX_WORKLOADS, SharedPrefixSizes, make_batch
 from kvflow.core.prefix_tree import plan_prefix_groups
 from kvflow.gguf_config import hf_config_from_gguf, is_gguf_path, open_gguf
+from kvflow.model.loader import release_freed_heap
 
 WORKLOADS: tuple[str, ...] = ("offline", "single", *SHARED_PREFIX_WORKLOADS)
 #: The block size the prefix plan of a backend that reports none is computed with (kvflow's default).
@@ -284,11 +284,7 @@ def make_prompts(
 
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) so a run's peak excludes earlier backends."""
-    gc.collect()
-    try:  # give freed heap back to the OS first, or it counts towards the next peak
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_freed_heap()  # first, or the freed heap counts towards the next peak
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

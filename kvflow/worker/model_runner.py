@@ -29,7 +29,7 @@ from kvflow.model.cpu_kernels import (
     decode_gemv_available,
 )
 from kvflow.model.linear import DenseLinear, LinearMethod, PrepackedLinear, linear_layers, prepack_available
-from kvflow.model.loader import load_model
+from kvflow.model.loader import load_model, release_freed_heap
 from kvflow.model.quant.linear_methods import use_activations
 from kvflow.worker.kv_budget import num_kv_blocks
 from kvflow.worker.kv_layer_groups import allocate_grouped, group_metadata, group_step_tables, layer_groups_blocker
@@ -156,6 +156,7 @@ class ModelRunner:
         # fp8 without a given scale: the PyTorch backend calibrates on the first step that stores KV,
         # and the C++ forward (which only reads scales) waits for it.
         self._kv_scales_set = kv_scales_set(self.kv_spec, self.kv_caches)
+        release_freed_heap()  # what loading, quantising and repacking the weights freed
 
     def close(self) -> None:
         """Stop the runner's helper threads (SpeContext's loader)."""
