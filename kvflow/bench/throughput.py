@@ -284,6 +284,7 @@ def make_prompts(
 
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) so a run's peak excludes earlier backends."""
+    gc.collect()
     release_freed_heap()  # first, or the freed heap counts towards the next peak
     try:
         with open("/proc/self/clear_refs", "w") as f:
