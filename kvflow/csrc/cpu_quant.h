@@ -322,6 +322,7 @@ struct RowOrder {
   int64_t start(int64_t s) const { return n0 + s * run_len + std::min(s, rem); }
   // The i-th row visited: the first runs * run_len go round the runs; the rest are the longer runs' last rows.
   int64_t operator[](int64_t i) const {
+    if (runs == 1) return n0 + i;  // the plain order, without a division per row
     const int64_t round = runs * run_len;
     return i < round ? start(i % runs) + i / runs : start(i - round) + run_len;
   }
