@@ -39,9 +39,17 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+def token_embedding(vocab_size: int, hidden_size: int) -> nn.Embedding:
+    """The token embedding, left uninitialised: the loader fills it from the checkpoint (training calls its own
+    init). nn.Embedding's normal_ init would, on the loader's meta device, run torch's Python reference of
+    normal_, whose first call imports torch._dynamo and Triton: ~1 s and ~140 MiB resident per process."""
+    return nn.Embedding(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size))
+
+
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies for rotary embedding, with linear or llama3 frequency scaling."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    """Inverse frequencies for rotary embedding, with linear or llama3 frequency scaling (on the CPU, see
+    RotaryEmbedding)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     inv_freq = 1.0 / (rope.theta**exponents)
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
@@ -64,8 +72,11 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
         super().__init__()
+        # On the CPU whatever the default device: the loader builds the model on the meta device, where these
+        # ops run torch's Python references, whose first call imports torch._dynamo (and Triton): ~1 s and
+        # ~140 MiB resident per process, for tables the loader computes again on the real device anyway.
         inv_freq = rope_inv_freq(rope, head_dim)
-        t = torch.arange(max_positions, dtype=torch.float32)
+        t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         freqs = torch.outer(t, inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_pos, head_dim / 2]
         self.register_buffer("sin", freqs.sin(), persistent=False)

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from kvflow.attention.backend import AttentionBackend, AttentionMetadata
 from kvflow.config import ModelConfig
-from kvflow.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from kvflow.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, token_embedding
 from kvflow.model.linear import DenseLinear, Linear, LinearMethod, linear_layers
 from kvflow.model.quant.formats import concat_rows, dequantize
 from kvflow.model.quant.linear_methods import QuantizedLinear
@@ -89,7 +89,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         # One rotary table shared by all layers (not a parameter: never loaded, never saved).
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_model_len, cfg.rope)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = token_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # A tied head is made after loading, over the embedding's matrix (`finish_loading`).

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from kvflow.attention.backend import AttentionBackend, AttentionMetadata
 from kvflow.attention.conv_history import history_slots, read_history, write_history
 from kvflow.config import ModelConfig
-from kvflow.model.layers import GatedMLP, RMSNorm
+from kvflow.model.layers import GatedMLP, RMSNorm, token_embedding
 from kvflow.model.linear import DenseLinear, Linear, LinearMethod, linear_layers
 from kvflow.model.longconv.conv import causal_conv, effective_kernel
 
@@ -181,7 +181,7 @@ class LongConvForCausalLM(nn.Module):
             raise ValueError(f"{cfg.architecture} is not a long-conv model")
         self.config = cfg
         self.conv_method = "fft"
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = token_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LongConvLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head: Linear | None = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
