@@ -8,8 +8,11 @@ files are read (Llama, Mistral and their fine-tunes: what llama.cpp's converter 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,35 +41,79 @@ def is_gguf_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() == ".gguf"
 
 
-def open_gguf(path: str | os.PathLike) -> Any:
-    """`gguf.GGUFReader` over the file (copy-on-write memmap: tensors are zero-copy and writable),
-    with one clear error for a missing, truncated or foreign file."""
-    from gguf import GGUFReader
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """Where one tensor of a GGUF file lies, and the numpy view gguf's reader gives its bytes."""
 
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # ggml order, innermost first (a matrix is [cols, rows])
+    n_bytes: int
+    data_offset: int
+    array_shape: tuple[int, ...]  # the view: floats as their dtype, block formats as [rows, row bytes] uint8
+    array_dtype: Any  # numpy dtype
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """A GGUF file parsed once: its metadata as Python values and its tensors' places, without their bytes
+    (`map_tensors` maps them afresh for each reader, so nothing one load writes reaches another)."""
+
+    path: Path
+    metadata: dict[str, Any]  # shared by every caller of read_gguf: read it, do not change it
+    tensors: tuple[GGUFTensorInfo, ...]
+
+    def map_tensors(self) -> Iterator[tuple[GGUFTensorInfo, Any]]:
+        """Each tensor with its bytes as a numpy view over a fresh copy-on-write memory map of the file
+        (zero-copy and writable, as gguf's reader maps it)."""
+        import numpy as np
+
+        data = np.memmap(self.path, dtype=np.uint8, mode="c")
+        for t in self.tensors:
+            array = data[t.data_offset:t.data_offset + t.n_bytes].view(t.array_dtype)
+            yield t, array.reshape(t.array_shape)
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """The file parsed by `gguf.GGUFReader`, once per process for as long as the file is unchanged: loading a
+    model reads it four times (config, weights, tokenizer, generation config), and each parse of a 49k-word
+    vocabulary costs ~1.6 s and ~130 MiB of transient Python objects. A rewritten file (another inode, size
+    or modification time) is parsed anew. One clear error for a missing, truncated or foreign file."""
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"GGUF file {file} does not exist")
+    stat = file.stat()
+    return _parse_gguf(str(file.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_gguf(path: str, inode: int, size: int, mtime_ns: int) -> GGUFFile:
+    """(inode, size, mtime_ns): the file's identity, part of the cache key only."""
+    from gguf import GGUFReader
+
     try:
-        reader = GGUFReader(file, mode="c")
+        reader = GGUFReader(path, mode="c")
     except Exception as exc:  # the reader raises ValueError, IndexError or struct errors on bad bytes
-        raise ValueError(f"{file} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
-    size = file.stat().st_size
+        raise ValueError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    tensors = []
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
-            raise ValueError(f"{file} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, "
+            raise ValueError(f"{path} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, "
                              f"the file has {size}")
-    return reader
+        tensors.append(GGUFTensorInfo(t.name, t.tensor_type, tuple(int(d) for d in t.shape), int(t.n_bytes),
+                                      int(t.data_offset), tuple(t.data.shape), t.data.dtype))
+    return GGUFFile(Path(path), read_metadata(reader), tuple(tensors))
 
 
-def read_metadata(reader: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Every key/value of the file as Python values (strings, numbers, lists), except `skip`.
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """Every key/value of a `gguf.GGUFReader`'s file as Python values (strings, numbers, lists).
     float32 scalars come back as the shortest decimal that rounds to them (1e-05, not 9.99999974e-06)."""
     import numpy as np
     from gguf import GGUFValueType
 
     out = {}
     for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in skip:
+        if key.startswith("GGUF."):
             continue
         value = f.contents()
         if f.types == [GGUFValueType.FLOAT32]:
@@ -85,11 +132,10 @@ def gguf_architecture(meta: dict[str, Any], path: str | os.PathLike) -> str:
 
 def hf_config_from_gguf(path: str | os.PathLike) -> dict[str, Any]:
     """The `config.json` dict a llama-architecture GGUF file stands for; ValueError for anything else."""
-    reader = open_gguf(path)
-    meta = read_metadata(reader, skip=("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
-                                       "tokenizer.ggml.token_type"))
+    parsed = read_gguf(path)
+    meta = parsed.metadata
     arch = gguf_architecture(meta, path)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in parsed.tensors}
 
     def key(name: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{name}", default)
@@ -128,21 +174,21 @@ def hf_config_from_gguf(path: str | os.PathLike) -> dict[str, Any]:
         "mlp_bias": "blk.0.ffn_up.bias" in tensors,
         "dtype": _FILE_TYPE_DTYPES.get(int(file_type), "float32") if file_type is not None else "float32",
     }
-    scaling = _rope_scaling(meta, arch, tensors, head_dim, hf["rope_theta"], path)
+    scaling = _rope_scaling(parsed, arch, head_dim, hf["rope_theta"])
     if scaling is not None:
         hf["rope_scaling"] = scaling
     hf.update(_special_ids(meta))
     return hf
 
 
-def _rope_scaling(meta: dict[str, Any], arch: str, tensors: dict[str, Any], head_dim: int, theta: float,
-                  path: str | os.PathLike) -> dict[str, Any] | None:
+def _rope_scaling(parsed: GGUFFile, arch: str, head_dim: int, theta: float) -> dict[str, Any] | None:
     """Rope scaling from `{arch}.rope.scaling.*`, or llama3's from the per-frequency factors in
     `rope_freqs.weight` (llama.cpp's converter writes llama3 scaling only as that tensor)."""
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    factor = meta.get(f"{arch}.rope.scaling.factor")
-    if ROPE_FREQS_TENSOR in tensors:
-        return llama3_rope_from_factors(tensors[ROPE_FREQS_TENSOR].data, head_dim, theta, path)
+    kind = parsed.metadata.get(f"{arch}.rope.scaling.type", "none")
+    factor = parsed.metadata.get(f"{arch}.rope.scaling.factor")
+    for t, factors in parsed.map_tensors():
+        if t.name == ROPE_FREQS_TENSOR:
+            return llama3_rope_from_factors(factors, head_dim, theta, parsed.path)
     if kind == "none" or (kind == "linear" and factor in (None, 1.0)):
         return None
     if kind == "linear":
@@ -196,8 +242,7 @@ def _special_ids(meta: dict[str, Any]) -> dict[str, Any]:
 
 def generation_config_from_gguf(path: str | os.PathLike) -> dict[str, Any]:
     """The `generation_config.json` dict of a GGUF file: special ids and llama.cpp's sampling defaults."""
-    meta = read_metadata(open_gguf(path), skip=("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                                "tokenizer.ggml.scores", "tokenizer.ggml.token_type"))
+    meta = read_gguf(path).metadata
     out = _special_ids(meta)
     for key, name in _SAMPLING_KEYS.items():
         if (value := meta.get(f"general.sampling.{key}")) is not None:

@@ -36,7 +36,7 @@ from kvflow.bench.limits import MachineLimits, measure_limits
 from kvflow.bench.make_model import llama_param_count, to_torch_dtype
 from kvflow.bench.shared_prefix_workloads import SHARED_PREFIX_WORKLOADS, SharedPrefixSizes, make_batch
 from kvflow.core.prefix_tree import plan_prefix_groups
-from kvflow.gguf_config import hf_config_from_gguf, is_gguf_path, open_gguf
+from kvflow.gguf_config import hf_config_from_gguf, is_gguf_path, read_gguf
 from kvflow.model.loader import release_freed_heap
 
 WORKLOADS: tuple[str, ...] = ("offline", "single", *SHARED_PREFIX_WORKLOADS)
@@ -479,7 +479,7 @@ def run_throughput(
     params = llama_param_count(cfg)
     weight_bytes = params * to_torch_dtype(dtype).itemsize
     if is_gguf_path(model_dir):  # the file's tensors as stored (quantised blocks), what a decode step reads
-        weight_bytes = sum(int(t.n_bytes) for t in open_gguf(model_dir).tensors)
+        weight_bytes = sum(int(t.n_bytes) for t in read_gguf(model_dir).tensors)
     walls = m.walls
     wall_s = statistics.median(walls)
     out_tokens, in_tokens = sum(expected), sum(len(p) for p in plan.timed[0])

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvflow.gguf_config import ROPE_FREQS_TENSOR, gguf_architecture, open_gguf, read_metadata
+from kvflow.gguf_config import ROPE_FREQS_TENSOR, gguf_architecture, read_gguf
 from kvflow.model.gguf.names import hf_name, rope_heads, rope_row_order
 from kvflow.model.quant.weights import QuantizedWeight
 
@@ -44,15 +44,14 @@ def iter_gguf_weights(path: str | os.PathLike, dequantize: bool = False
     `dequantize=True` turns the block formats into float32 tensors as well (gguf's reference
     dequantisation): the dense model a quantised file stands for, which tests compare against.
     """
-    reader = open_gguf(path)
-    meta = read_metadata(reader, skip=("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
-                                       "tokenizer.ggml.token_type"))
+    parsed = read_gguf(path)
+    meta = parsed.metadata
     arch = gguf_architecture(meta, path)
     heads = int(meta[f"{arch}.attention.head_count"])
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv") or heads)
     blocks, floats = block_formats(), float_types()
     dequantised: list[str] = []
-    for t in reader.tensors:
+    for t, data in parsed.map_tensors():
         if t.name == ROPE_FREQS_TENSOR:
             continue  # read into the config's rope scaling (kvflow/gguf_config.py)
         name = hf_name(t.name)
@@ -60,19 +59,19 @@ def iter_gguf_weights(path: str | os.PathLike, dequantize: bool = False
             raise ValueError(f"{path}: tensor {t.name} has no place in a llama model")
         rows = int(t.shape[1]) if len(t.shape) > 1 else 1
         cols = int(t.shape[0])
-        if len(t.shape) > 2 or (len(t.shape) == 2 and tuple(t.data.shape)[0] != rows):
-            raise ValueError(f"{path}: tensor {t.name} has unsupported shape {t.shape.tolist()}")
+        if len(t.shape) > 2 or (len(t.shape) == 2 and data.shape[0] != rows):
+            raise ValueError(f"{path}: tensor {t.name} has unsupported shape {list(t.shape)}")
         value: torch.Tensor | QuantizedWeight
         if t.tensor_type in floats:
-            value = _float_tensor(t.data, floats[t.tensor_type])
+            value = _float_tensor(data, floats[t.tensor_type])
         elif t.tensor_type in blocks and not dequantize and len(t.shape) == 2:
-            value = QuantizedWeight(blocks[t.tensor_type], (rows, cols), {"blocks": torch.from_numpy(t.data)})
+            value = QuantizedWeight(blocks[t.tensor_type], (rows, cols), {"blocks": torch.from_numpy(data)})
         else:
             from gguf.quants import dequantize as gguf_dequantize
 
             if t.tensor_type not in blocks:
                 dequantised.append(f"{t.name} ({t.tensor_type.name})")
-            value = torch.from_numpy(np.ascontiguousarray(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32))
+            value = torch.from_numpy(np.ascontiguousarray(gguf_dequantize(data, t.tensor_type), dtype=np.float32))
         group = rope_heads(t.name, heads, kv_heads)
         if group is not None:
             value = _permute_rows(value, rope_row_order(rows, group, to_gguf=False))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvflow.gguf_config import open_gguf, read_metadata
+from kvflow.gguf_config import read_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ _TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "toke
 
 def tokenizer_from_gguf(path: str | os.PathLike) -> Any | None:
     """The transformers tokenizer a GGUF file's metadata describes; None when it holds none."""
-    meta = read_metadata(open_gguf(path), skip=("tokenizer.ggml.scores",))
+    meta = read_gguf(path).metadata
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
     if model is None or "tokenizer.ggml.tokens" not in meta:
         return None
