@@ -123,9 +123,17 @@ def build_dir() -> Path:
     sources = [path.read_bytes() for path in (SOURCE, *sorted(CSRC.glob("*.h")))]
     for part in (*sources, " ".join(CFLAGS).encode(), torch.__version__.encode(), isa_key().encode()):
         key.update(part)
-    where = hashlib.sha256(str(CSRC.resolve()).encode()).hexdigest()[:8]
-    root = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow"))
-    return root / "cpu_model" / f"{key.hexdigest()[:16]}-{where}"
+    return cache_root() / "cpu_model" / f"{key.hexdigest()[:16]}-{checkout_key(CSRC)}"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow"))
+
+
+def checkout_key(sources: Path) -> str:
+    """A build folder's suffix naming the checkout whose `sources` it compiles: torch's build.ninja names the
+    source paths, so two checkouts sharing one folder would rebuild each other's build, silently, on each switch."""
+    return hashlib.sha256(str(sources.resolve()).encode()).hexdigest()[:8]
 
 
 def _build(directory: Path) -> ModuleType:
@@ -137,24 +145,25 @@ def _build(directory: Path) -> ModuleType:
 
 
 def build_announced(directory: Path, build: Callable[[Path], ModuleType], stream: TextIO | None = None,
-                    interval: float = PROGRESS_INTERVAL) -> ModuleType:
-    """`build(directory)`; where the folder holds no library yet, say on `stream` (stderr) that the kernels
-    compile, once and for about a minute, then every `interval` s that they still do, then how long it took,
+                    interval: float = PROGRESS_INTERVAL, library: str = LIBRARY,
+                    what: str = "the C++ CPU kernels") -> ModuleType:
+    """`build(directory)`; where the folder holds no `library` yet, say on `stream` (stderr) that `what`
+    compiles, once and for about a minute, then every `interval` s that it still does, then how long it took,
     so a first start is not a silent minute. Silent when the library is there (a load from the cache)."""
-    if (directory / LIBRARY).exists():
+    if (directory / library).exists():
         return build(directory)
     out = sys.stderr if stream is None else stream
 
     def say(message: str) -> None:
         print(f"kvflow: {message}", file=out, flush=True)
 
-    say(f"compiling the C++ CPU kernels for this machine, once (about a minute) into {directory}")
+    say(f"compiling {what} for this machine, once (about a minute) into {directory}")
     start = time.monotonic()
     done = threading.Event()
 
     def progress() -> None:
         while not done.wait(interval):
-            say(f"still compiling the C++ CPU kernels... {time.monotonic() - start:.0f} s")
+            say(f"still compiling {what}... {time.monotonic() - start:.0f} s")
 
     reporter = threading.Thread(target=progress, name="kvflow-kernel-build-progress", daemon=True)
     reporter.start()
@@ -166,8 +175,7 @@ def build_announced(directory: Path, build: Callable[[Path], ModuleType], stream
         done.set()
         reporter.join()
         seconds = time.monotonic() - start
-        say(f"compiled the C++ CPU kernels in {seconds:.0f} s" if built
-            else f"compiling the C++ CPU kernels failed after {seconds:.0f} s")
+        say(f"compiled {what} in {seconds:.0f} s" if built else f"compiling {what} failed after {seconds:.0f} s")
     return module
 
 

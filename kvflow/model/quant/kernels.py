@@ -17,9 +17,10 @@ Rows beyond the GEMV's batch (8) take the dequantised-tile GEMM; in "q8" mode it
 integer arithmetic sees them (d·q), so a row's result does not depend on how many rows share its call.
 
 The extension is its own build (cpu_quant.cpp), compiled on first use like the C++ forward's
-(kvflow/model/cpu_kernels.py, whose flags and CPU fingerprint it reuses) and cached under
-``$KVFLOW_CACHE/cpu_quant/<hash>``; without a compiler or ninja, or when the build fails, a warning
-says why and `quant_matmul` raises `QuantKernelUnsupported`, so callers take their torch path.
+(kvflow/model/cpu_kernels.py, whose flags and CPU fingerprint it reuses), cached under
+``$KVFLOW_CACHE/cpu_quant/<hash>-<checkout>`` and announced on stderr while it compiles; without a
+compiler or ninja, or when the build fails, a warning says why and `quant_matmul` raises
+`QuantKernelUnsupported`, so callers take their torch path.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import re
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +40,7 @@ from kvflow.model.quant.weights import QuantizedWeight
 logger = logging.getLogger(__name__)
 
 SOURCE = cpu_kernels.CSRC / "cpu_quant.cpp"
+EXTENSION = "kvflow_cpu_quant"
 #: Formats these kernels run.
 FORMATS = ("q8_0", "q4_0", "q4_k", "int8", "bipolar")
 ACTIVATIONS = ("exact", "q8")
@@ -67,31 +68,35 @@ def local_includes(source: Path) -> list[Path]:
 
 
 def build_dir() -> Path:
-    """Where this source and its headers, compiled with these flags for this CPU and torch, live."""
+    """Where this source and its headers, compiled with these flags for this CPU and torch, live: one folder per
+    content and per checkout (as the C++ forward's)."""
     key = hashlib.sha256()
     for path in (SOURCE, *local_includes(SOURCE)):
         key.update(path.read_bytes())
     for part in (" ".join(cpu_kernels.CFLAGS), torch.__version__, cpu_kernels.isa_key()):
         key.update(part.encode())
-    root = Path(os.environ.get("KVFLOW_CACHE", Path.home() / ".cache" / "kvflow"))
-    return root / "cpu_quant" / key.hexdigest()[:16]
+    return cpu_kernels.cache_root() / "cpu_quant" / f"{key.hexdigest()[:16]}-{cpu_kernels.checkout_key(SOURCE.parent)}"
+
+
+def _build(directory: Path) -> ModuleType:
+    """torch's JIT build of the extension into `directory` (a no-op load where it is built and current)."""
+    from torch.utils.cpp_extension import load
+
+    return load(name=EXTENSION, sources=[str(SOURCE)], extra_cflags=cpu_kernels.CFLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=str(directory), verbose=False)
 
 
 @functools.cache
 def load_extension() -> ModuleType | None:
     """The compiled extension, or None (with the reason logged) where it cannot be built."""
     try:
-        from torch.utils.cpp_extension import load, verify_ninja_availability
+        from torch.utils.cpp_extension import verify_ninja_availability
 
         verify_ninja_availability()
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        if not (directory / "kvflow_cpu_quant.so").exists():
-            logger.info("compiling kvflow's quantised-weight CPU kernels once into %s", directory)
-        return load(
-            name="kvflow_cpu_quant", sources=[str(SOURCE)], extra_cflags=cpu_kernels.CFLAGS,
-            extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False,
-        )
+        return cpu_kernels.build_announced(directory, _build, library=f"{EXTENSION}.so",
+                                           what="the quantised-weight CPU kernels")
     except Exception as e:  # noqa: BLE001 - any build failure means: the callers' torch path
         logger.warning("kvflow's quantised-weight CPU kernels are unavailable; quantised linear layers take "
                        "their torch path instead: %s", e)

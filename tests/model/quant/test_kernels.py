@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import types
 
 import numpy as np
 import pytest
@@ -229,3 +230,34 @@ def test_build_folder_follows_the_included_headers(tmp_path, monkeypatch):
     header = tmp_path / "cpu_quant.h"
     header.write_text(header.read_text() + "\n// changed\n")
     assert kernels.build_dir() != base
+
+
+def test_two_checkouts_keep_a_build_folder_each_and_a_compile_is_announced(tmp_path, monkeypatch, capsys):
+    """torch's build.ninja names the source path: two checkouts sharing one folder rebuilt each other's build
+    on each switch, silently (~1 min). The first compile says so on stderr, like the C++ forward's."""
+    folders = []
+    for checkout in ("a", "b"):
+        (tmp_path / checkout).mkdir()
+        for name in ("cpu_quant.cpp", "cpu_quant.h"):
+            (tmp_path / checkout / name).write_bytes((kernels.SOURCE.parent / name).read_bytes())
+        monkeypatch.setattr(kernels, "SOURCE", tmp_path / checkout / "cpu_quant.cpp")
+        folders.append(kernels.build_dir())
+    assert folders[0] != folders[1] and folders[0].parent == folders[1].parent
+    monkeypatch.setenv("KVFLOW_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_build(directory):
+        calls.append(directory)
+        (directory / f"{kernels.EXTENSION}.so").write_bytes(b"")
+        return types.ModuleType(kernels.EXTENSION)
+
+    monkeypatch.setattr(kernels, "_build", fake_build)
+    kernels.load_extension.cache_clear()
+    try:
+        assert kernels.load_extension().__name__ == kernels.EXTENSION
+        assert calls == [kernels.build_dir()] and calls[0].parent == tmp_path / "cache" / "cpu_quant"
+    finally:
+        kernels.load_extension.cache_clear()  # the next caller gets the real build back
+    err = capsys.readouterr().err
+    assert "kvflow: compiling the quantised-weight CPU kernels for this machine" in err
+    assert "kvflow: compiled the quantised-weight CPU kernels in 0 s" in err
