@@ -236,18 +236,13 @@ def test_a_model_config_with_linear_rope_scaling_round_trips(tiny_dir, tiny_weig
 
 
 def test_a_file_is_parsed_once_until_it_changes(tiny_dir, tiny_weights, tmp_path, monkeypatch):
-    """Loading reads a file four times (config, weights, tokenizer, generation config) and gguf's reader parses
-    it once; a rewritten file is parsed anew, and what one load writes into its tensors never reaches the next."""
-    import gguf
+    """Loading reads a file four times (config, weights, tokenizer, generation config) and its header is parsed
+    once; a rewritten file is parsed anew, and what one load writes into its tensors never reaches the next."""
+    import kvflow.gguf_config as gguf_config
 
     parses = []
-
-    class CountingReader(gguf.GGUFReader):
-        def __init__(self, *args, **kwargs):
-            parses.append(args[0])
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    scan = gguf_config.scan_gguf
+    monkeypatch.setattr(gguf_config, "scan_gguf", lambda path: parses.append(path) or scan(path))
     path = write_gguf(tmp_path / "m.gguf", tiny_dir, tiny_weights)
     ModelConfig.from_pretrained(path)
     first = dict(iter_gguf_weights(path))
