@@ -216,6 +216,7 @@ class Measurement:
     load_avg: float
     idle_before: float | None
     threads: int
+    loaded_rss_mib: float | None = None  # resident right after loading (same scope as the peak)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the peer's interpreter and version
 
 
@@ -292,6 +293,15 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def resident_mib() -> float | None:
+    """What this process holds now (VmRSS), in MiB; None where /proc has no status."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), None)
+    except OSError:
+        return None
 
 
 def peak_rss_mib() -> float:
@@ -371,6 +381,7 @@ def _measure_in_process(
     start = time.perf_counter()
     engine = loader(model_dir, dtype, dict(engine_kwargs))
     load_s = time.perf_counter() - start
+    loaded_rss = resident_mib()
     try:
         torch.manual_seed(seed)
         if plan.warmup is not None:
@@ -405,7 +416,7 @@ def _measure_in_process(
         gc.collect()
     return Measurement(
         load_s=load_s, walls=walls, ttfts=ttfts, outputs=outputs, cpu_util=cpu_util,
-        peak_rss_mib=peak_rss, peak_rss_scope="run" if rss_per_run else "process",
+        peak_rss_mib=peak_rss, peak_rss_scope="run" if rss_per_run else "process", loaded_rss_mib=loaded_rss,
         load_avg=load_avg, idle_before=idle_before, threads=torch.get_num_threads(), extra=extra,
     )  # fmt: skip
 
@@ -504,6 +515,7 @@ def run_throughput(
         "total_tok_s": (out_tokens + in_tokens) / wall_s,
         "peak_rss_mib": m.peak_rss_mib,
         "peak_rss_scope": m.peak_rss_scope,
+        "loaded_rss_mib": m.loaded_rss_mib,
         "cpu_util": m.cpu_util,
         "load_avg_1m_before": m.load_avg,
         "cpu_idle_before": m.idle_before,

@@ -58,7 +58,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     """Plain-text table of runs (no progress bars, fixed columns) for terminals and logs."""
     header = [
         "backend", "workload", "out tok/s", "total tok/s", "wall s", "ms/tok", "decode ms",
-        "ttft ms", "peak RSS MiB", "cpu %", "% of limit", "R_saving (opt)", "KV peak/blocks", "vs",
+        "ttft ms", "RSS MiB loaded/peak", "cpu %", "% of limit", "R_saving (opt)", "KV peak/blocks", "vs",
     ]  # fmt: skip
     rows = [header]
     for r in runs:
@@ -73,7 +73,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
                 _fmt(r.get("ms_per_token"), ".2f"),
                 _fmt(r.get("decode_ms_per_token"), ".2f"),
                 _fmt(r.get("ttft_ms"), ".1f"),
-                _fmt(r["peak_rss_mib"], ".0f"),
+                f"{_fmt(r.get('loaded_rss_mib'), '.0f')}/{_fmt(r['peak_rss_mib'], '.0f')}",
                 _fmt(100 * r["cpu_util"], ".0f"),
                 _fmt(100 * r["fraction_of_limit"], ".1f"),
                 _saving(r),

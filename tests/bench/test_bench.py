@@ -114,6 +114,7 @@ def test_hf_throughput_exact_lengths(
     assert len(r["token_ids"]) == n
     assert all(len(t) == 9 for t in r["token_ids"])
     assert r["output_tok_s"] > 0 and r["peak_rss_mib"] > 0 and r["fraction_of_limit"] > 0
+    assert 0 < r["loaded_rss_mib"] <= r["peak_rss_mib"]  # resident after loading; the peak mark covers it
     if workload == "single":
         assert r["ms_per_token"] > 0 and r["ttft_ms"] > 0
     assert len(r["wall_s_all"]) == 2

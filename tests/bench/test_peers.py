@@ -170,6 +170,7 @@ def test_vllm_worker_result_is_the_standard_dict(
     assert r["token_ids"] == [_expected(p, 5) for p in plan.timed[0]]
     assert r["num_prompts"] == n and len(r["wall_s_all"]) == 2 and r["output_tok_s"] > 0
     assert r["peak_rss_scope"] == "process tree" and r["peak_rss_mib"] > 0 and r["cpu_util"] >= 0
+    assert 0 < r["loaded_rss_mib"] <= r["peak_rss_mib"]  # the worker's tree right after loading
     assert r["peer"]["version"] == "0.0-fake" and r["peer"]["python"] == sys.executable
     if workload == "single":
         assert r["ttft_ms"] > 0 and r["decode_ms_per_token"] is not None

@@ -215,6 +215,7 @@ def measure_peer(
     return Measurement(
         load_s=raw["load_s"], walls=raw["walls"], ttfts=raw["ttfts"], outputs=raw["outputs"],
         cpu_util=raw["cpu_util"], peak_rss_mib=raw["peak_rss_mib"], peak_rss_scope="process tree",
-        load_avg=raw["load_avg"], idle_before=raw["idle_before"], threads=threads,
+        loaded_rss_mib=raw.get("loaded_rss_mib"), load_avg=raw["load_avg"], idle_before=raw["idle_before"],
+        threads=threads,
         extra={"peer": extra},
     )  # fmt: skip

@@ -154,13 +154,14 @@ def _tree_cpu_seconds() -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _tree_peak_rss_mib() -> float:
-    """Sum of each live process's peak RSS (VmHWM): an upper bound on the tree's peak."""
+def _tree_rss_mib(key: str = "VmHWM:") -> float:
+    """Sum over each live process of its peak RSS (VmHWM: an upper bound on the tree's peak) or, with
+    key="VmRSS:", of what it holds now."""
     total_kib = 0
     for pid in tree_pids():
         try:
             with open(f"/proc/{pid}/status") as f:
-                total_kib += next((int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")), 0)
+                total_kib += next((int(ln.split()[1]) for ln in f if ln.startswith(key)), 0)
         except (OSError, ValueError):
             continue
     return total_kib / 1024
@@ -187,6 +188,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     engine = ENGINES[job["backend"]](job)
     load_s = time.perf_counter() - start
+    loaded_rss = _tree_rss_mib("VmRSS:")
     try:
         if plan["warmup"] is not None:
             engine.generate(plan["warmup"], plan["warmup_tokens"])
@@ -202,13 +204,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             outputs = out if r == 0 else outputs
         section_s, cpu_s = time.perf_counter() - section0, _tree_cpu_seconds() - cpu0
         section_wall = [wall0, time.time()]  # wall-clock bounds (energy counters read by the parent)
-        peak_rss = _tree_peak_rss_mib()
+        peak_rss = _tree_rss_mib()
         info = engine.info() if hasattr(engine, "info") else {}
     finally:
         engine.close()
     return {
         "load_s": load_s, "walls": walls, "ttfts": ttfts, "outputs": outputs,
-        "cpu_util": cpu_s / (section_s * job["threads"]), "peak_rss_mib": peak_rss,
+        "cpu_util": cpu_s / (section_s * job["threads"]), "peak_rss_mib": peak_rss, "loaded_rss_mib": loaded_rss,
         "load_avg": load_avg, "idle_before": idle_before, "pid": os.getpid(), "info": info,
         "cpu_s": cpu_s, "section_s": section_s, "section_wall": section_wall,
     }  # fmt: skip
