@@ -295,24 +295,25 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def resident_mib() -> float | None:
-    """What this process holds now (VmRSS), in MiB; None where /proc has no status."""
+def _status_mib(key: str) -> float | None:
+    """A /proc/self/status size (e.g. "VmRSS:", "VmHWM:") in MiB; None where /proc has no status."""
     try:
         with open("/proc/self/status") as f:
-            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), None)
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith(key)), None)
     except OSError:
         return None
 
 
+def resident_mib() -> float | None:
+    """What this process holds now (VmRSS), in MiB; None where /proc has no status."""
+    return _status_mib("VmRSS:")
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size in MiB: VmHWM where /proc has it, else getrusage (process-wide)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = _status_mib("VmHWM:")
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 

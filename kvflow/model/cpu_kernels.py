@@ -136,12 +136,17 @@ def checkout_key(sources: Path) -> str:
     return hashlib.sha256(str(sources.resolve()).encode()).hexdigest()[:8]
 
 
-def _build(directory: Path) -> ModuleType:
-    """torch's JIT build of the extension into `directory` (a no-op load where it is built and current)."""
+def jit_build(name: str, source: Path, directory: Path) -> ModuleType:
+    """torch's JIT build of extension `name` from `source` into `directory`, with this build's flags (a no-op
+    load where it is built and current). The quantised-weight kernels build through it too."""
     from torch.utils.cpp_extension import load
 
-    return load(name=EXTENSION, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+    return load(name=name, sources=[str(source)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                 build_directory=str(directory), verbose=False)
+
+
+def _build(directory: Path) -> ModuleType:
+    return jit_build(EXTENSION, SOURCE, directory)
 
 
 def build_announced(directory: Path, build: Callable[[Path], ModuleType], stream: TextIO | None = None,

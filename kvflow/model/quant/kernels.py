@@ -79,11 +79,7 @@ def build_dir() -> Path:
 
 
 def _build(directory: Path) -> ModuleType:
-    """torch's JIT build of the extension into `directory` (a no-op load where it is built and current)."""
-    from torch.utils.cpp_extension import load
-
-    return load(name=EXTENSION, sources=[str(SOURCE)], extra_cflags=cpu_kernels.CFLAGS, extra_ldflags=["-fopenmp"],
-                build_directory=str(directory), verbose=False)
+    return cpu_kernels.jit_build(EXTENSION, SOURCE, directory)
 
 
 @functools.cache
