@@ -7,9 +7,10 @@ planes in groups of 64, whose GEMV decodes or decomposes the planes; bipolarN-aA
 activations rounded to A bits, every product a popcount of two planes) and activation mode (exact, q8),
 next to bf16's oneDNN-prepacked `F.linear` and the C++ forward's `block_rows` decode GEMV. Reported:
 µs per call (median), the weight bytes streamed per µs (GB/s) and the ratio to the bf16 GEMV. With
-`--rows` above the GEMV's batch it compares the prefill GEMM (dequantised tiles through at::mm) with
-bf16 `F.linear`. Weights are random bytes with sane scales: speed
-does not depend on values.
+`--rows` above the GEMV's batch it compares the prefill GEMM (dequantised tiles through at::mm; int8 W8A8:
+oneDNN's int8 GEMM on the codes) with bf16 `F.linear`. int8 W8A8 is also timed as a layer runs it where
+the CPU has AVX-512 VNNI: on its VNNI-packed codes (csrc/cpu_int8_vnni.h), at every row count. Weights are
+random bytes with sane scales: speed does not depend on values.
 """
 
 from __future__ import annotations
@@ -133,12 +134,18 @@ def bench_matrix(name: str, n: int, k: int, rows: int, formats: list[str], min_s
             modes = ("exact",) if qws[0].format == "bipolar" else kernels.ACTIVATIONS  # bipolar: float activations
             variants = [(f" [{g}]" if gemv_kernels != ("auto",) else "", mode, "auto", g)
                         for mode in modes for g in names] if decode else [("", "gemm-mm", "mm", "auto")]
+            if not decode and fmt == "int8":  # W8A8 on the row-major codes: oneDNN's int8 GEMM
+                variants.append(("", "q8 (int8 GEMM)", "mm", "auto"))
         for suffix, label, path, gemv in variants:
-            mode = "exact" if label in ("popcount", "gemm-mm") else label
+            mode = "exact" if label in ("popcount", "gemm-mm") else label.split()[0]
             cases.append((f"{fmt} {label}{suffix}", qws[0].nbytes(),
                           [lambda qw=qw, mode=mode, path=path, gemv=gemv, a_bits=a_bits:
                            kernels.quant_matmul(x, qw, mode, path=path, kernel=gemv, activation_bits=a_bits)
                            for qw in qws]))
+        if fmt == "int8" and kernels.int8_vnni_available():  # W8A8 as a layer runs it: the codes VNNI-packed
+            packed_codes = [(kernels.pack_int8_vnni(qw.data["qweight"]), qw.data["scales"]) for qw in qws]
+            cases.append(("int8 q8 (vnni-packed)", packed_codes[0][0].numel(),
+                          [lambda p=p, sc=sc: kernels.int8_vnni_matmul(x, p, sc, n, k) for p, sc in packed_codes]))
     base_method = "bf16 block_rows" if any(c[0] == "bf16 block_rows" for c in cases) else "bf16 onednn"
     results = [Row(name, n, k, method, us, nbytes / us / 1e3, None)
                for method, nbytes, fn in cases for us in [time_us(fn, min_seconds)]]

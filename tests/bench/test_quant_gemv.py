@@ -20,7 +20,9 @@ def test_each_format_is_timed_against_the_bf16_baseline(rows):
         assert {"int8 exact", "int8 q8", "bipolar2 exact", "bipolar4 exact", "bipolar2-a8 popcount"} <= methods
         assert not any(m.startswith("bipolar") and m.endswith("q8") for m in methods)
     else:
-        assert {"int8 gemm-mm", "bipolar2 gemm-mm", "bipolar4 gemm-mm", "bipolar2-a8 popcount"} <= methods
+        assert {"int8 gemm-mm", "int8 q8 (int8 GEMM)", "bipolar2 gemm-mm", "bipolar4 gemm-mm",
+                "bipolar2-a8 popcount"} <= methods
+    assert ("int8 q8 (vnni-packed)" in methods) == kernels.int8_vnni_available()  # W8A8 as a layer holds it
     assert {r.matrix for r in results} == {"qkv", "o", "gate_up", "down"}
     assert all(r.us > 0 and r.gb_s > 0 and r.vs_gemv is not None for r in results)
     # bytes streamed per call: bipolar n bits + fp16 scale and offset per 64 weights

@@ -135,6 +135,45 @@ def kernel_tensors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | No
     return qw.data["blocks"].contiguous(), None
 
 
+#: Output columns per panel of the VNNI-packed int8 layout (csrc/cpu_int8_vnni.h's kPanelCols).
+VNNI_PANEL = 32
+
+
+def int8_vnni_available() -> bool:
+    """Whether this machine's build has the VNNI-packed W8A8 kernel (AVX-512 VNNI)."""
+    ext = load_extension()
+    return ext is not None and bool(ext.has_int8_vnni)
+
+
+def pack_int8_vnni(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] in csrc/cpu_int8_vnni.h's layout, as one byte tensor: panels of 32 output columns, each
+    [ceil(K/4), 32, 4] (zero beyond N and K), then every padded column's code sum as int32."""
+    n, k = codes.shape
+    panels, k4 = -(-n // VNNI_PANEL), -(-k // 4)
+    padded = torch.zeros(panels * VNNI_PANEL, k4 * 4, dtype=torch.int8, device=codes.device)
+    padded[:n, :k] = codes
+    blocks = padded.view(panels, VNNI_PANEL, k4, 4).permute(0, 2, 1, 3).reshape(-1)
+    sums = padded.sum(dim=1, dtype=torch.int32)
+    return torch.cat([blocks, sums.view(torch.int8)]).view(torch.uint8)
+
+
+def unpack_int8_vnni(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The int8 codes [N, K] that `pack_int8_vnni` packed."""
+    panels, k4 = -(-n // VNNI_PANEL), -(-k // 4)
+    blocks = packed[: panels * k4 * VNNI_PANEL * 4].view(torch.int8).view(panels, k4, VNNI_PANEL, 4)
+    return blocks.permute(0, 2, 1, 3).reshape(panels * VNNI_PANEL, k4 * 4)[:n, :k].contiguous()
+
+
+def int8_vnni_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """W8A8 `x · Wᵀ` (x fp32 or bf16 [..., K] on the CPU) for int8 weights packed by `pack_int8_vnni`, with
+    fp32 row scales [N]: per-token int8 activations, bit for bit what `quant_matmul(x, qw, "q8")` gives."""
+    ext = load_extension()
+    if ext is None or not ext.has_int8_vnni:
+        raise QuantKernelUnsupported("this machine's build has no AVX-512 VNNI kernels")
+    y = ext.int8_vnni_linear(x.reshape(-1, k), packed, scales, n, k)
+    return y.view(*x.shape[:-1], n)
+
+
 def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, activation: str = "exact", *, path: str = "auto",
                  kernel: str = "auto", tile_rows: int = 1024, activation_bits: int | None = None) -> torch.Tensor:
     """`x · Wᵀ` for x [..., K] (fp32 or bf16, CPU), in x's dtype; raises QuantKernelUnsupported where the

@@ -15,7 +15,9 @@ block formats keep them in float by default ("exact": the kernels equal the refe
 rounding); `use_activations("q8")` (the engine's `--quant-activations q8`) switches a layer to
 llama.cpp's arithmetic, activations rounded to int8 per block of 32 (method "q8_0-a8" etc., a lossy
 option whose reference rounds the activations the same way). int8 weights choose at load: W8A16
-(float activations, "exact") or W8A8 (per-token int8 activations, the kernels' "q8" mode).
+(float activations, "exact") or W8A8 (per-token int8 activations, the kernels' "q8" mode); W8A8 codes are
+held VNNI-packed where the CPU has AVX-512 VNNI (`kernels.pack_int8_vnni`), for a kernel that runs every
+batch size without reordering the weight per call, bit for bit the row-major kernels' result.
 
 Which layers: every projection a checkpoint gives quantised (or that `--quantization` quantises at
 load). The embedding and the LM head stay in the model's dtype unless a checkpoint (a GGUF file)
@@ -114,9 +116,21 @@ def _register_cpu_kernels() -> None:
         register_kernel(f"{fmt}-a8", "cpu", _cpu_kernel("q8", _gguf_q8_reference))
     register_kernel("int8-w8a16", "cpu", _cpu_kernel("exact", int8.linear_w8a16))
     register_kernel("int8-w8a8", "cpu", _cpu_kernel("q8", int8.linear_w8a8))
+    register_kernel("int8-w8a8-vnni", "cpu", _int8_vnni_kernel)
     register_kernel("bipolar", "cpu", _cpu_kernel("exact", bipolar.bitplane_linear))
     for a_bits in bipolar.BITS:
         register_kernel(f"bipolar-a{a_bits}", "cpu", _cpu_kernel("exact", _abit_reference(a_bits), a_bits))
+
+
+def _int8_vnni_kernel(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A8 on VNNI-packed codes (a layer packs them only where this kernel runs): fp32 or bf16 activations,
+    else the reference on the unpacked codes."""
+    scales = qw.data["scales"].float()  # fp32 whatever a module's `.to(dtype)` made of them
+    if x.dtype in (torch.float32, torch.bfloat16):
+        out = kernels.int8_vnni_matmul(x, qw.data["vnni"], scales, *qw.shape)
+        return out if bias is None else out + bias
+    codes = kernels.unpack_int8_vnni(qw.data["vnni"], *qw.shape)
+    return int8.linear_w8a8(x, QuantizedWeight("int8", qw.shape, {"qweight": codes, "scales": scales}), bias)
 
 
 def _abit_reference(a_bits: int) -> LinearKernel:
@@ -139,6 +153,7 @@ class QuantizedLinear(LinearMethod):
         self.params = dict(weight.params)
         self.keys = tuple(weight.data)
         self.activation_bits = activation_bits
+        self.vnni = False  # int8 W8A8 codes held VNNI-packed (see process_weights)
         self._pending: QuantizedWeight | None = weight
         if fmt.family == "gguf":
             if activation_bits is not None:
@@ -181,27 +196,50 @@ class QuantizedLinear(LinearMethod):
         if (layer.out_features, layer.in_features) != tuple(qw.shape):
             raise ValueError(f"a {qw.shape[0]}x{qw.shape[1]} {qw.format} weight cannot go on a "
                              f"{layer.out_features}x{layer.in_features} layer")
-        for key, tensor in qw.data.items():
+        data = dict(qw.data)
+        if self.name == "int8-w8a8" and data["qweight"].device.type == "cpu" and kernels.int8_vnni_available():
+            # The codes in the VNNI kernel's layout instead of row-major: one W8A8 kernel for every batch size,
+            # no per-call weight reorder (csrc/cpu_int8_vnni.h); `weight` unpacks them for the reference path.
+            data["vnni"] = kernels.pack_int8_vnni(data.pop("qweight"))
+            data["scales"] = data["scales"].float()
+            self.keys, self.vnni, self.name = tuple(data), True, "int8-w8a8-vnni"
+        for key, tensor in data.items():
             layer.register_buffer(BUFFER_PREFIX + key, tensor)
         if "weight" in layer._parameters:
             del layer.weight  # a shared matrix (a tied head's) lives on in its owner
         self._pending = None
 
     def weight(self, layer: Linear) -> QuantizedWeight:
-        """The layer's weight, over its buffers (wherever `.to()` moved them)."""
+        """The layer's weight in its format's own tensors, over its buffers (wherever `.to()` moved them;
+        VNNI-packed codes unpacked, a copy)."""
+        stored = self.stored_weight(layer)
+        if not self.vnni:
+            return stored
+        codes = kernels.unpack_int8_vnni(stored.data["vnni"], *self.shape)
+        data = {"qweight": codes, "scales": stored.data["scales"]}
+        return QuantizedWeight(self.format, self.shape, data, self.params)
+
+    def stored_weight(self, layer: Linear) -> QuantizedWeight:
+        """The weight as the layer holds it, which is what its kernels take (VNNI-packed codes under "vnni")."""
         return QuantizedWeight(self.format, self.shape, {k: getattr(layer, BUFFER_PREFIX + k) for k in self.keys},
                                self.params)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, layer.in_features)
-        kernel = kernel_for(self.name, flat.device.type) or self.reference
-        out = kernel(flat, self.weight(layer), layer.bias)
+        kernel = kernel_for(self.name, flat.device.type)
+        if kernel is not None:
+            out = kernel(flat, self.stored_weight(layer), layer.bias)
+        else:
+            out = self.reference(flat, self.weight(layer), layer.bias)
         return out.view(*x.shape[:-1], layer.out_features)
 
     def cpu_kernel_weights(self, layer: Linear) -> CpuKernelWeights | None:
         """The codes and what they are, for the C++ forward's quantised projections (the same kernels and
         mode as `apply` on CPU); None where those kernels cannot run the weight (a K they cannot block, A-bit
         bipolar groups that are not whole 64s, no build): the forward then declines the model."""
+        if self.vnni:
+            spec = QuantKernelSpec("int8-vnni", tuple(self.shape), layer.quant_scales.float().contiguous(), True)
+            return CpuKernelWeights(layer.quant_vnni, _detached(layer.bias), None, packed=False, quant=spec)
         qw = self.weight(layer)
         bipolar_a_bits = self.activation_bits if self.format == "bipolar" else None
         if kernels.unsupported_reason(qw, torch.float32, bipolar_a_bits) is not None:

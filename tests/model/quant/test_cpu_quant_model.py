@@ -51,15 +51,21 @@ def check_same(fast: tuple, plain: tuple, dtype: str) -> None:
 ], ids=["q4_k-exact", "q8_0-q8", "int8-w8a8", "bipolar3"])
 def test_the_modules_run_the_kernels_with_the_references_logits(fmt, kwargs, monkeypatch):
     calls = []
-    real = kernels.quant_matmul
+    real, real_vnni = kernels.quant_matmul, kernels.int8_vnni_matmul
 
     def spy(x, qw, activation="exact", **kw):
         calls.append(activation)
         return real(x, qw, activation, **kw)
 
+    def spy_vnni(*args):
+        calls.append("q8-vnni")
+        return real_vnni(*args)
+
     monkeypatch.setattr(kernels, "quant_matmul", spy)
+    monkeypatch.setattr(kernels, "int8_vnni_matmul", spy_vnni)
     fast = run(fmt, cpu_kernels=False, **kwargs)
-    assert set(calls) == {"exact" if fmt in ("q4_k", "bipolar") else "q8"}
+    packed = fmt == "int8" and kernels.int8_vnni_available()  # W8A8 codes VNNI-packed
+    assert set(calls) == {"exact" if fmt in ("q4_k", "bipolar") else "q8-vnni" if packed else "q8"}
     monkeypatch.setattr(linear_methods, "_KERNELS", {})  # every method on its torch reference
     check_same(fast, run(fmt, cpu_kernels=False, **kwargs), "float32")
 

@@ -54,11 +54,13 @@ def test_a_quantised_layer_computes_its_dequantised_weights_product(fmt, params,
         assert rel < {8: 0.01, 6: 0.05}[act_bits]
     # The C++ forward runs every format here on its quantised kernels (bipolar: its planes, fp32 [N, 2, K/G]
     # scales then offsets, and its activation bits).
+    # W8A8 int8 codes are VNNI-packed where the CPU has it (bytes: codes, then column sums).
     weights = layer.method.cpu_kernel_weights(layer)
     if kernels.load_extension() is not None:
-        assert weights.quant.format == fmt and weights.quant.shape == (40, 256)
+        packed = fmt == "int8" and act_bits == 8 and kernels.int8_vnni_available()
+        assert weights.quant.format == ("int8-vnni" if packed else fmt) and weights.quant.shape == (40, 256)
         assert weights.quant.q8 == (act_bits == 8 and fmt != "bipolar")
-        assert weights.weight.dtype == (torch.int8 if fmt == "int8" else torch.uint8)
+        assert weights.weight.dtype == (torch.int8 if fmt == "int8" and not packed else torch.uint8)
         if fmt == "bipolar":
             assert (weights.quant.bits, weights.quant.group) == (params["bits"], params["group_size"])
             assert weights.quant.scales.shape == (40, 2, 256 // params["group_size"])
@@ -119,13 +121,19 @@ def test_cpu_layers_run_the_cpp_kernels_equal_to_their_reference(fmt, act_bits, 
     assert layer.method.use_activations(mode) == (fmt != "int8")
     expected_mode = "q8" if mode == "q8" or act_bits == 8 else "exact"
     calls = []
-    real = kernels.quant_matmul
+    real, real_vnni = kernels.quant_matmul, kernels.int8_vnni_matmul
 
     def spy(x, qw, activation="exact", **kw):
         calls.append(activation)
         return real(x, qw, activation, **kw)
 
+    def spy_vnni(*args):
+        calls.append("vnni")
+        return real_vnni(*args)
+
     monkeypatch.setattr(kernels, "quant_matmul", spy)
+    monkeypatch.setattr(kernels, "int8_vnni_matmul", spy_vnni)
+    packed = act_bits == 8 and kernels.int8_vnni_available()  # W8A8 on VNNI-packed codes
     layer = layer.to(dtype)
     qw = layer.method.weight(layer)
     for rows in (3, 20):
@@ -138,7 +146,7 @@ def test_cpu_layers_run_the_cpp_kernels_equal_to_their_reference(fmt, act_bits, 
             assert float((got.float() - reference.float()).norm() / reference.float().norm()) < 8e-3
         exact = F.linear(x.double(), dense.double(), layer.bias.double())  # the q8 bound: activations moved
         assert float((got.double() - exact).norm() / exact.norm()) < (0.01 if expected_mode == "q8" else 8e-3)
-    assert calls == [expected_mode] * 2
+    assert calls == ["vnni" if packed else expected_mode] * 2
 
 
 @needs_kernels

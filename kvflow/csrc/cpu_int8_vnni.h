@@ -1,0 +1,203 @@
+// W8A8 on int8 weights held in a VNNI-packed layout: y = x · Wᵀ for any number of rows, one kernel.
+//
+// Why: the row-major codes ran a GEMV up to 8 rows and oneDNN's int8 GEMM (at::_int_mm) above, which
+// takes the weight as a plain [K, N] view and reorders it into its own blocking on every call, and
+// around which the activations' quantisation and the output scaling were two more passes. On `135m`'s
+// layer shapes (`kvflow bench quant-gemv --formats int8 --rows R --threads 2`, 2-core Zen 4, weights from
+// memory) this kernel is 1.3-1.5x the row-major GEMV at 1 row, 2.8-3.2x at 8 rows, 1.5-1.7x oneDNN's
+// int8 GEMM at 64 rows and 1.15-1.2x at 256, bit for bit the same result (docs/benchmarks.md).
+//
+// Layout (`kvflow/model/quant/kernels.py` packs it; one owner: `pack_int8_vnni` there):
+//   codes   int8  [P][K4][kPanelCols][4]  P = ceil(N / 32) panels of 32 output columns, K4 = ceil(K / 4);
+//                                         element (p, k4, c, j) = W[32p + c, 4·k4 + j], zero beyond N or K
+//   sums    int32 [P · 32]                Σ_k W[n, k], zero beyond N
+// one byte tensor, the sums after the codes. Each 64-byte line of a panel's k4 row is what one
+// `vpdpbusd` multiplies against four activation bytes broadcast to its 16 lanes.
+//
+// Arithmetic: each row is rounded to int8 per token exactly as the GEMV does (quantize_token, scale
+// d = max|x| / 127), shifted to unsigned (+128) because vpdpbusd multiplies unsigned by signed bytes,
+// and the shift comes back out of the int32 sums through the column sums (acc − 128 · Σ_k W[n, k]).
+// The int32 result is exact, so y[m, n] = (d_m · s_n) · acc, in the GEMV's order, equals the row-major
+// kernels' bit for bit whatever the rows in a call.
+//
+// Blocking: a tile is 8 rows × 32 columns (16 int32 accumulators; GCC 12 spilled 8 × 48 tiles to the stack);
+// threads split the panels, and each walks its panels once per block of kRowBlock rows, so a
+// block's activation codes and a thread's panels stay in its L2.
+#pragma once
+
+#include "cpu_quant.h"
+
+namespace kvflow_quant {
+
+constexpr int64_t kPanelCols = 32;  // output columns per packed panel (two zmm of int32 sums)
+constexpr int64_t kTileRows = 8;
+constexpr int64_t kRowBlock = 256;
+// Up to kFewRows rows (decode), each thread's panels are read kPanelRuns at a time from far-apart runs,
+// as the row-major GEMV takes its rows (RowOrder in cpu_quant.h): more cache-line misses in flight.
+constexpr int64_t kFewRows = 2;
+constexpr int64_t kPanelRuns = 4;
+
+// Bytes of a packed N × K weight (codes, then the column sums).
+inline int64_t vnni_packed_bytes(int64_t N, int64_t K) {
+  const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
+  return panels * ((K + 3) / 4) * kPanelCols * 4 + panels * kPanelCols * 4;
+}
+
+inline bool int8_vnni_built() { return KVFLOW_QUANT_AVX512 != 0; }
+
+#if KVFLOW_QUANT_AVX512
+// Sixteen outputs of row m (lanes masked to the columns that exist) into fp32 or bf16.
+inline void store_outputs(__m512 v, __mmask16 mask, float* f, at::BFloat16* h) {
+  if (f) {
+    _mm512_mask_storeu_ps(f, mask, v);
+    return;
+  }
+#if defined(__AVX512BF16__)  // round to nearest even, as at::BFloat16 (the values are finite)
+  _mm256_mask_storeu_epi16(h, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
+  alignas(64) float tmp[16];
+  _mm512_store_ps(tmp, v);
+  for (int i = 0; i < 16; ++i)
+    if (mask >> i & 1) h[i] = at::BFloat16(tmp[i]);
+#endif
+}
+
+// Rows [0, MR) of `a` (unsigned codes, `lda` bytes apart) times RUNS panels at once (panel[r], whose first
+// column is n0[r]), scaled into y.
+template <int MR, int RUNS>
+inline void vnni_tile(const uint8_t* a, int64_t lda, const int8_t* const* panel, const int32_t* const* sums,
+                      const int64_t* n0, int64_t K4, const float* d, const float* s, int64_t N, float* yf,
+                      at::BFloat16* yh, int64_t ldy) {
+  __m512i acc[MR][2 * RUNS];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < 2 * RUNS; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    __m512i b[2 * RUNS];
+#pragma GCC unroll 4
+    for (int r = 0; r < RUNS; ++r) {
+      b[2 * r] = _mm512_loadu_si512(panel[r] + k4 * 128);
+      b[2 * r + 1] = _mm512_loadu_si512(panel[r] + k4 * 128 + 64);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      int32_t four;
+      std::memcpy(&four, a + i * lda + 4 * k4, 4);
+      const __m512i av = _mm512_set1_epi32(four);
+#pragma GCC unroll 8
+      for (int j = 0; j < 2 * RUNS; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, b[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < 2 * RUNS; ++j) {
+    const int64_t n = n0[j / 2] + 16 * (j % 2);
+    if (n >= N) continue;
+    const __mmask16 mask = N - n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - n)) - 1);
+    const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(sums[j / 2] + 16 * (j % 2)), 7);  // 128 · Σ_k W
+    const __m512 sv = _mm512_maskz_loadu_ps(mask, s + n);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(d[i]), sv),
+                                     _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], shift)));
+      store_outputs(v, mask, yf ? yf + i * ldy + n : nullptr, yf ? nullptr : yh + i * ldy + n);
+    }
+  }
+}
+
+template <int RUNS>
+inline void vnni_rows(int64_t rows, const uint8_t* a, int64_t lda, const int8_t* const* panel,
+                      const int32_t* const* sums, const int64_t* n0, int64_t K4, const float* d, const float* s,
+                      int64_t N, float* yf, at::BFloat16* yh, int64_t ldy) {
+#define KVFLOW_VNNI_TILE(R) \
+  case R: return vnni_tile<R, RUNS>(a, lda, panel, sums, n0, K4, d, s, N, yf, yh, ldy);
+  if constexpr (RUNS > 1) {  // kFewRows rows at most: 8 · RUNS accumulators would not fit the registers
+    static_assert(kFewRows == 2, "the runs' tiles cover 1..kFewRows rows");
+    switch (rows) { KVFLOW_VNNI_TILE(2) KVFLOW_VNNI_TILE(1) }
+  } else {
+    switch (rows) {
+      KVFLOW_VNNI_TILE(8) KVFLOW_VNNI_TILE(7) KVFLOW_VNNI_TILE(6) KVFLOW_VNNI_TILE(5)
+      KVFLOW_VNNI_TILE(4) KVFLOW_VNNI_TILE(3) KVFLOW_VNNI_TILE(2) KVFLOW_VNNI_TILE(1)
+    }
+  }
+#undef KVFLOW_VNNI_TILE
+  TORCH_CHECK(false, "int8_vnni_linear: a tile of ", RUNS, " panels has 1..", RUNS > 1 ? kFewRows : kTileRows,
+              " rows, not ", rows);
+}
+#endif
+
+// The unsigned activation codes (per-token int8 + 128, K padded to whole fours) of the kernel's calls, and
+// their scales, kept per thread from call to call like gemm_int8's scratch.
+inline ScratchBuffer& vnni_codes_scratch() {
+  thread_local ScratchBuffer scratch;
+  return scratch;
+}
+
+// y = x · Wᵀ (x fp32 or bf16 [M, K], y in x's dtype) for W packed as above, with fp32 row scales `scales` [N].
+inline at::Tensor int8_vnni_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
+                                   int64_t N, int64_t K) {
+  TORCH_CHECK(int8_vnni_built(), "int8_vnni_linear: this build has no AVX-512 VNNI kernels");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "int8_vnni_linear: x must be [M, ", K, "]");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "int8_vnni_linear: x must be float32 or bfloat16, not ", x_in.scalar_type());
+  TORCH_CHECK(packed.is_contiguous() && packed.element_size() == 1 && packed.numel() == vnni_packed_bytes(N, K),
+              "int8_vnni_linear: a packed ", N, "x", K, " weight is ", vnni_packed_bytes(N, K), " contiguous bytes");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
+              "int8_vnni_linear: scales must be fp32 [", N, "]");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K4 = (K + 3) / 4, lda = 4 * K4, panels = (N + kPanelCols - 1) / kPanelCols;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+#if KVFLOW_QUANT_AVX512
+  uint8_t* codes = static_cast<uint8_t*>(vnni_codes_scratch().fit(M * lda + 4 * M));
+  float* d = reinterpret_cast<float*>(codes + M * lda);  // lda is a multiple of 4
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<float> buf(K);
+    for (int64_t m = m0; m < m1; ++m) {
+      uint8_t* row = codes + m * lda;
+      d[m] = quantize_token(x, m, K, buf.data(), reinterpret_cast<int8_t*>(row));
+      int64_t k = 0;
+      for (; k + 64 <= K; k += 64)
+        _mm512_storeu_si512(row + k, _mm512_xor_si512(_mm512_loadu_si512(row + k), _mm512_set1_epi8(char(0x80))));
+      for (; k < K; ++k) row[k] ^= 0x80;
+      for (; k < lda; ++k) row[k] = 0x80;  // code 0 (the weights there are zero too)
+    }
+  });
+  const int8_t* w = static_cast<const int8_t*>(packed.data_ptr());
+  const int32_t* sums = reinterpret_cast<const int32_t*>(w + panels * K4 * kPanelCols * 4);
+  const float* s = scales.data_ptr<float>();
+  float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
+  at::BFloat16* yh = yf ? nullptr : y.data_ptr<at::BFloat16>();
+  const auto panel_at = [&](int64_t p) { return w + p * K4 * kPanelCols * 4; };
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    if (M <= kFewRows) {  // decode: far-apart runs of panels taking turns, several streams in flight
+      const int64_t run = (p1 - p0) / kPanelRuns;
+      for (int64_t i = 0; i < run; ++i) {
+        const int8_t* panel[kPanelRuns];
+        const int32_t* sum[kPanelRuns];
+        int64_t n0[kPanelRuns];
+        for (int64_t r = 0; r < kPanelRuns; ++r) {
+          const int64_t p = p0 + r * run + i;
+          panel[r] = panel_at(p), sum[r] = sums + p * kPanelCols, n0[r] = p * kPanelCols;
+        }
+        vnni_rows<kPanelRuns>(M, codes, lda, panel, sum, n0, K4, d, s, N, yf, yh, N);
+      }
+      p0 += kPanelRuns * run;  // the panels left over, one at a time below
+    }
+    for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
+      const int64_t r1 = std::min(M, r0 + kRowBlock);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int8_t* panel = panel_at(p);
+        const int32_t* sum = sums + p * kPanelCols;
+        const int64_t n0 = p * kPanelCols;
+        for (int64_t m = r0; m < r1; m += kTileRows)
+          vnni_rows<1>(std::min(kTileRows, r1 - m), codes + m * lda, lda, &panel, &sum, &n0, K4, d + m, s, N,
+                       yf ? yf + m * N : nullptr, yf ? nullptr : yh + m * N, N);
+      }
+    }
+  });
+#endif
+  return y;
+}
+
+}  // namespace kvflow_quant

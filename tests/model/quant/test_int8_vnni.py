@@ -1,0 +1,95 @@
+"""W8A8 on VNNI-packed int8 codes (csrc/cpu_int8_vnni.h, `kernels.pack_int8_vnni` / `int8_vnni_matmul`): the
+layout against a naive loop, and the kernel bit for bit against the row-major kernels and an exact integer
+reference, at every batch size and at shapes that do not fill a panel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvflow.model.linear import Linear
+from kvflow.model.quant import int8, kernels
+from kvflow.model.quant.linear_methods import QuantizedLinear
+
+pytestmark = pytest.mark.skipif(not kernels.int8_vnni_available(), reason="no AVX-512 VNNI build on this machine")
+
+SHAPES = [(96, 64), (37, 7), (33, 130), (1, 4), (200, 1536)]  # (N, K): whole and partial panels, K not a multiple of 4
+
+
+def naive_pack(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout element by element: (panel, k4, column, j) = W[32·panel + column, 4·k4 + j], and the column sums."""
+    n, k = codes.shape
+    panels, k4s = -(-n // 32), -(-k // 4)
+    blocks = torch.zeros(panels, k4s, 32, 4, dtype=torch.int8)
+    sums = torch.zeros(panels * 32, dtype=torch.int32)
+    for row in range(n):
+        for col in range(k):
+            blocks[row // 32, col // 4, row % 32, col % 4] = codes[row, col]
+            sums[row] += int(codes[row, col])
+    return blocks, sums
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES[:4])
+def test_the_packed_layout_is_the_documented_one(n, k):
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n * k))
+    packed = kernels.pack_int8_vnni(codes)
+    blocks, sums = naive_pack(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == blocks.numel() + 4 * sums.numel()
+    assert torch.equal(packed[: blocks.numel()].view(torch.int8), blocks.flatten())
+    assert torch.equal(packed[blocks.numel():].view(torch.int32), sums)
+    assert torch.equal(kernels.unpack_int8_vnni(packed, n, k), codes)
+
+
+def exact_w8a8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per-token int8 activations (d = max|x| / 127, x · (1/d) rounded to even), an int64 product, then
+    (d · s) · acc in fp32: what every W8A8 kernel computes."""
+    x32 = x.float()
+    d = x32.abs().amax(dim=1) / 127.0
+    inverse = torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), 0.0)
+    q = torch.round(x32 * inverse[:, None]).clamp(-127, 127).long()
+    acc = q @ codes.long().t()
+    return ((d[:, None] * scales[None, :]) * acc.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_equals_the_row_major_kernels_and_the_integer_reference(n, k, dtype):
+    g = torch.Generator().manual_seed(n + k)
+    qw = int8.quantize_int8(torch.randn(n, k, generator=g))
+    packed = kernels.pack_int8_vnni(qw.data["qweight"])
+    for rows in (1, 3, 8, 9, 64, 300):  # the GEMV's rows, a tile's remainder, several row blocks
+        x = (torch.randn(rows, k, generator=g) * 3).to(dtype)
+        x[0] = 0  # a zero row: scale 0, outputs 0
+        got = kernels.int8_vnni_matmul(x, packed, qw.data["scales"], n, k)
+        assert got.dtype == dtype and got.shape == (rows, n)
+        assert torch.equal(got, exact_w8a8(x, qw.data["qweight"], qw.data["scales"]))
+        assert torch.equal(got, kernels.quant_matmul(x, qw, "q8"))
+        assert not got[0].any()
+
+
+def test_a_w8a8_layer_holds_only_the_packed_codes_and_runs_them():
+    g = torch.Generator().manual_seed(0)
+    layer = Linear(130, 70, bias=True).requires_grad_(False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(70, 130, generator=g))
+        layer.bias.copy_(torch.randn(70, generator=g))
+    qw = int8.quantize_int8(layer.weight)
+    layer.use(QuantizedLinear(qw, activation_bits=8))
+    assert layer.method.name == "int8-w8a8-vnni"
+    buffers = dict(layer.named_buffers())
+    assert set(buffers) == {"quant_vnni", "quant_scales"}  # no row-major copy kept
+    assert buffers["quant_vnni"].numel() == 3 * (-(-130 // 4) * 32 * 4) + 3 * 32 * 4
+    assert torch.equal(layer.method.weight(layer).data["qweight"], qw.data["qweight"])  # unpacked for the reference
+    x = torch.randn(2, 6, 130, generator=g)
+    expected = exact_w8a8(x.reshape(-1, 130), qw.data["qweight"], qw.data["scales"]) + layer.bias
+    assert torch.equal(layer(x), expected.view(2, 6, 70))
+    reference = layer.method.reference(x.reshape(-1, 130), layer.method.weight(layer), layer.bias)
+    assert torch.allclose(reference, layer(x).reshape(-1, 70), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_refuses_a_weight_of_another_shape():
+    packed = kernels.pack_int8_vnni(torch.zeros(40, 64, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="contiguous bytes"):
+        kernels.int8_vnni_matmul(torch.zeros(2, 64), packed, torch.ones(20), 20, 64)  # one panel, not two
+    with pytest.raises(RuntimeError, match="x must be"):
+        kernels.int8_vnni_matmul(torch.zeros(2, 64, dtype=torch.float16), packed, torch.ones(40), 40, 64)
