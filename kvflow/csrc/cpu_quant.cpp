@@ -1,9 +1,9 @@
-// Python bindings of kvflow's quantised-weight CPU kernels (cpu_quant.h, cpu_int8_vnni.h, cpu_bipolar.h, cpu_bipolar_abit.h), built as their own
+// Python bindings of kvflow's quantised-weight CPU kernels (cpu_quant.h, cpu_vnni_packed.h, cpu_bipolar.h, cpu_bipolar_abit.h), built as their own
 // extension by kvflow/model/quant/kernels.py.
 #include <torch/extension.h>
 
 #include "cpu_bipolar_abit.h"
-#include "cpu_int8_vnni.h"
+#include "cpu_vnni_packed.h"
 #include "cpu_quant.h"
 
 namespace {
@@ -53,6 +53,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("bits"), pybind11::arg("group"));
   m.def("int8_vnni_linear", &kvflow_quant::int8_vnni_linear, pybind11::arg("x"), pybind11::arg("packed"),
         pybind11::arg("scales"), pybind11::arg("N"), pybind11::arg("K"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("q8_0_vnni_linear", &kvflow_quant::q8_0_vnni_linear, pybind11::arg("x"), pybind11::arg("packed"),
+        pybind11::arg("N"), pybind11::arg("K"), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.attr("has_int8_vnni") = kvflow_quant::int8_vnni_built();
   m.attr("int8_vnni_panel") = kvflow_quant::kPanelCols;
   m.attr("has_avx512") = kvflow_quant::kHasAvx512;

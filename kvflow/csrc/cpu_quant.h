@@ -24,7 +24,7 @@
 // so that kernel was dropped; the tiles reach 0.70-0.82x of bf16 oneDNN on a packed weight.
 // int8 weights with q8 activations (W8A8) are the exception: their rows go through oneDNN's int8
 // GEMM on the codes themselves (gemm_int8), about twice bf16's speed. Where the CPU has AVX-512 VNNI,
-// a layer holds its W8A8 codes packed instead and runs cpu_int8_vnni.h's kernel for every batch size
+// a layer holds its W8A8 codes packed instead and runs cpu_vnni_packed.h's kernel for every batch size
 // (the same results, faster); these row-major kernels remain for the other machines and for callers
 // that hand a plain int8 weight.
 //

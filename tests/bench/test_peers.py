@@ -220,10 +220,13 @@ def test_llamacpp_runs_prompts_one_by_one(tiny_model: Path, fakes: Path, record:
 
 @pytest.mark.parametrize("name", ["vllm", "llamacpp"])
 def test_missing_peer_says_how_to_install(tiny_model: Path, record: Path, monkeypatch: pytest.MonkeyPatch,
-                                          name: str) -> None:
+                                          tmp_path: Path, name: str) -> None:
     monkeypatch.delenv("PYTHONPATH", raising=False)
+    lacking = tmp_path / "python-without-site-packages"  # this interpreter, blind to any peer installed here
+    lacking.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    lacking.chmod(0o755)
     with pytest.raises(BackendUnavailable, match="setup.sh") as e:
-        run_throughput(tiny_model, name, "single", output_len=2, python=PY, limits=LIMITS)
+        run_throughput(tiny_model, name, "single", output_len=2, python={name: str(lacking)}, limits=LIMITS)
     assert f"--python {name}=" in str(e.value)
     with pytest.raises(BackendUnavailable, match="does not run"):
         run_throughput(tiny_model, name, "single", output_len=2, python={name: "/nonexistent/python"},

@@ -135,42 +135,91 @@ def kernel_tensors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | No
     return qw.data["blocks"].contiguous(), None
 
 
-#: Output columns per panel of the VNNI-packed int8 layout (csrc/cpu_int8_vnni.h's kPanelCols).
+#: Output columns per panel of the VNNI-packed layouts (csrc/cpu_vnni_packed.h's kPanelCols).
 VNNI_PANEL = 32
 
 
 def int8_vnni_available() -> bool:
-    """Whether this machine's build has the VNNI-packed W8A8 kernel (AVX-512 VNNI)."""
+    """Whether this machine's build has the VNNI-packed kernels (AVX-512 VNNI): int8 W8A8, q8_0 with q8 activations."""
     ext = load_extension()
     return ext is not None and bool(ext.has_int8_vnni)
 
 
+def _panels(codes: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Byte codes [N, K] (K a multiple of 4) as panels of 32 output columns, each [K/4, 32, 4], zero beyond N,
+    flattened; and the panel count."""
+    n, k = codes.shape
+    panels = -(-n // VNNI_PANEL)
+    padded = torch.zeros(panels * VNNI_PANEL, k, dtype=codes.dtype, device=codes.device)
+    padded[:n] = codes
+    return padded.view(panels, VNNI_PANEL, k // 4, 4).permute(0, 2, 1, 3).reshape(-1), panels
+
+
+def _unpanel(flat: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    panels = -(-n // VNNI_PANEL)
+    return flat.view(panels, k // 4, VNNI_PANEL, 4).permute(0, 2, 1, 3).reshape(panels * VNNI_PANEL, k)[:n].contiguous()
+
+
 def pack_int8_vnni(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [N, K] in csrc/cpu_int8_vnni.h's layout, as one byte tensor: panels of 32 output columns, each
+    """int8 codes [N, K] in csrc/cpu_vnni_packed.h's layout, as one byte tensor: panels of 32 output columns, each
     [ceil(K/4), 32, 4] (zero beyond N and K), then every padded column's code sum as int32."""
     n, k = codes.shape
-    panels, k4 = -(-n // VNNI_PANEL), -(-k // 4)
-    padded = torch.zeros(panels * VNNI_PANEL, k4 * 4, dtype=torch.int8, device=codes.device)
-    padded[:n, :k] = codes
-    blocks = padded.view(panels, VNNI_PANEL, k4, 4).permute(0, 2, 1, 3).reshape(-1)
-    sums = padded.sum(dim=1, dtype=torch.int32)
+    padded = torch.zeros(n, -(-k // 4) * 4, dtype=torch.int8, device=codes.device)
+    padded[:, :k] = codes
+    blocks, panels = _panels(padded)
+    sums = torch.zeros(panels * VNNI_PANEL, dtype=torch.int32, device=codes.device)
+    sums[:n] = padded.sum(dim=1, dtype=torch.int32)
     return torch.cat([blocks, sums.view(torch.int8)]).view(torch.uint8)
 
 
 def unpack_int8_vnni(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The int8 codes [N, K] that `pack_int8_vnni` packed."""
-    panels, k4 = -(-n // VNNI_PANEL), -(-k // 4)
-    blocks = packed[: panels * k4 * VNNI_PANEL * 4].view(torch.int8).view(panels, k4, VNNI_PANEL, 4)
-    return blocks.permute(0, 2, 1, 3).reshape(panels * VNNI_PANEL, k4 * 4)[:n, :k].contiguous()
+    k_padded = -(-k // 4) * 4
+    size = -(-n // VNNI_PANEL) * VNNI_PANEL * k_padded
+    return _unpanel(packed[:size].view(torch.int8), n, k_padded)[:, :k].contiguous()
+
+
+def pack_q8_0_vnni(blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """q8_0 blocks ([N, K/32 · 34] bytes: fp16 d, 32 int8 codes) in csrc/cpu_vnni_packed.h's q8_0 layout: the codes
+    + 128 in panels of 32 output columns ([K/4, 32, 4] each), then each panel's block scales, fp16 [K/32, 32]."""
+    nb = k // 32
+    rows = blocks.reshape(n, nb, 34)
+    codes = rows[..., 2:].reshape(n, k) ^ 0x80
+    scales = rows[..., :2].reshape(n, nb * 2)
+    packed_codes, panels = _panels(codes)
+    padded = torch.zeros(panels * VNNI_PANEL, nb * 2, dtype=torch.uint8, device=blocks.device)
+    padded[:n] = scales
+    packed_scales = padded.view(panels, VNNI_PANEL, nb, 2).permute(0, 2, 1, 3).reshape(-1)
+    return torch.cat([packed_codes, packed_scales])
+
+
+def unpack_q8_0_vnni(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The q8_0 blocks ([N, K/32 · 34] bytes) that `pack_q8_0_vnni` packed."""
+    nb, panels = k // 32, -(-n // VNNI_PANEL)
+    size = panels * VNNI_PANEL * k
+    codes = _unpanel(packed[:size], n, k) ^ 0x80
+    scales = packed[size:].view(panels, nb, VNNI_PANEL, 2).permute(0, 2, 1, 3).reshape(-1, nb, 2)[:n]
+    return torch.cat([scales, codes.view(n, nb, 32)], dim=2).reshape(n, nb * 34).contiguous()
+
+
+def _vnni_extension() -> ModuleType:
+    ext = load_extension()
+    if ext is None or not ext.has_int8_vnni:
+        raise QuantKernelUnsupported("this machine's build has no AVX-512 VNNI kernels")
+    return ext
 
 
 def int8_vnni_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """W8A8 `x · Wᵀ` (x fp32 or bf16 [..., K] on the CPU) for int8 weights packed by `pack_int8_vnni`, with
     fp32 row scales [N]: per-token int8 activations, bit for bit what `quant_matmul(x, qw, "q8")` gives."""
-    ext = load_extension()
-    if ext is None or not ext.has_int8_vnni:
-        raise QuantKernelUnsupported("this machine's build has no AVX-512 VNNI kernels")
-    y = ext.int8_vnni_linear(x.reshape(-1, k), packed, scales, n, k)
+    y = _vnni_extension().int8_vnni_linear(x.reshape(-1, k), packed, scales, n, k)
+    return y.view(*x.shape[:-1], n)
+
+
+def q8_0_vnni_matmul(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """`x · Wᵀ` for q8_0 weights packed by `pack_q8_0_vnni`, with llama.cpp's arithmetic (activations rounded to
+    int8 per block of 32): `quant_matmul(x, qw, "q8")`'s result up to fp32 summation order."""
+    y = _vnni_extension().q8_0_vnni_linear(x.reshape(-1, k), packed, n, k)
     return y.view(*x.shape[:-1], n)
 
 

@@ -15,9 +15,10 @@ block formats keep them in float by default ("exact": the kernels equal the refe
 rounding); `use_activations("q8")` (the engine's `--quant-activations q8`) switches a layer to
 llama.cpp's arithmetic, activations rounded to int8 per block of 32 (method "q8_0-a8" etc., a lossy
 option whose reference rounds the activations the same way). int8 weights choose at load: W8A16
-(float activations, "exact") or W8A8 (per-token int8 activations, the kernels' "q8" mode); W8A8 codes are
-held VNNI-packed where the CPU has AVX-512 VNNI (`kernels.pack_int8_vnni`), for a kernel that runs every
-batch size without reordering the weight per call, bit for bit the row-major kernels' result.
+(float activations, "exact") or W8A8 (per-token int8 activations, the kernels' "q8" mode). Where the CPU has
+AVX-512 VNNI, int8 W8A8 and q8_0 in q8 mode hold their codes VNNI-packed instead (`QuantizedLinear.arrange`,
+methods "int8-w8a8-vnni" and "q8_0-a8-vnni"), for one kernel that runs every batch size without reordering
+the weight per call: int8 bit for bit the row-major kernels' result, q8_0 up to fp32 summation order.
 
 Which layers: every projection a checkpoint gives quantised (or that `--quantization` quantises at
 load). The embedding and the LM head stay in the model's dtype unless a checkpoint (a GGUF file)
@@ -117,6 +118,7 @@ def _register_cpu_kernels() -> None:
     register_kernel("int8-w8a16", "cpu", _cpu_kernel("exact", int8.linear_w8a16))
     register_kernel("int8-w8a8", "cpu", _cpu_kernel("q8", int8.linear_w8a8))
     register_kernel("int8-w8a8-vnni", "cpu", _int8_vnni_kernel)
+    register_kernel("q8_0-a8-vnni", "cpu", _q8_0_vnni_kernel)
     register_kernel("bipolar", "cpu", _cpu_kernel("exact", bipolar.bitplane_linear))
     for a_bits in bipolar.BITS:
         register_kernel(f"bipolar-a{a_bits}", "cpu", _cpu_kernel("exact", _abit_reference(a_bits), a_bits))
@@ -133,6 +135,16 @@ def _int8_vnni_kernel(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor |
     return int8.linear_w8a8(x, QuantizedWeight("int8", qw.shape, {"qweight": codes, "scales": scales}), bias)
 
 
+def _q8_0_vnni_kernel(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """q8_0 with llama.cpp's q8 activations on VNNI-packed blocks: fp32 or bf16 activations, else the reference on
+    the unpacked blocks."""
+    if x.dtype in (torch.float32, torch.bfloat16):
+        out = kernels.q8_0_vnni_matmul(x, qw.data["vnni"], *qw.shape)
+        return out if bias is None else out + bias
+    blocks = kernels.unpack_q8_0_vnni(qw.data["vnni"], *qw.shape)
+    return _gguf_q8_reference(x, QuantizedWeight("q8_0", qw.shape, {"blocks": blocks}), bias)
+
+
 def _abit_reference(a_bits: int) -> LinearKernel:
     def abit(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
         return bipolar.bitplane_linear_abit(x, qw, bias, a_bits)
@@ -141,6 +153,12 @@ def _abit_reference(a_bits: int) -> LinearKernel:
 
 
 _register_cpu_kernels()
+
+
+#: The methods whose CPU kernel reads VNNI-packed codes where the CPU has AVX-512 VNNI (csrc/cpu_vnni_packed.h):
+#: method -> (the layout's name, the format's own tensors it replaces).
+VNNI_LAYOUTS = {"int8-w8a8": ("int8", ("qweight", "scales")), "q8_0-a8": ("q8_0", ("blocks",))}
+VNNI_SUFFIX = "-vnni"
 
 
 class QuantizedLinear(LinearMethod):
@@ -153,7 +171,7 @@ class QuantizedLinear(LinearMethod):
         self.params = dict(weight.params)
         self.keys = tuple(weight.data)
         self.activation_bits = activation_bits
-        self.vnni = False  # int8 W8A8 codes held VNNI-packed (see process_weights)
+        self.vnni = False  # the codes held VNNI-packed (see `arrange`)
         self._pending: QuantizedWeight | None = weight
         if fmt.family == "gguf":
             if activation_bits is not None:
@@ -175,17 +193,23 @@ class QuantizedLinear(LinearMethod):
 
     @property
     def rounds_activations(self) -> bool:  # type: ignore[override]
-        return self.activation_bits is not None or self.name.endswith("-a8")
+        return self.activation_bits is not None or self.name.startswith(f"{self.format}-a8")
 
-    def use_activations(self, mode: str) -> bool:
+    def use_activations(self, mode: str, layer: Linear | None = None) -> bool:
         """GGUF block formats: "exact" (float activations) or "q8" (llama.cpp's int8 blocks of 32, lossy).
-        False (nothing changed) for the other families, whose activations are chosen at load."""
+        False (nothing changed) for the other families, whose activations are chosen at load. With `layer`, its
+        codes are then held in the layout the new mode's CPU kernel reads (`arrange`); a layer whose codes are
+        packed must be given."""
         if mode not in ACTIVATION_MODES:
             raise ValueError(f"quantised activations are one of {', '.join(ACTIVATION_MODES)}, not {mode!r}")
         if get_format(self.format).family != "gguf":
             return False
+        if self.vnni and layer is None:
+            raise ValueError("this layer holds VNNI-packed codes: switch it with use_activations(mode, layer)")
         self.name, self.reference = ((f"{self.format}-a8", _gguf_q8_reference) if mode == "q8"
                                      else (self.format, _gguf_reference))
+        if layer is not None:
+            self.arrange(layer)
         return True
 
     def process_weights(self, layer: Linear) -> None:
@@ -196,18 +220,33 @@ class QuantizedLinear(LinearMethod):
         if (layer.out_features, layer.in_features) != tuple(qw.shape):
             raise ValueError(f"a {qw.shape[0]}x{qw.shape[1]} {qw.format} weight cannot go on a "
                              f"{layer.out_features}x{layer.in_features} layer")
-        data = dict(qw.data)
-        if self.name == "int8-w8a8" and data["qweight"].device.type == "cpu" and kernels.int8_vnni_available():
-            # The codes in the VNNI kernel's layout instead of row-major: one W8A8 kernel for every batch size,
-            # no per-call weight reorder (csrc/cpu_int8_vnni.h); `weight` unpacks them for the reference path.
-            data["vnni"] = kernels.pack_int8_vnni(data.pop("qweight"))
-            data["scales"] = data["scales"].float()
-            self.keys, self.vnni, self.name = tuple(data), True, "int8-w8a8-vnni"
-        for key, tensor in data.items():
+        for key, tensor in qw.data.items():
             layer.register_buffer(BUFFER_PREFIX + key, tensor)
         if "weight" in layer._parameters:
             del layer.weight  # a shared matrix (a tied head's) lives on in its owner
         self._pending = None
+        self.arrange(layer)
+
+    def arrange(self, layer: Linear) -> None:
+        """Hold the codes in the layout this method's CPU kernel reads: VNNI-packed for int8 W8A8 and for q8_0 with
+        q8 activations where the CPU has AVX-512 VNNI (one kernel for every batch size, no per-call reorder of the
+        weight; csrc/cpu_vnni_packed.h), else as the format stores them. The packed bytes replace the format's
+        tensors (the same size, give or take a panel's padding); `weight` unpacks them for the reference path."""
+        base = self.name.removesuffix(VNNI_SUFFIX)
+        layout = VNNI_LAYOUTS.get(base)
+        on_cpu = getattr(layer, BUFFER_PREFIX + self.keys[0]).device.type == "cpu"
+        want = layout is not None and on_cpu and kernels.int8_vnni_available()
+        if want != self.vnni:
+            data = self.weight(layer).data  # the format's own tensors
+            for key in self.keys:
+                delattr(layer, BUFFER_PREFIX + key)
+            if want:
+                assert layout is not None
+                data = _pack_vnni(layout[0], data, *self.shape)
+            self.keys, self.vnni = tuple(data), want
+            for key, tensor in data.items():
+                layer.register_buffer(BUFFER_PREFIX + key, tensor)
+        self.name = base + (VNNI_SUFFIX if want else "")
 
     def weight(self, layer: Linear) -> QuantizedWeight:
         """The layer's weight in its format's own tensors, over its buffers (wherever `.to()` moved them;
@@ -215,9 +254,8 @@ class QuantizedLinear(LinearMethod):
         stored = self.stored_weight(layer)
         if not self.vnni:
             return stored
-        codes = kernels.unpack_int8_vnni(stored.data["vnni"], *self.shape)
-        data = {"qweight": codes, "scales": stored.data["scales"]}
-        return QuantizedWeight(self.format, self.shape, data, self.params)
+        return QuantizedWeight(self.format, self.shape, _unpack_vnni(self.format, stored.data, *self.shape),
+                               self.params)
 
     def stored_weight(self, layer: Linear) -> QuantizedWeight:
         """The weight as the layer holds it, which is what its kernels take (VNNI-packed codes under "vnni")."""
@@ -238,7 +276,8 @@ class QuantizedLinear(LinearMethod):
         mode as `apply` on CPU); None where those kernels cannot run the weight (a K they cannot block, A-bit
         bipolar groups that are not whole 64s, no build): the forward then declines the model."""
         if self.vnni:
-            spec = QuantKernelSpec("int8-vnni", tuple(self.shape), layer.quant_scales.float().contiguous(), True)
+            scales = layer.quant_scales.float().contiguous() if self.format == "int8" else None
+            spec = QuantKernelSpec(f"{self.format}{VNNI_SUFFIX}", tuple(self.shape), scales, True)
             return CpuKernelWeights(layer.quant_vnni, _detached(layer.bias), None, packed=False, quant=spec)
         qw = self.weight(layer)
         bipolar_a_bits = self.activation_bits if self.format == "bipolar" else None
@@ -254,13 +293,25 @@ class QuantizedLinear(LinearMethod):
         return CpuKernelWeights(codes, _detached(layer.bias), None, packed=False, quant=spec)
 
 
+def _pack_vnni(layout: str, data: dict[str, torch.Tensor], n: int, k: int) -> dict[str, torch.Tensor]:
+    if layout == "int8":
+        return {"vnni": kernels.pack_int8_vnni(data["qweight"]), "scales": data["scales"].float()}
+    return {"vnni": kernels.pack_q8_0_vnni(data["blocks"], n, k)}
+
+
+def _unpack_vnni(fmt: str, data: dict[str, torch.Tensor], n: int, k: int) -> dict[str, torch.Tensor]:
+    if fmt == "int8":
+        return {"qweight": kernels.unpack_int8_vnni(data["vnni"], n, k), "scales": data["scales"]}
+    return {"blocks": kernels.unpack_q8_0_vnni(data["vnni"], n, k)}
+
+
 def is_quantized(layer: Linear) -> bool:
     return isinstance(layer.method, QuantizedLinear)
 
 
 def use_activations(layers: list[Linear], mode: str) -> int:
     """Every GGUF-format quantised layer of `layers` to activation `mode` (see the top); how many changed."""
-    return sum(layer.method.use_activations(mode) for layer in layers if is_quantized(layer))
+    return sum(layer.method.use_activations(mode, layer) for layer in layers if is_quantized(layer))
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -30,13 +30,19 @@ def run(fmt: str | None, dtype: str = "float32", **kwargs) -> tuple[LLM, list[li
     return llm, tokens, torch.tensor(prompt_lps, dtype=torch.float64), torch.tensor(token_lps, dtype=torch.float64)
 
 
-def check_same(fast: tuple, plain: tuple, dtype: str) -> None:
+def check_same(fast: tuple, plain: tuple, dtype: str, rounding: bool = False) -> None:
     """fp32: the same greedy tokens, logprobs within summation order. bf16, where a changed summation order
     flips near-tied tokens of the shipped model even for dense weights: the teacher-forced prompt logprobs
-    within bf16 rounding."""
+    within bf16 rounding. `rounding`: activations rounded to int8 per block on both sides but summed in another
+    order, where an fp32 ulp can move a code by one step: the same tokens, logprobs within a hundredth or so."""
     _, tokens, prompt_lps, token_lps = fast
     _, ref_tokens, ref_prompt_lps, ref_token_lps = plain
-    if dtype == "float32":
+    if rounding:
+        assert tokens == ref_tokens
+        both, ref_both = torch.cat([prompt_lps, token_lps]), torch.cat([ref_prompt_lps, ref_token_lps])
+        assert torch.allclose(both, ref_both, atol=0.03, rtol=0)
+        assert float((both - ref_both).abs().mean()) < 3e-3
+    elif dtype == "float32":
         assert tokens == ref_tokens
         assert torch.allclose(prompt_lps, ref_prompt_lps, atol=2e-4, rtol=0)
         assert torch.allclose(token_lps, ref_token_lps, atol=2e-4, rtol=0)
@@ -57,23 +63,32 @@ def test_the_modules_run_the_kernels_with_the_references_logits(fmt, kwargs, mon
         calls.append(activation)
         return real(x, qw, activation, **kw)
 
+    real_q8_0 = kernels.q8_0_vnni_matmul
+
     def spy_vnni(*args):
         calls.append("q8-vnni")
         return real_vnni(*args)
 
+    def spy_q8_0(*args):
+        calls.append("q8-vnni")
+        return real_q8_0(*args)
+
     monkeypatch.setattr(kernels, "quant_matmul", spy)
     monkeypatch.setattr(kernels, "int8_vnni_matmul", spy_vnni)
+    monkeypatch.setattr(kernels, "q8_0_vnni_matmul", spy_q8_0)
     fast = run(fmt, cpu_kernels=False, **kwargs)
-    packed = fmt == "int8" and kernels.int8_vnni_available()  # W8A8 codes VNNI-packed
+    packed = fmt in ("int8", "q8_0") and kernels.int8_vnni_available()  # W8A8 / q8-mode q8_0 codes VNNI-packed
     assert set(calls) == {"exact" if fmt in ("q4_k", "bipolar") else "q8-vnni" if packed else "q8"}
     monkeypatch.setattr(linear_methods, "_KERNELS", {})  # every method on its torch reference
-    check_same(fast, run(fmt, cpu_kernels=False, **kwargs), "float32")
+    # The packed q8_0 kernel sums each output over blocks in its own order (int8 W8A8's sums are exact).
+    check_same(fast, run(fmt, cpu_kernels=False, **kwargs), "float32", rounding=packed and fmt == "q8_0")
 
 
 # ----------------------------------------------------------------------------- the C++ forward
 FORWARD_CASES = [
     ("q8_0", "float32", {}), ("q4_0", "float32", {}), ("q4_k", "float32", {}), ("int8", "float32", {}),
     ("int8", "float32", {"quantization_activation_bits": 8}), ("q4_0", "float32", {"quant_activations": "q8"}),
+    ("q8_0", "float32", {"quant_activations": "q8"}),
     ("q8_0", "bfloat16", {}), ("bipolar", "float32", {"quantization_bits": 3, "quantization_group_size": 32}),
     ("bipolar", "bfloat16", {"quantization_bits": 4}),
     ("bipolar", "float32", {"quantization_bits": 3, "quantization_activation_bits": 6}),
@@ -81,8 +96,8 @@ FORWARD_CASES = [
 
 
 @pytest.mark.parametrize(("fmt", "dtype", "kwargs"), FORWARD_CASES,
-                         ids=["q8_0", "q4_0", "q4_k", "int8-w8a16", "int8-w8a8", "q4_0-q8", "q8_0-bf16", "bipolar3",
-                              "bipolar4-bf16", "bipolar3-a6"])
+                         ids=["q8_0", "q4_0", "q4_k", "int8-w8a16", "int8-w8a8", "q4_0-q8", "q8_0-q8", "q8_0-bf16",
+                              "bipolar3", "bipolar4-bf16", "bipolar3-a6"])
 def test_the_cpp_forward_runs_quantised_layers_like_the_modules(fmt, dtype, kwargs):
     """Every projection on the quantised kernels inside the one-call C++ step: the greedy tokens and logprobs
     of the modules path (which runs the same kernels per layer), within fp32 summation order (bf16: the

@@ -200,4 +200,183 @@ inline at::Tensor int8_vnni_linear(const at::Tensor& x_in, const at::Tensor& pac
   return y;
 }
 
+// ----------------------------------------------------------------------------- q8_0, q8 activations
+// llama.cpp's q8_0 blocks (32 codes, one fp16 scale) multiplied as llama.cpp does it (activations rounded
+// to int8 per block of 32, `--quant-activations q8`), from a packed copy of the blocks:
+//   codes   uint8 [P][K4][kPanelCols][4]   W code + 128 (xor 0x80): vpdpbusd's unsigned operand, so the
+//                                          activations stay signed and the shift comes out per row and block
+//                                          (128 · Σ of the block's activation codes), not per column
+//   scales  fp16  [P][K/32][kPanelCols]    each block's d, zero beyond N
+// the same bytes as the blocks (34 per 32 weights) in another order. Per block, each output's int32 sum
+// is exact; y = Σ_b (d_w · d_a) · sum_b is accumulated in fp32 over the blocks in order with one rounding
+// per block, so a row's result does not depend on the other rows of its call. Against the row-major q8
+// GEMV (whose lanes sum partial blocks in another order) it differs by fp32 rounding only.
+constexpr int64_t kQ8Block = 32;
+
+inline int64_t q8_0_vnni_packed_bytes(int64_t N, int64_t K) {
+  const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
+  return panels * K * kPanelCols + panels * (K / kQ8Block) * kPanelCols * 2;
+}
+
+#if KVFLOW_QUANT_AVX512
+// Rows [0, MR) of `a` (signed codes, `lda` apart; `shift`/`da`: per row and block, 128 · Σ codes and d)
+// times RUNS panels at once, scaled into y.
+template <int MR, int RUNS>
+inline void q8_0_vnni_tile(const int8_t* a, int64_t lda, const int32_t* shift, const float* da, int64_t blocks,
+                           const uint8_t* const* panel, const uint16_t* const* scales, const int64_t* n0,
+                           int64_t N, float* yf, at::BFloat16* yh, int64_t ldy) {
+  __m512 out[MR][2 * RUNS];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < 2 * RUNS; ++j) out[i][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i acc[MR][2 * RUNS];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < 2 * RUNS; ++j) acc[i][j] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int64_t k4 = b * 8; k4 < b * 8 + 8; ++k4) {
+      __m512i w[2 * RUNS];
+#pragma GCC unroll 4
+      for (int r = 0; r < RUNS; ++r) {
+        w[2 * r] = _mm512_loadu_si512(panel[r] + k4 * 128);
+        w[2 * r + 1] = _mm512_loadu_si512(panel[r] + k4 * 128 + 64);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        int32_t four;
+        std::memcpy(&four, a + i * lda + 4 * k4, 4);
+        const __m512i av = _mm512_set1_epi32(four);
+#pragma GCC unroll 8
+        for (int j = 0; j < 2 * RUNS; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], av);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < RUNS; ++r) {
+      const uint16_t* d = scales[r] + b * kPanelCols;
+      const __m512 dw[2] = {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d))),
+                            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 16)))};
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const __m512i sh = _mm512_set1_epi32(shift[i * blocks + b]);
+        const __m512 dab = _mm512_set1_ps(da[i * blocks + b]);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h)
+          out[i][2 * r + h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][2 * r + h], sh)),
+                                              _mm512_mul_ps(dw[h], dab), out[i][2 * r + h]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < 2 * RUNS; ++j) {
+    const int64_t n = n0[j / 2] + 16 * (j % 2);
+    if (n >= N) continue;
+    const __mmask16 mask = N - n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - n)) - 1);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) store_outputs(out[i][j], mask, yf ? yf + i * ldy + n : nullptr, yf ? nullptr : yh + i * ldy + n);
+  }
+}
+
+template <int RUNS>
+inline void q8_0_vnni_rows(int64_t rows, const int8_t* a, int64_t lda, const int32_t* shift, const float* da,
+                           int64_t blocks, const uint8_t* const* panel, const uint16_t* const* scales,
+                           const int64_t* n0, int64_t N, float* yf, at::BFloat16* yh, int64_t ldy) {
+#define KVFLOW_Q8_TILE(R) \
+  case R: return q8_0_vnni_tile<R, RUNS>(a, lda, shift, da, blocks, panel, scales, n0, N, yf, yh, ldy);
+  if constexpr (RUNS > 1) {
+    switch (rows) { KVFLOW_Q8_TILE(2) KVFLOW_Q8_TILE(1) }
+  } else {
+    switch (rows) { KVFLOW_Q8_TILE(4) KVFLOW_Q8_TILE(3) KVFLOW_Q8_TILE(2) KVFLOW_Q8_TILE(1) }
+  }
+#undef KVFLOW_Q8_TILE
+  TORCH_CHECK(false, "q8_0_vnni_linear: a tile of ", RUNS, " panels has 1..", RUNS > 1 ? 2 : 4, " rows, not ", rows);
+}
+
+// Row m of x as int8 codes per block of 32, exactly as quantize_group rounds them (d = max|x| / 127, x · (1/d)
+// to nearest even): codes into q, d and 128 · Σ codes per block into d_out, shift_out.
+inline void quantize_blocks(const at::Tensor& x, int64_t m, int64_t K, float* buf, int8_t* q, float* d_out,
+                            int32_t* shift_out) {
+  const float* row = buf;
+  if (x.scalar_type() == at::kFloat) {
+    row = x.data_ptr<float>() + m * K;
+  } else {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K;
+    for (int64_t k = 0; k < K; k += 16)
+      _mm512_storeu_ps(buf + k, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))), 16)));
+  }
+  for (int64_t b = 0; b < K / kQ8Block; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(row + b * 32), v1 = _mm512_loadu_ps(row + b * 32 + 16);
+    const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))) / 127.f;
+    const __m512 id = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 32), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+    d_out[b] = d;
+    shift_out[b] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+  }
+}
+#endif
+
+// y = x · Wᵀ (x fp32 or bf16 [M, K], y in x's dtype) for q8_0 W packed as above, activations rounded per block.
+inline at::Tensor q8_0_vnni_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N, int64_t K) {
+  TORCH_CHECK(int8_vnni_built(), "q8_0_vnni_linear: this build has no AVX-512 VNNI kernels");
+  TORCH_CHECK(K % kQ8Block == 0, "q8_0_vnni_linear: K must be a multiple of 32, not ", K);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "q8_0_vnni_linear: x must be [M, ", K, "]");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "q8_0_vnni_linear: x must be float32 or bfloat16, not ", x_in.scalar_type());
+  TORCH_CHECK(packed.is_contiguous() && packed.element_size() == 1 && packed.numel() == q8_0_vnni_packed_bytes(N, K),
+              "q8_0_vnni_linear: a packed ", N, "x", K, " q8_0 weight is ", q8_0_vnni_packed_bytes(N, K),
+              " contiguous bytes");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), blocks = K / kQ8Block, panels = (N + kPanelCols - 1) / kPanelCols;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+#if KVFLOW_QUANT_AVX512
+  int8_t* codes = static_cast<int8_t*>(vnni_codes_scratch().fit(M * K + 8 * M * blocks));
+  float* da = reinterpret_cast<float*>(codes + M * K);  // K is a multiple of 32
+  int32_t* shift = reinterpret_cast<int32_t*>(da + M * blocks);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<float> buf(K);
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_blocks(x, m, K, buf.data(), codes + m * K, da + m * blocks, shift + m * blocks);
+  });
+  const uint8_t* w = static_cast<const uint8_t*>(packed.data_ptr());
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(w + panels * K * kPanelCols);
+  float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
+  at::BFloat16* yh = yf ? nullptr : y.data_ptr<at::BFloat16>();
+  constexpr int64_t kRuns = 2, kRows = 4;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    if (M <= kFewRows) {  // decode: two far-apart runs of panels taking turns
+      const int64_t run = (p1 - p0) / kRuns;
+      for (int64_t i = 0; i < run; ++i) {
+        const uint8_t* panel[kRuns];
+        const uint16_t* scale[kRuns];
+        int64_t n0[kRuns];
+        for (int64_t r = 0; r < kRuns; ++r) {
+          const int64_t p = p0 + r * run + i;
+          panel[r] = w + p * K * kPanelCols, scale[r] = scales + p * blocks * kPanelCols, n0[r] = p * kPanelCols;
+        }
+        q8_0_vnni_rows<kRuns>(M, codes, K, shift, da, blocks, panel, scale, n0, N, yf, yh, N);
+      }
+      p0 += kRuns * run;
+    }
+    for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
+      const int64_t r1 = std::min(M, r0 + kRowBlock);
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint8_t* panel = w + p * K * kPanelCols;
+        const uint16_t* scale = scales + p * blocks * kPanelCols;
+        const int64_t n0 = p * kPanelCols;
+        for (int64_t m = r0; m < r1; m += kRows)
+          q8_0_vnni_rows<1>(std::min(kRows, r1 - m), codes + m * K, K, shift + m * blocks, da + m * blocks, blocks,
+                            &panel, &scale, &n0, N, yf ? yf + m * N : nullptr, yf ? nullptr : yh + m * N, N);
+      }
+    }
+  });
+#endif
+  return y;
+}
+
 }  // namespace kvflow_quant
