@@ -9,8 +9,9 @@ next to bf16's oneDNN-prepacked `F.linear` and the C++ forward's `block_rows` de
 µs per call (median), the weight bytes streamed per µs (GB/s) and the ratio to the bf16 GEMV. With
 `--rows` above the GEMV's batch it compares the prefill GEMM (dequantised tiles through at::mm; int8 W8A8:
 oneDNN's int8 GEMM on the codes) with bf16 `F.linear`. int8 W8A8 is also timed as a layer runs it where
-the CPU has AVX-512 VNNI: on its VNNI-packed codes (csrc/cpu_vnni_packed.h), at every row count; so is q8_0
-with q8 activations (and, above 8 rows, its row-major path: q8-rounded activations times dequantised tiles).
+the CPU has AVX-512 VNNI: on its VNNI-packed codes (csrc/cpu_vnni_packed.h), at every row count; so are q8_0
+and q4_0 with q8 activations (and, above 8 rows, their row-major path: q8-rounded activations times dequantised
+tiles).
 Weights are random bytes with sane scales: speed does not depend on values.
 """
 
@@ -147,12 +148,12 @@ def bench_matrix(name: str, n: int, k: int, rows: int, formats: list[str], min_s
             packed_codes = [(kernels.pack_int8_vnni(qw.data["qweight"]), qw.data["scales"]) for qw in qws]
             cases.append(("int8 q8 (vnni-packed)", packed_codes[0][0].numel(),
                           [lambda p=p, sc=sc: kernels.int8_vnni_matmul(x, p, sc, n, k) for p, sc in packed_codes]))
-        if fmt == "q8_0" and kernels.int8_vnni_available():  # q8 activations as a layer runs them: VNNI-packed
-            packed_blocks = [kernels.pack_q8_0_vnni(qw.data["blocks"], n, k) for qw in qws]
-            cases.append(("q8_0 q8 (vnni-packed)", packed_blocks[0].numel(),
-                          [lambda p=p: kernels.q8_0_vnni_matmul(x, p, n, k) for p in packed_blocks]))
+        if fmt in kernels.GGUF_VNNI and kernels.int8_vnni_available():  # q8 activations as a layer runs them
+            packed_blocks = [kernels.GGUF_VNNI[fmt][0](qw.data["blocks"], n, k) for qw in qws]
+            cases.append((f"{fmt} q8 (vnni-packed)", packed_blocks[0].numel(),
+                          [lambda p=p, f=fmt: kernels.gguf_vnni_matmul(x, p, f, n, k) for p in packed_blocks]))
             if not decode:
-                cases.append(("q8_0 q8 (tiles)", qws[0].nbytes(),
+                cases.append((f"{fmt} q8 (tiles)", qws[0].nbytes(),
                               [lambda qw=qw: kernels.quant_matmul(x, qw, "q8", path="mm") for qw in qws]))
     base_method = "bf16 block_rows" if any(c[0] == "bf16 block_rows" for c in cases) else "bf16 onednn"
     results = [Row(name, n, k, method, us, nbytes / us / 1e3, None)

@@ -53,8 +53,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("bits"), pybind11::arg("group"));
   m.def("int8_vnni_linear", &kvflow_quant::int8_vnni_linear, pybind11::arg("x"), pybind11::arg("packed"),
         pybind11::arg("scales"), pybind11::arg("N"), pybind11::arg("K"), pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("q8_0_vnni_linear", &kvflow_quant::q8_0_vnni_linear, pybind11::arg("x"), pybind11::arg("packed"),
-        pybind11::arg("N"), pybind11::arg("K"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("gguf_vnni_linear", &kvflow_quant::gguf_vnni_linear, pybind11::arg("x"), pybind11::arg("packed"),
+        pybind11::arg("format"), pybind11::arg("N"), pybind11::arg("K"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.attr("has_int8_vnni") = kvflow_quant::int8_vnni_built();
   m.attr("int8_vnni_panel") = kvflow_quant::kPanelCols;
   m.attr("has_avx512") = kvflow_quant::kHasAvx512;

@@ -4,14 +4,15 @@
 // blocks streamed once, AVX-512 VNNI where the CPU has it), the dequantised-tile GEMM above. The same
 // call `QuantizedLinear.apply` makes on the PyTorch modules path, so both paths compute alike.
 //
-// int8 weights with int8 activations (W8A8), and q8_0 blocks with q8 activations, come VNNI-packed where the
-// CPU has it (cpu_vnni_packed.h, formats "int8-vnni" and "q8_0-vnni"): one kernel for every number of rows.
+// int8 weights with int8 activations (W8A8), and q8_0 / q4_0 blocks with q8 activations, come VNNI-packed where
+// the CPU has it (cpu_vnni_packed.h, formats "int8-vnni", "q8_0-vnni", "q4_0-vnni"): one kernel for every number
+// of rows.
 // Bipolar weights (cpu_bipolar.h) run their bit-plane GEMV and dequantised-tile GEMM the same way as the block
 // formats, and with A-bit activations the popcount kernel (cpu_bipolar_abit.h).
 //
 // How Python passes one (kvflow/model/cpu_kernels.py, `quant_slots`): per projection a `spec` tensor,
 // int64 [format, N, K, q8, bits, group] (format: 0 q8_0, 1 q4_0, 2 q4_k, 3 int8, as kvflow_quant::Format,
-// 4 bipolar, 5 int8-vnni, 6 q8_0-vnni; bits and group: bipolar's, 0 for the others; for bipolar, q8 holds the activation
+// 4 bipolar, 5 int8-vnni, 6 q8_0-vnni, 7 q4_0-vnni; bits and group: bipolar's, 0 for the others; for bipolar, q8 holds the activation
 // bits, 0 for float activations), and int8's fp32 row scales or bipolar's fp32
 // [N, 2, K/G] group scales and offsets (empty for the block formats), beside the codes (bipolar: its
 // planes) in the weight's own slot.
@@ -37,8 +38,9 @@ inline QuantProjection quant_projection(const at::Tensor& spec, const at::Tensor
   TORCH_CHECK(spec.scalar_type() == at::kLong && spec.numel() == 6, "CpuModel: a quantised projection's spec is int64 "
               "[format, N, K, q8, bits, group]");
   const int64_t* s = spec.data_ptr<int64_t>();
-  static const char* const kNames[] = {"q8_0", "q4_0", "q4_k", "int8", "bipolar", "int8-vnni", "q8_0-vnni"};
-  TORCH_CHECK(s[0] >= 0 && s[0] < 7, "CpuModel: unknown quantised format ", s[0]);
+  static const char* const kNames[] = {"q8_0", "q4_0", "q4_k", "int8", "bipolar", "int8-vnni", "q8_0-vnni",
+                                       "q4_0-vnni"};
+  TORCH_CHECK(s[0] >= 0 && s[0] < 8, "CpuModel: unknown quantised format ", s[0]);
   p.format = kNames[s[0]];
   p.N = s[1], p.K = s[2], p.q8 = s[3] != 0, p.bits = s[4], p.group = s[5];
   p.codes = codes.contiguous();
@@ -59,11 +61,12 @@ inline QuantProjection quant_projection(const at::Tensor& spec, const at::Tensor
                 " bytes of codes and fp32 scales [N]");
     return p;
   }
-  if (p.format == "q8_0-vnni") {
+  if (p.format == "q8_0-vnni" || p.format == "q4_0-vnni") {
+    const auto f = kvflow_quant::parse_gguf_packed(p.format.substr(0, 4));
     TORCH_CHECK(p.q8 && kvflow_quant::int8_vnni_built() && p.K % 32 == 0 && p.codes.element_size() == 1 &&
-                    p.codes.numel() == kvflow_quant::q8_0_vnni_packed_bytes(p.N, p.K),
-                "CpuModel: VNNI-packed q8_0 runs q8 activations on AVX-512 VNNI, with ",
-                kvflow_quant::q8_0_vnni_packed_bytes(p.N, p.K), " bytes of codes and scales");
+                    p.codes.numel() == kvflow_quant::gguf_vnni_packed_bytes(f, p.N, p.K),
+                "CpuModel: VNNI-packed ", p.format, " runs q8 activations on AVX-512 VNNI, with ",
+                kvflow_quant::gguf_vnni_packed_bytes(f, p.N, p.K), " bytes of codes and scales");
     return p;
   }
   const kvflow_quant::Layout lay = kvflow_quant::layout(kvflow_quant::parse_format(p.format));
@@ -80,8 +83,8 @@ inline at::Tensor quant_project(const at::Tensor& x, const QuantProjection& p, c
   at::Tensor y;
   if (p.format == "int8-vnni") {
     y = kvflow_quant::int8_vnni_linear(x, p.codes, p.scales, p.N, p.K);
-  } else if (p.format == "q8_0-vnni") {
-    y = kvflow_quant::q8_0_vnni_linear(x, p.codes, p.N, p.K);
+  } else if (p.format == "q8_0-vnni" || p.format == "q4_0-vnni") {
+    y = kvflow_quant::gguf_vnni_linear(x, p.codes, p.format.substr(0, 4), p.N, p.K);
   } else if (p.format != "bipolar") {
     y = kvflow_quant::quant_linear(x, p.codes, p.scales, p.format, p.N, p.K, p.q8, "auto", "auto", 1024);
   } else if (p.act_bits > 0) {

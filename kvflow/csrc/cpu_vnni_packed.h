@@ -27,6 +27,8 @@
 
 #include "cpu_quant.h"
 
+#include <type_traits>
+
 namespace kvflow_quant {
 
 constexpr int64_t kPanelCols = 32;  // output columns per packed panel (two zmm of int32 sums)
@@ -200,29 +202,37 @@ inline at::Tensor int8_vnni_linear(const at::Tensor& x_in, const at::Tensor& pac
   return y;
 }
 
-// ----------------------------------------------------------------------------- q8_0, q8 activations
-// llama.cpp's q8_0 blocks (32 codes, one fp16 scale) multiplied as llama.cpp does it (activations rounded
-// to int8 per block of 32, `--quant-activations q8`), from a packed copy of the blocks:
-//   codes   uint8 [P][K4][kPanelCols][4]   W code + 128 (xor 0x80): vpdpbusd's unsigned operand, so the
-//                                          activations stay signed and the shift comes out per row and block
-//                                          (128 · Σ of the block's activation codes), not per column
-//   scales  fp16  [P][K/32][kPanelCols]    each block's d, zero beyond N
-// the same bytes as the blocks (34 per 32 weights) in another order. Per block, each output's int32 sum
-// is exact; y = Σ_b (d_w · d_a) · sum_b is accumulated in fp32 over the blocks in order with one rounding
-// per block, so a row's result does not depend on the other rows of its call. Against the row-major q8
-// GEMV (whose lanes sum partial blocks in another order) it differs by fp32 rounding only.
+// ----------------------------------------------------------------------------- q8_0 and q4_0, q8 activations
+// llama.cpp's q8_0 and q4_0 blocks (32 codes, one fp16 scale each) multiplied as llama.cpp does it
+// (activations rounded to int8 per block of 32, `--quant-activations q8`), from a packed copy of the blocks:
+//   codes   q8_0: uint8 [P][K4][kPanelCols][4], W code + 128 (xor 0x80);
+//           q4_0: uint8 [P][K4 / 2][kPanelCols · 4], k4 step 2t in the low nibbles and 2t + 1 in the high ones,
+//                 the code as stored (0..15, the weight being code − 8)
+//   scales  fp16  [P][K/32][kPanelCols]   each block's d, zero beyond N
+// the same bytes as the blocks (34 or 18 per 32 weights) in another order. The codes are vpdpbusd's unsigned
+// operand, so the activations stay signed and the offset (128 or 8) comes out once per row and block
+// (offset · Σ of the block's activation codes), not per column. Per block each output's int32 sum is exact;
+// y = Σ_b (d_w · d_a) · sum_b is accumulated in fp32 over the blocks in order with one rounding per block, so
+// a row's result does not depend on the other rows of its call. Against the row-major q8 GEMV (whose lanes sum
+// partial blocks in another order) it differs by fp32 rounding only.
 constexpr int64_t kQ8Block = 32;
 
-inline int64_t q8_0_vnni_packed_bytes(int64_t N, int64_t K) {
+enum class GgufPacked { kQ8_0, kQ4_0 };
+
+inline int64_t gguf_vnni_code_bytes(GgufPacked f, int64_t panels, int64_t K) {
+  return panels * K * kPanelCols / (f == GgufPacked::kQ4_0 ? 2 : 1);
+}
+
+inline int64_t gguf_vnni_packed_bytes(GgufPacked f, int64_t N, int64_t K) {
   const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
-  return panels * K * kPanelCols + panels * (K / kQ8Block) * kPanelCols * 2;
+  return gguf_vnni_code_bytes(f, panels, K) + panels * (K / kQ8Block) * kPanelCols * 2;
 }
 
 #if KVFLOW_QUANT_AVX512
-// Rows [0, MR) of `a` (signed codes, `lda` apart; `shift`/`da`: per row and block, 128 · Σ codes and d)
+// Rows [0, MR) of `a` (signed codes, `lda` apart; `shift`/`da`: per row and block, offset · Σ codes and d)
 // times RUNS panels at once, scaled into y.
-template <int MR, int RUNS>
-inline void q8_0_vnni_tile(const int8_t* a, int64_t lda, const int32_t* shift, const float* da, int64_t blocks,
+template <GgufPacked F, int MR, int RUNS>
+inline void gguf_vnni_tile(const int8_t* a, int64_t lda, const int32_t* shift, const float* da, int64_t blocks,
                            const uint8_t* const* panel, const uint16_t* const* scales, const int64_t* n0,
                            int64_t N, float* yf, at::BFloat16* yh, int64_t ldy) {
   __m512 out[MR][2 * RUNS];
@@ -230,27 +240,49 @@ inline void q8_0_vnni_tile(const int8_t* a, int64_t lda, const int32_t* shift, c
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < 2 * RUNS; ++j) out[i][j] = _mm512_setzero_ps();
+  const auto multiply = [&](__m512i (&acc)[MR][2 * RUNS], const __m512i (&w)[2 * RUNS], int64_t k4) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      int32_t four;
+      std::memcpy(&four, a + i * lda + 4 * k4, 4);
+      const __m512i av = _mm512_set1_epi32(four);
+#pragma GCC unroll 8
+      for (int j = 0; j < 2 * RUNS; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], av);
+    }
+  };
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i acc[MR][2 * RUNS];
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
       for (int j = 0; j < 2 * RUNS; ++j) acc[i][j] = _mm512_setzero_si512();
+    if constexpr (F == GgufPacked::kQ8_0) {
 #pragma GCC unroll 8
-    for (int64_t k4 = b * 8; k4 < b * 8 + 8; ++k4) {
-      __m512i w[2 * RUNS];
+      for (int64_t k4 = b * 8; k4 < b * 8 + 8; ++k4) {
+        __m512i w[2 * RUNS];
 #pragma GCC unroll 4
-      for (int r = 0; r < RUNS; ++r) {
-        w[2 * r] = _mm512_loadu_si512(panel[r] + k4 * 128);
-        w[2 * r + 1] = _mm512_loadu_si512(panel[r] + k4 * 128 + 64);
+        for (int r = 0; r < RUNS; ++r) {
+          w[2 * r] = _mm512_loadu_si512(panel[r] + k4 * 128);
+          w[2 * r + 1] = _mm512_loadu_si512(panel[r] + k4 * 128 + 64);
+        }
+        multiply(acc, w, k4);
       }
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        int32_t four;
-        std::memcpy(&four, a + i * lda + 4 * k4, 4);
-        const __m512i av = _mm512_set1_epi32(four);
-#pragma GCC unroll 8
-        for (int j = 0; j < 2 * RUNS; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], av);
+    } else {
+      const __m512i low = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 4
+      for (int64_t t = b * 4; t < b * 4 + 4; ++t) {  // two k4 steps per 128 bytes
+        __m512i lo[2 * RUNS], hi[2 * RUNS];
+#pragma GCC unroll 4
+        for (int r = 0; r < RUNS; ++r) {
+#pragma GCC unroll 2
+          for (int h = 0; h < 2; ++h) {
+            const __m512i raw = _mm512_loadu_si512(panel[r] + t * 128 + 64 * h);
+            lo[2 * r + h] = _mm512_and_si512(raw, low);
+            hi[2 * r + h] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+          }
+        }
+        multiply(acc, lo, 2 * t);
+        multiply(acc, hi, 2 * t + 1);
       }
     }
 #pragma GCC unroll 4
@@ -275,29 +307,30 @@ inline void q8_0_vnni_tile(const int8_t* a, int64_t lda, const int32_t* shift, c
     if (n >= N) continue;
     const __mmask16 mask = N - n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - n)) - 1);
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) store_outputs(out[i][j], mask, yf ? yf + i * ldy + n : nullptr, yf ? nullptr : yh + i * ldy + n);
+    for (int i = 0; i < MR; ++i)
+      store_outputs(out[i][j], mask, yf ? yf + i * ldy + n : nullptr, yf ? nullptr : yh + i * ldy + n);
   }
 }
 
-template <int RUNS>
-inline void q8_0_vnni_rows(int64_t rows, const int8_t* a, int64_t lda, const int32_t* shift, const float* da,
+template <GgufPacked F, int RUNS>
+inline void gguf_vnni_rows(int64_t rows, const int8_t* a, int64_t lda, const int32_t* shift, const float* da,
                            int64_t blocks, const uint8_t* const* panel, const uint16_t* const* scales,
                            const int64_t* n0, int64_t N, float* yf, at::BFloat16* yh, int64_t ldy) {
-#define KVFLOW_Q8_TILE(R) \
-  case R: return q8_0_vnni_tile<R, RUNS>(a, lda, shift, da, blocks, panel, scales, n0, N, yf, yh, ldy);
+#define KVFLOW_GGUF_TILE(R) \
+  case R: return gguf_vnni_tile<F, R, RUNS>(a, lda, shift, da, blocks, panel, scales, n0, N, yf, yh, ldy);
   if constexpr (RUNS > 1) {
-    switch (rows) { KVFLOW_Q8_TILE(2) KVFLOW_Q8_TILE(1) }
+    switch (rows) { KVFLOW_GGUF_TILE(2) KVFLOW_GGUF_TILE(1) }
   } else {
-    switch (rows) { KVFLOW_Q8_TILE(4) KVFLOW_Q8_TILE(3) KVFLOW_Q8_TILE(2) KVFLOW_Q8_TILE(1) }
+    switch (rows) { KVFLOW_GGUF_TILE(4) KVFLOW_GGUF_TILE(3) KVFLOW_GGUF_TILE(2) KVFLOW_GGUF_TILE(1) }
   }
-#undef KVFLOW_Q8_TILE
-  TORCH_CHECK(false, "q8_0_vnni_linear: a tile of ", RUNS, " panels has 1..", RUNS > 1 ? 2 : 4, " rows, not ", rows);
+#undef KVFLOW_GGUF_TILE
+  TORCH_CHECK(false, "gguf_vnni_linear: a tile of ", RUNS, " panels has 1..", RUNS > 1 ? 2 : 4, " rows, not ", rows);
 }
 
 // Row m of x as int8 codes per block of 32, exactly as quantize_group rounds them (d = max|x| / 127, x · (1/d)
-// to nearest even): codes into q, d and 128 · Σ codes per block into d_out, shift_out.
-inline void quantize_blocks(const at::Tensor& x, int64_t m, int64_t K, float* buf, int8_t* q, float* d_out,
-                            int32_t* shift_out) {
+// to nearest even): codes into q; per block d and offset · Σ codes into d_out, shift_out.
+inline void quantize_blocks(const at::Tensor& x, int64_t m, int64_t K, int32_t offset, float* buf, int8_t* q,
+                            float* d_out, int32_t* shift_out) {
   const float* row = buf;
   if (x.scalar_type() == at::kFloat) {
     row = x.data_ptr<float>() + m * K;
@@ -315,20 +348,29 @@ inline void quantize_blocks(const at::Tensor& x, int64_t m, int64_t K, float* bu
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 32), _mm512_cvtsepi32_epi8(q0));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * 32 + 16), _mm512_cvtsepi32_epi8(q1));
     d_out[b] = d;
-    shift_out[b] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    shift_out[b] = offset * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
   }
 }
 #endif
 
-// y = x · Wᵀ (x fp32 or bf16 [M, K], y in x's dtype) for q8_0 W packed as above, activations rounded per block.
-inline at::Tensor q8_0_vnni_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N, int64_t K) {
-  TORCH_CHECK(int8_vnni_built(), "q8_0_vnni_linear: this build has no AVX-512 VNNI kernels");
-  TORCH_CHECK(K % kQ8Block == 0, "q8_0_vnni_linear: K must be a multiple of 32, not ", K);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "q8_0_vnni_linear: x must be [M, ", K, "]");
+inline GgufPacked parse_gguf_packed(const std::string& format) {
+  if (format == "q8_0") return GgufPacked::kQ8_0;
+  TORCH_CHECK(format == "q4_0", "gguf_vnni_linear: VNNI-packed blocks are q8_0 or q4_0, not ", format);
+  return GgufPacked::kQ4_0;
+}
+
+// y = x · Wᵀ (x fp32 or bf16 [M, K], y in x's dtype) for q8_0 or q4_0 W packed as above, activations rounded
+// per block of 32.
+inline at::Tensor gguf_vnni_linear(const at::Tensor& x_in, const at::Tensor& packed, const std::string& format,
+                                   int64_t N, int64_t K) {
+  const GgufPacked f = parse_gguf_packed(format);
+  TORCH_CHECK(int8_vnni_built(), "gguf_vnni_linear: this build has no AVX-512 VNNI kernels");
+  TORCH_CHECK(K % kQ8Block == 0, "gguf_vnni_linear: K must be a multiple of 32, not ", K);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "gguf_vnni_linear: x must be [M, ", K, "]");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
-              "q8_0_vnni_linear: x must be float32 or bfloat16, not ", x_in.scalar_type());
-  TORCH_CHECK(packed.is_contiguous() && packed.element_size() == 1 && packed.numel() == q8_0_vnni_packed_bytes(N, K),
-              "q8_0_vnni_linear: a packed ", N, "x", K, " q8_0 weight is ", q8_0_vnni_packed_bytes(N, K),
+              "gguf_vnni_linear: x must be float32 or bfloat16, not ", x_in.scalar_type());
+  TORCH_CHECK(packed.is_contiguous() && packed.element_size() == 1 && packed.numel() == gguf_vnni_packed_bytes(f, N, K),
+              "gguf_vnni_linear: a packed ", N, "x", K, " ", format, " weight is ", gguf_vnni_packed_bytes(f, N, K),
               " contiguous bytes");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), blocks = K / kQ8Block, panels = (N + kPanelCols - 1) / kPanelCols;
@@ -338,16 +380,28 @@ inline at::Tensor q8_0_vnni_linear(const at::Tensor& x_in, const at::Tensor& pac
   int8_t* codes = static_cast<int8_t*>(vnni_codes_scratch().fit(M * K + 8 * M * blocks));
   float* da = reinterpret_cast<float*>(codes + M * K);  // K is a multiple of 32
   int32_t* shift = reinterpret_cast<int32_t*>(da + M * blocks);
+  const int32_t offset = f == GgufPacked::kQ8_0 ? 128 : 8;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     std::vector<float> buf(K);
     for (int64_t m = m0; m < m1; ++m)
-      quantize_blocks(x, m, K, buf.data(), codes + m * K, da + m * blocks, shift + m * blocks);
+      quantize_blocks(x, m, K, offset, buf.data(), codes + m * K, da + m * blocks, shift + m * blocks);
   });
   const uint8_t* w = static_cast<const uint8_t*>(packed.data_ptr());
-  const uint16_t* scales = reinterpret_cast<const uint16_t*>(w + panels * K * kPanelCols);
+  const int64_t panel_bytes = gguf_vnni_code_bytes(f, 1, K);
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(w + panels * panel_bytes);
   float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
   at::BFloat16* yh = yf ? nullptr : y.data_ptr<at::BFloat16>();
   constexpr int64_t kRuns = 2, kRows = 4;
+  const auto run_rows = [&](auto runs, int64_t rows, const int8_t* a, const int32_t* sh, const float* d,
+                            const uint8_t* const* panel, const uint16_t* const* scale, const int64_t* n0, float* of,
+                            at::BFloat16* oh) {
+    constexpr int R = decltype(runs)::value;
+    if (f == GgufPacked::kQ8_0) {
+      gguf_vnni_rows<GgufPacked::kQ8_0, R>(rows, a, K, sh, d, blocks, panel, scale, n0, N, of, oh, N);
+    } else {
+      gguf_vnni_rows<GgufPacked::kQ4_0, R>(rows, a, K, sh, d, blocks, panel, scale, n0, N, of, oh, N);
+    }
+  };
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     if (M <= kFewRows) {  // decode: two far-apart runs of panels taking turns
       const int64_t run = (p1 - p0) / kRuns;
@@ -357,21 +411,21 @@ inline at::Tensor q8_0_vnni_linear(const at::Tensor& x_in, const at::Tensor& pac
         int64_t n0[kRuns];
         for (int64_t r = 0; r < kRuns; ++r) {
           const int64_t p = p0 + r * run + i;
-          panel[r] = w + p * K * kPanelCols, scale[r] = scales + p * blocks * kPanelCols, n0[r] = p * kPanelCols;
+          panel[r] = w + p * panel_bytes, scale[r] = scales + p * blocks * kPanelCols, n0[r] = p * kPanelCols;
         }
-        q8_0_vnni_rows<kRuns>(M, codes, K, shift, da, blocks, panel, scale, n0, N, yf, yh, N);
+        run_rows(std::integral_constant<int, kRuns>{}, M, codes, shift, da, panel, scale, n0, yf, yh);
       }
       p0 += kRuns * run;
     }
     for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
       const int64_t r1 = std::min(M, r0 + kRowBlock);
       for (int64_t p = p0; p < p1; ++p) {
-        const uint8_t* panel = w + p * K * kPanelCols;
+        const uint8_t* panel = w + p * panel_bytes;
         const uint16_t* scale = scales + p * blocks * kPanelCols;
         const int64_t n0 = p * kPanelCols;
         for (int64_t m = r0; m < r1; m += kRows)
-          q8_0_vnni_rows<1>(std::min(kRows, r1 - m), codes + m * K, K, shift + m * blocks, da + m * blocks, blocks,
-                            &panel, &scale, &n0, N, yf ? yf + m * N : nullptr, yf ? nullptr : yh + m * N, N);
+          run_rows(std::integral_constant<int, 1>{}, std::min(kRows, r1 - m), codes + m * K, shift + m * blocks,
+                   da + m * blocks, &panel, &scale, &n0, yf ? yf + m * N : nullptr, yf ? nullptr : yh + m * N);
       }
     }
   });

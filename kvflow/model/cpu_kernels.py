@@ -251,7 +251,7 @@ def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
 
 
 #: Quantised formats as csrc/cpu_quant_forward.h numbers them.
-_QUANT_FORMATS = ("q8_0", "q4_0", "q4_k", "int8", "bipolar", "int8-vnni", "q8_0-vnni")
+_QUANT_FORMATS = ("q8_0", "q4_0", "q4_k", "int8", "bipolar", "int8-vnni", "q8_0-vnni", "q4_0-vnni")
 
 
 def quant_slots(weights: CpuKernelWeights) -> list[torch.Tensor]:

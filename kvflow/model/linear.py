@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 class QuantKernelSpec:
     """A quantised weight in the C++ forward's terms (csrc/cpu_quant_forward.h); `weight` holds its codes."""
 
-    format: str  # "q8_0", "q4_0", "q4_k" (llama.cpp's blocks), "int8", "bipolar"; VNNI-packed: "int8-vnni", "q8_0-vnni"
+    # "q8_0", "q4_0", "q4_k" (llama.cpp's blocks), "int8", "bipolar"; VNNI-packed: "int8-vnni", "q8_0-vnni", "q4_0-vnni"
+    format: str
     shape: tuple[int, int]  # [N, K]
     scales: torch.Tensor | None  # int8: fp32 [N]; bipolar: fp32 [N, 2, K/G], group scales then offsets
     q8: bool  # activations rounded to int8 (llama.cpp's blocks of 32; int8 weights: W8A8)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(kernels.load_extension() is None, reason="the C+
 
 @pytest.mark.parametrize("rows", [1, 9])
 def test_each_format_is_timed_against_the_bf16_baseline(rows):
-    results = quant_gemv.run("135m", rows=rows, formats=("int8", "q8_0", "bipolar2", "bipolar4", "bipolar2-a8"),
+    results = quant_gemv.run("135m", rows=rows, formats=("int8", "q8_0", "q4_0", "bipolar2", "bipolar4", "bipolar2-a8"),
                              min_seconds=0.001, threads=1, stream_mib=1)
     methods = {r.method for r in results if r.matrix == "qkv"}
     if rows == 1:
@@ -23,7 +23,8 @@ def test_each_format_is_timed_against_the_bf16_baseline(rows):
         assert {"int8 gemm-mm", "int8 q8 (int8 GEMM)", "bipolar2 gemm-mm", "bipolar4 gemm-mm",
                 "bipolar2-a8 popcount"} <= methods
     assert ("int8 q8 (vnni-packed)" in methods) == kernels.int8_vnni_available()  # W8A8 as a layer holds it
-    assert ("q8_0 q8 (vnni-packed)" in methods) == kernels.int8_vnni_available()  # q8_0, q8 activations, likewise
+    # q8_0 and q4_0 with q8 activations, likewise
+    assert {"q8_0 q8 (vnni-packed)", "q4_0 q8 (vnni-packed)"} <= methods or not kernels.int8_vnni_available()
     assert {r.matrix for r in results} == {"qkv", "o", "gate_up", "down"}
     assert all(r.us > 0 and r.gb_s > 0 and r.vs_gemv is not None for r in results)
     # bytes streamed per call: bipolar n bits + fp16 scale and offset per 64 weights

@@ -186,11 +186,8 @@ def pack_q8_0_vnni(blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
     rows = blocks.reshape(n, nb, 34)
     codes = rows[..., 2:].reshape(n, k) ^ 0x80
     scales = rows[..., :2].reshape(n, nb * 2)
-    packed_codes, panels = _panels(codes)
-    padded = torch.zeros(panels * VNNI_PANEL, nb * 2, dtype=torch.uint8, device=blocks.device)
-    padded[:n] = scales
-    packed_scales = padded.view(panels, VNNI_PANEL, nb, 2).permute(0, 2, 1, 3).reshape(-1)
-    return torch.cat([packed_codes, packed_scales])
+    packed_codes, _ = _panels(codes)
+    return torch.cat([packed_codes, _panel_scales(scales, n, nb)])
 
 
 def unpack_q8_0_vnni(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -198,8 +195,55 @@ def unpack_q8_0_vnni(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     nb, panels = k // 32, -(-n // VNNI_PANEL)
     size = panels * VNNI_PANEL * k
     codes = _unpanel(packed[:size], n, k) ^ 0x80
-    scales = packed[size:].view(panels, nb, VNNI_PANEL, 2).permute(0, 2, 1, 3).reshape(-1, nb, 2)[:n]
-    return torch.cat([scales, codes.view(n, nb, 32)], dim=2).reshape(n, nb * 34).contiguous()
+    return _blocks(_unpanel_scales(packed[size:], n, nb), codes.view(n, nb, 32))
+
+
+def pack_q4_0_vnni(blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """q4_0 blocks ([N, K/32 · 18] bytes: fp16 d, then 16 bytes whose low nibbles are codes 0..15 and high nibbles
+    16..31) in csrc/cpu_vnni_packed.h's q4_0 layout: the codes in panels of 32 output columns as q8_0's, two k4
+    steps per 128 bytes (the even step's in the low nibbles), then each panel's block scales, fp16 [K/32, 32]."""
+    nb = k // 32
+    rows = blocks.reshape(n, nb, 18)
+    qs = rows[..., 2:]
+    codes = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, k)
+    panel_codes, panels = _panels(codes)
+    steps = panel_codes.view(panels, k // 8, 2, VNNI_PANEL * 4)
+    nibbles = steps[:, :, 0] | (steps[:, :, 1] << 4)
+    return torch.cat([nibbles.reshape(-1), _panel_scales(rows[..., :2].reshape(n, nb * 2), n, nb)])
+
+
+def unpack_q4_0_vnni(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The q4_0 blocks ([N, K/32 · 18] bytes) that `pack_q4_0_vnni` packed."""
+    nb, panels = k // 32, -(-n // VNNI_PANEL)
+    size = panels * VNNI_PANEL * k // 2
+    nibbles = packed[:size].view(panels, k // 8, 1, VNNI_PANEL * 4)
+    steps = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=2).reshape(-1)
+    codes = _unpanel(steps, n, k).view(n, nb, 32)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    return _blocks(_unpanel_scales(packed[size:], n, nb), qs)
+
+
+def _panel_scales(scales: torch.Tensor, n: int, nb: int) -> torch.Tensor:
+    """Block scales (fp16 bytes [N, K/32 · 2]) per panel of 32 output columns: [K/32, 32, 2] each, flattened."""
+    panels = -(-n // VNNI_PANEL)
+    padded = torch.zeros(panels * VNNI_PANEL, nb * 2, dtype=torch.uint8, device=scales.device)
+    padded[:n] = scales
+    return padded.view(panels, VNNI_PANEL, nb, 2).permute(0, 2, 1, 3).reshape(-1)
+
+
+def _unpanel_scales(flat: torch.Tensor, n: int, nb: int) -> torch.Tensor:
+    panels = -(-n // VNNI_PANEL)
+    return flat.view(panels, nb, VNNI_PANEL, 2).permute(0, 2, 1, 3).reshape(-1, nb, 2)[:n]
+
+
+def _blocks(scales: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """GGUF blocks [N, K/32 · bytes]: each block's 2 scale bytes, then its code bytes."""
+    n, nb = scales.shape[:2]
+    return torch.cat([scales, codes], dim=2).reshape(n, -1).contiguous()
+
+
+#: The GGUF block formats with a VNNI-packed layout, and their packers / unpackers.
+GGUF_VNNI = {"q8_0": (pack_q8_0_vnni, unpack_q8_0_vnni), "q4_0": (pack_q4_0_vnni, unpack_q4_0_vnni)}
 
 
 def _vnni_extension() -> ModuleType:
@@ -216,10 +260,10 @@ def int8_vnni_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     return y.view(*x.shape[:-1], n)
 
 
-def q8_0_vnni_matmul(x: torch.Tensor, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """`x · Wᵀ` for q8_0 weights packed by `pack_q8_0_vnni`, with llama.cpp's arithmetic (activations rounded to
-    int8 per block of 32): `quant_matmul(x, qw, "q8")`'s result up to fp32 summation order."""
-    y = _vnni_extension().q8_0_vnni_linear(x.reshape(-1, k), packed, n, k)
+def gguf_vnni_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, n: int, k: int) -> torch.Tensor:
+    """`x · Wᵀ` for q8_0 or q4_0 (`fmt`) weights packed by `GGUF_VNNI[fmt]`, with llama.cpp's arithmetic
+    (activations rounded to int8 per block of 32): `quant_matmul(x, qw, "q8")`'s result up to fp32 summation order."""
+    y = _vnni_extension().gguf_vnni_linear(x.reshape(-1, k), packed, fmt, n, k)
     return y.view(*x.shape[:-1], n)
 
 

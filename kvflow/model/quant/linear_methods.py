@@ -16,9 +16,10 @@ rounding); `use_activations("q8")` (the engine's `--quant-activations q8`) switc
 llama.cpp's arithmetic, activations rounded to int8 per block of 32 (method "q8_0-a8" etc., a lossy
 option whose reference rounds the activations the same way). int8 weights choose at load: W8A16
 (float activations, "exact") or W8A8 (per-token int8 activations, the kernels' "q8" mode). Where the CPU has
-AVX-512 VNNI, int8 W8A8 and q8_0 in q8 mode hold their codes VNNI-packed instead (`QuantizedLinear.arrange`,
-methods "int8-w8a8-vnni" and "q8_0-a8-vnni"), for one kernel that runs every batch size without reordering
-the weight per call: int8 bit for bit the row-major kernels' result, q8_0 up to fp32 summation order.
+AVX-512 VNNI, int8 W8A8 and q8_0 / q4_0 in q8 mode hold their codes VNNI-packed instead
+(`QuantizedLinear.arrange`, methods "int8-w8a8-vnni", "q8_0-a8-vnni", "q4_0-a8-vnni"), for one kernel that runs
+every batch size without reordering the weight per call: int8 bit for bit the row-major kernels' result, the
+GGUF blocks up to fp32 summation order.
 
 Which layers: every projection a checkpoint gives quantised (or that `--quantization` quantises at
 load). The embedding and the LM head stay in the model's dtype unless a checkpoint (a GGUF file)
@@ -118,7 +119,8 @@ def _register_cpu_kernels() -> None:
     register_kernel("int8-w8a16", "cpu", _cpu_kernel("exact", int8.linear_w8a16))
     register_kernel("int8-w8a8", "cpu", _cpu_kernel("q8", int8.linear_w8a8))
     register_kernel("int8-w8a8-vnni", "cpu", _int8_vnni_kernel)
-    register_kernel("q8_0-a8-vnni", "cpu", _q8_0_vnni_kernel)
+    for fmt in kernels.GGUF_VNNI:
+        register_kernel(f"{fmt}-a8-vnni", "cpu", _gguf_vnni_kernel)
     register_kernel("bipolar", "cpu", _cpu_kernel("exact", bipolar.bitplane_linear))
     for a_bits in bipolar.BITS:
         register_kernel(f"bipolar-a{a_bits}", "cpu", _cpu_kernel("exact", _abit_reference(a_bits), a_bits))
@@ -135,14 +137,14 @@ def _int8_vnni_kernel(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor |
     return int8.linear_w8a8(x, QuantizedWeight("int8", qw.shape, {"qweight": codes, "scales": scales}), bias)
 
 
-def _q8_0_vnni_kernel(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """q8_0 with llama.cpp's q8 activations on VNNI-packed blocks: fp32 or bf16 activations, else the reference on
-    the unpacked blocks."""
+def _gguf_vnni_kernel(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """q8_0 / q4_0 with llama.cpp's q8 activations on VNNI-packed blocks: fp32 or bf16 activations, else the
+    reference on the unpacked blocks."""
     if x.dtype in (torch.float32, torch.bfloat16):
-        out = kernels.q8_0_vnni_matmul(x, qw.data["vnni"], *qw.shape)
+        out = kernels.gguf_vnni_matmul(x, qw.data["vnni"], qw.format, *qw.shape)
         return out if bias is None else out + bias
-    blocks = kernels.unpack_q8_0_vnni(qw.data["vnni"], *qw.shape)
-    return _gguf_q8_reference(x, QuantizedWeight("q8_0", qw.shape, {"blocks": blocks}), bias)
+    blocks = kernels.GGUF_VNNI[qw.format][1](qw.data["vnni"], *qw.shape)
+    return _gguf_q8_reference(x, QuantizedWeight(qw.format, qw.shape, {"blocks": blocks}), bias)
 
 
 def _abit_reference(a_bits: int) -> LinearKernel:
@@ -157,7 +159,8 @@ _register_cpu_kernels()
 
 #: The methods whose CPU kernel reads VNNI-packed codes where the CPU has AVX-512 VNNI (csrc/cpu_vnni_packed.h):
 #: method -> (the layout's name, the format's own tensors it replaces).
-VNNI_LAYOUTS = {"int8-w8a8": ("int8", ("qweight", "scales")), "q8_0-a8": ("q8_0", ("blocks",))}
+VNNI_LAYOUTS = {"int8-w8a8": ("int8", ("qweight", "scales")), "q8_0-a8": ("q8_0", ("blocks",)),
+                "q4_0-a8": ("q4_0", ("blocks",))}
 VNNI_SUFFIX = "-vnni"
 
 
@@ -228,8 +231,8 @@ class QuantizedLinear(LinearMethod):
         self.arrange(layer)
 
     def arrange(self, layer: Linear) -> None:
-        """Hold the codes in the layout this method's CPU kernel reads: VNNI-packed for int8 W8A8 and for q8_0 with
-        q8 activations where the CPU has AVX-512 VNNI (one kernel for every batch size, no per-call reorder of the
+        """Hold the codes in the layout this method's CPU kernel reads: VNNI-packed for int8 W8A8 and for q8_0 / q4_0
+        with q8 activations where the CPU has AVX-512 VNNI (one kernel for every batch size, no per-call reorder of the
         weight; csrc/cpu_vnni_packed.h), else as the format stores them. The packed bytes replace the format's
         tensors (the same size, give or take a panel's padding); `weight` unpacks them for the reference path."""
         base = self.name.removesuffix(VNNI_SUFFIX)
@@ -296,13 +299,13 @@ class QuantizedLinear(LinearMethod):
 def _pack_vnni(layout: str, data: dict[str, torch.Tensor], n: int, k: int) -> dict[str, torch.Tensor]:
     if layout == "int8":
         return {"vnni": kernels.pack_int8_vnni(data["qweight"]), "scales": data["scales"].float()}
-    return {"vnni": kernels.pack_q8_0_vnni(data["blocks"], n, k)}
+    return {"vnni": kernels.GGUF_VNNI[layout][0](data["blocks"], n, k)}
 
 
 def _unpack_vnni(fmt: str, data: dict[str, torch.Tensor], n: int, k: int) -> dict[str, torch.Tensor]:
     if fmt == "int8":
         return {"qweight": kernels.unpack_int8_vnni(data["vnni"], n, k), "scales": data["scales"]}
-    return {"blocks": kernels.unpack_q8_0_vnni(data["vnni"], n, k)}
+    return {"blocks": kernels.GGUF_VNNI[fmt][1](data["vnni"], n, k)}
 
 
 def is_quantized(layer: Linear) -> bool:

@@ -63,24 +63,24 @@ def test_the_modules_run_the_kernels_with_the_references_logits(fmt, kwargs, mon
         calls.append(activation)
         return real(x, qw, activation, **kw)
 
-    real_q8_0 = kernels.q8_0_vnni_matmul
+    real_gguf = kernels.gguf_vnni_matmul
 
     def spy_vnni(*args):
         calls.append("q8-vnni")
         return real_vnni(*args)
 
-    def spy_q8_0(*args):
+    def spy_gguf(*args):
         calls.append("q8-vnni")
-        return real_q8_0(*args)
+        return real_gguf(*args)
 
     monkeypatch.setattr(kernels, "quant_matmul", spy)
     monkeypatch.setattr(kernels, "int8_vnni_matmul", spy_vnni)
-    monkeypatch.setattr(kernels, "q8_0_vnni_matmul", spy_q8_0)
+    monkeypatch.setattr(kernels, "gguf_vnni_matmul", spy_gguf)
     fast = run(fmt, cpu_kernels=False, **kwargs)
-    packed = fmt in ("int8", "q8_0") and kernels.int8_vnni_available()  # W8A8 / q8-mode q8_0 codes VNNI-packed
+    packed = fmt in ("int8", "q8_0") and kernels.int8_vnni_available()  # W8A8 / q8-mode GGUF codes VNNI-packed
     assert set(calls) == {"exact" if fmt in ("q4_k", "bipolar") else "q8-vnni" if packed else "q8"}
     monkeypatch.setattr(linear_methods, "_KERNELS", {})  # every method on its torch reference
-    # The packed q8_0 kernel sums each output over blocks in its own order (int8 W8A8's sums are exact).
+    # The packed GGUF kernels sum each output over blocks in their own order (int8 W8A8's sums are exact).
     check_same(fast, run(fmt, cpu_kernels=False, **kwargs), "float32", rounding=packed and fmt == "q8_0")
 
 

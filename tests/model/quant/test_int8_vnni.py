@@ -1,8 +1,8 @@
-"""VNNI-packed codes (csrc/cpu_vnni_packed.h): int8 W8A8 (`kernels.pack_int8_vnni` / `int8_vnni_matmul`) and q8_0
-with q8 activations (`pack_q8_0_vnni` / `q8_0_vnni_matmul`). The layouts against naive loops; int8 bit for bit
-against the row-major kernels and an exact integer reference, q8_0 against an fp64 reference of the same
-rounded activations; both at every batch size and at shapes that do not fill a panel; and the layers that
-hold them, switching layouts with their activation mode."""
+"""VNNI-packed codes (csrc/cpu_vnni_packed.h): int8 W8A8 (`kernels.pack_int8_vnni` / `int8_vnni_matmul`), and
+q8_0 and q4_0 with q8 activations (`kernels.GGUF_VNNI` / `gguf_vnni_matmul`). The layouts against naive loops;
+int8 bit for bit against the row-major kernels and an exact integer reference, q8_0 and q4_0 against an fp64
+reference of the same rounded activations; all at every batch size and at shapes that do not fill a panel; and
+the layers that hold them, switching layouts with their activation mode."""
 
 from __future__ import annotations
 
@@ -99,41 +99,58 @@ def test_the_kernel_refuses_a_weight_of_another_shape():
         kernels.int8_vnni_matmul(torch.zeros(2, 64, dtype=torch.float16), packed, torch.ones(40), 40, 64)
 
 
-# ----------------------------------------------------------------------------- q8_0
+# ----------------------------------------------------------------------------- q8_0 and q4_0
 Q8_SHAPES = [(96, 64), (37, 32), (70, 256), (1, 1536)]
 
 
-@pytest.mark.parametrize(("n", "k"), Q8_SHAPES[:3])
-def test_the_packed_q8_0_layout_is_the_documented_one(n, k):
-    blocks = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n)), "q8_0").data["blocks"]
-    packed = kernels.pack_q8_0_vnni(blocks, n, k)
-    rows = blocks.reshape(n, k // 32, 34)
+def naive_gguf_pack(fmt: str, blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The documented layout element by element: codes (q8_0: + 128; q4_0: as stored, k4 step 2t in the low
+    nibbles and 2t + 1 in the high ones) at (panel, k4, column, j) = W[32·panel + column, 4·k4 + j], then the
+    block scales at (panel, block, column)."""
+    size = {"q8_0": 34, "q4_0": 18}[fmt]
+    rows = blocks.reshape(n, k // 32, size)
     panels = -(-n // 32)
-    codes = torch.zeros(panels, k // 4, 32, 4, dtype=torch.uint8)
+    codes = torch.zeros(panels, k // 4, 32, 4, dtype=torch.int32)
     scales = torch.zeros(panels, k // 32, 32, 2, dtype=torch.uint8)
     for row in range(n):
         for col in range(k):
-            codes[row // 32, col // 4, row % 32, col % 4] = int(rows[row, col // 32, 2 + col % 32]) ^ 0x80
+            block, i = rows[row, col // 32], col % 32
+            code = int(block[2 + i]) ^ 0x80 if fmt == "q8_0" else (int(block[2 + i % 16]) >> (4 * (i // 16))) & 0xF
+            codes[row // 32, col // 4, row % 32, col % 4] = code
         for b in range(k // 32):
             scales[row // 32, b, row % 32] = rows[row, b, :2]
-    assert torch.equal(packed, torch.cat([codes.flatten(), scales.flatten()]))
-    assert torch.equal(kernels.unpack_q8_0_vnni(packed, n, k), blocks.reshape(n, -1))
+    if fmt == "q4_0":
+        steps = codes.view(panels, k // 8, 2, 128)
+        codes = steps[:, :, 0] | (steps[:, :, 1] << 4)
+    return torch.cat([codes.flatten().to(torch.uint8), scales.flatten()])
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize(("n", "k"), Q8_SHAPES[:3])
+def test_the_packed_gguf_layouts_are_the_documented_ones(fmt, n, k):
+    blocks = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n)), fmt).data["blocks"]
+    pack, unpack = kernels.GGUF_VNNI[fmt]
+    packed = pack(blocks, n, k)
+    assert torch.equal(packed, naive_gguf_pack(fmt, blocks, n, k))
+    assert packed.numel() == blocks.numel() + (-n % 32) * (k // 32) * ({"q8_0": 34, "q4_0": 18}[fmt])
+    assert torch.equal(unpack(packed, n, k), blocks.reshape(n, -1))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
 @pytest.mark.parametrize(("n", "k"), Q8_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_q8_0_kernel_is_llama_cpp_arithmetic_whatever_the_rows(n, k, dtype):
+def test_the_gguf_kernels_are_llama_cpp_arithmetic_whatever_the_rows(fmt, n, k, dtype):
     """fp64 of the same int8-rounded activations times the dequantised blocks, to fp32 summation order; and a
     row's result is the same bits whichever rows share its call (the decode and the batched tiles)."""
     g = torch.Generator().manual_seed(n + k)
-    qw = quantize(torch.randn(n, k, generator=g) * 0.05, "q8_0")
-    packed = kernels.pack_q8_0_vnni(qw.data["blocks"], n, k)
+    qw = quantize(torch.randn(n, k, generator=g) * 0.05, fmt)
+    packed = kernels.GGUF_VNNI[fmt][0](qw.data["blocks"], n, k)
     dense = dequantize(qw).double()
     x = (torch.randn(300, k, generator=g) * 3).to(dtype)
     x[1] = 0  # a zero row: scales 0, outputs 0
-    alone = torch.cat([kernels.q8_0_vnni_matmul(x[m:m + 1], packed, n, k) for m in range(3)])
+    alone = torch.cat([kernels.gguf_vnni_matmul(x[m:m + 1], packed, fmt, n, k) for m in range(3)])
     for rows in (1, 2, 3, 8, 64, 300):
-        got = kernels.q8_0_vnni_matmul(x[:rows], packed, n, k)
+        got = kernels.gguf_vnni_matmul(x[:rows], packed, fmt, n, k)
         assert got.dtype == dtype and got.shape == (rows, n)
         reference = q8_activations(x[:rows]).double() @ dense.t()
         tol = 1e-5 if dtype == torch.float32 else 8e-3
@@ -142,26 +159,27 @@ def test_the_q8_0_kernel_is_llama_cpp_arithmetic_whatever_the_rows(n, k, dtype):
         assert rows == 1 or not got[1].any()
 
 
-def test_a_q8_0_layer_packs_for_q8_activations_and_unpacks_for_exact_ones():
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_a_gguf_layer_packs_for_q8_activations_and_unpacks_for_exact_ones(fmt):
     g = torch.Generator().manual_seed(3)
     layer = Linear(256, 70, bias=True).requires_grad_(False)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(70, 256, generator=g) * 0.05)
         layer.bias.copy_(torch.randn(70, generator=g))
-    qw = quantize(layer.weight, "q8_0")
+    qw = quantize(layer.weight, fmt)
     layer.use(QuantizedLinear(qw))
     blocks = qw.data["blocks"].clone()
     x = torch.randn(5, 256, generator=g)
     exact = layer(x)
     assert use_activations([layer], "q8") == 1
-    assert layer.method.name == "q8_0-a8-vnni" and set(dict(layer.named_buffers())) == {"quant_vnni"}
+    assert layer.method.name == f"{fmt}-a8-vnni" and set(dict(layer.named_buffers())) == {"quant_vnni"}
     assert layer.method.rounds_activations
     reference = F.linear(q8_activations(x), dequantize(qw), layer.bias)
     assert torch.allclose(layer(x), reference, rtol=1e-5, atol=1e-5)
     spec = layer.method.cpu_kernel_weights(layer).quant
-    assert (spec.format, spec.q8, spec.scales) == ("q8_0-vnni", True, None)
+    assert (spec.format, spec.q8, spec.scales) == (f"{fmt}-vnni", True, None)
     with pytest.raises(ValueError, match="VNNI-packed"):
         layer.method.use_activations("exact")  # the layout goes with the mode: the layer must come along
     assert use_activations([layer], "exact") == 1
-    assert layer.method.name == "q8_0" and torch.equal(layer.quant_blocks, blocks.reshape(layer.quant_blocks.shape))
+    assert layer.method.name == fmt and torch.equal(layer.quant_blocks, blocks.reshape(layer.quant_blocks.shape))
     assert torch.equal(layer(x), exact)
