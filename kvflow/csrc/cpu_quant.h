@@ -25,8 +25,9 @@
 // int8 weights with q8 activations (W8A8) are the exception: their rows go through oneDNN's int8
 // GEMM on the codes themselves (gemm_int8), about twice bf16's speed. Where the CPU has AVX-512 VNNI,
 // a layer holds its W8A8 codes packed instead and runs cpu_vnni_packed.h's kernel for every batch size
-// (the same results, faster); these row-major kernels remain for the other machines and for callers
-// that hand a plain int8 weight.
+// (the same results, faster), and so do q8_0 and q4_0 layers in q8 mode (up to fp32 summation order);
+// these row-major kernels remain for exact activations, the other formats, the other machines and callers
+// that hand a plain weight.
 //
 // Everything has a plain scalar version (the `scalar` entries), compiled everywhere and used where
 // the CPU lacks AVX-512 F/BW/VNNI (AVX2 has kernels of its own for q8_0, q4_0 and q4_k); tests call each.

@@ -1,4 +1,5 @@
-// W8A8 on int8 weights held in a VNNI-packed layout: y = x · Wᵀ for any number of rows, one kernel.
+// Weights held in a VNNI-packed layout, one kernel for any number of rows: int8 W8A8 (below), and llama.cpp's
+// q8_0 and q4_0 blocks with q8 activations (further down). y = x · Wᵀ.
 //
 // Why: the row-major codes ran a GEMV up to 8 rows and oneDNN's int8 GEMM (at::_int_mm) above, which
 // takes the weight as a plain [K, N] view and reorders it into its own blocking on every call, and
