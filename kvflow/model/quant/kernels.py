@@ -140,7 +140,7 @@ VNNI_PANEL = 32
 
 
 def int8_vnni_available() -> bool:
-    """Whether this machine's build has the VNNI-packed kernels (AVX-512 VNNI): int8 W8A8, q8_0 with q8 activations."""
+    """Whether this machine's build has the VNNI-packed kernels (AVX-512 VNNI): int8 W8A8; q8_0, q4_0 in q8 mode."""
     ext = load_extension()
     return ext is not None and bool(ext.has_int8_vnni)
 
@@ -238,8 +238,7 @@ def _unpanel_scales(flat: torch.Tensor, n: int, nb: int) -> torch.Tensor:
 
 def _blocks(scales: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """GGUF blocks [N, K/32 · bytes]: each block's 2 scale bytes, then its code bytes."""
-    n, nb = scales.shape[:2]
-    return torch.cat([scales, codes], dim=2).reshape(n, -1).contiguous()
+    return torch.cat([scales, codes], dim=2).reshape(scales.shape[0], -1).contiguous()
 
 
 #: The GGUF block formats with a VNNI-packed layout, and their packers / unpackers.

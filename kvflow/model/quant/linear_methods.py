@@ -157,10 +157,8 @@ def _abit_reference(a_bits: int) -> LinearKernel:
 _register_cpu_kernels()
 
 
-#: The methods whose CPU kernel reads VNNI-packed codes where the CPU has AVX-512 VNNI (csrc/cpu_vnni_packed.h):
-#: method -> (the layout's name, the format's own tensors it replaces).
-VNNI_LAYOUTS = {"int8-w8a8": ("int8", ("qweight", "scales")), "q8_0-a8": ("q8_0", ("blocks",)),
-                "q4_0-a8": ("q4_0", ("blocks",))}
+#: The methods whose CPU kernel reads VNNI-packed codes where the CPU has AVX-512 VNNI (csrc/cpu_vnni_packed.h).
+VNNI_METHODS = frozenset({"int8-w8a8", "q8_0-a8", "q4_0-a8"})
 VNNI_SUFFIX = "-vnni"
 
 
@@ -236,16 +234,14 @@ class QuantizedLinear(LinearMethod):
         weight; csrc/cpu_vnni_packed.h), else as the format stores them. The packed bytes replace the format's
         tensors (the same size, give or take a panel's padding); `weight` unpacks them for the reference path."""
         base = self.name.removesuffix(VNNI_SUFFIX)
-        layout = VNNI_LAYOUTS.get(base)
         on_cpu = getattr(layer, BUFFER_PREFIX + self.keys[0]).device.type == "cpu"
-        want = layout is not None and on_cpu and kernels.int8_vnni_available()
+        want = base in VNNI_METHODS and on_cpu and kernels.int8_vnni_available()
         if want != self.vnni:
             data = self.weight(layer).data  # the format's own tensors
             for key in self.keys:
                 delattr(layer, BUFFER_PREFIX + key)
             if want:
-                assert layout is not None
-                data = _pack_vnni(layout[0], data, *self.shape)
+                data = _pack_vnni(self.format, data, *self.shape)
             self.keys, self.vnni = tuple(data), want
             for key, tensor in data.items():
                 layer.register_buffer(BUFFER_PREFIX + key, tensor)
@@ -296,10 +292,10 @@ class QuantizedLinear(LinearMethod):
         return CpuKernelWeights(codes, _detached(layer.bias), None, packed=False, quant=spec)
 
 
-def _pack_vnni(layout: str, data: dict[str, torch.Tensor], n: int, k: int) -> dict[str, torch.Tensor]:
-    if layout == "int8":
+def _pack_vnni(fmt: str, data: dict[str, torch.Tensor], n: int, k: int) -> dict[str, torch.Tensor]:
+    if fmt == "int8":
         return {"vnni": kernels.pack_int8_vnni(data["qweight"]), "scales": data["scales"].float()}
-    return {"vnni": kernels.GGUF_VNNI[layout][0](data["blocks"], n, k)}
+    return {"vnni": kernels.GGUF_VNNI[fmt][0](data["blocks"], n, k)}
 
 
 def _unpack_vnni(fmt: str, data: dict[str, torch.Tensor], n: int, k: int) -> dict[str, torch.Tensor]:
