@@ -35,10 +35,34 @@ namespace kvflow_quant {
 constexpr int64_t kPanelCols = 32;  // output columns per packed panel (two zmm of int32 sums)
 constexpr int64_t kTileRows = 8;
 constexpr int64_t kRowBlock = 256;
-// Up to kFewRows rows (decode), each thread's panels are read kPanelRuns at a time from far-apart runs,
-// as the row-major GEMV takes its rows (RowOrder in cpu_quant.h): more cache-line misses in flight.
+// Up to kFewRows rows (decode), each thread's panels are read kPanelRuns at a time from far-apart runs
+// (visit_panels), as the row-major GEMV takes its rows (RowOrder in cpu_quant.h).
 constexpr int64_t kFewRows = 2;
-constexpr int64_t kPanelRuns = 4;
+constexpr int kPanelRuns = 4;
+
+// The order in which a thread's panels [p0, p1) meet M rows. At most kFewRows rows (decode): RUNS far-apart
+// panels at a time, as the row-major GEMV takes its rows (more cache-line misses in flight), the leftovers one
+// at a time. More rows: blocks of kRowBlock rows, each over every panel in tiles of `tile_rows`, so that a
+// block's activation codes and the thread's panels stay in its L2. visit(runs, m, rows, panel ids) with
+// runs a std::integral_constant: the number of ids.
+template <int RUNS, typename Visit>
+inline void visit_panels(int64_t p0, int64_t p1, int64_t M, int64_t tile_rows, const Visit& visit) {
+  if (M <= kFewRows) {
+    const int64_t run = (p1 - p0) / RUNS;
+    for (int64_t i = 0; i < run; ++i) {
+      int64_t ids[RUNS];
+      for (int r = 0; r < RUNS; ++r) ids[r] = p0 + r * run + i;
+      visit(std::integral_constant<int, RUNS>{}, int64_t{0}, M, ids);
+    }
+    p0 += RUNS * run;
+  }
+  for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
+    const int64_t r1 = std::min(M, r0 + kRowBlock);
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t m = r0; m < r1; m += tile_rows)
+        visit(std::integral_constant<int, 1>{}, m, std::min(tile_rows, r1 - m), &p);
+  }
+}
 
 // Bytes of a packed N × K weight (codes, then the column sums).
 inline int64_t vnni_packed_bytes(int64_t N, int64_t K) {
@@ -171,33 +195,17 @@ inline at::Tensor int8_vnni_linear(const at::Tensor& x_in, const at::Tensor& pac
   const float* s = scales.data_ptr<float>();
   float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
   at::BFloat16* yh = yf ? nullptr : y.data_ptr<at::BFloat16>();
-  const auto panel_at = [&](int64_t p) { return w + p * K4 * kPanelCols * 4; };
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    if (M <= kFewRows) {  // decode: far-apart runs of panels taking turns, several streams in flight
-      const int64_t run = (p1 - p0) / kPanelRuns;
-      for (int64_t i = 0; i < run; ++i) {
-        const int8_t* panel[kPanelRuns];
-        const int32_t* sum[kPanelRuns];
-        int64_t n0[kPanelRuns];
-        for (int64_t r = 0; r < kPanelRuns; ++r) {
-          const int64_t p = p0 + r * run + i;
-          panel[r] = panel_at(p), sum[r] = sums + p * kPanelCols, n0[r] = p * kPanelCols;
-        }
-        vnni_rows<kPanelRuns>(M, codes, lda, panel, sum, n0, K4, d, s, N, yf, yh, N);
-      }
-      p0 += kPanelRuns * run;  // the panels left over, one at a time below
-    }
-    for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
-      const int64_t r1 = std::min(M, r0 + kRowBlock);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int8_t* panel = panel_at(p);
-        const int32_t* sum = sums + p * kPanelCols;
-        const int64_t n0 = p * kPanelCols;
-        for (int64_t m = r0; m < r1; m += kTileRows)
-          vnni_rows<1>(std::min(kTileRows, r1 - m), codes + m * lda, lda, &panel, &sum, &n0, K4, d + m, s, N,
-                       yf ? yf + m * N : nullptr, yf ? nullptr : yh + m * N, N);
-      }
-    }
+    visit_panels<kPanelRuns>(p0, p1, M, kTileRows, [&](auto runs, int64_t m, int64_t rows, const int64_t* ids) {
+      constexpr int R = decltype(runs)::value;
+      const int8_t* panel[R];
+      const int32_t* sum[R];
+      int64_t n0[R];
+      for (int r = 0; r < R; ++r)
+        panel[r] = w + ids[r] * K4 * kPanelCols * 4, sum[r] = sums + ids[r] * kPanelCols, n0[r] = ids[r] * kPanelCols;
+      vnni_rows<R>(rows, codes + m * lda, lda, panel, sum, n0, K4, d + m, s, N, yf ? yf + m * N : nullptr,
+                   yf ? nullptr : yh + m * N, N);
+    });
   });
 #endif
   return y;
@@ -392,43 +400,26 @@ inline at::Tensor gguf_vnni_linear(const at::Tensor& x_in, const at::Tensor& pac
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(w + panels * panel_bytes);
   float* yf = y.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
   at::BFloat16* yh = yf ? nullptr : y.data_ptr<at::BFloat16>();
-  constexpr int64_t kRuns = 2, kRows = 4;
-  const auto run_rows = [&](auto runs, int64_t rows, const int8_t* a, const int32_t* sh, const float* d,
-                            const uint8_t* const* panel, const uint16_t* const* scale, const int64_t* n0, float* of,
-                            at::BFloat16* oh) {
-    constexpr int R = decltype(runs)::value;
-    if (f == GgufPacked::kQ8_0) {
-      gguf_vnni_rows<GgufPacked::kQ8_0, R>(rows, a, K, sh, d, blocks, panel, scale, n0, N, of, oh, N);
-    } else {
-      gguf_vnni_rows<GgufPacked::kQ4_0, R>(rows, a, K, sh, d, blocks, panel, scale, n0, N, of, oh, N);
-    }
-  };
+  constexpr int kRuns = 2;
+  constexpr int64_t kRows = 4;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    if (M <= kFewRows) {  // decode: two far-apart runs of panels taking turns
-      const int64_t run = (p1 - p0) / kRuns;
-      for (int64_t i = 0; i < run; ++i) {
-        const uint8_t* panel[kRuns];
-        const uint16_t* scale[kRuns];
-        int64_t n0[kRuns];
-        for (int64_t r = 0; r < kRuns; ++r) {
-          const int64_t p = p0 + r * run + i;
-          panel[r] = w + p * panel_bytes, scale[r] = scales + p * blocks * kPanelCols, n0[r] = p * kPanelCols;
-        }
-        run_rows(std::integral_constant<int, kRuns>{}, M, codes, shift, da, panel, scale, n0, yf, yh);
+    visit_panels<kRuns>(p0, p1, M, kRows, [&](auto runs, int64_t m, int64_t rows, const int64_t* ids) {
+      constexpr int R = decltype(runs)::value;
+      const uint8_t* panel[R];
+      const uint16_t* scale[R];
+      int64_t n0[R];
+      for (int r = 0; r < R; ++r)
+        panel[r] = w + ids[r] * panel_bytes, scale[r] = scales + ids[r] * blocks * kPanelCols, n0[r] = ids[r] * kPanelCols;
+      float* of = yf ? yf + m * N : nullptr;
+      at::BFloat16* oh = yf ? nullptr : yh + m * N;
+      if (f == GgufPacked::kQ8_0) {
+        gguf_vnni_rows<GgufPacked::kQ8_0, R>(rows, codes + m * K, K, shift + m * blocks, da + m * blocks, blocks,
+                                             panel, scale, n0, N, of, oh, N);
+      } else {
+        gguf_vnni_rows<GgufPacked::kQ4_0, R>(rows, codes + m * K, K, shift + m * blocks, da + m * blocks, blocks,
+                                             panel, scale, n0, N, of, oh, N);
       }
-      p0 += kRuns * run;
-    }
-    for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
-      const int64_t r1 = std::min(M, r0 + kRowBlock);
-      for (int64_t p = p0; p < p1; ++p) {
-        const uint8_t* panel = w + p * panel_bytes;
-        const uint16_t* scale = scales + p * blocks * kPanelCols;
-        const int64_t n0 = p * kPanelCols;
-        for (int64_t m = r0; m < r1; m += kRows)
-          run_rows(std::integral_constant<int, 1>{}, std::min(kRows, r1 - m), codes + m * K, shift + m * blocks,
-                   da + m * blocks, &panel, &scale, &n0, yf ? yf + m * N : nullptr, yf ? nullptr : yh + m * N);
-      }
-    }
+    });
   });
 #endif
   return y;
