@@ -153,8 +153,8 @@ inline void vnni_rows(int64_t rows, const uint8_t* a, int64_t lda, const int8_t*
 }
 #endif
 
-// The unsigned activation codes (per-token int8 + 128, K padded to whole fours) of the kernel's calls, and
-// their scales, kept per thread from call to call like gemm_int8's scratch.
+// The kernels' activation codes and scales (int8: unsigned per-token codes, K padded to whole fours; GGUF: signed
+// per-block codes, their scales and offset sums), kept per thread from call to call like gemm_int8's scratch.
 inline ScratchBuffer& vnni_codes_scratch() {
   thread_local ScratchBuffer scratch;
   return scratch;
