@@ -1052,20 +1052,22 @@ inline at::Tensor q8_activations(const at::Tensor& x, bool per_token) {
 // dequantised-tile GEMM above runs at bf16's speed at best.
 // Row m of x (fp32 or bf16) as per-token int8 codes, exactly as quantize_group rounds them (max|x|
 // is order-free, and x · (1/d) rounds to nearest even in both); returns d. `buf`: K floats of scratch.
-inline float quantize_token(const at::Tensor& x, int64_t m, int64_t K, float* buf, int8_t* q) {
-  const float* row = buf;
-  if (x.scalar_type() == at::kFloat) {
-    row = x.data_ptr<float>() + m * K;
-  } else {
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K;
-    int64_t k = 0;
+// Row m of x (fp32 or bf16 [M, K]) as fp32: x's own memory, or the row widened into `buf` (K floats).
+inline const float* row_as_fp32(const at::Tensor& x, int64_t m, int64_t K, float* buf) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>() + m * K;
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K;
+  int64_t k = 0;
 #if KVFLOW_QUANT_AVX512
-    for (; k + 16 <= K; k += 16)  // bf16 is fp32's top half
-      _mm512_storeu_ps(buf + k, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))), 16)));
+  for (; k + 16 <= K; k += 16)  // bf16 is fp32's top half
+    _mm512_storeu_ps(buf + k, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                  _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))), 16)));
 #endif
-    for (; k < K; ++k) buf[k] = bf16_value(src[k]);
-  }
+  for (; k < K; ++k) buf[k] = bf16_value(src[k]);
+  return buf;
+}
+
+inline float quantize_token(const at::Tensor& x, int64_t m, int64_t K, float* buf, int8_t* q) {
+  const float* row = row_as_fp32(x, m, K, buf);
 #if KVFLOW_QUANT_AVX512
   __m512 mx = _mm512_setzero_ps();
   int64_t k = 0;

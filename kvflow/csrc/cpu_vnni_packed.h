@@ -340,15 +340,7 @@ inline void gguf_vnni_rows(int64_t rows, const int8_t* a, int64_t lda, const int
 // to nearest even): codes into q; per block d and offset · Σ codes into d_out, shift_out.
 inline void quantize_blocks(const at::Tensor& x, int64_t m, int64_t K, int32_t offset, float* buf, int8_t* q,
                             float* d_out, int32_t* shift_out) {
-  const float* row = buf;
-  if (x.scalar_type() == at::kFloat) {
-    row = x.data_ptr<float>() + m * K;
-  } else {
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K;
-    for (int64_t k = 0; k < K; k += 16)
-      _mm512_storeu_ps(buf + k, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))), 16)));
-  }
+  const float* row = row_as_fp32(x, m, K, buf);
   for (int64_t b = 0; b < K / kQ8Block; ++b) {
     const __m512 v0 = _mm512_loadu_ps(row + b * 32), v1 = _mm512_loadu_ps(row + b * 32 + 16);
     const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))) / 127.f;
